@@ -1,0 +1,108 @@
+"""Metrics against known values: identical images, a known noise level, blur and noise against texture."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from aeic.evaluation import metrics
+
+
+def _textured(height: int = 64, width: int = 96, seed: int = 0) -> np.ndarray:
+    """A smooth colour ramp with fine random texture, values kept inside 40..215 (no clipping later)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([60 + 100 * xx / width, 60 + 100 * yy / height, 128 + 0 * xx], axis=-1)
+    return np.clip(base + rng.uniform(-20, 20, base.shape), 40, 215).astype(np.uint8)
+
+
+def _add_noise(img: np.ndarray, sigma: float, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(np.rint(img + rng.normal(0.0, sigma, img.shape)), 0, 255).astype(np.uint8)
+
+
+def test_identical_images_hit_the_ideal_values() -> None:
+    img = _textured()
+    assert metrics.psnr(img, img) == metrics.PSNR_CAP_DB
+    assert metrics.ms_ssim(img, img) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.texture_retention(img, img) == 1.0
+    perceptual = metrics.perceptual_metrics(img, img)
+    assert set(perceptual) == set(metrics.PERCEPTUAL_METRICS)
+    for name in ("haarpsi", "vif", "fsim"):
+        assert perceptual[name] == pytest.approx(1.0, abs=1e-4), name
+    assert perceptual["gmsd"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gaussian_noise_gives_the_expected_psnr() -> None:
+    # 256x384x3 samples: the MSE estimate is within ~0.3 % of sigma^2, i.e. ~0.015 dB.
+    img = _textured(256, 384)
+    sigma = 8.0
+    noisy = _add_noise(img, sigma)
+    expected = 10 * math.log10(255.0**2 / (sigma**2 + 1 / 12))  # + rounding to integers
+    assert metrics.psnr(img, noisy) == pytest.approx(expected, abs=0.05)
+
+
+def test_psnr_of_a_constant_offset_is_exact() -> None:
+    img = _textured()
+    shifted = (img.astype(np.int16) + 5).astype(np.uint8)
+    assert metrics.psnr(img, shifted) == pytest.approx(20 * math.log10(255 / 5), abs=1e-9)
+
+
+def test_blur_loses_texture_and_noise_adds_it() -> None:
+    img = _textured()
+    blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(2)))
+    blur_score = metrics.texture_retention(img, blurred)
+    assert 0.0 < blur_score < 0.3
+    smooth = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(3)))
+    noisy_smooth = _add_noise(smooth, 10.0)
+    assert metrics.texture_retention(smooth, noisy_smooth) < 0.2  # excess energy counts too
+    assert metrics.texture_retention(img, blurred) == pytest.approx(metrics.texture_retention(blurred, img))
+
+
+def test_texture_of_flat_images() -> None:
+    flat = np.full((16, 16, 3), 90, np.uint8)
+    assert metrics.texture_retention(flat, flat) == 1.0
+    assert metrics.texture_retention(flat, _textured(16, 16)) == 0.0
+
+
+def test_gradient_energy_uses_bt601_luma() -> None:
+    img = np.zeros((2, 2, 3), np.uint8)
+    img[:, 1] = (100, 0, 0)  # red step along x only: luma step 29.9
+    assert metrics.gradient_energy(img) == pytest.approx(29.9**2)
+
+
+def test_metrics_order_with_distortion_on_small_images() -> None:
+    """64x96 is below MS-SSIM's 161 px minimum: the mirror-pad fallback still ranks distortions."""
+    img = _textured()
+    light, heavy = _add_noise(img, 4.0), _add_noise(img, 20.0)
+    assert metrics.psnr(img, light) > metrics.psnr(img, heavy)
+    assert 1.0 > metrics.ms_ssim(img, light) > metrics.ms_ssim(img, heavy) > 0.0
+    p_light, p_heavy = metrics.perceptual_metrics(img, light), metrics.perceptual_metrics(img, heavy)
+    for name, (_, _, _, higher_better) in metrics.PERCEPTUAL_METRICS.items():
+        assert (p_light[name] > p_heavy[name]) == higher_better, name
+
+
+def test_all_metrics_keys_and_directions() -> None:
+    img = _textured()
+    values = metrics.all_metrics(img, _add_noise(img, 6.0))
+    assert list(values) == ["psnr", "ms_ssim", "texture", *metrics.PERCEPTUAL_METRICS]
+    assert set(values) == set(metrics.HIGHER_IS_BETTER)
+    assert all(math.isfinite(v) for v in values.values())
+
+
+@pytest.mark.parametrize(
+    ("ref", "rec"),
+    [
+        (np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)),
+        (np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.float32)),
+        (np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)),
+    ],
+)
+def test_bad_inputs_raise_value_error(ref: np.ndarray, rec: np.ndarray) -> None:
+    with pytest.raises(ValueError):
+        metrics.psnr(ref, rec)
+    with pytest.raises(ValueError):
+        metrics.texture_retention(ref, rec)
