@@ -1,0 +1,86 @@
+"""Receiver configuration from (highest priority first) CLI flags, `AEIC_*` environment variables,
+a TOML config file, then defaults.
+
+Why one object: the API, the worker, the storage and the CLI all read the same validated values, so a
+typo in an environment variable fails at start-up instead of in the middle of a decode.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["CONFIG_ENV", "ReceiverSettings", "load_settings"]
+
+# Environment variable naming the TOML config file (the `--config` flag wins over it).
+CONFIG_ENV = "AEIC_CONFIG"
+
+
+class ReceiverSettings(BaseSettings):
+    """Every knob of the receiver service; each one is also `AEIC_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="AEIC_", extra="forbid", toml_file=None)
+
+    data_dir: Path = Field(Path("aeic-data"), description="Holds the SQLite database and the blob files.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/receiver.db. postgresql+psycopg:// works."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_upload_bytes: int = Field(1_000_000, ge=32, description="Largest accepted bitstream (HTTP 413 above).")
+    max_dimension: int = Field(8192, ge=1, le=16384, description="Largest accepted width or height.")
+    batch_size: int = Field(4, ge=1, le=256, description="Most compatible jobs decoded in one call.")
+    max_attempts: int = Field(3, ge=1, le=100, description="Decode tries before an image is marked failed.")
+    rate_limit_per_minute: float = Field(600.0, gt=0, description="Sustained uploads per device per minute.")
+    rate_limit_burst: int = Field(60, ge=1, description="Uploads a device may send back to back.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token that sees every device's images.")
+    model_packages: list[Path] = Field(
+        default_factory=list, description="Model package directories; empty means the shipped default."
+    )
+    device: str = Field("auto", description="Torch device for the decoder: auto, cpu, cuda, cuda:1 ...")
+    worker: bool = Field(True, description="Run the decode worker inside the API process.")
+    poll_interval_s: float = Field(1.0, gt=0, description="Worker sleep when idle and not woken by an upload.")
+    thumbnail_px: int = Field(320, ge=16, le=2048, description="Longest side of gallery thumbnails.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """CLI (init kwargs) > environment > TOML file > defaults."""
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    def resolved_database_url(self) -> str:
+        """The configured URL, or the embedded SQLite file inside the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'receiver.db').resolve()}"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> ReceiverSettings:
+    """Build settings from all sources; `overrides` are CLI values (None means "not given")."""
+    config = config_file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if config is None:
+        return ReceiverSettings(**given)
+    if not config.is_file():
+        raise FileNotFoundError(f"config file not found: {config}")
+    with_file = type(
+        "ReceiverSettingsFromFile",
+        (ReceiverSettings,),
+        {"model_config": SettingsConfigDict(**{**ReceiverSettings.model_config, "toml_file": config})},
+    )
+    return with_file(**given)

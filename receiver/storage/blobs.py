@@ -1,0 +1,140 @@
+"""Blob storage for bitstreams, reconstructions and thumbnails.
+
+`BlobStore` is the seam where an object store (S3/MinIO, issue 8) plugs in; the embedded default keeps
+files under the data directory. A file write is atomic and durable: temporary file in the same
+directory, fsync, `os.replace`, fsync of the directory, so a crash leaves either the old state or the
+complete new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "BlobNotFoundError",
+    "BlobStore",
+    "FilesystemBlobStore",
+    "bitstream_key",
+    "reconstruction_key",
+    "thumbnail_key",
+]
+
+_TMP_PREFIX = ".tmp-"
+_KEY = re.compile(r"^[a-z0-9_-]+(/[a-z0-9_-]+)*\.[a-z0-9]+$")
+
+
+class BlobNotFoundError(KeyError):
+    """The key has no blob (never written, or deleted)."""
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Key -> bytes storage; `put` must be atomic and durable before it returns."""
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def exists(self, key: str) -> bool: ...
+
+
+def _sharded(kind: str, image_id: str, suffix: str) -> str:
+    return f"{kind}/{image_id[:2]}/{image_id}.{suffix}"
+
+
+def bitstream_key(image_id: str) -> str:
+    """Where an upload's bitstream lives."""
+    return _sharded("bitstreams", image_id, "aeic")
+
+
+def reconstruction_key(image_id: str) -> str:
+    """Where the full-size PNG reconstruction lives."""
+    return _sharded("reconstructions", image_id, "png")
+
+
+def thumbnail_key(image_id: str) -> str:
+    """Where the gallery thumbnail (JPEG) lives."""
+    return _sharded("thumbnails", image_id, "jpg")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemBlobStore:
+    """Blobs as files under `root`, one directory level of sharding by id prefix."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise ValueError(f"invalid blob key {key!r}")
+        return self.root / key
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create missing directories and make their entries durable too."""
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)
+            _fsync_dir(path.parent)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Atomically replace the blob at `key` with `data`, durable on return."""
+        path = self._path(key)
+        self._ensure_dir(path.parent)
+        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "xb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def get(self, key: str) -> bytes:
+        """The blob's bytes; raises `BlobNotFoundError` when absent."""
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFoundError(key) from None
+
+    def delete(self, key: str) -> bool:
+        """Remove the blob; returns whether it existed."""
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def exists(self, key: str) -> bool:
+        """Whether a complete blob is stored at `key`."""
+        return self._path(key).is_file()
+
+    def remove_stale_tmp(self) -> int:
+        """Delete temporary files left by a writer that crashed mid-write; returns how many."""
+        removed = 0
+        for path in self.root.rglob(f"{_TMP_PREFIX}*"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed

@@ -1,0 +1,376 @@
+"""Image metadata and device tokens in a SQL database (SQLite embedded, PostgreSQL by URL).
+
+`MetadataStore` is the interface the API and the worker use; `SqlMetadataStore` implements it with
+SQLAlchemy Core so the same statements run on both engines. Claiming is one conditional UPDATE keyed
+by a random claim token, so two workers can never decode the same image at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from aeic.receiver.storage import schema
+from aeic.receiver.storage.migrations import migrate
+from aeic.receiver.storage.records import DecodeTimings, ImageRecord, NewImage, Page, Status
+
+__all__ = [
+    "Claim",
+    "IdempotencyConflictError",
+    "ImageFilter",
+    "InvalidCursorError",
+    "MetadataStore",
+    "SqlMetadataStore",
+    "create_engine",
+    "decode_cursor",
+]
+
+_IMG = schema.images
+_RECORD_COLUMNS = [c for c in _IMG.c if c.name not in ("claim_token", "claimed_at", "retry_at")]
+
+
+class IdempotencyConflictError(Exception):
+    """The device reused an idempotency key for a different bitstream."""
+
+    def __init__(self, existing: ImageRecord) -> None:
+        super().__init__(f"idempotency key already used for image {existing.id} with different content")
+        self.existing = existing
+
+
+class InvalidCursorError(ValueError):
+    """A paging cursor that this store did not produce."""
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    """Listing filter; `None` fields do not restrict."""
+
+    device: str | None = None
+    since: float | None = None
+    until: float | None = None
+    status: Status | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A batch of compatible jobs (same model and size) owned by one worker until it reports back."""
+
+    token: str
+    records: list[ImageRecord]
+
+
+class MetadataStore(Protocol):
+    """What the API and the decode worker need from the metadata database."""
+
+    def insert_image(self, image: NewImage) -> tuple[ImageRecord, bool]: ...
+
+    def get_image(self, image_id: str) -> ImageRecord | None: ...
+
+    def list_images(self, flt: ImageFilter, limit: int, cursor: str | None) -> Page: ...
+
+    def delete_image(self, image_id: str) -> ImageRecord | None: ...
+
+    def claim_batch(self, batch_size: int, now: float | None = None) -> Claim | None: ...
+
+    def complete(self, image_id: str, token: str, timings: DecodeTimings) -> bool: ...
+
+    def fail_attempt(self, image_id: str, token: str, reason: str, max_attempts: int, retry_at: float) -> bool: ...
+
+    def requeue_abandoned(self, max_attempts: int, claimed_before: float | None = None) -> int: ...
+
+    def status_counts(self) -> dict[Status, int]: ...
+
+    def add_device_token(self, device: str, token_hash: str) -> None: ...
+
+    def device_for_token(self, token_hash: str) -> str | None: ...
+
+    def ping(self) -> None: ...
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL for concurrent readers, FULL sync so a 202 means the row is on disk, waits instead of errors."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=15000")
+    cursor.close()
+
+
+def create_engine(url: str) -> sa.Engine:
+    """An engine configured for durable, multi-threaded use of `url`."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 15})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def encode_cursor(seq: int) -> str:
+    """Opaque cursor for the page that starts below `seq`."""
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """Inverse of `encode_cursor`; raises `InvalidCursorError` for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith("s"):
+            raise ValueError(raw)
+        seq = int(raw[1:])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCursorError(f"invalid cursor {cursor!r}") from exc
+    if seq < 0:
+        raise InvalidCursorError(f"invalid cursor {cursor!r}")
+    return seq
+
+
+def _record(row: sa.Row[Any]) -> ImageRecord:
+    values = dict(row._mapping)
+    values["status"] = Status(values["status"])
+    return ImageRecord(**values)
+
+
+class SqlMetadataStore:
+    """`MetadataStore` over SQLAlchemy Core; call `migrate()` once before use."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> SqlMetadataStore:
+        """Open (not yet migrate) the database at `url`."""
+        return cls(create_engine(url))
+
+    def migrate(self) -> int:
+        """Apply pending schema migrations; returns the schema version."""
+        return migrate(self.engine)
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        """Raise if the database is unreachable."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    # -- uploads ---------------------------------------------------------------------------------
+
+    def _select(self) -> sa.Select[Any]:
+        return sa.select(*_RECORD_COLUMNS)
+
+    def get_image(self, image_id: str) -> ImageRecord | None:
+        """The image's metadata, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(self._select().where(_IMG.c.id == image_id)).first()
+        return _record(row) if row else None
+
+    def _by_key(self, conn: sa.Connection, device: str, key: str) -> ImageRecord | None:
+        query = self._select().where(_IMG.c.device == device, _IMG.c.idempotency_key == key)
+        row = conn.execute(query).first()
+        return _record(row) if row else None
+
+    def insert_image(self, image: NewImage) -> tuple[ImageRecord, bool]:
+        """Store a new pending image; returns (record, created). A repeated (device, key) returns the
+        existing record with created=False, or raises `IdempotencyConflictError` if the content differs."""
+        now = time.time()
+        values = {
+            "id": image.id, "device": image.device, "idempotency_key": image.idempotency_key,
+            "model_id": image.model_id, "width": image.width, "height": image.height,
+            "rate_index": image.rate_index, "bytes": image.bytes, "bpp": image.bpp, "sha256": image.sha256,
+            "status": Status.PENDING.value, "attempts": 0, "created_at": now, "updated_at": now,
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(_IMG.insert().values(**values))
+        except IntegrityError:
+            if image.idempotency_key is None:
+                raise
+            with self.engine.connect() as conn:
+                existing = self._by_key(conn, image.device, image.idempotency_key)
+            if existing is None:
+                raise
+            if existing.sha256 != image.sha256:
+                raise IdempotencyConflictError(existing) from None
+            return existing, False
+        record = self.get_image(image.id)
+        assert record is not None
+        return record, True
+
+    def find_by_idempotency_key(self, device: str, key: str) -> ImageRecord | None:
+        """The image a device stored under `key`, if any."""
+        with self.engine.connect() as conn:
+            return self._by_key(conn, device, key)
+
+    def list_images(self, flt: ImageFilter, limit: int, cursor: str | None) -> Page:
+        """Newest first, `limit` per page; `cursor` comes from the previous page's `next`."""
+        query = self._select().order_by(_IMG.c.seq.desc()).limit(limit + 1)
+        if cursor:
+            query = query.where(_IMG.c.seq < decode_cursor(cursor))
+        if flt.device is not None:
+            query = query.where(_IMG.c.device == flt.device)
+        if flt.since is not None:
+            query = query.where(_IMG.c.created_at >= flt.since)
+        if flt.until is not None:
+            query = query.where(_IMG.c.created_at < flt.until)
+        if flt.status is not None:
+            query = query.where(_IMG.c.status == flt.status.value)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        items = [_record(r) for r in rows[:limit]]
+        following = encode_cursor(items[-1].seq) if len(rows) > limit else None
+        return Page(items=items, next=following)
+
+    def delete_image(self, image_id: str) -> ImageRecord | None:
+        """Remove the row; returns what was deleted (the caller removes the blobs afterwards)."""
+        with self.engine.begin() as conn:
+            row = conn.execute(self._select().where(_IMG.c.id == image_id)).first()
+            if row is None:
+                return None
+            conn.execute(_IMG.delete().where(_IMG.c.id == image_id))
+        return _record(row)
+
+    # -- decode jobs -----------------------------------------------------------------------------
+
+    def claim_batch(self, batch_size: int, now: float | None = None) -> Claim | None:
+        """Atomically move up to `batch_size` due pending jobs of the oldest job's (model, size) group to
+        `decoding` and count the attempt; None when nothing is due."""
+        now = time.time() if now is None else now
+        due = sa.and_(
+            _IMG.c.status == Status.PENDING.value,
+            sa.or_(_IMG.c.retry_at.is_(None), _IMG.c.retry_at <= now),
+        )
+        token = secrets.token_hex(16)
+        with self.engine.begin() as conn:
+            head = conn.execute(
+                sa.select(_IMG.c.model_id, _IMG.c.width, _IMG.c.height).where(due).order_by(_IMG.c.seq).limit(1)
+            ).first()
+            if head is None:
+                return None
+            chosen = (
+                sa.select(_IMG.c.seq)
+                .where(due, _IMG.c.model_id == head.model_id, _IMG.c.width == head.width,
+                       _IMG.c.height == head.height)
+                .order_by(_IMG.c.seq)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)
+            )
+            # Materialise the choice first: PostgreSQL may re-run a LIMIT subquery inside UPDATE ... IN.
+            seqs = list(conn.execute(chosen).scalars())
+            if not seqs:
+                return None
+            conn.execute(
+                _IMG.update()
+                .where(_IMG.c.seq.in_(seqs), _IMG.c.status == Status.PENDING.value)
+                .values(status=Status.DECODING.value, claim_token=token, claimed_at=now,
+                        attempts=_IMG.c.attempts + 1, updated_at=now)
+            )
+            rows = conn.execute(self._select().where(_IMG.c.claim_token == token).order_by(_IMG.c.seq)).all()
+        if not rows:
+            return None
+        return Claim(token=token, records=[_record(r) for r in rows])
+
+    def _owned(self, image_id: str, token: str) -> sa.ColumnElement[bool]:
+        return sa.and_(_IMG.c.id == image_id, _IMG.c.claim_token == token,
+                       _IMG.c.status == Status.DECODING.value)
+
+    def complete(self, image_id: str, token: str, timings: DecodeTimings) -> bool:
+        """Mark a claimed job done with its timings; False if the claim was lost (deleted or requeued)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                _IMG.update().where(self._owned(image_id, token)).values(
+                    status=Status.DONE.value, claim_token=None, error=None, retry_at=None,
+                    entropy_ms=timings.entropy_ms, decoder_ms=timings.decoder_ms, decode_ms=timings.total_ms,
+                    batch_size=timings.batch_size, decoded_at=now, updated_at=now,
+                )
+            )
+        return result.rowcount == 1
+
+    def fail_attempt(self, image_id: str, token: str, reason: str, max_attempts: int, retry_at: float) -> bool:
+        """Record a failed attempt: back to pending (due at `retry_at`) or, after `max_attempts`, failed."""
+        now = time.time()
+        exhausted = _IMG.c.attempts >= max_attempts
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                _IMG.update().where(self._owned(image_id, token)).values(
+                    status=sa.case((exhausted, Status.FAILED.value), else_=Status.PENDING.value),
+                    retry_at=sa.case((exhausted, sa.null()), else_=retry_at),
+                    claim_token=None, error=reason[:2000], updated_at=now,
+                )
+            )
+        return result.rowcount == 1
+
+    def requeue_abandoned(self, max_attempts: int, claimed_before: float | None = None) -> int:
+        """Jobs left in `decoding` by a dead worker go back to pending, or to failed once their attempts
+        are used up (an image that crashes the worker must not crash it forever). Returns how many."""
+        now = time.time()
+        stuck = _IMG.c.status == Status.DECODING.value
+        if claimed_before is not None:
+            stuck = sa.and_(stuck, _IMG.c.claimed_at < claimed_before)
+        exhausted = _IMG.c.attempts >= max_attempts
+        with self.engine.begin() as conn:
+            failed = conn.execute(
+                _IMG.update().where(stuck, exhausted).values(
+                    status=Status.FAILED.value, claim_token=None, updated_at=now,
+                    error="the worker stopped while decoding this image on its last attempt",
+                )
+            ).rowcount
+            requeued = conn.execute(
+                _IMG.update().where(stuck, sa.not_(exhausted)).values(
+                    status=Status.PENDING.value, claim_token=None, retry_at=None, updated_at=now,
+                    error="requeued: the worker stopped while decoding",
+                )
+            ).rowcount
+        return int(failed) + int(requeued)
+
+    def status_counts(self) -> dict[Status, int]:
+        """Number of images in each status (all statuses present, zero when none)."""
+        counts = {status: 0 for status in Status}
+        with self.engine.connect() as conn:
+            for status, count in conn.execute(sa.select(_IMG.c.status, sa.func.count()).group_by(_IMG.c.status)):
+                counts[Status(status)] = int(count)
+        return counts
+
+    def pending_groups(self) -> Sequence[tuple[str, int, int, int]]:
+        """(model id, width, height, count) of pending work, for monitoring."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(_IMG.c.model_id, _IMG.c.width, _IMG.c.height, sa.func.count())
+                .where(_IMG.c.status == Status.PENDING.value)
+                .group_by(_IMG.c.model_id, _IMG.c.width, _IMG.c.height)
+            ).all()
+        return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    # -- device tokens ---------------------------------------------------------------------------
+
+    def add_device_token(self, device: str, token_hash: str) -> None:
+        """Register the hash of a new device token."""
+        with self.engine.begin() as conn:
+            conn.execute(schema.device_tokens.insert().values(
+                device=device, token_hash=token_hash, created_at=time.time()))
+
+    def device_for_token(self, token_hash: str) -> str | None:
+        """The device a (non-revoked) token hash belongs to."""
+        table = schema.device_tokens
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(table.c.device).where(table.c.token_hash == token_hash, table.c.revoked_at.is_(None))
+            ).scalar()
+
+    def revoke_device_tokens(self, device: str) -> int:
+        """Revoke every token of `device`; returns how many were active."""
+        table = schema.device_tokens
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                table.update().where(table.c.device == device, table.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+        return int(result.rowcount)

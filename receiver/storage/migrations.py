@@ -1,0 +1,70 @@
+"""Versioned schema migrations: a table records which numbered steps ran; missing ones run in order.
+
+Why not `create_all` at start-up: deployed databases outlive the code, so every schema change must be an
+explicit, ordered, recorded step that upgrades an existing database in place. On PostgreSQL an advisory
+lock serialises replicas that start at the same time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from aeic.receiver.storage import schema
+
+__all__ = ["MIGRATIONS", "Migration", "current_version", "migrate"]
+
+# Arbitrary constant key for pg_advisory_xact_lock ("AEIC" in ASCII).
+_PG_LOCK_KEY = 0x41454943
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step; `apply` runs inside the migration transaction."""
+
+    version: int
+    description: str
+    apply: Callable[[sa.Connection], None]
+
+
+def _v1_initial(conn: sa.Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.images, schema.device_tokens])
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "images and device tokens", _v1_initial),
+)
+
+
+def current_version(conn: sa.Connection) -> int:
+    """Highest applied migration, 0 for an empty database."""
+    if not sa.inspect(conn).has_table(schema.schema_version.name):
+        return 0
+    value = conn.execute(sa.select(sa.func.max(schema.schema_version.c.version))).scalar()
+    return int(value or 0)
+
+
+def migrate(engine: sa.Engine) -> int:
+    """Bring the database to the newest schema; returns the resulting version."""
+    known = max(m.version for m in MIGRATIONS)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+        schema.schema_version.create(conn, checkfirst=True)
+        version = current_version(conn)
+        if version > known:
+            raise RuntimeError(f"database schema v{version} is newer than this code (v{known}); upgrade aeic")
+        for step in MIGRATIONS:
+            if step.version <= version:
+                continue
+            step.apply(conn)
+            conn.execute(
+                schema.schema_version.insert().values(
+                    version=step.version, description=step.description, applied_at=time.time()
+                )
+            )
+            version = step.version
+    return version

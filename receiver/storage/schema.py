@@ -1,0 +1,65 @@
+"""Current relational schema (SQLAlchemy Core), portable between SQLite and PostgreSQL.
+
+Times are float seconds since the epoch: the same type and comparison semantics on both engines, no
+time-zone surprises in SQLite. `seq` gives a stable newest-first order and paging cursor; `id` is the
+public, unguessable identifier.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+__all__ = ["device_tokens", "images", "metadata", "schema_version"]
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "aeic_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+
+images = sa.Table(
+    "images",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(32), nullable=False, unique=True),
+    sa.Column("device", sa.String(128), nullable=False),
+    sa.Column("idempotency_key", sa.String(255), nullable=True),
+    sa.Column("model_id", sa.String(8), nullable=False),
+    sa.Column("width", sa.Integer, nullable=False),
+    sa.Column("height", sa.Integer, nullable=False),
+    sa.Column("rate_index", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.Integer, nullable=False),
+    sa.Column("bpp", sa.Float, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("retry_at", sa.Float, nullable=True),
+    sa.Column("claim_token", sa.String(32), nullable=True),
+    sa.Column("claimed_at", sa.Float, nullable=True),
+    sa.Column("entropy_ms", sa.Float, nullable=True),
+    sa.Column("decoder_ms", sa.Float, nullable=True),
+    sa.Column("decode_ms", sa.Float, nullable=True),
+    sa.Column("batch_size", sa.Integer, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("decoded_at", sa.Float, nullable=True),
+    sa.UniqueConstraint("device", "idempotency_key", name="uq_images_device_idempotency_key"),
+    sa.Index("ix_images_claim", "status", "model_id", "width", "height", "seq"),
+    sa.Index("ix_images_device_seq", "device", "seq"),
+    sa.Index("ix_images_created_at", "created_at"),
+)
+
+device_tokens = sa.Table(
+    "device_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("device", sa.String(128), nullable=False, index=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)

@@ -1,0 +1,131 @@
+"""Shared fixtures and helpers for the receiver tests: a real PostgreSQL server, stores on both
+engines, and a decoder double that satisfies the ReceiverCodec contract."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from aeic.receiver.storage import SqlMetadataStore
+from aeic.shared.bitstream import Bitstream, Header, pack, peek_header
+
+TEST_MODEL_ID = b"TST1"
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_bitstream(width: int = 48, height: int = 32, payload: bytes = b"\x01\x02\x03",
+                   model_id: bytes = TEST_MODEL_ID, rate_index: int = 0) -> bytes:
+    """A valid container (the payload is opaque to everything but the real decoder)."""
+    return pack(Bitstream(Header(model_id, width, height, rate_index, (120, 110, 100, 40, 40, 40)), payload))
+
+
+class FakeCodec:
+    """Test double for the ReceiverCodec contract: deterministic images of the header's size.
+
+    A payload starting with b"FAIL" raises, like a corrupt payload would in the real entropy decoder.
+    """
+
+    def __init__(self, model_id: bytes = TEST_MODEL_ID) -> None:
+        self.model_id = model_id
+        self.batches: list[int] = []
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return self.decode_batch([data])[0]
+
+    def decode_batch(self, items: list[bytes]) -> list[np.ndarray]:
+        self.batches.append(len(items))
+        out = []
+        for data in items:
+            header = peek_header(data)
+            payload = data[header.size:-4]
+            if payload.startswith(b"FAIL"):
+                raise ValueError("corrupt payload: rANS stream ended early")
+            value = sum(payload) % 256
+            image = np.full((header.height, header.width, 3), value, dtype=np.uint8)
+            image[:, : header.width // 2, 0] = 255
+            out.append(image)
+        return out
+
+
+def _postgres_bindir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    return Path(found[-1]).parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """Start a throw-away PostgreSQL server on loopback; yields a base URL without database name."""
+    bindir = _postgres_bindir()
+    if bindir is None or not (bindir / "pg_ctl").exists():
+        pytest.skip("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
+                    "(install with .ci/install-system-deps.sh)")
+    base = Path(tempfile.mkdtemp(prefix="aeic-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        user = pwd.getpwnam("postgres")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", free_port()
+    run = lambda *args: subprocess.run([*prefix, *map(str, args)], check=True, capture_output=True)  # noqa: E731
+    run(bindir / "initdb", "-D", data, "-U", "aeic", "--auth=trust", "-E", "UTF8", "--no-sync")
+    options = (f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+               "-c synchronous_commit=off -c full_page_writes=off")
+    run(bindir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "60", "-o", options, "start")
+    try:
+        yield f"postgresql+psycopg://aeic@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    name = f"t_{secrets.token_hex(6)}"
+    admin = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield f"{postgres_server}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on the embedded SQLite database and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'receiver.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture()
+def store(database_url: str) -> Iterator[SqlMetadataStore]:
+    """A migrated metadata store on each engine."""
+    meta = SqlMetadataStore.from_url(database_url)
+    meta.migrate()
+    try:
+        yield meta
+    finally:
+        meta.close()
