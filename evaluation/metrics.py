@@ -68,7 +68,7 @@ def _pad_to_min(img: np.ndarray, min_side: int) -> np.ndarray:
     return np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
 
 
-def _to_tensor(img: np.ndarray, scale: float):  # noqa: ANN202 - torch type kept lazy
+def _to_tensor(img: np.ndarray, scale: float):
     """HxWx3 uint8 -> 1x3xHxW float32 tensor multiplied by ``scale``."""
     import torch
 

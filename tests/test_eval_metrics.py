@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
-
 from aeic.evaluation import metrics
+from PIL import Image, ImageFilter
 
 
 def _textured(height: int = 64, width: int = 96, seed: int = 0) -> np.ndarray:
