@@ -1,0 +1,116 @@
+"""Grab one frame every N seconds from an OpenCV source, reconnecting after failures.
+
+Sources: a camera index (``0``), a device path (``/dev/video2``), a network stream
+(``rtsp://...``, ``http://...``) or a video file. A failed open or read releases the
+capture and reopens it after a backoff delay (1 s doubling to 60 s, with jitter), so an
+unplugged USB camera or a dropped RTSP stream comes back by itself. The capture buffer is
+set to one frame where the backend allows, so a frame is recent rather than queued.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import cv2
+import numpy as np
+from aeic.sender.backoff import Backoff
+
+
+class Capture(Protocol):
+    """The part of ``cv2.VideoCapture`` we use (lets tests pass a double)."""
+
+    def isOpened(self) -> bool: ...
+    def read(self) -> tuple[bool, np.ndarray | None]: ...
+    def release(self) -> None: ...
+    def set(self, prop: int, value: float) -> bool: ...
+
+
+def parse_source(text: str) -> int | str:
+    """``"0"`` -> camera index 0; anything else (device path, URL, file) is passed as is."""
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError("camera source is empty: give an index, /dev/videoN or a stream URL")
+    return int(stripped) if stripped.isdigit() else stripped
+
+
+def open_capture(source: int | str) -> Capture:
+    capture = cv2.VideoCapture(source)
+    capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+    return capture
+
+
+def to_rgb(frame: np.ndarray) -> np.ndarray:
+    """OpenCV frames are BGR (or grey, or BGRA) -> HxWx3 uint8 RGB."""
+    if frame.dtype != np.uint8:
+        scale = 255.0 / 65535.0 if frame.dtype == np.uint16 else 1.0
+        frame = np.clip(frame.astype(np.float32) * scale + 0.5, 0, 255).astype(np.uint8)
+    if frame.ndim == 2:
+        return cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
+    if frame.shape[2] == 4:
+        return cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+
+class Camera:
+    """Yields RGB frames on a fixed schedule; never raises for a lost source."""
+
+    def __init__(
+        self,
+        source: int | str,
+        *,
+        opener: Callable[[int | str], Capture] = open_capture,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.source = source
+        self._opener = opener
+        self._backoff = backoff or Backoff(base=1.0, max_delay=60.0)
+        self._clock = clock
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._capture: Capture | None = None
+
+    def _read(self) -> np.ndarray | None:
+        """One frame, opening the source if needed; None after releasing a failed source."""
+        if self._capture is None:
+            capture = self._opener(self.source)
+            if not capture.isOpened():
+                capture.release()
+                self._log(f"camera {self.source}: cannot open")
+                return None
+            self._capture = capture
+        ok, frame = self._capture.read()
+        if not ok or frame is None or frame.size == 0:
+            self._log(f"camera {self.source}: read failed, reconnecting")
+            self.close()
+            return None
+        return frame
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+    def frames(
+        self, interval: float, stop: threading.Event, count: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """Up to ``count`` frames (forever when None), one per ``interval`` seconds, until ``stop``."""
+        produced = 0
+        next_due = self._clock()
+        try:
+            while not stop.is_set() and (count is None or produced < count):
+                frame = self._read()
+                if frame is None:
+                    stop.wait(self._backoff.next_delay())
+                    continue
+                self._backoff.reset()
+                yield to_rgb(frame)
+                produced += 1
+                next_due = max(next_due + interval, self._clock())
+                stop.wait(max(0.0, next_due - self._clock()))
+        finally:
+            self.close()

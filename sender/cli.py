@@ -1,0 +1,459 @@
+"""``aeic-send``: compress images on the edge device and deliver them to the receiver.
+
+Subcommands (``aeic-send IMAGE... --to URL`` without one means ``send``): ``encode`` writes
+``.aeic`` files; ``send`` encodes, spools and uploads; ``watch`` sends new images appearing
+in a folder; ``camera`` sends a frame every N seconds; ``flush`` drains the spool; ``spool``
+shows what is queued or rejected. Exit status: 0 all done; 1 some input failed (the others
+still went); 2 bad usage, settings or model; 3 images are safely queued but not delivered yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+from aeic.sender.backoff import Backoff
+from aeic.sender.camera import Camera, parse_source
+from aeic.sender.config import ConfigError, SenderConfig, load_config
+from aeic.sender.durable import atomic_write
+from aeic.sender.forward import Forwarder
+from aeic.sender.images import ImageReadError, read_image
+from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
+from aeic.sender.report import Reporter
+from aeic.sender.spool import Spool, SpoolFullError
+from aeic.sender.uploader import UploadConfigError, Uploader
+from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
+
+from aeic import __version__
+
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_QUEUED = 0, 1, 2, 3
+COMMANDS = ("encode", "send", "watch", "camera", "flush", "spool")
+DEFAULT_RATE = 0
+CodecFactory = Callable[[SenderConfig, Reporter], Codec]
+
+SPOOL_POLICY = (
+    "The spool keeps every bitstream on disk until the receiver acknowledges it. It is bounded by "
+    "--spool-max-items and --spool-max-bytes; when full, new images are refused (reported as "
+    "errors, never dropped silently) and nothing already queued is ever deleted."
+)
+EPILOG = (
+    "Settings come from flags, then AEIC_* environment variables (AEIC_TOKEN, AEIC_RECEIVER_URL, ...), "
+    "then the --config file (TOML or JSON; see deploy/sender/README.md). "
+    + SPOOL_POLICY
+    + " Exit status: 0 done; 1 some input failed; 2 bad usage/settings/model; 3 queued, not yet delivered."
+)
+
+
+class UsageError(Exception):
+    """Settings that make the command impossible (printed, exit status 2)."""
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="settings file (TOML, or JSON if it ends in .json)")
+    common.add_argument(
+        "--json", action="store_true", default=None, help="one JSON object per line on stdout"
+    )
+
+    encoder = argparse.ArgumentParser(add_help=False)
+    encoder.add_argument("--model", type=Path, help="model package directory (default: the shipped model)")
+    encoder.add_argument("--provider", help="onnxruntime execution provider (falls back to the CPU)")
+    encoder.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    rate = encoder.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=int, help=f"rate index (default {DEFAULT_RATE})")
+    rate.add_argument("--target-bytes", type=int, help="byte budget: the best rate whose bitstream fits")
+
+    upload = argparse.ArgumentParser(add_help=False)
+    upload.add_argument("--to", dest="receiver_url", metavar="URL", help="receiver base URL")
+    upload.add_argument("--token", help="device bearer token (prefer AEIC_TOKEN: flags show in ps)")
+    upload.add_argument(
+        "--ca-bundle", type=Path, help="PEM CA bundle for a private CA (TLS is always verified)"
+    )
+    upload.add_argument("--timeout", type=float, help="HTTP timeout per request, seconds (default 30)")
+    upload.add_argument(
+        "--retry-for", type=float, help="seconds to keep retrying before exiting (default 60)"
+    )
+    upload.add_argument("--spool", dest="spool_dir", type=Path, help="spool directory")
+    upload.add_argument("--spool-max-items", type=int, help="most pending items (default 100000)")
+    upload.add_argument("--spool-max-bytes", type=int, help="most pending bytes (default 256 MiB)")
+
+    parser = argparse.ArgumentParser(
+        prog="aeic-send",
+        description="Compress images at ultra-low bitrate and send them to an AEIC receiver.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"aeic-send {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("encode", parents=[common, encoder], help="write .aeic bitstreams to a folder")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+
+    p = sub.add_parser(
+        "send", parents=[common, encoder, upload], help="encode, spool and upload images", epilog=EPILOG
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+
+    p = sub.add_parser(
+        "watch", parents=[common, encoder, upload], help="send new images from a folder", epilog=EPILOG
+    )
+    p.add_argument("directory", type=Path, metavar="DIR")
+    p.add_argument("--poll", dest="watch_poll", type=float, help="seconds between scans (default 2)")
+    p.add_argument("--recursive", dest="watch_recursive", action="store_true", default=None)
+
+    p = sub.add_parser(
+        "camera", parents=[common, encoder, upload], help="send a camera frame every N seconds", epilog=EPILOG
+    )
+    p.add_argument("--source", dest="camera_source", help="0, /dev/videoN, rtsp://... or a video file")
+    p.add_argument(
+        "--interval", dest="camera_interval", type=float, help="seconds between frames (default 10)"
+    )
+    p.add_argument("--count", type=int, help="stop after this many frames (default: run until stopped)")
+
+    p = sub.add_parser(
+        "flush", parents=[common, upload], help="upload everything in the spool", epilog=EPILOG
+    )
+    p.add_argument(
+        "--requeue-rejected", action="store_true", help="move rejected items back to the queue first"
+    )
+
+    p = sub.add_parser("spool", parents=[common], help="list queued and rejected items")
+    p.add_argument("--spool", dest="spool_dir", type=Path, help="spool directory")
+    return parser
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """``aeic-send IMAGE... --to URL`` is ``aeic-send send IMAGE... --to URL``."""
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        return ["send", *argv]
+    return argv
+
+
+_CONFIG_KEYS = frozenset(SenderConfig.model_fields)
+
+
+def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in _CONFIG_KEYS and v is not None}
+
+
+# --------------------------------------------------------------------------- building blocks
+def load_sender_codec(config: SenderConfig, reporter: Reporter) -> Codec:
+    """Create the ONNX session once per process and say which provider runs it."""
+    from aeic.sender.encoder import SenderCodec  # the lead's module; numpy/onnxruntime only
+
+    try:
+        codec = SenderCodec.from_package(config.model, provider=config.provider, threads=config.threads)
+    except Exception as exc:
+        raise UsageError(f"cannot load the model package {config.model or '(default)'}: {exc}") from exc
+    used = getattr(codec, "provider", "?")
+    if config.provider and config.provider != used:
+        reporter.info(f"provider {config.provider} is not available here; using {used}")
+    reporter.info(f"encoder: model {codec.model_id.hex()}, provider {used}")
+    return codec
+
+
+def _budget_error() -> type[Exception]:
+    from aeic.sender.encoder import BudgetError
+
+    return BudgetError
+
+
+def _rate_control(config: SenderConfig) -> RateControl:
+    if config.target_bytes is not None:
+        return RateControl(target_bytes=config.target_bytes)
+    return RateControl(rate=DEFAULT_RATE if config.rate is None else config.rate)
+
+
+def _open_spool(config: SenderConfig) -> Spool:
+    return Spool(config.spool_dir, max_items=config.spool_max_items, max_bytes=config.spool_max_bytes)
+
+
+def _forwarder(
+    config: SenderConfig, spool: Spool, reporter: Reporter, sleep: Callable[[float], object] = time.sleep
+) -> Forwarder:
+    if not config.receiver_url:
+        raise UsageError(
+            "no receiver URL: pass --to URL, set AEIC_RECEIVER_URL or receiver_url in the config"
+        )
+    uploader = Uploader(
+        config.receiver_url, config.token_value() or "", ca_bundle=config.ca_bundle, timeout=config.timeout
+    )
+    backoff = Backoff(base=config.backoff_base, max_delay=config.backoff_max)
+    return Forwarder(spool, uploader, backoff=backoff, sleep=sleep, listener=reporter.upload)
+
+
+class ImageEncoder:
+    """Read/encode one input with uniform error reporting (shared by every command)."""
+
+    def __init__(self, codec: Codec, control: RateControl, reporter: Reporter) -> None:
+        self.codec, self.control, self.reporter = codec, control, reporter
+        self.budget_error = _budget_error()
+
+    def from_file(self, path: Path) -> Encoded | None:
+        try:
+            rgb = read_image(path)
+        except ImageReadError as exc:
+            self.reporter.error(str(path), str(exc))
+            return None
+        return self.from_array(rgb, str(path))
+
+    def from_array(self, rgb: np.ndarray, source: str) -> Encoded | None:
+        try:
+            return encode_image(self.codec, rgb, self.control)
+        except self.budget_error as exc:
+            self.reporter.error(source, f"{source}: {exc}")
+        except ValueError as exc:
+            self.reporter.error(source, f"{source}: cannot encode: {exc}")
+        return None
+
+
+def _unique_output(directory: Path, source: Path, used: set[str]) -> Path:
+    stem, n = source.stem or "image", 1
+    name = f"{stem}.aeic"
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}.aeic"
+    used.add(name)
+    return directory / name
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_encode(
+    args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
+) -> int:
+    args.output.mkdir(parents=True, exist_ok=True)
+    encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
+    failures, used = 0, set()
+    for index, path in enumerate(args.images, 1):
+        encoded = encoder.from_file(path)
+        if encoded is None:
+            failures += 1
+            continue
+        target = _unique_output(args.output, path, used)
+        atomic_write(target, encoded.data)
+        reporter.encoded(f"[{index}/{len(args.images)}]", str(path), encoded, output=str(target))
+    reporter.event("summary", encoded=len(args.images) - failures, failed=failures)
+    return EXIT_INPUT if failures else EXIT_OK
+
+
+def _spool_encoded(spool: Spool, encoded: Encoded, source: str, reporter: Reporter, position: str) -> bool:
+    try:
+        item = spool.put(
+            encoded.data,
+            source=source,
+            rate_index=encoded.rate_index,
+            width=encoded.width,
+            height=encoded.height,
+        )
+    except SpoolFullError as exc:
+        reporter.error(source, f"{source}: not queued: {exc}")
+        return False
+    reporter.encoded(position, source, encoded, queued=item.key[:12])
+    return True
+
+
+def _finish(forwarder: Forwarder, config: SenderConfig, reporter: Reporter, failures: int) -> int:
+    report = forwarder.flush(max_wait=config.retry_for)
+    remaining = len(forwarder.spool)
+    reporter.event(
+        "summary", failed=failures, uploaded=report.accepted, rejected=report.rejected, queued=remaining
+    )
+    if remaining:
+        reason = report.stopped.detail if report.stopped else "not delivered yet"
+        reporter.info(
+            f"{remaining} item(s) remain queued in {forwarder.spool.root} ({reason}); "
+            "they are safe on disk: run `aeic-send flush` or keep the agent running"
+        )
+    if failures or report.rejected:
+        return EXIT_INPUT
+    return EXIT_QUEUED if remaining else EXIT_OK
+
+
+def cmd_send(
+    args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
+) -> int:
+    spool = _open_spool(config)
+    forwarder = _forwarder(config, spool, reporter)
+    encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
+    failures, link_up = 0, True
+    try:
+        for index, path in enumerate(args.images, 1):
+            encoded = encoder.from_file(path)
+            if encoded is None or not _spool_encoded(
+                spool, encoded, str(path), reporter, f"[{index}/{len(args.images)}]"
+            ):
+                failures += 1
+                continue
+            if link_up:  # deliver while encoding; after a failure wait until the end
+                link_up = forwarder.drain_pass().stopped is None
+        return _finish(forwarder, config, reporter, failures)
+    finally:
+        forwarder.uploader.close()
+
+
+def cmd_flush(
+    args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
+) -> int:
+    spool = _open_spool(config)
+    if args.requeue_rejected:
+        reporter.info(f"requeued {spool.requeue_rejected()} rejected item(s)")
+    forwarder = _forwarder(config, spool, reporter)
+    try:
+        reporter.info(f"{len(spool)} item(s) queued in {spool.root}")
+        return _finish(forwarder, config, reporter, 0)
+    finally:
+        forwarder.uploader.close()
+
+
+def cmd_spool(
+    args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
+) -> int:
+    spool = _open_spool(config)
+    for state, items in (("pending", spool.items()), ("rejected", spool.rejected())):
+        for item in items:
+            why = item.extra.get("reason") if state == "rejected" else item.last_error
+            reporter.event(
+                "item",
+                state=state,
+                key=item.key,
+                source=item.source,
+                size=item.size,
+                attempts=item.attempts,
+                detail=why,
+            )
+            if not reporter.as_json:
+                reporter._emit(
+                    reporter.out,
+                    f"{state:8} {item.key[:12]} {item.size:>7} B "
+                    f"attempts {item.attempts:<3} {item.source or '?'}" + (f"  ({why})" if why else ""),
+                )
+    reporter.info(
+        f"{len(spool)} pending ({spool.pending_bytes()} bytes), {len(spool.rejected())} rejected "
+        f"in {spool.root}"
+    )
+    return EXIT_OK
+
+
+class _Daemon:
+    """Spool + background forwarder shared by ``watch`` and ``camera``."""
+
+    def __init__(self, config: SenderConfig, reporter: Reporter) -> None:
+        self.stop, self.wake = threading.Event(), threading.Event()
+        self.spool = _open_spool(config)
+        self.forwarder = _forwarder(config, self.spool, reporter, sleep=self.stop.wait)
+        self.thread = threading.Thread(
+            target=self.forwarder.run, args=(self.stop, self.wake), name="aeic-forwarder", daemon=True
+        )
+
+    def __enter__(self) -> Self:
+        _install_stop_handlers(self.stop)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.wake.set()
+        self.thread.join(timeout=60)
+        self.forwarder.uploader.close()
+
+
+def cmd_watch(
+    args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
+) -> int:
+    directory = args.directory.resolve()
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+    try:
+        watcher = FolderWatcher(
+            directory, config.spool_dir / "watch" / f"{digest}.json", recursive=config.watch_recursive
+        )
+    except (NotADirectoryError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
+    with _Daemon(config, reporter) as daemon:
+
+        def handle(candidate: Candidate) -> tuple[Handled, str]:
+            encoded = encoder.from_file(candidate.path)
+            if encoded is None:
+                return Handled.FAILED, "unreadable or not encodable"
+            if not _spool_encoded(daemon.spool, encoded, candidate.name, reporter, "[watch]"):
+                return Handled.LATER, ""
+            daemon.wake.set()
+            return Handled.SENT, encoded.key
+
+        reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}")
+        run_watch(watcher, handle, daemon.stop, config.watch_poll)
+    return EXIT_OK
+
+
+def cmd_camera(
+    args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
+) -> int:
+    if not config.camera_source:
+        raise UsageError("no camera source: pass --source 0|/dev/videoN|rtsp://... or set camera_source")
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count must be at least 1")
+    camera = Camera(parse_source(config.camera_source), log=reporter.info)
+    encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
+    failures = 0
+    with _Daemon(config, reporter) as daemon:
+        for number, rgb in enumerate(camera.frames(config.camera_interval, daemon.stop, args.count), 1):
+            source = f"camera-{time.strftime('%Y%m%dT%H%M%S')}-{number}"
+            encoded = encoder.from_array(rgb, source)
+            if encoded is None or not _spool_encoded(
+                daemon.spool, encoded, source, reporter, f"[frame {number}]"
+            ):
+                failures += 1
+                continue
+            daemon.wake.set()
+        if args.count is None:
+            return EXIT_OK
+    # A bounded run delivers what it captured before exiting, like `send`.
+    forwarder = _forwarder(config, daemon.spool, reporter)
+    try:
+        return _finish(forwarder, config, reporter, failures)
+    finally:
+        forwarder.uploader.close()
+
+
+HANDLERS = {
+    "encode": cmd_encode,
+    "send": cmd_send,
+    "watch": cmd_watch,
+    "camera": cmd_camera,
+    "flush": cmd_flush,
+    "spool": cmd_spool,
+}
+
+
+def main(argv: Sequence[str] | None = None, codec_factory: CodecFactory = load_sender_codec) -> int:
+    """Entry point of the ``aeic-send`` console script."""
+    args = build_parser().parse_args(_with_default_command(list(sys.argv[1:] if argv is None else argv)))
+    reporter = Reporter(as_json=bool(args.json))
+    try:
+        config = load_config(_cli_values(args), args.config)
+        return HANDLERS[args.command](args, config, reporter, codec_factory)
+    except (ConfigError, UsageError, UploadConfigError) as exc:
+        reporter.info(f"aeic-send: {exc}")
+        return EXIT_USAGE
+    except OSError as exc:
+        # Spool or output folder not writable, disk full, ...: say what and where, no traceback.
+        reporter.info(f"aeic-send: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Sender settings: one validated model filled from defaults, a config file, env vars and flags.
+
+Precedence, lowest to highest: built-in defaults < config file (``--config`` or
+``AEIC_CONFIG``; TOML by default, JSON when the name ends in ``.json``) < environment
+variables (``AEIC_`` + the key in upper case, e.g. ``AEIC_TOKEN``, ``AEIC_RECEIVER_URL``)
+< command-line flags. Unknown keys in a file are an error, so a typo is reported instead
+of silently ignored. The format is documented in deploy/sender/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomllib
+from aeic.sender.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+ENV_PREFIX = "AEIC_"
+CONFIG_ENV = "AEIC_CONFIG"
+
+
+class ConfigError(ValueError):
+    """The settings are invalid; the message says which key and why."""
+
+
+def default_spool_dir() -> Path:
+    """``$XDG_STATE_HOME/aeic/spool`` (``~/.local/state/aeic/spool``) for an interactive user."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "aeic" / "spool"
+
+
+class SenderConfig(BaseModel):
+    """Every setting of ``aeic-send``; field names are the config-file keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Receiver and transport.
+    receiver_url: str | None = Field(None, description="receiver base URL, e.g. https://host:8000")
+    token: SecretStr | None = Field(None, description="per-device bearer token")
+    ca_bundle: Path | None = Field(None, description="PEM CA bundle replacing the system store")
+    timeout: float = Field(30.0, gt=0, description="HTTP timeout per request, seconds")
+    retry_for: float = Field(60.0, ge=0, description="one-shot commands: seconds to keep retrying")
+    backoff_base: float = Field(1.0, gt=0, description="first retry delay, seconds")
+    backoff_max: float = Field(300.0, gt=0, description="longest retry delay, seconds")
+
+    # Spool.
+    spool_dir: Path = Field(default_factory=default_spool_dir)
+    spool_max_items: int = Field(DEFAULT_MAX_ITEMS, ge=1)
+    spool_max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+
+    # Encoder.
+    model: Path | None = Field(None, description="model package directory (default: the shipped one)")
+    provider: str | None = Field(
+        None, description="onnxruntime execution provider, e.g. CUDAExecutionProvider"
+    )
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads")
+    rate: int | None = Field(None, ge=0, le=255, description="rate index")
+    target_bytes: int | None = Field(None, ge=1, description="byte budget per image")
+
+    # Folder watcher.
+    watch_poll: float = Field(2.0, gt=0, description="seconds between folder scans")
+    watch_recursive: bool = False
+
+    # Camera.
+    camera_source: str | None = Field(None, description="0, /dev/videoN or rtsp://...")
+    camera_interval: float = Field(10.0, gt=0, description="seconds between frames")
+
+    @model_validator(mode="after")
+    def _one_rate_control(self) -> SenderConfig:
+        if self.rate is not None and self.target_bytes is not None:
+            raise ValueError("give either rate or target_bytes, not both")
+        if self.backoff_max < self.backoff_base:
+            raise ValueError("backoff_max must be at least backoff_base")
+        return self
+
+    def token_value(self) -> str | None:
+        return self.token.get_secret_value() if self.token is not None else None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML (default) or JSON (``.json``) config file into a flat dict."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(raw.decode("utf-8"))
+        else:
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of settings")
+    return data
+
+
+def env_values(environ: Mapping[str, str]) -> dict[str, str]:
+    """``AEIC_<KEY>`` variables for every known key (strings; the model converts them)."""
+    values = {}
+    for key in SenderConfig.model_fields:
+        value = environ.get(ENV_PREFIX + key.upper())
+        if value is not None and value != "":
+            values[key] = value
+    return values
+
+
+def load_config(
+    cli_values: Mapping[str, Any] | None = None,
+    config_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> SenderConfig:
+    """Merge defaults, file, environment and flags (``None`` flags are 'not given')."""
+    environ = os.environ if environ is None else environ
+    path = config_path or environ.get(CONFIG_ENV)
+    layers = [
+        read_config_file(Path(path)) if path else {},
+        env_values(environ),
+        {k: v for k, v in (cli_values or {}).items() if v is not None},
+    ]
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        # rate and target_bytes exclude each other: a higher layer's choice replaces a lower one's.
+        for key, other in (("rate", "target_bytes"), ("target_bytes", "rate")):
+            if key in layer:
+                merged.pop(other, None)
+        merged.update(layer)
+    try:
+        return SenderConfig(**merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        problems.append(f"{where}: {error['msg']}")
+    return "invalid settings: " + "; ".join(problems)

@@ -1,0 +1,60 @@
+"""Crash-safe file writes: a file either has its complete new content or does not change.
+
+Why: the sender runs on devices that lose power or get killed (kill -9, OOM killer). A
+bitstream, a sidecar or the watcher's state must never be seen half-written. The recipe is
+the POSIX one: write a temporary file in the same directory, fsync it, rename it over the
+target (atomic within one filesystem), then fsync the directory so the rename itself
+survives a power cut.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+# Temporary files start with this prefix; readers skip them and recovery deletes them.
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (renames, unlinks) to stable storage."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    directory = path.parent
+    tmp = directory / f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        fsync_dir(directory)
+
+
+def remove_stale_tmp(directory: Path) -> int:
+    """Delete temporary files a crashed writer left behind; return how many."""
+    removed = 0
+    for entry in directory.glob(f"{TMP_PREFIX}*"):
+        entry.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -1,0 +1,102 @@
+"""Read an image file of any common format into the HxWx3 uint8 RGB array the encoder takes.
+
+Why one reader: the encoder only understands 8-bit RGB, while edge devices see PNG, JPEG,
+WebP, BMP, TIFF, 16-bit PNG, greyscale, palette and alpha images, often with an EXIF
+orientation tag (phones, some cameras). Every such detail is settled here, once:
+
+* EXIF orientation is applied, so the array is upright as a viewer would show it.
+* 16-bit samples are scaled to 8 bits (x * 255 / 65535, rounded), not clipped.
+* Greyscale and palette images are expanded to three equal or looked-up channels.
+* Alpha (RGBA, LA, palette transparency) is composited over white: transparent areas
+  become white, as most viewers show them, instead of the arbitrary colour hidden under
+  alpha 0. The bitstream carries no alpha.
+* Animated or multi-page files: the first frame.
+
+Any failure (missing file, not an image, truncated or corrupt data, unsupported mode,
+too large) raises :class:`ImageReadError` with one line saying which file and why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# The bitstream stores each dimension in 1..16384 (see docs/bitstream.md).
+MAX_SIDE = 16384
+
+# File suffixes the folder watcher treats as images (lower case).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+class ImageReadError(Exception):
+    """The file could not be read as an image; the message names the file and the reason."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Return the upright image at ``path`` as a C-contiguous HxWx3 uint8 RGB array."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) between 1x and 2x its pixel limit; we decide ourselves.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_size(path, image.size)
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                return _to_rgb8(path, upright)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"{path}: is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageReadError(f"{path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: image too large to decode safely ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError/EOFError.
+        raise ImageReadError(f"{path}: corrupt or truncated image data ({exc})") from None
+
+
+def _check_size(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise ImageReadError(f"{path}: size {width}x{height} is outside the supported 1..{MAX_SIDE} per side")
+
+
+def _to_rgb8(path: Path, image: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to 8-bit RGB following the policy in the module docstring."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        grey = _sixteen_to_eight(np.asarray(image))
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    try:
+        rgb = image.convert("RGB")
+    except ValueError as exc:
+        raise ImageReadError(f"{path}: unsupported pixel mode {mode!r} ({exc})") from None
+    array = np.asarray(rgb, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ImageReadError(f"{path}: unsupported pixel layout {array.shape} from mode {mode!r}")
+    return np.ascontiguousarray(array)
+
+
+def _sixteen_to_eight(samples: np.ndarray) -> np.ndarray:
+    """Map 0..65535 samples to 0..255 with rounding (x * 255 / 65535)."""
+    wide = np.clip(samples.astype(np.int64), 0, 65535)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)

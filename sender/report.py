@@ -1,0 +1,86 @@
+"""What ``aeic-send`` prints: one summary line per image, upload events, errors.
+
+Human mode: summary lines on stdout, errors and status on stderr. ``--json`` mode: one JSON
+object per line on stdout (``event`` says which kind), and errors additionally as one plain
+line on stderr so a person watching a service log still sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from typing import Any, TextIO
+
+from aeic.sender.pipeline import Encoded
+from aeic.sender.spool import SpoolItem
+from aeic.sender.uploader import Outcome, UploadResult
+
+
+class Reporter:
+    """Thread-safe printer (the forwarder thread reports uploads while images are encoded)."""
+
+    def __init__(self, as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.as_json = as_json
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self._lock = threading.Lock()
+
+    def _emit(self, stream: TextIO, line: str) -> None:
+        with self._lock:
+            print(line, file=stream, flush=True)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if self.as_json:
+            self._emit(self.out, json.dumps({"event": kind, **fields}, sort_keys=True))
+
+    def info(self, message: str) -> None:
+        """Status for people (stderr); JSON consumers get the structured events instead."""
+        self._emit(self.err, message)
+
+    def error(self, source: str, message: str) -> None:
+        """One line on stderr per failed input; the message already names the file."""
+        self._emit(self.err, f"error: {message}")
+        self.event("error", source=source, error=message)
+
+    def encoded(self, position: str, source: str, enc: Encoded, **extra: Any) -> None:
+        if self.as_json:
+            self.event(
+                "encoded",
+                source=source,
+                width=enc.width,
+                height=enc.height,
+                bytes=len(enc.data),
+                bpp=round(enc.bpp, 6),
+                rate_index=enc.rate_index,
+                encode_ms=round(enc.encode_ms, 1),
+                key=enc.key,
+                **extra,
+            )
+            return
+        where = "".join(f", {name} {value}" for name, value in extra.items())
+        self._emit(
+            self.out,
+            f"{position} {source}: {enc.width}x{enc.height}, {len(enc.data)} bytes, {enc.bpp:.4f} bpp, "
+            f"rate {enc.rate_index}, encode {enc.encode_ms:.0f} ms{where}",
+        )
+
+    def upload(self, item: SpoolItem, result: UploadResult) -> None:
+        """Listener for :class:`aeic.sender.forward.Forwarder`."""
+        name = item.source or item.key[:12]
+        self.event(
+            "upload",
+            source=item.source,
+            key=item.key,
+            outcome=result.outcome.value,
+            status=result.status,
+            detail=result.detail,
+            receiver_id=result.receiver_id,
+        )
+        if result.outcome is Outcome.ACCEPTED:
+            suffix = f" as {result.receiver_id}" if result.receiver_id else ""
+            self.info(f"uploaded {name} ({item.key[:12]}){suffix}")
+        elif result.outcome is Outcome.REJECTED:
+            self.info(f"rejected by the receiver: {name}: {result.detail} (kept in the spool's rejected/)")
+        else:
+            self.info(f"upload of {name} not done: {result.detail}; it stays queued")

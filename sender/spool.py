@@ -1,0 +1,279 @@
+"""On-disk store-and-forward queue of bitstreams waiting for upload.
+
+Why: an edge device's link comes and goes and the process may be killed at any moment, yet
+no image may be lost and none stored twice at the receiver. Every bitstream is therefore
+written here durably (see :mod:`aeic.sender.durable`) *before* any upload is tried, and is
+removed only after the receiver acknowledged it.
+
+Layout under the spool root::
+
+    pending/<key>.aeic    the bitstream; <key> = hex SHA-256 of its bytes (the upload's
+    pending/<key>.json    Idempotency-Key) and a sidecar: source, created, attempts, ...
+    rejected/<key>.aeic   items the receiver refused for good (a 4xx), kept with the reason
+    rejected/<key>.json   for an operator; never retried automatically, never deleted
+
+The ``.aeic`` file is the item; the sidecar is metadata. Opening a spool recovers from a
+crash: leftover temporary files are deleted, a bitstream without a sidecar gets a fresh one,
+a sidecar without a bitstream is dropped. Because the name is the content digest, putting
+the same bitstream twice keeps one item.
+
+Size bound and policy when full: the *pending* items are bounded by ``max_items`` and
+``max_bytes`` (bitstream bytes). When a new item would exceed either bound, :meth:`Spool.put`
+raises :class:`SpoolFullError` and stores nothing: queued data is never dropped to make
+room. Callers decide what that means (the CLI reports the file as not queued; the watcher
+retries the file on a later poll; the camera skips that frame).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aeic.sender.durable import atomic_write, fsync_dir, remove_stale_tmp
+
+DATA_SUFFIX = ".aeic"
+META_SUFFIX = ".json"
+DEFAULT_MAX_ITEMS = 100_000
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+
+class SpoolError(Exception):
+    """Base class of spool errors."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool is at its size bound; the new item was not stored."""
+
+
+class SpoolCorruptError(SpoolError):
+    """A stored bitstream no longer matches its digest (disk corruption)."""
+
+
+def idempotency_key(data: bytes) -> str:
+    """The item's name and the upload's Idempotency-Key: hex SHA-256 of the bitstream."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class SpoolItem:
+    """One queued bitstream and its sidecar metadata."""
+
+    key: str
+    path: Path
+    size: int
+    source: str | None = None
+    created: float = 0.0
+    attempts: int = 0
+    last_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def sidecar(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "size": self.size,
+            "source": self.source,
+            "created": self.created,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            **self.extra,
+        }
+
+
+class Spool:
+    """A durable, bounded queue of bitstreams in a directory (safe across processes)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        max_items: int = DEFAULT_MAX_ITEMS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        if max_items < 1 or max_bytes < 1:
+            raise ValueError("spool bounds must be positive")
+        self.root = Path(root)
+        self.pending_dir = self.root / "pending"
+        self.rejected_dir = self.root / "rejected"
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        for directory in (self.root, self.pending_dir, self.rejected_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.recover()
+
+    # ----------------------------------------------------------------- recovery
+    def recover(self) -> None:
+        """Repair what a crash may have left: temp files, missing or orphaned sidecars."""
+        with self._lock:
+            for directory in (self.pending_dir, self.rejected_dir):
+                remove_stale_tmp(directory)
+                for meta in directory.glob(f"*{META_SUFFIX}"):
+                    if not meta.with_suffix(DATA_SUFFIX).exists():
+                        meta.unlink(missing_ok=True)
+                for data in directory.glob(f"*{DATA_SUFFIX}"):
+                    if not data.with_suffix(META_SUFFIX).exists():
+                        self._write_sidecar(self._recovered_item(data))
+
+    def _recovered_item(self, data: Path) -> SpoolItem:
+        stat = data.stat()
+        extra = {"recovered": True}
+        if data.parent == self.rejected_dir:
+            extra["reason"] = "unknown (sidecar lost in a crash)"
+        return SpoolItem(data.stem, data, stat.st_size, created=stat.st_mtime, extra=extra)
+
+    # ------------------------------------------------------------------ queries
+    def items(self) -> list[SpoolItem]:
+        """Pending items, oldest first."""
+        return self._list(self.pending_dir)
+
+    def rejected(self) -> list[SpoolItem]:
+        """Items the receiver refused, oldest first."""
+        return self._list(self.rejected_dir)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.pending_dir.glob(f"*{DATA_SUFFIX}"))
+
+    def pending_bytes(self) -> int:
+        return sum(_size_or_zero(p) for p in self.pending_dir.glob(f"*{DATA_SUFFIX}"))
+
+    def _list(self, directory: Path) -> list[SpoolItem]:
+        found = []
+        for data in directory.glob(f"*{DATA_SUFFIX}"):
+            item = self._load_item(data)
+            if item is not None:
+                found.append(item)
+        return sorted(found, key=lambda item: (item.created, item.key))
+
+    def _load_item(self, data: Path) -> SpoolItem | None:
+        """Read one item's sidecar; None when another process removed the item meanwhile."""
+        try:
+            size = data.stat().st_size
+            meta = json.loads(data.with_suffix(META_SUFFIX).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            if not data.exists():
+                return None
+            return self._recovered_item(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._recovered_item(data)
+        known = {"key", "size", "source", "created", "attempts", "last_error"}
+        return SpoolItem(
+            key=data.stem,
+            path=data,
+            size=size,
+            source=meta.get("source"),
+            created=float(meta.get("created", 0.0)),
+            attempts=int(meta.get("attempts", 0)),
+            last_error=meta.get("last_error"),
+            extra={k: v for k, v in meta.items() if k not in known},
+        )
+
+    # ------------------------------------------------------------------ updates
+    def put(self, data: bytes, source: str | None = None, **extra: Any) -> SpoolItem:
+        """Store a bitstream durably and return its item; storing it again is a no-op."""
+        if not data:
+            raise ValueError("refusing to spool an empty bitstream")
+        key = idempotency_key(data)
+        path = self.pending_dir / f"{key}{DATA_SUFFIX}"
+        with self._lock:
+            if path.exists():
+                existing = self._load_item(path)
+                if existing is not None:
+                    return existing
+            self._check_room(len(data))
+            item = SpoolItem(key, path, len(data), source=source, created=time.time(), extra=extra)
+            atomic_write(path, data)
+            self._write_sidecar(item)
+        return item
+
+    def _check_room(self, size: int) -> None:
+        count, used = len(self), self.pending_bytes()
+        if count + 1 > self.max_items:
+            raise SpoolFullError(
+                f"spool {self.root} is full: {count} items pending (max_items={self.max_items}); "
+                "new images are refused until uploads drain it"
+            )
+        if used + size > self.max_bytes:
+            raise SpoolFullError(
+                f"spool {self.root} is full: {used} + {size} bytes would exceed "
+                f"max_bytes={self.max_bytes}; new images are refused until uploads drain it"
+            )
+
+    def read(self, item: SpoolItem) -> bytes:
+        """The item's bitstream, checked against its digest."""
+        data = item.path.read_bytes()
+        if idempotency_key(data) != item.key:
+            raise SpoolCorruptError(f"{item.path}: content no longer matches its SHA-256 name")
+        return data
+
+    def record_attempt(self, item: SpoolItem, error: str) -> None:
+        """Count a failed upload attempt in the sidecar (for operators and backoff)."""
+        with self._lock:
+            if not item.path.exists():
+                return
+            item.attempts += 1
+            item.last_error = error
+            item.extra["last_attempt"] = time.time()
+            self._write_sidecar(item, sync_dir=False)
+
+    def remove(self, item: SpoolItem) -> None:
+        """Forget an item the receiver acknowledged (tolerates a concurrent removal)."""
+        with self._lock:
+            item.path.unlink(missing_ok=True)
+            item.path.with_suffix(META_SUFFIX).unlink(missing_ok=True)
+            fsync_dir(self.pending_dir)
+
+    def reject(self, item: SpoolItem, reason: str, status: int | None = None) -> SpoolItem:
+        """Move an item the receiver refused for good to ``rejected/`` with the reason."""
+        target = self.rejected_dir / item.path.name
+        with self._lock:
+            moved = SpoolItem(
+                item.key,
+                target,
+                item.size,
+                item.source,
+                item.created,
+                item.attempts + 1,
+                item.last_error,
+                extra={**item.extra, "reason": reason, "status": status, "rejected_at": time.time()},
+            )
+            self._write_sidecar(moved)
+            try:
+                item.path.replace(target)
+            except FileNotFoundError:
+                target.with_suffix(META_SUFFIX).unlink(missing_ok=True)
+                return moved
+            item.path.with_suffix(META_SUFFIX).unlink(missing_ok=True)
+            fsync_dir(self.rejected_dir)
+            fsync_dir(self.pending_dir)
+        return moved
+
+    def requeue_rejected(self) -> int:
+        """Move every rejected item back to pending (after an operator fixed the cause)."""
+        count = 0
+        with self._lock:
+            for data in self.rejected_dir.glob(f"*{DATA_SUFFIX}"):
+                meta = data.with_suffix(META_SUFFIX)
+                target = self.pending_dir / data.name
+                data.replace(target)
+                if meta.exists():
+                    meta.replace(target.with_suffix(META_SUFFIX))
+                count += 1
+            fsync_dir(self.pending_dir)
+            fsync_dir(self.rejected_dir)
+        return count
+
+    def _write_sidecar(self, item: SpoolItem, *, sync_dir: bool = True) -> None:
+        text = json.dumps(item.sidecar(), sort_keys=True)
+        atomic_write(item.path.with_suffix(META_SUFFIX), text.encode("utf-8"), sync_dir=sync_dir)
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

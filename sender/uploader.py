@@ -1,0 +1,190 @@
+"""POST one bitstream to the receiver and classify the answer.
+
+The receiver contract (issue 6): ``POST {base}/v1/images`` with the bitstream as body,
+``Content-Type: application/octet-stream``, ``Authorization: Bearer <device token>`` and an
+``Idempotency-Key`` (hex SHA-256 of the body). It answers 202 with an id once the bitstream
+is durably stored, and the same id (200 or 202) for a repeated key, so a retry after a lost
+answer never stores an image twice.
+
+How answers map to what the spool does (see :class:`Outcome`):
+
+* 2xx: ``ACCEPTED``, the item leaves the spool.
+* 408, 429, 5xx, network and TLS errors: ``RETRY``, the item stays; back off with jitter
+  (at least the server's ``Retry-After``).
+* 401, 403 (token refused), 404, 405 (wrong URL), 3xx (moved): ``BLOCKED``. Nothing is wrong
+  with the item: every item would get the same answer until an operator fixes the token or
+  URL, so items stay queued (not rejected) and the drain stops with the reason.
+* any other 4xx (bad bitstream, unknown model, too large, ...): ``REJECTED``, the item moves
+  to ``rejected/`` with the receiver's reason; it is never retried automatically.
+"""
+
+from __future__ import annotations
+
+import enum
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
+
+import httpx
+
+from aeic import __version__
+
+UPLOAD_PATH = "/v1/images"
+_BLOCKING_STATUSES = frozenset({401, 403, 404, 405})
+_RETRY_4XX = frozenset({408, 429})
+
+
+class Outcome(enum.Enum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    RETRY = "retry"
+    BLOCKED = "blocked"
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What one POST achieved; ``detail`` is a one-line human-readable reason."""
+
+    outcome: Outcome
+    status: int | None
+    detail: str
+    receiver_id: str | None = None
+    retry_after: float = 0.0
+
+
+class UploadConfigError(ValueError):
+    """The uploader cannot be configured as asked (bad URL, missing token or CA bundle)."""
+
+
+def endpoint_url(base: str) -> str:
+    """``https://host:port`` or ``.../v1/images`` -> the full upload URL."""
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UploadConfigError(f"receiver URL must be http:// or https://host[:port], got {base!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith(UPLOAD_PATH):
+        path += UPLOAD_PATH
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def tls_verification(ca_bundle: str | Path | None) -> ssl.SSLContext | bool:
+    """Certificate verification is always on; a CA bundle replaces the system store."""
+    if ca_bundle is None:
+        return True
+    path = Path(ca_bundle)
+    if not path.is_file():
+        raise UploadConfigError(f"CA bundle {path} does not exist or is not a file")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise UploadConfigError(f"CA bundle {path} is not a valid PEM bundle ({exc})") from None
+
+
+class Uploader:
+    """An HTTP client bound to one receiver and one device token (one connection pool)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        ca_bundle: str | Path | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not token:
+            raise UploadConfigError("no device token: pass --token or set AEIC_TOKEN")
+        self.url = endpoint_url(base_url)
+        self._client = httpx.Client(
+            verify=tls_verification(ca_bundle),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            headers={"Authorization": f"Bearer {token}", "User-Agent": f"aeic-send/{__version__}"},
+            follow_redirects=False,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def upload(self, data: bytes, key: str) -> UploadResult:
+        """POST ``data`` once; never raises for network or HTTP failures."""
+        headers = {"Content-Type": "application/octet-stream", "Idempotency-Key": key}
+        try:
+            response = self._client.post(self.url, content=data, headers=headers)
+        except httpx.TransportError as exc:
+            return UploadResult(Outcome.RETRY, None, _transport_detail(exc))
+        return classify(response)
+
+
+def classify(response: httpx.Response) -> UploadResult:
+    """Map an HTTP answer to an :class:`Outcome` (see the module docstring)."""
+    status = response.status_code
+    reason = _reason(response)
+    if 200 <= status < 300:
+        return UploadResult(Outcome.ACCEPTED, status, f"HTTP {status}", _receiver_id(response))
+    if status in _RETRY_4XX or status >= 500:
+        return UploadResult(Outcome.RETRY, status, f"HTTP {status}: {reason}", None, _retry_after(response))
+    if status in _BLOCKING_STATUSES:
+        hint = "check the device token" if status in (401, 403) else "check the receiver URL"
+        return UploadResult(Outcome.BLOCKED, status, f"HTTP {status}: {reason} ({hint})")
+    if 300 <= status < 400:
+        where = response.headers.get("Location", "?")
+        return UploadResult(
+            Outcome.BLOCKED, status, f"HTTP {status}: receiver moved to {where}; use that URL"
+        )
+    if 400 <= status < 500:
+        return UploadResult(Outcome.REJECTED, status, f"HTTP {status}: {reason}")
+    return UploadResult(Outcome.RETRY, status, f"unexpected HTTP {status}")
+
+
+def _reason(response: httpx.Response) -> str:
+    """The receiver's error message: JSON ``detail``/``error``/``message`` or the text."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        for field in ("detail", "error", "message"):
+            if body.get(field):
+                return _one_line(str(body[field]))
+    text = response.text.strip() if response.content else ""
+    return _one_line(text) or response.reason_phrase or "no reason given"
+
+
+def _receiver_id(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and body.get("id") is not None:
+        return str(body["id"])
+    return None
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Retry-After in seconds (the delta-seconds form; an HTTP date is ignored)."""
+    value = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 0.0
+
+
+def _transport_detail(exc: httpx.TransportError) -> str:
+    text = _one_line(str(exc)) or type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return f"TLS certificate verification failed ({text}); pass --ca-bundle for a private CA"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
