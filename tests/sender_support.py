@@ -1,0 +1,164 @@
+"""Test helpers for the sender: a loopback HTTP double of the receiver's upload contract.
+
+The double enforces what the real receiver (issue 6) requires of an upload, so a sender that
+passes against it speaks the contract: ``POST /v1/images``, ``Content-Type:
+application/octet-stream``, ``Authorization: Bearer <token>``, an ``Idempotency-Key`` equal to
+the body's SHA-256, and a body that parses as an AEIC v1 bitstream. It answers 202 with a new
+id, or 200 with the same id for a repeated key, and records every request, so tests can
+check "every image arrives exactly once". Failure injection: queued status codes, and
+"store but drop the connection before answering" (a lost acknowledgement).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import ssl
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from aeic.shared.bitstream import BitstreamError, unpack
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (yet)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ReceiverDouble:
+    """Start/stop a threaded HTTP server on a fixed loopback port (down, then up, ...)."""
+
+    def __init__(
+        self, token: str = "device-token", port: int | None = None, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        self.token = token
+        self.tls = tls  # (certificate, key) PEM files: serve HTTPS
+        self.port = port or free_port()
+        self.stored: dict[str, bytes] = {}  # idempotency key -> body, what is "durably stored"
+        self.ids: dict[str, str] = {}
+        self.requests: list[dict] = []  # every POST: key, status answered
+        self.inject: list[int | str] = []  # next answers: an HTTP status or "drop-after-store"
+        self.lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def start(self) -> ReceiverDouble:
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> ReceiverDouble:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _handler_for(double: ReceiverDouble) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep test output quiet
+            pass
+
+        def _answer(self, status: int, body: dict, key: str | None) -> None:
+            with double.lock:
+                double.requests.append({"key": key, "status": status})
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            body = self.rfile.read(length)
+            key = self.headers.get("Idempotency-Key")
+            if self.path != "/v1/images":
+                return self._answer(404, {"detail": "not found"}, key)
+            with double.lock:
+                injected = double.inject.pop(0) if double.inject else None
+            if isinstance(injected, int):
+                return self._answer(injected, {"detail": f"injected {injected}"}, key)
+            if self.headers.get("Authorization") != f"Bearer {double.token}":
+                return self._answer(401, {"detail": "bad or missing device token"}, key)
+            if self.headers.get("Content-Type") != "application/octet-stream":
+                return self._answer(415, {"detail": "body must be application/octet-stream"}, key)
+            if not key or key != hashlib.sha256(body).hexdigest():
+                return self._answer(400, {"detail": "Idempotency-Key must be the body's SHA-256"}, key)
+            try:
+                unpack(body)
+            except BitstreamError as exc:
+                return self._answer(422, {"detail": f"invalid bitstream: {exc}"}, key)
+            with double.lock:
+                repeated = key in double.stored
+                if not repeated:
+                    double.stored[key] = body
+                    double.ids[key] = f"img-{len(double.ids) + 1}"
+                image_id = double.ids[key]
+            if injected == "drop-after-store":
+                with double.lock:
+                    double.requests.append({"key": key, "status": None})
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
+            return self._answer(200 if repeated else 202, {"id": image_id}, key)
+
+    return Handler
+
+
+def make_bitstream(seed: int, payload_bytes: int = 64, width: int = 64, height: int = 48) -> bytes:
+    """A valid AEIC v1 container with a seeded random payload (distinct seeds, distinct keys)."""
+    from aeic.shared.bitstream import Bitstream, Header, pack
+
+    payload = hashlib.shake_256(seed.to_bytes(8, "little")).digest(payload_bytes)
+    return pack(Bitstream(Header(b"TEST", width, height, rate_index=seed % 4), payload))
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 made with the openssl command-line tool."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key

@@ -1,0 +1,158 @@
+"""aeic.sender.images: every common input format becomes an upright HxWx3 uint8 RGB array."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aeic.sender.images import ImageReadError, read_image
+from PIL import Image
+
+
+def _gradient(width: int = 40, height: int = 24) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 6 % 256, y * 10 % 256, (x + y) * 3 % 256], axis=2).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".webp", ".tiff"])
+def test_lossless_rgb_formats_round_trip(tmp_path: Path, suffix: str) -> None:
+    rgb = _gradient()
+    path = tmp_path / f"img{suffix}"
+    options = {"lossless": True} if suffix == ".webp" else {}
+    Image.fromarray(rgb).save(path, **options)
+    out = read_image(path)
+    assert out.dtype == np.uint8 and out.shape == (24, 40, 3) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_jpeg_is_read_close_to_source(tmp_path: Path) -> None:
+    rgb = _gradient()
+    path = tmp_path / "img.jpg"
+    Image.fromarray(rgb).save(path, quality=95)
+    out = read_image(path)
+    assert out.shape == rgb.shape
+    assert np.abs(out.astype(int) - rgb.astype(int)).mean() < 6
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    samples = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(samples).save(path)
+    assert Image.open(path).mode.startswith("I")
+    out = read_image(path)
+    assert out.shape == (1, 4, 3)
+    np.testing.assert_array_equal(out[0, :, 0], [0, 1, 128, 255])
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def test_sixteen_bit_rgb_png(tmp_path: Path) -> None:
+    import cv2
+
+    rgb16 = _gradient().astype(np.uint16) * 257  # exact 8-bit values in 16 bits
+    path = tmp_path / "rgb16.png"
+    cv2.imwrite(str(path), rgb16[:, :, ::-1])  # OpenCV writes BGR, 16-bit
+    out = read_image(path)
+    np.testing.assert_array_equal(out, _gradient())
+
+
+def test_greyscale_is_expanded_to_three_equal_channels(tmp_path: Path) -> None:
+    grey = _gradient()[:, :, 0]
+    path = tmp_path / "grey.png"
+    Image.fromarray(grey, mode="L").save(path)
+    out = read_image(path)
+    for channel in range(3):
+        np.testing.assert_array_equal(out[:, :, channel], grey)
+
+
+def test_alpha_is_composited_over_white(tmp_path: Path) -> None:
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red channel everywhere
+    rgba[0, :, 3] = 255  # top row opaque
+    rgba[1, :, 3] = 0  # bottom row fully transparent (colour underneath must not leak)
+    rgba[1, 1, 3] = 128  # one half-transparent pixel
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, mode="RGBA").save(path)
+    out = read_image(path)
+    np.testing.assert_array_equal(out[0, 0], [200, 0, 0])
+    np.testing.assert_array_equal(out[1, 0], [255, 255, 255])
+    assert abs(int(out[1, 1, 0]) - 227) <= 1 and abs(int(out[1, 1, 1]) - 127) <= 1
+
+
+def test_grey_with_alpha(tmp_path: Path) -> None:
+    la = np.zeros((1, 2, 2), dtype=np.uint8)
+    la[0, 0] = (10, 255)
+    la[0, 1] = (10, 0)
+    path = tmp_path / "la.png"
+    Image.fromarray(la, mode="LA").save(path)
+    out = read_image(path)
+    np.testing.assert_array_equal(out[0], [[10, 10, 10], [255, 255, 255]])
+
+
+def test_palette_image_and_palette_transparency(tmp_path: Path) -> None:
+    rgb = _gradient()
+    palette = Image.fromarray(rgb).quantize(colors=16)
+    path = tmp_path / "palette.png"
+    palette.save(path)
+    expected = np.asarray(palette.convert("RGB"))
+    np.testing.assert_array_equal(read_image(path), expected)
+
+    palette.info["transparency"] = 0  # palette entry 0 becomes transparent -> white
+    transparent = tmp_path / "palette_t.png"
+    palette.save(transparent, transparency=0)
+    out = read_image(transparent)
+    mask = np.asarray(palette) == 0
+    assert mask.any()
+    assert (out[mask] == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    # A 40x24 landscape stored with orientation 6 (rotate 90 clockwise to display): upright is 24x40.
+    rgb = np.zeros((24, 40, 3), dtype=np.uint8)
+    rgb[:, :20] = (255, 0, 0)  # left half red
+    rgb[:, 20:] = (0, 0, 255)  # right half blue
+    image = Image.fromarray(rgb)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    out = read_image(path)
+    assert out.shape == (40, 24, 3)
+    # Rotating 90 degrees clockwise puts the stored left (red) half on top.
+    assert out[5, 12, 0] > 200 and out[5, 12, 2] < 60
+    assert out[35, 12, 2] > 200 and out[35, 12, 0] < 60
+
+
+def test_cmyk_jpeg(tmp_path: Path) -> None:
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(_gradient()).convert("CMYK").save(path, quality=95)
+    out = read_image(path)
+    assert out.shape == (24, 40, 3) and out.dtype == np.uint8
+
+
+def test_corrupt_file_raises_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.png"
+    Image.fromarray(_gradient()).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated PNG
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(b"this is not an image at all", "not a recognised image format"), (None, "no such file")],
+)
+def test_not_an_image_and_missing_file(tmp_path: Path, content: bytes | None, expected: str) -> None:
+    path = tmp_path / "thing.jpg"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ImageReadError, match=expected):
+        read_image(path)
+
+
+def test_directory_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ImageReadError, match="directory"):
+        read_image(tmp_path)

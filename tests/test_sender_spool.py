@@ -1,0 +1,157 @@
+"""aeic.sender.spool: durable, bounded, crash-recovering store-and-forward queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from aeic.sender.durable import TMP_PREFIX, atomic_write
+from aeic.sender.spool import Spool, SpoolCorruptError, SpoolFullError, idempotency_key
+from sender_support import make_bitstream
+
+
+def test_put_names_item_by_digest_and_writes_sidecar(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    data = make_bitstream(1)
+    item = spool.put(data, source="a.jpg", rate_index=1)
+    assert item.key == idempotency_key(data) and len(item.key) == 64
+    assert item.path == tmp_path / "pending" / f"{item.key}.aeic"
+    assert item.path.read_bytes() == data
+    meta = json.loads(item.path.with_suffix(".json").read_text())
+    assert meta["source"] == "a.jpg" and meta["attempts"] == 0 and meta["rate_index"] == 1
+    assert meta["created"] <= time.time()
+
+
+def test_same_bitstream_twice_is_one_item(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    first = spool.put(make_bitstream(1), source="a")
+    second = spool.put(make_bitstream(1), source="b")
+    assert first.key == second.key and len(spool) == 1 and second.source == "a"
+
+
+def test_items_are_listed_oldest_first_and_survive_reopen(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    keys = [spool.put(make_bitstream(i), source=f"img{i}").key for i in range(5)]
+    reopened = Spool(tmp_path)
+    assert [item.key for item in reopened.items()] == keys
+    assert [reopened.read(item) for item in reopened.items()] == [make_bitstream(i) for i in range(5)]
+
+
+def test_bound_on_item_count_refuses_new_items_and_keeps_old(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_items=2)
+    spool.put(make_bitstream(1))
+    spool.put(make_bitstream(2))
+    with pytest.raises(SpoolFullError, match="max_items=2"):
+        spool.put(make_bitstream(3))
+    assert len(spool) == 2
+    assert {item.key for item in spool.items()} == {idempotency_key(make_bitstream(i)) for i in (1, 2)}
+    spool.put(make_bitstream(2))  # a duplicate of a queued item is not a new item: accepted
+
+
+def test_bound_on_bytes(tmp_path: Path) -> None:
+    first = make_bitstream(1, payload_bytes=100)
+    spool = Spool(tmp_path, max_bytes=len(first) + 50)
+    spool.put(first)
+    with pytest.raises(SpoolFullError, match="max_bytes"):
+        spool.put(make_bitstream(2, payload_bytes=100))
+    assert len(spool) == 1 and not list((tmp_path / "pending").glob(f"{TMP_PREFIX}*"))
+
+
+def test_remove_and_record_attempt(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    item = spool.put(make_bitstream(1))
+    spool.record_attempt(item, "ConnectError: refused")
+    again = Spool(tmp_path).items()[0]
+    assert again.attempts == 1 and again.last_error == "ConnectError: refused"
+    spool.remove(again)
+    spool.remove(again)  # a second removal (another process was faster) is harmless
+    assert len(spool) == 0 and not any((tmp_path / "pending").iterdir())
+
+
+def test_reject_keeps_item_with_reason_and_requeue_brings_it_back(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    item = spool.put(make_bitstream(1), source="x.png")
+    spool.reject(item, "HTTP 422: unknown model id", status=422)
+    assert len(spool) == 0
+    [rejected] = Spool(tmp_path).rejected()
+    assert rejected.extra["reason"] == "HTTP 422: unknown model id" and rejected.extra["status"] == 422
+    assert rejected.source == "x.png" and rejected.path.read_bytes() == make_bitstream(1)
+    assert spool.requeue_rejected() == 1
+    assert [i.key for i in spool.items()] == [item.key] and spool.rejected() == []
+
+
+def test_corrupted_bitstream_is_detected(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    item = spool.put(make_bitstream(1))
+    item.path.write_bytes(b"bit rot")
+    with pytest.raises(SpoolCorruptError):
+        spool.read(item)
+
+
+def test_recovery_cleans_tmp_files_and_repairs_sidecars(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    kept = spool.put(make_bitstream(1), source="kept")
+    pending = tmp_path / "pending"
+    # A writer killed mid-write leaves a temp file: it is not an item and gets removed.
+    (pending / f"{TMP_PREFIX}deadbeef.aeic.1234").write_bytes(b"half a bitstr")
+    # Killed between the bitstream's rename and its sidecar: the item stays, with a new sidecar.
+    orphan = make_bitstream(2)
+    atomic_write(pending / f"{idempotency_key(orphan)}.aeic", orphan)
+    # Killed between unlinking a delivered bitstream and its sidecar: the sidecar goes.
+    (pending / f"{'0' * 64}.json").write_text("{}")
+    # A sidecar truncated by a disk error does not hide its item.
+    (pending / f"{kept.key}.json").write_text("{not json")
+
+    recovered = Spool(tmp_path)
+    keys = {item.key for item in recovered.items()}
+    assert keys == {kept.key, idempotency_key(orphan)}
+    assert not list(pending.glob(f"{TMP_PREFIX}*"))
+    assert not (pending / f"{'0' * 64}.json").exists()
+    assert (pending / f"{idempotency_key(orphan)}.json").exists()
+    assert all(recovered.read(item) for item in recovered.items())
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from sender_support import make_bitstream
+    from aeic.sender.spool import Spool
+    spool = Spool({root!r})
+    i = 0
+    while True:
+        item = spool.put(make_bitstream(i, payload_bytes=2000), source=f"img{{i}}")
+        print(item.key, flush=True)  # printed only after put() returned: promised durable
+        i += 1
+    """
+)
+
+
+def test_kill_dash_nine_mid_stream_loses_no_acknowledged_item(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    script = WRITER.format(tests=str(Path(__file__).parent), root=str(root))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    promised = []
+    assert proc.stdout is not None
+    while len(promised) < 25:
+        line = proc.stdout.readline()
+        assert line, "writer died early"
+        promised.append(line.strip())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    promised += [line.strip() for line in proc.stdout.read().splitlines() if line.strip()]
+
+    spool = Spool(root)
+    present = {item.key for item in spool.items()}
+    assert set(promised) <= present  # every acknowledged put survived
+    assert len(present) - len(promised) <= 1  # at most the one in flight, and then complete
+    for item in spool.items():
+        assert idempotency_key(spool.read(item)) == item.key
+    assert not list((root / "pending").glob(f"{TMP_PREFIX}*"))

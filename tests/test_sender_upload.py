@@ -1,0 +1,228 @@
+"""Uploader, backoff and forwarder against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from aeic.sender.backoff import Backoff
+from aeic.sender.forward import Forwarder
+from aeic.sender.spool import Spool, idempotency_key
+from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, classify, endpoint_url
+from sender_support import ReceiverDouble, make_bitstream, self_signed_certificate
+
+TOKEN = "device-token"
+
+
+def _spool_with(tmp_path: Path, count: int) -> tuple[Spool, list[str]]:
+    spool = Spool(tmp_path / "spool")
+    keys = [spool.put(make_bitstream(i), source=f"img{i}.jpg").key for i in range(count)]
+    return spool, keys
+
+
+def test_endpoint_url() -> None:
+    assert endpoint_url("https://host:8000") == "https://host:8000/v1/images"
+    assert endpoint_url("http://host/base/") == "http://host/base/v1/images"
+    assert endpoint_url("http://host/v1/images") == "http://host/v1/images"
+    with pytest.raises(UploadConfigError):
+        endpoint_url("ftp://host")
+    with pytest.raises(UploadConfigError):
+        endpoint_url("host:8000")
+
+
+def test_missing_token_and_ca_bundle_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(UploadConfigError, match="AEIC_TOKEN"):
+        Uploader("http://127.0.0.1:1", "")
+    with pytest.raises(UploadConfigError, match="CA bundle"):
+        Uploader("https://127.0.0.1:1", TOKEN, ca_bundle=tmp_path / "missing.pem")
+
+
+def test_upload_speaks_the_contract_and_repeats_are_idempotent() -> None:
+    data = make_bitstream(7)
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
+        first = uploader.upload(data, idempotency_key(data))
+        again = uploader.upload(data, idempotency_key(data))
+    assert first.outcome is Outcome.ACCEPTED and first.status == 202 and first.receiver_id == "img-1"
+    assert again.outcome is Outcome.ACCEPTED and again.status == 200 and again.receiver_id == "img-1"
+    assert list(receiver.stored) == [idempotency_key(data)]
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, Outcome.ACCEPTED),
+        (202, Outcome.ACCEPTED),
+        (408, Outcome.RETRY),
+        (429, Outcome.RETRY),
+        (500, Outcome.RETRY),
+        (503, Outcome.RETRY),
+        (400, Outcome.REJECTED),
+        (413, Outcome.REJECTED),
+        (422, Outcome.REJECTED),
+        (401, Outcome.BLOCKED),
+        (403, Outcome.BLOCKED),
+        (404, Outcome.BLOCKED),
+        (307, Outcome.BLOCKED),
+    ],
+)
+def test_classification(status: int, outcome: Outcome) -> None:
+    response = httpx.Response(status, json={"detail": "why"}, headers={"Retry-After": "7"})
+    result = classify(response)
+    assert result.outcome is outcome
+    if outcome is Outcome.REJECTED:
+        assert result.detail == f"HTTP {status}: why"
+    if status in (429, 503):
+        assert result.retry_after == 7.0
+
+
+def test_backoff_grows_with_jitter_and_caps() -> None:
+    backoff = Backoff(base=1.0, factor=2.0, max_delay=10.0, jitter=0.5, rng=random.Random(3))
+    delays = [backoff.next_delay() for _ in range(8)]
+    ceilings = [1, 2, 4, 8, 10, 10, 10, 10]
+    for delay, ceiling in zip(delays, ceilings):
+        assert ceiling * 0.5 <= delay <= ceiling
+    assert len(set(delays[4:])) == 4  # jittered: devices do not retry in lockstep
+    assert backoff.next_delay(at_least=9.5) >= 9.5  # Retry-After is honoured
+    backoff.reset()
+    assert backoff.next_delay() <= 1.0
+
+
+def test_receiver_down_then_up_every_image_arrives_exactly_once(tmp_path: Path) -> None:
+    spool, keys = _spool_with(tmp_path, 12)
+    receiver = ReceiverDouble(TOKEN)  # not started: connection refused
+    sleeps: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            receiver.start()  # the link comes back after three backoff periods
+
+    backoff = Backoff(base=1.0, max_delay=60.0, rng=random.Random(0))
+    try:
+        with Uploader(receiver.url, TOKEN, timeout=5) as uploader:
+            report = Forwarder(spool, uploader, backoff=backoff, sleep=fake_sleep).flush(max_wait=3600)
+    finally:
+        receiver.stop()
+    assert report.accepted == 12 and report.stopped is None and len(spool) == 0
+    assert sorted(receiver.stored) == sorted(keys)
+    assert [r["status"] for r in receiver.requests] == [202] * 12  # each sent once after the outage
+    assert len(sleeps) == 3 and 0.5 <= sleeps[0] <= 1 and 1 <= sleeps[1] <= 2 and 2 <= sleeps[2] <= 4
+
+
+def test_lost_acknowledgement_is_retried_without_a_duplicate(tmp_path: Path) -> None:
+    spool, keys = _spool_with(tmp_path, 3)
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
+        receiver.inject = ["drop-after-store", 503]
+        report = Forwarder(spool, uploader, sleep=lambda s: None).flush(max_wait=60)
+    assert report.accepted == 3 and len(spool) == 0
+    assert sorted(receiver.stored) == sorted(keys)  # stored once each
+    statuses = [r["status"] for r in receiver.requests]
+    assert statuses.count(None) == 1 and 503 in statuses and statuses.count(200) == 1  # the re-send
+
+
+def test_restart_after_crash_delivers_remaining_items_exactly_once(tmp_path: Path) -> None:
+    spool, keys = _spool_with(tmp_path, 6)
+    with ReceiverDouble(TOKEN) as receiver:
+        # First run: delivers two, then the receiver stored the third but the ack was lost and
+        # the process "crashed" (we drop everything and reopen the spool from disk).
+        with Uploader(receiver.url, TOKEN) as uploader:
+            forwarder = Forwarder(spool, uploader)
+            for item in spool.items()[:2]:
+                assert forwarder._deliver(item).outcome is Outcome.ACCEPTED
+            receiver.inject = ["drop-after-store"]
+            assert forwarder._deliver(spool.items()[0]).outcome is Outcome.RETRY
+        restarted = Spool(tmp_path / "spool")
+        assert len(restarted) == 4
+        with Uploader(receiver.url, TOKEN) as uploader:
+            report = Forwarder(restarted, uploader, sleep=lambda s: None).flush(max_wait=60)
+    assert report.accepted == 4 and len(restarted) == 0
+    assert sorted(receiver.stored) == sorted(keys)
+
+
+def test_rejected_items_move_aside_and_others_still_go(tmp_path: Path) -> None:
+    spool, keys = _spool_with(tmp_path, 2)
+    bad = spool.put(b"not a bitstream at all", source="garbage.bin")
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
+        report = Forwarder(spool, uploader, sleep=lambda s: None).flush(max_wait=60)
+    assert report.accepted == 2 and report.rejected == 1 and len(spool) == 0
+    [rejected] = spool.rejected()
+    assert rejected.key == bad.key and "invalid bitstream" in rejected.extra["reason"]
+    assert rejected.extra["status"] == 422
+    assert sorted(receiver.stored) == sorted(keys)
+
+
+def test_wrong_token_blocks_without_rejecting_or_waiting(tmp_path: Path) -> None:
+    spool, keys = _spool_with(tmp_path, 3)
+    sleeps: list[float] = []
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, "wrong") as uploader:
+        report = Forwarder(spool, uploader, sleep=sleeps.append).flush(max_wait=60)
+    assert report.stopped is not None and report.stopped.outcome is Outcome.BLOCKED
+    assert "device token" in report.stopped.detail
+    assert len(spool) == 3 and spool.rejected() == [] and sleeps == [] and receiver.stored == {}
+    assert spool.items()[0].attempts == 1
+
+
+def test_flush_gives_up_at_deadline_keeping_items(tmp_path: Path) -> None:
+    spool, _ = _spool_with(tmp_path, 2)
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    receiver = ReceiverDouble(TOKEN)  # never started
+    with Uploader(receiver.url, TOKEN, timeout=5) as uploader:
+        forwarder = Forwarder(
+            spool, uploader, backoff=Backoff(rng=random.Random(1)), sleep=sleep, clock=lambda: now[0]
+        )
+        report = forwarder.flush(max_wait=20)
+    assert report.accepted == 0 and report.stopped is not None and report.stopped.outcome is Outcome.RETRY
+    assert "ConnectError" in report.stopped.detail
+    assert now[0] <= 20 and len(spool) == 2
+
+
+def test_daemon_loop_delivers_items_as_they_arrive(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    stop, wake = threading.Event(), threading.Event()
+    receiver = ReceiverDouble(TOKEN)
+    with Uploader(receiver.url, TOKEN, timeout=5) as uploader:
+        forwarder = Forwarder(spool, uploader, backoff=Backoff(base=0.02, max_delay=0.05), sleep=stop.wait)
+        thread = threading.Thread(target=forwarder.run, args=(stop, wake, 5.0))
+        thread.start()
+        try:
+            keys = [spool.put(make_bitstream(i)).key for i in range(3)]
+            wake.set()
+            time.sleep(0.2)  # receiver still down: the loop backs off, items stay queued
+            assert len(spool) == 3
+            receiver.start()
+            deadline = time.monotonic() + 10
+            while len(spool) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            keys.append(spool.put(make_bitstream(99)).key)
+            wake.set()
+            while len(spool) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            wake.set()
+            thread.join(timeout=10)
+            receiver.stop()
+    assert len(spool) == 0 and sorted(receiver.stored) == sorted(keys)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_is_verified_by_default_and_a_ca_bundle_makes_it_work(tmp_path: Path) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    data = make_bitstream(5)
+    with ReceiverDouble(TOKEN, tls=(cert, key)) as receiver:
+        with Uploader(receiver.url, TOKEN) as uploader:
+            refused = uploader.upload(data, idempotency_key(data))
+        with Uploader(receiver.url, TOKEN, ca_bundle=cert) as uploader:
+            accepted = uploader.upload(data, idempotency_key(data))
+    assert refused.outcome is Outcome.RETRY and "certificate verification failed" in refused.detail
+    assert "--ca-bundle" in refused.detail
+    assert accepted.outcome is Outcome.ACCEPTED and list(receiver.stored) == [idempotency_key(data)]
