@@ -19,6 +19,7 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 from aeic.shared.bitstream import BitstreamError, unpack
 
@@ -68,7 +69,7 @@ class ReceiverDouble:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> ReceiverDouble:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -157,7 +157,7 @@ def test_rejected_items_move_aside_and_others_still_go(tmp_path: Path) -> None:
 
 
 def test_wrong_token_blocks_without_rejecting_or_waiting(tmp_path: Path) -> None:
-    spool, keys = _spool_with(tmp_path, 3)
+    spool, _ = _spool_with(tmp_path, 3)
     sleeps: list[float] = []
     with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, "wrong") as uploader:
         report = Forwarder(spool, uploader, sleep=sleeps.append).flush(max_wait=60)
