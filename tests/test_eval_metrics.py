@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from aeic.evaluation import metrics
+from aeic.evaluation import learned, metrics
 from PIL import Image, ImageFilter
 
 
@@ -105,3 +106,21 @@ def test_bad_inputs_raise_value_error(ref: np.ndarray, rec: np.ndarray) -> None:
         metrics.psnr(ref, rec)
     with pytest.raises(ValueError):
         metrics.texture_retention(ref, rec)
+
+
+def test_learned_metrics_probe_never_downloads(tmp_path: Path) -> None:
+    status = learned.probe(checkpoint_dir=tmp_path)  # an empty cache: nothing can be available
+    assert set(status) == {"lpips", "dists", "fid", "kid"}
+    for entry in status.values():
+        assert not entry.available
+        assert entry.message.startswith("skipped: weights not available offline (missing: ")
+        assert str(tmp_path) in entry.message
+
+
+def test_fid_patches_follow_the_shifted_grid_protocol() -> None:
+    img = np.arange(512 * 768 * 3, dtype=np.uint32).reshape(512, 768, 3).astype(np.uint8)
+    ps = learned.patches(img)
+    assert len(ps) == 2 * 3 + 1 * 2  # the grid, then the grid shifted by 128 px
+    assert all(p.shape == (256, 256, 3) for p in ps)
+    assert np.array_equal(ps[6], img[128:384, 128:384])
+    assert learned.patches(img[:200, :200]) == []

@@ -1,0 +1,402 @@
+"""The evaluation loop: real bitstreams in, per-image rows and means out.
+
+For every image (sorted, so runs are deterministic) and every rate point, the codec writes a complete
+bitstream and decodes it; bpp is ``len(bitstream) * 8 / (W * H)`` with the container included. Classic
+baselines are then coded at the same bytes: AEIC's actual byte count for a rate-index point, the byte
+budget itself for a bpp-budget point (each method's best under the same budget).
+
+Rows go to ``OUT/results.csv`` as soon as they exist, so an interrupted run resumes where it stopped:
+rows already in the CSV are skipped. ``OUT/summary.json`` holds the configuration, the machine, every row
+and the means per (point, method), with unreachable and failed images counted, not dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from aeic.evaluation import baselines, learned, metrics
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+BASE_COLUMNS = [
+    "image", "width", "height", "point", "method", "status", "detail", "rate_index", "factor", "quality",
+    "budget_bytes", "bytes", "bpp", "encode_ms", "decode_ms",
+]  # fmt: skip
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """What the runner needs from a codec: a complete bitstream per rate index, and its decoder."""
+
+    def encode(self, rgb: np.ndarray, rate_index: int) -> bytes: ...
+
+    def decode(self, data: bytes) -> np.ndarray: ...
+
+
+class BudgetUnreachable(Exception):
+    """Raised by ``encode_to_budget`` when even the lowest rate is over the byte budget."""
+
+
+@dataclass(frozen=True)
+class RatePoint:
+    """A rate index of the model, or a byte budget given in bits per pixel."""
+
+    kind: str  # "rate" or "budget"
+    value: float
+
+    @property
+    def label(self) -> str:
+        return f"rate{int(self.value)}" if self.kind == "rate" else f"bpp{self.value:g}"
+
+    def budget_bytes(self, width: int, height: int) -> int | None:
+        """The whole-file byte budget for an image of this size (None for a rate index)."""
+        return None if self.kind == "rate" else math.floor(self.value * width * height / 8)
+
+
+def parse_points(rates: str | None, budgets_bpp: str | None) -> list[RatePoint]:
+    """``"0,1,2"`` rate indices and/or ``"0.01,0.02"`` bpp budgets -> rate points (at least one)."""
+    points: list[RatePoint] = []
+    for item in filter(None, (rates or "").split(",")):
+        index = int(item)
+        if index < 0:
+            raise ValueError(f"rate index must be >= 0, got {index}")
+        points.append(RatePoint("rate", index))
+    for item in filter(None, (budgets_bpp or "").split(",")):
+        bpp = float(item)
+        if not 0 < bpp < 24:
+            raise ValueError(f"bpp budget must be in (0, 24), got {bpp}")
+        points.append(RatePoint("budget", bpp))
+    if not points:
+        raise ValueError("give at least one rate index or bpp budget")
+    return points
+
+
+@dataclass
+class EvalConfig:
+    """Everything that decides the rows; stored in summary.json."""
+
+    images: Path
+    out: Path
+    points: list[RatePoint]
+    baselines: list[str] = field(default_factory=list)  # codec names; "best" is added when > 1
+    criterion: str = "psnr"  # how the baseline search ranks downscale factors
+    limit: int | None = None
+    metrics: list[str] | None = None  # None: every metric that can run here
+    save_recon: int = 1  # reconstructions of the first N images go to OUT/recon/<point>/<method>/
+
+
+def list_images(folder: Path, limit: int | None = None) -> list[Path]:
+    """PNG/JPEG files directly in ``folder``, sorted by name, at most ``limit``."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise FileNotFoundError(f"no PNG or JPEG images in {folder}")
+    return found[:limit] if limit is not None else found
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB, EXIF orientation applied, alpha dropped."""
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
+
+
+def metric_functions(names: list[str] | None) -> tuple[dict[str, Callable[..., float]], dict[str, str]]:
+    """Metric name -> function, and name -> reason for each requested metric that cannot run here."""
+    fns: dict[str, Callable[..., float]] = {
+        "psnr": metrics.psnr,
+        "ms_ssim": metrics.ms_ssim,
+        "texture": metrics.texture_retention,
+    }
+    skipped: dict[str, str] = {}
+    for name in metrics.PERCEPTUAL_METRICS:
+        try:
+            fns[name] = metrics.perceptual_metric_fn(name)
+        except ImportError as exc:
+            skipped[name] = f"skipped: piq not importable ({exc}); pip install --no-deps piq"
+    if names is not None:
+        unknown = set(names) - set(fns) - set(skipped) - set(learned.REQUIREMENTS)
+        if unknown:
+            raise ValueError(f"unknown metrics: {sorted(unknown)}")
+        fns = {n: f for n, f in fns.items() if n in names}
+        skipped = {n: r for n, r in skipped.items() if n in names}
+    return fns, skipped
+
+
+class ResultsFile:
+    """Append-only CSV of rows with a fixed header; knows which (image, point, method) rows exist."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path, self.columns = path, columns
+        self.rows: list[dict[str, str]] = []
+        if path.exists() and path.stat().st_size > 0:
+            with path.open(newline="") as fh:
+                reader = csv.DictReader(fh)
+                if reader.fieldnames != columns:
+                    raise ValueError(
+                        f"{path} was written with other columns {reader.fieldnames}; use a new --out folder"
+                    )
+                self.rows = list(reader)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as fh:
+                csv.DictWriter(fh, columns).writeheader()
+        self.done = {(r["image"], r["point"], r["method"]): r for r in self.rows}
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = [{c: _cell(row.get(c)) for c in self.columns} for row in rows]
+        with self.path.open("a", newline="") as fh:
+            csv.DictWriter(fh, self.columns).writerows(rows)
+        for row in rows:
+            self.rows.append(row)
+            self.done[(row["image"], row["point"], row["method"])] = row
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, (time.perf_counter() - start) * 1000.0
+
+
+class Evaluator:
+    """Runs one configuration against one codec; see the module docstring for what it measures."""
+
+    def __init__(self, codec: Codec, config: EvalConfig, codec_info: dict[str, Any] | None = None) -> None:
+        if not isinstance(codec, Codec):
+            raise TypeError("codec needs encode(rgb, rate_index) -> bytes and decode(bytes) -> rgb")
+        if any(p.kind == "budget" for p in config.points) and not hasattr(codec, "encode_to_budget"):
+            raise TypeError("bpp budgets need a codec with encode_to_budget(rgb, target_bytes)")
+        unknown = set(config.baselines) - set(baselines.CODECS)
+        if unknown:
+            raise ValueError(f"unknown baseline codecs: {sorted(unknown)}")
+        self.codec, self.config, self.codec_info = codec, config, codec_info or {}
+        self.metric_fns, self.skipped = metric_functions(config.metrics)
+        wanted = config.metrics if config.metrics is not None else list(learned.REQUIREMENTS)
+        self.learned = learned.LearnedMetrics()
+        for name, status in self.learned.status.items():
+            if name in wanted and not status.available:
+                self.skipped[name] = status.message
+        self.learned_names = [n for n in self.learned.per_image_names if n in wanted]
+        self.methods = ["aeic", *config.baselines] + (["best"] if len(config.baselines) > 1 else [])
+        self.columns = BASE_COLUMNS + list(self.metric_fns) + self.learned_names
+        self.results = ResultsFile(config.out / "results.csv", self.columns)
+
+    def _score(self, ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
+        out = {name: fn(ref, rec) for name, fn in self.metric_fns.items()}
+        if self.learned_names:
+            out.update(self.learned.per_image(ref, rec))
+        return out
+
+    def _encode(
+        self, rgb: np.ndarray, point: RatePoint, budget: int | None
+    ) -> tuple[bytes, int | None, float]:
+        if point.kind == "rate":
+            data, ms = _timed(lambda: self.codec.encode(rgb, int(point.value)))
+            return data, int(point.value), ms
+        (data, rate), ms = _timed(lambda: self.codec.encode_to_budget(rgb, budget))
+        return data, rate, ms
+
+    def _aeic_row(
+        self, base: dict[str, Any], rgb: np.ndarray, point: RatePoint
+    ) -> tuple[dict, np.ndarray | None]:
+        budget = point.budget_bytes(rgb.shape[1], rgb.shape[0])
+        row = dict(base, method="aeic", budget_bytes=budget)
+        try:
+            data, rate, enc_ms = self._encode(rgb, point, budget)
+        except BudgetUnreachable as exc:
+            return dict(row, status="unreachable", detail=str(exc)), None
+        rec, dec_ms = _timed(lambda: self.codec.decode(data))
+        rec = np.asarray(rec)
+        if rec.shape != rgb.shape or rec.dtype != np.uint8:
+            raise ValueError(f"decoder returned {rec.dtype} {rec.shape}, expected uint8 {rgb.shape}")
+        row.update(
+            status="ok", detail="", rate_index=rate, bytes=len(data), encode_ms=enc_ms, decode_ms=dec_ms
+        )
+        row["bpp"] = len(data) * 8 / (rgb.shape[0] * rgb.shape[1])
+        row.update(self._score(rgb, rec))
+        return row, rec
+
+    def _baseline_rows(
+        self, base: dict[str, Any], rgb: np.ndarray, budget: int
+    ) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
+        results = baselines.compress_all(rgb, budget, self.config.baselines, self.config.criterion)
+        for method, res in results.items():
+            row = dict(base, method=method, budget_bytes=budget)
+            if not res.reachable:
+                yield dict(row, status="unreachable", detail=f"{res.codec}: no factor/quality fits"), None
+                continue
+            row.update(status="ok", detail=res.codec, factor=res.factor, quality=res.quality)
+            row.update(bytes=res.num_bytes, bpp=res.num_bytes * 8 / (rgb.shape[0] * rgb.shape[1]))
+            row.update(self._score(rgb, res.reconstruction))
+            yield row, res.reconstruction
+
+    def _save(self, index: int, point: RatePoint, method: str, name: str, rec: np.ndarray | None) -> None:
+        if rec is not None and index < self.config.save_recon:
+            folder = self.config.out / "recon" / point.label / method
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rec).save(folder / f"{Path(name).stem}.png")
+
+    def _one(self, index: int, path: Path, rgb: np.ndarray, point: RatePoint) -> None:
+        """All missing rows of one (image, point): AEIC first, then the baselines at its bytes."""
+        done = self.results.done
+        base = {"image": path.name, "width": rgb.shape[1], "height": rgb.shape[0], "point": point.label}
+        key = (path.name, point.label)
+        aeic = done.get((*key, "aeic"))
+        if aeic is None:
+            row, rec = self._aeic_row(base, rgb, point)
+            self.results.append([row])
+            self._save(index, point, "aeic", path.name, rec)
+            if rec is not None:
+                self.learned.add_to_set(f"{point.label}/aeic", rgb, rec)
+            aeic = self.results.done[(*key, "aeic")]
+        missing = [m for m in self.methods[1:] if (*key, m) not in done]
+        if not missing:
+            return
+        budget = point.budget_bytes(rgb.shape[1], rgb.shape[0])
+        if budget is None:
+            if aeic["status"] != "ok":
+                return
+            budget = int(aeic["bytes"])
+        rows = []
+        for row, rec in self._baseline_rows(base, rgb, budget):
+            if row["method"] in missing:
+                rows.append(row)
+                self._save(index, point, row["method"], path.name, rec)
+                if rec is not None:
+                    self.learned.add_to_set(f"{point.label}/{row['method']}", rgb, rec)
+        self.results.append(rows)
+
+    def run(self, progress: bool = True) -> dict[str, Any]:
+        """Evaluate everything not yet in results.csv, then write summary.json and return it."""
+        paths = list_images(self.config.images, self.config.limit)
+        with tqdm(total=len(paths) * len(self.config.points), disable=not progress, unit="pt") as bar:
+            for index, path in enumerate(paths):
+                todo = [
+                    p for p in self.config.points
+                    if any((path.name, p.label, m) not in self.results.done for m in self.methods)
+                ]  # fmt: skip
+                if todo:
+                    bar.set_postfix_str(path.name)
+                    self._image(index, path, todo)
+                bar.update(len(self.config.points))
+        summary = self.summary([p.name for p in paths])
+        (self.config.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _image(self, index: int, path: Path, points: list[RatePoint]) -> None:
+        """Evaluate one image at ``points``; an unreadable file gets an error row per method instead."""
+        try:
+            rgb = load_rgb(path)
+        except (OSError, ValueError) as exc:
+            for point in points:
+                self.results.append(
+                    {"image": path.name, "point": point.label, "method": m, "status": "error",
+                     "detail": f"unreadable image: {exc}"}
+                    for m in self.methods if (path.name, point.label, m) not in self.results.done
+                )  # fmt: skip
+            return
+        for point in points:
+            self._one(index, path, rgb, point)
+
+    def summary(self, image_names: list[str]) -> dict[str, Any]:
+        """Configuration, machine, per-image rows (this image set only) and per-(point, method) means."""
+        names = set(image_names)
+        rows = [r for r in self.results.rows if r["image"] in names]
+        order = {p.label: i for i, p in enumerate(self.config.points)}
+        method_order = {m: i for i, m in enumerate(self.methods)}
+        rows.sort(key=lambda r: (r["image"], order.get(r["point"], 99), method_order.get(r["method"], 99)))
+        config = asdict(self.config)
+        config.update(images=str(self.config.images), out=str(self.config.out))
+        return {
+            "config": config,
+            "machine": machine_info(),
+            "codec": self.codec_info,
+            "metrics": list(self.metric_fns) + self.learned_names,
+            "skipped_metrics": self.skipped,
+            "set_metrics": self.learned.set_results(),  # FID/KID over rows evaluated in this run only
+            "means": means(rows, self.columns, self.config.points, self.methods),
+            "rows": [_typed(r) for r in rows],
+        }
+
+
+NUMERIC = {"width", "height", "rate_index", "factor", "quality", "budget_bytes", "bytes", "bpp", "encode_ms",
+           "decode_ms"}  # fmt: skip
+TEXT = {"image", "point", "method", "status", "detail"}
+
+
+def _typed(row: dict[str, str]) -> dict[str, Any]:
+    """CSV strings back to numbers (empty -> None) for JSON."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key in TEXT:
+            out[key] = value
+        elif value in ("", None):
+            out[key] = None
+        else:
+            number = float(value)
+            out[key] = (
+                int(number)
+                if number.is_integer()
+                and key in {"width", "height", "rate_index", "quality", "budget_bytes", "bytes"}
+                else number
+            )
+    return out
+
+
+def means(
+    rows: list[dict[str, str]], columns: list[str], points: list[RatePoint], methods: list[str]
+) -> list[dict[str, Any]]:
+    """Per (point, method): counts of ok/unreachable/error images and the mean of every numeric column."""
+    numeric = [c for c in columns if c not in TEXT and c not in {"width", "height", "rate_index", "quality"}]
+    out = []
+    for point in points:
+        for method in methods:
+            group = [r for r in rows if r["point"] == point.label and r["method"] == method]
+            if not group:
+                continue
+            ok = [r for r in group if r["status"] == "ok"]
+            entry: dict[str, Any] = {
+                "point": point.label, "method": method, "n_ok": len(ok),
+                "n_unreachable": sum(r["status"] == "unreachable" for r in group),
+                "n_error": sum(r["status"] == "error" for r in group),
+                "unreachable_images": [r["image"] for r in group if r["status"] == "unreachable"],
+            }  # fmt: skip
+            for col in numeric:
+                values = [float(r[col]) for r in ok if r.get(col) not in ("", None)]
+                entry[col] = float(np.mean(values)) if values else None
+            out.append(entry)
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    """What the timings were measured on."""
+    import os
+
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,203 @@
+"""The eval loop end to end: real bitstreams, rows, means, baselines at equal bytes, resume, determinism."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aeic.evaluation import runner
+from aeic.shared import bitstream
+from PIL import Image
+
+
+class WebPContainerCodec:
+    """Stand-in codec for the runner: WebP of a 1/4-scale image inside AEIC's real container v1.
+
+    Rate index i uses quality 10 + 30 * i, so higher rates are bigger, like the model's rate points.
+    """
+
+    model_id = b"TWBP"
+    rates = (0, 1, 2)
+
+    def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
+        h, w = rgb.shape[:2]
+        small = Image.fromarray(rgb).resize((max(1, w // 4), max(1, h // 4)), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        small.save(buf, "WEBP", quality=10 + 30 * rate_index, method=4)
+        header = bitstream.Header(self.model_id, w, h, rate_index)
+        return bitstream.pack(bitstream.Bitstream(header, buf.getvalue()))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        stream = bitstream.unpack(data)
+        with Image.open(io.BytesIO(stream.payload)) as im:
+            size = (stream.header.width, stream.header.height)
+            return np.asarray(im.convert("RGB").resize(size, Image.Resampling.LANCZOS))
+
+    def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]:
+        for rate in reversed(self.rates):
+            data = self.encode(rgb, rate)
+            if len(data) <= target_bytes:
+                return data, rate
+        raise runner.BudgetUnreachable(f"lowest rate needs {len(data)} bytes > {target_bytes}")
+
+
+def _write_images(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:64, 0:96]
+    for i in range(2):
+        base = np.stack([xx * 2.5, yy * 3.5, 128 + 80 * np.sin((xx + yy) / (4.0 + i))], axis=-1)
+        img = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    return _write_images(tmp_path / "images")
+
+
+def _config(images: Path, out: Path, **kw: object) -> runner.EvalConfig:
+    kw.setdefault("points", runner.parse_points("0,2", None))
+    kw.setdefault("metrics", ["psnr", "ms_ssim", "texture", "gmsd"])
+    return runner.EvalConfig(images=images, out=out, **kw)
+
+
+def test_rate_points_with_baselines_at_equal_bytes(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    codec = WebPContainerCodec()
+    metric_names = ["psnr", "ms_ssim", "texture", "gmsd", "lpips", "fid"]
+    config = _config(images, out, baselines=["jpeg", "webp"], metrics=metric_names)
+    summary = runner.Evaluator(codec, config).run(progress=False)
+    rows = summary["rows"]
+    assert len(rows) == 2 * 2 * 4  # images x points x (aeic, jpeg, webp, best)
+    for row in (r for r in rows if r["method"] == "aeic"):
+        rgb = runner.load_rgb(images / row["image"])
+        data = codec.encode(rgb, row["rate_index"])
+        assert row["bytes"] == len(data)  # the whole container, header and CRC included
+        assert row["bpp"] == pytest.approx(len(data) * 8 / (64 * 96))
+        assert row["encode_ms"] > 0 and row["decode_ms"] > 0
+        assert 0 < row["texture"] <= 1 and 0 < row["ms_ssim"] <= 1 and row["psnr"] > 10
+        for other in (r for r in rows if (r["image"], r["point"]) == (row["image"], row["point"])):
+            if other["method"] != "aeic":
+                assert other["budget_bytes"] == row["bytes"]
+                assert other["status"] == "unreachable" or other["bytes"] <= row["bytes"]
+    means = {(m["point"], m["method"]): m for m in summary["means"]}
+    assert set(means) == {(p, m) for p in ("rate0", "rate2") for m in ("aeic", "jpeg", "webp", "best")}
+    assert means[("rate2", "aeic")]["bpp"] > means[("rate0", "aeic")]["bpp"]
+    assert means[("rate0", "aeic")]["n_ok"] == 2
+    for entry in summary["means"]:
+        assert entry["n_ok"] + entry["n_unreachable"] == 2
+    assert summary["metrics"][:4] == ["psnr", "ms_ssim", "texture", "gmsd"]
+    for name in ("lpips", "fid"):  # computed when the weights are cached, else a clear skip
+        assert name in summary["metrics"] or summary["skipped_metrics"][name].startswith(
+            "skipped: weights not available offline"
+        )
+    assert json.loads((out / "summary.json").read_text()) == summary
+    with (out / "results.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == len(rows)
+    assert (out / "recon" / "rate0" / "aeic" / "img0.png").is_file()  # first image saved
+    assert not (out / "recon" / "rate0" / "aeic" / "img1.png").exists()
+
+
+def test_budget_points_count_unreachable_images(images: Path, tmp_path: Path) -> None:
+    # 0.002 bpp of 64x96 is 1 byte: nothing fits; 0.5 bpp is 384 bytes.
+    config = _config(
+        images, tmp_path / "out", points=runner.parse_points(None, "0.002,0.5"), baselines=["jpeg"]
+    )
+    summary = runner.Evaluator(WebPContainerCodec(), config).run(progress=False)
+    means = {(m["point"], m["method"]): m for m in summary["means"]}
+    low = means[("bpp0.002", "aeic")]
+    assert (
+        low["n_ok"] == 0
+        and low["n_unreachable"] == 2
+        and low["unreachable_images"] == ["img0.png", "img1.png"]
+    )
+    assert means[("bpp0.002", "jpeg")]["n_unreachable"] == 2
+    high = [r for r in summary["rows"] if r["point"] == "bpp0.5"]
+    for row in high:
+        assert row["budget_bytes"] == 384
+        if row["status"] == "ok":
+            assert row["bytes"] <= 384
+
+
+def test_resume_skips_existing_rows_and_is_deterministic(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    config = _config(images, out, baselines=["jpeg"], limit=1)
+    first = runner.Evaluator(WebPContainerCodec(), config).run(progress=False)
+    assert {r["image"] for r in first["rows"]} == {"img0.png"}
+
+    class Counting(WebPContainerCodec):
+        calls = 0
+
+        def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
+            Counting.calls += 1
+            return super().encode(rgb, rate_index)
+
+    config.limit = None
+    second = runner.Evaluator(Counting(), config).run(progress=False)
+    assert Counting.calls == 2  # only img1 at two rate points
+    assert len(second["rows"]) == 2 * 2 * 2
+    again = runner.Evaluator(Counting(), config).run(progress=False)
+    assert Counting.calls == 2  # nothing left to do
+
+    fresh = runner.Evaluator(
+        WebPContainerCodec(), _config(images, tmp_path / "fresh", baselines=["jpeg"])
+    ).run(progress=False)
+    timing = {"encode_ms", "decode_ms"}
+
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    assert strip(fresh["rows"]) == strip(again["rows"])
+
+
+def test_unreadable_image_is_reported(images: Path, tmp_path: Path) -> None:
+    (images / "broken.png").write_bytes(b"not a png")
+    summary = runner.Evaluator(WebPContainerCodec(), _config(images, tmp_path / "out")).run(progress=False)
+    broken = [r for r in summary["rows"] if r["image"] == "broken.png"]
+    assert len(broken) == 2 and all(r["status"] == "error" for r in broken)
+    assert "unreadable image" in broken[0]["detail"]
+    means = {(m["point"], m["method"]): m for m in summary["means"]}
+    assert means[("rate0", "aeic")]["n_error"] == 1 and means[("rate0", "aeic")]["n_ok"] == 2
+
+
+def test_changed_columns_refuse_to_mix(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    runner.Evaluator(WebPContainerCodec(), _config(images, out, limit=1)).run(progress=False)
+    with pytest.raises(ValueError, match="other columns"):
+        runner.Evaluator(WebPContainerCodec(), _config(images, out, metrics=["psnr"]))
+
+
+@pytest.mark.parametrize(
+    ("rates", "budgets"), [(None, None), ("-1", None), (None, "0"), ("x", None), (None, "30")]
+)
+def test_bad_points_are_rejected(rates: str | None, budgets: str | None) -> None:
+    with pytest.raises(ValueError):
+        runner.parse_points(rates, budgets)
+
+
+def test_point_labels_and_budgets() -> None:
+    rate, budget = runner.parse_points("1", "0.02")
+    assert (rate.label, budget.label) == ("rate1", "bpp0.02")
+    assert rate.budget_bytes(768, 512) is None
+    assert budget.budget_bytes(768, 512) == 983  # floor(0.02 * 768 * 512 / 8)
+
+
+def test_budget_points_need_encode_to_budget(images: Path, tmp_path: Path) -> None:
+    class RateOnly:
+        def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
+            return b""
+
+        def decode(self, data: bytes) -> np.ndarray:
+            return np.zeros((1, 1, 3), np.uint8)
+
+    config = _config(images, tmp_path / "out", points=runner.parse_points(None, "0.01"))
+    with pytest.raises(TypeError, match="encode_to_budget"):
+        runner.Evaluator(RateOnly(), config)
+    with pytest.raises(TypeError):
+        runner.Evaluator(object(), config)
