@@ -27,9 +27,10 @@ class ConfigError(ValueError):
     """The settings are invalid; the message says which key and why."""
 
 
-def default_spool_dir() -> Path:
+def default_spool_dir(environ: Mapping[str, str] | None = None) -> Path:
     """``$XDG_STATE_HOME/aeic/spool`` (``~/.local/state/aeic/spool``) for an interactive user."""
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    environ = os.environ if environ is None else environ
+    state = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "aeic" / "spool"
 
 
@@ -129,6 +130,7 @@ def load_config(
             if key in layer:
                 merged.pop(other, None)
         merged.update(layer)
+    merged.setdefault("spool_dir", default_spool_dir(environ))
     try:
         return SenderConfig(**merged)
     except ValidationError as exc:

@@ -1,0 +1,96 @@
+"""aeic.sender.camera: frames on a schedule, RGB conversion, reconnect after failures."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from aeic.sender.backoff import Backoff
+from aeic.sender.camera import Camera, parse_source, to_rgb
+
+
+def test_parse_source() -> None:
+    assert parse_source("0") == 0 and parse_source(" 2 ") == 2
+    assert parse_source("/dev/video2") == "/dev/video2"
+    assert parse_source("rtsp://cam/stream") == "rtsp://cam/stream"
+    with pytest.raises(ValueError):
+        parse_source("  ")
+
+
+def test_to_rgb_handles_bgr_grey_bgra_and_16_bit() -> None:
+    bgr = np.zeros((2, 2, 3), np.uint8)
+    bgr[..., 0] = 255  # blue in OpenCV order
+    assert to_rgb(bgr)[0, 0].tolist() == [0, 0, 255]
+    assert to_rgb(np.full((2, 2), 7, np.uint8)).shape == (2, 2, 3)
+    assert to_rgb(np.zeros((2, 2, 4), np.uint8)).shape == (2, 2, 3)
+    assert to_rgb(np.full((1, 1, 3), 65535, np.uint16))[0, 0].tolist() == [255, 255, 255]
+
+
+class FlakyCapture:
+    """Opens according to a script; each capture yields ``frames`` frames, then fails."""
+
+    def __init__(self, opened: bool, frames: int, log: list[str]) -> None:
+        self.opened, self.left, self.log = opened, frames, log
+
+    def isOpened(self) -> bool:
+        return self.opened
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        if self.left == 0:
+            self.log.append("read-fail")
+            return False, None
+        self.left -= 1
+        self.log.append("frame")
+        return True, np.zeros((4, 6, 3), np.uint8)
+
+    def release(self) -> None:
+        self.log.append("release")
+
+    def set(self, prop: int, value: float) -> bool:
+        return True
+
+
+def test_camera_reconnects_after_open_and_read_failures() -> None:
+    log: list[str] = []
+    script = [(False, 0), (True, 2), (True, 3)]  # cannot open, then 2 frames and a drop, then 3 frames
+
+    def opener(source: int | str) -> FlakyCapture:
+        opened, frames = script.pop(0)
+        log.append(f"open {source}")
+        return FlakyCapture(opened, frames, log)
+
+    messages: list[str] = []
+    camera = Camera(0, opener=opener, backoff=Backoff(base=0.001, max_delay=0.002), log=messages.append)
+    frames = list(camera.frames(interval=0.0, stop=threading.Event(), count=4))
+    assert len(frames) == 4 and all(f.shape == (4, 6, 3) for f in frames)
+    assert log.count("open 0") == 3 and "read-fail" in log
+    assert messages == ["camera 0: cannot open", "camera 0: read failed, reconnecting"]
+    assert log[-1] == "release"  # the capture is released when the generator finishes
+
+
+def test_stop_event_ends_the_stream() -> None:
+    stop = threading.Event()
+    camera = Camera(0, opener=lambda s: FlakyCapture(True, 100, []), log=lambda m: None)
+    frames = camera.frames(interval=0.0, stop=stop)
+    next(frames)
+    stop.set()
+    assert list(frames) == []
+
+
+def test_real_opencv_capture_from_a_video_file(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (32, 24))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG/AVI")
+    for value in (30, 200):
+        writer.write(np.full((24, 32, 3), value, np.uint8))
+    writer.release()
+    messages: list[str] = []
+    camera = Camera(str(path), backoff=Backoff(base=0.001, max_delay=0.002), log=messages.append)
+    frames = list(camera.frames(interval=0.0, stop=threading.Event(), count=3))
+    assert [f.shape for f in frames] == [(24, 32, 3)] * 3
+    assert abs(int(frames[0].mean()) - 30) < 10 and abs(int(frames[1].mean()) - 200) < 10
+    assert "read failed, reconnecting" in messages[0]  # end of file: reopened like a dropped stream

@@ -1,0 +1,78 @@
+"""aeic.sender.config: defaults < config file (TOML/JSON) < AEIC_* env vars < flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aeic.sender.config import ConfigError, load_config
+
+TOML = """
+receiver_url = "https://receiver.example:8000"
+token = "from-file"
+spool_dir = "/var/lib/aeic-sender/spool"
+spool_max_items = 500
+rate = 2
+watch_poll = 5.0
+camera_source = "rtsp://cam.local/stream"
+"""
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = load_config({}, None, {"XDG_STATE_HOME": str(tmp_path)})
+    assert config.receiver_url is None and config.token is None and config.rate is None
+    assert config.spool_dir == tmp_path / "aeic" / "spool"
+    assert config.spool_max_items == 100_000 and config.timeout == 30.0
+
+
+def test_toml_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "sender.toml"
+    path.write_text(TOML)
+    config = load_config({}, path, {})
+    assert config.receiver_url == "https://receiver.example:8000" and config.token_value() == "from-file"
+    assert config.spool_dir == Path("/var/lib/aeic-sender/spool") and config.spool_max_items == 500
+    assert config.rate == 2 and config.camera_source == "rtsp://cam.local/stream"
+
+    env = {"AEIC_TOKEN": "from-env", "AEIC_SPOOL_MAX_ITEMS": "700", "AEIC_CONFIG": str(path)}
+    config = load_config({}, None, env)  # the file comes from AEIC_CONFIG
+    assert config.token_value() == "from-env" and config.spool_max_items == 700 and config.rate == 2
+
+    config = load_config({"token": "from-flag", "target_bytes": 1500}, None, env)
+    assert config.token_value() == "from-flag"
+    assert config.target_bytes == 1500 and config.rate is None  # the flag's rate control wins
+
+
+def test_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "sender.json"
+    path.write_text('{"receiver_url": "http://10.0.0.2:8000", "target_bytes": 1500, "threads": 2}')
+    config = load_config({}, path, {})
+    assert config.target_bytes == 1500 and config.threads == 2
+
+
+def test_token_is_not_printed(tmp_path: Path) -> None:
+    config = load_config({"token": "s3cret"}, None, {})
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('receiver_urll = "x"', "receiver_urll"),  # a typo is an error, not silently ignored
+        ("rate = 1\ntarget_bytes = 10", "either rate or target_bytes"),
+        ("threads = 0", "threads"),
+        ("spool_max_bytes = -1", "spool_max_bytes"),
+        ("rate = [", "not valid"),
+    ],
+)
+def test_invalid_files_give_one_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config({}, path, {})
+
+
+def test_invalid_env_value_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="timeout"):
+        load_config({}, None, {"AEIC_TIMEOUT": "soon"})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config({}, tmp_path / "absent.toml", {})

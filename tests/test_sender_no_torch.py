@@ -1,0 +1,73 @@
+"""The sender never needs torch: it imports with torch blocked, and no module names torch.
+
+The edge device has numpy, onnxruntime, opencv-python-headless, constriction, httpx, pydantic
+and Pillow only; any other third-party import (even a lazy one inside a function) would break
+it there, so this is checked statically as well as by importing.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SENDER_DIR = Path(__file__).resolve().parent.parent / "sender"
+ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "cv2", "constriction", "httpx", "pydantic", "PIL"}
+ALLOWED_AEIC = ("aeic.sender", "aeic.shared")
+
+BLOCKED_IMPORT = textwrap.dedent(
+    """
+    import importlib, pkgutil, sys
+
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"torch is blocked in this test (import of {name})")
+            return None
+
+    sys.meta_path.insert(0, BlockTorch())
+    import aeic.sender
+    names = sorted(m.name for m in pkgutil.iter_modules(aeic.sender.__path__, "aeic.sender."))
+    for name in names:
+        importlib.import_module(name)
+    assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+    from aeic.sender.cli import build_parser
+    build_parser().parse_args(["encode", "x.png", "-o", "out"])
+    print("imported", len(names))
+    """
+)
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_every_sender_module_imports_with_torch_blocked() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKED_IMPORT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    count = int(result.stdout.split()[-1])
+    assert count >= len(list(SENDER_DIR.glob("*.py"))) - 1  # every module but __init__
+
+
+def test_sender_sources_import_only_the_edge_dependencies() -> None:
+    offenders = []
+    for path in sorted(SENDER_DIR.glob("*.py")):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top == "aeic":
+                ok = name == "aeic" or name.startswith(ALLOWED_AEIC)
+            else:
+                ok = top in sys.stdlib_module_names or top in ALLOWED_THIRD_PARTY
+            if not ok:
+                offenders.append(f"{path.name}: {name}")
+    assert offenders == []

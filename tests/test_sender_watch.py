@@ -1,0 +1,116 @@
+"""aeic.sender.watch: a file is handled once, only after it stopped changing, across restarts."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from aeic.sender.watch import Candidate, FolderWatcher, Handled, is_candidate_name, run_watch
+
+
+def _names(candidates: list[Candidate]) -> list[str]:
+    return [c.name for c in candidates]
+
+
+def test_candidate_names() -> None:
+    assert is_candidate_name("a.JPG") and is_candidate_name("b.png") and is_candidate_name("c.webp")
+    for name in (".hidden.jpg", "~lock.png", "a.jpg.part", "b.png.tmp", "c.crdownload", "notes.txt", "x"):
+        assert not is_candidate_name(name)
+
+
+def test_file_is_ready_only_after_two_stable_scans(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    watcher = FolderWatcher(folder, tmp_path / "state.json")
+    image = folder / "a.jpg"
+    image.write_bytes(b"x" * 100)  # copy in progress
+    assert watcher.scan() == []
+    with image.open("ab") as handle:
+        handle.write(b"y" * 100)  # still growing
+    assert watcher.scan() == []
+    ready = watcher.scan()  # unchanged since the last scan
+    assert _names(ready) == ["a.jpg"] and ready[0].fingerprint[0] == 200
+    watcher.record(ready[0], Handled.SENT, "key")
+    assert watcher.scan() == []
+
+
+def test_ignored_names_and_empty_files(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in (".a.jpg", "b.jpg.part", "c.txt"):
+        (folder / name).write_bytes(b"data")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "d.jpg").write_bytes(b"data")
+    watcher = FolderWatcher(folder, tmp_path / "state.json")
+    watcher.scan()
+    assert watcher.scan() == []
+    recursive = FolderWatcher(folder, tmp_path / "state2.json", recursive=True)
+    recursive.scan()
+    assert _names(recursive.scan()) == ["sub/d.jpg"]
+
+
+def test_sent_files_are_remembered_across_restarts(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    state = tmp_path / "state.json"
+    (folder / "old.jpg").write_bytes(b"old")
+    watcher = FolderWatcher(folder, state)
+    watcher.scan()
+    [old] = watcher.scan()
+    watcher.record(old, Handled.SENT, "k1")
+
+    (folder / "new.jpg").write_bytes(b"arrived while the agent was down")
+    restarted = FolderWatcher(folder, state)
+    restarted.scan()
+    assert _names(restarted.scan()) == ["new.jpg"]  # old.jpg is not sent again
+
+
+def test_failed_file_is_retried_only_when_it_changes(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = folder / "bad.png"
+    image.write_bytes(b"garbage")
+    watcher = FolderWatcher(folder, tmp_path / "state.json")
+    watcher.scan()
+    [bad] = watcher.scan()
+    watcher.record(bad, Handled.FAILED, "not an image")
+    assert watcher.scan() == [] and watcher.scan() == []
+    image.write_bytes(b"garbage, now fixed and longer")
+    watcher.scan()
+    assert _names(watcher.scan()) == ["bad.png"]
+
+
+def test_later_is_retried_and_deleted_files_are_forgotten(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    state = tmp_path / "state.json"
+    (folder / "a.jpg").write_bytes(b"a")
+    watcher = FolderWatcher(folder, state)
+    watcher.scan()
+    [a] = watcher.scan()
+    watcher.record(a, Handled.LATER)  # e.g. spool full: try again next scan
+    [again] = watcher.scan()
+    watcher.record(again, Handled.SENT)
+    assert "a.jpg" in state.read_text()
+    (folder / "a.jpg").unlink()
+    watcher.scan()
+    assert "a.jpg" not in state.read_text()
+
+
+def test_run_watch_handles_each_file_once(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("1.jpg", "2.png"):
+        (folder / name).write_bytes(name.encode())
+    stop = threading.Event()
+    handled: list[str] = []
+
+    def handle(candidate: Candidate) -> tuple[Handled, str]:
+        handled.append(candidate.name)
+        if len(handled) == 2:
+            threading.Timer(0.1, stop.set).start()
+        return Handled.SENT, ""
+
+    run_watch(FolderWatcher(folder, tmp_path / "state.json"), handle, stop, poll_interval=0.01)
+    assert handled == ["1.jpg", "2.png"]
