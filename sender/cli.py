@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 from aeic.sender.backoff import Backoff
@@ -359,7 +359,7 @@ class _Daemon:
             target=self.forwarder.run, args=(self.stop, self.wake), name="aeic-forwarder", daemon=True
         )
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> _Daemon:  # noqa: PYI034 (typing.Self needs Python 3.11; Jetsons run 3.10)
         _install_stop_handlers(self.stop)
         self.thread.start()
         return self

@@ -15,8 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from aeic.sender.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS
+
+try:  # Python 3.11+; on 3.10 (JetPack 6) config files must be JSON
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
+    tomllib = None  # type: ignore[assignment]
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 ENV_PREFIX = "AEIC_"
@@ -88,12 +92,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    is_json = path.suffix.lower() == ".json"
+    if not is_json and tomllib is None:
+        raise ConfigError(f"config file {path}: TOML needs Python 3.11+; use a .json config file here")
+    toml_error = tomllib.TOMLDecodeError if tomllib is not None else ValueError
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(raw.decode("utf-8"))
-        else:
-            data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = json.loads(raw.decode("utf-8")) if is_json else tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, toml_error) as exc:
         raise ConfigError(f"config file {path} is not valid: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table/object of settings")

@@ -24,7 +24,6 @@ import enum
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -108,7 +107,7 @@ class Uploader:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Uploader:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -152,6 +151,10 @@ def _reason(response: httpx.Response) -> str:
     except ValueError:
         body = None
     if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):  # the receiver's {"error": {code, message}}
+            code = f"{error['code']}: " if error.get("code") else ""
+            return _one_line(f"{code}{error['message']}")
         for field in ("detail", "error", "message"):
             if body.get(field):
                 return _one_line(str(body[field]))
