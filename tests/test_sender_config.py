@@ -76,3 +76,19 @@ def test_invalid_env_value_and_missing_file(tmp_path: Path) -> None:
         load_config({}, None, {"AEIC_TIMEOUT": "soon"})
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config({}, tmp_path / "absent.toml", {})
+
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "sender"
+
+
+def test_shipped_example_config_is_valid() -> None:
+    config = load_config({}, DEPLOY / "sender.toml", {})
+    assert config.receiver_url and config.spool_dir == Path("/var/lib/aeic-sender/spool")
+
+
+def test_readme_documents_every_key() -> None:
+    from aeic.sender.config import SenderConfig
+
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    missing = [key for key in SenderConfig.model_fields if f"| `{key}` |" not in readme]
+    assert missing == []
