@@ -40,6 +40,7 @@ class ReceiverSettings(BaseSettings):
     max_dimension: int = Field(8192, ge=1, le=16384, description="Largest accepted width or height.")
     batch_size: int = Field(4, ge=1, le=256, description="Most compatible jobs decoded in one call.")
     max_attempts: int = Field(3, ge=1, le=100, description="Decode tries before an image is marked failed.")
+    retry_delay_s: float = Field(2.0, ge=0, description="Delay before the first retry; doubles each attempt.")
     rate_limit_per_minute: float = Field(600.0, gt=0, description="Sustained uploads per device per minute.")
     rate_limit_burst: int = Field(60, ge=1, description="Uploads a device may send back to back.")
     admin_token: SecretStr | None = Field(None, description="Bearer token that sees every device's images.")

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 _IMG = schema.images
+_HALF_US = 0.5e-6
 _RECORD_COLUMNS = [c for c in _IMG.c if c.name not in ("claim_token", "claimed_at", "retry_at")]
 
 
@@ -131,6 +132,11 @@ def decode_cursor(cursor: str) -> int:
     return seq
 
 
+def _now() -> float:
+    """Wall-clock seconds rounded to whole microseconds (what ISO 8601 timestamps can express)."""
+    return round(time.time(), 6)
+
+
 def _record(row: sa.Row[Any]) -> ImageRecord:
     values = dict(row._mapping)
     values["status"] = Status(values["status"])
@@ -180,7 +186,7 @@ class SqlMetadataStore:
     def insert_image(self, image: NewImage) -> tuple[ImageRecord, bool]:
         """Store a new pending image; returns (record, created). A repeated (device, key) returns the
         existing record with created=False, or raises `IdempotencyConflictError` if the content differs."""
-        now = time.time()
+        now = _now()
         values = {
             "id": image.id, "device": image.device, "idempotency_key": image.idempotency_key,
             "model_id": image.model_id, "width": image.width, "height": image.height,
@@ -216,10 +222,12 @@ class SqlMetadataStore:
             query = query.where(_IMG.c.seq < decode_cursor(cursor))
         if flt.device is not None:
             query = query.where(_IMG.c.device == flt.device)
+        # Stored times are whole microseconds; half a microsecond of slack makes a bound that went through
+        # an ISO 8601 string (microsecond precision) compare exactly.
         if flt.since is not None:
-            query = query.where(_IMG.c.created_at >= flt.since)
+            query = query.where(_IMG.c.created_at >= flt.since - _HALF_US)
         if flt.until is not None:
-            query = query.where(_IMG.c.created_at < flt.until)
+            query = query.where(_IMG.c.created_at < flt.until - _HALF_US)
         if flt.status is not None:
             query = query.where(_IMG.c.status == flt.status.value)
         with self.engine.connect() as conn:
@@ -242,7 +250,7 @@ class SqlMetadataStore:
     def claim_batch(self, batch_size: int, now: float | None = None) -> Claim | None:
         """Atomically move up to `batch_size` due pending jobs of the oldest job's (model, size) group to
         `decoding` and count the attempt; None when nothing is due."""
-        now = time.time() if now is None else now
+        now = _now() if now is None else now
         due = sa.and_(
             _IMG.c.status == Status.PENDING.value,
             sa.or_(_IMG.c.retry_at.is_(None), _IMG.c.retry_at <= now),
@@ -283,7 +291,7 @@ class SqlMetadataStore:
 
     def complete(self, image_id: str, token: str, timings: DecodeTimings) -> bool:
         """Mark a claimed job done with its timings; False if the claim was lost (deleted or requeued)."""
-        now = time.time()
+        now = _now()
         with self.engine.begin() as conn:
             result = conn.execute(
                 _IMG.update().where(self._owned(image_id, token)).values(
@@ -296,7 +304,7 @@ class SqlMetadataStore:
 
     def fail_attempt(self, image_id: str, token: str, reason: str, max_attempts: int, retry_at: float) -> bool:
         """Record a failed attempt: back to pending (due at `retry_at`) or, after `max_attempts`, failed."""
-        now = time.time()
+        now = _now()
         exhausted = _IMG.c.attempts >= max_attempts
         with self.engine.begin() as conn:
             result = conn.execute(
@@ -311,7 +319,7 @@ class SqlMetadataStore:
     def requeue_abandoned(self, max_attempts: int, claimed_before: float | None = None) -> int:
         """Jobs left in `decoding` by a dead worker go back to pending, or to failed once their attempts
         are used up (an image that crashes the worker must not crash it forever). Returns how many."""
-        now = time.time()
+        now = _now()
         stuck = _IMG.c.status == Status.DECODING.value
         if claimed_before is not None:
             stuck = sa.and_(stuck, _IMG.c.claimed_at < claimed_before)
@@ -355,7 +363,7 @@ class SqlMetadataStore:
         """Register the hash of a new device token."""
         with self.engine.begin() as conn:
             conn.execute(schema.device_tokens.insert().values(
-                device=device, token_hash=token_hash, created_at=time.time()))
+                device=device, token_hash=token_hash, created_at=_now()))
 
     def device_for_token(self, token_hash: str) -> str | None:
         """The device a (non-revoked) token hash belongs to."""
@@ -371,6 +379,6 @@ class SqlMetadataStore:
         with self.engine.begin() as conn:
             result = conn.execute(
                 table.update().where(table.c.device == device, table.c.revoked_at.is_(None))
-                .values(revoked_at=time.time())
+                .values(revoked_at=_now())
             )
         return int(result.rowcount)

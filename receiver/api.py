@@ -1,0 +1,514 @@
+"""The receiver's HTTP API (FastAPI app factory): uploads, status, reconstructions, listing, deletion,
+health and metrics, plus the gallery.
+
+Why validate everything before storing: a 202 is a promise that the image will be decoded, so only
+bitstreams this receiver can actually decode (size, header, CRC, model, dimensions) are accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from aeic import __version__
+from aeic.receiver.auth import Authenticator, Principal, RateLimiter
+from aeic.receiver.errors import ApiError, install_error_handlers
+from aeic.receiver.images import FORMATS, transcode
+from aeic.receiver.metrics import ReceiverMetrics
+from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.settings import ReceiverSettings
+from aeic.receiver.storage import (
+    BlobNotFoundError,
+    BlobStore,
+    FilesystemBlobStore,
+    IdempotencyConflictError,
+    ImageFilter,
+    ImageRecord,
+    InvalidCursorError,
+    NewImage,
+    SqlMetadataStore,
+    Status,
+)
+from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumbnail_key
+from aeic.receiver.worker import DecodeWorker, WorkerConfig
+from aeic.shared import bitstream as bs
+
+__all__ = ["AUTH_COOKIE", "ReceiverState", "create_app", "image_json"]
+
+log = logging.getLogger(__name__)
+
+AUTH_COOKIE = "aeic_token"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+# Bitstream error class -> (HTTP status, error code)
+_BITSTREAM_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (bs.TruncatedError, 400, "truncated_bitstream"),
+    (bs.BadMagicError, 400, "bad_magic"),
+    (bs.UnsupportedVersionError, 422, "unsupported_version"),
+    (bs.CrcMismatchError, 400, "crc_mismatch"),
+    (bs.InvalidHeaderError, 422, "invalid_header"),
+    (bs.BitstreamError, 400, "invalid_bitstream"),
+]
+
+
+@dataclass
+class ReceiverState:
+    """Everything a request handler needs, built once per app."""
+
+    settings: ReceiverSettings
+    store: SqlMetadataStore
+    blobs: BlobStore
+    registry: CodecRegistry
+    auth: Authenticator
+    limiter: RateLimiter
+    metrics: ReceiverMetrics
+    worker: DecodeWorker | None
+
+
+def _state(request: Request) -> ReceiverState:
+    state: ReceiverState = request.app.state.receiver
+    return state
+
+
+# -- authentication ------------------------------------------------------------------------------
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    # Browsers (the gallery) authenticate by cookie, accepted for reads only so it cannot be used for CSRF.
+    if request.method in ("GET", "HEAD"):
+        return request.cookies.get(AUTH_COOKIE)
+    return None
+
+
+def optional_principal(request: Request) -> Principal | None:
+    """The caller, or None when anonymous."""
+    return _state(request).auth.authenticate(_bearer(request))
+
+
+def principal(request: Request) -> Principal:
+    """The caller; 401 when the token is missing or invalid."""
+    who = optional_principal(request)
+    if who is None:
+        raise ApiError(401, "unauthorized", "a valid bearer token is required",
+                       headers={"WWW-Authenticate": 'Bearer realm="aeic"'})
+    return who
+
+
+Caller = Annotated[Principal, Depends(principal)]
+
+
+# -- JSON shapes ---------------------------------------------------------------------------------
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def image_json(record: ImageRecord) -> dict[str, Any]:
+    """The public description of an image."""
+    base = f"/v1/images/{record.id}"
+    return {
+        "id": record.id,
+        "status": record.status.value,
+        "device": record.device,
+        "model_id": record.model_id,
+        "width": record.width,
+        "height": record.height,
+        "rate_index": record.rate_index,
+        "bytes": record.bytes,
+        "bpp": record.bpp,
+        "attempts": record.attempts,
+        "error": record.error,
+        "timings": {
+            "entropy_ms": record.entropy_ms,
+            "decoder_ms": record.decoder_ms,
+            "decode_ms": record.decode_ms,
+            "batch_size": record.batch_size,
+        },
+        "created_at": _iso(record.created_at),
+        "updated_at": _iso(record.updated_at),
+        "decoded_at": _iso(record.decoded_at),
+        "links": {"self": base, "reconstruction": f"{base}/reconstruction", "thumbnail": f"{base}/thumbnail"},
+    }
+
+
+def _visible(state: ReceiverState, who: Principal, image_id: str) -> ImageRecord:
+    """The record if it exists and the caller may see it; 404 otherwise (no existence leak)."""
+    record = state.store.get_image(image_id) if _IMAGE_ID.match(image_id) else None
+    if record is None or not who.can_see(record):
+        raise ApiError(404, "not_found", f"no image {image_id}")
+    return record
+
+
+# -- upload --------------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed `limit` (before reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "payload_too_large", f"bitstream of {declared} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"bitstream exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_header(state: ReceiverState, data: bytes) -> bs.Header:
+    """Full container validation plus this receiver's own limits."""
+    if not data:
+        raise ApiError(400, "empty_body", "the request body is empty; send the bitstream")
+    try:
+        header = bs.peek_header(data)
+    except bs.BitstreamError as exc:
+        status, code = next((s, c) for cls, s, c in _BITSTREAM_ERRORS if isinstance(exc, cls))
+        raise ApiError(status, code, str(exc)) from None
+    if not state.registry.knows(header.model_id):
+        known = ", ".join(sorted(m.hex() for m in state.registry.model_ids())) or "none"
+        raise ApiError(422, "unknown_model", f"model id {header.model_id.hex()} is not served here (known: {known})")
+    limit = state.settings.max_dimension
+    if header.width > limit or header.height > limit:
+        raise ApiError(422, "dimensions_too_large",
+                       f"{header.width}x{header.height} exceeds the {limit}-pixel limit per side")
+    return header
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 visible ASCII characters")
+    return key
+
+
+def _accepted(record: ImageRecord, replayed: bool) -> JSONResponse:
+    body = {"id": record.id, "status": record.status.value, "links": image_json(record)["links"]}
+    headers = {"Location": f"/v1/images/{record.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body, status_code=202, headers=headers)
+
+
+def _store_upload(state: ReceiverState, image: NewImage, data: bytes) -> tuple[ImageRecord, bool]:
+    """Blob first, then the row: a row never points at a missing bitstream."""
+    if image.idempotency_key is not None:
+        existing = state.store.find_by_idempotency_key(image.device, image.idempotency_key)
+        if existing is not None:
+            if existing.sha256 != image.sha256:
+                raise IdempotencyConflictError(existing)
+            return existing, False
+    state.blobs.put(bitstream_key(image.id), data)
+    try:
+        record, created = state.store.insert_image(image)
+    except BaseException:
+        state.blobs.delete(bitstream_key(image.id))
+        raise
+    if not created:  # lost a race with a concurrent retry of the same key
+        state.blobs.delete(bitstream_key(image.id))
+    return record, created
+
+
+async def upload_image(request: Request, who: Caller) -> JSONResponse:
+    """Accept one bitstream: 202 with its id once it is durably stored."""
+    state = _state(request)
+    if who.device is None:
+        raise ApiError(403, "device_token_required", "uploads must use a device token")
+    wait = state.limiter.acquire(who.device)
+    if wait > 0:
+        state.metrics.uploads.labels("rate_limited").inc()
+        raise ApiError(429, "rate_limited", f"too many uploads from {who.device}; retry in {wait:.1f}s",
+                       headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    try:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/octet-stream":
+            raise ApiError(415, "unsupported_media_type", "send the bitstream as application/octet-stream")
+        key = _idempotency_key(request)
+        data = await _read_body(request, state.settings.max_upload_bytes)
+        header = _parse_header(state, data)
+    except ApiError as exc:
+        state.metrics.uploads.labels(exc.code).inc()
+        raise
+    image = NewImage(
+        id=secrets.token_hex(16), device=who.device, idempotency_key=key, model_id=header.model_id.hex(),
+        width=header.width, height=header.height, rate_index=header.rate_index, bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    try:
+        record, created = await run_in_threadpool(_store_upload, state, image, data)
+    except IdempotencyConflictError as exc:
+        state.metrics.uploads.labels("idempotency_conflict").inc()
+        raise ApiError(409, "idempotency_conflict",
+                       f"Idempotency-Key {key!r} was used for image {exc.existing.id} with other content") from None
+    state.metrics.uploads.labels("accepted" if created else "replayed").inc()
+    if created:
+        state.metrics.upload_bytes.observe(len(data))
+        if state.worker is not None:
+            state.worker.wake()
+    return _accepted(record, replayed=not created)
+
+
+# -- reads ---------------------------------------------------------------------------------------
+
+
+def get_image(image_id: str, request: Request, who: Caller) -> dict[str, Any]:
+    """Status and metadata of one image."""
+    return image_json(_visible(_state(request), who, image_id))
+
+
+def _parse_time(value: str | None, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"{name} must be ISO 8601 or epoch seconds, got {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def list_images(
+    request: Request,
+    who: Caller,
+    device: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Newest first, with an opaque `next` cursor; a device only ever lists its own images."""
+    if not who.admin:
+        if device is not None and device != who.device:
+            raise ApiError(403, "forbidden", "a device token lists only its own images")
+        device = who.device
+    flt = ImageFilter(device=device, since=_parse_time(since, "since"), until=_parse_time(until, "until"),
+                      status=status)
+    try:
+        page = _state(request).store.list_images(flt, limit, cursor)
+    except InvalidCursorError as exc:
+        raise ApiError(400, "invalid_cursor", str(exc)) from None
+    return {"items": [image_json(r) for r in page.items], "next": page.next}
+
+
+def _negotiate(accept: str | None) -> str:
+    """Pick png/jpg/webp from an Accept header (PNG unless another format is preferred)."""
+    if not accept:
+        return "png"
+    offers = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+    best, best_q = None, 0.0
+    for position, part in enumerate(accept.split(",")):
+        media, *params = [p.strip() for p in part.split(";")]
+        q = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        choice = offers.get(media.lower()) or ("png" if media in ("*/*", "image/*") else None)
+        # Equal quality: the earlier entry wins, wildcards lose to explicit types.
+        score = q - (0.0001 if media in ("*/*", "image/*") else 0.0) - position * 1e-6
+        if choice and q > 0 and score > best_q:
+            best, best_q = choice, score
+    if best is None:
+        raise ApiError(406, "not_acceptable", "available formats: image/png, image/jpeg, image/webp")
+    return best
+
+
+def _image_response(state: ReceiverState, record: ImageRecord, suffix: str) -> Response:
+    if record.status is not Status.DONE:
+        reason = f": {record.error}" if record.status is Status.FAILED and record.error else ""
+        raise ApiError(409, "not_ready" if record.status is not Status.FAILED else "decode_failed",
+                       f"image {record.id} is {record.status.value}{reason}")
+    try:
+        png = state.blobs.get(reconstruction_key(record.id))
+    except BlobNotFoundError:
+        raise ApiError(404, "not_found", f"reconstruction of {record.id} is missing") from None
+    data = transcode(png, suffix)
+    return Response(data, media_type=FORMATS[suffix][1],
+                    headers={"Cache-Control": "private, max-age=86400", "Vary": "Accept"})
+
+
+def get_reconstruction(image_id: str, request: Request, who: Caller) -> Response:
+    """The reconstruction: PNG, or JPEG/WebP when the Accept header prefers it."""
+    state = _state(request)
+    record = _visible(state, who, image_id)
+    return _image_response(state, record, _negotiate(request.headers.get("accept")))
+
+
+def get_reconstruction_as(image_id: str, ext: str, request: Request, who: Caller) -> Response:
+    """The reconstruction in the format named by the suffix (.png, .jpg, .jpeg, .webp)."""
+    state = _state(request)
+    if ext.lower() not in FORMATS:
+        raise ApiError(404, "not_found", f"unknown format .{ext}; use .png, .jpg or .webp")
+    return _image_response(state, _visible(state, who, image_id), ext.lower())
+
+
+def get_thumbnail(image_id: str, request: Request, who: Caller) -> Response:
+    """The gallery thumbnail (JPEG)."""
+    state = _state(request)
+    record = _visible(state, who, image_id)
+    if record.status is not Status.DONE:
+        raise ApiError(409, "not_ready", f"image {record.id} is {record.status.value}")
+    try:
+        data = state.blobs.get(thumbnail_key(record.id))
+    except BlobNotFoundError:
+        raise ApiError(404, "not_found", f"thumbnail of {record.id} is missing") from None
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+def delete_image(image_id: str, request: Request, who: Caller) -> Response:
+    """Remove an image and its files (row first, so nothing points at a deleted file)."""
+    state = _state(request)
+    record = _visible(state, who, image_id)
+    state.store.delete_image(record.id)
+    for key in (bitstream_key(record.id), reconstruction_key(record.id), thumbnail_key(record.id)):
+        state.blobs.delete(key)
+    return Response(status_code=204)
+
+
+# -- operations ----------------------------------------------------------------------------------
+
+
+def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok", "version": __version__}
+
+
+def readyz(request: Request) -> JSONResponse:
+    """Readiness: database reachable, blob store usable, worker running, at least one model served."""
+    state = _state(request)
+    checks: dict[str, str] = {}
+    try:
+        state.store.ping()
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        checks["database"] = f"error: {type(exc).__name__}"
+    checks["models"] = "ok" if state.registry.model_ids() else "error: no model package loaded"
+    if state.settings.worker:
+        checks["worker"] = "ok" if state.worker is not None and state.worker.is_alive() else "error: not running"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+def metrics(request: Request) -> Response:
+    """Prometheus exposition."""
+    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _api_router() -> APIRouter:
+    router = APIRouter()
+    router.add_api_route("/v1/images", upload_image, methods=["POST"], status_code=202,
+                         summary="Upload a bitstream", openapi_extra={"requestBody": {
+                             "required": True,
+                             "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}}}})
+    router.add_api_route("/v1/images", list_images, methods=["GET"], summary="List images, newest first")
+    router.add_api_route("/v1/images/{image_id}", get_image, methods=["GET"], summary="Image status")
+    router.add_api_route("/v1/images/{image_id}", delete_image, methods=["DELETE"], status_code=204,
+                         summary="Delete an image")
+    router.add_api_route("/v1/images/{image_id}/reconstruction", get_reconstruction, methods=["GET"],
+                         summary="Reconstruction (PNG; JPEG/WebP by Accept)")
+    router.add_api_route("/v1/images/{image_id}/reconstruction.{ext}", get_reconstruction_as, methods=["GET"],
+                         summary="Reconstruction in the suffix's format")
+    router.add_api_route("/v1/images/{image_id}/thumbnail", get_thumbnail, methods=["GET"], summary="Thumbnail")
+    router.add_api_route("/healthz", healthz, methods=["GET"], summary="Liveness")
+    router.add_api_route("/readyz", readyz, methods=["GET"], summary="Readiness")
+    router.add_api_route("/metrics", metrics, methods=["GET"], summary="Prometheus metrics")
+    return router
+
+
+# -- factory -------------------------------------------------------------------------------------
+
+
+def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = None,
+                blobs: BlobStore | None = None) -> ReceiverState:
+    """Open storage and wire the components (nothing runs until the app starts)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqlMetadataStore.from_url(settings.resolved_database_url())
+    blob_store = blobs if blobs is not None else FilesystemBlobStore(settings.data_dir / "blobs")
+    if registry is None:
+        registry = CodecRegistry.from_packages(settings.model_packages, settings.device)
+    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    metrics_ = ReceiverMetrics()
+    metrics_.watch_jobs(store.status_counts)
+    worker = None
+    if settings.worker:
+        config = WorkerConfig(batch_size=settings.batch_size, max_attempts=settings.max_attempts,
+                              retry_delay_s=settings.retry_delay_s, poll_interval_s=settings.poll_interval_s,
+                              thumbnail_px=settings.thumbnail_px)
+        worker = DecodeWorker(store, blob_store, registry, config, metrics_)
+    return ReceiverState(settings=settings, store=store, blobs=blob_store, registry=registry,
+                         auth=Authenticator(store, admin),
+                         limiter=RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst),
+                         metrics=metrics_, worker=worker)
+
+
+def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None,
+               blobs: BlobStore | None = None) -> FastAPI:
+    """The ASGI app. `registry` injects decoders (default: the configured model packages)."""
+    state = build_state(settings, registry, blobs)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(_start, state)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(_stop, state)
+
+    app = FastAPI(title="AEIC receiver", version=__version__, lifespan=lifespan)
+    app.state.receiver = state
+    install_error_handlers(app)
+    app.include_router(_api_router())
+    from aeic.receiver.gallery import install_gallery  # imports this module: keep the import here
+
+    install_gallery(app)
+    return app
+
+
+def _start(state: ReceiverState) -> None:
+    version = state.store.migrate()
+    if isinstance(state.blobs, FilesystemBlobStore):
+        state.blobs.remove_stale_tmp()
+    if state.worker is not None:
+        # Embedded mode: this process owns every claim, so anything still `decoding` was orphaned by a crash.
+        requeued = state.store.requeue_abandoned(state.settings.max_attempts)
+        if requeued:
+            log.warning("requeued %d image(s) left in decoding by a previous run", requeued)
+        state.worker.start()
+    log.info("receiver ready: schema v%d, models %s", version,
+             ", ".join(sorted(m.hex() for m in state.registry.model_ids())) or "none")
+
+
+def _stop(state: ReceiverState) -> None:
+    if state.worker is not None:
+        state.worker.stop()
+    state.store.close()

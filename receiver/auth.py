@@ -1,0 +1,103 @@
+"""Who is calling: device tokens (stored only as SHA-256 hashes), the admin token, and per-device
+rate limiting.
+
+Why SHA-256 and not a slow password hash: tokens are 256 random bits, so a fast hash is enough to make a
+leaked database useless to an attacker, and it keeps the per-request check cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from aeic.receiver.storage import ImageRecord, MetadataStore
+
+__all__ = [
+    "DEVICE_NAME",
+    "Authenticator",
+    "InvalidDeviceNameError",
+    "Principal",
+    "RateLimiter",
+    "create_device_token",
+    "hash_token",
+]
+
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TOKEN_PREFIX = "aeic_"
+
+
+class InvalidDeviceNameError(ValueError):
+    """Device names are 1-128 characters of letters, digits, '.', '_' and '-'."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: one device, or the admin (device None)."""
+
+    device: str | None
+    admin: bool = False
+
+    def can_see(self, record: ImageRecord) -> bool:
+        """A device sees only its own images; the admin sees all."""
+        return self.admin or record.device == self.device
+
+
+def hash_token(token: str) -> str:
+    """The hex SHA-256 under which a token is stored."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create_device_token(store: MetadataStore, device: str) -> str:
+    """Mint a token for `device`, store its hash, and return the token (shown once, never stored)."""
+    if not DEVICE_NAME.match(device):
+        raise InvalidDeviceNameError(f"invalid device name {device!r}: use 1-128 of A-Z a-z 0-9 . _ -")
+    token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
+    store.add_device_token(device, hash_token(token))
+    return token
+
+
+class Authenticator:
+    """Maps a bearer token to a `Principal`."""
+
+    def __init__(self, store: MetadataStore, admin_token: str | None) -> None:
+        self._store = store
+        self._admin = admin_token or None
+
+    def authenticate(self, token: str | None) -> Principal | None:
+        """The caller behind `token`, or None when it is missing, unknown or revoked."""
+        if not token:
+            return None
+        if self._admin is not None and hmac.compare_digest(token.encode(), self._admin.encode()):
+            return Principal(device=None, admin=True)
+        device = self._store.device_for_token(hash_token(token))
+        return Principal(device=device) if device else None
+
+
+class RateLimiter:
+    """Token bucket per key: `burst` requests at once, refilled at `per_minute` requests per minute.
+
+    In-process state: one limiter per API process (a shared limiter belongs with the Redis of issue 8).
+    """
+
+    def __init__(self, per_minute: float, burst: int) -> None:
+        self._rate = per_minute / 60.0
+        self._burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str, now: float | None = None) -> float:
+        """Take one token; returns 0.0 when allowed, else the seconds until a token is available."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - last) * self._rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self._rate

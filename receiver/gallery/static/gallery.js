@@ -1,0 +1,80 @@
+// Live gallery: poll the JSON listing and keep the grid in sync (newest first), reusing cards.
+"use strict";
+(function () {
+  const grid = document.getElementById("grid");
+  const empty = document.getElementById("empty");
+  const live = document.getElementById("live");
+  const limit = Number(grid.dataset.limit || 60);
+  const POLL_MS = 1500;
+
+  function el(tag, cls, text) {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function fillThumb(thumb, img) {
+    thumb.replaceChildren();
+    if (img.status === "done") {
+      const pic = el("img");
+      pic.src = img.links.thumbnail;
+      pic.alt = "image " + img.id;
+      thumb.appendChild(pic);
+    } else {
+      thumb.appendChild(el("span", "badge", img.status));
+    }
+  }
+
+  function makeCard(img) {
+    const card = el("a", "card");
+    card.href = "/images/" + img.id;
+    card.dataset.id = img.id;
+    const thumb = el("div", "thumb");
+    const caption = el("div", "caption");
+    caption.append(el("span", "size", img.width + "×" + img.height), " ",
+                   el("span", "bytes", img.bytes + " B"), " ",
+                   el("span", "bpp", img.bpp.toFixed(4) + " bpp"));
+    const when = (img.created_at || "").slice(0, 19).replace("T", " ");
+    card.append(thumb, caption, el("div", "caption dim", img.device + " · " + when));
+    return card;
+  }
+
+  function render(items) {
+    const existing = new Map();
+    for (const card of grid.querySelectorAll(".card")) existing.set(card.dataset.id, card);
+    const wanted = [];
+    for (const img of items) {
+      let card = existing.get(img.id);
+      if (!card) card = makeCard(img);
+      if (card.dataset.status !== img.status) {
+        fillThumb(card.querySelector(".thumb"), img);
+        card.dataset.status = img.status;
+        card.className = "card status-" + img.status;
+      }
+      wanted.push(card);
+    }
+    wanted.forEach((card, i) => {
+      if (grid.children[i] !== card) grid.insertBefore(card, grid.children[i] || null);
+    });
+    while (grid.children.length > wanted.length) grid.lastElementChild.remove();
+    empty.hidden = wanted.length > 0;
+  }
+
+  async function poll() {
+    try {
+      const response = await fetch("/v1/images?limit=" + limit, {credentials: "same-origin",
+                                                                 headers: {Accept: "application/json"}});
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      render((await response.json()).items);
+      live.textContent = "live";
+      live.classList.remove("error");
+    } catch (err) {
+      live.textContent = "reconnecting… (" + err.message + ")";
+      live.classList.add("error");
+    } finally {
+      window.setTimeout(poll, POLL_MS);
+    }
+  }
+  window.setTimeout(poll, POLL_MS);
+})();

@@ -1,0 +1,71 @@
+// Image page: wait for decoding to finish, then a zoomable viewer (click 2x, wheel, drag, double-click resets).
+"use strict";
+(function () {
+  const detail = document.getElementById("detail");
+  const status = detail.dataset.status;
+  if (status === "pending" || status === "decoding") {
+    const poll = async () => {
+      try {
+        const response = await fetch("/v1/images/" + detail.dataset.id, {credentials: "same-origin"});
+        if (response.ok && (await response.json()).status !== status) { window.location.reload(); return; }
+      } catch (err) { /* keep waiting */ }
+      window.setTimeout(poll, 1000);
+    };
+    window.setTimeout(poll, 1000);
+    return;
+  }
+  const viewer = document.getElementById("viewer");
+  const img = document.getElementById("reconstruction");
+  const label = document.getElementById("zoom-level");
+  if (!viewer || !img) return;
+  const MIN = 1, MAX = 16;
+  let scale = 1, x = 0, y = 0, drag = null, moved = false;
+
+  function clamp() {
+    const w = viewer.clientWidth, h = viewer.clientHeight;
+    x = Math.min(0, Math.max(w - img.clientWidth * scale, x));
+    y = Math.min(0, Math.max(h - img.clientHeight * scale, y));
+  }
+  function apply() {
+    clamp();
+    img.style.transform = "translate(" + x + "px, " + y + "px) scale(" + scale + ")";
+    viewer.dataset.scale = String(scale);
+    label.textContent = Math.round(scale * 100) + "%";
+    viewer.classList.toggle("zoomed", scale > 1);
+  }
+  // Zoom to `next` keeping the image point under (px, py) fixed on screen.
+  function zoomAt(next, px, py) {
+    next = Math.min(MAX, Math.max(MIN, next));
+    x = px - (px - x) * (next / scale);
+    y = py - (py - y) * (next / scale);
+    scale = next;
+    apply();
+  }
+  function local(event) {
+    const box = viewer.getBoundingClientRect();
+    return [event.clientX - box.left, event.clientY - box.top];
+  }
+  viewer.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    const [px, py] = local(event);
+    zoomAt(scale * Math.pow(1.2, -Math.sign(event.deltaY)), px, py);
+  }, {passive: false});
+  viewer.addEventListener("pointerdown", (event) => {
+    drag = {sx: event.clientX, sy: event.clientY, x: x, y: y};
+    moved = false;
+  });
+  window.addEventListener("pointermove", (event) => {
+    if (!drag) return;
+    const dx = event.clientX - drag.sx, dy = event.clientY - drag.sy;
+    if (Math.abs(dx) + Math.abs(dy) > 3) moved = true;
+    if (moved && scale > 1) { x = drag.x + dx; y = drag.y + dy; apply(); }
+  });
+  window.addEventListener("pointerup", () => { drag = null; });
+  viewer.addEventListener("click", (event) => {
+    if (moved) return;
+    const [px, py] = local(event);
+    zoomAt(scale > 1 ? 1 : 2, px, py);
+  });
+  viewer.addEventListener("dblclick", () => { scale = 1; x = 0; y = 0; apply(); });
+  apply();
+})();

@@ -1,0 +1,78 @@
+"""Which model ids this receiver accepts, and their decoders (loaded on first use).
+
+Why lazy: the API must validate a model id on upload without loading a diffusion decoder into memory;
+only the worker needs the decoder itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["CodecRegistry", "DecoderLike"]
+
+
+class DecoderLike(Protocol):
+    """The part of the ReceiverCodec contract the service uses."""
+
+    model_id: bytes
+
+    def decode_batch(self, items: list[bytes]) -> list[np.ndarray]: ...
+
+
+class CodecRegistry:
+    """model id -> decoder, each built once by its loader, thread-safely."""
+
+    def __init__(self, loaders: dict[bytes, Callable[[], DecoderLike]]) -> None:
+        self._loaders = dict(loaders)
+        self._loaded: dict[bytes, DecoderLike] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_codecs(cls, codecs: Iterable[DecoderLike]) -> CodecRegistry:
+        """Wrap decoders that already exist (tests, benchmarks, an embedding application)."""
+        registry = cls({})
+        for codec in codecs:
+            registry._loaders[bytes(codec.model_id)] = lambda c=codec: c
+            registry._loaded[bytes(codec.model_id)] = codec
+        return registry
+
+    @classmethod
+    def from_packages(cls, paths: Sequence[Path], device: str = "auto") -> CodecRegistry:
+        """Read each package's manifest now; load its ReceiverCodec when first needed.
+
+        An empty `paths` means the default shipped model directory."""
+        from aeic.shared.model_package import ModelPackage, default_model_dir
+
+        loaders: dict[bytes, Callable[[], DecoderLike]] = {}
+        for path in paths or [default_model_dir()]:
+            package = ModelPackage.load(path)
+            loaders[bytes(package.model_id)] = lambda p=Path(path): _load_receiver_codec(p, device)
+        return cls(loaders)
+
+    def model_ids(self) -> frozenset[bytes]:
+        """Every model id an upload may carry."""
+        return frozenset(self._loaders)
+
+    def knows(self, model_id: bytes) -> bool:
+        """Whether uploads for `model_id` are accepted."""
+        return bytes(model_id) in self._loaders
+
+    def get(self, model_id: bytes) -> DecoderLike:
+        """The decoder for `model_id`, loading it on first use; KeyError when unknown."""
+        key = bytes(model_id)
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = self._loaders[key]()
+            return self._loaded[key]
+
+
+def _load_receiver_codec(path: Path, device: str) -> DecoderLike:
+    from aeic.receiver.decoder import ReceiverCodec
+
+    codec: DecoderLike = ReceiverCodec.from_package(path, device=device)
+    return codec

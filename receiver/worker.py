@@ -1,0 +1,212 @@
+"""Background decode worker: claims pending uploads in compatible batches, decodes them, stores the
+reconstruction and its thumbnail, and records timings or the failure reason.
+
+Why claims and not a queue in memory: the database is the queue, so an upload accepted with 202 is
+decoded even if the process dies before the worker reaches it (pending jobs are simply claimed after the
+restart, and jobs a dead worker left in `decoding` are requeued).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from aeic.receiver.images import encode_png, make_thumbnail
+from aeic.receiver.metrics import ReceiverMetrics
+from aeic.receiver.registry import CodecRegistry, DecoderLike
+from aeic.receiver.storage import (
+    BlobNotFoundError,
+    BlobStore,
+    Claim,
+    DecodeTimings,
+    ImageRecord,
+    MetadataStore,
+)
+from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumbnail_key
+
+__all__ = ["DecodeWorker", "WorkerConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Worker knobs (taken from ReceiverSettings by the app)."""
+
+    batch_size: int = 4
+    max_attempts: int = 3
+    retry_delay_s: float = 2.0
+    poll_interval_s: float = 1.0
+    thumbnail_px: int = 320
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    record: ImageRecord
+    rgb: np.ndarray
+    timings: DecodeTimings
+
+
+class DecodeWorker:
+    """Runs `run_once` in a loop on a daemon thread; `wake()` after an upload skips the idle wait."""
+
+    def __init__(self, store: MetadataStore, blobs: BlobStore, registry: CodecRegistry, config: WorkerConfig,
+                 metrics: ReceiverMetrics | None = None) -> None:
+        self.store, self.blobs, self.registry, self.config = store, blobs, registry, config
+        self.metrics = metrics
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="aeic-decode-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the thread to finish its current batch and exit."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """New work arrived: look for it now."""
+        self._wake.set()
+
+    def is_alive(self) -> bool:
+        """Whether the background thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                handled = self.run_once()
+            except Exception:  # the database may be briefly unavailable; never let the thread die
+                log.exception("decode worker iteration failed")
+                handled = 0
+            if handled == 0:
+                self._wake.wait(self.config.poll_interval_s)
+
+    # -- one batch -------------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Claim and process one batch; returns how many images it handled (0: nothing was due)."""
+        claim = self.store.claim_batch(self.config.batch_size)
+        if claim is None:
+            return 0
+        self._process(claim)
+        return len(claim.records)
+
+    def _process(self, claim: Claim) -> None:
+        loaded: list[tuple[ImageRecord, bytes]] = []
+        for record in claim.records:
+            try:
+                loaded.append((record, self.blobs.get(bitstream_key(record.id))))
+            except BlobNotFoundError:
+                self._fail(claim, record, "the stored bitstream is missing")
+        if not loaded:
+            return
+        try:
+            codec = self.registry.get(bytes.fromhex(loaded[0][0].model_id))
+        except Exception as exc:  # noqa: BLE001 - any loader failure is this batch's failure reason
+            for record, _ in loaded:
+                self._fail(claim, record, f"could not load the decoder for model {record.model_id}: {exc}")
+            return
+        decoded = self._decode(codec, claim, loaded)
+        for item in decoded:
+            self._store_result(claim, item)
+
+    def _decode(self, codec: DecoderLike, claim: Claim, loaded: list[tuple[ImageRecord, bytes]]) -> list[_Decoded]:
+        """Decode as one batch; if the batch fails, decode one by one so a bad image fails alone."""
+        try:
+            results, timings = self._timed_batch(codec, [data for _, data in loaded])
+            return self._checked(claim, [r for r, _ in loaded], results, timings)
+        except Exception as exc:  # noqa: BLE001 - decoder errors are data errors here
+            if len(loaded) == 1:
+                self._fail(claim, loaded[0][0], _reason(exc))
+                return []
+        out: list[_Decoded] = []
+        for record, data in loaded:
+            try:
+                out += self._checked(claim, [record], *self._timed_batch(codec, [data]))
+            except Exception as exc:  # noqa: BLE001
+                self._fail(claim, record, _reason(exc))
+        return out
+
+    @staticmethod
+    def _timed_batch(codec: DecoderLike, items: list[bytes]) -> tuple[list[np.ndarray], DecodeTimings]:
+        """Decode and measure; each image gets an equal share of the batch's time.
+
+        A decoder that reports `last_timings` ({"entropy_ms", "decoder_ms"} for the whole batch) gets the
+        split recorded too."""
+        start = time.perf_counter()
+        results = codec.decode_batch(items)
+        total_ms = (time.perf_counter() - start) * 1000.0
+        if len(results) != len(items):
+            raise RuntimeError(f"decoder returned {len(results)} images for {len(items)} bitstreams")
+        n = len(items)
+        split = getattr(codec, "last_timings", None)
+        entropy = decoder = None
+        if isinstance(split, dict):
+            entropy, decoder = _share(split.get("entropy_ms"), n), _share(split.get("decoder_ms"), n)
+        return results, DecodeTimings(entropy_ms=entropy, decoder_ms=decoder, total_ms=total_ms / n, batch_size=n)
+
+    def _checked(self, claim: Claim, records: list[ImageRecord], results: list[np.ndarray],
+                 timings: DecodeTimings) -> list[_Decoded]:
+        out = []
+        for record, rgb in zip(records, results):
+            rgb = np.asarray(rgb)
+            if rgb.shape != (record.height, record.width, 3) or rgb.dtype != np.uint8:
+                self._fail(claim, record, f"decoder returned {rgb.dtype} {rgb.shape}, expected uint8 "
+                                          f"({record.height}, {record.width}, 3)")
+                continue
+            out.append(_Decoded(record, rgb, timings))
+        return out
+
+    def _store_result(self, claim: Claim, item: _Decoded) -> None:
+        timings = item.timings
+        image_id = item.record.id
+        try:
+            self.blobs.put(reconstruction_key(image_id), encode_png(item.rgb))
+            self.blobs.put(thumbnail_key(image_id), make_thumbnail(item.rgb, self.config.thumbnail_px))
+        except OSError as exc:
+            self._fail(claim, item.record, f"could not store the reconstruction: {exc}")
+            return
+        if not self.store.complete(image_id, claim.token, timings):
+            # Deleted (or requeued) while decoding: do not leave orphan files behind.
+            self.blobs.delete(reconstruction_key(image_id))
+            self.blobs.delete(thumbnail_key(image_id))
+            return
+        if self.metrics is not None:
+            self.metrics.decoded.labels("done").inc()
+            self.metrics.decode_ms.observe(timings.total_ms)
+            if timings.entropy_ms is not None:
+                self.metrics.entropy_ms.observe(timings.entropy_ms)
+            if timings.decoder_ms is not None:
+                self.metrics.decoder_ms.observe(timings.decoder_ms)
+            self.metrics.batch_size.observe(timings.batch_size)
+
+    def _fail(self, claim: Claim, record: ImageRecord, reason: str) -> None:
+        delay = self.config.retry_delay_s * (2 ** max(record.attempts - 1, 0))
+        retry_at = time.time() + min(delay, 3600.0)
+        log.warning("decode of %s failed (attempt %d): %s", record.id, record.attempts, reason)
+        self.store.fail_attempt(record.id, claim.token, reason, self.config.max_attempts, retry_at)
+        if self.metrics is not None:
+            self.metrics.decoded.labels("failed").inc()
+
+
+def _share(value: object, n: int) -> float | None:
+    return float(value) / n if isinstance(value, (int, float)) else None
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]

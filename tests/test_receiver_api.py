@@ -1,0 +1,299 @@
+"""Receiver HTTP API over a real app (TestClient), real storage and the in-process worker, with a
+decoder double that satisfies the ReceiverCodec contract."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from PIL import Image
+from receiver_support import FakeCodec, make_bitstream
+
+from aeic.receiver.api import create_app
+from aeic.receiver.auth import create_device_token
+from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.settings import ReceiverSettings
+from aeic.receiver.storage import SqlMetadataStore
+
+ADMIN = "admin-secret-token"
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
+class Env:
+    """A running app plus tokens for two devices."""
+
+    def __init__(self, client: TestClient, data: Path, tokens: dict[str, str], codec: FakeCodec) -> None:
+        self.client, self.data, self.tokens, self.codec = client, data, tokens, codec
+
+    def headers(self, who: str, **extra: str) -> dict[str, str]:
+        token = ADMIN if who == "admin" else self.tokens[who]
+        return {"Authorization": f"Bearer {token}", **OCTET, **extra}
+
+    def upload(self, who: str = "cam1", data: bytes | None = None, **extra: str) -> Any:
+        body = make_bitstream() if data is None else data
+        return self.client.post("/v1/images", content=body, headers=self.headers(who, **extra))
+
+    def wait(self, image_id: str, who: str = "cam1", until: tuple[str, ...] = ("done", "failed")) -> dict:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            body = self.client.get(f"/v1/images/{image_id}", headers=self.headers(who)).json()
+            if body["status"] in until:
+                return body
+            time.sleep(0.02)
+        raise AssertionError(f"{image_id} stuck in {body['status']}")
+
+
+def make_settings(data: Path, **overrides: Any) -> ReceiverSettings:
+    values: dict[str, Any] = dict(data_dir=data, admin_token=ADMIN, poll_interval_s=0.05, retry_delay_s=0.0,
+                                  max_dimension=2048, max_upload_bytes=4096)
+    values.update(overrides)
+    return ReceiverSettings(**values)
+
+
+def make_tokens(settings: ReceiverSettings, *devices: str) -> dict[str, str]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqlMetadataStore.from_url(settings.resolved_database_url())
+    store.migrate()
+    tokens = {d: create_device_token(store, d) for d in devices}
+    store.close()
+    return tokens
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> Iterator[Env]:
+    settings = make_settings(tmp_path / "data")
+    tokens = make_tokens(settings, "cam1", "cam2")
+    codec = FakeCodec()
+    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([codec]))) as client:
+        yield Env(client, tmp_path / "data", tokens, codec)
+
+
+def error_code(response: Any) -> str:
+    return str(response.json()["error"]["code"])
+
+
+def test_upload_decode_and_fetch_in_every_format(env: Env) -> None:
+    response = env.upload(data=make_bitstream(48, 32, payload=b"\x10\x20"))
+    assert response.status_code == 202
+    image_id = response.json()["id"]
+    assert response.headers["location"] == f"/v1/images/{image_id}"
+    body = env.wait(image_id)
+    assert body["status"] == "done" and body["device"] == "cam1" and body["model_id"] == "54535431"
+    assert (body["width"], body["height"]) == (48, 32)
+    assert body["bpp"] == pytest.approx(len(make_bitstream(48, 32, payload=b"\x10\x20")) * 8 / (48 * 32))
+    assert body["timings"]["decode_ms"] > 0 and body["timings"]["batch_size"] >= 1
+    base = f"/v1/images/{image_id}/reconstruction"
+    png = env.client.get(base, headers=env.headers("cam1"))
+    assert png.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(png.content)) as image:
+        assert image.size == (48, 32) and image.getpixel((40, 5)) == (0x30, 0x30, 0x30)
+    for accept, media in [("image/webp", "image/webp"), ("image/jpeg;q=0.9, image/png;q=0.5", "image/jpeg")]:
+        assert env.client.get(base, headers=env.headers("cam1", Accept=accept)).headers["content-type"] == media
+    assert env.client.get(base, headers=env.headers("cam1", Accept="image/gif")).status_code == 406
+    for suffix, fmt in [(".jpg", "JPEG"), (".webp", "WEBP"), (".png", "PNG")]:
+        reply = env.client.get(base + suffix, headers=env.headers("cam1"))
+        with Image.open(io.BytesIO(reply.content)) as image:
+            assert image.format == fmt and image.size == (48, 32)
+    thumb = env.client.get(f"/v1/images/{image_id}/thumbnail", headers=env.headers("cam1"))
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+
+def test_idempotency_key_returns_the_same_id(env: Env) -> None:
+    first = env.upload(**{"Idempotency-Key": "shot-1"})
+    again = env.upload(**{"Idempotency-Key": "shot-1"})
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    other_device = env.upload("cam2", **{"Idempotency-Key": "shot-1"})
+    assert other_device.json()["id"] != first.json()["id"]
+    conflict = env.upload(data=make_bitstream(payload=b"other"), **{"Idempotency-Key": "shot-1"})
+    assert conflict.status_code == 409 and error_code(conflict) == "idempotency_conflict"
+    assert env.upload(**{"Idempotency-Key": "bad key with spaces"}).status_code == 400
+    listing = env.client.get("/v1/images", headers=env.headers("admin")).json()
+    assert len(listing["items"]) == 2
+
+
+def _valid() -> bytes:
+    return make_bitstream()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"", 400, "empty_body"),
+        (b"\x00" * 40, 400, "bad_magic"),
+        (_valid()[:10], 400, "truncated_bitstream"),
+        (_valid()[:-1] + bytes([_valid()[-1] ^ 1]), 400, "crc_mismatch"),
+        (make_bitstream(model_id=b"ZZZZ"), 422, "unknown_model"),
+        (make_bitstream(width=4000, height=8), 422, "dimensions_too_large"),
+        (b"\xae\x1c\x07" + _valid()[3:], 422, "unsupported_version"),
+        (b"x" * 5000, 413, "payload_too_large"),
+    ],
+)
+def test_invalid_uploads_are_rejected_before_storing(env: Env, body: bytes, status: int, code: str) -> None:
+    response = env.upload(data=body)
+    assert response.status_code == status, response.text
+    assert error_code(response) == code and response.json()["error"]["message"]
+    assert env.client.get("/v1/images", headers=env.headers("admin")).json()["items"] == []
+    assert not list((env.data / "blobs").rglob("*.aeic"))
+
+
+def test_streamed_body_over_the_limit_is_413(env: Env) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"\xae" * 1000
+
+    response = env.client.post("/v1/images", content=chunks(), headers=env.headers("cam1"))
+    assert response.status_code == 413 and error_code(response) == "payload_too_large"
+
+
+def test_wrong_content_type_is_415(env: Env) -> None:
+    headers = {**env.headers("cam1"), "Content-Type": "image/png"}
+    response = env.client.post("/v1/images", content=make_bitstream(), headers=headers)
+    assert response.status_code == 415
+
+
+def test_auth_and_device_isolation(env: Env) -> None:
+    assert env.client.post("/v1/images", content=make_bitstream(), headers=OCTET).status_code == 401
+    bad = env.client.get("/v1/images", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.headers["www-authenticate"].startswith("Bearer")
+    mine = env.upload("cam1").json()["id"]
+    theirs = env.upload("cam2").json()["id"]
+    assert env.client.get(f"/v1/images/{theirs}", headers=env.headers("cam1")).status_code == 404
+    assert env.client.delete(f"/v1/images/{theirs}", headers=env.headers("cam1")).status_code == 404
+    own_list = env.client.get("/v1/images", headers=env.headers("cam1")).json()["items"]
+    assert [i["id"] for i in own_list] == [mine]
+    assert env.client.get("/v1/images?device=cam2", headers=env.headers("cam1")).status_code == 403
+    admin_list = env.client.get("/v1/images", headers=env.headers("admin")).json()["items"]
+    assert [i["id"] for i in admin_list] == [theirs, mine]
+    only_cam2 = env.client.get("/v1/images?device=cam2", headers=env.headers("admin")).json()["items"]
+    assert [i["id"] for i in only_cam2] == [theirs]
+    assert env.upload("admin").status_code == 403
+
+
+def test_rate_limit_answers_429_with_retry_after(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, rate_limit_burst=2, rate_limit_per_minute=6, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        codes = [client.post("/v1/images", content=make_bitstream(), headers=headers).status_code
+                 for _ in range(3)]
+        assert codes == [202, 202, 429]
+        limited = client.post("/v1/images", content=make_bitstream(), headers=headers)
+        assert limited.status_code == 429 and 1 <= int(limited.headers["retry-after"]) <= 10
+
+
+def test_listing_pages_and_filters(env: Env) -> None:
+    ids = [env.upload().json()["id"] for _ in range(5)]
+    seen, cursor = [], None
+    while True:
+        query = "/v1/images?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = env.client.get(query, headers=env.headers("cam1")).json()
+        seen += [i["id"] for i in page["items"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+    everything = env.client.get("/v1/images", headers=env.headers("cam1")).json()["items"]
+    pivot = everything[2]["created_at"]
+    newer = env.client.get("/v1/images", params={"since": pivot}, headers=env.headers("cam1")).json()["items"]
+    assert [i["id"] for i in newer] == [i["id"] for i in everything if i["created_at"] >= pivot]
+    future = env.client.get("/v1/images", params={"since": time.time() + 60}, headers=env.headers("cam1"))
+    assert future.json()["items"] == []
+    assert env.client.get("/v1/images?cursor=%%%", headers=env.headers("cam1")).status_code == 400
+    assert env.client.get("/v1/images?since=yesterday", headers=env.headers("cam1")).status_code == 422
+    assert env.client.get("/v1/images?limit=0", headers=env.headers("cam1")).status_code == 422
+
+
+def test_delete_removes_row_and_files(env: Env) -> None:
+    image_id = env.upload().json()["id"]
+    env.wait(image_id)
+    assert len(list((env.data / "blobs").rglob(f"{image_id}.*"))) == 3
+    assert env.client.delete(f"/v1/images/{image_id}", headers=env.headers("cam1")).status_code == 204
+    assert env.client.get(f"/v1/images/{image_id}", headers=env.headers("cam1")).status_code == 404
+    assert not list((env.data / "blobs").rglob(f"{image_id}.*"))
+
+
+def test_decode_failure_is_retried_then_recorded(env: Env) -> None:
+    image_id = env.upload(data=make_bitstream(payload=b"FAIL-this")).json()["id"]
+    body = env.wait(image_id)
+    assert body["status"] == "failed" and body["attempts"] == 3
+    assert "rANS stream ended early" in body["error"]
+    reply = env.client.get(f"/v1/images/{image_id}/reconstruction", headers=env.headers("cam1"))
+    assert reply.status_code == 409 and error_code(reply) == "decode_failed"
+
+
+def test_batches_group_compatible_images(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, batch_size=3, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    codec = FakeCodec()
+    app = create_app(settings, registry=CodecRegistry.from_codecs([codec]))
+    with TestClient(app) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        for size in [(32, 32)] * 4 + [(16, 8)]:
+            assert client.post("/v1/images", content=make_bitstream(*size), headers=headers).status_code == 202
+        from aeic.receiver.worker import DecodeWorker, WorkerConfig
+
+        state = app.state.receiver
+        worker = DecodeWorker(state.store, state.blobs, state.registry, WorkerConfig(batch_size=3))
+        while worker.run_once():
+            pass
+    assert codec.batches == [3, 1, 1]
+
+
+def test_pending_and_abandoned_jobs_resume_after_restart(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with TestClient(app) as client:
+        ids = [client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"] for _ in range(3)]
+        # Simulate a crash mid-decode: a claim that is never reported back.
+        assert app.state.receiver.store.claim_batch(2) is not None
+    restarted = create_app(make_settings(tmp_path), registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with TestClient(restarted) as client:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            statuses = [client.get(f"/v1/images/{i}", headers=headers).json()["status"] for i in ids]
+            if statuses == ["done"] * 3:
+                break
+            time.sleep(0.02)
+        assert statuses == ["done"] * 3
+
+
+def test_health_ready_metrics_and_openapi(env: Env) -> None:
+    assert env.client.get("/healthz").json()["status"] == "ok"
+    ready = env.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["worker"] == "ok"
+    env.wait(env.upload().json()["id"])
+    env.upload(data=b"junk" * 10)
+    text = env.client.get("/metrics").text
+    assert 'aeic_images{status="done"} 1.0' in text
+    assert 'aeic_uploads_total{outcome="accepted"} 1.0' in text
+    assert 'aeic_uploads_total{outcome="bad_magic"} 1.0' in text
+    assert "aeic_decode_ms_count 1.0" in text
+    paths = env.client.get("/openapi.json").json()["paths"]
+    assert {"/v1/images", "/v1/images/{image_id}", "/v1/images/{image_id}/reconstruction"} <= set(paths)
+
+
+def test_unknown_routes_and_ids_use_the_error_shape(env: Env) -> None:
+    missing = env.client.get("/v1/images/" + "0" * 32, headers=env.headers("cam1"))
+    assert missing.status_code == 404 and error_code(missing) == "not_found"
+    assert error_code(env.client.get("/v1/nothing")) == "not_found"
+    odd = env.client.get("/v1/images/../../etc/passwd", headers=env.headers("cam1"))
+    assert odd.status_code == 404
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=300),
+                 st.tuples(st.integers(0, 40), st.integers(0, 255)).map(
+                     lambda p: bytearray(_valid())[: p[0]] + bytes([p[1]]) + _valid()[p[0] + 1:])))
+def test_arbitrary_bytes_never_cause_a_server_error(env: Env, body: bytes) -> None:
+    response = env.upload(data=bytes(body))
+    assert response.status_code < 500
+    assert response.status_code == 202 or "error" in response.json()
