@@ -226,9 +226,13 @@ def _unique_output(directory: Path, source: Path, used: set[str]) -> Path:
     return directory / name
 
 
-def _install_stop_handlers(stop: threading.Event) -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+def _install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
+    """SIGTERM (systemd stop) and SIGINT end a long-running command cleanly; returns the old handlers."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    return previous
 
 
 # --------------------------------------------------------------------------- commands
@@ -358,9 +362,10 @@ class _Daemon:
         self.thread = threading.Thread(
             target=self.forwarder.run, args=(self.stop, self.wake), name="aeic-forwarder", daemon=True
         )
+        self._previous_handlers: dict[int, Any] = {}
 
     def __enter__(self) -> _Daemon:  # noqa: PYI034 (typing.Self needs Python 3.11; Jetsons run 3.10)
-        _install_stop_handlers(self.stop)
+        self._previous_handlers = _install_stop_handlers(self.stop)
         self.thread.start()
         return self
 
@@ -369,6 +374,8 @@ class _Daemon:
         self.wake.set()
         self.thread.join(timeout=60)
         self.forwarder.uploader.close()
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
 
 
 def cmd_watch(

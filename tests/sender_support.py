@@ -163,3 +163,33 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
         timeout=60,
     )
     return cert, key
+
+
+class ContainerCodec:
+    """A stand-in for ``SenderCodec`` in CLI tests that need no model: it writes real v1
+    containers whose payload grows with the rate index (8 + 40 * rate bytes), derived from the
+    pixels so equal images give equal bitstreams, and raises the real ``BudgetError``."""
+
+    model_id = b"TEST"
+    provider = "CPUExecutionProvider"
+    rates = (0, 1, 2, 3)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, rgb, rate_index: int) -> bytes:
+        from aeic.shared.bitstream import Bitstream, Header, pack
+
+        self.calls += 1
+        height, width = rgb.shape[:2]
+        payload = hashlib.shake_256(rgb.tobytes()).digest(8 + 40 * rate_index)
+        return pack(Bitstream(Header(self.model_id, width, height, rate_index), payload))
+
+    def encode_to_budget(self, rgb, target_bytes: int) -> tuple[bytes, int]:
+        from aeic.sender.encoder import BudgetError
+
+        for rate in reversed(self.rates):
+            data = self.encode(rgb, rate)
+            if len(data) <= target_bytes:
+                return data, rate
+        raise BudgetError(f"even the lowest rate needs {len(data)} bytes, more than {target_bytes}")

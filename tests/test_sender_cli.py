@@ -1,0 +1,204 @@
+"""aeic-send commands in-process, with a container-writing codec double and a loopback receiver.
+
+The real encoder runs in tests/test_sender_e2e.py; here the subject is the command layer:
+arguments, per-image summaries, error lines and exit codes, spooling and delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aeic.sender import cli
+from aeic.sender.spool import Spool
+from aeic.shared.bitstream import unpack
+from PIL import Image
+from sender_support import ContainerCodec, ReceiverDouble
+
+# The command layer catches the encoder's BudgetError, so it needs the lead's encoder module.
+pytest.importorskip("aeic.sender.encoder")
+
+TOKEN = "device-token"
+
+
+def _factory(config: object, reporter: object) -> ContainerCodec:
+    return ContainerCodec()
+
+
+def _images(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, size in (("a.png", (40, 30)), ("b.jpg", (64, 48))):
+        path = folder / name
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    corrupt = folder / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return [paths[0], corrupt, paths[1]]
+
+
+def _run(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> int:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("AEIC_CONFIG", raising=False)
+    return cli.main(argv, codec_factory=_factory)
+
+
+def test_encode_writes_bitstreams_and_reports_each_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path / "in")
+    code = _run(
+        ["encode", *map(str, images), "-o", str(tmp_path / "out"), "--rate", "2"], monkeypatch, tmp_path
+    )
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_INPUT  # one input failed, the others still went
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.aeic", "b.aeic"]
+    header = unpack((tmp_path / "out" / "b.aeic").read_bytes()).header
+    assert (header.width, header.height, header.rate_index) == (64, 48, 2)
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[1/3]") and lines[1].startswith("[3/3]")
+    assert "40x30" in lines[0] and "bytes" in lines[0] and "bpp" in lines[0] and " ms" in lines[0]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "broken.jpg" in errors[0]
+
+
+def test_json_output_and_byte_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path / "in")
+    argv = ["encode", str(images[0]), str(images[2]), "-o", str(tmp_path / "out"), "--target-bytes", "70"]
+    assert _run([*argv, "--json"], monkeypatch, tmp_path) == cli.EXIT_OK
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    encoded = [e for e in events if e["event"] == "encoded"]
+    assert len(encoded) == 2 and all(e["bytes"] <= 70 and e["rate_index"] == 1 for e in encoded)
+    assert {"bpp", "encode_ms", "key", "width", "height", "output"} <= set(encoded[0])
+    assert events[-1] == {"event": "summary", "encoded": 2, "failed": 0}
+
+
+def test_budget_too_small_is_reported_per_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path / "in")
+    code = _run(
+        ["encode", str(images[0]), "-o", str(tmp_path / "out"), "--target-bytes", "10"], monkeypatch, tmp_path
+    )
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_INPUT and "even the lowest rate" in err and not list((tmp_path / "out").iterdir())
+
+
+def test_send_delivers_each_image_once_and_empties_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path / "in")
+    spool_dir = tmp_path / "spool"
+    monkeypatch.setenv("AEIC_TOKEN", TOKEN)
+    with ReceiverDouble(TOKEN) as receiver:
+        # Plain invocation with images means `send`.
+        code = _run(
+            [*map(str, images), "--to", receiver.url, "--spool", str(spool_dir)], monkeypatch, tmp_path
+        )
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_INPUT  # the corrupt file; both good images delivered
+    assert len(receiver.stored) == 2 and [r["status"] for r in receiver.requests] == [202, 202]
+    assert len(Spool(spool_dir)) == 0 and err.count("uploaded ") == 2
+
+
+def test_send_while_receiver_down_queues_then_flush_delivers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path / "in")
+    good = [str(images[0]), str(images[2])]
+    spool_dir = tmp_path / "spool"
+    monkeypatch.setenv("AEIC_TOKEN", TOKEN)
+    receiver = ReceiverDouble(TOKEN)  # down
+    base = ["--to", receiver.url, "--spool", str(spool_dir), "--retry-for", "0"]
+    assert _run(["send", *good, *base], monkeypatch, tmp_path) == cli.EXIT_QUEUED
+    assert "remain queued" in capsys.readouterr().err and len(Spool(spool_dir)) == 2
+    # Sending the same images again while down does not duplicate them in the spool.
+    assert _run(["send", *good, *base], monkeypatch, tmp_path) == cli.EXIT_QUEUED
+    assert len(Spool(spool_dir)) == 2
+    with receiver:
+        assert _run(["flush", *base], monkeypatch, tmp_path) == cli.EXIT_OK
+    assert len(receiver.stored) == 2 and len(receiver.requests) == 2 and len(Spool(spool_dir)) == 0
+
+
+def test_usage_errors_exit_2_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path / "in")
+    monkeypatch.delenv("AEIC_TOKEN", raising=False)
+    monkeypatch.delenv("AEIC_RECEIVER_URL", raising=False)
+    assert (
+        _run(["send", str(images[0]), "--to", "http://127.0.0.1:9"], monkeypatch, tmp_path) == cli.EXIT_USAGE
+    )
+    assert "AEIC_TOKEN" in capsys.readouterr().err
+    assert _run(["flush", "--token", "t"], monkeypatch, tmp_path) == cli.EXIT_USAGE
+    assert "no receiver URL" in capsys.readouterr().err
+    config = tmp_path / "bad.toml"
+    config.write_text("rate = 'high'")
+    assert (
+        _run(["encode", str(images[0]), "-o", str(tmp_path), "--config", str(config)], monkeypatch, tmp_path)
+        == cli.EXIT_USAGE
+    )
+    assert "rate" in capsys.readouterr().err
+
+
+def test_spool_command_lists_items(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.put(b"queued bytes", source="x.jpg")
+    rejected = spool.put(b"bad bytes", source="y.jpg")
+    spool.reject(rejected, "HTTP 422: invalid_header: nope", 422)
+    assert _run(["spool", "--spool", str(tmp_path / "spool")], monkeypatch, tmp_path) == cli.EXIT_OK
+    out, err = capsys.readouterr()
+    assert "pending" in out and "x.jpg" in out and "rejected" in out and "invalid_header" in out
+    assert "1 pending" in err and "1 rejected" in err
+
+
+def test_watch_sends_new_files_until_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    monkeypatch.setenv("AEIC_TOKEN", TOKEN)
+    receiver = ReceiverDouble(TOKEN).start()
+
+    def producer() -> None:
+        images = _images(tmp_path / "made")
+        for path in (images[0], images[1], images[2]):
+            (folder / path.name).write_bytes(path.read_bytes())
+        deadline = time.monotonic() + 20
+        while len(receiver.stored) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # let the broken file be scanned twice and reported
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    try:
+        argv = [
+            "watch",
+            str(folder),
+            "--to",
+            receiver.url,
+            "--spool",
+            str(tmp_path / "spool"),
+            "--poll",
+            "0.05",
+        ]
+        code = _run(argv, monkeypatch, tmp_path)
+    finally:
+        thread.join()
+        receiver.stop()
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_OK and len(receiver.stored) == 2
+    assert err.count("error:") == 1 and "broken.jpg" in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
