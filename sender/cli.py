@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 from aeic.sender.backoff import Backoff
-from aeic.sender.camera import Camera, parse_source
 from aeic.sender.config import ConfigError, SenderConfig, load_config
 from aeic.sender.durable import atomic_write
 from aeic.sender.forward import Forwarder
@@ -409,6 +408,8 @@ def cmd_watch(
 def cmd_camera(
     args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
 ) -> int:
+    from aeic.sender.camera import Camera, parse_source  # OpenCV loads only for this command
+
     if not config.camera_source:
         raise UsageError("no camera source: pass --source 0|/dev/videoN|rtsp://... or set camera_source")
     if args.count is not None and args.count < 1:

@@ -202,3 +202,26 @@ def test_watch_sends_new_files_until_sigterm(
     assert code == cli.EXIT_OK and len(receiver.stored) == 2
     assert err.count("error:") == 1 and "broken.jpg" in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_camera_sends_frames_from_an_opencv_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cv2
+
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 5, (32, 24))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG/AVI")
+    for value in (30, 200):
+        writer.write(np.full((24, 32, 3), value, np.uint8))
+    writer.release()
+    monkeypatch.setenv("AEIC_TOKEN", TOKEN)
+    with ReceiverDouble(TOKEN) as receiver:
+        argv = ["camera", "--source", str(clip), "--interval", "0.01", "--count", "3", "--to", receiver.url]
+        code = _run([*argv, "--spool", str(tmp_path / "spool")], monkeypatch, tmp_path)
+    out = capsys.readouterr().out
+    assert code == cli.EXIT_OK and out.count("[frame ") == 3
+    # The file ends after two frames and is reopened: frame 3 repeats frame 1, the same bitstream
+    # and Idempotency-Key, so the receiver stores it once.
+    assert len(receiver.stored) == 2 and len(Spool(tmp_path / "spool")) == 0
