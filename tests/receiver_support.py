@@ -129,3 +129,58 @@ def store(database_url: str) -> Iterator[SqlMetadataStore]:
         yield meta
     finally:
         meta.close()
+
+
+class ServerThread:
+    """A real uvicorn server for `app` on a free loopback port, in a background thread."""
+
+    def __init__(self, app: object) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread: object = None
+
+    def __enter__(self) -> ServerThread:
+        import threading
+        import time
+
+        thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        thread.start()
+        self._thread = thread
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(20)  # type: ignore[attr-defined]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture()
+def browser(tmp_path: Path) -> Iterator[object]:
+    """Headless Debian Chromium driven by selenium through Debian's chromedriver (no downloads)."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("chromium/chromium-driver not installed (install with .ci/install-system-deps.sh)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager fetch anything
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--window-size=1280,900",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()

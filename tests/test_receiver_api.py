@@ -297,3 +297,25 @@ def test_arbitrary_bytes_never_cause_a_server_error(env: Env, body: bytes) -> No
     response = env.upload(data=bytes(body))
     assert response.status_code < 500
     assert response.status_code == 202 or "error" in response.json()
+
+
+def test_gallery_login_cookie_is_read_only(env: Env) -> None:
+    assert 'name="token"' in env.client.get("/").text
+    assert env.client.get("/login", params={"token": "wrong"}).status_code == 401
+    image_id = env.upload("cam2").json()["id"]
+    env.wait(image_id, who="cam2")
+    login = env.client.get("/login", params={"token": env.tokens["cam1"]}, follow_redirects=False)
+    assert login.status_code == 303 and "httponly" in login.headers["set-cookie"].lower()
+    # cam1's cookie: sees its (empty) gallery, not cam2's image.
+    assert image_id not in env.client.get("/").text
+    assert env.client.get(f"/images/{image_id}").status_code == 404
+    env.client.post("/login", data={"token": ADMIN})
+    assert image_id in env.client.get("/").text
+    page = env.client.get(f"/images/{image_id}").text
+    assert 'id="reconstruction"' in page and "48 × 32 px" in page
+    assert env.client.get(f"/v1/images/{image_id}/thumbnail").status_code == 200
+    # The cookie never authorises a write.
+    assert env.client.delete(f"/v1/images/{image_id}").status_code == 401
+    assert env.client.post("/v1/images", content=make_bitstream(), headers=OCTET).status_code == 401
+    env.client.get("/logout")
+    assert 'name="token"' in env.client.get("/").text

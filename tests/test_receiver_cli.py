@@ -1,0 +1,45 @@
+"""`aeic-receiver` command line: token management and configuration sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aeic.receiver.auth import hash_token
+from aeic.receiver.cli import main
+from aeic.receiver.settings import load_settings
+from aeic.receiver.storage import SqlMetadataStore
+
+
+def test_token_create_prints_once_and_stores_only_the_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "create", "--device", "cam-7", "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    token = out.out.strip()
+    assert token.startswith("aeic_") and len(token) > 40 and "shown only once" in out.err
+    store = SqlMetadataStore.from_url(f"sqlite:///{tmp_path / 'receiver.db'}")
+    try:
+        assert store.device_for_token(hash_token(token)) == "cam-7"
+        assert token.encode() not in (tmp_path / "receiver.db").read_bytes()
+    finally:
+        store.close()
+    assert main(["token", "revoke", "--device", "cam-7", "--data", str(tmp_path)]) == 0
+    assert main(["token", "create", "--device", "bad name!", "--data", str(tmp_path)]) == 2
+
+
+def test_settings_priority_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "receiver.toml"
+    config.write_text('batch_size = 7\nmax_upload_bytes = 5000\nport = 9000\nmodel_packages = ["/m/a"]\n')
+    monkeypatch.setenv("AEIC_MAX_UPLOAD_BYTES", "6000")
+    monkeypatch.setenv("AEIC_CONFIG", str(config))
+    settings = load_settings(port=9100, data_dir=tmp_path)
+    assert (settings.batch_size, settings.max_upload_bytes, settings.port) == (7, 6000, 9100)
+    assert settings.model_packages == [Path("/m/a")]
+    assert settings.resolved_database_url() == f"sqlite:///{tmp_path.resolve() / 'receiver.db'}"
+    monkeypatch.setenv("AEIC_BATCH_SIZE", "0")
+    assert main(["token", "create", "--device", "x", "--data", str(tmp_path)]) == 2
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "create", "--device", "x", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""The gallery in headless Chromium against a real uvicorn server: thumbnails newest first, live
+updates when a new image arrives, and an image page with metadata and a working zoom."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+from receiver_support import FakeCodec, ServerThread, browser, make_bitstream  # noqa: F401
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from aeic.receiver.api import create_app
+from aeic.receiver.auth import create_device_token
+from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.settings import ReceiverSettings
+from aeic.receiver.storage import SqlMetadataStore
+
+ADMIN = "gallery-admin-token"
+
+
+def _device_token(settings: ReceiverSettings, device: str) -> str:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqlMetadataStore.from_url(settings.resolved_database_url())
+    store.migrate()
+    try:
+        return create_device_token(store, device)
+    finally:
+        store.close()
+
+
+def _upload_and_wait(base: str, token: str, data: bytes) -> str:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+    reply = httpx.post(f"{base}/v1/images", content=data, headers=headers, timeout=10)
+    assert reply.status_code == 202, reply.text
+    image_id = str(reply.json()["id"])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if httpx.get(f"{base}/v1/images/{image_id}", headers=headers).json()["status"] == "done":
+            return image_id
+        time.sleep(0.05)
+    raise AssertionError(f"{image_id} was not decoded")
+
+
+def _card_ids(driver) -> list[str]:  # noqa: ANN001
+    return [c.get_attribute("data-id") for c in driver.find_elements(By.CSS_SELECTOR, "#grid .card")]
+
+
+def _thumbs_loaded(driver) -> bool:  # noqa: ANN001
+    return bool(driver.execute_script(
+        "const imgs = [...document.querySelectorAll('#grid .card img')];"
+        "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);"))
+
+
+def _scale(driver) -> str:  # noqa: ANN001
+    return str(driver.find_element(By.ID, "viewer").get_attribute("data-scale"))
+
+
+def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser) -> None:  # noqa: ANN001, F811
+    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, poll_interval_s=0.05)
+    token = _device_token(settings, "cam1")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with ServerThread(app) as server:
+        first = _upload_and_wait(server.url, token, make_bitstream(96, 64, payload=b"\x01"))
+        second = _upload_and_wait(server.url, token, make_bitstream(64, 64, payload=b"\x02"))
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: _card_ids(d) == [second, first] and _thumbs_loaded(d))
+
+        third = _upload_and_wait(server.url, token, make_bitstream(400, 300, payload=b"\x03"))
+        wait.until(lambda d: _card_ids(d) == [third, second, first] and _thumbs_loaded(d))
+
+        browser.find_element(By.CSS_SELECTOR, f'#grid .card[data-id="{third}"]').click()
+        wait.until(lambda d: d.find_elements(By.ID, "reconstruction"))
+        assert browser.find_element(By.ID, "m-size").text == "400 × 300 px"
+        size = len(make_bitstream(400, 300, payload=b"\x03"))
+        assert browser.find_element(By.ID, "m-bytes").text == f"{size} bytes"
+        assert browser.find_element(By.ID, "m-bpp").text == f"{size * 8 / (400 * 300):.4f}"
+        assert browser.find_element(By.ID, "m-decode").text.endswith("ms")
+        wait.until(lambda d: d.execute_script(
+            "const i = document.getElementById('reconstruction'); return i.complete && i.naturalWidth;") == 400)
+
+        viewer = browser.find_element(By.ID, "viewer")
+        assert _scale(browser) == "1"
+        viewer.click()
+        assert _scale(browser) == "2" and "scale(2)" in browser.find_element(By.ID, "reconstruction").get_attribute(
+            "style")
+        assert browser.find_element(By.ID, "zoom-level").text == "200%"
+        ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(viewer), 0, -120).perform()
+        wait.until(lambda d: float(_scale(d)) > 2.0)
+        ActionChains(browser).double_click(viewer).perform()
+        wait.until(lambda d: _scale(d) == "1")
