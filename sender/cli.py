@@ -187,7 +187,9 @@ def _forwarder(
         config.receiver_url, config.token_value() or "", ca_bundle=config.ca_bundle, timeout=config.timeout
     )
     backoff = Backoff(base=config.backoff_base, max_delay=config.backoff_max)
-    return Forwarder(spool, uploader, backoff=backoff, sleep=sleep, listener=reporter.upload)
+    return Forwarder(
+        spool, uploader, backoff=backoff, sleep=sleep, listener=reporter.upload, on_error=reporter.info
+    )
 
 
 class ImageEncoder:
@@ -210,8 +212,8 @@ class ImageEncoder:
             return encode_image(self.codec, rgb, self.control)
         except self.budget_error as exc:
             self.reporter.error(source, f"{source}: {exc}")
-        except ValueError as exc:
-            self.reporter.error(source, f"{source}: cannot encode: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others or the agent
+            self.reporter.error(source, f"{source}: cannot encode: {type(exc).__name__}: {exc}")
         return None
 
 
@@ -264,6 +266,9 @@ def _spool_encoded(spool: Spool, encoded: Encoded, source: str, reporter: Report
         )
     except SpoolFullError as exc:
         reporter.error(source, f"{source}: not queued: {exc}")
+        return False
+    except OSError as exc:  # disk full, read-only or failing storage
+        reporter.error(source, f"{source}: not queued: cannot write the spool: {exc}")
         return False
     reporter.encoded(position, source, encoded, queued=item.key[:12])
     return True

@@ -12,6 +12,7 @@ already stored. Sleep and clock are injectable so retry tests run in millisecond
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ class Forwarder:
         sleep: Callable[[float], object] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         listener: Listener | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.spool = spool
         self.uploader = uploader
@@ -60,6 +62,7 @@ class Forwarder:
         self._sleep = sleep
         self._clock = clock
         self._listener = listener or (lambda item, result: None)
+        self._on_error = on_error or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def drain_pass(self) -> DrainReport:
         """Try each pending item once, oldest first; stop at the first retry/blocked answer."""
@@ -123,7 +126,12 @@ class Forwarder:
         """
         while not stop.is_set():
             wake.clear()
-            report = self.drain_pass()
+            try:
+                report = self.drain_pass()
+            except Exception as exc:  # noqa: BLE001 - e.g. a failing disk: report, back off, keep going
+                self._on_error(f"forwarder: {type(exc).__name__}: {exc}")
+                stop.wait(self.backoff.next_delay())
+                continue
             if report.stopped is not None:
                 delay = self.backoff.next_delay(report.stopped.retry_after)
                 stop.wait(delay)

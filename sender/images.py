@@ -65,6 +65,8 @@ def read_image(path: str | Path) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError/EOFError.
         raise ImageReadError(f"{path}: corrupt or truncated image data ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - untrusted files can trip any decoder plugin bug
+        raise ImageReadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
 def _check_size(path: Path, size: tuple[int, int]) -> None:

@@ -226,3 +226,33 @@ def test_tls_is_verified_by_default_and_a_ca_bundle_makes_it_work(tmp_path: Path
     assert refused.outcome is Outcome.RETRY and "certificate verification failed" in refused.detail
     assert "--ca-bundle" in refused.detail
     assert accepted.outcome is Outcome.ACCEPTED and list(receiver.stored) == [idempotency_key(data)]
+
+
+def test_daemon_loop_survives_an_unexpected_error(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    key = spool.put(make_bitstream(1)).key
+    stop, wake = threading.Event(), threading.Event()
+    errors: list[str] = []
+    calls = {"n": 0}
+    real_items = spool.items
+
+    def flaky_items() -> list:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(5, "Input/output error")  # a failing SD card, once
+        return real_items()
+
+    spool.items = flaky_items  # type: ignore[method-assign]
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
+        forwarder = Forwarder(
+            spool, uploader, backoff=Backoff(base=0.01, max_delay=0.02), on_error=errors.append
+        )
+        thread = threading.Thread(target=forwarder.run, args=(stop, wake, 5.0))
+        thread.start()
+        deadline = time.monotonic() + 10
+        while len(spool) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stop.set()
+        wake.set()
+        thread.join(timeout=10)
+    assert list(receiver.stored) == [key] and len(errors) == 1 and "Input/output error" in errors[0]
