@@ -1,7 +1,7 @@
 """Sender settings: one validated model filled from defaults, a config file, env vars and flags.
 
 Precedence, lowest to highest: built-in defaults < config file (``--config`` or
-``AEIC_CONFIG``; TOML by default, JSON when the name ends in ``.json``) < environment
+``AEIC_SENDER_CONFIG``; TOML by default, JSON when the name ends in ``.json``) < environment
 variables (``AEIC_`` + the key in upper case, e.g. ``AEIC_TOKEN``, ``AEIC_RECEIVER_URL``)
 < command-line flags. Unknown keys in a file are an error, so a typo is reported instead
 of silently ignored. The format is documented in deploy/sender/README.md.
@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 ENV_PREFIX = "AEIC_"
-CONFIG_ENV = "AEIC_CONFIG"
+CONFIG_ENV = "AEIC_SENDER_CONFIG"
 
 
 class ConfigError(ValueError):

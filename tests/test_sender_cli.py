@@ -46,7 +46,7 @@ def _images(folder: Path) -> list[Path]:
 
 def _run(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> int:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("AEIC_CONFIG", raising=False)
+    monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
     return cli.main(argv, codec_factory=_factory)
 
 

@@ -33,8 +33,8 @@ def test_toml_file_then_env_then_flags(tmp_path: Path) -> None:
     assert config.spool_dir == Path("/var/lib/aeic-sender/spool") and config.spool_max_items == 500
     assert config.rate == 2 and config.camera_source == "rtsp://cam.local/stream"
 
-    env = {"AEIC_TOKEN": "from-env", "AEIC_SPOOL_MAX_ITEMS": "700", "AEIC_CONFIG": str(path)}
-    config = load_config({}, None, env)  # the file comes from AEIC_CONFIG
+    env = {"AEIC_TOKEN": "from-env", "AEIC_SPOOL_MAX_ITEMS": "700", "AEIC_SENDER_CONFIG": str(path)}
+    config = load_config({}, None, env)  # the file comes from AEIC_SENDER_CONFIG
     assert config.token_value() == "from-env" and config.spool_max_items == 700 and config.rate == 2
 
     config = load_config({"token": "from-flag", "target_bytes": 1500}, None, env)
