@@ -18,12 +18,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
-
-from aeic import __version__
 from aeic.receiver.auth import Authenticator, Principal, RateLimiter
 from aeic.receiver.errors import ApiError, install_error_handlers
 from aeic.receiver.images import FORMATS, transcode
@@ -45,6 +39,12 @@ from aeic.receiver.storage import (
 from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumbnail_key
 from aeic.receiver.worker import DecodeWorker, WorkerConfig
 from aeic.shared import bitstream as bs
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from aeic import __version__
 
 __all__ = ["AUTH_COOKIE", "ReceiverState", "create_app", "image_json"]
 

@@ -8,9 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from aeic.receiver.settings import ReceiverSettings, load_settings
+from pydantic import ValidationError
 
 __all__ = ["main"]
 
@@ -52,7 +51,6 @@ def _settings(args: argparse.Namespace, **extra: object) -> ReceiverSettings:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
-
     from aeic.receiver.api import create_app
 
     settings = _settings(args, host=args.host, port=args.port, model_packages=args.model_packages,
@@ -64,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(settings: ReceiverSettings):  # noqa: ANN202 - local helper
+def _open_store(settings: ReceiverSettings):
     from aeic.receiver.storage import SqlMetadataStore
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from aeic.receiver.storage import Status
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from aeic.receiver.storage import Status
 
 __all__ = ["ReceiverMetrics"]
 

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
 from aeic.receiver.images import encode_png, make_thumbnail
 from aeic.receiver.metrics import ReceiverMetrics
 from aeic.receiver.registry import CodecRegistry, DecoderLike

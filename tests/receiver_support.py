@@ -13,11 +13,11 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
-
 from aeic.receiver.storage import SqlMetadataStore
 from aeic.shared.bitstream import Bitstream, Header, pack, peek_header
 
@@ -84,7 +84,7 @@ def postgres_server() -> Iterator[str]:
         os.chown(base, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
     data, port = base / "data", free_port()
-    run = lambda *args: subprocess.run([*prefix, *map(str, args)], check=True, capture_output=True)  # noqa: E731
+    run = lambda *args: subprocess.run([*prefix, *map(str, args)], check=True, capture_output=True)
     run(bindir / "initdb", "-D", data, "-U", "aeic", "--auth=trust", "-E", "UTF8", "--no-sync")
     options = (f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
                "-c synchronous_commit=off -c full_page_writes=off")
@@ -93,7 +93,7 @@ def postgres_server() -> Iterator[str]:
         yield f"postgresql+psycopg://aeic@127.0.0.1:{port}"
     finally:
         subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+                       capture_output=True, check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -143,7 +143,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self._thread: object = None
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         import threading
         import time
 

@@ -10,16 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-from PIL import Image
-from receiver_support import FakeCodec, make_bitstream
-
 from aeic.receiver.api import create_app
 from aeic.receiver.auth import create_device_token
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import SqlMetadataStore
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from PIL import Image
+from receiver_support import FakeCodec, make_bitstream
 
 ADMIN = "admin-secret-token"
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -50,8 +51,8 @@ class Env:
 
 
 def make_settings(data: Path, **overrides: Any) -> ReceiverSettings:
-    values: dict[str, Any] = dict(data_dir=data, admin_token=ADMIN, poll_interval_s=0.05, retry_delay_s=0.0,
-                                  max_dimension=2048, max_upload_bytes=4096)
+    values: dict[str, Any] = {"data_dir": data, "admin_token": ADMIN, "poll_interval_s": 0.05,
+                              "retry_delay_s": 0.0, "max_dimension": 2048, "max_upload_bytes": 4096}
     values.update(overrides)
     return ReceiverSettings(**values)
 

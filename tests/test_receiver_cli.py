@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from aeic.receiver.auth import hash_token
 from aeic.receiver.cli import main
 from aeic.receiver.settings import load_settings

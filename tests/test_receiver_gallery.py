@@ -7,19 +7,22 @@ import time
 from pathlib import Path
 
 import httpx
-from receiver_support import FakeCodec, ServerThread, browser, make_bitstream  # noqa: F401
-from selenium.webdriver.common.action_chains import ActionChains
-from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
-
+import receiver_support
 from aeic.receiver.api import create_app
 from aeic.receiver.auth import create_device_token
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import SqlMetadataStore
+from receiver_support import FakeCodec, ServerThread, make_bitstream
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 ADMIN = "gallery-admin-token"
+
+# Fixtures shared with the other receiver tests.
+browser = receiver_support.browser
 
 
 def _device_token(settings: ReceiverSettings, device: str) -> str:
@@ -45,21 +48,21 @@ def _upload_and_wait(base: str, token: str, data: bytes) -> str:
     raise AssertionError(f"{image_id} was not decoded")
 
 
-def _card_ids(driver) -> list[str]:  # noqa: ANN001
+def _card_ids(driver) -> list[str]:
     return [c.get_attribute("data-id") for c in driver.find_elements(By.CSS_SELECTOR, "#grid .card")]
 
 
-def _thumbs_loaded(driver) -> bool:  # noqa: ANN001
+def _thumbs_loaded(driver) -> bool:
     return bool(driver.execute_script(
         "const imgs = [...document.querySelectorAll('#grid .card img')];"
         "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);"))
 
 
-def _scale(driver) -> str:  # noqa: ANN001
+def _scale(driver) -> str:
     return str(driver.find_element(By.ID, "viewer").get_attribute("data-scale"))
 
 
-def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser) -> None:  # noqa: ANN001, F811
+def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser) -> None:
     settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, poll_interval_s=0.05)
     token = _device_token(settings, "cam1")
     app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+import receiver_support
 import sqlalchemy as sa
-from receiver_support import database_url, postgres_server, postgres_url, store  # noqa: F401
-
 from aeic.receiver.storage import (
     BlobNotFoundError,
     DecodeTimings,
@@ -23,6 +22,12 @@ from aeic.receiver.storage import (
     Status,
 )
 from aeic.receiver.storage.migrations import MIGRATIONS, current_version
+
+# Fixtures shared with the other receiver tests.
+database_url = receiver_support.database_url
+postgres_server = receiver_support.postgres_server
+postgres_url = receiver_support.postgres_url
+store = receiver_support.store
 
 
 def new_image(n: int, device: str = "cam1", key: str | None = None, size: tuple[int, int] = (64, 48),

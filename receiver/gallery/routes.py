@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qs
 from typing import Any
+from urllib.parse import parse_qs
 
+from aeic.receiver.api import AUTH_COOKIE, _state, _visible, image_json, optional_principal
+from aeic.receiver.errors import ApiError
+from aeic.receiver.storage import ImageFilter
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
-
-from aeic.receiver.api import AUTH_COOKIE, _state, _visible, image_json, optional_principal
-from aeic.receiver.errors import ApiError
-from aeic.receiver.storage import ImageFilter
 
 __all__ = ["install_gallery"]
 

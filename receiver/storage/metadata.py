@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
-
 from aeic.receiver.storage import schema
 from aeic.receiver.storage.migrations import migrate
 from aeic.receiver.storage.records import DecodeTimings, ImageRecord, NewImage, Page, Status
+from sqlalchemy.exc import IntegrityError
 
 __all__ = [
     "Claim",

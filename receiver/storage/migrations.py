@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-
 from aeic.receiver.storage import schema
 
 __all__ = ["MIGRATIONS", "Migration", "current_version", "migrate"]
