@@ -1,0 +1,224 @@
+"""The paper's ``full`` decoder profile: SD-Turbo's UNet, pruned, run once; the SD VAE makes the pixels.
+
+Loaded from a local diffusers folder only (``unet/`` and ``vae/``); nothing is downloaded.
+The pruning and widening follow the paper's description; where it leaves details open the
+choices below are ours, made so that the surgery keeps SD-Turbo's computation at start:
+
+* Time embedding. ``time_proj`` and ``time_embedding`` (sinusoid + two linear layers) are replaced
+  by a learned table with one vector per rate point, initialised with what the original embedding
+  gave for that rate's pseudo-timestep (:func:`~aeic.codec.diffusion_decoder.rate_timestep`), so
+  the first step of training starts exactly where SD-Turbo was for those timesteps.
+* Cross-attention. ``attn2`` and its pre-norm ``norm2`` are set to ``None`` in every transformer
+  block: diffusers skips the branch when ``attn2 is None``, so their parameters and compute are
+  gone and no prompt or text encoder is needed (the UNet runs with ``encoder_hidden_states=None``).
+  Up to float rounding, this equals the original UNet with each ``attn2`` output projection zeroed.
+* ``conv_in`` widened: it takes the synthesized latent plus ``noise_channels`` fixed-seed noise
+  channels (the same seeded noise as the nano profile). The new input weights start at zero, so
+  the noise is ignored until training gives it a use. Assumption: the paper's "widened" is read
+  as extra input channels; its exact number of noise channels is ours (default 4).
+* ``conv_out`` keeps the VAE latent width (4 for SD) and becomes fully trainable, as does
+  ``conv_in``; the output is added to the synthesis residual (``latent = residual + UNet(x)``).
+* LoRA adapters (peft) on the attention projections, the transformer in/out projections and the
+  resnet, down- and up-sampling convolutions; every base weight is frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from .diffusion_decoder import fixed_noise, rate_timestep
+
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "conv",
+)
+_WEIGHTS_PREFIX = "diffusion_pytorch_model"
+
+
+class RateIndex(nn.Module):
+    """Stands in for ``time_proj``: hands the rate index through unchanged."""
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps
+
+
+class RateEmbedding(nn.Module):
+    """Stands in for ``time_embedding``: one learned vector per rate point."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(table.clone())
+
+    def forward(self, rate: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        # diffusers casts the (passed-through) index to the sample dtype; integers stay exact
+        return self.weight[rate.round().long()]
+
+
+def _original_time_embedding(unet: UNet2DConditionModel, num_rates: int) -> torch.Tensor:
+    timesteps = rate_timestep(torch.arange(num_rates), num_rates)
+    with torch.no_grad():
+        return unet.time_embedding(unet.time_proj(timesteps).to(unet.dtype)).detach()
+
+
+def replace_time_embedding(unet: UNet2DConditionModel, num_rates: int) -> None:
+    unet.time_embedding = RateEmbedding(_original_time_embedding(unet, num_rates))
+    unet.time_proj = RateIndex()
+
+
+def prune_cross_attention(unet: UNet2DConditionModel) -> int:
+    """Remove ``attn2`` (and its ``layer_norm`` pre-norm) from every transformer block; returns the count."""
+    removed = 0
+    for module in unet.modules():
+        if getattr(module, "attn2", None) is None:
+            continue
+        module.attn2 = None
+        if getattr(module, "norm_type", None) == "layer_norm":
+            module.norm2 = None  # only the cross-attention branch reads it for this norm type
+        removed += 1
+    return removed
+
+
+def widen_conv_in(unet: UNet2DConditionModel, extra_channels: int) -> None:
+    """Append zero-weight input channels to ``conv_in``: the output is unchanged until trained."""
+    old = unet.conv_in
+    new = nn.Conv2d(
+        old.in_channels + extra_channels, old.out_channels, old.kernel_size, old.stride, old.padding
+    )
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
+
+
+def _drop_legacy_aliases(unet: UNet2DConditionModel) -> None:
+    """Down/upsamplers register their conv twice (``Conv2d_0`` and ``conv``); peft would wrap only the
+    first name while ``forward`` calls ``conv``. Keeping one name puts the adapter in the compute path."""
+    for module in unet.modules():
+        alias = module._modules.get("Conv2d_0")
+        if alias is not None and alias is module._modules.get("conv"):
+            del module._modules["Conv2d_0"]
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int) -> None:
+    _drop_legacy_aliases(unet)
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    inject_adapter_in_model(config, unet)
+
+
+def _check_compatible(unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
+    channels = vae.config.latent_channels
+    if unet.config.in_channels != channels or unet.config.out_channels != channels:
+        raise ValueError(
+            f"UNet in/out channels {unet.config.in_channels}/{unet.config.out_channels} "
+            f"do not match the VAE's {channels} latent channels"
+        )
+    if unet.config.addition_embed_type is not None or unet.class_embedding is not None:
+        raise ValueError("UNets with class or added (e.g. SDXL text-time) embeddings are not supported")
+
+
+class FullDecoder(nn.Module):
+    """SD-Turbo one-step decoder with :class:`~aeic.codec.diffusion_decoder.NanoDecoder`'s interface."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        num_rates: int,
+        lora_rank: int = 8,
+        noise_channels: int = 4,
+    ) -> None:
+        super().__init__()
+        _check_compatible(unet, vae)
+        self.latent_channels: int = vae.config.latent_channels
+        self.num_rates = num_rates
+        self.noise_channels = noise_channels
+        replace_time_embedding(unet, num_rates)
+        prune_cross_attention(unet)
+        widen_conv_in(unet, noise_channels)
+        add_lora(unet, lora_rank)
+        self.unet = unet
+        self.vae = vae
+        self._freeze()
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        for parameter in self.trainable_parameters():
+            parameter.requires_grad_(True)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """LoRA adapters, the rate embedding, conv_in and conv_out; everything else stays frozen."""
+        for name, parameter in self.unet.named_parameters():
+            if "lora_" in name or name.split(".")[0] in ("time_embedding", "conv_in", "conv_out"):
+                yield parameter
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changes: the rest reloads from the SD-Turbo folder (``load_state_dict(strict=False)``)."""
+        names = {id(p) for p in self.trainable_parameters()}
+        return {f"unet.{n}": p.detach() for n, p in self.unet.named_parameters() if id(p) in names}
+
+    def refine(
+        self, unet_input: torch.Tensor, residual: torch.Tensor, rate_index: torch.Tensor
+    ) -> torch.Tensor:
+        """The decoder latent: residual + one pass of the pruned UNet at the rate's embedding."""
+        shape = (1, self.noise_channels, *unet_input.shape[2:])
+        noise = fixed_noise(shape, unet_input.device, unet_input.dtype).expand(
+            unet_input.shape[0], -1, -1, -1
+        )
+        sample = torch.cat([unet_input, noise], 1)
+        rate = rate_index.to(unet_input.device).reshape(-1).expand(unet_input.shape[0])
+        return residual + self.unet(sample, rate, encoder_hidden_states=None).sample
+
+    def decode_pixels(self, latent: torch.Tensor) -> torch.Tensor:
+        """VAE decoder on a scaled latent; RGB in [0, 1]."""
+        config = self.vae.config
+        raw = latent / config.scaling_factor + (config.shift_factor or 0.0)
+        return ((self.vae.decode(raw).sample + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_latent(self, image: torch.Tensor) -> torch.Tensor:
+        """The latent teacher: the VAE encoder's mode on an RGB image in [0, 1], scaled like SD."""
+        config = self.vae.config
+        raw = self.vae.encode(image * 2 - 1).latent_dist.mode()
+        return (raw - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
+def _require_component(folder: Path, name: str) -> Path:
+    component = folder / name
+    if not (component / "config.json").is_file():
+        raise FileNotFoundError(f"SD-Turbo folder {folder}: missing {component / 'config.json'}")
+    if not any(p.name.startswith(_WEIGHTS_PREFIX) for p in component.iterdir()):
+        raise FileNotFoundError(f"SD-Turbo folder {folder}: no {_WEIGHTS_PREFIX}* weights in {component}")
+    return component
+
+
+def load_full_decoder(
+    folder: Path, num_rates: int, lora_rank: int = 8, noise_channels: int = 4
+) -> FullDecoder:
+    """Build the full-profile decoder from a local diffusers folder holding ``unet/`` and ``vae/``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"SD-Turbo folder not found: {folder} (a local diffusers folder with unet/ and vae/)"
+        )
+    for name in ("unet", "vae"):
+        _require_component(folder, name)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+    return FullDecoder(unet, vae, num_rates, lora_rank, noise_channels)

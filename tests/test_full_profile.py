@@ -1,0 +1,144 @@
+"""Full (SD-Turbo) profile: loading, pruning, widening and LoRA on a tiny random UNet and VAE in diffusers format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from aeic.codec.diffusion_decoder import rate_timestep
+from aeic.codec.full_profile import FullDecoder, RateEmbedding, load_full_decoder
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+NUM_RATES = 4
+CROSS_DIM = 32
+
+
+def _tiny_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        use_linear_projection=True,  # as in SD 2.x / SD-Turbo
+    )
+
+
+def _tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sd_turbo")
+    torch.manual_seed(0)
+    _tiny_unet().save_pretrained(root / "unet")
+    _tiny_vae().save_pretrained(root / "vae")
+    return root
+
+
+@pytest.fixture()
+def decoder(folder: Path) -> FullDecoder:
+    return load_full_decoder(folder, NUM_RATES, lora_rank=4, noise_channels=4)
+
+
+def _inputs(batch: int = 2, size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    unet_input = torch.randn(batch, 4, size, size, generator=generator)
+    residual = torch.randn(batch, 4, size, size, generator=generator)
+    return unet_input, residual, torch.arange(batch) % NUM_RATES
+
+
+def test_cross_attention_and_time_embedding_are_gone(decoder: FullDecoder) -> None:
+    names = [name for name, _ in decoder.unet.named_parameters()]
+    assert not [n for n in names if "attn2" in n or ("transformer_blocks" in n and ".norm2." in n)]
+    assert not [n for n, _ in decoder.unet.named_modules() if n.endswith("attn2")]
+    assert isinstance(decoder.unet.time_embedding, RateEmbedding)
+    assert decoder.unet.time_embedding.weight.shape == (NUM_RATES, 32 * 4)
+    assert not [n for n in names if n.startswith("time_embedding.linear")]
+    assert decoder.unet.conv_in.in_channels == 4 + 4
+    assert decoder.unet.conv_out.out_channels == decoder.latent_channels == 4
+
+
+def test_refine_starts_as_the_original_unet_without_cross_attention(
+    folder: Path, decoder: FullDecoder
+) -> None:
+    """Zero-initialised noise weights and LoRA, rate table from the original time embedding: at start
+    refine == residual + original UNet at the pseudo-timestep with every attn2 output projection zeroed."""
+    original = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    blocks = [m for m in original.modules() if getattr(m, "attn2", None) is not None]
+    assert len(blocks) == 4  # down 1, mid 1, up 2 (layers_per_block + 1)
+    with torch.no_grad():
+        for block in blocks:
+            block.attn2.to_out[0].weight.zero_()
+            block.attn2.to_out[0].bias.zero_()
+    unet_input, residual, rate = _inputs()
+    prompt = torch.randn(2, 7, CROSS_DIM)  # irrelevant once attn2 outputs zero
+    with torch.no_grad():
+        expected = residual + original(unet_input, rate_timestep(rate, NUM_RATES), prompt).sample
+        got = decoder.refine(unet_input, residual, rate)
+    assert got.shape == residual.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - residual).abs().max() > 1e-3  # the UNet does contribute
+
+
+def test_decode_pixels_and_teacher_latent(decoder: FullDecoder) -> None:
+    latent = torch.randn(2, 4, 4, 6)
+    with torch.no_grad():
+        pixels = decoder.decode_pixels(latent)
+    assert pixels.shape == (2, 3, 32, 48)
+    assert pixels.min() >= 0 and pixels.max() <= 1
+    teacher = decoder.encode_latent(torch.rand(1, 3, 32, 48))
+    assert teacher.shape == (1, 4, 4, 6) and not teacher.requires_grad
+
+
+def test_only_adapters_embedding_and_convs_train(decoder: FullDecoder) -> None:
+    trainable = {n for n, p in decoder.named_parameters() if p.requires_grad}
+    allowed = ("unet.time_embedding.", "unet.conv_in.", "unet.conv_out.")
+    assert all("lora_" in n or n.startswith(allowed) for n in trainable)
+    assert any("lora_" in n for n in trainable) and any(n.startswith(allowed[0]) for n in trainable)
+    assert not [n for n in trainable if n.startswith("vae.")]
+    assert {id(p) for p in decoder.trainable_parameters()} == {
+        id(p) for p in decoder.parameters() if p.requires_grad
+    }
+    assert set(decoder.trainable_state_dict()) == trainable
+
+
+def test_every_lora_adapter_is_in_the_compute_path(decoder: FullDecoder) -> None:
+    """LoRA B starts at zero, so its gradient is non-zero exactly when the adapter runs in forward."""
+    unet_input, residual, rate = _inputs()
+    decoder.refine(unet_input, residual, rate).square().mean().backward()
+    lora_b = {n: p for n, p in decoder.unet.named_parameters() if "lora_B" in n}
+    assert any(".downsamplers." in n for n in lora_b) and any(".upsamplers." in n for n in lora_b)
+    silent = [n for n, p in lora_b.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent
+    assert decoder.unet.time_embedding.weight.grad[rate].abs().sum() > 0
+    assert all(p.grad is None for p in decoder.vae.parameters())
+
+
+def test_missing_folder_or_component_is_named(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_full_decoder(tmp_path / "absent", NUM_RATES)
+    partial = tmp_path / "partial"
+    (partial / "unet").mkdir(parents=True)
+    for item in (folder / "unet").iterdir():
+        (partial / "unet" / item.name).write_bytes(item.read_bytes())
+    with pytest.raises(FileNotFoundError, match="vae"):
+        load_full_decoder(partial, NUM_RATES)
+    (partial / "vae").mkdir()
+    (partial / "vae" / "config.json").write_bytes((folder / "vae" / "config.json").read_bytes())
+    with pytest.raises(FileNotFoundError, match="weights"):
+        load_full_decoder(partial, NUM_RATES)
