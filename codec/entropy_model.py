@@ -1,0 +1,150 @@
+"""Trainable twin of the integer entropy model, its export, and the receiver's torch backend.
+
+:class:`HyperpriorContextModel` trains with fake quantization and computes the same means and
+scale indices the integer model in :mod:`aeic.shared.entropy_model` computes after
+:meth:`HyperpriorContextModel.export`. :class:`TorchBackend` runs that integer model's
+convolutions on any torch device (float64 ``unfold`` + ``matmul``, exact for these integers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aeic.shared import entropy_model as integer
+from aeic.shared.entropy_coding import discretized_gaussian_pmf, factorized_tables, gaussian_scale_table
+
+from .quantization import QConv2d, round_ste
+
+_LOG_SCALE_STEP = math.log(integer.SCALE_MAX / integer.SCALE_MIN) / (integer.NUM_SCALES - 1)
+_GRID = 1 << integer.FRACTION_BITS
+_LIMIT = integer.ACTIVATION_LIMIT / _GRID
+
+
+def gaussian_bits(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Bits of integer-rounded values under a zero-mean Gaussian (differentiable)."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    upper = normal.cdf((0.5 - residual.abs()) / scale)
+    lower = normal.cdf((-0.5 - residual.abs()) / scale)
+    return -torch.log2((upper - lower).clamp_min(1e-9))
+
+
+class HyperSynthesis(nn.Sequential):
+    """z (integers at 1/128) -> hyper features (fixed point at 1/32)."""
+
+    def __init__(self, z_channels: int, width: int, features: int) -> None:
+        super().__init__(
+            QConv2d(z_channels, 4 * width, 3, in_bits=0),
+            nn.PixelShuffle(2),
+            QConv2d(width, 4 * width, 3),
+            nn.PixelShuffle(2),
+            QConv2d(width, features, 1),
+        )
+
+
+class ContextStep(nn.Sequential):
+    """(hyper features, decoded latent) -> per-channel mean (fixed point) and scale index."""
+
+    def __init__(self, features: int, channels: int, width: int) -> None:
+        limit = integer.ACTIVATION_LIMIT
+        super().__init__(
+            QConv2d(features + channels, width, 3),
+            QConv2d(width, width, 1),
+            QConv2d(
+                width,
+                2 * channels,
+                1,
+                out_bits=[integer.FRACTION_BITS] * channels + [0] * channels,
+                lo=[-limit] * channels + [0] * channels,
+                hi=[limit] * channels + [integer.NUM_SCALES - 1] * channels,
+            ),
+        )
+
+
+class HyperpriorContextModel(nn.Module):
+    """Factorized prior on z, Gaussian conditional on y with the 4-step context."""
+
+    def __init__(self, channels: int, z_channels: int, hyper_width: int, features: int, context_width: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.hyper_synthesis = HyperSynthesis(z_channels, hyper_width, features)
+        self.context = nn.ModuleList(ContextStep(features, channels, context_width) for _ in range(integer.NUM_STEPS))
+        self.z_log_scale = nn.Parameter(torch.zeros(z_channels))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ŷ in real units, bits of y per element, bits of z per element) for a training batch."""
+        z_noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5) if self.training else torch.floor(z + 0.5)
+        z_bits = gaussian_bits(z_noisy, self.z_log_scale.exp()[None, :, None, None].clamp_min(0.05))
+        features = self.hyper_synthesis(round_ste(z))
+        masks = torch.from_numpy(integer.step_masks(*y.shape[1:])).to(y.device, y.dtype)
+        decoded = torch.zeros_like(y)
+        y_bits = torch.zeros_like(y)
+        for step, mask in enumerate(masks):
+            out = self.context[step](torch.cat([features, decoded.clamp(-_LIMIT, _LIMIT)], 1))
+            means, indices = out[:, : self.channels], out[:, self.channels :]
+            scales = integer.SCALE_MIN * torch.exp(indices * _LOG_SCALE_STEP)
+            noisy = y + torch.empty_like(y).uniform_(-0.5, 0.5) if self.training else torch.floor(y - means + 0.5) + means
+            y_bits = y_bits + mask * gaussian_bits(noisy - means, scales)
+            decoded = decoded + mask * (round_ste(y - means) + means)
+        return decoded, y_bits, z_bits
+
+    def export(self) -> integer.EntropyModel:
+        """The frozen integer model, with CDF tables, that sender and receiver run."""
+        z_pmfs, z_offsets = [], []
+        for scale in self.z_log_scale.detach().exp().clamp_min(0.05).double().tolist():
+            radius = max(1, math.ceil(6 * scale))
+            z_pmfs.append(discretized_gaussian_pmf(scale, radius))
+            z_offsets.append(radius)
+        return integer.EntropyModel(
+            hyper_synthesis=_integer_layers(self.hyper_synthesis),
+            context=[_integer_layers(step) for step in self.context],
+            z_tables=factorized_tables(z_pmfs, z_offsets),
+            y_tables=gaussian_scale_table(integer.scale_table()),
+            latent_channels=self.channels,
+        )
+
+
+def _integer_layers(network: nn.Sequential) -> list[integer.Layer]:
+    layers: list[integer.Layer] = []
+    for module in network:
+        if isinstance(module, QConv2d):
+            layers.append(module.to_integer())
+        elif isinstance(module, nn.PixelShuffle):
+            layers.append(integer.PixelShuffle(module.upscale_factor))
+        else:
+            raise TypeError(f"{type(module).__name__} has no integer form")
+    return layers
+
+
+class TorchBackend:
+    """Integer convolutions on a torch device: exact float64 products and sums."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self._weights: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def _tensors(self, layer: integer.IntConv) -> tuple[torch.Tensor, ...]:
+        key = id(layer)
+        if key not in self._weights:
+            as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device)  # noqa: E731
+            self._weights[key] = (
+                as_t(layer.weight.reshape(layer.weight.shape[0], -1)),
+                as_t(layer.bias)[:, None],
+                torch.ldexp(torch.ones(len(layer.shift), dtype=torch.float64, device=self.device), as_t(-layer.shift))[:, None],
+                as_t(layer.lo)[:, None],
+                as_t(layer.hi)[:, None],
+            )
+        return self._weights[key]
+
+    def conv(self, x: np.ndarray, layer: integer.IntConv) -> np.ndarray:
+        weight, bias, scale, lo, hi = self._tensors(layer)
+        _, height, width = x.shape
+        inp = torch.as_tensor(np.asarray(x, dtype=np.float64), device=self.device)[None]
+        cols = F.unfold(inp, layer.kernel_size, padding=layer.kernel_size // 2)[0]
+        out = torch.floor((weight @ cols + bias) * scale + 0.5)
+        out = torch.maximum(torch.minimum(out, hi), lo)
+        return out.reshape(-1, height, width).cpu().numpy()

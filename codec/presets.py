@@ -1,0 +1,45 @@
+"""Named model configurations: the shipped nano model, the paper's moderate encoder, test sizes."""
+
+from __future__ import annotations
+
+from .analysis import ME, SE, AnalysisConfig
+from .diffusion_decoder import NanoDecoderConfig
+from .model import ModelConfig
+
+PRESETS: dict[str, ModelConfig] = {
+    "nano-se": ModelConfig(name="nano-se", analysis=SE),
+    "nano-me": ModelConfig(name="nano-me", analysis=ME),
+    "tiny-se": ModelConfig(
+        name="tiny-se",
+        analysis=AnalysisConfig(widths=(8, 16, 16, 32, 32)),
+        z_channels=8,
+        hyper_width=16,
+        hyper_synthesis_width=16,
+        hyper_features=16,
+        context_width=16,
+        synthesis_widths=(16, 16),
+        decoder=NanoDecoderConfig(latent_channels=8, noise_channels=2, widths=(32, 32), num_rates=3),
+        rates_bpp=(0.01, 0.03, 0.06),
+        pixel_decoder="internal",
+    ),
+    "tiny-me": ModelConfig(
+        name="tiny-me",
+        analysis=AnalysisConfig(widths=(8, 16, 16, 32, 32), blocks_per_stage=2),
+        z_channels=8,
+        hyper_width=16,
+        hyper_synthesis_width=16,
+        hyper_features=16,
+        context_width=16,
+        synthesis_widths=(16, 16),
+        decoder=NanoDecoderConfig(latent_channels=8, noise_channels=2, widths=(32, 32), num_rates=3),
+        rates_bpp=(0.01, 0.03, 0.06),
+        pixel_decoder="internal",
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None

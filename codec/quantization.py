@@ -1,0 +1,80 @@
+"""Fake-quantized layers that train the integer entropy model of :mod:`aeic.shared.entropy_model`.
+
+A :class:`QConv2d` computes in float during training but rounds its weights, bias and outputs
+to exactly the grids the integer network uses (straight-through gradients), so the exported
+integer network is the one that was trained and evaluated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aeic.shared.entropy_model import ACTIVATION_LIMIT, FRACTION_BITS, IntConv
+
+WEIGHT_LIMIT = 127
+MAX_WEIGHT_BITS = 24
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half up in the forward pass, identity gradient."""
+    return x + (torch.floor(x + 0.5) - x).detach()
+
+
+class QConv2d(nn.Conv2d):
+    """A convolution on the fixed-point grid; ``out_bits``/``lo``/``hi`` may differ per channel.
+
+    ``lo=0`` (the default) makes the clamp a ReLU.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        in_bits: int = FRACTION_BITS,
+        out_bits: int | list[int] = FRACTION_BITS,
+        lo: int | list[int] = 0,
+        hi: int | list[int] = ACTIVATION_LIMIT,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.in_bits = in_bits
+        out_bits_t = torch.as_tensor(out_bits, dtype=torch.float32).expand(out_channels).clone()
+        hi_t = torch.as_tensor(hi, dtype=torch.float32).expand(out_channels).clone()
+        lo_t = torch.as_tensor(lo, dtype=torch.float32).expand(out_channels).clone()
+        self.register_buffer("out_bits", out_bits_t)
+        self.register_buffer("lo", lo_t)
+        self.register_buffer("hi", hi_t)
+
+    def weight_bits(self) -> torch.Tensor:
+        """Per output channel, the largest power of two keeping every weight within int8."""
+        peak = self.weight.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
+        return torch.floor(torch.log2(WEIGHT_LIMIT / peak)).clamp(0, MAX_WEIGHT_BITS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wbits = self.weight_bits()
+        wscale = torch.exp2(wbits)[:, None, None, None]
+        weight = round_ste(self.weight * wscale) / wscale
+        bscale = torch.exp2(wbits + self.in_bits)
+        bias = round_ste(self.bias * bscale) / bscale
+        out = F.conv2d(x, weight, bias, padding=self.padding)
+        oscale = torch.exp2(self.out_bits)[None, :, None, None]
+        out = round_ste(out * oscale)
+        out = torch.maximum(torch.minimum(out, self.hi[None, :, None, None]), self.lo[None, :, None, None])
+        return out / oscale
+
+    def to_integer(self) -> IntConv:
+        """The frozen integer layer this module computes."""
+        wbits = self.weight_bits().double()
+        weight = torch.floor(self.weight.detach().double() * torch.exp2(wbits)[:, None, None, None] + 0.5)
+        bias = torch.floor(self.bias.detach().double() * torch.exp2(wbits + self.in_bits) + 0.5)
+        shift = wbits + self.in_bits - self.out_bits.double()
+        return IntConv(
+            weight=weight.numpy().astype(np.int8),
+            bias=bias.numpy().astype(np.int64),
+            shift=shift.numpy().astype(np.int64),
+            lo=self.lo.double().numpy().astype(np.int64),
+            hi=self.hi.double().numpy().astype(np.int64),
+        )

@@ -1,0 +1,262 @@
+"""rANS coding of integer symbols with frozen integer frequency tables (constriction).
+
+The tables are the contract between sender and receiver: every table is a vector of integer
+frequencies summing to ``2**PRECISION``, frozen into the model package. Both sides hand the
+same exact float64 probabilities (``counts / 2**PRECISION``) to constriction, so they build
+bit-identical models on any machine. Each table covers ``[-offset, length - 2 - offset]``;
+its last entry is an escape: values outside that range are coded as the escape followed by an
+Exp-Golomb style code, so no value is ever clipped.
+
+Symbols are coded in *groups* (one call per group): within a group, symbols are ordered by
+table index, then by position, and escaped values follow the group. The decoder recomputes
+the same table indices, so the grouping costs no side information.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import constriction
+import numpy as np
+
+PRECISION = 16
+ESCAPE_BITS_LIMIT = 32  # escaped magnitudes are zigzag-coded into at most 32 bits
+_ESCAPE_LENGTH_MODEL = constriction.stream.model.Uniform(ESCAPE_BITS_LIMIT + 1)
+_CHUNK_BITS = 16
+
+
+class EntropyDecodeError(ValueError):
+    """The payload does not decode to a consistent set of symbols."""
+
+
+@dataclass(frozen=True, eq=False)
+class CdfTables:
+    """A set of integer frequency tables: row ``k`` models symbols whose table index is ``k``.
+
+    ``counts[k, :lengths[k]]`` are the frequencies (the last one is the escape), summing to
+    ``2**PRECISION``; entry ``i`` stands for the value ``i - offsets[k]``. ``skip_index``, when
+    set, names a table whose symbols are not coded at all: both sides take them to be 0.
+    """
+
+    counts: np.ndarray
+    lengths: np.ndarray
+    offsets: np.ndarray
+    skip_index: int | None = None
+    _models: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        counts = np.asarray(self.counts, dtype=np.int64)
+        if counts.ndim != 2 or len(self.lengths) != counts.shape[0] or len(self.offsets) != counts.shape[0]:
+            raise ValueError("counts must be (K, L) with K lengths and K offsets")
+        for k, length in enumerate(self.lengths):
+            row = counts[k, :length]
+            if length < 2 or row.sum() != 1 << PRECISION or row.min() < 1:
+                raise ValueError(f"table {k} is not a valid frequency table of precision {PRECISION}")
+
+    @property
+    def num_tables(self) -> int:
+        return int(self.counts.shape[0])
+
+    def model(self, index: int) -> constriction.stream.model.Categorical:
+        """The constriction model of table ``index``, built once from the exact integer counts."""
+        if index not in self._models:
+            probabilities = self.counts[index, : self.lengths[index]].astype(np.float64) / (1 << PRECISION)
+            self._models[index] = constriction.stream.model.Categorical(probabilities, perfect=False)
+        return self._models[index]
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """The tables as named integer arrays, for storage in a model package."""
+        skip = -1 if self.skip_index is None else self.skip_index
+        return {
+            f"{prefix}.counts": np.asarray(self.counts, dtype=np.int32),
+            f"{prefix}.lengths": np.asarray(self.lengths, dtype=np.int32),
+            f"{prefix}.offsets": np.asarray(self.offsets, dtype=np.int32),
+            f"{prefix}.skip_index": np.asarray([skip], dtype=np.int32),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> "CdfTables":
+        skip = int(arrays[f"{prefix}.skip_index"][0])
+        return cls(
+            counts=np.asarray(arrays[f"{prefix}.counts"], dtype=np.int32),
+            lengths=np.asarray(arrays[f"{prefix}.lengths"], dtype=np.int32),
+            offsets=np.asarray(arrays[f"{prefix}.offsets"], dtype=np.int32),
+            skip_index=None if skip < 0 else skip,
+        )
+
+
+def quantize_pmf(pmf: np.ndarray, precision: int = PRECISION) -> np.ndarray:
+    """Integer frequencies, each >= 1, summing to ``2**precision``, close to ``pmf``."""
+    pmf = np.asarray(pmf, dtype=np.float64)
+    pmf = pmf / pmf.sum()
+    total = 1 << precision
+    if len(pmf) > total:
+        raise ValueError("more symbols than the precision can represent")
+    counts = np.maximum(1, np.floor(pmf * (total - len(pmf))).astype(np.int64))
+    deficit = total - int(counts.sum())
+    # hand the remainder to the largest fractional parts, deterministically
+    order = np.argsort(-(pmf * (total - len(pmf)) - np.floor(pmf * (total - len(pmf)))), kind="stable")
+    counts[order[: deficit % len(pmf)]] += 1
+    counts += deficit // len(pmf)
+    return counts
+
+
+def _pack_rows(rows: list[np.ndarray], offsets: list[int], skip_index: int | None) -> CdfTables:
+    width = max(len(r) for r in rows)
+    counts = np.zeros((len(rows), width), dtype=np.int32)
+    for k, row in enumerate(rows):
+        counts[k, : len(row)] = row
+    return CdfTables(
+        counts=counts,
+        lengths=np.array([len(r) for r in rows], dtype=np.int32),
+        offsets=np.array(offsets, dtype=np.int32),
+        skip_index=skip_index,
+    )
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return 0.5 * np.vectorize(math.erfc)(-np.asarray(x, dtype=np.float64) / math.sqrt(2.0))
+
+
+def discretized_gaussian_pmf(scale: float, radius: int) -> np.ndarray:
+    """P(n) for n in [-radius, radius] of a zero-mean Gaussian rounded to integers, plus the tail."""
+    n = np.arange(-radius, radius + 1, dtype=np.float64)
+    pmf = _normal_cdf((n + 0.5) / scale) - _normal_cdf((n - 0.5) / scale)
+    tail = 2.0 * _normal_cdf(-(radius + 0.5) / scale)
+    return np.append(pmf, max(tail, 0.0))
+
+
+def gaussian_scale_table(scales: np.ndarray, tail_sigmas: float = 6.0, skip_first: bool = True) -> CdfTables:
+    """One table per scale: the Gaussian-conditional model of the latent ``y``."""
+    rows, offsets = [], []
+    for scale in scales:
+        radius = max(1, math.ceil(tail_sigmas * float(scale)))
+        rows.append(quantize_pmf(discretized_gaussian_pmf(float(scale), radius)))
+        offsets.append(radius)
+    return _pack_rows(rows, offsets, 0 if skip_first else None)
+
+
+def factorized_tables(pmfs: list[np.ndarray], offsets: list[int]) -> CdfTables:
+    """Per-channel tables of the hyper-latent ``z`` (each pmf ends with its escape mass)."""
+    return _pack_rows([quantize_pmf(p) for p in pmfs], offsets, None)
+
+
+def _zigzag(values: np.ndarray) -> np.ndarray:
+    v = values.astype(np.int64)
+    return np.where(v >= 0, 2 * v, -2 * v - 1)
+
+
+def _unzigzag(values: np.ndarray) -> np.ndarray:
+    v = values.astype(np.int64)
+    return np.where(v % 2 == 0, v // 2, -(v + 1) // 2)
+
+
+def _escape_ops(values: np.ndarray) -> list[tuple[np.ndarray, object]]:
+    """Exp-Golomb-like code of escaped values: bit length, then 16-bit chunks of the rest."""
+    ops: list[tuple[np.ndarray, object]] = []
+    for u in _zigzag(values):
+        u = int(u)
+        if u >= 1 << ESCAPE_BITS_LIMIT:
+            raise ValueError(f"latent value {u} out of the codable range")
+        nbits = u.bit_length()
+        ops.append((np.array([nbits], dtype=np.int32), _ESCAPE_LENGTH_MODEL))
+        rest, remaining = u, nbits
+        while remaining > 0:
+            take = min(_CHUNK_BITS, remaining)
+            ops.append((np.array([rest & ((1 << take) - 1)], dtype=np.int32), constriction.stream.model.Uniform(1 << take)))
+            rest >>= take
+            remaining -= take
+    return ops
+
+
+def _grouping(indices: np.ndarray, tables: CdfTables) -> list[tuple[int, np.ndarray]]:
+    """(table index, flat positions) in the canonical order both sides use."""
+    flat = indices.reshape(-1)
+    if flat.size and (flat.min() < 0 or flat.max() >= tables.num_tables):
+        raise ValueError("table index out of range")
+    order = np.argsort(flat, kind="stable")
+    sorted_idx = flat[order]
+    bounds = np.flatnonzero(np.diff(sorted_idx)) + 1
+    groups = []
+    for positions in np.split(order, bounds):
+        if positions.size:
+            k = int(flat[positions[0]])
+            if k != tables.skip_index:
+                groups.append((k, positions))
+    return groups
+
+
+class SymbolEncoder:
+    """Collects symbol groups in decoding order, then writes one rANS stream."""
+
+    def __init__(self) -> None:
+        self._ops: list[tuple[np.ndarray, object]] = []
+
+    def add(self, values: np.ndarray, indices: np.ndarray, tables: CdfTables) -> None:
+        """Queue ``values`` (integers), each coded with the table its ``indices`` entry names."""
+        values = np.asarray(values).reshape(-1)
+        escaped_positions = []
+        for k, positions in _grouping(np.asarray(indices), tables):
+            symbols = values[positions].astype(np.int64) + int(tables.offsets[k])
+            escape = int(tables.lengths[k]) - 1
+            outside = (symbols < 0) | (symbols >= escape)
+            symbols[outside] = escape
+            self._ops.append((symbols.astype(np.int32), tables.model(k)))
+            escaped_positions.append(positions[outside])
+        if escaped_positions:
+            escaped = np.sort(np.concatenate(escaped_positions))
+            self._ops.extend(_escape_ops(values[escaped]))
+
+    def finish(self) -> bytes:
+        """The rANS words, little-endian, with the final word's zero high bytes removed."""
+        coder = constriction.stream.stack.AnsCoder()
+        for symbols, model in reversed(self._ops):
+            coder.encode_reverse(symbols, model)
+        return coder.get_compressed().astype("<u4").tobytes().rstrip(b"\x00")
+
+
+class SymbolDecoder:
+    """Reads symbol groups back in the order a :class:`SymbolEncoder` queued them."""
+
+    def __init__(self, payload: bytes) -> None:
+        padded = bytes(payload) + b"\x00" * (-len(payload) % 4)
+        words = np.frombuffer(padded, dtype="<u4").astype(np.uint32)
+        try:
+            self._coder = constriction.stream.stack.AnsCoder(words)
+        except ValueError as exc:
+            raise EntropyDecodeError(f"payload is not a valid rANS stream: {exc}") from exc
+
+    def read(self, indices: np.ndarray, tables: CdfTables) -> np.ndarray:
+        """Values shaped like ``indices``; skipped positions read as 0."""
+        indices = np.asarray(indices)
+        values = np.zeros(indices.size, dtype=np.int64)
+        escaped_positions = []
+        try:
+            for k, positions in _grouping(indices, tables):
+                symbols = self._coder.decode(tables.model(k), positions.size).astype(np.int64)
+                values[positions] = symbols - int(tables.offsets[k])
+                escaped_positions.append(positions[symbols == int(tables.lengths[k]) - 1])
+            if escaped_positions:
+                escaped = np.sort(np.concatenate(escaped_positions))
+                values[escaped] = [self._read_escape() for _ in range(escaped.size)]
+        except (ValueError, RuntimeError, OverflowError) as exc:
+            raise EntropyDecodeError(f"corrupt payload: {exc}") from exc
+        return values.reshape(indices.shape)
+
+    def _read_escape(self) -> int:
+        nbits = int(self._coder.decode(_ESCAPE_LENGTH_MODEL, 1)[0])
+        value, shift = 0, 0
+        while shift < nbits:
+            take = min(_CHUNK_BITS, nbits - shift)
+            chunk = int(self._coder.decode(constriction.stream.model.Uniform(1 << take), 1)[0])
+            value |= chunk << shift
+            shift += take
+        if nbits and value >> (nbits - 1) != 1:
+            raise EntropyDecodeError("corrupt payload: malformed escape code")
+        return int(_unzigzag(np.array([value]))[0])
+
+    def finish(self) -> None:
+        """Raise unless every word of the payload was consumed (catches most corruption)."""
+        if not self._coder.is_empty():
+            raise EntropyDecodeError("corrupt payload: data left over after the last symbol")

@@ -1,0 +1,31 @@
+"""``aeic-train CONFIG``: run (or resume) one training stage described by a TOML file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .trainer import Trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aeic-train", description=__doc__)
+    parser.add_argument("config", type=Path, help="a TOML file, e.g. training/configs/nano-se-pretrain.toml")
+    parser.add_argument("--steps", type=int, help="override the number of steps")
+    parser.add_argument("--out", type=Path, help="override the run folder")
+    parser.add_argument("--device", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig.from_file(args.config, steps=args.steps, out=args.out, device=args.device)
+    checkpoint = Trainer(config).run()
+    print(f"checkpoint: {checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""Training run configuration, read from a TOML file under version control."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    stage: Literal["pretrain", "adversarial", "distil"] = "pretrain"
+    model: str = "nano-se"  # a preset of aeic.codec.presets
+    data: Path = Path("../shared/data/train")
+    cache: Path = Path("runs/cache/train-512.pt")
+    short_side: int = 512
+    crop: int = 256
+    batch: int = 6
+    steps: int = 4000
+    lr: float = 2e-4
+    lr_final_fraction: float = 0.1
+    seed: int = 0
+    out: Path = Path("runs/default")
+    init: Path | None = None  # model weights to start from (a previous stage's checkpoint)
+    teacher: Path | None = None  # distillation: the moderate-encoder model checkpoint
+    device: str = "auto"
+    checkpoint_minutes: float = 4.0
+    rate_adapt: float = 0.02  # step size of the per-rate Lagrange multiplier control
+    adversarial_weight: float = 0.0
+    pixel_weight: float = 0.0  # MS-SSIM/MSE through the pixel decoder, on a sub-batch
+    distil_encoder_weight: float = 1.0
+    distil_decoder_weight: float = 1.0
+    log_every: int = 20
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides: object) -> "TrainConfig":
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)

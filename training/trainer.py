@@ -1,0 +1,249 @@
+"""The training loop shared by the three stages of the paper.
+
+* ``pretrain``: rate + distortion. With the TAEF2 pixel decoder the distortion is measured on the
+  teacher latent (cheap on a CPU); with an internal pixel decoder it is pixel MSE + MS-SSIM.
+* ``adversarial``: the encoder and entropy model are frozen (the rate stays where pretraining put
+  it); synthesis and UNet learn texture against a latent-space discriminator, with the distortion
+  kept as an anchor.
+* ``distil``: AEIC-SE learns from a trained AEIC-ME: its latent matches the teacher's latent
+  (encoder side) and its decoder latent matches the teacher's (decoder side).
+
+Each rate point has a Lagrange multiplier steered so that its measured bpp approaches the rate
+point's nominal bpp. Checkpoints every few minutes; a run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ms_ssim
+from tqdm import tqdm
+
+from aeic.codec import taesd
+from aeic.codec.model import AEICModel
+from aeic.codec.presets import preset
+
+from .config import TrainConfig
+from .data import CropSampler, build_cache
+from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model_weights(model: AEICModel, checkpoint: Path) -> None:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"] if "model" in state else state)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+        self.model_config = preset(config.model)
+        self.uses_teacher_latent = self.model_config.pixel_decoder == "taef2"
+        pixel_decoder = taesd.load_taef2("decoder").to(self.device) if self.uses_teacher_latent else None
+        self.model = AEICModel(self.model_config, pixel_decoder).to(self.device)
+        if config.init is not None:
+            load_model_weights(self.model, config.init)
+        self.teacher = self._distillation_teacher() if config.stage == "distil" else None
+        judged_channels = self.model_config.decoder.latent_channels if self.uses_teacher_latent else 3
+        self.discriminator = (
+            LatentDiscriminator(judged_channels, self.model_config.num_rates).to(self.device)
+            if config.stage == "adversarial"
+            else None
+        )
+        self.optimizer = torch.optim.Adam(self._trainable_parameters(), lr=config.lr)
+        self.d_optimizer = (
+            torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=(0.5, 0.9)) if self.discriminator else None
+        )
+        targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
+        self.log_lambda = torch.log(targets * 50)  # a start; the control loop takes over
+        self.ema_bpp = targets.clone()
+        self.step = 0
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._resume()
+
+    def _distillation_teacher(self) -> AEICModel:
+        if self.config.teacher is None:
+            raise ValueError("the distil stage needs `teacher`, a trained moderate-encoder checkpoint")
+        state = torch.load(self.config.teacher, map_location="cpu", weights_only=False)
+        teacher = AEICModel(preset(state["preset"]), self.model.decoder.pixel_decoder).to(self.device)
+        teacher.load_state_dict(state["model"])
+        return teacher.eval().requires_grad_(False)
+
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.config.stage == "adversarial":
+            frozen = (self.model.analysis, self.model.hyper_analysis, self.model.entropy)
+            for module in frozen:
+                module.requires_grad_(False)
+            self.model.log_gains.requires_grad_(False)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self) -> None:
+        state = {
+            "preset": self.config.model,
+            "stage": self.config.stage,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "log_lambda": self.log_lambda,
+            "ema_bpp": self.ema_bpp,
+            "discriminator": self.discriminator.state_dict() if self.discriminator else None,
+            "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer else None,
+            "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state()),
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            return
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.log_lambda, self.ema_bpp, self.step = state["log_lambda"], state["ema_bpp"], state["step"]
+        if self.discriminator and state["discriminator"]:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.d_optimizer.load_state_dict(state["d_optimizer"])
+        random.setstate(state["rng"][0])
+        np.random.set_state(state["rng"][1])
+        torch.set_rng_state(state["rng"][2])
+
+    # -- one step ------------------------------------------------------------------------------
+    def _learning_rate(self) -> float:
+        progress = min(1.0, self.step / max(1, self.config.steps))
+        floor = self.config.lr_final_fraction
+        return self.config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def _distortion(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Per-sample distortion of the stage (latent MSE, or pixel MSE + MS-SSIM)."""
+        if self.uses_teacher_latent:
+            return (out["latent"] - latents).pow(2).flatten(1).mean(1)
+        pixels = self.model.decoder.decode_pixels(out["latent"])
+        mse = (pixels - images).pow(2).flatten(1).mean(1)
+        return mse * 100 + (1 - ms_ssim(pixels.clamp(0, 1), images, data_range=1.0, size_average=False, win_size=7))
+
+    def _judged(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real, fake) in the domain the discriminator sees: teacher latents, else pixels."""
+        if self.uses_teacher_latent:
+            return latents, out["latent"]
+        return images, self.model.decoder.decode_pixels(out["latent"])
+
+    def _generator_extras(self, out: dict, images: torch.Tensor, latents: torch.Tensor, rates: torch.Tensor) -> dict:
+        extras: dict[str, torch.Tensor] = {}
+        if self.discriminator is not None:
+            real, fake = self._judged(out, images, latents)
+            out["judged"] = (real, fake)
+            extras["adversarial"] = self.config.adversarial_weight * hinge_generator_loss(self.discriminator(fake, rates))
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_out = self.teacher(images, rates)
+            extras["distil_encoder"] = self.config.distil_encoder_weight * F.mse_loss(out["y"], teacher_out["y"])
+            extras["distil_decoder"] = self.config.distil_decoder_weight * F.mse_loss(out["latent"], teacher_out["latent"])
+        if self.config.pixel_weight > 0 and self.uses_teacher_latent:
+            sub = slice(0, max(1, images.shape[0] // 3))
+            pixels = self.model.decoder.decode_pixels(out["latent"][sub])
+            extras["pixel"] = self.config.pixel_weight * (
+                1 - ms_ssim(pixels.clamp(0, 1), images[sub], data_range=1.0, size_average=True, win_size=7)
+            )
+        return extras
+
+    def train_step(self, images: torch.Tensor, latents: torch.Tensor) -> dict[str, float]:
+        rates = torch.randint(0, self.model_config.num_rates, (images.shape[0],), device=self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._learning_rate()
+        out = self.model(images, rates)
+        bpp = out["bits"] / (images.shape[2] * images.shape[3])
+        distortion = self._distortion(out, images, latents)
+        lam = self.log_lambda.exp().to(self.device, torch.float32)[rates]
+        rate_term = bpp if self.config.stage != "adversarial" else bpp.detach()
+        loss = (rate_term + lam * distortion).mean()
+        extras = self._generator_extras(out, images, latents, rates)
+        total = loss + sum(extras.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        d_loss = None
+        if self.discriminator is not None:
+            real, fake = out["judged"]
+            d_loss = self._discriminator_step(fake.detach(), real, rates)
+        self._steer_rates(rates, bpp.detach())
+        logs = {"loss": float(total), "bpp": float(bpp.mean()), "distortion": float(distortion.mean())}
+        logs.update({k: float(v) for k, v in extras.items()})
+        if d_loss is not None:
+            logs["discriminator"] = d_loss
+        return logs
+
+    def _discriminator_step(self, fake: torch.Tensor, real: torch.Tensor, rates: torch.Tensor) -> float:
+        loss = hinge_discriminator_loss(self.discriminator(real, rates), self.discriminator(fake, rates))
+        self.d_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.d_optimizer.step()
+        return float(loss)
+
+    def _steer_rates(self, rates: torch.Tensor, bpp: torch.Tensor) -> None:
+        """Move each used rate point's multiplier so its running bpp approaches the nominal bpp."""
+        if self.config.stage == "adversarial":
+            return
+        targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
+        for rate, value in zip(rates.tolist(), bpp.double().cpu().tolist(), strict=True):
+            self.ema_bpp[rate] = 0.95 * self.ema_bpp[rate] + 0.05 * max(value, 1e-5)
+            error = math.log(targets[rate] / self.ema_bpp[rate])
+            self.log_lambda[rate] += self.config.rate_adapt * error
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> Path:
+        teacher_encoder = taesd.load_taef2("encoder") if self.uses_teacher_latent else _no_latent
+        items = build_cache(self.config.data, self.config.cache, self.config.short_side, teacher_encoder, self.config.crop)
+        sampler = CropSampler(items, self.config.crop, self.config.seed + self.step)
+        self.model.train()
+        last_save = time.monotonic()
+        log = open(self.out / "log.jsonl", "a", encoding="utf-8")
+        with tqdm(total=self.config.steps, initial=self.step, desc=f"{self.config.name}:{self.config.stage}") as bar:
+            while self.step < self.config.steps:
+                images, latents = (t.to(self.device) for t in sampler.batch(self.config.batch))
+                logs = self.train_step(images, latents)
+                self.step += 1
+                bar.update(1)
+                if self.step % self.config.log_every == 0:
+                    logs.update(step=self.step, lr=self._learning_rate(), ema_bpp=self.ema_bpp.tolist())
+                    log.write(json.dumps(logs) + "\n")
+                    log.flush()
+                    bar.set_postfix(bpp=f"{logs['bpp']:.4f}", d=f"{logs['distortion']:.4f}")
+                if time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
+                    self.save()
+                    last_save = time.monotonic()
+        self.save()
+        log.close()
+        return self.checkpoint_path
+
+
+def _no_latent(pixels: torch.Tensor) -> torch.Tensor:
+    """Without a latent teacher the cache holds an empty latent of the right grid."""
+    return torch.zeros(1, 1, pixels.shape[2] // 8, pixels.shape[3] // 8)
