@@ -337,8 +337,7 @@ class Evaluator:
         }
 
 
-NUMERIC = {"width", "height", "rate_index", "factor", "quality", "budget_bytes", "bytes", "bpp", "encode_ms",
-           "decode_ms"}  # fmt: skip
+INTEGER = {"width", "height", "rate_index", "quality", "budget_bytes", "bytes"}
 TEXT = {"image", "point", "method", "status", "detail"}
 
 
@@ -352,12 +351,7 @@ def _typed(row: dict[str, str]) -> dict[str, Any]:
             out[key] = None
         else:
             number = float(value)
-            out[key] = (
-                int(number)
-                if number.is_integer()
-                and key in {"width", "height", "rate_index", "quality", "budget_bytes", "bytes"}
-                else number
-            )
+            out[key] = int(number) if key in INTEGER and number.is_integer() else number
     return out
 
 
@@ -365,7 +359,7 @@ def means(
     rows: list[dict[str, str]], columns: list[str], points: list[RatePoint], methods: list[str]
 ) -> list[dict[str, Any]]:
     """Per (point, method): counts of ok/unreachable/error images and the mean of every numeric column."""
-    numeric = [c for c in columns if c not in TEXT and c not in {"width", "height", "rate_index", "quality"}]
+    numeric = [c for c in columns if c not in TEXT and c not in {"width", "height"}]
     out = []
     for point in points:
         for method in methods:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aeic.evaluation import runner
+from aeic.evaluation import cli, runner
 from aeic.shared import bitstream
 from PIL import Image
 
@@ -201,3 +201,34 @@ def test_budget_points_need_encode_to_budget(images: Path, tmp_path: Path) -> No
         runner.Evaluator(RateOnly(), config)
     with pytest.raises(TypeError):
         runner.Evaluator(object(), config)
+
+
+def test_cli_writes_results_plots_and_side_by_side(images: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = ["--images", str(images), "--rates", "0,1", "--baseline", "jpeg", "--out", str(out)]
+    argv += ["--metrics", "psnr,ms_ssim,texture", "--no-progress"]
+    assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["baselines"] == ["jpeg"] and summary["codec"] == {"codec": "WebPContainerCodec"}
+    for name in ("rd_psnr.png", "rd_ms_ssim.png", "rd_texture.png", "side_by_side_img0_rate0.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width > 300
+    printed = capsys.readouterr().out
+    assert "rate0" in printed and "aeic" in printed and "jpeg" in printed
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--rates", "0", "--limit", "0"], ["--rates", "-2"], ["--rates", "0", "--baseline", "gif"]],
+)
+def test_cli_rejects_bad_arguments(images: Path, tmp_path: Path, extra: list[str]) -> None:
+    argv = ["--images", str(images), "--out", str(tmp_path / "o"), *extra]
+    with pytest.raises(SystemExit) as exc:
+        cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec())
+    assert exc.value.code == 2
+
+
+def test_cli_missing_image_folder_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    argv = ["--images", str(tmp_path / "nope"), "--rates", "0", "--out", str(tmp_path / "o")]
+    assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 2
+    assert "image folder not found" in capsys.readouterr().err

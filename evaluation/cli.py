@@ -1,0 +1,121 @@
+"""``aeic eval``: argument parsing and the run, as :func:`main_eval` (wired into the ``aeic`` CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aeic.evaluation import baselines, plots, runner
+
+BASELINE_CHOICES = ("jpeg", "webp", "avif", "jxl", "best", "none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aeic eval",
+        description="Compress every image to a real AEIC bitstream, decode it, and measure it against "
+        "classic codecs at the same bytes. Writes OUT/results.csv, OUT/summary.json and RD plots.",
+    )
+    p.add_argument("--images", type=Path, required=True, help="folder of PNG/JPEG images")
+    p.add_argument(
+        "--model", default=None, help="model package folder or shipped model name (default: shipped)"
+    )
+    points = p.add_argument_group("rate points (at least one)")
+    points.add_argument("--rates", default=None, help="model rate indices, e.g. 0,1,2")
+    points.add_argument("--budgets-bpp", default=None, help="whole-file byte budgets in bpp, e.g. 0.01,0.02")
+    p.add_argument("--baseline", choices=BASELINE_CHOICES, default="best",
+                   help="classic codec at equal bytes; best = JPEG, WebP, AVIF, JPEG XL and the best of them")  # fmt: skip
+    p.add_argument("--criterion", choices=sorted(baselines.CRITERIA), default="psnr",
+                   help="how the baseline search picks the downscale factor (default psnr)")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="output folder (re-run to resume)")
+    p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--metrics", default=None, help="comma list (default: every metric that runs here)")
+    p.add_argument(
+        "--save-recon", type=int, default=1, metavar="N", help="save reconstructions of first N images"
+    )
+    p.add_argument("--no-plots", action="store_true", help="skip RD curves and side-by-side pictures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--provider", default=None, help="onnxruntime provider for the sender (default: best)")
+    p.add_argument("--device", default="auto", help="receiver torch device (default auto)")
+    return p
+
+
+def baseline_codecs(choice: str) -> tuple[list[str], dict[str, str]]:
+    """Codec names for ``--baseline`` and the reasons for any that cannot run here."""
+    if choice == "none":
+        return [], {}
+    available = baselines.available_codecs()
+    wanted = list(baselines.CODECS) if choice == "best" else [choice]
+    missing = {name: available[name] for name in wanted if available[name] is not None}
+    return [name for name in wanted if name not in missing], missing
+
+
+def _print_means(summary: dict[str, Any]) -> None:
+    cols = [m for m in ("psnr", "ms_ssim", "texture") if m in summary["metrics"]]
+    print(f"{'point':<10} {'method':<6} {'ok':>3} {'unr':>3} {'bpp':>8} " + " ".join(f"{c:>8}" for c in cols))
+    for m in summary["means"]:
+        values = " ".join(f"{m[c]:8.4f}" if m[c] is not None else f"{'-':>8}" for c in cols)
+        bpp = f"{m['bpp']:8.5f}" if m["bpp"] is not None else f"{'-':>8}"
+        print(f"{m['point']:<10} {m['method']:<6} {m['n_ok']:>3} {m['n_unreachable']:>3} {bpp} {values}")
+
+
+def _plots(summary: dict[str, Any], config: runner.EvalConfig) -> None:
+    plots.rd_curves(summary, config.out)
+    ok = (r["image"] for r in summary["rows"] if r["method"] == "aeic" and r["status"] == "ok")
+    first = min(ok, default=None)
+    if first is None or config.save_recon < 1:
+        return
+    for point in config.points:
+        plots.side_by_side_from_run(config.out, config.images, first, point.label)
+
+
+def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., Any] | None = None) -> int:
+    """Run ``aeic eval``; returns 0, or 1 when some images failed. ``codec_factory`` is for tests."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        points = runner.parse_points(args.rates, args.budgets_bpp)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    codecs, missing = baseline_codecs(args.baseline)
+    for name, reason in missing.items():
+        print(f"baseline {name} skipped: {reason}", file=sys.stderr)
+    if args.baseline not in ("best", "none") and not codecs:
+        parser.error(f"baseline {args.baseline} is not available here")
+    config = runner.EvalConfig(
+        images=args.images, out=args.out, points=points, baselines=codecs, criterion=args.criterion,
+        limit=args.limit, metrics=args.metrics.split(",") if args.metrics else None, save_recon=args.save_recon,
+    )  # fmt: skip
+    try:
+        runner.list_images(config.images, config.limit)  # fail before loading a model
+        if codec_factory is None:
+            from aeic.evaluation.codec_adapter import PackageCodec, resolve_model
+
+            codec = PackageCodec.from_package(
+                resolve_model(args.model), provider=args.provider, device=args.device
+            )
+        else:
+            codec = codec_factory(args.model)
+        info = codec.info() if hasattr(codec, "info") else {"codec": type(codec).__name__}
+        evaluator = runner.Evaluator(codec, config, info)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"aeic eval: {exc}", file=sys.stderr)
+        return 2
+    summary = evaluator.run(progress=not args.no_progress)
+    _print_means(summary)
+    for name, reason in summary["skipped_metrics"].items():
+        print(f"{name}: {reason}")
+    if not args.no_plots:
+        _plots(summary, config)
+    print(f"results: {config.out / 'results.csv'}, {config.out / 'summary.json'}")
+    errors = sum(m["n_error"] for m in summary["means"])
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_eval())

@@ -1,0 +1,149 @@
+"""Rate-distortion curves and side-by-side crops, as PNG files (matplotlib, headless).
+
+:func:`rd_curves` draws one figure per metric from a ``summary.json`` (mean bpp vs mean metric per method,
+one marker per rate point) with the paper's published points where the paper gives that metric.
+:func:`side_by_side` puts the same crop of the original and of each reconstruction next to each other;
+:func:`side_by_side_from_run` builds it from the reconstructions an eval run saved under ``OUT/recon``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from aeic.evaluation.paper_points import PAPER_POINTS
+from PIL import Image
+
+LABELS = {
+    "psnr": "PSNR (dB, RGB)",
+    "ms_ssim": "MS-SSIM",
+    "texture": "texture retention min(r, 1/r)",
+    "haarpsi": "HaarPSI",
+    "vif": "VIF-p",
+    "fsim": "FSIM",
+    "gmsd": "GMSD (lower is better)",
+    "lpips": "LPIPS (lower is better)",
+    "dists": "DISTS (lower is better)",
+}
+STYLE = {"aeic": ("tab:red", "o", 2.2), "best": ("black", "s", 1.6)}
+
+
+def _series(means: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[float, float]]]:
+    """Method -> (mean bpp, mean metric) sorted by bpp, over the rate points where it reached any image."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for entry in means:
+        if entry.get("bpp") is not None and entry.get(metric) is not None:
+            out.setdefault(entry["method"], []).append((entry["bpp"], entry[metric]))
+    return {method: sorted(points) for method, points in out.items()}
+
+
+def _unreachable(means: list[dict[str, Any]]) -> dict[str, int]:
+    """Method -> (image, point) pairs it could not reach, over every rate point."""
+    out: dict[str, int] = {}
+    for entry in means:
+        out[entry["method"]] = out.get(entry["method"], 0) + entry["n_unreachable"]
+    return out
+
+
+def rd_curves(summary: dict[str, Any], out_dir: Path, title: str = "") -> list[Path]:
+    """One ``rd_<metric>.png`` per metric in the summary; returns the written paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for metric in summary["metrics"]:
+        series = _series(summary["means"], metric)
+        unreachable = _unreachable(summary["means"])
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+        for method, points in series.items():
+            color, marker, width = STYLE.get(method, (None, ".", 1.2))
+            label = method.upper() if method == "aeic" else method
+            label += f" ({unreachable[method]} unreachable)" if unreachable.get(method) else ""
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, lw=width,
+                    label=label)  # fmt: skip
+        for name, curves in PAPER_POINTS.items():
+            if metric in curves:
+                bpp, value = zip(*curves[metric])
+                ax.plot(bpp, value, "--^", color="tab:purple", lw=1.2, label=name)
+        ax.set_xlabel("bits per pixel (whole file)")
+        ax.set_ylabel(LABELS.get(metric, metric))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(title or f"rate-distortion: {metric}")
+        fig.tight_layout()
+        path = out_dir / f"rd_{metric}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def center_crop_box(height: int, width: int, size: int = 256) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of a centred square crop of at most ``size`` px."""
+    side = min(size, height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return top, left, top + side, left + side
+
+
+def side_by_side(
+    original: np.ndarray,
+    columns: dict[str, np.ndarray],
+    out_path: Path,
+    crop: tuple[int, int, int, int] | None = None,
+) -> Path:
+    """Original then each named reconstruction, same crop, pixels shown unscaled-nearest; one PNG."""
+    top, left, bottom, right = crop or center_crop_box(*original.shape[:2])
+    panels = {"original": original, **columns}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.9), dpi=120)
+    for ax, (name, img) in zip(np.atleast_1d(axes), panels.items()):
+        if img.shape != original.shape:
+            raise ValueError(f"{name}: shape {img.shape} differs from the original's {original.shape}")
+        ax.imshow(img[top:bottom, left:right], interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, bbox_inches="tight")
+    plt.close(fig)
+    return out_path
+
+
+def _caption(row: dict[str, Any]) -> str:
+    text = "AEIC" if row["method"] == "aeic" else row["method"]
+    if row["method"] == "best":
+        text += f" = {row['detail']}"
+    return text + f"\n{row['bpp']:.4f} bpp, {row['psnr']:.2f} dB"
+
+
+def side_by_side_from_run(
+    out_dir: Path,
+    images_dir: Path,
+    image: str,
+    point: str,
+    methods: tuple[str, ...] = ("aeic", "best"),
+    extra: dict[str, np.ndarray] | None = None,
+    crop: tuple[int, int, int, int] | None = None,
+) -> Path:
+    """Crops of original / AEIC / best classic (and ``extra`` columns, e.g. an MSE-only decoder) at one point.
+
+    Uses ``OUT/summary.json`` for captions and ``OUT/recon/<point>/<method>/<image>.png``; methods without
+    a saved reconstruction (unreachable, or not saved) are left out.
+    """
+    summary = json.loads((out_dir / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"] if r["image"] == image and r["point"] == point}
+    with Image.open(images_dir / image) as im:
+        original = np.asarray(im.convert("RGB"))
+    columns: dict[str, np.ndarray] = {}
+    for method in methods:
+        path = out_dir / "recon" / point / method / f"{Path(image).stem}.png"
+        if method in rows and rows[method]["status"] == "ok" and path.is_file():
+            with Image.open(path) as im:
+                columns[_caption(rows[method])] = np.asarray(im.convert("RGB"))
+    columns.update(extra or {})
+    return side_by_side(original, columns, out_dir / f"side_by_side_{Path(image).stem}_{point}.png", crop)
