@@ -193,3 +193,81 @@ class ContainerCodec:
             if len(data) <= target_bytes:
                 return data, rate
         raise BudgetError(f"even the lowest rate needs {len(data)} bytes, more than {target_bytes}")
+
+
+class RealReceiver:
+    """The real receiver app (aeic.receiver.api) served by uvicorn on a fixed loopback port.
+
+    ``decoders`` are ReceiverCodec-like objects (the real one or the receiver tests' double);
+    it can be started and stopped repeatedly on the same port and data directory, like a
+    receiver that goes down and comes back.
+    """
+
+    def __init__(self, data_dir: Path, decoders: list, port: int | None = None) -> None:
+        from aeic.receiver.auth import create_device_token
+        from aeic.receiver.settings import ReceiverSettings
+        from aeic.receiver.storage import SqlMetadataStore
+
+        self.port = port or free_port()
+        self.decoders = decoders
+        self.admin_token = "admin-token-for-tests"
+        self.settings = ReceiverSettings(
+            data_dir=data_dir, admin_token=self.admin_token, poll_interval_s=0.05, retry_delay_s=0.0
+        )
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = SqlMetadataStore.from_url(self.settings.resolved_database_url())
+        store.migrate()
+        self.token = create_device_token(store, "edge-1")
+        store.close()
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RealReceiver:
+        import time
+
+        import uvicorn
+        from aeic.receiver.api import create_app
+        from aeic.receiver.registry import CodecRegistry
+
+        app = create_app(self.settings, registry=CodecRegistry.from_codecs(self.decoders))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the receiver did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            assert self._thread is not None
+            self._thread.join(timeout=30)
+            self._server = None
+
+    def images(self, token: str | None = None) -> list[dict]:
+        """Every image the device sees, through GET /v1/images (all pages)."""
+        import httpx
+
+        items, cursor = [], None
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        while True:
+            params = {"cursor": cursor} if cursor else {}
+            body = httpx.get(f"{self.url}/v1/images", headers=headers, params=params, timeout=10).json()
+            items += body["items"]
+            cursor = body.get("next")
+            if not cursor:
+                return items
+
+    def __enter__(self) -> RealReceiver:  # noqa: PYI034
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
