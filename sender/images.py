@@ -100,5 +100,5 @@ def _to_rgb8(path: Path, image: Image.Image) -> np.ndarray:
 
 def _sixteen_to_eight(samples: np.ndarray) -> np.ndarray:
     """Map 0..65535 samples to 0..255 with rounding (x * 255 / 65535)."""
-    wide = np.clip(samples.astype(np.int64), 0, 65535)
+    wide = np.clip(samples, 0, 65535).astype(np.uint32)  # 65535 * 255 + 32767 fits in 32 bits
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)
