@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import receiver_support
 from aeic.receiver.api import create_app
 from aeic.receiver.auth import create_device_token
 from aeic.receiver.registry import CodecRegistry
@@ -21,6 +22,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from PIL import Image
 from receiver_support import FakeCodec, make_bitstream
+
+# Fixtures shared with the other receiver tests.
+postgres_server = receiver_support.postgres_server
+postgres_url = receiver_support.postgres_url
 
 ADMIN = "admin-secret-token"
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -320,3 +325,17 @@ def test_gallery_login_cookie_is_read_only(env: Env) -> None:
     assert env.client.post("/v1/images", content=make_bitstream(), headers=OCTET).status_code == 401
     env.client.get("/logout")
     assert 'name="token"' in env.client.get("/").text
+
+
+def test_full_flow_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    settings = make_settings(tmp_path, database_url=postgres_url)
+    tokens = make_tokens(settings, "cam1")
+    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))) as client:
+        env = Env(client, tmp_path, tokens, FakeCodec())
+        ids = [env.upload(data=make_bitstream(payload=bytes([n])), **{"Idempotency-Key": f"k{n}"}).json()["id"]
+               for n in range(3)]
+        assert env.upload(data=make_bitstream(payload=b"\x00"), **{"Idempotency-Key": "k0"}).json()["id"] == ids[0]
+        assert [env.wait(i)["status"] for i in ids] == ["done"] * 3
+        listed = client.get("/v1/images", headers=env.headers("cam1")).json()["items"]
+        assert [i["id"] for i in listed] == list(reversed(ids))
+    assert not (tmp_path / "receiver.db").exists()
