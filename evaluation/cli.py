@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--save-recon", type=int, default=1, metavar="N", help="save reconstructions of first N images"
     )
+    p.add_argument("--baselines-only", action="store_true",
+                   help="no model: classic codecs at the --budgets-bpp only (reference numbers)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="skip RD curves and side-by-side pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--provider", default=None, help="onnxruntime provider for the sender (default: best)")
@@ -64,7 +66,7 @@ def _print_means(summary: dict[str, Any]) -> None:
 
 def _plots(summary: dict[str, Any], config: runner.EvalConfig) -> None:
     plots.rd_curves(summary, config.out)
-    ok = (r["image"] for r in summary["rows"] if r["method"] == "aeic" and r["status"] == "ok")
+    ok = (r["image"] for r in summary["rows"] if r["status"] == "ok")
     first = min(ok, default=None)
     if first is None or config.save_recon < 1:
         return
@@ -93,7 +95,9 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
     )  # fmt: skip
     try:
         runner.list_images(config.images, config.limit)  # fail before loading a model
-        if codec_factory is None:
+        if args.baselines_only:
+            codec = None
+        elif codec_factory is None:
             from aeic.evaluation.codec_adapter import PackageCodec, resolve_model
 
             codec = PackageCodec.from_package(
@@ -101,7 +105,7 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
             )
         else:
             codec = codec_factory(args.model)
-        info = codec.info() if hasattr(codec, "info") else {"codec": type(codec).__name__}
+        info = codec.info() if hasattr(codec, "info") else {"codec": type(codec).__name__ if codec else None}
         evaluator = runner.Evaluator(codec, config, info)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"aeic eval: {exc}", file=sys.stderr)

@@ -179,10 +179,18 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 class Evaluator:
     """Runs one configuration against one codec; see the module docstring for what it measures."""
 
-    def __init__(self, codec: Codec, config: EvalConfig, codec_info: dict[str, Any] | None = None) -> None:
-        if not isinstance(codec, Codec):
+    def __init__(
+        self, codec: Codec | None, config: EvalConfig, codec_info: dict[str, Any] | None = None
+    ) -> None:
+        """``codec=None`` evaluates only the classic baselines, which needs bpp-budget points."""
+        if codec is None:
+            if any(p.kind == "rate" for p in config.points) or not config.baselines:
+                raise ValueError(
+                    "without a codec only bpp budgets with at least one baseline can be evaluated"
+                )
+        elif not isinstance(codec, Codec):
             raise TypeError("codec needs encode(rgb, rate_index) -> bytes and decode(bytes) -> rgb")
-        if any(p.kind == "budget" for p in config.points) and not hasattr(codec, "encode_to_budget"):
+        elif any(p.kind == "budget" for p in config.points) and not hasattr(codec, "encode_to_budget"):
             raise TypeError("bpp budgets need a codec with encode_to_budget(rgb, target_bytes)")
         unknown = set(config.baselines) - set(baselines.CODECS)
         if unknown:
@@ -195,7 +203,8 @@ class Evaluator:
             if name in wanted and not status.available:
                 self.skipped[name] = status.message
         self.learned_names = [n for n in self.learned.per_image_names if n in wanted]
-        self.methods = ["aeic", *config.baselines] + (["best"] if len(config.baselines) > 1 else [])
+        self.methods = (["aeic"] if codec is not None else []) + list(config.baselines)
+        self.methods += ["best"] if len(config.baselines) > 1 else []
         self.columns = BASE_COLUMNS + list(self.metric_fns) + self.learned_names
         self.results = ResultsFile(config.out / "results.csv", self.columns)
 
@@ -235,17 +244,23 @@ class Evaluator:
         return row, rec
 
     def _baseline_rows(
-        self, base: dict[str, Any], rgb: np.ndarray, budget: int
+        self, base: dict[str, Any], rgb: np.ndarray, budget: int, wanted: list[str]
     ) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
+        """Rows for the ``wanted`` baseline methods; each reconstruction is scored once (best reuses it)."""
         results = baselines.compress_all(rgb, budget, self.config.baselines, self.config.criterion)
+        scores: dict[str, dict[str, float]] = {}
         for method, res in results.items():
+            if method not in wanted:
+                continue
             row = dict(base, method=method, budget_bytes=budget)
             if not res.reachable:
                 yield dict(row, status="unreachable", detail=f"{res.codec}: no factor/quality fits"), None
                 continue
             row.update(status="ok", detail=res.codec, factor=res.factor, quality=res.quality)
             row.update(bytes=res.num_bytes, bpp=res.num_bytes * 8 / (rgb.shape[0] * rgb.shape[1]))
-            row.update(self._score(rgb, res.reconstruction))
+            if res.codec not in scores:
+                scores[res.codec] = self._score(rgb, res.reconstruction)
+            row.update(scores[res.codec])
             yield row, res.reconstruction
 
     def _save(self, index: int, point: RatePoint, method: str, name: str, rec: np.ndarray | None) -> None:
@@ -260,14 +275,14 @@ class Evaluator:
         base = {"image": path.name, "width": rgb.shape[1], "height": rgb.shape[0], "point": point.label}
         key = (path.name, point.label)
         aeic = done.get((*key, "aeic"))
-        if aeic is None:
+        if aeic is None and self.codec is not None:
             row, rec = self._aeic_row(base, rgb, point)
             self.results.append([row])
             self._save(index, point, "aeic", path.name, rec)
             if rec is not None:
                 self.learned.add_to_set(f"{point.label}/aeic", rgb, rec)
             aeic = self.results.done[(*key, "aeic")]
-        missing = [m for m in self.methods[1:] if (*key, m) not in done]
+        missing = [m for m in self.methods if m != "aeic" and (*key, m) not in done]
         if not missing:
             return
         budget = point.budget_bytes(rgb.shape[1], rgb.shape[0])
@@ -276,12 +291,11 @@ class Evaluator:
                 return
             budget = int(aeic["bytes"])
         rows = []
-        for row, rec in self._baseline_rows(base, rgb, budget):
-            if row["method"] in missing:
-                rows.append(row)
-                self._save(index, point, row["method"], path.name, rec)
-                if rec is not None:
-                    self.learned.add_to_set(f"{point.label}/{row['method']}", rgb, rec)
+        for row, rec in self._baseline_rows(base, rgb, budget, missing):
+            rows.append(row)
+            self._save(index, point, row["method"], path.name, rec)
+            if rec is not None:
+                self.learned.add_to_set(f"{point.label}/{row['method']}", rgb, rec)
         self.results.append(rows)
 
     def run(self, progress: bool = True) -> dict[str, Any]:

@@ -232,3 +232,21 @@ def test_cli_missing_image_folder_is_a_clear_error(tmp_path: Path, capsys) -> No
     argv = ["--images", str(tmp_path / "nope"), "--rates", "0", "--out", str(tmp_path / "o")]
     assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 2
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_baselines_only_needs_budgets_and_scores_best_once(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--images", str(images), "--budgets-bpp", "0.6", "--baselines-only", "--out", str(out)]
+    argv += ["--metrics", "psnr,texture", "--no-progress", "--no-plots"]
+    assert cli.main_eval(argv) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"jpeg", "webp", "avif", "jxl", "best"}
+    for image in ("img0.png", "img1.png"):
+        by_method = {r["method"]: r for r in rows if r["image"] == image}
+        best = by_method["best"]
+        assert best["psnr"] == max(
+            r["psnr"] for m, r in by_method.items() if m != "best" and r["status"] == "ok"
+        )
+        assert best["bytes"] == by_method[best["detail"]]["bytes"] <= 460  # floor(0.6 * 64 * 96 / 8)
+    bad = ["--images", str(images), "--rates", "0", "--baselines-only", "--out", str(tmp_path / "o2")]
+    assert cli.main_eval(bad) == 2
