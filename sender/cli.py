@@ -196,6 +196,9 @@ class ImageEncoder:
     """Read/encode one input with uniform error reporting (shared by every command)."""
 
     def __init__(self, codec: Codec, control: RateControl, reporter: Reporter) -> None:
+        levels = getattr(codec, "num_levels", None)
+        if control.rate is not None and isinstance(levels, int) and not 0 <= control.rate < levels:
+            raise UsageError(f"rate {control.rate} is not offered by this model: choose 0..{levels - 1}")
         self.codec, self.control, self.reporter = codec, control, reporter
         self.budget_error = _budget_error()
 

@@ -173,6 +173,7 @@ class ContainerCodec:
     model_id = b"TEST"
     provider = "CPUExecutionProvider"
     rates = (0, 1, 2, 3)
+    num_levels = 4
 
     def __init__(self) -> None:
         self.calls = 0

@@ -148,6 +148,8 @@ def test_usage_errors_exit_2_with_one_line(
         == cli.EXIT_USAGE
     )
     assert "rate" in capsys.readouterr().err
+    assert _run(["encode", str(images[0]), "-o", str(tmp_path), "--rate", "7"], monkeypatch, tmp_path) == 2
+    assert "choose 0..3" in capsys.readouterr().err
 
 
 def test_spool_command_lists_items(
