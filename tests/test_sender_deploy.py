@@ -1,0 +1,44 @@
+"""deploy/sender: the systemd unit is valid and the install guide matches the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from aeic.sender.cli import COMMANDS, build_parser
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "sender"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = tmp_path / "aeic-sender.service"
+    unit.write_text((DEPLOY / "aeic-sender.service").read_text())
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # The only complaint allowed here is that the agent is not installed on this machine.
+    problems = [
+        line for line in result.stderr.splitlines() if line.strip() and "is not executable" not in line
+    ]
+    assert problems == []
+
+
+def test_unit_runs_a_real_command_with_the_documented_settings() -> None:
+    text = (DEPLOY / "aeic-sender.service").read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    argv = exec_start.removeprefix("ExecStart=").split()[1:]
+    args = build_parser().parse_args(argv)
+    assert args.command == "watch"
+    assert "AEIC_SENDER_CONFIG=/etc/aeic/sender.toml" in text and "StateDirectory=aeic-sender" in text
+
+
+def test_readme_lists_every_command() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    assert all(f"`aeic-send {command}" in readme or command == "send" for command in COMMANDS)
