@@ -27,6 +27,7 @@ class NanoDecoderConfig:
     noise_channels: int = 4
     widths: tuple[int, ...] = (64, 128, 128)
     num_rates: int = 6
+    internal_pixel_width: int = 64  # only for the internal pixel decoder
 
 
 def rate_timestep(rate_index: torch.Tensor, num_rates: int) -> torch.Tensor:
@@ -75,7 +76,7 @@ class NanoDecoder(nn.Module):
         nn.init.zeros_(self.unet.conv_out.weight)
         nn.init.zeros_(self.unet.conv_out.bias)
         if internal_pixel_decoder:
-            self.pixel_decoder = InternalPixelDecoder(config.latent_channels)
+            self.pixel_decoder = InternalPixelDecoder(config.latent_channels, config.internal_pixel_width)
         else:  # frozen and not part of state_dict: loaded from its own (configured) weights
             object.__setattr__(self, "pixel_decoder", pixel_decoder)
 

@@ -1,0 +1,148 @@
+"""The receiver's codec: parse, entropy-decode (exact, torch backend), synthesise, one UNet pass, pixels.
+
+Entropy decoding is per image (it is sequential by nature); synthesis, the UNet and the pixel
+decoder run batched over images of the same padded size, on CUDA when present.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from aeic.codec import taesd
+from aeic.codec.diffusion_decoder import NanoDecoder
+from aeic.codec.entropy_model import TorchBackend
+from aeic.codec.model import ALIGNMENT, ModelConfig
+from aeic.codec.synthesis import SynthesisTransform
+from aeic.shared import bitstream
+from aeic.shared.entropy_model import FRACTION_BITS
+from aeic.shared.model_package import ModelPackage
+from aeic.shared.padding import correct_colours, padded_size
+
+
+class DecodeError(ValueError):
+    """A well-formed container this receiver cannot decode (unknown model, bad rate level)."""
+
+
+class UnknownModelError(DecodeError):
+    pass
+
+
+@dataclass
+class Timings:
+    entropy_ms: float = 0.0
+    synthesis_ms: float = 0.0
+
+
+@dataclass
+class _Parsed:
+    header: bitstream.Header
+    payload: bytes
+    timings: Timings = field(default_factory=Timings)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ReceiverModel(nn.Module):
+    """Synthesis transform and one-step decoder, as stored in ``receiver.safetensors``."""
+
+    def __init__(self, config: ModelConfig, pixel_decoder: nn.Module | None) -> None:
+        super().__init__()
+        self.synthesis = SynthesisTransform(
+            config.analysis.latent_channels, config.decoder.latent_channels, config.synthesis_widths
+        )
+        self.decoder = NanoDecoder(config.decoder, pixel_decoder, internal_pixel_decoder=config.pixel_decoder == "internal")
+
+    @torch.no_grad()
+    def forward(self, y_hat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        unet_input, residual = self.synthesis(y_hat)
+        return self.decoder.decode_pixels(self.decoder.refine(unet_input, residual, positions))
+
+
+class ReceiverCodec:
+    """Decodes AEIC bitstreams made with one model package."""
+
+    def __init__(self, package: ModelPackage, device: str = "auto") -> None:
+        self.package = package
+        self.device = resolve_device(device)
+        config = ModelConfig.from_dict(package.manifest["config"])
+        pixel_decoder = taesd.load_taef2("decoder") if config.pixel_decoder == "taef2" else None
+        self.model = ReceiverModel(config, pixel_decoder)
+        state = {k: v.float() for k, v in load_file(str(package.file("receiver.safetensors"))).items()}
+        self.model.load_state_dict(state, strict=True)
+        self.model.to(self.device).eval()
+        if pixel_decoder is not None:
+            self.model.decoder.attach_pixel_decoder(pixel_decoder.to(self.device))
+        self.backend = TorchBackend(self.device)
+        self.channels = config.analysis.latent_channels
+        self.last_timings: list[Timings] = []
+
+    @classmethod
+    def from_package(cls, path: Path | str | None = None, device: str = "auto") -> "ReceiverCodec":
+        return cls(ModelPackage.load(path), device)
+
+    @property
+    def model_id(self) -> bytes:
+        return self.package.model_id
+
+    def parse(self, data: bytes) -> _Parsed:
+        """Validate the container and that this model can decode it (no decoding yet)."""
+        stream = bitstream.unpack(data)
+        header = stream.header
+        if header.model_id != self.model_id:
+            raise UnknownModelError(
+                f"bitstream made with model {header.model_id.hex()}, this receiver has {self.model_id.hex()}"
+            )
+        if header.rate_index >= self.package.num_levels:
+            raise DecodeError(f"rate level {header.rate_index} outside 0..{self.package.num_levels - 1}")
+        return _Parsed(header, stream.payload)
+
+    def _latent(self, parsed: _Parsed) -> torch.Tensor:
+        header = parsed.header
+        height, width = padded_size(header.height, header.width, ALIGNMENT)
+        shape = (self.channels, height // 32, width // 32)
+        start = time.perf_counter()
+        fixed = self.package.entropy_model.decode(parsed.payload, shape, self.backend)
+        parsed.timings.entropy_ms = (time.perf_counter() - start) * 1e3
+        gain = self.package.level_gains[header.rate_index][:, None, None]
+        return torch.from_numpy((fixed / (1 << FRACTION_BITS) / gain).astype(np.float32))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """HxWx3 uint8 at the true size."""
+        return self.decode_batch([data])[0]
+
+    def decode_batch(self, streams: list[bytes]) -> list[np.ndarray]:
+        """Decode several streams; same-size images share one synthesis/UNet/pixel batch."""
+        parsed = [self.parse(data) for data in streams]
+        latents = [self._latent(p) for p in parsed]
+        results: list[np.ndarray | None] = [None] * len(parsed)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, latent in enumerate(latents):
+            groups.setdefault(tuple(latent.shape), []).append(i)
+        for members in groups.values():
+            start = time.perf_counter()
+            batch = torch.stack([latents[i] for i in members]).to(self.device)
+            positions = torch.tensor([self.package.level_position(parsed[i].header.rate_index) for i in members])
+            pixels = self.model(batch, positions.to(self.device)).cpu()
+            elapsed = (time.perf_counter() - start) * 1e3 / len(members)
+            for row, i in enumerate(members):
+                parsed[i].timings.synthesis_ms = elapsed
+                results[i] = self._finish(pixels[row], parsed[i].header)
+        self.last_timings = [p.timings for p in parsed]
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _finish(pixels: torch.Tensor, header: bitstream.Header) -> np.ndarray:
+        rgb = (pixels[:, : header.height, : header.width].permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255)
+        rgb = rgb.astype(np.uint8)
+        return correct_colours(rgb, header.colour_stats) if header.colour_stats else rgb

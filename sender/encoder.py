@@ -1,0 +1,121 @@
+"""The sender's codec: ONNX analysis, the integer entropy model in numpy, rANS, the container.
+
+No torch: onnxruntime runs the float transforms, numpy the exact integer model. The analysis
+transform runs once per image; a byte budget is met by searching rate levels over the light
+hyper-analysis and entropy coding only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from aeic.shared import bitstream
+from aeic.shared.model_package import ModelPackage
+from aeic.shared.padding import colour_statistics, pad_to_multiple
+
+ALIGNMENT = 128
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class BudgetError(ValueError):
+    """Even the lowest rate level does not fit the byte budget."""
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def choose_providers(requested: str | None) -> list[str]:
+    """The requested provider if this onnxruntime build has it, always with the CPU as fallback."""
+    available = ort.get_available_providers()
+    if requested and requested in available and requested != CPU_PROVIDER:
+        return [requested, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+@dataclass
+class AnalysedImage:
+    """An image after the analysis transform: reusable across rate levels."""
+
+    rgb: np.ndarray
+    latent: np.ndarray  # (1, C, h, w) float32
+
+
+class SenderCodec:
+    """Encodes RGB images into AEIC bitstreams with one model package."""
+
+    def __init__(self, package: ModelPackage, provider: str | None = None, threads: int | None = None) -> None:
+        self.package = package
+        options = session_options(threads)
+        providers = choose_providers(provider)
+        self.analysis = ort.InferenceSession(str(package.file("analysis.onnx")), options, providers=providers)
+        self.hyper = ort.InferenceSession(str(package.file("hyper.onnx")), options, providers=providers)
+        self.provider = self.analysis.get_providers()[0]
+
+    @classmethod
+    def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None) -> "SenderCodec":
+        return cls(ModelPackage.load(path), provider, threads)
+
+    @property
+    def model_id(self) -> bytes:
+        return self.package.model_id
+
+    @property
+    def num_levels(self) -> int:
+        return self.package.num_levels
+
+    def analyse(self, rgb: np.ndarray) -> AnalysedImage:
+        """Run the analysis transform once (the expensive part)."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError("expected an HxWx3 uint8 RGB image")
+        height, width = rgb.shape[:2]
+        if not (1 <= height <= bitstream.MAX_DIMENSION and 1 <= width <= bitstream.MAX_DIMENSION):
+            raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
+        padded = pad_to_multiple(rgb, ALIGNMENT)
+        image = (padded.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
+        (latent,) = self.analysis.run(["latent"], {"image": np.ascontiguousarray(image)})
+        return AnalysedImage(rgb, latent)
+
+    def encode_analysed(self, analysed: AnalysedImage, level: int) -> bytes:
+        if not 0 <= level < self.num_levels:
+            raise ValueError(f"rate level {level} outside 0..{self.num_levels - 1}")
+        scaled, z = self.hyper.run(["scaled", "z"], {"latent": analysed.latent, "gain": self.package.level_gains[level]})
+        payload, _ = self.package.entropy_model.encode(scaled[0], z[0])
+        height, width = analysed.rgb.shape[:2]
+        header = bitstream.Header(
+            model_id=self.model_id,
+            width=width,
+            height=height,
+            rate_index=level,
+            colour_stats=colour_statistics(analysed.rgb),
+        )
+        return bitstream.pack(bitstream.Bitstream(header, payload))
+
+    def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
+        """A complete bitstream of ``rgb`` at rate level ``rate_index``."""
+        return self.encode_analysed(self.analyse(rgb), rate_index)
+
+    def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]:
+        """The highest rate level whose whole bitstream fits ``target_bytes`` (binary search)."""
+        analysed = self.analyse(rgb)
+        low, high, best = 0, self.num_levels - 1, None
+        while low <= high:
+            middle = (low + high) // 2
+            stream = self.encode_analysed(analysed, middle)
+            if len(stream) <= target_bytes:
+                best, low = (stream, middle), middle + 1
+            else:
+                high = middle - 1
+        if best is None:
+            smallest = len(self.encode_analysed(analysed, 0))
+            raise BudgetError(f"even the lowest rate needs {smallest} bytes, over the budget of {target_bytes}")
+        return best

@@ -1,0 +1,163 @@
+"""A model package: the folder both sides load, and the model id that bitstreams carry.
+
+Layout (``docs/architecture.md``)::
+
+    manifest.json          profile, configuration, rate levels, file digests, model id
+    analysis.onnx          sender: image -> latent (runs once per image)
+    hyper.onnx             sender: (latent, gain) -> (scaled latent, hyper-latent)
+    entropy.npz            both: integer entropy-model layers, CDF tables, per-level gains
+    receiver.safetensors   receiver: synthesis transform and one-step decoder
+
+The model id is the first 4 bytes of the SHA-256 of the manifest's canonical JSON, which lists
+the SHA-256 of every file, so a receiver refuses streams made with weights it does not have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .entropy_coding import CdfTables
+from .entropy_model import EntropyModel, IntConv, Layer, PixelShuffle
+
+MANIFEST = "manifest.json"
+FORMAT = "aeic-model/1"
+DEFAULT_MODEL = "nano-se"
+
+
+class ModelPackageError(ValueError):
+    """The folder is not a complete, consistent model package."""
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def canonical_json(data: dict) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def compute_model_id(manifest: dict) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != "model_id"}
+    return hashlib.sha256(canonical_json(body)).digest()[:4]
+
+
+def models_root() -> Path:
+    """Where shipped packages live (``aeic/models``)."""
+    return Path(__file__).resolve().parents[1] / "aeic" / "models"
+
+
+def default_model_dir() -> Path:
+    """``AEIC_MODEL`` (a folder), else the shipped default package."""
+    configured = os.environ.get("AEIC_MODEL")
+    return Path(configured) if configured else models_root() / DEFAULT_MODEL
+
+
+# -- integer layers <-> arrays ---------------------------------------------------------------------
+def layers_to_arrays(layers: list[Layer], prefix: str) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {f"{prefix}.count": np.array([len(layers)], dtype=np.int32)}
+    for i, layer in enumerate(layers):
+        key = f"{prefix}.{i}"
+        if isinstance(layer, PixelShuffle):
+            arrays[f"{key}.pixel_shuffle"] = np.array([layer.factor], dtype=np.int32)
+        else:
+            arrays[f"{key}.weight"] = layer.weight.astype(np.int8)
+            for name in ("bias", "shift", "lo", "hi"):
+                arrays[f"{key}.{name}"] = getattr(layer, name).astype(np.int64)
+    return arrays
+
+
+def layers_from_arrays(arrays: dict[str, np.ndarray], prefix: str) -> list[Layer]:
+    layers: list[Layer] = []
+    for i in range(int(arrays[f"{prefix}.count"][0])):
+        key = f"{prefix}.{i}"
+        if f"{key}.pixel_shuffle" in arrays:
+            layers.append(PixelShuffle(int(arrays[f"{key}.pixel_shuffle"][0])))
+        else:
+            layers.append(IntConv(*(np.asarray(arrays[f"{key}.{n}"]) for n in ("weight", "bias", "shift", "lo", "hi"))))
+    return layers
+
+
+def entropy_model_to_arrays(model: EntropyModel) -> dict[str, np.ndarray]:
+    arrays = layers_to_arrays(model.hyper_synthesis, "hyper_synthesis")
+    for step, layers in enumerate(model.context):
+        arrays.update(layers_to_arrays(layers, f"context.{step}"))
+    arrays.update(model.z_tables.to_arrays("z_tables"))
+    arrays.update(model.y_tables.to_arrays("y_tables"))
+    arrays["latent_channels"] = np.array([model.latent_channels], dtype=np.int32)
+    arrays["context.count"] = np.array([len(model.context)], dtype=np.int32)
+    return arrays
+
+
+def entropy_model_from_arrays(arrays: dict[str, np.ndarray]) -> EntropyModel:
+    return EntropyModel(
+        hyper_synthesis=layers_from_arrays(arrays, "hyper_synthesis"),
+        context=[layers_from_arrays(arrays, f"context.{s}") for s in range(int(arrays["context.count"][0]))],
+        z_tables=CdfTables.from_arrays(arrays, "z_tables"),
+        y_tables=CdfTables.from_arrays(arrays, "y_tables"),
+        latent_channels=int(arrays["latent_channels"][0]),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ModelPackage:
+    """A loaded, verified package. Heavy parts (ONNX, torch weights) load on the side that needs them."""
+
+    path: Path
+    manifest: dict
+    entropy_model: EntropyModel
+    level_gains: np.ndarray  # (levels, C) float32: latent gain of each rate level
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, verify: bool = True) -> "ModelPackage":
+        path = Path(path) if path is not None else default_model_dir()
+        manifest_file = path / MANIFEST
+        if not manifest_file.is_file():
+            raise ModelPackageError(f"{path} is not a model package: {MANIFEST} is missing")
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ModelPackageError(f"{path}: unsupported package format {manifest.get('format')!r}")
+        if verify:
+            cls._verify(path, manifest)
+        with np.load(path / "entropy.npz", allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        return cls(path, manifest, entropy_model_from_arrays(arrays), arrays["levels.gains"].astype(np.float32))
+
+    @staticmethod
+    def _verify(path: Path, manifest: dict) -> None:
+        for name, digest in manifest["files"].items():
+            if not (path / name).is_file():
+                raise ModelPackageError(f"{path}: {name} is missing")
+            if file_digest(path / name) != digest:
+                raise ModelPackageError(f"{path}: {name} does not match its digest in the manifest")
+        if bytes.fromhex(manifest["model_id"]) != compute_model_id(manifest):
+            raise ModelPackageError(f"{path}: the manifest's model id does not match its contents")
+
+    @property
+    def model_id(self) -> bytes:
+        return bytes.fromhex(self.manifest["model_id"])
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def rates(self) -> list[float]:
+        """Nominal bpp of each rate level (the bitstream's rate index)."""
+        return [level["nominal_bpp"] for level in self.manifest["rate_levels"]]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.manifest["rate_levels"])
+
+    def level_position(self, level: int) -> float:
+        """The level's position between the trained rate points (0 .. num_rates - 1)."""
+        return float(self.manifest["rate_levels"][level]["position"])
+
+    def file(self, name: str) -> Path:
+        return self.path / name
