@@ -21,9 +21,9 @@ def resolve_model(model: str | None) -> Path | None:
     path = Path(model)
     if path.is_dir():
         return path
-    import aeic
+    from aeic.shared.model_package import models_root
 
-    shipped = Path(aeic.__file__).resolve().parent / "models" / model
+    shipped = models_root() / model
     if shipped.is_dir():
         return shipped
     raise FileNotFoundError(f"model package not found: {model} (neither a folder nor a shipped model name)")
