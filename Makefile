@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+# piq: weight-free IQA metrics for aeic eval. --no-deps because it requires torchvision only for the
+# learned metrics we never load (torchvision must not be installed next to the CPU torch wheel).
+	$(PY) -m pip install --quiet --no-deps "piq==0.8.0"
 	touch $@
 
 test: $(VENV)/.installed
