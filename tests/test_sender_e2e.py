@@ -1,26 +1,28 @@
 """End to end: real photos -> the real SenderCodec (tiny random-weight package) in a process where
-torch cannot be imported -> spool -> HTTP upload to a receiver on loopback.
+torch cannot be imported -> spool -> HTTP upload to the real receiver on loopback -> decoded there
+by the real ReceiverCodec.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from aeic.sender.spool import Spool
 from aeic.shared.bitstream import unpack
 from PIL import Image
-from sender_support import ReceiverDouble
+from sender_support import RealReceiver
 
 testing = pytest.importorskip("aeic.codec.testing")
 pytest.importorskip("aeic.sender.encoder")
-
-TOKEN = "e2e-device-token"
 
 # Runs aeic-send's main() with every import of torch failing, then checks none slipped in.
 SENDER = textwrap.dedent(
@@ -46,8 +48,10 @@ SENDER = textwrap.dedent(
 )
 
 
-def run_sender(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AEIC_TOKEN": TOKEN, "XDG_STATE_HOME": str(tmp_path / "state")}
+def run_sender(
+    args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), **(extra_env or {})}
     env.pop("AEIC_SENDER_CONFIG", None)
     return subprocess.run(
         [sys.executable, "-c", SENDER, *args],
@@ -109,23 +113,45 @@ def test_encode_with_the_real_codec_and_torch_blocked(
         assert (header.width, header.height, header.rate_index) == (width, height, 0)
 
 
-def test_send_to_receiver_after_an_outage_exactly_once(
+def test_send_to_the_real_receiver_after_an_outage_exactly_once(
     package: Path, photos: list[Path], tmp_path: Path
 ) -> None:
+    ReceiverCodec = pytest.importorskip("aeic.receiver.decoder").ReceiverCodec
+    pytest.importorskip("aeic.receiver.api")
+
     good = [str(p) for p in photos if p.name != "broken.png"]
     spool_dir = tmp_path / "spool"
-    receiver = ReceiverDouble(TOKEN)  # down at first
-    base = ["--model", str(package), "--to", receiver.url, "--spool", str(spool_dir), "--retry-for", "0"]
-    down = run_sender(["send", *good, *base, "--rate", "1"], tmp_path)
+    receiver = RealReceiver(tmp_path / "receiver", [ReceiverCodec.from_package(package, device="cpu")])
+    base = ["--to", receiver.url, "--spool", str(spool_dir), "--retry-for", "0"]
+    env = {"AEIC_TOKEN": receiver.token}
+    encode = ["--model", str(package), "--rate", "1"]
+    down = run_sender(["send", *good, *base, *encode], tmp_path, env)  # the receiver is down
     assert down.returncode == 3, down.stderr  # queued, not delivered
     assert len(Spool(spool_dir)) == 3
     with receiver:
-        up = run_sender(["flush", *base], tmp_path)
-        again = run_sender(["send", *good, *base, "--rate", "1"], tmp_path)  # same photos: same keys
+        up = run_sender(["flush", *base], tmp_path, env)
+        again = run_sender(["send", *good, *base, *encode], tmp_path, env)  # same photos: same keys
+        images = _wait_until_decoded(receiver, 3)
+        reconstruction = httpx.get(
+            f"{receiver.url}/v1/images/{images[0]['id']}/reconstruction",
+            headers={"Authorization": f"Bearer {receiver.token}"},
+            timeout=30,
+        )
     assert up.returncode == 0, up.stderr
     assert again.returncode == 0, again.stderr
-    assert len(receiver.stored) == 3 and len(Spool(spool_dir)) == 0
-    statuses = sorted(r["status"] for r in receiver.requests)
-    assert statuses == [200, 200, 200, 202, 202, 202]  # the repeat is recognised, not stored twice
-    sizes = sorted((unpack(b).header.width, unpack(b).header.height) for b in receiver.stored.values())
-    assert sizes == sorted(EXPECTED_SIZES.values())
+    assert len(Spool(spool_dir)) == 0
+    assert len(images) == 3  # the repeat was recognised by its Idempotency-Key, not stored twice
+    assert all(image["status"] == "done" for image in images), images
+    assert sorted((i["width"], i["height"]) for i in images) == sorted(EXPECTED_SIZES.values())
+    decoded = Image.open(io.BytesIO(reconstruction.content))
+    assert reconstruction.status_code == 200 and decoded.size == (images[0]["width"], images[0]["height"])
+
+
+def _wait_until_decoded(receiver: RealReceiver, count: int, timeout: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        images = receiver.images()
+        if len(images) >= count and all(i["status"] in ("done", "failed") for i in images):
+            return images
+        assert time.monotonic() < deadline, images
+        time.sleep(0.2)
