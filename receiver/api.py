@@ -186,6 +186,10 @@ def _parse_header(state: ReceiverState, data: bytes) -> bs.Header:
     if not state.registry.knows(header.model_id):
         known = ", ".join(sorted(m.hex() for m in state.registry.model_ids())) or "none"
         raise ApiError(422, "unknown_model", f"model id {header.model_id.hex()} is not served here (known: {known})")
+    levels = state.registry.num_levels(header.model_id)
+    if levels is not None and header.rate_index >= levels:
+        raise ApiError(422, "unknown_rate", f"rate index {header.rate_index} is outside 0..{levels - 1} "
+                                            f"for model {header.model_id.hex()}")
     limit = state.settings.max_dimension
     if header.width > limit or header.height > limit:
         raise ApiError(422, "dimensions_too_large",

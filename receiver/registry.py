@@ -27,8 +27,10 @@ class DecoderLike(Protocol):
 class CodecRegistry:
     """model id -> decoder, each built once by its loader, thread-safely."""
 
-    def __init__(self, loaders: dict[bytes, Callable[[], DecoderLike]]) -> None:
+    def __init__(self, loaders: dict[bytes, Callable[[], DecoderLike]],
+                 levels: dict[bytes, int] | None = None) -> None:
         self._loaders = dict(loaders)
+        self._levels = dict(levels or {})
         self._loaded: dict[bytes, DecoderLike] = {}
         self._lock = threading.Lock()
 
@@ -39,6 +41,9 @@ class CodecRegistry:
         for codec in codecs:
             registry._loaders[bytes(codec.model_id)] = lambda c=codec: c
             registry._loaded[bytes(codec.model_id)] = codec
+            package = getattr(codec, "package", None)
+            if package is not None:
+                registry._levels[bytes(codec.model_id)] = int(package.num_levels)
         return registry
 
     @classmethod
@@ -49,10 +54,12 @@ class CodecRegistry:
         from aeic.shared.model_package import ModelPackage, default_model_dir
 
         loaders: dict[bytes, Callable[[], DecoderLike]] = {}
+        levels: dict[bytes, int] = {}
         for path in paths or [default_model_dir()]:
             package = ModelPackage.load(path)
             loaders[bytes(package.model_id)] = lambda p=Path(path): _load_receiver_codec(p, device)
-        return cls(loaders)
+            levels[bytes(package.model_id)] = package.num_levels
+        return cls(loaders, levels)
 
     def model_ids(self) -> frozenset[bytes]:
         """Every model id an upload may carry."""
@@ -61,6 +68,10 @@ class CodecRegistry:
     def knows(self, model_id: bytes) -> bool:
         """Whether uploads for `model_id` are accepted."""
         return bytes(model_id) in self._loaders
+
+    def num_levels(self, model_id: bytes) -> int | None:
+        """How many rate levels the model has (None when the decoder did not say)."""
+        return self._levels.get(bytes(model_id))
 
     def get(self, model_id: bytes) -> DecoderLike:
         """The decoder for `model_id`, loading it on first use; KeyError when unknown."""

@@ -9,6 +9,7 @@ restart, and jobs a dead worker left in `decoding` are requeued).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from aeic.receiver.storage import (
     MetadataStore,
 )
 from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumbnail_key
+from aeic.shared.bitstream import BitstreamError
 
 __all__ = ["DecodeWorker", "WorkerConfig"]
 
@@ -131,44 +133,49 @@ class DecodeWorker:
             return self._checked(claim, [r for r, _ in loaded], results, timings)
         except Exception as exc:  # noqa: BLE001 - decoder errors are data errors here
             if len(loaded) == 1:
-                self._fail(claim, loaded[0][0], _reason(exc))
+                self._fail(claim, loaded[0][0], _reason(exc), permanent=_is_permanent(exc))
                 return []
         out: list[_Decoded] = []
         for record, data in loaded:
             try:
                 out += self._checked(claim, [record], *self._timed_batch(codec, [data]))
             except Exception as exc:  # noqa: BLE001
-                self._fail(claim, record, _reason(exc))
+                self._fail(claim, record, _reason(exc), permanent=_is_permanent(exc))
         return out
 
     @staticmethod
-    def _timed_batch(codec: DecoderLike, items: list[bytes]) -> tuple[list[np.ndarray], DecodeTimings]:
-        """Decode and measure; each image gets an equal share of the batch's time.
+    def _timed_batch(codec: DecoderLike, items: list[bytes]) -> tuple[list[np.ndarray], list[DecodeTimings]]:
+        """Decode and measure; each image gets an equal share of the batch's wall time.
 
-        A decoder that reports `last_timings` ({"entropy_ms", "decoder_ms"} for the whole batch) gets the
-        split recorded too."""
+        The ReceiverCodec reports per-image `last_timings` (entropy decoding, and its share of the batched
+        synthesis + decoder pass); those are recorded as the entropy/decoder split."""
         start = time.perf_counter()
         results = codec.decode_batch(items)
         total_ms = (time.perf_counter() - start) * 1000.0
-        if len(results) != len(items):
-            raise RuntimeError(f"decoder returned {len(results)} images for {len(items)} bitstreams")
         n = len(items)
+        if len(results) != n:
+            raise RuntimeError(f"decoder returned {len(results)} images for {n} bitstreams")
         split = getattr(codec, "last_timings", None)
-        entropy = decoder = None
-        if isinstance(split, dict):
-            entropy, decoder = _share(split.get("entropy_ms"), n), _share(split.get("decoder_ms"), n)
-        return results, DecodeTimings(entropy_ms=entropy, decoder_ms=decoder, total_ms=total_ms / n, batch_size=n)
+        if not isinstance(split, (list, tuple)) or len(split) != n:
+            split = [None] * n
+        timings = [
+            DecodeTimings(entropy_ms=_ms(getattr(t, "entropy_ms", None)),
+                          decoder_ms=_ms(getattr(t, "synthesis_ms", getattr(t, "decoder_ms", None))),
+                          total_ms=total_ms / n, batch_size=n)
+            for t in split
+        ]
+        return results, timings
 
     def _checked(self, claim: Claim, records: list[ImageRecord], results: list[np.ndarray],
-                 timings: DecodeTimings) -> list[_Decoded]:
+                 timings: list[DecodeTimings]) -> list[_Decoded]:
         out = []
-        for record, rgb in zip(records, results):
+        for record, rgb, timing in zip(records, results, timings):
             rgb = np.asarray(rgb)
             if rgb.shape != (record.height, record.width, 3) or rgb.dtype != np.uint8:
                 self._fail(claim, record, f"decoder returned {rgb.dtype} {rgb.shape}, expected uint8 "
                                           f"({record.height}, {record.width}, 3)")
                 continue
-            out.append(_Decoded(record, rgb, timings))
+            out.append(_Decoded(record, rgb, timing))
         return out
 
     def _store_result(self, claim: Claim, item: _Decoded) -> None:
@@ -194,17 +201,29 @@ class DecodeWorker:
                 self.metrics.decoder_ms.observe(timings.decoder_ms)
             self.metrics.batch_size.observe(timings.batch_size)
 
-    def _fail(self, claim: Claim, record: ImageRecord, reason: str) -> None:
+    def _fail(self, claim: Claim, record: ImageRecord, reason: str, permanent: bool = False) -> None:
+        """Record a failed attempt; `permanent` failures (the data itself is undecodable) are not retried."""
         delay = self.config.retry_delay_s * (2 ** max(record.attempts - 1, 0))
         retry_at = time.time() + min(delay, 3600.0)
         log.warning("decode of %s failed (attempt %d): %s", record.id, record.attempts, reason)
-        self.store.fail_attempt(record.id, claim.token, reason, self.config.max_attempts, retry_at)
+        attempts_allowed = record.attempts if permanent else self.config.max_attempts
+        self.store.fail_attempt(record.id, claim.token, reason, attempts_allowed, retry_at)
         if self.metrics is not None:
             self.metrics.decoded.labels("failed").inc()
 
 
-def _share(value: object, n: int) -> float | None:
-    return float(value) / n if isinstance(value, (int, float)) else None
+def _ms(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """Errors about the data itself (invalid container, a stream this model cannot decode): retrying the
+    same bytes cannot succeed. Anything else (memory, device, I/O) may be transient and is retried."""
+    if isinstance(exc, BitstreamError):
+        return True
+    decoder = sys.modules.get("aeic.receiver.decoder")  # only loaded when the real codec is in use
+    decode_error = getattr(decoder, "DecodeError", None)
+    return isinstance(decode_error, type) and isinstance(exc, decode_error)
 
 
 def _reason(exc: BaseException) -> str:

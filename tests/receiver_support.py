@@ -3,6 +3,7 @@ engines, and a decoder double that satisfies the ReceiverCodec contract."""
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
@@ -184,3 +185,28 @@ def browser(tmp_path: Path) -> Iterator[object]:
         yield driver
     finally:
         driver.quit()
+
+
+_TINY: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_package() -> Iterator[Path]:
+    """A real (random-weight) model package, exported once per test process."""
+    testing = pytest.importorskip("aeic.codec.testing", reason="aeic.codec.testing is not available")
+    if "path" not in _TINY:
+        root = Path(tempfile.mkdtemp(prefix="aeic-tiny-"))
+        atexit.register(shutil.rmtree, root, True)
+        _TINY["path"] = Path(testing.make_tiny_package(root / "package"))
+    yield _TINY["path"]
+
+
+def natural_photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A smooth, colourful, deterministic stand-in for a photo (gradients, a block, mild noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin((x + y) / 9.0)], axis=-1) * 200
+    base += rng.uniform(0, 40, size=3) + rng.normal(0, 4, size=base.shape)
+    image = base.clip(0, 255).astype(np.uint8)
+    image[height // 4: height // 2, width // 4: width // 2] = rng.integers(0, 255, size=3, dtype=np.uint8)
+    return image

@@ -15,28 +15,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import receiver_support
 from PIL import Image
 from receiver_support import free_port
 
-testing = pytest.importorskip("aeic.codec.testing", reason="aeic.codec.testing (tiny model package) not available")
+pytest.importorskip("aeic.codec.testing", reason="aeic.codec.testing (tiny model package) not available")
 
 from aeic.receiver.decoder import ReceiverCodec
 from aeic.sender.encoder import SenderCodec
 
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(testing.make_tiny_package(tmp_path_factory.mktemp("tiny-package")))
-
-
-def photo(width: int, height: int, seed: int) -> np.ndarray:
-    """A smooth colourful test picture (gradients plus a few shapes), deterministic per seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin((x + y) / 9.0)], axis=-1)
-    image = (base * 200 + rng.uniform(0, 40, size=3)).clip(0, 255).astype(np.uint8)
-    image[height // 4: height // 2, width // 4: width // 2] = rng.integers(0, 255, size=3, dtype=np.uint8)
-    return image
+# Fixtures shared with the other receiver tests.
+tiny_package = receiver_support.tiny_package
+photo = receiver_support.natural_photo
 
 
 def _serve(package: Path, data: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
@@ -78,7 +68,8 @@ def _wait_done(base: str, headers: dict[str, str], ids: list[str]) -> list[dict]
     raise AssertionError("images were not decoded in time")
 
 
-def test_real_bitstreams_survive_a_killed_receiver_and_decode_exactly(package: Path, tmp_path: Path) -> None:
+def test_real_bitstreams_survive_a_killed_receiver_and_decode_exactly(tiny_package: Path, tmp_path: Path) -> None:
+    package = tiny_package
     sender = SenderCodec.from_package(package)
     receiver = ReceiverCodec.from_package(package, device="cpu")
     pictures = [photo(96, 64, 1), photo(96, 64, 2), photo(64, 80, 3)]
@@ -131,7 +122,8 @@ def test_real_bitstreams_survive_a_killed_receiver_and_decode_exactly(package: P
         _stop(second)
 
 
-def test_demo_runs_non_interactively_and_leaves_no_process(package: Path, tmp_path: Path) -> None:
+def test_demo_runs_non_interactively_and_leaves_no_process(tiny_package: Path, tmp_path: Path) -> None:
+    package = tiny_package
     images = tmp_path / "photos"
     images.mkdir()
     for n in range(2):

@@ -10,10 +10,9 @@ import httpx
 import receiver_support
 from aeic.receiver.api import create_app
 from aeic.receiver.auth import create_device_token
-from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import SqlMetadataStore
-from receiver_support import FakeCodec, ServerThread, make_bitstream
+from receiver_support import ServerThread
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
@@ -23,6 +22,7 @@ ADMIN = "gallery-admin-token"
 
 # Fixtures shared with the other receiver tests.
 browser = receiver_support.browser
+tiny_package = receiver_support.tiny_package
 
 
 def _device_token(settings: ReceiverSettings, device: str) -> str:
@@ -62,24 +62,29 @@ def _scale(driver) -> str:
     return str(driver.find_element(By.ID, "viewer").get_attribute("data-scale"))
 
 
-def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser) -> None:
-    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, poll_interval_s=0.05)
+def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser, tiny_package: Path) -> None:
+    from aeic.sender.encoder import SenderCodec
+
+    sender = SenderCodec.from_package(tiny_package)
+    streams = [sender.encode(receiver_support.natural_photo(w, h, seed), 0)
+               for w, h, seed in ((96, 64, 1), (64, 64, 2), (400, 300, 3))]
+    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, poll_interval_s=0.05,
+                                model_packages=[tiny_package], device="cpu")
     token = _device_token(settings, "cam1")
-    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
-    with ServerThread(app) as server:
-        first = _upload_and_wait(server.url, token, make_bitstream(96, 64, payload=b"\x01"))
-        second = _upload_and_wait(server.url, token, make_bitstream(64, 64, payload=b"\x02"))
+    with ServerThread(create_app(settings)) as server:
+        first = _upload_and_wait(server.url, token, streams[0])
+        second = _upload_and_wait(server.url, token, streams[1])
         browser.get(f"{server.url}/login?token={ADMIN}")
         wait = WebDriverWait(browser, 20)
         wait.until(lambda d: _card_ids(d) == [second, first] and _thumbs_loaded(d))
 
-        third = _upload_and_wait(server.url, token, make_bitstream(400, 300, payload=b"\x03"))
+        third = _upload_and_wait(server.url, token, streams[2])
         wait.until(lambda d: _card_ids(d) == [third, second, first] and _thumbs_loaded(d))
 
         browser.find_element(By.CSS_SELECTOR, f'#grid .card[data-id="{third}"]').click()
         wait.until(lambda d: d.find_elements(By.ID, "reconstruction"))
         assert browser.find_element(By.ID, "m-size").text == "400 × 300 px"
-        size = len(make_bitstream(400, 300, payload=b"\x03"))
+        size = len(streams[2])
         assert browser.find_element(By.ID, "m-bytes").text == f"{size} bytes"
         assert browser.find_element(By.ID, "m-bpp").text == f"{size * 8 / (400 * 300):.4f}"
         assert browser.find_element(By.ID, "m-decode").text.endswith("ms")

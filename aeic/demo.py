@@ -1,0 +1,325 @@
+"""`make demo` / `python -m aeic.demo`: the whole system on one machine.
+
+Starts the receiver on loopback with the embedded default (SQLite + files + in-process worker), sends a
+handful of real photos through the sender codec at one rate, waits for the reconstructions, prints a
+table (image, bytes, bpp, PSNR, encode ms, decode ms), writes a side-by-side picture and the gallery URL.
+In a terminal it keeps serving the gallery until Ctrl-C; without a TTY (or with CI=true) it exits by
+itself and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["main"]
+
+# Photographs bundled inside scikit-image's wheel (no download).
+_SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+_ROW_HEIGHT = 256
+
+
+@dataclass
+class Result:
+    """One photo's trip through the system."""
+
+    name: str
+    original: np.ndarray
+    bitstream: bytes
+    encode_ms: float
+    image_id: str = ""
+    status: str = "pending"
+    decode_ms: float | None = None
+    error: str | None = None
+    reconstruction: np.ndarray | None = None
+
+    @property
+    def bpp(self) -> float:
+        return len(self.bitstream) * 8 / (self.original.shape[0] * self.original.shape[1])
+
+    @property
+    def psnr(self) -> float | None:
+        if self.reconstruction is None:
+            return None
+        from skimage.metrics import peak_signal_noise_ratio
+
+        return float(peak_signal_noise_ratio(self.original, self.reconstruction, data_range=255))
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+
+def _fit(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscale so the longest side is at most `max_side` (CPU decoding of huge photos is slow)."""
+    height, width = rgb.shape[:2]
+    if max(height, width) <= max_side:
+        return rgb
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+
+
+def load_photos(folder: Path | None, limit: int, max_side: int) -> list[tuple[str, np.ndarray]]:
+    """Photos from `folder` (png/jpg/webp/...), else scikit-image's bundled sample photographs."""
+    photos: list[tuple[str, np.ndarray]] = []
+    if folder is not None:
+        from aeic.sender.images import read_image
+
+        suffixes = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)[:limit]:
+            photos.append((path.name, _fit(read_image(path), max_side)))
+        if not photos:
+            raise SystemExit(f"demo: no images found in {folder}")
+        return photos
+    from skimage import data
+
+    for name in _SAMPLE_PHOTOS[:limit]:
+        photos.append((name, _fit(np.ascontiguousarray(getattr(data, name)()[..., :3]), max_side)))
+    return photos
+
+
+# -- the receiver process ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def receiver_process(data_dir: Path, model: Path | None, port: int, admin: str,
+                     extra: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+    """`aeic-receiver serve` on loopback; always stopped (SIGTERM, then SIGKILL) on exit."""
+    command = [sys.executable, "-m", "aeic.receiver.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--data", str(data_dir), "--log-level", "warning", *extra]
+    if model is not None:
+        command += ["--model", str(model)]
+    env = {**os.environ, "AEIC_ADMIN_TOKEN": admin}
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_ready(client: httpx.Client, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"demo: the receiver exited with code {process.returncode}")
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("demo: the receiver did not become ready in time")
+
+
+def _device_token(data_dir: Path) -> str:
+    from aeic.receiver.auth import create_device_token
+    from aeic.receiver.storage import SqlMetadataStore
+
+    store = SqlMetadataStore.from_url(f"sqlite:///{(data_dir / 'receiver.db').resolve()}")
+    try:
+        store.migrate()
+        return create_device_token(store, "demo-camera")
+    finally:
+        store.close()
+
+
+# -- sending and collecting ----------------------------------------------------------------------
+
+
+def encode_all(photos: list[tuple[str, np.ndarray]], model: Path | None, rate: int | None) -> tuple[list[Result], int]:
+    """Encode every photo with the sender codec; returns the results and the rate index used."""
+    from aeic.sender.encoder import SenderCodec
+
+    codec = SenderCodec.from_package(model)
+    if rate is None:
+        from aeic.shared.model_package import ModelPackage, default_model_dir
+
+        rates = ModelPackage.load(model or default_model_dir()).rates
+        rate = len(rates) // 2
+    results = []
+    for name, rgb in photos:
+        start = time.perf_counter()
+        data = codec.encode(rgb, rate)
+        results.append(Result(name, rgb, data, (time.perf_counter() - start) * 1000.0))
+    return results, rate
+
+
+def upload_all(client: httpx.Client, token: str, results: list[Result]) -> None:
+    """POST each bitstream like an edge device would."""
+    for result in results:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream",
+                   "Idempotency-Key": f"demo-{result.name}-{secrets.token_hex(4)}"}
+        reply = client.post("/v1/images", content=result.bitstream, headers=headers)
+        if reply.status_code != 202:
+            raise SystemExit(f"demo: upload of {result.name} failed: {reply.status_code} {reply.text}")
+        result.image_id = reply.json()["id"]
+
+
+def collect(client: httpx.Client, token: str, results: list[Result], timeout: float) -> None:
+    """Wait until every image is decoded (or failed) and fetch the reconstructions."""
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + timeout
+    waiting = list(results)
+    while waiting and time.monotonic() < deadline:
+        for result in list(waiting):
+            body = client.get(f"/v1/images/{result.image_id}", headers=headers).json()
+            result.status, result.error = body["status"], body["error"]
+            result.decode_ms = body["timings"]["decode_ms"]
+            if result.status in ("done", "failed"):
+                waiting.remove(result)
+        if waiting:
+            time.sleep(0.25)
+    for result in results:
+        if result.status == "done":
+            png = client.get(f"/v1/images/{result.image_id}/reconstruction.png", headers=headers).content
+            with Image.open(io.BytesIO(png)) as image:
+                result.reconstruction = np.asarray(image.convert("RGB"))
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def table(results: list[Result]) -> str:
+    """The results as an aligned text table."""
+    header = (f"{'image':<22} {'size':>10} {'bytes':>7} {'bpp':>8} {'PSNR dB':>8} {'encode ms':>10} "
+              f"{'decode ms':>10}  status")
+    lines = [header]
+    for r in results:
+        psnr = f"{r.psnr:8.2f}" if r.psnr is not None else f"{'-':>8}"
+        decode = f"{r.decode_ms:10.0f}" if r.decode_ms is not None else f"{'-':>10}"
+        size = f"{r.original.shape[1]}x{r.original.shape[0]}"
+        lines.append(f"{r.name[:22]:<22} {size:>10} {len(r.bitstream):>7} {r.bpp:8.4f} {psnr} "
+                     f"{r.encode_ms:10.0f} {decode}  {r.status}{': ' + r.error if r.error else ''}")
+    return "\n".join(lines)
+
+
+def _row(result: Result) -> Image.Image:
+    def scaled(rgb: np.ndarray) -> Image.Image:
+        image = Image.fromarray(rgb)
+        return image.resize((max(1, round(image.width * _ROW_HEIGHT / image.height)), _ROW_HEIGHT))
+
+    left = scaled(result.original)
+    right = scaled(result.reconstruction) if result.reconstruction is not None else Image.new("RGB", left.size)
+    row = Image.new("RGB", (left.width * 2 + 8, _ROW_HEIGHT + 22), (20, 20, 20))
+    row.paste(left, (0, 22))
+    row.paste(right, (left.width + 8, 22))
+    psnr = f"{result.psnr:.2f} dB" if result.psnr is not None else result.status
+    ImageDraw.Draw(row).text((4, 4), f"{result.name}: original | received ({len(result.bitstream)} B, "
+                                     f"{result.bpp:.4f} bpp, {psnr})", fill=(235, 235, 235))
+    return row
+
+
+def side_by_side(results: list[Result], path: Path) -> Path:
+    """Originals next to their reconstructions, one photo per row."""
+    rows = [_row(r) for r in results]
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (20, 20, 20))
+    y = 0
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def _interactive(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return False
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m aeic.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, help="folder of photos (default: scikit-image's samples)")
+    parser.add_argument("--limit", type=int, default=4, help="at most this many photos")
+    parser.add_argument("--max-side", type=int, default=768, help="downscale photos to this longest side")
+    parser.add_argument("--model", type=Path, help="model package (default: the shipped one)")
+    parser.add_argument("--rate", type=int, help="rate index (default: the package's middle rate)")
+    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="where the picture is written")
+    parser.add_argument("--port", type=int, default=0, help="receiver port (default: a free one)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for decoding")
+    serve = parser.add_mutually_exclusive_group()
+    serve.add_argument("--serve", dest="serve", action="store_const", const=True,
+                       help="keep serving the gallery until Ctrl-C (default in a terminal)")
+    serve.add_argument("--no-serve", dest="serve", action="store_const", const=False,
+                       help="exit after printing the results (default without a TTY or with CI=true)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo; returns the exit code (1 if any image failed to decode)."""
+    photos = load_photos(args.images, args.limit, args.max_side)
+    print(f"encoding {len(photos)} photo(s) with the sender codec ...", flush=True)
+    results, rate = encode_all(photos, args.model, args.rate)
+    data_dir = Path(tempfile.mkdtemp(prefix="aeic-demo-"))
+    admin, port = secrets.token_urlsafe(24), args.port or free_port()
+    try:
+        token = _device_token(data_dir)
+        with receiver_process(data_dir, args.model, port, admin) as process, \
+                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            wait_ready(client, process, timeout=120)
+            upload_all(client, token, results)
+            print(f"uploaded at rate index {rate}; waiting for the receiver to decode ...", flush=True)
+            collect(client, token, results, args.timeout)
+            print(table(results))
+            picture = side_by_side(results, args.out / "side_by_side.png")
+            print(f"side-by-side picture: {picture}")
+            print(f"gallery: http://127.0.0.1:{port}/login?token={admin}", flush=True)
+            if _interactive(args.serve):
+                print("serving the gallery; press Ctrl-C to stop", flush=True)
+                try:
+                    process.wait()
+                except KeyboardInterrupt:
+                    print()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return 0 if all(r.status == "done" for r in results) else 1
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; SIGTERM is turned into a clean shutdown of the receiver too."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(_parser().parse_args(argv))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
