@@ -314,9 +314,14 @@ def _terminate(_signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; SIGTERM is turned into a clean shutdown of the receiver too."""
+    from aeic.shared.model_package import ModelPackageError
+
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(_parser().parse_args(argv))
+    except ModelPackageError as exc:
+        print(f"demo: no usable model package ({exc}); pass --model DIR or set AEIC_MODEL", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

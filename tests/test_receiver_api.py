@@ -339,3 +339,15 @@ def test_full_flow_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
         listed = client.get("/v1/images", headers=env.headers("cam1")).json()["items"]
         assert [i["id"] for i in listed] == list(reversed(ids))
     assert not (tmp_path / "receiver.db").exists()
+
+
+def test_rate_index_outside_the_model_is_422(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    codec = FakeCodec()
+    registry = CodecRegistry({codec.model_id: lambda: codec}, levels={codec.model_id: 4})
+    with TestClient(create_app(settings, registry=registry)) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        assert client.post("/v1/images", content=make_bitstream(rate_index=3), headers=headers).status_code == 202
+        reply = client.post("/v1/images", content=make_bitstream(rate_index=4), headers=headers)
+        assert reply.status_code == 422 and error_code(reply) == "unknown_rate"
