@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -155,3 +156,67 @@ def _wait_until_decoded(receiver: RealReceiver, count: int, timeout: float = 120
             return images
         assert time.monotonic() < deadline, images
         time.sleep(0.2)
+
+
+def _start_sender(args: list[str], tmp_path: Path, extra_env: dict[str, str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), **extra_env}
+    env.pop("AEIC_SENDER_CONFIG", None)
+    return subprocess.Popen(
+        [sys.executable, "-c", SENDER, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _stop(process: subprocess.Popen[str]) -> tuple[int, str, str]:
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    return process.returncode, out, err
+
+
+def test_watch_folder_sends_completed_files_once_across_restarts(
+    package: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    ReceiverCodec = pytest.importorskip("aeic.receiver.decoder").ReceiverCodec
+    pytest.importorskip("aeic.receiver.api")
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    receiver = RealReceiver(tmp_path / "receiver", [ReceiverCodec.from_package(package, device="cpu")])
+    args = ["watch", str(outbox), "--to", receiver.url, "--spool", str(tmp_path / "spool"), "--poll", "0.2"]
+    args += ["--model", str(package), "--rate", "0"]
+    env = {"AEIC_TOKEN": receiver.token}
+    with receiver:
+        first = _start_sender(args, tmp_path, env)
+        try:
+            data = photos[0].read_bytes()
+            with (outbox / photos[0].name).open("wb") as slow_copy:  # a copy in progress
+                slow_copy.write(data[: len(data) // 2])
+                slow_copy.flush()
+                time.sleep(0.05)
+                slow_copy.write(data[len(data) // 2 :])
+            for photo in photos[1:]:
+                (outbox / photo.name).write_bytes(photo.read_bytes())
+            deadline = time.monotonic() + 180
+            while len(receiver.images()) < 3 and time.monotonic() < deadline and first.poll() is None:
+                time.sleep(0.2)
+            time.sleep(1.0)  # a few more scans: nothing is sent twice, the broken file is reported once
+        finally:
+            code, out, err = _stop(first)
+        assert code == 0 and len(receiver.images()) == 3, (out, err)
+        assert out.count("[watch]") == 3 and err.count("error:") == 1 and "broken.png" in err
+        # A restart remembers what was sent: a new photo goes, the old ones do not.
+        second = _start_sender(args, tmp_path, env)
+        try:
+            Image.open(_photo_dir() / "rocket.jpg").convert("RGB").resize((160, 240)).save(outbox / "new.png")
+            deadline = time.monotonic() + 120
+            while len(receiver.images()) < 4 and time.monotonic() < deadline and second.poll() is None:
+                time.sleep(0.2)
+            time.sleep(1.0)
+        finally:
+            code, out, err = _stop(second)
+        images = receiver.images()
+    assert code == 0 and len(images) == 4, (out, err)
+    sent = [line for line in out.splitlines() if line.startswith("[watch]")]
+    assert len(sent) == 1 and "new.png" in sent[0]
