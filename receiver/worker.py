@@ -104,7 +104,16 @@ class DecodeWorker:
         claim = self.store.claim_batch(self.config.batch_size)
         if claim is None:
             return 0
-        self._process(claim)
+        try:
+            self._process(claim)
+        except Exception as exc:
+            # Hand the claim back (as a retryable failure) rather than leave it in `decoding` until a restart.
+            for record in claim.records:
+                try:
+                    self._fail(claim, record, f"internal error while decoding: {_reason(exc)}")
+                except Exception:
+                    log.exception("could not release claim of %s", record.id)
+            raise
         return len(claim.records)
 
     def _process(self, claim: Claim) -> None:

@@ -15,7 +15,7 @@ from aeic.receiver.api import create_app
 from aeic.receiver.auth import create_device_token
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import SqlMetadataStore
+from aeic.receiver.storage import SqlMetadataStore, Status
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -351,3 +351,48 @@ def test_rate_index_outside_the_model_is_422(tmp_path: Path) -> None:
         assert client.post("/v1/images", content=make_bitstream(rate_index=3), headers=headers).status_code == 202
         reply = client.post("/v1/images", content=make_bitstream(rate_index=4), headers=headers)
         assert reply.status_code == 422 and error_code(reply) == "unknown_rate"
+
+
+class BrokenBlobs:
+    """A blob store whose disk is full."""
+
+    def put(self, key: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    def get(self, key: str) -> bytes:
+        raise OSError(5, "I/O error")
+
+    def delete(self, key: str) -> bool:
+        return False
+
+    def exists(self, key: str) -> bool:
+        return False
+
+
+def test_storage_failure_is_503_and_stores_nothing(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]), blobs=BrokenBlobs())
+    with TestClient(app) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        reply = client.post("/v1/images", content=make_bitstream(), headers=headers)
+        assert reply.status_code == 503 and error_code(reply) == "storage_unavailable"
+        assert reply.headers["retry-after"] == "5"
+        assert app.state.receiver.store.status_counts()[Status.PENDING] == 0
+
+
+def test_worker_releases_its_claim_after_an_internal_error(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with TestClient(app) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        image_id = client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+        state = app.state.receiver
+        from aeic.receiver.worker import DecodeWorker, WorkerConfig
+
+        worker = DecodeWorker(state.store, BrokenBlobs(), state.registry, WorkerConfig(retry_delay_s=0.0))
+        with pytest.raises(OSError):
+            worker.run_once()
+        record = state.store.get_image(image_id)
+        assert record is not None and record.status is Status.PENDING and "internal error" in record.error
