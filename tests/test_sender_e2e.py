@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import signal
 import subprocess
@@ -105,13 +106,32 @@ def test_encode_with_the_real_codec_and_torch_blocked(
         ["encode", *map(str, photos), "-o", str(out), "--model", str(package), "--rate", "0"], tmp_path
     )
     assert result.returncode == 1, result.stderr  # the corrupt file; the others still encoded
-    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
-        line for line in result.stderr.splitlines() if "broken.png" in line and line.startswith("error:")
-    ]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0]
     assert len(result.stdout.splitlines()) == 3 and "bpp" in result.stdout
     for name, (width, height) in EXPECTED_SIZES.items():
         header = unpack((out / f"{Path(name).stem}.aeic").read_bytes()).header
         assert (header.width, header.height, header.rate_index) == (width, height, 0)
+
+
+def test_byte_budget_and_provider_fallback(package: Path, photos: list[Path], tmp_path: Path) -> None:
+    good = [str(p) for p in photos if p.name != "broken.png"]
+    common = ["--model", str(package), "--provider", "NoSuchExecutionProvider", "--json"]
+    fits = run_sender(
+        ["encode", *good, "-o", str(tmp_path / "a"), "--target-bytes", "1500", *common], tmp_path
+    )
+    assert fits.returncode == 0, fits.stderr
+    assert "NoSuchExecutionProvider is not available here; using CPUExecutionProvider" in fits.stderr
+    events = [json.loads(line) for line in fits.stdout.splitlines()]
+    encoded = [e for e in events if e["event"] == "encoded"]
+    levels = pytest.importorskip("aeic.sender.encoder").SenderCodec.from_package(package).num_levels
+    # The tiny model's streams are far below the budget, so the best (highest) rate is chosen.
+    assert [(e["bytes"] <= 1500, e["rate_index"]) for e in encoded] == [(True, levels - 1)] * 3
+    too_small = run_sender(
+        ["encode", *good, "-o", str(tmp_path / "b"), "--target-bytes", "20", *common], tmp_path
+    )
+    assert too_small.returncode == 1
+    assert too_small.stderr.count("even the lowest rate needs") == 3
 
 
 def test_send_to_the_real_receiver_after_an_outage_exactly_once(
