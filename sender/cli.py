@@ -4,7 +4,8 @@ Subcommands (``aeic-send IMAGE... --to URL`` without one means ``send``): ``enco
 ``.aeic`` files; ``send`` encodes, spools and uploads; ``watch`` sends new images appearing
 in a folder; ``camera`` sends a frame every N seconds; ``flush`` drains the spool; ``spool``
 shows what is queued or rejected. Exit status: 0 all done; 1 some input failed (the others
-still went); 2 bad usage, settings or model; 3 images are safely queued but not delivered yet.
+still went); 2 bad usage, settings or model, or the receiver refused the token or URL (items stay
+queued); 3 images are safely queued but not delivered yet.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import numpy as np
 from aeic.sender.backoff import Backoff
 from aeic.sender.config import ConfigError, SenderConfig, load_config
 from aeic.sender.durable import atomic_write
-from aeic.sender.forward import Forwarder
+from aeic.sender.forward import DrainReport, Forwarder
 from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
 from aeic.sender.report import Reporter
 from aeic.sender.spool import Spool, SpoolFullError
-from aeic.sender.uploader import UploadConfigError, Uploader
+from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, UploadResult
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
 
 from aeic import __version__
@@ -47,7 +48,8 @@ EPILOG = (
     "Settings come from flags, then AEIC_* environment variables (AEIC_TOKEN, AEIC_RECEIVER_URL, ...), "
     "then the --config file (TOML or JSON; see deploy/sender/README.md). "
     + SPOOL_POLICY
-    + " Exit status: 0 done; 1 some input failed; 2 bad usage/settings/model; 3 queued, not yet delivered."
+    + " Exit status: 0 done; 1 some input failed; 2 bad usage/settings/model or token/URL refused"
+    " (items stay queued); 3 queued, not yet delivered."
 )
 
 
@@ -277,8 +279,17 @@ def _spool_encoded(spool: Spool, encoded: Encoded, source: str, reporter: Report
     return True
 
 
-def _finish(forwarder: Forwarder, config: SenderConfig, reporter: Reporter, failures: int) -> int:
-    report = forwarder.flush(max_wait=config.retry_for)
+def _finish(
+    forwarder: Forwarder,
+    config: SenderConfig,
+    reporter: Reporter,
+    failures: int,
+    blocked: UploadResult | None = None,
+) -> int:
+    """Deliver what is queued (unless the receiver already refused our token or URL) and pick the exit status."""
+    report = (
+        DrainReport(stopped=blocked) if blocked is not None else forwarder.flush(max_wait=config.retry_for)
+    )
     remaining = len(forwarder.spool)
     reporter.event(
         "summary", failed=failures, uploaded=report.accepted, rejected=report.rejected, queued=remaining
@@ -289,6 +300,8 @@ def _finish(forwarder: Forwarder, config: SenderConfig, reporter: Reporter, fail
             f"{remaining} item(s) remain queued in {forwarder.spool.root} ({reason}); "
             "they are safe on disk: run `aeic-send flush` or keep the agent running"
         )
+    if report.stopped is not None and report.stopped.outcome is Outcome.BLOCKED:
+        return EXIT_USAGE  # a token or URL the receiver refuses is a settings problem
     if failures or report.rejected:
         return EXIT_INPUT
     return EXIT_QUEUED if remaining else EXIT_OK
@@ -300,7 +313,7 @@ def cmd_send(
     spool = _open_spool(config)
     forwarder = _forwarder(config, spool, reporter)
     encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
-    failures, link_up = 0, True
+    failures, stopped = 0, None
     try:
         for index, path in enumerate(args.images, 1):
             encoded = encoder.from_file(path)
@@ -309,9 +322,10 @@ def cmd_send(
             ):
                 failures += 1
                 continue
-            if link_up:  # deliver while encoding; after a failure wait until the end
-                link_up = forwarder.drain_pass().stopped is None
-        return _finish(forwarder, config, reporter, failures)
+            if stopped is None:  # deliver while encoding; after a failure wait until the end
+                stopped = forwarder.drain_pass().stopped
+        blocked = stopped if stopped is not None and stopped.outcome is Outcome.BLOCKED else None
+        return _finish(forwarder, config, reporter, failures, blocked)
     finally:
         forwarder.uploader.close()
 

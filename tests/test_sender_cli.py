@@ -227,3 +227,21 @@ def test_camera_sends_frames_from_an_opencv_source(
     # The file ends after two frames and is reopened: frame 3 repeats frame 1, the same bitstream
     # and Idempotency-Key, so the receiver stores it once.
     assert len(receiver.stored) == 2 and len(Spool(tmp_path / "spool")) == 0
+
+
+def test_refused_token_keeps_images_queued_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path / "in")
+    spool_dir = tmp_path / "spool"
+    monkeypatch.setenv("AEIC_TOKEN", "revoked-token")
+    with ReceiverDouble(TOKEN) as receiver:
+        code = _run(
+            ["send", str(images[0]), str(images[2]), "--to", receiver.url, "--spool", str(spool_dir)],
+            monkeypatch,
+            tmp_path,
+        )
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and "check the device token" in err and "remain queued" in err
+    assert len(Spool(spool_dir)) == 2 and Spool(spool_dir).rejected() == []
+    assert [r["status"] for r in receiver.requests] == [401]  # asked once, not hammered
