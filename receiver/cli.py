@@ -95,10 +95,16 @@ def _token(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point."""
     args = _parser().parse_args(argv)
+    from aeic.shared.model_package import ModelPackageError
+
     try:
         return _serve(args) if args.command == "serve" else _token(args)
     except (ValidationError, FileNotFoundError) as exc:
         print(f"aeic-receiver: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except ModelPackageError as exc:
+        print(f"aeic-receiver: cannot load a model package: {exc} (use --model DIR or AEIC_MODEL)",
+              file=sys.stderr)
         return 2
 
 

@@ -26,7 +26,12 @@ def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
+def _fmt_when(iso: str | None) -> str:
+    return "-" if not iso else iso[:19].replace("T", " ") + " UTC"
+
+
 _templates.env.filters["ms"] = _fmt_ms
+_templates.env.filters["when"] = _fmt_when
 
 
 def _login_page(request: Request, message: str | None = None, status: int = 200) -> HTMLResponse:
