@@ -4,7 +4,8 @@ Sources: a camera index (``0``), a device path (``/dev/video2``), a network stre
 (``rtsp://...``, ``http://...``) or a video file. A failed open or read releases the
 capture and reopens it after a backoff delay (1 s doubling to 60 s, with jitter), so an
 unplugged USB camera or a dropped RTSP stream comes back by itself. The capture buffer is
-set to one frame where the backend allows, so a frame is recent rather than queued.
+set to one frame where the backend allows; for network streams, which buffer regardless,
+frames queued since the last picture are skipped, so each picture is recent.
 """
 
 from __future__ import annotations
@@ -19,12 +20,19 @@ import cv2
 import numpy as np
 from aeic.sender.backoff import Backoff
 
+# A grab slower than this waited for the source: the stream's buffer is drained.
+LIVE_GRAB_SECONDS = 0.005
+# Never skip more than this many buffered frames for one picture (about 2 s at 30 fps).
+MAX_BUFFERED_FRAMES = 60
+
 
 class Capture(Protocol):
     """The part of ``cv2.VideoCapture`` we use (lets tests pass a double)."""
 
     def isOpened(self) -> bool: ...
     def read(self) -> tuple[bool, np.ndarray | None]: ...
+    def grab(self) -> bool: ...
+    def retrieve(self) -> tuple[bool, np.ndarray | None]: ...
     def release(self) -> None: ...
     def set(self, prop: int, value: float) -> bool: ...
 
@@ -73,6 +81,8 @@ class Camera:
         self._clock = clock
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self._capture: Capture | None = None
+        # Network streams queue frames between our reads; local cameras keep one (BUFFERSIZE=1).
+        self._is_stream = isinstance(source, str) and "://" in source
 
     def _read(self) -> np.ndarray | None:
         """One frame, opening the source if needed; None after releasing a failed source."""
@@ -83,12 +93,27 @@ class Camera:
                 self._log(f"camera {self.source}: cannot open")
                 return None
             self._capture = capture
-        ok, frame = self._capture.read()
+        ok, frame = self._read_live() if self._is_stream else self._capture.read()
         if not ok or frame is None or frame.size == 0:
             self._log(f"camera {self.source}: read failed, reconnecting")
             self.close()
             return None
         return frame
+
+    def _read_live(self) -> tuple[bool, np.ndarray | None]:
+        """Skip frames a network stream buffered while we waited, then decode the newest.
+
+        A grab that returns at once came from the buffer; one that had to wait for the source
+        is at the live edge. Only the last grabbed frame is converted (retrieve).
+        """
+        assert self._capture is not None
+        for _ in range(MAX_BUFFERED_FRAMES):
+            started = self._clock()
+            if not self._capture.grab():
+                return False, None
+            if self._clock() - started >= LIVE_GRAB_SECONDS:
+                break
+        return self._capture.retrieve()
 
     def close(self) -> None:
         if self._capture is not None:

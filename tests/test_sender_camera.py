@@ -94,3 +94,52 @@ def test_real_opencv_capture_from_a_video_file(tmp_path: Path) -> None:
     assert [f.shape for f in frames] == [(24, 32, 3)] * 3
     assert abs(int(frames[0].mean()) - 30) < 10 and abs(int(frames[1].mean()) - 200) < 10
     assert "read failed, reconnecting" in messages[0]  # end of file: reopened like a dropped stream
+
+
+class BufferedStream:
+    """An RTSP-like capture: frames queue up while nobody reads; grabbing past them waits for
+    the next live frame (the fake clock advances one frame period)."""
+
+    def __init__(self, now: list[float], buffered: int) -> None:
+        self.now, self.queue, self.next_live, self.current = now, list(range(buffered)), 100, -1
+
+    def isOpened(self) -> bool:
+        return True
+
+    def grab(self) -> bool:
+        if self.queue:
+            self.current = self.queue.pop(0)
+        else:
+            self.now[0] += 0.04  # waited for the camera
+            self.current, self.next_live = self.next_live, self.next_live + 1
+        return True
+
+    def retrieve(self) -> tuple[bool, np.ndarray]:
+        return True, np.full((2, 2, 3), self.current % 256, np.uint8)
+
+    def read(self) -> tuple[bool, np.ndarray]:
+        self.grab()
+        return self.retrieve()
+
+    def release(self) -> None:
+        pass
+
+    def set(self, prop: int, value: float) -> bool:
+        return True
+
+
+def test_network_stream_skips_buffered_frames() -> None:
+    now = [0.0]
+    stream = BufferedStream(now, buffered=25)
+    camera = Camera("rtsp://cam/stream", opener=lambda s: stream, clock=lambda: now[0], log=lambda m: None)
+    frames = list(camera.frames(interval=0.0, stop=threading.Event(), count=2))
+    # The 25 stale frames are skipped: the pictures are the first two live ones.
+    assert [int(f[0, 0, 0]) for f in frames] == [100, 101]
+
+
+def test_local_camera_reads_without_skipping() -> None:
+    now = [0.0]
+    stream = BufferedStream(now, buffered=3)
+    camera = Camera(0, opener=lambda s: stream, clock=lambda: now[0], log=lambda m: None)
+    frames = list(camera.frames(interval=0.0, stop=threading.Event(), count=2))
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 1]
