@@ -396,3 +396,20 @@ def test_worker_releases_its_claim_after_an_internal_error(tmp_path: Path) -> No
             worker.run_once()
         record = state.store.get_image(image_id)
         assert record is not None and record.status is Status.PENDING and "internal error" in record.error
+
+
+def test_gallery_pages_through_older_images(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        ids = [client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+               for _ in range(62)]
+        client.get("/login", params={"token": ADMIN})
+        first = client.get("/").text
+        assert ids[-1] in first and ids[1] not in first and 'data-live="true"' in first
+        older_link = first.split('id="older" href="')[1].split('"')[0]
+        older = client.get(older_link).text
+        assert ids[1] in older and ids[0] in older and ids[-1] not in older and 'data-live="false"' in older
+        assert 'id="older"' not in older
+        assert ids[-1] in client.get("/?cursor=garbage").text

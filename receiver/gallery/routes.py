@@ -8,7 +8,7 @@ from urllib.parse import parse_qs
 
 from aeic.receiver.api import AUTH_COOKIE, _state, _visible, image_json, optional_principal
 from aeic.receiver.errors import ApiError
-from aeic.receiver.storage import ImageFilter
+from aeic.receiver.storage import ImageFilter, InvalidCursorError
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -38,14 +38,20 @@ def _login_page(request: Request, message: str | None = None, status: int = 200)
     return _templates.TemplateResponse(request, "login.html", {"message": message}, status_code=status)
 
 
-def index(request: Request) -> Response:
-    """The grid; anonymous visitors get the token form."""
+def index(request: Request, cursor: str | None = None) -> Response:
+    """The grid (newest first; the first page updates live, `cursor` pages through older images);
+    anonymous visitors get the token form."""
     who = optional_principal(request)
     if who is None:
         return _login_page(request)
     flt = ImageFilter(device=None if who.admin else who.device)
-    page = _state(request).store.list_images(flt, _FIRST_PAGE, None)
-    context: dict[str, Any] = {"images": [image_json(r) for r in page.items], "who": who, "limit": _FIRST_PAGE}
+    store = _state(request).store
+    try:
+        page = store.list_images(flt, _FIRST_PAGE, cursor)
+    except InvalidCursorError:
+        cursor, page = None, store.list_images(flt, _FIRST_PAGE, None)
+    context: dict[str, Any] = {"images": [image_json(r) for r in page.items], "who": who, "limit": _FIRST_PAGE,
+                               "next": page.next, "live": cursor is None}
     return _templates.TemplateResponse(request, "index.html", context)
 
 

@@ -2,6 +2,7 @@
 "use strict";
 (function () {
   const grid = document.getElementById("grid");
+  if (grid.dataset.live !== "true") return;  // older pages are static
   const empty = document.getElementById("empty");
   const live = document.getElementById("live");
   const limit = Number(grid.dataset.limit || 60);
