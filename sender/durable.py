@@ -29,7 +29,7 @@ def fsync_dir(directory: Path) -> None:
 def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically and durably."""
     directory = path.parent
-    tmp = directory / f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}"
+    tmp = directory / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
@@ -52,9 +52,32 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
 
 
 def remove_stale_tmp(directory: Path) -> int:
-    """Delete temporary files a crashed writer left behind; return how many."""
+    """Delete temporary files that crashed writers left behind; return how many.
+
+    The writer's pid is part of the name, so a file another live process is still writing
+    (e.g. the service, while an operator runs ``aeic-send spool``) is left alone.
+    """
     removed = 0
     for entry in directory.glob(f"{TMP_PREFIX}*"):
+        if _writer_alive(entry.name):
+            continue
         entry.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _writer_alive(name: str) -> bool:
+    parts = name.split(".")
+    try:
+        pid = int(parts[-2])
+    except (IndexError, ValueError):
+        return False  # not our naming scheme: nobody is writing it
+    if pid == os.getpid():
+        return True  # another thread of this process may be mid-write
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True

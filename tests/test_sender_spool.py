@@ -99,8 +99,14 @@ def test_recovery_cleans_tmp_files_and_repairs_sidecars(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     kept = spool.put(make_bitstream(1), source="kept")
     pending = tmp_path / "pending"
-    # A writer killed mid-write leaves a temp file: it is not an item and gets removed.
-    (pending / f"{TMP_PREFIX}deadbeef.aeic.1234").write_bytes(b"half a bitstr")
+    # A writer killed mid-write leaves a temp file: it is not an item and gets removed ...
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    (pending / f"{TMP_PREFIX}{'d' * 64}.aeic.{dead.stdout.strip()}.0a1b2c3d").write_bytes(b"half a bitstr")
+    # ... unless its writer is still alive (another process writing right now).
+    live = pending / f"{TMP_PREFIX}{'e' * 64}.aeic.{os.getppid()}.0a1b2c3d"
+    live.write_bytes(b"being written")
     # Killed between the bitstream's rename and its sidecar: the item stays, with a new sidecar.
     orphan = make_bitstream(2)
     atomic_write(pending / f"{idempotency_key(orphan)}.aeic", orphan)
@@ -112,7 +118,7 @@ def test_recovery_cleans_tmp_files_and_repairs_sidecars(tmp_path: Path) -> None:
     recovered = Spool(tmp_path)
     keys = {item.key for item in recovered.items()}
     assert keys == {kept.key, idempotency_key(orphan)}
-    assert not list(pending.glob(f"{TMP_PREFIX}*"))
+    assert list(pending.glob(f"{TMP_PREFIX}*")) == [live]
     assert not (pending / f"{'0' * 64}.json").exists()
     assert (pending / f"{idempotency_key(orphan)}.json").exists()
     assert all(recovered.read(item) for item in recovered.items())
