@@ -197,9 +197,11 @@ class DecodeWorker:
             self._fail(claim, item.record, f"could not store the reconstruction: {exc}")
             return
         if not self.store.complete(image_id, claim.token, timings):
-            # Deleted (or requeued) while decoding: do not leave orphan files behind.
-            self.blobs.delete(reconstruction_key(image_id))
-            self.blobs.delete(thumbnail_key(image_id))
+            # The claim was lost. If the image was deleted meanwhile, do not leave orphan files behind; if it
+            # was requeued, another attempt owns it now and writes the same files, so leave them alone.
+            if self.store.get_image(image_id) is None:
+                self.blobs.delete(reconstruction_key(image_id))
+                self.blobs.delete(thumbnail_key(image_id))
             return
         if self.metrics is not None:
             self.metrics.decoded.labels("done").inc()

@@ -413,3 +413,30 @@ def test_gallery_pages_through_older_images(tmp_path: Path) -> None:
         assert ids[1] in older and ids[0] in older and ids[-1] not in older and 'data-live="false"' in older
         assert 'id="older"' not in older
         assert ids[-1] in client.get("/?cursor=garbage").text
+
+
+def test_lost_claims_leave_files_only_for_living_images(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with TestClient(app) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        kept, deleted = (client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+                         for _ in range(2))
+        state = app.state.receiver
+        from aeic.receiver.worker import DecodeWorker, WorkerConfig
+
+        worker = DecodeWorker(state.store, state.blobs, state.registry, WorkerConfig(batch_size=2))
+        original = worker._checked
+
+        def meanwhile(*args: Any) -> Any:
+            state.store.requeue_abandoned(max_attempts=3)  # another process took `kept` over
+            client.delete(f"/v1/images/{deleted}", headers=headers)
+            return original(*args)
+
+        worker._checked = meanwhile  # type: ignore[method-assign]
+        worker.run_once()
+        assert state.store.get_image(kept).status is Status.PENDING  # type: ignore[union-attr]
+        blobs_dir = tmp_path / "blobs"
+        assert list(blobs_dir.rglob(f"{kept}.png"))
+        assert not list(blobs_dir.rglob(f"{deleted}.*"))
