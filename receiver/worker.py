@@ -86,7 +86,18 @@ class DecodeWorker:
         """Whether the background thread is running."""
         return self._thread is not None and self._thread.is_alive()
 
+    def _preload(self) -> None:
+        """Load every decoder before the first job arrives (a failure is retried, and reported, per job)."""
+        for model_id in sorted(self.registry.model_ids()):
+            if self._stop.is_set():
+                return
+            try:
+                self.registry.get(model_id)
+            except Exception:  # the job that needs it records the reason
+                log.exception("could not load the decoder for model %s", model_id.hex())
+
     def _loop(self) -> None:
+        self._preload()
         while not self._stop.is_set():
             self._wake.clear()
             try:

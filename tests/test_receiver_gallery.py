@@ -40,7 +40,7 @@ def _upload_and_wait(base: str, token: str, data: bytes) -> str:
     reply = httpx.post(f"{base}/v1/images", content=data, headers=headers, timeout=10)
     assert reply.status_code == 202, reply.text
     image_id = str(reply.json()["id"])
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 180  # the first decode waits for the decoder to load on a busy machine
     while time.monotonic() < deadline:
         if httpx.get(f"{base}/v1/images/{image_id}", headers=headers).json()["status"] == "done":
             return image_id
