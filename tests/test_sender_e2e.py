@@ -83,19 +83,19 @@ def photos(tmp_path: Path) -> list[Path]:
     source = _photo_dir()
     folder = tmp_path / "photos"
     folder.mkdir()
-    chelsea = Image.open(source / "chelsea.png").convert("RGB")  # 451x300
-    coffee = Image.open(source / "coffee.png").convert("RGB")  # 600x400
+    chelsea = Image.open(source / "chelsea.png").convert("RGB").crop((0, 0, 301, 197))  # odd sizes
+    coffee = Image.open(source / "coffee.png").convert("RGB").resize((300, 200))
     astronaut = Image.open(source / "astronaut.png").convert("RGB").resize((200, 200))
     chelsea.save(folder / "chelsea.jpg", quality=92)
     exif = coffee.getexif()
-    exif[0x0112] = 6  # displayed rotated: upright size is 400x600
+    exif[0x0112] = 6  # displayed rotated: upright size is 200x300
     coffee.save(folder / "coffee.jpg", quality=92, exif=exif)
     astronaut.save(folder / "astronaut.webp", lossless=True)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return [folder / "chelsea.jpg", folder / "broken.png", folder / "coffee.jpg", folder / "astronaut.webp"]
 
 
-EXPECTED_SIZES = {"chelsea.jpg": (451, 300), "coffee.jpg": (400, 600), "astronaut.webp": (200, 200)}
+EXPECTED_SIZES = {"chelsea.jpg": (301, 197), "coffee.jpg": (200, 300), "astronaut.webp": (200, 200)}
 
 
 def test_encode_with_the_real_codec_and_torch_blocked(
