@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     from aeic.shared.model_package import ModelPackage
 
     package = ModelPackage.load(args.model)
-    report: dict[str, Any] = {"benchmark": "receiver", "host": platform.node(), "python": platform.python_version(),
+    from .machine import machine_info
+
+    report: dict[str, Any] = {"benchmark": "receiver", "machine": machine_info(),
+                              "host": platform.node(), "python": platform.python_version(),
                               "cpu_count": os.cpu_count(), "model_name": package.name,
                               "model_id": package.model_id.hex(), "model_path": str(package.path),
                               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -1,0 +1,264 @@
+"""The whole sender path at 1920x1080 on this CPU: frames per second and peak RSS, per variant.
+
+Each variant runs in its own child process (so its peak RSS, VmHWM, is its own), one after the
+other in one run: a frame is read from a JPEG file on disk, encoded (analysis, hyper-analysis,
+integer entropy model, rANS) and packed into the container. Variants:
+
+* ``reference``: the paper's AEIC-SE sender path in float (``benchmarks.reference_sender``),
+  onnxruntime with default session settings;
+* ``default``: ours as shipped (``SenderCodec`` defaults);
+* ``no_arena``: ``SessionOptions.enable_cpu_mem_arena = False``;
+* ``int8_dynamic`` / ``int8_static``: the analysis graph quantized with onnxruntime's tools;
+* ``threads1`` / ``threads2``: onnxruntime intra-op threads and numpy's BLAS threads pinned.
+
+Every speed-up's rate-distortion cost is measured: each variant of ours also encodes a few real
+photos (training set, not Kodak), the receiver decodes them, and bytes and PSNR are compared
+with the default variant. With a random-weight package (when no trained one exists) the RD
+figures are recorded but mean nothing: the JSON says which package was used.
+
+Usage: python -m benchmarks.sender_bench [--frames 2] [--variants a,b] [--package DIR] [--rd-images 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .images import photo, source_name
+from .machine import write_result
+
+VARIANTS = ("reference", "default", "no_arena", "int8_dynamic", "int8_static", "threads1", "threads2")
+SIZE = (1920, 1080)
+RD_SIZE = (768, 512)
+TARGET_SPEEDUP = 4.0
+TARGET_RSS_MB = 300.0
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM of this process (the peak resident set), from /proc; ru_maxrss elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- child side (no torch for ours)
+
+def _our_codec(work: Path, variant: str):
+    import onnxruntime as ort
+    from aeic.sender import encoder
+
+    threads = {"threads1": 1, "threads2": 2}.get(variant)
+    base_options = encoder.session_options
+
+    def options(requested: int | None) -> ort.SessionOptions:
+        opts = base_options(requested)
+        if variant == "no_arena":
+            opts.enable_cpu_mem_arena = False
+        return opts
+
+    encoder.session_options = options  # this child process only
+    codec = encoder.SenderCodec.from_package(work / "package", threads=threads)
+    if variant.startswith("int8"):
+        del codec.analysis
+        codec.analysis = ort.InferenceSession(str(work / f"analysis.{variant}.onnx"), options(threads),
+                                              providers=[encoder.CPU_PROVIDER])
+    return lambda rgb, level: codec.encode(rgb, level)
+
+
+def _reference_codec(work: Path):
+    from .reference_sender import ReferenceCodec
+
+    codec = ReferenceCodec(work / "reference.onnx")
+    return lambda rgb, level: codec.encode(rgb)
+
+
+def run_child(work: Path, variant: str, frames: int, level: int) -> dict[str, Any]:
+    from aeic.sender.images import read_image
+
+    start = time.perf_counter()
+    encode = _reference_codec(work) if variant == "reference" else _our_codec(work, variant)
+    load_s = time.perf_counter() - start
+    frame = work / "frame.jpg"
+    stream = encode(read_image(frame), level)  # warm-up
+    times = []
+    cpu0 = time.process_time()
+    for _ in range(frames):
+        t0 = time.perf_counter()
+        stream = encode(read_image(frame), level)
+        times.append(time.perf_counter() - t0)
+    cpu_s = time.process_time() - cpu0
+    peak_after_frames = _peak_rss_mb()
+    if variant != "reference":
+        out = work / "streams" / variant
+        out.mkdir(parents=True, exist_ok=True)
+        for image in sorted((work / "rd").glob("*.png")):
+            (out / f"{image.stem}.aeic").write_bytes(encode(read_image(image), level))
+    return {"variant": variant, "frames": frames, "fps": frames / sum(times), "ms_per_frame": 1e3 * sum(times) / frames,
+            "ms_per_frame_each": [1e3 * t for t in times], "cpu_ms_per_frame": 1e3 * cpu_s / frames, "bytes_1080p": len(stream), "load_s": load_s,
+            "peak_rss_mb": peak_after_frames}
+
+
+# ---------------------------------------------------------------- parent side
+
+def _package(work: Path, package: Path | None) -> tuple[Path, str]:
+    from aeic.shared.model_package import default_model_dir
+
+    source = package or default_model_dir()
+    if source.is_dir() and (source / "manifest.json").is_file():
+        shutil.copytree(source, work / "package")
+        return work / "package", f"trained package {source}"
+    import torch
+    from aeic.codec.export import export_package
+    from aeic.codec.model import AEICModel
+    from aeic.codec.presets import preset
+
+    torch.manual_seed(0)
+    export_package(AEICModel(preset("nano-se")), work / "package")
+    return work / "package", "random-weight nano-se (no trained package found): RD figures are not meaningful"
+
+
+def prepare(work: Path, package: Path | None, variants: list[str], rd_images: int) -> dict[str, Any]:
+    from PIL import Image
+
+    from . import quantize, reference_sender
+
+    _, package_note = _package(work, package)
+    Image.fromarray(photo(*SIZE)).save(work / "frame.jpg", quality=95)
+    (work / "rd").mkdir()
+    for n in range(rd_images):
+        Image.fromarray(photo(*RD_SIZE, index=1 + n)).save(work / "rd" / f"{n}.png")
+    calibration = [photo(256, 256, index=10 + n) for n in range(4)]
+    if "int8_dynamic" in variants:
+        quantize.dynamic_int8(work / "package" / "analysis.onnx", work / "analysis.int8_dynamic.onnx")
+    if "int8_static" in variants:
+        quantize.static_int8(work / "package" / "analysis.onnx", work / "analysis.int8_static.onnx", calibration)
+    if "reference" in variants:
+        reference_sender.export(reference_sender.build(photo(512, 512, index=10)), work / "reference.onnx")
+    return {"package": package_note, "frame_source": source_name(0),
+            "rd_sources": [source_name(1 + n) for n in range(rd_images)],
+            "reference_parameters": reference_sender.parameters() if "reference" in variants else None}
+
+
+def _child_env(variant: str) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = {"threads1": "1", "threads2": "2"}.get(variant)
+    if threads:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = threads
+    return env
+
+
+def spawn(work: Path, variant: str, frames: int, level: int, timeout: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.sender_bench", "--child", variant, "--work", str(work),
+               "--frames", str(frames), "--level", str(level)]
+    try:
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=_child_env(variant))
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"did not finish within {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {"variant": variant, "error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def rd_costs(work: Path, variants: list[str]) -> dict[str, Any]:
+    """Bytes and PSNR per variant on the RD photos, and the change against ``default``."""
+    from aeic.receiver.decoder import ReceiverCodec
+    from aeic.sender.images import read_image
+
+    receiver = ReceiverCodec.from_package(work / "package", device="cpu")
+    originals = {p.stem: read_image(p) for p in sorted((work / "rd").glob("*.png"))}
+    table: dict[str, Any] = {}
+    decoded_default: dict[str, np.ndarray] = {}
+    for variant in [v for v in variants if v != "reference"]:
+        streams = {name: (work / "streams" / variant / f"{name}.aeic").read_bytes() for name in originals}
+        decoded = {name: receiver.decode(data) for name, data in streams.items()}
+        if variant == "default":
+            decoded_default = decoded
+        default_streams = {n: (work / "streams" / "default" / f"{n}.aeic") for n in originals}
+        table[variant] = {
+            "mean_bytes": float(np.mean([len(s) for s in streams.values()])),
+            "mean_psnr_db": float(np.mean([_psnr(decoded[n], originals[n]) for n in originals])),
+            "identical_to_default": all(p.is_file() and p.read_bytes() == streams[n] for n, p in default_streams.items()),
+            "psnr_vs_default_decode_db": (float(np.mean([_psnr(decoded[n], decoded_default[n]) for n in originals]))
+                                          if decoded_default else None),
+        }
+    base = table.get("default")
+    for row in table.values():
+        if base:
+            row["bytes_change_pct"] = 100 * (row["mean_bytes"] / base["mean_bytes"] - 1)
+            row["psnr_change_db"] = row["mean_psnr_db"] - base["mean_psnr_db"]
+    return table
+
+
+def summarise(runs: dict[str, Any]) -> dict[str, Any]:
+    reference = runs.get("reference", {}).get("fps")
+    summary = {}
+    for variant, run in runs.items():
+        if "fps" not in run:
+            continue
+        speedup = run["fps"] / reference if reference else None
+        summary[variant] = {
+            "fps": run["fps"], "peak_rss_mb": run["peak_rss_mb"], "speedup_vs_reference": speedup,
+            "meets_4x": None if speedup is None or variant == "reference" else speedup >= TARGET_SPEEDUP,
+            "meets_300mb": run["peak_rss_mb"] <= TARGET_RSS_MB,
+        }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="sender path fps and peak RSS at 1080p, per variant")
+    parser.add_argument("--frames", type=int, default=2, help="timed frames per variant (after one warm-up)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--level", type=int, default=8, help="rate level of our codec")
+    parser.add_argument("--package", type=Path, default=None, help="model package (default: the shipped one)")
+    parser.add_argument("--rd-images", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600.0, help="per child process")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args.work, args.child, args.frames, args.level)))
+        return 0
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    if "default" not in variants:
+        variants.insert(0, "default")  # the RD baseline
+    with tempfile.TemporaryDirectory(prefix="aeic-sender-bench-") as tmp:
+        work = Path(tmp)
+        setup = prepare(work, args.package, variants, args.rd_images)
+        runs = {v: spawn(work, v, args.frames, args.level, args.timeout) for v in variants}
+        rd = rd_costs(work, [v for v in variants if "error" not in runs[v]])
+    result = {"size": f"{SIZE[0]}x{SIZE[1]}", "rate_level": args.level, "rd_size": f"{RD_SIZE[0]}x{RD_SIZE[1]}",
+              **setup, "targets": {"speedup_vs_reference": TARGET_SPEEDUP, "peak_rss_mb": TARGET_RSS_MB},
+              "summary": summarise(runs), "runs": runs, "rd_cost": rd}
+    print(write_result("sender", result, args.out))
+    for variant, row in result["summary"].items():
+        print(f"{variant:13s} {row['fps']:.3f} fps  peak {row['peak_rss_mb']:.0f} MB  x{row['speedup_vs_reference'] or 0:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""The README's benchmark table, generated from ``benchmarks/results/*.json``.
+
+Each section names the machine its figures were measured on (CPU, cores, RAM, date, load).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+HEADING = "## Benchmarks"
+
+
+def _load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _machine(doc: dict[str, Any]) -> str:
+    m = doc.get("machine")
+    if not m:
+        return "_Measured on: not recorded._"
+    load = m.get("load_average_1_5_15")
+    load_text = f", load average {load[0]:.1f} (shared machine)" if load else ""
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v and k in ("onnxruntime", "torch"))
+    return (f"_Measured on {m['cpu_model']}, {m['cpu_cores']} cores, {m['ram_gib']} GiB RAM, {m['date_utc'][:16]} UTC"
+            f"{load_text}; {versions}._")
+
+
+def _rows(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def entropy_section(doc: dict[str, Any]) -> list[str]:
+    r = doc["results"]
+    shape = "x".join(str(v) for v in r["latent_shape"])
+    rows = [(op, _num(r[op]["symbols_per_s"] / 1e6, 2), _num(r[op]["latent_mb_per_s"], 1), _num(r[op]["ms"], 1))
+            for op in ("encode", "decode")]
+    return [(f"**rANS entropy coding** (latent {shape}, {r['payload_bytes']:,} bytes, "
+            f"size / ideal = {r['size_over_ideal']:.4f})"), "", _machine(doc), "",
+            *_rows(("", "Msymbols/s", "latent MB/s (int32)", "ms"), rows)]
+
+
+def model_section(doc: dict[str, Any]) -> list[str]:
+    rows = []
+    for preset_name, parts in doc["parts"].items():
+        for part, entry in parts.items():
+            if preset_name == "nano-se" or part == "analysis":
+                rows.append((f"{preset_name} {part}", _num(entry["parameters"] / 1e6, 2),
+                             _num(entry["macs_per_pixel"] / 1e3, 1)))
+    heavy = doc["heavy_encoder"]["sd_vae"]
+    rows.append((f"SD-VAE encoder (AutoencoderKL, SD config; MACs at {heavy['count_size']})",
+                 _num(heavy["parameters"] / 1e6, 2), _num(heavy["macs_per_pixel"] / 1e3, 1)))
+    lines = ["**Model cost** (MACs per input pixel; Conv/Linear/attention products, see benchmarks/macs.py)", "",
+             _machine(doc), "", *_rows(("Part", "Params (M)", "kMACs/pixel"), rows)]
+    encode = heavy.get("encode")
+    if encode:
+        if "seconds" in encode:
+            lines += ["", (f"SD-VAE encoder, one {encode['size']} encode on this CPU: {encode['seconds']:.1f} s wall "
+                          f"({encode['cpu_seconds']:.1f} s CPU), peak RSS {encode['peak_rss_mb']:,.0f} MB.")]
+        else:
+            lines += ["", f"SD-VAE encoder at {encode['size']}: {encode['error']}."]
+    latency = doc.get("sender_latency")
+    if latency:
+        rows = [(size, _num(v["analysis_ms"], 0), _num(v["hyper_ms"], 0), _num(v["entropy_rans_ms"], 0),
+                 _num(v["total_ms"], 0)) for size, v in latency["sizes"].items()]
+        lines += ["", f"Sender path in onnxruntime ({latency['package']}, rate level {latency['rate_level']}):", "",
+                  *_rows(("Size", "analysis ms", "hyper ms", "entropy model + rANS ms", "total ms"), rows)]
+    return lines
+
+
+def sender_section(doc: dict[str, Any]) -> list[str]:
+    rows = []
+    for variant, s in doc["summary"].items():
+        rd = doc.get("rd_cost", {}).get(variant, {})
+        run = doc["runs"][variant]
+        rows.append((variant, _num(s["fps"], 3), _num(1e3 / run["cpu_ms_per_frame"], 3) if run.get("cpu_ms_per_frame") else "n/a",
+                     _num(s["peak_rss_mb"], 0), _num(s["speedup_vs_reference"], 2),
+                     _num(rd.get("bytes_change_pct"), 1) if rd else "-", _num(rd.get("psnr_change_db"), 2) if rd else "-"))
+    failed = [f"{v}: {r['error']}" for v, r in doc["runs"].items() if "error" in r]
+    t = doc["targets"]
+    return [(f"**Sender path at {doc['size']}** (read file, encode, rANS, container; one process per variant; "
+            f"targets: >= {t['speedup_vs_reference']:.0f}x the reference fps, <= {t['peak_rss_mb']:.0f} MB peak RSS). "
+            f"Package: {doc['package']}."), "", _machine(doc), "",
+            *_rows(("Variant", "fps (wall)", "fps (per CPU-second)", "peak RSS MB", "x reference",
+                    "RD: bytes %", "RD: PSNR dB"), rows),
+            *([""] + [f"Failed: {f}" for f in failed] if failed else [])]
+
+
+def receiver_section(doc: dict[str, Any]) -> list[str]:
+    lines = [f"**Receiver** (model {doc.get('model_name', '?')} at {doc.get('model_path', '?')})", "", _machine(doc), ""]
+    decode = doc.get("decode")
+    if decode:
+        rows = [(size, _num(v["ms"]["p50"], 0), v["repeats"]) for size, v in decode["latency"].items()]
+        lines += [f"Decode on {decode['device']}:", "", *_rows(("Size", "p50 ms", "repeats"), rows), ""]
+        rows = [(batch, _num(v["images_per_s"], 3)) for batch, v in decode["throughput_768x512_by_batch_size"].items()]
+        lines += [*_rows(("Batch size (768x512)", "images/s"), rows), ""]
+    load = doc.get("load")
+    if load:
+        lines += [(f"Load test: {load['uploads']} uploads from {load['clients']} concurrent clients on loopback: "
+                  f"{load['accepted']} accepted (202), {load['errors']} errors, {load['lost']} lost, "
+                  f"{load['duplicates']} duplicates, {load['acceptance_rate_per_s']:.0f} uploads/s accepted, "
+                  f"p95 latency {load['latency_ms'].get('p95', 0):.0f} ms.")]
+    return lines
+
+
+SECTIONS = (("entropy_coding", entropy_section), ("model", model_section), ("sender", sender_section),
+            ("receiver", receiver_section))
+
+
+def render(results: Path) -> str:
+    """Markdown for every result file present (missing ones are listed as not run)."""
+    blocks, missing = [], []
+    for name, section in SECTIONS:
+        doc = _load(results, name)
+        if doc is None:
+            missing.append(name)
+            continue
+        try:
+            blocks.append("\n".join(section(doc)))
+        except (KeyError, TypeError, ZeroDivisionError) as exc:
+            blocks.append(f"**{name}**: result file has an unexpected shape ({type(exc).__name__}: {exc}).")
+    if missing:
+        blocks.append(f"Not run yet: {', '.join(missing)} (`make bench`).")
+    return "Generated by `make bench` (`python -m benchmarks.run_all`) from `benchmarks/results/*.json`.\n\n" + \
+        "\n\n".join(blocks)
+
+
+def update_readme(readme: Path, table: str) -> None:
+    """Replace the text between the markers; append a section with them when they are missing."""
+    text = readme.read_text() if readme.is_file() else ""
+    block = f"{START}\n{table}\n{END}"
+    if START in text and END in text and text.index(START) < text.index(END):
+        before, rest = text.split(START, 1)
+        after = rest.split(END, 1)[1]
+        text = before + block + after
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + f"{HEADING}\n\n{block}\n"
+    readme.write_text(text)
