@@ -46,7 +46,16 @@ from starlette.concurrency import run_in_threadpool
 
 from aeic import __version__
 
-__all__ = ["AUTH_COOKIE", "ReceiverState", "create_app", "image_json"]
+__all__ = [
+    "AUTH_COOKIE",
+    "ReceiverState",
+    "create_app",
+    "image_json",
+    "optional_principal",
+    "principal",
+    "receiver_state",
+    "visible_image",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +87,8 @@ class ReceiverState:
     worker: DecodeWorker | None
 
 
-def _state(request: Request) -> ReceiverState:
+def receiver_state(request: Request) -> ReceiverState:
+    """The wiring of the app that serves `request`."""
     state: ReceiverState = request.app.state.receiver
     return state
 
@@ -99,7 +109,7 @@ def _bearer(request: Request) -> str | None:
 
 def optional_principal(request: Request) -> Principal | None:
     """The caller, or None when anonymous."""
-    return _state(request).auth.authenticate(_bearer(request))
+    return receiver_state(request).auth.authenticate(_bearer(request))
 
 
 def principal(request: Request) -> Principal:
@@ -149,7 +159,7 @@ def image_json(record: ImageRecord) -> dict[str, Any]:
     }
 
 
-def _visible(state: ReceiverState, who: Principal, image_id: str) -> ImageRecord:
+def visible_image(state: ReceiverState, who: Principal, image_id: str) -> ImageRecord:
     """The record if it exists and the caller may see it; 404 otherwise (no existence leak)."""
     record = state.store.get_image(image_id) if _IMAGE_ID.match(image_id) else None
     if record is None or not who.can_see(record):
@@ -235,7 +245,7 @@ def _store_upload(state: ReceiverState, image: NewImage, data: bytes) -> tuple[I
 
 async def upload_image(request: Request, who: Caller) -> JSONResponse:
     """Accept one bitstream: 202 with its id once it is durably stored."""
-    state = _state(request)
+    state = receiver_state(request)
     if who.device is None:
         raise ApiError(403, "device_token_required", "uploads must use a device token")
     wait = state.limiter.acquire(who.device)
@@ -277,7 +287,7 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
 
 def get_image(image_id: str, request: Request, who: Caller) -> dict[str, Any]:
     """Status and metadata of one image."""
-    return image_json(_visible(_state(request), who, image_id))
+    return image_json(visible_image(receiver_state(request), who, image_id))
 
 
 def _parse_time(value: str | None, name: str) -> float | None:
@@ -314,7 +324,7 @@ def list_images(
     flt = ImageFilter(device=device, since=_parse_time(since, "since"), until=_parse_time(until, "until"),
                       status=status)
     try:
-        page = _state(request).store.list_images(flt, limit, cursor)
+        page = receiver_state(request).store.list_images(flt, limit, cursor)
     except InvalidCursorError as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from None
     return {"items": [image_json(r) for r in page.items], "next": page.next}
@@ -361,23 +371,23 @@ def _image_response(state: ReceiverState, record: ImageRecord, suffix: str) -> R
 
 def get_reconstruction(image_id: str, request: Request, who: Caller) -> Response:
     """The reconstruction: PNG, or JPEG/WebP when the Accept header prefers it."""
-    state = _state(request)
-    record = _visible(state, who, image_id)
+    state = receiver_state(request)
+    record = visible_image(state, who, image_id)
     return _image_response(state, record, _negotiate(request.headers.get("accept")))
 
 
 def get_reconstruction_as(image_id: str, ext: str, request: Request, who: Caller) -> Response:
     """The reconstruction in the format named by the suffix (.png, .jpg, .jpeg, .webp)."""
-    state = _state(request)
+    state = receiver_state(request)
     if ext.lower() not in FORMATS:
         raise ApiError(404, "not_found", f"unknown format .{ext}; use .png, .jpg or .webp")
-    return _image_response(state, _visible(state, who, image_id), ext.lower())
+    return _image_response(state, visible_image(state, who, image_id), ext.lower())
 
 
 def get_thumbnail(image_id: str, request: Request, who: Caller) -> Response:
     """The gallery thumbnail (JPEG)."""
-    state = _state(request)
-    record = _visible(state, who, image_id)
+    state = receiver_state(request)
+    record = visible_image(state, who, image_id)
     if record.status is not Status.DONE:
         raise ApiError(409, "not_ready", f"image {record.id} is {record.status.value}")
     try:
@@ -389,8 +399,8 @@ def get_thumbnail(image_id: str, request: Request, who: Caller) -> Response:
 
 def delete_image(image_id: str, request: Request, who: Caller) -> Response:
     """Remove an image and its files (row first, so nothing points at a deleted file)."""
-    state = _state(request)
-    record = _visible(state, who, image_id)
+    state = receiver_state(request)
+    record = visible_image(state, who, image_id)
     state.store.delete_image(record.id)
     for key in (bitstream_key(record.id), reconstruction_key(record.id), thumbnail_key(record.id)):
         state.blobs.delete(key)
@@ -407,7 +417,7 @@ def healthz() -> dict[str, str]:
 
 def readyz(request: Request) -> JSONResponse:
     """Readiness: database reachable, blob store usable, worker running, at least one model served."""
-    state = _state(request)
+    state = receiver_state(request)
     checks: dict[str, str] = {}
     try:
         state.store.ping()
@@ -424,7 +434,7 @@ def readyz(request: Request) -> JSONResponse:
 
 def metrics(request: Request) -> Response:
     """Prometheus exposition."""
-    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(receiver_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _api_router() -> APIRouter:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from aeic.receiver.api import AUTH_COOKIE, _state, _visible, image_json, optional_principal
+from aeic.receiver.api import AUTH_COOKIE, image_json, optional_principal, receiver_state, visible_image
 from aeic.receiver.errors import ApiError
 from aeic.receiver.storage import ImageFilter, InvalidCursorError
 from fastapi import APIRouter, FastAPI, Request
@@ -45,7 +45,7 @@ def index(request: Request, cursor: str | None = None) -> Response:
     if who is None:
         return _login_page(request)
     flt = ImageFilter(device=None if who.admin else who.device)
-    store = _state(request).store
+    store = receiver_state(request).store
     try:
         page = store.list_images(flt, _FIRST_PAGE, cursor)
     except InvalidCursorError:
@@ -61,14 +61,14 @@ def image_page(image_id: str, request: Request) -> Response:
     if who is None:
         return _login_page(request)
     try:
-        record = _visible(_state(request), who, image_id)
+        record = visible_image(receiver_state(request), who, image_id)
     except ApiError:
         return _templates.TemplateResponse(request, "missing.html", {"image_id": image_id}, status_code=404)
     return _templates.TemplateResponse(request, "image.html", {"image": image_json(record), "who": who})
 
 
 def _set_cookie(request: Request, token: str) -> Response:
-    if _state(request).auth.authenticate(token) is None:
+    if receiver_state(request).auth.authenticate(token) is None:
         return _login_page(request, "That token is not valid.", status=401)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(AUTH_COOKIE, token, httponly=True, samesite="lax", max_age=30 * 86400,
