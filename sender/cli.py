@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--retry-for", type=float, help="seconds to keep retrying before exiting (default 60)"
     )
-    upload.add_argument("--spool", dest="spool_dir", type=Path, help="spool directory")
+    upload.add_argument(
+        "--spool", dest="spool_dir", type=Path, help="spool directory (default ~/.local/state/aeic/spool)"
+    )
     upload.add_argument("--spool-max-items", type=int, help="most pending items (default 100000)")
     upload.add_argument("--spool-max-bytes", type=int, help="most pending bytes (default 256 MiB)")
 
