@@ -8,13 +8,15 @@ against, and the sender path's latency in onnxruntime on this CPU.
 * Heavy encoder: the encoder of diffusers' ``AutoencoderKL`` with Stable Diffusion's VAE
   configuration (4 blocks of 128/256/512/512 channels, 2 layers each, mid-block attention;
   ``AutoencoderKL()`` with no arguments is a one-block toy, also listed), random weights; its
-  encode time and peak RSS are measured once in a child process (``--heavy-size``, default
-  1920x1080; its attention makes MACs per pixel grow with the size).
+  encode time and peak RSS are measured once in a child process (``--heavy-size``: default
+  768x512 so that ``make bench`` stays short; 1920x1080 took about 15 minutes and 6 GB on the
+  shared 2-core machine, see ``results/heavy_encoder_1080p.json``). Its mid-block attention makes
+  MACs per pixel grow with the size, so the counts are taken at the timed size.
 * Sender path: a random-weight ``nano-se`` package exported with ``aeic.codec.export`` and run
   by ``aeic.sender.encoder.SenderCodec`` (or ``--package`` for a trained one), split into the
   analysis, the hyper-analysis and the integer entropy model with rANS and the container.
 
-Usage: python -m benchmarks.model_bench [--count-size 512x512] [--heavy-size 1920x1080|none]
+Usage: python -m benchmarks.model_bench [--count-size 512x512] [--heavy-size 768x512|1920x1080|none]
        [--sender-sizes 768x512,1920x1080] [--repeats 3] [--package DIR] [--out FILE]
 """
 
@@ -182,17 +184,24 @@ def sender_latency(package: Path | None, sizes: list[tuple[int, int]], repeats: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="parameters, MACs per pixel and sender latency")
     parser.add_argument("--count-size", default="512x512")
-    parser.add_argument("--heavy-size", default="1920x1080", help="'none' skips the timing")
+    parser.add_argument("--heavy-size", default="768x512", help="'none' skips the timing; 1920x1080 takes ~15 min here")
     parser.add_argument("--heavy-timeout", type=float, default=420.0)
     parser.add_argument("--sender-sizes", default="768x512,1920x1080", help="'none' skips the sender latency")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--level", type=int, default=8, help="rate level for the sender path")
     parser.add_argument("--package", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--heavy-only", default=None, metavar="WxH",
+                        help="only time the SD-VAE encoder at this size (results/heavy_encoder_<H>p.json)")
     parser.add_argument("--heavy-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.heavy_child:
         _heavy_child(*parse_size(args.heavy_child))
+        return 0
+    if args.heavy_only:
+        size = parse_size(args.heavy_only)
+        heavy = heavy_encoder_counts(*size)["sd_vae"] | {"encode": heavy_encoder_timing(*size, args.heavy_timeout)}
+        print(write_result(f"heavy_encoder_{size[1]}p", {"sd_vae": heavy}, args.out))
         return 0
     width, height = parse_size(args.count_size)
     result: dict[str, Any] = {

@@ -64,11 +64,7 @@ def model_section(doc: dict[str, Any]) -> list[str]:
              _machine(doc), "", *_rows(("Part", "Params (M)", "kMACs/pixel"), rows)]
     encode = heavy.get("encode")
     if encode:
-        if "seconds" in encode:
-            lines += ["", (f"SD-VAE encoder, one {encode['size']} encode on this CPU: {encode['seconds']:.1f} s wall "
-                          f"({encode['cpu_seconds']:.1f} s CPU), peak RSS {encode['peak_rss_mb']:,.0f} MB.")]
-        else:
-            lines += ["", f"SD-VAE encoder at {encode['size']}: {encode['error']}."]
+        lines += ["", heavy_encode_line(encode)]
     latency = doc.get("sender_latency")
     if latency:
         rows = [(size, _num(v["analysis_ms"], 0), _num(v["hyper_ms"], 0), _num(v["entropy_rans_ms"], 0),
@@ -76,6 +72,22 @@ def model_section(doc: dict[str, Any]) -> list[str]:
         lines += ["", f"Sender path in onnxruntime ({latency['package']}, rate level {latency['rate_level']}):", "",
                   *_rows(("Size", "analysis ms", "hyper ms", "entropy model + rANS ms", "total ms"), rows)]
     return lines
+
+
+def heavy_encode_line(encode: dict[str, Any]) -> str:
+    if "seconds" not in encode:
+        return f"SD-VAE encoder at {encode['size']}: {encode.get('error', 'not measured')}."
+    cpu = f" ({encode['cpu_seconds']:.0f} s CPU)" if "cpu_seconds" in encode else ""
+    return (f"SD-VAE encoder (random weights), one {encode['size']} encode on this CPU: {encode['seconds']:.1f} s wall"
+            f"{cpu}, peak RSS {encode['peak_rss_mb']:,.0f} MB.")
+
+
+def heavy_1080p_section(doc: dict[str, Any]) -> list[str]:
+    heavy = doc["sd_vae"]
+    return [f"**SD-VAE encoder at 1080p**: {heavy['parameters'] / 1e6:.1f} M parameters, "
+            f"{heavy['macs_per_pixel'] / 1e3:,.0f} kMACs/pixel at {heavy['count_size']}. "
+            + heavy_encode_line(heavy["encode"]) + (f" {heavy['encode']['how']}" if "how" in heavy["encode"] else ""),
+            "", _machine(doc)]
 
 
 def sender_section(doc: dict[str, Any]) -> list[str]:
@@ -113,7 +125,8 @@ def receiver_section(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-SECTIONS = (("entropy_coding", entropy_section), ("model", model_section), ("sender", sender_section),
+SECTIONS = (("entropy_coding", entropy_section), ("model", model_section),
+            ("heavy_encoder_1080p", heavy_1080p_section), ("sender", sender_section),
             ("receiver", receiver_section))
 
 
