@@ -2,7 +2,8 @@
 
 Every benchmark writes JSON to ``benchmarks/results/``; the table between the README's
 ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers is regenerated from those files
-(``--table-only`` skips the runs). A failing benchmark is reported and the others still run.
+(``--table-only`` skips the runs), and the same table is written to
+``benchmarks/results/table.md``. A failing benchmark is reported and the others still run.
 
 Usage: python -m benchmarks.run_all [--only entropy,model,sender,receiver] [--table-only]
 """
@@ -75,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if set(selected) - set(BENCHMARKS):
         parser.error(f"unknown benchmarks: {sorted(set(selected) - set(BENCHMARKS))}")
     failed = [] if args.table_only else run(selected)
-    update_readme(args.readme, render(RESULTS_DIR))
-    print(f"README table updated: {args.readme}")
+    table = render(RESULTS_DIR)
+    (RESULTS_DIR / "table.md").write_text(table + "\n")
+    if update_readme(args.readme, table):
+        print(f"README table updated: {args.readme}")
+    else:
+        print(f"no {args.readme}: table written to {RESULTS_DIR / 'table.md'} only", file=sys.stderr)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

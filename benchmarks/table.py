@@ -148,9 +148,14 @@ def render(results: Path) -> str:
         "\n\n".join(blocks)
 
 
-def update_readme(readme: Path, table: str) -> None:
-    """Replace the text between the markers; append a section with them when they are missing."""
-    text = readme.read_text() if readme.is_file() else ""
+def update_readme(readme: Path, table: str) -> bool:
+    """Replace the text between the markers; append a section with them when they are missing.
+
+    A missing README is left alone (it is the project's front page, not ours to create): False.
+    """
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
     block = f"{START}\n{table}\n{END}"
     if START in text and END in text and text.index(START) < text.index(END):
         before, rest = text.split(START, 1)
@@ -159,3 +164,4 @@ def update_readme(readme: Path, table: str) -> None:
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + f"{HEADING}\n\n{block}\n"
     readme.write_text(text)
+    return True

@@ -51,3 +51,8 @@ def test_readme_table_is_regenerated_in_place(tmp_path: Path) -> None:
     assert text.startswith("# Project\n\nIntro.\n")
     assert text.count(START) == 1 and text.count(END) == 1 and text.count("## Benchmarks") == 1
     assert "rANS entropy coding" in text and "Measured on" in text and "Not run yet: model" in text
+
+
+def test_missing_readme_is_not_created(tmp_path: Path) -> None:
+    assert update_readme(tmp_path / "README.md", "table") is False
+    assert not (tmp_path / "README.md").exists()
