@@ -16,7 +16,7 @@ class TrainConfig(BaseModel):
     stage: Literal["pretrain", "adversarial", "distil"] = "pretrain"
     model: str = "nano-se"  # a preset of aeic.codec.presets
     data: Path = Path("../shared/data/train")
-    cache: Path = Path("runs/cache/train-512.pt")
+    cache: Path = Path("runs/cache/train-512")  # one file per photo
     short_side: int = 512
     crop: int = 256
     batch: int = 6

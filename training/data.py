@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 LATENT_STRIDE = 8
+MAX_LONG_SIDE = 1024  # panoramas are centre-cropped: more pixels of one photo add little
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -26,7 +27,7 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def load_downsampled(path: Path, short_side: int) -> np.ndarray:
-    """RGB uint8, short side at most ``short_side``, sides cropped to multiples of 8."""
+    """RGB uint8, short side at most ``short_side``, long side at most ``MAX_LONG_SIDE``, multiples of 8."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
         factor = short_side / min(image.size)
@@ -34,8 +35,9 @@ def load_downsampled(path: Path, short_side: int) -> np.ndarray:
             size = (round(image.width * factor), round(image.height * factor))
             image = image.resize(size, Image.Resampling.LANCZOS)
         array = np.asarray(image)
-    height, width = (array.shape[0] // LATENT_STRIDE) * LATENT_STRIDE, (array.shape[1] // LATENT_STRIDE) * LATENT_STRIDE
-    return np.ascontiguousarray(array[:height, :width])
+    height, width = (min(s, MAX_LONG_SIDE) // LATENT_STRIDE * LATENT_STRIDE for s in array.shape[:2])
+    top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
+    return np.ascontiguousarray(array[top : top + height, left : left + width])
 
 
 @dataclass
@@ -44,24 +46,24 @@ class CachedImage:
     latent: torch.Tensor  # (C, H/8, W/8) float16
 
 
-def build_cache(folder: Path, cache_file: Path, short_side: int, teacher: torch.nn.Module, crop: int) -> list[CachedImage]:
-    """Load or compute the cache of (downsampled image, teacher latent) pairs."""
-    paths = [p for p in list_images(folder)]
-    key = hashlib.sha256(f"{[p.name for p in paths]}|{short_side}".encode()).hexdigest()[:16]
-    if cache_file.exists():
-        cached = torch.load(cache_file, weights_only=False)
-        if cached.get("key") == key:
-            return cached["items"]
+def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: torch.nn.Module, crop: int) -> list[CachedImage]:
+    """Load or compute (and keep, one file per photo, so an interrupted run resumes) the cache."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
     items = []
     with torch.no_grad():
-        for path in tqdm(paths, desc="teacher latents"):
-            pixels = torch.from_numpy(load_downsampled(path, short_side)).permute(2, 0, 1).contiguous()
-            if min(pixels.shape[1:]) < crop:
-                continue
-            latent = teacher(pixels[None].float() / 255)[0].half()
-            items.append(CachedImage(pixels, latent))
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "items": items}, cache_file)
+        for path in tqdm(list_images(folder), desc="teacher latents"):
+            key = hashlib.sha256(f"{path.name}|{path.stat().st_size}|{short_side}|{MAX_LONG_SIDE}".encode()).hexdigest()[:20]
+            entry = cache_dir / f"{key}.pt"
+            if entry.exists():
+                item = torch.load(entry, weights_only=False)
+            else:
+                pixels = torch.from_numpy(load_downsampled(path, short_side)).permute(2, 0, 1).contiguous()
+                latent = teacher(pixels[None].float() / 255)[0].half()
+                item = CachedImage(pixels, latent)
+                torch.save(item, entry.with_suffix(".tmp"))
+                entry.with_suffix(".tmp").replace(entry)
+            if min(item.pixels.shape[1:]) >= crop:
+                items.append(item)
     return items
 
 

@@ -1,0 +1,150 @@
+"""``aeic``: the codec command line (encode, decode, info, export, eval).
+
+``encode`` runs the sender path (onnxruntime + numpy, no torch); ``decode`` the receiver path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _read_rgb(path: Path):
+    from aeic.sender.images import read_image
+
+    return read_image(path)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from aeic.sender.encoder import BudgetError, SenderCodec
+
+    codec = SenderCodec.from_package(args.model, threads=args.threads)
+    status = 0
+    for image in args.images:
+        try:
+            rgb = _read_rgb(image)
+            start = time.perf_counter()
+            if args.target_bytes:
+                data, level = codec.encode_to_budget(rgb, args.target_bytes)
+            else:
+                level = args.rate
+                data = codec.encode(rgb, level)
+        except (OSError, ValueError, BudgetError) as exc:
+            print(f"{image}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        elapsed = (time.perf_counter() - start) * 1e3
+        out = (args.output / image.with_suffix(".aeic").name) if args.output else image.with_suffix(".aeic")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+        bpp = len(data) * 8 / (rgb.shape[0] * rgb.shape[1])
+        print(f"{image} -> {out}: {len(data)} bytes, {bpp:.4f} bpp, level {level}, {elapsed:.0f} ms")
+    return status
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from aeic.receiver.decoder import ReceiverCodec
+    from aeic.shared.bitstream import BitstreamError
+    from aeic.shared.entropy_coding import EntropyDecodeError
+
+    codec = ReceiverCodec.from_package(args.model, device=args.device)
+    status = 0
+    for stream in args.streams:
+        try:
+            start = time.perf_counter()
+            rgb = codec.decode(stream.read_bytes())
+        except (OSError, BitstreamError, EntropyDecodeError, ValueError) as exc:
+            print(f"{stream}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        out = (args.output / stream.with_suffix(".png").name) if args.output else stream.with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(out)
+        print(f"{stream} -> {out}: {rgb.shape[1]}x{rgb.shape[0]}, {(time.perf_counter() - start) * 1e3:.0f} ms")
+    return status
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from aeic.shared.bitstream import BitstreamError, unpack
+
+    status = 0
+    for stream in args.streams:
+        try:
+            data = stream.read_bytes()
+            parsed = unpack(data)
+        except (OSError, BitstreamError) as exc:
+            print(f"{stream}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        header = parsed.header
+        info = {
+            "file": str(stream),
+            "bytes": len(data),
+            "width": header.width,
+            "height": header.height,
+            "bpp": round(len(data) * 8 / (header.width * header.height), 5),
+            "model_id": header.model_id.hex(),
+            "rate_index": header.rate_index,
+            "colour_stats": header.colour_stats,
+            "payload_bytes": len(parsed.payload),
+        }
+        print(json.dumps(info))
+    return status
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_package, load_checkpoint_model
+
+    out = export_package(load_checkpoint_model(args.checkpoint), args.out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"{out}: model {manifest['name']} id {manifest['model_id']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from aeic.evaluation.cli import main_eval
+
+    return main_eval(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aeic", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    encode = sub.add_parser("encode", help="images -> .aeic bitstreams (sender path)")
+    encode.add_argument("images", nargs="+", type=Path)
+    encode.add_argument("-o", "--output", type=Path, help="output folder (default: beside each image)")
+    rate = encode.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=int, default=4, help="rate level (bitstream rate index)")
+    rate.add_argument("--target-bytes", type=int, help="the largest bitstream allowed, bytes")
+    encode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
+    encode.add_argument("--threads", type=int)
+    decode = sub.add_parser("decode", help=".aeic bitstreams -> PNG (receiver path)")
+    decode.add_argument("streams", nargs="+", type=Path)
+    decode.add_argument("-o", "--output", type=Path)
+    decode.add_argument("--model", type=Path)
+    decode.add_argument("--device", default="auto")
+    info = sub.add_parser("info", help="print the header of bitstreams as JSON")
+    info.add_argument("streams", nargs="+", type=Path)
+    export = sub.add_parser("export", help="training checkpoint -> model package")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("out", type=Path)
+    sub.add_parser("eval", help="rate-distortion evaluation (see `aeic eval --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        return cmd_eval(argparse.Namespace(), argv[1:])
+    args = build_parser().parse_args(argv)
+    handlers = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

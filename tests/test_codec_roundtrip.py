@@ -1,0 +1,153 @@
+"""Sender path (ONNX + numpy) against the torch model, and encode -> decode of real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aeic.codec.export import export_package
+from aeic.codec.testing import make_tiny_model
+from aeic.receiver.decoder import DecodeError, ReceiverCodec, UnknownModelError
+from aeic.sender.encoder import BudgetError, SenderCodec
+from aeic.shared import bitstream
+from aeic.shared.entropy_coding import EntropyDecodeError
+from aeic.shared.model_package import ModelPackage, ModelPackageError
+from aeic.shared.padding import pad_to_multiple
+
+
+@pytest.fixture(scope="module", params=["tiny-se", "tiny-me"])
+def exported(request, tmp_path_factory):
+    model = make_tiny_model(request.param)
+    folder = export_package(model, tmp_path_factory.mktemp(request.param))
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def codecs(exported):
+    _, folder = exported
+    return SenderCodec.from_package(folder), ReceiverCodec.from_package(folder, device="cpu")
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth photo-like test image (gradients, edges and noise)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:height, 0:width]
+    base = np.stack([rows / height, cols / width, ((rows + cols) % 64) / 64], -1) * 200
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_onnx_sender_and_torch_model_produce_identical_bitstreams(exported, codecs) -> None:
+    model, _ = exported
+    sender, _ = codecs
+    integer = model.entropy.export()
+    for level in (0, sender.num_levels // 2, sender.num_levels - 1):
+        rgb = _photo(130, 250, level)
+        image = torch.from_numpy(pad_to_multiple(rgb, 128).astype(np.float32) / 255).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            y = model.analysis(image)
+            gain = torch.from_numpy(sender.package.level_gains[level])[None, :, None, None]
+            scaled = y * gain
+            z = model.hyper_analysis(scaled)
+        torch_payload, _ = integer.encode(scaled[0].numpy(), z[0].numpy())
+        onnx_stream = bitstream.unpack(sender.encode(rgb, level))
+        assert onnx_stream.payload == torch_payload
+
+
+@pytest.mark.parametrize("size", [(37, 53), (128, 128), (301, 163)])
+def test_encode_decode_restores_true_size(codecs, size) -> None:
+    sender, receiver = codecs
+    rgb = _photo(*size)
+    data = sender.encode(rgb, sender.num_levels - 1)
+    header = bitstream.peek_header(data)
+    assert (header.height, header.width) == size
+    out = receiver.decode(data)
+    assert out.shape == (*size, 3) and out.dtype == np.uint8
+
+
+def test_real_photo_round_trip(codecs, tmp_path) -> None:
+    skimage_data = pytest.importorskip("skimage.data")
+    sender, receiver = codecs
+    rgb = skimage_data.astronaut()[:333, :257]
+    data = sender.encode(rgb, 2)
+    assert receiver.decode(data).shape == rgb.shape
+    assert len(data) * 8 / (rgb.shape[0] * rgb.shape[1]) < 1.0
+
+
+def test_batched_decode_equals_single_decodes(codecs) -> None:
+    sender, receiver = codecs
+    streams = [sender.encode(_photo(96, 160, seed), seed % sender.num_levels) for seed in range(3)]
+    batched = receiver.decode_batch(streams)
+    for stream, image in zip(streams, batched, strict=True):
+        np.testing.assert_allclose(image.astype(int), receiver.decode(stream).astype(int), atol=1)
+
+
+def test_byte_budget_is_respected(codecs) -> None:
+    sender, _ = codecs
+    rgb = _photo(200, 300)
+    sizes = [len(sender.encode(rgb, level)) for level in range(sender.num_levels)]
+    budget = sizes[len(sizes) // 2]
+    data, level = sender.encode_to_budget(rgb, budget)
+    assert len(data) <= budget
+    assert all(size > budget for size in sizes[level + 1 :]) or sizes[level] == max(s for s in sizes if s <= budget)
+    with pytest.raises(BudgetError, match="lowest rate"):
+        sender.encode_to_budget(rgb, min(sizes) - 1)
+
+
+def test_receiver_refuses_other_models_and_bad_levels(codecs) -> None:
+    sender, receiver = codecs
+    stream = bitstream.unpack(sender.encode(_photo(64, 64), 0))
+    foreign = bitstream.Bitstream(
+        bitstream.Header(b"\x00\x01\x02\x03", 64, 64, 0, stream.header.colour_stats), stream.payload
+    )
+    with pytest.raises(UnknownModelError):
+        receiver.decode(bitstream.pack(foreign))
+    bad_level = bitstream.Bitstream(
+        bitstream.Header(sender.model_id, 64, 64, 250, stream.header.colour_stats), stream.payload
+    )
+    with pytest.raises(DecodeError):
+        receiver.decode(bitstream.pack(bad_level))
+
+
+def test_corrupt_payload_with_valid_crc_gives_typed_error(codecs) -> None:
+    sender, receiver = codecs
+    stream = bitstream.unpack(sender.encode(_photo(200, 300, 4), sender.num_levels - 1))
+    for cut in (1, 3):
+        broken = bitstream.Bitstream(stream.header, stream.payload[:-cut])
+        with pytest.raises(EntropyDecodeError):
+            receiver.decode(bitstream.pack(broken))
+
+
+def test_package_tampering_is_detected(exported, tmp_path) -> None:
+    _, folder = exported
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in folder.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    data = bytearray((copy / "entropy.npz").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "entropy.npz").write_bytes(bytes(data))
+    with pytest.raises(ModelPackageError, match="digest"):
+        ModelPackage.load(copy)
+
+
+def test_model_id_is_reproducible(exported, tmp_path) -> None:
+    model, folder = exported
+    again = export_package(model, tmp_path / "again")
+    assert ModelPackage.load(again).model_id == ModelPackage.load(folder).model_id
+
+
+def test_png_written_by_cli_round_trip(exported, tmp_path) -> None:
+    from aeic.codec.cli import main
+
+    _, folder = exported
+    source = tmp_path / "photo.png"
+    Image.fromarray(_photo(90, 140)).save(source)
+    assert main(["encode", str(source), "--model", str(folder), "--rate", "1", "-o", str(tmp_path / "out")]) == 0
+    stream = tmp_path / "out" / "photo.aeic"
+    assert main(["info", str(stream)]) == 0
+    assert main(["decode", str(stream), "--model", str(folder), "--device", "cpu"]) == 0
+    assert Image.open(stream.with_suffix(".png")).size == (140, 90)
+    (tmp_path / "garbage.aeic").write_bytes(b"\xae\x1c\x01" + b"\x00" * 30)
+    assert main(["decode", str(tmp_path / "garbage.aeic"), "--model", str(folder), "--device", "cpu"]) == 1

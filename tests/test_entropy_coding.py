@@ -1,0 +1,138 @@
+"""rANS coding with frozen integer tables: exact round trips, near-ideal size, golden bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aeic.shared.entropy_coding import (
+    PRECISION,
+    CdfTables,
+    EntropyDecodeError,
+    SymbolDecoder,
+    SymbolEncoder,
+    factorized_tables,
+    gaussian_scale_table,
+    quantize_pmf,
+)
+from aeic.shared.entropy_model import scale_table
+
+GOLDEN = Path(__file__).parent / "golden" / "entropy_coding_v1.json"
+TABLES = gaussian_scale_table(scale_table())
+
+
+def _sample(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, TABLES.num_tables, size=shape)
+    values = np.round(rng.normal(size=shape) * scale_table()[indices]).astype(np.int64)
+    values[indices == TABLES.skip_index] = 0
+    return values, indices
+
+
+def _round_trip(values: np.ndarray, indices: np.ndarray, tables: CdfTables = TABLES) -> tuple[bytes, np.ndarray]:
+    encoder = SymbolEncoder()
+    encoder.add(values, indices, tables)
+    payload = encoder.finish()
+    decoder = SymbolDecoder(payload)
+    decoded = decoder.read(indices, tables)
+    decoder.finish()
+    return payload, decoded
+
+
+def _ideal_bits(values: np.ndarray, indices: np.ndarray, tables: CdfTables) -> float:
+    bits = 0.0
+    for value, k in zip(values.ravel(), indices.ravel(), strict=True):
+        if k == tables.skip_index:
+            continue
+        symbol = int(value) + int(tables.offsets[k])
+        assert 0 <= symbol < tables.lengths[k] - 1, "the ideal-size test uses in-range values"
+        bits -= np.log2(tables.counts[k, symbol] / (1 << PRECISION))
+    return bits
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_symbols_round_trip_exactly(seed: int) -> None:
+    values, indices = _sample(seed, (32, 9, 13))
+    _, decoded = _round_trip(values, indices)
+    np.testing.assert_array_equal(decoded, values)
+
+
+def test_escapes_are_exact_never_clipped() -> None:
+    values, indices = _sample(7, (4, 8, 8))
+    indices[0, 0, :6] = 5
+    values[0, 0, :6] = [40, -41, 1000, -70_000, 2**20, -(2**30)]
+    _, decoded = _round_trip(values, indices)
+    np.testing.assert_array_equal(decoded, values)
+
+
+def test_size_within_one_percent_of_information_content() -> None:
+    rng = np.random.default_rng(3)
+    indices = rng.integers(1, TABLES.num_tables, size=(64, 20, 20))
+    radius = TABLES.offsets[indices]
+    values = np.clip(np.round(rng.normal(size=indices.shape) * scale_table()[indices]), -radius, radius).astype(np.int64)
+    payload, _ = _round_trip(values, indices)
+    ideal_bytes = _ideal_bits(values, indices, TABLES) / 8
+    assert len(payload) <= ideal_bytes * 1.01 + 8
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.integers(-(2**31) + 1, 2**31 - 1), min_size=1, max_size=40), st.integers(0, 63))
+def test_any_int32_value_round_trips(values: list[int], index: int) -> None:
+    array = np.array(values, dtype=np.int64)
+    indices = np.full(array.shape, index)
+    if index == TABLES.skip_index:
+        array[:] = 0
+    _, decoded = _round_trip(array, indices)
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_factorized_tables_round_trip() -> None:
+    pmfs = [np.array([1, 2, 5, 2, 1, 0.01]), np.array([3, 1, 0.5])]
+    tables = factorized_tables(pmfs, [2, 1])
+    rng = np.random.default_rng(0)
+    indices = np.broadcast_to(np.array([0, 1])[:, None, None], (2, 5, 5))
+    values = rng.integers(-3, 4, size=(2, 5, 5))
+    _, decoded = _round_trip(values, indices, tables)
+    np.testing.assert_array_equal(decoded, values)
+
+
+def test_quantized_tables_sum_to_precision_and_never_zero() -> None:
+    counts = quantize_pmf(np.array([1e-12, 0.5, 0.5 - 1e-12, 1e-9]))
+    assert counts.sum() == 1 << PRECISION and counts.min() >= 1
+    for k in range(TABLES.num_tables):
+        row = TABLES.counts[k, : TABLES.lengths[k]]
+        assert row.sum() == 1 << PRECISION and row.min() >= 1
+
+
+def test_invalid_tables_are_refused() -> None:
+    with pytest.raises(ValueError):
+        CdfTables(counts=np.array([[1, 2, 3]]), lengths=np.array([3]), offsets=np.array([1]))
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 17])
+def test_truncated_or_corrupt_payload_raises_typed_error(cut: int) -> None:
+    values, indices = _sample(11, (16, 8, 8))
+    payload, _ = _round_trip(values, indices)
+    broken = payload[:-cut]
+    with pytest.raises(EntropyDecodeError):
+        decoder = SymbolDecoder(broken)
+        decoder.read(indices, TABLES)
+        decoder.finish()
+
+
+def test_golden_vectors() -> None:
+    golden = json.loads(GOLDEN.read_text())
+    table_digest = hashlib.md5(TABLES.counts.tobytes() + TABLES.offsets.tobytes() + TABLES.lengths.tobytes()).hexdigest()
+    assert table_digest == golden["tables_md5"], "the frozen Gaussian tables changed"
+    for case in golden["cases"]:
+        values, indices = _sample(case["seed"], tuple(case["shape"]))
+        payload, _ = _round_trip(values, indices)
+        assert len(payload) == case["bytes"]
+        assert hashlib.md5(payload).hexdigest() == case["md5"], f"bitstream of seed {case['seed']} changed"
+        assert payload[:16].hex() == case["head"]
