@@ -41,25 +41,23 @@ def _receiver_package(tmp: Path) -> Path:
     return export_package(AEICModel(preset("nano-se")), tmp / "nano-se-random")
 
 
-def commands(tmp: Path) -> dict[str, list[str]]:
+def command(name: str, tmp: Path) -> list[str]:
     python = [sys.executable, "-m"]
-    return {
-        "entropy": python + ["benchmarks.entropy_coding_bench"],
-        "model": python + ["benchmarks.model_bench"],
-        "sender": python + ["benchmarks.sender_bench"],
-        "receiver": python + ["benchmarks.receiver_bench", "--model", str(_receiver_package(tmp)), "--repeats", "2",
-                              "--out", str(RESULTS_DIR / "receiver.json")],
-    }
+    if name == "receiver":
+        return python + ["benchmarks.receiver_bench", "--model", str(_receiver_package(tmp)), "--repeats", "2",
+                         "--out", str(RESULTS_DIR / "receiver.json")]
+    module = {"entropy": "entropy_coding_bench", "model": "model_bench", "sender": "sender_bench"}[name]
+    return python + [f"benchmarks.{module}"]
 
 
 def run(selected: list[str]) -> list[str]:
     failed = []
     with tempfile.TemporaryDirectory(prefix="aeic-bench-") as tmp:
         for name in selected:
-            command = commands(Path(tmp))[name]
-            print(f"== {name}: {' '.join(command[2:])}", flush=True)
+            argv = command(name, Path(tmp))
+            print(f"== {name}: {' '.join(argv[2:])}", flush=True)
             start = time.perf_counter()
-            done = subprocess.run(command, cwd=ROOT, check=False)
+            done = subprocess.run(argv, cwd=ROOT, check=False)
             print(f"== {name}: exit {done.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
             if done.returncode != 0:
                 failed.append(name)
