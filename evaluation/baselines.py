@@ -160,13 +160,16 @@ def compress_to_budget(
     height, width = rgb.shape[:2]
     original = Image.fromarray(rgb, "RGB")
     best = BaselineResult(spec.name, budget_bytes, criterion, method=spec.name)
-    for factor in factors:
+    # Smallest first: the file at the lowest quality grows with the pixel count, so once it is over
+    # budget every larger size is too and the search stops. (Bounding each size's quality search by the
+    # previous size's result was tried and dropped: JPEG XL sizes are not monotone enough for it.)
+    for factor in sorted(set(factors)):
         size = _scaled_size(width, height, factor)
         side = 0 if size == (width, height) else SIZE_SIDE_INFO_BYTES
         small = original if side == 0 else original.resize(size, Image.Resampling.LANCZOS)
         found = _largest_fitting_quality(spec, small, budget_bytes - side)
         if found is None:
-            continue
+            break
         quality, data = found
         decoded = spec.decode(data)
         if decoded.size != (width, height):
