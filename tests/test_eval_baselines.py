@@ -112,3 +112,17 @@ def test_size_side_info_is_charged_when_downscaled() -> None:
     assert result.num_bytes == len(result.data) + baselines.SIZE_SIDE_INFO_BYTES
     with Image.open(io.BytesIO(result.data)) as im:
         assert im.format == "JPEG"
+
+
+@pytest.mark.parametrize("codec", AVAILABLE)
+def test_search_finds_the_best_single_factor(codec: str) -> None:
+    """The pruned search (smallest size first, stop at the first that cannot fit) loses nothing."""
+    rgb = _real_crop() if _real_crop() is not None else _synthetic()
+    full = baselines.compress_to_budget(rgb, 700, codec)
+    singles = [
+        baselines.compress_to_budget(rgb, 700, codec, factors=(f,)) for f in baselines.DOWNSCALE_FACTORS
+    ]
+    reachable = [r for r in singles if r.reachable]
+    assert full.reachable == bool(reachable)
+    if reachable:
+        assert full.score == max(r.score for r in reachable)
