@@ -105,6 +105,10 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
             )
         else:
             codec = codec_factory(args.model)
+        levels = getattr(codec, "num_levels", None)
+        bad = [p.label for p in points if p.kind == "rate" and levels is not None and p.value >= levels]
+        if bad:
+            raise ValueError(f"rate points {bad} not in this model (rate indices 0..{levels - 1})")
         info = codec.info() if hasattr(codec, "info") else {"codec": type(codec).__name__ if codec else None}
         evaluator = runner.Evaluator(codec, config, info)
     except (FileNotFoundError, ValueError, TypeError) as exc:

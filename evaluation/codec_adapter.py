@@ -54,6 +54,11 @@ class PackageCodec:
         receiver = ReceiverCodec.from_package(path, device=device)
         return cls(sender, receiver, path)
 
+    @property
+    def num_levels(self) -> int:
+        """How many rate indices the package has (0 .. num_levels - 1)."""
+        return int(self.sender.num_levels)
+
     def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
         return self.sender.encode(rgb, rate_index)
 

@@ -22,6 +22,7 @@ class WebPContainerCodec:
 
     model_id = b"TWBP"
     rates = (0, 1, 2)
+    num_levels = 3
 
     def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
         h, w = rgb.shape[:2]
@@ -300,3 +301,10 @@ def test_end_to_end_with_the_tiny_model_package(tiny_package: Path, images: Path
         assert row["bytes"] == len(sender.encode(rgb, row["rate_index"]))  # deterministic, container included
         assert row["bpp"] == pytest.approx(row["bytes"] * 8 / (64 * 96))
     assert (out / "recon" / "rate0" / "aeic" / "img0.png").is_file()
+
+
+def test_cli_rejects_rate_indices_the_model_lacks(images: Path, tmp_path: Path, capsys) -> None:
+    argv = ["--images", str(images), "--rates", "0,3", "--out", str(tmp_path / "o")]
+    assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 2
+    assert "rate indices 0..2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
