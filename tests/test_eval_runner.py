@@ -308,3 +308,46 @@ def test_cli_rejects_rate_indices_the_model_lacks(images: Path, tmp_path: Path, 
     assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 2
     assert "rate indices 0..2" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_rd_curves_and_side_by_side_inputs(tmp_path: Path) -> None:
+    from aeic.evaluation import plots
+
+    means = [
+        {
+            "point": "bpp0.01",
+            "method": "aeic",
+            "n_unreachable": 0,
+            "bpp": 0.009,
+            "psnr": 21.0,
+            "texture": 0.7,
+        },
+        {
+            "point": "bpp0.01",
+            "method": "best",
+            "n_unreachable": 1,
+            "bpp": 0.0095,
+            "psnr": 21.5,
+            "texture": None,
+        },
+        {
+            "point": "bpp0.02",
+            "method": "best",
+            "n_unreachable": 0,
+            "bpp": 0.019,
+            "psnr": 22.8,
+            "texture": None,
+        },
+    ]
+    summary = {"metrics": ["psnr", "texture", "ms_ssim"], "means": means}
+    written = plots.rd_curves(summary, tmp_path)
+    assert [p.name for p in written] == ["rd_psnr.png", "rd_texture.png"]  # no MS-SSIM values: no plot
+    assert plots._series(means, "psnr")["best"] == [(0.0095, 21.5), (0.019, 22.8)]
+    assert plots._unreachable(means) == {"aeic": 0, "best": 1}
+    original = np.zeros((40, 60, 3), np.uint8)
+    assert plots.center_crop_box(40, 60, 256) == (0, 10, 40, 50)
+    with pytest.raises(ValueError, match="differs"):
+        plots.side_by_side(original, {"small": np.zeros((20, 60, 3), np.uint8)}, tmp_path / "s.png")
+    path = plots.side_by_side(original, {"same": original, "MSE-only": original}, tmp_path / "s.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG"
