@@ -13,8 +13,10 @@ integer entropy model, rANS) and packed into the container. Variants:
 
 Every speed-up's rate-distortion cost is measured: each variant of ours also encodes a few real
 photos (training set, not Kodak), the receiver decodes them, and bytes and PSNR are compared
-with the default variant. With a random-weight package (when no trained one exists) the RD
-figures are recorded but mean nothing: the JSON says which package was used.
+with the default variant, as is the analysis latent itself (SNR against the default's). With a
+random-weight package (when no trained one exists) bytes and PSNR are recorded but mean nothing
+(its untrained entropy model codes hardly any latent symbol); the latent SNR still shows how far
+a variant moves the encoder's output. The JSON says which package was used.
 
 Usage: python -m benchmarks.sender_bench [--frames 2] [--variants a,b] [--package DIR] [--rd-images 2]
 """
@@ -77,22 +79,25 @@ def _our_codec(work: Path, variant: str):
         del codec.analysis
         codec.analysis = ort.InferenceSession(str(work / f"analysis.{variant}.onnx"), options(threads),
                                               providers=[encoder.CPU_PROVIDER])
-    return lambda rgb, level: codec.encode(rgb, level)
+    return codec
 
 
 def _reference_codec(work: Path):
     from .reference_sender import ReferenceCodec
 
-    codec = ReferenceCodec(work / "reference.onnx")
-    return lambda rgb, level: codec.encode(rgb)
+    return ReferenceCodec(work / "reference.onnx")
 
 
 def run_child(work: Path, variant: str, frames: int, level: int) -> dict[str, Any]:
     from aeic.sender.images import read_image
 
     start = time.perf_counter()
-    encode = _reference_codec(work) if variant == "reference" else _our_codec(work, variant)
+    codec = _reference_codec(work) if variant == "reference" else _our_codec(work, variant)
     load_s = time.perf_counter() - start
+
+    def encode(rgb: np.ndarray, level: int) -> bytes:
+        return codec.encode(rgb) if variant == "reference" else codec.encode(rgb, level)
+
     frame = work / "frame.jpg"
     stream = encode(read_image(frame), level)  # warm-up
     times = []
@@ -107,7 +112,9 @@ def run_child(work: Path, variant: str, frames: int, level: int) -> dict[str, An
         out = work / "streams" / variant
         out.mkdir(parents=True, exist_ok=True)
         for image in sorted((work / "rd").glob("*.png")):
-            (out / f"{image.stem}.aeic").write_bytes(encode(read_image(image), level))
+            analysed = codec.analyse(read_image(image))
+            (out / f"{image.stem}.aeic").write_bytes(codec.encode_analysed(analysed, level))
+            np.save(out / f"{image.stem}.latent.npy", analysed.latent)
     return {"variant": variant, "frames": frames, "fps": frames / sum(times), "ms_per_frame": 1e3 * sum(times) / frames,
             "ms_per_frame_each": [1e3 * t for t in times], "cpu_ms_per_frame": 1e3 * cpu_s / frames, "bytes_1080p": len(stream), "load_s": load_s,
             "peak_rss_mb": peak_after_frames}
@@ -180,6 +187,11 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def _snr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    noise = float(np.mean((reference.astype(np.float64) - other) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.mean(reference.astype(np.float64) ** 2)) / noise)
+
+
 def rd_costs(work: Path, variants: list[str]) -> dict[str, Any]:
     """Bytes and PSNR per variant on the RD photos, and the change against ``default``."""
     from aeic.receiver.decoder import ReceiverCodec
@@ -201,6 +213,10 @@ def rd_costs(work: Path, variants: list[str]) -> dict[str, Any]:
             "identical_to_default": all(p.is_file() and p.read_bytes() == streams[n] for n, p in default_streams.items()),
             "psnr_vs_default_decode_db": (float(np.mean([_psnr(decoded[n], decoded_default[n]) for n in originals]))
                                           if decoded_default else None),
+            # how far the analysis output moves (meaningful even with random weights)
+            "latent_snr_vs_default_db": float(np.mean([_snr_db(
+                np.load(work / "streams" / "default" / f"{n}.latent.npy"),
+                np.load(work / "streams" / variant / f"{n}.latent.npy")) for n in originals])),
         }
     base = table.get("default")
     for row in table.values():

@@ -97,14 +97,15 @@ def sender_section(doc: dict[str, Any]) -> list[str]:
         run = doc["runs"][variant]
         rows.append((variant, _num(s["fps"], 3), _num(1e3 / run["cpu_ms_per_frame"], 3) if run.get("cpu_ms_per_frame") else "n/a",
                      _num(s["peak_rss_mb"], 0), _num(s["speedup_vs_reference"], 2),
-                     _num(rd.get("bytes_change_pct"), 1) if rd else "-", _num(rd.get("psnr_change_db"), 2) if rd else "-"))
+                     _num(rd.get("bytes_change_pct"), 1) if rd else "-", _num(rd.get("psnr_change_db"), 2) if rd else "-",
+                     _num(rd.get("latent_snr_vs_default_db"), 1) if rd else "-"))
     failed = [f"{v}: {r['error']}" for v, r in doc["runs"].items() if "error" in r]
     t = doc["targets"]
     return [(f"**Sender path at {doc['size']}** (read file, encode, rANS, container; one process per variant; "
             f"targets: >= {t['speedup_vs_reference']:.0f}x the reference fps, <= {t['peak_rss_mb']:.0f} MB peak RSS). "
             f"Package: {doc['package']}."), "", _machine(doc), "",
             *_rows(("Variant", "fps (wall)", "fps (per CPU-second)", "peak RSS MB", "x reference",
-                    "RD: bytes %", "RD: PSNR dB"), rows),
+                    "RD: bytes %", "RD: PSNR dB", "latent SNR vs default dB"), rows),
             *([""] + [f"Failed: {f}" for f in failed] if failed else [])]
 
 
