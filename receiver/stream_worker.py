@@ -1,0 +1,222 @@
+"""`aeic-receiver worker`: a decode worker process fed by the Redis Stream (scale-out mode, issue 8).
+
+Each process is one consumer of the group. It reads entries (XREADGROUP), takes over entries a dead
+consumer held longer than `reclaim_after_s` (XAUTOCLAIM), and claims the images in the database by id
+(`storage.claims`): the database decides who decodes, so a redelivered entry of a done image is only
+acknowledged. Decoding itself is the embedded `DecodeWorker`'s (batches, per-image fallback, retries,
+results in the blob store). While a batch runs, a heartbeat keeps both the stream entries and the database
+claims fresh, so only a dead worker's jobs are ever taken over. An image that fails for good goes to the
+dead-letter stream with its reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from aeic.receiver.queue import Job, JobQueue
+from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.settings import ReceiverSettings
+from aeic.receiver.storage import Claim, ImageRecord, SqlMetadataStore, Status
+from aeic.receiver.storage.claims import claim_ids, fail_exhausted_stale, orphaned_ids, refresh_claim
+from aeic.receiver.worker import DecodeWorker
+
+__all__ = ["StreamWorker", "StreamWorkerConfig", "default_consumer_name", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+
+def default_consumer_name() -> str:
+    """Unique per process and readable in XINFO CONSUMERS: host-pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class StreamWorkerConfig:
+    """Consumer knobs."""
+
+    consumer: str
+    batch_size: int = 4
+    max_attempts: int = 3
+    reclaim_after_s: float = 60.0
+    block_ms: int = 1000
+    reconcile_every_s: float = 30.0
+
+
+class StreamWorker:
+    """One consumer: read or reclaim entries, claim in the database, decode, acknowledge."""
+
+    def __init__(self, store: SqlMetadataStore, queue: JobQueue, decoder: DecodeWorker,
+                 config: StreamWorkerConfig) -> None:
+        self.store, self.queue, self.decoder, self.config = store, queue, decoder, config
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until `stop` is set; the batch in progress is finished first."""
+        self.queue.ensure_group()
+        self._preload()
+        next_reclaim = next_reconcile = 0.0
+        while not stop.is_set():
+            try:
+                jobs: list[Job] = []
+                if time.monotonic() >= next_reclaim:
+                    jobs = self.queue.reclaim(self.config.consumer, int(self.config.reclaim_after_s * 1000),
+                                              self.config.batch_size * 4)
+                    next_reclaim = time.monotonic() + self.config.reclaim_after_s / 4
+                if not jobs:
+                    jobs = self.queue.read(self.config.consumer, self.config.batch_size, self.config.block_ms)
+                if jobs:
+                    self.handle(jobs)
+                if time.monotonic() >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + self.config.reconcile_every_s
+            except Exception:  # Redis or the database may be briefly unavailable: keep the process alive
+                log.exception("worker iteration failed; retrying")
+                stop.wait(1.0)
+
+    def _preload(self) -> None:
+        registry: CodecRegistry = self.decoder.registry
+        for model_id in sorted(registry.model_ids()):
+            try:
+                registry.get(model_id)
+            except Exception:  # the job that needs it records the reason
+                log.exception("could not load the decoder for model %s", model_id.hex())
+
+    # -- one delivery ----------------------------------------------------------------------------
+
+    def handle(self, jobs: Sequence[Job]) -> None:
+        """Settle entries of finished or deleted images, claim the rest, decode, settle them."""
+        by_image: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_image.setdefault(job.image_id, []).append(job)
+        open_ids = [i for i in by_image if not self._settle(i, by_image[i], decoded_here=False)]
+        if not open_ids:
+            return
+        stale_before = time.time() - self.config.reclaim_after_s
+        for image_id in fail_exhausted_stale(self.store, open_ids, stale_before, self.config.max_attempts):
+            self._settle(image_id, by_image[image_id], decoded_here=False)
+        claim = claim_ids(self.store, open_ids, stale_before, self.config.max_attempts)
+        if claim is None:
+            return  # held by a live worker or not yet due: the entries stay pending and come back later
+        for group in _compatible(claim.records, self.config.batch_size):
+            group_jobs = [j for r in group for j in by_image[r.id]]
+            with self._heartbeat(group_jobs, claim.token):
+                self.decoder.process(Claim(token=claim.token, records=group))
+            for record in group:
+                self._settle(record.id, by_image[record.id], decoded_here=True)
+
+    def _settle(self, image_id: str, jobs: list[Job], decoded_here: bool) -> bool:
+        """Acknowledge or dead-letter entries whose image needs no more work; False if it still does."""
+        record = self.store.get_image(image_id)
+        if record is None:
+            log.info("image=%s deleted: acknowledged", image_id)
+            self.queue.ack(jobs)
+        elif record.status is Status.DONE:
+            if decoded_here:
+                log.info("decoded image=%s consumer=%s", image_id, self.config.consumer)
+            else:
+                log.info("image=%s already decoded: acknowledged without decoding", image_id)
+            self.queue.ack(jobs)
+        elif record.status is Status.FAILED:
+            log.warning("image=%s failed after %d attempt(s): %s; dead-lettered", image_id, record.attempts,
+                        record.error)
+            self.queue.dead_letter(jobs[0], record.error or "failed", record.attempts)
+            self.queue.ack(jobs[1:])
+        else:
+            return False
+        return True
+
+    @contextmanager
+    def _heartbeat(self, jobs: list[Job], token: str) -> Iterator[None]:
+        """Keep entries and claims fresh while a (possibly long) batch decodes."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.config.reclaim_after_s / 3):
+                try:
+                    self.queue.touch(self.config.consumer, jobs)
+                    refresh_claim(self.store, token)
+                except Exception:  # a missed beat only risks a duplicate, which the claim still prevents
+                    log.exception("heartbeat failed")
+
+        thread = threading.Thread(target=beat, name="aeic-worker-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    # -- safety net ------------------------------------------------------------------------------
+
+    def reconcile(self) -> int:
+        """When the stream is fully drained, enqueue pending images that have no entry (an enqueue that
+        failed after the upload was stored, a Redis that lost its data). One worker at a time."""
+        if not self.queue.lock("reconcile", self.config.reconcile_every_s):
+            return 0
+        backlog = self.queue.backlog()
+        if backlog.lag != 0 or backlog.pending != 0:
+            return 0
+        now = time.time()
+        ids = orphaned_ids(self.store, older_than=now - self.config.reconcile_every_s,
+                           stale_before=now - self.config.reclaim_after_s, limit=1000)
+        for image_id in ids:
+            self.queue.publish(image_id)
+        if ids:
+            log.warning("re-enqueued %d image(s) that had no queue entry", len(ids))
+        return len(ids)
+
+
+def _compatible(records: list[ImageRecord], batch_size: int) -> Iterator[list[ImageRecord]]:
+    """Batches of at most `batch_size` images with the same model and size (what one decode call takes)."""
+    key = lambda r: (r.model_id, r.width, r.height)
+    for _, group in itertools.groupby(sorted(records, key=lambda r: (key(r), r.seq)), key=key):
+        items = list(group)
+        for start in range(0, len(items), batch_size):
+            yield items[start:start + batch_size]
+
+
+def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_port: int | None = None) -> int:
+    """Process entry point: build stores, decoders and the queue from settings; stop on SIGTERM/SIGINT."""
+    from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
+    from aeic.receiver.metrics import ReceiverMetrics
+    from aeic.receiver.worker import WorkerConfig
+
+    queue = open_queue(settings)
+    if queue is None:
+        raise ValueError("the worker needs a queue: --queue redis://host:6379/0 or AEIC_QUEUE")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqlMetadataStore.from_url(settings.resolved_database_url())
+    store.migrate()
+    metrics = ReceiverMetrics()
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=metrics.registry)
+    blobs = open_blob_store(settings)
+    prepare_backends(blobs, queue)
+    registry = CodecRegistry.from_packages(settings.model_packages, settings.device)
+    decoder = DecodeWorker(store, blobs, registry, WorkerConfig(
+        batch_size=settings.batch_size, max_attempts=settings.max_attempts, retry_delay_s=settings.retry_delay_s,
+        poll_interval_s=settings.poll_interval_s, thumbnail_px=settings.thumbnail_px), metrics)
+    config = StreamWorkerConfig(consumer=consumer or default_consumer_name(), batch_size=settings.batch_size,
+                                max_attempts=settings.max_attempts, reclaim_after_s=settings.reclaim_after_s)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("worker %s consuming %s (group %s)", config.consumer, queue.stream, queue.group)
+    try:
+        StreamWorker(store, queue, decoder, config).run(stop)
+    finally:
+        queue.close()
+        store.close()
+    return 0
