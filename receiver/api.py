@@ -19,9 +19,11 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from aeic.receiver.auth import Authenticator, Principal, RateLimiter
+from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
 from aeic.receiver.errors import ApiError, install_error_handlers
 from aeic.receiver.images import FORMATS, transcode
 from aeic.receiver.metrics import ReceiverMetrics
+from aeic.receiver.queue import JobQueue
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import (
@@ -85,6 +87,7 @@ class ReceiverState:
     limiter: RateLimiter
     metrics: ReceiverMetrics
     worker: DecodeWorker | None
+    queue: JobQueue | None = None  # scale-out: decodes go to `aeic-receiver worker` processes
 
 
 def receiver_state(request: Request) -> ReceiverState:
@@ -243,6 +246,16 @@ def _store_upload(state: ReceiverState, image: NewImage, data: bytes) -> tuple[I
     return record, created
 
 
+def _enqueue(state: ReceiverState, image_id: str) -> None:
+    """Tell the workers; the upload is already durable, so a failure here only delays the decode until a
+    worker's reconciliation finds the image (the 202 stays true)."""
+    try:
+        state.queue.publish(image_id)  # type: ignore[union-attr]
+    except Exception:  # any queue failure is logged and counted, never a lost upload
+        log.exception("could not enqueue image %s; a worker will find it by reconciliation", image_id)
+        state.metrics.uploads.labels("enqueue_failed").inc()
+
+
 async def upload_image(request: Request, who: Caller) -> JSONResponse:
     """Accept one bitstream: 202 with its id once it is durably stored."""
     state = receiver_state(request)
@@ -279,6 +292,8 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
         state.metrics.upload_bytes.observe(len(data))
         if state.worker is not None:
             state.worker.wake()
+        if state.queue is not None:
+            await run_in_threadpool(_enqueue, state, record.id)
     return _accepted(record, replayed=not created)
 
 
@@ -425,7 +440,13 @@ def readyz(request: Request) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         checks["database"] = f"error: {type(exc).__name__}"
     checks["models"] = "ok" if state.registry.model_ids() else "error: no model package loaded"
-    if state.settings.worker:
+    if state.queue is not None:
+        try:
+            state.queue.ping()
+            checks["queue"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["queue"] = f"error: {type(exc).__name__}"
+    elif state.settings.worker:
         checks["worker"] = "ok" if state.worker is not None and state.worker.is_alive() else "error: not running"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
@@ -467,14 +488,15 @@ def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = Non
     """Open storage and wire the components (nothing runs until the app starts)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = SqlMetadataStore.from_url(settings.resolved_database_url())
-    blob_store = blobs if blobs is not None else FilesystemBlobStore(settings.data_dir / "blobs")
+    blob_store = blobs if blobs is not None else open_blob_store(settings)
+    queue = open_queue(settings)
     if registry is None:
         registry = CodecRegistry.from_packages(settings.model_packages, settings.device)
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     metrics_ = ReceiverMetrics()
     metrics_.watch_jobs(store.status_counts)
     worker = None
-    if settings.worker:
+    if settings.worker and queue is None:
         config = WorkerConfig(batch_size=settings.batch_size, max_attempts=settings.max_attempts,
                               retry_delay_s=settings.retry_delay_s, poll_interval_s=settings.poll_interval_s,
                               thumbnail_px=settings.thumbnail_px)
@@ -482,7 +504,7 @@ def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = Non
     return ReceiverState(settings=settings, store=store, blobs=blob_store, registry=registry,
                          auth=Authenticator(store, admin),
                          limiter=RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst),
-                         metrics=metrics_, worker=worker)
+                         metrics=metrics_, worker=worker, queue=queue)
 
 
 def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None,
@@ -512,6 +534,7 @@ def _start(state: ReceiverState) -> None:
     version = state.store.migrate()
     if isinstance(state.blobs, FilesystemBlobStore):
         state.blobs.remove_stale_tmp()
+    prepare_backends(state.blobs, state.queue)
     if state.worker is not None:
         # Embedded mode: this process owns every claim, so anything still `decoding` was orphaned by a crash.
         requeued = state.store.requeue_abandoned(state.settings.max_attempts)
@@ -525,4 +548,6 @@ def _start(state: ReceiverState) -> None:
 def _stop(state: ReceiverState) -> None:
     if state.worker is not None:
         state.worker.stop()
+    if state.queue is not None:
+        state.queue.close()
     state.store.close()

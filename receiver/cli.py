@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-worker", dest="worker", action="store_const", const=False,
                        help="accept uploads but do not decode in this process")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _worker_parser(sub)
     token = sub.add_parser("token", help="device tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="create a token for a device and print it once")
@@ -43,6 +44,34 @@ def _parser() -> argparse.ArgumentParser:
     _common(revoke)
     revoke.add_argument("--device", required=True)
     return parser
+
+
+def _worker_parser(sub: argparse._SubParsersAction) -> None:
+    """`aeic-receiver worker`: a decode worker process fed by the Redis Stream (scale-out)."""
+    worker = sub.add_parser("worker", help="decode jobs from the Redis Stream (scale-out mode)")
+    _common(worker)
+    worker.add_argument("--queue", help="redis://host:6379/0 (env AEIC_QUEUE)")
+    worker.add_argument("--blob-url", help="s3://bucket/prefix (env AEIC_BLOB_URL; default: files under --data)")
+    worker.add_argument("--model", dest="model_packages", type=Path, action="append",
+                        help="model package directory (repeatable; default: the shipped model)")
+    worker.add_argument("--device", help="torch device for the decoder: auto, cpu, cuda ...")
+    worker.add_argument("--batch-size", type=int, help="most images decoded together")
+    worker.add_argument("--consumer", help="consumer name in the group (default: host-pid)")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from aeic.receiver.stream_worker import run_worker
+
+    settings = _settings(args, queue=args.queue, blob_url=args.blob_url, model_packages=args.model_packages,
+                         device=args.device, batch_size=args.batch_size)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_worker(settings, consumer=args.consumer, metrics_port=args.metrics_port)
+    except ValueError as exc:
+        print(f"aeic-receiver: {exc}", file=sys.stderr)
+        return 2
 
 
 def _settings(args: argparse.Namespace, **extra: object) -> ReceiverSettings:
@@ -98,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from aeic.shared.model_package import ModelPackageError
 
     try:
+        if args.command == "worker":
+            return _worker(args)
         return _serve(args) if args.command == "serve" else _token(args)
     except (ValidationError, FileNotFoundError) as exc:
         print(f"aeic-receiver: invalid configuration: {exc}", file=sys.stderr)

@@ -51,6 +51,11 @@ class ReceiverSettings(BaseSettings):
     worker: bool = Field(True, description="Run the decode worker inside the API process.")
     poll_interval_s: float = Field(1.0, gt=0, description="Worker sleep when idle and not woken by an upload.")
     thumbnail_px: int = Field(320, ge=16, le=2048, description="Longest side of gallery thumbnails.")
+    # Scale-out (issue 8): shared blob store, decode queue, worker processes.
+    blob_url: str | None = Field(None, description="s3://bucket/prefix for blobs; default files under data_dir.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO), e.g. http://minio:9000.")
+    queue: str | None = Field(None, description="redis://host:port/db: enqueue decodes for `aeic-receiver worker`.")
+    reclaim_after_s: float = Field(60.0, gt=0, description="Idle time after which a dead worker's jobs are taken.")
 
     @classmethod
     def settings_customise_sources(

@@ -115,6 +115,11 @@ class DecodeWorker:
         claim = self.store.claim_batch(self.config.batch_size)
         if claim is None:
             return 0
+        self.process(claim)
+        return len(claim.records)
+
+    def process(self, claim: Claim) -> None:
+        """Decode and record a claim made by anyone (the Redis Streams worker claims by image id)."""
         try:
             self._process(claim)
         except Exception as exc:
@@ -125,7 +130,6 @@ class DecodeWorker:
                 except Exception:
                     log.exception("could not release claim of %s", record.id)
             raise
-        return len(claim.records)
 
     def _process(self, claim: Claim) -> None:
         loaded: list[tuple[ImageRecord, bytes]] = []

@@ -297,6 +297,7 @@ class SqlMetadataStore:
                     status=Status.DONE.value, claim_token=None, error=None, retry_at=None,
                     entropy_ms=timings.entropy_ms, decoder_ms=timings.decoder_ms, decode_ms=timings.total_ms,
                     batch_size=timings.batch_size, decoded_at=now, updated_at=now,
+                    decodes=_IMG.c.decodes + 1,
                 )
             )
         return result.rowcount == 1

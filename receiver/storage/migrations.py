@@ -33,8 +33,15 @@ def _v1_initial(conn: sa.Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.images, schema.device_tokens])
 
 
+def _v2_decode_counter(conn: sa.Connection) -> None:
+    # v1 creates the current table, so a database created by this code already has the column.
+    if "decodes" not in {c["name"] for c in sa.inspect(conn).get_columns(schema.images.name)}:
+        conn.execute(sa.text("ALTER TABLE images ADD COLUMN decodes INTEGER NOT NULL DEFAULT 0"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "images and device tokens", _v1_initial),
+    Migration(2, "decode counter", _v2_decode_counter),
 )
 
 

@@ -72,6 +72,7 @@ class ImageRecord:
     created_at: float
     updated_at: float
     decoded_at: float | None
+    decodes: int = 0
 
 
 @dataclass(frozen=True)

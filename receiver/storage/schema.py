@@ -48,6 +48,9 @@ images = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("decoded_at", sa.Float, nullable=True),
+    # Completed decodes (incremented with the `done` transition): 1 for every done image unless a job was
+    # ever decoded twice, which the scale-out tests and operators check.
+    sa.Column("decodes", sa.Integer, nullable=False, server_default="0"),
     sa.UniqueConstraint("device", "idempotency_key", name="uq_images_device_idempotency_key"),
     sa.Index("ix_images_claim", "status", "model_id", "width", "height", "seq"),
     sa.Index("ix_images_device_seq", "device", "seq"),

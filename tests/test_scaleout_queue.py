@@ -1,0 +1,203 @@
+"""Redis Streams decode queue on a real Redis server, with the metadata store on SQLite and PostgreSQL
+and a decoder double: delivery, redelivery of done images, takeover of a dead consumer's entries,
+dead-lettering after the last attempt, reconciliation, and the API's enqueue."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import receiver_support
+import scaleout_support
+from aeic.receiver.storage import FilesystemBlobStore, NewImage, SqlMetadataStore, Status
+from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key
+from aeic.receiver.worker import DecodeWorker, WorkerConfig
+from receiver_support import FakeCodec, make_bitstream
+
+pytest.importorskip("redis", reason="redis is not installed (scale extra)")
+
+from aeic.receiver.queue import JobQueue
+from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.stream_worker import StreamWorker, StreamWorkerConfig
+
+redis_server, redis_url = scaleout_support.redis_server, scaleout_support.redis_url
+postgres_server, postgres_url = receiver_support.postgres_server, receiver_support.postgres_url
+database_url, store = receiver_support.database_url, receiver_support.store
+
+
+class Node:
+    """One consumer wired like `aeic-receiver worker`, with a counting decoder double."""
+
+    def __init__(self, store: SqlMetadataStore, blobs: FilesystemBlobStore, url: str, name: str,
+                 reclaim_after_s: float = 30.0, max_attempts: int = 3) -> None:
+        self.codec = FakeCodec()
+        self.queue = JobQueue.from_url(url)
+        self.queue.ensure_group()
+        decoder = DecodeWorker(store, blobs, CodecRegistry.from_codecs([self.codec]),
+                               WorkerConfig(batch_size=4, max_attempts=max_attempts, retry_delay_s=0.0))
+        self.worker = StreamWorker(store, self.queue, decoder, StreamWorkerConfig(
+            consumer=name, batch_size=4, max_attempts=max_attempts, reclaim_after_s=reclaim_after_s,
+            block_ms=50, reconcile_every_s=0.2))
+
+    def step(self) -> None:
+        jobs = self.queue.read(self.worker.config.consumer, 4, 50)
+        if jobs:
+            self.worker.handle(jobs)
+
+
+def _upload(store: SqlMetadataStore, blobs: FilesystemBlobStore, payload: bytes = b"\x07\x08") -> str:
+    data = make_bitstream(payload=payload)
+    image_id = secrets.token_hex(16)
+    blobs.put(bitstream_key(image_id), data)
+    store.insert_image(NewImage(id=image_id, device="cam", idempotency_key=None, model_id="TST1".encode().hex(),
+                                width=48, height=32, rate_index=0, bytes=len(data),
+                                sha256=hashlib.sha256(data).hexdigest()))
+    return image_id
+
+
+@pytest.fixture()
+def blobs(tmp_path: Path) -> FilesystemBlobStore:
+    return FilesystemBlobStore(tmp_path / "blobs")
+
+
+def test_entries_are_decoded_once_and_redelivery_is_only_acknowledged(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    node = Node(store, blobs, redis_url, "w1")
+    ids = [_upload(store, blobs, bytes([i])) for i in range(6)]
+    for image_id in ids:
+        node.queue.publish(image_id)
+    assert node.queue.backlog().lag == 6
+    node.step()
+    node.step()
+    assert all(store.get_image(i).status is Status.DONE for i in ids)
+    assert all(blobs.exists(reconstruction_key(i)) for i in ids)
+    assert sum(node.codec.batches) == 6
+    # The same jobs delivered again (a producer retry, a reclaimed entry): no second decode.
+    for image_id in ids:
+        node.queue.publish(image_id)
+    node.step()
+    node.step()
+    assert sum(node.codec.batches) == 6
+    assert [store.get_image(i).decodes for i in ids] == [1] * 6
+    backlog = node.queue.backlog()
+    assert (backlog.lag, backlog.pending) == (0, 0)
+    assert node.queue.client.xlen(node.queue.stream) == 0  # acknowledged entries are deleted
+
+
+def test_a_dead_consumers_entries_are_reclaimed_after_the_timeout(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    image_id = _upload(store, blobs)
+    dead = Node(store, blobs, redis_url, "dead", reclaim_after_s=0.3)
+    alive = Node(store, blobs, redis_url, "alive", reclaim_after_s=0.3)
+    dead.queue.publish(image_id)
+    # The dead consumer received the entry and claimed the image, then vanished without acknowledging.
+    jobs = dead.queue.read("dead", 4, 50)
+    from aeic.receiver.storage.claims import claim_ids
+
+    assert claim_ids(store, [image_id], stale_before=0, max_attempts=3) is not None
+    assert alive.queue.reclaim("alive", 300, 10) == []  # not idle long enough yet
+    alive.worker.handle(alive.queue.read("alive", 4, 50))  # nothing new for the live consumer
+    assert store.get_image(image_id).status is Status.DECODING
+    time.sleep(0.4)
+    reclaimed = alive.queue.reclaim("alive", 300, 10)
+    assert [j.entry_id for j in reclaimed] == [j.entry_id for j in jobs]
+    alive.worker.handle(reclaimed)
+    record = store.get_image(image_id)
+    assert (record.status, record.attempts, record.decodes) == (Status.DONE, 2, 1)
+    assert alive.queue.backlog().pending == 0
+
+
+def test_an_image_that_keeps_failing_is_dead_lettered_with_its_reason(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    image_id = _upload(store, blobs, b"FAIL-corrupt")
+    node = Node(store, blobs, redis_url, "w1", reclaim_after_s=0.1, max_attempts=3)
+    node.queue.publish(image_id)
+    node.step()
+    for _ in range(2):  # each failure leaves the entry pending; it comes back after the idle timeout
+        assert store.get_image(image_id).status is Status.PENDING
+        time.sleep(0.15)
+        node.worker.handle(node.queue.reclaim("w1", 100, 10))
+    record = store.get_image(image_id)
+    assert (record.status, record.attempts) == (Status.FAILED, 3)
+    assert "rANS stream ended early" in record.error
+    [dead] = node.queue.dead_letters()
+    assert dead["image"] == image_id and dead["attempts"] == "3" and "rANS" in dead["reason"]
+    assert node.queue.backlog().pending == 0
+
+
+def test_a_worker_that_died_on_the_last_attempt_fails_the_image(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    from aeic.receiver.storage.claims import claim_ids
+
+    image_id = _upload(store, blobs)
+    node = Node(store, blobs, redis_url, "w1", reclaim_after_s=0.1, max_attempts=1)
+    node.queue.publish(image_id)
+    jobs = node.queue.read("crashed", 4, 50)
+    assert claim_ids(store, [image_id], stale_before=0, max_attempts=1) is not None  # then the process died
+    time.sleep(0.15)
+    node.worker.handle(node.queue.reclaim("w1", 100, 10))
+    record = store.get_image(image_id)
+    assert record.status is Status.FAILED and "stopped while decoding" in record.error
+    assert node.queue.dead_letters()[0]["entry"] == jobs[0].entry_id
+    assert node.codec.batches == []
+
+
+def test_reconcile_enqueues_stored_images_that_have_no_entry(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    node = Node(store, blobs, redis_url, "w1")
+    image_id = _upload(store, blobs)  # stored, but the enqueue never happened (Redis was down)
+    time.sleep(0.25)
+    assert node.worker.reconcile() == 1
+    assert node.worker.reconcile() == 0  # locked for reconcile_every_s: one worker at a time
+    node.step()
+    assert store.get_image(image_id).status is Status.DONE
+
+
+def test_worker_loop_stops_on_request(store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    node = Node(store, blobs, redis_url, "w1")
+    image_id = _upload(store, blobs)
+    node.queue.publish(image_id)
+    stop = threading.Event()
+    thread = threading.Thread(target=node.worker.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 20
+    while store.get_image(image_id).status is not Status.DONE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert store.get_image(image_id).status is Status.DONE
+
+
+def test_api_enqueues_after_storing_and_accepts_while_redis_is_down(tmp_path: Path, redis_url: str) -> None:
+    from aeic.receiver.api import create_app
+    from aeic.receiver.auth import create_device_token
+    from aeic.receiver.settings import ReceiverSettings
+
+    settings = ReceiverSettings(data_dir=tmp_path, queue=redis_url, admin_token="adm")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    state = app.state.receiver
+    assert state.worker is None  # decoding belongs to the worker processes
+    with receiver_support.ServerThread(app) as server:
+        token = create_device_token(state.store, "cam-1")
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+        first = httpx.post(f"{server.url}/v1/images", content=make_bitstream(), headers=headers)
+        assert first.status_code == 202
+        [job] = state.queue.read("probe", 10, 50)
+        assert job.image_id == first.json()["id"]
+        ready = httpx.get(f"{server.url}/readyz").json()
+        assert ready["checks"]["queue"] == "ok" and "worker" not in ready["checks"]
+        import redis
+
+        state.queue.client = redis.Redis(host="127.0.0.1", port=receiver_support.free_port(),
+                                         socket_connect_timeout=1)  # Redis is gone
+        second = httpx.post(f"{server.url}/v1/images", content=make_bitstream(payload=b"\x09"), headers=headers)
+        assert second.status_code == 202  # durable in the database; reconciliation enqueues it later
+        assert state.store.get_image(second.json()["id"]).status is Status.PENDING
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
+        assert 'aeic_uploads_total{outcome="enqueue_failed"} 1.0' in httpx.get(f"{server.url}/metrics").text
