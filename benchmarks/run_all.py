@@ -44,7 +44,7 @@ def _receiver_package(tmp: Path) -> Path:
 def command(name: str, tmp: Path) -> list[str]:
     python = [sys.executable, "-m"]
     if name == "receiver":
-        return python + ["benchmarks.receiver_bench", "--model", str(_receiver_package(tmp)), "--repeats", "2",
+        return python + ["benchmarks.receiver_bench", "--model", str(_receiver_package(tmp)), "--repeats", "1",
                          "--out", str(RESULTS_DIR / "receiver.json")]
     module = {"entropy": "entropy_coding_bench", "model": "model_bench", "sender": "sender_bench"}[name]
     return python + [f"benchmarks.{module}"]

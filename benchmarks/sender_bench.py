@@ -9,7 +9,8 @@ integer entropy model, rANS) and packed into the container. Variants:
 * ``default``: ours as shipped (``SenderCodec`` defaults);
 * ``no_arena``: ``SessionOptions.enable_cpu_mem_arena = False``;
 * ``int8_dynamic`` / ``int8_static``: the analysis graph quantized with onnxruntime's tools;
-* ``threads1`` / ``threads2``: onnxruntime intra-op threads and numpy's BLAS threads pinned.
+* ``threads1`` / ``threads2``: onnxruntime intra-op threads and numpy's BLAS threads pinned;
+* ``combined``: int8 static analysis, no arena and one thread together.
 
 Every speed-up's rate-distortion cost is measured: each variant of ours also encodes a few real
 photos (training set, not Kodak), the receiver decodes them, and bytes and PSNR are compared
@@ -40,7 +41,8 @@ import numpy as np
 from .images import photo, source_name
 from .machine import write_result
 
-VARIANTS = ("reference", "default", "no_arena", "int8_dynamic", "int8_static", "threads1", "threads2")
+VARIANTS = ("reference", "default", "no_arena", "int8_dynamic", "int8_static", "threads1", "threads2", "combined")
+# combined: int8 static analysis, no memory arena, one thread
 SIZE = (1920, 1080)
 RD_SIZE = (768, 512)
 TARGET_SPEEDUP = 4.0
@@ -64,20 +66,21 @@ def _our_codec(work: Path, variant: str):
     import onnxruntime as ort
     from aeic.sender import encoder
 
-    threads = {"threads1": 1, "threads2": 2}.get(variant)
+    threads = {"threads1": 1, "threads2": 2, "combined": 1}.get(variant)
     base_options = encoder.session_options
 
     def options(requested: int | None) -> ort.SessionOptions:
         opts = base_options(requested)
-        if variant == "no_arena":
+        if variant in ("no_arena", "combined"):
             opts.enable_cpu_mem_arena = False
         return opts
 
     encoder.session_options = options  # this child process only
     codec = encoder.SenderCodec.from_package(work / "package", threads=threads)
-    if variant.startswith("int8"):
+    quantized = "int8_static" if variant == "combined" else variant
+    if quantized.startswith("int8"):
         del codec.analysis
-        codec.analysis = ort.InferenceSession(str(work / f"analysis.{variant}.onnx"), options(threads),
+        codec.analysis = ort.InferenceSession(str(work / f"analysis.{quantized}.onnx"), options(threads),
                                               providers=[encoder.CPU_PROVIDER])
     return codec
 
@@ -152,7 +155,7 @@ def prepare(work: Path, package: Path | None, variants: list[str], rd_images: in
     calibration = [photo(256, 256, index=10 + n) for n in range(4)]
     if "int8_dynamic" in variants:
         quantize.dynamic_int8(work / "package" / "analysis.onnx", work / "analysis.int8_dynamic.onnx")
-    if "int8_static" in variants:
+    if "int8_static" in variants or "combined" in variants:
         quantize.static_int8(work / "package" / "analysis.onnx", work / "analysis.int8_static.onnx", calibration)
     if "reference" in variants:
         reference_sender.export(reference_sender.build(photo(512, 512, index=10)), work / "reference.onnx")
@@ -163,7 +166,7 @@ def prepare(work: Path, package: Path | None, variants: list[str], rd_images: in
 
 def _child_env(variant: str) -> dict[str, str]:
     env = dict(os.environ)
-    threads = {"threads1": "1", "threads2": "2"}.get(variant)
+    threads = {"threads1": "1", "threads2": "2", "combined": "1"}.get(variant)
     if threads:
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = threads
