@@ -139,7 +139,7 @@ def _package(work: Path, package: Path | None) -> tuple[Path, str]:
 
     torch.manual_seed(0)
     export_package(AEICModel(preset("nano-se")), work / "package")
-    return work / "package", "random-weight nano-se (no trained package found): RD figures are not meaningful"
+    return work / "package", "random-weight nano-se (no trained package found): bytes and PSNR are not meaningful"
 
 
 def prepare(work: Path, package: Path | None, variants: list[str], rd_images: int) -> dict[str, Any]:

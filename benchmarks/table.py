@@ -100,17 +100,34 @@ def sender_section(doc: dict[str, Any]) -> list[str]:
                      _num(rd.get("bytes_change_pct"), 1) if rd else "-", _num(rd.get("psnr_change_db"), 2) if rd else "-",
                      _num(rd.get("latent_snr_vs_default_db"), 1) if rd else "-"))
     failed = [f"{v}: {r['error']}" for v, r in doc["runs"].items() if "error" in r]
+    ours = {v: r for v, r in doc["summary"].items() if v != "reference"}
+    verdict = []
+    if ours:
+        fastest = max(ours, key=lambda v: ours[v]["fps"])
+        leanest = min(ours, key=lambda v: ours[v]["peak_rss_mb"])
+        speedup = ours[fastest]["speedup_vs_reference"]
+        verdict = ["", (f"Fastest: {fastest} ({_num(speedup, 2)}x the reference, target "
+                       f"{doc['targets']['speedup_vs_reference']:.0f}x: {'met' if speedup and speedup >= 4 else 'not met'}); "
+                       f"lowest peak RSS: {leanest} ({ours[leanest]['peak_rss_mb']:,.0f} MB, target "
+                       f"{doc['targets']['peak_rss_mb']:.0f} MB: {'met' if ours[leanest]['meets_300mb'] else 'not met'}).")]
     t = doc["targets"]
     return [(f"**Sender path at {doc['size']}** (read file, encode, rANS, container; one process per variant; "
             f"targets: >= {t['speedup_vs_reference']:.0f}x the reference fps, <= {t['peak_rss_mb']:.0f} MB peak RSS). "
             f"Package: {doc['package']}."), "", _machine(doc), "",
-            *_rows(("Variant", "fps (wall)", "fps (per CPU-second)", "peak RSS MB", "x reference",
+            *_rows(("Variant", "fps (wall)", "frames per CPU-second", "peak RSS MB", "x reference",
                     "RD: bytes %", "RD: PSNR dB", "latent SNR vs default dB"), rows),
-            *([""] + [f"Failed: {f}" for f in failed] if failed else [])]
+            *verdict, *([""] + [f"Failed: {f}" for f in failed] if failed else [])]
+
+
+def _receiver_model(doc: dict[str, Any]) -> str:
+    path = str(doc.get("model_path", ""))
+    shipped = str(Path(__file__).resolve().parents[1] / "aeic" / "models")
+    weights = "shipped package" if path.startswith(shipped) else "random weights: no trained package shipped yet"
+    return f"model {doc.get('model_name', '?')} {doc.get('model_id', '')}, {weights}"
 
 
 def receiver_section(doc: dict[str, Any]) -> list[str]:
-    lines = [f"**Receiver** (model {doc.get('model_name', '?')} at {doc.get('model_path', '?')})", "", _machine(doc), ""]
+    lines = [f"**Receiver** ({_receiver_model(doc)})", "", _machine(doc), ""]
     decode = doc.get("decode")
     if decode:
         rows = [(size, _num(v["ms"]["p50"], 0), v["repeats"]) for size, v in decode["latency"].items()]
