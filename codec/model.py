@@ -81,18 +81,22 @@ class AEICModel(nn.Module):
         scaled = y * self.gains(rate_index)
         return scaled, self.hyper_analysis(scaled)
 
-    def decoder_latent(self, y_hat_scaled: torch.Tensor, rate_index: torch.Tensor) -> torch.Tensor:
-        """Receiver: dequantized scaled latent -> decoder latent (synthesis + one UNet pass)."""
-        unet_input, residual = self.synthesis(y_hat_scaled / self.gains(rate_index))
-        return self.decoder.refine(unet_input, residual, rate_index)
+    def decoder_latent(self, y_hat_scaled: torch.Tensor, rate_index: torch.Tensor, refine: bool = True) -> torch.Tensor:
+        """Receiver: dequantized scaled latent -> decoder latent (synthesis + one UNet pass).
 
-    def forward(self, image: torch.Tensor, rate_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        ``refine=False`` skips the UNet (the residual alone): rate-distortion pretraining
+        learns the regression first and leaves texture to the adversarial stage.
+        """
+        unet_input, residual = self.synthesis(y_hat_scaled / self.gains(rate_index))
+        return self.decoder.refine(unet_input, residual, rate_index) if refine else residual
+
+    def forward(self, image: torch.Tensor, rate_index: torch.Tensor, refine: bool = True) -> dict[str, torch.Tensor]:
         """Training pass on images in [0, 1] whose sides are multiples of 128."""
         y = self.analysis(image)
         scaled, z = self.scale_latent(y, rate_index)
         y_hat, y_bits, z_bits = self.entropy(scaled, z)
         bits = y_bits.flatten(1).sum(1) + z_bits.flatten(1).sum(1)
-        return {"y": y, "y_hat": y_hat, "bits": bits, "latent": self.decoder_latent(y_hat, rate_index)}
+        return {"y": y, "y_hat": y_hat, "bits": bits, "latent": self.decoder_latent(y_hat, rate_index, refine)}
 
     @staticmethod
     def fixed_point_to_real(y_fixed: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ class TrainConfig(BaseModel):
     crop: int = 256
     batch: int = 6
     steps: int = 4000
+    minutes: float | None = None  # a wall-clock budget: the run ends (and the LR decays) by time or steps
     lr: float = 2e-4
     lr_final_fraction: float = 0.1
     seed: int = 0
@@ -30,6 +31,7 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     checkpoint_minutes: float = 4.0
     rate_adapt: float = 0.02  # step size of the per-rate Lagrange multiplier control
+    unet: bool = True  # False: pretrain the regression only (the UNet learns in the adversarial stage)
     adversarial_weight: float = 0.0
     pixel_weight: float = 0.0  # MS-SSIM/MSE through the pixel decoder, on a sub-batch
     distil_encoder_weight: float = 1.0

@@ -78,6 +78,8 @@ class Trainer:
         self.log_lambda = torch.log(targets * 50)  # a start; the control loop takes over
         self.ema_bpp = targets.clone()
         self.step = 0
+        self.previous_minutes = 0.0  # training time of earlier sessions of this run
+        self.started = time.monotonic()
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
@@ -108,6 +110,7 @@ class Trainer:
             "preset": self.config.model,
             "stage": self.config.stage,
             "step": self.step,
+            "minutes": self._elapsed_minutes(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "log_lambda": self.log_lambda,
@@ -127,6 +130,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.log_lambda, self.ema_bpp, self.step = state["log_lambda"], state["ema_bpp"], state["step"]
+        self.previous_minutes = state.get("minutes", 0.0)
         if self.discriminator and state["discriminator"]:
             self.discriminator.load_state_dict(state["discriminator"])
             self.d_optimizer.load_state_dict(state["d_optimizer"])
@@ -135,8 +139,18 @@ class Trainer:
         torch.set_rng_state(state["rng"][2])
 
     # -- one step ------------------------------------------------------------------------------
+    def _progress(self) -> float:
+        """Fraction of the run done: by steps, or by wall-clock time when the run has a time budget."""
+        by_steps = self.step / max(1, self.config.steps)
+        if self.config.minutes is None:
+            return min(1.0, by_steps)
+        return min(1.0, max(by_steps, self._elapsed_minutes() / self.config.minutes))
+
+    def _elapsed_minutes(self) -> float:
+        return self.previous_minutes + (time.monotonic() - self.started) / 60
+
     def _learning_rate(self) -> float:
-        progress = min(1.0, self.step / max(1, self.config.steps))
+        progress = self._progress()
         floor = self.config.lr_final_fraction
         return self.config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -177,7 +191,7 @@ class Trainer:
         rates = torch.randint(0, self.model_config.num_rates, (images.shape[0],), device=self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = self._learning_rate()
-        out = self.model(images, rates)
+        out = self._forward(images, rates)
         bpp = out["bits"] / (images.shape[2] * images.shape[3])
         distortion = self._distortion(out, images, latents)
         lam = self.log_lambda.exp().to(self.device, torch.float32)[rates]
@@ -194,11 +208,21 @@ class Trainer:
             real, fake = out["judged"]
             d_loss = self._discriminator_step(fake.detach(), real, rates)
         self._steer_rates(rates, bpp.detach())
-        logs = {"loss": float(total), "bpp": float(bpp.mean()), "distortion": float(distortion.mean())}
+        logs = {"loss": float(total.detach()), "bpp": float(bpp.detach().mean()), "distortion": float(distortion.detach().mean())}
         logs.update({k: float(v) for k, v in extras.items()})
         if d_loss is not None:
             logs["discriminator"] = d_loss
         return logs
+
+    def _forward(self, images: torch.Tensor, rates: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model pass of this stage; the adversarial stage runs its frozen half without gradients."""
+        if self.config.stage != "adversarial":
+            return self.model(images, rates, refine=self.config.unet)
+        with torch.no_grad():
+            y = self.model.analysis(images)
+            y_hat, y_bits, z_bits = self.model.entropy(*self.model.scale_latent(y, rates))
+        bits = y_bits.flatten(1).sum(1) + z_bits.flatten(1).sum(1)
+        return {"y": y, "y_hat": y_hat, "bits": bits, "latent": self.model.decoder_latent(y_hat, rates)}
 
     def _discriminator_step(self, fake: torch.Tensor, real: torch.Tensor, rates: torch.Tensor) -> float:
         loss = hinge_discriminator_loss(self.discriminator(real, rates), self.discriminator(fake, rates))
@@ -226,7 +250,8 @@ class Trainer:
         last_save = time.monotonic()
         log = open(self.out / "log.jsonl", "a", encoding="utf-8")
         with tqdm(total=self.config.steps, initial=self.step, desc=f"{self.config.name}:{self.config.stage}") as bar:
-            while self.step < self.config.steps:
+            self.started = time.monotonic()  # the time budget counts training, not the data cache
+            while self._progress() < 1.0:
                 images, latents = (t.to(self.device) for t in sampler.batch(self.config.batch))
                 logs = self.train_step(images, latents)
                 self.step += 1

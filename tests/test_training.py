@@ -1,0 +1,63 @@
+"""The three training stages run, checkpoint, resume, and export a working package (tiny models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aeic.codec.export import export_package, load_checkpoint_model
+from aeic.sender.encoder import SenderCodec
+from aeic.training.config import TrainConfig
+from aeic.training.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        rows, cols = np.mgrid[0:200, 0:300]
+        image = np.stack([rows, cols, (rows * cols) % 255], -1) % 255 + rng.normal(0, 10, (200, 300, 3))
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _config(photos: Path, out: Path, **kwargs) -> TrainConfig:
+    base = dict(name="t", model="tiny-se", data=photos, cache=out.parent / "cache", short_side=160, crop=128,
+                batch=2, steps=2, log_every=1, out=out, device="cpu")
+    base.update(kwargs)
+    return TrainConfig(**base)
+
+
+def test_pretrain_logs_checkpoints_and_resumes(photos, tmp_path) -> None:
+    torch.set_num_threads(1)
+    checkpoint = Trainer(_config(photos, tmp_path / "pre")).run()
+    assert checkpoint.exists()
+    lines = (tmp_path / "pre" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"bpp"' in lines[0]
+    resumed = Trainer(_config(photos, tmp_path / "pre", steps=3))
+    assert resumed.step == 2
+    resumed.run()
+    assert torch.load(checkpoint, weights_only=False)["step"] == 3
+
+
+def test_adversarial_stage_freezes_the_sender_half(photos, tmp_path) -> None:
+    pre = Trainer(_config(photos, tmp_path / "pre")).run()
+    trainer = Trainer(_config(photos, tmp_path / "adv", stage="adversarial", init=pre, adversarial_weight=0.1))
+    before = trainer.model.analysis.stages[0].weight.clone()
+    trainer.run()
+    assert torch.equal(before, trainer.model.analysis.stages[0].weight)
+    assert '"discriminator"' in (tmp_path / "adv" / "log.jsonl").read_text()
+
+
+def test_distillation_from_a_moderate_teacher_and_export(photos, tmp_path) -> None:
+    teacher = Trainer(_config(photos, tmp_path / "me", model="tiny-me")).run()
+    student = Trainer(_config(photos, tmp_path / "se", stage="distil", teacher=teacher)).run()
+    assert '"distil_encoder"' in (tmp_path / "se" / "log.jsonl").read_text()
+    package = export_package(load_checkpoint_model(student), tmp_path / "package")
+    rgb = np.asarray(Image.open(next(photos.iterdir())).convert("RGB"))
+    assert len(SenderCodec.from_package(package).encode(rgb, 0)) > 17
