@@ -17,7 +17,7 @@ import scaleout_support
 from aeic.receiver.storage import FilesystemBlobStore, NewImage, SqlMetadataStore, Status
 from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key
 from aeic.receiver.worker import DecodeWorker, WorkerConfig
-from receiver_support import FakeCodec, make_bitstream
+from receiver_support import TEST_MODEL_ID, FakeCodec, make_bitstream
 
 pytest.importorskip("redis", reason="redis is not installed (scale extra)")
 
@@ -54,7 +54,7 @@ def _upload(store: SqlMetadataStore, blobs: FilesystemBlobStore, payload: bytes 
     data = make_bitstream(payload=payload)
     image_id = secrets.token_hex(16)
     blobs.put(bitstream_key(image_id), data)
-    store.insert_image(NewImage(id=image_id, device="cam", idempotency_key=None, model_id="TST1".encode().hex(),
+    store.insert_image(NewImage(id=image_id, device="cam", idempotency_key=None, model_id=TEST_MODEL_ID.hex(),
                                 width=48, height=32, rate_index=0, bytes=len(data),
                                 sha256=hashlib.sha256(data).hexdigest()))
     return image_id
