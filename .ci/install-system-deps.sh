@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # System packages the receiver tests need: a PostgreSQL server (started by the test fixtures) and
-# Debian's headless Chromium with its WebDriver (gallery browser test). Idempotent and quiet.
+# Debian's headless Chromium with its WebDriver (gallery browser test), and Redis (scale-out tests).
+# Idempotent and quiet.
 set -euo pipefail
-packages=(postgresql chromium chromium-driver)
+packages=(postgresql chromium chromium-driver redis-server)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
