@@ -93,13 +93,15 @@ def heavy_1080p_section(doc: dict[str, Any]) -> list[str]:
 def sender_section(doc: dict[str, Any]) -> list[str]:
     rows = []
     for variant, s in doc["summary"].items():
-        rd = doc.get("rd_cost", {}).get(variant, {})
+        rd = doc.get("rd_cost", {}).get(variant) or {}
         run = doc["runs"][variant]
         rows.append((variant, _num(s["fps"], 3), _num(1e3 / run["cpu_ms_per_frame"], 3) if run.get("cpu_ms_per_frame") else "n/a",
                      _num(s["peak_rss_mb"], 0), _num(s["speedup_vs_reference"], 2),
                      _num(rd.get("bytes_change_pct"), 1) if rd else "-", _num(rd.get("psnr_change_db"), 2) if rd else "-",
                      _num(rd.get("latent_snr_vs_default_db"), 1) if rd else "-"))
     failed = [f"{v}: {r['error']}" for v, r in doc["runs"].items() if "error" in r]
+    if "error" in doc.get("rd_cost", {}):
+        failed.append(f"RD cost: {doc['rd_cost']['error']}")
     ours = {v: r for v, r in doc["summary"].items() if v != "reference"}
     verdict = []
     if ours:
