@@ -107,12 +107,12 @@ class StreamWorker:
         claim = claim_ids(self.store, open_ids, stale_before, self.config.max_attempts)
         if claim is None:
             return  # held by a live worker or not yet due: the entries stay pending and come back later
-        for group in _compatible(claim.records, self.config.batch_size):
-            group_jobs = [j for r in group for j in by_image[r.id]]
-            with self._heartbeat(group_jobs, claim.token):
+        claimed_jobs = [j for r in claim.records for j in by_image[r.id]]
+        with self._heartbeat(claimed_jobs, claim.token):
+            for group in _compatible(claim.records, self.config.batch_size):
                 self.decoder.process(Claim(token=claim.token, records=group))
-            for record in group:
-                self._settle(record.id, by_image[record.id], decoded_here=True)
+                for record in group:
+                    self._settle(record.id, by_image[record.id], decoded_here=True)
 
     def _settle(self, image_id: str, jobs: list[Job], decoded_here: bool) -> bool:
         """Acknowledge or dead-letter entries whose image needs no more work; False if it still does."""

@@ -201,3 +201,28 @@ def test_api_enqueues_after_storing_and_accepts_while_redis_is_down(tmp_path: Pa
         assert state.store.get_image(second.json()["id"]).status is Status.PENDING
         assert httpx.get(f"{server.url}/readyz").status_code == 503
         assert 'aeic_uploads_total{outcome="enqueue_failed"} 1.0' in httpx.get(f"{server.url}/metrics").text
+
+
+class SlowCodec(FakeCodec):
+    def decode_batch(self, items: list[bytes]) -> list:
+        time.sleep(1.0)
+        return super().decode_batch(items)
+
+
+def test_a_live_worker_with_a_long_batch_keeps_its_jobs(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    busy = Node(store, blobs, redis_url, "busy", reclaim_after_s=0.3)
+    busy.codec = SlowCodec()
+    busy.worker.decoder.registry = CodecRegistry.from_codecs([busy.codec])
+    other = Node(store, blobs, redis_url, "other", reclaim_after_s=0.3)
+    image_id = _upload(store, blobs)
+    busy.queue.publish(image_id)
+    thread = threading.Thread(target=busy.step)
+    thread.start()
+    time.sleep(0.6)  # twice the reclaim timeout, while the batch is still decoding
+    stolen = other.queue.reclaim("other", 300, 10)
+    other.worker.handle(stolen)
+    thread.join(10)
+    assert stolen == [] and other.codec.batches == []
+    record = store.get_image(image_id)
+    assert (record.status, record.attempts, record.decodes) == (Status.DONE, 1, 1)
