@@ -19,11 +19,10 @@ from torch import nn
 
 from aeic.shared import model_package as pkg
 
-from .model import AEICModel
+from .model import AEICModel, receiver_state_dict
 
 LEVELS_PER_RATE_STEP = 4
 OPSET = 17
-RECEIVER_PREFIXES = ("synthesis.", "decoder.")
 
 
 class _Hyper(nn.Module):
@@ -74,7 +73,7 @@ def export_package(model: AEICModel, out: Path) -> Path:
     arrays = pkg.entropy_model_to_arrays(model.entropy.export())
     arrays["levels.gains"] = gains
     np.savez(out / "entropy.npz", **arrays)
-    receiver = {k: v.detach().half().contiguous() for k, v in model.state_dict().items() if k.startswith(RECEIVER_PREFIXES)}
+    receiver = {k: v.detach().half().contiguous() for k, v in receiver_state_dict(model.synthesis, model.decoder).items()}
     save_file(receiver, str(out / "receiver.safetensors"))
     _write_manifest(model, out, positions)
     return out

@@ -59,13 +59,19 @@ class RateIndex(nn.Module):
 class RateEmbedding(nn.Module):
     """Stands in for ``time_embedding``: one learned vector per rate point."""
 
+    weight: nn.Parameter
+
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(table.clone())
 
     def forward(self, rate: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        # diffusers casts the (passed-through) index to the sample dtype; integers stay exact
-        return self.weight[rate.round().long()]
+        """Rows at integer rate points; linear interpolation between them for intermediate levels."""
+        position = rate.float().clamp(0, self.weight.shape[0] - 1)
+        low = position.floor().long().clamp(max=max(self.weight.shape[0] - 2, 0))
+        high = (low + 1).clamp(max=self.weight.shape[0] - 1)
+        frac = (position - low).unsqueeze(-1).to(self.weight.dtype)
+        return (1 - frac) * self.weight[low] + frac * self.weight[high]
 
 
 def _original_time_embedding(unet: UNet2DConditionModel, num_rates: int) -> torch.Tensor:

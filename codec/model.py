@@ -9,7 +9,9 @@ the light hyper-analysis and entropy coding).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -56,6 +58,34 @@ class ModelConfig:
         return len(self.rates_bpp)
 
 
+def full_profile_dir() -> Path:
+    """The local SD-Turbo diffusers folder (``unet/``, ``vae/``) of the ``full`` profile."""
+    configured = os.environ.get("AEIC_SD_TURBO_DIR")
+    if not configured:
+        raise FileNotFoundError("the full profile needs AEIC_SD_TURBO_DIR: a local SD-Turbo diffusers folder")
+    return Path(configured)
+
+
+def build_decoder(config: ModelConfig, pixel_decoder: nn.Module | None = None) -> nn.Module:
+    """The one-step decoder of the configured profile (``nano`` or the paper's ``full``)."""
+    if config.profile == "full":
+        from .full_profile import load_full_decoder
+
+        return load_full_decoder(full_profile_dir(), config.num_rates, noise_channels=config.decoder.noise_channels)
+    return NanoDecoder(config.decoder, pixel_decoder, internal_pixel_decoder=config.pixel_decoder == "internal")
+
+
+def receiver_state_dict(synthesis: nn.Module, decoder: nn.Module) -> dict[str, torch.Tensor]:
+    """What a package stores for the receiver: the synthesis and the decoder's own (trained) weights.
+
+    The full profile stores only what training changed; its base weights reload from SD-Turbo.
+    """
+    state = {f"synthesis.{k}": v for k, v in synthesis.state_dict().items()}
+    own = decoder.trainable_state_dict() if hasattr(decoder, "trainable_state_dict") else decoder.state_dict()
+    state.update({f"decoder.{k}": v for k, v in own.items()})
+    return state
+
+
 class AEICModel(nn.Module):
     """Sender half (analysis, gains, hyper-analysis) and receiver half (synthesis, one-step decoder)."""
 
@@ -71,7 +101,7 @@ class AEICModel(nn.Module):
             channels, config.z_channels, config.hyper_synthesis_width, config.hyper_features, config.context_width
         )
         self.synthesis = SynthesisTransform(channels, config.decoder.latent_channels, config.synthesis_widths)
-        self.decoder = NanoDecoder(config.decoder, pixel_decoder, internal_pixel_decoder=config.pixel_decoder == "internal")
+        self.decoder = build_decoder(config, pixel_decoder)
 
     def gains(self, rate_index: torch.Tensor) -> torch.Tensor:
         return self.log_gains[rate_index].exp()[:, :, None, None]

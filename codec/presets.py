@@ -35,6 +35,21 @@ PRESETS: dict[str, ModelConfig] = {
         rates_bpp=(0.01, 0.03, 0.06),
         pixel_decoder="internal",
     ),
+    # the paper's decoder profile at test size: needs AEIC_SD_TURBO_DIR (a tiny random folder in tests)
+    "tiny-full": ModelConfig(
+        name="tiny-full",
+        profile="full",
+        analysis=AnalysisConfig(widths=(8, 16, 16, 32, 32)),
+        z_channels=8,
+        hyper_width=16,
+        hyper_synthesis_width=16,
+        hyper_features=16,
+        context_width=16,
+        synthesis_widths=(16, 16),
+        decoder=NanoDecoderConfig(latent_channels=4, noise_channels=4, num_rates=3),
+        rates_bpp=(0.01, 0.03, 0.06),
+        pixel_decoder="vae",
+    ),
 }
 
 

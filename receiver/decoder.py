@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aeic.codec import taesd
-from aeic.codec.diffusion_decoder import NanoDecoder
 from aeic.codec.entropy_model import TorchBackend
-from aeic.codec.model import ALIGNMENT, ModelConfig
+from aeic.codec.model import ALIGNMENT, ModelConfig, build_decoder, receiver_state_dict
 from aeic.codec.synthesis import SynthesisTransform
 from aeic.shared import bitstream
 from aeic.shared.entropy_model import FRACTION_BITS
@@ -61,7 +60,7 @@ class ReceiverModel(nn.Module):
         self.synthesis = SynthesisTransform(
             config.analysis.latent_channels, config.decoder.latent_channels, config.synthesis_widths
         )
-        self.decoder = NanoDecoder(config.decoder, pixel_decoder, internal_pixel_decoder=config.pixel_decoder == "internal")
+        self.decoder = build_decoder(config, pixel_decoder)
 
     @torch.no_grad()
     def forward(self, y_hat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -79,7 +78,10 @@ class ReceiverCodec:
         pixel_decoder = taesd.load_taef2("decoder") if config.pixel_decoder == "taef2" else None
         self.model = ReceiverModel(config, pixel_decoder)
         state = {k: v.float() for k, v in load_file(str(package.file("receiver.safetensors"))).items()}
-        self.model.load_state_dict(state, strict=True)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        expected = set(receiver_state_dict(self.model.synthesis, self.model.decoder))
+        if unexpected or expected & set(missing):
+            raise ValueError(f"{package.path}: receiver weights do not match the model ({len(unexpected)} unexpected)")
         self.model.to(self.device).eval()
         if pixel_decoder is not None:
             self.model.decoder.attach_pixel_decoder(pixel_decoder.to(self.device))

@@ -142,3 +142,30 @@ def test_missing_folder_or_component_is_named(folder: Path, tmp_path: Path) -> N
     (partial / "vae" / "config.json").write_bytes((folder / "vae" / "config.json").read_bytes())
     with pytest.raises(FileNotFoundError, match="weights"):
         load_full_decoder(partial, NUM_RATES)
+
+
+def test_full_profile_package_round_trip(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full-profile model exports (trained weights only) and decodes through the SD-Turbo folder."""
+    import numpy as np
+
+    from aeic.codec.export import export_package
+    from aeic.codec.model import AEICModel
+    from aeic.codec.presets import preset
+    from aeic.receiver.decoder import ReceiverCodec
+    from aeic.sender.encoder import SenderCodec
+
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(folder))
+    torch.manual_seed(0)
+    package = export_package(AEICModel(preset("tiny-full")), tmp_path / "full")
+    rgb = (np.random.default_rng(0).random((70, 90, 3)) * 255).astype(np.uint8)
+    stream = SenderCodec.from_package(package).encode(rgb, 3)
+    receiver = ReceiverCodec.from_package(package, device="cpu")
+    assert receiver.decode(stream).shape == rgb.shape
+    assert not any(".vae." in key for key in receiver_keys(package))
+
+
+def receiver_keys(package: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(package / "receiver.safetensors"), "pt") as handle:
+        return list(handle.keys())
