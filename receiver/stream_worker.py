@@ -62,11 +62,14 @@ class StreamWorker:
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set; the batch in progress is finished first."""
-        self.queue.ensure_group()
         self._preload()
         next_reclaim = next_reconcile = 0.0
+        group_ready = False
         while not stop.is_set():
             try:
+                if not group_ready:  # also after an error: a Redis restarted without its data lost the group
+                    self.queue.ensure_group()
+                    group_ready = True
                 jobs: list[Job] = []
                 if time.monotonic() >= next_reclaim:
                     jobs = self.queue.reclaim(self.config.consumer, int(self.config.reclaim_after_s * 1000),
@@ -81,6 +84,7 @@ class StreamWorker:
                     next_reconcile = time.monotonic() + self.config.reconcile_every_s
             except Exception:  # Redis or the database may be briefly unavailable: keep the process alive
                 log.exception("worker iteration failed; retrying")
+                group_ready = False
                 stop.wait(1.0)
 
     def _preload(self) -> None:
@@ -187,7 +191,7 @@ def _compatible(records: list[ImageRecord], batch_size: int) -> Iterator[list[Im
 
 def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_port: int | None = None) -> int:
     """Process entry point: build stores, decoders and the queue from settings; stop on SIGTERM/SIGINT."""
-    from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
+    from aeic.receiver.backends import open_blob_store, open_queue
     from aeic.receiver.metrics import ReceiverMetrics
     from aeic.receiver.worker import WorkerConfig
 
@@ -202,8 +206,7 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, registry=metrics.registry)
-    blobs = open_blob_store(settings)
-    prepare_backends(blobs, queue)
+    blobs = open_blob_store(settings)  # the API creates the bucket before it stores the first upload
     registry = CodecRegistry.from_packages(settings.model_packages, settings.device)
     decoder = DecodeWorker(store, blobs, registry, WorkerConfig(
         batch_size=settings.batch_size, max_attempts=settings.max_attempts, retry_delay_s=settings.retry_delay_s,

@@ -158,20 +158,29 @@ def test_reconcile_enqueues_stored_images_that_have_no_entry(
     assert store.get_image(image_id).status is Status.DONE
 
 
-def test_worker_loop_stops_on_request(store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+def _wait_done(store: SqlMetadataStore, image_id: str) -> None:
+    deadline = time.monotonic() + 20
+    while store.get_image(image_id).status is not Status.DONE and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_worker_loop_survives_a_redis_that_lost_its_data_and_stops_on_request(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
     node = Node(store, blobs, redis_url, "w1")
     image_id = _upload(store, blobs)
     node.queue.publish(image_id)
     stop = threading.Event()
     thread = threading.Thread(target=node.worker.run, args=(stop,))
     thread.start()
-    deadline = time.monotonic() + 20
-    while store.get_image(image_id).status is not Status.DONE and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_done(store, image_id)
+    node.queue.client.flushdb()  # stream and consumer group gone, as after a restart without persistence
+    second = _upload(store, blobs, b"\x05")
+    node.queue.publish(second)
+    _wait_done(store, second)
     stop.set()
     thread.join(10)
     assert not thread.is_alive()
-    assert store.get_image(image_id).status is Status.DONE
+    assert store.get_image(second).status is Status.DONE
 
 
 def test_api_enqueues_after_storing_and_accepts_while_redis_is_down(tmp_path: Path, redis_url: str) -> None:
@@ -201,6 +210,13 @@ def test_api_enqueues_after_storing_and_accepts_while_redis_is_down(tmp_path: Pa
         assert state.store.get_image(second.json()["id"]).status is Status.PENDING
         assert httpx.get(f"{server.url}/readyz").status_code == 503
         assert 'aeic_uploads_total{outcome="enqueue_failed"} 1.0' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_worker_command_needs_a_queue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aeic.receiver.cli import main
+
+    assert main(["worker", "--data", str(tmp_path)]) == 2
+    assert "needs a queue" in capsys.readouterr().err
 
 
 class SlowCodec(FakeCodec):
