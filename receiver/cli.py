@@ -1,4 +1,4 @@
-"""`aeic-receiver`: run the service (`serve`) and manage device tokens (`token create|revoke`)."""
+"""`aeic-receiver`: run the service (`serve`), decode queued jobs (`worker`), manage device tokens (`token create|revoke`)."""
 
 from __future__ import annotations
 
