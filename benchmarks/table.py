@@ -40,6 +40,12 @@ def _num(value: float | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _snr(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return "identical" if value == float("inf") else f"{value:.1f}"
+
+
 def entropy_section(doc: dict[str, Any]) -> list[str]:
     r = doc["results"]
     shape = "x".join(str(v) for v in r["latent_shape"])
@@ -95,10 +101,12 @@ def sender_section(doc: dict[str, Any]) -> list[str]:
     for variant, s in doc["summary"].items():
         rd = doc.get("rd_cost", {}).get(variant) or {}
         run = doc["runs"][variant]
+        cpu_ratio = (doc["runs"]["reference"]["cpu_ms_per_frame"] / run["cpu_ms_per_frame"]
+                     if "cpu_ms_per_frame" in doc["runs"].get("reference", {}) and run.get("cpu_ms_per_frame") else None)
         rows.append((variant, _num(s["fps"], 3), _num(1e3 / run["cpu_ms_per_frame"], 3) if run.get("cpu_ms_per_frame") else "n/a",
-                     _num(s["peak_rss_mb"], 0), _num(s["speedup_vs_reference"], 2),
+                     _num(s["peak_rss_mb"], 0), _num(s["speedup_vs_reference"], 2), _num(cpu_ratio, 2),
                      _num(rd.get("bytes_change_pct"), 1) if rd else "-", _num(rd.get("psnr_change_db"), 2) if rd else "-",
-                     _num(rd.get("latent_snr_vs_default_db"), 1) if rd else "-"))
+                     _snr(rd.get("latent_snr_vs_default_db")) if rd else "-"))
     failed = [f"{v}: {r['error']}" for v, r in doc["runs"].items() if "error" in r]
     if "error" in doc.get("rd_cost", {}):
         failed.append(f"RD cost: {doc['rd_cost']['error']}")
@@ -116,7 +124,8 @@ def sender_section(doc: dict[str, Any]) -> list[str]:
     return [(f"**Sender path at {doc['size']}** (read file, encode, rANS, container; one process per variant; "
             f"targets: >= {t['speedup_vs_reference']:.0f}x the reference fps, <= {t['peak_rss_mb']:.0f} MB peak RSS). "
             f"Package: {doc['package']}."), "", _machine(doc), "",
-            *_rows(("Variant", "fps (wall)", "frames per CPU-second", "peak RSS MB", "x reference",
+            *_rows(("Variant", "fps (wall)", "frames per CPU-second", "peak RSS MB", "x reference (wall)",
+                    "x reference (CPU time)",
                     "RD: bytes %", "RD: PSNR dB", "latent SNR vs default dB"), rows),
             *verdict, *([""] + [f"Failed: {f}" for f in failed] if failed else [])]
 
