@@ -23,7 +23,6 @@ from .quantization import QConv2d, round_ste
 _LOG_SCALE_STEP = math.log(integer.SCALE_MAX / integer.SCALE_MIN) / (integer.NUM_SCALES - 1)
 _GRID = 1 << integer.FRACTION_BITS
 _LIMIT = integer.ACTIVATION_LIMIT / _GRID
-SKIP_INDEX = 0  # gaussian_scale_table(skip_first=True)
 
 
 def gaussian_bits(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -88,10 +87,12 @@ class HyperpriorContextModel(nn.Module):
             out = self.context[step](torch.cat([features, decoded.clamp(-_LIMIT, _LIMIT)], 1))
             means, indices = out[:, : self.channels], out[:, self.channels :]
             scales = integer.SCALE_MIN * torch.exp(indices * _LOG_SCALE_STEP)
-            coded = mask * (indices.detach() != SKIP_INDEX)  # the skip table's symbols are not sent: ŷ = mean
+            # Training does not force the skip table's symbols to 0 (that would cut every gradient
+            # that could lead out of it); its scale is so small that a nonzero symbol costs ~17
+            # bits, so the model learns to send 0 there, which is what the integer model assumes.
             noisy = y + torch.empty_like(y).uniform_(-0.5, 0.5) if self.training else torch.floor(y - means + 0.5) + means
-            y_bits = y_bits + coded * gaussian_bits(noisy - means, scales)
-            decoded = decoded + mask * means + coded * round_ste(y - means)
+            y_bits = y_bits + mask * gaussian_bits(noisy - means, scales)
+            decoded = decoded + mask * (means + round_ste(y - means))
         return decoded, y_bits, z_bits
 
     def export(self) -> integer.EntropyModel:

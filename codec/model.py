@@ -94,7 +94,7 @@ class AEICModel(nn.Module):
         self.config = config
         channels = config.analysis.latent_channels
         self.analysis = AnalysisTransform(config.analysis)
-        initial = torch.linspace(-1.0, 1.0, config.num_rates)[:, None].expand(-1, channels)
+        initial = torch.linspace(-1.5, 1.0, config.num_rates)[:, None].expand(-1, channels)
         self.log_gains = nn.Parameter(initial.clone())
         self.hyper_analysis = HyperAnalysis(channels, config.hyper_width, config.z_channels)
         self.entropy = HyperpriorContextModel(
