@@ -56,3 +56,18 @@ def test_readme_table_is_regenerated_in_place(tmp_path: Path) -> None:
 def test_missing_readme_is_not_created(tmp_path: Path) -> None:
     assert update_readme(tmp_path / "README.md", "table") is False
     assert not (tmp_path / "README.md").exists()
+
+
+def test_reference_sender_exports_and_encodes(tmp_path: Path) -> None:
+    from aeic.shared import bitstream
+
+    from benchmarks import reference_sender
+    from benchmarks.images import photo
+
+    model = reference_sender.build(photo(128, 128, index=3))
+    codec = reference_sender.ReferenceCodec(reference_sender.export(model, tmp_path / "reference.onnx"))
+    rgb = photo(200, 136, index=4)  # padded to 256x256 inside, true size in the header
+    stream = bitstream.unpack(codec.encode(rgb))
+    assert (stream.header.width, stream.header.height) == (200, 136)
+    assert stream.header.model_id == reference_sender.MODEL_ID and len(stream.payload) > 0
+    assert reference_sender.parameters()["analysis"] == 940296  # the same AEIC-SE analysis as ours
