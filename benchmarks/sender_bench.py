@@ -60,6 +60,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 # ---------------------------------------------------------------- child side (no torch for ours)
 
 def _our_codec(work: Path, variant: str):
@@ -102,6 +112,10 @@ def run_child(work: Path, variant: str, frames: int, level: int) -> dict[str, An
         return codec.encode(rgb) if variant == "reference" else codec.encode(rgb, level)
 
     frame = work / "frame.jpg"
+    memory = {"rss_after_load_mb": _rss_mb()}
+    if variant != "reference":  # where the peak comes from: the analysis graph alone, then the whole path
+        codec.analyse(read_image(frame))
+        memory["peak_after_analysis_only_mb"] = _peak_rss_mb()
     stream = encode(read_image(frame), level)  # warm-up
     times = []
     cpu0 = time.process_time()
@@ -120,7 +134,7 @@ def run_child(work: Path, variant: str, frames: int, level: int) -> dict[str, An
             np.save(out / f"{image.stem}.latent.npy", analysed.latent)
     return {"variant": variant, "frames": frames, "fps": frames / sum(times), "ms_per_frame": 1e3 * sum(times) / frames,
             "ms_per_frame_each": [1e3 * t for t in times], "cpu_ms_per_frame": 1e3 * cpu_s / frames, "bytes_1080p": len(stream), "load_s": load_s,
-            "peak_rss_mb": peak_after_frames}
+            "peak_rss_mb": peak_after_frames, **memory}
 
 
 # ---------------------------------------------------------------- parent side

@@ -112,6 +112,11 @@ def sender_section(doc: dict[str, Any]) -> list[str]:
         failed.append(f"RD cost: {doc['rd_cost']['error']}")
     ours = {v: r for v, r in doc["summary"].items() if v != "reference"}
     verdict = []
+    default = doc["runs"].get("default", {})
+    if "peak_after_analysis_only_mb" in default:
+        verdict += ["", (f"Memory of the default variant: {default['rss_after_load_mb']:,.0f} MB after loading, "
+                        f"{default['peak_after_analysis_only_mb']:,.0f} MB peak after the analysis graph alone, "
+                        f"{default['peak_rss_mb']:,.0f} MB peak for the whole path.")]
     if ours:
         fastest = max(ours, key=lambda v: ours[v]["fps"])
         leanest = min(ours, key=lambda v: ours[v]["peak_rss_mb"])
