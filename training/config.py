@@ -30,7 +30,7 @@ class TrainConfig(BaseModel):
     teacher: Path | None = None  # distillation: the moderate-encoder model checkpoint
     device: str = "auto"
     checkpoint_minutes: float = 4.0
-    rate_adapt: float = 0.02  # step size of the per-rate Lagrange multiplier control
+    rate_adapt: float = 0.05  # step size of the per-rate Lagrange multiplier control
     unet: bool = True  # False: pretrain the regression only (the UNet learns in the adversarial stage)
     adversarial_weight: float = 0.0
     pixel_weight: float = 0.0  # MS-SSIM/MSE through the pixel decoder, on a sub-batch

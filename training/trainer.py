@@ -78,7 +78,7 @@ class Trainer:
             torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=(0.5, 0.9)) if self.discriminator else None
         )
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
-        self.log_lambda = torch.log(targets * 50)  # a start; the control loop takes over
+        self.log_lambda = torch.log(targets * 200)  # a start; the control loop takes over
         self.ema_bpp = targets.clone()
         self.step = 0
         self.previous_minutes = 0.0  # training time of earlier sessions of this run
