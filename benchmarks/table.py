@@ -121,7 +121,7 @@ def sender_section(doc: dict[str, Any]) -> list[str]:
         fastest = max(ours, key=lambda v: ours[v]["fps"])
         leanest = min(ours, key=lambda v: ours[v]["peak_rss_mb"])
         speedup = ours[fastest]["speedup_vs_reference"]
-        verdict = ["", (f"Fastest: {fastest} ({_num(speedup, 2)}x the reference, target "
+        verdict += ["", (f"Fastest: {fastest} ({_num(speedup, 2)}x the reference, target "
                        f"{doc['targets']['speedup_vs_reference']:.0f}x: {'met' if speedup and speedup >= 4 else 'not met'}); "
                        f"lowest peak RSS: {leanest} ({ours[leanest]['peak_rss_mb']:,.0f} MB, target "
                        f"{doc['targets']['peak_rss_mb']:.0f} MB: {'met' if ours[leanest]['meets_300mb'] else 'not met'}).")]
