@@ -2,56 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .analysis import ME, SE, AnalysisConfig
 from .diffusion_decoder import NanoDecoderConfig
 from .model import ModelConfig
 
+# test sizes: every part present, a few thousand parameters, an internal pixel decoder
+_TINY = ModelConfig(
+    name="tiny-se",
+    analysis=AnalysisConfig(widths=(8, 16, 16, 32, 32)),
+    z_channels=8,
+    hyper_width=16,
+    hyper_synthesis_width=16,
+    hyper_features=16,
+    context_width=16,
+    synthesis_widths=(16, 16),
+    decoder=NanoDecoderConfig(latent_channels=8, noise_channels=2, widths=(32, 32), num_rates=3, internal_pixel_width=8),
+    rates_bpp=(0.01, 0.03, 0.06),
+    pixel_decoder="internal",
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "nano-se": ModelConfig(name="nano-se", analysis=SE),
     "nano-me": ModelConfig(name="nano-me", analysis=ME),
-    "tiny-se": ModelConfig(
-        name="tiny-se",
-        analysis=AnalysisConfig(widths=(8, 16, 16, 32, 32)),
-        z_channels=8,
-        hyper_width=16,
-        hyper_synthesis_width=16,
-        hyper_features=16,
-        context_width=16,
-        synthesis_widths=(16, 16),
-        decoder=NanoDecoderConfig(latent_channels=8, noise_channels=2, widths=(32, 32), num_rates=3, internal_pixel_width=8),
-        rates_bpp=(0.01, 0.03, 0.06),
-        pixel_decoder="internal",
-    ),
-    "tiny-me": ModelConfig(
-        name="tiny-me",
-        analysis=AnalysisConfig(widths=(8, 16, 16, 32, 32), blocks_per_stage=2),
-        z_channels=8,
-        hyper_width=16,
-        hyper_synthesis_width=16,
-        hyper_features=16,
-        context_width=16,
-        synthesis_widths=(16, 16),
-        decoder=NanoDecoderConfig(latent_channels=8, noise_channels=2, widths=(32, 32), num_rates=3, internal_pixel_width=8),
-        rates_bpp=(0.01, 0.03, 0.06),
-        pixel_decoder="internal",
-    ),
+    "tiny-se": _TINY,
+    "tiny-me": replace(_TINY, name="tiny-me", analysis=replace(_TINY.analysis, blocks_per_stage=2)),
     # the paper's decoder profile at test size: needs AEIC_SD_TURBO_DIR (a tiny random folder in tests)
-    "tiny-full": ModelConfig(
+    "tiny-full": replace(
+        _TINY,
         name="tiny-full",
         profile="full",
-        analysis=AnalysisConfig(widths=(8, 16, 16, 32, 32)),
-        z_channels=8,
-        hyper_width=16,
-        hyper_synthesis_width=16,
-        hyper_features=16,
-        context_width=16,
-        synthesis_widths=(16, 16),
         decoder=NanoDecoderConfig(latent_channels=4, noise_channels=4, num_rates=3),
-        rates_bpp=(0.01, 0.03, 0.06),
         pixel_decoder="vae",
     ),
 }
-
 
 def preset(name: str) -> ModelConfig:
     try:

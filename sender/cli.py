@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from aeic.sender.backoff import Backoff
 from aeic.sender.config import ConfigError, SenderConfig, load_config
-from aeic.sender.durable import atomic_write
+from aeic.shared.durable import atomic_write
 from aeic.sender.forward import DrainReport, Forwarder
 from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image

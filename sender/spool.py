@@ -2,7 +2,7 @@
 
 Why: an edge device's link comes and goes and the process may be killed at any moment, yet
 no image may be lost and none stored twice at the receiver. Every bitstream is therefore
-written here durably (see :mod:`aeic.sender.durable`) *before* any upload is tried, and is
+written here durably (see :mod:`aeic.shared.durable`) *before* any upload is tried, and is
 removed only after the receiver acknowledged it.
 
 Layout under the spool root::
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aeic.sender.durable import atomic_write, fsync_dir, remove_stale_tmp
+from aeic.shared.durable import atomic_write, fsync_dir, remove_stale_tmp
 
 DATA_SUFFIX = ".aeic"
 META_SUFFIX = ".json"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from aeic.sender.durable import atomic_write
+from aeic.shared.durable import atomic_write
 from aeic.sender.images import IMAGE_SUFFIXES
 
 _PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".filepart")

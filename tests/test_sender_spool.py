@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from aeic.sender.durable import TMP_PREFIX, atomic_write
+from aeic.shared.durable import TMP_PREFIX, atomic_write
 from aeic.sender.spool import Spool, SpoolCorruptError, SpoolFullError, idempotency_key
 from sender_support import make_bitstream
 

@@ -8,11 +8,11 @@ complete new file, never a torn one.
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from aeic.shared.durable import TMP_PREFIX, atomic_write, fsync_dir
 
 __all__ = [
     "BlobNotFoundError",
@@ -23,7 +23,7 @@ __all__ = [
     "thumbnail_key",
 ]
 
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TMP_PREFIX
 _KEY = re.compile(r"^[a-z0-9_-]+(/[a-z0-9_-]+)*\.[a-z0-9]+$")
 
 
@@ -63,14 +63,6 @@ def thumbnail_key(image_id: str) -> str:
     return _sharded("thumbnails", image_id, "jpg")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FilesystemBlobStore:
     """Blobs as files under `root`, one directory level of sharding by id prefix."""
 
@@ -92,23 +84,13 @@ class FilesystemBlobStore:
             current = current.parent
         for path in reversed(missing):
             path.mkdir(exist_ok=True)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def put(self, key: str, data: bytes) -> None:
         """Atomically replace the blob at `key` with `data`, durable on return."""
         path = self._path(key)
         self._ensure_dir(path.parent)
-        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
-        try:
-            with open(tmp, "xb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        atomic_write(path, data)
 
     def get(self, key: str) -> bytes:
         """The blob's bytes; raises `BlobNotFoundError` when absent."""
@@ -124,7 +106,7 @@ class FilesystemBlobStore:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def exists(self, key: str) -> bool:
