@@ -7,6 +7,9 @@ integer network is the one that was trained and evaluated.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,23 @@ from aeic.shared.entropy_model import ACTIVATION_LIMIT, FRACTION_BITS, IntConv
 
 WEIGHT_LIMIT = 127
 MAX_WEIGHT_BITS = 24
+
+
+_FLOAT_REFERENCE = False
+
+
+@contextlib.contextmanager
+def float_reference() -> Iterator[None]:
+    """Run every QConv2d in plain float (no rounding of weights, bias or outputs).
+
+    The same weights without the integer grid: the reference that measures what exactness costs.
+    """
+    global _FLOAT_REFERENCE
+    previous, _FLOAT_REFERENCE = _FLOAT_REFERENCE, True
+    try:
+        yield
+    finally:
+        _FLOAT_REFERENCE = previous
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +74,10 @@ class QConv2d(nn.Conv2d):
         return torch.floor(torch.log2(WEIGHT_LIMIT / peak)).clamp(0, MAX_WEIGHT_BITS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FLOAT_REFERENCE:
+            out = F.conv2d(x, self.weight, self.bias, padding=self.padding)
+            oscale = torch.exp2(self.out_bits)[None, :, None, None]
+            return torch.maximum(torch.minimum(out, self.hi[None, :, None, None] / oscale), self.lo[None, :, None, None] / oscale)
         wbits = self.weight_bits()
         wscale = torch.exp2(wbits)[:, None, None, None]
         weight = round_ste(self.weight * wscale) / wscale
