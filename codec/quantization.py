@@ -13,9 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from aeic.shared.entropy_model import ACTIVATION_LIMIT, FRACTION_BITS, IntConv
+from torch import nn
 
 WEIGHT_LIMIT = 127
 MAX_WEIGHT_BITS = 24
