@@ -46,11 +46,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from aeic.receiver.decoder import ReceiverCodec
     from aeic.shared.bitstream import BitstreamError
     from aeic.shared.entropy_coding import EntropyDecodeError
+    from PIL import Image
 
     codec = ReceiverCodec.from_package(args.model, device=args.device)
     status = 0

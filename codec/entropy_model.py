@@ -13,10 +13,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from aeic.shared import entropy_model as integer
 from aeic.shared.entropy_coding import discretized_gaussian_pmf, factorized_tables, gaussian_scale_table
+from torch import nn
 
 from .quantization import QConv2d, round_ste
 
@@ -135,7 +134,7 @@ class TorchBackend:
     def _tensors(self, layer: integer.IntConv) -> tuple[torch.Tensor, ...]:
         key = id(layer)
         if key not in self._weights:
-            as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device)  # noqa: E731
+            as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device)
             self._weights[key] = (
                 as_t(layer.weight.reshape(layer.weight.shape[0], -1)),
                 as_t(layer.bias)[:, None],

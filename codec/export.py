@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from aeic.shared import model_package as pkg
 from safetensors.torch import save_file
 from torch import nn
-
-from aeic.shared import model_package as pkg
 
 from .model import AEICModel, receiver_state_dict
 
@@ -41,7 +40,7 @@ def level_positions(num_rates: int) -> np.ndarray:
 
 
 def interpolated_log_gains(log_gains: np.ndarray, position: float) -> np.ndarray:
-    low = min(int(math.floor(position)), len(log_gains) - 2)
+    low = min(math.floor(position), len(log_gains) - 2)
     frac = position - low
     return (1 - frac) * log_gains[low] + frac * log_gains[low + 1]
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from aeic.shared.entropy_model import FRACTION_BITS
+from torch import nn
 
 from .analysis import AnalysisConfig, AnalysisTransform, HyperAnalysis
 from .diffusion_decoder import NanoDecoder, NanoDecoderConfig
@@ -30,7 +29,7 @@ ALIGNMENT = 128  # the hyper-latent sits at 1/128 of the padded image
 class ModelConfig:
     name: str = "nano-se"
     profile: str = "nano"
-    analysis: AnalysisConfig = AnalysisConfig()
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     z_channels: int = 64
     hyper_width: int = 128
     hyper_synthesis_width: int = 96
@@ -45,7 +44,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         data = dict(data)
         data["analysis"] = AnalysisConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["analysis"].items()})
         data["decoder"] = NanoDecoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["decoder"].items()})

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from torch import nn
-
 from aeic.codec import taesd
 from aeic.codec.entropy_model import TorchBackend
 from aeic.codec.model import ALIGNMENT, ModelConfig, build_decoder, receiver_state_dict
@@ -23,6 +20,8 @@ from aeic.shared import bitstream
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
 from aeic.shared.padding import correct_colours, padded_size
+from safetensors.torch import load_file
+from torch import nn
 
 
 class DecodeError(ValueError):
@@ -90,7 +89,7 @@ class ReceiverCodec:
         self.last_timings: list[Timings] = []
 
     @classmethod
-    def from_package(cls, path: Path | str | None = None, device: str = "auto") -> "ReceiverCodec":
+    def from_package(cls, path: Path | str | None = None, device: str = "auto") -> ReceiverCodec:
         return cls(ModelPackage.load(path), device)
 
     @property

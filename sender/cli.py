@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from aeic.sender.backoff import Backoff
 from aeic.sender.config import ConfigError, SenderConfig, load_config
-from aeic.shared.durable import atomic_write
 from aeic.sender.forward import DrainReport, Forwarder
 from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
@@ -31,6 +30,7 @@ from aeic.sender.report import Reporter
 from aeic.sender.spool import Spool, SpoolFullError
 from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, UploadResult
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
+from aeic.shared.durable import atomic_write
 
 from aeic import __version__
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from aeic.shared import bitstream
 from aeic.shared.model_package import ModelPackage
 from aeic.shared.padding import colour_statistics, pad_to_multiple
@@ -62,7 +61,7 @@ class SenderCodec:
         self.provider = self.analysis.get_providers()[0]
 
     @classmethod
-    def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None) -> "SenderCodec":
+    def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None) -> SenderCodec:
         return cls(ModelPackage.load(path), provider, threads)
 
     @property

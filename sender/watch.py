@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from aeic.shared.durable import atomic_write
 from aeic.sender.images import IMAGE_SUFFIXES
+from aeic.shared.durable import atomic_write
 
 _PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".filepart")
 

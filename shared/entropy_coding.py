@@ -76,7 +76,7 @@ class CdfTables:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> "CdfTables":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> CdfTables:
         skip = int(arrays[f"{prefix}.skip_index"][0])
         return cls(
             counts=np.asarray(arrays[f"{prefix}.counts"], dtype=np.int32),

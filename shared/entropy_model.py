@@ -90,7 +90,7 @@ class NumpyBackend:
     """The sender's backend: im2col and a float64 matrix product."""
 
     def conv(self, x: np.ndarray, layer: IntConv) -> np.ndarray:
-        c, h, w = x.shape
+        _, h, w = x.shape
         cols = _im2col(np.asarray(x, dtype=np.float64), layer.kernel_size)
         weight = layer.weight.reshape(layer.weight.shape[0], -1).astype(np.float64)
         acc = weight @ cols + layer.bias.astype(np.float64)[:, None]
@@ -154,7 +154,7 @@ class EntropyModel:
     def decode(self, payload: bytes, latent_shape: tuple[int, int, int], backend: ConvBackend | None = None) -> np.ndarray:
         """ŷ (fixed point, units of 2**-FRACTION_BITS) from a payload; raises EntropyDecodeError."""
         backend = backend or NumpyBackend()
-        channels, height, width = latent_shape
+        _, height, width = latent_shape
         decoder = SymbolDecoder(payload)
         z_shape = (self.z_channels, height // 4, width // 4)
         z_symbols = decoder.read(self._z_indices(z_shape), self.z_tables)

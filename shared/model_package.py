@@ -114,7 +114,7 @@ class ModelPackage:
     level_gains: np.ndarray  # (levels, C) float32: latent gain of each rate level
 
     @classmethod
-    def load(cls, path: Path | str | None = None, verify: bool = True) -> "ModelPackage":
+    def load(cls, path: Path | str | None = None, verify: bool = True) -> ModelPackage:
         path = Path(path) if path is not None else default_model_dir()
         manifest_file = path / MANIFEST
         if not manifest_file.is_file():

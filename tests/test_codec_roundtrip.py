@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from aeic.codec.export import export_package
 from aeic.codec.testing import make_tiny_model
 from aeic.receiver.decoder import DecodeError, ReceiverCodec, UnknownModelError
@@ -15,6 +13,7 @@ from aeic.shared import bitstream
 from aeic.shared.entropy_coding import EntropyDecodeError
 from aeic.shared.model_package import ModelPackage, ModelPackageError
 from aeic.shared.padding import pad_to_multiple
+from PIL import Image
 
 
 @pytest.fixture(scope="module", params=["tiny-se", "tiny-me"])

@@ -8,9 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from aeic.shared.entropy_coding import (
     PRECISION,
     CdfTables,
@@ -22,6 +19,8 @@ from aeic.shared.entropy_coding import (
     quantize_pmf,
 )
 from aeic.shared.entropy_model import scale_table
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 GOLDEN = Path(__file__).parent / "golden" / "entropy_coding_v1.json"
 TABLES = gaussian_scale_table(scale_table())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from aeic.codec.entropy_model import TorchBackend
 from aeic.codec.testing import make_tiny_model
 from aeic.shared.entropy_model import FRACTION_BITS, NUM_STEPS, NumpyBackend, run_network, step_masks

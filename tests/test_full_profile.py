@@ -147,7 +147,6 @@ def test_missing_folder_or_component_is_named(folder: Path, tmp_path: Path) -> N
 def test_full_profile_package_round_trip(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full-profile model exports (trained weights only) and decodes through the SD-Turbo folder."""
     import numpy as np
-
     from aeic.codec.export import export_package
     from aeic.codec.model import AEICModel
     from aeic.codec.presets import preset

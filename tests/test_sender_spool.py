@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from aeic.shared.durable import TMP_PREFIX, atomic_write
 from aeic.sender.spool import Spool, SpoolCorruptError, SpoolFullError, idempotency_key
+from aeic.shared.durable import TMP_PREFIX, atomic_write
 from sender_support import make_bitstream
 
 

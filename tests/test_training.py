@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from aeic.codec.export import export_package, load_checkpoint_model
 from aeic.sender.encoder import SenderCodec
 from aeic.training.config import TrainConfig
 from aeic.training.trainer import Trainer
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,8 @@ def photos(tmp_path_factory) -> Path:
 
 
 def _config(photos: Path, out: Path, **kwargs) -> TrainConfig:
-    base = dict(name="t", model="tiny-se", data=photos, cache=out.parent / "cache", short_side=160, crop=128,
-                batch=2, steps=2, log_every=1, out=out, device="cpu")
+    base = {"name": "t", "model": "tiny-se", "data": photos, "cache": out.parent / "cache", "short_side": 160,
+            "crop": 128, "batch": 2, "steps": 2, "log_every": 1, "out": out, "device": "cpu"}
     base.update(kwargs)
     return TrainConfig(**base)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict
 
 
@@ -39,7 +39,7 @@ class TrainConfig(BaseModel):
     log_every: int = 20
 
     @classmethod
-    def from_file(cls, path: Path, **overrides: object) -> "TrainConfig":
+    def from_file(cls, path: Path, **overrides: object) -> TrainConfig:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
         data.update({k: v for k, v in overrides.items() if v is not None})

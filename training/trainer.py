@@ -23,17 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_msssim import ms_ssim
-from tqdm import tqdm
-
 from aeic.codec import taesd
 from aeic.codec.model import AEICModel
 from aeic.codec.presets import preset
+from pytorch_msssim import ms_ssim
+from tqdm import tqdm
 
 from .config import TrainConfig
 from .data import CropSampler, build_cache
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
-
 
 GAIN_LR_SCALE = 20.0
 
@@ -52,7 +50,7 @@ def seed_everything(seed: int) -> None:
 
 def load_model_weights(model: AEICModel, checkpoint: Path) -> None:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"] if "model" in state else state)
+    model.load_state_dict(state.get("model", state))
 
 
 class Trainer:
@@ -261,8 +259,9 @@ class Trainer:
         sampler = CropSampler(items, self.config.crop, self.config.seed + self.step)
         self.model.train()
         last_save = time.monotonic()
-        log = open(self.out / "log.jsonl", "a", encoding="utf-8")
-        with tqdm(total=self.config.steps, initial=self.step, desc=f"{self.config.name}:{self.config.stage}") as bar:
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as log, tqdm(
+            total=self.config.steps, initial=self.step, desc=f"{self.config.name}:{self.config.stage}"
+        ) as bar:
             self.started = time.monotonic()  # the time budget counts training, not the data cache
             while self._progress() < 1.0:
                 images, latents = (t.to(self.device) for t in sampler.batch(self.config.batch))
@@ -278,7 +277,6 @@ class Trainer:
                     self.save()
                     last_save = time.monotonic()
         self.save()
-        log.close()
         return self.checkpoint_path
 
 
