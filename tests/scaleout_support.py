@@ -3,6 +3,7 @@ mode), each started on loopback by the fixture and stopped afterwards."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -61,7 +62,7 @@ def redis_server() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-_DB = iter(range(1, 16))
+_DB = itertools.cycle(range(1, 16))  # each test empties its database before and after
 
 
 @pytest.fixture()
