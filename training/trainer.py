@@ -240,7 +240,7 @@ class Trainer:
         self.d_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.d_optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     def _steer_rates(self, rates: torch.Tensor, bpp: torch.Tensor) -> None:
         """Move each used rate point's multiplier so its running bpp approaches the nominal bpp."""
