@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from receiver_support import free_port
 
+from aeic.demo import stop_process
+
 S3_ENV = {"AWS_ACCESS_KEY_ID": "aeic-test", "AWS_SECRET_ACCESS_KEY": "aeic-test-secret",
           "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -35,13 +37,7 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: 
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,8 @@ pytest.importorskip("aeic.codec.testing", reason="aeic.codec.testing (tiny model
 from aeic.receiver.decoder import ReceiverCodec
 from aeic.sender.encoder import SenderCodec
 
+from aeic.demo import stop_process
+
 # Fixtures shared with the other receiver tests.
 tiny_package = receiver_support.tiny_package
 photo = receiver_support.natural_photo
@@ -48,14 +50,7 @@ def _wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError("receiver did not start")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+_stop = stop_process
 
 
 def _wait_done(base: str, headers: dict[str, str], ids: list[str]) -> list[dict]:
