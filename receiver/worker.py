@@ -169,25 +169,26 @@ class DecodeWorker:
 
     @staticmethod
     def _timed_batch(codec: DecoderLike, items: list[bytes]) -> tuple[list[np.ndarray], list[DecodeTimings]]:
-        """Decode and measure; each image gets an equal share of the batch's wall time.
+        """Decode and measure each image's own cost.
 
-        The ReceiverCodec reports per-image `last_timings` (entropy decoding, and its share of the batched
-        synthesis + decoder pass); those are recorded as the entropy/decoder split."""
+        The ReceiverCodec reports per-image `last_timings` (its own entropy decoding and its share of the batched
+        synthesis + decoder pass). An image's total is its own parts plus an equal share of the batch's remaining
+        wall time, so the totals add up to the batch's wall time and never undercut an image's own parts."""
         start = time.perf_counter()
         results = codec.decode_batch(items)
-        total_ms = (time.perf_counter() - start) * 1000.0
+        wall_ms = (time.perf_counter() - start) * 1000.0
         n = len(items)
         if len(results) != n:
             raise RuntimeError(f"decoder returned {len(results)} images for {n} bitstreams")
         split = getattr(codec, "last_timings", None)
         if not isinstance(split, (list, tuple)) or len(split) != n:
             split = [None] * n
-        timings = [
-            DecodeTimings(entropy_ms=_ms(getattr(t, "entropy_ms", None)),
-                          decoder_ms=_ms(getattr(t, "synthesis_ms", getattr(t, "decoder_ms", None))),
-                          total_ms=total_ms / n, batch_size=n)
-            for t in split
-        ]
+        parts = [(_ms(getattr(t, "entropy_ms", None)),
+                  _ms(getattr(t, "synthesis_ms", getattr(t, "decoder_ms", None)))) for t in split]
+        own = [(entropy or 0.0) + (decoder or 0.0) for entropy, decoder in parts]
+        overhead = max(0.0, wall_ms - sum(own)) / n
+        timings = [DecodeTimings(entropy_ms=entropy, decoder_ms=decoder, total_ms=mine + overhead, batch_size=n)
+                   for (entropy, decoder), mine in zip(parts, own)]
         return results, timings
 
     def _checked(self, claim: Claim, records: list[ImageRecord], results: list[np.ndarray],
