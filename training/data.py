@@ -34,7 +34,7 @@ def load_downsampled(path: Path, short_side: int) -> np.ndarray:
         if factor < 1:
             size = (round(image.width * factor), round(image.height * factor))
             image = image.resize(size, Image.Resampling.LANCZOS)
-        array = np.asarray(image)
+        array = np.array(image)  # writable: torch.from_numpy shares it
     height, width = (min(s, MAX_LONG_SIDE) // LATENT_STRIDE * LATENT_STRIDE for s in array.shape[:2])
     top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
     return np.ascontiguousarray(array[top : top + height, left : left + width])

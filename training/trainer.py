@@ -205,9 +205,7 @@ class Trainer:
         out = self._forward(images, rates)
         bpp = out["bits"] / (images.shape[2] * images.shape[3])
         distortion = self._distortion(out, images, latents)
-        lam = self.log_lambda.exp().to(self.device, torch.float32)[rates]
-        rate_term = bpp if self.config.stage != "adversarial" else bpp.detach()
-        loss = (rate_term + lam * distortion).mean()
+        loss = self._rate_distortion(bpp, distortion, rates)
         extras = self._generator_extras(out, images, latents, rates)
         total = loss + sum(extras.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,10 +218,22 @@ class Trainer:
             d_loss = self._discriminator_step(fake.detach(), real, rates)
         self._steer_rates(rates, bpp.detach())
         logs = {"loss": float(total.detach()), "bpp": float(bpp.detach().mean()), "distortion": float(distortion.detach().mean())}
-        logs.update({k: float(v) for k, v in extras.items()})
+        if self.uses_teacher_latent:
+            logs["latent_texture"] = float(latent_texture(out["latent"].detach(), latents))
+        logs.update({k: float(v.detach()) for k, v in extras.items()})
         if d_loss is not None:
             logs["discriminator"] = d_loss
         return logs
+
+    def _rate_distortion(self, bpp: torch.Tensor, distortion: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+        """R + lambda_rate * D while the rate trains; D alone once it is frozen (the adversarial stage).
+
+        With the encoder frozen the per-rate multipliers would only rescale distortion against the
+        adversarial term, differently at each rate; one weight keeps ``adversarial_weight`` meaningful."""
+        if self.config.stage == "adversarial":
+            return distortion.mean()
+        lam = self.log_lambda.exp().to(self.device, torch.float32)[rates]
+        return (bpp + lam * distortion).mean()
 
     def _forward(self, images: torch.Tensor, rates: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model pass of this stage; the adversarial stage runs its frozen half without gradients."""
@@ -278,6 +288,15 @@ class Trainer:
                     last_save = time.monotonic()
         self.save()
         return self.checkpoint_path
+
+
+def latent_texture(latent: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """min(r, 1/r) of the mean squared spatial gradient, decoded over teacher latent: a cheap texture monitor."""
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        return x.diff(dim=-1).pow(2).mean() + x.diff(dim=-2).pow(2).mean()
+
+    ratio = energy(latent) / energy(teacher).clamp_min(1e-12)
+    return torch.minimum(ratio, 1 / ratio.clamp_min(1e-12))
 
 
 def _no_latent(pixels: torch.Tensor) -> torch.Tensor:
