@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines-only", action="store_true",
                    help="no model: classic codecs at the --budgets-bpp only (reference numbers)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="skip RD curves and side-by-side pictures")
+    p.add_argument("--compare", action="append", default=[], metavar="LABEL=RUN",
+                   help="add another run's AEIC reconstructions (e.g. an MSE-only model) to the side-by-side")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--provider", default=None, help="onnxruntime provider for the sender (default: best)")
     p.add_argument("--device", default="auto", help="receiver torch device (default auto)")
@@ -64,14 +66,26 @@ def _print_means(summary: dict[str, Any]) -> None:
         print(f"{m['point']:<10} {m['method']:<6} {m['n_ok']:>3} {m['n_unreachable']:>3} {bpp} {values}")
 
 
-def _plots(summary: dict[str, Any], config: runner.EvalConfig) -> None:
+def parse_compare(values: Sequence[str]) -> dict[str, Path]:
+    """``LABEL=RUN`` pairs: a column label and the output folder of another ``aeic eval`` run."""
+    pairs: dict[str, Path] = {}
+    for value in values:
+        label, sep, run = value.partition("=")
+        if not sep or not label or not run:
+            raise ValueError(f"--compare expects LABEL=RUN, got {value!r}")
+        pairs[label] = Path(run)
+    return pairs
+
+
+def _plots(summary: dict[str, Any], config: runner.EvalConfig, compare: dict[str, Path]) -> None:
     plots.rd_curves(summary, config.out)
     ok = (r["image"] for r in summary["rows"] if r["status"] == "ok")
     first = min(ok, default=None)
     if first is None or config.save_recon < 1:
         return
     for point in config.points:
-        plots.side_by_side_from_run(config.out, config.images, first, point.label)
+        extra = plots.compared_reconstructions(compare, first, point.label)
+        plots.side_by_side_from_run(config.out, config.images, first, point.label, extra=extra)
 
 
 def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., Any] | None = None) -> int:
@@ -84,6 +98,10 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
         parser.error(str(exc))
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    try:
+        compare = parse_compare(args.compare)
+    except ValueError as exc:
+        parser.error(str(exc))
     codecs, missing = baseline_codecs(args.baseline)
     for name, reason in missing.items():
         print(f"baseline {name} skipped: {reason}", file=sys.stderr)
@@ -119,7 +137,7 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
     for name, reason in summary["skipped_metrics"].items():
         print(f"{name}: {reason}")
     if not args.no_plots:
-        _plots(summary, config)
+        _plots(summary, config, compare)
     print(f"results: {config.out / 'results.csv'}, {config.out / 'summary.json'}")
     errors = sum(m["n_error"] for m in summary["means"])
     return 1 if errors else 0

@@ -121,6 +121,25 @@ def _caption(row: dict[str, Any]) -> str:
     return text + f"\n{row['bpp']:.4f} bpp, {row['psnr']:.2f} dB"
 
 
+def compared_reconstructions(runs: dict[str, Path], image: str, point: str) -> dict[str, np.ndarray]:
+    """The AEIC reconstruction of ``image`` at ``point`` saved by each other run, captioned with its label.
+
+    A run without that reconstruction is left out (it was not saved, or that point was not measured)."""
+    columns: dict[str, np.ndarray] = {}
+    for label, run in runs.items():
+        path = run / "recon" / point / "aeic" / f"{Path(image).stem}.png"
+        summary_path = run / "summary.json"
+        if not (path.is_file() and summary_path.is_file()):
+            continue
+        rows = json.loads(summary_path.read_text())["rows"]
+        row = next((r for r in rows if r["image"] == image and r["point"] == point and r["method"] == "aeic"), None)
+        if row is None or row["status"] != "ok":
+            continue
+        with Image.open(path) as im:
+            columns[f"{label}\n{row['bpp']:.4f} bpp, {row['psnr']:.2f} dB"] = np.asarray(im.convert("RGB"))
+    return columns
+
+
 def side_by_side_from_run(
     out_dir: Path,
     images_dir: Path,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aeic.evaluation import cli, runner
+from aeic.evaluation import cli, plots, runner
 from aeic.shared import bitstream
 from PIL import Image
 
@@ -218,6 +218,23 @@ def test_cli_writes_results_plots_and_side_by_side(images: Path, tmp_path: Path,
     assert "rate0" in printed and "aeic" in printed and "jpeg" in printed
 
 
+def test_cli_compare_adds_another_runs_reconstruction_to_the_side_by_side(images: Path, tmp_path: Path) -> None:
+    base = ["--images", str(images), "--rates", "0", "--baseline", "none", "--metrics", "psnr", "--no-progress"]
+    assert cli.main_eval([*base, "--out", str(tmp_path / "mse")], codec_factory=lambda model: WebPContainerCodec()) == 0
+    columns = plots.compared_reconstructions({"MSE-only": tmp_path / "mse", "absent": tmp_path / "nope"}, "img0.png", "rate0")
+    assert list(columns) == [next(iter(columns))] and next(iter(columns)).startswith("MSE-only\n")
+    widths = {}
+    for name, extra in (("plain", []), ("compared", ["--compare", f"MSE-only={tmp_path / 'mse'}"])):
+        out = tmp_path / name
+        assert cli.main_eval([*base, "--out", str(out), *extra], codec_factory=lambda model: WebPContainerCodec()) == 0
+        with Image.open(out / "side_by_side_img0_rate0.png") as im:
+            widths[name] = im.width
+    assert widths["compared"] > widths["plain"] * 1.3
+    with pytest.raises(SystemExit):
+        cli.main_eval([*base, "--out", str(tmp_path / "x"), "--compare", "no-equals-sign"],
+                      codec_factory=lambda model: WebPContainerCodec())  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "extra",
     [[], ["--rates", "0", "--limit", "0"], ["--rates", "-2"], ["--rates", "0", "--baseline", "gif"]],
@@ -311,7 +328,6 @@ def test_cli_rejects_rate_indices_the_model_lacks(images: Path, tmp_path: Path, 
 
 
 def test_rd_curves_and_side_by_side_inputs(tmp_path: Path) -> None:
-    from aeic.evaluation import plots
 
     means = [
         {
