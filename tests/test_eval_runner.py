@@ -328,7 +328,6 @@ def test_cli_rejects_rate_indices_the_model_lacks(images: Path, tmp_path: Path, 
 
 
 def test_rd_curves_and_side_by_side_inputs(tmp_path: Path) -> None:
-
     means = [
         {
             "point": "bpp0.01",
