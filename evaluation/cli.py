@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no model: classic codecs at the --budgets-bpp only (reference numbers)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="skip RD curves and side-by-side pictures")
     p.add_argument("--compare", action="append", default=[], metavar="LABEL=RUN",
-                   help="add another run's AEIC reconstructions (e.g. an MSE-only model) to the side-by-side")  # fmt: skip
+                   help="add another aeic eval run (e.g. an MSE-only model, or a --baselines-only run) to the RD "
+                        "plots and side-by-side pictures; its AEIC rows are named LABEL")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--provider", default=None, help="onnxruntime provider for the sender (default: best)")
     p.add_argument("--device", default="auto", help="receiver torch device (default auto)")
@@ -78,7 +79,7 @@ def parse_compare(values: Sequence[str]) -> dict[str, Path]:
 
 
 def _plots(summary: dict[str, Any], config: runner.EvalConfig, compare: dict[str, Path]) -> None:
-    plots.rd_curves(summary, config.out)
+    plots.rd_curves(plots.with_compared_means(summary, compare), config.out)
     ok = (r["image"] for r in summary["rows"] if r["status"] == "ok")
     first = min(ok, default=None)
     if first is None or config.save_recon < 1:

@@ -121,22 +121,46 @@ def _caption(row: dict[str, Any]) -> str:
     return text + f"\n{row['bpp']:.4f} bpp, {row['psnr']:.2f} dB"
 
 
-def compared_reconstructions(runs: dict[str, Path], image: str, point: str) -> dict[str, np.ndarray]:
-    """The AEIC reconstruction of ``image`` at ``point`` saved by each other run, captioned with its label.
+def _compared_name(label: str, method: str) -> str:
+    """A compared run's AEIC rows take the run's label; its classic codecs keep their names."""
+    return label if method == "aeic" else method
 
-    A run without that reconstruction is left out (it was not saved, or that point was not measured)."""
+
+def with_compared_means(summary: dict[str, Any], runs: dict[str, Path]) -> dict[str, Any]:
+    """``summary`` plus the means of other runs (e.g. an MSE-only model, a ``--baselines-only`` run) for the RD plots.
+
+    A method this run measured itself is not taken again from another run."""
+    means = list(summary["means"])
+    present = {m["method"] for m in means}
+    for label, run in runs.items():
+        other = json.loads((run / "summary.json").read_text())["means"]
+        for entry in other:
+            name = _compared_name(label, entry["method"])
+            if name not in present:
+                means.append({**entry, "method": name})
+        present |= {_compared_name(label, e["method"]) for e in other}
+    return {**summary, "means": means}
+
+
+def compared_reconstructions(runs: dict[str, Path], image: str, point: str,
+                             methods: tuple[str, ...] = ("aeic", "best")) -> dict[str, np.ndarray]:
+    """Saved reconstructions of ``image`` at ``point`` from other runs (their AEIC under the run's label).
+
+    Reconstructions a run did not save (or images it could not reach) are left out."""
     columns: dict[str, np.ndarray] = {}
     for label, run in runs.items():
-        path = run / "recon" / point / "aeic" / f"{Path(image).stem}.png"
         summary_path = run / "summary.json"
-        if not (path.is_file() and summary_path.is_file()):
+        if not summary_path.is_file():
             continue
         rows = json.loads(summary_path.read_text())["rows"]
-        row = next((r for r in rows if r["image"] == image and r["point"] == point and r["method"] == "aeic"), None)
-        if row is None or row["status"] != "ok":
-            continue
-        with Image.open(path) as im:
-            columns[f"{label}\n{row['bpp']:.4f} bpp, {row['psnr']:.2f} dB"] = np.asarray(im.convert("RGB"))
+        for method in methods:
+            path = run / "recon" / point / method / f"{Path(image).stem}.png"
+            row = next((r for r in rows if (r["image"], r["point"], r["method"]) == (image, point, method)), None)
+            if row is None or row["status"] != "ok" or not path.is_file():
+                continue
+            caption = _caption(row).replace("AEIC", label, 1) if method == "aeic" else _caption(row)
+            with Image.open(path) as im:
+                columns[caption] = np.asarray(im.convert("RGB"))
     return columns
 
 

@@ -230,6 +230,9 @@ def test_cli_compare_adds_another_runs_reconstruction_to_the_side_by_side(images
         with Image.open(out / "side_by_side_img0_rate0.png") as im:
             widths[name] = im.width
     assert widths["compared"] > widths["plain"] * 1.3
+    merged = plots.with_compared_means(json.loads((tmp_path / "plain" / "summary.json").read_text()),
+                                       {"MSE-only": tmp_path / "mse"})  # fmt: skip
+    assert [m["method"] for m in merged["means"]] == ["aeic", "MSE-only"]
     with pytest.raises(SystemExit):
         cli.main_eval([*base, "--out", str(tmp_path / "x"), "--compare", "no-equals-sign"],
                       codec_factory=lambda model: WebPContainerCodec())  # fmt: skip
