@@ -25,6 +25,8 @@ class AnalysisConfig:
         return self.widths[-1]
 
 
+BAND = 11  # length of the depthwise 1xN / Nx1 kernels
+
 SE = AnalysisConfig()
 ME = AnalysisConfig(widths=(64, 128, 192, 256, 320), blocks_per_stage=2)
 
@@ -39,7 +41,7 @@ class ChannelsLastLayerNorm(nn.LayerNorm):
 class InceptionDepthwise(nn.Module):
     """Depthwise 3x3, 1x11 and 11x1 convolutions on channel splits; the rest passes through."""
 
-    def __init__(self, channels: int, band: int = 11) -> None:
+    def __init__(self, channels: int, band: int = BAND) -> None:
         super().__init__()
         split = channels // 8
         self.sizes = (channels - 3 * split, split, split, split)

@@ -1,8 +1,11 @@
 """``aeic export``: a trained model -> a model package (ONNX sender, integer tables, receiver weights).
 
-The sender's float graphs are split in two so the heavy analysis runs once per image whatever
-the rate: ``analysis.onnx`` (image -> latent) and ``hyper.onnx`` (latent, gain -> scaled latent,
-hyper-latent). The integer entropy model is exported as arrays, not ONNX: numpy runs it exactly.
+The sender's float graphs are split so the heavy analysis runs once per image whatever the rate
+(``hyper.onnx``: latent, gain -> scaled latent, hyper-latent) and so the analysis fits a small
+memory: ``analysis_stem.onnx`` (image -> features at 1/4, the first stages, where activations are
+largest) runs in horizontal strips with a halo recorded in the manifest, ``analysis_trunk.onnx``
+(features -> latent) on the whole image. The integer entropy model is exported as arrays, not
+ONNX: numpy runs it exactly.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import torch
 from aeic.shared import model_package as pkg
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 
+from .analysis import BAND, AnalysisConfig, AnalysisTransform, StarBlock
 from .model import AEICModel, receiver_state_dict
 
 LEVELS_PER_RATE_STEP = 4
 OPSET = 17
+STEM_STAGES = 2  # stages 1-2 (1/2 and 1/4 resolution) hold most of the analysis' activation memory
 
 
 class _Hyper(nn.Module):
@@ -32,6 +38,50 @@ class _Hyper(nn.Module):
     def forward(self, latent: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scaled = latent * gain[None, :, None, None]
         return scaled, self.hyper_analysis(scaled)
+
+
+class _LeanStarBlock(nn.Module):
+    """A star block's function with its expansion as two convolutions (gate, value).
+
+    The single expansion followed by a split makes onnxruntime hold the 4x-wide tensor and both
+    halves at once; two convolutions never materialise the wide tensor (about a fifth less peak
+    memory in the stem, a third in the trunk, same outputs).
+    """
+
+    def __init__(self, block: StarBlock) -> None:
+        super().__init__()
+        hidden = block.project.in_channels
+        self.mix, self.norm, self.project = block.mix, block.norm, block.project
+        self.gate, self.value = (nn.Conv2d(block.expand.in_channels, hidden, 1) for _ in range(2))
+        with torch.no_grad():
+            for conv, part in ((self.gate, slice(0, hidden)), (self.value, slice(hidden, 2 * hidden))):
+                conv.weight.copy_(block.expand.weight[part])
+                conv.bias.copy_(block.expand.bias[part])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = self.norm(self.mix(x))
+        return x + self.project(F.gelu(self.gate(mixed)) * self.value(mixed))
+
+
+def split_analysis(analysis: AnalysisTransform, config: AnalysisConfig,
+                   stem_stages: int = STEM_STAGES) -> tuple[nn.Sequential, nn.Sequential]:
+    """The first ``stem_stages`` stages and the rest (each stage: conv, unshuffle, star blocks)."""
+    per_stage = 2 + config.blocks_per_stage
+    layers = [_LeanStarBlock(layer) if isinstance(layer, StarBlock) else layer for layer in analysis.stages]
+    return nn.Sequential(*layers[: stem_stages * per_stage]), nn.Sequential(*layers[stem_stages * per_stage :])
+
+
+def stem_tiling(config: AnalysisConfig, stem_stages: int = STEM_STAGES) -> dict[str, int]:
+    """Downsampling factor of the stem and the halo (input rows) a strip needs on each side.
+
+    A stage at input scale ``s`` reaches ``s`` rows with its 3x3 convolution and, per star block,
+    ``2 s * BAND // 2`` rows with the depthwise band (after the unshuffle). The halo is that
+    reach rounded up to a multiple of the factor, so every strip starts on an unshuffle phase and
+    the strip's interior is computed exactly as in the whole image (up to float rounding).
+    """
+    factor = 2**stem_stages
+    reach = sum(2**s * (1 + 2 * config.blocks_per_stage * (BAND // 2)) for s in range(stem_stages))
+    return {"factor": factor, "halo": -(-reach // factor) * factor}
 
 
 def level_positions(num_rates: int) -> np.ndarray:
@@ -59,10 +109,14 @@ def export_package(model: AEICModel, out: Path) -> Path:
     model = model.eval().cpu()
     out.mkdir(parents=True, exist_ok=True)
     channels = model.config.analysis.latent_channels
+    stem, trunk = split_analysis(model.analysis, model.config.analysis)
     image = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
-        _export_onnx(model.analysis, (image,), out / "analysis.onnx", (["image"], ["latent"]),
-                     {"image": {2: "height", 3: "width"}, "latent": {2: "h", 3: "w"}})
+        features = stem(image)
+        _export_onnx(stem, (image,), out / "analysis_stem.onnx", (["image"], ["features"]),
+                     {"image": {2: "height", 3: "width"}, "features": {2: "hf", 3: "wf"}})
+        _export_onnx(trunk, (features,), out / "analysis_trunk.onnx", (["features"], ["latent"]),
+                     {"features": {2: "hf", 3: "wf"}, "latent": {2: "h", 3: "w"}})
         _export_onnx(_Hyper(model), (torch.rand(1, channels, 4, 4), torch.ones(channels)), out / "hyper.onnx",
                      (["latent", "gain"], ["scaled", "z"]),
                      {"latent": {2: "h", 3: "w"}, "scaled": {2: "h", 3: "w"}, "z": {2: "hz", 3: "wz"}})
@@ -90,7 +144,8 @@ def _write_manifest(model: AEICModel, out: Path, positions: np.ndarray) -> None:
             {"index": i, "position": float(p), "nominal_bpp": float(np.exp(np.interp(p, np.arange(len(rates)), rates)))}
             for i, p in enumerate(positions)
         ],
-        "files": {name: pkg.file_digest(out / name) for name in ("analysis.onnx", "hyper.onnx", "entropy.npz", "receiver.safetensors")},
+        "analysis_tiling": stem_tiling(model.config.analysis),
+        "files": {name: pkg.file_digest(out / name) for name in pkg.PACKAGE_FILES},
     }
     manifest["model_id"] = pkg.compute_model_id(manifest).hex()
     (out / pkg.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -16,6 +16,8 @@ from aeic.shared import bitstream
 from aeic.shared.model_package import ModelPackage
 from aeic.shared.padding import colour_statistics, pad_to_multiple
 
+from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis
+
 ALIGNMENT = 128
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -25,8 +27,10 @@ class BudgetError(ValueError):
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
+    """No memory arena: each session's arena would keep its own peak for the life of the process."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = False
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -52,17 +56,24 @@ class AnalysedImage:
 class SenderCodec:
     """Encodes RGB images into AEIC bitstreams with one model package."""
 
-    def __init__(self, package: ModelPackage, provider: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, package: ModelPackage, provider: str | None = None, threads: int | None = None,
+                 strip_rows: int = DEFAULT_STRIP_ROWS) -> None:
         self.package = package
         options = session_options(threads)
         providers = choose_providers(provider)
-        self.analysis = ort.InferenceSession(str(package.file("analysis.onnx")), options, providers=providers)
-        self.hyper = ort.InferenceSession(str(package.file("hyper.onnx")), options, providers=providers)
-        self.provider = self.analysis.get_providers()[0]
+
+        def session(name: str) -> ort.InferenceSession:
+            return ort.InferenceSession(str(package.file(name)), options, providers=providers)
+
+        stem = session("analysis_stem.onnx")
+        self.analysis = TiledAnalysis(stem, session("analysis_trunk.onnx"), *package.analysis_tiling, strip_rows)
+        self.hyper = session("hyper.onnx")
+        self.provider = stem.get_providers()[0]
 
     @classmethod
-    def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None) -> SenderCodec:
-        return cls(ModelPackage.load(path), provider, threads)
+    def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None,
+                     strip_rows: int = DEFAULT_STRIP_ROWS) -> SenderCodec:
+        return cls(ModelPackage.load(path), provider, threads, strip_rows)
 
     @property
     def model_id(self) -> bytes:
@@ -79,10 +90,7 @@ class SenderCodec:
         height, width = rgb.shape[:2]
         if not (1 <= height <= bitstream.MAX_DIMENSION and 1 <= width <= bitstream.MAX_DIMENSION):
             raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
-        padded = pad_to_multiple(rgb, ALIGNMENT)
-        image = (padded.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
-        (latent,) = self.analysis.run(["latent"], {"image": np.ascontiguousarray(image)})
-        return AnalysedImage(rgb, latent)
+        return AnalysedImage(rgb, self.analysis(pad_to_multiple(rgb, ALIGNMENT)))
 
     def encode_analysed(self, analysed: AnalysedImage, level: int) -> bytes:
         if not 0 <= level < self.num_levels:

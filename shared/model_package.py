@@ -2,8 +2,9 @@
 
 Layout (``docs/architecture.md``)::
 
-    manifest.json          profile, configuration, rate levels, file digests, model id
-    analysis.onnx          sender: image -> latent (runs once per image)
+    manifest.json          profile, configuration, rate levels, analysis tiling, file digests, model id
+    analysis_stem.onnx     sender: image -> features at 1/4 (run in strips with a halo)
+    analysis_trunk.onnx    sender: features -> latent (the analysis runs once per image)
     hyper.onnx             sender: (latent, gain) -> (scaled latent, hyper-latent)
     entropy.npz            both: integer entropy-model layers, CDF tables, per-level gains
     receiver.safetensors   receiver: synthesis transform and one-step decoder
@@ -28,6 +29,7 @@ from .entropy_model import EntropyModel, IntConv, Layer, PixelShuffle
 MANIFEST = "manifest.json"
 FORMAT = "aeic-model/1"
 DEFAULT_MODEL = "nano-se"
+PACKAGE_FILES = ("analysis_stem.onnx", "analysis_trunk.onnx", "hyper.onnx", "entropy.npz", "receiver.safetensors")
 
 
 class ModelPackageError(ValueError):
@@ -158,6 +160,12 @@ class ModelPackage:
     def level_position(self, level: int) -> float:
         """The level's position between the trained rate points (0 .. num_rates - 1)."""
         return float(self.manifest["rate_levels"][level]["position"])
+
+    @property
+    def analysis_tiling(self) -> tuple[int, int]:
+        """(factor, halo): the stem's downsampling and the input rows a strip needs on each side."""
+        tiling = self.manifest["analysis_tiling"]
+        return int(tiling["factor"]), int(tiling["halo"])
 
     def file(self, name: str) -> Path:
         return self.path / name
