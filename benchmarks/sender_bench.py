@@ -6,11 +6,13 @@ integer entropy model, rANS) and packed into the container. Variants:
 
 * ``reference``: the paper's AEIC-SE sender path in float (``benchmarks.reference_sender``),
   onnxruntime with default session settings;
-* ``default``: ours as shipped (``SenderCodec`` defaults);
-* ``no_arena``: ``SessionOptions.enable_cpu_mem_arena = False``;
-* ``int8_dynamic`` / ``int8_static``: the analysis graph quantized with onnxruntime's tools;
+* ``default``: ours as shipped (``SenderCodec`` defaults: analysis stem in strips, no memory arena);
+* ``untiled``: the stem on the whole image in one strip (what tiling saves);
+* ``arena``: onnxruntime's CPU memory arena on (its default), which keeps each session's peak;
+* ``int8_dynamic`` / ``int8_static``: the analysis graphs (stem and trunk) quantized with
+  onnxruntime's tools;
 * ``threads1`` / ``threads2``: onnxruntime intra-op threads and numpy's BLAS threads pinned;
-* ``combined``: int8 static analysis, no arena and one thread together.
+* ``combined``: int8 static analysis and one thread together.
 
 Every speed-up's rate-distortion cost is measured: each variant of ours also encodes a few real
 photos (training set, not Kodak), the receiver decodes them, and bytes and PSNR are compared
@@ -41,8 +43,9 @@ import numpy as np
 from .images import photo, source_name
 from .machine import write_result
 
-VARIANTS = ("reference", "default", "no_arena", "int8_dynamic", "int8_static", "threads1", "threads2", "combined")
-# combined: int8 static analysis, no memory arena, one thread
+VARIANTS = ("reference", "default", "untiled", "arena", "int8_dynamic", "int8_static", "threads1", "threads2", "combined")
+# combined: int8 static analysis, one thread
+ANALYSIS_GRAPHS = ("analysis_stem", "analysis_trunk")
 SIZE = (1920, 1080)
 RD_SIZE = (768, 512)
 TARGET_SPEEDUP = 4.0
@@ -79,19 +82,20 @@ def _our_codec(work: Path, variant: str):
     threads = {"threads1": 1, "threads2": 2, "combined": 1}.get(variant)
     base_options = encoder.session_options
 
-    def options(requested: int | None) -> ort.SessionOptions:
-        opts = base_options(requested)
-        if variant in ("no_arena", "combined"):
-            opts.enable_cpu_mem_arena = False
+    def options(requested: int | None, memory_pattern: bool = True) -> ort.SessionOptions:
+        opts = base_options(requested, memory_pattern)
+        if variant == "arena":
+            opts.enable_cpu_mem_arena = True
         return opts
 
     encoder.session_options = options  # this child process only
-    codec = encoder.SenderCodec.from_package(work / "package", threads=threads)
+    strip_rows = 1 << 16 if variant == "untiled" else encoder.DEFAULT_STRIP_ROWS
+    codec = encoder.SenderCodec.from_package(work / "package", threads=threads, strip_rows=strip_rows)
     quantized = "int8_static" if variant == "combined" else variant
     if quantized.startswith("int8"):
-        del codec.analysis
-        codec.analysis = ort.InferenceSession(str(work / f"analysis.{quantized}.onnx"), options(threads),
-                                              providers=[encoder.CPU_PROVIDER])
+        stem, trunk = (ort.InferenceSession(str(work / f"{graph}.{quantized}.onnx"), options(threads, graph == "analysis_stem"),
+                                            providers=[encoder.CPU_PROVIDER]) for graph in ANALYSIS_GRAPHS)
+        codec.analysis.stem, codec.analysis.trunk = stem, trunk
     return codec
 
 
@@ -166,16 +170,29 @@ def prepare(work: Path, package: Path | None, variants: list[str], rd_images: in
     (work / "rd").mkdir()
     for n in range(rd_images):
         Image.fromarray(photo(*RD_SIZE, index=1 + n)).save(work / "rd" / f"{n}.png")
-    calibration = [photo(256, 256, index=10 + n) for n in range(4)]
     if "int8_dynamic" in variants:
-        quantize.dynamic_int8(work / "package" / "analysis.onnx", work / "analysis.int8_dynamic.onnx")
+        for graph in ANALYSIS_GRAPHS:
+            quantize.dynamic_int8(work / "package" / f"{graph}.onnx", work / f"{graph}.int8_dynamic.onnx")
     if "int8_static" in variants or "combined" in variants:
-        quantize.static_int8(work / "package" / "analysis.onnx", work / "analysis.int8_static.onnx", calibration)
+        _static_int8(work)
     if "reference" in variants:
         reference_sender.export(reference_sender.build(photo(512, 512, index=10)), work / "reference.onnx")
     return {"package": package_note, "frame_source": source_name(0),
             "rd_sources": [source_name(1 + n) for n in range(rd_images)],
             "reference_parameters": reference_sender.parameters() if "reference" in variants else None}
+
+
+def _static_int8(work: Path) -> None:
+    """Stem calibrated on photos, trunk on the float stem's features of the same photos."""
+    import onnxruntime as ort
+
+    from . import quantize
+
+    stem_feeds = quantize.photo_feeds([photo(256, 256, index=10 + n) for n in range(4)])
+    stem = ort.InferenceSession(str(work / "package" / "analysis_stem.onnx"), providers=["CPUExecutionProvider"])
+    trunk_feeds = [{"features": stem.run(["features"], feed)[0]} for feed in stem_feeds]
+    quantize.static_int8(work / "package" / "analysis_stem.onnx", work / "analysis_stem.int8_static.onnx", stem_feeds)
+    quantize.static_int8(work / "package" / "analysis_trunk.onnx", work / "analysis_trunk.int8_static.onnx", trunk_feeds)
 
 
 def _child_env(variant: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from aeic.shared import bitstream
 from aeic.shared.model_package import ModelPackage
 from aeic.shared.padding import colour_statistics, pad_to_multiple
 
-from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis
+from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention
 
 ALIGNMENT = 128
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -26,11 +26,16 @@ class BudgetError(ValueError):
     """Even the lowest rate level does not fit the byte budget."""
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """No memory arena: each session's arena would keep its own peak for the life of the process."""
+def session_options(threads: int | None, memory_pattern: bool = True) -> ort.SessionOptions:
+    """No memory arena: each session's arena would keep its own peak for the life of the process.
+
+    ``memory_pattern`` (one planned block per run) suits graphs run many times at one shape, the
+    stem's strips; for the trunk the planned block is about twice its live tensors.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = memory_pattern
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -59,14 +64,15 @@ class SenderCodec:
     def __init__(self, package: ModelPackage, provider: str | None = None, threads: int | None = None,
                  strip_rows: int = DEFAULT_STRIP_ROWS) -> None:
         self.package = package
-        options = session_options(threads)
+        limit_heap_retention()
         providers = choose_providers(provider)
 
-        def session(name: str) -> ort.InferenceSession:
-            return ort.InferenceSession(str(package.file(name)), options, providers=providers)
+        def session(name: str, memory_pattern: bool = True) -> ort.InferenceSession:
+            return ort.InferenceSession(str(package.file(name)), session_options(threads, memory_pattern), providers=providers)
 
         stem = session("analysis_stem.onnx")
-        self.analysis = TiledAnalysis(stem, session("analysis_trunk.onnx"), *package.analysis_tiling, strip_rows)
+        trunk = session("analysis_trunk.onnx", memory_pattern=False)
+        self.analysis = TiledAnalysis(stem, trunk, *package.analysis_tiling, strip_rows)
         self.hyper = session("hyper.onnx")
         self.provider = stem.get_providers()[0]
 
