@@ -10,7 +10,8 @@ integer entropy model, rANS) and packed into the container. Variants:
 * ``untiled``: the stem on the whole image in one strip (what tiling saves);
 * ``arena``: onnxruntime's CPU memory arena on (its default), which keeps each session's peak;
 * ``int8_dynamic`` / ``int8_static``: the analysis graphs (stem and trunk) quantized with
-  onnxruntime's tools;
+  onnxruntime's tools (static: QDQ, per-channel 7-bit weights, uint8 activations calibrated on
+  1080p training photos, the first convolution in float; ``benchmarks.quantize``);
 * ``threads1`` / ``threads2``: onnxruntime intra-op threads and numpy's BLAS threads pinned;
 * ``combined``: int8 static analysis and one thread together.
 
@@ -50,6 +51,7 @@ SIZE = (1920, 1080)
 RD_SIZE = (768, 512)
 TARGET_SPEEDUP = 4.0
 TARGET_RSS_MB = 300.0
+CALIBRATION_PHOTOS = 6  # int8 static: training photos after the frame (index 0) and the RD photos (1..)
 
 
 def _peak_rss_mb() -> float:
@@ -174,25 +176,40 @@ def prepare(work: Path, package: Path | None, variants: list[str], rd_images: in
         for graph in ANALYSIS_GRAPHS:
             quantize.dynamic_int8(work / "package" / f"{graph}.onnx", work / f"{graph}.int8_dynamic.onnx")
     if "int8_static" in variants or "combined" in variants:
-        _static_int8(work)
+        _static_int8(work, rd_images)
     if "reference" in variants:
         reference_sender.export(reference_sender.build(photo(512, 512, index=10)), work / "reference.onnx")
     return {"package": package_note, "frame_source": source_name(0),
             "rd_sources": [source_name(1 + n) for n in range(rd_images)],
+            "calibration_sources": [source_name(n) for n in _calibration_photos(rd_images)] if {"int8_static", "combined"} & set(variants) else None,
             "reference_parameters": reference_sender.parameters() if "reference" in variants else None}
 
 
-def _static_int8(work: Path) -> None:
-    """Stem calibrated on photos, trunk on the float stem's features of the same photos."""
-    import onnxruntime as ort
+def _calibration_photos(rd_images: int) -> range:
+    return range(1 + rd_images, 1 + rd_images + CALIBRATION_PHOTOS)
+
+
+def _static_int8(work: Path, rd_images: int) -> None:
+    """Calibrated as the sender runs them: the stem on 1080p strips, the trunk on whole 1080p features.
+
+    Training photos other than the timed frame and the RD photos; the trunk's inputs are the
+    float stem's features of the same photos.
+    """
+    from aeic.sender.encoder import ALIGNMENT, SenderCodec
+    from aeic.sender.tiled_analysis import to_float
+    from aeic.shared.padding import pad_to_multiple
 
     from . import quantize
 
-    stem_feeds = quantize.photo_feeds([photo(256, 256, index=10 + n) for n in range(4)])
-    stem = ort.InferenceSession(str(work / "package" / "analysis_stem.onnx"), providers=["CPUExecutionProvider"])
-    trunk_feeds = [{"features": stem.run(["features"], feed)[0]} for feed in stem_feeds]
-    quantize.static_int8(work / "package" / "analysis_stem.onnx", work / "analysis_stem.int8_static.onnx", stem_feeds)
-    quantize.static_int8(work / "package" / "analysis_trunk.onnx", work / "analysis_trunk.int8_static.onnx", trunk_feeds)
+    analysis = SenderCodec.from_package(work / "package").analysis
+    stem_feeds, trunk_feeds = [], []
+    for index in _calibration_photos(rd_images):
+        rgb = pad_to_multiple(photo(*SIZE, index=index), ALIGNMENT)
+        strips = analysis.strips(rgb.shape[0])
+        stem_feeds += [{"image": to_float(rgb[start:stop])} for _, _, start, stop in (strips[1], strips[-2])]
+        trunk_feeds.append({"features": analysis.features(rgb)})
+    for graph, feeds in zip(ANALYSIS_GRAPHS, (stem_feeds, trunk_feeds), strict=True):
+        quantize.static_int8(work / "package" / f"{graph}.onnx", work / f"{graph}.int8_static.onnx", feeds)
 
 
 def _child_env(variant: str) -> dict[str, str]:

@@ -36,22 +36,32 @@ class TiledAnalysis:
         self.factor, self.halo, self.strip_rows = factor, halo, strip_rows
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        height = rgb.shape[0]
-        features: np.ndarray | None = None
+        (latent,) = self.trunk.run(["latent"], {"features": self.features(rgb)})
+        return latent
+
+    def strips(self, height: int) -> list[tuple[int, int, int, int]]:
+        """``(top, bottom, start, stop)`` per strip: the rows kept, and the rows run with the halo."""
+        bounds = []
         for top in range(0, height, self.strip_rows):
             bottom = min(top + self.strip_rows, height)
-            start, stop = max(top - self.halo, 0), min(bottom + self.halo, height)
-            (strip,) = self.stem.run(["features"], {"image": _to_float(rgb[start:stop])})
+            bounds.append((top, bottom, max(top - self.halo, 0), min(bottom + self.halo, height)))
+        return bounds
+
+    def features(self, rgb: np.ndarray) -> np.ndarray:
+        """The stem's output for the whole image (the trunk's input), assembled strip by strip."""
+        height = rgb.shape[0]
+        features: np.ndarray | None = None
+        for top, bottom, start, stop in self.strips(height):
+            (strip,) = self.stem.run(["features"], {"image": to_float(rgb[start:stop])})
             if features is None:
                 features = np.empty((1, strip.shape[1], height // self.factor, strip.shape[3]), np.float32)
             skip = (top - start) // self.factor
             features[:, :, top // self.factor : bottom // self.factor] = strip[:, :, skip : skip + (bottom - top) // self.factor]
             del strip  # before the next strip's activations
-        (latent,) = self.trunk.run(["latent"], {"features": features})
-        return latent
+        return features
 
 
-def _to_float(rgb: np.ndarray) -> np.ndarray:
+def to_float(rgb: np.ndarray) -> np.ndarray:
     """(h, W, 3) uint8 -> (1, 3, h, W) float32 in [0, 1], one strip at a time."""
     image = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], dtype=np.float32)
     image /= 255.0

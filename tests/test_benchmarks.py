@@ -71,3 +71,31 @@ def test_reference_sender_exports_and_encodes(tmp_path: Path) -> None:
     assert (stream.header.width, stream.header.height) == (200, 136)
     assert stream.header.model_id == reference_sender.MODEL_ID and len(stream.payload) > 0
     assert reference_sender.parameters()["analysis"] == 940296  # the same AEIC-SE analysis as ours
+
+
+def test_static_int8_keeps_the_first_convolution_in_float(tmp_path: Path) -> None:
+    """The analysis stem quantized as the sender bench does: QDQ, first conv in float, output close to float."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from aeic.codec.export import export_package
+    from aeic.codec.testing import make_tiny_model
+
+    from benchmarks import quantize
+
+    torch.manual_seed(0)
+    stem = export_package(make_tiny_model(), tmp_path / "package") / "analysis_stem.onnx"
+    rng = np.random.default_rng(0)
+    feeds = [{"image": rng.random((1, 3, 64, 64), dtype=np.float32)} for _ in range(3)]
+    target = quantize.static_int8(stem, tmp_path / "stem.int8.onnx", feeds)
+    nodes = onnx.load(str(target)).graph.node
+    dequantized = {name for node in nodes if node.op_type == "DequantizeLinear" for name in node.output}
+    convs = {node.name: node for node in nodes if node.op_type == "Conv"}
+    (first,) = quantize.first_conv(stem)
+    assert not dequantized & set(convs[first].input)
+    assert all(dequantized & set(node.input[1:]) for name, node in convs.items() if name != first)
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    reference, quantized = run(stem), run(target)
+    snr = 10 * np.log10(np.mean(reference**2) / np.mean((reference - quantized) ** 2))
+    assert snr > 15, f"int8 stem at {snr:.1f} dB SNR against float"
