@@ -10,7 +10,7 @@ import torch
 from aeic.codec.export import export_package, load_checkpoint_model
 from aeic.sender.encoder import SenderCodec
 from aeic.training.config import TrainConfig
-from aeic.training.trainer import Trainer
+from aeic.training.trainer import Trainer, latent_texture
 from PIL import Image
 
 
@@ -60,3 +60,10 @@ def test_distillation_from_a_moderate_teacher_and_export(photos, tmp_path) -> No
     package = export_package(load_checkpoint_model(student), tmp_path / "package")
     rgb = np.asarray(Image.open(next(photos.iterdir())).convert("RGB"))
     assert len(SenderCodec.from_package(package).encode(rgb, 0)) > 17
+
+
+def test_latent_texture_monitor_penalises_blur_and_excess_alike() -> None:
+    teacher = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert float(latent_texture(teacher, teacher)) == pytest.approx(1.0)
+    assert float(latent_texture(teacher * 0.5, teacher)) == pytest.approx(0.25)
+    assert float(latent_texture(teacher * 2.0, teacher)) == pytest.approx(0.25)

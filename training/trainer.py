@@ -291,7 +291,7 @@ class Trainer:
 
 
 def latent_texture(latent: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """min(r, 1/r) of the mean squared spatial gradient, decoded over teacher latent: a cheap texture monitor."""
+    """min(r, 1/r), r = mean squared spatial gradient of the decoder latent over the teacher's: a cheap texture monitor."""
     def energy(x: torch.Tensor) -> torch.Tensor:
         return x.diff(dim=-1).pow(2).mean() + x.diff(dim=-2).pow(2).mean()
 
