@@ -47,6 +47,7 @@ def test_pretrain_logs_checkpoints_and_resumes(photos, tmp_path) -> None:
 def test_adversarial_stage_freezes_the_sender_half(photos, tmp_path) -> None:
     pre = Trainer(_config(photos, tmp_path / "pre")).run()
     trainer = Trainer(_config(photos, tmp_path / "adv", stage="adversarial", init=pre, adversarial_weight=0.1))
+    assert torch.equal(trainer.log_lambda, torch.load(pre, weights_only=False)["log_lambda"])
     before = trainer.model.analysis.stages[0].weight.clone()
     trainer.run()
     assert torch.equal(before, trainer.model.analysis.stages[0].weight)

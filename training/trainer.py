@@ -48,9 +48,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model_weights(model: AEICModel, checkpoint: Path) -> None:
+def load_model_weights(model: AEICModel, checkpoint: Path) -> dict:
+    """Load a checkpoint's (or a bare state dict's) model weights; returns the whole checkpoint."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state.get("model", state))
+    return state
 
 
 class Trainer:
@@ -62,8 +64,11 @@ class Trainer:
         self.uses_teacher_latent = self.model_config.pixel_decoder == "taef2"
         pixel_decoder = taesd.load_taef2("decoder").to(self.device) if self.uses_teacher_latent else None
         self.model = AEICModel(self.model_config, pixel_decoder).to(self.device)
+        targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
+        self.log_lambda = torch.log(targets * 200)  # a start; the control loop takes over
+        self.ema_bpp = targets.clone()
         if config.init is not None:
-            load_model_weights(self.model, config.init)
+            self._adopt_rate_control(load_model_weights(self.model, config.init))
         self.teacher = self._distillation_teacher() if config.stage == "distil" else None
         judged_channels = self.model_config.decoder.latent_channels if self.uses_teacher_latent else 3
         self.discriminator = (
@@ -75,15 +80,17 @@ class Trainer:
         self.d_optimizer = (
             torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=(0.5, 0.9)) if self.discriminator else None
         )
-        targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
-        self.log_lambda = torch.log(targets * 200)  # a start; the control loop takes over
-        self.ema_bpp = targets.clone()
         self.step = 0
         self.previous_minutes = 0.0  # training time of earlier sessions of this run
         self.started = time.monotonic()
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
+
+    def _adopt_rate_control(self, state: dict) -> None:
+        """Keep the rate multipliers of the run a stage starts from: restarting them moves every rate point."""
+        if "log_lambda" in state and len(state["log_lambda"]) == len(self.log_lambda):
+            self.log_lambda, self.ema_bpp = state["log_lambda"].clone(), state["ema_bpp"].clone()
 
     def _distillation_teacher(self) -> AEICModel:
         if self.config.teacher is None:
