@@ -142,25 +142,30 @@ def with_compared_means(summary: dict[str, Any], runs: dict[str, Path]) -> dict[
     return {**summary, "means": means}
 
 
-def compared_reconstructions(runs: dict[str, Path], image: str, point: str,
-                             methods: tuple[str, ...] = ("aeic", "best")) -> dict[str, np.ndarray]:
-    """Saved reconstructions of ``image`` at ``point`` from other runs (their AEIC under the run's label).
+def saved_reconstructions(run: Path, image: str, point: str, methods: tuple[str, ...] = ("aeic", "best"),
+                          aeic_label: str = "AEIC") -> dict[str, np.ndarray]:
+    """Captioned reconstructions of ``image`` at ``point`` that a run saved (``RUN/recon/<point>/<method>/``).
 
-    Reconstructions a run did not save (or images it could not reach) are left out."""
+    Methods without a saved reconstruction (unreachable, failed or not saved) are left out."""
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        return {}
+    rows = {r["method"]: r for r in json.loads(summary_path.read_text())["rows"]
+            if r["image"] == image and r["point"] == point}  # fmt: skip
+    columns: dict[str, np.ndarray] = {}
+    for method in methods:
+        path = run / "recon" / point / method / f"{Path(image).stem}.png"
+        if method in rows and rows[method]["status"] == "ok" and path.is_file():
+            with Image.open(path) as im:
+                columns[_caption(rows[method]).replace("AEIC", aeic_label, 1)] = np.asarray(im.convert("RGB"))
+    return columns
+
+
+def compared_reconstructions(runs: dict[str, Path], image: str, point: str) -> dict[str, np.ndarray]:
+    """Saved AEIC and best-classic reconstructions of other runs, their AEIC captioned with the run's label."""
     columns: dict[str, np.ndarray] = {}
     for label, run in runs.items():
-        summary_path = run / "summary.json"
-        if not summary_path.is_file():
-            continue
-        rows = json.loads(summary_path.read_text())["rows"]
-        for method in methods:
-            path = run / "recon" / point / method / f"{Path(image).stem}.png"
-            row = next((r for r in rows if (r["image"], r["point"], r["method"]) == (image, point, method)), None)
-            if row is None or row["status"] != "ok" or not path.is_file():
-                continue
-            caption = _caption(row).replace("AEIC", label, 1) if method == "aeic" else _caption(row)
-            with Image.open(path) as im:
-                columns[caption] = np.asarray(im.convert("RGB"))
+        columns.update(saved_reconstructions(run, image, point, aeic_label=label))
     return columns
 
 
@@ -178,15 +183,8 @@ def side_by_side_from_run(
     Uses ``OUT/summary.json`` for captions and ``OUT/recon/<point>/<method>/<image>.png``; methods without
     a saved reconstruction (unreachable, or not saved) are left out.
     """
-    summary = json.loads((out_dir / "summary.json").read_text())
-    rows = {r["method"]: r for r in summary["rows"] if r["image"] == image and r["point"] == point}
     with Image.open(images_dir / image) as im:
         original = np.asarray(im.convert("RGB"))
-    columns: dict[str, np.ndarray] = {}
-    for method in methods:
-        path = out_dir / "recon" / point / method / f"{Path(image).stem}.png"
-        if method in rows and rows[method]["status"] == "ok" and path.is_file():
-            with Image.open(path) as im:
-                columns[_caption(rows[method])] = np.asarray(im.convert("RGB"))
+    columns = saved_reconstructions(out_dir, image, point, methods)
     columns.update(extra or {})
     return side_by_side(original, columns, out_dir / f"side_by_side_{Path(image).stem}_{point}.png", crop)
