@@ -124,6 +124,10 @@ class ModelPackage:
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("format") != FORMAT:
             raise ModelPackageError(f"{path}: unsupported package format {manifest.get('format')!r}")
+        missing = [name for name in PACKAGE_FILES if name not in manifest.get("files", {})]
+        if missing or "analysis_tiling" not in manifest:
+            raise ModelPackageError(f"{path}: an older package layout (lacks {', '.join(missing) or 'analysis_tiling'}); "
+                                    "export it again with `aeic export`")  # fmt: skip
         if verify:
             cls._verify(path, manifest)
         with np.load(path / "entropy.npz", allow_pickle=False) as data:

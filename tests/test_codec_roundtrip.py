@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +130,19 @@ def test_package_tampering_is_detected(exported, tmp_path) -> None:
     data[-100] ^= 0xFF
     (copy / "entropy.npz").write_bytes(bytes(data))
     with pytest.raises(ModelPackageError, match="digest"):
+        ModelPackage.load(copy)
+
+
+def test_package_of_an_older_layout_is_refused_clearly(exported, tmp_path) -> None:
+    _, folder = exported
+    copy = tmp_path / "old"
+    copy.mkdir()
+    for item in folder.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["analysis.onnx"] = manifest["files"].pop("analysis_stem.onnx")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelPackageError, match="older package layout.*analysis_stem.onnx"):
         ModelPackage.load(copy)
 
 
