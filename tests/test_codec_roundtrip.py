@@ -120,12 +120,16 @@ def test_corrupt_payload_with_valid_crc_gives_typed_error(codecs) -> None:
             receiver.decode(bitstream.pack(broken))
 
 
-def test_package_tampering_is_detected(exported, tmp_path) -> None:
-    _, folder = exported
-    copy = tmp_path / "copy"
+def _copy_package(folder, copy):
     copy.mkdir()
     for item in folder.iterdir():
         (copy / item.name).write_bytes(item.read_bytes())
+    return copy
+
+
+def test_package_tampering_is_detected(exported, tmp_path) -> None:
+    _, folder = exported
+    copy = _copy_package(folder, tmp_path / "copy")
     data = bytearray((copy / "entropy.npz").read_bytes())
     data[-100] ^= 0xFF
     (copy / "entropy.npz").write_bytes(bytes(data))
@@ -135,10 +139,7 @@ def test_package_tampering_is_detected(exported, tmp_path) -> None:
 
 def test_package_of_an_older_layout_is_refused_clearly(exported, tmp_path) -> None:
     _, folder = exported
-    copy = tmp_path / "old"
-    copy.mkdir()
-    for item in folder.iterdir():
-        (copy / item.name).write_bytes(item.read_bytes())
+    copy = _copy_package(folder, tmp_path / "old")
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["analysis.onnx"] = manifest["files"].pop("analysis_stem.onnx")
     (copy / "manifest.json").write_text(json.dumps(manifest))
