@@ -97,9 +97,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_package, load_checkpoint_model
+    import torch
 
-    out = export_package(load_checkpoint_model(args.checkpoint), args.out)
+    from .export import export_package, export_receiver_update, load_checkpoint_model
+
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    if state.get("stage") == "decoder":  # a decoder-only fine-tune: the sender files stay those of its package
+        from aeic.receiver.decoder import load_receiver_model
+        from aeic.shared.model_package import ModelPackage
+
+        package = ModelPackage.load(state["package"])
+        receiver = load_receiver_model(package)
+        receiver.load_state_dict(state["model"])
+        out = export_receiver_update(package.path, receiver, args.out)
+    else:
+        out = export_package(load_checkpoint_model(args.checkpoint), args.out)
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"{out}: model {manifest['name']} id {manifest['model_id']}")
     return 0

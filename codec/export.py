@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -149,6 +150,27 @@ def _write_manifest(model: AEICModel, out: Path, positions: np.ndarray) -> None:
     }
     manifest["model_id"] = pkg.compute_model_id(manifest).hex()
     (out / pkg.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+SENDER_FILES = tuple(name for name in pkg.PACKAGE_FILES if name != "receiver.safetensors")
+
+
+def export_receiver_update(package: Path, receiver: nn.Module, out: Path) -> Path:
+    """A package with ``package``'s sender files byte for byte and ``receiver``'s new weights.
+
+    A decoder-only fine-tune changes what the receiver draws, never what the sender codes, so
+    rates and bitstream sizes stay exactly those of ``package``; the model id still changes.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SENDER_FILES:
+        shutil.copyfile(package / name, out / name)
+    state = receiver_state_dict(receiver.synthesis, receiver.decoder)
+    save_file({k: v.detach().cpu().half().contiguous() for k, v in state.items()}, str(out / "receiver.safetensors"))
+    manifest = json.loads((package / pkg.MANIFEST).read_text())
+    manifest["files"] = {name: pkg.file_digest(out / name) for name in pkg.PACKAGE_FILES}
+    manifest["model_id"] = pkg.compute_model_id(manifest).hex()
+    (out / pkg.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return out
 
 
 def load_checkpoint_model(checkpoint: Path) -> AEICModel:

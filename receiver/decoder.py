@@ -56,6 +56,8 @@ class ReceiverModel(nn.Module):
 
     def __init__(self, config: ModelConfig, pixel_decoder: nn.Module | None) -> None:
         super().__init__()
+        self.config = config
+        object.__setattr__(self, "pixel_decoder", pixel_decoder)  # frozen, external: not in state_dict
         self.synthesis = SynthesisTransform(
             config.analysis.latent_channels, config.decoder.latent_channels, config.synthesis_widths
         )
@@ -67,25 +69,30 @@ class ReceiverModel(nn.Module):
         return self.decoder.decode_pixels(self.decoder.refine(unet_input, residual, positions))
 
 
+def load_receiver_model(package: ModelPackage) -> ReceiverModel:
+    """The package's receiver half on the CPU (float32), its pixel decoder loaded where it is external."""
+    config = ModelConfig.from_dict(package.manifest["config"])
+    pixel_decoder = taesd.load_taef2("decoder") if config.pixel_decoder == "taef2" else None
+    model = ReceiverModel(config, pixel_decoder)
+    state = {k: v.float() for k, v in load_file(str(package.file("receiver.safetensors"))).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    expected = set(receiver_state_dict(model.synthesis, model.decoder))
+    if unexpected or expected & set(missing):
+        raise ValueError(f"{package.path}: receiver weights do not match the model ({len(unexpected)} unexpected)")
+    return model
+
+
 class ReceiverCodec:
     """Decodes AEIC bitstreams made with one model package."""
 
     def __init__(self, package: ModelPackage, device: str = "auto") -> None:
         self.package = package
         self.device = resolve_device(device)
-        config = ModelConfig.from_dict(package.manifest["config"])
-        pixel_decoder = taesd.load_taef2("decoder") if config.pixel_decoder == "taef2" else None
-        self.model = ReceiverModel(config, pixel_decoder)
-        state = {k: v.float() for k, v in load_file(str(package.file("receiver.safetensors"))).items()}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        expected = set(receiver_state_dict(self.model.synthesis, self.model.decoder))
-        if unexpected or expected & set(missing):
-            raise ValueError(f"{package.path}: receiver weights do not match the model ({len(unexpected)} unexpected)")
-        self.model.to(self.device).eval()
-        if pixel_decoder is not None:
-            self.model.decoder.attach_pixel_decoder(pixel_decoder.to(self.device))
+        self.model = load_receiver_model(package).to(self.device).eval()
+        if self.model.pixel_decoder is not None:
+            self.model.decoder.attach_pixel_decoder(self.model.pixel_decoder.to(self.device))
         self.backend = TorchBackend(self.device)
-        self.channels = config.analysis.latent_channels
+        self.channels = self.model.config.analysis.latent_channels
         self.last_timings: list[Timings] = []
 
     @classmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from aeic.shared import bitstream
+from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
 from aeic.shared.padding import colour_statistics, pad_to_multiple
 
@@ -98,11 +99,24 @@ class SenderCodec:
             raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
         return AnalysedImage(rgb, self.analysis(pad_to_multiple(rgb, ALIGNMENT)))
 
-    def encode_analysed(self, analysed: AnalysedImage, level: int) -> bytes:
+    def _entropy_code(self, analysed: AnalysedImage, level: int) -> tuple[bytes, np.ndarray]:
+        """(payload, ŷ in fixed point) of this rate level."""
         if not 0 <= level < self.num_levels:
             raise ValueError(f"rate level {level} outside 0..{self.num_levels - 1}")
         scaled, z = self.hyper.run(["scaled", "z"], {"latent": analysed.latent, "gain": self.package.level_gains[level]})
-        payload, _ = self.package.entropy_model.encode(scaled[0], z[0])
+        return self.package.entropy_model.encode(scaled[0], z[0])
+
+    def quantized_latent(self, analysed: AnalysedImage, level: int) -> np.ndarray:
+        """ŷ (C, h, w) in real units: exactly what a receiver reconstructs from this level's bitstream.
+
+        Decoder fine-tuning trains on it, so the receiver half learns from the sender's true output.
+        """
+        _, fixed = self._entropy_code(analysed, level)
+        gain = self.package.level_gains[level][:, None, None]
+        return (fixed / (1 << FRACTION_BITS) / gain).astype(np.float32)
+
+    def encode_analysed(self, analysed: AnalysedImage, level: int) -> bytes:
+        payload, _ = self._entropy_code(analysed, level)
         height, width = analysed.rgb.shape[:2]
         header = bitstream.Header(
             model_id=self.model_id,

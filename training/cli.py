@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
+from .decoder_finetune import DecoderFinetuner
 from .trainer import Trainer
 
 
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig.from_file(args.config, steps=args.steps, out=args.out, device=args.device)
-    checkpoint = Trainer(config).run()
+    stage = DecoderFinetuner(config) if config.stage == "decoder" else Trainer(config)
+    checkpoint = stage.run()
     print(f"checkpoint: {checkpoint}")
     return 0
 

@@ -13,7 +13,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    stage: Literal["pretrain", "adversarial", "distil"] = "pretrain"
+    stage: Literal["pretrain", "adversarial", "distil", "decoder"] = "pretrain"
     model: str = "nano-se"  # a preset of aeic.codec.presets
     data: Path = Path("../shared/data/train")
     cache: Path = Path("runs/cache/train-512")  # one file per photo
@@ -37,6 +37,12 @@ class TrainConfig(BaseModel):
     distil_encoder_weight: float = 1.0
     distil_decoder_weight: float = 1.0
     log_every: int = 20
+    # the decoder stage: a package's receiver half trained on pixel losses through its frozen pixel decoder
+    package: Path | None = None
+    window: int = 16  # latent cells (8 px each) of the window the pixel decoder renders per step
+    mse_weight: float = 100.0
+    msssim_weight: float = 1.0
+    texture_weight: float = 0.0
 
     @classmethod
     def from_file(cls, path: Path, **overrides: object) -> TrainConfig:

@@ -46,6 +46,11 @@ class CachedImage:
     latent: torch.Tensor  # (C, H/8, W/8) float16
 
 
+def empty_latent(pixels: torch.Tensor) -> torch.Tensor:
+    """Without a latent teacher the cache holds an empty latent of the right grid."""
+    return torch.zeros(1, 1, pixels.shape[2] // LATENT_STRIDE, pixels.shape[3] // LATENT_STRIDE)
+
+
 def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: torch.nn.Module, crop: int) -> list[CachedImage]:
     """Load or compute (and keep, one file per photo, so an interrupted run resumes) the cache."""
     cache_dir.mkdir(parents=True, exist_ok=True)

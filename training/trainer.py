@@ -30,7 +30,7 @@ from pytorch_msssim import ms_ssim
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .data import CropSampler, build_cache
+from .data import CropSampler, build_cache, empty_latent
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 
 GAIN_LR_SCALE = 20.0
@@ -271,7 +271,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Path:
-        teacher_encoder = taesd.load_taef2("encoder") if self.uses_teacher_latent else _no_latent
+        teacher_encoder = taesd.load_taef2("encoder") if self.uses_teacher_latent else empty_latent
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, teacher_encoder, self.config.crop)
         sampler = CropSampler(items, self.config.crop, self.config.seed + self.step)
         self.model.train()
@@ -304,8 +304,3 @@ def latent_texture(latent: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
     ratio = energy(latent) / energy(teacher).clamp_min(1e-12)
     return torch.minimum(ratio, 1 / ratio.clamp_min(1e-12))
-
-
-def _no_latent(pixels: torch.Tensor) -> torch.Tensor:
-    """Without a latent teacher the cache holds an empty latent of the right grid."""
-    return torch.zeros(1, 1, pixels.shape[2] // 8, pixels.shape[3] // 8)

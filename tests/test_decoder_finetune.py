@@ -1,0 +1,87 @@
+"""The decoder stage: trains a package's receiver half on the sender's true ŷ; the sender half never moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from aeic.codec.cli import main as aeic_main
+from aeic.codec.testing import make_tiny_package
+from aeic.receiver.decoder import ReceiverCodec
+from aeic.sender.encoder import SenderCodec
+from aeic.shared import bitstream
+from aeic.shared.model_package import PACKAGE_FILES
+from aeic.training.config import TrainConfig
+from aeic.training.decoder_finetune import DecoderFinetuner, texture_loss
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    return make_tiny_package(tmp_path_factory.mktemp("pkg") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        rows, cols = np.mgrid[0:180, 0:260]
+        image = np.stack([rows, cols, (rows + 2 * cols) % 255], -1) + rng.normal(0, 12, (180, 260, 3))
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _config(package: Path, photos: Path, out: Path, **kwargs) -> TrainConfig:
+    base = {"name": "t", "stage": "decoder", "package": package, "data": photos, "cache": out.parent / "cache",
+            "short_side": 160, "crop": 128, "window": 12, "batch": 2, "steps": 2, "log_every": 1, "out": out,
+            "texture_weight": 0.1}
+    base.update(kwargs)
+    return TrainConfig(**base)
+
+
+def test_quantized_latent_is_what_the_receiver_decodes(package) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (100, 140, 3), dtype=np.uint8)
+    sender, receiver = SenderCodec.from_package(package), ReceiverCodec.from_package(package, device="cpu")
+    analysed = sender.analyse(rgb)
+    for level in (0, sender.num_levels - 1):
+        decoded = receiver._latent(receiver.parse(sender.encode_analysed(analysed, level)))
+        assert np.array_equal(decoded.numpy(), sender.quantized_latent(analysed, level))
+
+
+def test_decoder_stage_trains_resumes_and_exports_with_the_sender_unchanged(package, photos, tmp_path) -> None:
+    torch.set_num_threads(1)
+    stage = DecoderFinetuner(_config(package, photos, tmp_path / "run"))
+    before = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    checkpoint = stage.run()
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2 and '"psnr"' in log[0] and '"texture"' in log[0]
+    assert any(not torch.equal(before[k], v) for k, v in stage.model.state_dict().items())
+    resumed = DecoderFinetuner(_config(package, photos, tmp_path / "run", steps=3))
+    assert resumed.step == 2
+    resumed.run()
+    assert torch.load(checkpoint, weights_only=False)["step"] == 3
+
+    out = tmp_path / "tuned"
+    assert aeic_main(["export", str(checkpoint), str(out)]) == 0
+    for name in PACKAGE_FILES:
+        same = (out / name).read_bytes() == (package / name).read_bytes()
+        assert same == (name != "receiver.safetensors"), name
+    rgb = np.asarray(Image.open(photos / "0.png"))
+    old, new = SenderCodec.from_package(package), SenderCodec.from_package(out)
+    assert old.model_id != new.model_id
+    old_stream, new_stream = bitstream.unpack(old.encode(rgb, 1)), bitstream.unpack(new.encode(rgb, 1))
+    assert old_stream.payload == new_stream.payload
+    assert ReceiverCodec.from_package(out, device="cpu").decode(new.encode(rgb, 1)).shape == rgb.shape
+
+
+def test_texture_loss_counts_blur_and_invented_noise() -> None:
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 64, 64, generator=generator)
+    blurred = torch.nn.functional.avg_pool2d(image, 5, stride=1, padding=2)
+    noisy = image + 0.3 * torch.randn(image.shape, generator=generator)
+    assert float(texture_loss(image, image)) == pytest.approx(0.0)
+    assert float(texture_loss(blurred, image)) > 1.0
+    assert float(texture_loss(noisy, image)) > 0.3

@@ -1,0 +1,200 @@
+"""Stage ``decoder``: fine-tune a model package's receiver half in the pixel domain.
+
+Pretraining against the teacher's latent (cheap on a CPU) leaves blurred decoder latents, which the
+frozen TAEF2 decoder renders as a regular grid. This stage trains the synthesis transform and the
+one-step UNet through that frozen pixel decoder on pixel losses, while the sender half stays
+byte-identical: every crop is coded by the package's own sender path (ONNX analysis, integer
+entropy model), so the decoder learns from exactly the ŷ a receiver gets, and rates and bitstream
+sizes do not move. (A package with an internal pixel decoder trains that decoder too.) ``texture_weight`` adds a patch-wise gradient-energy term, the texture the
+blur of MSE and MS-SSIM removes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from aeic.receiver.decoder import ReceiverModel, load_receiver_model
+from aeic.sender.encoder import SenderCodec
+from aeic.shared.model_package import ModelPackage
+from pytorch_msssim import ms_ssim
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .data import CropSampler, build_cache, empty_latent
+
+LUMA = (0.299, 0.587, 0.114)
+TEXTURE_PATCH = 32
+TEXTURE_EPS = 1e-5
+LATENT_STRIDE = 8
+WINDOW_MARGIN = 1  # latent cells decoded around the judged window (TAEF2's border effects)
+
+
+class SenderLatents:
+    """Training batches (images, ŷ, rate positions): random crops coded by the package's sender path."""
+
+    def __init__(self, package: Path, sampler: CropSampler, seed: int) -> None:
+        self.codec = SenderCodec.from_package(package)
+        self.sampler = sampler
+        self.rng = np.random.default_rng(seed + 1)
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, _ = self.sampler.batch(size)
+        levels = self.rng.integers(0, self.codec.num_levels, size).tolist()
+        latents = []
+        for image, level in zip(images, levels, strict=True):
+            rgb = (image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+            latents.append(torch.from_numpy(self.codec.quantized_latent(self.codec.analyse(rgb), level)))
+        positions = torch.tensor([self.codec.package.level_position(level) for level in levels])
+        return images, torch.stack(latents), positions
+
+
+def luma_gradient_energy(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Mean squared luma gradient over ``patch``-sized windows, (N, 1, H/patch, W/patch)."""
+    weights = torch.tensor(LUMA, device=images.device, dtype=images.dtype)[None, :, None, None]
+    luma = (images * weights).sum(1, keepdim=True)
+    dx = luma.diff(dim=-1)[..., :-1, :]
+    dy = luma.diff(dim=-2)[..., :, :-1]
+    return F.avg_pool2d(dx.pow(2) + dy.pow(2), patch)
+
+
+def texture_loss(reconstruction: torch.Tensor, original: torch.Tensor, patch: int = TEXTURE_PATCH) -> torch.Tensor:
+    """|log| of the patch-wise gradient-energy ratio: blur and invented noise both cost."""
+    ratio = (luma_gradient_energy(reconstruction, patch) + TEXTURE_EPS) / (luma_gradient_energy(original, patch) + TEXTURE_EPS)
+    return ratio.log().abs().mean()
+
+
+def batch_texture_retention(reconstruction: torch.Tensor, original: torch.Tensor) -> float:
+    """The evaluation's min(r, 1/r) over the whole batch (a monitor, not a loss)."""
+    size = reconstruction.shape[-1]
+    r = float(luma_gradient_energy(reconstruction, size - 1).mean() / luma_gradient_energy(original, size - 1).mean())
+    return min(r, 1 / r) if r > 0 else 0.0
+
+
+class DecoderFinetuner:
+    """The ``decoder`` stage: trains a package's synthesis and UNet; the sender half is frozen by construction."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        if config.package is None:
+            raise ValueError("the decoder stage needs `package`, the model package whose receiver half it trains")
+        self.config = config
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        self.package = ModelPackage.load(config.package)
+        self.model: ReceiverModel = load_receiver_model(self.package)
+        if config.init is not None:
+            self.model.load_state_dict(torch.load(config.init, map_location="cpu", weights_only=False)["model"])
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.step = 0
+        self.previous_minutes = 0.0
+        self.started = time.monotonic()
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._resume()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self) -> None:
+        state = {
+            "stage": "decoder",
+            "package": str(self.config.package),
+            "step": self.step,
+            "minutes": self._elapsed_minutes(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state()),
+        }
+        torch.save(state, self.checkpoint_path.with_suffix(".tmp"))
+        self.checkpoint_path.with_suffix(".tmp").replace(self.checkpoint_path)
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            return
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.previous_minutes = state["step"], state["minutes"]
+        random.setstate(state["rng"][0])
+        np.random.set_state(state["rng"][1])
+        torch.set_rng_state(state["rng"][2])
+
+    def _elapsed_minutes(self) -> float:
+        return self.previous_minutes + (time.monotonic() - self.started) / 60
+
+    def _progress(self) -> float:
+        by_steps = self.step / max(1, self.config.steps)
+        by_time = self._elapsed_minutes() / self.config.minutes if self.config.minutes else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def _learning_rate(self) -> float:
+        floor = self.config.lr_final_fraction
+        return self.config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * self._progress())))
+
+    def _decoded_window(self, y_hat: torch.Tensor, positions: torch.Tensor, images: torch.Tensor):
+        """(reconstruction, original) of one random window: TAEF2 decodes a part of the latent, not all of it."""
+        unet_input, residual = self.model.synthesis(y_hat)
+        latent = self.model.decoder.refine(unet_input, residual, positions)
+        cells = min(self.config.window + 2 * WINDOW_MARGIN, latent.shape[-1], latent.shape[-2])
+        top = random.randint(0, latent.shape[-2] - cells)
+        left = random.randint(0, latent.shape[-1] - cells)
+        pixels = self.model.decoder.decode_pixels(latent[..., top : top + cells, left : left + cells])
+        margin = WINDOW_MARGIN * LATENT_STRIDE if cells > 2 * WINDOW_MARGIN + 12 else 0
+        inner = slice(margin, cells * LATENT_STRIDE - margin)
+        rows = slice(top * LATENT_STRIDE + margin, (top + cells) * LATENT_STRIDE - margin)
+        cols = slice(left * LATENT_STRIDE + margin, (left + cells) * LATENT_STRIDE - margin)
+        return pixels[..., inner, inner], images[..., rows, cols]
+
+    def train_step(self, images: torch.Tensor, y_hat: torch.Tensor, positions: torch.Tensor) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._learning_rate()
+        reconstruction, original = self._decoded_window(y_hat, positions, images)
+        mse = (reconstruction - original).pow(2).mean()
+        structural = 1 - ms_ssim(reconstruction.clamp(0, 1), original, data_range=1.0, win_size=7)
+        texture = texture_loss(reconstruction, original)
+        c = self.config
+        loss = c.mse_weight * mse + c.msssim_weight * structural + c.texture_weight * texture
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return {
+            "loss": float(loss.detach()),
+            "psnr": float(-10 * torch.log10(mse.detach().clamp_min(1e-10))),
+            "ms_ssim": float(1 - structural.detach()),
+            "texture_loss": float(texture.detach()),
+            "texture": batch_texture_retention(reconstruction.detach(), original),
+        }
+
+    def run(self) -> Path:
+        items = build_cache(self.config.data, self.config.cache, self.config.short_side, empty_latent, self.config.crop)
+        source = SenderLatents(self.config.package, CropSampler(items, self.config.crop, self.config.seed + self.step),
+                               self.config.seed + self.step)  # fmt: skip
+        self.model.train()
+        last_save = time.monotonic()
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as log, tqdm(
+            total=self.config.steps, initial=self.step, desc=f"{self.config.name}:decoder"
+        ) as bar:
+            self.started = time.monotonic()
+            while self._progress() < 1.0:
+                logs = self.train_step(*source.batch(self.config.batch))
+                self.step += 1
+                bar.update(1)
+                if self.step % self.config.log_every == 0:
+                    logs.update(step=self.step, lr=self._learning_rate(), minutes=round(self._elapsed_minutes(), 2))
+                    log.write(json.dumps(logs) + "\n")
+                    log.flush()
+                    bar.set_postfix(psnr=f"{logs['psnr']:.2f}", tex=f"{logs['texture']:.2f}")
+                if time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
+                    self.save()
+                    last_save = time.monotonic()
+        self.save()
+        return self.checkpoint_path
