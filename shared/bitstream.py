@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = [
     "COLOUR_STATS_SIZE",
     "CRC_SIZE",
+    "DOWNSCALES",
     "FORMAT_VERSION",
     "HEADER_SIZE",
     "MAGIC",
@@ -42,7 +43,10 @@ MODEL_ID_SIZE = 4
 
 FLAG_COLOUR_STATS = 0x01
 FLAG_HALF_PRECISION = 0x02
-_KNOWN_FLAGS = FLAG_COLOUR_STATS | FLAG_HALF_PRECISION
+SCALE_SHIFT = 2  # flags bits 2-3: log2 of the coding downscale (0, 1, 2: the sender coded 1/1, 1/2, 1/4)
+SCALE_MASK = 0x03 << SCALE_SHIFT
+DOWNSCALES = (1, 2, 4)
+_KNOWN_FLAGS = FLAG_COLOUR_STATS | FLAG_HALF_PRECISION | SCALE_MASK
 
 # magic, version, flags, model id, width, height, rate index
 _HEADER = struct.Struct("<2sBB4sHHB")
@@ -91,6 +95,8 @@ class Header:
 
     `width`/`height` are the true image size before any padding the encoder applies. `colour_stats` holds the
     per-channel mean (R, G, B) then standard deviation (R, G, B) of the original image, each 0..255.
+    `downscale` (1, 2 or 4): the payload codes the image reduced by that factor (`coded_size`), and the
+    receiver scales the reconstruction back to the true size.
     """
 
     model_id: bytes
@@ -99,6 +105,7 @@ class Header:
     rate_index: int
     colour_stats: ColourStats | None = None
     half_precision: bool = False
+    downscale: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, (bytes, bytearray, memoryview)):
@@ -110,6 +117,8 @@ class Header:
         _check_int("width", self.width, 1, MAX_DIMENSION)
         _check_int("height", self.height, 1, MAX_DIMENSION)
         _check_int("rate_index", self.rate_index, 0, 255)
+        if isinstance(self.downscale, bool) or self.downscale not in DOWNSCALES:
+            raise InvalidHeaderError(f"downscale must be one of {DOWNSCALES}, got {self.downscale!r}")
         if not isinstance(self.half_precision, bool):
             raise InvalidHeaderError(
                 f"half_precision must be a bool, got {type(self.half_precision).__name__}"
@@ -132,9 +141,16 @@ class Header:
     @property
     def flags(self) -> int:
         """The flags byte as written to the stream."""
-        return (FLAG_COLOUR_STATS if self.colour_stats is not None else 0) | (
-            FLAG_HALF_PRECISION if self.half_precision else 0
+        return (
+            (FLAG_COLOUR_STATS if self.colour_stats is not None else 0)
+            | (FLAG_HALF_PRECISION if self.half_precision else 0)
+            | (DOWNSCALES.index(self.downscale) << SCALE_SHIFT)
         )
+
+    @property
+    def coded_size(self) -> tuple[int, int]:
+        """(height, width) of the image the payload codes: the true size divided by `downscale`, rounded up."""
+        return -(-self.height // self.downscale), -(-self.width // self.downscale)
 
 
 @dataclass(frozen=True)
@@ -197,6 +213,9 @@ def _parse(data: BytesLike) -> tuple[Header, memoryview]:
         )
     if flags & ~_KNOWN_FLAGS:
         raise InvalidHeaderError(f"reserved flag bits set: flags=0x{flags:02x}")
+    scale_code = (flags & SCALE_MASK) >> SCALE_SHIFT
+    if scale_code >= len(DOWNSCALES):
+        raise InvalidHeaderError(f"reserved downscale code {scale_code}: flags=0x{flags:02x}")
     stats = None
     start = HEADER_SIZE
     if flags & FLAG_COLOUR_STATS:
@@ -208,7 +227,8 @@ def _parse(data: BytesLike) -> tuple[Header, memoryview]:
     for name, value in (("width", width), ("height", height)):
         if not 1 <= value <= MAX_DIMENSION:
             raise InvalidHeaderError(f"invalid {name} {value}, must be in 1..{MAX_DIMENSION}")
-    header = Header(model_id, width, height, rate_index, stats, bool(flags & FLAG_HALF_PRECISION))
+    header = Header(model_id, width, height, rate_index, stats, bool(flags & FLAG_HALF_PRECISION),
+                    DOWNSCALES[scale_code])
     return header, view[start : n - CRC_SIZE]
 
 

@@ -11,6 +11,7 @@ import pytest
 from aeic.shared.bitstream import (
     COLOUR_STATS_SIZE,
     CRC_SIZE,
+    DOWNSCALES,
     FORMAT_VERSION,
     HEADER_SIZE,
     MAGIC,
@@ -43,6 +44,7 @@ headers = st.builds(
     rate_index=st.integers(0, 255),
     colour_stats=st.none() | stats,
     half_precision=st.booleans(),
+    downscale=st.sampled_from(DOWNSCALES),
 )
 streams = st.builds(Bitstream, header=headers, payload=st.binary(max_size=300))
 
@@ -166,7 +168,7 @@ def test_unknown_version(version: int) -> None:
         unpack(with_crc(bytes(body)))
 
 
-@pytest.mark.parametrize("flags", [0x04, 0x80, 0xFF])
+@pytest.mark.parametrize("flags", [0x0C, 0x10, 0x80, 0xFF])
 def test_reserved_flags(flags: int) -> None:
     body = body_of(pack(Bitstream(sample_header(), b"")))
     body[3] = flags
@@ -204,6 +206,8 @@ def test_colour_stats_flag_without_room_for_stats() -> None:
         ({"colour_stats": (1, 2, 3)}, "6 values"),
         ({"colour_stats": (1, 2, 3, 4, 5, 256)}, "std B"),
         ({"width": True}, "width must be an int"),
+        ({"downscale": 3}, "downscale must be one of"),
+        ({"downscale": True}, "downscale must be one of"),
     ],
 )
 def test_header_validation(kwargs: dict, message: str) -> None:
@@ -214,7 +218,7 @@ def test_header_validation(kwargs: dict, message: str) -> None:
 
 def test_golden_vectors() -> None:
     vectors = json.loads(GOLDEN.read_text())["vectors"]
-    assert len(vectors) == 3
+    assert len(vectors) == 4
     for vector in vectors:
         stats = vector["colour_stats"]
         header = Header(
@@ -224,8 +228,17 @@ def test_golden_vectors() -> None:
             rate_index=vector["rate_index"],
             colour_stats=tuple(stats) if stats is not None else None,
             half_precision=vector["half_precision"],
+            downscale=vector.get("downscale", 1),
         )
         stream = Bitstream(header, bytes.fromhex(vector["payload"]))
         expected = bytes.fromhex(vector["stream"])
         assert pack(stream) == expected, vector["name"]
         assert unpack(expected) == stream, vector["name"]
+
+
+@pytest.mark.parametrize("downscale, flags", [(1, 0x00), (2, 0x04), (4, 0x08)])
+def test_downscale_flag_and_coded_size(downscale: int, flags: int) -> None:
+    header = Header(b"\0\0\0\0", 1921, 1081, 0, downscale=downscale)
+    assert pack(Bitstream(header, b""))[3] == flags
+    assert unpack(pack(Bitstream(header, b""))).header.downscale == downscale
+    assert header.coded_size == (-(-1081 // downscale), -(-1921 // downscale))
