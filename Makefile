@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
-	$(PY) -m aeic.demo $(if $(IMAGES),--images $(IMAGES))
+	$(PY) -m aeic.demo $(if $(IMAGES),--images $(IMAGES)) $(if $(RATE),--rate $(RATE))
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run_all

@@ -6,7 +6,7 @@
   real `aeic-receiver serve` process, with errors, latency percentiles, the acceptance rate, and a loss
   check (every accepted id is stored with its bitstream).
 
-Usage: python -m benchmarks.receiver_bench [--model PKG] [--out benchmarks/results/receiver_bench.json]
+Usage: python -m benchmarks.receiver_bench [--model PKG] [--out benchmarks/results/receiver.json]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-DEFAULT_OUT = Path("benchmarks/results/receiver_bench.json")
+DEFAULT_OUT = Path("benchmarks/results/receiver.json")  # the file run_all and the table read
 SIZES = ((768, 512), (1920, 1080))
 
 

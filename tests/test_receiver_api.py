@@ -209,6 +209,13 @@ def test_listing_pages_and_filters(env: Env) -> None:
     pivot = everything[2]["created_at"]
     newer = env.client.get("/v1/images", params={"since": pivot}, headers=env.headers("cam1")).json()["items"]
     assert [i["id"] for i in newer] == [i["id"] for i in everything if i["created_at"] >= pivot]
+    older = env.client.get("/v1/images", params={"until": pivot}, headers=env.headers("cam1")).json()["items"]
+    assert [i["id"] for i in older] == [i["id"] for i in everything if i["created_at"] < pivot]
+    assert len(newer) + len(older) == 5
+    env.wait(ids[0])
+    done = env.client.get("/v1/images", params={"status": "done"}, headers=env.headers("cam1")).json()["items"]
+    assert ids[0] in [i["id"] for i in done] and {i["status"] for i in done} == {"done"}
+    assert env.client.get("/v1/images?status=lost", headers=env.headers("cam1")).status_code == 422
     future = env.client.get("/v1/images", params={"since": time.time() + 60}, headers=env.headers("cam1"))
     assert future.json()["items"] == []
     assert env.client.get("/v1/images?cursor=%%%", headers=env.headers("cam1")).status_code == 400
