@@ -21,7 +21,7 @@ def _read_rgb(path: Path):
 def cmd_encode(args: argparse.Namespace) -> int:
     from aeic.sender.encoder import BudgetError, SenderCodec
 
-    codec = SenderCodec.from_package(args.model, threads=args.threads)
+    codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale)
     status = 0
     for image in args.images:
         try:
@@ -89,6 +89,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "bpp": round(len(data) * 8 / (header.width * header.height), 5),
             "model_id": header.model_id.hex(),
             "rate_index": header.rate_index,
+            "downscale": header.downscale,
             "colour_stats": header.colour_stats,
             "payload_bytes": len(parsed.payload),
         }
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--target-bytes", type=int, help="the largest bitstream allowed, bytes")
     encode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
     encode.add_argument("--threads", type=int)
+    encode.add_argument("--downscale", type=int, choices=(1, 2, 4), default=1,
+                        help="code the image reduced by this factor (the decoder scales back)")
     decode = sub.add_parser("decode", help=".aeic bitstreams -> PNG (receiver path)")
     decode.add_argument("streams", nargs="+", type=Path)
     decode.add_argument("-o", "--output", type=Path)

@@ -19,7 +19,7 @@ from aeic.codec.synthesis import SynthesisTransform
 from aeic.shared import bitstream
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
-from aeic.shared.padding import correct_colours, padded_size
+from aeic.shared.padding import correct_colours, padded_size, upscale_image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -117,7 +117,7 @@ class ReceiverCodec:
 
     def _latent(self, parsed: _Parsed) -> torch.Tensor:
         header = parsed.header
-        height, width = padded_size(header.height, header.width, ALIGNMENT)
+        height, width = padded_size(*header.coded_size, ALIGNMENT)
         shape = (self.channels, height // 32, width // 32)
         start = time.perf_counter()
         fixed = self.package.entropy_model.decode(parsed.payload, shape, self.backend)
@@ -151,6 +151,7 @@ class ReceiverCodec:
 
     @staticmethod
     def _finish(pixels: torch.Tensor, header: bitstream.Header) -> np.ndarray:
-        rgb = (pixels[:, : header.height, : header.width].permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255)
-        rgb = rgb.astype(np.uint8)
+        coded_height, coded_width = header.coded_size
+        rgb = (pixels[:, :coded_height, :coded_width].permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255)
+        rgb = upscale_image(rgb.astype(np.uint8), header.downscale, header.height, header.width)
         return correct_colours(rgb, header.colour_stats) if header.colour_stats else rgb

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--model", type=Path, help="model package directory (default: the shipped model)")
     encoder.add_argument("--provider", help="onnxruntime execution provider (falls back to the CPU)")
     encoder.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    encoder.add_argument(
+        "--downscale", type=int, choices=(1, 2, 4),
+        help="code the image reduced by this factor (the receiver scales back): 4x or 16x fewer pixels to encode",
+    )
     rate = encoder.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=int, help=f"rate index (default {DEFAULT_RATE})")
     rate.add_argument("--target-bytes", type=int, help="byte budget: the best rate whose bitstream fits")
@@ -154,13 +158,15 @@ def load_sender_codec(config: SenderConfig, reporter: Reporter) -> Codec:
     from aeic.sender.encoder import SenderCodec  # the lead's module; numpy/onnxruntime only
 
     try:
-        codec = SenderCodec.from_package(config.model, provider=config.provider, threads=config.threads)
+        codec = SenderCodec.from_package(
+            config.model, provider=config.provider, threads=config.threads, downscale=config.downscale
+        )
     except Exception as exc:
         raise UsageError(f"cannot load the model package {config.model or '(default)'}: {exc}") from exc
     used = getattr(codec, "provider", "?")
     if config.provider and config.provider != used:
         reporter.info(f"provider {config.provider} is not available here; using {used}")
-    reporter.info(f"encoder: model {codec.model_id.hex()}, provider {used}")
+    reporter.info(f"encoder: model {codec.model_id.hex()}, provider {used}, downscale {config.downscale}")
     return codec
 
 

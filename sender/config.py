@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aeic.sender.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS
 
@@ -63,6 +63,7 @@ class SenderConfig(BaseModel):
         None, description="onnxruntime execution provider, e.g. CUDAExecutionProvider"
     )
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads")
+    downscale: Literal[1, 2, 4] = Field(1, description="code the image reduced by this factor")
     rate: int | None = Field(None, ge=0, le=255, description="rate index")
     target_bytes: int | None = Field(None, ge=1, description="byte budget per image")
 

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from aeic.shared import bitstream
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
-from aeic.shared.padding import colour_statistics, pad_to_multiple
+from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
 
 from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention
 
@@ -63,8 +63,11 @@ class SenderCodec:
     """Encodes RGB images into AEIC bitstreams with one model package."""
 
     def __init__(self, package: ModelPackage, provider: str | None = None, threads: int | None = None,
-                 strip_rows: int = DEFAULT_STRIP_ROWS) -> None:
+                 strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int = 1) -> None:
+        if downscale not in bitstream.DOWNSCALES:
+            raise ValueError(f"downscale must be one of {bitstream.DOWNSCALES}, got {downscale}")
         self.package = package
+        self.downscale = downscale
         limit_heap_retention()
         providers = choose_providers(provider)
 
@@ -79,8 +82,8 @@ class SenderCodec:
 
     @classmethod
     def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None,
-                     strip_rows: int = DEFAULT_STRIP_ROWS) -> SenderCodec:
-        return cls(ModelPackage.load(path), provider, threads, strip_rows)
+                     strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int = 1) -> SenderCodec:
+        return cls(ModelPackage.load(path), provider, threads, strip_rows, downscale)
 
     @property
     def model_id(self) -> bytes:
@@ -91,13 +94,14 @@ class SenderCodec:
         return self.package.num_levels
 
     def analyse(self, rgb: np.ndarray) -> AnalysedImage:
-        """Run the analysis transform once (the expensive part)."""
+        """Run the analysis transform once (the expensive part), on the image reduced by ``downscale``."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError("expected an HxWx3 uint8 RGB image")
         height, width = rgb.shape[:2]
         if not (1 <= height <= bitstream.MAX_DIMENSION and 1 <= width <= bitstream.MAX_DIMENSION):
             raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
-        return AnalysedImage(rgb, self.analysis(pad_to_multiple(rgb, ALIGNMENT)))
+        coded = downscale_image(rgb, self.downscale)
+        return AnalysedImage(rgb, self.analysis(pad_to_multiple(coded, ALIGNMENT)))
 
     def _entropy_code(self, analysed: AnalysedImage, level: int) -> tuple[bytes, np.ndarray]:
         """(payload, ŷ in fixed point) of this rate level."""
@@ -124,6 +128,7 @@ class SenderCodec:
             height=height,
             rate_index=level,
             colour_stats=colour_statistics(analysed.rgb),
+            downscale=self.downscale,
         )
         return bitstream.pack(bitstream.Bitstream(header, payload))
 

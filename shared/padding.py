@@ -1,8 +1,9 @@
-"""Geometry and colour helpers both sides agree on: padding to the latent grid, colour statistics."""
+"""Geometry and colour helpers both sides agree on: padding to the latent grid, coding downscale, colour statistics."""
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 
 def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
@@ -14,6 +15,24 @@ def pad_to_multiple(rgb: np.ndarray, multiple: int) -> np.ndarray:
     height, width = rgb.shape[:2]
     target_h, target_w = padded_size(height, width, multiple)
     return np.pad(rgb, ((0, target_h - height), (0, target_w - width), (0, 0)), mode="edge")
+
+
+def downscale_image(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Box-filter reduction by ``factor`` to ``ceil(size / factor)`` (edges replicated): the sender's coding size."""
+    if factor == 1:
+        return rgb
+    padded = pad_to_multiple(rgb, factor).astype(np.uint16)
+    height, width = padded.shape[0] // factor, padded.shape[1] // factor
+    sums = padded.reshape(height, factor, width, factor, 3).sum((1, 3), dtype=np.uint32)
+    return ((sums + factor * factor // 2) // (factor * factor)).astype(np.uint8)
+
+
+def upscale_image(rgb: np.ndarray, factor: int, height: int, width: int) -> np.ndarray:
+    """The receiver's inverse of :func:`downscale_image`: bicubic by ``factor``, cropped to the true size."""
+    if factor == 1:
+        return rgb[:height, :width]
+    size = (rgb.shape[1] * factor, rgb.shape[0] * factor)
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))[:height, :width]
 
 
 def colour_statistics(rgb: np.ndarray) -> tuple[int, int, int, int, int, int]:

@@ -14,7 +14,7 @@ from aeic.sender.encoder import BudgetError, SenderCodec
 from aeic.shared import bitstream
 from aeic.shared.entropy_coding import EntropyDecodeError
 from aeic.shared.model_package import ModelPackage, ModelPackageError
-from aeic.shared.padding import pad_to_multiple
+from aeic.shared.padding import downscale_image, pad_to_multiple, padded_size, upscale_image
 from PIL import Image
 
 
@@ -65,6 +65,34 @@ def test_encode_decode_restores_true_size(codecs, size) -> None:
     assert (header.height, header.width) == size
     out = receiver.decode(data)
     assert out.shape == (*size, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("downscale", [2, 4])
+def test_coding_downscale_codes_fewer_pixels_and_restores_true_size(exported, downscale) -> None:
+    _, folder = exported
+    sender = SenderCodec.from_package(folder, downscale=downscale)
+    rgb = _photo(301, 163)
+    analysed = sender.analyse(rgb)
+    coded = padded_size(-(-301 // downscale), -(-163 // downscale), 128)
+    assert analysed.latent.shape[2:] == (coded[0] // 32, coded[1] // 32)
+    data = sender.encode_analysed(analysed, sender.num_levels - 1)
+    header = bitstream.peek_header(data)
+    assert (header.height, header.width, header.downscale) == (301, 163, downscale)
+    out = ReceiverCodec.from_package(folder, device="cpu").decode(data)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+
+
+def test_downscale_and_upscale_are_inverse_on_smooth_images() -> None:
+    rows, cols = np.mgrid[0:61, 0:83]
+    smooth = np.stack([rows * 4, cols * 3, rows + cols], -1).astype(np.uint8)
+    small = downscale_image(smooth, 2)
+    assert small.shape == (31, 42, 3)
+    assert small[0, 0, 0] == round(np.mean(smooth[:2, :2, 0]))
+    back = upscale_image(small, 2, 61, 83).astype(float)
+    assert back.shape == smooth.shape
+    assert np.abs(back[2:-2, 2:-2] - smooth[2:-2, 2:-2]).mean() < 1.5
+    with pytest.raises(ValueError, match="downscale must be one of"):
+        SenderCodec.from_package(None, downscale=3)
 
 
 def test_real_photo_round_trip(codecs, tmp_path) -> None:
