@@ -144,6 +144,49 @@ def test_demo_runs_non_interactively_and_leaves_no_process(tiny_package: Path, t
     assert leftovers == []
 
 
+
+def test_demo_in_serve_mode_keeps_the_gallery_up_until_ctrl_c(tiny_package: Path, tmp_path: Path) -> None:
+    """`--serve` (what a terminal gets by default): the gallery stays reachable after the table, and Ctrl-C
+    (SIGINT) stops the demo and its receiver."""
+    import queue
+    import threading
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    Image.fromarray(photo(96, 64, 20)).save(images / "photo0.png")
+    env = {key: value for key, value in os.environ.items() if key != "CI"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aeic.demo", "--model", str(tiny_package), "--images", str(images), "--rate", "0",
+         "--out", str(tmp_path / "out"), "--serve"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not any(line.startswith("serving the gallery") for line in seen):
+            assert process.poll() is None, "".join(seen)
+            assert time.monotonic() < deadline, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        url = next(line.split(" ", 1)[1].strip() for line in seen if line.startswith("gallery: "))
+        time.sleep(1.0)
+        assert process.poll() is None  # still serving after the results
+        page = httpx.get(url, follow_redirects=True, timeout=30)
+        assert page.status_code == 200 and page.text.count('class="card status-done"') == 1
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, "".join(seen)
+    finally:
+        stop_process(process)  # type: ignore[arg-type]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url, timeout=5)
+    leftovers = [p for p in Path("/proc").glob("[0-9]*")
+                 if b"aeic-demo-" in _cmdline(p) and b"receiver.cli" in _cmdline(p)]
+    assert leftovers == []
+
 def _cmdline(proc: Path) -> bytes:
     try:
         return (proc / "cmdline").read_bytes()
