@@ -34,6 +34,8 @@ NUM_SCALES = 64
 SCALE_MIN = 0.11
 SCALE_MAX = 64.0
 LATENT_LIMIT = 1 << 20  # |y| beyond this is an encoder failure, reported, never clipped
+EXACT_LIMIT = 1 << 53  # float64 represents every integer below this exactly
+Z_LIMIT = 1 << 31  # the largest |z| a payload can carry (an escape holds a 32-bit zigzag code)
 
 
 def scale_table() -> np.ndarray:
@@ -106,6 +108,24 @@ def pixel_shuffle(x: np.ndarray, factor: int) -> np.ndarray:
     return out.reshape(c // factor**2, h * factor, w * factor)
 
 
+def accumulator_bound(layers: list[Layer], input_limit: int) -> tuple[int, int]:
+    """(the largest magnitude any partial sum of ``layers`` can reach, the bound of its output).
+
+    With every input in ``[-input_limit, input_limit]``, a partial sum of output channel ``o`` is
+    at most ``|bias[o]| + sum |weight[o]| * input_limit`` in magnitude, whatever the summation order;
+    each later layer sees the clamp range of the one before.
+    """
+    worst, limit = 0, int(input_limit)
+    for layer in layers:
+        if isinstance(layer, PixelShuffle):
+            continue
+        weight_sums = np.abs(layer.weight.astype(np.int64)).reshape(layer.weight.shape[0], -1).sum(1)
+        for weight_sum, bias in zip(weight_sums.tolist(), layer.bias.tolist(), strict=True):
+            worst = max(worst, abs(int(bias)) + int(weight_sum) * limit)
+        limit = max(abs(int(v)) for v in (*layer.lo.tolist(), *layer.hi.tolist()))
+    return worst, limit
+
+
 def run_network(layers: list[Layer], x: np.ndarray, backend: ConvBackend) -> np.ndarray:
     for layer in layers:
         x = pixel_shuffle(x, layer.factor) if isinstance(layer, PixelShuffle) else backend.conv(x, layer)
@@ -130,6 +150,20 @@ class EntropyModel:
     z_tables: CdfTables
     y_tables: CdfTables
     latent_channels: int
+
+    def __post_init__(self) -> None:
+        bound = self.accumulator_bound()
+        if bound >= EXACT_LIMIT:
+            raise ValueError(
+                f"integer entropy model is not exact: a partial sum may reach {bound} >= 2**53 "
+                "(weights, biases or clamp ranges too large)"
+            )
+
+    def accumulator_bound(self) -> int:
+        """The largest |partial sum| of any convolution, for any payload (decoded z up to Z_LIMIT)."""
+        hyper, feature_limit = accumulator_bound(self.hyper_synthesis, Z_LIMIT)
+        context_input = max(feature_limit, ACTIVATION_LIMIT)  # the decoded latent is clipped to this
+        return max([hyper, *(accumulator_bound(step, context_input)[0] for step in self.context)])
 
     def _means_and_indices(self, step: int, features: np.ndarray, decoded: np.ndarray, backend: ConvBackend):
         context = np.clip(decoded, -ACTIVATION_LIMIT, ACTIVATION_LIMIT)

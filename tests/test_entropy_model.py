@@ -96,3 +96,34 @@ def _without_skips(integer):
 
     tables = dataclasses.replace(integer.y_tables, skip_index=None, _models={})
     return dataclasses.replace(integer, y_tables=tables)
+
+
+def test_every_partial_sum_provably_stays_below_2_53(tiny) -> None:
+    """Exactness of float64 accumulation, for any payload: z up to 2**31, activations clamped."""
+    from aeic.shared.entropy_model import EXACT_LIMIT
+    from aeic.shared.model_package import ModelPackage, default_model_dir
+
+    _, integer = tiny
+    assert 0 < integer.accumulator_bound() < EXACT_LIMIT
+    shipped = default_model_dir()
+    if (shipped / "manifest.json").is_file():
+        assert ModelPackage.load(shipped).entropy_model.accumulator_bound() < EXACT_LIMIT
+
+
+def test_a_model_whose_sums_could_leave_the_exact_range_is_refused(tiny) -> None:
+    import dataclasses
+
+    from aeic.shared.entropy_model import EntropyModel, IntConv
+
+    _, integer = tiny
+    first = integer.hyper_synthesis[0]
+    assert isinstance(first, IntConv)
+    huge = dataclasses.replace(first, bias=np.full_like(first.bias, 1 << 53))
+    with pytest.raises(ValueError, match="not exact"):
+        EntropyModel(
+            hyper_synthesis=[huge, *integer.hyper_synthesis[1:]],
+            context=integer.context,
+            z_tables=integer.z_tables,
+            y_tables=integer.y_tables,
+            latent_channels=integer.latent_channels,
+        )
