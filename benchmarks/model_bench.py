@@ -79,15 +79,17 @@ def aeic_parts(preset_name: str, width: int, height: int) -> dict[str, Any]:
                               height // 8, width // 8)
         pixel_decoder = taesd.build_decoder().eval()
 
-        def entropy() -> None:  # what the integer model runs: hyper-synthesis, then each step at full size
-            features = model.entropy.hyper_synthesis(z)
+        features = torch.zeros(1, model.config.hyper_features, height // 32, width // 32)
+
+        def context() -> None:  # what the integer model runs: each of the 4 steps at full latent size
             for step in model.entropy.context:
                 step(torch.cat([features, y], 1))
 
         return {
             "analysis": _entry(model.analysis, lambda: model.analysis(image), pixels),
             "hyper_analysis": _entry(model.hyper_analysis, lambda: model.hyper_analysis(y), pixels),
-            "entropy_model": _entry(model.entropy, entropy, pixels),
+            "hyper_synthesis": _entry(model.entropy.hyper_synthesis, lambda: model.entropy.hyper_synthesis(z), pixels),
+            "context_model": _entry(model.entropy.context, context, pixels),
             "synthesis": _entry(model.synthesis, lambda: model.synthesis(y), pixels),
             "unet": _entry(model.decoder.unet, lambda: model.decoder.unet(unet_in, torch.tensor([0.0])), pixels),
             "pixel_decoder_taef2": _entry(
