@@ -21,7 +21,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
-	$(PY) -m aeic.demo $(if $(IMAGES),--images $(IMAGES)) $(if $(RATE),--rate $(RATE))
+	$(PY) -m aeic.demo $(if $(IMAGES),--images $(IMAGES)) $(if $(RATE),--rate $(RATE)) \
+		$(if $(SCALE_OUT),--scale-out) $(if $(WORKERS),--workers $(WORKERS))
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run_all

@@ -5,23 +5,29 @@ handful of real photos through the sender codec at one rate, waits for the recon
 table (image, bytes, bpp, PSNR, encode ms, decode ms), writes a side-by-side picture and the gallery URL.
 In a terminal it keeps serving the gallery until Ctrl-C; without a TTY (or with CI=true) it exits by
 itself and leaves no process behind.
+
+`--scale-out [--workers N]` (`make demo SCALE_OUT=1`) runs the same flow on the scale-out topology
+instead, all on loopback without Docker: PostgreSQL, Redis and an S3-compatible server (moto), started by
+`aeic.local_servers`; the API with no decoder of its own; N `aeic-receiver worker` processes consuming
+the Redis Stream. The table then says which worker decoded each image.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import os
+import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +35,10 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["main"]
+from aeic import local_servers
+from aeic.local_servers import LocalServerError, free_port, stop_process
+
+__all__ = ["main", "stop_process"]
 
 # Photographs bundled inside scikit-image's wheel (no download).
 _SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -48,6 +57,7 @@ class Result:
     status: str = "pending"
     decode_ms: float | None = None
     error: str | None = None
+    decoded_by: str | None = None  # scale-out: the worker process (consumer) that decoded it
     reconstruction: np.ndarray | None = None
 
     @property
@@ -98,38 +108,99 @@ def load_photos(folder: Path | None, limit: int, max_side: int) -> list[tuple[st
 # -- the receiver process ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
-def receiver_process(data_dir: Path, model: Path | None, port: int, admin: str,
-                     extra: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+def receiver_process(data_dir: Path, model: Path | None, port: int, admin: str, extra: Sequence[str] = (),
+                     env: Mapping[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """`aeic-receiver serve` on loopback; always stopped (SIGTERM, then SIGKILL) on exit."""
     command = [sys.executable, "-m", "aeic.receiver.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--data", str(data_dir), "--log-level", "warning", *extra]
     if model is not None:
         command += ["--model", str(model)]
-    env = {**os.environ, "AEIC_ADMIN_TOKEN": admin}
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(command, env={**os.environ, **(env or {}), "AEIC_ADMIN_TOKEN": admin},
+                               start_new_session=True)
     try:
         yield process
     finally:
         stop_process(process)
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Terminate, then kill if it has not exited within ``timeout`` seconds."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+# -- the scale-out topology ----------------------------------------------------------------------
+
+_DEMO_BUCKET = "s3://aeic-demo/blobs"
+# What `aeic-receiver worker` logs for each image it decoded (stream_worker.StreamWorker._settle).
+_DECODED_LOG = re.compile(r"decoded image=(\S+) consumer=(\S+)")
+
+
+@dataclass
+class Worker:
+    """One `aeic-receiver worker` process and the file its log goes to."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+@contextmanager
+def scale_out_services() -> Iterator[dict[str, str]]:
+    """PostgreSQL, Redis and moto's S3 server on loopback; yields the `AEIC_*` environment (and S3
+    credentials) that the API and every worker share, as in deploy/README.md's "Without Docker"."""
+    missing = [name for name in ("redis", "boto3") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"demo: --scale-out needs {' and '.join(missing)}: pip install -e '.[scale]'")
+    with ExitStack() as stack:
+        print("starting PostgreSQL, Redis and an S3 server (moto) on loopback ...", flush=True)
+        postgres = stack.enter_context(local_servers.postgres_server())
+        redis = stack.enter_context(local_servers.redis_server())
+        s3 = stack.enter_context(local_servers.s3_server())
+        yield {"AEIC_DATABASE_URL": local_servers.create_database(postgres, "aeic"), "AEIC_QUEUE": f"{redis}/0",
+               "AEIC_BLOB_URL": _DEMO_BUCKET, "AEIC_S3_ENDPOINT_URL": s3, **local_servers.S3_CREDENTIALS}
+
+
+@contextmanager
+def worker_processes(count: int, data_dir: Path, model: Path | None,
+                     env: Mapping[str, str]) -> Iterator[list[Worker]]:
+    """`count` decode workers consuming the stream (consumers demo-w0, demo-w1, ...); always stopped."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // count))
+    workers: list[Worker] = []
+    try:
+        for n in range(count):
+            name, log = f"demo-w{n}", data_dir / f"demo-w{n}.log"
+            command = [sys.executable, "-m", "aeic.receiver.cli", "worker", "--consumer", name,
+                       "--data", str(data_dir / name), "--log-level", "info"]
+            if model is not None:
+                command += ["--model", str(model)]
+            with open(log, "wb") as out:
+                process = subprocess.Popen(command, env={**os.environ, **env, "OMP_NUM_THREADS": threads},
+                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            workers.append(Worker(name, process, log))
+        yield workers
+    finally:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.terminate()  # all at once: each finishes its batch in parallel
+        for worker in workers:
+            stop_process(worker.process)
+
+
+def check_workers(workers: Sequence[Worker]) -> None:
+    """Stop the demo with the log of a worker that exited (nothing would decode its share)."""
+    for worker in workers:
+        if worker.process.poll() is not None:
+            raise SystemExit(f"demo: worker {worker.name} exited with code {worker.process.returncode}:\n"
+                             f"{worker.log_tail()}")
+
+
+def attribute(results: Sequence[Result], workers: Sequence[Worker]) -> None:
+    """Fill `decoded_by` from the workers' logs."""
+    decoded: dict[str, str] = {}
+    for worker in workers:
+        if worker.log.exists():
+            decoded.update(_DECODED_LOG.findall(worker.log.read_text(errors="replace")))
+    for result in results:
+        result.decoded_by = decoded.get(result.image_id)
 
 
 def wait_ready(client: httpx.Client, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -146,11 +217,12 @@ def wait_ready(client: httpx.Client, process: subprocess.Popen[bytes], timeout: 
     raise SystemExit("demo: the receiver did not become ready in time")
 
 
-def _device_token(data_dir: Path) -> str:
+def _device_token(database_url: str) -> str:
+    """Migrate the database (before any other process does) and create the demo camera's token."""
     from aeic.receiver.auth import create_device_token
     from aeic.receiver.storage import SqlMetadataStore
 
-    store = SqlMetadataStore.from_url(f"sqlite:///{(data_dir / 'receiver.db').resolve()}")
+    store = SqlMetadataStore.from_url(database_url)
     try:
         store.migrate()
         return create_device_token(store, "demo-camera")
@@ -190,12 +262,15 @@ def upload_all(client: httpx.Client, token: str, results: list[Result]) -> None:
         result.image_id = reply.json()["id"]
 
 
-def collect(client: httpx.Client, token: str, results: list[Result], timeout: float) -> None:
-    """Wait until every image is decoded (or failed) and fetch the reconstructions."""
+def collect(client: httpx.Client, token: str, results: list[Result], timeout: float,
+            check: Callable[[], None] = lambda: None) -> None:
+    """Wait until every image is decoded (or failed) and fetch the reconstructions; `check` runs on each
+    poll and may stop the wait by raising."""
     headers = {"Authorization": f"Bearer {token}"}
     deadline = time.monotonic() + timeout
     waiting = list(results)
     while waiting and time.monotonic() < deadline:
+        check()
         for result in list(waiting):
             body = client.get(f"/v1/images/{result.image_id}", headers=headers).json()
             result.status, result.error = body["status"], body["error"]
@@ -216,15 +291,17 @@ def collect(client: httpx.Client, token: str, results: list[Result], timeout: fl
 
 def table(results: list[Result]) -> str:
     """The results as an aligned text table."""
+    by_worker = any(r.decoded_by for r in results)
     header = (f"{'image':<22} {'size':>10} {'bytes':>7} {'bpp':>8} {'PSNR dB':>8} {'encode ms':>10} "
-              f"{'decode ms':>10}  status")
+              f"{'decode ms':>10}  " + (f"{'worker':<12}  " if by_worker else "") + "status")
     lines = [header]
     for r in results:
         psnr = f"{r.psnr:8.2f}" if r.psnr is not None else f"{'-':>8}"
         decode = f"{r.decode_ms:10.0f}" if r.decode_ms is not None else f"{'-':>10}"
         size = f"{r.original.shape[1]}x{r.original.shape[0]}"
+        worker = f"{r.decoded_by or '-':<12}  " if by_worker else ""
         lines.append(f"{r.name[:22]:<22} {size:>10} {len(r.bitstream):>7} {r.bpp:8.4f} {psnr} "
-                     f"{r.encode_ms:10.0f} {decode}  {r.status}{': ' + r.error if r.error else ''}")
+                     f"{r.encode_ms:10.0f} {decode}  {worker}{r.status}{': ' + r.error if r.error else ''}")
     return "\n".join(lines)
 
 
@@ -275,6 +352,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="where the picture is written")
     parser.add_argument("--port", type=int, default=0, help="receiver port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for decoding")
+    parser.add_argument("--scale-out", action="store_true",
+                        help="PostgreSQL, Redis, an S3 server (moto) and worker processes instead of the embedded "
+                             "default (SQLite, files, in-process worker)")
+    parser.add_argument("--workers", type=_positive, default=2, help="decode worker processes with --scale-out")
     serve = parser.add_mutually_exclusive_group()
     serve.add_argument("--serve", dest="serve", action="store_const", const=True,
                        help="keep serving the gallery until Ctrl-C (default in a terminal)")
@@ -283,21 +364,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """The demo; returns the exit code (1 if any image failed to decode)."""
     photos = load_photos(args.images, args.limit, args.max_side)
-    print(f"encoding {len(photos)} photo(s) with the sender codec ...", flush=True)
-    results, rate = encode_all(photos, args.model, args.rate)
     data_dir = Path(tempfile.mkdtemp(prefix="aeic-demo-"))
     admin, port = secrets.token_urlsafe(24), args.port or free_port()
     try:
-        token = _device_token(data_dir)
-        with receiver_process(data_dir, args.model, port, admin) as process, \
-                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        with ExitStack() as stack:  # unwinds in reverse: client, workers, API, then the servers
+            env: dict[str, str] = {}
+            workers: list[Worker] = []
+            if args.scale_out:  # first: a missing server program stops the demo before any work
+                env = stack.enter_context(scale_out_services())
+            print(f"encoding {len(photos)} photo(s) with the sender codec ...", flush=True)
+            results, rate = encode_all(photos, args.model, args.rate)
+            token = _device_token(env.get("AEIC_DATABASE_URL") or f"sqlite:///{(data_dir / 'receiver.db').resolve()}")
+            process = stack.enter_context(receiver_process(
+                data_dir, args.model, port, admin, ["--no-worker"] if args.scale_out else [], env))
+            if args.scale_out:
+                workers = stack.enter_context(worker_processes(args.workers, data_dir, args.model, env))
+                print(f"scale-out: API without a decoder, {len(workers)} worker process(es) on the Redis "
+                      "Stream, metadata in PostgreSQL, blobs in S3 (moto)", flush=True)
+            client = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60))
             wait_ready(client, process, timeout=120)
             upload_all(client, token, results)
             print(f"uploaded at rate index {rate}; waiting for the receiver to decode ...", flush=True)
-            collect(client, token, results, args.timeout)
+            collect(client, token, results, args.timeout, check=lambda: check_workers(workers))
+            attribute(results, workers)
             print(table(results))
             picture = side_by_side(results, args.out / "side_by_side.png")
             print(f"side-by-side picture: {picture}")
@@ -326,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(_parser().parse_args(argv))
     except ModelPackageError as exc:
         print(f"demo: no usable model package ({exc}); pass --model DIR or set AEIC_MODEL", file=sys.stderr)
+        return 2
+    except LocalServerError as exc:  # e.g. redis-server not installed: one line, no traceback
+        print(f"demo: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

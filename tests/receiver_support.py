@@ -4,15 +4,12 @@ engines, and a decoder double that satisfies the ReceiverCodec contract."""
 from __future__ import annotations
 
 import atexit
-import glob
 import os
-import pwd
 import secrets
 import shutil
-import socket
-import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import NoReturn, Self
 
@@ -21,6 +18,9 @@ import pytest
 import sqlalchemy as sa
 from aeic.receiver.storage import SqlMetadataStore
 from aeic.shared.bitstream import Bitstream, Header, pack, peek_header
+
+from aeic import local_servers
+from aeic.local_servers import ServerNotInstalled, free_port
 
 TEST_MODEL_ID = b"TST1"
 # Set by .ci/run: a server or tool the tests start is missing -> the test fails instead of skipping, so CI
@@ -35,11 +35,15 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def started(server: AbstractContextManager[str]) -> Iterator[str]:
+    """Yield the URL of a local server (`aeic.local_servers`) for a fixture and stop it afterwards; a server
+    that is not installed skips the test (fails under REQUIRE_ENV)."""
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(server)
+        except ServerNotInstalled as exc:
+            unavailable(str(exc))
+        yield url
 
 
 def make_bitstream(width: int = 48, height: int = 32, payload: bytes = b"\x01\x02\x03",
@@ -76,51 +80,20 @@ class FakeCodec:
         return out
 
 
-def _postgres_bindir() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    return Path(found[-1]).parent if found else None
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
-    """Start a throw-away PostgreSQL server on loopback; yields a base URL without database name."""
-    bindir = _postgres_bindir()
-    if bindir is None or not (bindir / "pg_ctl").exists():
-        unavailable("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
-                    "(install with .ci/install-system-deps.sh)")
-    base = Path(tempfile.mkdtemp(prefix="aeic-pg-"))
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(base, ignore_errors=True)
-            pytest.skip("running as root and there is no 'postgres' user to run the server as")
-        os.chown(base, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", free_port()
-    run = lambda *args: subprocess.run([*prefix, *map(str, args)], check=True, capture_output=True)
-    run(bindir / "initdb", "-D", data, "-U", "aeic", "--auth=trust", "-E", "UTF8", "--no-sync")
-    options = (f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
-               "-c synchronous_commit=off -c full_page_writes=off")
-    run(bindir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "60", "-o", options, "start")
-    try:
-        yield f"postgresql+psycopg://aeic@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, check=False)
-        shutil.rmtree(base, ignore_errors=True)
+    """A throw-away PostgreSQL server on loopback; yields a base URL without database name."""
+    yield from started(local_servers.postgres_server())
 
 
 @pytest.fixture()
 def postgres_url(postgres_server: str) -> Iterator[str]:
     """A fresh, empty database on the session's PostgreSQL server."""
     name = f"t_{secrets.token_hex(6)}"
+    url = local_servers.create_database(postgres_server, name)
     admin = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
     try:
-        yield f"{postgres_server}/{name}"
+        yield url
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
