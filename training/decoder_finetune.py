@@ -11,10 +11,7 @@ blur of MSE and MS-SSIM removes.
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +21,10 @@ from aeic.receiver.decoder import ReceiverModel, load_receiver_model
 from aeic.sender.encoder import SenderCodec
 from aeic.shared.model_package import ModelPackage
 from pytorch_msssim import ms_ssim
-from tqdm import tqdm
 
 from .config import TrainConfig
 from .data import CropSampler, build_cache, empty_latent
+from .schedule import ScheduledRun
 
 LUMA = (0.299, 0.587, 0.114)
 TEXTURE_PATCH = 32
@@ -77,12 +74,13 @@ def batch_texture_retention(reconstruction: torch.Tensor, original: torch.Tensor
     return min(r, 1 / r) if r > 0 else 0.0
 
 
-class DecoderFinetuner:
+class DecoderFinetuner(ScheduledRun):
     """The ``decoder`` stage: trains a package's synthesis and UNet; the sender half is frozen by construction."""
 
     def __init__(self, config: TrainConfig) -> None:
         if config.package is None:
             raise ValueError("the decoder stage needs `package`, the model package whose receiver half it trains")
+        super().__init__()
         self.config = config
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -92,16 +90,9 @@ class DecoderFinetuner:
         if config.init is not None:
             self.model.load_state_dict(torch.load(config.init, map_location="cpu", weights_only=False)["model"])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.step = 0
-        self.previous_minutes = 0.0
-        self.started = time.monotonic()
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
 
     def save(self) -> None:
         state = {
@@ -126,18 +117,6 @@ class DecoderFinetuner:
         random.setstate(state["rng"][0])
         np.random.set_state(state["rng"][1])
         torch.set_rng_state(state["rng"][2])
-
-    def _elapsed_minutes(self) -> float:
-        return self.previous_minutes + (time.monotonic() - self.started) / 60
-
-    def _progress(self) -> float:
-        by_steps = self.step / max(1, self.config.steps)
-        by_time = self._elapsed_minutes() / self.config.minutes if self.config.minutes else 0.0
-        return min(1.0, max(by_steps, by_time))
-
-    def _learning_rate(self) -> float:
-        floor = self.config.lr_final_fraction
-        return self.config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * self._progress())))
 
     def _decoded_window(self, y_hat: torch.Tensor, positions: torch.Tensor, images: torch.Tensor):
         """(reconstruction, original) of one random window: TAEF2 decodes a part of the latent, not all of it."""
@@ -179,22 +158,6 @@ class DecoderFinetuner:
         source = SenderLatents(self.config.package, CropSampler(items, self.config.crop, self.config.seed + self.step),
                                self.config.seed + self.step)  # fmt: skip
         self.model.train()
-        last_save = time.monotonic()
-        with open(self.out / "log.jsonl", "a", encoding="utf-8") as log, tqdm(
-            total=self.config.steps, initial=self.step, desc=f"{self.config.name}:decoder"
-        ) as bar:
-            self.started = time.monotonic()
-            while self._progress() < 1.0:
-                logs = self.train_step(*source.batch(self.config.batch))
-                self.step += 1
-                bar.update(1)
-                if self.step % self.config.log_every == 0:
-                    logs.update(step=self.step, lr=self._learning_rate(), minutes=round(self._elapsed_minutes(), 2))
-                    log.write(json.dumps(logs) + "\n")
-                    log.flush()
-                    bar.set_postfix(psnr=f"{logs['psnr']:.2f}", tex=f"{logs['texture']:.2f}")
-                if time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
-                    self.save()
-                    last_save = time.monotonic()
-        self.save()
-        return self.checkpoint_path
+        return self.loop(lambda: self.train_step(*source.batch(self.config.batch)), dict,
+                         lambda logs: {"psnr": f"{logs['psnr']:.2f}", "tex": f"{logs['texture']:.2f}"},
+                         f"{self.config.name}:decoder")

@@ -14,10 +14,8 @@ point's nominal bpp. Checkpoints every few minutes; a run resumes from its last 
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +25,11 @@ from aeic.codec import taesd
 from aeic.codec.model import AEICModel
 from aeic.codec.presets import preset
 from pytorch_msssim import ms_ssim
-from tqdm import tqdm
 
 from .config import TrainConfig
 from .data import CropSampler, build_cache, empty_latent
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
+from .schedule import ScheduledRun
 
 GAIN_LR_SCALE = 20.0
 
@@ -55,8 +53,9 @@ def load_model_weights(model: AEICModel, checkpoint: Path) -> dict:
     return state
 
 
-class Trainer:
+class Trainer(ScheduledRun):
     def __init__(self, config: TrainConfig) -> None:
+        super().__init__()
         self.config = config
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
@@ -80,9 +79,6 @@ class Trainer:
         self.d_optimizer = (
             torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=(0.5, 0.9)) if self.discriminator else None
         )
-        self.step = 0
-        self.previous_minutes = 0.0  # training time of earlier sessions of this run
-        self.started = time.monotonic()
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
@@ -119,10 +115,6 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     # -- checkpoints ---------------------------------------------------------------------------
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
-
     def save(self) -> None:
         state = {
             "preset": self.config.model,
@@ -157,21 +149,6 @@ class Trainer:
         torch.set_rng_state(state["rng"][2])
 
     # -- one step ------------------------------------------------------------------------------
-    def _progress(self) -> float:
-        """Fraction of the run done: by steps, or by wall-clock time when the run has a time budget."""
-        by_steps = self.step / max(1, self.config.steps)
-        if self.config.minutes is None:
-            return min(1.0, by_steps)
-        return min(1.0, max(by_steps, self._elapsed_minutes() / self.config.minutes))
-
-    def _elapsed_minutes(self) -> float:
-        return self.previous_minutes + (time.monotonic() - self.started) / 60
-
-    def _learning_rate(self) -> float:
-        progress = self._progress()
-        floor = self.config.lr_final_fraction
-        return self.config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
     def _distortion(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Per-sample distortion of the stage (latent MSE, or pixel MSE + MS-SSIM)."""
         if self.uses_teacher_latent:
@@ -275,26 +252,14 @@ class Trainer:
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, teacher_encoder, self.config.crop)
         sampler = CropSampler(items, self.config.crop, self.config.seed + self.step)
         self.model.train()
-        last_save = time.monotonic()
-        with open(self.out / "log.jsonl", "a", encoding="utf-8") as log, tqdm(
-            total=self.config.steps, initial=self.step, desc=f"{self.config.name}:{self.config.stage}"
-        ) as bar:
-            self.started = time.monotonic()  # the time budget counts training, not the data cache
-            while self._progress() < 1.0:
-                images, latents = (t.to(self.device) for t in sampler.batch(self.config.batch))
-                logs = self.train_step(images, latents)
-                self.step += 1
-                bar.update(1)
-                if self.step % self.config.log_every == 0:
-                    logs.update(step=self.step, lr=self._learning_rate(), ema_bpp=self.ema_bpp.tolist())
-                    log.write(json.dumps(logs) + "\n")
-                    log.flush()
-                    bar.set_postfix(bpp=f"{logs['bpp']:.4f}", d=f"{logs['distortion']:.4f}")
-                if time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
-                    self.save()
-                    last_save = time.monotonic()
-        self.save()
-        return self.checkpoint_path
+
+        def step() -> dict:
+            images, latents = (t.to(self.device) for t in sampler.batch(self.config.batch))
+            return self.train_step(images, latents)
+
+        return self.loop(step, lambda: {"ema_bpp": self.ema_bpp.tolist()},
+                         lambda logs: {"bpp": f"{logs['bpp']:.4f}", "d": f"{logs['distortion']:.4f}"},
+                         f"{self.config.name}:{self.config.stage}")
 
 
 def latent_texture(latent: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

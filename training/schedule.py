@@ -1,0 +1,75 @@
+"""What every training stage shares: a step or wall-clock budget, a cosine learning rate, the logged loop.
+
+A run resumes where its checkpoint left it, and its time budget counts training time across
+sessions (``previous_minutes``), so a CPU run split over several sessions decays its learning rate
+as one run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import TrainConfig
+
+
+class ScheduledRun:
+    """Budget, learning-rate schedule and the loop; a stage supplies ``save`` and its step."""
+
+    config: TrainConfig
+    out: Path
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.previous_minutes = 0.0  # training time of earlier sessions of this run
+        self.started = time.monotonic()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self) -> None:
+        raise NotImplementedError
+
+    def _elapsed_minutes(self) -> float:
+        return self.previous_minutes + (time.monotonic() - self.started) / 60
+
+    def _progress(self) -> float:
+        """Fraction of the run done: by steps, or by wall-clock time when the run has a time budget."""
+        by_steps = self.step / max(1, self.config.steps)
+        if self.config.minutes is None:
+            return min(1.0, by_steps)
+        return min(1.0, max(by_steps, self._elapsed_minutes() / self.config.minutes))
+
+    def _learning_rate(self) -> float:
+        floor = self.config.lr_final_fraction
+        return self.config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * self._progress())))
+
+    def loop(self, train_step: Callable[[], dict], log_extras: Callable[[], dict],
+             postfix: Callable[[dict], dict], description: str) -> Path:
+        """Run ``train_step`` until the budget is spent: log every ``log_every`` steps, checkpoint every few minutes."""
+        last_save = time.monotonic()
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as log, tqdm(
+            total=self.config.steps, initial=self.step, desc=description
+        ) as bar:
+            self.started = time.monotonic()  # the time budget counts training, not the data cache
+            while self._progress() < 1.0:
+                logs = train_step()
+                self.step += 1
+                bar.update(1)
+                if self.step % self.config.log_every == 0:
+                    logs.update(step=self.step, lr=self._learning_rate(), minutes=round(self._elapsed_minutes(), 2),
+                                **log_extras())  # fmt: skip
+                    log.write(json.dumps(logs) + "\n")
+                    log.flush()
+                    bar.set_postfix(postfix(logs))
+                if time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
+                    self.save()
+                    last_save = time.monotonic()
+        self.save()
+        return self.checkpoint_path
