@@ -24,7 +24,7 @@ from pytorch_msssim import ms_ssim
 
 from .config import TrainConfig
 from .data import CropSampler, build_cache, empty_latent
-from .schedule import ScheduledRun
+from .schedule import ScheduledRun, seed_everything
 
 LUMA = (0.299, 0.587, 0.114)
 TEXTURE_PATCH = 32
@@ -82,9 +82,7 @@ class DecoderFinetuner(ScheduledRun):
             raise ValueError("the decoder stage needs `package`, the model package whose receiver half it trains")
         super().__init__()
         self.config = config
-        random.seed(config.seed)
-        np.random.seed(config.seed)
-        torch.manual_seed(config.seed)
+        seed_everything(config.seed)
         self.package = ModelPackage.load(config.package)
         self.model: ReceiverModel = load_receiver_model(self.package)
         if config.init is not None:
@@ -95,28 +93,14 @@ class DecoderFinetuner(ScheduledRun):
         self._resume()
 
     def save(self) -> None:
-        state = {
-            "stage": "decoder",
-            "package": str(self.config.package),
-            "step": self.step,
-            "minutes": self._elapsed_minutes(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state()),
-        }
-        torch.save(state, self.checkpoint_path.with_suffix(".tmp"))
-        self.checkpoint_path.with_suffix(".tmp").replace(self.checkpoint_path)
+        self._write_checkpoint({"stage": "decoder", "package": str(self.config.package),
+                                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def _resume(self) -> None:
-        if not self.checkpoint_path.exists():
-            return
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.previous_minutes = state["step"], state["minutes"]
-        random.setstate(state["rng"][0])
-        np.random.set_state(state["rng"][1])
-        torch.set_rng_state(state["rng"][2])
+        state = self._read_checkpoint()
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def _decoded_window(self, y_hat: torch.Tensor, positions: torch.Tensor, images: torch.Tensor):
         """(reconstruction, original) of one random window: TAEF2 decodes a part of the latent, not all of it."""

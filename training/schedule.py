@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 class ScheduledRun:
@@ -35,6 +44,25 @@ class ScheduledRun:
 
     def save(self) -> None:
         raise NotImplementedError
+
+    def _write_checkpoint(self, state: dict) -> None:
+        """Atomically save a stage's ``state`` with the step, the time spent and every random state."""
+        state.update(step=self.step, minutes=self._elapsed_minutes(),
+                     rng=(random.getstate(), np.random.get_state(), torch.get_rng_state()))  # fmt: skip
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def _read_checkpoint(self) -> dict | None:
+        """The saved state, with step, time spent and random states restored; None for a new run."""
+        if not self.checkpoint_path.exists():
+            return None
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        self.step, self.previous_minutes = state["step"], state.get("minutes", 0.0)
+        random.setstate(state["rng"][0])
+        np.random.set_state(state["rng"][1])
+        torch.set_rng_state(state["rng"][2])
+        return state
 
     def _elapsed_minutes(self) -> float:
         return self.previous_minutes + (time.monotonic() - self.started) / 60

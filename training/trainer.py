@@ -15,10 +15,8 @@ point's nominal bpp. Checkpoints every few minutes; a run resumes from its last 
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from aeic.codec import taesd
@@ -29,7 +27,7 @@ from pytorch_msssim import ms_ssim
 from .config import TrainConfig
 from .data import CropSampler, build_cache, empty_latent
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
-from .schedule import ScheduledRun
+from .schedule import ScheduledRun, seed_everything
 
 GAIN_LR_SCALE = 20.0
 
@@ -38,12 +36,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def load_model_weights(model: AEICModel, checkpoint: Path) -> dict:
@@ -116,37 +108,27 @@ class Trainer(ScheduledRun):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
-        state = {
+        self._write_checkpoint({
             "preset": self.config.model,
             "stage": self.config.stage,
-            "step": self.step,
-            "minutes": self._elapsed_minutes(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "log_lambda": self.log_lambda,
             "ema_bpp": self.ema_bpp,
             "discriminator": self.discriminator.state_dict() if self.discriminator else None,
             "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer else None,
-            "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state()),
-        }
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.checkpoint_path)
+        })
 
     def _resume(self) -> None:
-        if not self.checkpoint_path.exists():
+        state = self._read_checkpoint()
+        if state is None:
             return
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.log_lambda, self.ema_bpp, self.step = state["log_lambda"], state["ema_bpp"], state["step"]
-        self.previous_minutes = state.get("minutes", 0.0)
+        self.log_lambda, self.ema_bpp = state["log_lambda"], state["ema_bpp"]
         if self.discriminator and state["discriminator"]:
             self.discriminator.load_state_dict(state["discriminator"])
             self.d_optimizer.load_state_dict(state["d_optimizer"])
-        random.setstate(state["rng"][0])
-        np.random.set_state(state["rng"][1])
-        torch.set_rng_state(state["rng"][2])
 
     # -- one step ------------------------------------------------------------------------------
     def _distortion(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
