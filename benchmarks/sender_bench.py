@@ -14,16 +14,17 @@ integer entropy model, rANS) and packed into the container. Variants:
   1080p training photos, the first convolution in float; ``benchmarks.quantize``);
 * ``threads1`` / ``threads2``: onnxruntime intra-op threads and numpy's BLAS threads pinned;
 * ``combined``: int8 static analysis and one thread together;
-* ``downscale2`` / ``downscale4``: the coding downscale (``--downscale``): the frame is box-reduced
-  by 2 or 4 before the analysis and the receiver scales the reconstruction back.
+* ``downscale1`` / ``downscale2`` / ``downscale4``: a fixed coding downscale (``--downscale``): the
+  frame is box-reduced by 1 (coded whole), 2 or 4 before the analysis and the receiver scales the
+  reconstruction back. ``default`` is ``auto``, which codes a 1080p frame at 2.
 
 Every speed-up's rate-distortion cost is measured: each variant of ours also encodes a few real
 photos (training set, not Kodak), the receiver decodes them, and bytes and PSNR are compared
 with the default variant, as is the analysis latent itself (SNR against the default's). The
 downscale variants change the rate as well as the picture, so they are compared at equal bytes
-and at 1080p, where they are meant to run: each 1080p RD photo is coded by the default at the
-benchmark's level, and by each downscale variant at the best level whose stream fits the same
-bytes (``downscale_rd``). With a
+and at 1080p, where they are meant to run: each 1080p RD photo is coded whole (downscale 1) at the
+benchmark's level, and by the default (auto) and each downscale variant at the best level whose
+stream fits the same bytes (``downscale_rd``). With a
 random-weight package (when no trained one exists) bytes and PSNR are recorded but mean nothing
 (its untrained entropy model codes hardly any latent symbol); the latent SNR still shows how far
 a variant moves the encoder's output. The JSON says which package was used.
@@ -51,8 +52,8 @@ from .images import photo, source_name
 from .machine import write_result
 
 VARIANTS = ("reference", "default", "untiled", "arena", "int8_dynamic", "int8_static", "threads1", "threads2", "combined",
-            "downscale2", "downscale4")
-DOWNSCALE_VARIANTS = {"downscale2": 2, "downscale4": 4}
+            "downscale1", "downscale2", "downscale4")
+DOWNSCALE_VARIANTS = {"downscale1": 1, "downscale2": 2, "downscale4": 4}
 # combined: int8 static analysis, one thread
 ANALYSIS_GRAPHS = ("analysis_stem", "analysis_trunk")
 SIZE = (1920, 1080)
@@ -101,7 +102,7 @@ def _our_codec(work: Path, variant: str):
     encoder.session_options = options  # this child process only
     strip_rows = 1 << 16 if variant == "untiled" else encoder.DEFAULT_STRIP_ROWS
     codec = encoder.SenderCodec.from_package(work / "package", threads=threads, strip_rows=strip_rows,
-                                             downscale=DOWNSCALE_VARIANTS.get(variant, 1))
+                                             downscale=DOWNSCALE_VARIANTS.get(variant, "auto"))
     quantized = "int8_static" if variant == "combined" else variant
     if quantized.startswith("int8"):
         stem, trunk = (ort.InferenceSession(str(work / f"{graph}.{quantized}.onnx"), options(threads, graph == "analysis_stem"),
@@ -291,23 +292,23 @@ def rd_costs(work: Path, variants: list[str]) -> dict[str, Any]:
 
 
 def downscale_rd(work: Path, variants: list[str], level: int) -> dict[str, Any]:
-    """At 1080p and equal bytes: PSNR of each downscale variant against the default at ``level``."""
+    """At 1080p and equal bytes: PSNR of the default (auto) and each fixed downscale against coding whole at ``level``."""
     from aeic.receiver.decoder import ReceiverCodec
     from aeic.sender.encoder import BudgetError, SenderCodec
     from aeic.sender.images import read_image
 
     receiver = ReceiverCodec.from_package(work / "package", device="cpu")
-    default = SenderCodec.from_package(work / "package")
-    rows: dict[str, Any] = {"default": {"bytes": [], "psnr_db": []}}
-    chosen = [v for v in variants if v in DOWNSCALE_VARIANTS]
-    rows.update({v: {"bytes": [], "psnr_db": [], "level": []} for v in chosen})
+    whole = SenderCodec.from_package(work / "package", downscale=1)
+    factors = {"default": "auto", **{v: DOWNSCALE_VARIANTS[v] for v in variants if v in DOWNSCALE_VARIANTS}}
+    rows: dict[str, Any] = {"whole": {"bytes": [], "psnr_db": []}}
+    rows.update({v: {"bytes": [], "psnr_db": [], "level": []} for v in factors})
     for path in sorted((work / "rd1080").glob("*.png")):
         rgb = read_image(path)
-        stream = default.encode(rgb, level)
-        rows["default"]["bytes"].append(len(stream))
-        rows["default"]["psnr_db"].append(_psnr(receiver.decode(stream), rgb))
-        for variant in chosen:
-            codec = SenderCodec.from_package(work / "package", downscale=DOWNSCALE_VARIANTS[variant])
+        stream = whole.encode(rgb, level)
+        rows["whole"]["bytes"].append(len(stream))
+        rows["whole"]["psnr_db"].append(_psnr(receiver.decode(stream), rgb))
+        for variant, factor in factors.items():
+            codec = SenderCodec.from_package(work / "package", downscale=factor)
             try:
                 data, chosen_level = codec.encode_to_budget(rgb, len(stream))
             except BudgetError:
@@ -315,14 +316,14 @@ def downscale_rd(work: Path, variants: list[str], level: int) -> dict[str, Any]:
             rows[variant]["bytes"].append(len(data))
             rows[variant]["level"].append(chosen_level)
             rows[variant]["psnr_db"].append(_psnr(receiver.decode(data), rgb))
-    base = float(np.mean(rows["default"]["psnr_db"])) if rows["default"]["psnr_db"] else None
-    for variant in chosen:
+    base = float(np.mean(rows["whole"]["psnr_db"])) if rows["whole"]["psnr_db"] else None
+    for variant in factors:
         row = rows[variant]
         row["mean_psnr_db"] = float(np.mean(row["psnr_db"])) if row["psnr_db"] else None
         row["psnr_change_db"] = row["mean_psnr_db"] - base if row["psnr_db"] and base is not None else None
-        row["bytes_change_pct"] = (100 * (sum(row["bytes"]) / sum(rows["default"]["bytes"]) - 1)
-                                   if len(row["bytes"]) == len(rows["default"]["bytes"]) else None)
-    return {"size": f"{SIZE[0]}x{SIZE[1]}", "default_level": level, **rows}
+        row["bytes_change_pct"] = (100 * (sum(row["bytes"]) / sum(rows["whole"]["bytes"]) - 1)
+                                   if len(row["bytes"]) == len(rows["whole"]["bytes"]) else None)
+    return {"size": f"{SIZE[0]}x{SIZE[1]}", "whole_level": level, **rows}
 
 
 def summarise(runs: dict[str, Any]) -> dict[str, Any]:

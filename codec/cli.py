@@ -21,7 +21,8 @@ def _read_rgb(path: Path):
 def cmd_encode(args: argparse.Namespace) -> int:
     from aeic.sender.encoder import BudgetError, SenderCodec
 
-    codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale)
+    downscale = args.downscale if args.downscale == "auto" else int(args.downscale)
+    codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=downscale)
     status = 0
     for image in args.images:
         try:
@@ -135,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--target-bytes", type=int, help="the largest bitstream allowed, bytes")
     encode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
     encode.add_argument("--threads", type=int)
-    encode.add_argument("--downscale", type=int, choices=(1, 2, 4), default=1,
-                        help="code the image reduced by this factor (the decoder scales back)")
+    encode.add_argument("--downscale", choices=("auto", "1", "2", "4"), default="auto",
+                        help="code the image reduced by this factor, the decoder scales back (auto: by image size)")
     decode = sub.add_parser("decode", help=".aeic bitstreams -> PNG (receiver path)")
     decode.add_argument("streams", nargs="+", type=Path)
     decode.add_argument("-o", "--output", type=Path)

@@ -58,6 +58,14 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------- parser
+def _downscale(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text in ("1", "2", "4"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected auto, 1, 2 or 4, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="settings file (TOML, or JSON if it ends in .json)")
@@ -70,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--provider", help="onnxruntime execution provider (falls back to the CPU)")
     encoder.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     encoder.add_argument(
-        "--downscale", type=int, choices=(1, 2, 4),
-        help="code the image reduced by this factor (the receiver scales back): 4x or 16x fewer pixels to encode",
+        "--downscale", type=_downscale, metavar="{auto,1,2,4}",
+        help="code the image reduced by this factor, the receiver scales back (default auto: large photos are "
+             "coded near a 512-pixel short side, 4x or 16x fewer pixels to encode)",
     )
     rate = encoder.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=int, help=f"rate index (default {DEFAULT_RATE})")

@@ -21,7 +21,15 @@ try:  # Python 3.11+; on 3.10 (JetPack 6) config files must be JSON
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
     tomllib = None  # type: ignore[assignment]
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "AEIC_"
 CONFIG_ENV = "AEIC_SENDER_CONFIG"
@@ -63,7 +71,13 @@ class SenderConfig(BaseModel):
         None, description="onnxruntime execution provider, e.g. CUDAExecutionProvider"
     )
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads")
-    downscale: Literal[1, 2, 4] = Field(1, description="code the image reduced by this factor")
+    downscale: Literal["auto", 1, 2, 4] = Field("auto", description="coding downscale; auto: by image size")
+
+    @field_validator("downscale", mode="before")
+    @classmethod
+    def _downscale_from_text(cls, value: Any) -> Any:
+        """An environment variable or a JSON string says "2"; the model wants the number."""
+        return int(value) if isinstance(value, str) and value.isdigit() else value
     rate: int | None = Field(None, ge=0, le=255, description="rate index")
     target_bytes: int | None = Field(None, ge=1, description="byte budget per image")
 

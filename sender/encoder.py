@@ -15,12 +15,13 @@ import onnxruntime as ort
 from aeic.shared import bitstream
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
-from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
+from aeic.shared.padding import auto_downscale, colour_statistics, downscale_image, pad_to_multiple
 
 from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention
 
 ALIGNMENT = 128
 CPU_PROVIDER = "CPUExecutionProvider"
+AUTO = "auto"
 
 
 class BudgetError(ValueError):
@@ -57,15 +58,16 @@ class AnalysedImage:
 
     rgb: np.ndarray
     latent: np.ndarray  # (1, C, h, w) float32
+    downscale: int = 1  # the coding downscale the latent was computed at
 
 
 class SenderCodec:
     """Encodes RGB images into AEIC bitstreams with one model package."""
 
     def __init__(self, package: ModelPackage, provider: str | None = None, threads: int | None = None,
-                 strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int = 1) -> None:
-        if downscale not in bitstream.DOWNSCALES:
-            raise ValueError(f"downscale must be one of {bitstream.DOWNSCALES}, got {downscale}")
+                 strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int | str = AUTO) -> None:
+        if downscale != AUTO and downscale not in bitstream.DOWNSCALES:
+            raise ValueError(f"downscale must be {AUTO!r} or one of {bitstream.DOWNSCALES}, got {downscale!r}")
         self.package = package
         self.downscale = downscale
         limit_heap_retention()
@@ -82,7 +84,7 @@ class SenderCodec:
 
     @classmethod
     def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None,
-                     strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int = 1) -> SenderCodec:
+                     strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int | str = AUTO) -> SenderCodec:
         return cls(ModelPackage.load(path), provider, threads, strip_rows, downscale)
 
     @property
@@ -94,14 +96,17 @@ class SenderCodec:
         return self.package.num_levels
 
     def analyse(self, rgb: np.ndarray) -> AnalysedImage:
-        """Run the analysis transform once (the expensive part), on the image reduced by ``downscale``."""
+        """Run the analysis transform once (the expensive part), on the image reduced by the coding downscale.
+
+        ``downscale="auto"`` picks it per image (:func:`aeic.shared.padding.auto_downscale`)."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError("expected an HxWx3 uint8 RGB image")
         height, width = rgb.shape[:2]
         if not (1 <= height <= bitstream.MAX_DIMENSION and 1 <= width <= bitstream.MAX_DIMENSION):
             raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
-        coded = downscale_image(rgb, self.downscale)
-        return AnalysedImage(rgb, self.analysis(pad_to_multiple(coded, ALIGNMENT)))
+        factor = auto_downscale(height, width, bitstream.DOWNSCALES) if self.downscale == AUTO else self.downscale
+        coded = downscale_image(rgb, factor)
+        return AnalysedImage(rgb, self.analysis(pad_to_multiple(coded, ALIGNMENT)), factor)
 
     def _entropy_code(self, analysed: AnalysedImage, level: int) -> tuple[bytes, np.ndarray]:
         """(payload, ŷ in fixed point) of this rate level."""
@@ -128,7 +133,7 @@ class SenderCodec:
             height=height,
             rate_index=level,
             colour_stats=colour_statistics(analysed.rgb),
-            downscale=self.downscale,
+            downscale=analysed.downscale,
         )
         return bitstream.pack(bitstream.Bitstream(header, payload))
 

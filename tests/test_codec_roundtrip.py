@@ -14,7 +14,7 @@ from aeic.sender.encoder import BudgetError, SenderCodec
 from aeic.shared import bitstream
 from aeic.shared.entropy_coding import EntropyDecodeError
 from aeic.shared.model_package import ModelPackage, ModelPackageError
-from aeic.shared.padding import downscale_image, pad_to_multiple, padded_size, upscale_image
+from aeic.shared.padding import auto_downscale, downscale_image, pad_to_multiple, padded_size, upscale_image
 from PIL import Image
 
 
@@ -91,8 +91,17 @@ def test_downscale_and_upscale_are_inverse_on_smooth_images() -> None:
     back = upscale_image(small, 2, 61, 83).astype(float)
     assert back.shape == smooth.shape
     assert np.abs(back[2:-2, 2:-2] - smooth[2:-2, 2:-2]).mean() < 1.5
-    with pytest.raises(ValueError, match="downscale must be one of"):
+    with pytest.raises(ValueError, match="downscale must be 'auto' or one of"):
         SenderCodec.from_package(None, downscale=3)
+
+
+def test_auto_downscale_codes_large_images_near_the_training_scale(exported) -> None:
+    assert [auto_downscale(h, w) for h, w in ((512, 768), (1080, 1920), (2160, 3840), (1023, 4000))] == [1, 2, 4, 1]
+    _, folder = exported
+    rgb = _photo(1030, 1100)
+    data = SenderCodec.from_package(folder).encode(rgb, 0)
+    assert bitstream.peek_header(data).downscale == 2
+    assert SenderCodec.from_package(folder, downscale=1).analyse(rgb).downscale == 1
 
 
 def test_real_photo_round_trip(codecs, tmp_path) -> None:
