@@ -15,8 +15,9 @@ import onnxruntime as ort
 from aeic.shared import bitstream
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
-from aeic.shared.padding import auto_downscale, colour_statistics, downscale_image, pad_to_multiple
+from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
 
+from . import coding_scale
 from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention
 
 ALIGNMENT = 128
@@ -95,16 +96,16 @@ class SenderCodec:
     def num_levels(self) -> int:
         return self.package.num_levels
 
-    def analyse(self, rgb: np.ndarray) -> AnalysedImage:
+    def analyse(self, rgb: np.ndarray, downscale: int | None = None) -> AnalysedImage:
         """Run the analysis transform once (the expensive part), on the image reduced by the coding downscale.
 
-        ``downscale="auto"`` picks it per image (:func:`aeic.shared.padding.auto_downscale`)."""
+        ``downscale`` overrides the codec's; ``"auto"`` picks one by size (:mod:`aeic.sender.coding_scale`)."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError("expected an HxWx3 uint8 RGB image")
         height, width = rgb.shape[:2]
         if not (1 <= height <= bitstream.MAX_DIMENSION and 1 <= width <= bitstream.MAX_DIMENSION):
             raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
-        factor = auto_downscale(height, width, bitstream.DOWNSCALES) if self.downscale == AUTO else self.downscale
+        factor = downscale or (coding_scale.downscale_for_rate(height, width) if self.downscale == AUTO else self.downscale)
         coded = downscale_image(rgb, factor)
         return AnalysedImage(rgb, self.analysis(pad_to_multiple(coded, ALIGNMENT)), factor)
 
@@ -142,8 +143,23 @@ class SenderCodec:
         return self.encode_analysed(self.analyse(rgb), rate_index)
 
     def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]:
-        """The highest rate level whose whole bitstream fits ``target_bytes`` (binary search)."""
-        analysed = self.analyse(rgb)
+        """The highest rate level whose whole bitstream fits ``target_bytes`` (binary search).
+
+        With ``downscale="auto"`` the coding downscale is chosen for the budget first
+        (:func:`aeic.sender.coding_scale.fills_budget`), trying the cheapest analysis first.
+        """
+        if self.downscale != AUTO:
+            return self._search_levels(self.analyse(rgb), target_bytes)
+        for factor in coding_scale.budget_candidates(*rgb.shape[:2]):
+            analysed = self.analyse(rgb, factor)
+            top = self.encode_analysed(analysed, self.num_levels - 1)
+            if factor == 1 or coding_scale.fills_budget(len(top), target_bytes):
+                break
+        if len(top) <= target_bytes:
+            return top, self.num_levels - 1
+        return self._search_levels(analysed, target_bytes)
+
+    def _search_levels(self, analysed: AnalysedImage, target_bytes: int) -> tuple[bytes, int]:
         low, high, best = 0, self.num_levels - 1, None
         while low <= high:
             middle = (low + high) // 2

@@ -17,19 +17,6 @@ def pad_to_multiple(rgb: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(rgb, ((0, target_h - height), (0, target_w - width), (0, 0)), mode="edge")
 
 
-AUTO_SHORT_SIDE = 512  # the scale the shipped model was trained at (photos with a 512-pixel short side)
-
-
-def auto_downscale(height: int, width: int, choices: tuple[int, ...] = (1, 2, 4)) -> int:
-    """The largest coding downscale that keeps the short side at ``AUTO_SHORT_SIDE`` or more.
-
-    The model learned images at that scale; coding a 1080p or 4K photo at about that size gives it
-    the statistics it knows and spends the bytes on structure, not on detail no rate here can carry
-    (at 1080p and equal bytes: +3 to +5 dB PSNR over coding it whole, benchmarks/sender_bench.py).
-    """
-    return max(d for d in choices if d == 1 or min(height, width) // d >= AUTO_SHORT_SIDE)
-
-
 def downscale_image(rgb: np.ndarray, factor: int) -> np.ndarray:
     """Box-filter reduction by ``factor`` to ``ceil(size / factor)`` (edges replicated): the sender's coding size."""
     if factor == 1:

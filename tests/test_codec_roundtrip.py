@@ -10,11 +10,12 @@ import torch
 from aeic.codec.export import export_package
 from aeic.codec.testing import make_tiny_model
 from aeic.receiver.decoder import DecodeError, ReceiverCodec, UnknownModelError
+from aeic.sender import coding_scale
 from aeic.sender.encoder import BudgetError, SenderCodec
 from aeic.shared import bitstream
 from aeic.shared.entropy_coding import EntropyDecodeError
 from aeic.shared.model_package import ModelPackage, ModelPackageError
-from aeic.shared.padding import auto_downscale, downscale_image, pad_to_multiple, padded_size, upscale_image
+from aeic.shared.padding import downscale_image, pad_to_multiple, padded_size, upscale_image
 from PIL import Image
 
 
@@ -95,13 +96,27 @@ def test_downscale_and_upscale_are_inverse_on_smooth_images() -> None:
         SenderCodec.from_package(None, downscale=3)
 
 
-def test_auto_downscale_codes_large_images_near_the_training_scale(exported) -> None:
-    assert [auto_downscale(h, w) for h, w in ((512, 768), (1080, 1920), (2160, 3840), (1023, 4000))] == [1, 2, 4, 1]
+def test_auto_downscale_for_a_rate_codes_large_images_near_the_training_scale(exported) -> None:
+    sizes = ((512, 768), (1080, 1920), (2160, 3840), (1023, 4000))
+    assert [coding_scale.downscale_for_rate(h, w) for h, w in sizes] == [1, 2, 4, 1]
     _, folder = exported
     rgb = _photo(1030, 1100)
     data = SenderCodec.from_package(folder).encode(rgb, 0)
     assert bitstream.peek_header(data).downscale == 2
     assert SenderCodec.from_package(folder, downscale=1).analyse(rgb).downscale == 1
+
+
+def test_auto_downscale_for_a_budget_picks_the_largest_that_fills_it(exported) -> None:
+    assert coding_scale.budget_candidates(512, 768) == [2, 1] and coding_scale.budget_candidates(300, 900) == [1]
+    _, folder = exported
+    rgb = _photo(1030, 1100)
+    sender, quarter = SenderCodec.from_package(folder), SenderCodec.from_package(folder, downscale=4)
+    top_quarter = quarter.encode(rgb, sender.num_levels - 1)
+    data, level = sender.encode_to_budget(rgb, len(top_quarter))
+    assert (data, level) == (top_quarter, sender.num_levels - 1)
+    huge = 10 * len(SenderCodec.from_package(folder, downscale=1).encode(rgb, sender.num_levels - 1))
+    data, _ = sender.encode_to_budget(rgb, huge)
+    assert bitstream.peek_header(data).downscale == 1
 
 
 def test_real_photo_round_trip(codecs, tmp_path) -> None:
