@@ -14,7 +14,8 @@ against, and the sender path's latency in onnxruntime on this CPU.
   MACs per pixel grow with the size, so the counts are taken at the timed size.
 * Sender path: a random-weight ``nano-se`` package exported with ``aeic.codec.export`` and run
   by ``aeic.sender.encoder.SenderCodec`` (or ``--package`` for a trained one), split into the
-  analysis, the hyper-analysis and the integer entropy model with rANS and the container.
+  analysis, the hyper-analysis and the integer entropy model with rANS and the container, at the
+  full size (coding downscale 1; the sender's default ``auto`` would code 1080p at half size).
 
 Usage: python -m benchmarks.model_bench [--count-size 512x512] [--heavy-size 768x512|1920x1080|none]
        [--sender-sizes 768x512,1920x1080] [--repeats 3] [--package DIR] [--out FILE]
@@ -171,9 +172,9 @@ def sender_latency(package: Path | None, sizes: list[tuple[int, int]], repeats: 
 
     with tempfile.TemporaryDirectory(prefix="aeic-model-bench-") as tmp:
         path = package or _random_package(Path(tmp))
-        codec = SenderCodec.from_package(path)
+        codec = SenderCodec.from_package(path, downscale=1)  # the transforms at the full size, not auto-reduced
         result: dict[str, Any] = {"package": str(package) if package else "random-weight nano-se (export_package)",
-                                  "provider": codec.provider, "rate_level": level, "sizes": {}}
+                                  "provider": codec.provider, "rate_level": level, "downscale": 1, "sizes": {}}
         for width, height in sizes:
             rgb = photo(width, height)
             _sender_split(codec, rgb, level)  # warm-up

@@ -96,6 +96,19 @@ def heavy_1080p_section(doc: dict[str, Any]) -> list[str]:
             "", _machine(doc)]
 
 
+def downscale_lines(rd: dict[str, Any] | None) -> list[str]:
+    """The coding downscale variants at equal bytes against coding the 1080p photos whole."""
+    if not rd:
+        return []
+    parts = [f"{variant} {row['psnr_change_db']:+.2f} dB PSNR at {row['bytes_change_pct']:+.1f} % bytes"
+             for variant, row in rd.items()
+             if variant != "whole" and isinstance(row, dict) and row.get("psnr_change_db") is not None]
+    whole = rd["whole"]
+    return ["", (f"Coding downscale at {rd['size']} and equal bytes (RD photos coded whole at level {rd['whole_level']}: "
+                 f"{_num(sum(whole['bytes']) / len(whole['bytes']), 0)} B, {_num(sum(whole['psnr_db']) / len(whole['psnr_db']), 2)} dB "
+                 f"mean; each variant at its best level within the same bytes): " + "; ".join(parts) + ".")]
+
+
 def sender_section(doc: dict[str, Any]) -> list[str]:
     rows = []
     for variant, s in doc["summary"].items():
@@ -125,6 +138,7 @@ def sender_section(doc: dict[str, Any]) -> list[str]:
                        f"{doc['targets']['speedup_vs_reference']:.0f}x: {'met' if speedup and speedup >= 4 else 'not met'}); "
                        f"lowest peak RSS: {leanest} ({ours[leanest]['peak_rss_mb']:,.0f} MB, target "
                        f"{doc['targets']['peak_rss_mb']:.0f} MB: {'met' if ours[leanest]['meets_300mb'] else 'not met'}).")]
+    verdict += downscale_lines(doc.get("rd_cost", {}).get("downscale_at_equal_bytes"))
     t = doc["targets"]
     return [(f"**Sender path at {doc['size']}** (read file, encode, rANS, container; one process per variant; "
             f"targets: >= {t['speedup_vs_reference']:.0f}x the reference fps, <= {t['peak_rss_mb']:.0f} MB peak RSS). "
