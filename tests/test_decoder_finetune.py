@@ -16,6 +16,7 @@ from aeic.shared.model_package import PACKAGE_FILES
 from aeic.training.config import TrainConfig
 from aeic.training.decoder_finetune import DecoderFinetuner, texture_loss
 from PIL import Image
+from training_support import write_training_photos
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +26,7 @@ def package(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        rows, cols = np.mgrid[0:180, 0:260]
-        image = np.stack([rows, cols, (rows + 2 * cols) % 255], -1) + rng.normal(0, 12, (180, 260, 3))
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return write_training_photos(tmp_path_factory.mktemp("photos"), 2)
 
 
 def _config(package: Path, photos: Path, out: Path, **kwargs) -> TrainConfig:

@@ -12,17 +12,12 @@ from aeic.sender.encoder import SenderCodec
 from aeic.training.config import TrainConfig
 from aeic.training.trainer import Trainer, latent_texture
 from PIL import Image
+from training_support import write_training_photos
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        rows, cols = np.mgrid[0:200, 0:300]
-        image = np.stack([rows, cols, (rows * cols) % 255], -1) % 255 + rng.normal(0, 10, (200, 300, 3))
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return write_training_photos(tmp_path_factory.mktemp("photos"), 3)
 
 
 def _config(photos: Path, out: Path, **kwargs) -> TrainConfig:
