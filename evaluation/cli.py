@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--provider", default=None, help="onnxruntime provider for the sender (default: best)")
     p.add_argument("--device", default="auto", help="receiver torch device (default auto)")
+    p.add_argument("--downscale", default="auto", choices=("auto", "1", "2", "4"),
+                   help="the sender's coding downscale (default auto: by image and budget size)")
     return p
 
 
@@ -120,7 +122,8 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
             from aeic.evaluation.codec_adapter import PackageCodec, resolve_model
 
             codec = PackageCodec.from_package(
-                resolve_model(args.model), provider=args.provider, device=args.device
+                resolve_model(args.model), provider=args.provider, device=args.device,
+                downscale=args.downscale if args.downscale == "auto" else int(args.downscale),
             )
         else:
             codec = codec_factory(args.model)

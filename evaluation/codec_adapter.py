@@ -46,11 +46,12 @@ class PackageCodec:
         provider: str | None = None,
         threads: int | None = None,
         device: str = "auto",
+        downscale: int | str = "auto",
     ) -> PackageCodec:
         from aeic.receiver.decoder import ReceiverCodec
         from aeic.sender.encoder import SenderCodec
 
-        sender = SenderCodec.from_package(path, provider=provider, threads=threads)
+        sender = SenderCodec.from_package(path, provider=provider, threads=threads, downscale=downscale)
         receiver = ReceiverCodec.from_package(path, device=device)
         return cls(sender, receiver, path)
 
@@ -79,5 +80,6 @@ class PackageCodec:
             "package": str(self.package) if self.package else "default",
             "model_id": bytes(self.sender.model_id).hex(),
             "sender_provider": getattr(self.sender, "provider", None),
+            "sender_downscale": getattr(self.sender, "downscale", None),
             "receiver_device": str(getattr(self.receiver, "device", "")) or None,
         }

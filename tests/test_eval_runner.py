@@ -321,6 +321,18 @@ def test_end_to_end_with_the_tiny_model_package(tiny_package: Path, images: Path
         assert row["bytes"] == len(sender.encode(rgb, row["rate_index"]))  # deterministic, container included
         assert row["bpp"] == pytest.approx(row["bytes"] * 8 / (64 * 96))
     assert (out / "recon" / "rate0" / "aeic" / "img0.png").is_file()
+    assert summary["codec"]["sender_downscale"] == "auto"
+    assert {row["factor"] for row in aeic_rows if row["status"] == "ok"} == {1.0}  # small images: coded whole
+
+
+def test_a_fixed_coding_downscale_is_recorded_per_row(tiny_package: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "half"
+    argv = ["--images", str(images), "--model", str(tiny_package), "--rates", "1", "--baseline", "none",
+            "--downscale", "2", "--metrics", "psnr", "--no-plots", "--no-progress", "--out", str(out)]
+    assert cli.main_eval(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["codec"]["sender_downscale"] == 2
+    assert [row["factor"] for row in summary["rows"] if row["method"] == "aeic"] == [0.5, 0.5]
 
 
 def test_cli_rejects_rate_indices_the_model_lacks(images: Path, tmp_path: Path, capsys) -> None:
