@@ -5,8 +5,9 @@ frozen TAEF2 decoder renders as a regular grid. This stage trains the synthesis 
 one-step UNet through that frozen pixel decoder on pixel losses, while the sender half stays
 byte-identical: every crop is coded by the package's own sender path (ONNX analysis, integer
 entropy model), so the decoder learns from exactly the ŷ a receiver gets, and rates and bitstream
-sizes do not move. (A package with an internal pixel decoder trains that decoder too.) ``texture_weight`` adds a patch-wise gradient-energy term, the texture the
-blur of MSE and MS-SSIM removes.
+sizes do not move. A package with an internal pixel decoder trains that decoder too.
+``texture_weight`` adds a patch-wise gradient-energy term: the texture that the blur of MSE and
+MS-SSIM removes.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from aeic.shared.model_package import ModelPackage
 from pytorch_msssim import ms_ssim
 
 from .config import TrainConfig
-from .data import CropSampler, build_cache, empty_latent
+from .data import LATENT_STRIDE, CropSampler, build_cache, empty_latent
 from .schedule import ScheduledRun, seed_everything
 
 LUMA = (0.299, 0.587, 0.114)
 TEXTURE_PATCH = 32
 TEXTURE_EPS = 1e-5
-LATENT_STRIDE = 8
 WINDOW_MARGIN = 1  # latent cells decoded around the judged window (TAEF2's border effects)
 
 
@@ -37,7 +37,7 @@ class SenderLatents:
     """Training batches (images, ŷ, rate positions): random crops coded by the package's sender path."""
 
     def __init__(self, package: Path, sampler: CropSampler, seed: int) -> None:
-        self.codec = SenderCodec.from_package(package)
+        self.codec = SenderCodec.from_package(package, downscale=1)  # crops are coded whole
         self.sampler = sampler
         self.rng = np.random.default_rng(seed + 1)
 
