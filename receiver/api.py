@@ -145,6 +145,7 @@ def image_json(record: ImageRecord) -> dict[str, Any]:
         "width": record.width,
         "height": record.height,
         "rate_index": record.rate_index,
+        "downscale": record.downscale,
         "bytes": record.bytes,
         "bpp": record.bpp,
         "attempts": record.attempts,
@@ -279,7 +280,7 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
     image = NewImage(
         id=secrets.token_hex(16), device=who.device, idempotency_key=key, model_id=header.model_id.hex(),
         width=header.width, height=header.height, rate_index=header.rate_index, bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=hashlib.sha256(data).hexdigest(), downscale=header.downscale,
     )
     try:
         record, created = await run_in_threadpool(_store_upload, state, image, data)

@@ -47,9 +47,10 @@ def started(server: AbstractContextManager[str]) -> Iterator[str]:
 
 
 def make_bitstream(width: int = 48, height: int = 32, payload: bytes = b"\x01\x02\x03",
-                   model_id: bytes = TEST_MODEL_ID, rate_index: int = 0) -> bytes:
+                   model_id: bytes = TEST_MODEL_ID, rate_index: int = 0, downscale: int = 1) -> bytes:
     """A valid container (the payload is opaque to everything but the real decoder)."""
-    return pack(Bitstream(Header(model_id, width, height, rate_index, (120, 110, 100, 40, 40, 40)), payload))
+    header = Header(model_id, width, height, rate_index, (120, 110, 100, 40, 40, 40), downscale=downscale)
+    return pack(Bitstream(header, payload))
 
 
 class FakeCodec:

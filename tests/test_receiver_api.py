@@ -84,6 +84,12 @@ def error_code(response: Any) -> str:
     return str(response.json()["error"]["code"])
 
 
+def test_coding_downscale_is_stored_and_reported(env: Env) -> None:
+    response = env.upload(data=make_bitstream(96, 64, payload=b"\x33", downscale=2))
+    assert response.status_code == 202
+    assert env.wait(response.json()["id"])["downscale"] == 2
+
+
 def test_upload_decode_and_fetch_in_every_format(env: Env) -> None:
     response = env.upload(data=make_bitstream(48, 32, payload=b"\x10\x20"))
     assert response.status_code == 202
@@ -91,7 +97,7 @@ def test_upload_decode_and_fetch_in_every_format(env: Env) -> None:
     assert response.headers["location"] == f"/v1/images/{image_id}"
     body = env.wait(image_id)
     assert body["status"] == "done" and body["device"] == "cam1" and body["model_id"] == "54535431"
-    assert (body["width"], body["height"]) == (48, 32)
+    assert (body["width"], body["height"], body["downscale"]) == (48, 32, 1)
     assert body["bpp"] == pytest.approx(len(make_bitstream(48, 32, payload=b"\x10\x20")) * 8 / (48 * 32))
     assert body["timings"]["decode_ms"] > 0 and body["timings"]["batch_size"] >= 1
     base = f"/v1/images/{image_id}/reconstruction"

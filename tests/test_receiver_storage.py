@@ -3,6 +3,7 @@ retries, crash recovery, paging; plus atomic blob files."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,22 @@ def test_migrate_is_idempotent_and_versioned(store: SqlMetadataStore) -> None:
     with store.engine.connect() as conn:
         assert current_version(conn) == MIGRATIONS[-1].version
         assert {"images", "device_tokens"} <= set(sa.inspect(conn).get_table_names())
+
+
+def test_a_v2_database_gains_the_coding_downscale(tmp_path: Path) -> None:
+    """Rows stored before the container carried a downscale read back as coded whole."""
+    old = SqlMetadataStore.from_url(f"sqlite:///{tmp_path / 'v2.db'}")
+    old.migrate()
+    record, _ = old.insert_image(new_image(7))
+    with old.engine.begin() as conn:  # back to the v2 layout: no downscale column, version 2
+        conn.execute(sa.text("ALTER TABLE images DROP COLUMN downscale"))
+        conn.execute(sa.text("DELETE FROM aeic_schema_version WHERE version > 2"))
+    old.close()
+    store = SqlMetadataStore.from_url(f"sqlite:///{tmp_path / 'v2.db'}")
+    assert store.migrate() == 3
+    assert store.get_image(record.id).downscale == 1
+    halved, _ = store.insert_image(dataclasses.replace(new_image(8), downscale=2))
+    assert store.get_image(halved.id).downscale == 2
 
 
 def test_insert_get_and_bpp(store: SqlMetadataStore) -> None:

@@ -189,7 +189,8 @@ class SqlMetadataStore:
         values = {
             "id": image.id, "device": image.device, "idempotency_key": image.idempotency_key,
             "model_id": image.model_id, "width": image.width, "height": image.height,
-            "rate_index": image.rate_index, "bytes": image.bytes, "bpp": image.bpp, "sha256": image.sha256,
+            "rate_index": image.rate_index, "downscale": image.downscale, "bytes": image.bytes, "bpp": image.bpp,
+            "sha256": image.sha256,
             "status": Status.PENDING.value, "attempts": 0, "created_at": now, "updated_at": now,
         }
         try:

@@ -39,9 +39,16 @@ def _v2_decode_counter(conn: sa.Connection) -> None:
         conn.execute(sa.text("ALTER TABLE images ADD COLUMN decodes INTEGER NOT NULL DEFAULT 0"))
 
 
+def _v3_coding_downscale(conn: sa.Connection) -> None:
+    # Streams stored before the container carried a downscale were all coded whole.
+    if "downscale" not in {c["name"] for c in sa.inspect(conn).get_columns(schema.images.name)}:
+        conn.execute(sa.text("ALTER TABLE images ADD COLUMN downscale INTEGER NOT NULL DEFAULT 1"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "images and device tokens", _v1_initial),
     Migration(2, "decode counter", _v2_decode_counter),
+    Migration(3, "coding downscale", _v3_coding_downscale),
 )
 
 

@@ -30,6 +30,7 @@ class NewImage:
     rate_index: int
     bytes: int
     sha256: str
+    downscale: int = 1  # the sender coded the image reduced by this factor
 
     @property
     def bpp(self) -> float:
@@ -73,6 +74,7 @@ class ImageRecord:
     updated_at: float
     decoded_at: float | None
     decodes: int = 0
+    downscale: int = 1
 
 
 @dataclass(frozen=True)

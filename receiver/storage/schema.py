@@ -32,6 +32,8 @@ images = sa.Table(
     sa.Column("width", sa.Integer, nullable=False),
     sa.Column("height", sa.Integer, nullable=False),
     sa.Column("rate_index", sa.Integer, nullable=False),
+    # The coding downscale of the bitstream (1, 2 or 4): the sender coded the image reduced by it.
+    sa.Column("downscale", sa.Integer, nullable=False, server_default="1"),
     sa.Column("bytes", sa.Integer, nullable=False),
     sa.Column("bpp", sa.Float, nullable=False),
     sa.Column("sha256", sa.String(64), nullable=False),
