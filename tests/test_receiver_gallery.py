@@ -87,6 +87,7 @@ def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser, tiny
         size = len(streams[2])
         assert browser.find_element(By.ID, "m-bytes").text == f"{size} bytes"
         assert browser.find_element(By.ID, "m-bpp").text == f"{size * 8 / (400 * 300):.4f}"
+        assert browser.find_element(By.ID, "m-scale").text == "full size"
         assert browser.find_element(By.ID, "m-decode").text.endswith("ms")
         wait.until(lambda d: d.execute_script(
             "const i = document.getElementById('reconstruction'); return i.complete && i.naturalWidth;") == 400)
