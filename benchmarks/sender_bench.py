@@ -300,6 +300,7 @@ def downscale_rd(work: Path, variants: list[str], level: int) -> dict[str, Any]:
     receiver = ReceiverCodec.from_package(work / "package", device="cpu")
     whole = SenderCodec.from_package(work / "package", downscale=1)
     factors = {"default": "auto", **{v: DOWNSCALE_VARIANTS[v] for v in variants if v in DOWNSCALE_VARIANTS}}
+    codecs = {variant: SenderCodec.from_package(work / "package", downscale=f) for variant, f in factors.items()}
     rows: dict[str, Any] = {"whole": {"bytes": [], "psnr_db": []}}
     rows.update({v: {"bytes": [], "psnr_db": [], "level": []} for v in factors})
     for path in sorted((work / "rd1080").glob("*.png")):
@@ -307,8 +308,7 @@ def downscale_rd(work: Path, variants: list[str], level: int) -> dict[str, Any]:
         stream = whole.encode(rgb, level)
         rows["whole"]["bytes"].append(len(stream))
         rows["whole"]["psnr_db"].append(_psnr(receiver.decode(stream), rgb))
-        for variant, factor in factors.items():
-            codec = SenderCodec.from_package(work / "package", downscale=factor)
+        for variant, codec in codecs.items():
             try:
                 data, chosen_level = codec.encode_to_budget(rgb, len(stream))
             except BudgetError:

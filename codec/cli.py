@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from aeic.sender.coding_scale import parse_downscale
+
 
 def _read_rgb(path: Path):
     from aeic.sender.images import read_image
@@ -21,8 +23,7 @@ def _read_rgb(path: Path):
 def cmd_encode(args: argparse.Namespace) -> int:
     from aeic.sender.encoder import BudgetError, SenderCodec
 
-    downscale = args.downscale if args.downscale == "auto" else int(args.downscale)
-    codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=downscale)
+    codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale)
     status = 0
     for image in args.images:
         try:
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--target-bytes", type=int, help="the largest bitstream allowed, bytes")
     encode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
     encode.add_argument("--threads", type=int)
-    encode.add_argument("--downscale", choices=("auto", "1", "2", "4"), default="auto",
+    encode.add_argument("--downscale", type=parse_downscale, default="auto", metavar="{auto,1,2,4}",
                         help="code the image reduced by this factor, the decoder scales back (auto: by image size)")
     decode = sub.add_parser("decode", help=".aeic bitstreams -> PNG (receiver path)")
     decode.add_argument("streams", nargs="+", type=Path)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from aeic.evaluation import baselines, plots, runner
+from aeic.sender.coding_scale import parse_downscale
 
 BASELINE_CHOICES = ("jpeg", "webp", "avif", "jxl", "best", "none")
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--provider", default=None, help="onnxruntime provider for the sender (default: best)")
     p.add_argument("--device", default="auto", help="receiver torch device (default auto)")
-    p.add_argument("--downscale", default="auto", choices=("auto", "1", "2", "4"),
+    p.add_argument("--downscale", default="auto", type=parse_downscale, metavar="{auto,1,2,4}",
                    help="the sender's coding downscale (default auto: by image and budget size)")
     return p
 
@@ -123,7 +124,7 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
 
             codec = PackageCodec.from_package(
                 resolve_model(args.model), provider=args.provider, device=args.device,
-                downscale=args.downscale if args.downscale == "auto" else int(args.downscale),
+                downscale=args.downscale,
             )
         else:
             codec = codec_factory(args.model)

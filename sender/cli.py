@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from aeic.sender.backoff import Backoff
+from aeic.sender.coding_scale import parse_downscale
 from aeic.sender.config import ConfigError, SenderConfig, load_config
 from aeic.sender.forward import DrainReport, Forwarder
 from aeic.sender.images import ImageReadError, read_image
@@ -58,14 +59,6 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------- parser
-def _downscale(text: str) -> int | str:
-    if text == "auto":
-        return text
-    if text in ("1", "2", "4"):
-        return int(text)
-    raise argparse.ArgumentTypeError(f"expected auto, 1, 2 or 4, got {text!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="settings file (TOML, or JSON if it ends in .json)")
@@ -78,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--provider", help="onnxruntime execution provider (falls back to the CPU)")
     encoder.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     encoder.add_argument(
-        "--downscale", type=_downscale, metavar="{auto,1,2,4}",
+        "--downscale", type=parse_downscale, metavar="{auto,1,2,4}",
         help="code the image reduced by this factor, the receiver scales back (default auto: large photos are "
              "coded near a 512-pixel short side, 4x or 16x fewer pixels to encode)",
     )

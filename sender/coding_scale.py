@@ -13,10 +13,23 @@ Two rules, measured on non-Kodak photos (six 512-768 px photos, two 1080p ones; 
 
 from __future__ import annotations
 
-DOWNSCALES = (1, 2, 4)
+import argparse
+
+from aeic.shared.bitstream import DOWNSCALES
+
+AUTO = "auto"
 AUTO_SHORT_SIDE = 512  # the training scale: photos with a 512-pixel short side
 MIN_CODED_SIDE = 192  # no coded picture under this short side (6 latent rows)
 FILL_FRACTION = 0.75
+
+
+def parse_downscale(text: str) -> int | str:
+    """``auto`` or a container downscale, from a command line (an argparse ``type``)."""
+    if text == AUTO:
+        return text
+    if text.isdigit() and int(text) in DOWNSCALES:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected {AUTO}, 1, 2 or 4, got {text!r}")
 
 
 def downscale_for_rate(height: int, width: int) -> int:

@@ -72,14 +72,14 @@ class SenderConfig(BaseModel):
     )
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads")
     downscale: Literal["auto", 1, 2, 4] = Field("auto", description="coding downscale; auto: by image size")
+    rate: int | None = Field(None, ge=0, le=255, description="rate index")
+    target_bytes: int | None = Field(None, ge=1, description="byte budget per image")
 
     @field_validator("downscale", mode="before")
     @classmethod
     def _downscale_from_text(cls, value: Any) -> Any:
         """An environment variable or a JSON string says "2"; the model wants the number."""
         return int(value) if isinstance(value, str) and value.isdigit() else value
-    rate: int | None = Field(None, ge=0, le=255, description="rate index")
-    target_bytes: int | None = Field(None, ge=1, description="byte budget per image")
 
     # Folder watcher.
     watch_poll: float = Field(2.0, gt=0, description="seconds between folder scans")

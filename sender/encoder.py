@@ -22,7 +22,7 @@ from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retent
 
 ALIGNMENT = 128
 CPU_PROVIDER = "CPUExecutionProvider"
-AUTO = "auto"
+AUTO = coding_scale.AUTO
 
 
 class BudgetError(ValueError):
@@ -99,7 +99,8 @@ class SenderCodec:
     def analyse(self, rgb: np.ndarray, downscale: int | None = None) -> AnalysedImage:
         """Run the analysis transform once (the expensive part), on the image reduced by the coding downscale.
 
-        ``downscale`` overrides the codec's; ``"auto"`` picks one by size (:mod:`aeic.sender.coding_scale`)."""
+        ``downscale`` (1, 2 or 4) overrides the codec's setting; with neither, ``"auto"`` picks one by size
+        (:func:`aeic.sender.coding_scale.downscale_for_rate`)."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError("expected an HxWx3 uint8 RGB image")
         height, width = rgb.shape[:2]
@@ -157,10 +158,11 @@ class SenderCodec:
                 break
         if len(top) <= target_bytes:
             return top, self.num_levels - 1
-        return self._search_levels(analysed, target_bytes)
+        return self._search_levels(analysed, target_bytes, self.num_levels - 2)  # the top level is known not to fit
 
-    def _search_levels(self, analysed: AnalysedImage, target_bytes: int) -> tuple[bytes, int]:
-        low, high, best = 0, self.num_levels - 1, None
+    def _search_levels(self, analysed: AnalysedImage, target_bytes: int, highest: int | None = None) -> tuple[bytes, int]:
+        """Binary search over levels ``0..highest`` (default: all) for the highest that fits."""
+        low, high, best = 0, self.num_levels - 1 if highest is None else highest, None
         while low <= high:
             middle = (low + high) // 2
             stream = self.encode_analysed(analysed, middle)

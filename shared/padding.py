@@ -21,7 +21,7 @@ def downscale_image(rgb: np.ndarray, factor: int) -> np.ndarray:
     """Box-filter reduction by ``factor`` to ``ceil(size / factor)`` (edges replicated): the sender's coding size."""
     if factor == 1:
         return rgb
-    padded = pad_to_multiple(rgb, factor).astype(np.uint16)
+    padded = pad_to_multiple(rgb, factor)
     height, width = padded.shape[0] // factor, padded.shape[1] // factor
     sums = padded.reshape(height, factor, width, factor, 3).sum((1, 3), dtype=np.uint32)
     return ((sums + factor * factor // 2) // (factor * factor)).astype(np.uint8)
