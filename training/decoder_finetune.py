@@ -31,6 +31,7 @@ LUMA = (0.299, 0.587, 0.114)
 TEXTURE_PATCH = 32
 TEXTURE_EPS = 1e-5
 WINDOW_MARGIN = 1  # latent cells decoded around the judged window (TAEF2's border effects)
+MIN_JUDGED_CELLS = 13  # 104 px: MS-SSIM's five scales with a 7-pixel window need more than 96
 
 
 class SenderLatents:
@@ -110,7 +111,7 @@ class DecoderFinetuner(ScheduledRun):
         top = random.randint(0, latent.shape[-2] - cells)
         left = random.randint(0, latent.shape[-1] - cells)
         pixels = self.model.decoder.decode_pixels(latent[..., top : top + cells, left : left + cells])
-        margin = WINDOW_MARGIN * LATENT_STRIDE if cells > 2 * WINDOW_MARGIN + 12 else 0
+        margin = WINDOW_MARGIN * LATENT_STRIDE if cells - 2 * WINDOW_MARGIN >= MIN_JUDGED_CELLS else 0
         inner = slice(margin, cells * LATENT_STRIDE - margin)
         rows = slice(top * LATENT_STRIDE + margin, (top + cells) * LATENT_STRIDE - margin)
         cols = slice(left * LATENT_STRIDE + margin, (left + cells) * LATENT_STRIDE - margin)
