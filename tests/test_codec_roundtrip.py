@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from aeic.codec.export import export_package
+from aeic.codec.model import AEICModel
+from aeic.codec.presets import preset
 from aeic.codec.testing import make_tiny_model
 from aeic.receiver.decoder import DecodeError, ReceiverCodec, UnknownModelError
 from aeic.sender import coding_scale
@@ -55,6 +57,23 @@ def test_onnx_sender_and_torch_model_produce_identical_bitstreams(exported, code
         torch_payload, _ = integer.encode(scaled[0].numpy(), z[0].numpy())
         onnx_stream = bitstream.unpack(sender.encode(rgb, level))
         assert onnx_stream.payload == torch_payload
+
+
+@pytest.mark.parametrize("name", ["nano-se", "nano-me"])
+def test_onnx_sender_matches_torch_at_the_real_se_and_me_widths(name, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = AEICModel(preset(name)).eval()
+    with torch.no_grad():  # gains that make the random model code real symbols
+        model.log_gains.copy_(torch.linspace(1.0, 4.0, model.config.num_rates)[:, None].expand_as(model.log_gains))
+    sender = SenderCodec.from_package(export_package(model, tmp_path / name), downscale=1)
+    rgb = _photo(128, 256, 3)
+    image = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    level = sender.num_levels - 1
+    with torch.no_grad():
+        scaled = model.analysis(image) * torch.from_numpy(sender.package.level_gains[level])[None, :, None, None]
+        torch_payload, _ = model.entropy.export().encode(scaled[0].numpy(), model.hyper_analysis(scaled)[0].numpy())
+    assert len(torch_payload) > 10
+    assert bitstream.unpack(sender.encode(rgb, level)).payload == torch_payload
 
 
 @pytest.mark.parametrize("size", [(37, 53), (128, 128), (301, 163)])
