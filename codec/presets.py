@@ -23,9 +23,19 @@ _TINY = ModelConfig(
     pixel_decoder="internal",
 )
 
+# Rate points reaching 0.16 bpp: a photo coded at half size (four times the bpp of its byte budget)
+# then has a level for every budget up to 0.05 bpp instead of falling back to whole-size coding.
+# Six points, as nano-se, so a run can start from the nano-se package.
+WIDE_RATES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
+_WIDE = ModelConfig(name="nano-se", analysis=SE, rates_bpp=WIDE_RATES, decoder=NanoDecoderConfig(num_rates=len(WIDE_RATES)))
+
 PRESETS: dict[str, ModelConfig] = {
     "nano-se": ModelConfig(name="nano-se", analysis=SE),
     "nano-me": ModelConfig(name="nano-me", analysis=ME),
+    "nano-se-wide": _WIDE,
+    "nano-me-wide": replace(_WIDE, name="nano-me", analysis=ME),
+    # the same codec without the pretrained TAEF2: its pixel decoder trains with it
+    "nano-se-wide-internal": replace(_WIDE, name="nano-se-internal", pixel_decoder="internal"),
     "tiny-se": _TINY,
     "tiny-me": replace(_TINY, name="tiny-me", analysis=replace(_TINY.analysis, blocks_per_stage=2)),
     # the paper's decoder profile at test size: needs AEIC_SD_TURBO_DIR (a tiny random folder in tests)

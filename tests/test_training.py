@@ -63,3 +63,19 @@ def test_latent_texture_monitor_penalises_blur_and_excess_alike() -> None:
     assert float(latent_texture(teacher, teacher)) == pytest.approx(1.0)
     assert float(latent_texture(teacher * 0.5, teacher)) == pytest.approx(0.25)
     assert float(latent_texture(teacher * 2.0, teacher)) == pytest.approx(0.25)
+
+
+def test_pixel_distortion_logs_pixel_monitors_and_weighs_texture(photos, tmp_path) -> None:
+    torch.set_num_threads(1)
+    plain = Trainer(_config(photos, tmp_path / "plain", distortion="pixel", steps=1))
+    textured = Trainer(_config(photos, tmp_path / "tex", distortion="pixel", steps=1, texture_weight=5.0))
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    rates = torch.tensor([0, 2])
+    with torch.no_grad():
+        out = plain.model(images, rates)
+        base, monitors = plain._distortion(out, images, torch.zeros(2, 1, 16, 16))
+        weighted, _ = textured._distortion(out, images, torch.zeros(2, 1, 16, 16))
+    assert base.shape == (2,) and set(monitors) == {"psnr", "ms_ssim", "texture"}
+    assert torch.all(weighted > base)
+    plain.run()
+    assert '"psnr"' in (tmp_path / "plain" / "log.jsonl").read_text()

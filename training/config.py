@@ -26,7 +26,7 @@ class TrainConfig(BaseModel):
     lr_final_fraction: float = 0.1
     seed: int = 0
     out: Path = Path("runs/default")
-    init: Path | None = None  # model weights to start from (a previous stage's checkpoint)
+    init: Path | None = None  # weights to start from: a previous stage's checkpoint or a model package folder
     teacher: Path | None = None  # distillation: the moderate-encoder model checkpoint
     device: str = "auto"
     checkpoint_minutes: float = 4.0
@@ -34,15 +34,21 @@ class TrainConfig(BaseModel):
     unet: bool = True  # False: pretrain the regression only (the UNet learns in the adversarial stage)
     adversarial_weight: float = 0.0
     pixel_weight: float = 0.0  # MS-SSIM/MSE through the pixel decoder, on a sub-batch
+    # what rate-distortion training measures with TAEF2: its latent (cheap on a CPU) or, end to end
+    # through the frozen decoder, the pixels (mse/msssim/texture weights below, plus latent_weight x
+    # the latent MSE); a model with an internal pixel decoder always measures pixels
+    distortion: Literal["latent", "pixel"] = "latent"
+    latent_weight: float = 0.0
     distil_encoder_weight: float = 1.0
     distil_decoder_weight: float = 1.0
     log_every: int = 20
-    # the decoder stage: a package's receiver half trained on pixel losses through its frozen pixel decoder
-    package: Path | None = None
-    window: int = 16  # latent cells (8 px each) of the window the pixel decoder renders per step
+    # pixel losses (pixel distortion, decoder stage)
     mse_weight: float = 100.0
     msssim_weight: float = 1.0
     texture_weight: float = 0.0
+    # the decoder stage: a package's receiver half trained on pixel losses through its frozen pixel decoder
+    package: Path | None = None
+    window: int = 16  # latent cells (8 px each) of the window the pixel decoder renders per step
 
     @classmethod
     def from_file(cls, path: Path, **overrides: object) -> TrainConfig:

@@ -17,19 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from aeic.receiver.decoder import ReceiverModel, load_receiver_model
 from aeic.sender.encoder import SenderCodec
 from aeic.shared.model_package import ModelPackage
-from pytorch_msssim import ms_ssim
 
 from .config import TrainConfig
 from .data import LATENT_STRIDE, CropSampler, build_cache, empty_latent
+from .losses import batch_texture_retention, pixel_distortion
 from .schedule import ScheduledRun, seed_everything
 
-LUMA = (0.299, 0.587, 0.114)
-TEXTURE_PATCH = 32
-TEXTURE_EPS = 1e-5
 WINDOW_MARGIN = 1  # latent cells decoded around the judged window (TAEF2's border effects)
 MIN_JUDGED_CELLS = 13  # 104 px: MS-SSIM's five scales with a 7-pixel window need more than 96
 
@@ -51,28 +47,6 @@ class SenderLatents:
             latents.append(torch.from_numpy(self.codec.quantized_latent(self.codec.analyse(rgb), level)))
         positions = torch.tensor([self.codec.package.level_position(level) for level in levels])
         return images, torch.stack(latents), positions
-
-
-def luma_gradient_energy(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """Mean squared luma gradient over ``patch``-sized windows, (N, 1, H/patch, W/patch)."""
-    weights = torch.tensor(LUMA, device=images.device, dtype=images.dtype)[None, :, None, None]
-    luma = (images * weights).sum(1, keepdim=True)
-    dx = luma.diff(dim=-1)[..., :-1, :]
-    dy = luma.diff(dim=-2)[..., :, :-1]
-    return F.avg_pool2d(dx.pow(2) + dy.pow(2), patch)
-
-
-def texture_loss(reconstruction: torch.Tensor, original: torch.Tensor, patch: int = TEXTURE_PATCH) -> torch.Tensor:
-    """|log| of the patch-wise gradient-energy ratio: blur and invented noise both cost."""
-    ratio = (luma_gradient_energy(reconstruction, patch) + TEXTURE_EPS) / (luma_gradient_energy(original, patch) + TEXTURE_EPS)
-    return ratio.log().abs().mean()
-
-
-def batch_texture_retention(reconstruction: torch.Tensor, original: torch.Tensor) -> float:
-    """The evaluation's min(r, 1/r) over the whole batch (a monitor, not a loss)."""
-    size = reconstruction.shape[-1]
-    r = float(luma_gradient_energy(reconstruction, size - 1).mean() / luma_gradient_energy(original, size - 1).mean())
-    return min(r, 1 / r) if r > 0 else 0.0
 
 
 class DecoderFinetuner(ScheduledRun):
@@ -121,20 +95,19 @@ class DecoderFinetuner(ScheduledRun):
         for group in self.optimizer.param_groups:
             group["lr"] = self._learning_rate()
         reconstruction, original = self._decoded_window(y_hat, positions, images)
-        mse = (reconstruction - original).pow(2).mean()
-        structural = 1 - ms_ssim(reconstruction.clamp(0, 1), original, data_range=1.0, win_size=7)
-        texture = texture_loss(reconstruction, original)
         c = self.config
-        loss = c.mse_weight * mse + c.msssim_weight * structural + c.texture_weight * texture
+        terms = {k: v.mean() for k, v in pixel_distortion(reconstruction, original, c.mse_weight, c.msssim_weight,
+                                                            c.texture_weight).items()}  # fmt: skip
+        loss = terms["total"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         return {
             "loss": float(loss.detach()),
-            "psnr": float(-10 * torch.log10(mse.detach().clamp_min(1e-10))),
-            "ms_ssim": float(1 - structural.detach()),
-            "texture_loss": float(texture.detach()),
+            "psnr": float(-10 * torch.log10(terms["mse"].detach().clamp_min(1e-10))),
+            "ms_ssim": float(terms["ms_ssim"].detach()),
+            "texture_loss": float(terms["texture"].detach()),
             "texture": batch_texture_retention(reconstruction.detach(), original),
         }
 

@@ -1,7 +1,9 @@
 """The training loop shared by the three stages of the paper.
 
 * ``pretrain``: rate + distortion. With the TAEF2 pixel decoder the distortion is measured on the
-  teacher latent (cheap on a CPU); with an internal pixel decoder it is pixel MSE + MS-SSIM.
+  teacher latent (cheap on a CPU) or, with ``distortion = "pixel"``, end to end through the frozen
+  decoder on the pixels (MSE, MS-SSIM, texture energy; what a GPU affords); with an internal pixel
+  decoder it is always measured on the pixels.
 * ``adversarial``: the encoder and entropy model are frozen (the rate stays where pretraining put
   it); synthesis and UNet learn texture against a latent-space discriminator, with the distortion
   kept as an anchor.
@@ -15,31 +17,41 @@ point's nominal bpp. Checkpoints every few minutes; a run resumes from its last 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from aeic.codec import taesd
 from aeic.codec.model import AEICModel
+from aeic.codec.package_import import imported_state_dict
 from aeic.codec.presets import preset
 from pytorch_msssim import ms_ssim
 
 from .config import TrainConfig
 from .data import CropSampler, build_cache, empty_latent
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
+from .losses import batch_texture_retention, pixel_distortion
 from .schedule import ScheduledRun, seed_everything
 
 GAIN_LR_SCALE = 20.0
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The training device; on CUDA, TF32 matrix units and cuDNN autotuning (crops have one size)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
 
 
 def load_model_weights(model: AEICModel, checkpoint: Path) -> dict:
-    """Load a checkpoint's (or a bare state dict's) model weights; returns the whole checkpoint."""
+    """Load a checkpoint's (a bare state dict's, or a model package's) weights; returns the whole checkpoint."""
+    if Path(checkpoint).is_dir():  # a model package: start from what shipped
+        model.load_state_dict(imported_state_dict(Path(checkpoint)))
+        return {}
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state.get("model", state))
     return state
@@ -53,6 +65,7 @@ class Trainer(ScheduledRun):
         seed_everything(config.seed)
         self.model_config = preset(config.model)
         self.uses_teacher_latent = self.model_config.pixel_decoder == "taef2"
+        self.measures_pixels = config.distortion == "pixel" or not self.uses_teacher_latent
         pixel_decoder = taesd.load_taef2("decoder").to(self.device) if self.uses_teacher_latent else None
         self.model = AEICModel(self.model_config, pixel_decoder).to(self.device)
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
@@ -131,13 +144,19 @@ class Trainer(ScheduledRun):
             self.d_optimizer.load_state_dict(state["d_optimizer"])
 
     # -- one step ------------------------------------------------------------------------------
-    def _distortion(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """Per-sample distortion of the stage (latent MSE, or pixel MSE + MS-SSIM)."""
-        if self.uses_teacher_latent:
-            return (out["latent"] - latents).pow(2).flatten(1).mean(1)
+    def _distortion(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Per-sample distortion of the stage (latent MSE, or the pixel losses) and its monitors."""
+        latent_mse = (out["latent"] - latents).pow(2).flatten(1).mean(1) if self.uses_teacher_latent else None
+        if not self.measures_pixels:
+            return latent_mse, {}
+        c = self.config
         pixels = self.model.decoder.decode_pixels(out["latent"])
-        mse = (pixels - images).pow(2).flatten(1).mean(1)
-        return mse * 100 + (1 - ms_ssim(pixels.clamp(0, 1), images, data_range=1.0, size_average=False, win_size=7))
+        terms = pixel_distortion(pixels, images, c.mse_weight, c.msssim_weight, c.texture_weight)
+        total = terms["total"] + c.latent_weight * latent_mse if latent_mse is not None and c.latent_weight > 0 else terms["total"]
+        monitors = {"psnr": float(-10 * torch.log10(terms["mse"].detach().mean().clamp_min(1e-10))),
+                    "ms_ssim": float(terms["ms_ssim"].detach().mean()),
+                    "texture": batch_texture_retention(pixels.detach(), images)}  # fmt: skip
+        return total, monitors
 
     def _judged(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(real, fake) in the domain the discriminator sees: teacher latents, else pixels."""
@@ -170,7 +189,7 @@ class Trainer(ScheduledRun):
             group["lr"] = self._learning_rate() * group["lr_scale"]
         out = self._forward(images, rates)
         bpp = out["bits"] / (images.shape[2] * images.shape[3])
-        distortion = self._distortion(out, images, latents)
+        distortion, monitors = self._distortion(out, images, latents)
         loss = self._rate_distortion(bpp, distortion, rates)
         extras = self._generator_extras(out, images, latents, rates)
         total = loss + sum(extras.values())
@@ -183,7 +202,8 @@ class Trainer(ScheduledRun):
             real, fake = out["judged"]
             d_loss = self._discriminator_step(fake.detach(), real, rates)
         self._steer_rates(rates, bpp.detach())
-        logs = {"loss": float(total.detach()), "bpp": float(bpp.detach().mean()), "distortion": float(distortion.detach().mean())}
+        logs = {"loss": float(total.detach()), "bpp": float(bpp.detach().mean()), "distortion": float(distortion.detach().mean()),
+                **monitors}  # fmt: skip
         if self.uses_teacher_latent:
             logs["latent_texture"] = float(latent_texture(out["latent"].detach(), latents))
         logs.update({k: float(v.detach()) for k, v in extras.items()})
@@ -229,9 +249,15 @@ class Trainer(ScheduledRun):
             self.log_lambda[rate] += self.config.rate_adapt * error
 
     # -- the loop ------------------------------------------------------------------------------
+    def _cache_teacher(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What fills the cache's latents: TAEF2's encoder on the training device, else an empty latent."""
+        if not self.uses_teacher_latent:
+            return empty_latent
+        encoder = taesd.load_taef2("encoder").to(self.device)
+        return lambda pixels: encoder(pixels.to(self.device)).cpu()
+
     def run(self) -> Path:
-        teacher_encoder = taesd.load_taef2("encoder") if self.uses_teacher_latent else empty_latent
-        items = build_cache(self.config.data, self.config.cache, self.config.short_side, teacher_encoder, self.config.crop)
+        items = build_cache(self.config.data, self.config.cache, self.config.short_side, self._cache_teacher(), self.config.crop)
         sampler = CropSampler(items, self.config.crop, self.config.seed + self.step)
         self.model.train()
 

@@ -1,0 +1,123 @@
+"""A model package back to a trainable :class:`AEICModel`, so training can start from what shipped.
+
+A package holds every weight in the form its users run: the analysis and hyper-analysis as ONNX
+initializers, the entropy model as integer layers, the receiver as fp16 safetensors. Reading them
+back is exact for the float graphs and for the integer layers (an int8 weight with its shift is
+the float the fake-quantized layer rounds to), fp16-exact for the receiver; the hyper-latent's
+scales, stored only as quantized frequency tables, are fitted back from each table's mass at 0.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import onnx
+import torch
+from aeic.shared import model_package as pkg
+from aeic.shared.entropy_coding import PRECISION
+from onnx import numpy_helper
+from safetensors.torch import load_file
+from torch import nn
+
+from .entropy_model import HyperpriorContextModel
+from .export import LEVELS_PER_RATE_STEP, STEM_STAGES
+from .model import AEICModel, ModelConfig
+from .quantization import QConv2d
+
+Z_SCALE_FLOOR = 0.05  # the entropy model's own floor on the hyper-latent scales
+
+
+def model_from_package(package: Path) -> AEICModel:
+    """The trainable model whose export is ``package`` (the nano profile; its pixel decoder attaches on use)."""
+    manifest = pkg.ModelPackage.load(package).manifest
+    config = ModelConfig.from_dict(manifest["config"])
+    if config.profile != "nano":
+        raise ValueError(f"only nano packages can be imported, not {config.profile!r}")
+    model = AEICModel(config)
+    with torch.no_grad():
+        model.analysis.stages.load_state_dict(_analysis_state(package, config))
+        model.hyper_analysis.load_state_dict(_onnx_weights(package / "hyper.onnx", "hyper_analysis."))
+        arrays = dict(np.load(package / "entropy.npz"))
+        _load_entropy(model.entropy, arrays)
+        trained = arrays["levels.gains"][:: LEVELS_PER_RATE_STEP]
+        model.log_gains.copy_(torch.from_numpy(np.log(trained.astype(np.float64))).float())
+        receiver = {k: v.float() for k, v in load_file(str(package / "receiver.safetensors")).items()}
+        model.synthesis.load_state_dict(_prefixed(receiver, "synthesis."))
+        model.decoder.load_state_dict(_prefixed(receiver, "decoder."))
+    return model
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _onnx_weights(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    graph = onnx.load(str(path)).graph
+    return {i.name[len(prefix) :]: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer
+            if i.name.startswith(prefix)}  # fmt: skip
+
+
+def _layer_norm_weights(path: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, bias) of each LayerNormalization in graph order: the exporter shares equal initializers
+    (an untrained norm's ones and zeros) under one name, so a block's own names can be missing."""
+    graph = onnx.load(str(path)).graph
+    tensors = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    for node in graph.node:  # shared initializers reach their other users through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in tensors:
+            tensors[node.output[0]] = tensors[node.input[0]]
+    return [(tensors[n.input[1]], tensors[n.input[2]]) for n in graph.node if n.op_type == "LayerNormalization"]
+
+
+def _analysis_state(package: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """``analysis.stages`` weights from the stem and trunk graphs (lean blocks' gate and value re-joined)."""
+    stem_layers = STEM_STAGES * (2 + config.analysis.blocks_per_stage)
+    state: dict[str, torch.Tensor] = {}
+    for name, offset in (("analysis_stem.onnx", 0), ("analysis_trunk.onnx", stem_layers)):
+        graph_state = _onnx_weights(package / name)
+        blocks = sorted({int(key.split(".")[0]) for key in graph_state if ".project." in key})
+        for block, (weight, bias) in zip(blocks, _layer_norm_weights(package / name), strict=True):
+            graph_state[f"{block}.norm.weight"], graph_state[f"{block}.norm.bias"] = weight, bias
+        for key, value in graph_state.items():
+            index, rest = key.split(".", 1)
+            state[f"{int(index) + offset}.{rest}"] = value
+    for key in [k for k in state if ".gate." in k]:
+        part = key.rsplit(".", 1)[1]
+        block = key.split(".gate.")[0]
+        state[f"{block}.expand.{part}"] = torch.cat([state.pop(key), state.pop(f"{block}.value.{part}")])
+    return state
+
+
+def _load_entropy(entropy: HyperpriorContextModel, arrays: dict[str, np.ndarray]) -> None:
+    networks = [("hyper_synthesis", entropy.hyper_synthesis)]
+    networks += [(f"context.{step}", network) for step, network in enumerate(entropy.context)]
+    for prefix, network in networks:
+        for index, module in enumerate(network):
+            if isinstance(module, QConv2d):
+                _load_qconv(module, arrays, f"{prefix}.{index}")
+    entropy.z_log_scale.copy_(torch.tensor([math.log(s) for s in _z_scales(arrays)]))
+
+
+def _load_qconv(module: QConv2d, arrays: dict[str, np.ndarray], prefix: str) -> None:
+    """Float weights that round to exactly the stored integer layer: w / 2^bits, b / 2^(bits + in_bits)."""
+    weight_bits = arrays[f"{prefix}.shift"].astype(np.float64) + module.out_bits.double().numpy() - module.in_bits
+    scale = torch.from_numpy(np.exp2(weight_bits))
+    module.weight.copy_(torch.from_numpy(arrays[f"{prefix}.weight"].astype(np.float64)) / scale[:, None, None, None])
+    module.bias.copy_(torch.from_numpy(arrays[f"{prefix}.bias"].astype(np.float64)) / (scale * 2.0**module.in_bits))
+
+
+def _z_scales(arrays: dict[str, np.ndarray]) -> list[float]:
+    """Each hyper-latent channel's Gaussian scale, from its table's probability of 0."""
+    scales = []
+    for counts, offset in zip(arrays["z_tables.counts"], arrays["z_tables.offsets"], strict=True):
+        p_zero = min(counts[offset] / (1 << PRECISION), 1 - 1e-12)
+        scales.append(max(Z_SCALE_FLOOR, 0.5 / NormalDist().inv_cdf((1 + p_zero) / 2)))
+    return scales
+
+
+def imported_state_dict(package: Path) -> dict[str, torch.Tensor]:
+    """The state dict a training run starts from when its ``init`` names a package folder."""
+    model: nn.Module = model_from_package(package)
+    return model.state_dict()
