@@ -69,7 +69,7 @@ class Trainer(ScheduledRun):
         pixel_decoder = taesd.load_taef2("decoder").to(self.device) if self.uses_teacher_latent else None
         self.model = AEICModel(self.model_config, pixel_decoder).to(self.device)
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
-        self.log_lambda = torch.log(targets * 200)  # a start; the control loop takes over
+        self.log_lambda = torch.log(targets * config.lambda_scale)  # a start; the control loop takes over
         self.ema_bpp = targets.clone()
         if config.init is not None:
             self._adopt_rate_control(load_model_weights(self.model, config.init))
