@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,14 @@ def test_pixel_distortion_logs_pixel_monitors_and_weighs_texture(photos, tmp_pat
     assert torch.all(weighted > base)
     plain.run()
     assert '"psnr"' in (tmp_path / "plain" / "log.jsonl").read_text()
+
+
+def test_calibration_moves_each_rate_point_to_its_nominal_bpp(photos, tmp_path) -> None:
+    torch.set_num_threads(1)
+    pre = Trainer(_config(photos, tmp_path / "pre", steps=1)).run()
+    calibrated = Trainer(_config(photos, tmp_path / "cal", stage="calibrate", init=pre, batch=4)).run()
+    report = json.loads((tmp_path / "cal" / "log.jsonl").read_text())["calibration"]
+    assert [r["nominal"] for r in report] == [0.01, 0.03, 0.06]
+    assert all(abs(r["after"] / r["nominal"] - 1) < 0.15 for r in report)
+    before, after = (torch.load(p, weights_only=False)["model"]["log_gains"] for p in (pre, calibrated))
+    assert not torch.equal(before, after)

@@ -7,6 +7,8 @@
 * ``adversarial``: the encoder and entropy model are frozen (the rate stays where pretraining put
   it); synthesis and UNet learn texture against a latent-space discriminator, with the distortion
   kept as an anchor.
+* ``calibrate``: every weight frozen, each rate point's gain moves until training crops code at
+  its nominal bpp (after a fine-tune that moved the rate points).
 * ``distil``: AEIC-SE learns from a trained AEIC-ME: its latent matches the teacher's latent
   (encoder side) and its decoder latent matches the teacher's (decoder side).
 
@@ -16,6 +18,7 @@ point's nominal bpp. Checkpoints every few minutes; a run resumes from its last 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +35,7 @@ from .config import TrainConfig
 from .data import CropSampler, build_cache, empty_latent
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 from .losses import batch_texture_retention, pixel_distortion
+from .rate_calibration import calibrate_log_gains
 from .schedule import ScheduledRun, seed_everything
 
 GAIN_LR_SCALE = 20.0
@@ -249,6 +253,17 @@ class Trainer(ScheduledRun):
             self.log_lambda[rate] += self.config.rate_adapt * error
 
     # -- the loop ------------------------------------------------------------------------------
+    def _calibrate(self, sampler: CropSampler) -> Path:
+        """The ``calibrate`` stage: one batch of crops, every rate point moved to its nominal bpp by its gain."""
+        images, _ = sampler.batch(self.config.batch)
+        self.model.eval()
+        report = calibrate_log_gains(self.model, images.to(self.device), list(self.model_config.rates_bpp))
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps({"calibration": [{"nominal": t, "before": b, "after": a}
+                                                  for t, (b, a) in zip(self.model_config.rates_bpp, report, strict=True)]}) + "\n")  # fmt: skip
+        self.save()
+        return self.checkpoint_path
+
     def _cache_teacher(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """What fills the cache's latents: TAEF2's encoder on the training device, else an empty latent."""
         if not self.uses_teacher_latent:
@@ -259,6 +274,8 @@ class Trainer(ScheduledRun):
     def run(self) -> Path:
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, self._cache_teacher(), self.config.crop)
         sampler = CropSampler(items, self.config.crop, self.config.seed + self.step)
+        if self.config.stage == "calibrate":
+            return self._calibrate(sampler)
         self.model.train()
 
         def step() -> dict:
