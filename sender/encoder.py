@@ -146,23 +146,17 @@ class SenderCodec:
     def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]:
         """The highest rate level whose whole bitstream fits ``target_bytes`` (binary search).
 
-        With ``downscale="auto"`` the coding downscale is chosen for the budget first
-        (:func:`aeic.sender.coding_scale.fills_budget`), trying the cheapest analysis first.
+        With ``downscale="auto"`` the coding downscale comes from the budget and the image size
+        (:func:`aeic.sender.coding_scale.downscale_for_budget`).
         """
         if self.downscale != AUTO:
             return self._search_levels(self.analyse(rgb), target_bytes)
-        for factor in coding_scale.budget_candidates(*rgb.shape[:2]):
-            analysed = self.analyse(rgb, factor)
-            top = self.encode_analysed(analysed, self.num_levels - 1)
-            if factor == 1 or coding_scale.fills_budget(len(top), target_bytes):
-                break
-        if len(top) <= target_bytes:
-            return top, self.num_levels - 1
-        return self._search_levels(analysed, target_bytes, self.num_levels - 2)  # the top level is known not to fit
+        factor = coding_scale.downscale_for_budget(*rgb.shape[:2], target_bytes)
+        return self._search_levels(self.analyse(rgb, factor), target_bytes)
 
-    def _search_levels(self, analysed: AnalysedImage, target_bytes: int, highest: int | None = None) -> tuple[bytes, int]:
-        """Binary search over levels ``0..highest`` (default: all) for the highest that fits."""
-        low, high, best = 0, self.num_levels - 1 if highest is None else highest, None
+    def _search_levels(self, analysed: AnalysedImage, target_bytes: int) -> tuple[bytes, int]:
+        """Binary search over the rate levels for the highest that fits."""
+        low, high, best = 0, self.num_levels - 1, None
         while low <= high:
             middle = (low + high) // 2
             stream = self.encode_analysed(analysed, middle)

@@ -125,16 +125,21 @@ def test_auto_downscale_for_a_rate_codes_large_images_near_the_training_scale(ex
     assert SenderCodec.from_package(folder, downscale=1).analyse(rgb).downscale == 1
 
 
-def test_auto_downscale_for_a_budget_picks_the_largest_that_fills_it(exported) -> None:
-    assert coding_scale.budget_candidates(512, 768) == [2, 1] and coding_scale.budget_candidates(300, 900) == [1]
+def test_auto_downscale_for_a_budget_codes_the_largest_picture_the_budget_can_feed(exported) -> None:
+    def bytes_at(bpp: float, height: int, width: int) -> int:
+        return int(bpp * height * width / 8)
+
+    assert coding_scale.downscale_for_budget(512, 768, bytes_at(0.01, 512, 768)) == 2
+    assert coding_scale.downscale_for_budget(512, 768, bytes_at(0.02, 512, 768)) == 1
+    assert coding_scale.downscale_for_budget(1080, 1920, bytes_at(0.002, 1080, 1920)) == 4
+    assert coding_scale.downscale_for_budget(300, 900, bytes_at(0.001, 300, 900)) == 1  # half would be too small
     _, folder = exported
     rgb = _photo(1030, 1100)
-    sender, quarter = SenderCodec.from_package(folder), SenderCodec.from_package(folder, downscale=4)
-    top_quarter = quarter.encode(rgb, sender.num_levels - 1)
-    data, level = sender.encode_to_budget(rgb, len(top_quarter))
-    assert (data, level) == (top_quarter, sender.num_levels - 1)
-    huge = 10 * len(SenderCodec.from_package(folder, downscale=1).encode(rgb, sender.num_levels - 1))
-    data, _ = sender.encode_to_budget(rgb, huge)
+    sender = SenderCodec.from_package(folder)
+    data, level = sender.encode_to_budget(rgb, bytes_at(0.01, 1030, 1100))
+    assert bitstream.peek_header(data).downscale == 2
+    assert (data, level) == SenderCodec.from_package(folder, downscale=2).encode_to_budget(rgb, bytes_at(0.01, 1030, 1100))
+    data, _ = sender.encode_to_budget(rgb, bytes_at(0.05, 1030, 1100))
     assert bitstream.peek_header(data).downscale == 1
 
 
