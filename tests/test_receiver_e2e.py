@@ -178,7 +178,9 @@ def test_demo_in_serve_mode_keeps_the_gallery_up_until_ctrl_c(tiny_package: Path
         page = httpx.get(url, follow_redirects=True, timeout=30)
         assert page.status_code == 200 and page.text.count('class="card status-done"') == 1
         process.send_signal(signal.SIGINT)
-        assert process.wait(60) == 0, "".join(seen)
+        # the receiver may use its 30 s graceful window and the demo its 30 s terminate window; a busy
+        # CI machine once took over 60 s in all (exit code 0 nonetheless)
+        assert process.wait(150) == 0, "".join(seen)
     finally:
         stop_process(process)  # type: ignore[arg-type]
     with pytest.raises(httpx.TransportError):
