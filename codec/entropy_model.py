@@ -22,6 +22,7 @@ from .quantization import QConv2d, round_ste
 _LOG_SCALE_STEP = math.log(integer.SCALE_MAX / integer.SCALE_MIN) / (integer.NUM_SCALES - 1)
 _GRID = 1 << integer.FRACTION_BITS
 _LIMIT = integer.ACTIVATION_LIMIT / _GRID
+Z_SCALE_MIN = 0.05  # floor on the hyper-latent's scales
 
 
 def gaussian_bits(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ class HyperpriorContextModel(nn.Module):
         # Rates are measured on the rounded values (straight-through), not with additive noise:
         # at these rates most scales are tiny, and uniform noise would charge ~0.3 bit for every
         # symbol the coder sends for free, a floor far above the 0.005-0.05 bpp targets.
-        z_bits = gaussian_bits(round_ste(z), self.z_log_scale.exp()[None, :, None, None].clamp_min(0.05))
+        z_bits = gaussian_bits(round_ste(z), self.z_log_scale.exp()[None, :, None, None].clamp_min(Z_SCALE_MIN))
         features = self.hyper_synthesis(round_ste(z))
         masks = torch.from_numpy(integer.step_masks(*y.shape[1:])).to(y.device, y.dtype)
         decoded = torch.zeros_like(y)
@@ -101,7 +102,7 @@ class HyperpriorContextModel(nn.Module):
     def export(self) -> integer.EntropyModel:
         """The frozen integer model, with CDF tables, that sender and receiver run."""
         z_pmfs, z_offsets = [], []
-        for scale in self.z_log_scale.detach().exp().clamp_min(0.05).double().tolist():
+        for scale in self.z_log_scale.detach().exp().clamp_min(Z_SCALE_MIN).double().tolist():
             radius = max(1, math.ceil(6 * scale))
             z_pmfs.append(discretized_gaussian_pmf(scale, radius))
             z_offsets.append(radius)

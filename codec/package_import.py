@@ -20,14 +20,11 @@ from aeic.shared import model_package as pkg
 from aeic.shared.entropy_coding import PRECISION
 from onnx import numpy_helper
 from safetensors.torch import load_file
-from torch import nn
 
-from .entropy_model import HyperpriorContextModel
+from .entropy_model import Z_SCALE_MIN, HyperpriorContextModel
 from .export import LEVELS_PER_RATE_STEP, STEM_STAGES
 from .model import AEICModel, ModelConfig
 from .quantization import QConv2d
-
-Z_SCALE_FLOOR = 0.05  # the entropy model's own floor on the hyper-latent scales
 
 
 def model_from_package(package: Path) -> AEICModel:
@@ -39,7 +36,7 @@ def model_from_package(package: Path) -> AEICModel:
     model = AEICModel(config)
     with torch.no_grad():
         model.analysis.stages.load_state_dict(_analysis_state(package, config))
-        model.hyper_analysis.load_state_dict(_onnx_weights(package / "hyper.onnx", "hyper_analysis."))
+        model.hyper_analysis.load_state_dict(_initializers(onnx.load(str(package / "hyper.onnx")).graph, "hyper_analysis."))
         arrays = dict(np.load(package / "entropy.npz"))
         _load_entropy(model.entropy, arrays)
         trained = arrays["levels.gains"][:: LEVELS_PER_RATE_STEP]
@@ -54,21 +51,14 @@ def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _onnx_weights(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    graph = onnx.load(str(path)).graph
-    return {i.name[len(prefix) :]: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer
-            if i.name.startswith(prefix)}  # fmt: skip
-
-
-def _layer_norm_weights(path: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(weight, bias) of each LayerNormalization in graph order: the exporter shares equal initializers
-    (an untrained norm's ones and zeros) under one name, so a block's own names can be missing."""
-    graph = onnx.load(str(path)).graph
+def _initializers(graph: onnx.GraphProto, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The graph's weights by name, also under the names of the Identity nodes that share them: the
+    exporter keeps one initializer for equal tensors (an untrained norm's ones and zeros)."""
     tensors = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
-    for node in graph.node:  # shared initializers reach their other users through Identity nodes
+    for node in graph.node:
         if node.op_type == "Identity" and node.input[0] in tensors:
             tensors[node.output[0]] = tensors[node.input[0]]
-    return [(tensors[n.input[1]], tensors[n.input[2]]) for n in graph.node if n.op_type == "LayerNormalization"]
+    return {name[len(prefix) :]: value for name, value in tensors.items() if name.startswith(prefix)}
 
 
 def _analysis_state(package: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -76,10 +66,13 @@ def _analysis_state(package: Path, config: ModelConfig) -> dict[str, torch.Tenso
     stem_layers = STEM_STAGES * (2 + config.analysis.blocks_per_stage)
     state: dict[str, torch.Tensor] = {}
     for name, offset in (("analysis_stem.onnx", 0), ("analysis_trunk.onnx", stem_layers)):
-        graph_state = _onnx_weights(package / name)
+        graph = onnx.load(str(package / name)).graph
+        tensors = _initializers(graph)
+        graph_state = {k: v for k, v in tensors.items() if k.split(".", 1)[0].isdigit()}  # layer weights only
         blocks = sorted({int(key.split(".")[0]) for key in graph_state if ".project." in key})
-        for block, (weight, bias) in zip(blocks, _layer_norm_weights(package / name), strict=True):
-            graph_state[f"{block}.norm.weight"], graph_state[f"{block}.norm.bias"] = weight, bias
+        norms = [node.input[1:3] for node in graph.node if node.op_type == "LayerNormalization"]
+        for block, (weight, bias) in zip(blocks, norms, strict=True):  # graph order is block order
+            graph_state[f"{block}.norm.weight"], graph_state[f"{block}.norm.bias"] = tensors[weight], tensors[bias]
         for key, value in graph_state.items():
             index, rest = key.split(".", 1)
             state[f"{int(index) + offset}.{rest}"] = value
@@ -113,11 +106,6 @@ def _z_scales(arrays: dict[str, np.ndarray]) -> list[float]:
     scales = []
     for counts, offset in zip(arrays["z_tables.counts"], arrays["z_tables.offsets"], strict=True):
         p_zero = min(counts[offset] / (1 << PRECISION), 1 - 1e-12)
-        scales.append(max(Z_SCALE_FLOOR, 0.5 / NormalDist().inv_cdf((1 + p_zero) / 2)))
+        scales.append(max(Z_SCALE_MIN, 0.5 / NormalDist().inv_cdf((1 + p_zero) / 2)))
     return scales
 
-
-def imported_state_dict(package: Path) -> dict[str, torch.Tensor]:
-    """The state dict a training run starts from when its ``init`` names a package folder."""
-    model: nn.Module = model_from_package(package)
-    return model.state_dict()

@@ -33,7 +33,6 @@ PRESETS: dict[str, ModelConfig] = {
     "nano-se": ModelConfig(name="nano-se", analysis=SE),
     "nano-me": ModelConfig(name="nano-me", analysis=ME),
     "nano-se-wide": _WIDE,
-    "nano-me-wide": replace(_WIDE, name="nano-me", analysis=ME),
     # the same codec without the pretrained TAEF2: its pixel decoder trains with it
     "nano-se-wide-internal": replace(_WIDE, name="nano-se-internal", pixel_decoder="internal"),
     "tiny-se": _TINY,

@@ -149,13 +149,8 @@ class SenderCodec:
         With ``downscale="auto"`` the coding downscale comes from the budget and the image size
         (:func:`aeic.sender.coding_scale.downscale_for_budget`).
         """
-        if self.downscale != AUTO:
-            return self._search_levels(self.analyse(rgb), target_bytes)
-        factor = coding_scale.downscale_for_budget(*rgb.shape[:2], target_bytes)
-        return self._search_levels(self.analyse(rgb, factor), target_bytes)
-
-    def _search_levels(self, analysed: AnalysedImage, target_bytes: int) -> tuple[bytes, int]:
-        """Binary search over the rate levels for the highest that fits."""
+        factor = coding_scale.downscale_for_budget(*rgb.shape[:2], target_bytes) if self.downscale == AUTO else None
+        analysed = self.analyse(rgb, factor)
         low, high, best = 0, self.num_levels - 1, None
         while low <= high:
             middle = (low + high) // 2

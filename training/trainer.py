@@ -1,4 +1,4 @@
-"""The training loop shared by the three stages of the paper.
+"""The training loop shared by the stages of the paper, and the rate calibration after them.
 
 * ``pretrain``: rate + distortion. With the TAEF2 pixel decoder the distortion is measured on the
   teacher latent (cheap on a CPU) or, with ``distortion = "pixel"``, end to end through the frozen
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from aeic.codec import taesd
 from aeic.codec.model import AEICModel
-from aeic.codec.package_import import imported_state_dict
+from aeic.codec.package_import import model_from_package
 from aeic.codec.presets import preset
 from pytorch_msssim import ms_ssim
 
@@ -54,7 +54,7 @@ def resolve_device(name: str) -> torch.device:
 def load_model_weights(model: AEICModel, checkpoint: Path) -> dict:
     """Load a checkpoint's (a bare state dict's, or a model package's) weights; returns the whole checkpoint."""
     if Path(checkpoint).is_dir():  # a model package: start from what shipped
-        model.load_state_dict(imported_state_dict(Path(checkpoint)))
+        model.load_state_dict(model_from_package(Path(checkpoint)).state_dict())
         return {}
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state.get("model", state))
