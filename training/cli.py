@@ -21,12 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="override the training photo folder")
     parser.add_argument("--cache", type=Path, help="override the cache folder of downsampled photos (and latents)")
     parser.add_argument("--minutes", type=float, help="override the wall-clock budget")
+    parser.add_argument("--batch", type=int, help="override the crops per step (a GPU config on a CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig.from_file(args.config, steps=args.steps, out=args.out, device=args.device,
-                                   data=args.data, cache=args.cache, minutes=args.minutes)
+                                   data=args.data, cache=args.cache, minutes=args.minutes, batch=args.batch)
     stage = DecoderFinetuner(config) if config.stage == "decoder" else Trainer(config)
     checkpoint = stage.run()
     print(f"checkpoint: {checkpoint}")
