@@ -91,3 +91,12 @@ def test_calibration_moves_each_rate_point_to_its_nominal_bpp(photos, tmp_path) 
     assert all(abs(r["after"] / r["nominal"] - 1) < 0.15 for r in report)
     before, after = (torch.load(p, weights_only=False)["model"]["log_gains"] for p in (pre, calibrated))
     assert not torch.equal(before, after)
+
+
+def test_rate_control_moves_the_gains_of_an_overshooting_point_only(photos, tmp_path) -> None:
+    trainer = Trainer(_config(photos, tmp_path / "steer"))
+    gains, multipliers = trainer.model.log_gains.detach().clone(), trainer.log_lambda.clone()
+    trainer._steer_rates(torch.tensor([0]), torch.tensor([10.0]))
+    moved = trainer.model.log_gains.detach()
+    assert torch.all(moved[0] < gains[0]) and torch.equal(moved[1:], gains[1:])
+    assert torch.equal(trainer.log_lambda, multipliers)

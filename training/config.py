@@ -30,8 +30,8 @@ class TrainConfig(BaseModel):
     teacher: Path | None = None  # distillation: the moderate-encoder model checkpoint
     device: str = "auto"
     checkpoint_minutes: float = 4.0
-    rate_adapt: float = 0.05  # step size of the per-rate Lagrange multiplier control
-    lambda_scale: float = 200.0  # the multipliers start at nominal bpp x this (~2 suits the pixel distortion)
+    rate_adapt: float = 0.01  # step size of the per-rate gain control (log gain per log bpp error, per sample)
+    lambda_scale: float = 200.0  # the fixed multipliers: nominal bpp x this (~2 suits the pixel distortion)
     unet: bool = True  # False: pretrain the regression only (the UNet learns in the adversarial stage)
     adversarial_weight: float = 0.0
     pixel_weight: float = 0.0  # MS-SSIM/MSE through the pixel decoder, on a sub-batch
