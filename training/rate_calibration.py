@@ -1,8 +1,8 @@
 """Put each rate point at its nominal bpp by moving its gain alone, every weight frozen.
 
-The training loop steers per-rate multipliers, but when the shared transforms move faster than
-the per-rate gains (a fine-tune that also moves the rate points) the trained points can end far
-from their nominal bpp. A common offset to one rate's log-gains changes only that rate's
+The training loop steers each rate's gains against a running mean of its bpp on random crops,
+so the points end near, not at, their nominal bpp (runs made before that steered the multipliers
+and ended far from it). A common offset to one rate's log-gains changes only that rate's
 quantization step, and its bits fall as the step grows, so a bisection over training crops finds
 the offset that meets the nominal bpp.
 """

@@ -12,8 +12,9 @@
 * ``distil``: AEIC-SE learns from a trained AEIC-ME: its latent matches the teacher's latent
   (encoder side) and its decoder latent matches the teacher's (decoder side).
 
-Each rate point has a Lagrange multiplier steered so that its measured bpp approaches the rate
-point's nominal bpp. Checkpoints every few minutes; a run resumes from its last checkpoint.
+Each rate point has a fixed Lagrange multiplier, and its gains are steered so that its measured
+bpp stays at the rate point's nominal bpp. Checkpoints every few minutes; a run resumes from its
+last checkpoint.
 """
 
 from __future__ import annotations
