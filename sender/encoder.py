@@ -147,10 +147,20 @@ class SenderCodec:
         """The highest rate level whose whole bitstream fits ``target_bytes`` (binary search).
 
         With ``downscale="auto"`` the coding downscale comes from the budget and the image size
-        (:func:`aeic.sender.coding_scale.downscale_for_budget`).
+        (:func:`aeic.sender.coding_scale.downscale_for_budget`); when even the lowest level
+        overflows there, the next larger downscale is tried.
         """
-        factor = coding_scale.downscale_for_budget(*rgb.shape[:2], target_bytes) if self.downscale == AUTO else None
-        analysed = self.analyse(rgb, factor)
+        auto = self.downscale == AUTO
+        factors = coding_scale.budget_downscales(*rgb.shape[:2], target_bytes) if auto else [None]
+        for factor in factors:
+            analysed = self.analyse(rgb, factor)
+            best = self._highest_fitting_level(analysed, target_bytes)
+            if best is not None:
+                return best
+        smallest = len(self.encode_analysed(analysed, 0))
+        raise BudgetError(f"even the lowest rate needs {smallest} bytes, over the budget of {target_bytes}")
+
+    def _highest_fitting_level(self, analysed: AnalysedImage, target_bytes: int) -> tuple[bytes, int] | None:
         low, high, best = 0, self.num_levels - 1, None
         while low <= high:
             middle = (low + high) // 2
@@ -159,7 +169,4 @@ class SenderCodec:
                 best, low = (stream, middle), middle + 1
             else:
                 high = middle - 1
-        if best is None:
-            smallest = len(self.encode_analysed(analysed, 0))
-            raise BudgetError(f"even the lowest rate needs {smallest} bytes, over the budget of {target_bytes}")
         return best

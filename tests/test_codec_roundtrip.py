@@ -129,16 +129,16 @@ def test_auto_downscale_for_a_budget_codes_the_largest_picture_the_budget_can_fe
     def bytes_at(bpp: float, height: int, width: int) -> int:
         return int(bpp * height * width / 8)
 
-    assert coding_scale.downscale_for_budget(512, 768, bytes_at(0.01, 512, 768)) == 2
-    assert coding_scale.downscale_for_budget(512, 768, bytes_at(0.02, 512, 768)) == 1
+    assert coding_scale.downscale_for_budget(512, 768, bytes_at(0.005, 512, 768)) == 2
+    assert coding_scale.downscale_for_budget(512, 768, bytes_at(0.01, 512, 768)) == 1
     assert coding_scale.downscale_for_budget(1080, 1920, bytes_at(0.002, 1080, 1920)) == 4
     assert coding_scale.downscale_for_budget(300, 900, bytes_at(0.001, 300, 900)) == 1  # half would be too small
     _, folder = exported
     rgb = _photo(1030, 1100)
     sender = SenderCodec.from_package(folder)
-    data, level = sender.encode_to_budget(rgb, bytes_at(0.01, 1030, 1100))
+    data, level = sender.encode_to_budget(rgb, bytes_at(0.005, 1030, 1100))
     assert bitstream.peek_header(data).downscale == 2
-    assert (data, level) == SenderCodec.from_package(folder, downscale=2).encode_to_budget(rgb, bytes_at(0.01, 1030, 1100))
+    assert (data, level) == SenderCodec.from_package(folder, downscale=2).encode_to_budget(rgb, bytes_at(0.005, 1030, 1100))
     data, _ = sender.encode_to_budget(rgb, bytes_at(0.05, 1030, 1100))
     assert bitstream.peek_header(data).downscale == 1
 
@@ -242,3 +242,14 @@ def test_png_written_by_cli_round_trip(exported, tmp_path) -> None:
     assert Image.open(stream.with_suffix(".png")).size == (140, 90)
     (tmp_path / "garbage.aeic").write_bytes(b"\xae\x1c\x01" + b"\x00" * 30)
     assert main(["decode", str(tmp_path / "garbage.aeic"), "--model", str(folder), "--device", "cpu"]) == 1
+
+
+def test_a_budget_the_rules_downscale_cannot_meet_falls_back_to_a_larger_one(exported, monkeypatch) -> None:
+    monkeypatch.setattr(coding_scale, "MIN_CODED_BPP", 0.0)  # the rule always asks for the whole picture
+    _, folder = exported
+    rgb = _photo(1030, 1100)
+    whole_minimum = len(SenderCodec.from_package(folder, downscale=1).encode(rgb, 0))
+    half_minimum = len(SenderCodec.from_package(folder, downscale=2).encode(rgb, 0))
+    assert half_minimum < whole_minimum
+    data, _ = SenderCodec.from_package(folder).encode_to_budget(rgb, whole_minimum - 1)
+    assert bitstream.peek_header(data).downscale == 2 and len(data) < whole_minimum
