@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -128,9 +129,18 @@ def export_package(model: AEICModel, out: Path) -> Path:
     arrays["levels.gains"] = gains
     np.savez(out / "entropy.npz", **arrays)
     receiver = {k: v.detach().half().contiguous() for k, v in receiver_state_dict(model.synthesis, model.decoder).items()}
-    save_file(receiver, str(out / "receiver.safetensors"))
+    _save_receiver_weights(receiver, out / "receiver.safetensors")
     _write_manifest(model, out, positions)
     return out
+
+
+def _save_receiver_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors creates its file owner-only (0600); a package is read by a receiver that may run as
+    another user (a container), so give it the mode any other package file gets under the umask."""
+    save_file(tensors, str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _write_manifest(model: AEICModel, out: Path, positions: np.ndarray) -> None:
@@ -165,7 +175,8 @@ def export_receiver_update(package: Path, receiver: nn.Module, out: Path) -> Pat
     for name in SENDER_FILES:
         shutil.copyfile(package / name, out / name)
     state = receiver_state_dict(receiver.synthesis, receiver.decoder)
-    save_file({k: v.detach().cpu().half().contiguous() for k, v in state.items()}, str(out / "receiver.safetensors"))
+    _save_receiver_weights({k: v.detach().cpu().half().contiguous() for k, v in state.items()},
+                           out / "receiver.safetensors")
     manifest = json.loads((package / pkg.MANIFEST).read_text())
     manifest["files"] = {name: pkg.file_digest(out / name) for name in pkg.PACKAGE_FILES}
     manifest["model_id"] = pkg.compute_model_id(manifest).hex()

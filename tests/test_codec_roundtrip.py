@@ -229,6 +229,13 @@ def test_model_id_is_reproducible(exported, tmp_path) -> None:
     assert ModelPackage.load(again).model_id == ModelPackage.load(folder).model_id
 
 
+def test_every_package_file_gets_the_same_mode(exported) -> None:
+    """A receiver running as another user (a container) must be able to read the weights too."""
+    _, folder = exported
+    modes = {item.name: item.stat().st_mode & 0o777 for item in folder.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
 def test_png_written_by_cli_round_trip(exported, tmp_path) -> None:
     from aeic.codec.cli import main
 
