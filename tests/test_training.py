@@ -100,3 +100,14 @@ def test_rate_control_moves_the_gains_of_an_overshooting_point_only(photos, tmp_
     moved = trainer.model.log_gains.detach()
     assert torch.all(moved[0] < gains[0]) and torch.equal(moved[1:], gains[1:])
     assert torch.equal(trainer.log_lambda, multipliers)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_under_version_control_parses_and_names_a_known_preset(path: Path) -> None:
+    from aeic.codec.presets import preset
+
+    config = TrainConfig.from_file(path)
+    assert preset(config.model).name.startswith("nano-")
