@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from aeic.shared import model_package as pkg
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.nn import functional as F
 
@@ -135,12 +134,9 @@ def export_package(model: AEICModel, out: Path) -> Path:
 
 
 def _save_receiver_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors creates its file owner-only (0600); a package is read by a receiver that may run as
-    another user (a container), so give it the mode any other package file gets under the umask."""
-    save_file(tensors, str(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
+    """Written as bytes, not with ``save_file``: that creates its file owner-only (0600), and a package
+    is read by a receiver that may run as another user (a container)."""
+    path.write_bytes(safetensors_bytes(tensors))
 
 
 def _write_manifest(model: AEICModel, out: Path, positions: np.ndarray) -> None:
