@@ -2,7 +2,9 @@
 
 Each of the five stages is a 3x3 convolution to a quarter of the stage width, a pixel-unshuffle
 (2x down, 4x channels) and gated "star" blocks. With widths 32/64/128/192/256 and one block per
-stage this is AEIC-SE: about 0.94 M parameters and 9.7 K multiply-accumulates per pixel.
+stage this is AEIC-SE: about 0.94 M parameters and 9.7 K multiply-accumulates per pixel. AEIC-ME
+is wider and twice as deep but ends in the same 256-channel latent: dual-side distillation matches
+the two latents directly, and the student takes over the teacher's entropy model and decoder.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class AnalysisConfig:
 BAND = 11  # length of the depthwise 1xN / Nx1 kernels
 
 SE = AnalysisConfig()
-ME = AnalysisConfig(widths=(64, 128, 192, 256, 320), blocks_per_stage=2)
+ME = AnalysisConfig(widths=(64, 128, 192, 256, 256), blocks_per_stage=2)
 
 
 class ChannelsLastLayerNorm(nn.LayerNorm):

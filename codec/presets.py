@@ -35,6 +35,8 @@ PRESETS: dict[str, ModelConfig] = {
     "nano-se-wide": _WIDE,
     # the same codec without the pretrained TAEF2: its pixel decoder trains with it
     "nano-se-wide-internal": replace(_WIDE, name="nano-se-internal", pixel_decoder="internal"),
+    # its distillation teacher: the moderate encoder in front of the same entropy model and decoder
+    "nano-me-wide-internal": replace(_WIDE, name="nano-me-internal", analysis=ME, pixel_decoder="internal"),
     "tiny-se": _TINY,
     "tiny-me": replace(_TINY, name="tiny-me", analysis=replace(_TINY.analysis, blocks_per_stage=2)),
     # the paper's decoder profile at test size: needs AEIC_SD_TURBO_DIR (a tiny random folder in tests)

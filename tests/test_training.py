@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from aeic.codec.export import export_package, load_checkpoint_model
+from aeic.codec.presets import preset
 from aeic.sender.encoder import SenderCodec
 from aeic.training.config import TrainConfig
-from aeic.training.trainer import Trainer, latent_texture
+from aeic.training.trainer import Trainer, check_distillable, latent_texture
 from PIL import Image
 from training_support import write_training_photos
 
@@ -52,11 +53,30 @@ def test_adversarial_stage_freezes_the_sender_half(photos, tmp_path) -> None:
 
 def test_distillation_from_a_moderate_teacher_and_export(photos, tmp_path) -> None:
     teacher = Trainer(_config(photos, tmp_path / "me", model="tiny-me")).run()
-    student = Trainer(_config(photos, tmp_path / "se", stage="distil", teacher=teacher)).run()
+    trainer = Trainer(_config(photos, tmp_path / "se", stage="distil", teacher=teacher))
+    taught = trainer.teacher.state_dict()
+    decoder_side = {name: value for name, value in trainer.model.state_dict().items() if not name.startswith("analysis.")}
+    assert all(torch.equal(value, taught[name]) for name, value in decoder_side.items())  # only the encoder is new
+    assert not torch.equal(trainer.model.analysis.stages[0].weight, trainer.teacher.analysis.stages[0].weight)
+    student = trainer.run()
     assert '"distil_encoder"' in (tmp_path / "se" / "log.jsonl").read_text()
     package = export_package(load_checkpoint_model(student), tmp_path / "package")
     rgb = np.asarray(Image.open(next(photos.iterdir())).convert("RGB"))
     assert len(SenderCodec.from_package(package).encode(rgb, 0)) > 17
+
+
+def test_distillation_refuses_a_teacher_with_another_latent_or_decoder(photos, tmp_path) -> None:
+    teacher = Trainer(_config(photos, tmp_path / "me", model="tiny-me")).run()
+    with pytest.raises(ValueError, match="32-channel latent"):
+        Trainer(_config(photos, tmp_path / "se", model="nano-se-wide-internal", stage="distil", teacher=teacher))
+    with pytest.raises(ValueError, match="beyond their analysis"):
+        check_distillable(preset("nano-me"), preset("nano-se-wide-internal"))
+
+
+@pytest.mark.parametrize(("teacher", "student"), [("nano-me", "nano-se"), ("nano-me-wide-internal", "nano-se-wide-internal")])
+def test_shipped_sizes_can_be_distilled(teacher: str, student: str) -> None:
+    check_distillable(preset(teacher), preset(student))
+    assert preset(teacher).analysis.blocks_per_stage > preset(student).analysis.blocks_per_stage
 
 
 def test_latent_texture_monitor_penalises_blur_and_excess_alike() -> None:

@@ -10,7 +10,8 @@
 * ``calibrate``: every weight frozen, each rate point's gain moves until training crops code at
   its nominal bpp (after a fine-tune that moved the rate points).
 * ``distil``: AEIC-SE learns from a trained AEIC-ME: its latent matches the teacher's latent
-  (encoder side) and its decoder latent matches the teacher's (decoder side).
+  (encoder side) and its decoder latent matches the teacher's (decoder side). Unless ``init`` says
+  otherwise the student starts from the teacher's entropy model and decoder.
 
 Each rate point has a fixed Lagrange multiplier, and its gains are steered so that its measured
 bpp stays at the rate point's nominal bpp. Checkpoints every few minutes; a run resumes from its
@@ -19,6 +20,7 @@ last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from aeic.codec import taesd
-from aeic.codec.model import AEICModel
+from aeic.codec.model import AEICModel, ModelConfig
 from aeic.codec.package_import import model_from_package
 from aeic.codec.presets import preset
 from pytorch_msssim import ms_ssim
@@ -99,11 +101,19 @@ class Trainer(ScheduledRun):
             self.log_lambda, self.ema_bpp = state["log_lambda"].clone(), state["ema_bpp"].clone()
 
     def _distillation_teacher(self) -> AEICModel:
+        """The trained moderate-encoder model, frozen; without ``init`` the student starts from its
+        entropy model and decoder, as in the paper (only the shallow encoder is new)."""
         if self.config.teacher is None:
             raise ValueError("the distil stage needs `teacher`, a trained moderate-encoder checkpoint")
         state = torch.load(self.config.teacher, map_location="cpu", weights_only=False)
-        teacher = AEICModel(preset(state["preset"]), self.model.decoder.pixel_decoder).to(self.device)
+        teacher_config = preset(state["preset"])
+        check_distillable(teacher_config, self.model_config)
+        teacher = AEICModel(teacher_config, self.model.decoder.pixel_decoder).to(self.device)
         teacher.load_state_dict(state["model"])
+        if self.config.init is None:
+            shared = {k: v for k, v in teacher.state_dict().items() if not k.startswith("analysis.")}
+            self.model.load_state_dict(shared, strict=False)
+            self._adopt_rate_control(state)
         return teacher.eval().requires_grad_(False)
 
     def _parameter_groups(self) -> list[dict]:
@@ -293,6 +303,17 @@ class Trainer(ScheduledRun):
         return self.loop(step, lambda: {"ema_bpp": self.ema_bpp.tolist()},
                          lambda logs: {"bpp": f"{logs['bpp']:.4f}", "d": f"{logs['distortion']:.4f}"},
                          f"{self.config.name}:{self.config.stage}")
+
+
+def check_distillable(teacher: ModelConfig, student: ModelConfig) -> None:
+    """Dual-side distillation compares latents and hands the student the teacher's decoder side:
+    the two models may differ only in their analysis transform, which must end in the same latent."""
+    if teacher.analysis.latent_channels != student.analysis.latent_channels:
+        raise ValueError(f"teacher {teacher.name!r} has a {teacher.analysis.latent_channels}-channel latent, "
+                         f"student {student.name!r} {student.analysis.latent_channels}: they must match")
+    if dataclasses.replace(teacher, name=student.name, analysis=student.analysis) != student:
+        raise ValueError(f"teacher {teacher.name!r} and student {student.name!r} differ beyond their analysis transform "
+                         "(rate points, entropy model or decoder)")
 
 
 def latent_texture(latent: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
