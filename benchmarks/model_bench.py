@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heavy-timeout", type=float, default=420.0)
     parser.add_argument("--sender-sizes", default="768x512,1920x1080", help="'none' skips the sender latency")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--level", type=int, default=8, help="rate level for the sender path")
+    parser.add_argument("--level", type=int, default=16, help="rate level for the sender path (16: the 0.02 bpp point)")
     parser.add_argument("--package", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--heavy-only", default=None, metavar="WxH",

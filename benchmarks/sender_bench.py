@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="sender path fps and peak RSS at 1080p, per variant")
     parser.add_argument("--frames", type=int, default=2, help="timed frames per variant (after one warm-up)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--level", type=int, default=8, help="rate level of our codec")
+    parser.add_argument("--level", type=int, default=16, help="rate level of our codec (16: the 0.02 bpp point)")
     parser.add_argument("--package", type=Path, default=None, help="model package (default: the shipped one)")
     parser.add_argument("--rd-images", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0, help="per child process")

@@ -26,7 +26,10 @@ from torch.nn import functional as F
 from .analysis import BAND, AnalysisConfig, AnalysisTransform, StarBlock
 from .model import AEICModel, receiver_state_dict
 
-LEVELS_PER_RATE_STEP = 4
+# Levels per step between trained rate points (each point doubles the bpp). A byte budget is met by
+# the highest level that fits, so with 8 (2^(1/8) = 9 % apart) a stream fills about 95 % of its
+# budget; 4 left about 9 % unused (package 85aeab8e on the non-Kodak photos: 0.0091 bpp of 0.01).
+LEVELS_PER_RATE_STEP = 8
 OPSET = 17
 STEM_STAGES = 2  # stages 1-2 (1/2 and 1/4 resolution) hold most of the analysis' activation memory
 

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from safetensors.torch import load_file
 
 from .entropy_model import Z_SCALE_MIN, HyperpriorContextModel
-from .export import LEVELS_PER_RATE_STEP, STEM_STAGES
+from .export import STEM_STAGES
 from .model import AEICModel, ModelConfig
 from .quantization import QConv2d
 
@@ -39,7 +39,8 @@ def model_from_package(package: Path) -> AEICModel:
         model.hyper_analysis.load_state_dict(_initializers(onnx.load(str(package / "hyper.onnx")).graph, "hyper_analysis."))
         arrays = dict(np.load(package / "entropy.npz"))
         _load_entropy(model.entropy, arrays)
-        trained = arrays["levels.gains"][:: LEVELS_PER_RATE_STEP]
+        positions = np.array([level["position"] for level in manifest["rate_levels"]])
+        trained = arrays["levels.gains"][np.isclose(positions, np.round(positions))]  # the rate points, not the levels between
         model.log_gains.copy_(torch.from_numpy(np.log(trained.astype(np.float64))).float())
         receiver = {k: v.float() for k, v in load_file(str(package / "receiver.safetensors")).items()}
         model.synthesis.load_state_dict(_prefixed(receiver, "synthesis."))
