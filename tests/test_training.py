@@ -51,6 +51,24 @@ def test_adversarial_stage_freezes_the_sender_half(photos, tmp_path) -> None:
     assert '"discriminator"' in (tmp_path / "adv" / "log.jsonl").read_text()
 
 
+def test_pixel_decoder_stage_trains_only_a_new_internal_pixel_decoder(photos, tmp_path) -> None:
+    state = torch.load(Trainer(_config(photos, tmp_path / "pre")).run(), weights_only=False)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("decoder.pixel_decoder.")}
+    torch.save(state, tmp_path / "taef2-like.pt")  # what a model decoding through TAEF2 has
+    trainer = Trainer(_config(photos, tmp_path / "pixels", stage="pixel_decoder", init=tmp_path / "taef2-like.pt"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("decoder.pixel_decoder.") for k in changed)
+    assert torch.equal(trainer.log_lambda, state["log_lambda"])
+    del state["model"]["analysis.stages.0.weight"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="does not fit the model"):
+        Trainer(_config(photos, tmp_path / "broken", stage="pixel_decoder", init=tmp_path / "broken.pt"))
+    with pytest.raises(ValueError, match="internal pixel decoder"):
+        Trainer(_config(photos, tmp_path / "taef2", stage="pixel_decoder", model="nano-se-wide"))
+
+
 def test_distillation_from_a_moderate_teacher_and_export(photos, tmp_path) -> None:
     teacher = Trainer(_config(photos, tmp_path / "me", model="tiny-me")).run()
     trainer = Trainer(_config(photos, tmp_path / "se", stage="distil", teacher=teacher))

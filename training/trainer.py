@@ -7,6 +7,9 @@
 * ``adversarial``: the encoder and entropy model are frozen (the rate stays where pretraining put
   it); synthesis and UNet learn texture against a latent-space discriminator, with the distortion
   kept as an anchor.
+* ``pixel_decoder``: everything frozen but an internal pixel decoder, which learns to render the
+  decoder latents of a model that was trained through TAEF2 (``init``, a checkpoint or package
+  folder): the way from a TAEF2 model to one that needs no TAEF2 without starting over.
 * ``calibrate``: every weight frozen, each rate point's gain moves until training crops code at
   its nominal bpp (after a fine-tune that moved the rate points).
 * ``distil``: AEIC-SE learns from a trained AEIC-ME: its latent matches the teacher's latent
@@ -42,6 +45,7 @@ from .rate_calibration import calibrate_log_gains
 from .schedule import ScheduledRun, seed_everything
 
 GAIN_LR_SCALE = 20.0
+RATE_FROZEN_STAGES = ("adversarial", "pixel_decoder")  # encoder and entropy model fixed: no rate term, no steering
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,14 +58,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model_weights(model: AEICModel, checkpoint: Path) -> dict:
-    """Load a checkpoint's (a bare state dict's, or a model package's) weights; returns the whole checkpoint."""
+def load_model_weights(model: AEICModel, checkpoint: Path, fresh: str | None = None) -> dict:
+    """Load a checkpoint's (a bare state dict's, or a model package's) weights; returns the whole checkpoint.
+
+    ``fresh``: the key prefix of a part the source may lack, because this run trains it from scratch."""
     if Path(checkpoint).is_dir():  # a model package: start from what shipped
-        model.load_state_dict(model_from_package(Path(checkpoint)).state_dict())
-        return {}
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model.load_state_dict(state.get("model", state))
-    return state
+        whole, weights = {}, model_from_package(Path(checkpoint)).state_dict()
+    else:
+        whole = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        weights = whole.get("model", whole)
+    missing, unexpected = model.load_state_dict(weights, strict=fresh is None)
+    absent = [key for key in missing if not key.startswith(fresh or "")]
+    if unexpected or absent:
+        raise ValueError(f"{checkpoint} does not fit the model: missing {absent[:3]}, unexpected {unexpected[:3]}")
+    return whole
 
 
 class Trainer(ScheduledRun):
@@ -71,6 +81,9 @@ class Trainer(ScheduledRun):
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         self.model_config = preset(config.model)
+        if config.stage == "pixel_decoder" and self.model_config.pixel_decoder != "internal":
+            raise ValueError(f"the pixel_decoder stage trains an internal pixel decoder; {config.model!r} uses "
+                             f"{self.model_config.pixel_decoder!r}")
         self.uses_teacher_latent = self.model_config.pixel_decoder == "taef2"
         self.measures_pixels = config.distortion == "pixel" or not self.uses_teacher_latent
         pixel_decoder = taesd.load_taef2("decoder").to(self.device) if self.uses_teacher_latent else None
@@ -79,7 +92,8 @@ class Trainer(ScheduledRun):
         self.log_lambda = torch.log(targets * config.lambda_scale)  # fixed: the gains hold the rates (_steer_rates)
         self.ema_bpp = targets.clone()
         if config.init is not None:
-            self._adopt_rate_control(load_model_weights(self.model, config.init))
+            fresh = "decoder.pixel_decoder." if config.stage == "pixel_decoder" else None
+            self._adopt_rate_control(load_model_weights(self.model, config.init, fresh))
         self.teacher = self._distillation_teacher() if config.stage == "distil" else None
         judged_channels = self.model_config.decoder.latent_channels if self.uses_teacher_latent else 3
         self.discriminator = (
@@ -132,6 +146,9 @@ class Trainer(ScheduledRun):
             for module in frozen:
                 module.requires_grad_(False)
             self.model.log_gains.requires_grad_(False)
+        if self.config.stage == "pixel_decoder":
+            self.model.requires_grad_(False)
+            self.model.decoder.pixel_decoder.requires_grad_(True)
         return [p for p in self.model.parameters() if p.requires_grad]
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -227,24 +244,26 @@ class Trainer(ScheduledRun):
         return logs
 
     def _rate_distortion(self, bpp: torch.Tensor, distortion: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
-        """R + lambda_rate * D while the rate trains; D alone once it is frozen (the adversarial stage).
+        """R + lambda_rate * D while the rate trains; D alone once it is frozen (adversarial, pixel_decoder).
 
         With the encoder frozen the per-rate multipliers would only rescale distortion against the
         adversarial term, differently at each rate; one weight keeps ``adversarial_weight`` meaningful."""
-        if self.config.stage == "adversarial":
+        if self.config.stage in RATE_FROZEN_STAGES:
             return distortion.mean()
         lam = self.log_lambda.exp().to(self.device, torch.float32)[rates]
         return (bpp + lam * distortion).mean()
 
     def _forward(self, images: torch.Tensor, rates: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The model pass of this stage; the adversarial stage runs its frozen half without gradients."""
-        if self.config.stage != "adversarial":
+        """The model pass of this stage; a stage with a frozen sender half runs it without gradients."""
+        if self.config.stage not in RATE_FROZEN_STAGES:
             return self.model(images, rates, refine=self.config.unet)
         with torch.no_grad():
             y = self.model.analysis(images)
             y_hat, y_bits, z_bits = self.model.entropy(*self.model.scale_latent(y, rates))
         bits = y_bits.flatten(1).sum(1) + z_bits.flatten(1).sum(1)
-        return {"y": y, "y_hat": y_hat, "bits": bits, "latent": self.model.decoder_latent(y_hat, rates)}
+        with torch.set_grad_enabled(self.config.stage == "adversarial"):
+            latent = self.model.decoder_latent(y_hat, rates)
+        return {"y": y, "y_hat": y_hat, "bits": bits, "latent": latent}
 
     def _discriminator_step(self, fake: torch.Tensor, real: torch.Tensor, rates: torch.Tensor) -> float:
         loss = hinge_discriminator_loss(self.discriminator(real, rates), self.discriminator(fake, rates))
@@ -261,7 +280,7 @@ class Trainer(ScheduledRun):
         up without bound, its samples then dominated the shared weights, and every other point's rate
         rose (nano-se-joint-2's first 18 minutes: 0.01 bpp point at 0.023, multipliers 0.0008 to 0.39).
         Steering the gains keeps each point trained where it is deployed."""
-        if self.config.stage == "adversarial":
+        if self.config.stage in RATE_FROZEN_STAGES:
             return
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
         with torch.no_grad():
