@@ -44,7 +44,7 @@ def test_pretrain_logs_checkpoints_and_resumes(photos, tmp_path) -> None:
 def test_adversarial_stage_freezes_the_sender_half(photos, tmp_path) -> None:
     pre = Trainer(_config(photos, tmp_path / "pre")).run()
     trainer = Trainer(_config(photos, tmp_path / "adv", stage="adversarial", init=pre, adversarial_weight=0.1))
-    assert torch.equal(trainer.log_lambda, torch.load(pre, weights_only=False)["log_lambda"])
+    assert torch.equal(trainer.ema_bpp, torch.load(pre, weights_only=False)["ema_bpp"])
     before = trainer.model.analysis.stages[0].weight.clone()
     trainer.run()
     assert torch.equal(before, trainer.model.analysis.stages[0].weight)
@@ -60,7 +60,8 @@ def test_pixel_decoder_stage_trains_only_a_new_internal_pixel_decoder(photos, tm
     trainer.run()
     changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("decoder.pixel_decoder.") for k in changed)
-    assert torch.equal(trainer.log_lambda, state["log_lambda"])
+    next_stage = Trainer(_config(photos, tmp_path / "joint", init=trainer.checkpoint_path, lambda_scale=2.0))
+    assert torch.allclose(next_stage.log_lambda.exp(), torch.tensor([0.02, 0.06, 0.12], dtype=torch.float64))
     del state["model"]["analysis.stages.0.weight"]
     torch.save(state, tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="does not fit the model"):

@@ -110,9 +110,11 @@ class Trainer(ScheduledRun):
         self._resume()
 
     def _adopt_rate_control(self, state: dict) -> None:
-        """Keep the rate multipliers of the run a stage starts from: restarting them moves every rate point."""
-        if "log_lambda" in state and len(state["log_lambda"]) == len(self.log_lambda):
-            self.log_lambda, self.ema_bpp = state["log_lambda"].clone(), state["ema_bpp"].clone()
+        """Carry over the measured bpp of the run this one starts from, so the gain steering picks up
+        where it was. The multipliers stay this run's own (``lambda_scale``): a stage that never used
+        them (pixel_decoder) saved its config's default, and adopting that weighted distortion 100x."""
+        if "ema_bpp" in state and len(state["ema_bpp"]) == len(self.ema_bpp):
+            self.ema_bpp = state["ema_bpp"].clone()
 
     def _distillation_teacher(self) -> AEICModel:
         """The trained moderate-encoder model, frozen; without ``init`` the student starts from its
