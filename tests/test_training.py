@@ -146,7 +146,5 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "training" / "configs").
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_under_version_control_parses_and_names_a_known_preset(path: Path) -> None:
-    from aeic.codec.presets import preset
-
     config = TrainConfig.from_file(path)
     assert preset(config.model).name.startswith("nano-")
