@@ -66,6 +66,7 @@ def _entry(module: nn.Module, run, pixels: int) -> dict[str, Any]:
 def aeic_parts(preset_name: str, width: int, height: int) -> dict[str, Any]:
     """Parameters and MACs per image pixel of each part of an ``AEICModel`` preset."""
     from aeic.codec import taesd
+    from aeic.codec.diffusion_decoder import InternalPixelDecoder
     from aeic.codec.model import AEICModel
     from aeic.codec.presets import preset
 
@@ -79,6 +80,9 @@ def aeic_parts(preset_name: str, width: int, height: int) -> dict[str, Any]:
         unet_in = torch.zeros(1, model.config.decoder.latent_channels + model.config.decoder.noise_channels,
                               height // 8, width // 8)
         pixel_decoder = taesd.build_decoder().eval()
+        internal = InternalPixelDecoder(model.config.decoder.latent_channels,
+                                        model.config.decoder.internal_pixel_width).eval()
+        decoder_latent = torch.zeros(1, model.config.decoder.latent_channels, height // 8, width // 8)
 
         features = torch.zeros(1, model.config.hyper_features, height // 32, width // 32)
 
@@ -93,8 +97,8 @@ def aeic_parts(preset_name: str, width: int, height: int) -> dict[str, Any]:
             "context_model": _entry(model.entropy.context, context, pixels),
             "synthesis": _entry(model.synthesis, lambda: model.synthesis(y), pixels),
             "unet": _entry(model.decoder.unet, lambda: model.decoder.unet(unet_in, torch.tensor([0.0])), pixels),
-            "pixel_decoder_taef2": _entry(
-                pixel_decoder, lambda: pixel_decoder(torch.zeros(1, 32, height // 8, width // 8)), pixels),
+            "pixel_decoder_taef2": _entry(pixel_decoder, lambda: pixel_decoder(decoder_latent), pixels),
+            "pixel_decoder_internal": _entry(internal, lambda: internal(decoder_latent), pixels),
         }
 
 

@@ -32,7 +32,8 @@ def test_model_bench_reduced(tmp_path: Path) -> None:
     assert MACHINE_KEYS <= doc["machine"].keys()
     parts = doc["parts"]["nano-se"]
     assert set(parts) == {"analysis", "hyper_analysis", "hyper_synthesis", "context_model", "synthesis", "unet",
-                          "pixel_decoder_taef2"}
+                          "pixel_decoder_taef2", "pixel_decoder_internal"}
+    assert parts["pixel_decoder_internal"]["macs_per_pixel"] < parts["pixel_decoder_taef2"]["macs_per_pixel"] / 4
     assert 0.9e6 < parts["analysis"]["parameters"] < 1.0e6  # AEIC-SE: about 0.94 M parameters
     assert 9e3 < parts["analysis"]["macs_per_pixel"] < 10.5e3  # and about 9.7 K MACs per pixel
     assert doc["parts"]["nano-me"]["analysis"]["macs_per_pixel"] > parts["analysis"]["macs_per_pixel"]
