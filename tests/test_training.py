@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from aeic.codec.export import export_package, load_checkpoint_model
 from aeic.codec.presets import preset
 from aeic.sender.encoder import SenderCodec
 from aeic.training.config import TrainConfig
+from aeic.training.rate_calibration import offset_for_target
 from aeic.training.trainer import Trainer, check_distillable, latent_texture
 from PIL import Image
 from training_support import write_training_photos
@@ -130,6 +132,17 @@ def test_calibration_moves_each_rate_point_to_its_nominal_bpp(photos, tmp_path) 
     assert all(abs(r["after"] / r["nominal"] - 1) < 0.15 for r in report)
     before, after = (torch.load(p, weights_only=False)["model"]["log_gains"] for p in (pre, calibrated))
     assert not torch.equal(before, after)
+
+
+def test_calibration_stays_on_the_rising_branch_of_a_rate_curve_with_a_floor() -> None:
+    # bits fall with the offset down to a floor at -1, then climb to a plateau: the shape a rate
+    # point shows when every symbol rounds to zero
+    def bpp_at(offset: float) -> float:
+        return 0.004 * math.exp(offset) + 0.003 if offset > -1 else 0.0045 - 0.0005 * (offset + 1)
+
+    found = offset_for_target(bpp_at, 0.005)
+    assert found > -1 and abs(bpp_at(found) - 0.005) < 1e-6
+    assert offset_for_target(bpp_at, 0.002) == min(torch.linspace(-3, 3, 25).tolist(), key=bpp_at)
 
 
 def test_rate_control_moves_the_gains_of_an_overshooting_point_only(photos, tmp_path) -> None:
