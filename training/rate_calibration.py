@@ -36,8 +36,8 @@ def offset_for_target(bpp_at: Callable[[float], float], target: float) -> float:
     Below the cheapest offset of the scan the bits rise again; a target under that floor gets the
     cheapest offset, the nearest the model can come."""
     grid = torch.linspace(-OFFSET_RANGE, OFFSET_RANGE, SCAN_POINTS).tolist()
-    cheapest = min(grid, key=bpp_at)
-    if bpp_at(cheapest) >= target:
+    floor, cheapest = min((bpp_at(offset), offset) for offset in grid)
+    if floor >= target:
         return cheapest
     low, high = cheapest, OFFSET_RANGE
     for _ in range(BISECTION_STEPS):
