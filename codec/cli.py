@@ -14,26 +14,25 @@ from pathlib import Path
 from aeic.sender.coding_scale import parse_downscale
 
 
-def _read_rgb(path: Path):
-    from aeic.sender.images import read_image
-
-    return read_image(path)
-
-
 def cmd_encode(args: argparse.Namespace) -> int:
     from aeic.sender.encoder import BudgetError, SenderCodec
+    from aeic.sender.images import ImageReadError, read_image
 
     codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale)
     status = 0
     for image in args.images:
         try:
-            rgb = _read_rgb(image)
+            rgb = read_image(image)
             start = time.perf_counter()
             if args.target_bytes:
                 data, level = codec.encode_to_budget(rgb, args.target_bytes)
             else:
                 level = args.rate
                 data = codec.encode(rgb, level)
+        except ImageReadError as exc:  # its message already names the file
+            print(exc, file=sys.stderr)
+            status = 1
+            continue
         except (OSError, ValueError, BudgetError) as exc:
             print(f"{image}: {exc}", file=sys.stderr)
             status = 1

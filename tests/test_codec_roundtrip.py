@@ -251,6 +251,20 @@ def test_png_written_by_cli_round_trip(exported, tmp_path) -> None:
     assert main(["decode", str(tmp_path / "garbage.aeic"), "--model", str(folder), "--device", "cpu"]) == 1
 
 
+def test_cli_reports_unreadable_images_in_one_line_and_codes_the_rest(exported, tmp_path, capsys) -> None:
+    from aeic.codec.cli import main
+
+    _, folder = exported
+    good, broken, missing = tmp_path / "good.png", tmp_path / "broken.jpg", tmp_path / "missing.png"
+    Image.fromarray(_photo(40, 56)).save(good)
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    status = main(["encode", str(broken), str(missing), str(good), "--model", str(folder), "--rate", "1"])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert errors == [f"{broken}: not a recognised image format", f"{missing}: no such file"]
+    assert good.with_suffix(".aeic").stat().st_size > 0
+
+
 def test_a_budget_the_rules_downscale_cannot_meet_falls_back_to_a_larger_one(exported, monkeypatch) -> None:
     monkeypatch.setattr(coding_scale, "MIN_CODED_BPP", 0.0)  # the rule always asks for the whole picture
     _, folder = exported
