@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from aeic.sender.coding_scale import parse_downscale
+from aeic.shared.model_package import ModelPackageError
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -158,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export}
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except (ModelPackageError, OSError) as exc:  # a missing or broken model or checkpoint: nothing was done
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -265,6 +265,18 @@ def test_cli_reports_unreadable_images_in_one_line_and_codes_the_rest(exported, 
     assert good.with_suffix(".aeic").stat().st_size > 0
 
 
+def test_cli_refuses_a_missing_model_or_checkpoint_in_one_line(tmp_path, capsys) -> None:
+    from aeic.codec.cli import main
+
+    source = tmp_path / "photo.png"
+    Image.fromarray(_photo(40, 56)).save(source)
+    assert main(["encode", str(source), "--model", str(tmp_path / "nowhere")]) == 2
+    assert main(["export", str(tmp_path / "none.pt"), str(tmp_path / "package")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert "not a model package" in errors[0] and "none.pt" in errors[1]
+
+
 def test_a_budget_the_rules_downscale_cannot_meet_falls_back_to_a_larger_one(exported, monkeypatch) -> None:
     monkeypatch.setattr(coding_scale, "MIN_CODED_BPP", 0.0)  # the rule always asks for the whole picture
     _, folder = exported
