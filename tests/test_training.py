@@ -43,6 +43,20 @@ def test_pretrain_logs_checkpoints_and_resumes(photos, tmp_path) -> None:
     assert torch.load(checkpoint, weights_only=False)["step"] == 3
 
 
+def test_init_mean_starts_from_the_weighted_mean_of_checkpoints(photos, tmp_path) -> None:
+    first = Trainer(_config(photos, tmp_path / "a", seed=1)).run()
+    second = Trainer(_config(photos, tmp_path / "b", seed=2)).run()
+    mean = Trainer(_config(photos, tmp_path / "mean", init_mean={first: 3.0, second: 1.0}))
+    a, b = (torch.load(path, weights_only=False)["model"] for path in (first, second))
+    key = "analysis.stages.0.weight"
+    assert not torch.equal(a[key], b[key])
+    assert torch.allclose(mean.model.state_dict()[key], 0.75 * a[key] + 0.25 * b[key], atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        _config(photos, tmp_path / "both", init=first, init_mean={second: 1.0})
+    with pytest.raises(ValueError, match="positive sum"):
+        Trainer(_config(photos, tmp_path / "zero", init_mean={first: 0.0}))
+
+
 def test_adversarial_stage_freezes_the_sender_half(photos, tmp_path) -> None:
     pre = Trainer(_config(photos, tmp_path / "pre")).run()
     trainer = Trainer(_config(photos, tmp_path / "adv", stage="adversarial", init=pre, adversarial_weight=0.1))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -27,6 +27,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     out: Path = Path("runs/default")
     init: Path | None = None  # weights to start from: a previous stage's checkpoint or a model package folder
+    # or the weighted mean of several checkpoints of one lineage ("model soup"): {path = weight, ...}
+    init_mean: dict[Path, float] = {}
     teacher: Path | None = None  # distillation: the moderate-encoder model checkpoint
     device: str = "auto"
     checkpoint_minutes: float = 4.0
@@ -50,6 +52,12 @@ class TrainConfig(BaseModel):
     # the decoder stage: a package's receiver half trained on pixel losses through its frozen pixel decoder
     package: Path | None = None
     window: int = 16  # latent cells (8 px each) of the window the pixel decoder renders per step
+
+    @model_validator(mode="after")
+    def _one_starting_point(self) -> TrainConfig:
+        if self.init is not None and self.init_mean:
+            raise ValueError("set `init` or `init_mean`, not both")
+        return self
 
     @classmethod
     def from_file(cls, path: Path, **overrides: object) -> TrainConfig:

@@ -74,6 +74,25 @@ def load_model_weights(model: AEICModel, checkpoint: Path, fresh: str | None = N
     return whole
 
 
+def load_mean_weights(model: AEICModel, checkpoints: dict[Path, float]) -> dict:
+    """Load the weighted mean of checkpoints that share one architecture; returns the last checkpoint,
+    its weights replaced. Runs of one lineage that each win at other rates average into one model."""
+    total = sum(checkpoints.values())
+    if total <= 0 or any(weight < 0 for weight in checkpoints.values()):
+        raise ValueError(f"init_mean weights must be non-negative with a positive sum, got {checkpoints}")
+    mean: dict[str, torch.Tensor] = {}
+    for path, weight in checkpoints.items():
+        whole = torch.load(path, map_location="cpu", weights_only=False)
+        for key, value in whole["model"].items():
+            if value.is_floating_point():
+                mean[key] = mean.get(key, 0) + value.double() * (weight / total)
+            else:
+                mean[key] = value
+    whole["model"] = {key: value.to(whole["model"][key].dtype) for key, value in mean.items()}
+    model.load_state_dict(whole["model"])
+    return whole
+
+
 class Trainer(ScheduledRun):
     def __init__(self, config: TrainConfig) -> None:
         super().__init__()
@@ -94,6 +113,8 @@ class Trainer(ScheduledRun):
         if config.init is not None:
             fresh = "decoder.pixel_decoder." if config.stage == "pixel_decoder" else None
             self._adopt_rate_control(load_model_weights(self.model, config.init, fresh))
+        elif config.init_mean:
+            self._adopt_rate_control(load_mean_weights(self.model, config.init_mean))
         self.teacher = self._distillation_teacher() if config.stage == "distil" else None
         judged_channels = self.model_config.decoder.latent_channels if self.uses_teacher_latent else 3
         self.discriminator = (
