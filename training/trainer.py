@@ -58,38 +58,42 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model_weights(model: AEICModel, checkpoint: Path, fresh: str | None = None) -> dict:
-    """Load a checkpoint's (a bare state dict's, or a model package's) weights; returns the whole checkpoint.
-
-    ``fresh``: the key prefix of a part the source may lack, because this run trains it from scratch."""
+def read_weights(checkpoint: Path) -> tuple[dict, dict]:
+    """A checkpoint's whole contents and its weights (a bare state dict's, or a model package's)."""
     if Path(checkpoint).is_dir():  # a model package: start from what shipped
-        whole, weights = {}, model_from_package(Path(checkpoint)).state_dict()
-    else:
-        whole = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        weights = whole.get("model", whole)
+        return {}, model_from_package(Path(checkpoint)).state_dict()
+    whole = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return whole, whole.get("model", whole)
+
+
+def _load_fitting(model: AEICModel, weights: dict, source: object, fresh: str | None) -> None:
     missing, unexpected = model.load_state_dict(weights, strict=fresh is None)
     absent = [key for key in missing if not key.startswith(fresh or "")]
     if unexpected or absent:
-        raise ValueError(f"{checkpoint} does not fit the model: missing {absent[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"{source} does not fit the model: missing {absent[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_model_weights(model: AEICModel, checkpoint: Path, fresh: str | None = None) -> dict:
+    """Load a checkpoint's weights; returns the whole checkpoint.
+
+    ``fresh``: the key prefix of a part the source may lack, because this run trains it from scratch."""
+    whole, weights = read_weights(checkpoint)
+    _load_fitting(model, weights, checkpoint, fresh)
     return whole
 
 
 def load_mean_weights(model: AEICModel, checkpoints: dict[Path, float]) -> dict:
-    """Load the weighted mean of checkpoints that share one architecture; returns the last checkpoint,
-    its weights replaced. Runs of one lineage that each win at other rates average into one model."""
+    """Load the weighted mean of checkpoints that share one architecture; returns the last whole
+    checkpoint. Runs of one lineage that each win at other rates average into one model."""
     total = sum(checkpoints.values())
     if total <= 0 or any(weight < 0 for weight in checkpoints.values()):
         raise ValueError(f"init_mean weights must be non-negative with a positive sum, got {checkpoints}")
     mean: dict[str, torch.Tensor] = {}
     for path, weight in checkpoints.items():
-        whole = torch.load(path, map_location="cpu", weights_only=False)
-        for key, value in whole["model"].items():
-            if value.is_floating_point():
-                mean[key] = mean.get(key, 0) + value.double() * (weight / total)
-            else:
-                mean[key] = value
-    whole["model"] = {key: value.to(whole["model"][key].dtype) for key, value in mean.items()}
-    model.load_state_dict(whole["model"])
+        whole, weights = read_weights(path)
+        for key, value in weights.items():
+            mean[key] = mean.get(key, 0) + value.double() * (weight / total) if value.is_floating_point() else value
+    _load_fitting(model, {key: value.to(weights[key].dtype) for key, value in mean.items()}, list(checkpoints), None)
     return whole
 
 
