@@ -14,7 +14,7 @@ from aeic.codec.presets import preset
 from aeic.sender.encoder import SenderCodec
 from aeic.training.config import TrainConfig
 from aeic.training.rate_calibration import offset_for_target
-from aeic.training.trainer import Trainer, check_distillable, latent_texture
+from aeic.training.trainer import Trainer, check_distillable, latent_texture, rate_weights
 from PIL import Image
 from training_support import write_training_photos
 
@@ -166,6 +166,19 @@ def test_rate_control_moves_the_gains_of_an_overshooting_point_only(photos, tmp_
     moved = trainer.model.log_gains.detach()
     assert torch.all(moved[0] < gains[0]) and torch.equal(moved[1:], gains[1:])
     assert torch.equal(trainer.log_lambda, multipliers)
+
+
+def test_rate_balance_weighs_every_rate_points_distortion_alike(photos, tmp_path) -> None:
+    log_lambda = torch.log(torch.tensor([0.01, 0.04, 0.16]))
+    assert torch.equal(rate_weights(log_lambda, 0.0), torch.ones(3))
+    balanced = rate_weights(log_lambda, 1.0) * log_lambda.exp()  # the weight each point's distortion gets
+    assert torch.allclose(balanced, balanced[0].expand(3))
+    assert math.isclose(float(rate_weights(log_lambda, 1.0).log().sum()), 0.0, abs_tol=1e-6)
+    trainer = Trainer(_config(photos, tmp_path / "balance", rate_balance=1.0))
+    no_bits, distortion = torch.zeros(1), torch.ones(1)
+    losses = [trainer._rate_distortion(no_bits, distortion, torch.tensor([rate])) for rate in range(trainer.model_config.num_rates)]
+    assert torch.allclose(torch.stack(losses), losses[0].expand(len(losses)))
+    assert not torch.allclose(trainer.rate_weights, torch.ones_like(trainer.rate_weights))
 
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.toml"))

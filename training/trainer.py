@@ -97,6 +97,15 @@ def load_mean_weights(model: AEICModel, checkpoints: dict[Path, float]) -> dict:
     return whole
 
 
+def rate_weights(log_lambda: torch.Tensor, balance: float) -> torch.Tensor:
+    """Per rate point, the factor on a sample's R + lambda D: (geometric mean lambda / lambda) ** balance.
+
+    Each point's optimum stays where its lambda puts it; only how much each point pulls on the
+    shared weights changes. The geometric mean keeps the loss near its unbalanced size, so the
+    gradient clipping acts as before."""
+    return torch.exp(balance * (log_lambda.mean() - log_lambda))
+
+
 class Trainer(ScheduledRun):
     def __init__(self, config: TrainConfig) -> None:
         super().__init__()
@@ -114,6 +123,7 @@ class Trainer(ScheduledRun):
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
         self.log_lambda = torch.log(targets * config.lambda_scale)  # fixed: the gains hold the rates (_steer_rates)
         self.ema_bpp = targets.clone()
+        self.rate_weights = rate_weights(self.log_lambda, config.rate_balance).to(self.device, torch.float32)
         if config.init is not None:
             fresh = "decoder.pixel_decoder." if config.stage == "pixel_decoder" else None
             self._adopt_rate_control(load_model_weights(self.model, config.init, fresh))
@@ -278,7 +288,7 @@ class Trainer(ScheduledRun):
         if self.config.stage in RATE_FROZEN_STAGES:
             return distortion.mean()
         lam = self.log_lambda.exp().to(self.device, torch.float32)[rates]
-        return (bpp + lam * distortion).mean()
+        return (self.rate_weights[rates] * (bpp + lam * distortion)).mean()
 
     def _forward(self, images: torch.Tensor, rates: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model pass of this stage; a stage with a frozen sender half runs it without gradients."""
