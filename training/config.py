@@ -34,7 +34,7 @@ class TrainConfig(BaseModel):
     checkpoint_minutes: float = 4.0
     rate_adapt: float = 0.01  # step size of the per-rate gain control (log gain per log bpp error, per sample)
     lambda_scale: float = 200.0  # the fixed multipliers: nominal bpp x this (~2 suits the pixel distortion)
-    # each sample's R + lambda D is scaled by (mean lambda / its lambda) ** rate_balance: at 0 the
+    # each sample's R + lambda D is scaled by (geometric-mean lambda / its lambda) ** rate_balance: at 0 the
     # distortion of the highest rate point weighs 32x the lowest's in the shared weights (nano-se-wide),
     # at 1 every rate point's distortion weighs the same; the optimum of each point is unchanged
     rate_balance: float = 0.0
