@@ -1,4 +1,4 @@
-"""``aeic``: the codec command line (encode, decode, info, export, eval).
+"""``aeic``: the codec command line (encode, decode, info, export, relevel, eval).
 
 ``encode`` runs the sender path (onnxruntime + numpy, no torch); ``decode`` the receiver path.
 """
@@ -120,6 +120,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relevel(args: argparse.Namespace) -> int:
+    from .rate_levels import relevel_package
+
+    try:
+        out = relevel_package(args.package, args.out, args.per_step)
+    except ValueError as exc:  # too many levels for the one-byte rate index, or not a package
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"{out}: model {manifest['name']} id {manifest['model_id']}, {len(manifest['rate_levels'])} rate levels")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from aeic.evaluation.cli import main_eval
 
@@ -149,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="training checkpoint -> model package")
     export.add_argument("checkpoint", type=Path)
     export.add_argument("out", type=Path)
+    relevel = sub.add_parser("relevel", help="model package -> the same weights with more (or fewer) rate levels")
+    relevel.add_argument("package", type=Path)
+    relevel.add_argument("out", type=Path)
+    relevel.add_argument("--per-step", type=int, default=16, help="levels per step between trained rate points")
     sub.add_parser("eval", help="rate-distortion evaluation (see `aeic eval --help`)", add_help=False)
     return parser
 
@@ -158,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["eval"]:
         return cmd_eval(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
-    handlers = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export}
+    handlers = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export,
+                "relevel": cmd_relevel}
     try:
         return handlers[args.command](args)
     except (ModelPackageError, OSError) as exc:  # a missing or broken model or checkpoint: nothing was done

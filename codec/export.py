@@ -11,7 +11,6 @@ ONNX: numpy runs it exactly.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import warnings
 from pathlib import Path
@@ -25,11 +24,8 @@ from torch.nn import functional as F
 
 from .analysis import BAND, AnalysisConfig, AnalysisTransform, StarBlock
 from .model import AEICModel, receiver_state_dict
+from .rate_levels import level_gains, level_positions, rate_level_entries
 
-# Levels per step between trained rate points (each point doubles the bpp). A byte budget is met by
-# the highest level that fits, so with 8 (2^(1/8) = 9 % apart) a stream fills about 95 % of its
-# budget; 4 left about 9 % unused (package 85aeab8e on the non-Kodak photos: 0.0091 bpp of 0.01).
-LEVELS_PER_RATE_STEP = 8
 OPSET = 17
 STEM_STAGES = 2  # stages 1-2 (1/2 and 1/4 resolution) hold most of the analysis' activation memory
 
@@ -88,17 +84,6 @@ def stem_tiling(config: AnalysisConfig, stem_stages: int = STEM_STAGES) -> dict[
     return {"factor": factor, "halo": -(-reach // factor) * factor}
 
 
-def level_positions(num_rates: int) -> np.ndarray:
-    """Rate levels: the trained rate points and evenly spaced points between them."""
-    return np.linspace(0, num_rates - 1, (num_rates - 1) * LEVELS_PER_RATE_STEP + 1)
-
-
-def interpolated_log_gains(log_gains: np.ndarray, position: float) -> np.ndarray:
-    low = min(math.floor(position), len(log_gains) - 2)
-    frac = position - low
-    return (1 - frac) * log_gains[low] + frac * log_gains[low + 1]
-
-
 def _export_onnx(module: nn.Module, inputs: tuple, path: Path, names: tuple[list[str], list[str]], axes: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -125,10 +110,8 @@ def export_package(model: AEICModel, out: Path) -> Path:
                      (["latent", "gain"], ["scaled", "z"]),
                      {"latent": {2: "h", 3: "w"}, "scaled": {2: "h", 3: "w"}, "z": {2: "hz", 3: "wz"}})
     positions = level_positions(model.config.num_rates)
-    log_gains = model.log_gains.detach().double().numpy()
-    gains = np.stack([np.exp(interpolated_log_gains(log_gains, p)) for p in positions]).astype(np.float32)
     arrays = pkg.entropy_model_to_arrays(model.entropy.export())
-    arrays["levels.gains"] = gains
+    arrays["levels.gains"] = level_gains(model.log_gains.detach().double().numpy(), positions)
     np.savez(out / "entropy.npz", **arrays)
     receiver = {k: v.detach().half().contiguous() for k, v in receiver_state_dict(model.synthesis, model.decoder).items()}
     _save_receiver_weights(receiver, out / "receiver.safetensors")
@@ -143,17 +126,13 @@ def _save_receiver_weights(tensors: dict[str, torch.Tensor], path: Path) -> None
 
 
 def _write_manifest(model: AEICModel, out: Path, positions: np.ndarray) -> None:
-    rates = np.log(np.asarray(model.config.rates_bpp))
     manifest = {
         "format": pkg.FORMAT,
         "name": model.config.name,
         "profile": model.config.profile,
         "pixel_decoder": model.config.pixel_decoder,
         "config": model.config.to_dict(),
-        "rate_levels": [
-            {"index": i, "position": float(p), "nominal_bpp": float(np.exp(np.interp(p, np.arange(len(rates)), rates)))}
-            for i, p in enumerate(positions)
-        ],
+        "rate_levels": rate_level_entries(list(model.config.rates_bpp), positions),
         "analysis_tiling": stem_tiling(model.config.analysis),
         "files": {name: pkg.file_digest(out / name) for name in pkg.PACKAGE_FILES},
     }
