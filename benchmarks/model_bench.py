@@ -171,14 +171,16 @@ def _sender_split(codec, rgb: np.ndarray, level: int) -> dict[str, float]:
             "total_ms": (t3 - t0) * 1e3, "bytes": len(stream)}
 
 
-def sender_latency(package: Path | None, sizes: list[tuple[int, int]], repeats: int, level: int) -> dict[str, Any]:
+def sender_latency(package: Path | None, sizes: list[tuple[int, int]], repeats: int, bpp: float) -> dict[str, Any]:
     from aeic.sender.encoder import SenderCodec
 
     with tempfile.TemporaryDirectory(prefix="aeic-model-bench-") as tmp:
         path = package or _random_package(Path(tmp))
         codec = SenderCodec.from_package(path, downscale=1)  # the transforms at the full size, not auto-reduced
+        level = codec.package.level_for_bpp(bpp)
         result: dict[str, Any] = {"package": str(package) if package else "random-weight nano-se (export_package)",
-                                  "provider": codec.provider, "rate_level": level, "downscale": 1, "sizes": {}}
+                                  "provider": codec.provider, "rate_level": level,
+                                  "nominal_bpp": codec.package.rates[level], "downscale": 1, "sizes": {}}
         for width, height in sizes:
             rgb = photo(width, height)
             _sender_split(codec, rgb, level)  # warm-up
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heavy-timeout", type=float, default=420.0)
     parser.add_argument("--sender-sizes", default="768x512,1920x1080", help="'none' skips the sender latency")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--level", type=int, default=16, help="rate level for the sender path (16: the 0.02 bpp point)")
+    parser.add_argument("--bpp", type=float, default=0.02, help="nominal bpp of the sender path's rate level")
     parser.add_argument("--package", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--heavy-only", default=None, metavar="WxH",
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         result["heavy_encoder"]["sd_vae"]["encode"] = heavy_encoder_timing(*heavy_size, args.heavy_timeout)
     if args.sender_sizes != "none":
         sizes = [parse_size(s) for s in args.sender_sizes.split(",")]
-        result["sender_latency"] = sender_latency(args.package, sizes, args.repeats, args.level)
+        result["sender_latency"] = sender_latency(args.package, sizes, args.repeats, args.bpp)
     path = write_result("model", result, args.out)
     print(path)
     return 0

@@ -342,10 +342,13 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aeic.shared.model_package import ModelPackage
+
     parser = argparse.ArgumentParser(description="sender path fps and peak RSS at 1080p, per variant")
     parser.add_argument("--frames", type=int, default=2, help="timed frames per variant (after one warm-up)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--level", type=int, default=16, help="rate level of our codec (16: the 0.02 bpp point)")
+    parser.add_argument("--bpp", type=float, default=0.02, help="nominal bpp of our codec's rate level")
+    parser.add_argument("--level", type=int, default=None, help=argparse.SUPPRESS)  # a child's resolved level
     parser.add_argument("--package", type=Path, default=None, help="model package (default: the shipped one)")
     parser.add_argument("--rd-images", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0, help="per child process")
@@ -365,14 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="aeic-sender-bench-") as tmp:
         work = Path(tmp)
         setup = prepare(work, args.package, variants, args.rd_images)
-        runs = {v: spawn(work, v, args.frames, args.level, args.timeout) for v in variants}
+        package = ModelPackage.load(work / "package")
+        level = package.level_for_bpp(args.bpp)
+        runs = {v: spawn(work, v, args.frames, level, args.timeout) for v in variants}
         try:  # the timings stand on their own: an RD failure is recorded, not fatal
             rd = rd_costs(work, [v for v in variants if "error" not in runs[v] and v not in DOWNSCALE_VARIANTS])
             if set(DOWNSCALE_VARIANTS) & set(variants):
-                rd["downscale_at_equal_bytes"] = downscale_rd(work, variants, args.level)
+                rd["downscale_at_equal_bytes"] = downscale_rd(work, variants, level)
         except Exception as exc:  # noqa: BLE001 - any decoder failure
             rd = {"error": f"{type(exc).__name__}: {exc}"}
-    result = {"size": f"{SIZE[0]}x{SIZE[1]}", "rate_level": args.level, "rd_size": f"{RD_SIZE[0]}x{RD_SIZE[1]}",
+    result = {"size": f"{SIZE[0]}x{SIZE[1]}", "rate_level": level, "nominal_bpp": package.rates[level], "rd_size": f"{RD_SIZE[0]}x{RD_SIZE[1]}",
               **setup, "targets": {"speedup_vs_reference": TARGET_SPEEDUP, "peak_rss_mb": TARGET_RSS_MB},
               "summary": summarise(runs), "runs": runs, "rd_cost": rd}
     print(write_result("sender", result, args.out))

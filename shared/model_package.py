@@ -161,6 +161,10 @@ class ModelPackage:
     def num_levels(self) -> int:
         return len(self.manifest["rate_levels"])
 
+    def level_for_bpp(self, bpp: float) -> int:
+        """The rate level whose nominal bpp is nearest ``bpp`` (in log): level numbers depend on the spacing."""
+        return int(np.argmin(np.abs(np.log(np.asarray(self.rates)) - np.log(bpp))))
+
     def level_position(self, level: int) -> float:
         """The level's position between the trained rate points (0 .. num_rates - 1)."""
         return float(self.manifest["rate_levels"][level]["position"])

@@ -76,3 +76,10 @@ def test_relevel_cli_writes_a_loadable_package_and_refuses_too_many_levels(packa
     assert ModelPackage.load(tmp_path / "p").num_levels == 2 * (ModelPackage.load(coarse).num_levels - 1) // 4 + 1
     assert aeic_main(["relevel", str(coarse), str(tmp_path / "q"), "--per-step", "300"]) == 2
     assert "at most 256" in capsys.readouterr().err
+
+
+def test_level_for_bpp_names_the_same_rate_whatever_the_spacing(packages) -> None:
+    coarse, fine = (ModelPackage.load(p) for p in packages)
+    assert coarse.level_for_bpp(0.03) == 4 and fine.level_for_bpp(0.03) == 8  # the tiny preset's middle point
+    assert coarse.rates[coarse.level_for_bpp(0.0205)] == pytest.approx(fine.rates[fine.level_for_bpp(0.0205)], rel=0.15)
+    assert fine.level_for_bpp(1e-6) == 0 and fine.level_for_bpp(10.0) == fine.num_levels - 1
