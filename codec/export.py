@@ -134,10 +134,8 @@ def _write_manifest(model: AEICModel, out: Path, positions: np.ndarray) -> None:
         "config": model.config.to_dict(),
         "rate_levels": rate_level_entries(list(model.config.rates_bpp), positions),
         "analysis_tiling": stem_tiling(model.config.analysis),
-        "files": {name: pkg.file_digest(out / name) for name in pkg.PACKAGE_FILES},
     }
-    manifest["model_id"] = pkg.compute_model_id(manifest).hex()
-    (out / pkg.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    pkg.write_manifest(out, manifest)
 
 
 SENDER_FILES = tuple(name for name in pkg.PACKAGE_FILES if name != "receiver.safetensors")
@@ -155,10 +153,7 @@ def export_receiver_update(package: Path, receiver: nn.Module, out: Path) -> Pat
     state = receiver_state_dict(receiver.synthesis, receiver.decoder)
     _save_receiver_weights({k: v.detach().cpu().half().contiguous() for k, v in state.items()},
                            out / "receiver.safetensors")
-    manifest = json.loads((package / pkg.MANIFEST).read_text())
-    manifest["files"] = {name: pkg.file_digest(out / name) for name in pkg.PACKAGE_FILES}
-    manifest["model_id"] = pkg.compute_model_id(manifest).hex()
-    (out / pkg.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    pkg.write_manifest(out, json.loads((package / pkg.MANIFEST).read_text()))
     return out
 
 

@@ -10,7 +10,6 @@ without training; the levels it shares with the old table code the same streams 
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -74,8 +73,5 @@ def relevel_package(package: Path, out: Path, per_step: int) -> Path:
         if name != "entropy.npz" and (out / name).resolve() != (package / name).resolve():
             shutil.copyfile(package / name, out / name)
     np.savez(out / "entropy.npz", **arrays)
-    manifest["rate_levels"] = rate_level_entries(rates, positions)
-    manifest["files"] = {name: pkg.file_digest(out / name) for name in pkg.PACKAGE_FILES}
-    manifest["model_id"] = pkg.compute_model_id(manifest).hex()
-    (out / pkg.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    pkg.write_manifest(out, {**manifest, "rate_levels": rate_level_entries(rates, positions)})
     return out

@@ -49,6 +49,14 @@ def compute_model_id(manifest: dict) -> bytes:
     return hashlib.sha256(canonical_json(body)).digest()[:4]
 
 
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """Seal ``manifest`` for the files now in ``folder`` (their digests, then the model id) and write it."""
+    manifest = {**manifest, "files": {name: file_digest(folder / name) for name in PACKAGE_FILES}}
+    manifest["model_id"] = compute_model_id(manifest).hex()
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
 def models_root() -> Path:
     """Where shipped packages live (``aeic/models``)."""
     return Path(__file__).resolve().parents[1] / "aeic" / "models"
