@@ -1,4 +1,4 @@
-"""``aeic``: the codec command line (encode, decode, info, export, relevel, eval).
+"""``aeic``: the codec command line (encode, decode, info, export, relevel, interpolate, eval).
 
 ``encode`` runs the sender path (onnxruntime + numpy, no torch); ``decode`` the receiver path.
 """
@@ -133,6 +133,19 @@ def cmd_relevel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from .interpolation import interpolate_receivers
+
+    try:
+        out = interpolate_receivers(args.first, args.second, args.weight, args.out)
+    except ValueError as exc:  # different streams or receivers, a weight outside [0, 1], not a package
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"{out}: model {manifest['name']} id {manifest['model_id']}, receiver {args.weight:g} of the way to {args.second}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from aeic.evaluation.cli import main_eval
 
@@ -166,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     relevel.add_argument("package", type=Path)
     relevel.add_argument("out", type=Path)
     relevel.add_argument("--per-step", type=int, default=16, help="levels per step between trained rate points")
+    interpolate = sub.add_parser(
+        "interpolate", help="two packages with the same sender -> one whose receiver weights lie between theirs"
+    )
+    interpolate.add_argument("first", type=Path)
+    interpolate.add_argument("second", type=Path)
+    interpolate.add_argument("out", type=Path)
+    interpolate.add_argument("--weight", type=float, default=0.5, help="0 gives the first receiver, 1 the second")
     sub.add_parser("eval", help="rate-distortion evaluation (see `aeic eval --help`)", add_help=False)
     return parser
 
@@ -176,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export,
-                "relevel": cmd_relevel}
+                "relevel": cmd_relevel, "interpolate": cmd_interpolate}
     try:
         return handlers[args.command](args)
     except (ModelPackageError, OSError) as exc:  # a missing or broken model or checkpoint: nothing was done

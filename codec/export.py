@@ -114,12 +114,12 @@ def export_package(model: AEICModel, out: Path) -> Path:
     arrays["levels.gains"] = level_gains(model.log_gains.detach().double().numpy(), positions)
     np.savez(out / "entropy.npz", **arrays)
     receiver = {k: v.detach().half().contiguous() for k, v in receiver_state_dict(model.synthesis, model.decoder).items()}
-    _save_receiver_weights(receiver, out / "receiver.safetensors")
+    save_receiver_weights(receiver, out / "receiver.safetensors")
     _write_manifest(model, out, positions)
     return out
 
 
-def _save_receiver_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_receiver_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Written as bytes, not with ``save_file``: that creates its file owner-only (0600), and a package
     is read by a receiver that may run as another user (a container)."""
     path.write_bytes(safetensors_bytes(tensors))
@@ -151,7 +151,7 @@ def export_receiver_update(package: Path, receiver: nn.Module, out: Path) -> Pat
     for name in SENDER_FILES:
         shutil.copyfile(package / name, out / name)
     state = receiver_state_dict(receiver.synthesis, receiver.decoder)
-    _save_receiver_weights({k: v.detach().cpu().half().contiguous() for k, v in state.items()},
+    save_receiver_weights({k: v.detach().cpu().half().contiguous() for k, v in state.items()},
                            out / "receiver.safetensors")
     pkg.write_manifest(out, json.loads((package / pkg.MANIFEST).read_text()))
     return out
