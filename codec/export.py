@@ -28,6 +28,8 @@ from .rate_levels import level_gains, level_positions, rate_level_entries
 
 OPSET = 17
 STEM_STAGES = 2  # stages 1-2 (1/2 and 1/4 resolution) hold most of the analysis' activation memory
+RECEIVER_FILE = "receiver.safetensors"
+SENDER_FILES = tuple(name for name in pkg.PACKAGE_FILES if name != RECEIVER_FILE)
 
 
 class _Hyper(nn.Module):
@@ -114,7 +116,7 @@ def export_package(model: AEICModel, out: Path) -> Path:
     arrays["levels.gains"] = level_gains(model.log_gains.detach().double().numpy(), positions)
     np.savez(out / "entropy.npz", **arrays)
     receiver = {k: v.detach().half().contiguous() for k, v in receiver_state_dict(model.synthesis, model.decoder).items()}
-    save_receiver_weights(receiver, out / "receiver.safetensors")
+    save_receiver_weights(receiver, out / RECEIVER_FILE)
     _write_manifest(model, out, positions)
     return out
 
@@ -138,9 +140,6 @@ def _write_manifest(model: AEICModel, out: Path, positions: np.ndarray) -> None:
     pkg.write_manifest(out, manifest)
 
 
-SENDER_FILES = tuple(name for name in pkg.PACKAGE_FILES if name != "receiver.safetensors")
-
-
 def export_receiver_update(package: Path, receiver: nn.Module, out: Path) -> Path:
     """A package with ``package``'s sender files byte for byte and ``receiver``'s new weights.
 
@@ -152,7 +151,7 @@ def export_receiver_update(package: Path, receiver: nn.Module, out: Path) -> Pat
         shutil.copyfile(package / name, out / name)
     state = receiver_state_dict(receiver.synthesis, receiver.decoder)
     save_receiver_weights({k: v.detach().cpu().half().contiguous() for k, v in state.items()},
-                           out / "receiver.safetensors")
+                           out / RECEIVER_FILE)
     pkg.write_manifest(out, json.loads((package / pkg.MANIFEST).read_text()))
     return out
 

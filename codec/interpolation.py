@@ -15,9 +15,7 @@ from pathlib import Path
 from aeic.shared import model_package as pkg
 from safetensors.torch import load_file
 
-from .export import SENDER_FILES, save_receiver_weights
-
-RECEIVER_FILE = "receiver.safetensors"
+from .export import RECEIVER_FILE, SENDER_FILES, save_receiver_weights
 
 
 def interpolate_receivers(first: Path, second: Path, weight: float, out: Path) -> Path:

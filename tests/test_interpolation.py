@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from aeic.codec.cli import main as aeic_main
-from aeic.codec.export import SENDER_FILES, export_receiver_update
-from aeic.codec.interpolation import RECEIVER_FILE, interpolate_receivers
+from aeic.codec.export import RECEIVER_FILE, SENDER_FILES, export_receiver_update
+from aeic.codec.interpolation import interpolate_receivers
 from aeic.codec.testing import make_tiny_model, make_tiny_package
 from aeic.receiver.decoder import ReceiverCodec
 from aeic.sender.encoder import SenderCodec
