@@ -116,12 +116,12 @@ def export_package(model: AEICModel, out: Path) -> Path:
     arrays["levels.gains"] = level_gains(model.log_gains.detach().double().numpy(), positions)
     np.savez(out / "entropy.npz", **arrays)
     receiver = {k: v.detach().half().contiguous() for k, v in receiver_state_dict(model.synthesis, model.decoder).items()}
-    save_receiver_weights(receiver, out / RECEIVER_FILE)
+    _save_receiver_weights(receiver, out / RECEIVER_FILE)
     _write_manifest(model, out, positions)
     return out
 
 
-def save_receiver_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_receiver_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Written as bytes, not with ``save_file``: that creates its file owner-only (0600), and a package
     is read by a receiver that may run as another user (a container)."""
     path.write_bytes(safetensors_bytes(tensors))
@@ -146,12 +146,16 @@ def export_receiver_update(package: Path, receiver: nn.Module, out: Path) -> Pat
     A decoder-only fine-tune changes what the receiver draws, never what the sender codes, so
     rates and bitstream sizes stay exactly those of ``package``; the model id still changes.
     """
+    state = receiver_state_dict(receiver.synthesis, receiver.decoder)
+    return write_receiver_update(package, {k: v.detach().cpu().half().contiguous() for k, v in state.items()}, out)
+
+
+def write_receiver_update(package: Path, tensors: dict[str, torch.Tensor], out: Path) -> Path:
+    """``package``'s sender files byte for byte, ``tensors`` as its receiver weights, the manifest resealed."""
     out.mkdir(parents=True, exist_ok=True)
     for name in SENDER_FILES:
         shutil.copyfile(package / name, out / name)
-    state = receiver_state_dict(receiver.synthesis, receiver.decoder)
-    save_receiver_weights({k: v.detach().cpu().half().contiguous() for k, v in state.items()},
-                           out / RECEIVER_FILE)
+    _save_receiver_weights(tensors, out / RECEIVER_FILE)
     pkg.write_manifest(out, json.loads((package / pkg.MANIFEST).read_text()))
     return out
 

@@ -8,14 +8,12 @@ stay byte for byte those of both packages.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from aeic.shared import model_package as pkg
 from safetensors.torch import load_file
 
-from .export import RECEIVER_FILE, SENDER_FILES, save_receiver_weights
+from .export import RECEIVER_FILE, SENDER_FILES, write_receiver_update
 
 
 def interpolate_receivers(first: Path, second: Path, weight: float, out: Path) -> Path:
@@ -34,9 +32,4 @@ def interpolate_receivers(first: Path, second: Path, weight: float, out: Path) -
         name: ((1.0 - weight) * tensor.float() + weight * weights[1][name].float()).to(tensor.dtype).contiguous()
         for name, tensor in weights[0].items()
     }
-    out.mkdir(parents=True, exist_ok=True)
-    for name in SENDER_FILES:
-        shutil.copyfile(second / name, out / name)
-    save_receiver_weights(mixed, out / RECEIVER_FILE)
-    pkg.write_manifest(out, json.loads((second / pkg.MANIFEST).read_text()))
-    return out
+    return write_receiver_update(second, mixed, out)
