@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from aeic.sender.coding_scale import parse_downscale
+from aeic.sender.rate_distortion_rounding import parse_rounding
 from aeic.shared.model_package import ModelPackageError
 
 
@@ -19,7 +20,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from aeic.sender.encoder import BudgetError, SenderCodec
     from aeic.sender.images import ImageReadError, read_image
 
-    codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale)
+    codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale, rounding=args.rounding)
     status = 0
     for image in args.images:
         try:
@@ -146,10 +147,30 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_rounding(args: argparse.Namespace) -> int:
+    from .rounding_setting import set_rounding_weight
+
+    weight = None if args.weight == "nearest" else args.weight
+    try:
+        out = set_rounding_weight(args.package, args.out, weight)
+    except ValueError as exc:  # not a package, or not a positive weight
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"{out}: model {manifest['name']} id {manifest['model_id']}, rounding {args.weight}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from aeic.evaluation.cli import main_eval
 
     return main_eval(rest)
+
+
+def _rounding_weight(text: str) -> float | str:
+    if text == "package":
+        raise argparse.ArgumentTypeError("expected nearest or a positive number: a package names its own weight")
+    return parse_rounding(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--threads", type=int)
     encode.add_argument("--downscale", type=parse_downscale, default="auto", metavar="{auto,1,2,4}",
                         help="code the image reduced by this factor, the decoder scales back (auto: by image size)")
+    encode.add_argument("--rounding", type=parse_rounding, default="package", metavar="{package,nearest,W}",
+                        help="symbol rounding: the package's rate-distortion weight, nearest, or a weight")
     decode = sub.add_parser("decode", help=".aeic bitstreams -> PNG (receiver path)")
     decode.add_argument("streams", nargs="+", type=Path)
     decode.add_argument("-o", "--output", type=Path)
@@ -186,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument("second", type=Path)
     interpolate.add_argument("out", type=Path)
     interpolate.add_argument("--weight", type=float, default=0.5, help="0 gives the first receiver, 1 the second")
+    set_rounding = sub.add_parser(
+        "set-rounding", help="model package -> the same package naming its sender's rate-distortion rounding weight"
+    )
+    set_rounding.add_argument("package", type=Path)
+    set_rounding.add_argument("out", type=Path)
+    set_rounding.add_argument("--weight", type=_rounding_weight, required=True, metavar="{W,nearest}",
+                              help="bits per squared bin of error (larger: nearer to nearest rounding)")
     sub.add_parser("eval", help="rate-distortion evaluation (see `aeic eval --help`)", add_help=False)
     return parser
 
@@ -196,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export,
-                "relevel": cmd_relevel, "interpolate": cmd_interpolate}
+                "relevel": cmd_relevel, "interpolate": cmd_interpolate, "set-rounding": cmd_set_rounding}
     try:
         return handlers[args.command](args)
     except (ModelPackageError, OSError) as exc:  # a missing or broken model or checkpoint: nothing was done

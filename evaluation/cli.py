@@ -10,6 +10,7 @@ from typing import Any
 
 from aeic.evaluation import baselines, plots, runner
 from aeic.sender.coding_scale import parse_downscale
+from aeic.sender.rate_distortion_rounding import parse_rounding
 
 BASELINE_CHOICES = ("jpeg", "webp", "avif", "jxl", "best", "none")
 
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="receiver torch device (default auto)")
     p.add_argument("--downscale", default="auto", type=parse_downscale, metavar="{auto,1,2,4}",
                    help="the sender's coding downscale (default auto: by image and budget size)")
+    p.add_argument("--rounding", default="package", type=parse_rounding, metavar="{package,nearest,W}",
+                   help="the sender's symbol rounding (default: the package's rate-distortion weight)")
     return p
 
 
@@ -124,7 +127,7 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
 
             codec = PackageCodec.from_package(
                 resolve_model(args.model), provider=args.provider, device=args.device,
-                downscale=args.downscale,
+                downscale=args.downscale, rounding=args.rounding,
             )
         else:
             codec = codec_factory(args.model)

@@ -47,11 +47,12 @@ class PackageCodec:
         threads: int | None = None,
         device: str = "auto",
         downscale: int | str = "auto",
+        rounding: float | str = "package",
     ) -> PackageCodec:
         from aeic.receiver.decoder import ReceiverCodec
         from aeic.sender.encoder import SenderCodec
 
-        sender = SenderCodec.from_package(path, provider=provider, threads=threads, downscale=downscale)
+        sender = SenderCodec.from_package(path, provider=provider, threads=threads, downscale=downscale, rounding=rounding)
         receiver = ReceiverCodec.from_package(path, device=device)
         return cls(sender, receiver, path)
 
@@ -81,5 +82,6 @@ class PackageCodec:
             "model_id": bytes(self.sender.model_id).hex(),
             "sender_provider": getattr(self.sender, "provider", None),
             "sender_downscale": getattr(self.sender, "downscale", None),
+            "sender_rounding": getattr(getattr(self.sender, "rounding", None), "weight", "nearest"),
             "receiver_device": str(getattr(self.receiver, "device", "")) or None,
         }

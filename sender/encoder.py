@@ -18,6 +18,7 @@ from aeic.shared.model_package import ModelPackage
 from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
 
 from . import coding_scale
+from .rate_distortion_rounding import PACKAGE, rounding_for
 from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention
 
 ALIGNMENT = 128
@@ -66,11 +67,15 @@ class SenderCodec:
     """Encodes RGB images into AEIC bitstreams with one model package."""
 
     def __init__(self, package: ModelPackage, provider: str | None = None, threads: int | None = None,
-                 strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int | str = AUTO) -> None:
+                 strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int | str = AUTO,
+                 rounding: float | str = PACKAGE) -> None:
+        """``rounding``: ``"package"`` (the package's tuned weight), ``"nearest"`` or a weight
+        (:mod:`aeic.sender.rate_distortion_rounding`)."""
         if downscale != AUTO and downscale not in bitstream.DOWNSCALES:
             raise ValueError(f"downscale must be {AUTO!r} or one of {bitstream.DOWNSCALES}, got {downscale!r}")
         self.package = package
         self.downscale = downscale
+        self.rounding = rounding_for(package.rounding_weight, rounding)
         limit_heap_retention()
         providers = choose_providers(provider)
 
@@ -85,8 +90,9 @@ class SenderCodec:
 
     @classmethod
     def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None,
-                     strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int | str = AUTO) -> SenderCodec:
-        return cls(ModelPackage.load(path), provider, threads, strip_rows, downscale)
+                     strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int | str = AUTO,
+                     rounding: float | str = PACKAGE) -> SenderCodec:
+        return cls(ModelPackage.load(path), provider, threads, strip_rows, downscale, rounding)
 
     @property
     def model_id(self) -> bytes:
@@ -115,7 +121,7 @@ class SenderCodec:
         if not 0 <= level < self.num_levels:
             raise ValueError(f"rate level {level} outside 0..{self.num_levels - 1}")
         scaled, z = self.hyper.run(["scaled", "z"], {"latent": analysed.latent, "gain": self.package.level_gains[level]})
-        return self.package.entropy_model.encode(scaled[0], z[0])
+        return self.package.entropy_model.encode(scaled[0], z[0], rounding=self.rounding)
 
     def quantized_latent(self, analysed: AnalysedImage, level: int) -> np.ndarray:
         """ŷ (C, h, w) in real units: exactly what a receiver reconstructs from this level's bitstream.

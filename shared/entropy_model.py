@@ -68,6 +68,16 @@ class PixelShuffle:
 Layer = IntConv | PixelShuffle
 
 
+class Rounding(Protocol):
+    def __call__(self, residual: np.ndarray, indices: np.ndarray, tables: CdfTables) -> np.ndarray:
+        """Integer symbols for ``residual`` (latent minus mean, in bins), coded with tables ``indices``."""
+
+
+def nearest_rounding(residual: np.ndarray, indices: np.ndarray, tables: CdfTables) -> np.ndarray:
+    """Round half up: the least squared error, whatever the bits."""
+    return np.floor(residual + 0.5).astype(np.int64)
+
+
 class ConvBackend(Protocol):
     def conv(self, x: np.ndarray, layer: IntConv) -> np.ndarray:
         """``x`` is (C, H, W) of integers; returns (Cout, H, W) integers after rescale and clamp."""
@@ -170,8 +180,13 @@ class EntropyModel:
         out = run_network(self.context[step], np.concatenate([features, context]), backend)
         return out[: self.latent_channels], out[self.latent_channels :].astype(np.int64)
 
-    def encode(self, y: np.ndarray, z: np.ndarray, backend: ConvBackend | None = None) -> tuple[bytes, np.ndarray]:
-        """Code the scaled latent ``y`` (C, h, w) and hyper-latent ``z``; returns payload and ŷ (fixed point)."""
+    def encode(self, y: np.ndarray, z: np.ndarray, backend: ConvBackend | None = None,
+               rounding: Rounding = nearest_rounding) -> tuple[bytes, np.ndarray]:
+        """Code the scaled latent ``y`` (C, h, w) and hyper-latent ``z``; returns payload and ŷ (fixed point).
+
+        ``rounding`` picks each symbol from its residual; it is the encoder's choice alone (any
+        symbols decode), so a sender may trade error for bits without changing the format.
+        """
         backend = backend or NumpyBackend()
         if not np.all(np.isfinite(y)) or np.abs(y).max(initial=0) > LATENT_LIMIT:
             raise ValueError("latent out of the codable range (non-finite or too large)")
@@ -182,7 +197,7 @@ class EntropyModel:
         decoded = np.zeros(y.shape, dtype=np.float64)
         for step, mask in enumerate(step_masks(*y.shape)):
             means, indices = self._means_and_indices(step, features, decoded, backend)
-            symbols = np.floor(y.astype(np.float64) - means / (1 << FRACTION_BITS) + 0.5).astype(np.int64)
+            symbols = rounding(y.astype(np.float64) - means / (1 << FRACTION_BITS), indices, self.y_tables)
             symbols[indices == self.y_tables.skip_index] = 0
             encoder.add(symbols[mask], indices[mask], self.y_tables)
             decoded[mask] = self._dequantize(symbols, means)[mask]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,16 @@ class ModelPackage:
         """(factor, halo): the stem's downsampling and the input rows a strip needs on each side."""
         tiling = self.manifest["analysis_tiling"]
         return int(tiling["factor"]), int(tiling["halo"])
+
+    @property
+    def rounding_weight(self) -> float | None:
+        """The sender's rate-distortion rounding weight tuned for this model (None: nearest rounding)."""
+        weight = self.manifest.get("encoder", {}).get("rounding_weight")
+        if weight is None:
+            return None
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
+            raise ModelPackageError(f"{self.path}: encoder.rounding_weight must be a positive number, got {weight!r}")
+        return float(weight)
 
     def file(self, name: str) -> Path:
         return self.path / name
