@@ -14,7 +14,8 @@ from aeic.sender.encoder import SenderCodec
 from aeic.shared import bitstream
 from aeic.shared.model_package import PACKAGE_FILES
 from aeic.training.config import TrainConfig
-from aeic.training.decoder_finetune import DecoderFinetuner
+from aeic.training.data import CropSampler, build_cache, empty_latent
+from aeic.training.decoder_finetune import DecoderFinetuner, SenderLatents
 from PIL import Image
 from training_support import write_training_photos
 
@@ -71,3 +72,23 @@ def test_decoder_stage_trains_resumes_and_exports_with_the_sender_unchanged(pack
     assert old_stream.payload == new_stream.payload
     assert ReceiverCodec.from_package(out, device="cpu").decode(new.encode(rgb, 1)).shape == rgb.shape
 
+
+
+def test_decoder_stage_can_train_low_levels_only_with_a_rate_dependent_texture_weight(package, photos, tmp_path) -> None:
+    stage = DecoderFinetuner(_config(package, photos, tmp_path / "run", max_level=2, texture_weight=0.3,
+                                     texture_weight_top=0.1))  # fmt: skip
+    assert stage.levels == 3 < stage.package.num_levels
+    top = stage.package.level_position(2)
+    weights = stage.texture_weights(torch.tensor([0.0, top / 2, top]))
+    assert torch.allclose(weights, torch.tensor([0.3, 0.2, 0.1]))
+    constant = DecoderFinetuner(_config(package, photos, tmp_path / "constant"))
+    assert constant.levels == constant.package.num_levels
+    assert torch.equal(constant.texture_weights(torch.tensor([0.0, top])), torch.tensor([0.1, 0.1]))
+
+
+def test_sender_latents_sample_only_the_trained_levels(package, photos, tmp_path) -> None:
+    items = build_cache(photos, tmp_path / "cache", 160, empty_latent, 128)
+    source = SenderLatents(package, CropSampler(items, 128, 0), seed=0, levels=2)
+    _, _, positions = source.batch(6)
+    allowed = {source.codec.package.level_position(level) for level in range(2)}
+    assert set(positions.tolist()) <= allowed

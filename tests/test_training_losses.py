@@ -26,3 +26,13 @@ def test_pixel_distortion_is_per_image_and_zero_for_a_perfect_copy() -> None:
     assert all(t.shape == (3,) for t in terms.values())
     assert float(terms["total"][0]) == pytest.approx(0.0, abs=1e-5)
     assert float(terms["total"][1]) > 0.1 and float(terms["texture"][1]) > 0.5
+
+
+def test_pixel_distortion_takes_one_texture_weight_per_image() -> None:
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    blurred = torch.nn.functional.avg_pool2d(images, 5, stride=1, padding=2)
+    per_image = pixel_distortion(blurred, images, 100.0, 1.0, torch.tensor([0.0, 0.5]))
+    untextured = pixel_distortion(blurred, images, 100.0, 1.0, 0.0)
+    textured = pixel_distortion(blurred, images, 100.0, 1.0, 0.5)
+    assert float(per_image["total"][0]) == pytest.approx(float(untextured["total"][0]))
+    assert float(per_image["total"][1]) == pytest.approx(float(textured["total"][1]))

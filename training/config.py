@@ -56,6 +56,11 @@ class TrainConfig(BaseModel):
     # the decoder stage: a package's receiver half trained on pixel losses through its frozen pixel decoder
     package: Path | None = None
     window: int = 16  # latent cells (8 px each) of the window the pixel decoder renders per step
+    # the highest rate level it trains on (None: all); budgets of 0.005-0.05 bpp never pick the top ones
+    max_level: int | None = None
+    # the texture weight at that level's rate position, `texture_weight` at position 0 and linear between
+    # (None: `texture_weight` at every rate): low rates lose texture first, high rates PSNR
+    texture_weight_top: float | None = None
 
     @model_validator(mode="after")
     def _one_starting_point(self) -> TrainConfig:

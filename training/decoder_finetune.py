@@ -7,7 +7,8 @@ byte-identical: every crop is coded by the package's own sender path (ONNX analy
 entropy model), so the decoder learns from exactly the ŷ a receiver gets, and rates and bitstream
 sizes do not move. A package with an internal pixel decoder trains that decoder too.
 ``texture_weight`` adds a patch-wise gradient-energy term: the texture that the blur of MSE and
-MS-SSIM removes.
+MS-SSIM removes; with ``texture_weight_top`` it changes with the rate, since the UNet knows the rate
+and the budgets trade texture against PSNR differently (low rates lose texture first).
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ MIN_JUDGED_CELLS = 13  # 104 px: MS-SSIM's five scales with a 7-pixel window nee
 class SenderLatents:
     """Training batches (images, ŷ, rate positions): random crops coded by the package's sender path."""
 
-    def __init__(self, package: Path, sampler: CropSampler, seed: int) -> None:
+    def __init__(self, package: Path, sampler: CropSampler, seed: int, levels: int) -> None:
         self.codec = SenderCodec.from_package(package, downscale=1)  # crops are coded whole
         self.sampler = sampler
         self.rng = np.random.default_rng(seed + 1)
+        self.levels = levels  # rate levels 0 .. levels - 1
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, _ = self.sampler.batch(size)
-        levels = self.rng.integers(0, self.codec.num_levels, size).tolist()
+        levels = self.rng.integers(0, self.levels, size).tolist()
         latents = []
         for image, level in zip(images, levels, strict=True):
             rgb = (image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
@@ -60,6 +62,8 @@ class DecoderFinetuner(ScheduledRun):
         seed_everything(config.seed)
         self.package = ModelPackage.load(config.package)
         self.model: ReceiverModel = load_receiver_model(self.package)
+        every = self.package.num_levels
+        self.levels = every if config.max_level is None else min(config.max_level + 1, every)  # trained: 0 .. levels-1
         if config.init is not None:
             self.model.load_state_dict(torch.load(config.init, map_location="cpu", weights_only=False)["model"])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
@@ -91,13 +95,21 @@ class DecoderFinetuner(ScheduledRun):
         cols = slice(left * LATENT_STRIDE + margin, (left + cells) * LATENT_STRIDE - margin)
         return pixels[..., inner, inner], images[..., rows, cols]
 
+    def texture_weights(self, positions: torch.Tensor) -> torch.Tensor:
+        """Each sample's texture weight: ``texture_weight`` at rate position 0, ``texture_weight_top`` at the top."""
+        c = self.config
+        if c.texture_weight_top is None:
+            return torch.full(positions.shape, c.texture_weight)
+        fraction = positions.float() / max(self.package.level_position(self.levels - 1), 1e-9)
+        return c.texture_weight + (c.texture_weight_top - c.texture_weight) * fraction
+
     def train_step(self, images: torch.Tensor, y_hat: torch.Tensor, positions: torch.Tensor) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = self._learning_rate()
         reconstruction, original = self._decoded_window(y_hat, positions, images)
         c = self.config
         terms = {k: v.mean() for k, v in pixel_distortion(reconstruction, original, c.mse_weight, c.msssim_weight,
-                                                            c.texture_weight).items()}  # fmt: skip
+                                                            self.texture_weights(positions)).items()}  # fmt: skip
         loss = terms["total"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,7 +126,7 @@ class DecoderFinetuner(ScheduledRun):
     def run(self) -> Path:
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, empty_latent, self.config.crop)
         source = SenderLatents(self.config.package, CropSampler(items, self.config.crop, self.config.seed + self.step),
-                               self.config.seed + self.step)  # fmt: skip
+                               self.config.seed + self.step, self.levels)  # fmt: skip
         self.model.train()
         return self.loop(lambda: self.train_step(*source.batch(self.config.batch)), dict,
                          lambda logs: {"psnr": f"{logs['psnr']:.2f}", "tex": f"{logs['texture']:.2f}"},

@@ -40,10 +40,14 @@ def batch_texture_retention(reconstruction: torch.Tensor, original: torch.Tensor
 
 
 def pixel_distortion(reconstruction: torch.Tensor, original: torch.Tensor, mse_weight: float,
-                     msssim_weight: float, texture_weight: float) -> dict[str, torch.Tensor]:
-    """Per-image terms, (N,) each: weighted ``total`` and the unweighted ``mse``, ``ms_ssim``, ``texture``."""
+                     msssim_weight: float, texture_weight: float | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image terms, (N,) each: weighted ``total`` and the unweighted ``mse``, ``ms_ssim``, ``texture``.
+
+    ``texture_weight`` may be one weight per image, (N,).
+    """
     mse = (reconstruction - original).pow(2).flatten(1).mean(1)
     structural = ms_ssim(reconstruction.clamp(0, 1), original, data_range=1.0, size_average=False, win_size=MS_SSIM_WINDOW)
-    texture = texture_loss(reconstruction, original) if texture_weight > 0 else torch.zeros_like(mse)
+    weighted = bool(torch.as_tensor(texture_weight).gt(0).any())
+    texture = texture_loss(reconstruction, original) if weighted else torch.zeros_like(mse)
     total = mse_weight * mse + msssim_weight * (1 - structural) + texture_weight * texture
     return {"total": total, "mse": mse, "ms_ssim": structural, "texture": texture}
