@@ -73,7 +73,6 @@ def test_decoder_stage_trains_resumes_and_exports_with_the_sender_unchanged(pack
     assert ReceiverCodec.from_package(out, device="cpu").decode(new.encode(rgb, 1)).shape == rgb.shape
 
 
-
 def test_decoder_stage_can_train_low_levels_only_with_a_rate_dependent_texture_weight(package, photos, tmp_path) -> None:
     stage = DecoderFinetuner(_config(package, photos, tmp_path / "run", max_level=2, texture_weight=0.3,
                                      texture_weight_top=0.1))  # fmt: skip
