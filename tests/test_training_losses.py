@@ -36,3 +36,17 @@ def test_pixel_distortion_takes_one_texture_weight_per_image() -> None:
     textured = pixel_distortion(blurred, images, 100.0, 1.0, 0.5)
     assert float(per_image["total"][0]) == pytest.approx(float(untextured["total"][0]))
     assert float(per_image["total"][1]) == pytest.approx(float(textured["total"][1]))
+
+
+def test_lowpass_term_sees_regional_tone_not_fine_detail() -> None:
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    shuffled = images.clone()
+    shuffled[:, :, 0::2, 0::2], shuffled[:, :, 1::2, 1::2] = images[:, :, 1::2, 1::2], images[:, :, 0::2, 0::2]
+    darker = images.clone()
+    darker[..., :64, :64] -= 0.1  # one 64-pixel region loses tone
+    fine = pixel_distortion(shuffled, images, 0.0, 0.0, 0.0, lowpass_weight=1.0)
+    tonal = pixel_distortion(darker, images, 0.0, 0.0, 0.0, lowpass_weight=1.0)
+    assert float(fine["mse"].mean()) > 10 * float(tonal["mse"].mean())
+    assert float(fine["lowpass"].max()) < 1e-12
+    assert float(tonal["lowpass"].min()) == pytest.approx(0.01 / 4, rel=1e-4)
+    assert float(tonal["total"].min()) == pytest.approx(float(tonal["lowpass"].min()))

@@ -53,6 +53,7 @@ class TrainConfig(BaseModel):
     mse_weight: float = 100.0
     msssim_weight: float = 1.0
     texture_weight: float = 0.0
+    lowpass_weight: float = 0.0  # MSE of 8x/16x block means: MS-SSIM's coarse scales (regional colour, tone)
     # the decoder stage: a package's receiver half trained on pixel losses through its frozen pixel decoder
     package: Path | None = None
     window: int = 16  # latent cells (8 px each) of the window the pixel decoder renders per step

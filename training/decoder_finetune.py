@@ -109,7 +109,7 @@ class DecoderFinetuner(ScheduledRun):
         reconstruction, original = self._decoded_window(y_hat, positions, images)
         c = self.config
         terms = {k: v.mean() for k, v in pixel_distortion(reconstruction, original, c.mse_weight, c.msssim_weight,
-                                                            self.texture_weights(positions)).items()}  # fmt: skip
+                                                            self.texture_weights(positions), c.lowpass_weight).items()}  # fmt: skip
         loss = terms["total"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,6 +120,7 @@ class DecoderFinetuner(ScheduledRun):
             "psnr": float(-10 * torch.log10(terms["mse"].detach().clamp_min(1e-10))),
             "ms_ssim": float(terms["ms_ssim"].detach()),
             "texture_loss": float(terms["texture"].detach()),
+            "lowpass_psnr": float(-10 * torch.log10(terms["lowpass"].detach().clamp_min(1e-10))),
             "texture": batch_texture_retention(reconstruction.detach(), original),
         }
 

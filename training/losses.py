@@ -1,8 +1,10 @@
-"""Pixel-domain losses the training stages share: MSE, MS-SSIM and a texture-energy term.
+"""Pixel-domain losses the training stages share: MSE, MS-SSIM, a texture-energy and a low-pass term.
 
 The texture term is the training-side twin of the evaluation's texture retention: the patch-wise
 ratio of mean squared luma gradients, penalised as |log r| so that blur (r < 1) and invented noise
 (r > 1) both cost, which MSE and MS-SSIM alone do not do (they reward blur at low rates).
+The low-pass term is the MSE of block means at MS-SSIM's two coarsest scales (8x and 16x): most of the
+MS-SSIM that the decoder loses to classic codecs at equal bytes is there (regional colour and tone).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ LUMA = (0.299, 0.587, 0.114)
 TEXTURE_PATCH = 32
 TEXTURE_EPS = 1e-5
 MS_SSIM_WINDOW = 7  # five scales with a 7-pixel window need sides above 96 pixels
+LOWPASS_FACTORS = (8, 16)  # the downsampling of MS-SSIM's fourth and fifth scales
 
 
 def luma_gradient_energy(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -32,6 +35,12 @@ def texture_loss(reconstruction: torch.Tensor, original: torch.Tensor, patch: in
     return ratio.log().abs().flatten(1).mean(1)
 
 
+def lowpass_mse(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Per-image MSE of ``LOWPASS_FACTORS``-sized block means, averaged over the factors, (N,)."""
+    terms = [(F.avg_pool2d(reconstruction, k) - F.avg_pool2d(original, k)).pow(2).flatten(1).mean(1) for k in LOWPASS_FACTORS]
+    return torch.stack(terms).mean(0)
+
+
 def batch_texture_retention(reconstruction: torch.Tensor, original: torch.Tensor) -> float:
     """The evaluation's min(r, 1/r) over the whole batch (a monitor, not a loss)."""
     size = reconstruction.shape[-1]
@@ -40,8 +49,9 @@ def batch_texture_retention(reconstruction: torch.Tensor, original: torch.Tensor
 
 
 def pixel_distortion(reconstruction: torch.Tensor, original: torch.Tensor, mse_weight: float,
-                     msssim_weight: float, texture_weight: float | torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image terms, (N,) each: weighted ``total`` and the unweighted ``mse``, ``ms_ssim``, ``texture``.
+                     msssim_weight: float, texture_weight: float | torch.Tensor,
+                     lowpass_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-image terms, (N,) each: weighted ``total`` and the unweighted ``mse``, ``ms_ssim``, ``texture``, ``lowpass``.
 
     ``texture_weight`` may be one weight per image, (N,).
     """
@@ -49,5 +59,6 @@ def pixel_distortion(reconstruction: torch.Tensor, original: torch.Tensor, mse_w
     structural = ms_ssim(reconstruction.clamp(0, 1), original, data_range=1.0, size_average=False, win_size=MS_SSIM_WINDOW)
     weighted = bool(torch.as_tensor(texture_weight).gt(0).any())
     texture = texture_loss(reconstruction, original) if weighted else torch.zeros_like(mse)
-    total = mse_weight * mse + msssim_weight * (1 - structural) + texture_weight * texture
-    return {"total": total, "mse": mse, "ms_ssim": structural, "texture": texture}
+    lowpass = lowpass_mse(reconstruction, original) if lowpass_weight > 0 else torch.zeros_like(mse)
+    total = mse_weight * mse + msssim_weight * (1 - structural) + texture_weight * texture + lowpass_weight * lowpass
+    return {"total": total, "mse": mse, "ms_ssim": structural, "texture": texture, "lowpass": lowpass}
