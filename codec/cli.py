@@ -103,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import export_package, export_receiver_update, load_checkpoint_model
+    from .export import export_package, export_receiver_update, export_sender_update, load_checkpoint_model
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     if state.get("stage") == "decoder":  # a decoder-only fine-tune: the sender files stay those of its package
@@ -114,6 +114,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         receiver = load_receiver_model(package)
         receiver.load_state_dict(state["model"])
         out = export_receiver_update(package.path, receiver, args.out)
+    elif state.get("stage") == "encoder":  # a sender-only fine-tune: tables, levels and receiver stay its package's
+        out = export_sender_update(Path(state["package"]), load_checkpoint_model(args.checkpoint), args.out)
     else:
         out = export_package(load_checkpoint_model(args.checkpoint), args.out)
     manifest = json.loads((out / "manifest.json").read_text())

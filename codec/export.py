@@ -99,6 +99,19 @@ def export_package(model: AEICModel, out: Path) -> Path:
     """Write a complete, verified model package for ``model`` into ``out``."""
     model = model.eval().cpu()
     out.mkdir(parents=True, exist_ok=True)
+    _export_sender_graphs(model, out)
+    positions = level_positions(model.config.num_rates)
+    arrays = pkg.entropy_model_to_arrays(model.entropy.export())
+    arrays["levels.gains"] = level_gains(model.log_gains.detach().double().numpy(), positions)
+    np.savez(out / "entropy.npz", **arrays)
+    receiver = {k: v.detach().half().contiguous() for k, v in receiver_state_dict(model.synthesis, model.decoder).items()}
+    _save_receiver_weights(receiver, out / RECEIVER_FILE)
+    _write_manifest(model, out, positions)
+    return out
+
+
+def _export_sender_graphs(model: AEICModel, out: Path) -> None:
+    """The sender's ONNX graphs: the analysis (stem and trunk) and the hyper-analysis."""
     channels = model.config.analysis.latent_channels
     stem, trunk = split_analysis(model.analysis, model.config.analysis)
     image = torch.rand(1, 3, 128, 128)
@@ -111,14 +124,6 @@ def export_package(model: AEICModel, out: Path) -> Path:
         _export_onnx(_Hyper(model), (torch.rand(1, channels, 4, 4), torch.ones(channels)), out / "hyper.onnx",
                      (["latent", "gain"], ["scaled", "z"]),
                      {"latent": {2: "h", 3: "w"}, "scaled": {2: "h", 3: "w"}, "z": {2: "hz", 3: "wz"}})
-    positions = level_positions(model.config.num_rates)
-    arrays = pkg.entropy_model_to_arrays(model.entropy.export())
-    arrays["levels.gains"] = level_gains(model.log_gains.detach().double().numpy(), positions)
-    np.savez(out / "entropy.npz", **arrays)
-    receiver = {k: v.detach().half().contiguous() for k, v in receiver_state_dict(model.synthesis, model.decoder).items()}
-    _save_receiver_weights(receiver, out / RECEIVER_FILE)
-    _write_manifest(model, out, positions)
-    return out
 
 
 def _save_receiver_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -148,6 +153,18 @@ def export_receiver_update(package: Path, receiver: nn.Module, out: Path) -> Pat
     """
     state = receiver_state_dict(receiver.synthesis, receiver.decoder)
     return write_receiver_update(package, {k: v.detach().cpu().half().contiguous() for k, v in state.items()}, out)
+
+
+def export_sender_update(package: Path, model: AEICModel, out: Path) -> Path:
+    """A package with ``model``'s analysis and hyper-analysis and ``package``'s entropy tables, gains,
+    rate levels and receiver byte for byte: what an ``encoder``-stage fine-tune changes, and only that
+    (a round trip through the trainable model would re-derive the tables, not keep them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _export_sender_graphs(model.eval().cpu(), out)
+    for name in ("entropy.npz", RECEIVER_FILE):
+        shutil.copyfile(package / name, out / name)
+    pkg.write_manifest(out, json.loads((package / pkg.MANIFEST).read_text()))
+    return out
 
 
 def write_receiver_update(package: Path, tensors: dict[str, torch.Tensor], out: Path) -> Path:

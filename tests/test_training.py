@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from aeic.codec import cli as codec_cli
 from aeic.codec.export import export_package, load_checkpoint_model
 from aeic.codec.presets import preset
 from aeic.sender.encoder import SenderCodec
@@ -65,6 +66,27 @@ def test_adversarial_stage_freezes_the_sender_half(photos, tmp_path) -> None:
     trainer.run()
     assert torch.equal(before, trainer.model.analysis.stages[0].weight)
     assert '"discriminator"' in (tmp_path / "adv" / "log.jsonl").read_text()
+
+
+def test_encoder_stage_trains_the_sender_only_and_keeps_tables_levels_and_receiver(photos, tmp_path) -> None:
+    shipped = export_package(load_checkpoint_model(Trainer(_config(photos, tmp_path / "pre")).run()), tmp_path / "v1")
+    trainer = Trainer(_config(photos, tmp_path / "enc", stage="encoder", init=shipped, lowpass_weight=50.0, lr=1e-2))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    checkpoint = trainer.run()
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("analysis.", "hyper_analysis.")) for k in changed)
+    assert codec_cli.main(["export", str(checkpoint), str(tmp_path / "v2")]) == 0
+    old, new = (json.loads((p / "manifest.json").read_text()) for p in (shipped, tmp_path / "v2"))
+    assert {k: v for k, v in old.items() if k not in ("files", "model_id")} == {
+        k: v for k, v in new.items() if k not in ("files", "model_id")
+    }
+    for name in ("entropy.npz", "receiver.safetensors"):
+        assert old["files"][name] == new["files"][name]
+    assert old["files"]["analysis_trunk.onnx"] != new["files"]["analysis_trunk.onnx"]
+    SenderCodec.from_package(tmp_path / "v2")  # a package that loads (digests verified)
+    with pytest.raises(ValueError, match="model package"):
+        Trainer(_config(photos, tmp_path / "bad", stage="encoder", init=checkpoint))
 
 
 def test_pixel_decoder_stage_trains_only_a_new_internal_pixel_decoder(photos, tmp_path) -> None:

@@ -13,7 +13,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    stage: Literal["pretrain", "adversarial", "pixel_decoder", "distil", "decoder", "calibrate"] = "pretrain"
+    stage: Literal["pretrain", "adversarial", "pixel_decoder", "distil", "decoder", "encoder", "calibrate"] = "pretrain"
     model: str = "nano-se"  # a preset of aeic.codec.presets
     data: Path = Path("../shared/data/train")
     cache: Path = Path("runs/cache/train-512")  # one file per photo

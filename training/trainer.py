@@ -10,6 +10,9 @@
 * ``pixel_decoder``: everything frozen but an internal pixel decoder, which learns to render the
   decoder latents of a model that was trained through TAEF2 (``init``, a checkpoint or package
   folder): the way from a TAEF2 model to one that needs no TAEF2 without starting over.
+* ``encoder``: only the sender's analysis and hyper-analysis learn, on rate + pixel distortion through
+  the frozen entropy model, gains and receiver (``init``: a model package): the bits go where the
+  shipped decoder needs them, while its tables, rate levels and receiver weights stay byte-identical.
 * ``calibrate``: every weight frozen, each rate point's gain moves until training crops code at
   its nominal bpp (after a fine-tune that moved the rate points).
 * ``distil``: AEIC-SE learns from a trained AEIC-ME: its latent matches the teacher's latent
@@ -124,6 +127,8 @@ class Trainer(ScheduledRun):
         self.log_lambda = torch.log(targets * config.lambda_scale)  # fixed: the gains hold the rates (_steer_rates)
         self.ema_bpp = targets.clone()
         self.rate_weights = rate_weights(self.log_lambda, config.rate_balance).to(self.device, torch.float32)
+        if config.stage == "encoder" and (config.init is None or not Path(config.init).is_dir()):
+            raise ValueError("the encoder stage needs `init`, the model package whose sender half it trains")
         if config.init is not None:
             fresh = "decoder.pixel_decoder." if config.stage == "pixel_decoder" else None
             self._adopt_rate_control(load_model_weights(self.model, config.init, fresh))
@@ -186,6 +191,10 @@ class Trainer(ScheduledRun):
         if self.config.stage == "pixel_decoder":
             self.model.requires_grad_(False)
             self.model.decoder.pixel_decoder.requires_grad_(True)
+        if self.config.stage == "encoder":
+            self.model.requires_grad_(False)
+            self.model.analysis.requires_grad_(True)
+            self.model.hyper_analysis.requires_grad_(True)
         return [p for p in self.model.parameters() if p.requires_grad]
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -199,6 +208,7 @@ class Trainer(ScheduledRun):
             "ema_bpp": self.ema_bpp,
             "discriminator": self.discriminator.state_dict() if self.discriminator else None,
             "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer else None,
+            "package": str(self.config.init) if self.config.stage == "encoder" else None,  # what `aeic export` keeps
         })
 
     def _resume(self) -> None:
@@ -220,7 +230,7 @@ class Trainer(ScheduledRun):
             return latent_mse, {}
         c = self.config
         pixels = self.model.decoder.decode_pixels(out["latent"])
-        terms = pixel_distortion(pixels, images, c.mse_weight, c.msssim_weight, c.texture_weight)
+        terms = pixel_distortion(pixels, images, c.mse_weight, c.msssim_weight, c.texture_weight, c.lowpass_weight)
         total = terms["total"] + c.latent_weight * latent_mse if latent_mse is not None and c.latent_weight > 0 else terms["total"]
         monitors = {"psnr": float(-10 * torch.log10(terms["mse"].detach().mean().clamp_min(1e-10))),
                     "ms_ssim": float(terms["ms_ssim"].detach().mean()),
@@ -320,11 +330,12 @@ class Trainer(ScheduledRun):
         if self.config.stage in RATE_FROZEN_STAGES:
             return
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
+        steer = self.config.stage != "encoder"  # which keeps the package's gains, so its levels and tables
         with torch.no_grad():
             for rate, value in zip(rates.tolist(), bpp.double().cpu().tolist(), strict=True):
                 self.ema_bpp[rate] = 0.95 * self.ema_bpp[rate] + 0.05 * max(value, 1e-5)
                 error = math.log(targets[rate] / self.ema_bpp[rate])
-                self.model.log_gains[rate] += self.config.rate_adapt * error
+                self.model.log_gains[rate] += self.config.rate_adapt * error * steer
 
     # -- the loop ------------------------------------------------------------------------------
     def _calibrate(self, sampler: CropSampler) -> Path:
