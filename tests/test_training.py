@@ -72,10 +72,12 @@ def test_encoder_stage_trains_the_sender_only_and_keeps_tables_levels_and_receiv
     shipped = export_package(load_checkpoint_model(Trainer(_config(photos, tmp_path / "pre")).run()), tmp_path / "v1")
     trainer = Trainer(_config(photos, tmp_path / "enc", stage="encoder", init=shipped, lowpass_weight=50.0, lr=1e-2))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    multipliers = trainer.log_lambda.clone()
     checkpoint = trainer.run()
     after = trainer.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("analysis.", "hyper_analysis.")) for k in changed)
+    assert not torch.equal(multipliers, trainer.log_lambda)  # the rates are held by the multipliers instead
     assert codec_cli.main(["export", str(checkpoint), str(tmp_path / "v2")]) == 0
     old, new = (json.loads((p / "manifest.json").read_text()) for p in (shipped, tmp_path / "v2"))
     assert {k: v for k, v in old.items() if k not in ("files", "model_id")} == {

@@ -20,7 +20,8 @@
   otherwise the student starts from the teacher's entropy model and decoder.
 
 Each rate point has a fixed Lagrange multiplier, and its gains are steered so that its measured
-bpp stays at the rate point's nominal bpp. Checkpoints every few minutes; a run resumes from its
+bpp stays at the rate point's nominal bpp (in the ``encoder`` stage, whose gains are the package's,
+the multiplier is steered instead). Checkpoints every few minutes; a run resumes from its
 last checkpoint.
 """
 
@@ -124,7 +125,7 @@ class Trainer(ScheduledRun):
         pixel_decoder = taesd.load_taef2("decoder").to(self.device) if self.uses_teacher_latent else None
         self.model = AEICModel(self.model_config, pixel_decoder).to(self.device)
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
-        self.log_lambda = torch.log(targets * config.lambda_scale)  # fixed: the gains hold the rates (_steer_rates)
+        self.log_lambda = torch.log(targets * config.lambda_scale)  # the gains hold the rates (_steer_rates)
         self.ema_bpp = targets.clone()
         self.rate_weights = rate_weights(self.log_lambda, config.rate_balance).to(self.device, torch.float32)
         if config.stage == "encoder" and (config.init is None or not Path(config.init).is_dir()):
@@ -330,12 +331,14 @@ class Trainer(ScheduledRun):
         if self.config.stage in RATE_FROZEN_STAGES:
             return
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
-        steer = self.config.stage != "encoder"  # which keeps the package's gains, so its levels and tables
         with torch.no_grad():
             for rate, value in zip(rates.tolist(), bpp.double().cpu().tolist(), strict=True):
                 self.ema_bpp[rate] = 0.95 * self.ema_bpp[rate] + 0.05 * max(value, 1e-5)
                 error = math.log(targets[rate] / self.ema_bpp[rate])
-                self.model.log_gains[rate] += self.config.rate_adapt * error * steer
+                if self.config.stage == "encoder":  # the package's gains stay: only the multiplier can hold the rate
+                    self.log_lambda[rate] += self.config.rate_adapt * error
+                else:
+                    self.model.log_gains[rate] += self.config.rate_adapt * error
 
     # -- the loop ------------------------------------------------------------------------------
     def _calibrate(self, sampler: CropSampler) -> Path:
@@ -367,7 +370,7 @@ class Trainer(ScheduledRun):
             images, latents = (t.to(self.device) for t in sampler.batch(self.config.batch))
             return self.train_step(images, latents)
 
-        return self.loop(step, lambda: {"ema_bpp": self.ema_bpp.tolist()},
+        return self.loop(step, lambda: {"ema_bpp": self.ema_bpp.tolist(), "lambda": self.log_lambda.exp().tolist()},
                          lambda logs: {"bpp": f"{logs['bpp']:.4f}", "d": f"{logs['distortion']:.4f}"},
                          f"{self.config.name}:{self.config.stage}")
 
