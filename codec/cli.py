@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aeic.sender.coding_scale import parse_downscale
@@ -123,44 +124,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_relevel(args: argparse.Namespace) -> int:
-    from .rate_levels import relevel_package
-
+def _rewrite_package(make: Callable[[], Path], detail: Callable[[dict], str]) -> int:
+    """Run a package-to-package command; a ValueError (not a package, a bad setting) is exit status 2."""
     try:
-        out = relevel_package(args.package, args.out, args.per_step)
-    except ValueError as exc:  # too many levels for the one-byte rate index, or not a package
+        out = make()
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     manifest = json.loads((out / "manifest.json").read_text())
-    print(f"{out}: model {manifest['name']} id {manifest['model_id']}, {len(manifest['rate_levels'])} rate levels")
+    print(f"{out}: model {manifest['name']} id {manifest['model_id']}, {detail(manifest)}")
     return 0
+
+
+def cmd_relevel(args: argparse.Namespace) -> int:
+    from .rate_levels import relevel_package
+
+    return _rewrite_package(lambda: relevel_package(args.package, args.out, args.per_step),
+                            lambda manifest: f"{len(manifest['rate_levels'])} rate levels")
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from .interpolation import interpolate_receivers
 
-    try:
-        out = interpolate_receivers(args.first, args.second, args.weight, args.out)
-    except ValueError as exc:  # different streams or receivers, a weight outside [0, 1], not a package
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    manifest = json.loads((out / "manifest.json").read_text())
-    print(f"{out}: model {manifest['name']} id {manifest['model_id']}, receiver {args.weight:g} of the way to {args.second}")
-    return 0
+    return _rewrite_package(lambda: interpolate_receivers(args.first, args.second, args.weight, args.out),
+                            lambda _: f"receiver {args.weight:g} of the way to {args.second}")
 
 
 def cmd_set_rounding(args: argparse.Namespace) -> int:
     from .rounding_setting import set_rounding_weight
 
     weight = None if args.weight == "nearest" else args.weight
-    try:
-        out = set_rounding_weight(args.package, args.out, weight)
-    except ValueError as exc:  # not a package, or not a positive weight
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    manifest = json.loads((out / "manifest.json").read_text())
-    print(f"{out}: model {manifest['name']} id {manifest['model_id']}, rounding {args.weight}")
-    return 0
+    return _rewrite_package(lambda: set_rounding_weight(args.package, args.out, weight),
+                            lambda _: f"rounding {args.weight}")
 
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
