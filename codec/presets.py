@@ -29,6 +29,24 @@ _TINY = ModelConfig(
 WIDE_RATES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
 _WIDE = ModelConfig(name="nano-se", analysis=SE, rates_bpp=WIDE_RATES, decoder=NanoDecoderConfig(num_rates=len(WIDE_RATES)))
 
+# The paper's size: the same shallow sender, decoded by SD-Turbo's pruned UNet and the SD VAE from a local
+# diffusers folder (AEIC_SD_TURBO_DIR). Trained on a GPU by training/configs/full-*.toml.
+_FULL = replace(
+    _WIDE,
+    name="full-se",
+    profile="full",
+    decoder=NanoDecoderConfig(latent_channels=4, noise_channels=4, num_rates=len(WIDE_RATES)),
+    pixel_decoder="vae",
+)
+
+_TINY_FULL = replace(
+    _TINY,
+    name="tiny-full",
+    profile="full",
+    decoder=NanoDecoderConfig(latent_channels=4, noise_channels=4, num_rates=3),
+    pixel_decoder="vae",
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "nano-se": ModelConfig(name="nano-se", analysis=SE),
     "nano-me": ModelConfig(name="nano-me", analysis=ME),
@@ -37,17 +55,15 @@ PRESETS: dict[str, ModelConfig] = {
     "nano-se-wide-internal": replace(_WIDE, name="nano-se-internal", pixel_decoder="internal"),
     # its distillation teacher: the moderate encoder in front of the same entropy model and decoder
     "nano-me-wide-internal": replace(_WIDE, name="nano-me-internal", analysis=ME, pixel_decoder="internal"),
+    "full-se": _FULL,
+    "full-me": replace(_FULL, name="full-me", analysis=ME),
     "tiny-se": _TINY,
     "tiny-me": replace(_TINY, name="tiny-me", analysis=replace(_TINY.analysis, blocks_per_stage=2)),
     # the paper's decoder profile at test size: needs AEIC_SD_TURBO_DIR (a tiny random folder in tests)
-    "tiny-full": replace(
-        _TINY,
-        name="tiny-full",
-        profile="full",
-        decoder=NanoDecoderConfig(latent_channels=4, noise_channels=4, num_rates=3),
-        pixel_decoder="vae",
-    ),
+    "tiny-full": _TINY_FULL,
+    "tiny-full-me": replace(_TINY_FULL, name="tiny-full-me", analysis=replace(_TINY.analysis, blocks_per_stage=2)),
 }
+
 
 def preset(name: str) -> ModelConfig:
     try:

@@ -14,7 +14,7 @@ from aeic.sender.encoder import SenderCodec
 from aeic.shared import bitstream
 from aeic.shared.model_package import PACKAGE_FILES
 from aeic.training.config import TrainConfig
-from aeic.training.data import CropSampler, build_cache, empty_latent
+from aeic.training.data import NO_TEACHER, CropSampler, build_cache
 from aeic.training.decoder_finetune import DecoderFinetuner, SenderLatents
 from PIL import Image
 from training_support import write_training_photos
@@ -86,7 +86,7 @@ def test_decoder_stage_can_train_low_levels_only_with_a_rate_dependent_texture_w
 
 
 def test_sender_latents_sample_only_the_trained_levels(package, photos, tmp_path) -> None:
-    items = build_cache(photos, tmp_path / "cache", 160, empty_latent, 128)
+    items = build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)
     source = SenderLatents(package, CropSampler(items, 128, 0), seed=0, levels=2)
     _, _, positions = source.batch(6)
     allowed = {source.codec.package.level_position(level) for level in range(2)}

@@ -8,46 +8,15 @@ import pytest
 import torch
 from aeic.codec.diffusion_decoder import rate_timestep
 from aeic.codec.full_profile import FullDecoder, RateEmbedding, load_full_decoder
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
+from sd_turbo_support import CROSS_DIM, write_tiny_sd_turbo
 
 NUM_RATES = 4
-CROSS_DIM = 32
-
-
-def _tiny_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=CROSS_DIM,
-        attention_head_dim=8,
-        use_linear_projection=True,  # as in SD 2.x / SD-Turbo
-    )
-
-
-def _tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("sd_turbo")
-    torch.manual_seed(0)
-    _tiny_unet().save_pretrained(root / "unet")
-    _tiny_vae().save_pretrained(root / "vae")
-    return root
+    return write_tiny_sd_turbo(tmp_path_factory.mktemp("sd_turbo"))
 
 
 @pytest.fixture()

@@ -12,11 +12,14 @@ import torch
 from aeic.codec import cli as codec_cli
 from aeic.codec.export import export_package, load_checkpoint_model
 from aeic.codec.presets import preset
+from aeic.receiver.decoder import ReceiverCodec
 from aeic.sender.encoder import SenderCodec
 from aeic.training.config import TrainConfig
+from aeic.training.data import NO_TEACHER, LatentTeacher, build_cache
 from aeic.training.rate_calibration import offset_for_target
 from aeic.training.trainer import Trainer, check_distillable, latent_texture, rate_weights
 from PIL import Image
+from sd_turbo_support import write_tiny_sd_turbo
 from training_support import write_training_photos
 
 
@@ -205,10 +208,51 @@ def test_rate_balance_weighs_every_rate_points_distortion_alike(photos, tmp_path
     assert not torch.allclose(trainer.rate_weights, torch.ones_like(trainer.rate_weights))
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.toml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "training" / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_under_version_control_parses_and_names_a_known_preset(path: Path) -> None:
     config = TrainConfig.from_file(path)
-    assert preset(config.model).name.startswith("nano-")
+    assert preset(config.model).name.startswith(("nano-", "full-"))
+
+
+FULL_PIPELINE = ("full-me-pretrain", "full-me-adversarial", "full-se-distil", "full-se-calibrate")
+TEST_SIZES = {"full-me": "tiny-full-me", "full-se": "tiny-full"}
+
+
+def test_the_paper_size_pipeline_runs_its_configs_at_test_size(photos, tmp_path, monkeypatch) -> None:
+    """The GPU configs of the SD-Turbo model, in order, with test-sized models, data and random SD-Turbo
+    weights: each stage starts from the one before, the cache holds SD VAE latents, and the result
+    exports to a package that codes and decodes."""
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(write_tiny_sd_turbo(tmp_path / "sd_turbo")))
+
+    def moved(path: Path | None) -> Path | None:
+        return None if path is None else tmp_path / Path(path).relative_to("runs")
+
+    for name in FULL_PIPELINE:
+        config = TrainConfig.from_file(CONFIG_DIR / f"{name}.toml")
+        test_size = {"model": TEST_SIZES[config.model], "data": photos, "cache": tmp_path / "cache", "short_side": 160,
+                     "crop": 128, "batch": 2, "steps": 2, "log_every": 1, "device": "cpu", "out": moved(config.out),
+                     "init": moved(config.init), "teacher": moved(config.teacher)}  # fmt: skip
+        checkpoint = Trainer(TrainConfig(**{**config.model_dump(), **test_size})).run()
+    assert '"adversarial"' in (tmp_path / "full-me-adversarial" / "log.jsonl").read_text()
+    assert '"distil_decoder"' in (tmp_path / "full-se-distil" / "log.jsonl").read_text()
+    cached = torch.load(next((tmp_path / "cache").glob("*.pt")), weights_only=False)
+    assert cached.latent.shape[0] == 4 and cached.latent.abs().max() > 0  # the SD VAE's latent
+    package = export_package(load_checkpoint_model(checkpoint), tmp_path / "package")
+    rgb = np.asarray(Image.open(next(photos.iterdir())).convert("RGB"))
+    stream = SenderCodec.from_package(package).encode(rgb, 0)
+    assert ReceiverCodec.from_package(package, device="cpu").decode(stream).shape == rgb.shape
+
+
+def test_the_cache_keeps_each_teachers_latents_apart(photos, tmp_path) -> None:
+    def two_channels(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.ones(1, 2, pixels.shape[2] // 8, pixels.shape[3] // 8)
+
+    without = build_cache(photos, tmp_path, 160, NO_TEACHER, 128)
+    with_teacher = build_cache(photos, tmp_path, 160, LatentTeacher("two", two_channels), 128)
+    assert {item.latent.shape[0] for item in without} == {1}
+    assert {item.latent.shape[0] for item in with_teacher} == {2}
+    assert len(list(tmp_path.glob("*.pt"))) == 2 * len(without)

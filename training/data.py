@@ -9,6 +9,7 @@ to the latent grid (8 px) and flipped together with their latents.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,24 +47,35 @@ class CachedImage:
     latent: torch.Tensor  # (C, H/8, W/8) float16
 
 
-def empty_latent(pixels: torch.Tensor) -> torch.Tensor:
-    """Without a latent teacher the cache holds an empty latent of the right grid."""
+@dataclass(frozen=True)
+class LatentTeacher:
+    """The pretrained encoder whose latents the cache holds; its name keys the cache, so a cache filled by
+    one teacher (TAEF2's 32 channels, the SD VAE's 4, none) is never read as another's."""
+
+    name: str
+    encode: Callable[[torch.Tensor], torch.Tensor]  # (1, 3, H, W) in [0, 1] -> (1, C, H/8, W/8)
+
+
+def _empty_latent(pixels: torch.Tensor) -> torch.Tensor:
     return torch.zeros(1, 1, pixels.shape[2] // LATENT_STRIDE, pixels.shape[3] // LATENT_STRIDE)
 
 
-def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: torch.nn.Module, crop: int) -> list[CachedImage]:
+NO_TEACHER = LatentTeacher("none", _empty_latent)  # the cache holds an empty latent of the right grid
+
+
+def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentTeacher, crop: int) -> list[CachedImage]:
     """Load or compute (and keep, one file per photo, so an interrupted run resumes) the cache."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     items = []
     with torch.no_grad():
         for path in tqdm(list_images(folder), desc="teacher latents"):
-            key = hashlib.sha256(f"{path.name}|{path.stat().st_size}|{short_side}|{MAX_LONG_SIDE}".encode()).hexdigest()[:20]
-            entry = cache_dir / f"{key}.pt"
+            facts = f"{path.name}|{path.stat().st_size}|{short_side}|{MAX_LONG_SIDE}|{teacher.name}"
+            entry = cache_dir / f"{hashlib.sha256(facts.encode()).hexdigest()[:20]}.pt"
             if entry.exists():
                 item = torch.load(entry, weights_only=False)
             else:
                 pixels = torch.from_numpy(load_downsampled(path, short_side)).permute(2, 0, 1).contiguous()
-                latent = teacher(pixels[None].float() / 255)[0].half()
+                latent = teacher.encode(pixels[None].float() / 255)[0].half()
                 item = CachedImage(pixels, latent)
                 torch.save(item, entry.with_suffix(".tmp"))
                 entry.with_suffix(".tmp").replace(entry)

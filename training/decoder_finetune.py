@@ -23,7 +23,7 @@ from aeic.sender.encoder import SenderCodec
 from aeic.shared.model_package import ModelPackage
 
 from .config import TrainConfig
-from .data import LATENT_STRIDE, CropSampler, build_cache, empty_latent
+from .data import LATENT_STRIDE, NO_TEACHER, CropSampler, build_cache
 from .losses import batch_texture_retention, pixel_distortion
 from .schedule import ScheduledRun, seed_everything
 
@@ -125,7 +125,7 @@ class DecoderFinetuner(ScheduledRun):
         }
 
     def run(self) -> Path:
-        items = build_cache(self.config.data, self.config.cache, self.config.short_side, empty_latent, self.config.crop)
+        items = build_cache(self.config.data, self.config.cache, self.config.short_side, NO_TEACHER, self.config.crop)
         source = SenderLatents(self.config.package, CropSampler(items, self.config.crop, self.config.seed + self.step),
                                self.config.seed + self.step, self.levels)  # fmt: skip
         self.model.train()

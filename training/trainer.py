@@ -1,9 +1,9 @@
 """The training loop shared by the stages of the paper, and the rate calibration after them.
 
-* ``pretrain``: rate + distortion. With the TAEF2 pixel decoder the distortion is measured on the
-  teacher latent (cheap on a CPU) or, with ``distortion = "pixel"``, end to end through the frozen
-  decoder on the pixels (MSE, MS-SSIM, texture energy; what a GPU affords); with an internal pixel
-  decoder it is always measured on the pixels.
+* ``pretrain``: rate + distortion. With a pretrained pixel decoder (TAEF2, or the SD VAE of the
+  paper-size ``full`` profile) the distortion is measured on its encoder's latent of the photo (cheap)
+  or, with ``distortion = "pixel"``, end to end through the frozen decoder on the pixels (MSE,
+  MS-SSIM, texture energy); with an internal pixel decoder it is always measured on the pixels.
 * ``adversarial``: the encoder and entropy model are frozen (the rate stays where pretraining put
   it); synthesis and UNet learn texture against a latent-space discriminator, with the distortion
   kept as an anchor.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from aeic.codec.presets import preset
 from pytorch_msssim import ms_ssim
 
 from .config import TrainConfig
-from .data import CropSampler, build_cache, empty_latent
+from .data import NO_TEACHER, CropSampler, LatentTeacher, build_cache
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 from .losses import batch_texture_retention, pixel_distortion
 from .rate_calibration import calibrate_log_gains
@@ -120,10 +119,12 @@ class Trainer(ScheduledRun):
         if config.stage == "pixel_decoder" and self.model_config.pixel_decoder != "internal":
             raise ValueError(f"the pixel_decoder stage trains an internal pixel decoder; {config.model!r} uses "
                              f"{self.model_config.pixel_decoder!r}")
-        self.uses_teacher_latent = self.model_config.pixel_decoder == "taef2"
+        # a pretrained pixel decoder comes with its encoder, whose latents are the cheap distortion target
+        self.uses_teacher_latent = self.model_config.pixel_decoder in ("taef2", "vae")
         self.measures_pixels = config.distortion == "pixel" or not self.uses_teacher_latent
-        pixel_decoder = taesd.load_taef2("decoder").to(self.device) if self.uses_teacher_latent else None
-        self.model = AEICModel(self.model_config, pixel_decoder).to(self.device)
+        # frozen and pretrained, so the student and a distillation teacher share one copy
+        self.taef2_decoder = taesd.load_taef2("decoder").to(self.device) if self.model_config.pixel_decoder == "taef2" else None
+        self.model = AEICModel(self.model_config, self.taef2_decoder).to(self.device)
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
         self.log_lambda = torch.log(targets * config.lambda_scale)  # the gains hold the rates (_steer_rates)
         self.ema_bpp = targets.clone()
@@ -165,7 +166,7 @@ class Trainer(ScheduledRun):
         state = torch.load(self.config.teacher, map_location="cpu", weights_only=False)
         teacher_config = preset(state["preset"])
         check_distillable(teacher_config, self.model_config)
-        teacher = AEICModel(teacher_config, self.model.decoder.pixel_decoder).to(self.device)
+        teacher = AEICModel(teacher_config, self.taef2_decoder).to(self.device)
         teacher.load_state_dict(state["model"])
         if self.config.init is None:
             shared = {k: v for k, v in teacher.state_dict().items() if not k.startswith("analysis.")}
@@ -352,12 +353,16 @@ class Trainer(ScheduledRun):
         self.save()
         return self.checkpoint_path
 
-    def _cache_teacher(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """What fills the cache's latents: TAEF2's encoder on the training device, else an empty latent."""
+    def _cache_teacher(self) -> LatentTeacher:
+        """What fills the cache's latents: the encoder of the pretrained pixel decoder (TAEF2's, or the
+        SD VAE's of the full profile) on the training device, else an empty latent."""
+        if self.model_config.pixel_decoder == "vae":
+            vae = self.model.decoder
+            return LatentTeacher("sd-vae", lambda pixels: vae.encode_latent(pixels.to(self.device)).float().cpu())
         if not self.uses_teacher_latent:
-            return empty_latent
+            return NO_TEACHER
         encoder = taesd.load_taef2("encoder").to(self.device)
-        return lambda pixels: encoder(pixels.to(self.device)).cpu()
+        return LatentTeacher("taef2", lambda pixels: encoder(pixels.to(self.device)).cpu())
 
     def run(self) -> Path:
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, self._cache_teacher(), self.config.crop)
