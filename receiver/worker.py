@@ -28,6 +28,7 @@ from aeic.receiver.storage import (
 )
 from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumbnail_key
 from aeic.shared.bitstream import BitstreamError
+from aeic.shared.entropy_coding import EntropyDecodeError
 
 __all__ = ["DecodeWorker", "WorkerConfig"]
 
@@ -62,6 +63,9 @@ class DecodeWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Failures that could not be recorded (the database was unwritable, e.g. its disk full): their images
+        # stay `decoding` under our claim until the record succeeds, so it is retried before the next batch.
+        self._unrecorded: list[tuple[Claim, ImageRecord, str]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -112,6 +116,7 @@ class DecodeWorker:
 
     def run_once(self) -> int:
         """Claim and process one batch; returns how many images it handled (0: nothing was due)."""
+        self._record_unrecorded()
         claim = self.store.claim_batch(self.config.batch_size)
         if claim is None:
             return 0
@@ -120,16 +125,28 @@ class DecodeWorker:
 
     def process(self, claim: Claim) -> None:
         """Decode and record a claim made by anyone (the Redis Streams worker claims by image id)."""
+        self._record_unrecorded()
         try:
             self._process(claim)
         except Exception as exc:
             # Hand the claim back (as a retryable failure) rather than leave it in `decoding` until a restart.
             for record in claim.records:
+                reason = f"internal error while decoding: {_reason(exc)}"
                 try:
-                    self._fail(claim, record, f"internal error while decoding: {_reason(exc)}")
+                    self._fail(claim, record, reason)
                 except Exception:
-                    log.exception("could not release claim of %s", record.id)
+                    log.exception("could not release claim of %s; will retry", record.id)
+                    self._unrecorded.append((claim, record, reason))
             raise
+
+    def _record_unrecorded(self) -> None:
+        """Retry recording the failures the database refused earlier (a no-op for claims lost meanwhile)."""
+        pending, self._unrecorded = self._unrecorded, []
+        for claim, record, reason in pending:
+            try:
+                self._fail(claim, record, reason)
+            except Exception:  # still unwritable: keep it for the next round
+                self._unrecorded.append((claim, record, reason))
 
     def _process(self, claim: Claim) -> None:
         loaded: list[tuple[ImageRecord, bytes]] = []
@@ -246,7 +263,7 @@ def _ms(value: object) -> float | None:
 def _is_permanent(exc: BaseException) -> bool:
     """Errors about the data itself (invalid container, a stream this model cannot decode): retrying the
     same bytes cannot succeed. Anything else (memory, device, I/O) may be transient and is retried."""
-    if isinstance(exc, BitstreamError):
+    if isinstance(exc, (BitstreamError, EntropyDecodeError)):  # bad container or corrupt entropy-coded payload
         return True
     decoder = sys.modules.get("aeic.receiver.decoder")  # only loaded when the real codec is in use
     decode_error = getattr(decoder, "DecodeError", None)

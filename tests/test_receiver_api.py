@@ -411,6 +411,56 @@ def test_worker_releases_its_claim_after_an_internal_error(tmp_path: Path) -> No
         assert record is not None and record.status is Status.PENDING and "internal error" in record.error
 
 
+def test_a_claim_the_full_disk_kept_is_released_once_storage_is_back(tmp_path: Path) -> None:
+    """Disk full for the reconstruction and for the database: the failure cannot be recorded, so the image
+    is still `decoding`; once space is back the worker must record it and decode the image again, not leave
+    it `decoding` until the process restarts."""
+    import sqlite3
+
+    from aeic.receiver.worker import DecodeWorker, WorkerConfig
+    from sqlalchemy.exc import OperationalError
+
+    settings = make_settings(tmp_path, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with TestClient(app) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        image_id = client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+        state = app.state.receiver
+        disk = {"full": True}
+
+        class FillingBlobs:
+            def put(self, key: str, data: bytes) -> None:
+                if disk["full"]:
+                    raise OSError(28, "No space left on device")
+                state.blobs.put(key, data)
+
+            def get(self, key: str) -> bytes:
+                return state.blobs.get(key)
+
+            def delete(self, key: str) -> bool:
+                return state.blobs.delete(key)
+
+            def exists(self, key: str) -> bool:
+                return state.blobs.exists(key)
+
+        def database_full(*args: Any, **kwargs: Any) -> bool:
+            raise OperationalError("UPDATE images", {}, sqlite3.OperationalError("database or disk is full"))
+
+        worker = DecodeWorker(state.store, FillingBlobs(), state.registry, WorkerConfig(retry_delay_s=0.0))
+        state.store.fail_attempt = database_full  # type: ignore[method-assign]
+        with pytest.raises(OperationalError):
+            worker.run_once()
+        assert state.store.get_image(image_id).status is Status.DECODING  # type: ignore[union-attr]
+        del state.store.fail_attempt  # space is back
+        disk["full"] = False
+        for _ in range(3):
+            worker.run_once()
+        record = state.store.get_image(image_id)
+        assert record is not None and record.status is Status.DONE, record
+        assert "No space left" in (record.error or "")  # the failed attempt was recorded with its reason
+
+
 def test_gallery_pages_through_older_images(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, worker=False)
     tokens = make_tokens(settings, "cam1")

@@ -96,3 +96,20 @@ def test_undecodable_stream_fails_at_once_and_does_not_block_its_batch(
     assert good_record is not None and good_record.status is Status.DONE
     assert bad_record is not None and bad_record.status is Status.FAILED
     assert bad_record.attempts == 1 and "rate level 200" in (bad_record.error or "")
+
+
+def test_corrupt_payload_fails_at_once_and_does_not_block_its_batch(
+        codecs: tuple[SenderCodec, ReceiverCodec], tmp_path: Path) -> None:
+    """A valid container whose entropy-coded payload is garbage cannot decode on any retry: one attempt only."""
+    sender, receiver = codecs
+    good = sender.encode(receiver_support.natural_photo(96, 64, 8), 0)
+    parsed = unpack(good)
+    garbage = bytes(np.random.default_rng(0).integers(0, 256, len(parsed.payload), dtype=np.uint8))
+    bad = pack(Bitstream(parsed.header, garbage))  # CRC valid, payload not a stream of this model
+    rig = Rig(tmp_path, receiver)
+    good_id, bad_id = rig.add(good), rig.add(bad)
+    rig.drain()
+    good_record, bad_record = rig.store.get_image(good_id), rig.store.get_image(bad_id)
+    assert good_record is not None and good_record.status is Status.DONE
+    assert bad_record is not None and bad_record.status is Status.FAILED, bad_record
+    assert bad_record.attempts == 1 and "EntropyDecodeError" in (bad_record.error or "")

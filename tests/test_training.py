@@ -14,6 +14,7 @@ from aeic.codec.export import export_package, load_checkpoint_model
 from aeic.codec.presets import preset
 from aeic.receiver.decoder import ReceiverCodec
 from aeic.sender.encoder import SenderCodec
+from aeic.training import cli as train_cli
 from aeic.training.config import TrainConfig
 from aeic.training.data import NO_TEACHER, LatentTeacher, build_cache
 from aeic.training.rate_calibration import offset_for_target
@@ -256,3 +257,17 @@ def test_the_cache_keeps_each_teachers_latents_apart(photos, tmp_path) -> None:
     assert {item.latent.shape[0] for item in without} == {1}
     assert {item.latent.shape[0] for item in with_teacher} == {2}
     assert len(list(tmp_path.glob("*.pt"))) == 2 * len(without)
+
+
+def test_profile_reports_a_step_and_saves_nothing(photos, tmp_path, capsys) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(f'name = "t"\nmodel = "tiny-se"\ndata = "{photos}"\ncache = "{tmp_path / "cache"}"\nshort_side = 160\n'
+                      f'crop = 128\nbatch = 2\ndevice = "cpu"\nout = "{tmp_path / "run"}"\n')  # fmt: skip
+    assert train_cli.main([str(config), "--profile", "2"]) == 0
+    report = json.loads((tmp_path / "run" / "profile.json").read_text())
+    assert report["steps"] == 2 and report["seconds_per_step"] > 0 and report["aten_ops_per_step"] > 100
+    assert report["top"][0]["self_cpu_ms_per_step"] >= report["top"][-1]["self_cpu_ms_per_step"]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert "profile:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_cli.main([str(config), "--profile", "0"])

@@ -23,14 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, help="override the wall-clock budget")
     parser.add_argument("--batch", type=int, help="override the crops per step (a GPU config on a CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--profile", type=int, metavar="STEPS",
+                        help="profile this many steps into OUT/profile.json instead of training (nothing is saved)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig.from_file(args.config, steps=args.steps, out=args.out, device=args.device,
                                    data=args.data, cache=args.cache, minutes=args.minutes, batch=args.batch)
+    if args.profile is not None and (args.profile < 1 or config.stage == "calibrate"):
+        parser.error("--profile takes a positive number of steps of a training stage (not calibrate)")
     stage = DecoderFinetuner(config) if config.stage == "decoder" else Trainer(config)
-    checkpoint = stage.run()
-    print(f"checkpoint: {checkpoint}")
+    stage.profile_steps = args.profile
+    written = stage.run()
+    print(f"{'profile' if args.profile else 'checkpoint'}: {written}")
     return 0
 
 

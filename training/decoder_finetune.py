@@ -25,7 +25,7 @@ from aeic.shared.model_package import ModelPackage
 from .config import TrainConfig
 from .data import LATENT_STRIDE, NO_TEACHER, CropSampler, build_cache
 from .losses import batch_texture_retention, pixel_distortion
-from .schedule import ScheduledRun, seed_everything
+from .schedule import ScheduledRun, adam, seed_everything
 
 WINDOW_MARGIN = 1  # latent cells decoded around the judged window (TAEF2's border effects)
 MIN_JUDGED_CELLS = 13  # 104 px: MS-SSIM's five scales with a 7-pixel window need more than 96
@@ -66,7 +66,7 @@ class DecoderFinetuner(ScheduledRun):
         self.levels = every if config.max_level is None else min(config.max_level + 1, every)  # trained: 0 .. levels-1
         if config.init is not None:
             self.model.load_state_dict(torch.load(config.init, map_location="cpu", weights_only=False)["model"])
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = adam(self.model.parameters(), config.lr)
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()

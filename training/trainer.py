@@ -45,7 +45,7 @@ from .data import NO_TEACHER, CropSampler, LatentTeacher, build_cache
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 from .losses import batch_texture_retention, pixel_distortion
 from .rate_calibration import calibrate_log_gains
-from .schedule import ScheduledRun, seed_everything
+from .schedule import ScheduledRun, adam, seed_everything
 
 GAIN_LR_SCALE = 20.0
 RATE_FROZEN_STAGES = ("adversarial", "pixel_decoder")  # encoder and entropy model fixed: no rate term, no steering
@@ -143,9 +143,9 @@ class Trainer(ScheduledRun):
             if config.stage == "adversarial"
             else None
         )
-        self.optimizer = torch.optim.Adam(self._parameter_groups(), lr=config.lr)
+        self.optimizer = adam(self._parameter_groups(), config.lr)
         self.d_optimizer = (
-            torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=(0.5, 0.9)) if self.discriminator else None
+            adam(self.discriminator.parameters(), config.lr, betas=(0.5, 0.9)) if self.discriminator else None
         )
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
