@@ -301,8 +301,10 @@ def _finish(
         DrainReport(stopped=blocked) if blocked is not None else forwarder.flush(max_wait=config.retry_for)
     )
     remaining = len(forwarder.spool)
+    # The reporter counts every answer of this command: also those of the passes made while
+    # encoding (send) or by the background forwarder (camera), not only this last flush.
     reporter.event(
-        "summary", failed=failures, uploaded=report.accepted, rejected=report.rejected, queued=remaining
+        "summary", failed=failures, uploaded=reporter.uploaded, rejected=reporter.rejected, queued=remaining
     )
     if remaining:
         reason = report.stopped.detail if report.stopped else "not delivered yet"
@@ -312,7 +314,7 @@ def _finish(
         )
     if report.stopped is not None and report.stopped.outcome is Outcome.BLOCKED:
         return EXIT_USAGE  # a token or URL the receiver refuses is a settings problem
-    if failures or report.rejected:
+    if failures or reporter.rejected:
         return EXIT_INPUT
     return EXIT_QUEUED if remaining else EXIT_OK
 
@@ -433,7 +435,7 @@ def cmd_watch(
             return Handled.SENT, encoded.key
 
         reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}")
-        run_watch(watcher, handle, daemon.stop, config.watch_poll)
+        run_watch(watcher, handle, daemon.stop, config.watch_poll, on_error=reporter.info)
     return EXIT_OK
 
 

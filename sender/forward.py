@@ -68,7 +68,14 @@ class Forwarder:
         """Try each pending item once, oldest first; stop at the first retry/blocked answer."""
         report = DrainReport()
         for item in self.spool.items():
-            result = self._deliver(item)
+            try:
+                result = self._deliver(item)
+            except OSError as exc:
+                # This item's file cannot be read or updated (a bad SD-card sector, a stray
+                # directory): it stays queued, and must not hold back every item behind it.
+                self._on_error(f"forwarder: spooled item {item.path} skipped: {type(exc).__name__}: {exc}")
+                report.failed_attempts += 1
+                continue
             self._listener(item, result)
             if result.outcome is Outcome.ACCEPTED:
                 report.accepted += 1

@@ -25,6 +25,10 @@ class Reporter:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self._lock = threading.Lock()
+        # What the receiver answered during this command (every forwarder reports here, the
+        # background one of watch/camera included), for the summary and the exit status.
+        self.uploaded = 0
+        self.rejected = 0
 
     def _emit(self, stream: TextIO, line: str) -> None:
         with self._lock:
@@ -68,6 +72,9 @@ class Reporter:
     def upload(self, item: SpoolItem, result: UploadResult) -> None:
         """Listener for :class:`aeic.sender.forward.Forwarder`."""
         name = item.source or item.key[:12]
+        with self._lock:
+            self.uploaded += result.outcome is Outcome.ACCEPTED
+            self.rejected += result.outcome is Outcome.REJECTED
         self.event(
             "upload",
             source=item.source,

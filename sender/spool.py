@@ -160,14 +160,22 @@ class Spool:
             return self._recovered_item(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return self._recovered_item(data)
+        # Valid JSON of the wrong shape (``null``, a list, text where a number belongs) is as
+        # damaged as invalid JSON: one bad sidecar must not stop the whole spool from draining.
+        if not isinstance(meta, dict):
+            return self._recovered_item(data)
+        try:
+            created, attempts = float(meta.get("created", 0.0)), int(meta.get("attempts", 0))
+        except (TypeError, ValueError, OverflowError):
+            return self._recovered_item(data)
         known = {"key", "size", "source", "created", "attempts", "last_error"}
         return SpoolItem(
             key=data.stem,
             path=data,
             size=size,
             source=meta.get("source"),
-            created=float(meta.get("created", 0.0)),
-            attempts=int(meta.get("attempts", 0)),
+            created=created,
+            attempts=attempts,
             last_error=meta.get("last_error"),
             extra={k: v for k, v in meta.items() if k not in known},
         )
@@ -218,7 +226,12 @@ class Spool:
             item.attempts += 1
             item.last_error = error
             item.extra["last_attempt"] = time.time()
-            self._write_sidecar(item, sync_dir=False)
+            try:
+                self._write_sidecar(item, sync_dir=False)
+            except OSError:
+                # Disk full or read-only: the count is only for operators, and the bitstream is
+                # safe; failing here would end `send`/`flush` without saying what stays queued.
+                pass
 
     def remove(self, item: SpoolItem) -> None:
         """Forget an item the receiver acknowledged (tolerates a concurrent removal)."""

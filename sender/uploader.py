@@ -8,9 +8,11 @@ answer never stores an image twice.
 
 How answers map to what the spool does (see :class:`Outcome`):
 
-* 2xx: ``ACCEPTED``, the item leaves the spool.
-* 408, 429, 5xx, network and TLS errors: ``RETRY``, the item stays; back off with jitter
-  (at least the server's ``Retry-After``).
+* 2xx with the receiver's receipt (a JSON body with the image ``id``): ``ACCEPTED``, the item
+  leaves the spool.
+* 2xx without a receipt, 408, 429, 5xx, network and TLS errors: ``RETRY``, the item stays; back
+  off with jitter (at least the server's ``Retry-After``). A 2xx without an id is not the
+  receiver's answer (a captive portal or a proxy's page): taking it as delivered would lose the image.
 * 401, 403 (token refused), 404, 405 (wrong URL), 3xx (moved): ``BLOCKED``. Nothing is wrong
   with the item: every item would get the same answer until an operator fixes the token or
   URL, so items stay queued (not rejected) and the drain stops with the reason.
@@ -128,7 +130,11 @@ def classify(response: httpx.Response) -> UploadResult:
     status = response.status_code
     reason = _reason(response)
     if 200 <= status < 300:
-        return UploadResult(Outcome.ACCEPTED, status, f"HTTP {status}", _receiver_id(response))
+        receipt = _receiver_id(response)
+        if receipt is None:
+            return UploadResult(Outcome.RETRY, status, f"HTTP {status} without the receiver's receipt (a captive "
+                                f"portal or proxy answering?): {reason}")  # fmt: skip
+        return UploadResult(Outcome.ACCEPTED, status, f"HTTP {status}", receipt)
     if status in _RETRY_4XX or status >= 500:
         return UploadResult(Outcome.RETRY, status, f"HTTP {status}: {reason}", None, _retry_after(response))
     if status in _BLOCKING_STATUSES:

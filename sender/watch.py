@@ -9,11 +9,17 @@ stable but unreadable is recorded as failed and retried only if it changes again
 handled is remembered in a small JSON state file (written atomically), keyed by path, size
 and mtime, so a restart neither re-sends old images nor misses ones that arrived while the
 agent was down. Hidden files, partial-download names and non-image suffixes are ignored.
+
+A file being encoded is marked in the state first: if the agent dies on it (a photo too large for
+the service's memory cap gets it OOM-killed, and systemd restarts it), the next run knows, and after
+``MAX_ENCODE_STARTS`` starts the file is recorded as failed instead of killing the agent in a loop
+that would hold back every file after it.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +32,7 @@ from aeic.shared.durable import atomic_write
 _PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".filepart")
 
 Fingerprint = tuple[int, int]  # (size in bytes, mtime in ns)
+MAX_ENCODE_STARTS = 2  # a file the agent died on this often is failed, not tried again
 
 
 class Handled(Enum):
@@ -61,9 +68,12 @@ class FolderWatcher:
         self.state_path = Path(state_path)
         self.recursive = recursive
         self._previous: dict[str, Fingerprint] = {}
-        self._handled: dict[str, dict] = self._load_state()
+        state = self._load_state()
+        self._handled: dict[str, dict] = dict(state.get("files", {}))
+        self._started: dict[str, dict] = dict(state.get("started", {}))  # being encoded: fingerprint, starts
+        self._died_on = dict(self._started)  # what earlier runs started and never finished
 
-    def _load_state(self) -> dict[str, dict]:
+    def _load_state(self) -> dict:
         try:
             data = json.loads(self.state_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -72,11 +82,11 @@ class FolderWatcher:
             raise ValueError(
                 f"watch state {self.state_path} is corrupt ({exc}); move it away to rescan"
             ) from None
-        return dict(data.get("files", {}))
+        return data
 
     def _save_state(self) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"directory": str(self.directory.resolve()), "files": self._handled}
+        payload = {"directory": str(self.directory.resolve()), "files": self._handled, "started": self._started}
         atomic_write(self.state_path, json.dumps(payload, sort_keys=True).encode("utf-8"))
 
     def _listing(self) -> dict[str, tuple[Path, Fingerprint]]:
@@ -117,9 +127,29 @@ class FolderWatcher:
         if gone:
             self._save_state()
 
+    def begin(self, candidate: Candidate) -> bool:
+        """Mark ``candidate`` as being encoded (durably); False, and recorded as failed, when earlier
+        runs died on this version of it ``MAX_ENCODE_STARTS`` times."""
+        earlier = self._died_on.get(candidate.name, {})
+        starts = earlier.get("starts", 0) if earlier.get("fingerprint") == list(candidate.fingerprint) else 0
+        if starts >= MAX_ENCODE_STARTS:
+            self.record(candidate, Handled.FAILED, f"the agent stopped {starts} times while encoding it "
+                                                   "(out of memory?); not tried again unless it changes")  # fmt: skip
+            return False
+        self._started[candidate.name] = {"fingerprint": list(candidate.fingerprint), "starts": starts + 1}
+        try:
+            self._save_state()
+        except OSError:
+            pass  # a full disk costs this attempt its guard, not the file its chance (record reports it)
+        return True
+
     def record(self, candidate: Candidate, outcome: Handled, detail: str = "") -> None:
         """Remember a SENT or FAILED file (durably); LATER leaves no trace."""
+        self._died_on.pop(candidate.name, None)
+        started = self._started.pop(candidate.name, None) is not None
         if outcome is Handled.LATER:
+            if started:
+                self._save_state()
             return
         entry = {"fingerprint": list(candidate.fingerprint), "status": outcome.value}
         if detail:
@@ -133,12 +163,30 @@ def run_watch(
     handle: Callable[[Candidate], tuple[Handled, str]],
     stop: threading.Event,
     poll_interval: float,
+    on_error: Callable[[str], None] | None = None,
 ) -> None:
-    """Scan every ``poll_interval`` seconds until ``stop``; ``handle`` processes each ready file."""
+    """Scan every ``poll_interval`` seconds until ``stop``; ``handle`` processes each ready file.
+
+    A state file that cannot be written (full or read-only disk) or a folder that cannot be
+    listed is reported through ``on_error`` and the loop goes on: what was handled stays
+    remembered in memory and is saved with the next write that succeeds.
+    """
+    report = on_error or (lambda line: print(line, file=sys.stderr, flush=True))
     while not stop.is_set():
-        for candidate in watcher.scan():
+        try:
+            candidates = watcher.scan()
+        except OSError as exc:
+            report(f"watch: cannot scan {watcher.directory} or save its state: {exc}")
+            candidates = []
+        for candidate in candidates:
             if stop.is_set():
                 return
+            if not watcher.begin(candidate):
+                report(f"watch: {candidate.path}: the agent stopped while encoding it before; skipped")
+                continue
             outcome, detail = handle(candidate)
-            watcher.record(candidate, outcome, detail)
+            try:
+                watcher.record(candidate, outcome, detail)
+            except OSError as exc:
+                report(f"watch: cannot save the state {watcher.state_path}: {exc}")
         stop.wait(poll_interval)

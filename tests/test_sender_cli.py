@@ -110,6 +110,23 @@ def test_send_delivers_each_image_once_and_empties_the_spool(
     assert len(Spool(spool_dir)) == 0 and err.count("uploaded ") == 2
 
 
+def test_send_reports_an_image_the_receiver_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Uploads made while encoding count: a rejected image makes the exit status 1, not 0."""
+    images = _images(tmp_path / "in")
+    spool_dir = tmp_path / "spool"
+    monkeypatch.setenv("AEIC_TOKEN", TOKEN)
+    with ReceiverDouble(TOKEN) as receiver:
+        receiver.inject = [413]
+        argv = ["send", str(images[0]), str(images[2]), "--to", receiver.url, "--spool", str(spool_dir)]
+        code = _run([*argv, "--json"], monkeypatch, tmp_path)
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == cli.EXIT_INPUT
+    assert events[-1] == {"event": "summary", "failed": 0, "uploaded": 1, "rejected": 1, "queued": 0}
+    assert len(receiver.stored) == 1 and len(Spool(spool_dir).rejected()) == 1
+
+
 def test_send_while_receiver_down_queues_then_flush_delivers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

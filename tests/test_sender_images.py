@@ -156,3 +156,44 @@ def test_not_an_image_and_missing_file(tmp_path: Path, content: bytes | None, ex
 def test_directory_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="directory"):
         read_image(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "P", "CMYK", "L"])
+def test_images_taller_than_a_conversion_strip_are_whole(tmp_path: Path, mode: str) -> None:
+    """The RGB copy is made in row strips: rows on both sides of every seam are where they belong."""
+    rgb = np.random.default_rng(3).integers(0, 256, (700, 9, 3), dtype=np.uint8)  # 3 strips, the last short
+    image = Image.fromarray(rgb).convert(mode)
+    path = tmp_path / "tall.tiff"
+    image.save(path)
+    np.testing.assert_array_equal(read_image(path), np.asarray(image.convert("RGB")))
+
+
+def test_rotated_image_taller_than_a_conversion_strip(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(5).integers(0, 256, (9, 700, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored 700 wide, displayed 700 tall (rotate 90 degrees counter-clockwise)
+    path = tmp_path / "rotated.png"
+    Image.fromarray(rgb).save(path, exif=exif)
+    np.testing.assert_array_equal(read_image(path), np.rot90(rgb))
+
+
+def test_reading_holds_about_one_copy_of_the_pixels(tmp_path: Path) -> None:
+    """A 48 MP photo must fit the service's MemoryMax: no whole-image bytes copy beside the array.
+
+    tracemalloc sees the numpy array and the bytes Pillow hands out (not Pillow's own pixel
+    buffer); reading the whole image through one bytes object peaked at twice the pixels.
+    """
+    import tracemalloc
+
+    rgb = np.random.default_rng(4).integers(0, 256, (4096, 64, 3), dtype=np.uint8)
+    path = tmp_path / "tall.png"
+    Image.fromarray(rgb).save(path, compress_level=0)
+    read_image(path)  # warm up lazy imports and plugin registration
+    tracemalloc.start()
+    try:
+        out = read_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out, rgb)
+    assert peak < 1.5 * rgb.nbytes

@@ -124,6 +124,34 @@ def test_recovery_cleans_tmp_files_and_repairs_sidecars(tmp_path: Path) -> None:
     assert all(recovered.read(item) for item in recovered.items())
 
 
+@pytest.mark.parametrize("sidecar", ["null", "[1, 2]", '"text"', '{"created": "yesterday"}', '{"attempts": []}'])
+def test_a_sidecar_of_the_wrong_shape_does_not_stop_the_spool(tmp_path: Path, sidecar: str) -> None:
+    spool = Spool(tmp_path)
+    damaged = spool.put(make_bitstream(1), source="damaged")
+    fine = spool.put(make_bitstream(2), source="fine")
+    damaged.path.with_suffix(".json").write_text(sidecar)
+    reopened = Spool(tmp_path)
+    items = {item.key: item for item in reopened.items()}
+    assert set(items) == {damaged.key, fine.key} and items[fine.key].source == "fine"
+    assert reopened.read(items[damaged.key]) == make_bitstream(1)
+    reopened.record_attempt(items[damaged.key], "HTTP 503")  # a fresh, valid sidecar
+    assert {i.key: i.attempts for i in Spool(tmp_path).items()}[damaged.key] == 1
+
+
+def test_record_attempt_on_a_full_disk_keeps_the_item_and_does_not_raise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    item = spool.put(make_bitstream(1))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "_write_sidecar", disk_full)
+    spool.record_attempt(item, "ConnectError: refused")
+    assert item.attempts == 1 and spool.read(item) == make_bitstream(1) and len(spool) == 1
+
+
 WRITER = textwrap.dedent(
     """
     import sys

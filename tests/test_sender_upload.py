@@ -12,7 +12,7 @@ import httpx
 import pytest
 from aeic.sender.backoff import Backoff
 from aeic.sender.forward import Forwarder
-from aeic.sender.spool import Spool, idempotency_key
+from aeic.sender.spool import Spool, SpoolItem, idempotency_key
 from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, classify, endpoint_url
 from sender_support import ReceiverDouble, make_bitstream, self_signed_certificate
 
@@ -71,13 +71,19 @@ def test_upload_speaks_the_contract_and_repeats_are_idempotent() -> None:
     ],
 )
 def test_classification(status: int, outcome: Outcome) -> None:
-    response = httpx.Response(status, json={"detail": "why"}, headers={"Retry-After": "7"})
+    response = httpx.Response(status, json={"id": "img-1", "detail": "why"}, headers={"Retry-After": "7"})
     result = classify(response)
     assert result.outcome is outcome
     if outcome is Outcome.REJECTED:
         assert result.detail == f"HTTP {status}: why"
     if status in (429, 503):
         assert result.retry_after == 7.0
+
+
+@pytest.mark.parametrize("body", [b"<html>Sign in to the hotel wifi</html>", b"", b'{"status": "ok"}'])
+def test_a_2xx_without_the_receivers_receipt_keeps_the_item(body: bytes) -> None:
+    result = classify(httpx.Response(200, content=body))
+    assert result.outcome is Outcome.RETRY and "receipt" in result.detail
 
 
 def test_backoff_grows_with_jitter_and_caps() -> None:
@@ -256,3 +262,24 @@ def test_daemon_loop_survives_an_unexpected_error(tmp_path: Path) -> None:
         wake.set()
         thread.join(timeout=10)
     assert list(receiver.stored) == [key] and len(errors) == 1 and "Input/output error" in errors[0]
+
+
+def test_an_unreadable_item_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    """A spooled file that cannot be read (failing storage) stays queued; the items behind it go."""
+    spool = Spool(tmp_path / "spool")
+    stuck = spool.put(make_bitstream(1), source="stuck.jpg")
+    fine = spool.put(make_bitstream(2), source="fine.jpg")
+    real_read = spool.read
+
+    def failing_read(item: SpoolItem) -> bytes:
+        if item.key == stuck.key:
+            raise OSError(5, "Input/output error")
+        return real_read(item)
+
+    spool.read = failing_read  # type: ignore[method-assign]
+    errors: list[str] = []
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
+        report = Forwarder(spool, uploader, on_error=errors.append).drain_pass()
+    assert list(receiver.stored) == [fine.key] and report.accepted == 1
+    assert [item.key for item in spool.items()] == [stuck.key] and spool.rejected() == []
+    assert len(errors) == 1 and stuck.key in errors[0] and "Input/output error" in errors[0]

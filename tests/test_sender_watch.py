@@ -114,3 +114,63 @@ def test_run_watch_handles_each_file_once(tmp_path: Path) -> None:
 
     run_watch(FolderWatcher(folder, tmp_path / "state.json"), handle, stop, poll_interval=0.01)
     assert handled == ["1.jpg", "2.png"]
+
+
+def test_run_watch_goes_on_when_its_state_cannot_be_saved(tmp_path: Path) -> None:
+    """A full disk must not end the agent: the file is reported, remembered in memory, not redone."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "1.jpg").write_bytes(b"one")
+    watcher = FolderWatcher(folder, tmp_path / "state.json")
+
+    def disk_full() -> None:
+        raise OSError(28, "No space left on device")
+
+    watcher._save_state = disk_full  # type: ignore[method-assign]
+    stop = threading.Event()
+    handled: list[str] = []
+    errors: list[str] = []
+
+    def handle(candidate: Candidate) -> tuple[Handled, str]:
+        handled.append(candidate.name)
+        if candidate.name == "1.jpg":
+            (folder / "2.png").write_bytes(b"two")  # arrives after the failed save
+        else:
+            threading.Timer(0.1, stop.set).start()
+        return Handled.FAILED, "unreadable"
+
+    run_watch(watcher, handle, stop, poll_interval=0.01, on_error=errors.append)
+    assert handled == ["1.jpg", "2.png"]
+    assert len(errors) == 2 and all("No space left" in line for line in errors)
+
+
+def test_a_file_the_agent_died_on_is_failed_after_two_starts(tmp_path: Path) -> None:
+    """A photo that gets the agent OOM-killed must not kill it in a loop and hold back the rest."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "huge.jpg").write_bytes(b"too large for the memory cap")
+    state = tmp_path / "state.json"
+    for _ in range(2):  # two runs start on it and die before recording anything
+        watcher = FolderWatcher(folder, state)
+        watcher.scan()
+        [huge] = watcher.scan()
+        assert watcher.begin(huge)
+    survivor = FolderWatcher(folder, state)
+    survivor.scan()
+    [huge] = survivor.scan()
+    assert not survivor.begin(huge)
+    assert survivor.scan() == [] and '"failed"' in state.read_text()
+
+
+def test_a_finished_file_clears_its_start_mark(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"a")
+    state = tmp_path / "state.json"
+    for _ in range(3):  # each run finishes (LATER: e.g. spool full), so no start counts against it
+        watcher = FolderWatcher(folder, state)
+        watcher.scan()
+        [a] = watcher.scan()
+        assert watcher.begin(a)
+        watcher.record(a, Handled.LATER)
+    assert '"a.jpg"' not in state.read_text()
