@@ -108,6 +108,8 @@ class FolderWatcher:
 
     def scan(self) -> list[Candidate]:
         """Files unchanged since the previous scan and not yet handled in that exact version."""
+        if not self.directory.is_dir():  # unmounted, say: forgetting its files would send them all again
+            raise FileNotFoundError(f"watch folder {self.directory} is gone")
         listing = self._listing()
         ready = []
         for name, (path, fingerprint) in sorted(listing.items()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, is_candidate_name, run_watch
 
 
@@ -174,3 +175,19 @@ def test_a_finished_file_clears_its_start_mark(tmp_path: Path) -> None:
         assert watcher.begin(a)
         watcher.record(a, Handled.LATER)
     assert '"a.jpg"' not in state.read_text()
+
+
+def test_a_vanished_folder_keeps_what_was_sent(tmp_path: Path) -> None:
+    """An unmounted card lists no files: that must not forget them, or all are sent again on return."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"a")
+    watcher = FolderWatcher(folder, tmp_path / "state.json")
+    watcher.scan()
+    [a] = watcher.scan()
+    watcher.record(a, Handled.SENT)
+    folder.rename(tmp_path / "unmounted")
+    with pytest.raises(FileNotFoundError, match="gone"):
+        watcher.scan()
+    (tmp_path / "unmounted").rename(folder)
+    assert watcher.scan() == [] and watcher.scan() == []
