@@ -310,9 +310,13 @@ def _parse_time(value: str | None, name: str) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number):  # nan, inf, 1e400: float() takes them but they name no instant
+            raise ApiError(422, "invalid_request", f"{name} must be a finite time, got {value!r}")
+        return number
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -371,11 +375,16 @@ def _negotiate(accept: str | None) -> str:
     return best
 
 
-def _image_response(state: ReceiverState, record: ImageRecord, suffix: str) -> Response:
+def _require_done(record: ImageRecord) -> None:
+    """409 `not_ready` while pending or decoding, 409 `decode_failed` (with the reason) once failed."""
     if record.status is not Status.DONE:
         reason = f": {record.error}" if record.status is Status.FAILED and record.error else ""
         raise ApiError(409, "not_ready" if record.status is not Status.FAILED else "decode_failed",
                        f"image {record.id} is {record.status.value}{reason}")
+
+
+def _image_response(state: ReceiverState, record: ImageRecord, suffix: str) -> Response:
+    _require_done(record)
     try:
         png = state.blobs.get(reconstruction_key(record.id))
     except BlobNotFoundError:
@@ -404,8 +413,7 @@ def get_thumbnail(image_id: str, request: Request, who: Caller) -> Response:
     """The gallery thumbnail (JPEG)."""
     state = receiver_state(request)
     record = visible_image(state, who, image_id)
-    if record.status is not Status.DONE:
-        raise ApiError(409, "not_ready", f"image {record.id} is {record.status.value}")
+    _require_done(record)
     try:
         data = state.blobs.get(thumbnail_key(record.id))
     except BlobNotFoundError:
@@ -440,6 +448,11 @@ def readyz(request: Request) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        state.blobs.ping()
+        checks["blobs"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - a read-only or full disk, an unreachable bucket
+        checks["blobs"] = f"error: {type(exc).__name__}: {exc}"
     checks["models"] = "ok" if state.registry.model_ids() else "error: no model package loaded"
     if state.queue is not None:
         try:

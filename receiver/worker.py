@@ -145,7 +145,7 @@ class DecodeWorker:
         for claim, record, reason in pending:
             try:
                 self._fail(claim, record, reason)
-            except Exception:  # still unwritable: keep it for the next round
+            except Exception:  # noqa: BLE001 - still unwritable: keep it for the next round
                 self._unrecorded.append((claim, record, reason))
 
     def _process(self, claim: Claim) -> None:
@@ -227,7 +227,7 @@ class DecodeWorker:
             self.blobs.put(reconstruction_key(image_id), encode_png(item.rgb))
             self.blobs.put(thumbnail_key(image_id), make_thumbnail(item.rgb, self.config.thumbnail_px))
         except OSError as exc:
-            self._fail(claim, item.record, f"could not store the reconstruction: {exc}")
+            self._fail(claim, item.record, f"could not store the reconstruction: {exc}", storage=True)
             return
         if not self.store.complete(image_id, claim.token, timings):
             # The claim was lost. If the image was deleted meanwhile, do not leave orphan files behind; if it
@@ -245,12 +245,18 @@ class DecodeWorker:
                 self.metrics.decoder_ms.observe(timings.decoder_ms)
             self.metrics.batch_size.observe(timings.batch_size)
 
-    def _fail(self, claim: Claim, record: ImageRecord, reason: str, permanent: bool = False) -> None:
-        """Record a failed attempt; `permanent` failures (the data itself is undecodable) are not retried."""
+    def _fail(self, claim: Claim, record: ImageRecord, reason: str, permanent: bool = False,
+              storage: bool = False) -> None:
+        """Record a failed attempt; `permanent` failures (the data itself is undecodable) are not retried.
+        A `storage` failure (the reconstruction could not be written: a full or read-only disk) is not the
+        image's fault and does not use up its attempts: it waits, with the capped backoff, for storage."""
         delay = self.config.retry_delay_s * (2 ** max(record.attempts - 1, 0))
         retry_at = time.time() + min(delay, 3600.0)
         log.warning("decode of %s failed (attempt %d): %s", record.id, record.attempts, reason)
-        attempts_allowed = record.attempts if permanent else self.config.max_attempts
+        if permanent:
+            attempts_allowed = record.attempts
+        else:
+            attempts_allowed = record.attempts + 1 if storage else self.config.max_attempts
         self.store.fail_attempt(record.id, claim.token, reason, attempts_allowed, retry_at)
         if self.metrics is not None:
             self.metrics.decoded.labels("failed").inc()

@@ -226,6 +226,9 @@ def test_listing_pages_and_filters(env: Env) -> None:
     assert future.json()["items"] == []
     assert env.client.get("/v1/images?cursor=%%%", headers=env.headers("cam1")).status_code == 400
     assert env.client.get("/v1/images?since=yesterday", headers=env.headers("cam1")).status_code == 422
+    for not_a_time in ("nan", "inf", "-inf", "1e400"):  # float() takes them, but they name no instant
+        reply = env.client.get(f"/v1/images?since={not_a_time}", headers=env.headers("cam1"))
+        assert reply.status_code == 422 and error_code(reply) == "invalid_request", not_a_time
     assert env.client.get("/v1/images?limit=0", headers=env.headers("cam1")).status_code == 422
 
 
@@ -245,6 +248,8 @@ def test_decode_failure_is_retried_then_recorded(env: Env) -> None:
     assert "rANS stream ended early" in body["error"]
     reply = env.client.get(f"/v1/images/{image_id}/reconstruction", headers=env.headers("cam1"))
     assert reply.status_code == 409 and error_code(reply) == "decode_failed"
+    reply = env.client.get(f"/v1/images/{image_id}/thumbnail", headers=env.headers("cam1"))
+    assert reply.status_code == 409 and error_code(reply) == "decode_failed"  # same answer as the reconstruction
 
 
 def test_batches_group_compatible_images(tmp_path: Path) -> None:
@@ -289,6 +294,7 @@ def test_health_ready_metrics_and_openapi(env: Env) -> None:
     assert env.client.get("/healthz").json()["status"] == "ok"
     ready = env.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["worker"] == "ok"
+    assert ready.json()["checks"]["blobs"] == "ok"
     env.wait(env.upload().json()["id"])
     env.upload(data=b"junk" * 10)
     text = env.client.get("/metrics").text
@@ -427,38 +433,67 @@ def test_a_claim_the_full_disk_kept_is_released_once_storage_is_back(tmp_path: P
         headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
         image_id = client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
         state = app.state.receiver
-        disk = {"full": True}
-
-        class FillingBlobs:
-            def put(self, key: str, data: bytes) -> None:
-                if disk["full"]:
-                    raise OSError(28, "No space left on device")
-                state.blobs.put(key, data)
-
-            def get(self, key: str) -> bytes:
-                return state.blobs.get(key)
-
-            def delete(self, key: str) -> bool:
-                return state.blobs.delete(key)
-
-            def exists(self, key: str) -> bool:
-                return state.blobs.exists(key)
+        blobs = FillingBlobs(state.blobs)
 
         def database_full(*args: Any, **kwargs: Any) -> bool:
             raise OperationalError("UPDATE images", {}, sqlite3.OperationalError("database or disk is full"))
 
-        worker = DecodeWorker(state.store, FillingBlobs(), state.registry, WorkerConfig(retry_delay_s=0.0))
+        worker = DecodeWorker(state.store, blobs, state.registry, WorkerConfig(retry_delay_s=0.0))
         state.store.fail_attempt = database_full  # type: ignore[method-assign]
         with pytest.raises(OperationalError):
             worker.run_once()
         assert state.store.get_image(image_id).status is Status.DECODING  # type: ignore[union-attr]
         del state.store.fail_attempt  # space is back
-        disk["full"] = False
+        blobs.full = False
         for _ in range(3):
             worker.run_once()
         record = state.store.get_image(image_id)
         assert record is not None and record.status is Status.DONE, record
-        assert "No space left" in (record.error or "")  # the failed attempt was recorded with its reason
+        assert record.attempts == 2 and record.decodes == 1  # the failed attempt counted, then one decode
+
+
+class FillingBlobs:
+    """A blob store on a disk that is full until ``full`` is cleared."""
+
+    def __init__(self, blobs: Any) -> None:
+        self.blobs, self.full = blobs, True
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        self.blobs.put(key, data)
+
+    def get(self, key: str) -> bytes:
+        return self.blobs.get(key)
+
+    def delete(self, key: str) -> bool:
+        return self.blobs.delete(key)
+
+    def exists(self, key: str) -> bool:
+        return self.blobs.exists(key)
+
+
+def test_a_full_disk_does_not_use_up_an_images_attempts(tmp_path: Path) -> None:
+    """An outage longer than max_attempts tries must not fail the image for good: it is decoded once space is back."""
+    from aeic.receiver.worker import DecodeWorker, WorkerConfig
+
+    settings = make_settings(tmp_path, worker=False)
+    tokens = make_tokens(settings, "cam1")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with TestClient(app) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        image_id = client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+        state = app.state.receiver
+        blobs = FillingBlobs(state.blobs)
+        worker = DecodeWorker(state.store, blobs, state.registry, WorkerConfig(retry_delay_s=0.0, max_attempts=3))
+        for _ in range(5):
+            assert worker.run_once() == 1
+        waiting = state.store.get_image(image_id)
+        assert waiting is not None and waiting.status is Status.PENDING and "No space left" in (waiting.error or "")
+        blobs.full = False
+        worker.run_once()
+        record = state.store.get_image(image_id)
+        assert record is not None and record.status is Status.DONE and record.attempts == 6
 
 
 def test_gallery_pages_through_older_images(tmp_path: Path) -> None:
@@ -503,3 +538,15 @@ def test_lost_claims_leave_files_only_for_living_images(tmp_path: Path) -> None:
         blobs_dir = tmp_path / "blobs"
         assert list(blobs_dir.rglob(f"{kept}.png"))
         assert not list(blobs_dir.rglob(f"{deleted}.*"))
+
+
+def test_not_ready_while_the_blob_disk_is_full(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from types import SimpleNamespace
+
+    from aeic.receiver.storage import blobs
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 << 30, used=10 << 30, free=1 << 20))
+    ready = env.client.get("/readyz")
+    assert ready.status_code == 503 and "bytes free" in ready.json()["checks"]["blobs"]
+    assert blobs.MIN_FREE_BYTES > 1 << 20

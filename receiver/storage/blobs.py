@@ -8,7 +8,10 @@ complete new file, never a torn one.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -25,6 +28,7 @@ __all__ = [
 
 _TMP_PREFIX = TMP_PREFIX
 _KEY = re.compile(r"^[a-z0-9_-]+(/[a-z0-9_-]+)*\.[a-z0-9]+$")
+MIN_FREE_BYTES = 64 << 20  # room for a few uploads and a full-size reconstruction: under it, not ready
 
 
 class BlobNotFoundError(KeyError):
@@ -42,6 +46,10 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> bool: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def ping(self) -> None:
+        """Raise when new blobs cannot be stored (readiness)."""
+        ...
 
 
 def _sharded(kind: str, image_id: str, suffix: str) -> str:
@@ -112,6 +120,15 @@ class FilesystemBlobStore:
     def exists(self, key: str) -> bool:
         """Whether a complete blob is stored at `key`."""
         return self._path(key).is_file()
+
+    def ping(self) -> None:
+        """Raise `OSError` when the root is not a writable folder (a read-only mount) or its disk has less
+        than `MIN_FREE_BYTES` free: uploads would be refused and reconstructions could not be written."""
+        if not (self.root.is_dir() and os.access(self.root, os.W_OK)):
+            raise PermissionError(errno.EACCES, f"blob folder {self.root} is not writable")
+        free = shutil.disk_usage(self.root).free
+        if free < MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, f"blob folder {self.root} has {free} bytes free, under {MIN_FREE_BYTES}")
 
     def remove_stale_tmp(self) -> int:
         """Delete temporary files left by a writer that crashed mid-write; returns how many."""
