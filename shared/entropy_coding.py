@@ -240,6 +240,8 @@ class SymbolDecoder:
             if escaped_positions:
                 escaped = np.sort(np.concatenate(escaped_positions))
                 values[escaped] = [self._read_escape() for _ in range(escaped.size)]
+        except EntropyDecodeError:
+            raise  # already says what is corrupt
         except (ValueError, RuntimeError, OverflowError) as exc:
             raise EntropyDecodeError(f"corrupt payload: {exc}") from exc
         return values.reshape(indices.shape)
