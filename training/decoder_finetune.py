@@ -61,7 +61,7 @@ class DecoderFinetuner(ScheduledRun):
         self.config = config
         seed_everything(config.seed)
         self.package = ModelPackage.load(config.package)
-        self.model: ReceiverModel = load_receiver_model(self.package)
+        self.model: ReceiverModel = load_receiver_model(self.package).to(memory_format=torch.channels_last)
         every = self.package.num_levels
         self.levels = every if config.max_level is None else min(config.max_level + 1, every)  # trained: 0 .. levels-1
         if config.init is not None:
@@ -129,6 +129,10 @@ class DecoderFinetuner(ScheduledRun):
         source = SenderLatents(self.config.package, CropSampler(items, self.config.crop, self.config.seed + self.step),
                                self.config.seed + self.step, self.levels)  # fmt: skip
         self.model.train()
-        return self.loop(lambda: self.train_step(*source.batch(self.config.batch)), dict,
+        def step() -> dict:
+            images, y_hat, positions = source.batch(self.config.batch)
+            return self.train_step(images, y_hat.contiguous(memory_format=torch.channels_last), positions)
+
+        return self.loop(step, dict,
                          lambda logs: {"psnr": f"{logs['psnr']:.2f}", "tex": f"{logs['texture']:.2f}"},
                          f"{self.config.name}:decoder")

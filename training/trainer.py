@@ -124,7 +124,8 @@ class Trainer(ScheduledRun):
         self.measures_pixels = config.distortion == "pixel" or not self.uses_teacher_latent
         # frozen and pretrained, so the student and a distillation teacher share one copy
         self.taef2_decoder = taesd.load_taef2("decoder").to(self.device) if self.model_config.pixel_decoder == "taef2" else None
-        self.model = AEICModel(self.model_config, self.taef2_decoder).to(self.device)
+        # channels-last convolutions: 20 % less time per step on this CPU (docs/training.md), the usual layout on GPUs
+        self.model = AEICModel(self.model_config, self.taef2_decoder).to(self.device, memory_format=torch.channels_last)
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
         self.log_lambda = torch.log(targets * config.lambda_scale)  # the gains hold the rates (_steer_rates)
         self.ema_bpp = targets.clone()
@@ -372,7 +373,7 @@ class Trainer(ScheduledRun):
         self.model.train()
 
         def step() -> dict:
-            images, latents = (t.to(self.device) for t in sampler.batch(self.config.batch))
+            images, latents = (t.to(self.device, memory_format=torch.channels_last) for t in sampler.batch(self.config.batch))
             return self.train_step(images, latents)
 
         return self.loop(step, lambda: {"ema_bpp": self.ema_bpp.tolist(), "lambda": self.log_lambda.exp().tolist()},
