@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from aeic.shared import bitstream
 from aeic.shared.entropy_model import FRACTION_BITS
-from aeic.shared.model_package import ModelPackage
+from aeic.shared.model_package import SENDER_FILES, ModelPackage
 from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
 
 from . import coding_scale
@@ -92,7 +92,7 @@ class SenderCodec:
     def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None,
                      strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int | str = AUTO,
                      rounding: float | str = PACKAGE) -> SenderCodec:
-        return cls(ModelPackage.load(path), provider, threads, strip_rows, downscale, rounding)
+        return cls(ModelPackage.load(path, needs=SENDER_FILES), provider, threads, strip_rows, downscale, rounding)
 
     @property
     def model_id(self) -> bytes:

@@ -11,6 +11,8 @@ Layout (``docs/architecture.md``)::
 
 The model id is the first 4 bytes of the SHA-256 of the manifest's canonical JSON, which lists
 the SHA-256 of every file, so a receiver refuses streams made with weights it does not have.
+A sender needs only ``SENDER_FILES``: an edge device may carry the package without the receiver's
+weights, and the manifest still proves the model id.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .entropy_model import EntropyModel, IntConv, Layer, PixelShuffle
 MANIFEST = "manifest.json"
 FORMAT = "aeic-model/1"
 DEFAULT_MODEL = "nano-se"
-PACKAGE_FILES = ("analysis_stem.onnx", "analysis_trunk.onnx", "hyper.onnx", "entropy.npz", "receiver.safetensors")
+SENDER_FILES = ("analysis_stem.onnx", "analysis_trunk.onnx", "hyper.onnx", "entropy.npz")
+PACKAGE_FILES = (*SENDER_FILES, "receiver.safetensors")
 
 
 class ModelPackageError(ValueError):
@@ -125,7 +128,8 @@ class ModelPackage:
     level_gains: np.ndarray  # (levels, C) float32: latent gain of each rate level
 
     @classmethod
-    def load(cls, path: Path | str | None = None, verify: bool = True) -> ModelPackage:
+    def load(cls, path: Path | str | None = None, verify: bool = True, needs: tuple[str, ...] = PACKAGE_FILES) -> ModelPackage:
+        """``needs``: the files this side reads, each checked against its digest (``SENDER_FILES`` on a sender)."""
         path = Path(path) if path is not None else default_model_dir()
         manifest_file = path / MANIFEST
         if not manifest_file.is_file():
@@ -138,14 +142,15 @@ class ModelPackage:
             raise ModelPackageError(f"{path}: an older package layout (lacks {', '.join(missing) or 'analysis_tiling'}); "
                                     "export it again with `aeic export`")  # fmt: skip
         if verify:
-            cls._verify(path, manifest)
+            cls._verify(path, manifest, needs)
         with np.load(path / "entropy.npz", allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         return cls(path, manifest, entropy_model_from_arrays(arrays), arrays["levels.gains"].astype(np.float32))
 
     @staticmethod
-    def _verify(path: Path, manifest: dict) -> None:
-        for name, digest in manifest["files"].items():
+    def _verify(path: Path, manifest: dict, needs: tuple[str, ...]) -> None:
+        for name in needs:
+            digest = manifest["files"][name]
             if not (path / name).is_file():
                 raise ModelPackageError(f"{path}: {name} is missing")
             if file_digest(path / name) != digest:

@@ -213,6 +213,22 @@ def test_package_tampering_is_detected(exported, tmp_path) -> None:
         ModelPackage.load(copy)
 
 
+def test_a_sender_needs_no_receiver_weights(exported, codecs, tmp_path) -> None:
+    """An edge device may carry the package without receiver.safetensors: same model id, same streams."""
+    _, folder = exported
+    copy = _copy_package(folder, tmp_path / "sender-only")
+    (copy / "receiver.safetensors").unlink()
+    rgb = _photo(40, 56)
+    sender_only = SenderCodec.from_package(copy)
+    assert sender_only.model_id == codecs[0].model_id
+    assert sender_only.encode(rgb, 1) == codecs[0].encode(rgb, 1)
+    with pytest.raises(ModelPackageError, match="receiver.safetensors is missing"):
+        ReceiverCodec.from_package(copy, device="cpu")
+    (copy / "hyper.onnx").write_bytes(b"not the hyper-analysis")
+    with pytest.raises(ModelPackageError, match="hyper.onnx does not match"):
+        SenderCodec.from_package(copy)
+
+
 def test_package_of_an_older_layout_is_refused_clearly(exported, tmp_path) -> None:
     _, folder = exported
     copy = _copy_package(folder, tmp_path / "old")
