@@ -265,8 +265,9 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
     wait = state.limiter.acquire(who.device)
     if wait > 0:
         state.metrics.uploads.labels("rate_limited").inc()
-        raise ApiError(429, "rate_limited", f"too many uploads from {who.device}; retry in {wait:.1f}s",
-                       headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        retry_after = max(1, math.ceil(wait))  # whole seconds, as the header says it
+        raise ApiError(429, "rate_limited", f"too many uploads from {who.device}; retry in {retry_after} s",
+                       headers={"Retry-After": str(retry_after)})
     try:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/octet-stream":
