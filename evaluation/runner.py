@@ -163,6 +163,47 @@ class ResultsFile:
             self.done[(row["image"], row["point"], row["method"])] = row
 
 
+# What decides the rows, beyond the columns: a re-run into the same --out may only add rows made the same
+# way. Provider, device and the package's path may change between resumes; the model id may not.
+ROW_DEFINING_CODEC_KEYS = ("codec", "model_id", "sender_downscale", "sender_rounding")
+RUN_IDENTITY_FILE = "run.json"
+
+
+def run_identity(config: EvalConfig, codec_info: dict[str, Any] | None) -> dict[str, Any]:
+    """The settings rows depend on: the baseline criterion, and the codec (None for --baselines-only)."""
+    codec = None if codec_info is None else {k: codec_info.get(k) for k in ROW_DEFINING_CODEC_KEYS}
+    return {"criterion": config.criterion if config.baselines else None, "codec": codec}
+
+
+def check_run_identity(out: Path, identity: dict[str, Any], resuming: bool = True) -> None:
+    """Refuse to resume a folder whose rows were made with another criterion or codec; record this run's.
+
+    A folder written before ``run.json`` existed is checked against its ``summary.json``. A baseline-only
+    folder may be completed with a codec's rows (and the reverse), since neither kind of row depends on
+    the other's settings. ``resuming`` False (no rows yet) starts afresh.
+    """
+    path = out / RUN_IDENTITY_FILE
+    stored: dict[str, Any] = {"criterion": None, "codec": None}
+    if resuming and path.exists():
+        stored.update(json.loads(path.read_text()))
+    elif resuming and (out / "summary.json").exists():
+        old = json.loads((out / "summary.json").read_text())
+        config, codec = old.get("config", {}), old.get("codec") or {}
+        stored["criterion"] = config.get("criterion") if config.get("baselines") else None
+        if any(codec.get(k) is not None for k in ROW_DEFINING_CODEC_KEYS):
+            stored["codec"] = {k: codec.get(k) for k in ROW_DEFINING_CODEC_KEYS}
+    merged = dict(stored)
+    for key, value in identity.items():
+        if value is None:
+            continue
+        if stored.get(key) is not None and stored[key] != value:
+            raise ValueError(
+                f"{out} holds rows made with {key} {stored[key]!r}, not {value!r}; use a new --out folder"
+            )
+        merged[key] = value
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -216,6 +257,8 @@ class Evaluator:
         self.methods += ["best"] if len(config.baselines) > 1 else []
         self.columns = BASE_COLUMNS + list(self.metric_fns) + self.learned_names
         self.results = ResultsFile(config.out / "results.csv", self.columns)
+        identity = run_identity(config, self.codec_info if codec is not None else None)
+        check_run_identity(config.out, identity, resuming=bool(self.results.rows))
         self._warm = False
 
     def _score(self, ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
