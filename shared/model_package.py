@@ -62,8 +62,11 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
 
 
 def models_root() -> Path:
-    """Where shipped packages live (``aeic/models``)."""
-    return Path(__file__).resolve().parents[1] / "aeic" / "models"
+    """Where shipped packages live: ``models/`` beside the root package's ``__init__``, in a source checkout
+    (``aeic/models``) and in an installed wheel (``site-packages/aeic/models``) alike."""
+    import aeic
+
+    return Path(aeic.__file__).resolve().parent / "models"
 
 
 def default_model_dir() -> Path:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 from aeic.sender.cli import COMMANDS, build_parser
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "sender"
@@ -42,3 +44,23 @@ def test_unit_runs_a_real_command_with_the_documented_settings() -> None:
 def test_readme_lists_every_command() -> None:
     readme = (DEPLOY / "README.md").read_text()
     assert all(f"`aeic-send {command}" in readme or command == "send" for command in COMMANDS)
+
+
+def test_an_installed_layout_finds_the_shipped_model(tmp_path: Path) -> None:
+    """The guide installs the wheel: there ``aeic.shared`` sits inside ``site-packages/aeic``, not beside it
+    as in a checkout, and the default model must still be found (laid out as pyproject.toml maps it)."""
+    root = DEPLOY.parent.parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    site = tmp_path / "site-packages"
+    for package in ("aeic", "aeic.shared"):
+        source = root / setuptools["package-dir"][package]
+        target = site.joinpath(*package.split("."))
+        target.mkdir(parents=True)
+        for module in source.glob("*.py"):
+            shutil.copy(module, target / module.name)
+    (site / "aeic" / "models").symlink_to(root / "aeic" / "models")
+    probe = "from aeic.shared.model_package import ModelPackage; print(ModelPackage.load().path)"
+    done = subprocess.run([sys.executable, "-c", probe], env={"PYTHONPATH": str(site)}, cwd=tmp_path,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == site / "aeic" / "models" / "nano-se"
