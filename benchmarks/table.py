@@ -150,10 +150,9 @@ def sender_section(doc: dict[str, Any]) -> list[str]:
 
 
 def _receiver_model(doc: dict[str, Any]) -> str:
-    path = str(doc.get("model_path", ""))
-    shipped = str(Path(__file__).resolve().parents[1] / "aeic" / "models")
-    weights = ("shipped package" if path.startswith(shipped)
-               else "random weights: timings are of the same graphs, bytes are not representative")
+    folder = Path(str(doc.get("model_path", ""))).parent  # aeic/models/<name> in whichever checkout ran it
+    shipped = folder.name == "models" and folder.parent.name == "aeic"
+    weights = "shipped package" if shipped else "random weights: timings are of the same graphs, bytes are not representative"
     return f"model {doc.get('model_name', '?')} {doc.get('model_id', '')}, {weights}"
 
 
