@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -400,13 +401,19 @@ def test_storage_failure_is_503_and_stores_nothing(tmp_path: Path) -> None:
         assert app.state.receiver.store.status_counts()[Status.PENDING] == 0
 
 
-def test_worker_releases_its_claim_after_an_internal_error(tmp_path: Path) -> None:
+@contextmanager
+def one_upload(tmp_path: Path) -> Iterator[tuple[Any, str]]:
+    """A receiver without its worker thread, holding one uploaded image: (app, image id)."""
     settings = make_settings(tmp_path, worker=False)
     tokens = make_tokens(settings, "cam1")
     app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
     with TestClient(app) as client:
         headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
-        image_id = client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+        yield app, client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+
+
+def test_worker_releases_its_claim_after_an_internal_error(tmp_path: Path) -> None:
+    with one_upload(tmp_path) as (app, image_id):
         state = app.state.receiver
         from aeic.receiver.worker import DecodeWorker, WorkerConfig
 
@@ -426,12 +433,7 @@ def test_a_claim_the_full_disk_kept_is_released_once_storage_is_back(tmp_path: P
     from aeic.receiver.worker import DecodeWorker, WorkerConfig
     from sqlalchemy.exc import OperationalError
 
-    settings = make_settings(tmp_path, worker=False)
-    tokens = make_tokens(settings, "cam1")
-    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
-    with TestClient(app) as client:
-        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
-        image_id = client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+    with one_upload(tmp_path) as (app, image_id):
         state = app.state.receiver
         blobs = FillingBlobs(state.blobs)
 
@@ -477,12 +479,7 @@ def test_a_full_disk_does_not_use_up_an_images_attempts(tmp_path: Path) -> None:
     """An outage longer than max_attempts tries must not fail the image for good: it is decoded once space is back."""
     from aeic.receiver.worker import DecodeWorker, WorkerConfig
 
-    settings = make_settings(tmp_path, worker=False)
-    tokens = make_tokens(settings, "cam1")
-    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
-    with TestClient(app) as client:
-        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
-        image_id = client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+    with one_upload(tmp_path) as (app, image_id):
         state = app.state.receiver
         blobs = FillingBlobs(state.blobs)
         worker = DecodeWorker(state.store, blobs, state.registry, WorkerConfig(retry_delay_s=0.0, max_attempts=3))
