@@ -129,6 +129,18 @@ class JobQueue:
                                pending=int(group.get("pending", group.get(b"pending", 0))))
         return Backlog(lag=None, pending=0)
 
+    def queued_image_ids(self, page: int = 1000) -> set[str]:
+        """Images that have an entry in the stream, delivered or not (acknowledged entries are deleted, so
+        this is the backlog, not the history)."""
+        ids: set[str] = set()
+        start = "-"
+        while True:
+            entries = self.client.xrange(self.stream, min=start, max="+", count=page)
+            ids.update(job.image_id for job in _jobs(entries))
+            if len(entries) < page:
+                return ids
+            start = "(" + _text(entries[-1][0])
+
     def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         """The newest dead-lettered entries (for operators and tests)."""
         return [{_text(k): _text(v) for k, v in fields.items()}

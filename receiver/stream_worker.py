@@ -108,15 +108,27 @@ class StreamWorker:
         stale_before = time.time() - self.config.reclaim_after_s
         for image_id in fail_exhausted_stale(self.store, open_ids, stale_before, self.config.max_attempts):
             self._settle(image_id, by_image[image_id], decoded_here=False)
+        if not self.decoder.storage_ready():
+            return  # the entries stay pending and come back once the blob store is usable
         claim = claim_ids(self.store, open_ids, stale_before, self.config.max_attempts)
         if claim is None:
             return  # held by a live worker or not yet due: the entries stay pending and come back later
         claimed_jobs = [j for r in claim.records for j in by_image[r.id]]
+        error: Exception | None = None
         with self._heartbeat(claimed_jobs, claim.token):
             for group in _compatible(claim.records, self.config.batch_size):
-                self.decoder.process(Claim(token=claim.token, records=group))
+                # Every group gets its turn even when an earlier one raised (`process` has handed that one's
+                # claims back): a group skipped here would sit in `decoding`, unbeaten, until it looked like
+                # a dead worker's and lost an attempt it never had.
+                try:
+                    self.decoder.process(Claim(token=claim.token, records=group))
+                except Exception as exc:  # noqa: BLE001 - raised after the loop, once every group is settled
+                    error = error or exc
+                    continue
                 for record in group:
                     self._settle(record.id, by_image[record.id], decoded_here=True)
+        if error is not None:
+            raise error
 
     def _settle(self, image_id: str, jobs: list[Job], decoded_here: bool) -> bool:
         """Acknowledge or dead-letter entries whose image needs no more work; False if it still does."""
@@ -146,11 +158,14 @@ class StreamWorker:
 
         def beat() -> None:
             while not done.wait(self.config.reclaim_after_s / 3):
-                try:
-                    self.queue.touch(self.config.consumer, jobs)
-                    refresh_claim(self.store, token)
-                except Exception:  # a missed beat only risks a duplicate, which the claim still prevents
-                    log.exception("heartbeat failed")
+                # Separately: Redis being down must not let the database claim go stale (or the other way
+                # round), or a live worker's images would be taken over (and failed on their last attempt).
+                for beat_one in (lambda: self.queue.touch(self.config.consumer, jobs),
+                                 lambda: refresh_claim(self.store, token)):
+                    try:
+                        beat_one()
+                    except Exception:  # a missed beat only risks a duplicate, which the claim still prevents
+                        log.exception("heartbeat failed")
 
         thread = threading.Thread(target=beat, name="aeic-worker-heartbeat", daemon=True)
         thread.start()
@@ -163,16 +178,19 @@ class StreamWorker:
     # -- safety net ------------------------------------------------------------------------------
 
     def reconcile(self) -> int:
-        """When the stream is fully drained, enqueue pending images that have no entry (an enqueue that
-        failed after the upload was stored, a Redis that lost its data). One worker at a time."""
+        """Enqueue pending images (and stale claims) that have no entry in the stream: an enqueue that failed
+        after the upload was stored, a Redis that lost its data. One worker at a time. A busy stream is no
+        reason to wait: under steady load it is never empty, so images with an entry are skipped instead
+        (the stream is read first, so an entry settled meanwhile at worst gives a duplicate, which the
+        database claim makes harmless)."""
         if not self.queue.lock("reconcile", self.config.reconcile_every_s):
             return 0
         backlog = self.queue.backlog()
-        if backlog.lag != 0 or backlog.pending != 0:
-            return 0
+        queued = set() if backlog.lag == 0 and backlog.pending == 0 else self.queue.queued_image_ids()
         now = time.time()
-        ids = orphaned_ids(self.store, older_than=now - self.config.reconcile_every_s,
-                           stale_before=now - self.config.reclaim_after_s, limit=1000)
+        ids = [i for i in orphaned_ids(self.store, older_than=now - self.config.reconcile_every_s,
+                                       stale_before=now - self.config.reclaim_after_s, limit=1000)
+               if i not in queued]
         for image_id in ids:
             self.queue.publish(image_id)
         if ids:

@@ -66,6 +66,7 @@ class DecodeWorker:
         # Failures that could not be recorded (the database was unwritable, e.g. its disk full): their images
         # stay `decoding` under our claim until the record succeeds, so it is retried before the next batch.
         self._unrecorded: list[tuple[Claim, ImageRecord, str]] = []
+        self._storage_down = False  # said once per outage in the log
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -117,6 +118,8 @@ class DecodeWorker:
     def run_once(self) -> int:
         """Claim and process one batch; returns how many images it handled (0: nothing was due)."""
         self._record_unrecorded()
+        if not self.storage_ready():
+            return 0
         claim = self.store.claim_batch(self.config.batch_size)
         if claim is None:
             return 0
@@ -139,6 +142,21 @@ class DecodeWorker:
                     self._unrecorded.append((claim, record, reason))
             raise
 
+    def storage_ready(self) -> bool:
+        """Whether the blob store can serve bitstreams and take results. While it cannot (a full disk, an
+        unreachable bucket) nothing is claimed, so an outage costs no attempts and no decodes thrown away."""
+        try:
+            self.blobs.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not claim now
+            if not self._storage_down:
+                log.warning("blob store unusable; claiming no images until it is back: %s", exc)
+            self._storage_down = True
+            return False
+        if self._storage_down:
+            log.info("blob store usable again")
+        self._storage_down = False
+        return True
+
     def _record_unrecorded(self) -> None:
         """Retry recording the failures the database refused earlier (a no-op for claims lost meanwhile)."""
         pending, self._unrecorded = self._unrecorded, []
@@ -155,6 +173,8 @@ class DecodeWorker:
                 loaded.append((record, self.blobs.get(bitstream_key(record.id))))
             except BlobNotFoundError:
                 self._fail(claim, record, "the stored bitstream is missing")
+            except OSError as exc:  # the blob store is unreachable (S3 down, I/O error): not the image's fault
+                self._fail(claim, record, f"could not read the stored bitstream: {exc}", storage=True)
         if not loaded:
             return
         try:
@@ -248,8 +268,9 @@ class DecodeWorker:
     def _fail(self, claim: Claim, record: ImageRecord, reason: str, permanent: bool = False,
               storage: bool = False) -> None:
         """Record a failed attempt; `permanent` failures (the data itself is undecodable) are not retried.
-        A `storage` failure (the reconstruction could not be written: a full or read-only disk) is not the
-        image's fault and does not use up its attempts: it waits, with the capped backoff, for storage."""
+        A `storage` failure (the bitstream could not be read or the reconstruction written: an unreachable
+        object store, a full or read-only disk) is not the image's fault and does not use up its attempts: it
+        waits, with the capped backoff, for storage."""
         delay = self.config.retry_delay_s * (2 ** max(record.attempts - 1, 0))
         retry_at = time.time() + min(delay, 3600.0)
         log.warning("decode of %s failed (attempt %d): %s", record.id, record.attempts, reason)

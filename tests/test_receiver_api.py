@@ -374,13 +374,16 @@ def test_rate_index_outside_the_model_is_422(tmp_path: Path) -> None:
 
 
 class BrokenBlobs:
-    """A blob store whose disk is full."""
+    """A blob store whose disk fills between its readiness check and its use, with a buggy client."""
+
+    def ping(self) -> None:
+        pass
 
     def put(self, key: str, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
     def get(self, key: str) -> bytes:
-        raise OSError(5, "I/O error")
+        raise RuntimeError("a bug in the blob client")  # not an outage: an internal error
 
     def delete(self, key: str) -> bool:
         return False
@@ -418,7 +421,7 @@ def test_worker_releases_its_claim_after_an_internal_error(tmp_path: Path) -> No
         from aeic.receiver.worker import DecodeWorker, WorkerConfig
 
         worker = DecodeWorker(state.store, BrokenBlobs(), state.registry, WorkerConfig(retry_delay_s=0.0))
-        with pytest.raises(OSError):
+        with pytest.raises(RuntimeError):
             worker.run_once()
         record = state.store.get_image(image_id)
         assert record is not None and record.status is Status.PENDING and "internal error" in record.error
@@ -455,10 +458,14 @@ def test_a_claim_the_full_disk_kept_is_released_once_storage_is_back(tmp_path: P
 
 
 class FillingBlobs:
-    """A blob store on a disk that is full until ``full`` is cleared."""
+    """A blob store on a disk that is full until ``full`` is cleared; ``ping`` notices it only with ``noticed``."""
 
-    def __init__(self, blobs: Any) -> None:
-        self.blobs, self.full = blobs, True
+    def __init__(self, blobs: Any, noticed: bool = False) -> None:
+        self.blobs, self.full, self.noticed = blobs, True, noticed
+
+    def ping(self) -> None:
+        if self.full and self.noticed:
+            raise OSError(28, "No space left on device")
 
     def put(self, key: str, data: bytes) -> None:
         if self.full:
@@ -547,3 +554,20 @@ def test_not_ready_while_the_blob_disk_is_full(env: Env, monkeypatch: pytest.Mon
     ready = env.client.get("/readyz")
     assert ready.status_code == 503 and "bytes free" in ready.json()["checks"]["blobs"]
     assert blobs.MIN_FREE_BYTES > 1 << 20
+
+
+def test_the_worker_claims_nothing_while_the_blob_store_is_unusable(tmp_path: Path) -> None:
+    """An outage its readiness check sees costs no attempt and no decode: the image waits, then decodes once."""
+    from aeic.receiver.worker import DecodeWorker, WorkerConfig
+
+    with one_upload(tmp_path) as (app, image_id):
+        state = app.state.receiver
+        blobs = FillingBlobs(state.blobs, noticed=True)
+        worker = DecodeWorker(state.store, blobs, state.registry, WorkerConfig(retry_delay_s=0.0))
+        assert [worker.run_once() for _ in range(3)] == [0, 0, 0]
+        waiting = state.store.get_image(image_id)
+        assert waiting is not None and waiting.status is Status.PENDING and waiting.attempts == 0
+        blobs.full = False
+        assert worker.run_once() == 1
+        record = state.store.get_image(image_id)
+        assert record is not None and record.status is Status.DONE and record.attempts == 1

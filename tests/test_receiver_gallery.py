@@ -49,7 +49,8 @@ def _upload_and_wait(base: str, token: str, data: bytes) -> str:
 
 
 def _card_ids(driver) -> list[str]:
-    return [c.get_attribute("data-id") for c in driver.find_elements(By.CSS_SELECTOR, "#grid .card")]
+    # One script call: the live grid may replace cards between separate element look-ups.
+    return list(driver.execute_script("return [...document.querySelectorAll('#grid .card')].map(c => c.dataset.id)"))
 
 
 def _thumbs_loaded(driver) -> bool:
@@ -102,3 +103,80 @@ def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser, tiny
         wait.until(lambda d: float(_scale(d)) > 2.0)
         ActionChains(browser).double_click(viewer).perform()
         wait.until(lambda d: _scale(d) == "1")
+
+
+def _upload(base: str, token: str, data: bytes) -> str:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+    reply = httpx.post(f"{base}/v1/images", content=data, headers=headers, timeout=10)
+    assert reply.status_code == 202, reply.text
+    return str(reply.json()["id"])
+
+
+def test_live_first_page_keeps_the_older_link_in_step(tmp_path: Path, browser, tiny_package: Path) -> None:
+    """Images pushed off the live first page stay reachable through "Older images", the favicon does not
+    404, and a signed-out page goes back to the token form instead of polling 401s forever."""
+    from aeic.sender.encoder import SenderCodec
+
+    stream = SenderCodec.from_package(tiny_package).encode(receiver_support.natural_photo(64, 64, 4), 0)
+    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, worker=False,
+                                rate_limit_burst=1000, model_packages=[tiny_package], device="cpu")
+    token = _device_token(settings, "cam1")
+    with ServerThread(create_app(settings)) as server:
+        ids = [_upload(server.url, token, stream) for _ in range(60)]  # exactly one gallery page, all pending
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: len(_card_ids(d)) == 60)
+        assert not browser.find_elements(By.ID, "older")
+        newest = _upload(server.url, token, stream)
+        wait.until(lambda d: _card_ids(d)[:1] == [newest] and d.find_elements(By.ID, "older"))
+        assert len(_card_ids(browser)) == 60 and ids[0] not in _card_ids(browser)
+        browser.find_element(By.ID, "older").click()
+        wait.until(lambda d: _card_ids(d) == [ids[0]])
+        assert not [e for e in browser.get_log("browser") if "favicon" in e["message"]]
+
+        browser.get(f"{server.url}/")
+        wait.until(lambda d: len(_card_ids(d)) == 60)
+        browser.delete_cookie("aeic_token")  # signed out elsewhere (another tab's "log out")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "form.login input[name=token]"))
+
+
+def test_image_page_fits_a_tall_image_in_the_viewer(tmp_path: Path, browser, tiny_package: Path) -> None:
+    """At 100% the whole reconstruction is visible: a tall image is scaled to the viewer, not cropped."""
+    from aeic.sender.encoder import SenderCodec
+
+    stream = SenderCodec.from_package(tiny_package).encode(receiver_support.natural_photo(64, 1600, 5), 0)
+    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, poll_interval_s=0.05,
+                                model_packages=[tiny_package], device="cpu")
+    token = _device_token(settings, "cam1")
+    with ServerThread(create_app(settings)) as server:
+        image_id = _upload_and_wait(server.url, token, stream)
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.get(f"{server.url}/images/{image_id}")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: d.execute_script(
+            "const i = document.getElementById('reconstruction'); return i.complete && i.naturalWidth;") == 64)
+        img, box = browser.execute_script(
+            "const i = document.getElementById('reconstruction').getBoundingClientRect();"
+            "const v = document.getElementById('viewer').getBoundingClientRect();"
+            "return [[i.width, i.height], [v.width, v.height]];")
+        assert img[1] <= box[1] + 0.5 and img[0] <= box[0] + 0.5, (img, box)
+        assert abs(img[0] / img[1] - 64 / 1600) < 0.01  # aspect ratio kept
+        assert img[1] <= browser.execute_script("return innerHeight")
+
+
+def test_waiting_image_page_notices_the_image_was_deleted(tmp_path: Path, browser, tiny_package: Path) -> None:
+    """A page waiting for a pending image shows "No image" once that image is deleted, instead of waiting forever."""
+    from aeic.sender.encoder import SenderCodec
+
+    stream = SenderCodec.from_package(tiny_package).encode(receiver_support.natural_photo(64, 64, 6), 0)
+    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, worker=False,
+                                model_packages=[tiny_package], device="cpu")
+    token = _device_token(settings, "cam1")
+    with ServerThread(create_app(settings)) as server:
+        image_id = _upload(server.url, token, stream)
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.get(f"{server.url}/images/{image_id}")
+        assert browser.find_element(By.ID, "waiting").text == "pending…"
+        reply = httpx.delete(f"{server.url}/v1/images/{image_id}", headers={"Authorization": f"Bearer {token}"})
+        assert reply.status_code == 204
+        WebDriverWait(browser, 10).until(lambda d: f"No image {image_id}." in d.find_element(By.TAG_NAME, "main").text)

@@ -5,8 +5,10 @@
   if (grid.dataset.live !== "true") return;  // older pages are static
   const empty = document.getElementById("empty");
   const live = document.getElementById("live");
+  const pager = document.querySelector(".pager");
   const limit = Number(grid.dataset.limit || 60);
   const POLL_MS = 1500;
+  let signedOut = false;
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
@@ -62,19 +64,42 @@
     empty.hidden = wanted.length > 0;
   }
 
+  // The live page always shows the newest `limit` images, so "Older images" must start right after them:
+  // follow the listing's cursor (images pushed off this page stay reachable, a page that grew gets the link).
+  function syncPager(next) {
+    let older = document.getElementById("older");
+    if (!next) {
+      if (older) older.remove();
+      return;
+    }
+    if (!older) {
+      older = el("a", null, "Older images →");
+      older.id = "older";
+      pager.appendChild(older);
+    }
+    older.href = "/?cursor=" + encodeURIComponent(next);
+  }
+
   async function poll() {
     try {
       const response = await fetch("/v1/images?limit=" + limit, {credentials: "same-origin",
                                                                  headers: {Accept: "application/json"}});
+      if (response.status === 401) {  // signed out (cookie gone or token revoked): back to the token form
+        signedOut = true;
+        window.location.assign("/login");
+        return;
+      }
       if (!response.ok) throw new Error("HTTP " + response.status);
-      render((await response.json()).items);
+      const page = await response.json();
+      render(page.items);
+      syncPager(page.next);
       live.textContent = "live";
       live.classList.remove("error");
     } catch (err) {
       live.textContent = "reconnecting… (" + err.message + ")";
       live.classList.add("error");
     } finally {
-      window.setTimeout(poll, POLL_MS);
+      if (!signedOut) window.setTimeout(poll, POLL_MS);
     }
   }
   window.setTimeout(poll, POLL_MS);

@@ -7,6 +7,8 @@
     const poll = async () => {
       try {
         const response = await fetch("/v1/images/" + detail.dataset.id, {credentials: "same-origin"});
+        // Deleted meanwhile, or signed out: the reloaded page says so ("No image ..." or the token form).
+        if (response.status === 404 || response.status === 401) { window.location.reload(); return; }
         if (response.ok && (await response.json()).status !== status) { window.location.reload(); return; }
       } catch (err) { /* keep waiting */ }
       window.setTimeout(poll, 1000);
