@@ -81,6 +81,10 @@ def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser, tiny
 
         third = _upload_and_wait(server.url, token, streams[2])
         wait.until(lambda d: _card_ids(d) == [third, second, first] and _thumbs_loaded(d))
+        # the server's cards and the one the live script added say the time the same way
+        times = [card.find_element(By.CSS_SELECTOR, ".caption.dim").text
+                 for card in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
+        assert len(times) == 3 and all(t.endswith(" UTC") for t in times), times
 
         browser.find_element(By.CSS_SELECTOR, f'#grid .card[data-id="{third}"]').click()
         wait.until(lambda d: d.find_elements(By.ID, "reconstruction"))

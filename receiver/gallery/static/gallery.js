@@ -38,7 +38,7 @@
     caption.append(el("span", "size", img.width + "×" + img.height), " ",
                    el("span", "bytes", img.bytes + " B"), " ",
                    el("span", "bpp", img.bpp.toFixed(4) + " bpp"));
-    const when = (img.created_at || "").slice(0, 19).replace("T", " ");
+    const when = img.created_at ? img.created_at.slice(0, 19).replace("T", " ") + " UTC" : "-";  // as the server's `when`
     card.append(thumb, caption, el("div", "caption dim", img.device + " · " + when));
     return card;
   }
