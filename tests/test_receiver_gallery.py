@@ -59,6 +59,18 @@ def _thumbs_loaded(driver) -> bool:
         "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);"))
 
 
+def _settings(tmp_path: Path, package: Path, **overrides: object) -> ReceiverSettings:
+    """A receiver of the tiny package on the CPU with its data in ``tmp_path``."""
+    return ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, model_packages=[package], device="cpu",
+                            **overrides)
+
+
+def _stream(package: Path, width: int, height: int, seed: int) -> bytes:
+    from aeic.sender.encoder import SenderCodec
+
+    return SenderCodec.from_package(package).encode(receiver_support.natural_photo(width, height, seed), 0)
+
+
 def _scale(driver) -> str:
     return str(driver.find_element(By.ID, "viewer").get_attribute("data-scale"))
 
@@ -69,8 +81,7 @@ def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser, tiny
     sender = SenderCodec.from_package(tiny_package)
     streams = [sender.encode(receiver_support.natural_photo(w, h, seed), 0)
                for w, h, seed in ((96, 64, 1), (64, 64, 2), (400, 300, 3))]
-    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, poll_interval_s=0.05,
-                                model_packages=[tiny_package], device="cpu")
+    settings = _settings(tmp_path, tiny_package, poll_interval_s=0.05)
     token = _device_token(settings, "cam1")
     with ServerThread(create_app(settings)) as server:
         first = _upload_and_wait(server.url, token, streams[0])
@@ -119,11 +130,8 @@ def _upload(base: str, token: str, data: bytes) -> str:
 def test_live_first_page_keeps_the_older_link_in_step(tmp_path: Path, browser, tiny_package: Path) -> None:
     """Images pushed off the live first page stay reachable through "Older images", the favicon does not
     404, and a signed-out page goes back to the token form instead of polling 401s forever."""
-    from aeic.sender.encoder import SenderCodec
-
-    stream = SenderCodec.from_package(tiny_package).encode(receiver_support.natural_photo(64, 64, 4), 0)
-    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, worker=False,
-                                rate_limit_burst=1000, model_packages=[tiny_package], device="cpu")
+    stream = _stream(tiny_package, 64, 64, 4)
+    settings = _settings(tmp_path, tiny_package, worker=False, rate_limit_burst=1000)
     token = _device_token(settings, "cam1")
     with ServerThread(create_app(settings)) as server:
         ids = [_upload(server.url, token, stream) for _ in range(60)]  # exactly one gallery page, all pending
@@ -146,11 +154,8 @@ def test_live_first_page_keeps_the_older_link_in_step(tmp_path: Path, browser, t
 
 def test_image_page_fits_a_tall_image_in_the_viewer(tmp_path: Path, browser, tiny_package: Path) -> None:
     """At 100% the whole reconstruction is visible: a tall image is scaled to the viewer, not cropped."""
-    from aeic.sender.encoder import SenderCodec
-
-    stream = SenderCodec.from_package(tiny_package).encode(receiver_support.natural_photo(64, 1600, 5), 0)
-    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, poll_interval_s=0.05,
-                                model_packages=[tiny_package], device="cpu")
+    stream = _stream(tiny_package, 64, 1600, 5)
+    settings = _settings(tmp_path, tiny_package, poll_interval_s=0.05)
     token = _device_token(settings, "cam1")
     with ServerThread(create_app(settings)) as server:
         image_id = _upload_and_wait(server.url, token, stream)
@@ -170,11 +175,8 @@ def test_image_page_fits_a_tall_image_in_the_viewer(tmp_path: Path, browser, tin
 
 def test_waiting_image_page_notices_the_image_was_deleted(tmp_path: Path, browser, tiny_package: Path) -> None:
     """A page waiting for a pending image shows "No image" once that image is deleted, instead of waiting forever."""
-    from aeic.sender.encoder import SenderCodec
-
-    stream = SenderCodec.from_package(tiny_package).encode(receiver_support.natural_photo(64, 64, 6), 0)
-    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, worker=False,
-                                model_packages=[tiny_package], device="cpu")
+    stream = _stream(tiny_package, 64, 64, 6)
+    settings = _settings(tmp_path, tiny_package, worker=False)
     token = _device_token(settings, "cam1")
     with ServerThread(create_app(settings)) as server:
         image_id = _upload(server.url, token, stream)
