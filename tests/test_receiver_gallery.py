@@ -16,6 +16,7 @@ from receiver_support import ServerThread
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 ADMIN = "gallery-admin-token"
@@ -118,6 +119,14 @@ def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser, tiny
         wait.until(lambda d: float(_scale(d)) > 2.0)
         ActionChains(browser).double_click(viewer).perform()
         wait.until(lambda d: _scale(d) == "1")
+        # the keyboard does it too: + zooms, an arrow pans, 0 resets
+        viewer.send_keys("+")
+        assert _scale(browser) == "1.5"
+        before = browser.find_element(By.ID, "reconstruction").get_attribute("style")
+        viewer.send_keys(Keys.ARROW_LEFT)
+        assert browser.find_element(By.ID, "reconstruction").get_attribute("style") != before
+        viewer.send_keys("0")
+        assert _scale(browser) == "1"
 
 
 def _upload(base: str, token: str, data: bytes) -> str:

@@ -1,4 +1,5 @@
-// Image page: wait for decoding to finish, then a zoomable viewer (click 2x, wheel, drag, double-click resets).
+// Image page: wait for decoding to finish, then a zoomable viewer (click 2x, wheel, drag, double-click resets;
+// keys + - 0 and the arrows once it has focus).
 "use strict";
 (function () {
   const detail = document.getElementById("detail");
@@ -68,6 +69,19 @@
     const [px, py] = local(event);
     zoomAt(scale > 1 ? 1 : 2, px, py);
   });
-  viewer.addEventListener("dblclick", () => { scale = 1; x = 0; y = 0; apply(); });
+  function reset() { scale = 1; x = 0; y = 0; apply(); }
+  viewer.addEventListener("dblclick", reset);
+  // Keyboard: + and - zoom about the centre, the arrows pan, 0 resets (the viewer takes focus with Tab).
+  const PAN = 40;
+  viewer.addEventListener("keydown", (event) => {
+    const centre = [viewer.clientWidth / 2, viewer.clientHeight / 2];
+    const pans = {ArrowLeft: [PAN, 0], ArrowRight: [-PAN, 0], ArrowUp: [0, PAN], ArrowDown: [0, -PAN]};
+    if (event.key === "+" || event.key === "=") zoomAt(scale * 1.5, ...centre);
+    else if (event.key === "-") zoomAt(scale / 1.5, ...centre);
+    else if (event.key === "0") reset();
+    else if (pans[event.key]) { x += pans[event.key][0]; y += pans[event.key][1]; apply(); }
+    else return;
+    event.preventDefault();
+  });
   apply();
 })();
