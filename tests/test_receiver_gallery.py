@@ -195,3 +195,20 @@ def test_waiting_image_page_notices_the_image_was_deleted(tmp_path: Path, browse
         reply = httpx.delete(f"{server.url}/v1/images/{image_id}", headers={"Authorization": f"Bearer {token}"})
         assert reply.status_code == 204
         WebDriverWait(browser, 10).until(lambda d: f"No image {image_id}." in d.find_element(By.TAG_NAME, "main").text)
+
+
+def test_panoramas_and_strips_are_shown_whole(tmp_path: Path, browser, tiny_package: Path) -> None:
+    """A thumbnail more than 3:1 is letterboxed, not cropped to a sliver: on the served page and on a card the
+    live script adds."""
+    settings = _settings(tmp_path, tiny_package, poll_interval_s=0.05)
+    token = _device_token(settings, "cam1")
+    with ServerThread(create_app(settings)) as server:
+        strip = _upload_and_wait(server.url, token, _stream(tiny_package, 64, 320, 7))
+        photo = _upload_and_wait(server.url, token, _stream(tiny_package, 96, 64, 8))
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        panorama = _upload_and_wait(server.url, token, _stream(tiny_package, 320, 48, 9))
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: _card_ids(d) == [panorama, photo, strip] and _thumbs_loaded(d))
+        fits = {card.get_attribute("data-id"): card.find_element(By.CSS_SELECTOR, ".thumb img").value_of_css_property(
+            "object-fit") for card in browser.find_elements(By.CSS_SELECTOR, "#grid .card")}
+        assert fits == {strip: "contain", photo: "cover", panorama: "contain"}

@@ -17,10 +17,15 @@
     return node;
   }
 
+  // A panorama or a strip is shown whole (letterboxed), not cropped to a sliver; the same rule as _card.html.
+  function isExtreme(img) {
+    return img.width > 3 * img.height || img.height > 3 * img.width;
+  }
+
   function fillThumb(thumb, img) {
     thumb.replaceChildren();
     if (img.status === "done") {
-      const pic = el("img");
+      const pic = el("img", isExtreme(img) ? "whole" : null);
       pic.src = img.links.thumbnail;
       pic.alt = "image " + img.id;
       thumb.appendChild(pic);
