@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from aeic.sender.coding_scale import parse_downscale
 from aeic.sender.rate_distortion_rounding import parse_rounding
-from aeic.shared.model_package import ModelPackageError
+from aeic.shared.model_package import MANIFEST, ModelPackageError
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -101,33 +103,78 @@ def cmd_info(args: argparse.Namespace) -> int:
     return status
 
 
+def _check_out(out: Path) -> None:
+    """A package goes into a folder: a file there is refused before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder: give a new or existing folder for the package")
+
+
+def _write_package(out: Path, make: Callable[[Path], object]) -> Path:
+    """Run ``make(staging)``, which writes a whole package into a new folder beside ``out``, then move
+    its files into ``out`` (the manifest last). A failure while writing (a full disk, a bad input)
+    leaves ``out`` as it was, an earlier package in it included, and no half-written package."""
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        try:
+            make(staging)
+        except OSError as exc:  # a full disk, a quota: name the package, and say that nothing changed
+            raise OSError(f"cannot write the package for {out}: {exc.strerror or exc}; {out} is unchanged") from exc
+        if not out.exists():
+            staging.rename(out)
+            return out
+        written = sorted(staging.iterdir(), key=lambda path: path.name == MANIFEST)  # the manifest seals the rest
+        for path in written:
+            path.replace(out / path.name)
+        return out
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
+    from .export import (
+        CheckpointError,
+        export_package,
+        export_receiver_update,
+        export_sender_update,
+        load_checkpoint_model,
+        load_fitting,
+        read_checkpoint,
+    )
 
-    from .export import export_package, export_receiver_update, export_sender_update, load_checkpoint_model
+    try:
+        _check_out(args.out)
+        state = read_checkpoint(args.checkpoint, needs=("model",))
+        if state.get("stage") == "decoder":  # a decoder-only fine-tune: the sender files stay those of its package
+            from aeic.receiver.decoder import load_receiver_model
+            from aeic.shared.model_package import ModelPackage
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    if state.get("stage") == "decoder":  # a decoder-only fine-tune: the sender files stay those of its package
-        from aeic.receiver.decoder import load_receiver_model
-        from aeic.shared.model_package import ModelPackage
-
-        package = ModelPackage.load(state["package"])
-        receiver = load_receiver_model(package)
-        receiver.load_state_dict(state["model"])
-        out = export_receiver_update(package.path, receiver, args.out)
-    elif state.get("stage") == "encoder":  # a sender-only fine-tune: tables, levels and receiver stay its package's
-        out = export_sender_update(Path(state["package"]), load_checkpoint_model(args.checkpoint), args.out)
-    else:
-        out = export_package(load_checkpoint_model(args.checkpoint), args.out)
+            package = ModelPackage.load(state["package"])
+            receiver = load_receiver_model(package)
+            load_fitting(receiver, state["model"], args.checkpoint)
+            out = _write_package(args.out, lambda staging: export_receiver_update(package.path, receiver, staging))
+        elif state.get("stage") == "encoder":  # a sender-only fine-tune: tables, levels and receiver stay its package's
+            model = load_checkpoint_model(args.checkpoint)
+            out = _write_package(args.out, lambda staging: export_sender_update(Path(state["package"]), model, staging))
+        else:
+            model = load_checkpoint_model(args.checkpoint)
+            out = _write_package(args.out, lambda staging: export_package(model, staging))
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"{out}: model {manifest['name']} id {manifest['model_id']}")
     return 0
 
 
-def _rewrite_package(make: Callable[[], Path], detail: Callable[[dict], str]) -> int:
-    """Run a package-to-package command; a ValueError (not a package, a bad setting) is exit status 2."""
+def _rewrite_package(out: Path, make: Callable[[Path], Path], detail: Callable[[dict], str]) -> int:
+    """Run a package-to-package command into ``out`` (written whole or not at all, see ``_write_package``);
+    a ValueError (not a package, a bad setting) is exit status 2."""
     try:
-        out = make()
+        out = _write_package(out, make)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -139,14 +186,14 @@ def _rewrite_package(make: Callable[[], Path], detail: Callable[[dict], str]) ->
 def cmd_relevel(args: argparse.Namespace) -> int:
     from .rate_levels import relevel_package
 
-    return _rewrite_package(lambda: relevel_package(args.package, args.out, args.per_step),
+    return _rewrite_package(args.out, lambda out: relevel_package(args.package, out, args.per_step),
                             lambda manifest: f"{len(manifest['rate_levels'])} rate levels")
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from .interpolation import interpolate_receivers
 
-    return _rewrite_package(lambda: interpolate_receivers(args.first, args.second, args.weight, args.out),
+    return _rewrite_package(args.out, lambda out: interpolate_receivers(args.first, args.second, args.weight, out),
                             lambda _: f"receiver {args.weight:g} of the way to {args.second}")
 
 
@@ -154,7 +201,7 @@ def cmd_set_rounding(args: argparse.Namespace) -> int:
     from .rounding_setting import set_rounding_weight
 
     weight = None if args.weight == "nearest" else args.weight
-    return _rewrite_package(lambda: set_rounding_weight(args.package, args.out, weight),
+    return _rewrite_package(args.out, lambda out: set_rounding_weight(args.package, out, weight),
                             lambda _: f"rounding {args.weight}")
 
 

@@ -24,7 +24,9 @@ MAX_LEVELS = 256  # the bitstream's rate index is one byte
 def level_positions(num_rates: int, per_step: int = LEVELS_PER_RATE_STEP) -> np.ndarray:
     """Positions (0 .. num_rates - 1) of the trained points and ``per_step - 1`` evenly spaced levels between."""
     count = (num_rates - 1) * per_step + 1
-    if per_step < 1 or count > MAX_LEVELS:
+    if per_step < 1:
+        raise ValueError(f"levels per step must be at least 1 (the trained rate points alone), got {per_step}")
+    if count > MAX_LEVELS:
         raise ValueError(f"{per_step} levels per step gives {count} levels; a bitstream indexes at most {MAX_LEVELS}")
     return np.linspace(0, num_rates - 1, count)
 

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+import tomllib
 import torch
+from aeic.shared.model_package import ModelPackageError
+from pydantic import ValidationError
 
 from .config import TrainConfig
 from .decoder_finetune import DecoderFinetuner
+from .schedule import TrainingInterrupted
 from .trainer import Trainer
+
+
+def _config_error(path: Path, exc: ValidationError) -> str:
+    """Pydantic's report as one line: each wrong key with what is wrong with it."""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{key}: {'unknown key' if error['type'] == 'extra_forbidden' else message}")
+    return f"{path}: {'; '.join(problems)}"
+
+
+def _load_config(path: Path, **overrides: object) -> TrainConfig:
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        return TrainConfig.from_file(path, **overrides)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+    except ValidationError as exc:
+        raise ValueError(_config_error(path, exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,15 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, metavar="STEPS",
                         help="profile this many steps into OUT/profile.json instead of training (nothing is saved)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads takes a positive number, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig.from_file(args.config, steps=args.steps, out=args.out, device=args.device,
-                                   data=args.data, cache=args.cache, minutes=args.minutes, batch=args.batch)
-    if args.profile is not None and (args.profile < 1 or config.stage == "calibrate"):
-        parser.error("--profile takes a positive number of steps of a training stage (not calibrate)")
-    stage = DecoderFinetuner(config) if config.stage == "decoder" else Trainer(config)
-    stage.profile_steps = args.profile
-    written = stage.run()
+    try:
+        config = _load_config(args.config, steps=args.steps, out=args.out, device=args.device, data=args.data,
+                              cache=args.cache, minutes=args.minutes, batch=args.batch)
+        if args.profile is not None and (args.profile < 1 or config.stage == "calibrate"):
+            parser.error("--profile takes a positive number of steps of a training stage (not calibrate)")
+        if Path(config.out).exists() and not Path(config.out).is_dir():
+            raise NotADirectoryError(f"run folder {config.out} is a file")
+        stage = DecoderFinetuner(config) if config.stage == "decoder" else Trainer(config)
+        stage.profile_steps = args.profile
+        written = stage.run()
+    except TrainingInterrupted as exc:
+        print(f"aeic-train: {exc}", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, ModelPackageError) as exc:  # a mistake in the config or its files: nothing was lost
+        print(f"aeic-train: error: {exc}", file=sys.stderr)
+        return 2
     print(f"{'profile' if args.profile else 'checkpoint'}: {written}")
     return 0
 

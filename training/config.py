@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -17,11 +17,11 @@ class TrainConfig(BaseModel):
     model: str = "nano-se"  # a preset of aeic.codec.presets
     data: Path = Path("../shared/data/train")
     cache: Path = Path("runs/cache/train-512")  # one file per photo
-    short_side: int = 512
-    crop: int = 256
-    batch: int = 6
-    steps: int = 4000
-    minutes: float | None = None  # a wall-clock budget: the run ends (and the LR decays) by time or steps
+    short_side: int = Field(512, ge=8)
+    crop: int = Field(256, ge=8)
+    batch: int = Field(6, ge=1)
+    steps: int = Field(4000, ge=1)
+    minutes: float | None = Field(None, gt=0)  # a wall-clock budget: the run ends (and the LR decays) by time or steps
     lr: float = 2e-4
     lr_final_fraction: float = 0.1
     seed: int = 0
@@ -31,7 +31,7 @@ class TrainConfig(BaseModel):
     init_mean: dict[Path, float] = {}
     teacher: Path | None = None  # distillation: the moderate-encoder model checkpoint
     device: str = "auto"
-    checkpoint_minutes: float = 4.0
+    checkpoint_minutes: float = Field(4.0, gt=0)
     rate_adapt: float = 0.01  # step size of the per-rate gain control (log gain per log bpp error, per sample)
     lambda_scale: float = 200.0  # the fixed multipliers: nominal bpp x this (~2 suits the pixel distortion)
     # each sample's R + lambda D is scaled by (geometric-mean lambda / its lambda) ** rate_balance: at 0 the
@@ -48,7 +48,7 @@ class TrainConfig(BaseModel):
     latent_weight: float = 0.0
     distil_encoder_weight: float = 1.0
     distil_decoder_weight: float = 1.0
-    log_every: int = 20
+    log_every: int = Field(20, ge=1)
     # pixel losses (pixel distortion, decoder stage)
     mse_weight: float = 100.0
     msssim_weight: float = 1.0
@@ -56,12 +56,21 @@ class TrainConfig(BaseModel):
     lowpass_weight: float = 0.0  # MSE of 8x/16x block means: MS-SSIM's coarse scales (regional colour, tone)
     # the decoder stage: a package's receiver half trained on pixel losses through its frozen pixel decoder
     package: Path | None = None
-    window: int = 16  # latent cells (8 px each) of the window the pixel decoder renders per step
+    window: int = Field(16, ge=1)  # latent cells (8 px each) of the window the pixel decoder renders per step
     # the highest rate level it trains on (None: all); budgets of 0.005-0.05 bpp never pick the top ones
     max_level: int | None = None
     # the texture weight at that level's rate position, `texture_weight` at position 0 and linear between
     # (None: `texture_weight` at every rate): low rates lose texture first, high rates PSNR
     texture_weight_top: float | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        from aeic.codec.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        return name
 
     @model_validator(mode="after")
     def _one_starting_point(self) -> TrainConfig:

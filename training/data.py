@@ -63,12 +63,23 @@ def _empty_latent(pixels: torch.Tensor) -> torch.Tensor:
 NO_TEACHER = LatentTeacher("none", _empty_latent)  # the cache holds an empty latent of the right grid
 
 
+class TrainingDataError(ValueError):
+    """The training photos cannot make a batch: no folder, no photos, or none as large as a crop."""
+
+
 def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentTeacher, crop: int) -> list[CachedImage]:
     """Load or compute (and keep, one file per photo, so an interrupted run resumes) the cache."""
+    if not Path(folder).is_dir():
+        raise TrainingDataError(f"training photo folder {folder} {'is not a folder' if Path(folder).exists() else 'does not exist'}")
+    photos = list_images(folder)
+    if not photos:
+        raise TrainingDataError(f"no training photos ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise TrainingDataError(f"cache {cache_dir} is a file, not a folder")
     cache_dir.mkdir(parents=True, exist_ok=True)
     items = []
     with torch.no_grad():
-        for path in tqdm(list_images(folder), desc="teacher latents"):
+        for path in tqdm(photos, desc="teacher latents"):
             facts = f"{path.name}|{path.stat().st_size}|{short_side}|{MAX_LONG_SIDE}|{teacher.name}"
             entry = cache_dir / f"{hashlib.sha256(facts.encode()).hexdigest()[:20]}.pt"
             if entry.exists():
@@ -77,10 +88,17 @@ def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentT
                 pixels = torch.from_numpy(load_downsampled(path, short_side)).permute(2, 0, 1).contiguous()
                 latent = teacher.encode(pixels[None].float() / 255)[0].half()
                 item = CachedImage(pixels, latent)
-                torch.save(item, entry.with_suffix(".tmp"))
+                try:
+                    torch.save(item, entry.with_suffix(".tmp"))
+                except (OSError, RuntimeError) as exc:  # torch reports a full disk or a read-only folder as either
+                    entry.with_suffix(".tmp").unlink(missing_ok=True)
+                    raise OSError(f"cannot write the cache {cache_dir}: {str(exc).splitlines()[0]}") from exc
                 entry.with_suffix(".tmp").replace(entry)
             if min(item.pixels.shape[1:]) >= crop:
                 items.append(item)
+    if not items:
+        raise TrainingDataError(f"none of the {len(photos)} photos in {folder} is at least {crop} px on its short side "
+                                f"after downsampling to short_side {short_side}: no {crop} px crop fits")
     return items
 
 

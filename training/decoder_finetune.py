@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from aeic.codec.export import load_fitting, read_checkpoint
 from aeic.receiver.decoder import ReceiverModel, load_receiver_model
 from aeic.sender.encoder import SenderCodec
 from aeic.shared.model_package import ModelPackage
@@ -65,7 +66,7 @@ class DecoderFinetuner(ScheduledRun):
         every = self.package.num_levels
         self.levels = every if config.max_level is None else min(config.max_level + 1, every)  # trained: 0 .. levels-1
         if config.init is not None:
-            self.model.load_state_dict(torch.load(config.init, map_location="cpu", weights_only=False)["model"])
+            load_fitting(self.model, read_checkpoint(config.init, needs=("model",))["model"], config.init)
         self.optimizer = adam(self.model.parameters(), config.lr)
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ class DecoderFinetuner(ScheduledRun):
     def _resume(self) -> None:
         state = self._read_checkpoint()
         if state is not None:
-            self.model.load_state_dict(state["model"])
+            load_fitting(self.model, state["model"], f"{self.checkpoint_path} (resumed)")
             self.optimizer.load_state_dict(state["optimizer"])
 
     def _decoded_window(self, y_hat: torch.Tensor, positions: torch.Tensor, images: torch.Tensor):

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from aeic.codec.export import CheckpointError, read_checkpoint
 from tqdm import tqdm
 
 from .config import TrainConfig
@@ -32,6 +35,36 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run after the step in progress; its checkpoint holds every step done."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint} saved: run the same command to resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopOnInterrupt:
+    """While training, the first Ctrl-C (SIGINT) asks the loop to stop after the step in progress (then it
+    checkpoints); a second one raises KeyboardInterrupt at once. Only Python's own handler in the main
+    thread is replaced: an ignored SIGINT or another handler stays as it is."""
+
+    def __enter__(self) -> _StopOnInterrupt:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 class ScheduledRun:
@@ -59,14 +92,22 @@ class ScheduledRun:
         state.update(step=self.step, minutes=self._elapsed_minutes(),
                      rng=(random.getstate(), np.random.get_state(), torch.get_rng_state()))  # fmt: skip
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except (OSError, RuntimeError) as exc:  # a full disk reaches torch's writer as a RuntimeError
+            tmp.unlink(missing_ok=True)
+            kept = "the previous checkpoint is kept" if self.checkpoint_path.exists() else "no checkpoint was written"
+            raise OSError(f"cannot write {self.checkpoint_path} (step {self.step}): {str(exc).splitlines()[0]}; {kept}") from exc
         tmp.replace(self.checkpoint_path)
 
     def _read_checkpoint(self) -> dict | None:
         """The saved state, with step, time spent and random states restored; None for a new run."""
         if not self.checkpoint_path.exists():
             return None
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            state = read_checkpoint(self.checkpoint_path, needs=("model", "step", "rng"))
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot resume: {exc}; move it away to start the run over") from exc
         self.step, self.previous_minutes = state["step"], state.get("minutes", 0.0)
         random.setstate(state["rng"][0])
         np.random.set_state(state["rng"][1])
@@ -89,7 +130,9 @@ class ScheduledRun:
 
     def loop(self, train_step: Callable[[], dict], log_extras: Callable[[], dict],
              postfix: Callable[[dict], dict], description: str) -> Path:
-        """Run ``train_step`` until the budget is spent: log every ``log_every`` steps, checkpoint every few minutes."""
+        """Run ``train_step`` until the budget is spent: log every ``log_every`` steps, checkpoint every few minutes.
+
+        Ctrl-C ends the step in progress, checkpoints and raises :class:`TrainingInterrupted`."""
         if self.profile_steps:
             facts = {"config": self.config.name, "stage": self.config.stage, "model": self.config.model,
                      "batch": self.config.batch, "crop": self.config.crop}  # fmt: skip
@@ -97,9 +140,9 @@ class ScheduledRun:
         last_save = time.monotonic()
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as log, tqdm(
             total=self.config.steps, initial=self.step, desc=description
-        ) as bar:
+        ) as bar, _StopOnInterrupt() as interrupt:
             self.started = time.monotonic()  # the time budget counts training, not the data cache
-            while self._progress() < 1.0:
+            while self._progress() < 1.0 and not interrupt.requested:
                 logs = train_step()
                 self.step += 1
                 bar.update(1)
@@ -112,5 +155,7 @@ class ScheduledRun:
                 if time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
                     self.save()
                     last_save = time.monotonic()
-        self.save()
+            self.save()
+        if interrupt.requested:
+            raise TrainingInterrupted(self.step, self.checkpoint_path)
         return self.checkpoint_path

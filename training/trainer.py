@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from aeic.codec import taesd
+from aeic.codec.export import CheckpointError, load_fitting, read_checkpoint
 from aeic.codec.model import AEICModel, ModelConfig
 from aeic.codec.package_import import model_from_package
-from aeic.codec.presets import preset
+from aeic.codec.presets import PRESETS, preset
 from pytorch_msssim import ms_ssim
 
 from .config import TrainConfig
@@ -53,7 +54,12 @@ RATE_FROZEN_STAGES = ("adversarial", "pixel_decoder")  # encoder and entropy mod
 
 def resolve_device(name: str) -> torch.device:
     """The training device; on CUDA, TF32 matrix units and cuDNN autotuning (crops have one size)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N or auto)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available here (device = \"cpu\" or \"auto\")")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -65,12 +71,12 @@ def read_weights(checkpoint: Path) -> tuple[dict, dict]:
     """A checkpoint's whole contents and its weights (a bare state dict's, or a model package's)."""
     if Path(checkpoint).is_dir():  # a model package: start from what shipped
         return {}, model_from_package(Path(checkpoint)).state_dict()
-    whole = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    whole = read_checkpoint(checkpoint)
     return whole, whole.get("model", whole)
 
 
 def _load_fitting(model: AEICModel, weights: dict, source: object, fresh: str | None) -> None:
-    missing, unexpected = model.load_state_dict(weights, strict=fresh is None)
+    missing, unexpected = load_fitting(model, weights, source, strict=fresh is None)
     absent = [key for key in missing if not key.startswith(fresh or "")]
     if unexpected or absent:
         raise ValueError(f"{source} does not fit the model: missing {absent[:3]}, unexpected {unexpected[:3]}")
@@ -164,11 +170,13 @@ class Trainer(ScheduledRun):
         entropy model and decoder, as in the paper (only the shallow encoder is new)."""
         if self.config.teacher is None:
             raise ValueError("the distil stage needs `teacher`, a trained moderate-encoder checkpoint")
-        state = torch.load(self.config.teacher, map_location="cpu", weights_only=False)
+        state = read_checkpoint(self.config.teacher, needs=("preset", "model"))
+        if state["preset"] not in PRESETS:
+            raise CheckpointError(f"teacher {self.config.teacher} is of model preset {state['preset']!r}, unknown here")
         teacher_config = preset(state["preset"])
         check_distillable(teacher_config, self.model_config)
         teacher = AEICModel(teacher_config, self.taef2_decoder).to(self.device)
-        teacher.load_state_dict(state["model"])
+        load_fitting(teacher, state["model"], f"teacher {self.config.teacher}")
         if self.config.init is None:
             shared = {k: v for k, v in teacher.state_dict().items() if not k.startswith("analysis.")}
             self.model.load_state_dict(shared, strict=False)
@@ -218,7 +226,7 @@ class Trainer(ScheduledRun):
         state = self._read_checkpoint()
         if state is None:
             return
-        self.model.load_state_dict(state["model"])
+        load_fitting(self.model, state["model"], f"{self.checkpoint_path} (resumed; preset {state.get('preset')!r})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.log_lambda, self.ema_bpp = state["log_lambda"], state["ema_bpp"]
         if self.discriminator and state["discriminator"]:

@@ -1,0 +1,158 @@
+"""Bad input to the training and packaging commands: one clear line, a non-zero status, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from aeic.codec import cli as codec_cli
+from aeic.codec import export as export_module
+from aeic.codec.testing import make_tiny_model, make_tiny_package
+from aeic.training import cli as train_cli
+from aeic.training import schedule
+from aeic.training.schedule import TrainingInterrupted
+from aeic.training.trainer import Trainer
+from training_support import write_training_photos
+
+BASE = """name = "t"
+model = "tiny-se"
+data = "{data}"
+cache = "{cache}"
+short_side = 160
+crop = 128
+batch = 2
+steps = 2
+log_every = 1
+device = "cpu"
+out = "{out}"
+"""
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return write_training_photos(tmp_path_factory.mktemp("photos"), 2)
+
+
+def _config(tmp_path: Path, photos: Path, extra: str = "", name: str = "run.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(BASE.format(data=photos, cache=tmp_path / "cache", out=tmp_path / "out") + extra)
+    return path
+
+
+def _one_line_error(capsys, status: int, fragment: str) -> None:
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = [line for line in err.splitlines() if "error" in line]  # progress bars share stderr
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert fragment in lines[0], err
+
+
+@pytest.mark.parametrize(("old", "new", "fragment"), [
+    ("steps = 2", "steps = 2\nfoo = 1", "foo: unknown key"),
+    ("batch = 2", 'batch = "two"', "batch:"),
+    ("steps = 2", "steps = 0", "steps:"),
+    ('"tiny-se"', '"tiny-xx"', "unknown model preset 'tiny-xx'"),
+    ("steps = 2", "steps = ", "is not valid TOML"),
+])
+def test_a_bad_config_is_one_line(tmp_path, photos, capsys, old, new, fragment) -> None:
+    path = _config(tmp_path, photos)
+    path.write_text(path.read_text().replace(old, new))
+    _one_line_error(capsys, train_cli.main([str(path)]), fragment)
+
+
+def test_missing_config_data_and_crops_are_one_line(tmp_path, photos, capsys) -> None:
+    _one_line_error(capsys, train_cli.main([str(tmp_path / "none.toml")]), "does not exist")
+    config = str(_config(tmp_path, photos))
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, train_cli.main([config, "--data", str(tmp_path / "empty")]), "no training photos")
+    _one_line_error(capsys, train_cli.main([config, "--data", str(tmp_path / "absent")]), "does not exist")
+    small = _config(tmp_path, photos, name="small.toml")
+    small.write_text(small.read_text().replace("short_side = 160", "short_side = 96"))
+    _one_line_error(capsys, train_cli.main([str(small)]), "no 128 px crop fits")
+
+
+def test_a_checkpoint_of_another_preset_or_a_corrupt_one_is_refused(tmp_path, photos, capsys) -> None:
+    torch.set_num_threads(1)
+    config = str(_config(tmp_path, photos))
+    assert train_cli.main([config, "--steps", "1"]) == 0
+    capsys.readouterr()
+    checkpoint = tmp_path / "out" / "checkpoint.pt"
+    other = _config(tmp_path, photos, name="other.toml")
+    other.write_text(other.read_text().replace('"tiny-se"', '"tiny-me"').replace(str(tmp_path / "out"), str(tmp_path / "me"))
+                     + f'init = "{checkpoint}"\n')
+    _one_line_error(capsys, train_cli.main([str(other)]), "does not fit the model")
+    whole = checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[: len(whole) // 2])
+    _one_line_error(capsys, train_cli.main([config, "--steps", "3"]), "cannot resume")
+    assert checkpoint.read_bytes() == whole[: len(whole) // 2]  # left for the user to look at
+    _one_line_error(capsys, codec_cli.main(["export", str(checkpoint), str(tmp_path / "pkg")]), "not a readable checkpoint")
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tmp_path, photos, monkeypatch) -> None:
+    torch.set_num_threads(1)
+    config = train_cli._load_config(_config(tmp_path, photos), steps=4)
+    step = Trainer.train_step
+
+    def interrupted_step(self, *args):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during the step: the step still completes
+        return step(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    # as in a terminal: a job started in the background (a CI runner's) inherits an ignored SIGINT
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted, match="step 2"):
+            Trainer(config).run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert len((tmp_path / "out" / "log.jsonl").read_text().splitlines()) == 2
+    resumed = Trainer(config)
+    assert resumed.step == 2
+    resumed.run()
+    assert len((tmp_path / "out" / "log.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, photos, monkeypatch, capsys) -> None:
+    torch.set_num_threads(1)
+    config = str(_config(tmp_path, photos))
+    assert train_cli.main([config, "--steps", "1"]) == 0
+    capsys.readouterr()
+    before = (tmp_path / "out" / "checkpoint.pt").read_bytes()
+
+    def full_disk(state, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3071616 vs 3071504")
+
+    monkeypatch.setattr(schedule.torch, "save", full_disk)
+    _one_line_error(capsys, train_cli.main([config, "--steps", "2"]), "the previous checkpoint is kept")
+    assert (tmp_path / "out" / "checkpoint.pt").read_bytes() == before
+    assert not (tmp_path / "out" / "checkpoint.tmp").exists()
+
+
+def test_a_package_write_that_fails_leaves_the_old_package(tmp_path, monkeypatch, capsys) -> None:
+    package = make_tiny_package(tmp_path / "pkg")
+    before = {path.name: path.read_bytes() for path in package.iterdir()}
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save({"preset": "tiny-se", "model": make_tiny_model().state_dict()}, checkpoint)
+
+    def failing_export(model, out):
+        (out / "analysis_stem.onnx").write_bytes(b"half")
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(export_module, "export_package", failing_export)
+    status = codec_cli.main(["export", str(checkpoint), str(package)])
+    err = capsys.readouterr().err
+    assert status == 2 and "is unchanged" in err and "Traceback" not in err
+    assert {path.name: path.read_bytes() for path in package.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir() if "partial" in path.name] == []
+    (tmp_path / "file").write_text("x")
+    _one_line_error(capsys, codec_cli.main(["export", str(checkpoint), str(tmp_path / "file")]), "is not a folder")
+    _one_line_error(capsys, codec_cli.main(["relevel", str(package), str(tmp_path / "r"), "--per-step", "0"]),
+                    "must be at least 1")
