@@ -212,9 +212,13 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _rounding_weight(text: str) -> float | str:
+    """``nearest`` or a positive weight; ``package`` means nothing here, where the package's weight is being set."""
     if text == "package":
         raise argparse.ArgumentTypeError("expected nearest or a positive number: a package names its own weight")
-    return parse_rounding(text)
+    try:
+        return parse_rounding(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected nearest or a positive number, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

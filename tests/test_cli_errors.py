@@ -156,3 +156,10 @@ def test_a_package_write_that_fails_leaves_the_old_package(tmp_path, monkeypatch
     _one_line_error(capsys, codec_cli.main(["export", str(checkpoint), str(tmp_path / "file")]), "is not a folder")
     _one_line_error(capsys, codec_cli.main(["relevel", str(package), str(tmp_path / "r"), "--per-step", "0"]),
                     "must be at least 1")
+
+
+def test_set_rounding_names_only_the_values_it_takes(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        codec_cli.main(["set-rounding", str(tmp_path / "pkg"), str(tmp_path / "out"), "--weight", "-1"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "expected nearest or a positive number, got '-1'" in err and "package," not in err
