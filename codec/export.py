@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .analysis import BAND, AnalysisConfig, AnalysisTransform, StarBlock
-from .model import AEICModel, receiver_state_dict
+from .model import AEICModel, ModelConfig, receiver_state_dict
 from .rate_levels import level_gains, level_positions, rate_level_entries
 
 OPSET = 17
@@ -218,13 +218,19 @@ def load_fitting(module: nn.Module, weights: dict, source: object, strict: bool 
                               "is it from another model preset?") from exc
 
 
+def checkpoint_preset(state: dict, source: object) -> ModelConfig:
+    """The preset a checkpoint records; one this version lacks is a CheckpointError naming ``source``."""
+    from .presets import UnknownPresetError, preset
+
+    try:
+        return preset(state["preset"])
+    except UnknownPresetError:
+        raise CheckpointError(f"{source} is of model preset {state['preset']!r}, unknown here") from None
+
+
 def load_checkpoint_model(checkpoint: Path) -> AEICModel:
     """A model from a training checkpoint (its preset is recorded in the checkpoint)."""
-    from .presets import PRESETS, preset
-
     state = read_checkpoint(checkpoint, needs=("preset", "model"))
-    if state["preset"] not in PRESETS:
-        raise CheckpointError(f"{checkpoint} is of model preset {state['preset']!r}, unknown here")
-    model = AEICModel(preset(state["preset"]))
+    model = AEICModel(checkpoint_preset(state, checkpoint))
     load_fitting(model, state["model"], f"{checkpoint} (preset {state['preset']!r})")
     return model

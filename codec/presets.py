@@ -65,8 +65,12 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+class UnknownPresetError(ValueError):
+    """A configuration or checkpoint names a preset this version does not have."""
+
+
 def preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
+        raise UnknownPresetError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None

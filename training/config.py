@@ -66,10 +66,9 @@ class TrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_preset(cls, name: str) -> str:
-        from aeic.codec.presets import PRESETS
+        from aeic.codec.presets import preset
 
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        preset(name)  # an unknown one is a ValueError, reported against this key
         return name
 
     @model_validator(mode="after")

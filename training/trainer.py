@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from aeic.codec import taesd
-from aeic.codec.export import CheckpointError, load_fitting, read_checkpoint
+from aeic.codec.export import checkpoint_preset, load_fitting, read_checkpoint
 from aeic.codec.model import AEICModel, ModelConfig
 from aeic.codec.package_import import model_from_package
-from aeic.codec.presets import PRESETS, preset
+from aeic.codec.presets import preset
 from pytorch_msssim import ms_ssim
 
 from .config import TrainConfig
@@ -171,9 +171,7 @@ class Trainer(ScheduledRun):
         if self.config.teacher is None:
             raise ValueError("the distil stage needs `teacher`, a trained moderate-encoder checkpoint")
         state = read_checkpoint(self.config.teacher, needs=("preset", "model"))
-        if state["preset"] not in PRESETS:
-            raise CheckpointError(f"teacher {self.config.teacher} is of model preset {state['preset']!r}, unknown here")
-        teacher_config = preset(state["preset"])
+        teacher_config = checkpoint_preset(state, f"teacher {self.config.teacher}")
         check_distillable(teacher_config, self.model_config)
         teacher = AEICModel(teacher_config, self.taef2_decoder).to(self.device)
         load_fitting(teacher, state["model"], f"teacher {self.config.teacher}")
