@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--ca-bundle", type=Path, help="PEM CA bundle for a private CA (TLS is always verified)"
     )
-    upload.add_argument("--timeout", type=float, help="HTTP timeout per request, seconds (default 30)")
+    upload.add_argument("--timeout", type=float, help="seconds a whole upload request may take, answer included (default 30)")
     upload.add_argument(
         "--retry-for", type=float, help="seconds to keep retrying before exiting (default 60)"
     )

@@ -55,7 +55,7 @@ class SenderConfig(BaseModel):
     receiver_url: str | None = Field(None, description="receiver base URL, e.g. https://host:8000")
     token: SecretStr | None = Field(None, description="per-device bearer token")
     ca_bundle: Path | None = Field(None, description="PEM CA bundle replacing the system store")
-    timeout: float = Field(30.0, gt=0, description="HTTP timeout per request, seconds")
+    timeout: float = Field(30.0, gt=0, description="seconds a whole upload request may take, answer included")
     retry_for: float = Field(60.0, ge=0, description="one-shot commands: seconds to keep retrying")
     backoff_base: float = Field(1.0, gt=0, description="first retry delay, seconds")
     backoff_max: float = Field(300.0, gt=0, description="longest retry delay, seconds")

@@ -31,10 +31,15 @@ from urllib.parse import urlsplit
 import httpx
 
 from aeic import __version__
+from sender.upload_deadline import Deadline, deadline_transport
 
 UPLOAD_PATH = "/v1/images"
 _BLOCKING_STATUSES = frozenset({401, 403, 404, 405})
 _RETRY_4XX = frozenset({408, 429})
+# The receiver answers with a few hundred bytes of JSON; anything longer is someone else's page,
+# and only its start is kept (for the reason shown), so a big body cannot fill a small device's memory.
+MAX_ANSWER_BYTES = 64 * 1024
+_BODY_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
 class Outcome(enum.Enum):
@@ -84,7 +89,11 @@ def tls_verification(ca_bundle: str | Path | None) -> ssl.SSLContext | bool:
 
 
 class Uploader:
-    """An HTTP client bound to one receiver and one device token (one connection pool)."""
+    """An HTTP client bound to one receiver and one device token (one connection pool).
+
+    ``timeout`` bounds a whole exchange (connect, send, answer), not each socket read; a
+    ``transport`` given for tests replaces the network and with it that limit.
+    """
 
     def __init__(
         self,
@@ -98,12 +107,15 @@ class Uploader:
         if not token:
             raise UploadConfigError("no device token: pass --token or set AEIC_TOKEN")
         self.url = endpoint_url(base_url)
+        self._timeout = timeout
+        self._deadline = Deadline()
+        verify = tls_verification(ca_bundle)
         self._client = httpx.Client(
-            verify=tls_verification(ca_bundle),
+            verify=verify,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             headers={"Authorization": f"Bearer {token}", "User-Agent": f"aeic-send/{__version__}"},
             follow_redirects=False,
-            transport=transport,
+            transport=transport or deadline_transport(self._deadline, verify),
         )
 
     def close(self) -> None:
@@ -117,12 +129,24 @@ class Uploader:
 
     def upload(self, data: bytes, key: str) -> UploadResult:
         """POST ``data`` once; never raises for network or HTTP failures."""
-        headers = {"Content-Type": "application/octet-stream", "Idempotency-Key": key}
+        headers = {"Content-Type": "application/octet-stream", "Idempotency-Key": key, "Accept-Encoding": "identity"}
         try:
-            response = self._client.post(self.url, content=data, headers=headers)
+            with self._deadline.running(self._timeout):
+                response = self._post(data, headers)
         except httpx.TransportError as exc:
             return UploadResult(Outcome.RETRY, None, _transport_detail(exc))
         return classify(response)
+
+    def _post(self, data: bytes, headers: dict[str, str]) -> httpx.Response:
+        """The answer with at most :data:`MAX_ANSWER_BYTES` of its (decoded) body read."""
+        with self._client.stream("POST", self.url, content=data, headers=headers) as response:
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) >= MAX_ANSWER_BYTES:
+                    break
+        kept = [(k, v) for k, v in response.headers.multi_items() if k not in _BODY_FRAMING]
+        return httpx.Response(response.status_code, headers=kept, content=bytes(body[:MAX_ANSWER_BYTES]))
 
 
 def classify(response: httpx.Response) -> UploadResult:

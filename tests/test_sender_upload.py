@@ -283,3 +283,62 @@ def test_an_unreadable_item_does_not_hold_back_the_others(tmp_path: Path) -> Non
     assert list(receiver.stored) == [fine.key] and report.accepted == 1
     assert [item.key for item in spool.items()] == [stuck.key] and spool.rejected() == []
     assert len(errors) == 1 and stuck.key in errors[0] and "Input/output error" in errors[0]
+
+
+class _TricklingServer:
+    """A raw HTTP/1.1 server on loopback: sends ``at_once``, then ``trickle`` a byte every ``gap`` s."""
+
+    def __init__(self, at_once: bytes, trickle: bytes = b"", gap: float = 0.05) -> None:
+        import socket
+
+        self._at_once, self._trickle, self._gap = at_once, trickle, gap
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        connection, _ = self._listener.accept()
+        with connection:
+            connection.recv(65536)
+            try:
+                connection.sendall(self._at_once)
+                for byte in self._trickle:
+                    connection.sendall(bytes([byte]))
+                    time.sleep(self._gap)
+            except OSError:
+                pass  # the uploader gave up and closed the connection, as it should
+
+    def __enter__(self) -> _TricklingServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+        self._thread.join(timeout=5)
+
+
+_HEAD = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("at_once", "trickle"), [(b"", _HEAD + b" " * 200), (_HEAD, b'{"id": "' + b"x" * 192)], ids=["headers", "body"]
+)
+def test_a_trickling_answer_times_out_as_a_whole(at_once: bytes, trickle: bytes) -> None:
+    """Each byte comes well inside the per-read timeout; the request's limit still ends it."""
+    data = make_bitstream(7)
+    with _TricklingServer(at_once, trickle) as server, Uploader(server.url, TOKEN, timeout=1.0) as uploader:
+        started = time.monotonic()
+        result = uploader.upload(data, idempotency_key(data))
+        took = time.monotonic() - started
+    assert result.outcome is Outcome.RETRY and "Timeout" in result.detail
+    assert took < 3.0, f"the upload took {took:.1f} s against a 1 s limit"
+
+
+def test_a_huge_answer_is_not_read_whole() -> None:
+    body = b"<html>" + b"a" * (64 * 1024 * 1024) + b"</html>"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n" % len(body)
+    data = make_bitstream(8)
+    with _TricklingServer(head + body) as server, Uploader(server.url, TOKEN, timeout=10.0) as uploader:
+        result = uploader.upload(data, idempotency_key(data))
+    assert result.outcome is Outcome.RETRY and result.status == 200
+    assert "without the receiver's receipt" in result.detail and len(result.detail) <= 400
