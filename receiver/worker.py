@@ -67,6 +67,9 @@ class DecodeWorker:
         # stay `decoding` under our claim until the record succeeds, so it is retried before the next batch.
         self._unrecorded: list[tuple[Claim, ImageRecord, str]] = []
         self._storage_down = False  # said once per outage in the log
+        # The claim being processed: if `stop()` gives up waiting for it, it is handed back rather than left
+        # `decoding` (and its attempt charged) until the next start.
+        self._current: Claim | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -77,11 +80,27 @@ class DecodeWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask the thread to finish its current batch and exit."""
+        """Ask the thread to finish its current batch and exit; a batch still running after `timeout` seconds
+        is handed back to pending (its decode is abandoned and will not be recorded)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._hand_back()
+
+    def _hand_back(self) -> None:
+        """Release the claim in progress without charging its attempt: stopping is not the images' fault."""
+        claim = self._current
+        if claim is None:
+            return
+        try:
+            released = self.store.release_claim(claim.token, "requeued: the receiver stopped while decoding")
+        except Exception:  # the next start requeues it anyway, at the cost of an attempt
+            log.exception("could not hand back the batch in progress")
+            return
+        if released:
+            log.warning("stopped before the batch in progress finished; %d image(s) back to pending", released)
 
     def wake(self) -> None:
         """New work arrived: look for it now."""
@@ -129,6 +148,7 @@ class DecodeWorker:
     def process(self, claim: Claim) -> None:
         """Decode and record a claim made by anyone (the Redis Streams worker claims by image id)."""
         self._record_unrecorded()
+        self._current = claim
         try:
             self._process(claim)
         except Exception as exc:
@@ -141,6 +161,8 @@ class DecodeWorker:
                     log.exception("could not release claim of %s; will retry", record.id)
                     self._unrecorded.append((claim, record, reason))
             raise
+        finally:
+            self._current = None
 
     def storage_ready(self) -> bool:
         """Whether the blob store can serve bitstreams and take results. While it cannot (a full disk, an

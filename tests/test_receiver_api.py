@@ -572,3 +572,48 @@ def test_the_worker_claims_nothing_while_the_blob_store_is_unusable(tmp_path: Pa
         assert worker.run_once() == 1
         record = state.store.get_image(image_id)
         assert record is not None and record.status is Status.DONE and record.attempts == 1
+
+
+class BlockingCodec(FakeCodec):
+    """Decodes only once `release` is set: a batch that outlasts the shutdown's wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def decode_batch(self, items: list[bytes]) -> list[Any]:
+        self.started.set()
+        self.release.wait(10)
+        return super().decode_batch(items)
+
+
+def test_a_stop_that_cannot_wait_for_the_batch_hands_its_claim_back(tmp_path: Path) -> None:
+    """SIGTERM while a long batch decodes: once the wait is over, the images go back to pending with the
+    interrupted attempt not counted (a restart is not the image's fault), not left `decoding` until the next
+    start and charged an attempt each time; the abandoned decode then finishing records nothing."""
+    from aeic.receiver.worker import DecodeWorker, WorkerConfig
+
+    with one_upload(tmp_path) as (app, image_id):
+        state = app.state.receiver
+        codec = BlockingCodec()
+        worker = DecodeWorker(state.store, state.blobs, CodecRegistry.from_codecs([codec]),
+                              WorkerConfig(retry_delay_s=0.0, poll_interval_s=0.01))
+        worker.start()
+        try:
+            assert codec.started.wait(10)
+            worker.stop(timeout=0.05)
+            record = state.store.get_image(image_id)
+            assert record is not None and record.status is Status.PENDING and record.attempts == 0, record
+        finally:
+            codec.release.set()
+            worker.stop()
+        assert not worker.is_alive()
+        record = state.store.get_image(image_id)
+        assert record is not None and record.status is Status.PENDING and record.decodes == 0, record
+        # The next start decodes it as a first attempt.
+        restarted = DecodeWorker(state.store, state.blobs, state.registry, WorkerConfig(retry_delay_s=0.0))
+        assert restarted.run_once() == 1
+        record = state.store.get_image(image_id)
+        assert record is not None and record.status is Status.DONE and record.attempts == 1, record

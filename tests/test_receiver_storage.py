@@ -149,6 +149,20 @@ def test_requeue_after_crash_is_bounded(store: SqlMetadataStore) -> None:
     assert failed is not None and failed.status is Status.FAILED and "worker stopped" in (failed.error or "")
 
 
+def test_a_released_claim_is_pending_again_without_the_attempt(store: SqlMetadataStore) -> None:
+    store.insert_image(new_image(1))
+    store.insert_image(new_image(2))
+    claim = store.claim_batch(4)
+    assert claim is not None and len(claim.records) == 2
+    assert store.complete(claim.records[0].id, claim.token, TIMINGS)
+    assert store.release_claim(claim.token, "requeued: stopping") == 1  # only the unfinished one
+    record = store.get_image(claim.records[1].id)
+    assert record is not None and record.status is Status.PENDING and record.attempts == 0
+    assert record.error == "requeued: stopping"
+    assert not store.complete(claim.records[1].id, claim.token, TIMINGS)  # the released claim is void
+    assert store.get_image(claim.records[0].id).status is Status.DONE  # type: ignore[union-attr]
+
+
 def test_concurrent_claims_never_share_a_job(store: SqlMetadataStore) -> None:
     for n in range(40):
         store.insert_image(new_image(n))

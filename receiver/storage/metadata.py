@@ -85,6 +85,8 @@ class MetadataStore(Protocol):
 
     def requeue_abandoned(self, max_attempts: int, claimed_before: float | None = None) -> int: ...
 
+    def release_claim(self, token: str, reason: str) -> int: ...
+
     def status_counts(self) -> dict[Status, int]: ...
 
     def add_device_token(self, device: str, token_hash: str) -> None: ...
@@ -339,6 +341,18 @@ class SqlMetadataStore:
                 )
             ).rowcount
         return int(failed) + int(requeued)
+
+    def release_claim(self, token: str, reason: str) -> int:
+        """Hand the unfinished jobs of a live claim back to pending, due now, without charging the attempt:
+        the holder is stopping (a shutdown), which says nothing about the images. Returns how many."""
+        now = _now()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                _IMG.update().where(_IMG.c.claim_token == token, _IMG.c.status == Status.DECODING.value)
+                .values(status=Status.PENDING.value, claim_token=None, retry_at=None, error=reason[:2000],
+                        attempts=_IMG.c.attempts - 1, updated_at=now)
+            )
+        return int(result.rowcount)
 
     def status_counts(self) -> dict[Status, int]:
         """Number of images in each status (all statuses present, zero when none)."""
