@@ -39,6 +39,7 @@ from aeic.receiver.storage import (
     Status,
 )
 from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumbnail_key
+from aeic.receiver.storage.orphans import remove_orphan_blobs
 from aeic.receiver.worker import DecodeWorker, WorkerConfig
 from aeic.shared import bitstream as bs
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -555,6 +556,10 @@ def _start(state: ReceiverState) -> None:
         requeued = state.store.requeue_abandoned(state.settings.max_attempts)
         if requeued:
             log.warning("requeued %d image(s) left in decoding by a previous run", requeued)
+        if isinstance(state.blobs, FilesystemBlobStore):
+            orphans = remove_orphan_blobs(state.store, state.blobs)
+            if orphans:
+                log.warning("removed %d blob file(s) of no image, left by a previous run", orphans)
         state.worker.start()
     log.info("receiver ready: schema v%d, models %s", version,
              ", ".join(sorted(m.hex() for m in state.registry.model_ids())) or "none")

@@ -237,3 +237,30 @@ def test_blob_store_atomic_roundtrip(tmp_path: Path) -> None:
         blobs.get(key)
     with pytest.raises(ValueError):
         blobs.put("../escape.aeic", b"x")
+
+
+def test_orphan_sweep_removes_only_old_files_of_no_image(store: SqlMetadataStore, tmp_path: Path) -> None:
+    """A kill between a blob and its row (upload) or between a row and its blobs (delete) leaves files of no
+    image; the sweep removes them once older than the grace, never a living image's or a fresh one's."""
+    import os
+
+    from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumbnail_key
+    from aeic.receiver.storage.orphans import remove_orphan_blobs
+
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    living, deleted, unstored, fresh = (f"{n:032x}" for n in (1, 2, 3, 4))
+    for image_id in (living, deleted):
+        store.insert_image(new_image(int(image_id, 16)))
+        for key in (bitstream_key(image_id), reconstruction_key(image_id), thumbnail_key(image_id)):
+            blobs.put(key, b"x")
+    store.delete_image(deleted)  # killed before its files went
+    blobs.put(bitstream_key(unstored), b"x")  # killed before its row was inserted
+    blobs.put(bitstream_key(fresh), b"x")  # another writer's upload, row not yet inserted
+    old = time.time() - 3600
+    for path in (tmp_path / "blobs").rglob("*.*"):
+        if fresh not in path.name:
+            os.utime(path, (old, old))
+    assert remove_orphan_blobs(store, blobs, grace_s=60) == 4
+    left = sorted(p.name for p in (tmp_path / "blobs").rglob("*.*"))
+    assert left == sorted([f"{living}.aeic", f"{living}.png", f"{living}.jpg", f"{fresh}.aeic"])
+    assert remove_orphan_blobs(store, blobs, grace_s=60) == 0

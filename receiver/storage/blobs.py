@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -129,6 +130,20 @@ class FilesystemBlobStore:
         free = shutil.disk_usage(self.root).free
         if free < MIN_FREE_BYTES:
             raise OSError(errno.ENOSPC, f"blob folder {self.root} has {free} bytes free, under {MIN_FREE_BYTES}")
+
+    def keys_written_before(self, kind: str, before: float) -> Iterator[str]:
+        """Keys of the blobs under `kind` (e.g. "bitstreams") whose file was last written before `before`
+        (epoch seconds): the candidates of an orphan sweep, which must never race a write in progress."""
+        for shard in sorted((self.root / kind).glob("*/")):
+            for entry in os.scandir(shard):
+                if entry.name.startswith(_TMP_PREFIX) or not entry.is_file():
+                    continue
+                try:
+                    written = entry.stat().st_mtime
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                if written < before:
+                    yield f"{kind}/{shard.name}/{entry.name}"
 
     def remove_stale_tmp(self) -> int:
         """Delete temporary files left by a writer that crashed mid-write; returns how many."""
