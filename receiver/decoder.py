@@ -32,6 +32,17 @@ class UnknownModelError(DecodeError):
     pass
 
 
+class ImageTooLargeError(DecodeError):
+    """The header asks for more pixels than this decoder will hold in memory (refused before any decoding)."""
+
+
+# Decoding memory grows with the pixels: about 0.7 KB per padded coded pixel in synthesis (float32 on the
+# CPU) and about 80 bytes per output pixel for the scale-back and colour correction. A 17-byte stream may
+# claim 16384x16384 (about 190 GB to decode), so the sizes are bounded before any work starts.
+MAX_CODED_PIXELS = 4096 * 4096
+MAX_PIXELS = 8192 * 8192
+
+
 @dataclass
 class Timings:
     entropy_ms: float = 0.0
@@ -85,8 +96,11 @@ def load_receiver_model(package: ModelPackage) -> ReceiverModel:
 class ReceiverCodec:
     """Decodes AEIC bitstreams made with one model package."""
 
-    def __init__(self, package: ModelPackage, device: str = "auto") -> None:
+    def __init__(self, package: ModelPackage, device: str = "auto", max_coded_pixels: int = MAX_CODED_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> None:
         self.package = package
+        self.max_coded_pixels = max_coded_pixels  # padded coded pixels per synthesis pass (a batch is split)
+        self.max_pixels = max_pixels  # output pixels of one image
         self.device = resolve_device(device)
         self.model = load_receiver_model(package).to(self.device).eval()
         if self.model.pixel_decoder is not None:
@@ -113,7 +127,17 @@ class ReceiverCodec:
             )
         if header.rate_index >= self.package.num_levels:
             raise DecodeError(f"rate level {header.rate_index} outside 0..{self.package.num_levels - 1}")
+        self._check_size(header)
         return _Parsed(header, stream.payload)
+
+    def _check_size(self, header: bitstream.Header) -> None:
+        """Refuse a size this decoder cannot hold before entropy decoding: the header alone sets the cost."""
+        coded_height, coded_width = padded_size(*header.coded_size, ALIGNMENT)
+        if coded_height * coded_width > self.max_coded_pixels or header.width * header.height > self.max_pixels:
+            raise ImageTooLargeError(
+                f"{header.width}x{header.height} (coded {coded_width}x{coded_height} at 1/{header.downscale}) is "
+                f"too large to decode: at most {self.max_coded_pixels} coded and {self.max_pixels} output pixels"
+            )
 
     def _latent(self, parsed: _Parsed) -> torch.Tensor:
         header = parsed.header
@@ -137,17 +161,26 @@ class ReceiverCodec:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, latent in enumerate(latents):
             groups.setdefault(tuple(latent.shape), []).append(i)
-        for members in groups.values():
-            start = time.perf_counter()
-            batch = torch.stack([latents[i] for i in members]).to(self.device)
-            positions = torch.tensor([self.package.level_position(parsed[i].header.rate_index) for i in members])
-            pixels = self.model(batch, positions.to(self.device)).cpu()
-            elapsed = (time.perf_counter() - start) * 1e3 / len(members)
-            for row, i in enumerate(members):
-                parsed[i].timings.synthesis_ms = elapsed
-                results[i] = self._finish(pixels[row], parsed[i].header)
+        for same_size in groups.values():
+            coded_height, coded_width = padded_size(*parsed[same_size[0]].header.coded_size, ALIGNMENT)
+            # synthesis memory grows with the batch: split it to stay within max_coded_pixels per pass
+            per_pass = max(1, self.max_coded_pixels // (coded_height * coded_width))
+            for first in range(0, len(same_size), per_pass):
+                self._synthesise(same_size[first : first + per_pass], latents, parsed, results)
         self.last_timings = [p.timings for p in parsed]
         return results  # type: ignore[return-value]
+
+    def _synthesise(self, members: list[int], latents: list[torch.Tensor], parsed: list[_Parsed],
+                    results: list[np.ndarray | None]) -> None:
+        """One synthesis/UNet/pixel pass over ``members`` (same latent size), their images into ``results``."""
+        start = time.perf_counter()
+        batch = torch.stack([latents[i] for i in members]).to(self.device)
+        positions = torch.tensor([self.package.level_position(parsed[i].header.rate_index) for i in members])
+        pixels = self.model(batch, positions.to(self.device)).cpu()
+        elapsed = (time.perf_counter() - start) * 1e3 / len(members)
+        for row, i in enumerate(members):
+            parsed[i].timings.synthesis_ms = elapsed
+            results[i] = self._finish(pixels[row], parsed[i].header)
 
     @staticmethod
     def _finish(pixels: torch.Tensor, header: bitstream.Header) -> np.ndarray:

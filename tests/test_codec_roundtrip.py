@@ -11,7 +11,7 @@ from aeic.codec.export import export_package
 from aeic.codec.model import AEICModel
 from aeic.codec.presets import preset
 from aeic.codec.testing import make_tiny_model
-from aeic.receiver.decoder import DecodeError, ReceiverCodec, UnknownModelError
+from aeic.receiver.decoder import DecodeError, ImageTooLargeError, ReceiverCodec, UnknownModelError
 from aeic.sender import coding_scale
 from aeic.sender.encoder import BudgetError, SenderCodec
 from aeic.shared import bitstream
@@ -185,6 +185,40 @@ def test_receiver_refuses_other_models_and_bad_levels(codecs) -> None:
     )
     with pytest.raises(DecodeError):
         receiver.decode(bitstream.pack(bad_level))
+
+
+def test_a_header_too_large_to_decode_is_refused_before_decoding(codecs, tmp_path, capsys) -> None:
+    """A 23-byte stream may claim 16384x16384 (hundreds of GB to synthesise): refused from the header alone."""
+    from aeic.codec.cli import main
+
+    sender, receiver = codecs
+    stats = (120, 110, 100, 40, 40, 40)
+    for width, height, downscale in ((16384, 16384, 4), (8192, 8192, 1), (4097, 4096, 1)):
+        header = bitstream.Header(sender.model_id, width, height, 0, stats, downscale=downscale)
+        data = bitstream.pack(bitstream.Bitstream(header, b""))
+        with pytest.raises(ImageTooLargeError, match=f"{width}x{height}.*too large to decode"):
+            receiver.decode(data)
+    assert isinstance(ImageTooLargeError(), DecodeError)  # the worker fails it at once, no retries
+    assert receiver.parse(bitstream.pack(bitstream.Bitstream(
+        bitstream.Header(sender.model_id, 8192, 8192, 0, stats, downscale=2), b""))).header.width == 8192
+    stream = tmp_path / "huge.aeic"
+    stream.write_bytes(data)
+    assert main(["decode", str(stream), "--model", str(receiver.package.path), "--device", "cpu"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "too large to decode" in errors[0]
+
+
+def test_a_batch_over_the_pixel_budget_is_split_with_the_same_images(codecs, monkeypatch) -> None:
+    sender, receiver = codecs
+    streams = [sender.encode(_photo(64, 64, seed), 1) for seed in range(3)]
+    together = receiver.decode_batch(streams)
+    monkeypatch.setattr(receiver, "max_coded_pixels", 128 * 128)  # one padded 64x64 image per pass
+    calls = []
+    original = receiver.model.forward
+    monkeypatch.setattr(receiver.model, "forward", lambda y, p: calls.append(len(y)) or original(y, p))
+    split = receiver.decode_batch(streams)
+    assert calls == [1, 1, 1]
+    assert all(np.array_equal(a, b) for a, b in zip(together, split, strict=True))
 
 
 def test_corrupt_payload_with_valid_crc_gives_typed_error(codecs) -> None:
