@@ -308,7 +308,7 @@ class _TricklingServer:
             except OSError:
                 pass  # the uploader gave up and closed the connection, as it should
 
-    def __enter__(self) -> _TricklingServer:
+    def __enter__(self) -> _TricklingServer:  # noqa: PYI034 (typing.Self needs Python 3.11)
         self._thread.start()
         return self
 
