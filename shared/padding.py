@@ -58,12 +58,19 @@ def correct_colours(rgb: np.ndarray, stats: tuple[int, ...], max_gain: float = 1
     """Move the reconstruction's per-channel mean and spread towards the original's.
 
     The mean is matched exactly; the spread only within ``1/max_gain .. max_gain`` so a
-    reconstruction is never flattened or its noise amplified by a large factor.
+    reconstruction is never flattened or its noise amplified by a large factor. Per channel this is
+    an affine map of the 256 levels, so it is applied as a lookup table built from a histogram: no
+    float64 copy of the image (1.5 GB each at 8192x8192, the size a header may ask the receiver for).
     """
-    pixels = rgb.astype(np.float64)
-    means = pixels.reshape(-1, 3).mean(0)
-    stds = pixels.reshape(-1, 3).std(0)
-    target_mean, target_std = np.asarray(stats[:3], float), np.asarray(stats[3:], float)
-    gain = np.clip(target_std / np.maximum(stds, 1e-6), 1 / max_gain, max_gain)
-    corrected = (pixels - means) * gain + target_mean
-    return np.clip(np.round(corrected), 0, 255).astype(np.uint8)
+    levels = np.arange(256, dtype=np.float64)
+    corrected = np.empty_like(rgb, dtype=np.uint8)
+    for channel in range(3):
+        values = rgb[..., channel]
+        counts = np.bincount(values.reshape(-1), minlength=256).astype(np.float64)
+        total = counts.sum()
+        mean = float(counts @ levels) / total
+        std = np.sqrt(float(counts @ (levels - mean) ** 2) / total)
+        gain = np.clip(stats[3 + channel] / max(std, 1e-6), 1 / max_gain, max_gain)
+        table = np.clip(np.round((levels - mean) * gain + stats[channel]), 0, 255).astype(np.uint8)
+        corrected[..., channel] = table[values]
+    return corrected

@@ -17,7 +17,7 @@ from aeic.sender.encoder import BudgetError, SenderCodec
 from aeic.shared import bitstream
 from aeic.shared.entropy_coding import EntropyDecodeError
 from aeic.shared.model_package import ModelPackage, ModelPackageError
-from aeic.shared.padding import downscale_image, pad_to_multiple, padded_size, upscale_image
+from aeic.shared.padding import correct_colours, downscale_image, pad_to_multiple, padded_size, upscale_image
 from PIL import Image
 
 
@@ -113,6 +113,18 @@ def test_downscale_and_upscale_are_inverse_on_smooth_images() -> None:
     assert np.abs(back[2:-2, 2:-2] - smooth[2:-2, 2:-2]).mean() < 1.5
     with pytest.raises(ValueError, match="downscale must be 'auto' or one of"):
         SenderCodec.from_package(None, downscale=3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_colour_correction_by_lookup_table_equals_the_per_pixel_formula(seed) -> None:
+    rng = np.random.default_rng(seed)
+    rgb = np.clip(rng.normal(rng.uniform(40, 200), rng.uniform(5, 60), (67, 91, 3)), 0, 255).astype(np.uint8)
+    stats = tuple(int(v) for v in rng.integers(0, 256, 6))
+    pixels = rgb.reshape(-1, 3).astype(np.float64)
+    means, stds = pixels.mean(0), pixels.std(0)
+    gain = np.clip(np.asarray(stats[3:]) / np.maximum(stds, 1e-6), 0.8, 1.25)
+    expected = np.clip(np.round((pixels - means) * gain + stats[:3]), 0, 255).astype(np.uint8).reshape(rgb.shape)
+    assert np.array_equal(correct_colours(rgb, stats), expected)
 
 
 def test_auto_downscale_for_a_rate_codes_large_images_near_the_training_scale(exported) -> None:
