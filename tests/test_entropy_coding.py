@@ -125,6 +125,32 @@ def test_truncated_or_corrupt_payload_raises_typed_error(cut: int) -> None:
         decoder.finish()
 
 
+def test_arbitrary_payload_bytes_decode_or_raise_the_typed_error_only() -> None:
+    """Fuzz: random bytes, bit flips and cuts of a real payload, with the y and z tables (escapes included)."""
+    rng = np.random.default_rng(5)
+    values, indices = _sample(12, (8, 8, 8))
+    values[0, 0, :4] = [10**6, -(10**6), 2**31 - 1, -(2**31)]  # escapes to the int32 edge
+    payload, _ = _round_trip(values, indices)
+    z_tables = factorized_tables([np.array([0.05, 0.2, 0.5, 0.2, 0.049, 0.001])] * 4, [2] * 4)
+    z_indices = np.broadcast_to(np.arange(4)[:, None, None], (4, 3, 3))
+    payloads = [rng.bytes(int(n)) for n in rng.integers(0, 80, 150)] + [payload[:cut] for cut in range(len(payload))]
+    for bit in rng.choice(len(payload) * 8, 100, replace=False):
+        flipped = bytearray(payload)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        payloads.append(bytes(flipped))
+    outcomes = set()
+    for data in payloads:
+        try:
+            decoder = SymbolDecoder(data)
+            decoder.read(z_indices, z_tables)
+            decoder.read(indices, TABLES)
+            decoder.finish()
+            outcomes.add("decoded")
+        except EntropyDecodeError:
+            outcomes.add("refused")
+    assert outcomes == {"decoded", "refused"}
+
+
 def _golden() -> dict:
     return json.loads(GOLDEN.read_text())
 
