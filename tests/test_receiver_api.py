@@ -4,7 +4,9 @@ decoder double that satisfies the ReceiverCodec contract."""
 from __future__ import annotations
 
 import io
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,6 +137,12 @@ def _valid() -> bytes:
     return make_bitstream()
 
 
+def _recrc(stream: bytes, offset: int, field: bytes) -> bytes:
+    """`stream` with `field` written at `offset` and its CRC made right again: only the field check can refuse it."""
+    body = stream[:offset] + field + stream[offset + len(field) : -4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
@@ -145,6 +153,11 @@ def _valid() -> bytes:
         (make_bitstream(model_id=b"ZZZZ"), 422, "unknown_model"),
         (make_bitstream(width=4000, height=8), 422, "dimensions_too_large"),
         (b"\xae\x1c\x07" + _valid()[3:], 422, "unsupported_version"),
+        (_recrc(_valid(), 3, b"\x81"), 422, "invalid_header"),  # a reserved flag bit
+        (_recrc(_valid(), 3, b"\x0d"), 422, "invalid_header"),  # the reserved downscale code
+        (_recrc(_valid(), 8, struct.pack("<H", 0)), 422, "invalid_header"),
+        (_recrc(_valid(), 8, struct.pack("<HH", 65535, 65535)), 422, "invalid_header"),
+        (_recrc(_valid()[:20], 3, b"\x01"), 400, "truncated_bitstream"),  # statistics flagged, no room for them
         (b"x" * 5000, 413, "payload_too_large"),
     ],
 )
