@@ -42,6 +42,7 @@ from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumb
 from aeic.receiver.storage.orphans import remove_orphan_blobs
 from aeic.receiver.worker import DecodeWorker, WorkerConfig
 from aeic.shared import bitstream as bs
+from aeic.shared import decode_limits
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -209,6 +210,9 @@ def _parse_header(state: ReceiverState, data: bytes) -> bs.Header:
     if header.width > limit or header.height > limit:
         raise ApiError(422, "dimensions_too_large",
                        f"{header.width}x{header.height} exceeds the {limit}-pixel limit per side")
+    too_large = decode_limits.header_oversize_reason(header)
+    if too_large is not None:  # the decoder would refuse it: say so now, before storing it
+        raise ApiError(422, "dimensions_too_large", too_large)
     return header
 
 

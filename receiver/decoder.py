@@ -16,7 +16,7 @@ from aeic.codec import taesd
 from aeic.codec.entropy_model import TorchBackend
 from aeic.codec.model import ALIGNMENT, ModelConfig, build_decoder, receiver_state_dict
 from aeic.codec.synthesis import SynthesisTransform
-from aeic.shared import bitstream
+from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
 from aeic.shared.padding import correct_colours, padded_size, upscale_image
@@ -34,13 +34,6 @@ class UnknownModelError(DecodeError):
 
 class ImageTooLargeError(DecodeError):
     """The header asks for more pixels than this decoder will hold in memory (refused before any decoding)."""
-
-
-# Decoding memory grows with the pixels: about 0.7 KB per padded coded pixel in synthesis (float32 on the
-# CPU) and about 80 bytes per output pixel for the scale-back and colour correction. A 17-byte stream may
-# claim 16384x16384 (about 190 GB to decode), so the sizes are bounded before any work starts.
-MAX_CODED_PIXELS = 4096 * 4096
-MAX_PIXELS = 8192 * 8192
 
 
 @dataclass
@@ -96,11 +89,9 @@ def load_receiver_model(package: ModelPackage) -> ReceiverModel:
 class ReceiverCodec:
     """Decodes AEIC bitstreams made with one model package."""
 
-    def __init__(self, package: ModelPackage, device: str = "auto", max_coded_pixels: int = MAX_CODED_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> None:
+    def __init__(self, package: ModelPackage, device: str = "auto") -> None:
         self.package = package
-        self.max_coded_pixels = max_coded_pixels  # padded coded pixels per synthesis pass (a batch is split)
-        self.max_pixels = max_pixels  # output pixels of one image
+        self.max_coded_pixels = decode_limits.MAX_CODED_PIXELS  # per synthesis pass: a batch is split to fit
         self.device = resolve_device(device)
         self.model = load_receiver_model(package).to(self.device).eval()
         if self.model.pixel_decoder is not None:
@@ -127,17 +118,10 @@ class ReceiverCodec:
             )
         if header.rate_index >= self.package.num_levels:
             raise DecodeError(f"rate level {header.rate_index} outside 0..{self.package.num_levels - 1}")
-        self._check_size(header)
+        reason = decode_limits.header_oversize_reason(header)
+        if reason is not None:  # refused before entropy decoding: the header alone sets the cost
+            raise ImageTooLargeError(f"too large to decode: {reason}")
         return _Parsed(header, stream.payload)
-
-    def _check_size(self, header: bitstream.Header) -> None:
-        """Refuse a size this decoder cannot hold before entropy decoding: the header alone sets the cost."""
-        coded_height, coded_width = padded_size(*header.coded_size, ALIGNMENT)
-        if coded_height * coded_width > self.max_coded_pixels or header.width * header.height > self.max_pixels:
-            raise ImageTooLargeError(
-                f"{header.width}x{header.height} (coded {coded_width}x{coded_height} at 1/{header.downscale}) is "
-                f"too large to decode: at most {self.max_coded_pixels} coded and {self.max_pixels} output pixels"
-            )
 
     def _latent(self, parsed: _Parsed) -> torch.Tensor:
         header = parsed.header

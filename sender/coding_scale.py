@@ -6,7 +6,10 @@ non-Kodak photos (docs/benchmarks.md):
 
 * a fixed rate level: the largest downscale that keeps the short side at 512 or more (1080p: 2);
 * a byte budget: the largest coded picture the budget gives at least ``MIN_CODED_BPP``, keeping a
-  coded short side of at least ``MIN_CODED_SIDE``. With package 85aeab8e (its rate points trained
+  coded short side of at least ``MIN_CODED_SIDE``.
+
+Both keep the coded picture within what a receiver decodes (:mod:`aeic.shared.decode_limits`): a
+48-megapixel photo is never coded whole. With package 85aeab8e (its rate points trained
   at their nominal bpp), coding whole at 0.01 bpp kept 0.69 of the original's gradient energy
   against 0.24 at half size scaled back up, for 1.18 dB less PSNR and 0.05 less MS-SSIM: the
   detail is what this codec is for (3c92a838: 0.68 against 0.26 for 0.85 dB). The models before
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+from aeic.shared import decode_limits
 from aeic.shared.bitstream import DOWNSCALES
 
 AUTO = "auto"
@@ -36,7 +40,9 @@ def parse_downscale(text: str) -> int | str:
 
 def downscale_for_rate(height: int, width: int) -> int:
     """Fixed rate level: the largest downscale keeping the short side at ``AUTO_SHORT_SIDE`` or more."""
-    return max(d for d in DOWNSCALES if d == 1 or min(height, width) // d >= AUTO_SHORT_SIDE)
+    factor = max(d for d in DOWNSCALES if d == 1 or min(height, width) // d >= AUTO_SHORT_SIDE)
+    decodable = _decodable(height, width, [d for d in DOWNSCALES if d >= factor])
+    return decodable[0] if decodable else DOWNSCALES[-1]
 
 
 def downscale_for_budget(height: int, width: int, target_bytes: int) -> int:
@@ -45,14 +51,19 @@ def downscale_for_budget(height: int, width: int, target_bytes: int) -> int:
     for factor in allowed:
         if 8 * target_bytes / ((height // factor) * (width // factor)) >= MIN_CODED_BPP:
             return factor
-    return allowed[-1]
+    return allowed[-1] if allowed else DOWNSCALES[-1]
 
 
 def budget_downscales(height: int, width: int, target_bytes: int) -> list[int]:
     """The rule's downscale, then the larger allowed ones: where to go when even the lowest level overflows."""
     first = downscale_for_budget(height, width, target_bytes)
-    return [d for d in _allowed_downscales(height, width) if d >= first]
+    return [d for d in _allowed_downscales(height, width) if d >= first] or [first]
 
 
 def _allowed_downscales(height: int, width: int) -> list[int]:
-    return [d for d in DOWNSCALES if d == 1 or min(height, width) // d >= MIN_CODED_SIDE]
+    return _decodable(height, width, [d for d in DOWNSCALES if d == 1 or min(height, width) // d >= MIN_CODED_SIDE])
+
+
+def _decodable(height: int, width: int, factors: list[int]) -> list[int]:
+    """Those of ``factors`` whose coded picture a receiver decodes (none: the image is too large for any)."""
+    return [d for d in factors if decode_limits.oversize_reason(height, width, d) is None]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from aeic.shared import bitstream
+from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import SENDER_FILES, ModelPackage
 from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
@@ -113,6 +113,9 @@ class SenderCodec:
         if not (1 <= height <= bitstream.MAX_DIMENSION and 1 <= width <= bitstream.MAX_DIMENSION):
             raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
         factor = downscale or (coding_scale.downscale_for_rate(height, width) if self.downscale == AUTO else self.downscale)
+        too_large = decode_limits.oversize_reason(height, width, factor)
+        if too_large is not None:  # a receiver would refuse the stream: fail here, before any work
+            raise ValueError(too_large)
         coded = downscale_image(rgb, factor)
         return AnalysedImage(rgb, self.analysis(pad_to_multiple(coded, ALIGNMENT)), factor)
 

@@ -14,7 +14,7 @@ from aeic.codec.testing import make_tiny_model
 from aeic.receiver.decoder import DecodeError, ImageTooLargeError, ReceiverCodec, UnknownModelError
 from aeic.sender import coding_scale
 from aeic.sender.encoder import BudgetError, SenderCodec
-from aeic.shared import bitstream
+from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_coding import EntropyDecodeError
 from aeic.shared.model_package import ModelPackage, ModelPackageError
 from aeic.shared.padding import correct_colours, downscale_image, pad_to_multiple, padded_size, upscale_image
@@ -155,6 +155,18 @@ def test_auto_downscale_for_a_budget_codes_the_largest_picture_the_budget_can_fe
     assert bitstream.peek_header(data).downscale == 1
 
 
+def test_the_sender_codes_no_picture_a_receiver_would_refuse(exported, monkeypatch) -> None:
+    """48 MP is never coded whole by auto; asked for explicitly, it fails before any analysis."""
+    assert coding_scale.downscale_for_budget(6000, 8000, 300_000) == 2  # whole would be 48 M coded pixels
+    assert coding_scale.budget_downscales(6000, 8000, 300_000) == [2, 4]
+    monkeypatch.setattr(decode_limits, "MAX_CODED_PIXELS", 256 * 256)
+    _, folder = exported
+    rgb = _photo(300, 400)
+    assert SenderCodec.from_package(folder).analyse(rgb).downscale == 2
+    with pytest.raises(ValueError, match="coded pixels"):
+        SenderCodec.from_package(folder, downscale=1).analyse(rgb)
+
+
 def test_real_photo_round_trip(codecs, tmp_path) -> None:
     skimage_data = pytest.importorskip("skimage.data")
     sender, receiver = codecs
@@ -208,7 +220,7 @@ def test_a_header_too_large_to_decode_is_refused_before_decoding(codecs, tmp_pat
     for width, height, downscale in ((16384, 16384, 4), (8192, 8192, 1), (4097, 4096, 1)):
         header = bitstream.Header(sender.model_id, width, height, 0, stats, downscale=downscale)
         data = bitstream.pack(bitstream.Bitstream(header, b""))
-        with pytest.raises(ImageTooLargeError, match=f"{width}x{height}.*too large to decode"):
+        with pytest.raises(ImageTooLargeError, match=f"too large to decode: {width}x{height}"):
             receiver.decode(data)
     assert isinstance(ImageTooLargeError(), DecodeError)  # the worker fails it at once, no retries
     assert receiver.parse(bitstream.pack(bitstream.Bitstream(

@@ -169,6 +169,18 @@ def test_invalid_uploads_are_rejected_before_storing(env: Env, body: bytes, stat
     assert not list((env.data / "blobs").rglob("*.aeic"))
 
 
+def test_a_picture_the_decoder_would_refuse_is_refused_at_upload(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within the per-side limit but over the decoder's coded-pixel bound: 422 before storing, naming the way out."""
+    from aeic.shared import decode_limits
+
+    monkeypatch.setattr(decode_limits, "MAX_CODED_PIXELS", 512 * 512)
+    refused = env.upload(data=make_bitstream(width=640, height=640))
+    assert refused.status_code == 422 and error_code(refused) == "dimensions_too_large"
+    assert "coding downscale" in refused.json()["error"]["message"]
+    assert not list((env.data / "blobs").rglob("*.aeic"))
+    assert env.upload(data=make_bitstream(width=640, height=640, downscale=2)).status_code == 202
+
+
 def test_streamed_body_over_the_limit_is_413(env: Env) -> None:
     def chunks() -> Iterator[bytes]:
         for _ in range(10):
