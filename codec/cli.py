@@ -51,6 +51,20 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return status
 
 
+# Far above any real stream (0.16 bpp at 16384x16384 is 5.4 MB): a bound so that a wrong path (a disk
+# image, /dev/zero) gives an error instead of filling the memory.
+MAX_STREAM_BYTES = 64 * 1024 * 1024
+
+
+def _read_stream(path: Path) -> bytes:
+    """The file's bytes, or ValueError when it is too large to be a bitstream."""
+    with path.open("rb") as file:
+        data = file.read(MAX_STREAM_BYTES + 1)
+    if len(data) > MAX_STREAM_BYTES:
+        raise ValueError(f"larger than {MAX_STREAM_BYTES:,} bytes: not an AEIC bitstream")
+    return data
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     from aeic.receiver.decoder import ReceiverCodec
     from aeic.shared.bitstream import BitstreamError
@@ -62,7 +76,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     for stream in args.streams:
         try:
             start = time.perf_counter()
-            rgb = codec.decode(stream.read_bytes())
+            rgb = codec.decode(_read_stream(stream))
         except (OSError, BitstreamError, EntropyDecodeError, ValueError) as exc:
             print(f"{stream}: {exc}", file=sys.stderr)
             status = 1
@@ -80,9 +94,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     status = 0
     for stream in args.streams:
         try:
-            data = stream.read_bytes()
+            data = _read_stream(stream)
             parsed = unpack(data)
-        except (OSError, BitstreamError) as exc:
+        except (OSError, BitstreamError, ValueError) as exc:
             print(f"{stream}: {exc}", file=sys.stderr)
             status = 1
             continue

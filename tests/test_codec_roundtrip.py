@@ -325,6 +325,20 @@ def test_png_written_by_cli_round_trip(exported, tmp_path) -> None:
     assert main(["decode", str(tmp_path / "garbage.aeic"), "--model", str(folder), "--device", "cpu"]) == 1
 
 
+def test_info_and_decode_refuse_a_file_too_large_to_be_a_stream(exported, tmp_path, capsys, monkeypatch) -> None:
+    """A wrong path (a disk image, /dev/zero) must not be read into memory whole."""
+    from aeic.codec import cli
+
+    monkeypatch.setattr(cli, "MAX_STREAM_BYTES", 1000)
+    _, folder = exported
+    big = tmp_path / "big.aeic"
+    big.write_bytes(b"\xae\x1c\x01" + b"\x00" * 2000)
+    assert cli.main(["info", str(big)]) == 1
+    assert cli.main(["decode", str(big), "--model", str(folder), "--device", "cpu"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all("not an AEIC bitstream" in line for line in errors)
+
+
 def test_cli_reports_unreadable_images_in_one_line_and_codes_the_rest(exported, tmp_path, capsys) -> None:
     from aeic.codec.cli import main
 
