@@ -29,9 +29,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+from aeic.sender.upload_deadline import Deadline, deadline_transport
 
 from aeic import __version__
-from sender.upload_deadline import Deadline, deadline_transport
 
 UPLOAD_PATH = "/v1/images"
 _BLOCKING_STATUSES = frozenset({401, 403, 404, 405})

@@ -1,7 +1,7 @@
 """The sender never needs torch: it imports with torch blocked, and no module names torch.
 
-The edge device has numpy, onnxruntime, opencv-python-headless, constriction, httpx, pydantic
-and Pillow only; any other third-party import (even a lazy one inside a function) would break
+The edge device has numpy, onnxruntime, opencv-python-headless, constriction, httpx (with its
+transport, httpcore), pydantic and Pillow only; any other third-party import (even a lazy one inside a function) would break
 it there, so this is checked statically as well as by importing.
 """
 
@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 SENDER_DIR = Path(__file__).resolve().parent.parent / "sender"
-ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "cv2", "constriction", "httpx", "pydantic", "PIL"}
+ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "cv2", "constriction", "httpx", "httpcore", "pydantic", "PIL"}
 ALLOWED_AEIC = ("aeic.sender", "aeic.shared")
 
 BLOCKED_IMPORT = textwrap.dedent(
