@@ -17,7 +17,7 @@ from aeic.training.config import TrainConfig
 from aeic.training.data import NO_TEACHER, CropSampler, build_cache
 from aeic.training.decoder_finetune import DecoderFinetuner, SenderLatents
 from PIL import Image
-from training_support import write_training_photos
+from training_support import kill_after_the_first_checkpoint, logged_steps, same_state, write_training_photos
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,15 @@ def test_sender_latents_sample_only_the_trained_levels(package, photos, tmp_path
     _, _, positions = source.batch(6)
     allowed = {source.codec.package.level_position(level) for level in range(2)}
     assert set(positions.tolist()) <= allowed
+
+
+def test_a_killed_decoder_run_resumes_to_the_uninterrupted_weights_and_log(package, photos, tmp_path, monkeypatch) -> None:
+    """The crops and the rate levels drawn after a resume are the ones an uninterrupted run draws."""
+    torch.set_num_threads(1)
+    extra = {"steps": 3, "checkpoint_minutes": 1e-9}
+    whole = torch.load(DecoderFinetuner(_config(package, photos, tmp_path / "whole", **extra)).run(), weights_only=False)
+    kill_after_the_first_checkpoint(DecoderFinetuner, _config(package, photos, tmp_path / "killed", **extra), monkeypatch)
+    resumed = torch.load(DecoderFinetuner(_config(package, photos, tmp_path / "killed", **extra)).run(), weights_only=False)
+    assert same_state(whole, resumed) == []
+    assert logged_steps(tmp_path / "killed") == logged_steps(tmp_path / "whole")
+

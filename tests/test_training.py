@@ -21,7 +21,7 @@ from aeic.training.rate_calibration import offset_for_target
 from aeic.training.trainer import Trainer, check_distillable, latent_texture, rate_weights
 from PIL import Image
 from sd_turbo_support import write_tiny_sd_turbo
-from training_support import write_training_photos
+from training_support import kill_after_the_first_checkpoint, logged_steps, same_state, write_training_photos
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,25 @@ def test_pretrain_logs_checkpoints_and_resumes(photos, tmp_path) -> None:
     assert resumed.step == 2
     resumed.run()
     assert torch.load(checkpoint, weights_only=False)["step"] == 3
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "adversarial"])
+def test_a_run_repeats_and_a_killed_run_resumes_to_the_same_weights_state_and_log(photos, tmp_path, monkeypatch,
+                                                                                  stage) -> None:
+    """Weights, optimizers, discriminator, rate steering (gains, running bpp), random states and the data
+    order all come back: two runs and a resumed one end bit for bit alike, each step logged once."""
+    torch.set_num_threads(1)
+    init = Trainer(_config(photos, tmp_path / "init", steps=1)).run() if stage == "adversarial" else None
+    extra = {"stage": stage, "init": init, "steps": 3, "adversarial_weight": 0.1, "checkpoint_minutes": 1e-9}
+    first, second = (torch.load(Trainer(_config(photos, tmp_path / name, **extra)).run(), weights_only=False)
+                     for name in ("first", "second"))  # fmt: skip
+    assert same_state(first, second) == [] and logged_steps(tmp_path / "first") == logged_steps(tmp_path / "second")
+    kill_after_the_first_checkpoint(Trainer, _config(photos, tmp_path / "killed", **extra), monkeypatch)
+    assert (tmp_path / "killed" / "log.jsonl").read_text().count('"step"') == 2
+    resumed = torch.load(Trainer(_config(photos, tmp_path / "killed", **extra)).run(), weights_only=False)
+    assert same_state(first, resumed) == []
+    assert logged_steps(tmp_path / "killed") == logged_steps(tmp_path / "first")
+    assert (stage == "adversarial") == (first["discriminator"] is not None)
 
 
 def test_init_mean_starts_from_the_weighted_mean_of_checkpoints(photos, tmp_path) -> None:

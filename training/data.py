@@ -103,12 +103,15 @@ def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentT
 
 
 class CropSampler:
-    """Random aligned crops (and horizontal flips) of cached images, with their latents."""
+    """Random aligned crops (and horizontal flips) of cached images, with their latents.
 
-    def __init__(self, items: list[CachedImage], crop: int, seed: int) -> None:
+    ``seed`` may be a generator the caller keeps (its state goes into a checkpoint, so a resumed run
+    draws the crops an uninterrupted one would)."""
+
+    def __init__(self, items: list[CachedImage], crop: int, seed: int | np.random.Generator) -> None:
         self.items = items
         self.crop = crop
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # a Generator is used as it is
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, latents = [], []

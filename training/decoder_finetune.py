@@ -35,10 +35,11 @@ MIN_JUDGED_CELLS = 13  # 104 px: MS-SSIM's five scales with a 7-pixel window nee
 class SenderLatents:
     """Training batches (images, ŷ, rate positions): random crops coded by the package's sender path."""
 
-    def __init__(self, package: Path, sampler: CropSampler, seed: int, levels: int) -> None:
+    def __init__(self, package: Path, sampler: CropSampler, seed: int | np.random.Generator, levels: int) -> None:
         self.codec = SenderCodec.from_package(package, downscale=1)  # crops are coded whole
         self.sampler = sampler
-        self.rng = np.random.default_rng(seed + 1)
+        # a generator is used as it is (a checkpointed stream); a seed draws other levels than the crops
+        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed + 1)
         self.levels = levels  # rate levels 0 .. levels - 1
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,6 +69,7 @@ class DecoderFinetuner(ScheduledRun):
         if config.init is not None:
             load_fitting(self.model, read_checkpoint(config.init, needs=("model",))["model"], config.init)
         self.optimizer = adam(self.model.parameters(), config.lr)
+        self.crops, self.rate_levels = self.random_stream(config.seed), self.random_stream(config.seed + 1)
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
@@ -127,8 +129,8 @@ class DecoderFinetuner(ScheduledRun):
 
     def run(self) -> Path:
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, NO_TEACHER, self.config.crop)
-        source = SenderLatents(self.config.package, CropSampler(items, self.config.crop, self.config.seed + self.step),
-                               self.config.seed + self.step, self.levels)  # fmt: skip
+        source = SenderLatents(self.config.package, CropSampler(items, self.config.crop, self.crops),
+                               self.rate_levels, self.levels)  # fmt: skip
         self.model.train()
         def step() -> dict:
             images, y_hat, positions = source.batch(self.config.batch)

@@ -37,6 +37,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _logged_step(line: str) -> float:
+    """The step a log line records: 0 for a line without one, infinity for a line cut short (never kept)."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf
+    if not line.endswith("\n") or not isinstance(entry, dict):
+        return math.inf
+    return entry.get("step", 0)
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run after the step in progress; its checkpoint holds every step done."""
 
@@ -79,6 +90,18 @@ class ScheduledRun:
         self.step = 0
         self.previous_minutes = 0.0  # training time of earlier sessions of this run
         self.started = time.monotonic()
+        self._streams: list[tuple[int, np.random.Generator]] = []
+
+    def random_stream(self, seed: int) -> np.random.Generator:
+        """A numpy generator (the crops, the rate levels) whose state the checkpoint keeps, so a resumed run
+        draws the data an uninterrupted one would. Create every stream before the checkpoint is read."""
+        stream = np.random.default_rng(seed)
+        self._streams.append((seed, stream))
+        return stream
+
+    def _device_rng_state(self) -> torch.Tensor | None:
+        """The CUDA generator's state (rate indices, quantization noise on the GPU); None on a CPU."""
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -90,7 +113,9 @@ class ScheduledRun:
     def _write_checkpoint(self, state: dict) -> None:
         """Atomically save a stage's ``state`` with the step, the time spent and every random state."""
         state.update(step=self.step, minutes=self._elapsed_minutes(),
-                     rng=(random.getstate(), np.random.get_state(), torch.get_rng_state()))  # fmt: skip
+                     rng=(random.getstate(), np.random.get_state(), torch.get_rng_state()),
+                     device_rng=self._device_rng_state(),
+                     streams=[stream.bit_generator.state for _, stream in self._streams])  # fmt: skip
         tmp = self.checkpoint_path.with_suffix(".tmp")
         try:
             torch.save(state, tmp)
@@ -112,7 +137,31 @@ class ScheduledRun:
         random.setstate(state["rng"][0])
         np.random.set_state(state["rng"][1])
         torch.set_rng_state(state["rng"][2])
+        if state.get("device_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["device_rng"], self.device)
+        saved = state.get("streams")
+        for index, (seed, stream) in enumerate(self._streams):
+            # a checkpoint from before the streams were kept: reseeded by the step, as runs then were
+            fallback = np.random.default_rng(seed + self.step).bit_generator.state
+            stream.bit_generator.state = saved[index] if saved and index < len(saved) else fallback
         return state
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    def _trim_log(self) -> None:
+        """Keep the log lines of the steps the checkpoint holds: a run killed after its last checkpoint
+        (no Ctrl-C: a crash, a kill -9, a lost machine) logged steps that this session trains again, and
+        may have left a line cut short. Lines without a step (calibration reports) stay."""
+        if not self.log_path.exists():
+            return
+        lines = self.log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) <= self.step]
+        if kept != lines:
+            tmp = self.log_path.with_suffix(".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(self.log_path)
 
     def _elapsed_minutes(self) -> float:
         return self.previous_minutes + (time.monotonic() - self.started) / 60
@@ -138,7 +187,8 @@ class ScheduledRun:
                      "batch": self.config.batch, "crop": self.config.crop}  # fmt: skip
             return write_profile(train_step, self.profile_steps, self.device, self.out, facts)
         last_save = time.monotonic()
-        with open(self.out / "log.jsonl", "a", encoding="utf-8") as log, tqdm(
+        self._trim_log()
+        with open(self.log_path, "a", encoding="utf-8") as log, tqdm(
             total=self.config.steps, initial=self.step, desc=description
         ) as bar, _StopOnInterrupt() as interrupt:
             self.started = time.monotonic()  # the time budget counts training, not the data cache

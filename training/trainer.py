@@ -154,6 +154,7 @@ class Trainer(ScheduledRun):
         self.d_optimizer = (
             adam(self.discriminator.parameters(), config.lr, betas=(0.5, 0.9)) if self.discriminator else None
         )
+        self.crops = self.random_stream(config.seed)
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
@@ -373,7 +374,7 @@ class Trainer(ScheduledRun):
 
     def run(self) -> Path:
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, self._cache_teacher(), self.config.crop)
-        sampler = CropSampler(items, self.config.crop, self.config.seed + self.step)
+        sampler = CropSampler(items, self.config.crop, self.crops)
         if self.config.stage == "calibrate":
             return self._calibrate(sampler)
         self.model.train()
