@@ -193,6 +193,9 @@ def test_calibration_moves_each_rate_point_to_its_nominal_bpp(photos, tmp_path) 
     assert all(abs(r["after"] / r["nominal"] - 1) < 0.15 for r in report)
     before, after = (torch.load(p, weights_only=False)["model"]["log_gains"] for p in (pre, calibrated))
     assert not torch.equal(before, after)
+    Trainer(_config(photos, tmp_path / "cal", stage="calibrate", init=pre, batch=4)).run()  # the command again: kept
+    assert torch.equal(torch.load(calibrated, weights_only=False)["model"]["log_gains"], after)
+    assert len((tmp_path / "cal" / "log.jsonl").read_text().splitlines()) == 1
 
 
 def test_calibration_stays_on_the_rising_branch_of_a_rate_curve_with_a_floor() -> None:

@@ -351,13 +351,19 @@ class Trainer(ScheduledRun):
 
     # -- the loop ------------------------------------------------------------------------------
     def _calibrate(self, sampler: CropSampler) -> Path:
-        """The ``calibrate`` stage: one batch of crops, every rate point moved to its nominal bpp by its gain."""
+        """The ``calibrate`` stage: one batch of crops, every rate point moved to its nominal bpp by its gain.
+
+        Its checkpoint counts the calibration as step 1, so the same command run again keeps it (as a
+        finished training stage does) instead of calibrating the calibrated model a second time."""
+        if self.step >= 1:
+            return self.checkpoint_path
         images, _ = sampler.batch(self.config.batch)
         self.model.eval()
         report = calibrate_log_gains(self.model, images.to(self.device), list(self.model_config.rates_bpp))
-        with open(self.out / "log.jsonl", "a", encoding="utf-8") as log:
+        with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(json.dumps({"calibration": [{"nominal": t, "before": b, "after": a}
                                                   for t, (b, a) in zip(self.model_config.rates_bpp, report, strict=True)]}) + "\n")  # fmt: skip
+        self.step = 1
         self.save()
         return self.checkpoint_path
 
