@@ -103,3 +103,12 @@ def test_a_killed_decoder_run_resumes_to_the_uninterrupted_weights_and_log(packa
     assert same_state(whole, resumed) == []
     assert logged_steps(tmp_path / "killed") == logged_steps(tmp_path / "whole")
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a CUDA device where there is none")
+def test_decoder_stage_trains_on_the_configured_device(package, photos, tmp_path) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):  # not quietly trained on the CPU
+        DecoderFinetuner(_config(package, photos, tmp_path / "gpu", device="cuda"))
+    stage = DecoderFinetuner(_config(package, photos, tmp_path / "cpu", device="cpu"))
+    assert {p.device for p in stage.model.parameters()} == {torch.device("cpu")}
+    on_another_device = torch.zeros(2, device="meta")  # a step's tensors stay on the batch's device
+    assert stage.texture_weights(on_another_device).device == on_another_device.device

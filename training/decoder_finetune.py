@@ -26,7 +26,7 @@ from aeic.shared.model_package import ModelPackage
 from .config import TrainConfig
 from .data import LATENT_STRIDE, NO_TEACHER, CropSampler, build_cache
 from .losses import batch_texture_retention, pixel_distortion
-from .schedule import ScheduledRun, adam, seed_everything
+from .schedule import ScheduledRun, adam, resolve_device, seed_everything
 
 WINDOW_MARGIN = 1  # latent cells decoded around the judged window (TAEF2's border effects)
 MIN_JUDGED_CELLS = 13  # 104 px: MS-SSIM's five scales with a 7-pixel window need more than 96
@@ -63,7 +63,10 @@ class DecoderFinetuner(ScheduledRun):
         self.config = config
         seed_everything(config.seed)
         self.package = ModelPackage.load(config.package)
-        self.model: ReceiverModel = load_receiver_model(self.package).to(memory_format=torch.channels_last)
+        self.device = resolve_device(config.device)
+        self.model: ReceiverModel = load_receiver_model(self.package).to(self.device, memory_format=torch.channels_last)
+        if self.model.pixel_decoder is not None:  # TAEF2, frozen and outside the module tree: .to() above skips it
+            self.model.pixel_decoder.to(self.device)
         every = self.package.num_levels
         self.levels = every if config.max_level is None else min(config.max_level + 1, every)  # trained: 0 .. levels-1
         if config.init is not None:
@@ -102,7 +105,7 @@ class DecoderFinetuner(ScheduledRun):
         """Each sample's texture weight: ``texture_weight`` at rate position 0, ``texture_weight_top`` at the top."""
         c = self.config
         if c.texture_weight_top is None:
-            return torch.full(positions.shape, c.texture_weight)
+            return torch.full(positions.shape, c.texture_weight, device=positions.device)
         fraction = positions.float() / max(self.package.level_position(self.levels - 1), 1e-9)
         return c.texture_weight + (c.texture_weight_top - c.texture_weight) * fraction
 
@@ -133,8 +136,9 @@ class DecoderFinetuner(ScheduledRun):
                                self.rate_levels, self.levels)  # fmt: skip
         self.model.train()
         def step() -> dict:
-            images, y_hat, positions = source.batch(self.config.batch)
-            return self.train_step(images, y_hat.contiguous(memory_format=torch.channels_last), positions)
+            images, y_hat, positions = source.batch(self.config.batch)  # made on the CPU (the sender's ONNX path)
+            return self.train_step(images.to(self.device), y_hat.to(self.device, memory_format=torch.channels_last),
+                                   positions.to(self.device))
 
         return self.loop(step, dict,
                          lambda logs: {"psnr": f"{logs['psnr']:.2f}", "tex": f"{logs['texture']:.2f}"},

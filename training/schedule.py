@@ -31,6 +31,21 @@ def adam(parameters: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.9
     return torch.optim.Adam(parameters, lr=lr, betas=betas, fused=True)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The training device; on CUDA, TF32 matrix units and cuDNN autotuning (crops have one size)."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N or auto)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available here (device = \"cpu\" or \"auto\")")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

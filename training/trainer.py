@@ -46,25 +46,10 @@ from .data import NO_TEACHER, CropSampler, LatentTeacher, build_cache
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 from .losses import batch_texture_retention, pixel_distortion
 from .rate_calibration import calibrate_log_gains
-from .schedule import ScheduledRun, adam, seed_everything
+from .schedule import ScheduledRun, adam, resolve_device, seed_everything
 
 GAIN_LR_SCALE = 20.0
 RATE_FROZEN_STAGES = ("adversarial", "pixel_decoder")  # encoder and entropy model fixed: no rate term, no steering
-
-
-def resolve_device(name: str) -> torch.device:
-    """The training device; on CUDA, TF32 matrix units and cuDNN autotuning (crops have one size)."""
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    except RuntimeError as exc:
-        raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N or auto)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available here (device = \"cpu\" or \"auto\")")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    return device
 
 
 def read_weights(checkpoint: Path) -> tuple[dict, dict]:
