@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from aeic.receiver.images import FORMATS, transcode
 from aeic.receiver.metrics import ReceiverMetrics
 from aeic.receiver.queue import JobQueue
 from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.security_headers import SecurityHeadersMiddleware
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import (
     BlobNotFoundError,
@@ -458,7 +460,10 @@ def readyz(request: Request) -> JSONResponse:
         state.blobs.ping()
         checks["blobs"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a read-only or full disk, an unreachable bucket
-        checks["blobs"] = f"error: {type(exc).__name__}: {exc}"
+        # The detail (paths, bucket names) goes to the log only: /readyz answers anonymous callers.
+        log.warning("readiness: blob store check failed: %s", exc)
+        reason = f": {os.strerror(exc.errno)}" if isinstance(exc, OSError) and exc.errno else ""
+        checks["blobs"] = f"error: {type(exc).__name__}{reason}"
     checks["models"] = "ok" if state.registry.model_ids() else "error: no model package loaded"
     if state.queue is not None:
         try:
@@ -542,6 +547,7 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
 
     app = FastAPI(title="AEIC receiver", version=__version__, lifespan=lifespan)
     app.state.receiver = state
+    app.add_middleware(SecurityHeadersMiddleware)
     install_error_handlers(app)
     app.include_router(_api_router())
     from aeic.receiver.gallery import install_gallery  # imports this module: keep the import here

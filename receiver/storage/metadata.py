@@ -119,6 +119,12 @@ def encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
 
 
+def _bad_cursor(cursor: str) -> str:
+    """The error message, quoting at most 40 characters: a 100 KB query string is not echoed back."""
+    shown = cursor if len(cursor) <= 40 else cursor[:40] + "..."
+    return f"invalid cursor {shown!r}"
+
+
 def decode_cursor(cursor: str) -> int:
     """Inverse of `encode_cursor`; raises `InvalidCursorError` for anything else."""
     try:
@@ -127,9 +133,9 @@ def decode_cursor(cursor: str) -> int:
             raise ValueError(raw)
         seq = int(raw[1:])
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidCursorError(f"invalid cursor {cursor!r}") from exc
+        raise InvalidCursorError(_bad_cursor(cursor)) from exc
     if seq < 0:
-        raise InvalidCursorError(f"invalid cursor {cursor!r}")
+        raise InvalidCursorError(_bad_cursor(cursor))
     return seq
 
 
