@@ -29,6 +29,12 @@ def photos(tmp_path_factory) -> Path:
     return write_training_photos(tmp_path_factory.mktemp("photos"), 3)
 
 
+@pytest.fixture(scope="module")
+def tiny_sd_turbo(tmp_path_factory) -> Path:
+    """A random SD-Turbo folder at test size, for the tiny-full presets (AEIC_SD_TURBO_DIR)."""
+    return write_tiny_sd_turbo(tmp_path_factory.mktemp("sd_turbo"))
+
+
 def _config(photos: Path, out: Path, **kwargs) -> TrainConfig:
     base = {"name": "t", "model": "tiny-se", "data": photos, "cache": out.parent / "cache", "short_side": 160,
             "crop": 128, "batch": 2, "steps": 2, "log_every": 1, "out": out, "device": "cpu"}
@@ -48,14 +54,47 @@ def test_pretrain_logs_checkpoints_and_resumes(photos, tmp_path) -> None:
     assert torch.load(checkpoint, weights_only=False)["step"] == 3
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "adversarial"])
-def test_a_run_repeats_and_a_killed_run_resumes_to_the_same_weights_state_and_log(photos, tmp_path, monkeypatch,
-                                                                                  stage) -> None:
-    """Weights, optimizers, discriminator, rate steering (gains, running bpp), random states and the data
-    order all come back: two runs and a resumed one end bit for bit alike, each step logged once."""
+def _pretrained(photos: Path, out: Path, model: str = "tiny-se") -> Path:
+    return Trainer(_config(photos, out, model=model, steps=1)).run()
+
+
+def _without_pixel_decoder(photos: Path, root: Path) -> Path:
+    """A tiny-se checkpoint without its internal pixel decoder: what a model trained through TAEF2 has."""
+    state = torch.load(_pretrained(photos, root / "pre"), weights_only=False)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("decoder.pixel_decoder.")}
+    torch.save(state, root / "taef2-like.pt")
+    return root / "taef2-like.pt"
+
+
+# what each stage's test-size run adds to _config, with the run it starts from (made under root); the
+# tiny-full ones are the paper-size profile's stages (SD VAE latents, SD-Turbo UNet with LoRA adapters)
+# with full-*.toml's settings, the pretrain one with the pixel term through the VAE decoder as well
+STAGE_RUNS = {
+    "pretrain": lambda photos, root: {},
+    "adversarial": lambda photos, root: {"init": _pretrained(photos, root / "pre"), "adversarial_weight": 0.1},
+    "distil": lambda photos, root: {"teacher": _pretrained(photos, root / "me", "tiny-me")},
+    "pixel_decoder": lambda photos, root: {"init": _without_pixel_decoder(photos, root)},
+    "encoder": lambda photos, root: {
+        "init": export_package(load_checkpoint_model(_pretrained(photos, root / "pre")), root / "package")},
+    "tiny-full-pretrain": lambda photos, root: {"model": "tiny-full-me", "pixel_weight": 0.5},
+    "tiny-full-adversarial": lambda photos, root: {
+        "model": "tiny-full-me", "init": _pretrained(photos, root / "pre", "tiny-full-me"), "distortion": "pixel",
+        "mse_weight": 100.0, "msssim_weight": 2.0, "latent_weight": 1.0, "adversarial_weight": 0.1},
+    "tiny-full-distil": lambda photos, root: {
+        "model": "tiny-full", "teacher": _pretrained(photos, root / "me", "tiny-full-me")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("run", list(STAGE_RUNS))
+def test_a_run_repeats_and_a_killed_run_resumes_to_the_same_weights_state_and_log(photos, tiny_sd_turbo, tmp_path,
+                                                                                  monkeypatch, run) -> None:
+    """Weights, optimizers, discriminator, rate steering (gains, running bpp, the encoder stage's
+    multipliers), random states and the data order all come back: two runs and a resumed one end bit for
+    bit alike, each step logged once."""
     torch.set_num_threads(1)
-    init = Trainer(_config(photos, tmp_path / "init", steps=1)).run() if stage == "adversarial" else None
-    extra = {"stage": stage, "init": init, "steps": 3, "adversarial_weight": 0.1, "checkpoint_minutes": 1e-9}
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(tiny_sd_turbo))
+    stage = run.removeprefix("tiny-full-")
+    extra = {"stage": stage, "steps": 3, "batch": 1, "checkpoint_minutes": 1e-9, **STAGE_RUNS[run](photos, tmp_path)}
     first, second = (torch.load(Trainer(_config(photos, tmp_path / name, **extra)).run(), weights_only=False)
                      for name in ("first", "second"))  # fmt: skip
     assert same_state(first, second) == [] and logged_steps(tmp_path / "first") == logged_steps(tmp_path / "second")
@@ -64,6 +103,7 @@ def test_a_run_repeats_and_a_killed_run_resumes_to_the_same_weights_state_and_lo
     resumed = torch.load(Trainer(_config(photos, tmp_path / "killed", **extra)).run(), weights_only=False)
     assert same_state(first, resumed) == []
     assert logged_steps(tmp_path / "killed") == logged_steps(tmp_path / "first")
+    assert first["step"] == 3 and first["stage"] == stage
     assert (stage == "adversarial") == (first["discriminator"] is not None)
 
 
@@ -115,10 +155,9 @@ def test_encoder_stage_trains_the_sender_only_and_keeps_tables_levels_and_receiv
 
 
 def test_pixel_decoder_stage_trains_only_a_new_internal_pixel_decoder(photos, tmp_path) -> None:
-    state = torch.load(Trainer(_config(photos, tmp_path / "pre")).run(), weights_only=False)
-    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("decoder.pixel_decoder.")}
-    torch.save(state, tmp_path / "taef2-like.pt")  # what a model decoding through TAEF2 has
-    trainer = Trainer(_config(photos, tmp_path / "pixels", stage="pixel_decoder", init=tmp_path / "taef2-like.pt"))
+    taef2_like = _without_pixel_decoder(photos, tmp_path)
+    state = torch.load(taef2_like, weights_only=False)
+    trainer = Trainer(_config(photos, tmp_path / "pixels", stage="pixel_decoder", init=taef2_like))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.run()
     changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
@@ -245,11 +284,11 @@ FULL_PIPELINE = ("full-me-pretrain", "full-me-adversarial", "full-se-distil", "f
 TEST_SIZES = {"full-me": "tiny-full-me", "full-se": "tiny-full"}
 
 
-def test_the_paper_size_pipeline_runs_its_configs_at_test_size(photos, tmp_path, monkeypatch) -> None:
+def test_the_paper_size_pipeline_runs_its_configs_at_test_size(photos, tiny_sd_turbo, tmp_path, monkeypatch) -> None:
     """The GPU configs of the SD-Turbo model, in order, with test-sized models, data and random SD-Turbo
     weights: each stage starts from the one before, the cache holds SD VAE latents, and the result
     exports to a package that codes and decodes."""
-    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(write_tiny_sd_turbo(tmp_path / "sd_turbo")))
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(tiny_sd_turbo))
 
     def moved(path: Path | None) -> Path | None:
         return None if path is None else tmp_path / Path(path).relative_to("runs")
