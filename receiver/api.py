@@ -23,10 +23,12 @@ from aeic.receiver.auth import Authenticator, Principal, RateLimiter
 from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
 from aeic.receiver.errors import ApiError, install_error_handlers
 from aeic.receiver.images import FORMATS, transcode
+from aeic.receiver.log_redaction import install_log_redaction
 from aeic.receiver.metrics import ReceiverMetrics
 from aeic.receiver.queue import JobQueue
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.security_headers import SecurityHeadersMiddleware
+from aeic.receiver.sessions import GallerySessions
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import (
     BlobNotFoundError,
@@ -65,7 +67,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-AUTH_COOKIE = "aeic_token"
+AUTH_COOKIE = "aeic_session"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 # Bitstream error class -> (HTTP status, error code)
@@ -91,6 +93,8 @@ class ReceiverState:
     limiter: RateLimiter
     metrics: ReceiverMetrics
     worker: DecodeWorker | None
+    sessions: GallerySessions
+    login_limiter: RateLimiter  # failed gallery sign-ins per client address
     queue: JobQueue | None = None  # scale-out: decodes go to `aeic-receiver worker` processes
 
 
@@ -106,17 +110,19 @@ def receiver_state(request: Request) -> ReceiverState:
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    # Browsers (the gallery) authenticate by cookie, accepted for reads only so it cannot be used for CSRF.
-    if request.method in ("GET", "HEAD"):
-        return request.cookies.get(AUTH_COOKIE)
-    return None
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 def optional_principal(request: Request) -> Principal | None:
-    """The caller, or None when anonymous."""
-    return receiver_state(request).auth.authenticate(_bearer(request))
+    """The caller, or None when anonymous. A bearer token wins; otherwise the gallery's session cookie,
+    which is honoured for reads only, so a cross-site form can never make it write."""
+    state = receiver_state(request)
+    token = _bearer(request)
+    if token is not None:
+        return state.auth.authenticate(token)
+    if request.method in ("GET", "HEAD"):
+        return state.sessions.principal(request.cookies.get(AUTH_COOKIE))
+    return None
 
 
 def principal(request: Request) -> Principal:
@@ -526,10 +532,13 @@ def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = Non
                               retry_delay_s=settings.retry_delay_s, poll_interval_s=settings.poll_interval_s,
                               thumbnail_px=settings.thumbnail_px)
         worker = DecodeWorker(store, blob_store, registry, config, metrics_)
-    return ReceiverState(settings=settings, store=store, blobs=blob_store, registry=registry,
-                         auth=Authenticator(store, admin),
+    auth = Authenticator(store, admin)
+    login_burst = max(1, math.ceil(settings.login_attempts_per_minute))
+    return ReceiverState(settings=settings, store=store, blobs=blob_store, registry=registry, auth=auth,
                          limiter=RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst),
-                         metrics=metrics_, worker=worker, queue=queue)
+                         metrics=metrics_, worker=worker, queue=queue,
+                         sessions=GallerySessions(store, auth, settings.session_ttl_s),
+                         login_limiter=RateLimiter(settings.login_attempts_per_minute, login_burst))
 
 
 def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None,
@@ -557,6 +566,7 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
 
 
 def _start(state: ReceiverState) -> None:
+    install_log_redaction()  # here, after the server has set up its loggers
     version = state.store.migrate()
     if isinstance(state.blobs, FilesystemBlobStore):
         state.blobs.remove_stale_tmp()

@@ -62,19 +62,23 @@ def create_device_token(store: MetadataStore, device: str) -> str:
 
 
 class Authenticator:
-    """Maps a bearer token to a `Principal`."""
+    """Maps a bearer token (or the stored hash of one) to a `Principal`."""
 
     def __init__(self, store: MetadataStore, admin_token: str | None) -> None:
         self._store = store
-        self._admin = admin_token or None
+        self._admin_hash = hash_token(admin_token) if admin_token else None
 
     def authenticate(self, token: str | None) -> Principal | None:
         """The caller behind `token`, or None when it is missing, unknown or revoked."""
-        if not token:
-            return None
-        if self._admin is not None and hmac.compare_digest(token.encode(), self._admin.encode()):
+        return self.principal_for_hash(hash_token(token)) if token else None
+
+    def principal_for_hash(self, token_hash: str) -> Principal | None:
+        """The caller behind a token's hash (what a gallery session keeps): checked against the current
+        admin token and the live device tokens on every call, so a revocation or a new admin token
+        takes effect at once. The admin comparison is constant-time."""
+        if self._admin_hash is not None and hmac.compare_digest(token_hash, self._admin_hash):
             return Principal(device=None, admin=True)
-        device = self._store.device_for_token(hash_token(token))
+        device = self._store.device_for_token(token_hash)
         return Principal(device=device) if device else None
 
 
@@ -89,6 +93,14 @@ class RateLimiter:
         self._burst = float(burst)
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
+
+    def wait(self, key: str, now: float | None = None) -> float:
+        """Seconds until `key` has a token (0.0: it has one now), without taking it."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
 
     def acquire(self, key: str, now: float | None = None) -> float:
         """Take one token; returns 0.0 when allowed, else the seconds until a token is available."""

@@ -44,6 +44,14 @@ class ReceiverSettings(BaseSettings):
     rate_limit_per_minute: float = Field(600.0, gt=0, description="Sustained uploads per device per minute.")
     rate_limit_burst: int = Field(60, ge=1, description="Uploads a device may send back to back.")
     admin_token: SecretStr | None = Field(None, description="Bearer token that sees every device's images.")
+    session_ttl_s: float = Field(43200.0, gt=0, description="Lifetime of a gallery sign-in (cookie and session).")
+    cookie_secure: bool | None = Field(
+        None, description="Secure flag of the gallery cookie; unset: only when the request came over HTTPS."
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="Proxies whose X-Forwarded-Proto/-For are trusted (comma list, '*' for any)."
+    )
+    login_attempts_per_minute: float = Field(10.0, gt=0, description="Failed gallery sign-ins per client per minute.")
     model_packages: list[Path] = Field(
         default_factory=list, description="Model package directories; empty means the shipped default."
     )

@@ -157,7 +157,10 @@ def test_live_first_page_keeps_the_older_link_in_step(tmp_path: Path, browser, t
 
         browser.get(f"{server.url}/")
         wait.until(lambda d: len(_card_ids(d)) == 60)
-        browser.delete_cookie("aeic_token")  # signed out elsewhere (another tab's "log out")
+        # Signed out elsewhere (another tab's "log out"): the session ends server-side, so the cookie this
+        # tab still holds is refused and the live grid goes back to the token form.
+        session = browser.get_cookie("aeic_session")["value"]
+        assert httpx.post(f"{server.url}/logout", cookies={"aeic_session": session}).status_code == 303
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "form.login input[name=token]"))
 
 

@@ -102,3 +102,109 @@ def test_readiness_names_no_internal_path(env: Env, monkeypatch: pytest.MonkeyPa
     ready = env.client.get("/readyz")
     assert ready.status_code == 503 and ready.json()["checks"]["blobs"] == "error: PermissionError: Permission denied"
     assert str(env.data) not in ready.text
+
+
+# -- gallery sessions ----------------------------------------------------------------------------
+
+
+def _sign_in(env: Env, who: str) -> str:
+    token = ADMIN if who == "admin" else env.tokens[who]
+    response = env.client.post("/login", data={"token": token}, follow_redirects=False)
+    assert response.status_code == 303, response.text
+    return str(response.cookies["aeic_session"])
+
+
+def test_the_cookie_is_a_session_not_the_token(env: Env) -> None:
+    response = env.client.post("/login", data={"token": env.tokens["cam1"]}, follow_redirects=False)
+    cookie = response.headers["set-cookie"]
+    session = response.cookies["aeic_session"]
+    assert env.tokens["cam1"] not in cookie and session not in env.tokens.values()
+    assert "httponly" in cookie.lower() and "samesite=lax" in cookie.lower() and "max-age=43200" in cookie.lower()
+    assert "secure" not in cookie.lower()  # plain HTTP on loopback
+    assert response.headers["cache-control"] == "no-store"
+    assert env.client.get("/v1/images").status_code == 200
+    # The session secret is no bearer token: it cannot upload or even read through the API header.
+    env.client.cookies.clear()
+    assert env.client.get("/v1/images", headers={"Authorization": f"Bearer {session}"}).status_code == 401
+    with env.client.app.state.receiver.store.engine.connect() as conn:  # type: ignore[attr-defined]
+        stored = conn.exec_driver_sql("SELECT session_hash, token_hash FROM gallery_sessions").all()
+    assert stored and all(session not in row and env.tokens["cam1"] not in row for row in stored)
+
+
+def test_logout_ends_the_session_for_every_copy_of_the_cookie(env: Env) -> None:
+    session = _sign_in(env, "cam1")
+    assert env.client.get("/v1/images").status_code == 200
+    assert env.client.post("/logout", follow_redirects=False).status_code == 303
+    env.client.cookies.set("aeic_session", session)  # a copy lifted from the browser profile before
+    assert env.client.get("/v1/images").status_code == 401
+    assert 'name="token"' in env.client.get("/").text
+
+
+def test_revoking_the_token_ends_its_sessions_at_once(env: Env) -> None:
+    _sign_in(env, "cam1")
+    assert env.client.get("/v1/images").status_code == 200
+    env.client.app.state.receiver.store.revoke_device_tokens("cam1")  # type: ignore[attr-defined]
+    assert env.client.get("/v1/images").status_code == 401
+    assert env.client.get("/v1/images", headers=env.bearer("cam1")).status_code == 401
+
+
+def test_an_expired_session_is_refused(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aeic.receiver.storage import metadata
+
+    _sign_in(env, "cam1")
+    assert env.client.get("/v1/images").status_code == 200
+    later = metadata._now() + 43200 + 1
+    monkeypatch.setattr(metadata, "_now", lambda: later)
+    assert env.client.get("/v1/images").status_code == 401
+
+
+def test_cross_site_sign_in_and_sign_out_are_refused(env: Env) -> None:
+    evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    response = env.client.post("/login", data={"token": env.tokens["cam2"]}, headers=evil)
+    assert response.status_code == 403 and "aeic_session" not in response.headers.get("set-cookie", "")
+    legacy = env.client.post("/login", data={"token": env.tokens["cam2"]}, headers={"Origin": "https://evil.example"})
+    assert legacy.status_code == 403  # an older browser: no Sec-Fetch-Site, its Origin is checked
+    _sign_in(env, "cam1")
+    assert env.client.post("/logout", headers=evil).status_code == 403
+    assert env.client.get("/v1/images").status_code == 200  # still signed in
+    own = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+    assert env.client.post("/logout", headers=own, follow_redirects=False).status_code == 303
+    assert env.client.get("/v1/images").status_code == 401
+    assert env.client.get("/logout").status_code == 405  # no sign-out by a link or an <img>
+
+
+def test_failed_sign_ins_are_rate_limited_per_client(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "data", login_attempts_per_minute=3, worker=False)
+    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))) as client:
+        codes = [client.post("/login", data={"token": f"guess-{i}"}).status_code for i in range(3)]
+        assert codes == [401, 401, 401]
+        blocked = client.post("/login", data={"token": ADMIN})  # even the right token waits now
+        assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+        assert client.get("/login", params={"token": "guess"}).status_code == 429
+
+
+def test_the_secure_flag_follows_the_setting_or_the_scheme(tmp_path: Path) -> None:
+    for secure, base, expected in ((None, "https://testserver", True), (True, "http://testserver", True),
+                                   (False, "https://testserver", False)):
+        settings = _settings(tmp_path / f"data-{secure}", cookie_secure=secure, worker=False)
+        app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+        with TestClient(app, base_url=base) as client:
+            cookie = client.post("/login", data={"token": ADMIN}, follow_redirects=False).headers["set-cookie"]
+        assert ("; secure" in cookie.lower()) is expected, (secure, base, cookie)
+
+
+# -- secrets -------------------------------------------------------------------------------------
+
+
+def test_the_access_log_never_shows_a_sign_in_token(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from aeic.receiver.log_redaction import install_log_redaction, redact
+
+    assert redact("/login?token=aeic_abc-_1&x=1") == "/login?token=[redacted]&x=1"
+    assert redact("/?cursor=czE&TOKEN=zz") == "/?cursor=czE&TOKEN=[redacted]"
+    install_log_redaction()
+    access = logging.getLogger("uvicorn.access")
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET", "/login?token=aeic_SECRET", "1.1", 303)
+    assert "aeic_SECRET" not in caplog.text and "/login?token=[redacted]" in caplog.text

@@ -1,10 +1,11 @@
-"""Gallery routes: grid of thumbnails (newest first), one page per image, cookie login."""
+"""Gallery routes: grid of thumbnails (newest first), one page per image, sign-in and sign-out."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from aeic.receiver.api import AUTH_COOKIE, image_json, optional_principal, receiver_state, visible_image
 from aeic.receiver.errors import ApiError
@@ -67,33 +68,70 @@ def image_page(image_id: str, request: Request) -> Response:
     return _templates.TemplateResponse(request, "image.html", {"image": image_json(record), "who": who})
 
 
-def _set_cookie(request: Request, token: str) -> Response:
-    if receiver_state(request).auth.authenticate(token) is None:
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _sign_in(request: Request, token: str) -> Response:
+    """Open a session for a valid token; failures count against the client's sign-in budget."""
+    state = receiver_state(request)
+    wait = state.login_limiter.wait(_client(request))
+    if wait > 0:
+        response = _login_page(request, "Too many failed sign-ins; try again in a minute.", status=429)
+        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return response
+    session = state.sessions.open(token)
+    if session is None:
+        state.login_limiter.acquire(_client(request))
         return _login_page(request, "That token is not valid.", status=401)
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(AUTH_COOKIE, token, httponly=True, samesite="lax", max_age=30 * 86400,
-                        secure=request.url.scheme == "https")
+    secure = state.settings.cookie_secure
+    response.set_cookie(AUTH_COOKIE, session, httponly=True, samesite="lax", path="/",
+                        max_age=max(1, math.ceil(state.sessions.ttl_s)),
+                        secure=request.url.scheme == "https" if secure is None else secure)
+    return response
+
+
+def _cross_site(request: Request) -> bool:
+    """True for a form another site made the browser post (login CSRF, forced sign-out). The browser's
+    Sec-Fetch-Site is authoritative; older browsers are checked by their Origin against our Host."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False  # not a browser form post (browsers send Origin on every POST)
+    return origin == "null" or urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
+
+
+def _no_store(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
     return response
 
 
 def login_form(request: Request, token: str | None = None) -> Response:
-    """`/login?token=...` (the link the demo prints) or the plain form."""
-    return _login_page(request) if not token else _set_cookie(request, token)
+    """`/login?token=...` (the link the demo prints; the access log redacts the token) or the plain form."""
+    return _no_store(_login_page(request) if not token else _sign_in(request, token))
 
 
 async def login_submit(request: Request) -> Response:
     """The form post (urlencoded; parsed here to avoid a multipart dependency)."""
+    if _cross_site(request):
+        return _no_store(_login_page(request, "Sign in from this site's own form.", status=403))
     fields = parse_qs((await request.body())[:4096].decode("utf-8", "replace"))
     token = (fields.get("token") or [""])[0].strip()
     if not token:
-        return _login_page(request, "Paste a token.", status=400)
-    return await run_in_threadpool(_set_cookie, request, token)
+        return _no_store(_login_page(request, "Paste a token.", status=400))
+    return _no_store(await run_in_threadpool(_sign_in, request, token))
 
 
-def logout() -> Response:
-    """Forget the cookie."""
+def logout(request: Request) -> Response:
+    """End the session server-side (a copied cookie stops working too) and forget the cookie."""
+    if _cross_site(request):
+        return _login_page(request, "Sign out from this site's own button.", status=403)
+    receiver_state(request).sessions.close(request.cookies.get(AUTH_COOKIE))
     response = RedirectResponse("/", status_code=303)
-    response.delete_cookie(AUTH_COOKIE)
+    response.delete_cookie(AUTH_COOKIE, path="/", httponly=True, samesite="lax")
     return response
 
 
@@ -104,6 +142,6 @@ def install_gallery(app: FastAPI) -> None:
     router.add_api_route("/images/{image_id}", image_page, methods=["GET"], response_class=HTMLResponse)
     router.add_api_route("/login", login_form, methods=["GET"], response_class=HTMLResponse)
     router.add_api_route("/login", login_submit, methods=["POST"], response_class=HTMLResponse)
-    router.add_api_route("/logout", logout, methods=["GET"])
+    router.add_api_route("/logout", logout, methods=["POST"])
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static")

@@ -93,6 +93,12 @@ class MetadataStore(Protocol):
 
     def device_for_token(self, token_hash: str) -> str | None: ...
 
+    def add_session(self, session_hash: str, token_hash: str, expires_at: float) -> None: ...
+
+    def session_token_hash(self, session_hash: str, now: float | None = None) -> str | None: ...
+
+    def delete_session(self, session_hash: str) -> None: ...
+
     def ping(self) -> None: ...
 
 
@@ -359,6 +365,32 @@ class SqlMetadataStore:
                         attempts=_IMG.c.attempts - 1, updated_at=now)
             )
         return int(result.rowcount)
+
+    # -- gallery sessions ------------------------------------------------------------------------
+
+    def add_session(self, session_hash: str, token_hash: str, expires_at: float) -> None:
+        """Record a gallery sign-in; expired sessions are purged on the way (sign-ins are rare)."""
+        table = schema.gallery_sessions
+        now = _now()
+        with self.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.expires_at <= now))
+            conn.execute(table.insert().values(session_hash=session_hash, token_hash=token_hash,
+                                               created_at=now, expires_at=expires_at))
+
+    def session_token_hash(self, session_hash: str, now: float | None = None) -> str | None:
+        """The hash of the token behind a live (not expired, not signed out) session."""
+        table = schema.gallery_sessions
+        now = _now() if now is None else now
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(table.c.token_hash).where(table.c.session_hash == session_hash, table.c.expires_at > now)
+            ).scalar()
+
+    def delete_session(self, session_hash: str) -> None:
+        """Sign out: the session's cookie is worthless from now on, wherever it was copied to."""
+        table = schema.gallery_sessions
+        with self.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.session_hash == session_hash))
 
     def status_counts(self) -> dict[Status, int]:
         """Number of images in each status (all statuses present, zero when none)."""

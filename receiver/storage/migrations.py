@@ -45,10 +45,15 @@ def _v3_coding_downscale(conn: sa.Connection) -> None:
         conn.execute(sa.text("ALTER TABLE images ADD COLUMN downscale INTEGER NOT NULL DEFAULT 1"))
 
 
+def _v4_gallery_sessions(conn: sa.Connection) -> None:
+    schema.gallery_sessions.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "images and device tokens", _v1_initial),
     Migration(2, "decode counter", _v2_decode_counter),
     Migration(3, "coding downscale", _v3_coding_downscale),
+    Migration(4, "gallery sessions", _v4_gallery_sessions),
 )
 
 

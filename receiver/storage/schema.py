@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["device_tokens", "images", "metadata", "schema_version"]
+__all__ = ["device_tokens", "gallery_sessions", "images", "metadata", "schema_version"]
 
 metadata = sa.MetaData()
 
@@ -67,4 +67,15 @@ device_tokens = sa.Table(
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
+)
+
+# Gallery sign-ins: the browser's cookie holds a random session secret, stored here only as its SHA-256,
+# tied to the hash of the token that opened it (so revoking that token ends the session too).
+gallery_sessions = sa.Table(
+    "gallery_sessions",
+    metadata,
+    sa.Column("session_hash", sa.String(64), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
 )

@@ -1,0 +1,47 @@
+"""Gallery sign-in sessions: what the browser's cookie stands for.
+
+Why not put the token itself in the cookie: a cookie is copied around (browser profiles, debugging
+proxies, a stolen laptop), and a device token in it would let its holder upload as the device for as
+long as the token lives. The cookie holds a random session secret instead; the database keeps only its
+SHA-256 and the hash of the token that opened it, the session expires after `session_ttl_s`, signing
+out deletes it server-side, and each request re-checks the token so that revoking it ends the session.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from aeic.receiver.auth import Authenticator, Principal, hash_token
+from aeic.receiver.storage import MetadataStore
+
+__all__ = ["GallerySessions"]
+
+
+class GallerySessions:
+    """Open, resolve and close gallery sessions."""
+
+    def __init__(self, store: MetadataStore, auth: Authenticator, ttl_s: float) -> None:
+        self._store = store
+        self._auth = auth
+        self.ttl_s = ttl_s
+
+    def open(self, token: str) -> str | None:
+        """A new session secret for a valid `token` (the cookie's value), or None for an invalid one."""
+        if self._auth.authenticate(token) is None:
+            return None
+        session = secrets.token_urlsafe(32)
+        self._store.add_session(hash_token(session), hash_token(token), time.time() + self.ttl_s)
+        return session
+
+    def principal(self, session: str | None) -> Principal | None:
+        """The caller behind a session cookie; None when unknown, expired, signed out or its token revoked."""
+        if not session or len(session) > 128:
+            return None
+        token_hash = self._store.session_token_hash(hash_token(session))
+        return None if token_hash is None else self._auth.principal_for_hash(token_hash)
+
+    def close(self, session: str | None) -> None:
+        """Sign out (a no-op for an unknown session)."""
+        if session:
+            self._store.delete_session(hash_token(session))
