@@ -7,6 +7,7 @@ bitstreams this receiver can actually decode (size, header, CRC, model, dimensio
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -184,18 +185,28 @@ def visible_image(state: ReceiverState, who: Principal, image_id: str) -> ImageR
 # -- upload --------------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 as soon as it is known to exceed `limit` (before reading it all)."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, or 413 as soon as it is known to exceed `limit` (before reading it all), or 408 when it
+    has not fully arrived within `timeout_s` (a client trickling a body must not hold a connection and
+    its buffer forever; the server itself has no such deadline)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "payload_too_large", f"bitstream of {declared} bytes exceeds the {limit}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "payload_too_large", f"bitstream exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "payload_too_large", f"bitstream exceeds the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "upload_timeout", f"the body did not arrive within {timeout_s:g} s",
+                       headers={"Connection": "close"}) from None
 
 
 def _parse_header(state: ReceiverState, data: bytes) -> bs.Header:
@@ -286,7 +297,7 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
         if media != "application/octet-stream":
             raise ApiError(415, "unsupported_media_type", "send the bitstream as application/octet-stream")
         key = _idempotency_key(request)
-        data = await _read_body(request, state.settings.max_upload_bytes)
+        data = await _read_body(request, state.settings.max_upload_bytes, state.settings.upload_timeout_s)
         header = _parse_header(state, data)
     except ApiError as exc:
         state.metrics.uploads.labels(exc.code).inc()

@@ -208,3 +208,28 @@ def test_the_access_log_never_shows_a_sign_in_token(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.INFO, logger="uvicorn.access"):
         access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET", "/login?token=aeic_SECRET", "1.1", 303)
     assert "aeic_SECRET" not in caplog.text and "/login?token=[redacted]" in caplog.text
+
+
+# -- input ---------------------------------------------------------------------------------------
+
+
+def test_a_trickled_upload_body_is_cut_off(tmp_path: Path) -> None:
+    """Slowloris on the body: headers, a few bytes, then silence; the server answers 408 and closes."""
+    import socket
+    import time
+
+    from receiver_support import ServerThread
+
+    settings = _settings(tmp_path / "data", upload_timeout_s=0.5, worker=False)
+    token = _tokens(settings, "cam1")["cam1"]
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with ServerThread(app) as server, socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 1000\r\n\r\nAEIC")
+        started = time.monotonic()
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408") and b'"upload_timeout"' in answer, answer
+    assert 0.4 < elapsed < 5  # answered at the deadline, then the connection was closed
