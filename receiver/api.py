@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from aeic.receiver.auth import Authenticator, Principal, RateLimiter
 from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
+from aeic.receiver.data_dir import prepare_data_dir
 from aeic.receiver.errors import ApiError, install_error_handlers
 from aeic.receiver.images import FORMATS, transcode
 from aeic.receiver.log_redaction import install_log_redaction
@@ -528,7 +529,7 @@ def _api_router() -> APIRouter:
 def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = None,
                 blobs: BlobStore | None = None) -> ReceiverState:
     """Open storage and wire the components (nothing runs until the app starts)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)
     store = SqlMetadataStore.from_url(settings.resolved_database_url())
     blob_store = blobs if blobs is not None else open_blob_store(settings)
     queue = open_queue(settings)

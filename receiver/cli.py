@@ -92,9 +92,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _open_store(settings: ReceiverSettings):
+    from aeic.receiver.data_dir import prepare_data_dir
     from aeic.receiver.storage import SqlMetadataStore
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)
     store = SqlMetadataStore.from_url(settings.resolved_database_url())
     store.migrate()
     return store

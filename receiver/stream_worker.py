@@ -210,13 +210,14 @@ def _compatible(records: list[ImageRecord], batch_size: int) -> Iterator[list[Im
 def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_port: int | None = None) -> int:
     """Process entry point: build stores, decoders and the queue from settings; stop on SIGTERM/SIGINT."""
     from aeic.receiver.backends import open_blob_store, open_queue
+    from aeic.receiver.data_dir import prepare_data_dir
     from aeic.receiver.metrics import ReceiverMetrics
     from aeic.receiver.worker import WorkerConfig
 
     queue = open_queue(settings)
     if queue is None:
         raise ValueError("the worker needs a queue: --queue redis://host:6379/0 or AEIC_QUEUE")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)
     store = SqlMetadataStore.from_url(settings.resolved_database_url())
     store.migrate()
     metrics = ReceiverMetrics()

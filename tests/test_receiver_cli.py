@@ -42,3 +42,18 @@ def test_settings_priority_cli_over_env_over_file(tmp_path: Path, monkeypatch: p
 def test_missing_config_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["token", "create", "--device", "x", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_a_new_data_directory_is_private(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Images and the database are readable by the service's user only; an existing open folder is
+    kept as the operator made it, with a warning."""
+    import stat
+
+    data = tmp_path / "nested" / "data"
+    assert main(["token", "create", "--device", "cam1", "--data", str(data)]) == 0
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    assert main(["token", "create", "--device", "cam1", "--data", str(shared)]) == 0
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755 and "mode 0755" in caplog.text
