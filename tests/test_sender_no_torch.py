@@ -2,7 +2,9 @@
 
 The edge device has numpy, onnxruntime, opencv-python-headless, constriction, httpx (with its
 transport, httpcore), pydantic and Pillow only; any other third-party import (even a lazy one inside a function) would break
-it there, so this is checked statically as well as by importing.
+it there, so this is checked statically (the sender and the shared modules it imports) as well as by
+importing. The import runs from a working directory outside the repository, as the installed `aeic-send`
+does: from the repository root a bare `import sender...` also resolves, which hid such a bug once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 SENDER_DIR = Path(__file__).resolve().parent.parent / "sender"
+SHARED_DIR = SENDER_DIR.parent / "shared"
 ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "cv2", "constriction", "httpx", "httpcore", "pydantic", "PIL"}
 ALLOWED_AEIC = ("aeic.sender", "aeic.shared")
 
@@ -50,9 +53,10 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def test_every_sender_module_imports_with_torch_blocked() -> None:
+def test_every_sender_module_imports_with_torch_blocked(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_IMPORT], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", BLOCKED_IMPORT], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     count = int(result.stdout.split()[-1])
@@ -61,7 +65,7 @@ def test_every_sender_module_imports_with_torch_blocked() -> None:
 
 def test_sender_sources_import_only_the_edge_dependencies() -> None:
     offenders = []
-    for path in sorted(SENDER_DIR.glob("*.py")):
+    for path in sorted(SENDER_DIR.glob("*.py")) + sorted(SHARED_DIR.glob("*.py")):
         for name in _imports(path):
             top = name.split(".")[0]
             if top == "aeic":
@@ -69,5 +73,5 @@ def test_sender_sources_import_only_the_edge_dependencies() -> None:
             else:
                 ok = top in sys.stdlib_module_names or top in ALLOWED_THIRD_PARTY
             if not ok:
-                offenders.append(f"{path.name}: {name}")
+                offenders.append(f"{path.parent.name}/{path.name}: {name}")
     assert offenders == []
