@@ -282,10 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _missing_extra(command: str, exc: ModuleNotFoundError) -> int:
+    """A command run where its extra is not installed (`aeic decode` with the sender extra only: no torch):
+    one line naming the extra instead of a traceback. A missing aeic module is a bug and is raised."""
+    if not exc.name or exc.name.split(".")[0] == "aeic":
+        raise exc
+    extra = "receiver" if command in ("decode", "interpolate") else "train"
+    print(f"error: `aeic {command}` needs {exc.name.split('.')[0]}, which this install lacks: "
+          f"pip install 'aeic[{extra}]'", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
-        return cmd_eval(argparse.Namespace(), argv[1:])
+        try:
+            return cmd_eval(argparse.Namespace(), argv[1:])
+        except ModuleNotFoundError as exc:
+            return _missing_extra("eval", exc)
     args = build_parser().parse_args(argv)
     handlers = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export,
                 "relevel": cmd_relevel, "interpolate": cmd_interpolate, "set-rounding": cmd_set_rounding}
@@ -294,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelPackageError, OSError) as exc:  # a missing or broken model or checkpoint: nothing was done
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        return _missing_extra(args.command, exc)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,27 @@ def test_sender_sources_import_only_the_edge_dependencies() -> None:
             if not ok:
                 offenders.append(f"{path.parent.name}/{path.name}: {name}")
     assert offenders == []
+
+
+def test_aeic_decode_without_torch_names_the_extra(tmp_path: Path) -> None:
+    """The sender extra installs the `aeic` command too; its receiver path says what to install."""
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class NoTorch:  # as in a venv without torch
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+
+        sys.meta_path.insert(0, NoTorch())
+        from aeic.codec.cli import main
+        sys.exit(main(["decode", "photo.aeic"]))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: `aeic decode` needs torch, which this install lacks: " \
+                                    "pip install 'aeic[receiver]'"
