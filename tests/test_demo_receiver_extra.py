@@ -11,17 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-WITHOUT_SKIMAGE = textwrap.dedent(
+from import_blocking import blocking_prelude
+
+WITHOUT_SKIMAGE = blocking_prelude("skimage") + textwrap.dedent(
     """
-    import sys
-
-    class BlockSkimage:
-        def find_spec(self, name, path=None, target=None):
-            if name == "skimage" or name.startswith("skimage."):
-                raise ImportError(f"skimage is blocked in this test (import of {name})")
-            return None
-
-    sys.meta_path.insert(0, BlockSkimage())
     import numpy as np
     from aeic.demo import Result, load_photos
 

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from aeic.sender.spool import Spool
 from aeic.shared.bitstream import unpack
+from import_blocking import blocking_prelude
 from PIL import Image
 from sender_support import RealReceiver
 
@@ -27,17 +28,8 @@ testing = pytest.importorskip("aeic.codec.testing")
 pytest.importorskip("aeic.sender.encoder")
 
 # Runs aeic-send's main() with every import of torch failing, then checks none slipped in.
-SENDER = textwrap.dedent(
+SENDER = blocking_prelude("torch") + textwrap.dedent(
     """
-    import sys
-
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"torch is blocked for the sender (import of {name})")
-            return None
-
-    sys.meta_path.insert(0, BlockTorch())
     from aeic.sender.cli import main
 
     code = main(sys.argv[1:])

@@ -15,22 +15,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+from import_blocking import blocking_prelude
+
 SENDER_DIR = Path(__file__).resolve().parent.parent / "sender"
 SHARED_DIR = SENDER_DIR.parent / "shared"
 ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "cv2", "constriction", "httpx", "httpcore", "pydantic", "PIL"}
 ALLOWED_AEIC = ("aeic.sender", "aeic.shared")
 
-BLOCKED_IMPORT = textwrap.dedent(
+BLOCKED_IMPORT = blocking_prelude("torch") + textwrap.dedent(
     """
-    import importlib, pkgutil, sys
-
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"torch is blocked in this test (import of {name})")
-            return None
-
-    sys.meta_path.insert(0, BlockTorch())
+    import importlib, pkgutil
     import aeic.sender
     names = sorted(m.name for m in pkgutil.iter_modules(aeic.sender.__path__, "aeic.sender."))
     for name in names:
