@@ -82,10 +82,15 @@ class Authenticator:
         return Principal(device=device) if device else None
 
 
+_MIN_PRUNE_SIZE = 1024  # buckets kept before the first pruning
+
+
 class RateLimiter:
     """Token bucket per key: `burst` requests at once, refilled at `per_minute` requests per minute.
 
     In-process state: one limiter per API process (a shared limiter belongs with the Redis of issue 8).
+    Keys may come from clients (the sign-in limiter keys by address), so buckets that have refilled,
+    which mean the same as no bucket, are dropped whenever the table doubles: it cannot grow without bound.
     """
 
     def __init__(self, per_minute: float, burst: int) -> None:
@@ -93,6 +98,7 @@ class RateLimiter:
         self._burst = float(burst)
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
+        self._prune_at = _MIN_PRUNE_SIZE
 
     def wait(self, key: str, now: float | None = None) -> float:
         """Seconds until `key` has a token (0.0: it has one now), without taking it."""
@@ -108,8 +114,15 @@ class RateLimiter:
         with self._lock:
             tokens, last = self._buckets.get(key, (self._burst, now))
             tokens = min(self._burst, tokens + (now - last) * self._rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self._rate
+            allowed = tokens >= 1.0
+            self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+            self._prune_if_large(now)
+        return 0.0 if allowed else (1.0 - tokens) / self._rate
+
+    def _prune_if_large(self, now: float) -> None:
+        """Drop refilled buckets once the table has doubled since the last pruning (caller holds the lock)."""
+        if len(self._buckets) < self._prune_at:
+            return
+        self._buckets = {key: (tokens, last) for key, (tokens, last) in self._buckets.items()
+                         if tokens + (now - last) * self._rate < self._burst}
+        self._prune_at = max(_MIN_PRUNE_SIZE, 2 * len(self._buckets))

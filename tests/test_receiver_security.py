@@ -233,3 +233,16 @@ def test_a_trickled_upload_body_is_cut_off(tmp_path: Path) -> None:
         elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408") and b'"upload_timeout"' in answer, answer
     assert 0.4 < elapsed < 5  # answered at the deadline, then the connection was closed
+
+
+def test_the_rate_limiter_forgets_refilled_clients_so_many_addresses_cannot_grow_it() -> None:
+    """Sign-in attempts are keyed by client address, which an attacker can vary at will."""
+    from aeic.receiver.auth import RateLimiter
+
+    limiter = RateLimiter(per_minute=60.0, burst=2)
+    for i in range(5000):
+        assert limiter.acquire(f"198.51.100.{i}", now=float(i)) == 0.0  # each bucket refills within 2 s
+    assert len(limiter._buckets) < 1100
+    limiter.acquire("203.0.113.9", now=6000.0)
+    limiter.acquire("203.0.113.9", now=6000.0)
+    assert limiter.acquire("203.0.113.9", now=6000.0) > 0  # a client still over its limit is remembered
