@@ -66,3 +66,24 @@ def test_bad_urls_are_rejected() -> None:
     for url in ("file:///tmp/x", "s3://", "http://bucket/x"):
         with pytest.raises(ValueError):
             S3BlobStore.from_url(url)
+
+
+def test_a_bucket_another_replica_creates_meanwhile_is_not_an_error() -> None:
+    """Two API replicas starting together both see no bucket; the slower one's create gets 'already yours'."""
+    from botocore.exceptions import ClientError
+
+    class RacedClient:
+        """No bucket at the check; the create then fails with `create_error`."""
+
+        def __init__(self, create_error: str) -> None:
+            self.create_error = create_error
+
+        def head_bucket(self, Bucket: str) -> None:
+            raise ClientError({"Error": {"Code": "404"}}, "HeadBucket")
+
+        def create_bucket(self, Bucket: str) -> None:
+            raise ClientError({"Error": {"Code": self.create_error}}, "CreateBucket")
+
+    assert S3BlobStore(RacedClient("BucketAlreadyOwnedByYou"), "aeic").ensure_bucket() is False
+    with pytest.raises(BlobStoreUnavailableError):
+        S3BlobStore(RacedClient("AccessDenied"), "aeic").ensure_bucket()

@@ -73,7 +73,12 @@ class S3BlobStore:
             self._call("head_bucket")
             return False
         except BlobNotFoundError:
-            self._call("create_bucket")
+            try:
+                self._call("create_bucket")
+            except BlobStoreUnavailableError as exc:
+                if _code(exc.__cause__) != "BucketAlreadyOwnedByYou":
+                    raise
+                return False  # a replica starting beside this one created it between the two calls
             return True
 
     def put(self, key: str, data: bytes) -> None:
