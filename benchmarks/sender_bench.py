@@ -209,9 +209,9 @@ def _static_int8(work: Path, rd_images: int) -> None:
     Training photos other than the timed frame and the RD photos; the trunk's inputs are the
     float stem's features of the same photos.
     """
-    from aeic.sender.encoder import ALIGNMENT, SenderCodec
+    from aeic.sender.encoder import SenderCodec
     from aeic.sender.tiled_analysis import to_float
-    from aeic.shared.padding import pad_to_multiple
+    from aeic.shared.padding import ALIGNMENT, pad_to_multiple
 
     from . import quantize
 

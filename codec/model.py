@@ -22,8 +22,6 @@ from .diffusion_decoder import NanoDecoder, NanoDecoderConfig
 from .entropy_model import HyperpriorContextModel
 from .synthesis import SynthesisTransform
 
-ALIGNMENT = 128  # the hyper-latent sits at 1/128 of the padded image
-
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -104,16 +104,14 @@ class RateLimiter:
         """Seconds until `key` has a token (0.0: it has one now), without taking it."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            tokens, last = self._buckets.get(key, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
+            tokens = self._refilled(key, now)
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
 
     def acquire(self, key: str, now: float | None = None) -> float:
         """Take one token; returns 0.0 when allowed, else the seconds until a token is available."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            tokens, last = self._buckets.get(key, (self._burst, now))
-            tokens = min(self._burst, tokens + (now - last) * self._rate)
+            tokens = self._refilled(key, now)
             allowed = tokens >= 1.0
             self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
             self._prune_if_large(now)
@@ -123,6 +121,10 @@ class RateLimiter:
         """Drop refilled buckets once the table has doubled since the last pruning (caller holds the lock)."""
         if len(self._buckets) < self._prune_at:
             return
-        self._buckets = {key: (tokens, last) for key, (tokens, last) in self._buckets.items()
-                         if tokens + (now - last) * self._rate < self._burst}
+        self._buckets = {key: bucket for key, bucket in self._buckets.items() if self._refilled(key, now) < self._burst}
         self._prune_at = max(_MIN_PRUNE_SIZE, 2 * len(self._buckets))
+
+    def _refilled(self, key: str, now: float) -> float:
+        """Tokens `key` has at `now` (a full bucket when it has none yet); the caller holds the lock."""
+        tokens, last = self._buckets.get(key, (self._burst, now))
+        return min(self._burst, tokens + (now - last) * self._rate)

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from aeic.codec import taesd
 from aeic.codec.entropy_model import TorchBackend
-from aeic.codec.model import ALIGNMENT, ModelConfig, build_decoder, receiver_state_dict
+from aeic.codec.model import ModelConfig, build_decoder, receiver_state_dict
 from aeic.codec.synthesis import SynthesisTransform
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
-from aeic.shared.padding import correct_colours, padded_size, upscale_image
+from aeic.shared.padding import ALIGNMENT, correct_colours, padded_size, upscale_image
 from safetensors.torch import load_file
 from torch import nn
 

@@ -15,13 +15,12 @@ import onnxruntime as ort
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import SENDER_FILES, ModelPackage
-from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
+from aeic.shared.padding import ALIGNMENT, colour_statistics, downscale_image, pad_to_multiple
 
 from . import coding_scale
 from .rate_distortion_rounding import PACKAGE, rounding_for
 from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention
 
-ALIGNMENT = 128
 CPU_PROVIDER = "CPUExecutionProvider"
 AUTO = coding_scale.AUTO
 

@@ -10,9 +10,8 @@ receiver refuses such a stream at upload, before storing it, and again before de
 from __future__ import annotations
 
 from aeic.shared.bitstream import Header
-from aeic.shared.padding import padded_size
+from aeic.shared.padding import ALIGNMENT, padded_size
 
-ALIGNMENT = 128  # the models pad the coded picture to this multiple (the hyper-latent's 1/128)
 MAX_CODED_PIXELS = 4096 * 4096  # padded coded pixels of one image (and of one synthesis pass)
 MAX_PIXELS = 8192 * 8192  # output pixels of one image
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+ALIGNMENT = 128  # both sides pad the coded picture to this multiple: the hyper-latent sits at 1/128 of it
+
 
 def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     return -(-height // multiple) * multiple, -(-width // multiple) * multiple

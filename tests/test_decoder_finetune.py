@@ -87,7 +87,7 @@ def test_decoder_stage_can_train_low_levels_only_with_a_rate_dependent_texture_w
 
 def test_sender_latents_sample_only_the_trained_levels(package, photos, tmp_path) -> None:
     items = build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)
-    source = SenderLatents(package, CropSampler(items, 128, 0), seed=0, levels=2)
+    source = SenderLatents(package, CropSampler(items, 128, 0), np.random.default_rng(1), levels=2)
     _, _, positions = source.batch(6)
     allowed = {source.codec.package.level_position(level) for level in range(2)}
     assert set(positions.tolist()) <= allowed

@@ -35,11 +35,10 @@ MIN_JUDGED_CELLS = 13  # 104 px: MS-SSIM's five scales with a 7-pixel window nee
 class SenderLatents:
     """Training batches (images, ŷ, rate positions): random crops coded by the package's sender path."""
 
-    def __init__(self, package: Path, sampler: CropSampler, seed: int | np.random.Generator, levels: int) -> None:
+    def __init__(self, package: Path, sampler: CropSampler, rng: np.random.Generator, levels: int) -> None:
         self.codec = SenderCodec.from_package(package, downscale=1)  # crops are coded whole
         self.sampler = sampler
-        # a generator is used as it is (a checkpointed stream); a seed draws other levels than the crops
-        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed + 1)
+        self.rng = rng  # draws the rate levels (a checkpointed stream, apart from the crops')
         self.levels = levels  # rate levels 0 .. levels - 1
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
