@@ -59,11 +59,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def describe(machine: dict[str, Any]) -> str:
-    """One line for tables: 'AMD EPYC, 2 cores, 23.4 GiB RAM, 2026-11-25'."""
-    return f"{machine['cpu_model']}, {machine['cpu_cores']} cores, {machine['ram_gib']} GiB RAM, {machine['date_utc'][:10]}"
-
-
 def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> Path:
     """Write ``result`` with the machine block to ``out`` (default ``results/<name>.json``)."""
     path = out or RESULTS_DIR / f"{name}.json"

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from aeic.shared.entropy_model import FRACTION_BITS
 from torch import nn
 
 from .analysis import AnalysisConfig, AnalysisTransform, HyperAnalysis
@@ -124,10 +123,6 @@ class AEICModel(nn.Module):
         y_hat, y_bits, z_bits = self.entropy(scaled, z)
         bits = y_bits.flatten(1).sum(1) + z_bits.flatten(1).sum(1)
         return {"y": y, "y_hat": y_hat, "bits": bits, "latent": self.decoder_latent(y_hat, rate_index, refine)}
-
-    @staticmethod
-    def fixed_point_to_real(y_fixed: torch.Tensor) -> torch.Tensor:
-        return y_fixed / (1 << FRACTION_BITS)
 
 
 def count_parameters(module: nn.Module) -> int:

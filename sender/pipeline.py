@@ -34,9 +34,6 @@ class RateControl:
         if (self.rate is None) == (self.target_bytes is None):
             raise ValueError("give exactly one of a rate index or a byte budget")
 
-    def describe(self) -> str:
-        return f"rate {self.rate}" if self.rate is not None else f"budget {self.target_bytes} B"
-
 
 @dataclass(frozen=True)
 class Encoded:

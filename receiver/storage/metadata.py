@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -399,16 +398,6 @@ class SqlMetadataStore:
             for status, count in conn.execute(sa.select(_IMG.c.status, sa.func.count()).group_by(_IMG.c.status)):
                 counts[Status(status)] = int(count)
         return counts
-
-    def pending_groups(self) -> Sequence[tuple[str, int, int, int]]:
-        """(model id, width, height, count) of pending work, for monitoring."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(_IMG.c.model_id, _IMG.c.width, _IMG.c.height, sa.func.count())
-                .where(_IMG.c.status == Status.PENDING.value)
-                .group_by(_IMG.c.model_id, _IMG.c.width, _IMG.c.height)
-            ).all()
-        return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
 
     # -- device tokens ---------------------------------------------------------------------------
 
