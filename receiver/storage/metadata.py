@@ -293,7 +293,9 @@ class SqlMetadataStore:
                 .values(status=Status.DECODING.value, claim_token=token, claimed_at=now,
                         attempts=_IMG.c.attempts + 1, updated_at=now)
             )
-            rows = conn.execute(self._select().where(_IMG.c.claim_token == token).order_by(_IMG.c.seq)).all()
+            # By primary key: claim_token has no index, so filtering on it alone would scan every image.
+            rows = conn.execute(self._select().where(_IMG.c.seq.in_(seqs), _IMG.c.claim_token == token)
+                                .order_by(_IMG.c.seq)).all()
         if not rows:
             return None
         return Claim(token=token, records=[_record(r) for r in rows])

@@ -49,11 +49,17 @@ def _v4_gallery_sessions(conn: sa.Connection) -> None:
     schema.gallery_sessions.create(conn, checkfirst=True)
 
 
+def _v5_status_index(conn: sa.Connection) -> None:
+    # v1 creates the current table, indexes included, so a database created by this code already has it.
+    next(i for i in schema.images.indexes if i.name == "ix_images_status_seq").create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "images and device tokens", _v1_initial),
     Migration(2, "decode counter", _v2_decode_counter),
     Migration(3, "coding downscale", _v3_coding_downscale),
     Migration(4, "gallery sessions", _v4_gallery_sessions),
+    Migration(5, "images by status in seq order", _v5_status_index),
 )
 
 

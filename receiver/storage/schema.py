@@ -56,6 +56,9 @@ images = sa.Table(
     sa.UniqueConstraint("device", "idempotency_key", name="uq_images_device_idempotency_key"),
     sa.Index("ix_images_claim", "status", "model_id", "width", "height", "seq"),
     sa.Index("ix_images_device_seq", "device", "seq"),
+    # Listing by status (newest first) and the worker's oldest-due-job query walk this in `seq` order
+    # instead of sorting every image of the status (schema v5).
+    sa.Index("ix_images_status_seq", "status", "seq"),
     sa.Index("ix_images_created_at", "created_at"),
 )
 
