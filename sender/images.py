@@ -18,8 +18,11 @@ too large) raises :class:`ImageReadError` with one line saying which file and wh
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,7 +52,7 @@ def read_image(path: str | Path) -> np.ndarray:
         with warnings.catch_warnings():
             # Pillow warns (not raises) between 1x and 2x its pixel limit; we decide ourselves.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with _open_regular(path) as file, Image.open(file) as image:
                 _check_size(path, image.size)
                 image.load()
                 # In place: no second full-size copy of an upright photo (a 48 MP one is 190 MB
@@ -73,6 +76,23 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: corrupt or truncated image data ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - untrusted files can trip any decoder plugin bug
         raise ImageReadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file. Opened without blocking and checked on the
+    open descriptor: a FIFO (even one swapped in after a watcher saw a file) would block a plain open
+    until some writer came, and a device would be read forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+            raise ImageReadError(f"{path}: is {kind}, not an image file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_size(path: Path, size: tuple[int, int]) -> None:

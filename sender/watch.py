@@ -8,7 +8,10 @@ scans (a copy in progress keeps changing them); the caller then reads it, and a 
 stable but unreadable is recorded as failed and retried only if it changes again. What was
 handled is remembered in a small JSON state file (written atomically), keyed by path, size
 and mtime, so a restart neither re-sends old images nor misses ones that arrived while the
-agent was down. Hidden files, partial-download names and non-image suffixes are ignored.
+agent was down. Hidden files, partial-download names and non-image suffixes are ignored, and so is
+anything that is not a regular file (a folder named ``x.jpg``, a FIFO, whose reading would block); a
+symbolic link is followed, and one that cannot be (dangling, a loop) is reported once and skipped, so it
+cannot stop the scan of the other files.
 
 A file being encoded is marked in the state first: if the agent dies on it (a photo too large for
 the service's memory cap gets it OOM-killed, and systemd restarts it), the next run knows, and after
@@ -19,6 +22,7 @@ that would hold back every file after it.
 from __future__ import annotations
 
 import json
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -68,6 +72,7 @@ class FolderWatcher:
         self.state_path = Path(state_path)
         self.recursive = recursive
         self._previous: dict[str, Fingerprint] = {}
+        self.unlisted: dict[str, str] = {}  # image names the last scan could not stat, and why
         state = self._load_state()
         self._handled: dict[str, dict] = dict(state.get("files", {}))
         self._started: dict[str, dict] = dict(state.get("started", {}))  # being encoded: fingerprint, starts
@@ -91,7 +96,7 @@ class FolderWatcher:
 
     def _listing(self) -> dict[str, tuple[Path, Fingerprint]]:
         pattern = "**/*" if self.recursive else "*"
-        found = {}
+        found, self.unlisted = {}, {}
         for path in self.directory.glob(pattern):
             relative = path.relative_to(self.directory)
             if any(part.startswith(".") for part in relative.parts[:-1]):
@@ -99,11 +104,16 @@ class FolderWatcher:
             if not is_candidate_name(path.name):
                 continue
             try:
-                stat = path.stat()
+                info = path.stat()
             except FileNotFoundError:
+                if path.is_symlink():
+                    self.unlisted[relative.as_posix()] = "dangling symbolic link"
+                continue  # else deleted since the listing
+            except OSError as exc:  # a symlink loop, a denied folder: skip it, not the folder's other files
+                self.unlisted[relative.as_posix()] = exc.strerror or str(exc)
                 continue
-            if path.is_file():
-                found[relative.as_posix()] = (path, (stat.st_size, stat.st_mtime_ns))
+            if stat.S_ISREG(info.st_mode):  # not a folder named x.jpg, a FIFO (reading it would hang), a device
+                found[relative.as_posix()] = (path, (info.st_size, info.st_mtime_ns))
         return found
 
     def scan(self) -> list[Candidate]:
@@ -174,12 +184,14 @@ def run_watch(
     remembered in memory and is saved with the next write that succeeds.
     """
     report = on_error or (lambda line: print(line, file=sys.stderr, flush=True))
+    reported: dict[str, str] = {}
     while not stop.is_set():
         try:
             candidates = watcher.scan()
         except OSError as exc:
             report(f"watch: cannot scan {watcher.directory} or save its state: {exc}")
             candidates = []
+        reported = _report_unlisted(watcher, reported, report)
         for candidate in candidates:
             if stop.is_set():
                 return
@@ -192,3 +204,11 @@ def run_watch(
             except OSError as exc:
                 report(f"watch: cannot save the state {watcher.state_path}: {exc}")
         stop.wait(poll_interval)
+
+
+def _report_unlisted(watcher: FolderWatcher, reported: dict[str, str], report: Callable[[str], None]) -> dict[str, str]:
+    """Say once (not every scan) which image names cannot be read as files; returns what is now said."""
+    for name, reason in sorted(watcher.unlisted.items()):
+        if reported.get(name) != reason:
+            report(f"watch: {watcher.directory / name}: skipped: {reason}")
+    return dict(watcher.unlisted)

