@@ -14,7 +14,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -327,9 +327,12 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
 # -- reads ---------------------------------------------------------------------------------------
 
 
-def get_image(image_id: str, request: Request, who: Caller) -> dict[str, Any]:
+_NO_STORE = {"Cache-Control": "no-store"}  # private and changing: no cache may keep or reuse it
+
+
+def get_image(image_id: str, request: Request, who: Caller) -> JSONResponse:
     """Status and metadata of one image."""
-    return image_json(visible_image(receiver_state(request), who, image_id))
+    return JSONResponse(image_json(visible_image(receiver_state(request), who, image_id)), headers=_NO_STORE)
 
 
 def _parse_time(value: str | None, name: str) -> float | None:
@@ -361,7 +364,7 @@ def list_images(
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
-) -> dict[str, Any]:
+) -> JSONResponse:
     """Newest first, with an opaque `next` cursor; a device only ever lists its own images."""
     if not who.admin:
         if device is not None and device != who.device:
@@ -373,7 +376,7 @@ def list_images(
         page = receiver_state(request).store.list_images(flt, limit, cursor)
     except InvalidCursorError as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from None
-    return {"items": [image_json(r) for r in page.items], "next": page.next}
+    return JSONResponse({"items": [image_json(r) for r in page.items], "next": page.next}, headers=_NO_STORE)
 
 
 def _negotiate(accept: str | None) -> str:
@@ -409,22 +412,45 @@ def _require_done(record: ImageRecord) -> None:
                        f"image {record.id} is {record.status.value}{reason}")
 
 
-def _image_response(state: ReceiverState, record: ImageRecord, suffix: str) -> Response:
+def _etag(record: ImageRecord, variant: str) -> str:
+    """A validator that needs no blob read: a done image's files are written once, when it is decoded.
+    Weak, since a JPEG or WebP transcode is equivalent but not promised byte for byte across Pillow versions."""
+    return f'W/"{record.id}-{round((record.decoded_at or 0.0) * 1e6)}-{variant}"'
+
+
+def _matches(request: Request, etag: str) -> bool:
+    """If-None-Match by weak comparison (RFC 9110 13.1.2): a list of tags, or `*`."""
+    header = request.headers.get("if-none-match")
+    if header is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag.removeprefix("W/") in tags
+
+
+def _blob_response(state: ReceiverState, record: ImageRecord, request: Request, variant: str,
+                   headers: dict[str, str]) -> Response:
+    """A done image's file (`variant` a format suffix or `thumbnail`): 304 when the client's copy is
+    current, else the bytes, never stored in a shared cache (the images are private)."""
     _require_done(record)
+    headers = {**headers, "Cache-Control": "private, max-age=86400", "ETag": _etag(record, variant)}
+    if _matches(request, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    key = thumbnail_key(record.id) if variant == "thumbnail" else reconstruction_key(record.id)
     try:
-        png = state.blobs.get(reconstruction_key(record.id))
+        data = state.blobs.get(key)
     except BlobNotFoundError:
-        raise ApiError(404, "not_found", f"reconstruction of {record.id} is missing") from None
-    data = transcode(png, suffix)
-    return Response(data, media_type=FORMATS[suffix][1],
-                    headers={"Cache-Control": "private, max-age=86400", "Vary": "Accept"})
+        raise ApiError(404, "not_found", f"{variant} of {record.id} is missing") from None
+    if variant == "thumbnail":
+        return Response(data, media_type="image/jpeg", headers=headers)
+    return Response(transcode(data, variant), media_type=FORMATS[variant][1], headers=headers)
 
 
 def get_reconstruction(image_id: str, request: Request, who: Caller) -> Response:
     """The reconstruction: PNG, or JPEG/WebP when the Accept header prefers it."""
     state = receiver_state(request)
     record = visible_image(state, who, image_id)
-    return _image_response(state, record, _negotiate(request.headers.get("accept")))
+    suffix = _negotiate(request.headers.get("accept"))
+    return _blob_response(state, record, request, suffix, {"Vary": "Accept"})
 
 
 def get_reconstruction_as(image_id: str, ext: str, request: Request, who: Caller) -> Response:
@@ -432,19 +458,13 @@ def get_reconstruction_as(image_id: str, ext: str, request: Request, who: Caller
     state = receiver_state(request)
     if ext.lower() not in FORMATS:
         raise ApiError(404, "not_found", f"unknown format .{ext}; use .png, .jpg or .webp")
-    return _image_response(state, visible_image(state, who, image_id), ext.lower())
+    return _blob_response(state, visible_image(state, who, image_id), request, ext.lower(), {})
 
 
 def get_thumbnail(image_id: str, request: Request, who: Caller) -> Response:
     """The gallery thumbnail (JPEG)."""
     state = receiver_state(request)
-    record = visible_image(state, who, image_id)
-    _require_done(record)
-    try:
-        data = state.blobs.get(thumbnail_key(record.id))
-    except BlobNotFoundError:
-        raise ApiError(404, "not_found", f"thumbnail of {record.id} is missing") from None
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+    return _blob_response(state, visible_image(state, who, image_id), request, "thumbnail", {})
 
 
 def delete_image(image_id: str, request: Request, who: Caller) -> Response:
@@ -501,6 +521,13 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(receiver_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _add_read(router: APIRouter, path: str, endpoint: Callable[..., Any], summary: str) -> None:
+    """GET and HEAD (RFC 9110: a GET resource answers HEAD with the same headers and no body; uvicorn drops
+    the body). HEAD stays out of the OpenAPI document, where it would repeat the GET's operation id."""
+    router.add_api_route(path, endpoint, methods=["GET"], summary=summary)
+    router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
+
 def _api_router() -> APIRouter:
     router = APIRouter()
     router.add_api_route("/v1/images", upload_image, methods=["POST"], status_code=202,
@@ -508,15 +535,15 @@ def _api_router() -> APIRouter:
                              "required": True,
                              "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                   "format": "binary"}}}}})
-    router.add_api_route("/v1/images", list_images, methods=["GET"], summary="List images, newest first")
-    router.add_api_route("/v1/images/{image_id}", get_image, methods=["GET"], summary="Image status")
+    _add_read(router, "/v1/images", list_images, "List images, newest first")
+    _add_read(router, "/v1/images/{image_id}", get_image, "Image status")
     router.add_api_route("/v1/images/{image_id}", delete_image, methods=["DELETE"], status_code=204,
                          summary="Delete an image")
-    router.add_api_route("/v1/images/{image_id}/reconstruction", get_reconstruction, methods=["GET"],
-                         summary="Reconstruction (PNG; JPEG/WebP by Accept)")
-    router.add_api_route("/v1/images/{image_id}/reconstruction.{ext}", get_reconstruction_as, methods=["GET"],
-                         summary="Reconstruction in the suffix's format")
-    router.add_api_route("/v1/images/{image_id}/thumbnail", get_thumbnail, methods=["GET"], summary="Thumbnail")
+    _add_read(router, "/v1/images/{image_id}/reconstruction", get_reconstruction,
+              "Reconstruction (PNG; JPEG/WebP by Accept)")
+    _add_read(router, "/v1/images/{image_id}/reconstruction.{ext}", get_reconstruction_as,
+              "Reconstruction in the suffix's format")
+    _add_read(router, "/v1/images/{image_id}/thumbnail", get_thumbnail, "Thumbnail")
     router.add_api_route("/healthz", healthz, methods=["GET"], summary="Liveness")
     router.add_api_route("/readyz", readyz, methods=["GET"], summary="Readiness")
     router.add_api_route("/metrics", metrics, methods=["GET"], summary="Prometheus metrics")

@@ -53,7 +53,7 @@ def index(request: Request, cursor: str | None = None) -> Response:
         cursor, page = None, store.list_images(flt, _FIRST_PAGE, None)
     context: dict[str, Any] = {"images": [image_json(r) for r in page.items], "who": who, "limit": _FIRST_PAGE,
                                "next": page.next, "live": cursor is None}
-    return _templates.TemplateResponse(request, "index.html", context)
+    return _no_store(_templates.TemplateResponse(request, "index.html", context))
 
 
 def image_page(image_id: str, request: Request) -> Response:
@@ -65,7 +65,7 @@ def image_page(image_id: str, request: Request) -> Response:
         record = visible_image(receiver_state(request), who, image_id)
     except ApiError:
         return _templates.TemplateResponse(request, "missing.html", {"image_id": image_id}, status_code=404)
-    return _templates.TemplateResponse(request, "image.html", {"image": image_json(record), "who": who})
+    return _no_store(_templates.TemplateResponse(request, "image.html", {"image": image_json(record), "who": who}))
 
 
 def _client(request: Request) -> str:
@@ -105,6 +105,7 @@ def _cross_site(request: Request) -> bool:
 
 
 def _no_store(response: Response) -> Response:
+    """Pages that are private or change: after sign-out, Back must not show them from the browser's cache."""
     response.headers["Cache-Control"] = "no-store"
     return response
 

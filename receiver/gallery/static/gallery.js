@@ -26,6 +26,7 @@
     thumb.replaceChildren();
     if (img.status === "done") {
       const pic = el("img", isExtreme(img) ? "whole" : null);
+      pic.loading = "lazy";  // as _card.html: only thumbnails near the viewport are fetched
       pic.src = img.links.thumbnail;
       pic.alt = "image " + img.id;
       thumb.appendChild(pic);
