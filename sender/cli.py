@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import signal
 import sys
 import threading
@@ -38,6 +39,9 @@ from aeic import __version__
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_QUEUED = 0, 1, 2, 3
 COMMANDS = ("encode", "send", "watch", "camera", "flush", "spool")
 DEFAULT_RATE = 0
+# An output name's stem; with "-N.aeic" and atomic_write's ".tmp-" prefix and ".pid.random" suffix the
+# temporary name stays under the 255 bytes that Linux filesystems allow.
+MAX_OUTPUT_STEM_BYTES = 200
 CodecFactory = Callable[[SenderConfig, Reporter], Codec]
 
 SPOOL_POLICY = (
@@ -233,13 +237,23 @@ class ImageEncoder:
 
 
 def _unique_output(directory: Path, source: Path, used: set[str]) -> Path:
-    stem, n = source.stem or "image", 1
+    """``DIR/<stem>.aeic``, numbered when an earlier input of this run had the stem; compared without
+    case, as the FAT and exFAT cards and sticks of edge devices compare names (``A.jpg``, ``a.png``)."""
+    stem, n = _short_stem(source.stem or "image"), 1
     name = f"{stem}.aeic"
-    while name in used:
+    while name.casefold() in used:
         n += 1
         name = f"{stem}-{n}.aeic"
-    used.add(name)
+    used.add(name.casefold())
     return directory / name
+
+
+def _short_stem(stem: str) -> str:
+    """``stem`` cut to :data:`MAX_OUTPUT_STEM_BYTES`: an input name near the 255-byte limit would
+    otherwise give an output name (and its temporary name while written) too long to create."""
+    while len(os.fsencode(stem)) > MAX_OUTPUT_STEM_BYTES:
+        stem = stem[:-1]
+    return stem
 
 
 def _install_stop_handlers(stop: threading.Event) -> dict[int, Any]:

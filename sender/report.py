@@ -32,7 +32,7 @@ class Reporter:
 
     def _emit(self, stream: TextIO, line: str) -> None:
         with self._lock:
-            print(line, file=stream, flush=True)
+            print(_encodable(line, stream), file=stream, flush=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         if self.as_json:
@@ -91,3 +91,10 @@ class Reporter:
             self.info(f"rejected by the receiver: {name}: {result.detail} (kept in the spool's rejected/)")
         else:
             self.info(f"upload of {name} not done: {result.detail}; it stays queued")
+
+
+def _encodable(line: str, stream: TextIO) -> str:
+    """``line`` with what ``stream`` cannot encode escaped: a file name that is not valid UTF-8 (its
+    bytes come back as lone surrogates) must not end the agent under a strict UTF-8 locale."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return line.encode(encoding, "backslashreplace").decode(encoding)

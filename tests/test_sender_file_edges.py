@@ -8,15 +8,19 @@ spool folder deleted while running.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from aeic.sender import cli
 from aeic.sender.images import ImageReadError, read_image
+from aeic.sender.report import Reporter
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
 from PIL import Image
+from sender_support import ContainerCodec
 
 pytest.importorskip("aeic.sender.encoder")  # the command layer catches the encoder's BudgetError
 
@@ -83,3 +87,36 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     reader.join(timeout=10)
     assert not reader.is_alive(), "read_image blocked on a FIFO"
     assert errors and "FIFO" in errors[0]
+
+
+def test_undecodable_names_are_printed_escaped_under_a_strict_locale() -> None:
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    reporter = Reporter(out=out, err=out)
+    reporter.error(NON_UTF8, f"{NON_UTF8}: cannot encode")
+    reporter.info(f"uploaded {NON_UTF8}")
+    out.flush()
+    assert out.buffer.getvalue().count(b"bad-\\udcff\\udcfe.png") == 2
+
+
+def _encode(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> int:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
+    return cli.main(argv, codec_factory=lambda config, reporter: ContainerCodec())
+
+
+def test_encode_names_long_case_colliding_and_not_utf8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdout", strict)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    images = [
+        _png(tmp_path / "one" / "A.png", 1),
+        _png(tmp_path / "two" / "a.png", 2),
+        _png(tmp_path / "one" / ("é" * 125 + ".png"), 3),  # 254 bytes
+        _png(tmp_path / "one" / NON_UTF8, 4),
+    ]
+    out = tmp_path / "out"
+    assert _encode(["encode", *map(str, images), "-o", str(out)], monkeypatch, tmp_path) == cli.EXIT_OK
+    names = [entry.name for entry in out.iterdir()]
+    assert len(names) == 4 and len({name.casefold() for name in names}) == 4
+    assert all(len(os.fsencode(name)) <= 255 for name in names)
