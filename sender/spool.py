@@ -158,7 +158,9 @@ class Spool:
             if not data.exists():
                 return None
             return self._recovered_item(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            # Unreadable (written by root with umask 077, a bad sector) or damaged: the bitstream is
+            # the item, and one bad sidecar must not stop every other item from being listed.
             return self._recovered_item(data)
         # Valid JSON of the wrong shape (``null``, a list, text where a number belongs) is as
         # damaged as invalid JSON: one bad sidecar must not stop the whole spool from draining.
@@ -193,9 +195,15 @@ class Spool:
                 if existing is not None:
                     return existing
             self._check_room(len(data))
+            self.pending_dir.mkdir(parents=True, exist_ok=True)  # deleted while running: new images still go
             item = SpoolItem(key, path, len(data), source=source, created=time.time(), extra=extra)
             atomic_write(path, data)
-            self._write_sidecar(item)
+            try:
+                self._write_sidecar(item)
+            except OSError:
+                # The disk filled between the two writes: the bitstream is stored, and it is the item
+                # (listing recovers its metadata); refusing now would call a queued image not queued.
+                pass
         return item
 
     def _check_room(self, size: int) -> None:
@@ -244,6 +252,7 @@ class Spool:
         """Move an item the receiver refused for good to ``rejected/`` with the reason."""
         target = self.rejected_dir / item.path.name
         with self._lock:
+            self.rejected_dir.mkdir(parents=True, exist_ok=True)  # as in put: a deleted folder comes back
             moved = SpoolItem(
                 item.key,
                 target,

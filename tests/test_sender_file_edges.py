@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aeic.sender import cli
+from aeic.sender.forward import Forwarder
 from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.report import Reporter
+from aeic.sender.spool import Spool
+from aeic.sender.uploader import Uploader
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
 from PIL import Image
-from sender_support import ContainerCodec
+from sender_support import ContainerCodec, ReceiverDouble, make_bitstream
 
 pytest.importorskip("aeic.sender.encoder")  # the command layer catches the encoder's BudgetError
 
@@ -120,3 +124,46 @@ def test_encode_names_long_case_colliding_and_not_utf8(tmp_path: Path, monkeypat
     names = [entry.name for entry in out.iterdir()]
     assert len(names) == 4 and len({name.casefold() for name in names}) == 4
     assert all(len(os.fsencode(name)) <= 255 for name in names)
+
+
+def test_an_unreadable_sidecar_does_not_stop_the_drain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sidecar root wrote with umask 077 (or on a bad sector) must not hold back every other item."""
+    spool = Spool(tmp_path / "spool")
+    bad = spool.put(make_bitstream(1), source="bad")
+    spool.put(make_bitstream(2), source="good")
+    read_text = Path.read_text
+
+    def denied(self: Path, *args: object, **kwargs: object) -> str:
+        if self == bad.path.with_suffix(".json"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert sorted(item.source or "?" for item in spool.items()) == ["?", "good"]
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
+        report = Forwarder(spool, uploader).drain_pass()
+    assert report.accepted == 2 and len(receiver.stored) == 2 and len(spool) == 0
+
+
+def test_a_spool_deleted_while_running_takes_new_items(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    shutil.rmtree(spool.root)
+    item = spool.put(make_bitstream(1), source="after")
+    assert [i.source for i in spool.items()] == ["after"]
+    spool.reject(item, "HTTP 422: bad")
+    assert [i.extra["reason"] for i in spool.rejected()] == ["HTTP 422: bad"]
+
+
+def test_a_disk_full_between_bitstream_and_sidecar_keeps_the_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bitstream is stored: reporting it as not queued would be wrong (and a camera frame dropped)."""
+    spool = Spool(tmp_path / "spool")
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "_write_sidecar", disk_full)
+    item = spool.put(make_bitstream(1), source="frame")
+    monkeypatch.undo()
+    assert [i.key for i in spool.items()] == [item.key] and spool.read(item) == make_bitstream(1)
