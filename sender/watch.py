@@ -181,7 +181,9 @@ def run_watch(
 
     A state file that cannot be written (full or read-only disk) or a folder that cannot be
     listed is reported through ``on_error`` and the loop goes on: what was handled stays
-    remembered in memory and is saved with the next write that succeeds.
+    remembered in memory and is saved with the next write that succeeds. A file handled LATER
+    ends the scan's turn: the other ready files wait for the next scan instead of each being
+    encoded and refused by the same full spool (a Pi's CPU and log, every scan, while the link is down).
     """
     report = on_error or (lambda line: print(line, file=sys.stderr, flush=True))
     reported: dict[str, str] = {}
@@ -203,6 +205,8 @@ def run_watch(
                 watcher.record(candidate, outcome, detail)
             except OSError as exc:
                 report(f"watch: cannot save the state {watcher.state_path}: {exc}")
+            if outcome is Handled.LATER:
+                break  # a full or unwritable spool stops the files after it too: encoding them would be waste
         stop.wait(poll_interval)
 
 

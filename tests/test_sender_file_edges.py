@@ -167,3 +167,20 @@ def test_a_disk_full_between_bitstream_and_sidecar_keeps_the_item(
     item = spool.put(make_bitstream(1), source="frame")
     monkeypatch.undo()
     assert [i.key for i in spool.items()] == [item.key] and spool.read(item) == make_bitstream(1)
+
+
+def test_a_full_spool_costs_one_encode_per_scan_not_one_per_waiting_file(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        (folder / name).write_bytes(b"image")
+    stop, handled = threading.Event(), []
+
+    def spool_full(candidate: Candidate) -> tuple[Handled, str]:
+        handled.append(candidate.name)
+        if len(handled) == 3:
+            stop.set()
+        return Handled.LATER, ""
+
+    run_watch(FolderWatcher(folder, tmp_path / "state.json"), spool_full, stop, 0.01, on_error=print)
+    assert handled == ["a.png"] * 3
