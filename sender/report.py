@@ -88,7 +88,9 @@ class Reporter:
             suffix = f" as {result.receiver_id}" if result.receiver_id else ""
             self.info(f"uploaded {name} ({item.key[:12]}){suffix}")
         elif result.outcome is Outcome.REJECTED:
-            self.info(f"rejected by the receiver: {name}: {result.detail} (kept in the spool's rejected/)")
+            # No status: the spool itself found the bitstream damaged; the receiver never saw it.
+            who = "by the receiver" if result.status is not None else "as damaged in the spool"
+            self.info(f"rejected {who}: {name}: {result.detail} (kept in the spool's rejected/)")
         else:
             self.info(f"upload of {name} not done: {result.detail}; it stays queued")
 

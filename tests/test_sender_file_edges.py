@@ -184,3 +184,17 @@ def test_a_full_spool_costs_one_encode_per_scan_not_one_per_waiting_file(tmp_pat
 
     run_watch(FolderWatcher(folder, tmp_path / "state.json"), spool_full, stop, 0.01, on_error=print)
     assert handled == ["a.png"] * 3
+
+
+def test_a_truncated_spool_entry_is_quarantined_and_not_blamed_on_the_receiver(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    broken = spool.put(make_bitstream(1), source="broken")
+    spool.put(make_bitstream(2), source="fine")
+    broken.path.write_bytes(broken.path.read_bytes()[:10])
+    err = io.StringIO()
+    reporter = Reporter(err=err)
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
+        report = Forwarder(spool, uploader, listener=reporter.upload).drain_pass()
+    assert (report.accepted, report.rejected, len(receiver.requests)) == (1, 1, 1)
+    assert [item.source for item in spool.rejected()] == ["broken"]
+    assert "rejected as damaged in the spool: broken" in err.getvalue()
