@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
+from aeic.shared.padding import ALIGNMENT
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -18,12 +19,12 @@ class TrainConfig(BaseModel):
     data: Path = Path("../shared/data/train")
     cache: Path = Path("runs/cache/train-512")  # one file per photo
     short_side: int = Field(512, ge=8)
-    crop: int = Field(256, ge=8)
+    crop: int = Field(256, ge=ALIGNMENT)  # a multiple of ALIGNMENT: the hyper-latent's grid
     batch: int = Field(6, ge=1)
     steps: int = Field(4000, ge=1)
     minutes: float | None = Field(None, gt=0)  # a wall-clock budget: the run ends (and the LR decays) by time or steps
-    lr: float = 2e-4
-    lr_final_fraction: float = 0.1
+    lr: float = Field(2e-4, gt=0)
+    lr_final_fraction: float = Field(0.1, ge=0, le=1)  # the last step's learning rate over `lr`
     seed: int = 0
     out: Path = Path("runs/default")
     init: Path | None = None  # weights to start from: a previous stage's checkpoint or a model package folder
@@ -32,36 +33,36 @@ class TrainConfig(BaseModel):
     teacher: Path | None = None  # distillation: the moderate-encoder model checkpoint
     device: str = "auto"
     checkpoint_minutes: float = Field(4.0, gt=0)
-    rate_adapt: float = 0.01  # step size of the per-rate gain control (log gain per log bpp error, per sample)
-    lambda_scale: float = 200.0  # the fixed multipliers: nominal bpp x this (~2 suits the pixel distortion)
+    rate_adapt: float = Field(0.01, ge=0)  # step size of the per-rate gain control (log gain per log bpp error, per sample)
+    lambda_scale: float = Field(200.0, gt=0)  # the fixed multipliers: nominal bpp x this (~2 suits the pixel distortion)
     # each sample's R + lambda D is scaled by (geometric-mean lambda / its lambda) ** rate_balance: at 0 the
     # distortion of the highest rate point weighs 32x the lowest's in the shared weights (nano-se-wide),
     # at 1 every rate point's distortion weighs the same; the optimum of each point is unchanged
     rate_balance: float = 0.0
     unet: bool = True  # False: pretrain the regression only (the UNet learns in the adversarial stage)
-    adversarial_weight: float = 0.0
-    pixel_weight: float = 0.0  # MS-SSIM/MSE through the pixel decoder, on a sub-batch
+    adversarial_weight: float = Field(0.0, ge=0)
+    pixel_weight: float = Field(0.0, ge=0)  # MS-SSIM/MSE through the pixel decoder, on a sub-batch
     # what rate-distortion training measures with TAEF2: its latent (cheap on a CPU) or, end to end
     # through the frozen decoder, the pixels (mse/msssim/texture weights below, plus latent_weight x
     # the latent MSE); a model with an internal pixel decoder always measures pixels
     distortion: Literal["latent", "pixel"] = "latent"
-    latent_weight: float = 0.0
-    distil_encoder_weight: float = 1.0
-    distil_decoder_weight: float = 1.0
+    latent_weight: float = Field(0.0, ge=0)
+    distil_encoder_weight: float = Field(1.0, ge=0)
+    distil_decoder_weight: float = Field(1.0, ge=0)
     log_every: int = Field(20, ge=1)
     # pixel losses (pixel distortion, decoder stage)
-    mse_weight: float = 100.0
-    msssim_weight: float = 1.0
-    texture_weight: float = 0.0
-    lowpass_weight: float = 0.0  # MSE of 8x/16x block means: MS-SSIM's coarse scales (regional colour, tone)
+    mse_weight: float = Field(100.0, ge=0)
+    msssim_weight: float = Field(1.0, ge=0)
+    texture_weight: float = Field(0.0, ge=0)
+    lowpass_weight: float = Field(0.0, ge=0)  # MSE of 8x/16x block means: MS-SSIM's coarse scales (regional colour, tone)
     # the decoder stage: a package's receiver half trained on pixel losses through its frozen pixel decoder
     package: Path | None = None
     window: int = Field(16, ge=1)  # latent cells (8 px each) of the window the pixel decoder renders per step
     # the highest rate level it trains on (None: all); budgets of 0.005-0.05 bpp never pick the top ones
-    max_level: int | None = None
+    max_level: int | None = Field(None, ge=0)
     # the texture weight at that level's rate position, `texture_weight` at position 0 and linear between
     # (None: `texture_weight` at every rate): low rates lose texture first, high rates PSNR
-    texture_weight_top: float | None = None
+    texture_weight_top: float | None = Field(None, ge=0)
 
     @field_validator("model")
     @classmethod
@@ -71,10 +72,25 @@ class TrainConfig(BaseModel):
         preset(name)  # an unknown one is a ValueError, reported against this key
         return name
 
+    @field_validator("crop")
+    @classmethod
+    def _whole_hyper_cells(cls, crop: int) -> int:
+        """Checked here: a crop off the grid fails only in the first step, after the whole cache was built."""
+        if crop % ALIGNMENT:
+            raise ValueError(f"must be a multiple of {ALIGNMENT} (the hyper-latent sits at 1/{ALIGNMENT}), got {crop}")
+        return crop
+
     @model_validator(mode="after")
     def _one_starting_point(self) -> TrainConfig:
         if self.init is not None and self.init_mean:
             raise ValueError("set `init` or `init_mean`, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> TrainConfig:
+        """Photos are downsampled to at most ``short_side``: a larger crop never fits, known before any caching."""
+        if self.crop > self.short_side:
+            raise ValueError(f"no {self.crop} px crop fits in photos downsampled to short_side {self.short_side}")
         return self
 
     @classmethod

@@ -37,8 +37,12 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError as exc:
         raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N or auto)") from exc
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: the stages are written and tested for these two
+        raise ValueError(f"device {name!r}: training runs on cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: CUDA is not available here (device = \"cpu\" or \"auto\")")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 on")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
