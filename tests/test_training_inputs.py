@@ -3,12 +3,16 @@ cannot train is one line at the start, and an interrupted run keeps what it had.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from aeic.training import cli as train_cli
+from aeic.training.data import NO_TEACHER, TrainingDataError, build_cache, list_images, load_downsampled
 from aeic.training.schedule import resolve_device
+from PIL import Image
 from training_support import write_training_photos
 
 CONFIG = """name = "t"
@@ -21,6 +25,27 @@ steps = 1
 log_every = 1
 out = "{out}"
 """
+NON_UTF8 = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name from an old archive: not valid UTF-8
+
+
+def _photo(path: Path, height: int = 200, width: int = 300, seed: int = 0) -> Image.Image:
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    image.save(path)
+    return image
+
+
+def _bad_files(folder: Path) -> list[str]:
+    """A truncated JPEG and PNG, an empty file, text named .jpg, a dangling link: what a real folder holds."""
+    _photo(folder / "whole.jpg")
+    _photo(folder / "whole.png")
+    for name in ("whole.jpg", "whole.png"):
+        data = (folder / name).read_bytes()
+        (folder / f"cut{Path(name).suffix}").write_bytes(data[: len(data) // 2])
+        (folder / name).unlink()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not a photo")
+    (folder / "gone.png").symlink_to(folder / "absent.png")
+    return ["cut.jpg", "cut.png", "empty.png", "notes.jpg", "gone.png"]
 
 
 def _config(tmp_path: Path, data: Path, extra: str = "") -> str:
@@ -40,6 +65,100 @@ def _one_line_error(capsys: pytest.CaptureFixture, status: int, fragment: str) -
     lines = [line for line in err.splitlines() if "aeic-train: error" in line]
     assert status == 2 and "Traceback" not in err and len(lines) == 1, err
     assert fragment in lines[0], err
+
+
+def test_bad_photos_are_skipped_with_one_warning_each_and_never_cached(tmp_path, capsys) -> None:
+    photos = _photos(tmp_path, 2)
+    bad = _bad_files(photos)
+    _photo(photos / "small.png", 48, 64)  # under the crop: left out, counted
+    (photos / "folder.png").mkdir()  # a folder with a photo's name is not a photo
+    items = build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)
+    assert len(items) == 2
+    err = capsys.readouterr().err
+    skipped = [line for line in err.splitlines() if "warning: skipped" in line]
+    assert sorted(Path(line.split("skipped ")[1].split(":")[0]).name for line in skipped) == sorted(bad)
+    assert f"training on 2 of the 8 photos in {photos} (5 unreadable, 1 smaller than a 128 px crop" in err
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # nothing of a bad photo, no temporary files
+    (photos / "cut.png").unlink()
+    _photo(photos / "cut.png", seed=1)  # repaired under the same name: read, not remembered as bad
+    assert len(build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)) == 3
+
+
+def test_colour_modes_bit_depths_and_exif_rotation_load_as_rgb(tmp_path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    grey = Image.fromarray(rgb).convert("L")
+    grey.save(tmp_path / "grey.png")
+    Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(rgb).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    # Pillow's own convert("RGB") clips 16-bit grey to white: the cache would have trained on blank photos
+    assert np.array_equal(load_downsampled(tmp_path / "grey16.png", 512)[..., 0], np.asarray(grey))
+    assert np.array_equal(load_downsampled(tmp_path / "grey.png", 512)[..., 1], np.asarray(grey))
+    assert np.array_equal(load_downsampled(tmp_path / "rgba.png", 512), rgb)
+    palette = load_downsampled(tmp_path / "palette.png", 512)
+    assert np.array_equal(palette, np.asarray(Image.open(tmp_path / "palette.png").convert("RGB")))
+    assert np.abs(load_downsampled(tmp_path / "cmyk.jpg", 512).astype(float) - rgb).mean() < 12
+    assert load_downsampled(tmp_path / "turned.jpg", 512).shape == (64, 48, 3)
+
+
+def test_nested_linked_hidden_and_non_utf8_names(tmp_path, capsys) -> None:
+    photos = tmp_path / "photos"
+    (photos / "0001000").mkdir(parents=True)  # LSDIR's layout
+    _photo(photos / "0001000" / "0000001.png")
+    _photo(photos / NON_UTF8, seed=1)
+    (photos / "0001000" / "loop").symlink_to(photos)  # followed once, not for ever
+    (photos / ".thumbnails").mkdir()
+    _photo(photos / ".thumbnails" / "small.png")
+    (photos / "._0000002.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS's copy of metadata
+    (photos / "bad-\udce9.jpg").write_text("not a photo")
+    assert [p.relative_to(photos) for p in list_images(photos)] == [
+        Path("0001000/0000001.png"), Path("bad-\udce9.jpg"), Path(NON_UTF8)]
+    assert len(build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)) == 2  # was: UnicodeEncodeError
+    assert "skipped " in capsys.readouterr().err  # printed escaped, not a UnicodeEncodeError of its own
+
+
+def test_a_photo_over_pillows_size_limit_is_skipped(tmp_path, monkeypatch, capsys) -> None:
+    photos = _photos(tmp_path, 2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 200 x 300 is over twice this: DecompressionBombError
+    with pytest.raises(TrainingDataError, match=f"none of the 2 photos in {photos} is usable \\(2 unreadable"):
+        build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)
+    assert capsys.readouterr().err.count("decompression bomb") == 2
+
+
+def test_the_cache_follows_the_folder_and_survives_a_damaged_entry(tmp_path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    first = _photo(photos / "a.bmp")  # uncompressed: a new photo of the same size has the same byte count
+    (photos / "sub").mkdir()
+    _photo(photos / "sub" / "a.bmp", seed=2)  # the same name and size in another folder: its own entry
+    before = build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)
+    assert not torch.equal(before[0].pixels, before[1].pixels)
+    second = _photo(photos / "a.bmp", seed=1)
+    os.utime(photos / "a.bmp", ns=(1, 1))
+    after = build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)
+    assert np.array_equal(after[0].pixels.permute(1, 2, 0).numpy(), load_downsampled(photos / "a.bmp", 160))
+    assert not np.array_equal(np.asarray(first), np.asarray(second))
+    for entry in (tmp_path / "cache").iterdir():  # cut short (an older version killed mid-write, a full disk)
+        entry.write_bytes(entry.read_bytes()[:100])
+    again = build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)
+    assert [torch.equal(a.pixels, b.pixels) for a, b in zip(after, again, strict=True)] == [True, True]
+
+
+def test_an_unusable_dataset_fails_at_start_naming_the_folder(tmp_path, capsys) -> None:
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "readme.txt").write_text("photos elsewhere")
+    _one_line_error(capsys, train_cli.main([_config(tmp_path, tmp_path / "texts")]),
+                    f"no training photos (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp) in {tmp_path / 'texts'}")
+    (tmp_path / "broken").mkdir()
+    _bad_files(tmp_path / "broken")
+    _one_line_error(capsys, train_cli.main([_config(tmp_path, tmp_path / "broken")]),
+                    f"none of the 5 photos in {tmp_path / 'broken'} is usable (5 unreadable, 0 smaller")
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [

@@ -9,6 +9,10 @@ to the latent grid (8 px) and flipped together with their latents.
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
+import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +25,38 @@ from tqdm import tqdm
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 LATENT_STRIDE = 8
 MAX_LONG_SIDE = 1024  # panoramas are centre-cropped: more pixels of one photo add little
+# what Pillow raises for a damaged, empty or foreign file, or one over its decompression-bomb limit
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every photo under ``folder``, in path order: subfolders too (LSDIR and CLIC nest theirs; a symlinked
+    one is followed once), hidden names (macOS's ``._`` copies, ``.git``) left out."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        found += [Path(root, name) for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
+    return sorted(found)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's convert() clips 16-bit greyscale ("I;16", "I") to 255, a white picture: scale it."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        scaled = np.rint(np.asarray(image, dtype=np.float64) / 257)
+        image = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def load_downsampled(path: Path, short_side: int) -> np.ndarray:
     """RGB uint8, short side at most ``short_side``, long side at most ``MAX_LONG_SIDE``, multiples of 8."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = _rgb(ImageOps.exif_transpose(image))
         factor = short_side / min(image.size)
         if factor < 1:
             size = (round(image.width * factor), round(image.height * factor))
@@ -64,41 +90,100 @@ NO_TEACHER = LatentTeacher("none", _empty_latent)  # the cache holds an empty la
 
 
 class TrainingDataError(ValueError):
-    """The training photos cannot make a batch: no folder, no photos, or none as large as a crop."""
+    """The training photos cannot make a batch: no folder, no photos, or none readable and as large as a crop."""
 
 
-def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentTeacher, crop: int) -> list[CachedImage]:
-    """Load or compute (and keep, one file per photo, so an interrupted run resumes) the cache."""
+def _warn(message: str) -> None:
+    """One line on stderr, beside the progress bar; a file name that is not UTF-8 is printed escaped."""
+    tqdm.write(f"aeic-train: warning: {message}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+
+
+def _photos(folder: Path, cache_dir: Path) -> list[Path]:
+    """The photos to cache; a missing or empty folder, or a cache that is a file, stops the run before any work."""
     if not Path(folder).is_dir():
         raise TrainingDataError(f"training photo folder {folder} {'is not a folder' if Path(folder).exists() else 'does not exist'}")
     photos = list_images(folder)
     if not photos:
-        raise TrainingDataError(f"no training photos ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+        raise TrainingDataError(f"no training photos ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} or its subfolders")
     if cache_dir.exists() and not cache_dir.is_dir():
         raise TrainingDataError(f"cache {cache_dir} is a file, not a folder")
+    return photos
+
+
+def _cache_entry(cache_dir: Path, folder: Path, path: Path, short_side: int, teacher: LatentTeacher) -> Path:
+    """A photo's cache file, keyed by its path under the folder, size and modification time (a photo replaced
+    under its name is read again), the downsampling and the teacher."""
+    stat = path.stat()
+    facts = [os.fsencode(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns, short_side, MAX_LONG_SIDE, teacher.name]
+    return cache_dir / f"{hashlib.sha256(repr(facts).encode()).hexdigest()[:20]}.pt"
+
+
+def _read_entry(entry: Path) -> CachedImage | None:
+    """A cached photo; None when missing or unreadable (cut short by a lost machine: computed again, not fatal)."""
+    try:
+        item = torch.load(entry, weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # absent, or a damaged zip or pickle
+        return None
+    return item if isinstance(item, CachedImage) else None
+
+
+def _write_entry(entry: Path, item: CachedImage) -> None:
+    """Write through a temporary file of this process's own (runs sharing a cache never write one file
+    together), then rename: a crash leaves no half-written entry."""
+    tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp")
+    try:
+        torch.save(item, tmp)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk or a read-only folder as either
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write the cache {entry.parent}: {str(exc).splitlines()[0]}") from exc
+    tmp.replace(entry)
+
+
+def _read_photo(path: Path, folder: Path, cache_dir: Path, short_side: int,
+                teacher: LatentTeacher) -> tuple[Path, CachedImage | torch.Tensor] | None:
+    """The photo's cache file and its entry there, else its downsampled pixels (3, H, W); None, with a
+    warning, when the photo cannot be read (a broken link too). Nothing of an unreadable photo is cached."""
+    try:
+        entry = _cache_entry(cache_dir, folder, path, short_side, teacher)
+        found = _read_entry(entry) or torch.from_numpy(load_downsampled(path, short_side)).permute(2, 0, 1).contiguous()
+    except _UNREADABLE as exc:
+        _warn(f"skipped {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return None
+    return entry, found
+
+
+def _cached(found: CachedImage | torch.Tensor, entry: Path, teacher: LatentTeacher, crop: int) -> CachedImage | None:
+    """A read photo as a cache item (its teacher latent computed and cached once); None when no crop fits in it."""
+    pixels = found.pixels if isinstance(found, CachedImage) else found
+    if min(pixels.shape[1:]) < crop:
+        return None
+    if isinstance(found, CachedImage):
+        return found
+    item = CachedImage(pixels, teacher.encode(pixels[None].float() / 255)[0].half())
+    _write_entry(entry, item)
+    return item
+
+
+def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentTeacher, crop: int) -> list[CachedImage]:
+    """Load or compute (and keep, one file per photo, so an interrupted run resumes) the cache.
+
+    A photo that cannot be read (damaged, empty, not an image, over Pillow's size limit) is skipped with a
+    warning, so one bad file among thousands does not stop a run; so are photos smaller than a crop."""
+    photos = _photos(folder, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    items = []
+    items, unreadable = [], 0
     with torch.no_grad():
         for path in tqdm(photos, desc="teacher latents"):
-            facts = f"{path.name}|{path.stat().st_size}|{short_side}|{MAX_LONG_SIDE}|{teacher.name}"
-            entry = cache_dir / f"{hashlib.sha256(facts.encode()).hexdigest()[:20]}.pt"
-            if entry.exists():
-                item = torch.load(entry, weights_only=False)
-            else:
-                pixels = torch.from_numpy(load_downsampled(path, short_side)).permute(2, 0, 1).contiguous()
-                latent = teacher.encode(pixels[None].float() / 255)[0].half()
-                item = CachedImage(pixels, latent)
-                try:
-                    torch.save(item, entry.with_suffix(".tmp"))
-                except (OSError, RuntimeError) as exc:  # torch reports a full disk or a read-only folder as either
-                    entry.with_suffix(".tmp").unlink(missing_ok=True)
-                    raise OSError(f"cannot write the cache {cache_dir}: {str(exc).splitlines()[0]}") from exc
-                entry.with_suffix(".tmp").replace(entry)
-            if min(item.pixels.shape[1:]) >= crop:
-                items.append(item)
+            read = _read_photo(path, Path(folder), cache_dir, short_side, teacher)
+            unreadable += read is None
+            item = None if read is None else _cached(read[1], read[0], teacher, crop)
+            items += [item] if item is not None else []
+    small = len(photos) - unreadable - len(items)
+    counts = f"{unreadable} unreadable, {small} smaller than a {crop} px crop after downsampling to short_side {short_side}"
     if not items:
-        raise TrainingDataError(f"none of the {len(photos)} photos in {folder} is at least {crop} px on its short side "
-                                f"after downsampling to short_side {short_side}: no {crop} px crop fits")
+        raise TrainingDataError(f"none of the {len(photos)} photos in {folder} is usable ({counts})")
+    if unreadable or small:
+        _warn(f"training on {len(items)} of the {len(photos)} photos in {folder} ({counts})")
     return items
 
 
