@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from aeic.training import cli as train_cli
+from aeic.training import data as data_module
+from aeic.training import schedule
 from aeic.training.data import NO_TEACHER, TrainingDataError, build_cache, list_images, load_downsampled
 from aeic.training.schedule import resolve_device
 from PIL import Image
@@ -58,6 +60,14 @@ def _config(tmp_path: Path, data: Path, extra: str = "") -> str:
 def _photos(tmp_path: Path, count: int) -> Path:
     (tmp_path / "photos").mkdir()
     return write_training_photos(tmp_path / "photos", count)
+
+
+def _main(argv: list[str]) -> int:
+    """aeic-train's status; a KeyboardInterrupt that escapes it fails the test instead of ending pytest."""
+    try:
+        return train_cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("aeic-train let a KeyboardInterrupt out")
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, status: int, fragment: str) -> None:
@@ -194,3 +204,43 @@ def test_a_cuda_device_the_machine_lacks_is_refused(monkeypatch) -> None:
         resolve_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto").type == "cpu"  # the documented fallback
+
+
+def test_ctrl_c_while_caching_is_one_line_and_keeps_the_photos_done(tmp_path, monkeypatch, capsys) -> None:
+    photos = _photos(tmp_path, 3)
+    config = _config(tmp_path, photos)
+    load = data_module.load_downsampled
+
+    def interrupted_on_the_third(path: Path, short_side: int) -> np.ndarray:
+        if path.name == "2.png":
+            raise KeyboardInterrupt
+        return load(path, short_side)
+
+    monkeypatch.setattr(data_module, "load_downsampled", interrupted_on_the_third)
+    assert _main([config]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "aeic-train: interrupted; the cached photos" in err
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2 and not list((tmp_path / "cache").glob("*.tmp"))
+    monkeypatch.setattr(data_module, "load_downsampled", load)
+    torch.set_num_threads(1)
+    assert train_cli.main([config]) == 0
+
+
+def test_a_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys) -> None:
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1))
+    assert train_cli.main([config]) == 0
+    before = (tmp_path / "out" / "checkpoint.pt").read_bytes()
+    save = torch.save
+
+    def killed_half_way(state: dict, path: Path) -> None:
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # a second Ctrl-C; a kill -9 stops at the same point without the cleanup
+
+    monkeypatch.setattr(schedule.torch, "save", killed_half_way)
+    assert _main([config, "--steps", "2"]) == 130
+    assert (tmp_path / "out" / "checkpoint.pt").read_bytes() == before
+    monkeypatch.setattr(schedule.torch, "save", save)
+    capsys.readouterr()
+    assert train_cli.main([config, "--steps", "2"]) == 0
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 2

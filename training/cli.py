@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"aeic-train: {exc}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside the steps (the data cache, loading) or a second Ctrl-C: stop at once
+        print("aeic-train: interrupted; the cached photos and the last checkpoint written are kept: "
+              "run the same command to go on", file=sys.stderr)
+        return 130
     except (OSError, ValueError, ModelPackageError) as exc:  # a mistake in the config or its files: nothing was lost
         print(f"aeic-train: error: {exc}", file=sys.stderr)
         return 2
