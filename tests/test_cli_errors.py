@@ -92,24 +92,27 @@ def test_a_checkpoint_of_another_preset_or_a_corrupt_one_is_refused(tmp_path, ph
     assert not (tmp_path / "pkg").exists()
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tmp_path, photos, monkeypatch) -> None:
+@pytest.mark.parametrize(("signum", "default"), [(signal.SIGINT, signal.default_int_handler),
+                                                 (signal.SIGTERM, signal.SIG_DFL)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tmp_path, photos, monkeypatch, signum, default) -> None:
     torch.set_num_threads(1)
     config = train_cli._load_config(_config(tmp_path, photos), steps=4)
     step = Trainer.train_step
 
     def interrupted_step(self, *args):
         if self.step == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives during the step: the step still completes
+            os.kill(os.getpid(), signum)  # arrives during the step: the step still completes
         return step(self, *args)
 
     monkeypatch.setattr(Trainer, "train_step", interrupted_step)
     # as in a terminal: a job started in the background (a CI runner's) inherits an ignored SIGINT
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signum, default)
     try:
         with pytest.raises(TrainingInterrupted, match="step 2"):
             Trainer(config).run()
+        assert signal.getsignal(signum) is default  # handed back after the run
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
     monkeypatch.setattr(Trainer, "train_step", step)
     assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 2
     assert len((tmp_path / "out" / "log.jsonl").read_text().splitlines()) == 2

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,23 +69,29 @@ def _logged_step(line: str) -> float:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a run after the step in progress; its checkpoint holds every step done."""
+    """Ctrl-C or SIGTERM stopped a run after the step in progress; its checkpoint holds every step done."""
 
     def __init__(self, step: int, checkpoint: Path) -> None:
         super().__init__(f"interrupted at step {step}; checkpoint {checkpoint} saved: run the same command to resume")
         self.step, self.checkpoint = step, checkpoint
 
 
+_DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+
 class _StopOnInterrupt:
-    """While training, the first Ctrl-C (SIGINT) asks the loop to stop after the step in progress (then it
-    checkpoints); a second one raises KeyboardInterrupt at once. Only Python's own handler in the main
-    thread is replaced: an ignored SIGINT or another handler stays as it is."""
+    """While training, the first Ctrl-C (SIGINT) or SIGTERM (`docker stop`, Slurm, systemd) asks the loop to
+    stop after the step in progress (then it checkpoints), so a stopped job loses no finished step; a second
+    one raises KeyboardInterrupt at once. Only Python's default handlers in the main thread are replaced: an
+    ignored signal or another handler stays as it is."""
 
     def __enter__(self) -> _StopOnInterrupt:  # noqa: PYI034 (typing.Self needs Python 3.11)
         self.requested = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.previous = signal.signal(signal.SIGINT, self._request)
+        self.previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in _DEFAULT_HANDLERS.items():
+                if signal.getsignal(signum) is default:
+                    self.previous[signum] = signal.signal(signum, self._request)
         return self
 
     def _request(self, signum: int, frame: object) -> None:
@@ -93,8 +100,8 @@ class _StopOnInterrupt:
         self.requested = True
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 class ScheduledRun:
