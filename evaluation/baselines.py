@@ -48,6 +48,7 @@ class ClassicCodec:
     q_max: int
     options: dict[str, Any] = field(default_factory=dict)
     plugin: str | None = None  # module that registers the format with Pillow
+    max_side: int | None = None  # the format's largest width or height (None: no limit met here)
 
     def _register(self) -> None:
         if self.plugin is not None:
@@ -70,10 +71,12 @@ class ClassicCodec:
 # Encoder settings: the strongest compression each offers at a bounded cost; single-threaded so results
 # are deterministic and the shared CPU is not flooded. AVIF uses Pillow's default speed 6: speed 4 gained
 # 0.05-0.13 dB PSNR on four Kodak images at 0.01-0.05 bpp for four to five times the search time.
+# Side limits, measured with Pillow 13: JPEG writes up to 65500 px, WebP 16383, and libavif writes wider
+# AVIF files than it decodes (32768). A panorama is coded only at the factors that fit them.
 CODECS: dict[str, ClassicCodec] = {
-    "jpeg": ClassicCodec("jpeg", "JPEG", 1, 95, {"optimize": True}),
-    "webp": ClassicCodec("webp", "WEBP", 0, 100, {"method": 6}),
-    "avif": ClassicCodec("avif", "AVIF", 0, 100, {"speed": 6, "max_threads": 1}),
+    "jpeg": ClassicCodec("jpeg", "JPEG", 1, 95, {"optimize": True}, max_side=65500),
+    "webp": ClassicCodec("webp", "WEBP", 0, 100, {"method": 6}, max_side=16383),
+    "avif": ClassicCodec("avif", "AVIF", 0, 100, {"speed": 6, "max_threads": 1}, max_side=32768),
     "jxl": ClassicCodec("jxl", "JXL", 0, 99, {"effort": 7, "num_threads": 1}, "pillow_jxl"),
 }
 
@@ -165,6 +168,8 @@ def compress_to_budget(
     # previous size's result was tried and dropped: JPEG XL sizes are not monotone enough for it.)
     for factor in sorted(set(factors)):
         size = _scaled_size(width, height, factor)
+        if spec.max_side is not None and max(size) > spec.max_side:
+            break  # factors ascend: every larger one is over the format's limit too
         side = 0 if size == (width, height) else SIZE_SIDE_INFO_BYTES
         small = original if side == 0 else original.resize(size, Image.Resampling.LANCZOS)
         found = _largest_fitting_quality(spec, small, budget_bytes - side)

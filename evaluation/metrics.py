@@ -14,7 +14,8 @@ Python float, so results serialise to JSON/CSV unchanged.
 - :func:`perceptual_metrics`: weight-free metrics from ``piq`` (HaarPSI, VIF-p, FSIM, GMSD). ``piq``'s
   package ``__init__`` imports torchvision (for its learned metrics), which this project does not install;
   :func:`_piq_module` therefore loads only the needed submodules. The same mirror-pad fallback as MS-SSIM
-  applies below each metric's minimum size.
+  applies below each metric's minimum size. Identical images get each metric's ideal value (1, or 0 for
+  GMSD) without calling piq, whose HaarPSI divides zero by zero on two all-black images and returns inf.
 
 The torch-based metrics run single-threaded (:func:`_single_thread`): measured on the 2-core dev machine
 under load, a Kodak image's MS-SSIM + piq metrics take 1.2 s with one intra-op thread and 6.4 s with two.
@@ -155,11 +156,13 @@ def _piq_module(name: str) -> ModuleType:
 
 def perceptual_metric_fn(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
     """A ``(ref, rec) -> float`` function for one entry of :data:`PERCEPTUAL_METRICS`."""
-    module_name, func_name, min_side, _ = PERCEPTUAL_METRICS[name]
+    module_name, func_name, min_side, higher_is_better = PERCEPTUAL_METRICS[name]
     func = getattr(_piq_module(module_name), func_name)
 
     def metric(ref: np.ndarray, rec: np.ndarray) -> float:
         _check_pair(ref, rec)
+        if np.array_equal(ref, rec):  # the ideal value; piq's HaarPSI of two black images is inf
+            return 1.0 if higher_is_better else 0.0
         x = _to_tensor(_pad_to_min(ref, min_side), 1.0 / 255.0)
         y = _to_tensor(_pad_to_min(rec, min_side), 1.0 / 255.0)
         with _single_thread():
