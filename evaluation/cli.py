@@ -65,12 +65,18 @@ def baseline_codecs(choice: str) -> tuple[list[str], dict[str, str]]:
 
 
 def _print_means(summary: dict[str, Any]) -> None:
+    """The means table; ``ok`` is how many images each mean is over, ``unr``/``err`` those left out."""
     cols = [m for m in ("psnr", "ms_ssim", "texture") if m in summary["metrics"]]
-    print(f"{'point':<10} {'method':<6} {'ok':>3} {'unr':>3} {'bpp':>8} " + " ".join(f"{c:>8}" for c in cols))
+    head = f"{'point':<10} {'method':<6} {'ok':>3} {'unr':>3} {'err':>3} {'bpp':>8} "
+    print(head + " ".join(f"{c:>8}" for c in cols))
     for m in summary["means"]:
         values = " ".join(f"{m[c]:8.4f}" if m[c] is not None else f"{'-':>8}" for c in cols)
         bpp = f"{m['bpp']:8.5f}" if m["bpp"] is not None else f"{'-':>8}"
-        print(f"{m['point']:<10} {m['method']:<6} {m['n_ok']:>3} {m['n_unreachable']:>3} {bpp} {values}")
+        counts = f"{m['n_ok']:>3} {m['n_unreachable']:>3} {m['n_error']:>3}"
+        print(f"{m['point']:<10} {m['method']:<6} {counts} {bpp} {values}")
+    failed = {r["image"]: r["detail"] for r in reversed(summary["rows"]) if r["status"] == "error"}
+    for image, detail in sorted(failed.items()):
+        print(f"error: {image}: {detail}")
 
 
 def parse_compare(values: Sequence[str]) -> dict[str, Path]:
@@ -117,6 +123,7 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
     config = runner.EvalConfig(
         images=args.images, out=args.out, points=points, baselines=codecs, criterion=args.criterion,
         limit=args.limit, metrics=args.metrics.split(",") if args.metrics else None, save_recon=args.save_recon,
+        skipped_baselines=missing,
     )  # fmt: skip
     try:
         runner.list_images(config.images, config.limit)  # fail before loading a model
@@ -140,7 +147,13 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"aeic eval: {exc}", file=sys.stderr)
         return 2
-    summary = evaluator.run(progress=not args.no_progress)
+    try:
+        summary = evaluator.run(progress=not args.no_progress)
+    except KeyboardInterrupt:
+        kept = len(evaluator.results.rows)
+        print(f"aeic eval: interrupted; {kept} rows kept in {config.out / 'results.csv'}, the same command "
+              "resumes", file=sys.stderr)  # fmt: skip
+        return 130
     _print_means(summary)
     for name, reason in summary["skipped_metrics"].items():
         print(f"{name}: {reason}")

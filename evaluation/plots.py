@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from aeic.evaluation import runner
 from aeic.evaluation.paper_points import PAPER_POINTS
 from PIL import Image
 
@@ -154,7 +155,7 @@ def saved_reconstructions(run: Path, image: str, point: str, methods: tuple[str,
             if r["image"] == image and r["point"] == point}  # fmt: skip
     columns: dict[str, np.ndarray] = {}
     for method in methods:
-        path = run / "recon" / point / method / f"{Path(image).stem}.png"
+        path = run / "recon" / point / method / runner.recon_name(image)
         if method in rows and rows[method]["status"] == "ok" and path.is_file():
             with Image.open(path) as im:
                 columns[_caption(rows[method]).replace("AEIC", aeic_label, 1)] = np.asarray(im.convert("RGB"))
@@ -183,8 +184,7 @@ def side_by_side_from_run(
     Uses ``OUT/summary.json`` for captions and ``OUT/recon/<point>/<method>/<image>.png``; methods without
     a saved reconstruction (unreachable, or not saved) are left out.
     """
-    with Image.open(images_dir / image) as im:
-        original = np.asarray(im.convert("RGB"))
+    original = runner.load_rgb(images_dir / image)  # EXIF-rotated as the rows were measured
     columns = saved_reconstructions(out_dir, image, point, methods)
     columns.update(extra or {})
     return side_by_side(original, columns, out_dir / f"side_by_side_{Path(image).stem}_{point}.png", crop)

@@ -13,6 +13,7 @@ and the means per (point, method), with unreachable and failed images counted, n
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import platform
@@ -68,18 +69,27 @@ def parse_points(rates: str | None, budgets_bpp: str | None) -> list[RatePoint]:
     """``"0,1,2"`` rate indices and/or ``"0.01,0.02"`` bpp budgets -> rate points (at least one)."""
     points: list[RatePoint] = []
     for item in filter(None, (rates or "").split(",")):
-        index = int(item)
+        index = _number(int, item, "--rates")
         if index < 0:
             raise ValueError(f"rate index must be >= 0, got {index}")
         points.append(RatePoint("rate", index))
     for item in filter(None, (budgets_bpp or "").split(",")):
-        bpp = float(item)
+        bpp = _number(float, item, "--budgets-bpp")
         if not 0 < bpp < 24:
             raise ValueError(f"bpp budget must be in (0, 24), got {bpp}")
         points.append(RatePoint("budget", bpp))
     if not points:
         raise ValueError("give at least one rate index or bpp budget")
-    return points
+    unique = {p.label: p for p in reversed(points)}  # "0.01,0.010" is one point, not two mean rows
+    return [p for p in points if unique[p.label] is p]
+
+
+def _number(kind: Callable[[str], Any], text: str, option: str) -> Any:
+    """``kind(text)``, with an error that names the option and the bad item."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{option}: {text.strip()!r} is not a {kind.__name__}") from None
 
 
 @dataclass
@@ -94,6 +104,7 @@ class EvalConfig:
     limit: int | None = None
     metrics: list[str] | None = None  # None: every metric that can run here
     save_recon: int = 1  # reconstructions of the first N images go to OUT/recon/<point>/<method>/
+    skipped_baselines: dict[str, str] = field(default_factory=dict)  # codec -> why it cannot run here
 
 
 def list_images(folder: Path, limit: int | None = None) -> list[Path]:
@@ -106,10 +117,31 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
     return found[:limit] if limit is not None else found
 
 
+# What Pillow raises for a file that is not a readable image: SyntaxError for some broken PNG chunks,
+# DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+SIXTEEN_BIT_GRAY = ("I", "I;16", "I;16B", "I;16L")
+
+
 def load_rgb(path: Path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB, EXIF orientation applied, alpha dropped."""
+    """An image file as HxWx3 uint8 RGB, EXIF orientation applied, alpha dropped.
+
+    16-bit grayscale keeps its top 8 bits, as Pillow does for 16-bit RGB (its own conversion clips
+    every value above 255 to white).
+    """
     with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
+        im = ImageOps.exif_transpose(im)
+        if im.mode in SIXTEEN_BIT_GRAY:
+            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), "L")
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def recon_name(image: str) -> str:
+    """File name of an image's saved reconstruction: ``a.png`` stays, ``a.jpg`` becomes ``a.jpg.png``.
+
+    Distinct from every other image's, so ``a.jpg`` and ``a.png`` in one folder do not overwrite each other.
+    """
+    return image if image.endswith(".png") else f"{image}.png"
 
 
 def metric_functions(names: list[str] | None) -> tuple[dict[str, Callable[..., float]], dict[str, str]]:
@@ -134,6 +166,11 @@ def metric_functions(names: list[str] | None) -> tuple[dict[str, Callable[..., f
     return fns, skipped
 
 
+def _csv_open(path: Path, mode: str) -> Any:
+    """UTF-8, with non-UTF-8 file names kept byte for byte (surrogateescape) instead of crashing."""
+    return path.open(mode, newline="", encoding="utf-8", errors="surrogateescape")
+
+
 class ResultsFile:
     """Append-only CSV of rows with a fixed header; knows which (image, point, method) rows exist."""
 
@@ -141,22 +178,33 @@ class ResultsFile:
         self.path, self.columns = path, columns
         self.rows: list[dict[str, str]] = []
         if path.exists() and path.stat().st_size > 0:
-            with path.open(newline="") as fh:
+            with _csv_open(path, "r") as fh:
                 reader = csv.DictReader(fh)
                 if reader.fieldnames != columns:
                     raise ValueError(
                         f"{path} was written with other columns {reader.fieldnames}; use a new --out folder"
                     )
-                self.rows = list(reader)
+                rows = list(reader)
+            self.rows = [r for r in rows if _complete(r)]
+            if len(self.rows) < len(rows) or not path.read_bytes().endswith(b"\n"):
+                self._rewrite()  # a row cut short by a killed run is dropped, so it is measured again
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", newline="") as fh:
-                csv.DictWriter(fh, columns).writeheader()
+            self._rewrite()
         self.done = {(r["image"], r["point"], r["method"]): r for r in self.rows}
+
+    def _rewrite(self) -> None:
+        """Header and the rows kept, written whole and then moved into place."""
+        tmp = self.path.with_suffix(".csv.tmp")
+        with _csv_open(tmp, "w") as fh:
+            writer = csv.DictWriter(fh, self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         rows = [{c: _cell(row.get(c)) for c in self.columns} for row in rows]
-        with self.path.open("a", newline="") as fh:
+        with _csv_open(self.path, "a") as fh:
             csv.DictWriter(fh, self.columns).writerows(rows)
         for row in rows:
             self.rows.append(row)
@@ -175,12 +223,37 @@ def run_identity(config: EvalConfig, codec_info: dict[str, Any] | None) -> dict[
     return {"criterion": config.criterion if config.baselines else None, "codec": codec}
 
 
-def check_run_identity(out: Path, identity: dict[str, Any], resuming: bool = True) -> None:
-    """Refuse to resume a folder whose rows were made with another criterion or codec; record this run's.
+def image_digests(paths: Iterable[Path]) -> dict[str, str]:
+    """A content hash per image name, so a resumed run notices another picture under a name it measured."""
+    digests = {}
+    for path in paths:
+        try:
+            digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        except OSError:  # unreadable: it gets error rows, not a digest
+            continue
+    return digests
+
+
+def _merged_digests(out: Path, stored: dict[str, str], current: dict[str, str], measured: set[str]) -> dict:
+    """``stored`` updated with ``current``; refuses when an image that has rows is now another picture."""
+    changed = sorted(n for n in measured if n in stored and n in current and stored[n] != current[n])
+    if changed:
+        raise ValueError(
+            f"{out} holds rows of other pictures named {changed[:3]} (another --images folder, or the files "
+            "changed); use a new --out folder"
+        )
+    return {**stored, **current}
+
+
+def check_run_identity(
+    out: Path, identity: dict[str, Any], resuming: bool = True, measured: set[str] = frozenset()
+) -> None:
+    """Refuse to resume a folder whose rows were made with another criterion, codec or pictures; record this run's.
 
     A folder written before ``run.json`` existed is checked against its ``summary.json``. A baseline-only
     folder may be completed with a codec's rows (and the reverse), since neither kind of row depends on
-    the other's settings. ``resuming`` False (no rows yet) starts afresh.
+    the other's settings. ``resuming`` False (no rows yet) starts afresh. ``identity["images"]`` holds
+    :func:`image_digests`, checked for the ``measured`` image names (those with rows).
     """
     path = out / RUN_IDENTITY_FILE
     stored: dict[str, Any] = {"criterion": None, "codec": None}
@@ -194,6 +267,9 @@ def check_run_identity(out: Path, identity: dict[str, Any], resuming: bool = Tru
             stored["codec"] = {k: codec.get(k) for k in ROW_DEFINING_CODEC_KEYS}
     merged = dict(stored)
     for key, value in identity.items():
+        if key == "images":
+            merged[key] = _merged_digests(out, stored.get(key) or {}, value, measured)
+            continue
         if value is None:
             continue
         if stored.get(key) is not None and stored[key] != value:
@@ -202,6 +278,14 @@ def check_run_identity(out: Path, identity: dict[str, Any], resuming: bool = Tru
             )
         merged[key] = value
     path.write_text(json.dumps(merged, indent=2) + "\n")
+
+
+STATUSES = ("ok", "unreachable", "error")
+
+
+def _complete(row: dict[str, Any]) -> bool:
+    """False for a row a killed run left half written: fields missing or extra, or no known status."""
+    return None not in row and None not in row.values() and row["status"] in STATUSES
 
 
 def _cell(value: Any) -> str:
@@ -258,7 +342,9 @@ class Evaluator:
         self.columns = BASE_COLUMNS + list(self.metric_fns) + self.learned_names
         self.results = ResultsFile(config.out / "results.csv", self.columns)
         identity = run_identity(config, self.codec_info if codec is not None else None)
-        check_run_identity(config.out, identity, resuming=bool(self.results.rows))
+        identity["images"] = image_digests(list_images(config.images, config.limit))
+        measured = {r["image"] for r in self.results.rows}
+        check_run_identity(config.out, identity, resuming=bool(self.results.rows), measured=measured)
         self._warm = False
 
     def _score(self, ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
@@ -286,6 +372,8 @@ class Evaluator:
             data, rate, enc_ms = self._encode(rgb, point, budget)
         except BudgetUnreachable as exc:
             return dict(row, status="unreachable", detail=str(exc)), None
+        except ValueError as exc:  # the sender refuses e.g. a side over the container's 16384 px
+            return dict(row, status="error", detail=f"AEIC cannot code this image: {exc}"), None
         rec, dec_ms = _timed(lambda: self.codec.decode(data))
         rec = np.asarray(rec)
         if rec.shape != rgb.shape or rec.dtype != np.uint8:
@@ -322,7 +410,7 @@ class Evaluator:
         if rec is not None and index < self.config.save_recon:
             folder = self.config.out / "recon" / point.label / method
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rec).save(folder / f"{Path(name).stem}.png")
+            Image.fromarray(rec).save(folder / recon_name(name))
 
     def _one(self, index: int, path: Path, rgb: np.ndarray, point: RatePoint) -> None:
         """All missing rows of one (image, point): AEIC first, then the baselines at its bytes."""
@@ -341,10 +429,11 @@ class Evaluator:
         if not missing:
             return
         budget = point.budget_bytes(rgb.shape[1], rgb.shape[0])
-        if budget is None:
-            if aeic["status"] != "ok":
-                return
-            budget = int(aeic["bytes"])
+        if budget is None and aeic["status"] != "ok":  # a rate point's budget is AEIC's byte count
+            detail = "no AEIC bytes to match (AEIC failed on this image)"
+            self.results.append(dict(base, method=m, status="error", detail=detail) for m in missing)
+            return
+        budget = int(aeic["bytes"]) if budget is None else budget
         rows = []
         for row, rec in self._baseline_rows(base, rgb, budget, missing):
             rows.append(row)
@@ -382,7 +471,7 @@ class Evaluator:
         """Evaluate one image at ``points``; an unreadable file gets an error row per method instead."""
         try:
             rgb = load_rgb(path)
-        except (OSError, ValueError) as exc:
+        except UNREADABLE as exc:
             for point in points:
                 self.results.append(
                     {"image": path.name, "point": point.label, "method": m, "status": "error",
@@ -396,10 +485,14 @@ class Evaluator:
     def summary(self, image_names: list[str]) -> dict[str, Any]:
         """Configuration, machine, per-image rows (this image set only) and per-(point, method) means."""
         names = set(image_names)
-        rows = [r for r in self.results.rows if r["image"] in names]
         order = {p.label: i for i, p in enumerate(self.config.points)}
         method_order = {m: i for i, m in enumerate(self.methods)}
-        rows.sort(key=lambda r: (r["image"], order.get(r["point"], 99), method_order.get(r["method"], 99)))
+        # Rows of other points or methods in the same --out were made by other runs: not this summary's.
+        rows = [
+            r for r in self.results.rows
+            if r["image"] in names and r["point"] in order and r["method"] in method_order
+        ]  # fmt: skip
+        rows.sort(key=lambda r: (r["image"], order[r["point"]], method_order[r["method"]]))
         config = asdict(self.config)
         config.update(images=str(self.config.images), out=str(self.config.out))
         return {
@@ -449,6 +542,7 @@ def means(
                 "n_unreachable": sum(r["status"] == "unreachable" for r in group),
                 "n_error": sum(r["status"] == "error" for r in group),
                 "unreachable_images": [r["image"] for r in group if r["status"] == "unreachable"],
+                "error_images": [r["image"] for r in group if r["status"] == "error"],
             }  # fmt: skip
             for col in numeric:
                 values = [float(r[col]) for r in ok if r.get(col) not in ("", None)]
