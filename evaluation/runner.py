@@ -144,6 +144,12 @@ def recon_name(image: str) -> str:
     return image if image.endswith(".png") else f"{image}.png"
 
 
+def original_of(images: Path, recon: Path) -> Path:
+    """The original in ``images`` that a saved reconstruction file stands for (the inverse of :func:`recon_name`)."""
+    stripped = images / recon.name.removesuffix(".png")
+    return stripped if recon.name != stripped.name and stripped.is_file() else images / recon.name
+
+
 def metric_functions(names: list[str] | None) -> tuple[dict[str, Callable[..., float]], dict[str, str]]:
     """Metric name -> function, and name -> reason for each requested metric that cannot run here."""
     fns: dict[str, Callable[..., float]] = {

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from aeic.evaluation.runner import load_rgb, original_of
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -74,16 +74,12 @@ def ms_ssim_terms(ref: np.ndarray, rec: np.ndarray) -> list[float]:
     return terms
 
 
-def _rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def analyse_run(run: Path, images: Path) -> list[dict]:
     """Mean block-mean PSNRs and MS-SSIM terms per (budget, method) of ``run/recon``."""
     rows = []
     for budget in sorted(p for p in (run / "recon").iterdir() if p.is_dir()):
         for method in sorted(p for p in budget.iterdir() if p.is_dir()):
-            pairs = [(_rgb(images / f.name), _rgb(f)) for f in sorted(method.glob("*.png"))]
+            pairs = [(load_rgb(original_of(images, f)), load_rgb(f)) for f in sorted(method.glob("*.png"))]
             if not pairs:
                 continue
             terms = np.array([ms_ssim_terms(ref, rec) for ref, rec in pairs])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from aeic.evaluation import metrics
-from PIL import Image
+from aeic.evaluation.runner import load_rgb, original_of
 
 # JPEG's full-range RGB -> YCbCr (offsets left out: only differences of means matter)
 _YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
@@ -55,16 +55,12 @@ def corrected(ref: np.ndarray, rec: np.ndarray, cell: int, step: float) -> tuple
     return np.clip(np.round(out @ np.linalg.inv(_YCBCR).T), 0, 255).astype(np.uint8), side_bytes
 
 
-def _rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def oracle_gains(run: Path, images: Path, cells: list[int], step: float) -> list[dict]:
     """Mean PSNR / MS-SSIM gains and grid cost per (budget, cell size) over ``run/recon/<budget>/aeic``."""
     rows = []
     for budget in sorted(p for p in (run / "recon").iterdir() if (p / "aeic").is_dir()):
         bpp = float(budget.name.removeprefix("bpp"))
-        pairs = [(_rgb(images / f.name), _rgb(f)) for f in sorted((budget / "aeic").glob("*.png"))]
+        pairs = [(load_rgb(original_of(images, f)), load_rgb(f)) for f in sorted((budget / "aeic").glob("*.png"))]
         for cell in cells:
             per_image = []
             for ref, rec in pairs:

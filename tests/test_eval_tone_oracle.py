@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from aeic.evaluation import metrics, tone_oracle
+from aeic.evaluation import metrics, runner, tone_oracle
 from PIL import Image
 
 
@@ -58,3 +58,14 @@ def test_quantized_means_cost_bytes_and_keep_most_of_the_gain(tmp_path: Path) ->
     assert all(r["psnr_gain_db"] > 3 and r["side_percent_of_budget"] > 0 for r in rows)
     # a finer grid costs more
     assert rows[0]["side_percent_of_budget"] > rows[1]["side_percent_of_budget"]
+
+
+def test_a_jpeg_original_is_found_from_its_reconstructions_name(tmp_path: Path) -> None:
+    images, recon = tmp_path / "images", tmp_path / "run" / "recon" / "bpp0.01" / "aeic"
+    recon.mkdir(parents=True)
+    images.mkdir()
+    ref = _photo_like(2)
+    Image.fromarray(ref).save(images / "b.jpg", quality=95)
+    Image.fromarray(_tone_shifted(ref)).save(recon / runner.recon_name("b.jpg"))
+    [row] = tone_oracle.oracle_gains(tmp_path / "run", images, [64], step=0)
+    assert row["images"] == 1 and row["psnr_gain_db"] > 3
