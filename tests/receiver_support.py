@@ -16,11 +16,33 @@ from typing import NoReturn, Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from aeic.receiver.storage import SqlMetadataStore
+from aeic.receiver.storage import ImageRecord, NewImage, SqlMetadataStore
 from aeic.shared.bitstream import Bitstream, Header, pack, peek_header
 
 from aeic import local_servers
 from aeic.local_servers import ServerNotInstalled, free_port
+
+
+def new_image(n: int, device: str = "cam1", key: str | None = None, size: tuple[int, int] = (64, 48),
+              model: str = "54535431", sha: str = "a" * 64) -> NewImage:
+    """The metadata of upload number ``n`` (ids and sizes follow ``n``), for stores tested without the API."""
+    return NewImage(id=f"{n:032x}", device=device, idempotency_key=key, model_id=model, width=size[0],
+                    height=size[1], rate_index=0, bytes=100 + n, sha256=sha)
+
+
+def store_left_at(url: str, version: int, *downgrade: str, image: NewImage) -> ImageRecord:
+    """A database an older receiver left: migrated, ``image`` stored, then taken back to schema ``version``
+    by the ``downgrade`` statements; the migration tests open it again."""
+    old = SqlMetadataStore.from_url(url)
+    old.migrate()
+    record, _ = old.insert_image(image)
+    with old.engine.begin() as conn:
+        for statement in downgrade:
+            conn.execute(sa.text(statement))
+        conn.execute(sa.text(f"DELETE FROM aeic_schema_version WHERE version > {version}"))
+    old.close()
+    return record
+
 
 TEST_MODEL_ID = b"TST1"
 # Set by .ci/run: a server or tool the tests start is missing -> the test fails instead of skipping, so CI

@@ -16,15 +16,10 @@ from aeic.receiver.api import create_app
 from aeic.receiver.auth import create_device_token
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import ImageFilter, NewImage, SqlMetadataStore, Status, schema
+from aeic.receiver.storage import ImageFilter, SqlMetadataStore, Status, schema
 from aeic.receiver.storage.migrations import MIGRATIONS
 from fastapi.testclient import TestClient
-from receiver_support import FakeCodec, make_bitstream
-
-
-def new_image(n: int, device: str = "cam1") -> NewImage:
-    return NewImage(id=f"{n:032x}", device=device, idempotency_key=None, model_id="54535431", width=64,
-                    height=48, rate_index=0, bytes=100, sha256="a" * 64)
+from receiver_support import FakeCodec, make_bitstream, new_image, store_left_at
 
 
 @pytest.fixture()
@@ -93,13 +88,7 @@ def test_claiming_a_batch_never_scans_every_image(sqlite_store: SqlMetadataStore
 
 def test_a_v4_database_gains_the_status_index(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'v4.db'}"
-    old = SqlMetadataStore.from_url(url)
-    old.migrate()
-    record, _ = old.insert_image(new_image(1))
-    with old.engine.begin() as conn:  # back to the v4 layout: no status index, version 4
-        conn.execute(sa.text("DROP INDEX ix_images_status_seq"))
-        conn.execute(sa.text("DELETE FROM aeic_schema_version WHERE version > 4"))
-    old.close()
+    record = store_left_at(url, 4, "DROP INDEX ix_images_status_seq", image=new_image(1))
     store = SqlMetadataStore.from_url(url)
     try:
         assert store.migrate() == MIGRATIONS[-1].version == 5

@@ -18,23 +18,17 @@ from aeic.receiver.storage import (
     IdempotencyConflictError,
     ImageFilter,
     InvalidCursorError,
-    NewImage,
     SqlMetadataStore,
     Status,
 )
 from aeic.receiver.storage.migrations import MIGRATIONS, current_version
+from receiver_support import new_image, store_left_at
 
 # Fixtures shared with the other receiver tests.
 database_url = receiver_support.database_url
 postgres_server = receiver_support.postgres_server
 postgres_url = receiver_support.postgres_url
 store = receiver_support.store
-
-
-def new_image(n: int, device: str = "cam1", key: str | None = None, size: tuple[int, int] = (64, 48),
-              model: str = "54535431", sha: str = "a" * 64) -> NewImage:
-    return NewImage(id=f"{n:032x}", device=device, idempotency_key=key, model_id=model, width=size[0],
-                    height=size[1], rate_index=0, bytes=100 + n, sha256=sha)
 
 
 TIMINGS = DecodeTimings(entropy_ms=1.5, decoder_ms=20.0, total_ms=21.5, batch_size=2)
@@ -49,13 +43,8 @@ def test_migrate_is_idempotent_and_versioned(store: SqlMetadataStore) -> None:
 
 def test_a_v2_database_gains_the_coding_downscale(tmp_path: Path) -> None:
     """Rows stored before the container carried a downscale read back as coded whole."""
-    old = SqlMetadataStore.from_url(f"sqlite:///{tmp_path / 'v2.db'}")
-    old.migrate()
-    record, _ = old.insert_image(new_image(7))
-    with old.engine.begin() as conn:  # back to the v2 layout: no downscale column, version 2
-        conn.execute(sa.text("ALTER TABLE images DROP COLUMN downscale"))
-        conn.execute(sa.text("DELETE FROM aeic_schema_version WHERE version > 2"))
-    old.close()
+    record = store_left_at(f"sqlite:///{tmp_path / 'v2.db'}", 2, "ALTER TABLE images DROP COLUMN downscale",
+                           image=new_image(7))
     store = SqlMetadataStore.from_url(f"sqlite:///{tmp_path / 'v2.db'}")
     assert store.migrate() == MIGRATIONS[-1].version
     assert store.get_image(record.id).downscale == 1
