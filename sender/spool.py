@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aeic.shared.durable import atomic_write, fsync_dir, remove_stale_tmp
+from aeic.shared.durable import atomic_write, fsync_path, remove_stale_tmp
 
 DATA_SUFFIX = ".aeic"
 META_SUFFIX = ".json"
@@ -246,7 +246,7 @@ class Spool:
         with self._lock:
             item.path.unlink(missing_ok=True)
             item.path.with_suffix(META_SUFFIX).unlink(missing_ok=True)
-            fsync_dir(self.pending_dir)
+            fsync_path(self.pending_dir)
 
     def reject(self, item: SpoolItem, reason: str, status: int | None = None) -> SpoolItem:
         """Move an item the receiver refused for good to ``rejected/`` with the reason."""
@@ -270,8 +270,8 @@ class Spool:
                 target.with_suffix(META_SUFFIX).unlink(missing_ok=True)
                 return moved
             item.path.with_suffix(META_SUFFIX).unlink(missing_ok=True)
-            fsync_dir(self.rejected_dir)
-            fsync_dir(self.pending_dir)
+            fsync_path(self.rejected_dir)
+            fsync_path(self.pending_dir)
         return moved
 
     def requeue_rejected(self) -> int:
@@ -285,8 +285,8 @@ class Spool:
                 if meta.exists():
                     meta.replace(target.with_suffix(META_SUFFIX))
                 count += 1
-            fsync_dir(self.pending_dir)
-            fsync_dir(self.rejected_dir)
+            fsync_path(self.pending_dir)
+            fsync_path(self.rejected_dir)
         return count
 
     def _write_sidecar(self, item: SpoolItem, *, sync_dir: bool = True) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 TMP_PREFIX = ".tmp-"
 
 
-def fsync_dir(directory: Path) -> None:
-    """Flush a directory's entries (renames, unlinks) to stable storage."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a directory's entries (renames, unlinks), or a file another library wrote, to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -48,7 +48,7 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
         tmp.unlink(missing_ok=True)
         raise
     if sync_dir:
-        fsync_dir(directory)
+        fsync_path(directory)
 
 
 def remove_stale_tmp(directory: Path) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from aeic.codec.export import CheckpointError, read_checkpoint
+from aeic.shared.durable import fsync_path
 from tqdm import tqdm
 
 from .config import TrainConfig
@@ -149,7 +150,9 @@ class ScheduledRun:
             tmp.unlink(missing_ok=True)
             kept = "the previous checkpoint is kept" if self.checkpoint_path.exists() else "no checkpoint was written"
             raise OSError(f"cannot write {self.checkpoint_path} (step {self.step}): {str(exc).splitlines()[0]}; {kept}") from exc
+        fsync_path(tmp)  # else a power cut soon after the rename can leave an empty checkpoint behind it
         tmp.replace(self.checkpoint_path)
+        fsync_path(self.checkpoint_path.parent)
 
     def _read_checkpoint(self) -> dict | None:
         """The saved state, with step, time spent and random states restored; None for a new run."""

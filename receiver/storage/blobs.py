@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from aeic.shared.durable import TMP_PREFIX, atomic_write, fsync_dir
+from aeic.shared.durable import TMP_PREFIX, atomic_write, fsync_path
 
 __all__ = [
     "BlobNotFoundError",
@@ -93,7 +93,7 @@ class FilesystemBlobStore:
             current = current.parent
         for path in reversed(missing):
             path.mkdir(exist_ok=True)
-            fsync_dir(path.parent)
+            fsync_path(path.parent)
 
     def put(self, key: str, data: bytes) -> None:
         """Atomically replace the blob at `key` with `data`, durable on return."""
@@ -115,7 +115,7 @@ class FilesystemBlobStore:
             path.unlink()
         except FileNotFoundError:
             return False
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
         return True
 
     def exists(self, key: str) -> bool:
