@@ -101,20 +101,15 @@ def _plots(summary: dict[str, Any], config: runner.EvalConfig, compare: dict[str
         plots.side_by_side_from_run(config.out, config.images, first, point.label, extra=extra)
 
 
-def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., Any] | None = None) -> int:
-    """Run ``aeic eval``; returns 0, or 1 when some images failed. ``codec_factory`` is for tests."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[runner.EvalConfig, dict[str, Path]]:
+    """The run's settings and its --compare runs; a bad option ends here, through ``parser.error``."""
     try:
         points = runner.parse_points(args.rates, args.budgets_bpp)
+        compare = parse_compare(args.compare)
     except ValueError as exc:
         parser.error(str(exc))
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
-    try:
-        compare = parse_compare(args.compare)
-    except ValueError as exc:
-        parser.error(str(exc))
     codecs, missing = baseline_codecs(args.baseline)
     for name, reason in missing.items():
         print(f"baseline {name} skipped: {reason}", file=sys.stderr)
@@ -125,25 +120,39 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
         limit=args.limit, metrics=args.metrics.split(",") if args.metrics else None, save_recon=args.save_recon,
         skipped_baselines=missing,
     )  # fmt: skip
-    try:
-        runner.list_images(config.images, config.limit)  # fail before loading a model
-        if args.baselines_only:
-            codec = None
-        elif codec_factory is None:
-            from aeic.evaluation.codec_adapter import PackageCodec, resolve_model
+    return config, compare
 
-            codec = PackageCodec.from_package(
-                resolve_model(args.model), provider=args.provider, device=args.device,
-                downscale=args.downscale, rounding=args.rounding,
-            )
-        else:
-            codec = codec_factory(args.model)
-        levels = getattr(codec, "num_levels", None)
-        bad = [p.label for p in points if p.kind == "rate" and levels is not None and p.value >= levels]
-        if bad:
-            raise ValueError(f"rate points {bad} not in this model (rate indices 0..{levels - 1})")
-        info = codec.info() if hasattr(codec, "info") else {"codec": type(codec).__name__ if codec else None}
-        evaluator = runner.Evaluator(codec, config, info)
+
+def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factory: Callable[..., Any] | None
+               ) -> runner.Evaluator:
+    """The model loaded (none for --baselines-only) and checked against the rate points asked for."""
+    runner.list_images(config.images, config.limit)  # fail before loading a model
+    if args.baselines_only:
+        codec = None
+    elif codec_factory is None:
+        from aeic.evaluation.codec_adapter import PackageCodec, resolve_model
+
+        codec = PackageCodec.from_package(
+            resolve_model(args.model), provider=args.provider, device=args.device,
+            downscale=args.downscale, rounding=args.rounding,
+        )
+    else:
+        codec = codec_factory(args.model)
+    levels = getattr(codec, "num_levels", None)
+    bad = [p.label for p in config.points if p.kind == "rate" and levels is not None and p.value >= levels]
+    if bad:
+        raise ValueError(f"rate points {bad} not in this model (rate indices 0..{levels - 1})")
+    info = codec.info() if hasattr(codec, "info") else {"codec": type(codec).__name__ if codec else None}
+    return runner.Evaluator(codec, config, info)
+
+
+def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., Any] | None = None) -> int:
+    """Run ``aeic eval``; returns 0, or 1 when some images failed. ``codec_factory`` is for tests."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config, compare = _config(parser, args)
+    try:
+        evaluator = _evaluator(args, config, codec_factory)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"aeic eval: {exc}", file=sys.stderr)
         return 2
