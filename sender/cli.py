@@ -432,7 +432,7 @@ def cmd_watch(
     digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
     try:
         watcher = FolderWatcher(
-            directory, config.spool_dir / "watch" / f"{digest}.json", recursive=config.watch_recursive
+            directory, config.spool_dir / "watch" / f"{digest}.db", recursive=config.watch_recursive
         )
     except (NotADirectoryError, ValueError) as exc:
         raise UsageError(str(exc)) from None

@@ -6,8 +6,8 @@ sticks, SMB/NFS shares, FTP drop folders) where inotify is absent or blind to re
 A file is *ready* when its size and modification time are unchanged across two consecutive
 scans (a copy in progress keeps changing them); the caller then reads it, and a file that is
 stable but unreadable is recorded as failed and retried only if it changes again. What was
-handled is remembered in a small JSON state file (written atomically), keyed by path, size
-and mtime, so a restart neither re-sends old images nor misses ones that arrived while the
+handled is remembered in a small SQLite database (one short transaction per change), keyed by
+path, size and mtime, so a restart neither re-sends old images nor misses ones that arrived while the
 agent was down. Hidden files, partial-download names and non-image suffixes are ignored, and so is
 anything that is not a regular file (a folder named ``x.jpg``, a FIFO, whose reading would block); a
 symbolic link is followed, and one that cannot be (dangling, a loop) is reported once and skipped, so it
@@ -22,16 +22,18 @@ that would hold back every file after it.
 from __future__ import annotations
 
 import json
+import sqlite3
 import stat
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from aeic.sender.images import IMAGE_SUFFIXES
-from aeic.shared.durable import atomic_write
+from aeic.shared.durable import fsync_path
 
 _PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".filepart")
 
@@ -63,7 +65,13 @@ def is_candidate_name(name: str) -> bool:
 
 
 class FolderWatcher:
-    """Scans one folder; :meth:`scan` returns the files that became ready since last time."""
+    """Scans one folder; :meth:`scan` returns the files that became ready since last time.
+
+    The state is an SQLite database (WAL, synchronous=FULL: a commit survives kill -9 and power
+    loss), so a start or an outcome costs one short transaction of a few pages, not a rewrite of
+    every entry. Only what the last scan listed is held in memory, with whether each was handled
+    then: a file unchanged since needs no lookup, so a steady scan reads nothing from the database.
+    """
 
     def __init__(self, directory: str | Path, state_path: str | Path, *, recursive: bool = False) -> None:
         self.directory = Path(directory)
@@ -71,28 +79,62 @@ class FolderWatcher:
             raise NotADirectoryError(f"watch folder {self.directory} does not exist or is not a folder")
         self.state_path = Path(state_path)
         self.recursive = recursive
-        self._previous: dict[str, Fingerprint] = {}
+        self._previous: dict[str, tuple[Fingerprint, bool]] = {}  # last listing: fingerprint, handled
         self.unlisted: dict[str, str] = {}  # image names the last scan could not stat, and why
-        state = self._load_state()
-        self._handled: dict[str, dict] = dict(state.get("files", {}))
-        self._started: dict[str, dict] = dict(state.get("started", {}))  # being encoded: fingerprint, starts
-        self._died_on = dict(self._started)  # what earlier runs started and never finished
+        self._unsaved: dict[str, tuple[int, int, str, str] | None] = {}  # handled rows to write; None: forget
+        self._unsaved_starts: dict[str, tuple[int, int, int] | None] = {}  # start marks to write; None: clear
+        with _as_os_error():
+            self._db = self._open()
+            self._import_legacy()
+            rows = self._db.execute("SELECT name, size, mtime_ns, starts FROM started").fetchall()
+        self._died_on = {name: ((size, mtime), starts) for name, size, mtime, starts in rows}  # earlier runs
 
-    def _load_state(self) -> dict:
+    def _open(self) -> sqlite3.Connection:
+        """Open or create the database; a damaged one stops the agent at start with one clear line."""
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.state_path)
         try:
-            data = json.loads(self.state_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(
-                f"watch state {self.state_path} is corrupt ({exc}); move it away to rescan"
-            ) from None
-        return data
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(problem)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        except sqlite3.OperationalError:  # locked, unreadable: not a reason to move it away
+            db.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise _corrupt(self.state_path, exc, " (with its -wal and -shm files)") from None
+        return db
+
+    def _import_legacy(self) -> None:
+        """Take over the JSON state of earlier versions once (then set aside), so an upgrade re-sends nothing."""
+        legacy = self.state_path.with_suffix(".json")
+        if legacy == self.state_path or not legacy.is_file():
+            return
+        files, started = _read_legacy(legacy)
+        with self._db:  # rows already here are newer: a crash before the rename below imports again
+            self._db.executemany("INSERT OR IGNORE INTO handled VALUES (?, ?, ?, ?, ?)", files)
+            self._db.executemany("INSERT OR IGNORE INTO started VALUES (?, ?, ?, ?)", started)
+        legacy.rename(legacy.with_name(legacy.name + ".imported"))
+        fsync_path(legacy.parent)
 
     def _save_state(self) -> None:
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"directory": str(self.directory.resolve()), "files": self._handled, "started": self._started}
-        atomic_write(self.state_path, json.dumps(payload, sort_keys=True).encode("utf-8"))
+        """Write the unsaved changes in one transaction; if that fails they stay for the next write."""
+        with _as_os_error(), self._db:
+            _write_rows(self._db, "started", self._unsaved_starts)
+            _write_rows(self._db, "handled", self._unsaved)
+        self._unsaved_starts.clear()
+        self._unsaved.clear()
+
+    def _is_handled(self, name: str, fingerprint: Fingerprint) -> bool:
+        """Whether this version of ``name`` was sent or failed: unsaved changes first, then the database."""
+        if name in self._unsaved:
+            row = self._unsaved[name]
+            return row is not None and row[:2] == fingerprint
+        found = self._db.execute("SELECT size, mtime_ns FROM handled WHERE name = ?", (name,)).fetchone()
+        return found == fingerprint
 
     def _listing(self) -> dict[str, tuple[Path, Fingerprint]]:
         pattern = "**/*" if self.recursive else "*"
@@ -121,34 +163,39 @@ class FolderWatcher:
         if not self.directory.is_dir():  # unmounted, say: forgetting its files would send them all again
             raise FileNotFoundError(f"watch folder {self.directory} is gone")
         listing = self._listing()
-        ready = []
-        for name, (path, fingerprint) in sorted(listing.items()):
-            stable = self._previous.get(name) == fingerprint
-            done = self._handled.get(name, {}).get("fingerprint") == list(fingerprint)
-            if stable and not done and fingerprint[0] > 0:
-                ready.append(Candidate(path, name, fingerprint))
-        self._previous = {name: fp for name, (_, fp) in listing.items()}
-        self._forget_missing(listing)
+        ready, current = [], {}
+        with _as_os_error():
+            for name, (path, fingerprint) in sorted(listing.items()):
+                before = self._previous.get(name)
+                stable = before is not None and before[0] == fingerprint
+                done = stable and (before[1] or self._is_handled(name, fingerprint))
+                current[name] = (fingerprint, done)
+                if stable and not done and fingerprint[0] > 0:
+                    ready.append(Candidate(path, name, fingerprint))
+            gone = self._gone(listing)
+        self._previous = current
+        if gone:
+            self._unsaved.update(dict.fromkeys(gone))
+            self._save_state()
         return ready
 
-    def _forget_missing(self, listing: dict) -> None:
-        """Drop state for files that are gone, so the state file does not grow forever."""
-        gone = [name for name in self._handled if name not in listing]
-        for name in gone:
-            del self._handled[name]
-        if gone:
-            self._save_state()
+    def _gone(self, listing: dict) -> list[str]:
+        """Remembered files no longer in the folder, to forget so the state does not grow forever: those
+        the last scan listed, or after a scan that listed none (the first one), all in the database."""
+        if self._previous:
+            return [name for name in self._previous if name not in listing]
+        return [name for (name,) in self._db.execute("SELECT name FROM handled") if name not in listing]
 
     def begin(self, candidate: Candidate) -> bool:
         """Mark ``candidate`` as being encoded (durably); False, and recorded as failed, when earlier
         runs died on this version of it ``MAX_ENCODE_STARTS`` times."""
-        earlier = self._died_on.get(candidate.name, {})
-        starts = earlier.get("starts", 0) if earlier.get("fingerprint") == list(candidate.fingerprint) else 0
+        fingerprint, starts = self._died_on.get(candidate.name, (None, 0))
+        starts = starts if fingerprint == candidate.fingerprint else 0
         if starts >= MAX_ENCODE_STARTS:
             self.record(candidate, Handled.FAILED, f"the agent stopped {starts} times while encoding it "
                                                    "(out of memory?); not tried again unless it changes")  # fmt: skip
             return False
-        self._started[candidate.name] = {"fingerprint": list(candidate.fingerprint), "starts": starts + 1}
+        self._unsaved_starts[candidate.name] = (*candidate.fingerprint, starts + 1)
         try:
             self._save_state()
         except OSError:
@@ -156,18 +203,57 @@ class FolderWatcher:
         return True
 
     def record(self, candidate: Candidate, outcome: Handled, detail: str = "") -> None:
-        """Remember a SENT or FAILED file (durably); LATER leaves no trace."""
+        """Remember a SENT or FAILED file (durably); LATER leaves no trace but clears the start mark."""
         self._died_on.pop(candidate.name, None)
-        started = self._started.pop(candidate.name, None) is not None
-        if outcome is Handled.LATER:
-            if started:
-                self._save_state()
-            return
-        entry = {"fingerprint": list(candidate.fingerprint), "status": outcome.value}
-        if detail:
-            entry["detail"] = detail
-        self._handled[candidate.name] = entry
+        self._unsaved_starts[candidate.name] = None
+        if outcome is not Handled.LATER:
+            self._unsaved[candidate.name] = (*candidate.fingerprint, outcome.value, detail)
         self._save_state()
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS handled (
+    name TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, status TEXT NOT NULL, detail TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS started (
+    name TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, starts INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _write_rows(db: sqlite3.Connection, table: str, rows: Mapping[str, tuple | None]) -> None:
+    """Replace the rows of ``table`` named in ``rows``, or delete those given as None."""
+    db.executemany(f"DELETE FROM {table} WHERE name = ?", [(name,) for name, row in rows.items() if row is None])
+    values = [(name, *row) for name, row in rows.items() if row is not None]
+    if values:
+        db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * len(values[0]))})", values)
+
+
+@contextmanager
+def _as_os_error() -> Iterator[None]:
+    """A database that cannot be written or read mid-run (disk full, I/O error) is an OSError to the
+    caller, which reports it and goes on, as for any other storage failure."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise OSError(f"watch state: {exc}") from None
+
+
+def _corrupt(path: Path, reason: object, companions: str = "") -> ValueError:
+    """The one line that tells the operator what to do: a rescan sends the folder's images again."""
+    return ValueError(f"watch state {path} is corrupt ({reason}); move it away{companions} to rescan")
+
+
+def _read_legacy(path: Path) -> tuple[list[tuple], list[tuple]]:
+    """The rows of an earlier version's JSON state: handled files and start marks."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        handled = data.get("files", {}).items()
+        files = [(name, *e["fingerprint"], e["status"], e.get("detail", "")) for name, e in handled]
+        started = [(name, *e["fingerprint"], e["starts"]) for name, e in data.get("started", {}).items()]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise _corrupt(path, exc) from None
+    return files, started
 
 
 def run_watch(
