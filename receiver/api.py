@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
+from aeic.receiver import schemas
 from aeic.receiver.auth import Authenticator, Principal, RateLimiter
 from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
 from aeic.receiver.data_dir import prepare_data_dir
@@ -49,8 +50,9 @@ from aeic.receiver.storage.orphans import remove_orphan_blobs
 from aeic.receiver.worker import DecodeWorker, WorkerConfig
 from aeic.shared import bitstream as bs
 from aeic.shared import decode_limits
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -521,32 +523,57 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(receiver_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _add_read(router: APIRouter, path: str, endpoint: Callable[..., Any], summary: str) -> None:
+_BEARER = HTTPBearer(auto_error=False, description="a device token or the admin token")
+_V1 = [Security(_BEARER)]  # declares the bearer scheme in the OpenAPI document; `principal` checks it
+_READ = (401, 404, 422, 503)
+_FILE = (*_READ, 304, 409)
+_PNG_JPEG_WEBP = ("image/png", "image/jpeg", "image/webp")
+
+
+def _add_read(router: APIRouter, path: str, endpoint: Callable[..., Any], summary: str,
+              responses: dict[int | str, dict[str, Any]]) -> None:
     """GET and HEAD (RFC 9110: a GET resource answers HEAD with the same headers and no body; uvicorn drops
     the body). HEAD stays out of the OpenAPI document, where it would repeat the GET's operation id."""
-    router.add_api_route(path, endpoint, methods=["GET"], summary=summary)
+    router.add_api_route(path, endpoint, methods=["GET"], summary=summary, responses=responses,
+                         dependencies=_V1, response_class=Response)
     router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
 
 def _api_router() -> APIRouter:
+    """Every route with every status it can answer in `responses`, so the OpenAPI document tells a client
+    the truth (tests/test_receiver_openapi.py holds it to that)."""
     router = APIRouter()
     router.add_api_route("/v1/images", upload_image, methods=["POST"], status_code=202,
-                         summary="Upload a bitstream", openapi_extra={"requestBody": {
+                         summary="Upload a bitstream", dependencies=_V1, response_class=Response,
+                         responses={202: {"model": schemas.Accepted, "description": "Stored; decoding follows"},
+                                    **schemas.errors(400, 401, 403, 408, 409, 413, 415, 422, 429, 503)},
+                         openapi_extra={"requestBody": {
                              "required": True,
                              "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                   "format": "binary"}}}}})
-    _add_read(router, "/v1/images", list_images, "List images, newest first")
-    _add_read(router, "/v1/images/{image_id}", get_image, "Image status")
+    _add_read(router, "/v1/images", list_images, "List images, newest first",
+              {200: {"model": schemas.ImageList}, **schemas.errors(400, 401, 403, 422, 503)})
+    _add_read(router, "/v1/images/{image_id}", get_image, "Image status",
+              {200: {"model": schemas.ImageOut}, **schemas.errors(*_READ)})
     router.add_api_route("/v1/images/{image_id}", delete_image, methods=["DELETE"], status_code=204,
-                         summary="Delete an image")
+                         summary="Delete an image", dependencies=_V1, response_class=Response,
+                         responses=schemas.errors(*_READ))
     _add_read(router, "/v1/images/{image_id}/reconstruction", get_reconstruction,
-              "Reconstruction (PNG; JPEG/WebP by Accept)")
+              "Reconstruction (PNG; JPEG/WebP by Accept)", {**schemas.binary(*_PNG_JPEG_WEBP),
+                                                            **schemas.errors(*_FILE, 406)})
     _add_read(router, "/v1/images/{image_id}/reconstruction.{ext}", get_reconstruction_as,
-              "Reconstruction in the suffix's format")
-    _add_read(router, "/v1/images/{image_id}/thumbnail", get_thumbnail, "Thumbnail")
-    router.add_api_route("/healthz", healthz, methods=["GET"], summary="Liveness")
-    router.add_api_route("/readyz", readyz, methods=["GET"], summary="Readiness")
-    router.add_api_route("/metrics", metrics, methods=["GET"], summary="Prometheus metrics")
+              "Reconstruction in the suffix's format", {**schemas.binary(*_PNG_JPEG_WEBP),
+                                                        **schemas.errors(*_FILE)})
+    _add_read(router, "/v1/images/{image_id}/thumbnail", get_thumbnail, "Thumbnail",
+              {**schemas.binary("image/jpeg"), **schemas.errors(*_FILE)})
+    router.add_api_route("/healthz", healthz, methods=["GET"], summary="Liveness", response_model=schemas.Health)
+    router.add_api_route("/readyz", readyz, methods=["GET"], summary="Readiness", response_class=Response,
+                         responses={200: {"model": schemas.Readiness, "description": "Ready"},
+                                    503: {"model": schemas.Readiness, "description": "Not ready"}})
+    router.add_api_route("/metrics", metrics, methods=["GET"], summary="Prometheus metrics",
+                         response_class=Response, responses={200: {"description": "Prometheus text format",
+                                                                  "content": {CONTENT_TYPE_LATEST: {
+                                                                      "schema": {"type": "string"}}}}})
     return router
 
 
