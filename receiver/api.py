@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from aeic.receiver import schemas
-from aeic.receiver.auth import Authenticator, Principal, RateLimiter
+from aeic.receiver.auth import DEVICE_NAME, Authenticator, Principal, RateLimiter
 from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
 from aeic.receiver.data_dir import prepare_data_dir
 from aeic.receiver.errors import ApiError, install_error_handlers
@@ -372,6 +372,8 @@ def list_images(
         if device is not None and device != who.device:
             raise ApiError(403, "forbidden", "a device token lists only its own images")
         device = who.device
+    if device is not None and not DEVICE_NAME.match(device):  # PostgreSQL fails on a NUL byte: 503, not 422
+        raise ApiError(422, "invalid_request", "device must be 1-128 of A-Z a-z 0-9 . _ -")
     flt = ImageFilter(device=device, since=_parse_time(since, "since"), until=_parse_time(until, "until"),
                       status=status)
     try:

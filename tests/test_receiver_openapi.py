@@ -96,6 +96,7 @@ def test_error_answers_match_the_document(api: Api) -> None:
         (c.get("/v1/images?cursor=zz", headers=auth), "GET", "/v1/images"),
         (c.get("/v1/images?limit=0", headers=auth), "GET", "/v1/images"),
         (c.get("/v1/images?since=soon", headers=auth), "GET", "/v1/images"),
+        (c.get("/v1/images?device=%00", headers={"Authorization": f"Bearer {ADMIN}"}), "GET", "/v1/images"),
         (c.post("/v1/images", content=b"x", headers={"Authorization": f"Bearer {ADMIN}", **octet}),
          "POST", "/v1/images"),
         (c.post("/v1/images", content=b"x", headers=auth), "POST", "/v1/images"),
