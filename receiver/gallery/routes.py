@@ -77,8 +77,10 @@ def _sign_in(request: Request, token: str) -> Response:
     state = receiver_state(request)
     wait = state.login_limiter.wait(_client(request))
     if wait > 0:
-        response = _login_page(request, "Too many failed sign-ins; try again in a minute.", status=429)
-        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        seconds = max(1, math.ceil(wait))
+        response = _login_page(request, f"Too many failed sign-ins from this address; try again in {seconds} s.",
+                               status=429)
+        response.headers["Retry-After"] = str(seconds)
         return response
     session = state.sessions.open(token)
     if session is None:

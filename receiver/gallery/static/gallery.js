@@ -10,6 +10,13 @@
   const POLL_MS = 1500;
   let signedOut = false;
 
+  // The status line is a live region: change its text only when the state changes, or a screen reader
+  // would repeat it on every poll. A problem is said in words (and styled), not shown by colour alone.
+  function say(text, problem) {
+    if (live.textContent !== text) live.textContent = text;
+    live.classList.toggle("error", problem);
+  }
+
   function el(tag, cls, text) {
     const node = document.createElement(tag);
     if (cls) node.className = cls;
@@ -28,7 +35,7 @@
       const pic = el("img", isExtreme(img) ? "whole" : null);
       pic.loading = "lazy";  // as _card.html: only thumbnails near the viewport are fetched
       pic.src = img.links.thumbnail;
-      pic.alt = "image " + img.id;
+      pic.alt = "Decoded image from " + img.device;  // as _card.html
       thumb.appendChild(pic);
     } else {
       thumb.appendChild(el("span", "badge", img.status));
@@ -79,8 +86,11 @@
       return;
     }
     if (!older) {
-      older = el("a", null, "Older images →");
+      older = el("a", null, "Older images ");
       older.id = "older";
+      const arrow = el("span", null, "→");
+      arrow.setAttribute("aria-hidden", "true");  // as index.html: a screen reader says "Older images"
+      older.appendChild(arrow);
       pager.appendChild(older);
     }
     older.href = "/?cursor=" + encodeURIComponent(next);
@@ -88,22 +98,29 @@
 
   async function poll() {
     try {
-      const response = await fetch("/v1/images?limit=" + limit, {credentials: "same-origin",
-                                                                 headers: {Accept: "application/json"}});
+      let response;
+      try {
+        response = await fetch("/v1/images?limit=" + limit, {credentials: "same-origin",
+                                                             headers: {Accept: "application/json"}});
+      } catch (err) {  // no answer at all: the network or the receiver is down
+        say("Not updating: cannot reach the receiver (network down?); retrying…", true);
+        return;
+      }
       if (response.status === 401) {  // signed out (cookie gone or token revoked): back to the token form
         signedOut = true;
         window.location.assign("/login");
         return;
       }
-      if (!response.ok) throw new Error("HTTP " + response.status);
+      if (!response.ok) {
+        say("Not updating: the receiver answered HTTP " + response.status + "; retrying…", true);
+        return;
+      }
       const page = await response.json();
       render(page.items);
       syncPager(page.next);
-      live.textContent = "live";
-      live.classList.remove("error");
+      say("Updating live", false);
     } catch (err) {
-      live.textContent = "reconnecting… (" + err.message + ")";
-      live.classList.add("error");
+      say("Not updating: " + err.message + "; retrying…", true);
     } finally {
       if (!signedOut) window.setTimeout(poll, POLL_MS);
     }

@@ -5,13 +5,28 @@
   const detail = document.getElementById("detail");
   const status = detail.dataset.status;
   if (status === "pending" || status === "decoding") {
+    // pending -> decoding is said in place (the status line is a live region; focus and scroll stay where
+    // they are); the page reloads only to show the outcome.
+    const waiting = document.getElementById("waiting");
+    const cell = document.getElementById("m-status");
+    const show = (text, now) => {  // a live region: change it only when the words change
+      if (waiting.textContent !== text) waiting.textContent = text;
+      if (cell.textContent !== now) cell.textContent = now;
+    };
     const poll = async () => {
       try {
         const response = await fetch("/v1/images/" + detail.dataset.id, {credentials: "same-origin"});
         // Deleted meanwhile, or signed out: the reloaded page says so ("No image ..." or the token form).
         if (response.status === 404 || response.status === 401) { window.location.reload(); return; }
-        if (response.ok && (await response.json()).status !== status) { window.location.reload(); return; }
-      } catch (err) { /* keep waiting */ }
+        if (!response.ok) throw new Error("the receiver answered HTTP " + response.status);
+        const now = (await response.json()).status;
+        if (now !== "pending" && now !== "decoding") { window.location.reload(); return; }
+        detail.dataset.status = now;
+        show(now + "…", now);
+      } catch (err) {  // keep waiting, and say why nothing changes
+        const why = err instanceof TypeError ? "cannot reach the receiver" : err.message;
+        show(detail.dataset.status + "… (not updating: " + why + "; retrying)", detail.dataset.status);
+      }
       window.setTimeout(poll, 1000);
     };
     window.setTimeout(poll, 1000);
@@ -33,7 +48,8 @@
     clamp();
     img.style.transform = "translate(" + x + "px, " + y + "px) scale(" + scale + ")";
     viewer.dataset.scale = String(scale);
-    label.textContent = Math.round(scale * 100) + "%";
+    const level = Math.round(scale * 100) + "%";
+    if (label.textContent !== level) label.textContent = level;  // a live region: said only when it changes
     viewer.classList.toggle("zoomed", scale > 1);
   }
   // Zoom to `next` keeping the image point under (px, py) fixed on screen.
