@@ -357,15 +357,18 @@ def _parse_time(value: str | None, name: str) -> float | None:
     return parsed.timestamp()
 
 
+_TIME_HELP = "images received {} this time: Unix seconds or ISO 8601 (`2026-12-06T09:00:00Z`)"
+
+
 def list_images(
     request: Request,
     who: Caller,
-    device: str | None = None,
-    since: str | None = None,
-    until: str | None = None,
+    device: Annotated[str | None, Query(description="only this device's images (admin token only)")] = None,
+    since: Annotated[str | None, Query(description=_TIME_HELP.format("at or after"))] = None,
+    until: Annotated[str | None, Query(description=_TIME_HELP.format("before"))] = None,
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(description="the `next` value of the previous page, as given")] = None,
 ) -> JSONResponse:
     """Newest first, with an opaque `next` cursor; a device only ever lists its own images."""
     if not who.admin:
