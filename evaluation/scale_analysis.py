@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("images", type=Path, help="the folder of originals that run used")
     parser.add_argument("--out", type=Path, help="write the table as JSON here")
     args = parser.parse_args(argv)
+    if not (args.run / "recon").is_dir():
+        parser.exit(2, f"scale_analysis: {args.run} holds no reconstructions (run `aeic eval ... --save-recon N`)\n")
     rows = analyse_run(args.run, args.images)
     for row in rows:
         psnrs = " ".join(f"{k}x {v:.2f}" for k, v in row["block_mean_psnr"].items())

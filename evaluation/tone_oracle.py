@@ -8,7 +8,8 @@ grid would cost, counted as exp-Golomb codes of the quantized means' left-neighb
 share of the image's byte budget.
 
 ``python -m aeic.evaluation.tone_oracle RUN IMAGES --cells 64,128 --step 4`` prints, per budget, the
-mean gains and costs over the images of ``RUN/recon/*/aeic``; ``--out`` writes them as JSON.
+mean gains and costs over the images of ``RUN/recon/bpp*/aeic`` (a run of ``aeic eval --budgets-bpp ...
+--save-recon N``); ``--out`` writes them as JSON.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ def corrected(ref: np.ndarray, rec: np.ndarray, cell: int, step: float) -> tuple
 
 def oracle_gains(run: Path, images: Path, cells: list[int], step: float) -> list[dict]:
     """Mean PSNR / MS-SSIM gains and grid cost per (budget, cell size) over ``run/recon/<budget>/aeic``."""
+    budgets = sorted(p for p in (run / "recon").glob("bpp*") if (p / "aeic").is_dir())
+    if not budgets:
+        raise ValueError(f"{run} holds no reconstructions of AEIC at byte budgets "
+                         "(run `aeic eval --budgets-bpp ... --save-recon N` first)")  # fmt: skip
     rows = []
-    for budget in sorted(p for p in (run / "recon").iterdir() if (p / "aeic").is_dir()):
+    for budget in budgets:
         bpp = float(budget.name.removeprefix("bpp"))
         pairs = [(load_rgb(original_of(images, f)), load_rgb(f)) for f in sorted((budget / "aeic").glob("*.png"))]
         for cell in cells:
@@ -83,7 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step", type=float, default=0.0, help="quantizer step of the sent means (0: exact, no cost)")
     parser.add_argument("--out", type=Path, help="write the table as JSON here")
     args = parser.parse_args(argv)
-    rows = oracle_gains(args.run, args.images, [int(c) for c in args.cells.split(",")], args.step)
+    try:
+        rows = oracle_gains(args.run, args.images, [int(c) for c in args.cells.split(",")], args.step)
+    except (OSError, ValueError) as exc:
+        parser.exit(2, f"tone_oracle: {exc}\n")
     for row in rows:
         cost = "exact means" if not args.step else f"grid {row['side_percent_of_budget']:.2f} % of the budget"
         print(f"{row['point']} cell {row['cell']:4d}: PSNR {row['psnr_gain_db']:+.3f} dB, "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from aeic.evaluation import metrics, runner, tone_oracle
 from PIL import Image
 
@@ -69,3 +70,10 @@ def test_a_jpeg_original_is_found_from_its_reconstructions_name(tmp_path: Path) 
     Image.fromarray(_tone_shifted(ref)).save(recon / runner.recon_name("b.jpg"))
     [row] = tone_oracle.oracle_gains(tmp_path / "run", images, [64], step=0)
     assert row["images"] == 1 and row["psnr_gain_db"] > 3
+
+
+def test_a_run_without_budget_reconstructions_is_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "run" / "recon" / "rate0" / "aeic").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stop:
+        tone_oracle.main([str(tmp_path / "run"), str(tmp_path)])
+    assert stop.value.code == 2 and "no reconstructions of AEIC at byte budgets" in capsys.readouterr().err
