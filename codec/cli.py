@@ -65,12 +65,31 @@ def _read_stream(path: Path) -> bytes:
     return data
 
 
+_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _names_a_picture(output: Path | None) -> bool:
+    """``-o x.png`` means that file, not a folder called x.png (the old reading surprised users)."""
+    return output is not None and output.suffix.lower() in _PICTURE_SUFFIXES and not output.is_dir()
+
+
+def _decoded_path(stream: Path, output: Path | None) -> Path:
+    """``-o`` as the picture itself, or the folder to write ``<stream>.png`` in (default: beside the stream)."""
+    if _names_a_picture(output):
+        return output
+    return (output / stream.with_suffix(".png").name) if output else stream.with_suffix(".png")
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     from aeic.receiver.decoder import ReceiverCodec
     from aeic.shared.bitstream import BitstreamError
     from aeic.shared.entropy_coding import EntropyDecodeError
     from PIL import Image
 
+    if _names_a_picture(args.output) and len(args.streams) > 1:
+        print(f"error: -o {args.output} names one picture, but {len(args.streams)} streams were given; "
+              "give a folder", file=sys.stderr)  # fmt: skip
+        return 2
     codec = ReceiverCodec.from_package(args.model, device=args.device)
     status = 0
     for stream in args.streams:
@@ -81,7 +100,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             print(f"{stream}: {exc}", file=sys.stderr)
             status = 1
             continue
-        out = (args.output / stream.with_suffix(".png").name) if args.output else stream.with_suffix(".png")
+        out = _decoded_path(stream, args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rgb).save(out)
         print(f"{stream} -> {out}: {rgb.shape[1]}x{rgb.shape[0]}, {(time.perf_counter() - start) * 1e3:.0f} ms")
@@ -252,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="symbol rounding: the package's rate-distortion weight, nearest, or a weight")
     decode = sub.add_parser("decode", help=".aeic bitstreams -> PNG (receiver path)")
     decode.add_argument("streams", nargs="+", type=Path)
-    decode.add_argument("-o", "--output", type=Path, help="output folder (default: beside each stream)")
+    decode.add_argument("-o", "--output", type=Path,
+                        help="output folder, or for one stream a .png/.jpg/.webp file (default: beside each stream)")
     decode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
     decode.add_argument("--device", default="auto")
     info = sub.add_parser("info", help="print the header of bitstreams as JSON")

@@ -374,3 +374,22 @@ def test_a_budget_the_rules_downscale_cannot_meet_falls_back_to_a_larger_one(exp
     assert half_minimum < whole_minimum
     data, _ = SenderCodec.from_package(folder).encode_to_budget(rgb, whole_minimum - 1)
     assert bitstream.peek_header(data).downscale == 2 and len(data) < whole_minimum
+
+
+def test_decode_output_is_a_folder_or_for_one_stream_the_picture_named(exported, tmp_path, capsys) -> None:
+    """`-o y.png` made a folder called y.png; now it is that picture, and a folder for several streams."""
+    from aeic.codec.cli import main
+
+    _, folder = exported
+    for name in ("a", "b"):
+        Image.fromarray(_photo(64, 96)).save(tmp_path / f"{name}.png")
+    assert main(["encode", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", str(folder),
+                 "--rate", "1", "-o", str(tmp_path / "streams")]) == 0  # fmt: skip
+    streams = [str(tmp_path / "streams" / "a.aeic"), str(tmp_path / "streams" / "b.aeic")]
+    decode = ["decode", "--model", str(folder), "--device", "cpu", "-o"]
+    assert main([*decode, str(tmp_path / "one.webp"), streams[0]]) == 0
+    assert Image.open(tmp_path / "one.webp").format == "WEBP"
+    assert main([*decode, str(tmp_path / "two.png"), *streams]) == 2
+    assert "names one picture" in capsys.readouterr().err and not (tmp_path / "two.png").exists()
+    assert main([*decode, str(tmp_path / "out"), *streams]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
