@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from aeic.evaluation import baselines, learned, metrics
+from aeic.sender.images import eight_bit_grey
 from aeic.shared import bitstream
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -120,20 +121,13 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
 # What Pillow raises for a file that is not a readable image: SyntaxError for some broken PNG chunks,
 # DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default).
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-SIXTEEN_BIT_GRAY = ("I", "I;16", "I;16B", "I;16L")
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB, EXIF orientation applied, alpha dropped.
-
-    16-bit grayscale keeps its top 8 bits, as Pillow does for 16-bit RGB (its own conversion clips
-    every value above 255 to white).
-    """
+    """An image file as HxWx3 uint8 RGB, EXIF orientation applied, alpha dropped, 16-bit greyscale
+    scaled as the sender scales it (Pillow's own conversion clips it to white)."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in SIXTEEN_BIT_GRAY:
-            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8), "L")
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.asarray(eight_bit_grey(ImageOps.exif_transpose(im)).convert("RGB"), dtype=np.uint8)
 
 
 def recon_name(image: str) -> str:

@@ -101,12 +101,23 @@ def _check_size(path: Path, size: tuple[int, int]) -> None:
         raise ImageReadError(f"{path}: size {width}x{height} is outside the supported 1..{MAX_SIDE} per side")
 
 
+def eight_bit_grey(image: Image.Image) -> Image.Image:
+    """16-bit greyscale scaled to 8-bit ``L`` (x * 255 / 65535, rounded); any other image as it is.
+
+    Pillow's own ``convert("RGB")`` clips such samples to 255, a white picture: the evaluation and the
+    training data read photos through this too, so all three see the same pixels the sender codes.
+    """
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image
+    return Image.fromarray(_sixteen_to_eight(np.asarray(image)), "L")
+
+
 def _to_rgb8(path: Path, image: Image.Image) -> np.ndarray:
     """Convert any Pillow mode to 8-bit RGB following the policy in the module docstring."""
-    mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        grey = _sixteen_to_eight(np.asarray(image))
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(eight_bit_grey(image))
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    mode = image.mode
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
         mode = "RGBA"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from aeic.sender.images import eight_bit_grey
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -45,18 +46,10 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB. Pillow's convert() clips 16-bit greyscale ("I;16", "I") to 255, a white picture: scale it."""
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        scaled = np.rint(np.asarray(image, dtype=np.float64) / 257)
-        image = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
-    return image.convert("RGB")
-
-
 def load_downsampled(path: Path, short_side: int) -> np.ndarray:
     """RGB uint8, short side at most ``short_side``, long side at most ``MAX_LONG_SIDE``, multiples of 8."""
     with Image.open(path) as image:
-        image = _rgb(ImageOps.exif_transpose(image))
+        image = eight_bit_grey(ImageOps.exif_transpose(image)).convert("RGB")
         factor = short_side / min(image.size)
         if factor < 1:
             size = (round(image.width * factor), round(image.height * factor))
