@@ -22,6 +22,7 @@ that would hold back every file after it.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import stat
 import sys
@@ -159,7 +160,7 @@ class FolderWatcher:
         return found
 
     def scan(self) -> list[Candidate]:
-        """Files unchanged since the previous scan and not yet handled in that exact version."""
+        """Readable files unchanged since the previous scan and not yet handled in that exact version."""
         if not self.directory.is_dir():  # unmounted, say: forgetting its files would send them all again
             raise FileNotFoundError(f"watch folder {self.directory} is gone")
         listing = self._listing()
@@ -171,7 +172,10 @@ class FolderWatcher:
                 done = stable and (before[1] or self._is_handled(name, fingerprint))
                 current[name] = (fingerprint, done)
                 if stable and not done and fingerprint[0] > 0:
-                    ready.append(Candidate(path, name, fingerprint))
+                    if os.access(path, os.R_OK):
+                        ready.append(Candidate(path, name, fingerprint))
+                    else:  # not failed: a chmod changes no fingerprint, so a failure would be for good
+                        self.unlisted[name] = "permission denied; it is sent once it can be read"
             gone = self._gone(listing)
         self._previous = current
         if gone:

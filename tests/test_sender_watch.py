@@ -199,3 +199,22 @@ def test_a_vanished_folder_keeps_what_was_sent(tmp_path: Path) -> None:
         watcher.scan()
     (tmp_path / "unmounted").rename(folder)
     assert watcher.scan() == [] and watcher.scan() == []
+
+
+def test_an_unreadable_file_waits_until_it_can_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A photo copied in with the wrong permissions is sent after a chmod, which changes no fingerprint:
+    it is reported, not failed. (os.access is patched: the tests may run as root, who reads anything.)"""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "locked.jpg").write_bytes(b"copied as another user")
+    (folder / "open.jpg").write_bytes(b"readable")
+    readable = {"open.jpg"}
+    monkeypatch.setattr("aeic.sender.watch.os.access", lambda path, mode: Path(path).name in readable)
+    watcher = FolderWatcher(folder, tmp_path / "state.db")
+    watcher.scan()
+    assert _names(watcher.scan()) == ["open.jpg"]
+    assert watcher.unlisted == {"locked.jpg": "permission denied; it is sent once it can be read"}
+    assert _names(watcher.scan()) == ["open.jpg"]  # not recorded by this test: still ready
+    readable.add("locked.jpg")  # chmod a+r
+    assert _names(watcher.scan()) == ["locked.jpg", "open.jpg"]
+    assert watcher.unlisted == {}
