@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
-import math
 import os
 import re
 import secrets
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from aeic import local_servers
+from aeic.evaluation.metrics import psnr as psnr_db
 from aeic.local_servers import LocalServerError, free_port, stop_process
 
 __all__ = ["main", "stop_process"]
@@ -69,9 +69,7 @@ class Result:
     def psnr(self) -> float | None:
         if self.reconstruction is None:
             return None
-        # numpy, not scikit-image: `--images` runs with the receiver extra alone, which has no skimage.
-        mse = float(np.mean((self.original.astype(np.float64) - self.reconstruction.astype(np.float64)) ** 2))
-        return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+        return psnr_db(self.original, self.reconstruction)  # numpy only: the receiver extra has no scikit-image
 
 
 # -- inputs --------------------------------------------------------------------------------------
