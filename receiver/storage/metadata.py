@@ -8,6 +8,7 @@ by a random claim token, so two workers can never decode the same image at once.
 from __future__ import annotations
 
 import base64
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 __all__ = [
     "Claim",
+    "CursorPosition",
     "IdempotencyConflictError",
     "ImageFilter",
     "InvalidCursorError",
@@ -28,6 +30,7 @@ __all__ = [
     "SqlMetadataStore",
     "create_engine",
     "decode_cursor",
+    "encode_cursor",
 ]
 
 _IMG = schema.images
@@ -119,9 +122,19 @@ def create_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
-def encode_cursor(seq: int) -> str:
-    """Opaque cursor for the page that starts below `seq`."""
-    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+@dataclass(frozen=True)
+class CursorPosition:
+    """Where a listing page ends in the listing's (created_at, seq) order; the next page starts below it.
+    `created_at` is None for a cursor of an earlier version, which carried `seq` alone."""
+
+    created_at: float | None
+    seq: int
+
+
+def encode_cursor(created_at: float, seq: int) -> str:
+    """Opaque cursor for the page that starts below the image (`created_at`, `seq`); `repr` keeps the float
+    exact, so the keyset comparison is too."""
+    return base64.urlsafe_b64encode(f"t{created_at!r}:{seq}".encode()).decode().rstrip("=")
 
 
 def _bad_cursor(cursor: str) -> str:
@@ -130,18 +143,26 @@ def _bad_cursor(cursor: str) -> str:
     return f"invalid cursor {shown!r}"
 
 
-def decode_cursor(cursor: str) -> int:
-    """Inverse of `encode_cursor`; raises `InvalidCursorError` for anything else."""
+def decode_cursor(cursor: str) -> CursorPosition:
+    """Inverse of `encode_cursor`, and the `s<seq>` cursors of schema v5 and before (a client paging across
+    an upgrade continues); raises `InvalidCursorError` for anything else."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("s"):
+        if raw.startswith("t"):
+            when_text, _, seq_text = raw[1:].partition(":")
+            when = float(when_text)
+            if not math.isfinite(when):
+                raise ValueError(raw)
+            position = CursorPosition(when, int(seq_text))
+        elif raw.startswith("s"):
+            position = CursorPosition(None, int(raw[1:]))
+        else:
             raise ValueError(raw)
-        seq = int(raw[1:])
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidCursorError(_bad_cursor(cursor)) from exc
-    if seq < 0:
+    if position.seq < 0:
         raise InvalidCursorError(_bad_cursor(cursor))
-    return seq
+    return position
 
 
 def _now() -> float:
@@ -229,25 +250,43 @@ class SqlMetadataStore:
             return self._by_key(conn, device, key)
 
     def list_images(self, flt: ImageFilter, limit: int, cursor: str | None) -> Page:
-        """Newest first, `limit` per page; `cursor` comes from the previous page's `next`."""
-        query = self._select().order_by(_IMG.c.seq.desc()).limit(limit + 1)
-        if cursor:
-            query = query.where(_IMG.c.seq < decode_cursor(cursor))
+        """Newest first, `limit` per page; `cursor` comes from the previous page's `next`.
+
+        The order is upload time, ties by arrival (`created_at`, `seq`), the key the time filters restrict,
+        so one index range (`schema.images`, v6) serves every filter and the order: a page reads only its
+        rows, and a `since` poll that finds nothing new reads none (it walked every image before)."""
+        query = self._select().order_by(_IMG.c.created_at.desc(), _IMG.c.seq.desc()).limit(limit + 1)
         if flt.device is not None:
             query = query.where(_IMG.c.device == flt.device)
+        if flt.status is not None:
+            query = query.where(_IMG.c.status == flt.status.value)
         # Stored times are whole microseconds; half a microsecond of slack makes a bound that went through
         # an ISO 8601 string (microsecond precision) compare exactly.
         if flt.since is not None:
             query = query.where(_IMG.c.created_at >= flt.since - _HALF_US)
         if flt.until is not None:
             query = query.where(_IMG.c.created_at < flt.until - _HALF_US)
-        if flt.status is not None:
-            query = query.where(_IMG.c.status == flt.status.value)
         with self.engine.connect() as conn:
+            if cursor:
+                position = self._resolve(conn, decode_cursor(cursor))
+                if position is None:
+                    return Page(items=[], next=None)
+                # Below the position in (created_at, seq) order; the first term is the index range.
+                query = query.where(_IMG.c.created_at <= position.created_at,
+                                    sa.or_(_IMG.c.created_at < position.created_at, _IMG.c.seq < position.seq))
             rows = conn.execute(query).all()
         items = [_record(r) for r in rows[:limit]]
-        following = encode_cursor(items[-1].seq) if len(rows) > limit else None
+        following = encode_cursor(items[-1].created_at, items[-1].seq) if len(rows) > limit else None
         return Page(items=items, next=following)
+
+    def _resolve(self, conn: sa.Connection, position: CursorPosition) -> CursorPosition | None:
+        """A v5 cursor (`seq` alone: the page continued below that seq) as a position in today's order: just
+        above the newest image left below that seq, by primary key. None when no image is left below it."""
+        if position.created_at is not None:
+            return position
+        below = conn.execute(sa.select(_IMG.c.created_at, _IMG.c.seq).where(_IMG.c.seq < position.seq)
+                             .order_by(_IMG.c.seq.desc()).limit(1)).first()
+        return None if below is None else CursorPosition(float(below.created_at), int(below.seq) + 1)
 
     def delete_image(self, image_id: str) -> ImageRecord | None:
         """Remove the row; returns what was deleted (the caller removes the blobs afterwards)."""

@@ -54,12 +54,29 @@ def _v5_status_index(conn: sa.Connection) -> None:
     next(i for i in schema.images.indexes if i.name == "ix_images_status_seq").create(conn, checkfirst=True)
 
 
+# The listing indexes of v6, and those of earlier versions they replace (v1 created both).
+_V6_LISTING_INDEXES = ("ix_images_created_seq", "ix_images_device_created_seq", "ix_images_status_created_seq",
+                       "ix_images_device_status_created_seq")
+_V6_REPLACED_INDEXES = ("ix_images_created_at", "ix_images_device_seq")
+
+
+def _v6_listing_indexes(conn: sa.Connection) -> None:
+    # A listing filtered by since/until walked every image in seq order (or every image of its device or
+    # status) when few or none matched; these indexes serve the filter and the order together.
+    for index in schema.images.indexes:
+        if index.name in _V6_LISTING_INDEXES:
+            index.create(conn, checkfirst=True)
+    for name in _V6_REPLACED_INDEXES:
+        conn.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "images and device tokens", _v1_initial),
     Migration(2, "decode counter", _v2_decode_counter),
     Migration(3, "coding downscale", _v3_coding_downscale),
     Migration(4, "gallery sessions", _v4_gallery_sessions),
     Migration(5, "images by status in seq order", _v5_status_index),
+    Migration(6, "listing indexes in (created_at, seq) order", _v6_listing_indexes),
 )
 
 

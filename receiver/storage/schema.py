@@ -55,11 +55,17 @@ images = sa.Table(
     sa.Column("decodes", sa.Integer, nullable=False, server_default="0"),
     sa.UniqueConstraint("device", "idempotency_key", name="uq_images_device_idempotency_key"),
     sa.Index("ix_images_claim", "status", "model_id", "width", "height", "seq"),
-    sa.Index("ix_images_device_seq", "device", "seq"),
-    # Listing by status (newest first) and the worker's oldest-due-job query walk this in `seq` order
-    # instead of sorting every image of the status (schema v5).
+    # The worker's oldest-due-job query walks this in `seq` order instead of sorting every pending image
+    # (schema v5).
     sa.Index("ix_images_status_seq", "status", "seq"),
-    sa.Index("ix_images_created_at", "created_at"),
+    # The listing's order is (created_at, seq), newest first, and its time filters are ranges on
+    # created_at: each filter a client polls with (none, device, status, both; with since/until or not) has
+    # an index whose leading equality columns it fixes and whose remainder is that order, so a page, and a
+    # poll that finds nothing new, reads only the rows it returns (schema v6).
+    sa.Index("ix_images_created_seq", "created_at", "seq"),
+    sa.Index("ix_images_device_created_seq", "device", "created_at", "seq"),
+    sa.Index("ix_images_status_created_seq", "status", "created_at", "seq"),
+    sa.Index("ix_images_device_status_created_seq", "device", "status", "created_at", "seq"),
 )
 
 device_tokens = sa.Table(
