@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def _decode(payload: bytes, indices: np.ndarray, masks: np.ndarray, tables: CdfT
     return out
 
 
-def _timed(function, repeats: int) -> tuple[Any, list[float]]:
+def _timed(function: Callable[[], Any], repeats: int) -> tuple[Any, list[float]]:
     times, result = [], None
     for _ in range(repeats):
         start = time.perf_counter()

@@ -12,7 +12,7 @@ products above).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ def _transposed_macs(module: nn.ConvTranspose2d, inputs: torch.Tensor) -> int:
 
 def _attention_macs(module: nn.Module, inputs: torch.Tensor) -> int:
     tokens = inputs.shape[2] * inputs.shape[3] if inputs.ndim == 4 else inputs.shape[1]
-    inner = module.to_q.out_features
+    inner = cast(nn.Linear, module.to_q).out_features
     return 2 * inputs.shape[0] * tokens * tokens * inner
 
 

@@ -31,8 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ from torch import nn
 from .images import photo
 from .machine import write_result
 from .macs import count_macs, count_parameters
+
+if TYPE_CHECKING:
+    from aeic.sender.encoder import SenderCodec
 
 SD_VAE_CONFIG: dict[str, Any] = {
     "down_block_types": ("DownEncoderBlock2D",) * 4,
@@ -58,7 +63,7 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _entry(module: nn.Module, run, pixels: int) -> dict[str, Any]:
+def _entry(module: nn.Module, run: Callable[[], Any], pixels: int) -> dict[str, Any]:
     macs = count_macs(module, run)
     return {"parameters": count_parameters(module), "macs_per_pixel": macs["total"] / pixels, "macs": macs}
 
@@ -111,7 +116,7 @@ def heavy_encoder_counts(width: int, height: int) -> dict[str, Any]:
             vae = AutoencoderKL(**config).eval()
             image = torch.zeros(1, 3, height, width)
             encoder = nn.ModuleList([vae.encoder, vae.quant_conv])
-            result[name] = _entry(encoder, lambda vae=vae, image=image: vae.encode(image), width * height)
+            result[name] = _entry(encoder, partial(vae.encode, image), width * height)
             result[name]["count_size"] = f"{width}x{height}"
     return result
 
@@ -153,7 +158,7 @@ def _random_package(directory: Path) -> Path:
     return export_package(AEICModel(preset("nano-se")), directory)
 
 
-def _sender_split(codec, rgb: np.ndarray, level: int) -> dict[str, float]:
+def _sender_split(codec: SenderCodec, rgb: np.ndarray, level: int) -> dict[str, float]:
     from aeic.shared import bitstream
     from aeic.shared.padding import colour_statistics
 

@@ -95,6 +95,8 @@ class GatedConv(nn.Module):
 class ReferenceSender(nn.Module):
     """Image (1, 3, H, W) in [0, 1], step masks (4, M, H/32, W/32) -> (symbols, scales, z_hat)."""
 
+    gains: torch.Tensor  # a buffer
+
     def __init__(self) -> None:
         super().__init__()
         half = LATENT // 2

@@ -44,12 +44,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .images import photo, source_name
 from .machine import write_result
+
+if TYPE_CHECKING:
+    from aeic.sender.encoder import SenderCodec
+
+    from .reference_sender import ReferenceCodec
 
 VARIANTS = ("reference", "default", "untiled", "arena", "int8_dynamic", "int8_static", "threads1", "threads2", "combined",
             "downscale1", "downscale2", "downscale4")
@@ -86,15 +91,15 @@ def _rss_mb() -> float | None:
 
 # ---------------------------------------------------------------- child side (no torch for ours)
 
-def _our_codec(work: Path, variant: str):
+def _our_codec(work: Path, variant: str) -> SenderCodec:
     import onnxruntime as ort
     from aeic.sender import encoder
 
     threads = {"threads1": 1, "threads2": 2, "combined": 1}.get(variant)
     base_options = encoder.session_options
 
-    def options(requested: int | None, memory_pattern: bool = True) -> ort.SessionOptions:
-        opts = base_options(requested, memory_pattern)
+    def options(threads: int | None, memory_pattern: bool = True) -> ort.SessionOptions:
+        opts = base_options(threads, memory_pattern)
         if variant == "arena":
             opts.enable_cpu_mem_arena = True
         return opts
@@ -111,7 +116,7 @@ def _our_codec(work: Path, variant: str):
     return codec
 
 
-def _reference_codec(work: Path):
+def _reference_codec(work: Path) -> ReferenceCodec:
     from .reference_sender import ReferenceCodec
 
     return ReferenceCodec(work / "reference.onnx")
@@ -121,7 +126,8 @@ def run_child(work: Path, variant: str, frames: int, level: int) -> dict[str, An
     from aeic.sender.images import read_image
 
     start = time.perf_counter()
-    codec = _reference_codec(work) if variant == "reference" else _our_codec(work, variant)
+    # what it can do (encode's arguments, analyse) depends on the variant
+    codec: Any = _reference_codec(work) if variant == "reference" else _our_codec(work, variant)
     load_s = time.perf_counter() - start
 
     def encode(rgb: np.ndarray, level: int) -> bytes:
@@ -299,7 +305,7 @@ def downscale_rd(work: Path, variants: list[str], level: int) -> dict[str, Any]:
 
     receiver = ReceiverCodec.from_package(work / "package", device="cpu")
     whole = SenderCodec.from_package(work / "package", downscale=1)
-    factors = {"default": "auto", **{v: DOWNSCALE_VARIANTS[v] for v in variants if v in DOWNSCALE_VARIANTS}}
+    factors: dict[str, int | str] = {"default": "auto", **{v: DOWNSCALE_VARIANTS[v] for v in variants if v in DOWNSCALE_VARIANTS}}
     codecs = {variant: SenderCodec.from_package(work / "package", downscale=f) for variant, f in factors.items()}
     rows: dict[str, Any] = {"whole": {"bytes": [], "psnr_db": []}}
     rows.update({v: {"bytes": [], "psnr_db": [], "level": []} for v in factors})

@@ -57,7 +57,7 @@ def entropy_section(doc: dict[str, Any]) -> list[str]:
 
 
 def model_section(doc: dict[str, Any]) -> list[str]:
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     for preset_name, parts in doc["parts"].items():
         for part, entry in parts.items():
             if preset_name == "nano-se" or part == "analysis":
@@ -160,7 +160,7 @@ def receiver_section(doc: dict[str, Any]) -> list[str]:
     lines = [f"**Receiver** ({_receiver_model(doc)})", "", _machine(doc), ""]
     decode = doc.get("decode")
     if decode:
-        rows = [(size, _num(v["ms"]["p50"], 0), v["repeats"]) for size, v in decode["latency"].items()]
+        rows: list[tuple[Any, ...]] = [(size, _num(v["ms"]["p50"], 0), v["repeats"]) for size, v in decode["latency"].items()]
         lines += [f"Decode on {decode['device']}:", "", *_rows(("Size", "p50 ms", "repeats"), rows), ""]
         rows = [(batch, _num(v["images_per_s"], 3)) for batch, v in decode["throughput_768x512_by_batch_size"].items()]
         lines += [*_rows(("Batch size (768x512)", "images/s"), rows), ""]

@@ -52,7 +52,7 @@ class InceptionDepthwise(nn.Module):
         self.tall = nn.Conv2d(split, split, (band, 1), padding=(band // 2, 0), groups=split)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity, square, wide, tall = torch.split(x, self.sizes, dim=1)
+        identity, square, wide, tall = torch.split(x, list(self.sizes), dim=1)
         return torch.cat([identity, self.square(square), self.wide(wide), self.tall(tall)], 1)
 
 

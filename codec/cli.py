@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeGuard
 
 from aeic.sender.coding_scale import parse_downscale
 from aeic.sender.rate_distortion_rounding import parse_rounding
@@ -68,7 +69,7 @@ def _read_stream(path: Path) -> bytes:
 _PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _names_a_picture(output: Path | None) -> bool:
+def _names_a_picture(output: Path | None) -> TypeGuard[Path]:
     """``-o x.png`` means that file, not a folder called x.png (the old reading surprised users)."""
     return output is not None and output.suffix.lower() in _PICTURE_SUFFIXES and not output.is_dir()
 

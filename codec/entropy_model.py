@@ -9,6 +9,7 @@ convolutions on any torch device (float64 ``unfold`` + ``matmul``, exact for the
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ class HyperpriorContextModel(nn.Module):
             z_offsets.append(radius)
         return integer.EntropyModel(
             hyper_synthesis=_integer_layers(self.hyper_synthesis),
-            context=[_integer_layers(step) for step in self.context],
+            context=[_integer_layers(cast(ContextStep, step)) for step in self.context],
             z_tables=factorized_tables(z_pmfs, z_offsets),
             y_tables=gaussian_scale_table(integer.scale_table()),
             latent_channels=self.channels,

@@ -14,6 +14,7 @@ import json
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ class _LeanStarBlock(nn.Module):
         self.gate, self.value = (nn.Conv2d(block.expand.in_channels, hidden, 1) for _ in range(2))
         with torch.no_grad():
             for conv, part in ((self.gate, slice(0, hidden)), (self.value, slice(hidden, 2 * hidden))):
+                assert conv.bias is not None and block.expand.bias is not None  # both made with a bias
                 conv.weight.copy_(block.expand.weight[part])
                 conv.bias.copy_(block.expand.bias[part])
 
@@ -101,7 +103,8 @@ def export_package(model: AEICModel, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _export_sender_graphs(model, out)
     positions = level_positions(model.config.num_rates)
-    arrays = pkg.entropy_model_to_arrays(model.entropy.export())
+    # Any: numpy's stub of savez would read **arrays of ndarray values as a possible allow_pickle=
+    arrays: dict[str, Any] = pkg.entropy_model_to_arrays(model.entropy.export())
     arrays["levels.gains"] = level_gains(model.log_gains.detach().double().numpy(), positions)
     np.savez(out / "entropy.npz", **arrays)
     receiver = {k: v.detach().half().contiguous() for k, v in receiver_state_dict(model.synthesis, model.decoder).items()}
@@ -145,7 +148,17 @@ def _write_manifest(model: AEICModel, out: Path, positions: np.ndarray) -> None:
     pkg.write_manifest(out, manifest)
 
 
-def export_receiver_update(package: Path, receiver: nn.Module, out: Path) -> Path:
+class ReceiverHalf(Protocol):
+    """A model with the receiver's modules: ``AEICModel``, or the receiver's ``ReceiverModel``."""
+
+    @property
+    def synthesis(self) -> nn.Module: ...
+
+    @property
+    def decoder(self) -> nn.Module: ...
+
+
+def export_receiver_update(package: Path, receiver: ReceiverHalf, out: Path) -> Path:
     """A package with ``package``'s sender files byte for byte and ``receiver``'s new weights.
 
     A decoder-only fine-tune changes what the receiver draws, never what the sender codes, so

@@ -108,6 +108,7 @@ def widen_conv_in(unet: UNet2DConditionModel, extra_channels: int) -> None:
     with torch.no_grad():
         new.weight.zero_()
         new.weight[:, : old.in_channels] = old.weight
+        assert new.bias is not None  # made with one
         new.bias.copy_(old.bias)
     unet.conv_in = new
     unet.register_to_config(in_channels=new.in_channels)

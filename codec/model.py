@@ -12,6 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from .analysis import AnalysisConfig, AnalysisTransform, HyperAnalysis
 from .diffusion_decoder import NanoDecoder, NanoDecoderConfig
 from .entropy_model import HyperpriorContextModel
 from .synthesis import SynthesisTransform
+
+if TYPE_CHECKING:
+    from .full_profile import FullDecoder
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         data = dict(data)
-        data["analysis"] = AnalysisConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["analysis"].items()})
-        data["decoder"] = NanoDecoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["decoder"].items()})
+        data["analysis"] = AnalysisConfig(**_lists_as_tuples(data["analysis"]))
+        data["decoder"] = NanoDecoderConfig(**_lists_as_tuples(data["decoder"]))
         data["synthesis_widths"] = tuple(data["synthesis_widths"])
         data["rates_bpp"] = tuple(data["rates_bpp"])
         return cls(**data)
@@ -62,7 +66,11 @@ def full_profile_dir() -> Path:
     return Path(configured)
 
 
-def build_decoder(config: ModelConfig, pixel_decoder: nn.Module | None = None) -> nn.Module:
+def _lists_as_tuples(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def build_decoder(config: ModelConfig, pixel_decoder: nn.Module | None = None) -> NanoDecoder | FullDecoder:
     """The one-step decoder of the configured profile (``nano`` or the paper's ``full``)."""
     if config.profile == "full":
         from .full_profile import load_full_decoder
@@ -77,7 +85,7 @@ def receiver_state_dict(synthesis: nn.Module, decoder: nn.Module) -> dict[str, t
     The full profile stores only what training changed; its base weights reload from SD-Turbo.
     """
     state = {f"synthesis.{k}": v for k, v in synthesis.state_dict().items()}
-    own = decoder.trainable_state_dict() if hasattr(decoder, "trainable_state_dict") else decoder.state_dict()
+    own = getattr(decoder, "trainable_state_dict", decoder.state_dict)()
     state.update({f"decoder.{k}": v for k, v in own.items()})
     return state
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from statistics import NormalDist
+from typing import cast
 
 import numpy as np
 import onnx
@@ -20,6 +21,7 @@ from aeic.shared import model_package as pkg
 from aeic.shared.entropy_coding import PRECISION
 from onnx import numpy_helper
 from safetensors.torch import load_file
+from torch import nn
 
 from .entropy_model import Z_SCALE_MIN, HyperpriorContextModel
 from .export import STEM_STAGES
@@ -79,14 +81,14 @@ def _analysis_state(package: Path, config: ModelConfig) -> dict[str, torch.Tenso
             state[f"{int(index) + offset}.{rest}"] = value
     for key in [k for k in state if ".gate." in k]:
         part = key.rsplit(".", 1)[1]
-        block = key.split(".gate.")[0]
-        state[f"{block}.expand.{part}"] = torch.cat([state.pop(key), state.pop(f"{block}.value.{part}")])
+        layer = key.split(".gate.")[0]
+        state[f"{layer}.expand.{part}"] = torch.cat([state.pop(key), state.pop(f"{layer}.value.{part}")])
     return state
 
 
 def _load_entropy(entropy: HyperpriorContextModel, arrays: dict[str, np.ndarray]) -> None:
-    networks = [("hyper_synthesis", entropy.hyper_synthesis)]
-    networks += [(f"context.{step}", network) for step, network in enumerate(entropy.context)]
+    networks: list[tuple[str, nn.Sequential]] = [("hyper_synthesis", entropy.hyper_synthesis)]
+    networks += [(f"context.{step}", cast(nn.Sequential, network)) for step, network in enumerate(entropy.context)]
     for prefix, network in networks:
         for index, module in enumerate(network):
             if isinstance(module, QConv2d):

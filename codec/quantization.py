@@ -48,6 +48,11 @@ class QConv2d(nn.Conv2d):
     ``lo=0`` (the default) makes the clamp a ReLU.
     """
 
+    bias: torch.Tensor  # always has one
+    out_bits: torch.Tensor  # buffers
+    lo: torch.Tensor
+    hi: torch.Tensor
+
     def __init__(
         self,
         in_channels: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ HF_REPO = "madebyollin/taef2"
 WIDTH = 64
 
 
-def _conv(cin: int, cout: int, **kwargs) -> nn.Conv2d:
+def _conv(cin: int, cout: int, **kwargs: Any) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, padding=1, **kwargs)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -201,7 +202,7 @@ def best_of(results: Iterable[BaselineResult]) -> BaselineResult:
     reachable = [r for r in results if r.reachable]
     if not reachable:
         return replace(results[0], codec="none", method="best")
-    return replace(max(reachable, key=lambda r: r.score), method="best")
+    return replace(max(reachable, key=lambda r: r.score if r.score is not None else -math.inf), method="best")
 
 
 def compress_all(

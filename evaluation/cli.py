@@ -60,7 +60,7 @@ def baseline_codecs(choice: str) -> tuple[list[str], dict[str, str]]:
         return [], {}
     available = baselines.available_codecs()
     wanted = list(baselines.CODECS) if choice == "best" else [choice]
-    missing = {name: available[name] for name in wanted if available[name] is not None}
+    missing = {name: reason for name in wanted if (reason := available[name]) is not None}
     return [name for name in wanted if name not in missing], missing
 
 
@@ -139,10 +139,14 @@ def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factor
     else:
         codec = codec_factory(args.model)
     levels = getattr(codec, "num_levels", None)
-    bad = [p.label for p in config.points if p.kind == "rate" and levels is not None and p.value >= levels]
-    if bad:
-        raise ValueError(f"rate points {bad} not in this model (rate indices 0..{levels - 1})")
-    info = codec.info() if hasattr(codec, "info") else {"codec": type(codec).__name__ if codec else None}
+    if levels is not None:
+        bad = [p.label for p in config.points if p.kind == "rate" and p.value >= levels]
+        if bad:
+            raise ValueError(f"rate points {bad} not in this model (rate indices 0..{levels - 1})")
+    info = (
+        codec.info() if codec is not None and hasattr(codec, "info")
+        else {"codec": type(codec).__name__ if codec else None}
+    )
     return runner.Evaluator(codec, config, info)
 
 

@@ -33,7 +33,7 @@ def _motorcycle_left() -> np.ndarray:
 def _grace_hopper() -> np.ndarray:
     from matplotlib import cbook
 
-    with cbook.get_sample_data("grace_hopper.jpg") as f:
+    with open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), "rb") as f:
         return np.asarray(Image.open(f).convert("RGB"))
 
 

@@ -31,8 +31,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 PSNR_CAP_DB = 100.0
 MS_SSIM_MIN_SIDE = 161  # pytorch_msssim asserts min(H, W) > (11 - 1) * 2**4
@@ -74,7 +78,7 @@ def _pad_to_min(img: np.ndarray, min_side: int) -> np.ndarray:
     return np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
 
 
-def _to_tensor(img: np.ndarray, scale: float):
+def _to_tensor(img: np.ndarray, scale: float) -> torch.Tensor:
     """HxWx3 uint8 -> 1x3xHxW float32 tensor multiplied by ``scale``."""
     import torch
 

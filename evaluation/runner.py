@@ -18,10 +18,10 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 from aeic.evaluation import baselines, learned, metrics
@@ -44,6 +44,12 @@ class Codec(Protocol):
     def encode(self, rgb: np.ndarray, rate_index: int) -> bytes: ...
 
     def decode(self, data: bytes) -> np.ndarray: ...
+
+
+class BudgetCodec(Codec, Protocol):
+    """A codec that also meets byte budgets, which bpp-budget points need."""
+
+    def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]: ...
 
 
 class BudgetUnreachable(Exception):
@@ -234,7 +240,9 @@ def image_digests(paths: Iterable[Path]) -> dict[str, str]:
     return digests
 
 
-def _merged_digests(out: Path, stored: dict[str, str], current: dict[str, str], measured: set[str]) -> dict:
+def _merged_digests(
+    out: Path, stored: dict[str, str], current: dict[str, str], measured: Collection[str]
+) -> dict:
     """``stored`` updated with ``current``; refuses when an image that has rows is now another picture."""
     changed = sorted(n for n in measured if n in stored and n in current and stored[n] != current[n])
     if changed:
@@ -246,7 +254,7 @@ def _merged_digests(out: Path, stored: dict[str, str], current: dict[str, str], 
 
 
 def check_run_identity(
-    out: Path, identity: dict[str, Any], resuming: bool = True, measured: set[str] = frozenset()
+    out: Path, identity: dict[str, Any], resuming: bool = True, measured: Collection[str] = frozenset()
 ) -> None:
     """Refuse to resume a folder whose rows were made with another criterion, codec or pictures; record this run's.
 
@@ -354,27 +362,29 @@ class Evaluator:
         return out
 
     def _encode(
-        self, rgb: np.ndarray, point: RatePoint, budget: int | None
+        self, codec: Codec, rgb: np.ndarray, point: RatePoint, budget: int | None
     ) -> tuple[bytes, int | None, float]:
         if point.kind == "rate":
-            data, ms = _timed(lambda: self.codec.encode(rgb, int(point.value)))
+            data, ms = _timed(lambda: codec.encode(rgb, int(point.value)))
             return data, int(point.value), ms
-        (data, rate), ms = _timed(lambda: self.codec.encode_to_budget(rgb, budget))
+        assert budget is not None  # a budget point's
+        budget_codec = cast(BudgetCodec, codec)  # __init__ checked that it has encode_to_budget
+        (data, rate), ms = _timed(lambda: budget_codec.encode_to_budget(rgb, budget))
         return data, rate, ms
 
     def _aeic_row(
-        self, base: dict[str, Any], rgb: np.ndarray, point: RatePoint
+        self, codec: Codec, base: dict[str, Any], rgb: np.ndarray, point: RatePoint
     ) -> tuple[dict, np.ndarray | None]:
         budget = point.budget_bytes(rgb.shape[1], rgb.shape[0])
         row = dict(base, method="aeic", budget_bytes=budget)
         self._warm_up()
         try:
-            data, rate, enc_ms = self._encode(rgb, point, budget)
+            data, rate, enc_ms = self._encode(codec, rgb, point, budget)
         except BudgetUnreachable as exc:
             return dict(row, status="unreachable", detail=str(exc)), None
         except ValueError as exc:  # the sender refuses e.g. a side over the container's 16384 px
             return dict(row, status="error", detail=f"AEIC cannot code this image: {exc}"), None
-        rec, dec_ms = _timed(lambda: self.codec.decode(data))
+        rec, dec_ms = _timed(lambda: codec.decode(data))
         rec = np.asarray(rec)
         if rec.shape != rgb.shape or rec.dtype != np.uint8:
             raise ValueError(f"decoder returned {rec.dtype} {rec.shape}, expected uint8 {rgb.shape}")
@@ -399,6 +409,7 @@ class Evaluator:
             if not res.reachable:
                 yield dict(row, status="unreachable", detail=f"{res.codec}: no factor/quality fits"), None
                 continue
+            assert res.num_bytes is not None and res.reconstruction is not None  # reachable: both are set
             row.update(status="ok", detail=res.codec, factor=res.factor, quality=res.quality)
             row.update(bytes=res.num_bytes, bpp=res.num_bytes * 8 / (rgb.shape[0] * rgb.shape[1]))
             if res.codec not in scores:
@@ -419,21 +430,22 @@ class Evaluator:
         key = (path.name, point.label)
         aeic = done.get((*key, "aeic"))
         if aeic is None and self.codec is not None:
-            row, rec = self._aeic_row(base, rgb, point)
+            row, rec = self._aeic_row(self.codec, base, rgb, point)
             self.results.append([row])
             self._save(index, point, "aeic", path.name, rec)
             if rec is not None:
                 self.learned.add_to_set(f"{point.label}/aeic", rgb, rec)
-            aeic = self.results.done[(*key, "aeic")]
+            aeic = self.results.done[key + ("aeic",)]
         missing = [m for m in self.methods if m != "aeic" and (*key, m) not in done]
         if not missing:
             return
         budget = point.budget_bytes(rgb.shape[1], rgb.shape[0])
-        if budget is None and aeic["status"] != "ok":  # a rate point's budget is AEIC's byte count
-            detail = "no AEIC bytes to match (AEIC failed on this image)"
-            self.results.append(dict(base, method=m, status="error", detail=detail) for m in missing)
-            return
-        budget = int(aeic["bytes"]) if budget is None else budget
+        if budget is None:  # a rate point's budget is AEIC's byte count
+            if aeic is None or aeic["status"] != "ok":
+                detail = "no AEIC bytes to match (AEIC failed on this image)"
+                self.results.append(dict(base, method=m, status="error", detail=detail) for m in missing)
+                return
+            budget = int(aeic["bytes"])
         rows = []
         for row, rec in self._baseline_rows(base, rgb, budget, missing):
             rows.append(row)

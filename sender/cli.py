@@ -258,7 +258,7 @@ def _short_stem(stem: str) -> str:
 
 def _install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
     """SIGTERM (systemd stop) and SIGINT end a long-running command cleanly; returns the old handlers."""
-    previous = {}
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
@@ -271,7 +271,7 @@ def cmd_encode(
 ) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
-    failures, used = 0, set()
+    failures, used = 0, set[str]()
     for index, path in enumerate(args.images, 1):
         encoded = encoder.from_file(path)
         if encoded is None:

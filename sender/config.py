@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from aeic.sender.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS
 
-try:  # Python 3.11+; on 3.10 (JetPack 6) config files must be JSON
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
-    tomllib = None  # type: ignore[assignment]
+else:  # pragma: no cover - Python 3.10 (JetPack 6): config files must be JSON
+    tomllib = None
 from pydantic import (
     BaseModel,
     ConfigDict,

@@ -111,7 +111,7 @@ class SenderCodec:
         height, width = rgb.shape[:2]
         if not (1 <= height <= bitstream.MAX_DIMENSION and 1 <= width <= bitstream.MAX_DIMENSION):
             raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
-        factor = downscale or (coding_scale.downscale_for_rate(height, width) if self.downscale == AUTO else self.downscale)
+        factor = downscale or (coding_scale.downscale_for_rate(height, width) if self.downscale == AUTO else int(self.downscale))
         too_large = decode_limits.oversize_reason(height, width, factor)
         if too_large is not None:  # a receiver would refuse the stream: fail here, before any work
             raise ValueError(too_large)
@@ -159,7 +159,8 @@ class SenderCodec:
         overflows there, the next larger downscale is tried.
         """
         auto = self.downscale == AUTO
-        factors = coding_scale.budget_downscales(*rgb.shape[:2], target_bytes) if auto else [None]
+        height, width = rgb.shape[:2]
+        factors = coding_scale.budget_downscales(height, width, target_bytes) if auto else [None]
         for factor in factors:
             analysed = self.analyse(rgb, factor)
             best = self._highest_fitting_level(analysed, target_bytes)

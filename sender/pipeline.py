@@ -63,6 +63,7 @@ def encode_image(codec: Codec, rgb: np.ndarray, control: RateControl) -> Encoded
     if control.rate is not None:
         data, rate_index = codec.encode(rgb, control.rate), control.rate
     else:
+        assert control.target_bytes is not None  # RateControl holds exactly one of the two
         data, rate_index = codec.encode_to_budget(rgb, control.target_bytes)
     elapsed_ms = (time.perf_counter() - start) * 1000.0
     return Encoded(bytes(data), int(rate_index), width, height, elapsed_ms)

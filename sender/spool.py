@@ -121,7 +121,7 @@ class Spool:
 
     def _recovered_item(self, data: Path) -> SpoolItem:
         stat = data.stat()
-        extra = {"recovered": True}
+        extra: dict[str, Any] = {"recovered": True}
         if data.parent == self.rejected_dir:
             extra["reason"] = "unknown (sidecar lost in a crash)"
         return SpoolItem(data.stem, data, stat.st_size, created=stat.st_mtime, extra=extra)

@@ -58,6 +58,8 @@ class TiledAnalysis:
             skip = (top - start) // self.factor
             features[:, :, top // self.factor : bottom // self.factor] = strip[:, :, skip : skip + (bottom - top) // self.factor]
             del strip  # before the next strip's activations
+        if features is None:
+            raise ValueError("an image of no rows has no features")
         return features
 
 

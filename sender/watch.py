@@ -169,7 +169,7 @@ class FolderWatcher:
             for name, (path, fingerprint) in sorted(listing.items()):
                 before = self._previous.get(name)
                 stable = before is not None and before[0] == fingerprint
-                done = stable and (before[1] or self._is_handled(name, fingerprint))
+                done = before is not None and stable and (before[1] or self._is_handled(name, fingerprint))
                 current[name] = (fingerprint, done)
                 if stable and not done and fingerprint[0] > 0:
                     if os.access(path, os.R_OK):

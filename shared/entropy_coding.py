@@ -115,7 +115,7 @@ def _pack_rows(rows: list[np.ndarray], offsets: list[int], skip_index: int | Non
     )
 
 
-def _normal_cdf(x: np.ndarray) -> np.ndarray:
+def _normal_cdf(x: np.ndarray | float) -> np.ndarray:
     return 0.5 * np.vectorize(math.erfc)(-np.asarray(x, dtype=np.float64) / math.sqrt(2.0))
 
 
@@ -123,7 +123,7 @@ def discretized_gaussian_pmf(scale: float, radius: int) -> np.ndarray:
     """P(n) for n in [-radius, radius] of a zero-mean Gaussian rounded to integers, plus the tail."""
     n = np.arange(-radius, radius + 1, dtype=np.float64)
     pmf = _normal_cdf((n + 0.5) / scale) - _normal_cdf((n - 0.5) / scale)
-    tail = 2.0 * _normal_cdf(-(radius + 0.5) / scale)
+    tail = 2.0 * float(_normal_cdf(-(radius + 0.5) / scale))
     return np.append(pmf, max(tail, 0.0))
 
 

@@ -175,7 +175,9 @@ class EntropyModel:
         context_input = max(feature_limit, ACTIVATION_LIMIT)  # the decoded latent is clipped to this
         return max([hyper, *(accumulator_bound(step, context_input)[0] for step in self.context)])
 
-    def _means_and_indices(self, step: int, features: np.ndarray, decoded: np.ndarray, backend: ConvBackend):
+    def _means_and_indices(
+        self, step: int, features: np.ndarray, decoded: np.ndarray, backend: ConvBackend
+    ) -> tuple[np.ndarray, np.ndarray]:
         context = np.clip(decoded, -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
         out = run_network(self.context[step], np.concatenate([features, context]), backend)
         return out[: self.latent_channels], out[self.latent_channels :].astype(np.int64)

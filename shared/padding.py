@@ -53,7 +53,9 @@ def colour_statistics(rgb: np.ndarray) -> tuple[int, int, int, int, int, int]:
         stds.append(np.sqrt(float(counts @ (levels - mean) ** 2) / total))
     means_b = np.clip(np.round(means), 0, 255).astype(int)
     stds_b = np.clip(np.round(stds), 0, 255).astype(int)
-    return (*(int(v) for v in means_b), *(int(v) for v in stds_b))
+    m0, m1, m2 = (int(v) for v in means_b)
+    s0, s1, s2 = (int(v) for v in stds_b)
+    return m0, m1, m2, s0, s1, s2
 
 
 def correct_colours(rgb: np.ndarray, stats: tuple[int, ...], max_gain: float = 1.25) -> np.ndarray:

@@ -6,10 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import tomllib
 import torch
 from aeic.shared.model_package import ModelPackageError
 from pydantic import ValidationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 from .config import TrainConfig
 from .decoder_finetune import DecoderFinetuner

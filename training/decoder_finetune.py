@@ -63,7 +63,7 @@ class DecoderFinetuner(ScheduledRun):
         seed_everything(config.seed)
         self.package = ModelPackage.load(config.package)
         self.device = resolve_device(config.device)
-        self.model: ReceiverModel = load_receiver_model(self.package).to(self.device, memory_format=torch.channels_last)
+        self.model: ReceiverModel = load_receiver_model(self.package).to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub of Module.to has no memory_format
         if self.model.pixel_decoder is not None:  # TAEF2, frozen and outside the module tree: .to() above skips it
             self.model.pixel_decoder.to(self.device)
         every = self.package.num_levels
@@ -86,7 +86,9 @@ class DecoderFinetuner(ScheduledRun):
             load_fitting(self.model, state["model"], f"{self.checkpoint_path} (resumed)")
             self.optimizer.load_state_dict(state["optimizer"])
 
-    def _decoded_window(self, y_hat: torch.Tensor, positions: torch.Tensor, images: torch.Tensor):
+    def _decoded_window(
+        self, y_hat: torch.Tensor, positions: torch.Tensor, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, original) of one random window: TAEF2 decodes a part of the latent, not all of it."""
         unet_input, residual = self.model.synthesis(y_hat)
         latent = self.model.decoder.refine(unet_input, residual, positions)
@@ -131,6 +133,7 @@ class DecoderFinetuner(ScheduledRun):
 
     def run(self) -> Path:
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, NO_TEACHER, self.config.crop)
+        assert self.config.package is not None  # __init__ refuses a config without one
         source = SenderLatents(self.config.package, CropSampler(items, self.config.crop, self.crops),
                                self.rate_levels, self.levels)  # fmt: skip
         self.model.train()

@@ -54,7 +54,11 @@ def calibrate_log_gains(model: AEICModel, images: torch.Tensor, targets: list[fl
     report = []
     for rate, target in enumerate(targets):
         base = model.log_gains[rate].clone()
-        offset = offset_for_target(lambda o, base=base: measured_bpp(model, y, base + o, pixels), target)
+
+        def bpp_at(offset: float, base: torch.Tensor = base) -> float:
+            return measured_bpp(model, y, base + offset, pixels)
+
+        offset = offset_for_target(bpp_at, target)
         before = measured_bpp(model, y, base, pixels)
         model.log_gains[rate] = base + offset
         report.append((before, measured_bpp(model, y, model.log_gains[rate], pixels)))

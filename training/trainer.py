@@ -116,7 +116,7 @@ class Trainer(ScheduledRun):
         # frozen and pretrained, so the student and a distillation teacher share one copy
         self.taef2_decoder = taesd.load_taef2("decoder").to(self.device) if self.model_config.pixel_decoder == "taef2" else None
         # channels-last convolutions: 20 % less time per step on this CPU (docs/training.md), the usual layout on GPUs
-        self.model = AEICModel(self.model_config, self.taef2_decoder).to(self.device, memory_format=torch.channels_last)
+        self.model = AEICModel(self.model_config, self.taef2_decoder).to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub of Module.to has no memory_format
         targets = torch.tensor(self.model_config.rates_bpp, dtype=torch.float64)
         self.log_lambda = torch.log(targets * config.lambda_scale)  # the gains hold the rates (_steer_rates)
         self.ema_bpp = targets.clone()
@@ -214,6 +214,7 @@ class Trainer(ScheduledRun):
         self.optimizer.load_state_dict(state["optimizer"])
         self.log_lambda, self.ema_bpp = state["log_lambda"], state["ema_bpp"]
         if self.discriminator and state["discriminator"]:
+            assert self.d_optimizer is not None  # made with the discriminator
             self.discriminator.load_state_dict(state["discriminator"])
             self.d_optimizer.load_state_dict(state["d_optimizer"])
 
@@ -221,7 +222,8 @@ class Trainer(ScheduledRun):
     def _distortion(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-sample distortion of the stage (latent MSE, or the pixel losses) and its monitors."""
         latent_mse = (out["latent"] - latents).pow(2).flatten(1).mean(1) if self.uses_teacher_latent else None
-        if not self.measures_pixels:
+        if not self.measures_pixels:  # then the teacher latent is the target
+            assert latent_mse is not None
             return latent_mse, {}
         c = self.config
         pixels = self.model.decoder.decode_pixels(out["latent"])
@@ -308,6 +310,7 @@ class Trainer(ScheduledRun):
         return {"y": y, "y_hat": y_hat, "bits": bits, "latent": latent}
 
     def _discriminator_step(self, fake: torch.Tensor, real: torch.Tensor, rates: torch.Tensor) -> float:
+        assert self.discriminator is not None and self.d_optimizer is not None  # the adversarial stage's
         loss = hinge_discriminator_loss(self.discriminator(real, rates), self.discriminator(fake, rates))
         self.d_optimizer.zero_grad(set_to_none=True)
         loss.backward()
