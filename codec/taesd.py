@@ -79,9 +79,14 @@ def default_weights_dir() -> Path | None:
 
 
 def _weights_file(name: str, directory: Path | None) -> Path:
-    directory = directory or default_weights_dir()
-    if directory is not None and (directory / name).is_file():
-        return directory / name
+    chosen = directory or default_weights_dir()
+    if chosen is not None and (chosen / name).is_file():
+        return chosen / name
+    configured = directory or os.environ.get("AEIC_TAEF2_DIR")
+    if configured:  # a folder the user named: a wrong one is the error, not a reason to try the network
+        where = str(configured) if directory else f"AEIC_TAEF2_DIR={configured}"
+        raise FileNotFoundError(f"{name} is not in {where}: it needs a folder holding taef2_decoder.pth and "
+                                "taef2_encoder.pth (madebyollin/taef2)")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - depends on the installation

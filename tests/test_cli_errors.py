@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -166,3 +167,19 @@ def test_set_rounding_names_only_the_values_it_takes(tmp_path, capsys) -> None:
         codec_cli.main(["set-rounding", str(tmp_path / "pkg"), str(tmp_path / "out"), "--weight", "-1"])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "expected nearest or a positive number, got '-1'" in err and "package," not in err
+
+
+def test_a_taef2_folder_without_the_weights_is_named_at_once(tmp_path, monkeypatch) -> None:
+    """AEIC_TAEF2_DIR set to a wrong folder: an error naming it, not a download with retries that ends
+    telling the user to set the variable that is set."""
+    import huggingface_hub
+    from aeic.codec import taesd
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a configured TAEF2 folder must not fall back to the network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setenv("AEIC_TAEF2_DIR", str(tmp_path / "taef2"))
+    named = re.escape(f"taef2_decoder.pth is not in AEIC_TAEF2_DIR={tmp_path / 'taef2'}:")
+    with pytest.raises(FileNotFoundError, match=named):
+        taesd.load_taef2("decoder")
