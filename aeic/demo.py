@@ -410,6 +410,9 @@ def run(args: argparse.Namespace) -> int:
                     process.wait()
                 except KeyboardInterrupt:
                     print()
+            else:  # the link above dies with the receiver now: say so, and how to keep it
+                print("receiver stopped (no terminal, or CI=true): run in a terminal, or with --serve, "
+                      "to keep the gallery up", flush=True)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     return 0 if all(r.status == "done" for r in results) else 1

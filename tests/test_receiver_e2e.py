@@ -137,6 +137,7 @@ def test_demo_runs_non_interactively_and_leaves_no_process(tiny_package: Path, t
     rows = [line for line in lines if line.startswith("photo")]
     assert len(rows) == 2 and all(row.rstrip().endswith("done") for row in rows)
     assert any(line.startswith("gallery: http://127.0.0.1:") for line in lines)
+    assert lines[-1].startswith("receiver stopped") and "--serve" in lines[-1]  # the printed link is dead now
     with Image.open(out / "side_by_side.png") as sheet:
         assert sheet.height >= 2 * 256
     leftovers = [p for p in Path("/proc").glob("[0-9]*")
