@@ -1,4 +1,5 @@
-"""``aeic``: the codec command line (encode, decode, info, export, relevel, interpolate, eval).
+"""``aeic``: the codec command line (encode, decode, info, export, relevel, interpolate,
+set-rounding, eval).
 
 ``encode`` runs the sender path (onnxruntime + numpy, no torch); ``decode`` the receiver path.
 """
@@ -262,15 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("images", nargs="+", type=Path)
     encode.add_argument("-o", "--output", type=Path, help="output folder (default: beside each image)")
     rate = encode.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=int, default=4, help="rate level (bitstream rate index)")
+    rate.add_argument("--rate", type=int, default=4, help="rate level (bitstream rate index; default 4)")
     rate.add_argument("--target-bytes", type=int, help="the largest bitstream allowed, bytes")
     encode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
     encode.add_argument("--threads", type=int)
     encode.add_argument("--downscale", type=parse_downscale, default="auto", metavar="{auto,1,2,4}",
-                        help="code the image reduced by this factor, the decoder scales back (auto: by image size)")
+                        help="code the image reduced by this factor, the decoder scales back "
+                             "(auto: by image and budget size)")
     encode.add_argument("--rounding", type=parse_rounding, default="package", metavar="{package,nearest,W}",
                         help="symbol rounding: the package's rate-distortion weight, nearest, or a weight")
-    decode = sub.add_parser("decode", help=".aeic bitstreams -> PNG (receiver path)")
+    decode = sub.add_parser("decode", help=".aeic bitstreams -> PNG, or the picture -o names (receiver path)")
     decode.add_argument("streams", nargs="+", type=Path)
     decode.add_argument("-o", "--output", type=Path,
                         help="output folder, or for one stream a .png/.jpg/.webp file (default: beside each stream)")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from aeic.sender.backoff import Backoff
-from aeic.sender.coding_scale import parse_downscale
+from aeic.sender.coding_scale import AUTO_SHORT_SIDE, MIN_CODED_BPP, parse_downscale
 from aeic.sender.config import ConfigError, SenderConfig, load_config
 from aeic.sender.forward import DrainReport, Forwarder
 from aeic.sender.images import ImageReadError, read_image
@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     encoder.add_argument(
         "--downscale", type=parse_downscale, metavar="{auto,1,2,4}",
-        help="code the image reduced by this factor, the receiver scales back (default auto: large photos are "
-             "coded near a 512-pixel short side, 4x or 16x fewer pixels to encode)",
+        help="code the image reduced by this factor, the receiver scales back (default auto: at a rate level, "
+             f"the largest that keeps a {AUTO_SHORT_SIDE}-pixel short side; with --target-bytes, the largest coded "
+             f"picture the budget gives at least {MIN_CODED_BPP} bits a pixel)",
     )
     rate = encoder.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=int, help=f"rate index (default {DEFAULT_RATE})")
