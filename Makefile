@@ -1,16 +1,18 @@
-# Every target builds .venv from scratch when it is missing. torch is pinned to the CPU wheel
-# first so that no later requirement pulls a multi-GB CUDA build.
+# Every target builds .venv from scratch when it is missing. torch is installed first, pinned, so that
+# no later requirement picks another build. From PyPI on Linux x86_64 that is the multi-GB CUDA build;
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU wheel from PyTorch's index instead.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: test demo bench lint typecheck clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 # piq: weight-free IQA metrics for aeic eval. --no-deps because it requires torchvision only for the
 # learned metrics we never load (torchvision must not be installed next to the CPU torch wheel).
