@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from aeic.receiver import schemas
 from aeic.receiver.auth import DEVICE_NAME, Authenticator, Principal, RateLimiter
 from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
-from aeic.receiver.data_dir import prepare_data_dir
+from aeic.receiver.data_dir import lock_data_dir, prepare_data_dir, unlock_data_dir
 from aeic.receiver.errors import ApiError, install_error_handlers
 from aeic.receiver.images import FORMATS, transcode
 from aeic.receiver.log_redaction import install_log_redaction
@@ -100,6 +100,7 @@ class ReceiverState:
     sessions: GallerySessions
     login_limiter: RateLimiter  # failed gallery sign-ins per client address
     queue: JobQueue | None = None  # scale-out: decodes go to `aeic-receiver worker` processes
+    data_dir_lock: int | None = None  # held while the embedded worker runs (`data_dir.lock_data_dir`)
 
 
 def receiver_state(request: Request) -> ReceiverState:
@@ -638,6 +639,8 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
 
 def _start(state: ReceiverState) -> None:
     install_log_redaction()  # here, after the server has set up its loggers
+    if state.worker is not None:  # before requeueing: only the data directory's one worker may do that
+        state.data_dir_lock = lock_data_dir(state.settings.data_dir)
     version = state.store.migrate()
     if isinstance(state.blobs, FilesystemBlobStore):
         state.blobs.remove_stale_tmp()
@@ -662,3 +665,6 @@ def _stop(state: ReceiverState) -> None:
     if state.queue is not None:
         state.queue.close()
     state.store.close()
+    if state.data_dir_lock is not None:
+        unlock_data_dir(state.data_dir_lock)
+        state.data_dir_lock = None

@@ -81,10 +81,18 @@ def _settings(args: argparse.Namespace, **extra: object) -> ReceiverSettings:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from aeic.receiver.api import create_app
+    from aeic.receiver.data_dir import DataDirInUseError, lock_data_dir, unlock_data_dir
 
     settings = _settings(args, host=args.host, port=args.port, model_packages=args.model_packages,
                          device=args.device, batch_size=args.batch_size, worker=args.worker)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.worker and settings.queue is None and settings.data_dir.is_dir():
+        # One line and exit 2 before loading any model; the app takes the lock for good when it starts.
+        try:
+            unlock_data_dir(lock_data_dir(settings.data_dir))
+        except DataDirInUseError as exc:
+            print(f"aeic-receiver: {exc}", file=sys.stderr)
+            return 2
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=30, forwarded_allow_ips=settings.forwarded_allow_ips)

@@ -26,7 +26,13 @@ from aeic.receiver.queue import Job, JobQueue
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import Claim, ImageRecord, SqlMetadataStore, Status
-from aeic.receiver.storage.claims import claim_ids, fail_exhausted_stale, orphaned_ids, refresh_claim
+from aeic.receiver.storage.claims import (
+    claim_ids,
+    fail_exhausted_stale,
+    orphaned_ids,
+    refresh_claim,
+    tried_ids,
+)
 from aeic.receiver.worker import DecodeWorker
 
 __all__ = ["StreamWorker", "StreamWorkerConfig", "default_consumer_name", "run_worker"]
@@ -110,12 +116,27 @@ class StreamWorker:
             self._settle(image_id, by_image[image_id], decoded_here=False)
         if not self.decoder.storage_ready():
             return  # the entries stay pending and come back once the blob store is usable
-        claim = claim_ids(self.store, open_ids, stale_before, self.config.max_attempts)
-        if claim is None:
-            return  # held by a live worker or not yet due: the entries stay pending and come back later
-        claimed_jobs = [j for r in claim.records for j in by_image[r.id]]
+        # First attempts are claimed and decoded together; a retry (its decode failed, or the worker holding
+        # it died) alone and after them, as the embedded worker does: an image that kills the process took
+        # the images claimed with it down on every takeover, until all of them were failed undecoded.
+        retried = tried_ids(self.store, open_ids)
+        first = [i for i in open_ids if i not in retried]
+        open_jobs = [j for i in open_ids for j in by_image[i]]
         error: Exception | None = None
-        with self._heartbeat(claimed_jobs, claim.token):
+        for ids in ([first] if first else []) + [[i] for i in open_ids if i in retried]:
+            claim = claim_ids(self.store, ids, stale_before, self.config.max_attempts)
+            if claim is None:
+                continue  # held by a live worker or not yet due: the entries stay pending and come back later
+            error = self._decode(claim, by_image, open_jobs) or error
+        if error is not None:
+            raise error
+
+    def _decode(self, claim: Claim, by_image: dict[str, list[Job]], beat_jobs: list[Job]) -> Exception | None:
+        """Decode a claim in compatible groups and settle their entries; the first error, for the caller to
+        raise once every claim of the delivery has had its turn. `beat_jobs` (this claim's entries and those
+        waiting for a later claim of the delivery) stay fresh meanwhile."""
+        error: Exception | None = None
+        with self._heartbeat(beat_jobs, claim.token):
             for group in _compatible(claim.records, self.config.batch_size):
                 # Every group gets its turn even when an earlier one raised (`process` has handed that one's
                 # claims back): a group skipped here would sit in `decoding`, unbeaten, until it looked like
@@ -127,8 +148,7 @@ class StreamWorker:
                     continue
                 for record in group:
                     self._settle(record.id, by_image[record.id], decoded_here=True)
-        if error is not None:
-            raise error
+        return error
 
     def _settle(self, image_id: str, jobs: list[Job], decoded_here: bool) -> bool:
         """Acknowledge or dead-letter entries whose image needs no more work; False if it still does."""

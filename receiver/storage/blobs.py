@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from aeic.shared.durable import TMP_PREFIX, atomic_write, fsync_path
+from aeic.shared.durable import remove_stale_tmp as remove_dead_writers_tmp
 
 __all__ = [
     "BlobNotFoundError",
@@ -146,9 +147,9 @@ class FilesystemBlobStore:
                     yield f"{kind}/{shard.name}/{entry.name}"
 
     def remove_stale_tmp(self) -> int:
-        """Delete temporary files left by a writer that crashed mid-write; returns how many."""
-        removed = 0
-        for path in self.root.rglob(f"{_TMP_PREFIX}*"):
-            path.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        """Delete temporary files left by a writer that crashed mid-write; returns how many. A file whose
+        writer (its pid is in the name) still runs is kept: another process sharing the folder (an API
+        process beside `aeic-receiver worker`s, a second receiver) is writing it, and deleting it failed
+        that write."""
+        folders = sorted({path.parent for path in self.root.rglob(f"{_TMP_PREFIX}*")})
+        return sum(remove_dead_writers_tmp(folder) for folder in folders)

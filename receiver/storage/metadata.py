@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 from aeic.receiver.storage import schema
-from aeic.receiver.storage.migrations import migrate
+from aeic.receiver.storage.migrations import SQLITE_BUSY_TIMEOUT_MS, migrate
 from aeic.receiver.storage.records import DecodeTimings, ImageRecord, NewImage, Page, Status
 from sqlalchemy.exc import IntegrityError
 
@@ -109,7 +109,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=15000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
 
 
@@ -301,7 +301,12 @@ class SqlMetadataStore:
 
     def claim_batch(self, batch_size: int, now: float | None = None) -> Claim | None:
         """Atomically move up to `batch_size` due pending jobs of the oldest job's (model, size) group to
-        `decoding` and count the attempt; None when nothing is due."""
+        `decoding` and count the attempt; None when nothing is due.
+
+        A retry (an image with an attempt behind it: its decode failed, or the process died while decoding
+        it) is claimed alone, and a batch of first attempts takes none: an image that kills the process
+        (out of memory, a native crash) used to take its batch-mates with it on every restart, until all of
+        them had used their last attempt and failed without ever being decoded."""
         now = _now() if now is None else now
         due = sa.and_(
             _IMG.c.status == Status.PENDING.value,
@@ -310,14 +315,19 @@ class SqlMetadataStore:
         token = secrets.token_hex(16)
         with self.engine.begin() as conn:
             head = conn.execute(
-                sa.select(_IMG.c.model_id, _IMG.c.width, _IMG.c.height).where(due).order_by(_IMG.c.seq).limit(1)
+                sa.select(_IMG.c.seq, _IMG.c.model_id, _IMG.c.width, _IMG.c.height, _IMG.c.attempts)
+                .where(due).order_by(_IMG.c.seq).limit(1)
             ).first()
             if head is None:
                 return None
+            if head.attempts > 0:
+                group = sa.and_(due, _IMG.c.seq == head.seq)
+            else:
+                group = sa.and_(due, _IMG.c.model_id == head.model_id, _IMG.c.width == head.width,
+                                _IMG.c.height == head.height, _IMG.c.attempts == 0)
             chosen = (
                 sa.select(_IMG.c.seq)
-                .where(due, _IMG.c.model_id == head.model_id, _IMG.c.width == head.width,
-                       _IMG.c.height == head.height)
+                .where(group)
                 .order_by(_IMG.c.seq)
                 .limit(batch_size)
                 .with_for_update(skip_locked=True)

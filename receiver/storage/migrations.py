@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from aeic.receiver.storage import schema
 
-__all__ = ["MIGRATIONS", "Migration", "current_version", "migrate"]
+__all__ = ["MIGRATIONS", "SQLITE_BUSY_TIMEOUT_MS", "Migration", "current_version", "migrate"]
 
 # Arbitrary constant key for pg_advisory_xact_lock ("AEIC" in ASCII).
 _PG_LOCK_KEY = 0x41454943
+# How long a statement waits for another connection's write on SQLite before failing (every connection).
+SQLITE_BUSY_TIMEOUT_MS = 15_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,27 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
+# How long a start waits for another process's migration on SQLite (a large catalogue's indexes take a
+# while: v6 took 1.3 s at 500,000 images); then the connection's usual wait again.
+_SQLITE_MIGRATION_WAIT_MS = 600_000
+
+
+def _begin_sqlite_migration(conn: sa.Connection) -> None:
+    """Open the migration's transaction on SQLite as a write transaction, now.
+
+    Python's sqlite3 module opens a transaction only before INSERT/UPDATE/DELETE, so the DDL of a migration
+    committed statement by statement: a process killed in v6 left two of its four indexes and v5 recorded,
+    and two processes starting at once (`serve` and `token create`) both ran it, one failing on "index
+    already exists". `BEGIN IMMEDIATE` makes the steps and their version row one transaction, and makes a
+    second process wait for the first's, then find nothing left to do (as the advisory lock does on
+    PostgreSQL)."""
+    conn.exec_driver_sql(f"PRAGMA busy_timeout = {_SQLITE_MIGRATION_WAIT_MS}")
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    finally:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+
 def current_version(conn: sa.Connection) -> int:
     """Highest applied migration, 0 for an empty database."""
     if not sa.inspect(conn).has_table(schema.schema_version.name):
@@ -94,6 +117,8 @@ def migrate(engine: sa.Engine) -> int:
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+        elif engine.dialect.name == "sqlite":
+            _begin_sqlite_migration(conn)
         schema.schema_version.create(conn, checkfirst=True)
         version = current_version(conn)
         if version > known:
