@@ -8,7 +8,9 @@ without the downscale search it would be unreachable, not merely bad.
 
 Size accounting: the codec's whole file (headers and container included) counts. A downscaled file does
 not say the original size, so :data:`SIZE_SIDE_INFO_BYTES` (two uint16) are charged on top of it whenever
-the factor is not 1; AEIC's bitstream carries its size in its own header.
+the factor is not 1; AEIC's bitstream carries its size in its own header. JPEG files are first rewritten
+losslessly without what libjpeg adds beyond a decodable file (:func:`compact_jpeg_headers`), as AEIC's
+container holds nothing optional either.
 
 A codec that cannot fit the budget at any factor and quality returns an *unreachable*
 :class:`BaselineResult` (``reachable`` is False); callers count and report those instead of dropping them.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import importlib
 import io
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,22 +47,32 @@ class ClassicCodec:
 
     name: str
     pil_format: str
-    q_min: int
-    q_max: int
+    q_min: float
+    q_max: float
     options: dict[str, Any] = field(default_factory=dict)
     plugin: str | None = None  # module that registers the format with Pillow
     max_side: int | None = None  # the format's largest width or height (None: no limit met here)
+    q_step: float = 1  # the quality grid searched: q_min, q_min + q_step, ..., q_max
+    compact: Callable[[bytes], bytes] | None = None  # a lossless rewrite of the encoder's file, smaller
+
+    @property
+    def qualities(self) -> Sequence[float]:
+        """The quality grid, ascending: integers for a step of 1 (what JPEG, WebP and AVIF take)."""
+        if self.q_step == 1:
+            return range(int(self.q_min), int(self.q_max) + 1)
+        count = round((self.q_max - self.q_min) / self.q_step) + 1
+        return [self.q_min + i * self.q_step for i in range(count)]
 
     def _register(self) -> None:
         if self.plugin is not None:
             importlib.import_module(self.plugin)
 
-    def encode(self, img: Image.Image, quality: int) -> bytes:
+    def encode(self, img: Image.Image, quality: float) -> bytes:
         """The whole file for ``img`` at ``quality``."""
         self._register()
         buf = io.BytesIO()
         img.save(buf, self.pil_format, quality=quality, **self.options)
-        return buf.getvalue()
+        return buf.getvalue() if self.compact is None else self.compact(buf.getvalue())
 
     def decode(self, data: bytes) -> Image.Image:
         """Decode the file to RGB."""
@@ -69,17 +81,72 @@ class ClassicCodec:
             return im.convert("RGB")
 
 
+def compact_jpeg_headers(data: bytes) -> bytes:
+    """The same JPEG without its optional JFIF APP0 segment and with all quantization tables in one DQT
+    segment and all Huffman tables in one DHT segment, where libjpeg writes one segment per table: 34 bytes
+    less for a colour file, the same pixels, still a baseline JPEG every decoder reads."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG file")
+    kept: list[bytes] = [data[:2]]
+    merged: dict[int, bytearray] = {}  # marker -> the payloads of all its segments
+    pos = 2
+    while True:
+        marker = data[pos + 1]
+        if data[pos] != 0xFF or marker in (0xD8, 0xD9):
+            raise ValueError(f"unexpected JPEG marker at byte {pos}")
+        if marker == 0xDA:  # start of scan: the rest is the entropy-coded data and EOI
+            kept.append(data[pos:])
+            break
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        payload = data[pos + 4 : end]
+        if marker in (0xDB, 0xC4):
+            if marker not in merged:
+                merged[marker] = bytearray()
+                kept.append(bytes([marker]))  # where the merged segment goes: the first table's place
+            merged[marker] += payload
+        elif not (marker == 0xE0 and payload.startswith(b"JFIF\0")):
+            kept.append(data[pos:end])
+        pos = end
+    parts = []
+    for part in kept:
+        if len(part) == 1:
+            payload = bytes(merged[part[0]])
+            part = b"\xff" + part + (len(payload) + 2).to_bytes(2, "big") + payload
+        parts.append(part)
+    return b"".join(parts)
+
+
 # Encoder settings: the strongest compression each offers at a bounded cost; single-threaded so results
-# are deterministic and the shared CPU is not flooded. AVIF uses Pillow's default speed 6: speed 4 gained
-# 0.05-0.13 dB PSNR on four Kodak images at 0.01-0.05 bpp for four to five times the search time.
+# are deterministic and the shared CPU is not flooded. Audited on the six non-Kodak photos at 0.01-0.05 bpp
+# (docs/evaluation.md): JPEG's 4:2:0 baseline with optimized Huffman tables beat progressive and 4:4:4;
+# WebP method 6 equals cwebp -m 6 (sharp_yuv and -af changed it by under 0.05 dB either way). AVIF is
+# libaom (named, so the tune below means what it says) at speed 4, tuned for SSIM: libavif >= 1.3 with
+# libaom >= 3.12 otherwise tunes still images for "iq", which cost 0.1-0.2 dB PSNR and up to 0.02 MS-SSIM
+# here, and speed 4 gained another 0.07-0.19 dB over speed 6 for three to four times the time. JPEG XL's
+# file size is not monotone in its quality, so a quarter-step grid lets the binary search land nearer the
+# largest file that fits (+0.01-0.05 dB over whole steps).
 # Side limits, measured with Pillow 13: JPEG writes up to 65500 px, WebP 16383, and libavif writes wider
 # AVIF files than it decodes (32768). A panorama is coded only at the factors that fit them.
+AVIF_OPTIONS: dict[str, Any] = {"codec": "aom", "speed": 4, "max_threads": 1, "advanced": {"tune": "ssim"}}
 CODECS: dict[str, ClassicCodec] = {
-    "jpeg": ClassicCodec("jpeg", "JPEG", 1, 95, {"optimize": True}, max_side=65500),
+    "jpeg": ClassicCodec("jpeg", "JPEG", 1, 95, {"optimize": True}, max_side=65500, compact=compact_jpeg_headers),
     "webp": ClassicCodec("webp", "WEBP", 0, 100, {"method": 6}, max_side=16383),
-    "avif": ClassicCodec("avif", "AVIF", 0, 100, {"speed": 6, "max_threads": 1}, max_side=32768),
-    "jxl": ClassicCodec("jxl", "JXL", 0, 99, {"effort": 7, "num_threads": 1}, "pillow_jxl"),
+    "avif": ClassicCodec("avif", "AVIF", 0, 100, AVIF_OPTIONS, max_side=32768),
+    "jxl": ClassicCodec("jxl", "JXL", 0, 99, {"effort": 7, "num_threads": 1}, "pillow_jxl", q_step=0.25),
 }
+
+
+def encoder_settings() -> dict[str, dict[str, Any]]:
+    """What every classic codec is run with (format, quality grid, options), as JSON-able values."""
+    return {
+        name: {
+            "format": c.pil_format,
+            "qualities": [c.q_min, c.q_max, c.q_step],
+            "options": c.options,
+            "compact": None if c.compact is None else c.compact.__name__,
+        }
+        for name, c in CODECS.items()
+    }
 
 
 def available_codecs() -> dict[str, str | None]:
@@ -89,6 +156,11 @@ def available_codecs() -> dict[str, str | None]:
     out["avif"] = (
         None if features.check("avif") else "Pillow built without AVIF (needs Pillow >= 11.3 wheels)"
     )
+    if out["avif"] is None:
+        from PIL import _avif  # present when the AVIF feature is
+
+        if not _avif.encoder_codec_available(AVIF_OPTIONS["codec"]):
+            out["avif"] = f"Pillow's libavif has no {AVIF_OPTIONS['codec']} encoder"
     try:
         import pillow_jxl  # noqa: F401  (registers the JXL format with Pillow)
 
@@ -108,7 +180,7 @@ class BaselineResult:
     data: bytes | None = None
     reconstruction: np.ndarray | None = field(default=None, repr=False)
     factor: float | None = None
-    quality: int | None = None
+    quality: float | None = None
     score: float | None = None
     method: str = ""  # the row label: the codec name, or "best"
 
@@ -130,22 +202,24 @@ def _scaled_size(width: int, height: int, factor: float) -> tuple[int, int]:
 
 def _largest_fitting_quality(
     codec: ClassicCodec, img: Image.Image, file_budget: int
-) -> tuple[int, bytes] | None:
-    """Binary search for the highest quality whose file is <= ``file_budget``; None if even q_min is over.
+) -> tuple[float, bytes] | None:
+    """Binary search of the quality grid for the highest quality whose file is <= ``file_budget``; None if
+    even q_min is over.
 
     Every accepted file was measured to fit, so the result respects the budget even where file size is
     not perfectly monotone in quality.
     """
-    data = codec.encode(img, codec.q_min)
+    grid = codec.qualities
+    data = codec.encode(img, grid[0])
     if len(data) > file_budget:
         return None
-    best_q, best_data = codec.q_min, data
-    lo, hi = codec.q_min + 1, codec.q_max
+    best_q, best_data = grid[0], data
+    lo, hi = 1, len(grid) - 1
     while lo <= hi:
         mid = (lo + hi) // 2
-        data = codec.encode(img, mid)
+        data = codec.encode(img, grid[mid])
         if len(data) <= file_budget:
-            best_q, best_data, lo = mid, data, mid + 1
+            best_q, best_data, lo = grid[mid], data, mid + 1
         else:
             hi = mid - 1
     return best_q, best_data

@@ -224,9 +224,12 @@ RUN_IDENTITY_FILE = "run.json"
 
 
 def run_identity(config: EvalConfig, codec_info: dict[str, Any] | None) -> dict[str, Any]:
-    """The settings rows depend on: the baseline criterion, and the codec (None for --baselines-only)."""
+    """The settings rows depend on: the baseline criterion and encoder settings, and the codec (None for
+    --baselines-only)."""
     codec = None if codec_info is None else {k: codec_info.get(k) for k in ROW_DEFINING_CODEC_KEYS}
-    return {"criterion": config.criterion if config.baselines else None, "codec": codec}
+    settings = baselines.encoder_settings()
+    encoders = {name: settings[name] for name in config.baselines} or None
+    return {"criterion": config.criterion if config.baselines else None, "codec": codec, "encoders": encoders}
 
 
 def image_digests(paths: Iterable[Path]) -> dict[str, str]:
@@ -261,7 +264,8 @@ def check_run_identity(
     A folder written before ``run.json`` existed is checked against its ``summary.json``. A baseline-only
     folder may be completed with a codec's rows (and the reverse), since neither kind of row depends on
     the other's settings. ``resuming`` False (no rows yet) starts afresh. ``identity["images"]`` holds
-    :func:`image_digests`, checked for the ``measured`` image names (those with rows).
+    :func:`image_digests`, checked for the ``measured`` image names (those with rows);
+    ``identity["encoders"]`` each classic codec's encoder settings, checked for the codecs in both.
     """
     path = out / RUN_IDENTITY_FILE
     stored: dict[str, Any] = {"criterion": None, "codec": None}
@@ -277,6 +281,16 @@ def check_run_identity(
     for key, value in identity.items():
         if key == "images":
             merged[key] = _merged_digests(out, stored.get(key) or {}, value, measured)
+            continue
+        if key == "encoders" and value is not None:  # per classic codec: others may join a folder
+            before = stored.get(key) or {}
+            changed = sorted(name for name in value if name in before and before[name] != value[name])
+            if changed:
+                raise ValueError(
+                    f"{out} holds {', '.join(changed)} rows made with other encoder settings "
+                    f"({before[changed[0]]!r}); use a new --out folder"
+                )
+            merged[key] = {**before, **value}
             continue
         if value is None:
             continue
@@ -507,6 +521,8 @@ class Evaluator:
         rows.sort(key=lambda r: (r["image"], order[r["point"]], method_order[r["method"]]))
         config = asdict(self.config)
         config.update(images=str(self.config.images), out=str(self.config.out))
+        settings = baselines.encoder_settings()
+        config["baseline_encoders"] = {name: settings[name] for name in self.config.baselines}
         return {
             "config": config,
             "machine": machine_info(),

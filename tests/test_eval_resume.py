@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from aeic.evaluation import runner
+from aeic.evaluation import baselines, runner
 from PIL import Image
 
 
@@ -88,3 +89,17 @@ def test_a_new_folder_ignores_a_stale_identity(images: Path, tmp_path: Path) -> 
     out.mkdir()
     (out / runner.RUN_IDENTITY_FILE).write_text(json.dumps({"criterion": "ms_ssim", "codec": None}))
     _baselines_only(images, out, "psnr").run(progress=False)  # no rows yet: nothing to mix with
+
+
+def test_rows_of_other_encoder_settings_do_not_resume(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    _baselines_only(images, out, "psnr").run(progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["baseline_encoders"]["webp"]["options"] == {"method": 6}
+    webp = baselines.CODECS["webp"]
+    changed = dict(baselines.CODECS, webp=dataclasses.replace(webp, options={"method": 4}))
+    monkeypatch.setattr(baselines, "CODECS", changed)
+    with pytest.raises(ValueError, match="webp rows made with other encoder settings"):
+        _baselines_only(images, out, "psnr")
