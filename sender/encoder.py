@@ -23,6 +23,9 @@ from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retent
 
 CPU_PROVIDER = "CPUExecutionProvider"
 AUTO = coding_scale.AUTO
+# a budget under level 0's size is searched among the levels up to the second trained rate point (16 levels
+# per step in the shipped package), where sizes are not monotone in the level
+LOWEST_LEVELS_SCANNED = 17
 
 
 class BudgetError(ValueError):
@@ -152,7 +155,8 @@ class SenderCodec:
         return self.encode_analysed(self.analyse(rgb), rate_index)
 
     def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]:
-        """The highest rate level whose whole bitstream fits ``target_bytes`` (binary search).
+        """The highest rate level whose whole bitstream fits ``target_bytes`` (binary search; a budget
+        that level 0 overflows is looked for among the lowest levels one by one).
 
         With ``downscale="auto"`` the coding downscale comes from the budget and the image size
         (:func:`aeic.sender.coding_scale.downscale_for_budget`); when even the lowest level
@@ -161,12 +165,14 @@ class SenderCodec:
         auto = self.downscale == AUTO
         height, width = rgb.shape[:2]
         factors = coding_scale.budget_downscales(height, width, target_bytes) if auto else [None]
+        smallest = 0
         for factor in factors:
             analysed = self.analyse(rgb, factor)
             best = self._highest_fitting_level(analysed, target_bytes)
+            if best is None:
+                best, smallest = self._fit_among_lowest_levels(analysed, target_bytes)
             if best is not None:
                 return best
-        smallest = len(self.encode_analysed(analysed, 0))
         raise BudgetError(f"even the lowest rate needs {smallest} bytes, over the budget of {target_bytes}")
 
     def _highest_fitting_level(self, analysed: AnalysedImage, target_bytes: int) -> tuple[bytes, int] | None:
@@ -179,3 +185,17 @@ class SenderCodec:
             else:
                 high = middle - 1
         return best
+
+    def _fit_among_lowest_levels(self, analysed: AnalysedImage, target_bytes: int) -> tuple[tuple[bytes, int] | None, int]:
+        """The highest of the lowest levels that fits, and the smallest size among them.
+
+        Below the lowest trained rate point's neighbour the size is not monotone in the level (with tiny
+        gains every symbol rounds to zero and the bits climb back): level 0 may overflow a budget that a
+        level above it fits, which the binary search, having seen level 0 overflow, never tries."""
+        best, smallest = None, None
+        for level in range(min(LOWEST_LEVELS_SCANNED, self.num_levels)):
+            stream = self.encode_analysed(analysed, level)
+            smallest = len(stream) if smallest is None else min(smallest, len(stream))
+            if len(stream) <= target_bytes:
+                best = (stream, level)
+        return best, smallest or 0

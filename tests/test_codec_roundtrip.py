@@ -196,6 +196,18 @@ def test_byte_budget_is_respected(codecs) -> None:
         sender.encode_to_budget(rgb, min(sizes) - 1)
 
 
+def test_a_budget_level_0_overflows_is_met_by_a_higher_low_level(codecs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below the second trained rate point sizes are not monotone in the level (measured on photos:
+    104, 102, 101, ... bytes at levels 0, 1, 2): a 101-byte budget must get level 2, not an error."""
+    sender, _ = codecs
+    sizes = [104, 102, 101, 103, 105] + list(range(110, 110 + 4 * (sender.num_levels - 5), 4))
+    monkeypatch.setattr(sender, "encode_analysed", lambda analysed, level: bytes(sizes[level]))
+    assert sender.encode_to_budget(_photo(64, 64), 101) == (bytes(101), 2)
+    assert sender.encode_to_budget(_photo(64, 64), 103)[1] == 3
+    with pytest.raises(BudgetError, match="lowest rate needs 101 bytes"):
+        sender.encode_to_budget(_photo(64, 64), 100)
+
+
 def test_receiver_refuses_other_models_and_bad_levels(codecs) -> None:
     sender, receiver = codecs
     stream = bitstream.unpack(sender.encode(_photo(64, 64), 0))
