@@ -187,13 +187,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             from aeic.receiver.decoder import load_receiver_model
             from aeic.shared.model_package import ModelPackage
 
-            package = ModelPackage.load(state["package"])
+            package = ModelPackage.load(_fine_tuned_package(state, args.checkpoint))
             receiver = load_receiver_model(package)
             load_fitting(receiver, state["model"], args.checkpoint)
             out = _write_package(args.out, lambda staging: export_receiver_update(package.path, receiver, staging))
         elif state.get("stage") == "encoder":  # a sender-only fine-tune: tables, levels and receiver stay its package's
+            trained = _fine_tuned_package(state, args.checkpoint)
             model = load_checkpoint_model(args.checkpoint)
-            out = _write_package(args.out, lambda staging: export_sender_update(Path(state["package"]), model, staging))
+            out = _write_package(args.out, lambda staging: export_sender_update(trained, model, staging))
         else:
             model = load_checkpoint_model(args.checkpoint)
             out = _write_package(args.out, lambda staging: export_package(model, staging))
@@ -203,6 +204,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"{out}: model {manifest['name']} id {manifest['model_id']}")
     return 0
+
+
+def _fine_tuned_package(state: dict, checkpoint: Path) -> Path:
+    """The package a decoder- or encoder-stage checkpoint fine-tuned, as its config named it; a relative
+    name is relative to the folder the training ran in, so export from elsewhere says so."""
+    recorded = Path(state["package"])
+    if (recorded / MANIFEST).is_file():
+        return recorded
+    where = "" if recorded.is_absolute() else f" from {Path.cwd()} (the path is relative to the folder training ran in)"
+    raise ValueError(f"{checkpoint} fine-tuned the package {recorded}, which is not found{where}")
 
 
 def _rewrite_package(out: Path, make: Callable[[Path], Path], detail: Callable[[dict], str]) -> int:

@@ -112,3 +112,15 @@ def test_decoder_stage_trains_on_the_configured_device(package, photos, tmp_path
     assert {p.device for p in stage.model.parameters()} == {torch.device("cpu")}
     on_another_device = torch.zeros(2, device="meta")  # a step's tensors stay on the batch's device
     assert stage.texture_weights(on_another_device).device == on_another_device.device
+
+
+def test_export_names_the_fine_tuned_package_it_cannot_find(tmp_path, monkeypatch, capsys) -> None:
+    """A decoder-stage checkpoint records its package as its config named it (often relative to the
+    repository): exported from another folder, the error says where that path came from."""
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"stage": "decoder", "package": "aeic/models/nano-se", "model": {}, "step": 1}, checkpoint)
+    monkeypatch.chdir(tmp_path)
+    assert aeic_main(["export", str(checkpoint), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "fine-tuned the package aeic/models/nano-se" in error and "relative to the folder training ran in" in error
+    assert not (tmp_path / "out").exists()
