@@ -45,3 +45,28 @@ typecheck: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The sender on another Python (requires-python >= 3.10; JetPack 6 runs 3.10, Raspberry Pi OS 3.11): a venv
+# of aeic[sender] alone on SENDER_PYTHON, installed from a copy of the working tree (nothing built in it),
+# where torch must not be, `aeic-send encode` must find the shipped model, and the tests that need neither
+# torch nor the receiver pass. .ci/run runs it on 3.10.
+SENDER_PYTHON ?= python3.10
+SENDER_COMPAT := build/sender-compat
+SENDER_NEEDS_TORCH := tests/test_sender_e2e.py tests/test_sender_memory.py tests/test_sender_receiver.py
+SENDER_TESTS := $(filter-out $(SENDER_NEEDS_TORCH),$(wildcard tests/test_sender_*.py)) \
+	tests/test_bitstream.py tests/test_bitstream_spec.py tests/test_entropy_coding.py
+.PHONY: sender-compat
+sender-compat:
+	rm -rf $(SENDER_COMPAT) && mkdir -p $(SENDER_COMPAT)/src $(SENDER_COMPAT)/run
+	git ls-files -z --cached --others --exclude-standard | \
+		tar --null --files-from=- --ignore-failed-read -cf - | tar -xf - -C $(SENDER_COMPAT)/src
+	$(SENDER_PYTHON) -m venv $(SENDER_COMPAT)/venv
+	$(SENDER_COMPAT)/venv/bin/python -m pip install --quiet "./$(SENDER_COMPAT)/src[sender]" "pytest>=8" "hypothesis>=6.100"
+	@$(SENDER_COMPAT)/venv/bin/python -c "import importlib.util, sys; print('sender venv:', sys.version.split()[0]); \
+		sys.exit('torch got installed in the sender venv' if importlib.util.find_spec('torch') else 0)"
+	cd $(SENDER_COMPAT)/run && ../venv/bin/python -c "import numpy as np; from PIL import Image; \
+		Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), np.uint8)).save('photo.png')" && \
+		../venv/bin/aeic-send encode photo.png -o out && test -s out/photo.aeic
+	cd $(SENDER_COMPAT)/run && ../venv/bin/python -m pytest -p no:cacheprovider -c ../src/pyproject.toml \
+		--rootdir ../src $(addprefix ../src/,$(SENDER_TESTS))
+	rm -rf $(SENDER_COMPAT)

@@ -20,8 +20,8 @@ from aeic.sender.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - Python 3.10 (JetPack 6): config files must be JSON
-    tomllib = None
+else:  # Python 3.10 (JetPack 6): the sender extra installs tomli there
+    import tomli as tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -109,12 +109,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     is_json = path.suffix.lower() == ".json"
-    if not is_json and tomllib is None:
-        raise ConfigError(f"config file {path}: TOML needs Python 3.11+; use a .json config file here")
-    toml_error = tomllib.TOMLDecodeError if tomllib is not None else ValueError
     try:
         data = json.loads(raw.decode("utf-8")) if is_json else tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, toml_error) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table/object of settings")

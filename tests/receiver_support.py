@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
-from typing import NoReturn, Self
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -154,7 +154,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self._thread: object = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ServerThread:  # noqa: PYI034 (typing.Self needs Python 3.11)
         import threading
         import time
 

@@ -19,7 +19,6 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Self
 
 from aeic.shared.bitstream import BitstreamError, unpack
 
@@ -69,7 +68,7 @@ class ReceiverDouble:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ReceiverDouble:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 from aeic.sender.cli import COMMANDS, build_parser
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "sender"
 

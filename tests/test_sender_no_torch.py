@@ -1,10 +1,11 @@
 """The sender never needs torch: it imports with torch blocked, and no module names torch.
 
 The edge device has numpy, onnxruntime, opencv-python-headless, constriction, httpx (with its
-transport, httpcore), pydantic and Pillow only; any other third-party import (even a lazy one inside a function) would break
-it there, so this is checked statically (the sender and the shared modules it imports) as well as by
-importing. The import runs from a working directory outside the repository, as the installed `aeic-send`
-does: from the repository root a bare `import sender...` also resolves, which hid such a bug once.
+transport, httpcore), pydantic and Pillow only (and tomli on Python 3.10); any other third-party import
+(even a lazy one inside a function) would break it there, so this is checked statically (the sender and
+the shared modules it imports) as well as by importing. The import runs from a working directory outside
+the repository, as the installed `aeic-send` does: from the repository root a bare `import sender...`
+also resolves, which hid such a bug once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from import_blocking import blocking_prelude
 
 SENDER_DIR = Path(__file__).resolve().parent.parent / "sender"
 SHARED_DIR = SENDER_DIR.parent / "shared"
-ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "cv2", "constriction", "httpx", "httpcore", "pydantic", "PIL"}
+# tomllib is standard from Python 3.11 on; on 3.10 config.py imports tomli (the sender extra's) in its place
+ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "cv2", "constriction", "httpx", "httpcore", "pydantic", "PIL", "tomli"}
+STDLIB = sys.stdlib_module_names | {"tomllib"}
 ALLOWED_AEIC = ("aeic.sender", "aeic.shared")
 
 BLOCKED_IMPORT = blocking_prelude("torch") + textwrap.dedent(
@@ -65,7 +68,7 @@ def test_sender_sources_import_only_the_edge_dependencies() -> None:
             if top == "aeic":
                 ok = name == "aeic" or name.startswith(ALLOWED_AEIC)
             else:
-                ok = top in sys.stdlib_module_names or top in ALLOWED_THIRD_PARTY
+                ok = top in STDLIB or top in ALLOWED_THIRD_PARTY
             if not ok:
                 offenders.append(f"{path.parent.name}/{path.name}: {name}")
     assert offenders == []
