@@ -437,6 +437,14 @@ def cmd_watch(
         )
     except (NotADirectoryError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    with watcher:
+        _watch(watcher, directory, config, reporter, codec_factory)
+    return EXIT_OK
+
+
+def _watch(watcher: FolderWatcher, directory: Path, config: SenderConfig, reporter: Reporter,
+           codec_factory: CodecFactory) -> None:
+    """Encode and spool each file ``watcher`` finds ready, uploading in the background, until stopped."""
     encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
     with _Daemon(config, reporter) as daemon:
 
@@ -451,7 +459,6 @@ def cmd_watch(
 
         reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}")
         run_watch(watcher, handle, daemon.stop, config.watch_poll, on_error=reporter.info)
-    return EXIT_OK
 
 
 def cmd_camera(

@@ -90,6 +90,16 @@ class FolderWatcher:
             rows = self._db.execute("SELECT name, size, mtime_ns, starts FROM started").fetchall()
         self._died_on = {name: ((size, mtime), starts) for name, size, mtime, starts in rows}  # earlier runs
 
+    def close(self) -> None:
+        """Close the state database (every outcome is already committed)."""
+        self._db.close()
+
+    def __enter__(self) -> FolderWatcher:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _open(self) -> sqlite3.Connection:
         """Open or create the database; a damaged one stops the agent at start with one clear line."""
         self.state_path.parent.mkdir(parents=True, exist_ok=True)

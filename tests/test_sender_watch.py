@@ -218,3 +218,13 @@ def test_an_unreadable_file_waits_until_it_can_be_read(tmp_path: Path, monkeypat
     readable.add("locked.jpg")  # chmod a+r
     assert _names(watcher.scan()) == ["locked.jpg", "open.jpg"]
     assert watcher.unlisted == {}
+
+
+def test_the_state_database_is_closed_with_the_watcher(tmp_path: Path) -> None:
+    """Python 3.13 warns of an SQLite connection left to the garbage collector; `aeic-send watch` closes it."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with FolderWatcher(folder, tmp_path / "state.db") as watcher:
+        watcher.scan()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        watcher._db.execute("SELECT 1")
