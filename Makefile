@@ -32,16 +32,20 @@ bench: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-# mypy ([tool.mypy] in pyproject.toml) on these packages and benchmarks/. It cannot follow the editable
-# install's import hook, so build/mypy/aeic links each aeic.X to its folder (receiver too, which the
-# others import; its own errors are not reported); messages name the real files.
-TYPECHECKED := shared sender codec evaluation training
+# mypy ([tool.mypy] in pyproject.toml) on these packages, the aeic package's own modules and benchmarks/.
+# It cannot follow the editable install's import hook, so build/mypy/aeic links each aeic.X to its folder
+# and aeic/*.py to their files; messages name the real files.
+TYPECHECKED := shared sender codec evaluation training receiver
+TYPECHECKED_MODULES := demo local_servers
+TYPECHECK_ARGS := $(addprefix -p aeic.,$(TYPECHECKED)) -m aeic $(addprefix -m aeic.,$(TYPECHECKED_MODULES)) -p benchmarks
 typecheck: $(VENV)/.installed
 	@mkdir -p build/mypy/aeic
-	@for d in $(TYPECHECKED) receiver; do ln -sfn ../../../$$d build/mypy/aeic/$$d; done
-	@echo "mypy $(addprefix -p aeic.,$(TYPECHECKED)) -p benchmarks"
-	@$(VENV)/bin/mypy $(addprefix -p aeic.,$(TYPECHECKED)) -p benchmarks >build/mypy/report.txt 2>&1; \
-		status=$$?; sed 's|^build/mypy/aeic/||' build/mypy/report.txt; exit $$status
+	@for d in $(TYPECHECKED); do ln -sfn ../../../$$d build/mypy/aeic/$$d; done
+	@for m in __init__ $(TYPECHECKED_MODULES); do ln -sfn ../../../aeic/$$m.py build/mypy/aeic/$$m.py; done
+	@echo "mypy $(TYPECHECK_ARGS)"
+	@$(VENV)/bin/mypy $(TYPECHECK_ARGS) >build/mypy/report.txt 2>&1; status=$$?; \
+		sed -e 's|^build/mypy/aeic/\([a-z_]*\.py:\)|aeic/\1|' -e 's|^build/mypy/aeic/||' build/mypy/report.txt; \
+		exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -26,6 +26,7 @@ from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
 from aeic.receiver.data_dir import lock_data_dir, prepare_data_dir, unlock_data_dir
 from aeic.receiver.errors import ApiError, install_error_handlers
 from aeic.receiver.images import FORMATS, transcode
+from aeic.receiver.iso8601 import parse_iso8601
 from aeic.receiver.log_redaction import install_log_redaction
 from aeic.receiver.metrics import ReceiverMetrics
 from aeic.receiver.queue import JobQueue
@@ -275,11 +276,11 @@ def _store_upload(state: ReceiverState, image: NewImage, data: bytes) -> tuple[I
     return record, created
 
 
-def _enqueue(state: ReceiverState, image_id: str) -> None:
+def _enqueue(state: ReceiverState, queue: JobQueue, image_id: str) -> None:
     """Tell the workers; the upload is already durable, so a failure here only delays the decode until a
     worker's reconciliation finds the image (the 202 stays true)."""
     try:
-        state.queue.publish(image_id)  # type: ignore[union-attr]
+        queue.publish(image_id)
     except Exception:  # any queue failure is logged and counted, never a lost upload
         log.exception("could not enqueue image %s; a worker will find it by reconciliation", image_id)
         state.metrics.uploads.labels("enqueue_failed").inc()
@@ -323,7 +324,7 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
         if state.worker is not None:
             state.worker.wake()
         if state.queue is not None:
-            await run_in_threadpool(_enqueue, state, record.id)
+            await run_in_threadpool(_enqueue, state, state.queue, record.id)
     return _accepted(record, replayed=not created)
 
 
@@ -350,7 +351,7 @@ def _parse_time(value: str | None, name: str) -> float | None:
             raise ApiError(422, "invalid_request", f"{name} must be a finite time, got {value!r}")
         return number
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = parse_iso8601(value.replace("Z", "+00:00"))  # 3.11's reading on 3.10 too
     except ValueError:
         raise ApiError(422, "invalid_request", f"{name} must be ISO 8601 or epoch seconds, got {value!r}") from None
     if parsed.tzinfo is None:

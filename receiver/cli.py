@@ -7,9 +7,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aeic.receiver.settings import ReceiverSettings, load_settings
 from pydantic import ValidationError
+
+if TYPE_CHECKING:  # imported in _open_store, where it is used, as each subcommand imports its own modules
+    from aeic.receiver.storage import SqlMetadataStore
 
 __all__ = ["main"]
 
@@ -99,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(settings: ReceiverSettings):
+def _open_store(settings: ReceiverSettings) -> SqlMetadataStore:
     from aeic.receiver.data_dir import prepare_data_dir
     from aeic.receiver.storage import SqlMetadataStore
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from aeic.codec import taesd
+from aeic.codec.diffusion_decoder import NanoDecoder
 from aeic.codec.entropy_model import TorchBackend
 from aeic.codec.model import ModelConfig, build_decoder, receiver_state_dict
 from aeic.codec.synthesis import SynthesisTransform
@@ -58,6 +59,8 @@ def resolve_device(name: str) -> torch.device:
 class ReceiverModel(nn.Module):
     """Synthesis transform and one-step decoder, as stored in ``receiver.safetensors``."""
 
+    pixel_decoder: nn.Module | None  # set in __init__ past nn.Module's registration
+
     def __init__(self, config: ModelConfig, pixel_decoder: nn.Module | None) -> None:
         super().__init__()
         self.config = config
@@ -94,8 +97,9 @@ class ReceiverCodec:
         self.max_coded_pixels = decode_limits.MAX_CODED_PIXELS  # per synthesis pass: a batch is split to fit
         self.device = resolve_device(device)
         self.model = load_receiver_model(package).to(self.device).eval()
-        if self.model.pixel_decoder is not None:
-            self.model.decoder.attach_pixel_decoder(self.model.pixel_decoder.to(self.device))
+        decoder = self.model.decoder  # the full profile's FullDecoder renders with its VAE, never TAEF2
+        if self.model.pixel_decoder is not None and isinstance(decoder, NanoDecoder):
+            decoder.attach_pixel_decoder(self.model.pixel_decoder.to(self.device))
         self.backend = TorchBackend(self.device)
         self.channels = self.model.config.analysis.latent_channels
         self.last_timings: list[Timings] = []
@@ -152,7 +156,7 @@ class ReceiverCodec:
             for first in range(0, len(same_size), per_pass):
                 self._synthesise(same_size[first : first + per_pass], latents, parsed, results)
         self.last_timings = [p.timings for p in parsed]
-        return results  # type: ignore[return-value]
+        return results  # type: ignore[return-value]  # every index is in one size group, so none is None
 
     def _synthesise(self, members: list[int], latents: list[torch.Tensor], parsed: list[_Parsed],
                     results: list[np.ndarray | None]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -19,7 +20,8 @@ __all__ = ["CodecRegistry", "DecoderLike"]
 class DecoderLike(Protocol):
     """The part of the ReceiverCodec contract the service uses."""
 
-    model_id: bytes
+    @property
+    def model_id(self) -> bytes: ...  # read-only: a property (ReceiverCodec) or a plain attribute
 
     def decode_batch(self, items: list[bytes]) -> list[np.ndarray]: ...
 
@@ -39,7 +41,7 @@ class CodecRegistry:
         """Wrap decoders that already exist (tests, benchmarks, an embedding application)."""
         registry = cls({})
         for codec in codecs:
-            registry._loaders[bytes(codec.model_id)] = lambda c=codec: c
+            registry._loaders[bytes(codec.model_id)] = partial(_same, codec)
             registry._loaded[bytes(codec.model_id)] = codec
             package = getattr(codec, "package", None)
             if package is not None:
@@ -57,7 +59,7 @@ class CodecRegistry:
         levels: dict[bytes, int] = {}
         for path in paths or [default_model_dir()]:
             package = ModelPackage.load(path)
-            loaders[bytes(package.model_id)] = lambda p=Path(path): _load_receiver_codec(p, device)
+            loaders[bytes(package.model_id)] = partial(_load_receiver_codec, Path(path), device)
             levels[bytes(package.model_id)] = package.num_levels
         return cls(loaders, levels)
 
@@ -80,6 +82,10 @@ class CodecRegistry:
             if key not in self._loaded:
                 self._loaded[key] = self._loaders[key]()
             return self._loaded[key]
+
+
+def _same(codec: DecoderLike) -> DecoderLike:
+    return codec
 
 
 def _load_receiver_codec(path: Path, device: str) -> DecoderLike:

@@ -78,10 +78,10 @@ def _sign_in(request: Request, token: str) -> Response:
     wait = state.login_limiter.wait(_client(request))
     if wait > 0:
         seconds = max(1, math.ceil(wait))
-        response = _login_page(request, f"Too many failed sign-ins from this address; try again in {seconds} s.",
-                               status=429)
-        response.headers["Retry-After"] = str(seconds)
-        return response
+        page = _login_page(request, f"Too many failed sign-ins from this address; try again in {seconds} s.",
+                           status=429)
+        page.headers["Retry-After"] = str(seconds)
+        return page
     session = state.sessions.open(token)
     if session is None:
         state.login_limiter.acquire(_client(request))

@@ -23,7 +23,7 @@ class BlobStoreUnavailableError(OSError):
     """The object store could not be reached or refused the request (the API answers 503)."""
 
 
-def _code(exc: Exception) -> str:
+def _code(exc: BaseException | None) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
