@@ -14,6 +14,7 @@ import math
 import os
 import re
 import secrets
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +27,6 @@ from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
 from aeic.receiver.data_dir import lock_data_dir, prepare_data_dir, unlock_data_dir
 from aeic.receiver.errors import ApiError, install_error_handlers
 from aeic.receiver.images import FORMATS, transcode
-from aeic.receiver.iso8601 import parse_iso8601
 from aeic.receiver.log_redaction import install_log_redaction
 from aeic.receiver.metrics import ReceiverMetrics
 from aeic.receiver.queue import JobQueue
@@ -58,6 +58,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from aeic import __version__
+
+if sys.version_info >= (3, 11):
+    read_iso8601 = datetime.fromisoformat
+else:  # 3.10's fromisoformat reads only what isoformat() writes: no `+0100`, `.5`, `20261206T0900`, week dates
+    from dateutil.parser import isoparse as read_iso8601
 
 __all__ = [
     "AUTH_COOKIE",
@@ -351,7 +356,7 @@ def _parse_time(value: str | None, name: str) -> float | None:
             raise ApiError(422, "invalid_request", f"{name} must be a finite time, got {value!r}")
         return number
     try:
-        parsed = parse_iso8601(value.replace("Z", "+00:00"))  # 3.11's reading on 3.10 too
+        parsed = read_iso8601(value.replace("Z", "+00:00"))
     except ValueError:
         raise ApiError(422, "invalid_request", f"{name} must be ISO 8601 or epoch seconds, got {value!r}") from None
     if parsed.tzinfo is None:
