@@ -120,16 +120,18 @@ def compact_jpeg_headers(data: bytes) -> bytes:
 # are deterministic and the shared CPU is not flooded. Audited on the six non-Kodak photos at 0.01-0.05 bpp
 # (docs/evaluation.md): JPEG's 4:2:0 baseline with optimized Huffman tables beat progressive and 4:4:4;
 # WebP method 6 equals cwebp -m 6 (sharp_yuv and -af changed it by under 0.05 dB either way). AVIF is
-# libaom (named, so the tune below means what it says) at speed 4, tuned for SSIM: libavif >= 1.3 with
-# libaom >= 3.12 otherwise tunes still images for "iq", which cost 0.1-0.2 dB PSNR and up to 0.02 MS-SSIM
-# here, and speed 4 gained another 0.07-0.19 dB over speed 6 for three to four times the time. JPEG XL's
-# file size is not monotone in its quality, so a quarter-step grid lets the binary search land nearer the
-# largest file that fits (+0.01-0.05 dB over whole steps).
+# libaom (named, so the tune below means what it says) at speed 4, tuned for SSIM: Pillow 13's libavif
+# otherwise tunes libaom for "iq" (byte-identical files), which cost 0.15-0.43 dB PSNR and up to 0.03
+# MS-SSIM here, and speed 4 gained another 0.07-0.19 dB over speed 6 for three to four times the time.
+# JPEG XL's file size is not monotone in its quality, so a quarter-step grid lets the binary search land
+# nearer the largest file that fits (+0.01-0.05 dB over whole steps).
 # Side limits, measured with Pillow 13: JPEG writes up to 65500 px, WebP 16383, and libavif writes wider
 # AVIF files than it decodes (32768). A panorama is coded only at the factors that fit them.
 AVIF_OPTIONS: dict[str, Any] = {"codec": "aom", "speed": 4, "max_threads": 1, "advanced": {"tune": "ssim"}}
 CODECS: dict[str, ClassicCodec] = {
-    "jpeg": ClassicCodec("jpeg", "JPEG", 1, 95, {"optimize": True}, max_side=65500, compact=compact_jpeg_headers),
+    "jpeg": ClassicCodec(
+        "jpeg", "JPEG", 1, 95, {"optimize": True}, max_side=65500, compact=compact_jpeg_headers
+    ),
     "webp": ClassicCodec("webp", "WEBP", 0, 100, {"method": 6}, max_side=16383),
     "avif": ClassicCodec("avif", "AVIF", 0, 100, AVIF_OPTIONS, max_side=32768),
     "jxl": ClassicCodec("jxl", "JXL", 0, 99, {"effort": 7, "num_threads": 1}, "pillow_jxl", q_step=0.25),
