@@ -10,11 +10,6 @@ import torch
 from aeic.shared.model_package import ModelPackageError
 from pydantic import ValidationError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
-
 from .config import TrainConfig
 from .decoder_finetune import DecoderFinetuner
 from .schedule import TrainingInterrupted
@@ -36,8 +31,6 @@ def _load_config(path: Path, **overrides: object) -> TrainConfig:
         raise FileNotFoundError(f"config {path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
         return TrainConfig.from_file(path, **overrides)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path} is not valid TOML: {exc}") from exc
     except ValidationError as exc:
         raise ValueError(_config_error(path, exc)) from None
 

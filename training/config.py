@@ -101,6 +101,9 @@ class TrainConfig(BaseModel):
     @classmethod
     def from_file(cls, path: Path, **overrides: object) -> TrainConfig:
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            try:
+                data = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path} is not valid TOML: {exc}") from exc
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
