@@ -10,6 +10,10 @@ Exp-Golomb style code, so no value is ever clipped.
 Symbols are coded in *groups* (one call per group): within a group, symbols are ordered by
 table index, then by position, and escaped values follow the group. The decoder recomputes
 the same table indices, so the grouping costs no side information.
+
+The decoder is strict: it accepts only the bytes the encoder writes for the values it decodes
+(no trailing zero bytes, no escape for a value its table codes directly, no over-long escape,
+nothing left over), so a set of values has exactly one payload.
 """
 
 from __future__ import annotations
@@ -170,6 +174,20 @@ def _escape_ops(values: np.ndarray) -> list[tuple[np.ndarray, object]]:
     return ops
 
 
+def _coded_directly(symbols: np.ndarray, length: np.ndarray | int) -> np.ndarray:
+    """Which symbols (value + offset) a table of ``length`` entries codes directly, not as its escape."""
+    return (symbols >= 0) & (symbols < length - 1)
+
+
+def _refuse_direct_escapes(values: np.ndarray, table_indices: np.ndarray, tables: CdfTables) -> None:
+    """An escape for a value its table codes directly is a second payload for the same values: refuse it."""
+    direct = _coded_directly(values + tables.offsets[table_indices], tables.lengths[table_indices])
+    if direct.any():
+        first = int(np.argmax(direct))
+        raise EntropyDecodeError(f"non-canonical payload: escape code for {values[first]}, "
+                                 f"a value table {table_indices[first]} codes directly")
+
+
 def _grouping(indices: np.ndarray, tables: CdfTables) -> list[tuple[int, np.ndarray]]:
     """(table index, flat positions) in the canonical order both sides use."""
     flat = indices.reshape(-1)
@@ -199,9 +217,8 @@ class SymbolEncoder:
         escaped_positions = []
         for k, positions in _grouping(np.asarray(indices), tables):
             symbols = values[positions].astype(np.int64) + int(tables.offsets[k])
-            escape = int(tables.lengths[k]) - 1
-            outside = (symbols < 0) | (symbols >= escape)
-            symbols[outside] = escape
+            outside = ~_coded_directly(symbols, int(tables.lengths[k]))
+            symbols[outside] = int(tables.lengths[k]) - 1
             self._ops.append((symbols.astype(np.int32), tables.model(k)))
             escaped_positions.append(positions[outside])
         if escaped_positions:
@@ -217,19 +234,20 @@ class SymbolEncoder:
 
 
 class SymbolDecoder:
-    """Reads symbol groups back in the order a :class:`SymbolEncoder` queued them."""
+    """Reads groups back in the order a :class:`SymbolEncoder` queued them; only its exact bytes pass."""
 
     def __init__(self, payload: bytes) -> None:
-        padded = bytes(payload) + b"\x00" * (-len(payload) % 4)
-        words = np.frombuffer(padded, dtype="<u4").astype(np.uint32)
-        try:
-            self._coder = constriction.stream.stack.AnsCoder(words)
-        except ValueError as exc:
-            raise EntropyDecodeError(f"payload is not a valid rANS stream: {exc}") from exc
+        payload = bytes(payload)
+        if payload.endswith(b"\x00"):  # also every zero last word, which constriction would refuse itself
+            raise EntropyDecodeError("non-canonical payload: it ends in a zero byte "
+                                     "(the encoder drops the final word's zero high bytes)")
+        padded = payload + b"\x00" * (-len(payload) % 4)
+        self._coder = constriction.stream.stack.AnsCoder(np.frombuffer(padded, dtype="<u4").astype(np.uint32))
 
     def read(self, indices: np.ndarray, tables: CdfTables) -> np.ndarray:
         """Values shaped like ``indices``; skipped positions read as 0."""
         indices = np.asarray(indices)
+        flat_indices = indices.reshape(-1)
         values = np.zeros(indices.size, dtype=np.int64)
         escaped_positions = []
         try:
@@ -240,6 +258,7 @@ class SymbolDecoder:
             if escaped_positions:
                 escaped = np.sort(np.concatenate(escaped_positions))
                 values[escaped] = [self._read_escape() for _ in range(escaped.size)]
+                _refuse_direct_escapes(values[escaped], flat_indices[escaped], tables)
         except EntropyDecodeError:
             raise  # already says what is corrupt
         except (ValueError, RuntimeError, OverflowError) as exc:
@@ -254,8 +273,9 @@ class SymbolDecoder:
             chunk = int(self._coder.decode(constriction.stream.model.Uniform(1 << take), 1)[0])
             value |= chunk << shift
             shift += take
-        if nbits and value >> (nbits - 1) != 1:
-            raise EntropyDecodeError("corrupt payload: malformed escape code")
+        if value.bit_length() != nbits:  # a zero top bit: the same value has a shorter code
+            raise EntropyDecodeError(f"non-canonical payload: escape code of {nbits} bits "
+                                     f"for a value whose code needs {value.bit_length()}")
         return int(_unzigzag(np.array([value]))[0])
 
     def finish(self) -> None:

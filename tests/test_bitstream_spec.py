@@ -11,7 +11,9 @@ entropy model and the four-step partition from the text of the specification, im
 * regenerates the Gaussian tables from the documented recipe (MD5 of the golden file, nano-se's
   ``y_tables``) and the model id of the shipped package;
 * decodes, with nano-se's ``entropy.npz``, payloads and a whole stream that the implementation writes
-  (used as a black box), and requires the implementation's own latent.
+  (used as a black box), and requires the implementation's own latent;
+* enforces the page's canonicality rules and requires the implementation to reject the same
+  non-canonical payloads (trailing zero bytes, escapes of in-range values, over-long escapes, leftovers).
 
 So it fails when the implementation drifts from the page, or the page from the implementation.
 """
@@ -153,13 +155,13 @@ def uniform_cdf(n: int) -> tuple[int, ...]:
 
 class RansDecoder:
     def __init__(self, payload: bytes) -> None:
+        if payload.endswith(b"\0"):
+            raise SpecError("EntropyDecodeError", "the payload ends in a zero byte")
         padded = payload + b"\0" * (-len(payload) % 4)
         self.words = [int.from_bytes(padded[i : i + 4], "little") for i in range(0, len(padded), 4)]
         self.x = 0
         if self.words:
             self.x = self.words.pop()
-            if self.x == 0:
-                raise SpecError("EntropyDecodeError", "the last word is 0")
             while self.x < WORD and self.words:
                 self.x = self.x << 32 | self.words.pop()
 
@@ -225,6 +227,23 @@ def unzigzag(u: int) -> int:
     return u // 2 if u % 2 == 0 else -(u + 1) // 2
 
 
+def in_range(value: int, k: int, tables: TableSet) -> bool:
+    """Whether table ``k`` codes ``value`` directly (symbol 0 .. L - 2)."""
+    return 0 <= value + int(tables.offsets[k]) <= int(tables.lengths[k]) - 2
+
+
+def read_escape(decoder: RansDecoder) -> int:
+    """One escape code: the length n, then the bits of u in 16-bit chunks; n must be u's bit length."""
+    bits, u, shift = decoder.decode(uniform_cdf(33)), 0, 0
+    while shift < bits:
+        take = min(16, bits - shift)
+        u |= decoder.decode(uniform_cdf(1 << take)) << shift
+        shift += take
+    if u.bit_length() != bits:
+        raise SpecError("EntropyDecodeError", f"an escape of {bits} bits for a {u.bit_length()}-bit value")
+    return unzigzag(u)
+
+
 def read_group(decoder: RansDecoder, indices: np.ndarray, tables: TableSet) -> np.ndarray:
     """Values of one group whose elements, in position order, have the table ``indices``."""
     indices = np.asarray(indices).reshape(-1)
@@ -240,15 +259,19 @@ def read_group(decoder: RansDecoder, indices: np.ndarray, tables: TableSet) -> n
             if symbol == length - 1:
                 escaped.append(position)
     for position in sorted(escaped):
-        bits, u, shift = decoder.decode(uniform_cdf(33)), 0, 0
-        while shift < bits:
-            take = min(16, bits - shift)
-            u |= decoder.decode(uniform_cdf(1 << take)) << shift
-            shift += take
-        if bits and not u >> (bits - 1) & 1:
-            raise SpecError("EntropyDecodeError", "malformed escape")
-        values[position] = unzigzag(u)
+        values[position] = read_escape(decoder)
+        if in_range(int(values[position]), int(indices[position]), tables):
+            raise SpecError("EntropyDecodeError", f"an escape for {values[position]}, which its table codes")
     return values
+
+
+def escape_code(u: int, bits: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(symbol, cdf) operations of an escape code: the length ``bits``, then ``u`` in 16-bit chunks."""
+    operations = [(bits, uniform_cdf(33))]
+    for shift in range(0, bits, 16):
+        take = min(16, bits - shift)
+        operations.append(((u >> shift) & ((1 << take) - 1), uniform_cdf(1 << take)))
+    return operations
 
 
 def escaped_positions(values: np.ndarray, indices: np.ndarray, tables: TableSet) -> list[int]:
@@ -273,12 +296,7 @@ def write_group(operations: list, values: np.ndarray, indices: np.ndarray, table
     for position in sorted(escaped):
         u = zigzag(int(values[position]))
         assert u < 1 << 32
-        operations.append((u.bit_length(), uniform_cdf(33)))
-        shift = 0
-        while shift < u.bit_length():
-            take = min(16, u.bit_length() - shift)
-            operations.append(((u >> shift) & ((1 << take) - 1), uniform_cdf(1 << take)))
-            shift += take
+        operations += escape_code(u, u.bit_length())
     assert sorted(escaped) == escaped_positions(values, indices, tables)
     return sorted(escaped)
 
@@ -397,6 +415,11 @@ def decode_payload(payload: bytes, h: int, w: int, model: Model) -> Decoded:
 
 def encode_payload(z: np.ndarray, decoded: Decoded, model: Model) -> bytes:
     """The payload of known values, per the page (the indices come from the decoder's model run)."""
+    return rans_encode(payload_operations(z, decoded, model))
+
+
+def payload_operations(z: np.ndarray, decoded: Decoded, model: Model) -> list:
+    """The (symbol, cdf) operations of a whole payload, in the order the decoder reads them."""
     operations: list = []
     z_indices = np.broadcast_to(np.arange(z.shape[0])[:, None, None], z.shape)
     write_group(operations, z, z_indices, model.z_tables)
@@ -404,7 +427,7 @@ def encode_payload(z: np.ndarray, decoded: Decoded, model: Model) -> bytes:
     for t in range(4):
         mask = steps == t
         write_group(operations, decoded.values[mask], decoded.indices[mask], model.y_tables)
-    return rans_encode(operations)
+    return operations
 
 
 # -- tests: the container --------------------------------------------------------------------------------
@@ -652,6 +675,82 @@ def test_a_payload_can_carry_symbols_without_words() -> None:
     decoder.finish()
 
 
+# -- tests: one payload per set of values ------------------------------------------------------------------
+def _golden_case(name: str) -> dict:
+    return next(c for c in CODING_GOLDEN["cases"] if c["name"] == name)
+
+
+def _one_escape(value: int, k: int, tables: TableSet, bits_beyond: int = 0) -> bytes:
+    """A one-element group of table ``k`` coded as the escape, ``bits_beyond`` longer than minimal."""
+    u = zigzag(value)
+    escape = (int(tables.lengths[k]) - 1, tables.cdf(k))
+    return rans_encode([escape, *escape_code(u, u.bit_length() + bits_beyond)])
+
+
+def non_canonical_payloads() -> dict[str, tuple[bytes, np.ndarray, TableSet]]:
+    """Payloads the page requires a decoder to reject: (payload, the group's table indices, its tables)."""
+    case, gaussian = _golden_case("gaussian_seed100"), gaussian_tables()
+    factorized = _golden_tables(_golden_case("factorized_z"))
+    payload, indices = bytes.fromhex(case["payload"]), np.array(case["indices"])
+    radius = int(gaussian.offsets[5])
+    operations: list = []
+    write_group(operations, np.array(case["values"]), indices, gaussian)
+    one = np.array([5])
+    return {
+        "a zero byte appended": (payload + b"\0", indices, gaussian),
+        "three zero bytes appended": (payload + b"\0" * 3, indices, gaussian),
+        "a zero word appended": (payload + b"\0" * (-len(payload) % 4 + 4), indices, gaussian),
+        "a lone zero byte": (b"\0", np.array([20]), gaussian),
+        "a byte before the payload": (b"\x01" + payload, indices, gaussian),
+        "a symbol left over": (rans_encode([*operations, (3, gaussian.cdf(40))]), indices, gaussian),
+        "an escape for 0": (_one_escape(0, 5, gaussian), one, gaussian),
+        "an escape for the lowest in-range value": (_one_escape(-radius, 5, gaussian), one, gaussian),
+        "an escape for the highest in-range value": (_one_escape(radius, 5, gaussian), one, gaussian),
+        "an escape for an in-range z value": (_one_escape(1, 0, factorized), np.array([0]), factorized),
+        "an escape one bit too long": (_one_escape(radius + 1, 5, gaussian, 1), one, gaussian),
+        "an escape a chunk too long": (_one_escape(-700, 5, gaussian, 16), one, gaussian),
+    }
+
+
+NON_CANONICAL = non_canonical_payloads()
+
+
+def _implementation_reads(payload: bytes, indices: np.ndarray, tables: TableSet) -> np.ndarray:
+    from aeic.shared.entropy_coding import CdfTables, SymbolDecoder
+
+    decoder = SymbolDecoder(payload)
+    values = decoder.read(indices, CdfTables(tables.counts, tables.lengths, tables.offsets,
+                                             None if tables.skip < 0 else tables.skip))
+    decoder.finish()
+    return values
+
+
+def test_the_mutations_change_only_what_they_say() -> None:
+    golden = bytes.fromhex(_golden_case("gaussian_seed100")["payload"])
+    assert len(golden) % 4 == 1  # up to three zero bytes stay inside its last word: the same words, padded
+    gaussian = gaussian_tables()
+    radius = int(gaussian.offsets[5])
+    for value in (radius + 1, -radius - 1, 2**31 - 1):  # the helper writes what the page's encoder writes
+        operations: list = []
+        assert write_group(operations, np.array([value]), np.array([5]), gaussian) == [0]
+        assert _one_escape(value, 5, gaussian) == rans_encode(operations)
+        assert _implementation_reads(rans_encode(operations), np.array([5]), gaussian).tolist() == [value]
+
+
+@pytest.mark.parametrize("name", NON_CANONICAL, ids=str)
+def test_non_canonical_payloads_are_rejected_by_the_page_and_the_implementation(name: str) -> None:
+    from aeic.shared.entropy_coding import EntropyDecodeError
+
+    payload, indices, tables = NON_CANONICAL[name]
+    with pytest.raises(SpecError) as ours:
+        decoder = RansDecoder(payload)
+        read_group(decoder, indices, tables)
+        decoder.finish()
+    assert ours.value.kind == "EntropyDecodeError"
+    with pytest.raises(EntropyDecodeError):
+        _implementation_reads(payload, indices, tables)
+
+
 # -- tests: the integer model and whole payloads ------------------------------------------------------------
 def test_the_four_steps_partition_the_latent() -> None:
     steps = step_of(256, 6, 10)
@@ -737,6 +836,24 @@ def test_payloads_the_implementation_writes_decode_per_the_page(seed: int, h: in
             tables_of = ours.indices[step_of(256, h, w) == t][escaped]
             interleaved += int(np.any(np.diff(tables_of) < 0))
         assert interleaved >= 2
+
+
+def test_whole_payloads_with_a_zero_byte_or_a_symbol_more_are_rejected_by_both() -> None:
+    from aeic.shared.entropy_coding import EntropyDecodeError
+    from aeic.shared.model_package import ModelPackage
+
+    package = ModelPackage.load(PACKAGE, needs=("entropy.npz",))
+    y, z = _latent_for(2, 4, 12, 3.0)
+    payload, _ = package.entropy_model.encode(y, z)
+    model = nano_se()
+    z_values = np.floor(z + 0.5).astype(np.int64)
+    operations = payload_operations(z_values, decode_payload(payload, 4, 12, model), model)
+    assert rans_encode(operations) == payload
+    for mutated in (payload + b"\0", rans_encode([*operations, (7, uniform_cdf(33))])):
+        with pytest.raises(SpecError, match="EntropyDecodeError"):
+            decode_payload(mutated, 4, 12, model)
+        with pytest.raises(EntropyDecodeError):
+            package.entropy_model.decode(mutated, (256, 4, 12))
 
 
 def test_a_whole_sender_stream_decodes_per_the_page() -> None:

@@ -1,4 +1,4 @@
-"""rANS coding with frozen integer tables: exact round trips, near-ideal size, golden bytes."""
+"""rANS coding with frozen integer tables: exact round trips, near-ideal size, golden bytes, strict decoding."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import constriction
 import numpy as np
 import pytest
 from aeic.shared.entropy_coding import (
@@ -24,6 +25,8 @@ from hypothesis import strategies as st
 
 GOLDEN = Path(__file__).parent / "golden" / "entropy_coding_v1.json"
 TABLES = gaussian_scale_table(scale_table())
+Uniform = constriction.stream.model.Uniform
+Ops = list[tuple[int, object]]
 
 
 def _sample(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -193,3 +196,137 @@ def test_golden_vectors(name: str) -> None:
     decoder = SymbolDecoder(bytes.fromhex(case["payload"]))
     np.testing.assert_array_equal(decoder.read(indices, tables), values)
     decoder.finish()
+
+
+# -- canonical payloads: the strict decoder accepts exactly the encoder's bytes ------------------------------
+def _payload_of(ops: Ops) -> bytes:
+    """The payload of hand-picked (symbol, model) operations in decoding order, serialised like the encoder's."""
+    coder = constriction.stream.stack.AnsCoder()
+    for symbol, model in reversed(ops):
+        coder.encode_reverse(np.array([symbol], dtype=np.int32), model)
+    return coder.get_compressed().astype("<u4").tobytes().rstrip(b"\x00")
+
+
+def _zigzag(value: int) -> int:
+    return 2 * value if value >= 0 else -2 * value - 1
+
+
+def _escape_code(value: int, extra_bits: int = 0) -> Ops:
+    """The escape code of ``value`` (zigzag, length, 16-bit chunks), ``extra_bits`` longer than minimal."""
+    u = _zigzag(value)
+    nbits = u.bit_length() + extra_bits
+    ops: Ops = [(nbits, Uniform(33))]
+    for shift in range(0, nbits, 16):
+        take = min(16, nbits - shift)
+        ops.append(((u >> shift) & ((1 << take) - 1), Uniform(1 << take)))
+    return ops
+
+
+def _in_range(value: int, k: int) -> bool:
+    return 0 <= value + int(TABLES.offsets[k]) <= int(TABLES.lengths[k]) - 2
+
+
+def _escaped(value: int, k: int, extra_bits: int = 0) -> bytes:
+    """One element of table ``k`` coded as the escape, whatever its value."""
+    return _payload_of([(int(TABLES.lengths[k]) - 1, TABLES.model(k)), *_escape_code(value, extra_bits)])
+
+
+def _decode(payload: bytes, indices: np.ndarray) -> np.ndarray:
+    decoder = SymbolDecoder(payload)
+    values = decoder.read(indices, TABLES)
+    decoder.finish()
+    return values
+
+
+@pytest.mark.parametrize("value", [int(TABLES.offsets[5]) + 1, -(2**31), 2**31 - 1])
+def test_hand_coded_escapes_are_the_encoders(value: int) -> None:
+    """The helpers below write what the encoder writes when their choices are the encoder's."""
+    assert not _in_range(value, 5)
+    assert _escaped(value, 5) == _round_trip(np.array([value]), np.array([5]))[0]
+
+
+@pytest.mark.parametrize("zeros", [1, 2, 3, 4, 5])
+def test_trailing_zero_bytes_are_refused(zeros: int) -> None:
+    """Zero bytes that the decoder's padding would supply anyway are a second spelling of the same words."""
+    values, indices = _sample(1, (4, 4, 4))
+    payload, _ = _round_trip(values, indices)
+    assert len(payload) % 4 == 1  # up to 3 zero bytes stay inside the last word: the very same words
+    with pytest.raises(EntropyDecodeError, match="non-canonical payload: it ends in a zero byte"):
+        _decode(payload + b"\x00" * zeros, indices)
+
+
+def test_a_lone_zero_byte_is_refused() -> None:
+    with pytest.raises(EntropyDecodeError, match="ends in a zero byte"):
+        SymbolDecoder(b"\x00")
+
+
+_LOWEST, _HIGHEST = -int(TABLES.offsets[5]), int(TABLES.lengths[5] - 2 - TABLES.offsets[5])  # table 5's range
+
+
+@pytest.mark.parametrize("value", [0, -1, 1, _LOWEST, _HIGHEST])
+def test_escape_of_a_value_the_table_codes_directly_is_refused(value: int) -> None:
+    assert _in_range(value, 5)
+    message = f"non-canonical payload: escape code for {value}, .* table 5 "
+    with pytest.raises(EntropyDecodeError, match=message):
+        _decode(_escaped(value, 5), np.array([5]))
+
+
+@pytest.mark.parametrize("value, extra_bits", [(41, 1), (41, 10), (-70_000, 1), (2**29, 1)])
+def test_an_escape_longer_than_its_value_is_refused(value: int, extra_bits: int) -> None:
+    nbits = _zigzag(value).bit_length() + extra_bits
+    with pytest.raises(EntropyDecodeError, match=f"non-canonical payload: escape code of {nbits} bits"):
+        _decode(_escaped(value, 5, extra_bits), np.array([5]))
+
+
+def test_symbols_left_over_are_refused() -> None:
+    values, indices = _sample(1, (4, 4, 4))
+    encoder = SymbolEncoder()
+    encoder.add(values, indices, TABLES)
+    encoder.add(np.array([3]), np.array([40]), TABLES)  # one symbol the decoder never reads
+    with pytest.raises(EntropyDecodeError, match="data left over"):
+        _decode(encoder.finish(), indices)
+
+
+# an element: its table, its value, escaped even when in range, escape length bits beyond the minimum
+_choices = st.lists(
+    st.tuples(st.integers(0, 63), st.integers(-40, 40) | st.integers(-(2**31), 2**31 - 1), st.booleans(),
+              st.sampled_from([0, 0, 0, 1, 3])),
+    min_size=1, max_size=24)
+
+
+def _hand_coded(choices: list[tuple[int, int, bool, int]]) -> tuple[bytes, bool]:
+    """One group coded with the given choices in the format's order, and whether they are the encoder's."""
+    coded = sorted((k, position) for position, (k, *_) in enumerate(choices) if k != TABLES.skip_index)
+    ops: Ops = []
+    escapes, canonical = [], True
+    for k, position in coded:
+        _, value, escape_anyway, _ = choices[position]
+        direct = _in_range(value, k) and not escape_anyway
+        symbol = value + int(TABLES.offsets[k]) if direct else int(TABLES.lengths[k]) - 1
+        ops.append((symbol, TABLES.model(k)))
+        escapes += [] if direct else [position]
+        canonical &= direct or not _in_range(value, k)
+    for position in sorted(escapes):
+        _, value, _, extra = choices[position]
+        extra = min(extra, 32 - _zigzag(value).bit_length())
+        ops += _escape_code(value, extra)
+        canonical &= extra == 0
+    return _payload_of(ops), canonical
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(_choices, st.integers(0, 4))
+def test_the_strict_decoder_accepts_exactly_the_encoders_payloads(
+        choices: list[tuple[int, int, bool, int]], zeros: int) -> None:
+    """Any coding choices: decoded only when they are the encoder's, and then to the encoder's own bytes."""
+    payload, canonical = _hand_coded(choices)
+    indices = np.array([k for k, *_ in choices])
+    values = np.array([0 if k == TABLES.skip_index else v for k, v, *_ in choices], dtype=np.int64)
+    encoded, _ = _round_trip(values, indices)
+    assert not encoded.endswith(b"\x00")
+    if canonical and not zeros:
+        assert payload == encoded
+        np.testing.assert_array_equal(_decode(payload, indices), values)
+    else:
+        with pytest.raises(EntropyDecodeError, match="non-canonical payload"):
+            _decode(payload + b"\x00" * zeros, indices)
