@@ -27,7 +27,7 @@ __all__ = [
     "hash_token",
 ]
 
-DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: `$` would pass a final newline
 _TOKEN_PREFIX = "aeic_"
 
 
@@ -100,13 +100,6 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._prune_at = _MIN_PRUNE_SIZE
 
-    def wait(self, key: str, now: float | None = None) -> float:
-        """Seconds until `key` has a token (0.0: it has one now), without taking it."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            tokens = self._refilled(key, now)
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
-
     def acquire(self, key: str, now: float | None = None) -> float:
         """Take one token; returns 0.0 when allowed, else the seconds until a token is available."""
         now = time.monotonic() if now is None else now
@@ -116,6 +109,14 @@ class RateLimiter:
             self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
             self._prune_if_large(now)
         return 0.0 if allowed else (1.0 - tokens) / self._rate
+
+    def refund(self, key: str) -> None:
+        """Give back the token an `acquire` took for a request that turned out not to count (a successful
+        sign-in): taking it first is what keeps concurrent requests from all passing one check."""
+        with self._lock:
+            if key in self._buckets:
+                tokens, last = self._buckets[key]
+                self._buckets[key] = (min(self._burst, tokens + 1.0), last)
 
     def _prune_if_large(self, now: float) -> None:
         """Drop refilled buckets once the table has doubled since the last pruning (caller holds the lock)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +22,8 @@ __all__ = ["install_gallery"]
 _HERE = Path(__file__).parent
 _templates = Jinja2Templates(directory=str(_HERE / "templates"))
 _FIRST_PAGE = 60
+_FORM_BYTES = 4096  # the sign-in form: one token field
+_IMAGE_ID = re.compile(r"[0-9a-f]{32}")  # what `api.visible_image` looks up
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -63,8 +66,9 @@ def image_page(image_id: str, request: Request) -> Response:
         return _login_page(request)
     try:
         record = visible_image(receiver_state(request), who, image_id)
-    except ApiError:
-        return _templates.TemplateResponse(request, "missing.html", {"image_id": image_id}, status_code=404)
+    except ApiError:  # quote only an id: other text would be an attacker's message shown on our origin
+        shown = image_id if _IMAGE_ID.fullmatch(image_id) else None
+        return _templates.TemplateResponse(request, "missing.html", {"image_id": shown}, status_code=404)
     return _no_store(_templates.TemplateResponse(request, "image.html", {"image": image_json(record), "who": who}))
 
 
@@ -73,9 +77,10 @@ def _client(request: Request) -> str:
 
 
 def _sign_in(request: Request, token: str) -> Response:
-    """Open a session for a valid token; failures count against the client's sign-in budget."""
+    """Open a session for a valid token; failures count against the client's sign-in budget. The attempt
+    takes its token before the check, so guesses sent at once cannot all pass it; a success gives it back."""
     state = receiver_state(request)
-    wait = state.login_limiter.wait(_client(request))
+    wait = state.login_limiter.acquire(_client(request))
     if wait > 0:
         seconds = max(1, math.ceil(wait))
         page = _login_page(request, f"Too many failed sign-ins from this address; try again in {seconds} s.",
@@ -84,8 +89,8 @@ def _sign_in(request: Request, token: str) -> Response:
         return page
     session = state.sessions.open(token)
     if session is None:
-        state.login_limiter.acquire(_client(request))
         return _login_page(request, "That token is not valid.", status=401)
+    state.login_limiter.refund(_client(request))
     response = RedirectResponse("/", status_code=303)
     secure = state.settings.cookie_secure
     response.set_cookie(AUTH_COOKIE, session, httponly=True, samesite="lax", path="/",
@@ -113,15 +118,38 @@ def _no_store(response: Response) -> Response:
 
 
 def login_form(request: Request, token: str | None = None) -> Response:
-    """`/login?token=...` (the link the demo prints; the access log redacts the token) or the plain form."""
-    return _no_store(_login_page(request) if not token else _sign_in(request, token))
+    """`/login?token=...` (the link the demo prints; the access log redacts the token) or the plain form.
+    The link opened from another site is refused, as the form's post is: it would sign the browser in
+    to the gallery of the attacker's token."""
+    if not token:
+        return _no_store(_login_page(request))
+    if _cross_site(request):
+        return _no_store(_login_page(request, "Open the sign-in link directly, not from another site.", status=403))
+    return _no_store(_sign_in(request, token))
+
+
+async def _form_body(request: Request) -> bytes | None:
+    """The sign-in form's bytes, or None when it is larger than a form: read as it arrives, so that an
+    anonymous client cannot make the server hold a body of any size."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > _FORM_BYTES:
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _FORM_BYTES:
+            return None
+    return body
 
 
 async def login_submit(request: Request) -> Response:
     """The form post (urlencoded; parsed here to avoid a multipart dependency)."""
     if _cross_site(request):
         return _no_store(_login_page(request, "Sign in from this site's own form.", status=403))
-    fields = parse_qs((await request.body())[:4096].decode("utf-8", "replace"))
+    body = await _form_body(request)
+    if body is None:
+        return _no_store(_login_page(request, "That form is too large.", status=413))
+    fields = parse_qs(body.decode("utf-8", "replace"))
     token = (fields.get("token") or [""])[0].strip()
     if not token:
         return _no_store(_login_page(request, "Paste a token.", status=400))

@@ -1,0 +1,224 @@
+"""Attacks on the receiver as an internet-facing service, each found by trying it against a running server:
+what an anonymous client, another site or another device could do, and what must hold against it.
+
+Tests marked xfail(strict=True) are real findings whose fix belongs to a module other engineers own
+(the reason names it); the marker goes when the fix lands.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from aeic.receiver.api import create_app
+from aeic.receiver.auth import InvalidDeviceNameError, create_device_token
+from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.settings import ReceiverSettings
+from aeic.receiver.storage import SqlMetadataStore
+from aeic.shared.bitstream import peek_header
+from fastapi.testclient import TestClient
+from receiver_support import FakeCodec, ServerThread, make_bitstream
+
+ADMIN = "attacks-admin-token-0123456789"
+OCTET = {"Content-Type": "application/octet-stream"}
+CROSS_SITE_NAVIGATION = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+
+
+class EchoingCodec(FakeCodec):
+    """A decoder whose error quotes the stream's payload, as a real one may quote what it could not parse."""
+
+    def decode_batch(self, items: list[bytes]) -> list[np.ndarray]:
+        payload = items[0][peek_header(items[0]).size:-4]
+        raise ValueError(f"cannot parse {payload.decode('utf-8', 'replace')}")
+
+
+def _settings(data: Path, **overrides: Any) -> ReceiverSettings:
+    values: dict[str, Any] = {"data_dir": data, "admin_token": ADMIN, "poll_interval_s": 0.05,
+                              "retry_delay_s": 0.0, "max_upload_bytes": 4096}
+    return ReceiverSettings(**{**values, **overrides})
+
+
+def _token(settings: ReceiverSettings, device: str) -> str:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqlMetadataStore.from_url(settings.resolved_database_url())
+    store.migrate()
+    try:
+        return create_device_token(store, device)
+    finally:
+        store.close()
+
+
+def _client(settings: ReceiverSettings, codec: FakeCodec | None = None) -> TestClient:
+    """Server errors come back as answers (a 500 is what an attacker would see), not as raised exceptions."""
+    app = create_app(settings, registry=CodecRegistry.from_codecs([codec or FakeCodec()]))
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture()
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with _client(_settings(tmp_path / "data", worker=False)) as test_client:
+        yield test_client
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _wait_for(client: TestClient, image_id: str, token: str, ready: str) -> dict[str, Any]:
+    """The image's JSON once its field `ready` is set (the in-process worker is fast but asynchronous)."""
+    for _ in range(400):
+        image: dict[str, Any] = client.get(f"/v1/images/{image_id}", headers=_bearer(token)).json()
+        if image[ready]:
+            return image
+        time.sleep(0.01)
+    raise AssertionError(f"{image_id}: {ready} never set")
+
+
+# -- gallery sign-in -----------------------------------------------------------------------------
+
+
+def test_a_sign_in_link_on_another_site_cannot_sign_the_browser_in(client: TestClient, tmp_path: Path) -> None:
+    """Login CSRF through the `/login?token=` link: a page elsewhere navigates the victim to it with the
+    attacker's device token, and the victim's gallery silently becomes the attacker's (POST /login refuses
+    exactly this; the GET did not)."""
+    attacker = _token(_settings(tmp_path / "data"), "attacker-cam")
+    for site in ("cross-site", "same-site"):  # same-site: a sibling subdomain may be someone else's
+        forced = client.get("/login", params={"token": attacker}, follow_redirects=False,
+                            headers={**CROSS_SITE_NAVIGATION, "Sec-Fetch-Site": site})
+        assert forced.status_code == 403 and "aeic_session" not in forced.headers.get("set-cookie", ""), site
+    typed = client.get("/login", params={"token": attacker}, headers={"Sec-Fetch-Site": "none"},
+                       follow_redirects=False)  # the demo's link, opened from a terminal or typed
+    assert typed.status_code == 303 and "aeic_session" in typed.headers["set-cookie"]
+
+
+def test_a_huge_sign_in_body_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """Anonymous memory exhaustion: `POST /login` buffered the whole body before cutting it to 4 KB (a
+    400 MB body took the server from 92 to 478 MB); now a declared or streamed body over the form's size
+    is 413 at once."""
+    app = create_app(_settings(tmp_path / "data", worker=False), registry=CodecRegistry.from_codecs([FakeCodec()]))
+    head = b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    with ServerThread(app) as server:
+        for framing, first_part in ((b"Content-Length: 400000000\r\n\r\n", b"token=" + b"A" * 100),
+                                    (b"Transfer-Encoding: chunked\r\n\r\n", b"2000\r\n" + b"A" * 0x2000 + b"\r\n")):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(head + framing + first_part)  # ...and the rest never comes
+                assert sock.recv(64).startswith(b"HTTP/1.1 413"), framing
+
+
+def test_concurrent_wrong_sign_ins_cannot_exceed_the_limit(tmp_path: Path) -> None:
+    """Guesses sent at once all passed the limiter's check before any of them had failed: on PostgreSQL
+    46 of 150 concurrent wrong sign-ins were answered (limit 10). A slow token check widens that window here."""
+    app = create_app(_settings(tmp_path / "data", worker=False, login_attempts_per_minute=3),
+                     registry=CodecRegistry.from_codecs([FakeCodec()]))
+    sessions = app.state.receiver.sessions
+    check = sessions.open
+
+    def slow_open(token: str) -> str | None:
+        time.sleep(0.3)
+        return check(token)
+
+    sessions.open = slow_open
+    with ServerThread(app) as server, ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda i: httpx.post(f"{server.url}/login", data={"token": f"guess-{i}"},
+                                                   timeout=10).status_code, range(12)))
+        assert sorted(codes) == [401] * 3 + [429] * 9, codes
+        assert httpx.post(f"{server.url}/login", data={"token": ADMIN}).status_code == 429
+
+
+def test_a_successful_sign_in_does_not_use_up_the_failure_budget(tmp_path: Path) -> None:
+    with _client(_settings(tmp_path / "data", worker=False, login_attempts_per_minute=2)) as client:
+        for _ in range(5):
+            assert client.post("/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+        assert [client.post("/login", data={"token": "guess"}).status_code for _ in range(3)] == [401, 401, 429]
+
+
+# -- what the gallery shows ----------------------------------------------------------------------
+
+
+def test_the_not_found_page_quotes_no_arbitrary_text(client: TestClient) -> None:
+    """Text injection on our own origin: `/images/<words>` printed the words as the page's message."""
+    client.post("/login", data={"token": ADMIN})
+    bait = " has moved. Your session expired: sign in again at evil.example with your token"
+    page = client.get(f"/images/{bait}")
+    assert page.status_code == 404 and "evil.example" not in page.text
+    real_id = "0" * 32
+    assert f"No image {real_id}." in client.get(f"/images/{real_id}").text
+
+
+def test_markup_in_a_decode_error_is_shown_as_text(tmp_path: Path) -> None:
+    """Stored XSS: a decoder error that quotes the uploaded bytes reaches the image page."""
+    settings = _settings(tmp_path / "data", max_attempts=1)
+    token = _token(settings, "cam1")
+    with _client(settings, EchoingCodec()) as client:
+        stream = make_bitstream(payload=b"<img src=x onerror=alert(1)>")
+        image_id = client.post("/v1/images", content=stream, headers={**_bearer(token), **OCTET}).json()["id"]
+        _wait_for(client, image_id, token, "error")
+        client.post("/login", data={"token": token})
+        page = client.get(f"/images/{image_id}").text
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+# -- input ---------------------------------------------------------------------------------------
+
+
+def test_a_device_name_cannot_end_in_a_newline(tmp_path: Path) -> None:
+    """`$` also matches before a final newline, so `token create --device $'cam1\\n'` made a device the
+    API calls impossible (its `device` filter checks the same pattern)."""
+    settings = _settings(tmp_path / "data")
+    with pytest.raises(InvalidDeviceNameError):
+        _token(settings, "cam1\n")
+    with _client(settings) as client:
+        listing = client.get("/v1/images", params={"device": "cam1\n"}, headers=_bearer(ADMIN))
+    assert listing.status_code == 422
+
+
+@pytest.mark.parametrize("path", ["/static/..%2f..%2fapi.py", "/static/%2e%2e/%2e%2e/api.py", "/static//etc/passwd"])
+def test_static_files_stay_in_their_folder(client: TestClient, path: str) -> None:
+    assert client.get(path).status_code == 404
+
+
+@pytest.mark.xfail(strict=True, reason="storage/metadata.py decode_cursor: a cursor's seq is not bounded to the "
+                                       "database's 64-bit integer (SQLite OverflowError: 500; PostgreSQL: 503)")
+@pytest.mark.parametrize("cursor", ["czk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk",  # s99999999999999999999999999
+                                    "dDEuMDo5OTk5OTk5OTk5OTk5OTk5OTk5OTk5"])  # t1.0:99999999999999999999999
+def test_a_cursor_beyond_any_image_is_a_client_error(tmp_path: Path, cursor: str) -> None:
+    with _client(_settings(tmp_path / "data", worker=False)) as client:
+        listing = client.get("/v1/images", params={"cursor": cursor}, headers=_bearer(ADMIN))
+        assert listing.status_code == 400
+        client.post("/login", data={"token": ADMIN})
+        assert client.get("/", params={"cursor": cursor}).status_code == 200
+
+
+# -- findings whose fix is elsewhere ---------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="worker.py stores `could not read the stored bitstream: {exc}`, whose "
+                                       "OSError names the blob file's path (an S3 error: endpoint and bucket)")
+def test_a_storage_failure_names_no_server_path_to_the_device(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "data")
+    token = _token(settings, "cam1")
+    with _client(settings) as client:
+        blobs = client.app.state.receiver.blobs  # type: ignore[attr-defined]
+
+        def unreadable(key: str) -> bytes:
+            raise PermissionError(13, "Permission denied", str(blobs.root / key))
+
+        blobs.get = unreadable
+        image_id = client.post("/v1/images", content=make_bitstream(), headers={**_bearer(token), **OCTET}).json()["id"]
+        error = _wait_for(client, image_id, token, "error")["error"]
+    assert str(settings.data_dir) not in error and "blobs/" not in error
+
+
+@pytest.mark.xfail(strict=True, reason="api.py optional_principal: wrong bearer tokens are not limited at all, "
+                                       "so the sign-in limit on /login is bypassed through any /v1 route")
+def test_wrong_bearer_tokens_are_limited_like_sign_ins(tmp_path: Path) -> None:
+    with _client(_settings(tmp_path / "data", worker=False, login_attempts_per_minute=3)) as client:
+        codes = [client.get("/v1/images", headers=_bearer(f"guess-{i}")).status_code for i in range(20)]
+    assert 429 in codes
