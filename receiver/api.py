@@ -15,16 +15,23 @@ import os
 import re
 import secrets
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from aeic.receiver import schemas
 from aeic.receiver.auth import DEVICE_NAME, Authenticator, Principal, RateLimiter
 from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
-from aeic.receiver.data_dir import lock_data_dir, prepare_data_dir, unlock_data_dir
+from aeic.receiver.data_dir import (
+    lock_data_dir,
+    lock_sqlite_database,
+    owner_id,
+    prepare_data_dir,
+    unlock_data_dir,
+)
 from aeic.receiver.errors import ApiError, install_error_handlers
 from aeic.receiver.images import FORMATS, transcode
 from aeic.receiver.log_redaction import install_log_redaction
@@ -106,7 +113,8 @@ class ReceiverState:
     sessions: GallerySessions
     login_limiter: RateLimiter  # failed gallery sign-ins per client address
     queue: JobQueue | None = None  # scale-out: decodes go to `aeic-receiver worker` processes
-    data_dir_lock: int | None = None  # held while the embedded worker runs (`data_dir.lock_data_dir`)
+    # Held while the embedded worker runs: the data directory's, and a SQLite database's (`data_dir`).
+    worker_locks: list[int] = field(default_factory=list)
 
 
 def receiver_state(request: Request) -> ReceiverState:
@@ -596,7 +604,7 @@ def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = Non
                 blobs: BlobStore | None = None) -> ReceiverState:
     """Open storage and wire the components (nothing runs until the app starts)."""
     prepare_data_dir(settings.data_dir)
-    store = SqlMetadataStore.from_url(settings.resolved_database_url())
+    store = SqlMetadataStore.from_url(settings.resolved_database_url(), owner=owner_id(settings.data_dir))
     blob_store = blobs if blobs is not None else open_blob_store(settings)
     queue = open_queue(settings)
     if registry is None:
@@ -608,7 +616,7 @@ def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = Non
     if settings.worker and queue is None:
         config = WorkerConfig(batch_size=settings.batch_size, max_attempts=settings.max_attempts,
                               retry_delay_s=settings.retry_delay_s, poll_interval_s=settings.poll_interval_s,
-                              thumbnail_px=settings.thumbnail_px)
+                              thumbnail_px=settings.thumbnail_px, lease_s=settings.reclaim_after_s)
         worker = DecodeWorker(store, blob_store, registry, config, metrics_)
     auth = Authenticator(store, admin)
     login_burst = max(1, math.ceil(settings.login_attempts_per_minute))
@@ -646,23 +654,42 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
 def _start(state: ReceiverState) -> None:
     install_log_redaction()  # here, after the server has set up its loggers
     if state.worker is not None:  # before requeueing: only the data directory's one worker may do that
-        state.data_dir_lock = lock_data_dir(state.settings.data_dir)
+        _lock_worker(state)
     version = state.store.migrate()
     if isinstance(state.blobs, FilesystemBlobStore):
         state.blobs.remove_stale_tmp()
     prepare_backends(state.blobs, state.queue)
     if state.worker is not None:
-        # Embedded mode: this process owns every claim, so anything still `decoding` was orphaned by a crash.
-        requeued = state.store.requeue_abandoned(state.settings.max_attempts)
-        if requeued:
-            log.warning("requeued %d image(s) left in decoding by a previous run", requeued)
+        _requeue_dead_claims(state)
         if isinstance(state.blobs, FilesystemBlobStore):
             orphans = remove_orphan_blobs(state.store, state.blobs)
             if orphans:
                 log.warning("removed %d blob file(s) of no image, left by a previous run", orphans)
         state.worker.start()
-    log.info("receiver ready: schema v%d, models %s", version,
-             ", ".join(sorted(m.hex() for m in state.registry.model_ids())) or "none")
+    log.info("receiver ready: schema v%d, models %s, claims owned as %s", version,
+             ", ".join(sorted(m.hex() for m in state.registry.model_ids())) or "none", state.store.owner)
+
+
+def _lock_worker(state: ReceiverState) -> None:
+    """Take the data directory's worker lock, then a SQLite database's; a start refused the second gives
+    the first back (no `_stop` follows a failed start)."""
+    data_dir_lock = lock_data_dir(state.settings.data_dir)
+    try:
+        sqlite_lock = lock_sqlite_database(state.settings.resolved_database_url())
+    except BaseException:
+        unlock_data_dir(data_dir_lock)
+        raise
+    state.worker_locks += [data_dir_lock] if sqlite_lock is None else [data_dir_lock, sqlite_lock]
+
+
+def _requeue_dead_claims(state: ReceiverState) -> None:
+    """Requeue what this data directory's previous life left `decoding` (the lock says it is dead) and the
+    claims whose lease ran out; never a live peer's (receivers on other folders may share the database)."""
+    lease = state.settings.reclaim_after_s
+    requeued = state.store.requeue_abandoned(state.settings.max_attempts, claimed_before=time.time() - lease,
+                                             owner=state.store.owner)
+    if requeued:
+        log.warning("requeued %d image(s) left in decoding by a previous run or a dead peer", requeued)
 
 
 def _stop(state: ReceiverState) -> None:
@@ -671,6 +698,5 @@ def _stop(state: ReceiverState) -> None:
     if state.queue is not None:
         state.queue.close()
     state.store.close()
-    if state.data_dir_lock is not None:
-        unlock_data_dir(state.data_dir_lock)
-        state.data_dir_lock = None
+    while state.worker_locks:
+        unlock_data_dir(state.worker_locks.pop())

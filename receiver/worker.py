@@ -4,6 +4,11 @@ reconstruction and its thumbnail, and records timings or the failure reason.
 Why claims and not a queue in memory: the database is the queue, so an upload accepted with 202 is
 decoded even if the process dies before the worker reaches it (pending jobs are simply claimed after the
 restart, and jobs a dead worker left in `decoding` are requeued).
+
+Why leases: receivers on other data directories may share the database. A claim stays ours while we renew
+it (`claimed_at`, every third of `lease_s`, also while one batch decodes for minutes on a CPU); one nobody
+renewed for `lease_s` belongs to a dead worker, and every worker sweeps those back to pending. A worker
+that lost its claim (paused past its lease, then taken over) writes no result over the new owner's.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +51,7 @@ class WorkerConfig:
     retry_delay_s: float = 2.0
     poll_interval_s: float = 1.0
     thumbnail_px: int = 320
+    lease_s: float = 60.0  # a claim not renewed for this long is a dead worker's (`reclaim_after_s`)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class DecodeWorker:
         # The claim being processed: if `stop()` gives up waiting for it, it is handed back rather than left
         # `decoding` (and its attempt charged) until the next start.
         self._current: Claim | None = None
+        self._next_sweep = 0.0  # time.monotonic() of the next sweep for claims whose lease ran out
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -137,13 +146,47 @@ class DecodeWorker:
     def run_once(self) -> int:
         """Claim and process one batch; returns how many images it handled (0: nothing was due)."""
         self._record_unrecorded()
+        self._requeue_expired()
         if not self.storage_ready():
             return 0
         claim = self.store.claim_batch(self.config.batch_size)
         if claim is None:
             return 0
-        self.process(claim)
+        with self._renewing(claim.token):
+            self.process(claim)
         return len(claim.records)
+
+    def _requeue_expired(self) -> None:
+        """Every third of a lease, requeue the claims nobody renewed for a lease: a peer receiver (or a
+        queue worker) sharing the database died holding them."""
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.config.lease_s / 3
+        requeued = self.store.requeue_abandoned(self.config.max_attempts,
+                                                claimed_before=time.time() - self.config.lease_s)
+        if requeued:
+            log.warning("requeued %d image(s) whose worker stopped renewing its claim", requeued)
+
+    @contextmanager
+    def _renewing(self, token: str) -> Iterator[None]:
+        """Renew the claim's lease every third of `lease_s` until the block ends: a batch may decode for
+        minutes, and a claim left to expire meanwhile would be decoded again by a peer."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.config.lease_s / 3):
+                try:
+                    self.store.refresh_claim(token)
+                except Exception:  # the next beat may get through before the lease runs out
+                    log.exception("could not renew the lease of the batch in progress")
+
+        thread = threading.Thread(target=renew, name="aeic-claim-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def process(self, claim: Claim) -> None:
         """Decode and record a claim made by anyone (the Redis Streams worker claims by image id)."""
@@ -265,6 +308,12 @@ class DecodeWorker:
     def _store_result(self, claim: Claim, item: _Decoded) -> None:
         timings = item.timings
         image_id = item.record.id
+        # Renewed now, the claim is ours for a whole lease, which the writes below take a fraction of. A claim
+        # already lost (our lease ran out while this process was stalled) has a new owner, or will: its
+        # results must not be overwritten with ours (another device may decode to other pixels).
+        if not self.store.refresh_claim(claim.token, image_id):
+            log.warning("lost the claim of %s before storing its result; the result is dropped", image_id)
+            return
         try:
             self.blobs.put(reconstruction_key(image_id), encode_png(item.rgb))
             self.blobs.put(thumbnail_key(image_id), make_thumbnail(item.rgb, self.config.thumbnail_px))
@@ -272,8 +321,8 @@ class DecodeWorker:
             self._fail(claim, item.record, f"could not store the reconstruction: {exc}", storage=True)
             return
         if not self.store.complete(image_id, claim.token, timings):
-            # The claim was lost. If the image was deleted meanwhile, do not leave orphan files behind; if it
-            # was requeued, another attempt owns it now and writes the same files, so leave them alone.
+            # The claim was lost since the renewal: the image was deleted meanwhile (a lease does not stop
+            # that), whose files would be orphans. Any other loss leaves them to the next attempt to replace.
             if self.store.get_image(image_id) is None:
                 self.blobs.delete(reconstruction_key(image_id))
                 self.blobs.delete(thumbnail_key(image_id))

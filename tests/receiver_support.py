@@ -1,5 +1,6 @@
 """Shared fixtures and helpers for the receiver tests: a real PostgreSQL server, stores on both
-engines, and a decoder double that satisfies the ReceiverCodec contract."""
+engines, decoder doubles that satisfy the ReceiverCodec contract, and a receiver process of its own
+with such a double (`python receiver_support.py ...`, see `serve_with_double`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import atexit
 import os
 import secrets
 import shutil
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
@@ -101,6 +104,41 @@ class FakeCodec:
             image[:, : header.width // 2, 0] = 255
             out.append(image)
         return out
+
+
+class BlockingCodec(FakeCodec):
+    """Holds every batch until `release` is set (at most `hold_s`): a receiver in the middle of a long
+    decode. `invert` gives other pixels than FakeCodec's, as a decode on another device may."""
+
+    def __init__(self, hold_s: float = 30.0, invert: bool = False) -> None:
+        super().__init__()
+        self.hold_s, self.invert = hold_s, invert
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def decode_batch(self, items: list[bytes]) -> list[np.ndarray]:
+        self.entered.set()
+        if not self.release.wait(self.hold_s):
+            raise TimeoutError("the test never released the batch")
+        images = super().decode_batch(items)
+        return [255 - image for image in images] if self.invert else images
+
+
+def serve_with_double(data: str, database_url: str, blobs: str, port: str, lease_s: str, codec: str) -> None:
+    """Run the receiver (`create_app` under uvicorn, as `aeic-receiver serve` does) in this process, with
+    FakeCodec (`codec` "fake") or one whose decode never returns ("stuck": a process to kill -9 in the
+    middle of a batch); blobs in a folder its peers share, standing for an object store."""
+    import uvicorn
+    from aeic.receiver.api import create_app
+    from aeic.receiver.registry import CodecRegistry
+    from aeic.receiver.settings import ReceiverSettings
+    from aeic.receiver.storage import FilesystemBlobStore
+
+    settings = ReceiverSettings(data_dir=Path(data), database_url=database_url, reclaim_after_s=float(lease_s),
+                                poll_interval_s=0.05, retry_delay_s=0.0, admin_token="double-admin-token-0123456789")
+    double = BlockingCodec(hold_s=3600.0) if codec == "stuck" else FakeCodec()
+    app = create_app(settings, registry=CodecRegistry.from_codecs([double]),
+                     blobs=FilesystemBlobStore(Path(blobs)))
+    uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")
 
 
 @pytest.fixture(scope="session")
@@ -220,3 +258,7 @@ def natural_photo(width: int, height: int, seed: int) -> np.ndarray:
     image = base.clip(0, 255).astype(np.uint8)
     image[height // 4: height // 2, width // 4: width // 2] = rng.integers(0, 255, size=3, dtype=np.uint8)
     return image
+
+
+if __name__ == "__main__":
+    serve_with_double(*sys.argv[1:])

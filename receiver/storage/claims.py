@@ -4,12 +4,12 @@ The embedded worker claims the oldest pending jobs (`SqlMetadataStore.claim_batc
 told *which* images to decode. Both use the same conditional UPDATE on `status` with a random claim token,
 so the database, not the queue, decides who decodes: an image already `done` can never be claimed again,
 which makes redelivered messages harmless. A claim whose holder stopped refreshing it (`claimed_at` older
-than `stale_before`) may be taken over, and one that has used its last attempt is failed instead.
+than `stale_before`: its lease ran out) may be taken over, and one that has used its last attempt is failed
+instead; the embedded worker requeues such claims with `SqlMetadataStore.requeue_abandoned`.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Sequence
 
@@ -33,7 +33,7 @@ def claim_ids(store: SqlMetadataStore, ids: Sequence[str], stale_before: float, 
     if not ids:
         return None
     now = round(time.time(), 6) if now is None else now
-    token = secrets.token_hex(16)
+    token = store.new_claim_token()  # a takeover makes the claim this store's
     due = sa.and_(_IMG.c.status == Status.PENDING.value,
                   sa.or_(_IMG.c.retry_at.is_(None), _IMG.c.retry_at <= now))
     claimable = sa.or_(due, sa.and_(_stale(stale_before), _IMG.c.attempts < max_attempts))
@@ -77,11 +77,7 @@ def fail_exhausted_stale(store: SqlMetadataStore, ids: Sequence[str], stale_befo
 
 def refresh_claim(store: SqlMetadataStore, token: str) -> int:
     """Heartbeat: the holder of `token` is alive, so its claims are not stale; returns rows touched."""
-    with store.engine.begin() as conn:
-        result = conn.execute(_IMG.update().where(_IMG.c.claim_token == token,
-                                                  _IMG.c.status == Status.DECODING.value)
-                              .values(claimed_at=round(time.time(), 6)))
-    return int(result.rowcount)
+    return store.refresh_claim(token)
 
 
 def orphaned_ids(store: SqlMetadataStore, older_than: float, stale_before: float, limit: int) -> list[str]:

@@ -3,12 +3,18 @@
 `MetadataStore` is the interface the API and the worker use; `SqlMetadataStore` implements it with
 SQLAlchemy Core so the same statements run on both engines. Claiming is one conditional UPDATE keyed
 by a random claim token, so two workers can never decode the same image at once.
+
+Claims are owned and leased, so receivers sharing one database never requeue each other's live work: a
+claim token starts with its store's owner id (a receiver's data directory, `data_dir.owner_id`), and
+`claimed_at` is the lease, renewed by the holder while it decodes (`refresh_claim`). A claim is abandoned
+when its lease ran out, or, at a receiver's start, when its own previous life made it.
 """
 
 from __future__ import annotations
 
 import base64
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -35,6 +41,8 @@ __all__ = [
 
 _IMG = schema.images
 _HALF_US = 0.5e-6
+# A claim token is 32 hex digits: the owner's 16, then 16 random ones (all 32 random without an owner).
+_OWNER_ID = re.compile(r"^[0-9a-f]{16}$")
 _RECORD_COLUMNS = [c for c in _IMG.c if c.name not in ("claim_token", "claimed_at", "retry_at")]
 
 
@@ -85,7 +93,10 @@ class MetadataStore(Protocol):
 
     def fail_attempt(self, image_id: str, token: str, reason: str, max_attempts: int, retry_at: float) -> bool: ...
 
-    def requeue_abandoned(self, max_attempts: int, claimed_before: float | None = None) -> int: ...
+    def requeue_abandoned(self, max_attempts: int, claimed_before: float | None = None,
+                          owner: str | None = None) -> int: ...
+
+    def refresh_claim(self, token: str, image_id: str | None = None) -> int: ...
 
     def release_claim(self, token: str, reason: str) -> int: ...
 
@@ -170,6 +181,14 @@ def _now() -> float:
     return round(time.time(), 6)
 
 
+def _dead(claimed_before: float | None, owner: str | None) -> sa.ColumnElement[bool]:
+    """Which claims `requeue_abandoned` takes for dead: see there."""
+    if claimed_before is None:
+        return sa.true()
+    expired = _IMG.c.claimed_at < claimed_before
+    return expired if owner is None else sa.or_(expired, _IMG.c.claim_token.startswith(owner, autoescape=True))
+
+
 def _record(row: sa.Row[Any]) -> ImageRecord:
     values = dict(row._mapping)
     values["status"] = Status(values["status"])
@@ -177,15 +196,24 @@ def _record(row: sa.Row[Any]) -> ImageRecord:
 
 
 class SqlMetadataStore:
-    """`MetadataStore` over SQLAlchemy Core; call `migrate()` once before use."""
+    """`MetadataStore` over SQLAlchemy Core; call `migrate()` once before use. `owner` (16 hex digits)
+    prefixes the tokens of the claims this store makes; None for a process that can tell none of its
+    claims apart after a restart (a queue worker: its stale claims are taken over by lease alone)."""
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, owner: str | None = None) -> None:
+        if owner is not None and not _OWNER_ID.match(owner):
+            raise ValueError(f"owner id must be 16 lowercase hex digits, not {owner!r}")
         self.engine = engine
+        self.owner = owner
 
     @classmethod
-    def from_url(cls, url: str) -> SqlMetadataStore:
+    def from_url(cls, url: str, owner: str | None = None) -> SqlMetadataStore:
         """Open (not yet migrate) the database at `url`."""
-        return cls(create_engine(url))
+        return cls(create_engine(url), owner)
+
+    def new_claim_token(self) -> str:
+        """A fresh claim token; it starts with this store's owner id, so a restart knows its own claims."""
+        return secrets.token_hex(16) if self.owner is None else self.owner + secrets.token_hex(8)
 
     def migrate(self) -> int:
         """Apply pending schema migrations; returns the schema version."""
@@ -312,7 +340,7 @@ class SqlMetadataStore:
             _IMG.c.status == Status.PENDING.value,
             sa.or_(_IMG.c.retry_at.is_(None), _IMG.c.retry_at <= now),
         )
-        token = secrets.token_hex(16)
+        token = self.new_claim_token()
         with self.engine.begin() as conn:
             head = conn.execute(
                 sa.select(_IMG.c.seq, _IMG.c.model_id, _IMG.c.width, _IMG.c.height, _IMG.c.attempts)
@@ -381,13 +409,16 @@ class SqlMetadataStore:
             )
         return result.rowcount == 1
 
-    def requeue_abandoned(self, max_attempts: int, claimed_before: float | None = None) -> int:
+    def requeue_abandoned(self, max_attempts: int, claimed_before: float | None = None,
+                          owner: str | None = None) -> int:
         """Jobs left in `decoding` by a dead worker go back to pending, or to failed once their attempts
-        are used up (an image that crashes the worker must not crash it forever). Returns how many."""
+        are used up (an image that crashes the worker must not crash it forever). Returns how many.
+
+        Without `claimed_before` every claim counts as dead; with it, those whose lease was last renewed
+        before it, and those of `owner` (a start passes its own id: its data directory's lock says the
+        previous life that made them is gone), but never a live peer's."""
         now = _now()
-        stuck = _IMG.c.status == Status.DECODING.value
-        if claimed_before is not None:
-            stuck = sa.and_(stuck, _IMG.c.claimed_at < claimed_before)
+        stuck = sa.and_(_IMG.c.status == Status.DECODING.value, _dead(claimed_before, owner))
         exhausted = _IMG.c.attempts >= max_attempts
         with self.engine.begin() as conn:
             failed = conn.execute(
@@ -403,6 +434,16 @@ class SqlMetadataStore:
                 )
             ).rowcount
         return int(failed) + int(requeued)
+
+    def refresh_claim(self, token: str, image_id: str | None = None) -> int:
+        """Renew the lease of a live claim (all its images, or `image_id` alone), so no peer takes it over;
+        returns the rows renewed: 0 means the claim was lost (taken over, deleted, or already reported)."""
+        held = sa.and_(_IMG.c.claim_token == token, _IMG.c.status == Status.DECODING.value)
+        if image_id is not None:
+            held = sa.and_(held, _IMG.c.id == image_id)
+        with self.engine.begin() as conn:
+            result = conn.execute(_IMG.update().where(held).values(claimed_at=_now()))
+        return int(result.rowcount)
 
     def release_claim(self, token: str, reason: str) -> int:
         """Hand the unfinished jobs of a live claim back to pending, due now, without charging the attempt:
