@@ -132,16 +132,36 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def client_address(request: Request) -> str:
+    """The key failed sign-ins are counted under (the proxy's client address when it forwards one)."""
+    return request.client.host if request.client else "unknown"
+
+
 def optional_principal(request: Request) -> Principal | None:
     """The caller, or None when anonymous. A bearer token wins; otherwise the gallery's session cookie,
     which is honoured for reads only, so a cross-site form can never make it write."""
     state = receiver_state(request)
     token = _bearer(request)
     if token is not None:
-        return state.auth.authenticate(token)
+        return _bearer_principal(state, client_address(request), token)
     if request.method in ("GET", "HEAD"):
         return state.sessions.principal(request.cookies.get(AUTH_COOKIE))
     return None
+
+
+def _bearer_principal(state: ReceiverState, address: str, token: str) -> Principal | None:
+    """A wrong bearer token costs its address one of the gallery's sign-in attempts, and an address out of
+    them is refused before any check (429), so no /v1 route is a way round the sign-in limit. A valid
+    token costs nothing: a fleet behind one address is slowed only while wrong tokens come from it."""
+    wait = state.login_limiter.wait(address)
+    if wait > 0:
+        seconds = str(max(1, math.ceil(wait)))
+        raise ApiError(429, "too_many_failed_tokens", f"too many wrong tokens from this address; retry in {seconds} s",
+                       headers={"Retry-After": seconds})
+    who = state.auth.authenticate(token)
+    if who is None:
+        state.login_limiter.charge(address)
+    return who
 
 
 def principal(request: Request) -> Principal:

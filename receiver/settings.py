@@ -52,7 +52,7 @@ class ReceiverSettings(BaseSettings):
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="Proxies whose X-Forwarded-Proto/-For are trusted (comma list, '*' for any)."
     )
-    login_attempts_per_minute: float = Field(10.0, gt=0, description="Failed gallery sign-ins per client per minute.")
+    login_attempts_per_minute: float = Field(10.0, gt=0, description="Failed gallery sign-ins and wrong API tokens per client address per minute.")
     model_packages: list[Path] = Field(
         default_factory=list, description="Model package directories; empty means the shipped default."
     )

@@ -14,6 +14,7 @@ that lost its claim (paused past its lease, then taken over) writes no result ov
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -239,14 +240,16 @@ class DecodeWorker:
             except BlobNotFoundError:
                 self._fail(claim, record, "the stored bitstream is missing")
             except OSError as exc:  # the blob store is unreachable (S3 down, I/O error): not the image's fault
-                self._fail(claim, record, f"could not read the stored bitstream: {exc}", storage=True)
+                log.warning("could not read the bitstream of %s: %s", record.id, exc)
+                self._fail(claim, record, f"could not read the stored bitstream: {_os_reason(exc)}", storage=True)
         if not loaded:
             return
         try:
             codec = self.registry.get(bytes.fromhex(loaded[0][0].model_id))
-        except Exception as exc:  # noqa: BLE001 - any loader failure is this batch's failure reason
+        except Exception as exc:  # any loader failure is this batch's failure reason (logged)
+            log.exception("could not load the decoder for model %s", loaded[0][0].model_id)
             for record, _ in loaded:
-                self._fail(claim, record, f"could not load the decoder for model {record.model_id}: {exc}")
+                self._fail(claim, record, f"could not load the decoder for model {record.model_id}: {_os_reason(exc)}")
             return
         decoded = self._decode(codec, claim, loaded)
         for item in decoded:
@@ -318,7 +321,8 @@ class DecodeWorker:
             self.blobs.put(reconstruction_key(image_id), encode_png(item.rgb))
             self.blobs.put(thumbnail_key(image_id), make_thumbnail(item.rgb, self.config.thumbnail_px))
         except OSError as exc:
-            self._fail(claim, item.record, f"could not store the reconstruction: {exc}", storage=True)
+            log.warning("could not store the reconstruction of %s: %s", image_id, exc)
+            self._fail(claim, item.record, f"could not store the reconstruction: {_os_reason(exc)}", storage=True)
             return
         if not self.store.complete(image_id, claim.token, timings):
             # The claim was lost since the renewal: the image was deleted meanwhile (a lease does not stop
@@ -366,6 +370,13 @@ def _is_permanent(exc: BaseException) -> bool:
     decoder = sys.modules.get("aeic.receiver.decoder")  # only loaded when the real codec is in use
     decode_error = getattr(decoder, "DecodeError", None)
     return isinstance(decode_error, type) and isinstance(exc, decode_error)
+
+
+def _os_reason(exc: BaseException) -> str:
+    """What an image's error may say of a storage or loader failure: its type and the system's reason, never
+    the message, which names files, buckets or endpoints (the devices read it; the log keeps the detail)."""
+    reason = f": {os.strerror(exc.errno)}" if isinstance(exc, OSError) and exc.errno else ""
+    return f"{type(exc).__name__}{reason}"
 
 
 def _reason(exc: BaseException) -> str:

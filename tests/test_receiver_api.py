@@ -543,7 +543,7 @@ def test_gallery_pages_through_older_images(tmp_path: Path) -> None:
         assert ids[-1] in client.get("/?cursor=garbage").text
 
 
-def test_lost_claims_leave_files_only_for_living_images(tmp_path: Path) -> None:
+def test_a_worker_that_lost_its_claims_writes_no_files(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, worker=False)
     tokens = make_tokens(settings, "cam1")
     app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
@@ -566,7 +566,7 @@ def test_lost_claims_leave_files_only_for_living_images(tmp_path: Path) -> None:
         worker.run_once()
         assert state.store.get_image(kept).status is Status.PENDING  # type: ignore[union-attr]
         blobs_dir = tmp_path / "blobs"
-        assert list(blobs_dir.rglob(f"{kept}.png"))
+        assert not list(blobs_dir.rglob(f"{kept}.png"))  # the new owner writes its result, not this worker
         assert not list(blobs_dir.rglob(f"{deleted}.*"))
 
 

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from aeic.receiver.api import AUTH_COOKIE, image_json, optional_principal, receiver_state, visible_image
+from aeic.receiver.api import (
+    AUTH_COOKIE,
+    client_address,
+    image_json,
+    optional_principal,
+    receiver_state,
+    visible_image,
+)
 from aeic.receiver.errors import ApiError
 from aeic.receiver.storage import ImageFilter, InvalidCursorError
 from fastapi import APIRouter, FastAPI, Request
@@ -72,15 +79,11 @@ def image_page(image_id: str, request: Request) -> Response:
     return _no_store(_templates.TemplateResponse(request, "image.html", {"image": image_json(record), "who": who}))
 
 
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 def _sign_in(request: Request, token: str) -> Response:
     """Open a session for a valid token; failures count against the client's sign-in budget. The attempt
     takes its token before the check, so guesses sent at once cannot all pass it; a success gives it back."""
     state = receiver_state(request)
-    wait = state.login_limiter.acquire(_client(request))
+    wait = state.login_limiter.acquire(client_address(request))
     if wait > 0:
         seconds = max(1, math.ceil(wait))
         page = _login_page(request, f"Too many failed sign-ins from this address; try again in {seconds} s.",
@@ -90,7 +93,7 @@ def _sign_in(request: Request, token: str) -> Response:
     session = state.sessions.open(token)
     if session is None:
         return _login_page(request, "That token is not valid.", status=401)
-    state.login_limiter.refund(_client(request))
+    state.login_limiter.refund(client_address(request))
     response = RedirectResponse("/", status_code=303)
     secure = state.settings.cookie_secure
     response.set_cookie(AUTH_COOKIE, session, httponly=True, samesite="lax", path="/",

@@ -171,7 +171,7 @@ def decode_cursor(cursor: str) -> CursorPosition:
             raise ValueError(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidCursorError(_bad_cursor(cursor)) from exc
-    if position.seq < 0:
+    if not 0 <= position.seq < 1 << 63:  # a database integer: a larger one would fail in the query, not here
         raise InvalidCursorError(_bad_cursor(cursor))
     return position
 
