@@ -63,6 +63,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from aeic import __version__
 
@@ -245,6 +247,8 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     except asyncio.TimeoutError:
         raise ApiError(408, "upload_timeout", f"the body did not arrive within {timeout_s:g} s",
                        headers={"Connection": "close"}) from None
+    except ClientDisconnect:  # a device that lost its network mid-upload: its spool retries; no traceback
+        raise ApiError(400, "incomplete_body", "the client went away before the body was complete") from None
 
 
 def _parse_header(state: ReceiverState, data: bytes) -> bs.Header:
@@ -663,6 +667,9 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
     app = FastAPI(title="AEIC receiver", version=__version__, lifespan=lifespan)
     app.state.receiver = state
     app.add_middleware(SecurityHeadersMiddleware)
+    hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
+    if hosts != ["*"]:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     install_error_handlers(app)
     app.include_router(_api_router())
     from aeic.receiver.gallery import install_gallery  # imports this module: keep the import here

@@ -52,7 +52,13 @@ class ReceiverSettings(BaseSettings):
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="Proxies whose X-Forwarded-Proto/-For are trusted (comma list, '*' for any)."
     )
-    login_attempts_per_minute: float = Field(10.0, gt=0, description="Failed gallery sign-ins and wrong API tokens per client address per minute.")
+    login_attempts_per_minute: float = Field(
+        10.0, gt=0, description="Failed gallery sign-ins and wrong API tokens per client address per minute."
+    )
+    allowed_hosts: str = Field(
+        "*", description="Host names requests may name (comma list, '*' for any): other Hosts get 400, which "
+        "stops DNS rebinding from reaching a receiver on a private address through a visitor's browser."
+    )
     model_packages: list[Path] = Field(
         default_factory=list, description="Model package directories; empty means the shipped default."
     )

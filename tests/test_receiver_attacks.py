@@ -223,3 +223,30 @@ def test_right_bearer_tokens_cost_no_attempts(tmp_path: Path) -> None:
         codes = [client.get("/v1/images", headers=_bearer(token)).status_code for _ in range(20)]
         wrong = [client.get("/v1/images", headers=_bearer(f"guess-{i}")).status_code for i in range(3)]
     assert codes == [200] * 20 and wrong == [401] * 3
+
+
+def test_a_client_gone_mid_body_is_a_plain_client_error_not_a_traceback() -> None:
+    import asyncio
+
+    from aeic.receiver import api
+    from aeic.receiver.errors import ApiError
+    from starlette.requests import Request
+
+    messages = iter([{"type": "http.request", "body": b"AEIC", "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/v1/images"}, receive)
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(api._read_body(request, limit=4096, timeout_s=5.0))
+    assert (raised.value.status, raised.value.code) == (400, "incomplete_body")
+
+
+def test_allowed_hosts_turn_away_a_rebound_host_name(tmp_path: Path) -> None:
+    with _client(_settings(tmp_path / "data", worker=False, allowed_hosts="localhost, api")) as client:
+        rebound = client.get("/v1/images", headers={**_bearer(ADMIN), "Host": "evil.example:8000"})
+        local = client.get("/v1/images", headers={**_bearer(ADMIN), "Host": "localhost:8000"})
+        peer = client.get("/healthz", headers={"Host": "api"})
+    assert rebound.status_code == 400 and "evil" not in rebound.text
+    assert local.status_code == 200 and peer.status_code == 200
