@@ -82,20 +82,41 @@ def _settings(args: argparse.Namespace, **extra: object) -> ReceiverSettings:
     return load_settings(args.config, data_dir=args.data, database_url=args.database_url, **extra)
 
 
+def _worker_locks_held(settings: ReceiverSettings) -> str | None:
+    """Why another receiver's worker already holds this data dir or SQLite database, else None: said in
+    one line before any model loads (the app takes both locks for good when it starts)."""
+    from aeic.receiver.data_dir import (
+        DatabaseInUseError,
+        DataDirInUseError,
+        lock_data_dir,
+        lock_sqlite_database,
+        unlock_data_dir,
+    )
+
+    try:
+        if settings.data_dir.is_dir():
+            unlock_data_dir(lock_data_dir(settings.data_dir))
+        database_lock = lock_sqlite_database(settings.resolved_database_url())
+    except (DataDirInUseError, DatabaseInUseError) as exc:
+        return str(exc)
+    except OSError:  # a database folder not made yet: the app makes it, and reports what it cannot
+        return None
+    if database_lock is not None:
+        unlock_data_dir(database_lock)
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from aeic.receiver.api import create_app
-    from aeic.receiver.data_dir import DataDirInUseError, lock_data_dir, unlock_data_dir
 
     settings = _settings(args, host=args.host, port=args.port, model_packages=args.model_packages,
                          device=args.device, batch_size=args.batch_size, worker=args.worker)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.worker and settings.queue is None and settings.data_dir.is_dir():
-        # One line and exit 2 before loading any model; the app takes the lock for good when it starts.
-        try:
-            unlock_data_dir(lock_data_dir(settings.data_dir))
-        except DataDirInUseError as exc:
-            print(f"aeic-receiver: {exc}", file=sys.stderr)
+    if settings.worker and settings.queue is None:
+        busy = _worker_locks_held(settings)
+        if busy is not None:
+            print(f"aeic-receiver: {busy}", file=sys.stderr)
             return 2
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,

@@ -286,3 +286,22 @@ def test_a_second_receiver_on_one_sqlite_file_refuses_to_start(tmp_path: Path) -
             assert api.get("/readyz").status_code == 200
     with TestClient(_app(tmp_path / "b", url, FakeCodec(), blobs)) as second:  # the lock went with the first
         assert second.get("/readyz").status_code == 200
+
+
+def test_serve_on_a_sqlite_database_another_worker_holds_is_one_line_and_exit_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from aeic.receiver import cli
+    from aeic.receiver.data_dir import lock_sqlite_database, unlock_data_dir
+
+    database = tmp_path / "first" / "receiver.db"
+    database.parent.mkdir()
+    url = f"sqlite:///{database}"
+    monkeypatch.setenv("AEIC_DATABASE_URL", url)
+    held = lock_sqlite_database(url)
+    assert held is not None
+    try:
+        assert cli.main(["serve", "--data", str(tmp_path / "second"), "--port", "9"]) == 2
+    finally:
+        unlock_data_dir(held)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"(pid {os.getpid()}) runs its decode worker on the SQLite database" in err
