@@ -17,6 +17,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from . import taesd
+from .device_cache import DeviceCopy
 
 NOISE_SEED = 20251212
 
@@ -35,9 +36,9 @@ def rate_timestep(rate_index: torch.Tensor, num_rates: int) -> torch.Tensor:
     return (num_rates - 1 - rate_index.float()) * (999.0 / max(num_rates - 1, 1))
 
 
-def fixed_noise(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(NOISE_SEED)
-    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+def noise_map(shape: tuple[int, ...]) -> torch.Tensor:
+    """The seeded noise, drawn on the host: the same numbers on every device, so a stream decodes alike anywhere."""
+    return torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(NOISE_SEED))
 
 
 class InternalPixelDecoder(nn.Sequential):
@@ -63,6 +64,7 @@ class NanoDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.latent_channels = config.latent_channels
+        self.noise = DeviceCopy(noise_map)  # kept on the device: no host copy per pass
         blocks = len(config.widths)
         self.unet = UNet2DModel(
             in_channels=config.latent_channels + config.noise_channels,
@@ -82,7 +84,7 @@ class NanoDecoder(nn.Module):
 
     def refine(self, unet_input: torch.Tensor, residual: torch.Tensor, rate_index: torch.Tensor) -> torch.Tensor:
         """The decoder latent: residual + one UNet pass."""
-        noise = fixed_noise((1, self.config.noise_channels, *unet_input.shape[2:]), unet_input.device, unet_input.dtype)
+        noise = self.noise.like((1, self.config.noise_channels, *unet_input.shape[2:]), unet_input)
         sample = torch.cat([unet_input, noise.expand(unet_input.shape[0], -1, -1, -1)], 1)
         timestep = rate_timestep(rate_index, self.config.num_rates).to(unet_input.device)
         return residual + self.unet(sample, timestep).sample

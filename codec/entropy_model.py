@@ -18,12 +18,18 @@ from aeic.shared import entropy_model as integer
 from aeic.shared.entropy_coding import discretized_gaussian_pmf, factorized_tables, gaussian_scale_table
 from torch import nn
 
+from .device_cache import DeviceCopy
 from .quantization import QConv2d, round_ste
 
 _LOG_SCALE_STEP = math.log(integer.SCALE_MAX / integer.SCALE_MIN) / (integer.NUM_SCALES - 1)
 _GRID = 1 << integer.FRACTION_BITS
 _LIMIT = integer.ACTIVATION_LIMIT / _GRID
 Z_SCALE_MIN = 0.05  # floor on the hyper-latent's scales
+
+
+def step_masks(shape: tuple[int, ...]) -> torch.Tensor:
+    """The context steps' masks for a latent of ``shape`` (C, H, W), made on the host."""
+    return torch.from_numpy(integer.step_masks(*shape))
 
 
 def gaussian_bits(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -77,6 +83,7 @@ class HyperpriorContextModel(nn.Module):
         self.hyper_synthesis = HyperSynthesis(z_channels, hyper_width, features)
         self.context = nn.ModuleList(ContextStep(features, channels, context_width) for _ in range(integer.NUM_STEPS))
         self.z_log_scale = nn.Parameter(torch.zeros(z_channels))
+        self.masks = DeviceCopy(step_masks)  # kept on the device: no host copy per pass
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ŷ in real units, bits of y per element, bits of z per element) for a training batch."""
@@ -85,7 +92,7 @@ class HyperpriorContextModel(nn.Module):
         # symbol the coder sends for free, a floor far above the 0.005-0.05 bpp targets.
         z_bits = gaussian_bits(round_ste(z), self.z_log_scale.exp()[None, :, None, None].clamp_min(Z_SCALE_MIN))
         features = self.hyper_synthesis(round_ste(z))
-        masks = torch.from_numpy(integer.step_masks(*y.shape[1:])).to(y.device, y.dtype)
+        masks = self.masks.like(y.shape[1:], y)
         decoded = torch.zeros_like(y)
         y_bits = torch.zeros_like(y)
         for step, mask in enumerate(masks):

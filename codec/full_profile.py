@@ -32,7 +32,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from .diffusion_decoder import fixed_noise, rate_timestep
+from .device_cache import DeviceCopy
+from .diffusion_decoder import noise_map, rate_timestep
 
 LORA_TARGETS = (
     "to_q",
@@ -156,6 +157,7 @@ class FullDecoder(nn.Module):
         self.latent_channels: int = vae.config.latent_channels
         self.num_rates = num_rates
         self.noise_channels = noise_channels
+        self.noise = DeviceCopy(noise_map)  # the nano decoder's noise, kept on the device
         replace_time_embedding(unet, num_rates)
         prune_cross_attention(unet)
         widen_conv_in(unet, noise_channels)
@@ -185,9 +187,7 @@ class FullDecoder(nn.Module):
     ) -> torch.Tensor:
         """The decoder latent: residual + one pass of the pruned UNet at the rate's embedding."""
         shape = (1, self.noise_channels, *unet_input.shape[2:])
-        noise = fixed_noise(shape, unet_input.device, unet_input.dtype).expand(
-            unet_input.shape[0], -1, -1, -1
-        )
+        noise = self.noise.like(shape, unet_input).expand(unet_input.shape[0], -1, -1, -1)
         sample = torch.cat([unet_input, noise], 1)
         rate = rate_index.to(unet_input.device).reshape(-1).expand(unet_input.shape[0])
         return residual + self.unet(sample, rate, encoder_hidden_states=None).sample

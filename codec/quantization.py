@@ -94,15 +94,17 @@ class QConv2d(nn.Conv2d):
         return out / oscale
 
     def to_integer(self) -> IntConv:
-        """The frozen integer layer this module computes."""
-        wbits = self.weight_bits().double()
-        weight = torch.floor(self.weight.detach().double() * torch.exp2(wbits)[:, None, None, None] + 0.5)
-        bias = torch.floor(self.bias.detach().double() * torch.exp2(wbits + self.in_bits) + 0.5)
-        shift = wbits + self.in_bits - self.out_bits.double()
+        """The frozen integer layer this module computes (numpy arrays, whatever device the module is on)."""
+        wbits, weight, bias, out_bits, lo, hi = (
+            t.detach().cpu().double() for t in (self.weight_bits(), self.weight, self.bias, self.out_bits, self.lo, self.hi)
+        )
+        weight = torch.floor(weight * torch.exp2(wbits)[:, None, None, None] + 0.5)
+        bias = torch.floor(bias * torch.exp2(wbits + self.in_bits) + 0.5)
+        shift = wbits + self.in_bits - out_bits
         return IntConv(
             weight=weight.numpy().astype(np.int8),
             bias=bias.numpy().astype(np.int64),
             shift=shift.numpy().astype(np.int64),
-            lo=self.lo.double().numpy().astype(np.int64),
-            hi=self.hi.double().numpy().astype(np.int64),
+            lo=lo.numpy().astype(np.int64),
+            hi=hi.numpy().astype(np.int64),
         )

@@ -128,7 +128,7 @@ class DecoderFinetuner(ScheduledRun):
             "ms_ssim": float(terms["ms_ssim"].detach()),
             "texture_loss": float(terms["texture"].detach()),
             "lowpass_psnr": float(-10 * torch.log10(terms["lowpass"].detach().clamp_min(1e-10))),
-            "texture": batch_texture_retention(reconstruction.detach(), original),
+            "texture": float(batch_texture_retention(reconstruction.detach(), original)),
         }
 
     def run(self) -> Path:

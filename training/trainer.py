@@ -39,12 +39,11 @@ from aeic.codec.export import checkpoint_preset, load_fitting, read_checkpoint
 from aeic.codec.model import AEICModel, ModelConfig
 from aeic.codec.package_import import model_from_package
 from aeic.codec.presets import preset
-from pytorch_msssim import ms_ssim
 
 from .config import TrainConfig
 from .data import NO_TEACHER, CropSampler, LatentTeacher, build_cache
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
-from .losses import batch_texture_retention, pixel_distortion
+from .losses import batch_texture_retention, msssim, pixel_distortion
 from .rate_calibration import calibrate_log_gains
 from .schedule import ScheduledRun, adam, resolve_device, seed_everything
 
@@ -143,6 +142,13 @@ class Trainer(ScheduledRun):
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
+        self._upload_multipliers()
+
+    def _upload_multipliers(self) -> None:
+        """The multipliers on the training device, copied when they move (the ``encoder`` stage's steering,
+        at the end of a step): copied in every step's loss, the copy would wait for the GPU before the
+        backward pass."""
+        self.multipliers = self.log_lambda.exp().to(self.device, torch.float32)
 
     def _adopt_rate_control(self, state: dict) -> None:
         """Carry over the measured bpp of the run this one starts from, so the gain steering picks up
@@ -219,8 +225,9 @@ class Trainer(ScheduledRun):
             self.d_optimizer.load_state_dict(state["d_optimizer"])
 
     # -- one step ------------------------------------------------------------------------------
-    def _distortion(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Per-sample distortion of the stage (latent MSE, or the pixel losses) and its monitors."""
+    def _distortion(self, out: dict, images: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample distortion of the stage (latent MSE, or the pixel losses) and its monitors, left on the
+        device until the step is done (reading one back waits for the GPU)."""
         latent_mse = (out["latent"] - latents).pow(2).flatten(1).mean(1) if self.uses_teacher_latent else None
         if not self.measures_pixels:  # then the teacher latent is the target
             assert latent_mse is not None
@@ -229,8 +236,8 @@ class Trainer(ScheduledRun):
         pixels = self.model.decoder.decode_pixels(out["latent"])
         terms = pixel_distortion(pixels, images, c.mse_weight, c.msssim_weight, c.texture_weight, c.lowpass_weight)
         total = terms["total"] + c.latent_weight * latent_mse if latent_mse is not None and c.latent_weight > 0 else terms["total"]
-        monitors = {"psnr": float(-10 * torch.log10(terms["mse"].detach().mean().clamp_min(1e-10))),
-                    "ms_ssim": float(terms["ms_ssim"].detach().mean()),
+        monitors = {"psnr": -10 * torch.log10(terms["mse"].detach().mean().clamp_min(1e-10)),
+                    "ms_ssim": terms["ms_ssim"].detach().mean(),
                     "texture": batch_texture_retention(pixels.detach(), images)}  # fmt: skip
         return total, monitors
 
@@ -254,9 +261,7 @@ class Trainer(ScheduledRun):
         if self.config.pixel_weight > 0 and self.uses_teacher_latent:
             sub = slice(0, max(1, images.shape[0] // 3))
             pixels = self.model.decoder.decode_pixels(out["latent"][sub])
-            extras["pixel"] = self.config.pixel_weight * (
-                1 - ms_ssim(pixels.clamp(0, 1), images[sub], data_range=1.0, size_average=True, win_size=7)
-            )
+            extras["pixel"] = self.config.pixel_weight * (1 - msssim(pixels, images[sub]).mean())
         return extras
 
     def train_step(self, images: torch.Tensor, latents: torch.Tensor) -> dict[str, float]:
@@ -279,7 +284,7 @@ class Trainer(ScheduledRun):
             d_loss = self._discriminator_step(fake.detach(), real, rates)
         self._steer_rates(rates, bpp.detach())
         logs = {"loss": float(total.detach()), "bpp": float(bpp.detach().mean()), "distortion": float(distortion.detach().mean()),
-                **monitors}  # fmt: skip
+                **{k: float(v) for k, v in monitors.items()}}  # fmt: skip
         if self.uses_teacher_latent:
             logs["latent_texture"] = float(latent_texture(out["latent"].detach(), latents))
         logs.update({k: float(v.detach()) for k, v in extras.items()})
@@ -294,8 +299,7 @@ class Trainer(ScheduledRun):
         adversarial term, differently at each rate; one weight keeps ``adversarial_weight`` meaningful."""
         if self.config.stage in RATE_FROZEN_STAGES:
             return distortion.mean()
-        lam = self.log_lambda.exp().to(self.device, torch.float32)[rates]
-        return (self.rate_weights[rates] * (bpp + lam * distortion)).mean()
+        return (self.rate_weights[rates] * (bpp + self.multipliers[rates] * distortion)).mean()
 
     def _forward(self, images: torch.Tensor, rates: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model pass of this stage; a stage with a frozen sender half runs it without gradients."""
@@ -336,6 +340,8 @@ class Trainer(ScheduledRun):
                     self.log_lambda[rate] += self.config.rate_adapt * error
                 else:
                     self.model.log_gains[rate] += self.config.rate_adapt * error
+        if self.config.stage == "encoder":
+            self._upload_multipliers()
 
     # -- the loop ------------------------------------------------------------------------------
     def _calibrate(self, sampler: CropSampler) -> Path:
