@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from aeic.receiver.queue import Job, JobQueue
@@ -33,7 +33,7 @@ from aeic.receiver.storage.claims import (
     refresh_claim,
     tried_ids,
 )
-from aeic.receiver.worker import DecodeWorker
+from aeic.receiver.worker import DecodeWorker, heartbeat
 
 __all__ = ["StreamWorker", "StreamWorkerConfig", "default_consumer_name", "run_worker"]
 
@@ -171,29 +171,12 @@ class StreamWorker:
             return False
         return True
 
-    @contextmanager
-    def _heartbeat(self, jobs: list[Job], token: str) -> Iterator[None]:
-        """Keep entries and claims fresh while a (possibly long) batch decodes."""
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(self.config.reclaim_after_s / 3):
-                # Separately: Redis being down must not let the database claim go stale (or the other way
-                # round), or a live worker's images would be taken over (and failed on their last attempt).
-                for beat_one in (lambda: self.queue.touch(self.config.consumer, jobs),
-                                 lambda: refresh_claim(self.store, token)):
-                    try:
-                        beat_one()
-                    except Exception:  # a missed beat only risks a duplicate, which the claim still prevents
-                        log.exception("heartbeat failed")
-
-        thread = threading.Thread(target=beat, name="aeic-worker-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
+    def _heartbeat(self, jobs: list[Job], token: str) -> AbstractContextManager[None]:
+        """Keep entries and claims fresh while a (possibly long) batch decodes. Separately: Redis being down
+        must not let the database claim go stale (or the other way round), or a live worker's images would
+        be taken over (and failed on their last attempt)."""
+        return heartbeat(self.config.reclaim_after_s / 3, [lambda: self.queue.touch(self.config.consumer, jobs),
+                                                            lambda: refresh_claim(self.store, token)])
 
     # -- safety net ------------------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +42,30 @@ __all__ = ["DecodeWorker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
 
+
+
+@contextmanager
+def heartbeat(interval_s: float, beats: list[Callable[[], object]]) -> Iterator[None]:
+    """Call each of `beats` every `interval_s` in a background thread until the block ends. Each beat is
+    tried separately and a failed one only logged: one store being down must not stop the others' leases,
+    and the next beat may still get through before a lease runs out."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(interval_s):
+            for beat_one in beats:
+                try:
+                    beat_one()
+                except Exception:
+                    log.exception("could not renew a lease of the batch in progress")
+
+    thread = threading.Thread(target=beat, name="aeic-claim-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -168,26 +192,10 @@ class DecodeWorker:
         if requeued:
             log.warning("requeued %d image(s) whose worker stopped renewing its claim", requeued)
 
-    @contextmanager
-    def _renewing(self, token: str) -> Iterator[None]:
+    def _renewing(self, token: str) -> AbstractContextManager[None]:
         """Renew the claim's lease every third of `lease_s` until the block ends: a batch may decode for
         minutes, and a claim left to expire meanwhile would be decoded again by a peer."""
-        done = threading.Event()
-
-        def renew() -> None:
-            while not done.wait(self.config.lease_s / 3):
-                try:
-                    self.store.refresh_claim(token)
-                except Exception:  # the next beat may get through before the lease runs out
-                    log.exception("could not renew the lease of the batch in progress")
-
-        thread = threading.Thread(target=renew, name="aeic-claim-lease", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
+        return heartbeat(self.config.lease_s / 3, [lambda: self.store.refresh_claim(token)])
 
     def process(self, claim: Claim) -> None:
         """Decode and record a claim made by anyone (the Redis Streams worker claims by image id)."""

@@ -19,6 +19,8 @@ from typing import NoReturn
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from aeic.receiver.auth import create_device_token
+from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import ImageRecord, NewImage, SqlMetadataStore
 from aeic.shared.bitstream import Bitstream, Header, pack, peek_header
 
@@ -262,3 +264,14 @@ def natural_photo(width: int, height: int, seed: int) -> np.ndarray:
 
 if __name__ == "__main__":
     serve_with_double(*sys.argv[1:])
+
+
+def make_tokens(settings: ReceiverSettings, *devices: str) -> dict[str, str]:
+    """Device tokens created in the settings' database (made and migrated if new), by device name."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqlMetadataStore.from_url(settings.resolved_database_url())
+    store.migrate()
+    try:
+        return {device: create_device_token(store, device) for device in devices}
+    finally:
+        store.close()

@@ -15,16 +15,15 @@ from typing import Any
 import pytest
 import receiver_support
 from aeic.receiver.api import create_app
-from aeic.receiver.auth import create_device_token
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import SqlMetadataStore, Status
+from aeic.receiver.storage import Status
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from PIL import Image
-from receiver_support import FakeCodec, make_bitstream
+from receiver_support import FakeCodec, make_bitstream, make_tokens
 
 # Fixtures shared with the other receiver tests.
 postgres_server = receiver_support.postgres_server
@@ -63,15 +62,6 @@ def make_settings(data: Path, **overrides: Any) -> ReceiverSettings:
                               "retry_delay_s": 0.0, "max_dimension": 2048, "max_upload_bytes": 4096}
     values.update(overrides)
     return ReceiverSettings(**values)
-
-
-def make_tokens(settings: ReceiverSettings, *devices: str) -> dict[str, str]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlMetadataStore.from_url(settings.resolved_database_url())
-    store.migrate()
-    tokens = {d: create_device_token(store, d) for d in devices}
-    store.close()
-    return tokens
 
 
 @pytest.fixture()

@@ -15,13 +15,12 @@ import httpx
 import numpy as np
 import pytest
 from aeic.receiver.api import create_app
-from aeic.receiver.auth import InvalidDeviceNameError, create_device_token
+from aeic.receiver.auth import InvalidDeviceNameError
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import SqlMetadataStore
 from aeic.shared.bitstream import peek_header
 from fastapi.testclient import TestClient
-from receiver_support import FakeCodec, ServerThread, make_bitstream
+from receiver_support import FakeCodec, ServerThread, make_bitstream, make_tokens
 
 ADMIN = "attacks-admin-token-0123456789"
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -43,13 +42,7 @@ def _settings(data: Path, **overrides: Any) -> ReceiverSettings:
 
 
 def _token(settings: ReceiverSettings, device: str) -> str:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlMetadataStore.from_url(settings.resolved_database_url())
-    store.migrate()
-    try:
-        return create_device_token(store, device)
-    finally:
-        store.close()
+    return make_tokens(settings, device)[device]
 
 
 def _client(settings: ReceiverSettings, codec: FakeCodec | None = None) -> TestClient:

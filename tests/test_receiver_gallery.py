@@ -9,9 +9,7 @@ from pathlib import Path
 import httpx
 import receiver_support
 from aeic.receiver.api import create_app
-from aeic.receiver.auth import create_device_token
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import SqlMetadataStore
 from receiver_support import ServerThread
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
@@ -27,13 +25,7 @@ tiny_package = receiver_support.tiny_package
 
 
 def _device_token(settings: ReceiverSettings, device: str) -> str:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlMetadataStore.from_url(settings.resolved_database_url())
-    store.migrate()
-    try:
-        return create_device_token(store, device)
-    finally:
-        store.close()
+    return receiver_support.make_tokens(settings, device)[device]
 
 
 def _upload_and_wait(base: str, token: str, data: bytes) -> str:
