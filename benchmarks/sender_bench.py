@@ -16,7 +16,11 @@ integer entropy model, rANS) and packed into the container. Variants:
 * ``combined``: int8 static analysis and one thread together;
 * ``downscale1`` / ``downscale2`` / ``downscale4``: a fixed coding downscale (``--downscale``): the
   frame is box-reduced by 1 (coded whole), 2 or 4 before the analysis and the receiver scales the
-  reconstruction back. ``default`` is ``auto``, which codes a 1080p frame at 2.
+  reconstruction back. ``default`` is ``auto``, which codes a 1080p frame at 2;
+* ``budget``: ours as shipped, each frame coded to a byte budget (``encode_to_budget``; the bytes of
+  ``--bpp`` at 1080p, 5,184 at 0.02) instead of at one level: the analysis at the budget's downscale
+  (1080p whole at 0.02), then every rate level the search codes. It records how many levels a frame
+  cost and the analysis alone, so the search's share is the rest; no RD comparison (same streams).
 
 Every speed-up's rate-distortion cost is measured: each variant of ours also encodes a few real
 photos (training set, not Kodak), the receiver decodes them, and bytes and PSNR are compared
@@ -29,7 +33,7 @@ random-weight package (when no trained one exists) bytes and PSNR are recorded b
 (its untrained entropy model codes hardly any latent symbol); the latent SNR still shows how far
 a variant moves the encoder's output. The JSON says which package was used.
 
-Usage: python -m benchmarks.sender_bench [--frames 2] [--variants a,b] [--package DIR] [--rd-images 2]
+Usage: python -m benchmarks.sender_bench [--frames 2] [--variants a,b] [--package DIR] [--rd-images 2] [--bpp 0.02]
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +62,7 @@ if TYPE_CHECKING:
     from .reference_sender import ReferenceCodec
 
 VARIANTS = ("reference", "default", "untiled", "arena", "int8_dynamic", "int8_static", "threads1", "threads2", "combined",
-            "downscale1", "downscale2", "downscale4")
+            "downscale1", "downscale2", "downscale4", "budget")
 DOWNSCALE_VARIANTS = {"downscale1": 1, "downscale2": 2, "downscale4": 4}
 # combined: int8 static analysis, one thread
 ANALYSIS_GRAPHS = ("analysis_stem", "analysis_trunk")
@@ -122,15 +127,49 @@ def _reference_codec(work: Path) -> ReferenceCodec:
     return ReferenceCodec(work / "reference.onnx")
 
 
-def run_child(work: Path, variant: str, frames: int, level: int) -> dict[str, Any]:
+def _budget_encoder(codec: SenderCodec, target_bytes: int) -> tuple[Callable[[np.ndarray], bytes], dict[str, Any]]:
+    """``encode_to_budget`` as a frame encoder, and what it did: the frames, the rate levels it coded, the level it chose."""
+    stats: dict[str, Any] = {"budget_bytes": target_bytes, "frames_coded": 0, "levels_coded": 0}
+    encode_analysed = codec.encode_analysed
+
+    def counted(analysed: Any, level: int) -> bytes:
+        stats["levels_coded"] += 1
+        return encode_analysed(analysed, level)
+
+    def encode(rgb: np.ndarray) -> bytes:
+        stream, stats["level"] = codec.encode_to_budget(rgb, target_bytes)
+        stats["frames_coded"] += 1
+        return stream
+
+    codec.encode_analysed = counted  # type: ignore[method-assign]  # this child process only
+    return encode, stats
+
+
+def _budget_fields(codec: SenderCodec, rgb: np.ndarray, stats: dict[str, Any]) -> dict[str, Any]:
+    """The budget variant's record: levels coded per frame, and the analysis alone at the budget's downscale."""
+    from aeic.sender import coding_scale
+
+    height, width = rgb.shape[:2]
+    factor = coding_scale.budget_downscales(height, width, stats["budget_bytes"])[0]
+    start = time.perf_counter()
+    codec.analyse(rgb, factor)
+    return {"budget_bytes": stats["budget_bytes"], "budget_level": stats["level"], "budget_downscale": factor,
+            "levels_coded_per_frame": stats["levels_coded"] / stats["frames_coded"],
+            "ms_analysis_only": 1e3 * (time.perf_counter() - start)}
+
+
+def run_child(work: Path, variant: str, frames: int, level: int, budget: int) -> dict[str, Any]:
     from aeic.sender.images import read_image
 
     start = time.perf_counter()
     # what it can do (encode's arguments, analyse) depends on the variant
     codec: Any = _reference_codec(work) if variant == "reference" else _our_codec(work, variant)
     load_s = time.perf_counter() - start
+    to_budget, budget_stats = _budget_encoder(codec, budget) if variant == "budget" else (None, {})
 
     def encode(rgb: np.ndarray, level: int) -> bytes:
+        if to_budget:
+            return to_budget(rgb)
         return codec.encode(rgb) if variant == "reference" else codec.encode(rgb, level)
 
     frame = work / "frame.jpg"
@@ -147,7 +186,9 @@ def run_child(work: Path, variant: str, frames: int, level: int) -> dict[str, An
         times.append(time.perf_counter() - t0)
     cpu_s = time.process_time() - cpu0
     peak_after_frames = _peak_rss_mb()
-    if variant != "reference":
+    if to_budget:
+        memory.update(_budget_fields(codec, read_image(frame), budget_stats))
+    elif variant != "reference":
         out = work / "streams" / variant
         out.mkdir(parents=True, exist_ok=True)
         for image in sorted((work / "rd").glob("*.png")):
@@ -241,9 +282,9 @@ def _child_env(variant: str) -> dict[str, str]:
     return env
 
 
-def spawn(work: Path, variant: str, frames: int, level: int, timeout: float) -> dict[str, Any]:
+def spawn(work: Path, variant: str, frames: int, level: int, budget: int, timeout: float) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.sender_bench", "--child", variant, "--work", str(work),
-               "--frames", str(frames), "--level", str(level)]
+               "--frames", str(frames), "--level", str(level), "--budget", str(budget)]
     try:
         done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=_child_env(variant))
     except subprocess.TimeoutExpired:
@@ -338,7 +379,8 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
     for variant, run in runs.items():
         if "fps" not in run:
             continue
-        speedup = run["fps"] / reference if reference else None
+        # budget codes several levels per frame, the reference one: no ratio, no 4x target
+        speedup = run["fps"] / reference if reference and variant != "budget" else None
         summary[variant] = {
             "fps": run["fps"], "peak_rss_mb": run["peak_rss_mb"], "speedup_vs_reference": speedup,
             "meets_4x": None if speedup is None or variant == "reference" else speedup >= TARGET_SPEEDUP,
@@ -353,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="sender path fps and peak RSS at 1080p, per variant")
     parser.add_argument("--frames", type=int, default=2, help="timed frames per variant (after one warm-up)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--bpp", type=float, default=0.02, help="nominal bpp of our codec's rate level")
+    parser.add_argument("--bpp", type=float, default=0.02, help="nominal bpp of our codec's rate level (and the budget variant's bpp)")
     parser.add_argument("--level", type=int, default=None, help=argparse.SUPPRESS)  # a child's resolved level
+    parser.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)  # a child's byte budget
     parser.add_argument("--package", type=Path, default=None, help="model package (default: the shipped one)")
     parser.add_argument("--rd-images", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0, help="per child process")
@@ -363,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args.work, args.child, args.frames, args.level)))
+        print(json.dumps(run_child(args.work, args.child, args.frames, args.level, args.budget)))
         return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -376,14 +419,16 @@ def main(argv: list[str] | None = None) -> int:
         setup = prepare(work, args.package, variants, args.rd_images)
         package = ModelPackage.load(work / "package")
         level = package.level_for_bpp(args.bpp)
-        runs = {v: spawn(work, v, args.frames, level, args.timeout) for v in variants}
+        budget = int(args.bpp * SIZE[0] * SIZE[1] / 8)
+        runs = {v: spawn(work, v, args.frames, level, budget, args.timeout) for v in variants}
         try:  # the timings stand on their own: an RD failure is recorded, not fatal
-            rd = rd_costs(work, [v for v in variants if "error" not in runs[v] and v not in DOWNSCALE_VARIANTS])
+            rd = rd_costs(work, [v for v in variants if "error" not in runs[v] and v not in (*DOWNSCALE_VARIANTS, "budget")])
             if set(DOWNSCALE_VARIANTS) & set(variants):
                 rd["downscale_at_equal_bytes"] = downscale_rd(work, variants, level)
         except Exception as exc:  # noqa: BLE001 - any decoder failure
             rd = {"error": f"{type(exc).__name__}: {exc}"}
-    result = {"size": f"{SIZE[0]}x{SIZE[1]}", "rate_level": level, "nominal_bpp": package.rates[level], "rd_size": f"{RD_SIZE[0]}x{RD_SIZE[1]}",
+    result = {"size": f"{SIZE[0]}x{SIZE[1]}", "rate_level": level, "nominal_bpp": package.rates[level], "budget_bytes": budget,
+              "rd_size": f"{RD_SIZE[0]}x{RD_SIZE[1]}",
               **setup, "targets": {"speedup_vs_reference": TARGET_SPEEDUP, "peak_rss_mb": TARGET_RSS_MB},
               "summary": summarise(runs), "runs": runs, "rd_cost": rd}
     print(write_result("sender", result, args.out))

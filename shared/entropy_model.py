@@ -20,6 +20,8 @@ Convolutions run on a :class:`ConvBackend`: numpy here (sender), torch on the re
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +38,7 @@ SCALE_MAX = 64.0
 LATENT_LIMIT = 1 << 20  # |y| beyond this is an encoder failure, reported, never clipped
 EXACT_LIMIT = 1 << 53  # float64 represents every integer below this exactly
 Z_LIMIT = 1 << 31  # the largest |z| a payload can carry (an escape holds a 32-bit zigzag code)
+BAND_BYTES = 4 << 20  # the float64 tap products NumpyBackend holds at once
 
 
 def scale_table() -> np.ndarray:
@@ -70,7 +73,10 @@ Layer = IntConv | PixelShuffle
 
 class Rounding(Protocol):
     def __call__(self, residual: np.ndarray, indices: np.ndarray, tables: CdfTables) -> np.ndarray:
-        """Integer symbols for ``residual`` (latent minus mean, in bins), coded with tables ``indices``."""
+        """Integer symbols for ``residual`` (latent minus mean, in bins), coded with tables ``indices``.
+
+        Element by element: the encoder hands it only the elements one step codes, flattened.
+        """
 
 
 def nearest_rounding(residual: np.ndarray, indices: np.ndarray, tables: CdfTables) -> np.ndarray:
@@ -84,32 +90,94 @@ class ConvBackend(Protocol):
 
 
 def requantize(acc: np.ndarray, layer: IntConv) -> np.ndarray:
-    """Power-of-two rescale with round-half-up, then clamp; exact in float64."""
-    scale = np.ldexp(1.0, -layer.shift.astype(np.int64))[:, None]
-    out = np.floor(acc * scale + 0.5)
-    return np.clip(out, layer.lo[:, None], layer.hi[:, None])
+    """Power-of-two rescale with round-half-up, then clamp, in place on ``acc`` (Cout, N); exact in float64."""
+    acc *= np.ldexp(1.0, -layer.shift.astype(np.int64))[:, None]
+    acc += 0.5
+    np.floor(acc, out=acc)
+    return np.clip(acc, layer.lo[:, None], layer.hi[:, None], out=acc)
 
 
 class NumpyBackend:
-    """The sender's backend: one float64 matrix product per kernel tap, summed.
+    """The sender's backend: per band of input rows, one float64 product gives every kernel tap at once.
 
-    Per tap rather than one im2col product: the same exact integers (every partial sum is an
-    integer below 2**53) with a working set of one shifted copy of the input instead of k*k.
-    Input channels that are entirely zero (the not yet decoded context, at the first step) are
-    left out of the products: they add exactly nothing.
+    The weight laid out as (tap, out, in) times the band's pixels (in, pixels) is each tap's
+    contribution at each input pixel; each tap's block is then added, shifted, into the output.
+    One product per band instead of one per tap, and no shifted copies of the (wider) input: the
+    same exact integers, since every partial sum is a sum of some of the products plus the bias,
+    at most ``accumulator_bound`` < 2**53 in any order. Bands bound the working set to about
+    ``band_bytes`` of products however large the image (a Pi's memory). Input channels that are
+    zero over a band are left out of its product (they add exactly nothing), and where that
+    differs enough between the pixels of a 2x2 grid (the context of a step is zero where the
+    steps that decode it have not run yet), each of the four pixels is its own product.
+
+    The weights, inputs and products of a band go in buffers kept between calls (one set per
+    thread): with the sender's allocator settings (:func:`aeic.sender.tiled_analysis.limit_heap_retention`)
+    every fresh array over 1 MiB is new pages, which cost more to fault in than the products
+    take. Keep an instance for a run of encodes (the rate levels of one image); the buffers go
+    with it.
     """
 
+    def __init__(self, band_bytes: int = BAND_BYTES) -> None:
+        self.band_bytes = band_bytes
+        self._local = threading.local()
+
     def conv(self, x: np.ndarray, layer: IntConv) -> np.ndarray:
-        _, h, w = x.shape
-        k = layer.kernel_size
-        used = np.flatnonzero(np.any(x != 0, axis=(1, 2)))
-        weight = layer.weight[:, used].astype(np.float64)
-        padded = np.pad(np.asarray(x, dtype=np.float64)[used], ((0, 0), (k // 2, k // 2), (k // 2, k // 2)))
-        acc = np.repeat(layer.bias.astype(np.float64)[:, None], h * w, axis=1)
-        for dy in range(k):
-            for dx in range(k):
-                acc += weight[:, :, dy, dx] @ padded[:, dy : dy + h, dx : dx + w].reshape(len(used), h * w)
-        return requantize(acc, layer).reshape(-1, h, w)
+        x = np.asarray(x, dtype=np.float64)
+        channels, h, w = x.shape
+        k, outputs, r = layer.kernel_size, layer.weight.shape[0], layer.kernel_size // 2
+        taps = layer.weight.transpose(2, 3, 0, 1).reshape(k * k * outputs, channels)
+        stride = _grid_stride(x)
+        rows_per_band = stride * max(1, self.band_bytes // (8 * len(taps) * max(w, 1)))
+        acc = np.empty((outputs, h + 2 * r, w + 2 * r))
+        acc[:] = layer.bias[:, None, None]
+        for start in range(0, h, rows_per_band):
+            for row, col in np.ndindex(stride, stride):
+                rows = slice(start + row, min(start + rows_per_band, h), stride)
+                self._add_taps(acc, taps, x[:, rows, col::stride], rows, slice(col, w, stride), k)
+        out = np.ascontiguousarray(acc[:, r : r + h, r : r + w])
+        return requantize(out.reshape(outputs, h * w), layer).reshape(outputs, h, w)
+
+    def _add_taps(self, acc: np.ndarray, taps: np.ndarray, tile: np.ndarray, rows: slice, cols: slice, k: int) -> None:
+        """Add each tap's products over ``tile`` (the input at ``rows``, ``cols``) into the padded ``acc``."""
+        used = np.flatnonzero(np.any(tile != 0, axis=(1, 2)))
+        if used.size == 0:
+            return
+        weight = self._buffer("weight", (len(taps), used.size))
+        weight[...] = taps if used.size == taps.shape[1] else taps[:, used]
+        inputs = tile
+        if used.size < len(tile) or not tile.flags.c_contiguous:
+            inputs = np.take(tile, used, axis=0, out=self._buffer("inputs", (used.size, *tile.shape[1:])))
+        products = self._buffer("products", (len(taps), inputs[0].size))
+        np.matmul(weight, inputs.reshape(used.size, -1), out=products)
+        by_tap = products.reshape(k, k, -1, *tile.shape[1:])
+        edge = 2 * (k // 2)
+        for dy, dx in np.ndindex(k, k):
+            target_rows = slice(rows.start + edge - dy, rows.stop + edge - dy, rows.step)
+            target_cols = slice(cols.start + edge - dx, cols.stop + edge - dx, cols.step)
+            acc[:, target_rows, target_cols] += by_tap[dy, dx]
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float64 array of ``shape`` in the buffer ``name``, grown when too small.
+
+        Never under ``band_bytes``: a buffer that size is a mapping of its own, which goes back to the
+        system with the backend, where a small one would be left in the heap between larger blocks.
+        """
+        buffers, size = vars(self._local), math.prod(shape)
+        if name not in buffers or buffers[name].size < size:
+            buffers[name] = np.empty(max(size, self.band_bytes // 8))
+        return buffers[name][:size].reshape(shape)
+
+
+def _grid_stride(x: np.ndarray) -> int:
+    """2 (each pixel of the 2x2 grid its own products) where zero channels at least halve the work, else 1.
+
+    Four products over a quarter of the pixels each cost more per operation than one: worth it
+    for the context of the second step (half its channels are zero on each pixel of the grid).
+    """
+    grid = [x[:, row::2, col::2] for row, col in np.ndindex(2, 2)]
+    nonzero = np.stack([np.any(pixels != 0, axis=(1, 2)) for pixels in grid])
+    work = sum(int(used.sum()) * math.prod(pixels.shape[1:]) for used, pixels in zip(nonzero, grid, strict=True))
+    return 2 if 2 * work <= int(np.any(nonzero, axis=0).sum()) * math.prod(x.shape[1:]) else 1
 
 
 def pixel_shuffle(x: np.ndarray, factor: int) -> np.ndarray:
@@ -196,13 +264,18 @@ class EntropyModel:
         z_symbols = np.floor(np.asarray(z, dtype=np.float64) + 0.5).astype(np.int64)
         encoder.add(z_symbols, self._z_indices(z_symbols.shape), self.z_tables)
         features = run_network(self.hyper_synthesis, z_symbols.astype(np.float64), backend)
+        latent = np.asarray(y, dtype=np.float64)
         decoded = np.zeros(y.shape, dtype=np.float64)
+        inputs = np.concatenate([features, decoded])  # what _means_and_indices builds each step, kept up to date
         for step, mask in enumerate(step_masks(*y.shape)):
-            means, indices = self._means_and_indices(step, features, decoded, backend)
-            symbols = rounding(y.astype(np.float64) - means / (1 << FRACTION_BITS), indices, self.y_tables)
+            out = run_network(self.context[step], inputs, backend)
+            means = out[: self.latent_channels][mask]
+            indices = out[self.latent_channels :][mask].astype(np.int64)
+            symbols = rounding(latent[mask] - means / (1 << FRACTION_BITS), indices, self.y_tables)
             symbols[indices == self.y_tables.skip_index] = 0
-            encoder.add(symbols[mask], indices[mask], self.y_tables)
-            decoded[mask] = self._dequantize(symbols, means)[mask]
+            encoder.add(symbols, indices, self.y_tables)
+            decoded[mask] = self._dequantize(symbols, means)
+            inputs[len(features) :][mask] = np.clip(decoded[mask], -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
         return encoder.finish(), decoded
 
     def decode(self, payload: bytes, latent_shape: tuple[int, int, int], backend: ConvBackend | None = None) -> np.ndarray:

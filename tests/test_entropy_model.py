@@ -7,7 +7,19 @@ import pytest
 import torch
 from aeic.codec.entropy_model import TorchBackend
 from aeic.codec.testing import make_tiny_model
-from aeic.shared.entropy_model import FRACTION_BITS, NUM_STEPS, NumpyBackend, run_network, step_masks
+from aeic.sender.rate_distortion_rounding import RateDistortionRounding
+from aeic.shared.entropy_coding import SymbolEncoder
+from aeic.shared.entropy_model import (
+    ACTIVATION_LIMIT,
+    BAND_BYTES,
+    FRACTION_BITS,
+    NUM_STEPS,
+    IntConv,
+    NumpyBackend,
+    nearest_rounding,
+    run_network,
+    step_masks,
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +139,96 @@ def test_a_model_whose_sums_could_leave_the_exact_range_is_refused(tiny) -> None
             y_tables=integer.y_tables,
             latent_channels=integer.latent_channels,
         )
+
+
+def _definition_conv(x: np.ndarray, layer: IntConv) -> np.ndarray:
+    """The integer layer by its definition, in int64: bias plus each tap's product over the zero-padded
+    input, then round half up of ``acc / 2**shift`` and the clamp."""
+    channels, h, w = x.shape
+    k = layer.kernel_size
+    padded = np.pad(x.astype(np.int64), ((0, 0), (k // 2, k // 2), (k // 2, k // 2)))
+    acc = np.repeat(layer.bias.astype(np.int64)[:, None], h * w, axis=1)
+    for dy, dx in np.ndindex(k, k):
+        acc += layer.weight[:, :, dy, dx].astype(np.int64) @ padded[:, dy : dy + h, dx : dx + w].reshape(channels, -1)
+    shift = layer.shift.astype(np.int64)[:, None]
+    rounded = (acc + (1 << np.maximum(shift - 1, 0)) * (shift > 0)) >> np.maximum(shift, 0) << np.maximum(-shift, 0)
+    return np.clip(rounded, layer.lo[:, None], layer.hi[:, None]).reshape(-1, h, w)
+
+
+class _DefinitionBackend:
+    def conv(self, x: np.ndarray, layer: IntConv) -> np.ndarray:
+        return _definition_conv(x, layer).astype(np.float64)
+
+
+def _random_layer(rng: np.random.Generator, inputs: int, outputs: int, k: int) -> IntConv:
+    relu = rng.random() < 0.5
+    return IntConv(
+        weight=rng.integers(-127, 128, size=(outputs, inputs, k, k)).astype(np.int8),
+        bias=rng.integers(-(1 << 20), 1 << 20, size=outputs),
+        shift=rng.integers(-2, 13, size=outputs),
+        lo=np.full(outputs, 0 if relu else -ACTIVATION_LIMIT),
+        hi=np.full(outputs, ACTIVATION_LIMIT),
+    )
+
+
+def _sparse_input(rng: np.random.Generator, channels: int, h: int, w: int) -> np.ndarray:
+    """Integers with whole channels zero, or zero on some pixels of the 2x2 grid (a step's context)."""
+    x = rng.integers(-ACTIVATION_LIMIT, ACTIVATION_LIMIT + 1, size=(channels, h, w)).astype(np.float64)
+    pattern = rng.integers(4)
+    for channel in range(channels):
+        if pattern == 1 and rng.random() < 0.5:
+            x[channel] = 0
+        if pattern == 2:  # half the channels zero on each grid pixel: the second step's context
+            for row, col in np.ndindex(2, 2):
+                if (channel + 2 * row + col) % 4 < 2:
+                    x[channel, row::2, col::2] = 0
+    return x * (pattern != 3)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 5_000, BAND_BYTES])
+def test_numpy_backend_computes_the_integer_definition_exactly(band_bytes: int) -> None:
+    """Bands of any size (one row each, a few, the whole input), 2x2-grid zeros, odd sizes, 1x1 to 5x5 kernels."""
+    rng = np.random.default_rng(band_bytes)
+    backend = NumpyBackend(band_bytes)
+    for case in range(60):
+        k = (1, 3, 5)[case % 3]
+        layer = _random_layer(rng, int(rng.integers(1, 40)), int(rng.integers(1, 30)), k)
+        x = _sparse_input(rng, layer.weight.shape[1], int(rng.integers(1, 14)), int(rng.integers(1, 14)))
+        got = backend.conv(x, layer)
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, _definition_conv(x, layer), err_msg=f"case {case}")
+
+
+def _definition_encode(integer, y: np.ndarray, z: np.ndarray, rounding) -> tuple[bytes, np.ndarray]:
+    """``EntropyModel.encode`` as specified, step by step over whole arrays with the definition's layers."""
+    backend, encoder = _DefinitionBackend(), SymbolEncoder()
+    z_symbols = np.floor(z.astype(np.float64) + 0.5).astype(np.int64)
+    encoder.add(z_symbols, np.broadcast_to(np.arange(z.shape[0])[:, None, None], z.shape), integer.z_tables)
+    features = run_network(integer.hyper_synthesis, z_symbols.astype(np.float64), backend)
+    decoded = np.zeros(y.shape)
+    for step, mask in enumerate(step_masks(*y.shape)):
+        context = np.clip(decoded, -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+        out = run_network(integer.context[step], np.concatenate([features, context]), backend)
+        means, indices = out[: integer.latent_channels], out[integer.latent_channels :].astype(np.int64)
+        symbols = rounding(y.astype(np.float64) - means / (1 << FRACTION_BITS), indices, integer.y_tables)
+        symbols[indices == integer.y_tables.skip_index] = 0
+        encoder.add(symbols[mask], indices[mask], integer.y_tables)
+        decoded[mask] = (symbols * (1 << FRACTION_BITS) + means)[mask]
+    return encoder.finish(), decoded
+
+
+@pytest.mark.parametrize("rounding", [nearest_rounding, RateDistortionRounding(4.0)], ids=["nearest", "rd"])
+def test_encode_gives_the_bytes_of_its_definition(tiny, rounding) -> None:
+    """The encoder's shortcuts (only the coded elements rounded, the context kept up to date in place,
+    the backend's bands and skipped zeros) change no byte of the payload and nothing of ŷ."""
+    model, integer = tiny
+    rng = np.random.default_rng(11)
+    for case in range(12):
+        if case % 3 == 0:
+            y, z = _latents(model, case, (1, 1 + case % 2))
+        else:
+            y, z = _random_latents(rng, integer.latent_channels, integer.z_channels)
+        payload, decoded = integer.encode(y, z, NumpyBackend(band_bytes=(1, 50_000, BAND_BYTES)[case % 3]), rounding)
+        expected_payload, expected = _definition_encode(integer, y, z, rounding)
+        assert payload == expected_payload, f"case {case}"
+        np.testing.assert_array_equal(decoded, expected)
