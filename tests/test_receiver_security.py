@@ -9,12 +9,10 @@ from typing import Any
 
 import pytest
 from aeic.receiver.api import create_app
-from aeic.receiver.auth import create_device_token
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import SqlMetadataStore
 from fastapi.testclient import TestClient
-from receiver_support import FakeCodec, make_bitstream
+from receiver_support import FakeCodec, make_bitstream, make_tokens
 
 ADMIN = "security-admin-token-0123456789"
 
@@ -42,20 +40,10 @@ def _settings(data: Path, **overrides: Any) -> ReceiverSettings:
     return ReceiverSettings(**{**values, **overrides})
 
 
-def _tokens(settings: ReceiverSettings, *devices: str) -> dict[str, str]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlMetadataStore.from_url(settings.resolved_database_url())
-    store.migrate()
-    try:
-        return {device: create_device_token(store, device) for device in devices}
-    finally:
-        store.close()
-
-
 @pytest.fixture()
 def env(tmp_path: Path) -> Iterator[Env]:
     settings = _settings(tmp_path / "data")
-    tokens = _tokens(settings, "cam1", "cam2")
+    tokens = make_tokens(settings, "cam1", "cam2")
     with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))) as client:
         yield Env(client, settings.data_dir, tokens)
 
@@ -221,7 +209,7 @@ def test_a_trickled_upload_body_is_cut_off(tmp_path: Path) -> None:
     from receiver_support import ServerThread
 
     settings = _settings(tmp_path / "data", upload_timeout_s=0.5, worker=False)
-    token = _tokens(settings, "cam1")["cam1"]
+    token = make_tokens(settings, "cam1")["cam1"]
     app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
     with ServerThread(app) as server, socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
