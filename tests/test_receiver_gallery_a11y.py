@@ -14,6 +14,7 @@ from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import SqlMetadataStore
 from receiver_support import FakeCodec, ServerThread, make_bitstream
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -111,7 +112,9 @@ def test_sign_in_form_is_labelled_and_its_errors_are_announced(tmp_path: Path, b
         assert "login-error" in field.get_attribute("aria-describedby").split()
         assert field.get_attribute("aria-invalid") == "true"
         browser.switch_to.active_element.send_keys("wrong-again", Keys.ENTER)
-        WebDriverWait(browser, 10).until(lambda d: "Too many" in d.find_element(By.ID, "login-error").text)
+        # the submit reloads the page: an element found on the old one may go stale before its text is read
+        WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(
+            lambda d: "Too many" in d.find_element(By.ID, "login-error").text)
         error = browser.find_element(By.ID, "login-error")
         assert error.get_attribute("role") == "alert"
         assert error.text.startswith("Too many failed sign-ins") and error.text.endswith(" s.")
