@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -171,15 +171,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
-@pytest.fixture()
-def store(database_url: str) -> Iterator[SqlMetadataStore]:
-    """A migrated metadata store on each engine."""
-    meta = SqlMetadataStore.from_url(database_url)
+@contextmanager
+def migrated_store(url: str) -> Iterator[SqlMetadataStore]:
+    """The metadata store at `url`, migrated, closed on exit."""
+    meta = SqlMetadataStore.from_url(url)
     meta.migrate()
     try:
         yield meta
     finally:
         meta.close()
+
+
+@pytest.fixture()
+def store(database_url: str) -> Iterator[SqlMetadataStore]:
+    """A migrated metadata store on each engine."""
+    with migrated_store(database_url) as meta:
+        yield meta
 
 
 class ServerThread:
@@ -269,9 +276,5 @@ if __name__ == "__main__":
 def make_tokens(settings: ReceiverSettings, *devices: str) -> dict[str, str]:
     """Device tokens created in the settings' database (made and migrated if new), by device name."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlMetadataStore.from_url(settings.resolved_database_url())
-    store.migrate()
-    try:
-        return {device: create_device_token(store, device) for device in devices}
-    finally:
-        store.close()
+    with migrated_store(settings.resolved_database_url()) as meta:
+        return {device: create_device_token(meta, device) for device in devices}

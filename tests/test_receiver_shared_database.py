@@ -55,22 +55,14 @@ _IMG = schema.images
 @pytest.fixture()
 def meta(database_url: str) -> Iterator[SqlMetadataStore]:
     """The test's own view of the database (no owner: it claims nothing)."""
-    store = SqlMetadataStore.from_url(database_url)
-    store.migrate()
-    try:
+    with receiver_support.migrated_store(database_url) as store:
         yield store
-    finally:
-        store.close()
 
 
 @pytest.fixture()
 def pg_meta(postgres_url: str) -> Iterator[SqlMetadataStore]:
-    store = SqlMetadataStore.from_url(postgres_url)
-    store.migrate()
-    try:
+    with receiver_support.migrated_store(postgres_url) as store:
         yield store
-    finally:
-        store.close()
 
 
 def _app(data: Path, url: str, codec: FakeCodec, blobs: Path, lease_s: float = LEASE_S,
