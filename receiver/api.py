@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from aeic.receiver import schemas
+from aeic.receiver.api_docs import install_api_docs
 from aeic.receiver.auth import DEVICE_NAME, Authenticator, Principal, RateLimiter
 from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
 from aeic.receiver.data_dir import (
@@ -664,7 +665,9 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
         finally:
             await run_in_threadpool(_stop, state)
 
-    app = FastAPI(title="AEIC receiver", version=__version__, lifespan=lifespan)
+    # FastAPI's /docs and /redoc load their UI from a CDN: install_api_docs serves Swagger UI from here.
+    app = FastAPI(title="AEIC receiver", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  swagger_ui_oauth2_redirect_url=None)
     app.state.receiver = state
     app.add_middleware(SecurityHeadersMiddleware)
     hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
@@ -672,6 +675,7 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     install_error_handlers(app)
     app.include_router(_api_router())
+    install_api_docs(app)
     from aeic.receiver.gallery import install_gallery  # imports this module: keep the import here
 
     install_gallery(app)

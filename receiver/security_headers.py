@@ -2,25 +2,24 @@
 
 Why on every response and not only the gallery's HTML: an image or a JSON error opened directly in a
 browser must not be sniffed into HTML, framed by another site, or leak its URL through the Referer; the
-gallery additionally gets a Content-Security-Policy that allows only its own scripts, styles and images,
-so a markup injection could not run script even if escaping ever failed.
+gallery and the API documentation (/docs, served from this origin too: `api_docs`) get a Content-Security-
+Policy that allows only their own scripts, styles and images, so a markup injection could not run script
+even if escaping ever failed. No path is exempt.
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["GALLERY_CSP", "SecurityHeadersMiddleware"]
+__all__ = ["CONTENT_SECURITY_POLICY", "SecurityHeadersMiddleware"]
 
-GALLERY_CSP = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-               "form-action 'self'; frame-ancestors 'none'")
-# FastAPI's /docs and /redoc load their UI from a CDN with inline script: only forbid framing there.
-_DOCS_CSP = "frame-ancestors 'none'"
-_DOCS_PATHS = ("/docs", "/redoc")
-_COMMON = [
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                           "form-action 'self'; frame-ancestors 'none'")
+_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
 ]
 
 
@@ -34,14 +33,12 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope.get("path", "")
-        csp = _DOCS_CSP if path.startswith(_DOCS_PATHS) else GALLERY_CSP
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 present = {name.lower() for name, _ in headers}
-                for name, value in [*_COMMON, (b"content-security-policy", csp.encode())]:
+                for name, value in _HEADERS:
                     if name not in present:
                         headers.append((name, value))
                 message = {**message, "headers": headers}

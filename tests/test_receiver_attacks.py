@@ -169,7 +169,8 @@ def test_a_device_name_cannot_end_in_a_newline(tmp_path: Path) -> None:
     assert listing.status_code == 422
 
 
-@pytest.mark.parametrize("path", ["/static/..%2f..%2fapi.py", "/static/%2e%2e/%2e%2e/api.py", "/static//etc/passwd"])
+@pytest.mark.parametrize("path", ["/static/..%2f..%2fapi.py", "/static/%2e%2e/%2e%2e/api.py", "/static//etc/passwd",
+                                  "/docs/swagger-ui/..%2fmain.py", "/docs/swagger-ui/%2e%2e/__init__.py"])
 def test_static_files_stay_in_their_folder(client: TestClient, path: str) -> None:
     assert client.get(path).status_code == 404
 
