@@ -28,6 +28,10 @@ PRECISION = 16
 ESCAPE_BITS_LIMIT = 32  # escaped magnitudes are zigzag-coded into at most 32 bits
 _ESCAPE_LENGTH_MODEL = constriction.stream.model.Uniform(ESCAPE_BITS_LIMIT + 1)
 _CHUNK_BITS = 16
+# Every model's first symbol spans at least 2**(24 - PRECISION) = 256 states (a table's F[1] = floor(c_0 (2**24 - L)
+# / 2**16) + 1 with c_0 >= 1 and L <= 2**16; Uniform(n <= 2**16) gives floor(2**24 / n)): a state below it decodes
+# as that symbol and stays as it is.
+_STUCK_STATE_LIMIT = 1 << (24 - PRECISION)
 
 
 class EntropyDecodeError(ValueError):
@@ -263,7 +267,20 @@ class SymbolDecoder:
             raise  # already says what is corrupt
         except (ValueError, RuntimeError, OverflowError) as exc:
             raise EntropyDecodeError(f"corrupt payload: {exc}") from exc
+        self._refuse_stuck_state()
         return values.reshape(indices.shape)
+
+    def _refuse_stuck_state(self) -> None:
+        """Fail at this group, not after the whole image, when the payload can no longer end empty.
+
+        With no words left and a state ``0 < x < 256``, every later symbol decodes as its model's first
+        and leaves ``x`` unchanged, so :meth:`finish` must fail: a truncated or short corrupt payload is
+        refused before the context networks of the later steps run (seconds and GBs at the decode limits).
+        """
+        words, state = self._coder.pos()
+        if words == 0 and 0 < state < _STUCK_STATE_LIMIT:
+            raise EntropyDecodeError(f"corrupt payload: the data ran out with state {state} left over, "
+                                     "which no later symbol consumes")
 
     def _read_escape(self) -> int:
         nbits = int(self._coder.decode(_ESCAPE_LENGTH_MODEL, 1)[0])

@@ -154,6 +154,29 @@ def test_arbitrary_payload_bytes_decode_or_raise_the_typed_error_only() -> None:
     assert outcomes == {"decoded", "refused"}
 
 
+def test_a_payload_that_runs_out_stuck_is_refused_at_its_group() -> None:
+    """Found by fuzzing: a state of 1..255 with no words left can never reach 0 (every model's first symbol
+    spans at least 256 states), so the group that leaves it fails, not the finish after the whole image."""
+    values, indices = _sample(13, (16, 8, 8))
+    payload, _ = _round_trip(values, indices)
+    for data in (b"\x01", b"\xff", payload[-3:]):
+        decoder = SymbolDecoder(data)
+        with pytest.raises(EntropyDecodeError, match="the data ran out with state"):
+            decoder.read(indices, TABLES)
+        assert decoder._coder.pos()[0] == 0
+
+
+def test_a_state_below_256_never_moves() -> None:
+    """The bound the early refusal rests on, for the tightest models: 2**16 entries of count 1, Uniform(2**16)."""
+    widest = CdfTables(np.ones((1, 1 << PRECISION), np.int32), np.array([1 << PRECISION]), np.array([0]))
+    for model in (widest.model(0), Uniform(1 << 16), Uniform(33), TABLES.model(63)):
+        for state in (1, 255):
+            coder = constriction.stream.stack.AnsCoder(np.array([state], np.uint32))
+            assert coder.decode(model, 3).tolist() == [0, 0, 0] and coder.pos() == (0, state)
+    coder = constriction.stream.stack.AnsCoder(np.array([256], np.uint32))
+    assert coder.decode(widest.model(0), 1).tolist() == [1]  # 256 is the tight bound
+
+
 def _golden() -> dict:
     return json.loads(GOLDEN.read_text())
 

@@ -232,3 +232,25 @@ def test_encode_gives_the_bytes_of_its_definition(tiny, rounding) -> None:
         expected_payload, expected = _definition_encode(integer, y, z, rounding)
         assert payload == expected_payload, f"case {case}"
         np.testing.assert_array_equal(decoded, expected)
+
+
+class _NoNetworks:
+    """A backend that fails the test if a network runs."""
+
+    def conv(self, x: np.ndarray, layer: IntConv) -> np.ndarray:
+        raise AssertionError("a network ran")
+
+
+def test_a_short_corrupt_stream_at_the_decode_limit_fails_before_any_network() -> None:
+    """Found by fuzzing: an 18-byte stream claiming 4096x4096 with the payload 01 took 5 s and 1.5 GB of
+    context networks (one thread) before finish() refused it; the z group already leaves a stuck state."""
+    from aeic.shared import bitstream
+    from aeic.shared.entropy_coding import EntropyDecodeError
+    from aeic.shared.model_package import ModelPackage
+
+    package = ModelPackage.load()
+    header = bitstream.Header(model_id=package.model_id, width=4096, height=4096, rate_index=0)
+    stream = bitstream.unpack(bitstream.pack(bitstream.Bitstream(header, b"\x01")))
+    assert len(bitstream.pack(stream)) == 18
+    with pytest.raises(EntropyDecodeError, match="the data ran out with state 1"):
+        package.entropy_model.decode(stream.payload, (256, 128, 128), _NoNetworks())
