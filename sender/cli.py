@@ -5,7 +5,7 @@ Subcommands (``aeic-send IMAGE... --to URL`` without one means ``send``): ``enco
 in a folder; ``camera`` sends a frame every N seconds; ``flush`` drains the spool; ``spool``
 shows what is queued or rejected. Exit status: 0 all done; 1 some input failed (the others
 still went); 2 bad usage, settings or model, or the receiver refused the token or URL (items stay
-queued); 3 images are safely queued but not delivered yet.
+queued); 3 images are safely queued but not delivered yet; 130 interrupted (Ctrl-C) before the end.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from aeic.shared.durable import atomic_write
 from aeic import __version__
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_QUEUED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 COMMANDS = ("encode", "send", "watch", "camera", "flush", "spool")
 DEFAULT_RATE = 0
 # An output name's stem; with "-N.aeic" and atomic_write's ".tmp-" prefix and ".pid.random" suffix the
@@ -54,7 +55,7 @@ EPILOG = (
     "then the --config file (TOML or JSON; see deploy/sender/README.md). "
     + SPOOL_POLICY
     + " Exit status: 0 done; 1 some input failed; 2 bad usage/settings/model or token/URL refused"
-    " (items stay queued); 3 queued, not yet delivered."
+    " (items stay queued); 3 queued, not yet delivered; 130 interrupted."
 )
 
 
@@ -315,7 +316,7 @@ def _finish(
     report = (
         DrainReport(stopped=blocked) if blocked is not None else forwarder.flush(max_wait=config.retry_for)
     )
-    remaining = len(forwarder.spool)
+    remaining = forwarder.undelivered()
     # The reporter counts every answer of this command: also those of the passes made while
     # encoding (send) or by the background forwarder (camera), not only this last flush.
     reporter.event(
@@ -375,7 +376,7 @@ def cmd_spool(
     args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
 ) -> int:
     spool = _open_spool(config)
-    for state, items in (("pending", spool.items()), ("rejected", spool.rejected())):
+    for state, items in (("pending", spool.pending()), ("rejected", spool.rejected())):
         for item in items:
             why = item.extra.get("reason") if state == "rejected" else item.last_error
             reporter.event(
@@ -517,6 +518,11 @@ def main(argv: Sequence[str] | None = None, codec_factory: CodecFactory = load_s
         # Spool or output folder not writable, disk full, ...: say what and where, no traceback.
         reporter.info(f"aeic-send: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Ctrl-C in a one-shot command (watch and camera stop cleanly on it): every write is atomic,
+        # so what was queued is whole and stays; a traceback would only hide that.
+        reporter.info("aeic-send: interrupted; images already queued stay in the spool (`aeic-send flush` sends them)")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

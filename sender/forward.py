@@ -8,6 +8,10 @@ ones (watch, camera: a background thread woken by each new item).
 Exactly-once delivery comes from two facts: an item leaves the spool only after a 2xx, and a
 re-sent item carries the same Idempotency-Key, which the receiver answers with the id it
 already stored. Sleep and clock are injectable so retry tests run in milliseconds.
+
+An item the receiver acknowledged but the spool cannot forget (its storage went read-only, as
+an SD card does after errors) is remembered by key for the life of the process and not uploaded
+again: re-sending a whole backlog every pass would cost a metered link for nothing.
 """
 
 from __future__ import annotations
@@ -63,11 +67,18 @@ class Forwarder:
         self._clock = clock
         self._listener = listener or (lambda item, result: None)
         self._on_error = on_error or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.acknowledged: set[str] = set()  # keys delivered whose removal from the spool failed
 
-    def drain_pass(self) -> DrainReport:
-        """Try each pending item once, oldest first; stop at the first retry/blocked answer."""
+    def drain_pass(self, stop: threading.Event | None = None) -> DrainReport:
+        """Try each pending item once, oldest first; stop at the first retry/blocked answer, or
+        once ``stop`` is set (a stopping agent waits for one upload, not for a whole backlog)."""
         report = DrainReport()
-        for item in self.spool.items():
+        for item in self.spool.pending():
+            if stop is not None and stop.is_set():
+                break
+            if item.key in self.acknowledged:
+                self._forget(item)  # delivered before: only its removal is left to do
+                continue
             try:
                 result = self._deliver(item)
             except OSError as exc:
@@ -100,12 +111,28 @@ class Forwarder:
             return result
         result = self.uploader.upload(data, item.key)
         if result.outcome is Outcome.ACCEPTED:
-            self.spool.remove(item)
+            self._forget(item)
         elif result.outcome is Outcome.REJECTED:
             self.spool.reject(item, result.detail, result.status)
         else:
             self.spool.record_attempt(item, result.detail)
         return result
+
+    def _forget(self, item: SpoolItem) -> None:
+        """Remove a delivered item; when the spool cannot be written, remember it as delivered instead."""
+        try:
+            self.spool.remove(item)
+        except OSError as exc:
+            if item.key not in self.acknowledged:
+                self.acknowledged.add(item.key)
+                self._on_error(f"forwarder: {item.path} was delivered but cannot be removed from the spool "
+                               f"({type(exc).__name__}: {exc}); this process will not upload it again")  # fmt: skip
+            return
+        self.acknowledged.discard(item.key)
+
+    def undelivered(self) -> int:
+        """Pending items not yet acknowledged by the receiver."""
+        return len(self.spool.keys() - self.acknowledged)
 
     def flush(self, max_wait: float | None = None, stop: threading.Event | None = None) -> DrainReport:
         """Drain until the spool is empty, ``max_wait`` seconds pass, the receiver blocks us
@@ -113,7 +140,7 @@ class Forwarder:
         deadline = None if max_wait is None else self._clock() + max_wait
         total = DrainReport()
         while True:
-            report = self.drain_pass()
+            report = self.drain_pass(stop)
             total.add(report)
             if report.stopped is None or report.stopped.outcome is Outcome.BLOCKED:
                 return total
@@ -134,7 +161,7 @@ class Forwarder:
         while not stop.is_set():
             wake.clear()
             try:
-                report = self.drain_pass()
+                report = self.drain_pass(stop)
             except Exception as exc:  # noqa: BLE001 - e.g. a failing disk: report, back off, keep going
                 self._on_error(f"forwarder: {type(exc).__name__}: {exc}")
                 stop.wait(self.backoff.next_delay())

@@ -18,6 +18,10 @@ How answers map to what the spool does (see :class:`Outcome`):
   URL, so items stay queued (not rejected) and the drain stops with the reason.
 * any other 4xx (bad bitstream, unknown model, too large, ...): ``REJECTED``, the item moves
   to ``rejected/`` with the receiver's reason; it is never retried automatically.
+
+Whatever the answer holds (a body that does not decode as its Content-Encoding says, JSON nested
+too deep to parse, header bytes that are not ASCII), it is classified by its status: a proxy's
+or an attacker's odd page must not crash ``send`` or ``flush``.
 """
 
 from __future__ import annotations
@@ -66,7 +70,11 @@ class UploadConfigError(ValueError):
 
 def endpoint_url(base: str) -> str:
     """``https://host:port`` or ``.../v1/images`` -> the full upload URL."""
-    parts = urlsplit(base)
+    try:
+        parts = urlsplit(base)
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0..65535
+    except ValueError as exc:  # "http://[::1", "http://host:99999"
+        raise UploadConfigError(f"receiver URL {base!r} is not valid: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UploadConfigError(f"receiver URL must be http:// or https://host[:port], got {base!r}")
     path = parts.path.rstrip("/")
@@ -141,20 +149,25 @@ class Uploader:
         """The answer with at most :data:`MAX_ANSWER_BYTES` of its (decoded) body read."""
         with self._client.stream("POST", self.url, content=data, headers=headers) as response:
             body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) >= MAX_ANSWER_BYTES:
-                    break
-        kept = [(k, v) for k, v in response.headers.multi_items() if k not in _BODY_FRAMING]
+            try:
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) >= MAX_ANSWER_BYTES:
+                        break
+            except httpx.DecodingError:  # Content-Encoding: gzip on a body that is not: the status still counts
+                body.clear()
+        # Raw header bytes: values that are not ASCII (Latin-1 from some proxy) cannot be encoded again.
+        kept = [(k, v) for k, v in response.headers.raw if k.lower().decode("latin-1") not in _BODY_FRAMING]
         return httpx.Response(response.status_code, headers=kept, content=bytes(body[:MAX_ANSWER_BYTES]))
 
 
 def classify(response: httpx.Response) -> UploadResult:
     """Map an HTTP answer to an :class:`Outcome` (see the module docstring)."""
     status = response.status_code
-    reason = _reason(response)
+    body = _json(response)
+    reason = _reason(response, body)
     if 200 <= status < 300:
-        receipt = _receiver_id(response)
+        receipt = _receiver_id(body)
         if receipt is None:
             return UploadResult(Outcome.RETRY, status, f"HTTP {status} without the receiver's receipt (a captive "
                                 f"portal or proxy answering?): {reason}")  # fmt: skip
@@ -165,7 +178,7 @@ def classify(response: httpx.Response) -> UploadResult:
         hint = "check the device token" if status in (401, 403) else "check the receiver URL"
         return UploadResult(Outcome.BLOCKED, status, f"HTTP {status}: {reason} ({hint})")
     if 300 <= status < 400:
-        where = response.headers.get("Location", "?")
+        where = _one_line(response.headers.get("Location", "?"))
         return UploadResult(
             Outcome.BLOCKED, status, f"HTTP {status}: receiver moved to {where}; use that URL"
         )
@@ -174,12 +187,16 @@ def classify(response: httpx.Response) -> UploadResult:
     return UploadResult(Outcome.RETRY, status, f"unexpected HTTP {status}")
 
 
-def _reason(response: httpx.Response) -> str:
-    """The receiver's error message: JSON ``detail``/``error``/``message`` or the text."""
+def _json(response: httpx.Response) -> object:
+    """The answer's body as JSON, or None when it is not JSON (or nested too deep to parse)."""
     try:
-        body = response.json()
-    except ValueError:
-        body = None
+        return response.json()
+    except (ValueError, RecursionError):
+        return None
+
+
+def _reason(response: httpx.Response, body: object) -> str:
+    """The receiver's error message: JSON ``detail``/``error``/``message`` or the text."""
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and error.get("message"):  # the receiver's {"error": {code, message}}
@@ -192,11 +209,7 @@ def _reason(response: httpx.Response) -> str:
     return _one_line(text) or response.reason_phrase or "no reason given"
 
 
-def _receiver_id(response: httpx.Response) -> str | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
+def _receiver_id(body: object) -> str | None:
     if isinstance(body, dict) and body.get("id") is not None:
         return str(body["id"])
     return None

@@ -262,3 +262,21 @@ def test_refused_token_keeps_images_queued_and_exits_2(
     assert code == cli.EXIT_USAGE and "check the device token" in err and "remain queued" in err
     assert len(Spool(spool_dir)) == 2 and Spool(spool_dir).rejected() == []
     assert [r["status"] for r in receiver.requests] == [401]  # asked once, not hammered
+
+
+def test_ctrl_c_mid_upload_is_one_line_and_exit_130_with_the_image_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path / "in")
+    spool_dir = tmp_path / "spool"
+    monkeypatch.setenv("AEIC_TOKEN", TOKEN)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Uploader, "upload", interrupted)
+    code = _run(["send", str(images[0]), "--to", "http://127.0.0.1:9", "--spool", str(spool_dir)], monkeypatch, tmp_path)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_INTERRUPTED == 130
+    assert "interrupted; images already queued stay in the spool" in err and "Traceback" not in err
+    assert len(Spool(spool_dir)) == 1

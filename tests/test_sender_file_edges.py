@@ -198,3 +198,37 @@ def test_a_truncated_spool_entry_is_quarantined_and_not_blamed_on_the_receiver(t
     assert (report.accepted, report.rejected, len(receiver.requests)) == (1, 1, 1)
     assert [item.source for item in spool.rejected()] == ["broken"]
     assert "rejected as damaged in the spool: broken" in err.getvalue()
+
+
+def test_a_read_only_spool_with_crash_leftovers_is_still_listed_and_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An SD card remounted read-only after errors, holding a crash's leftovers (a temporary file, a
+    lost sidecar, an orphan sidecar): `spool` and `flush` must still work, not exit on the first repair."""
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    first, second = spool.put(make_bitstream(1), source="a"), spool.put(make_bitstream(2), source="b")
+    second.path.with_suffix(".json").unlink()
+    (root / "pending" / ("0" * 64 + ".json")).write_text("{}")
+    (root / "pending" / f".tmp-{first.key}.aeic.999999999.abcd").write_bytes(b"half")
+    open_ = os.open
+
+    def read_only_open(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(30, "Read-only file system", str(path))
+        return open_(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    def read_only_unlink(path: object, *args: object, **kwargs: object) -> None:
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    monkeypatch.setattr(os, "unlink", read_only_unlink)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert cli.main(["spool", "--spool", str(root)]) == cli.EXIT_OK
+    assert "2 pending" in capsys.readouterr().err
+    with ReceiverDouble(TOKEN) as receiver:
+        argv = ["flush", "--to", receiver.url, "--token", TOKEN, "--spool", str(root), "--retry-for", "0"]
+        code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert sorted(receiver.stored) == sorted([first.key, second.key]) and len(receiver.requests) == 2
+    assert code == cli.EXIT_OK and err.count("cannot be removed from the spool") == 2

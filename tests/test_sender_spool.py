@@ -189,3 +189,37 @@ def test_kill_dash_nine_mid_stream_loses_no_acknowledged_item(tmp_path: Path) ->
     for item in spool.items():
         assert idempotency_key(spool.read(item)) == item.key
     assert not list((root / "pending").glob(f"{TMP_PREFIX}*"))
+
+
+def test_a_drain_of_a_large_backlog_holds_its_order_not_every_item(tmp_path: Path) -> None:
+    """A device offline for days queues tens of thousands of items (the default bound is 100,000).
+    A pass that stops at its first failed upload must not hold every item's metadata (about 1.4 KB
+    each, 140 MB at the bound): it holds the order, about 200 bytes an item."""
+    import tracemalloc
+
+    from aeic.sender.forward import Forwarder
+    from aeic.sender.uploader import Outcome, UploadResult
+
+    spool, count = Spool(tmp_path), 2000
+    for i in range(count):  # written directly: the test is about reading, not fsync
+        data = make_bitstream(i)
+        key = idempotency_key(data)
+        (spool.pending_dir / f"{key}.aeic").write_bytes(data)
+        sidecar = {"created": i, "source": f"/srv/camera/img{i:06d}.jpg", "attempts": 3,
+                   "last_error": "ConnectError: [Errno 111] Connection refused"}  # fmt: skip
+        (spool.pending_dir / f"{key}.json").write_text(json.dumps(sidecar))
+
+    class Down:
+        def upload(self, data: bytes, key: str) -> UploadResult:
+            return UploadResult(Outcome.RETRY, None, "ConnectError")
+
+    forwarder = Forwarder(spool, Down())  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        report = forwarder.drain_pass()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.failed_attempts == 1 and report.stopped is not None
+    assert peak < 400 * count, f"a pass held {peak / count:.0f} bytes per queued item"
+    assert [item.source for item in spool.items()[:2]] == ["/srv/camera/img000000.jpg", "/srv/camera/img000001.jpg"]

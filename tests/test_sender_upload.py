@@ -6,6 +6,7 @@ import random
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -240,15 +241,15 @@ def test_daemon_loop_survives_an_unexpected_error(tmp_path: Path) -> None:
     stop, wake = threading.Event(), threading.Event()
     errors: list[str] = []
     calls = {"n": 0}
-    real_items = spool.items
+    real_pending = spool.pending
 
-    def flaky_items() -> list:
+    def flaky_pending() -> Iterator[SpoolItem]:
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(5, "Input/output error")  # a failing SD card, once
-        return real_items()
+        return real_pending()
 
-    spool.items = flaky_items  # type: ignore[method-assign]
+    spool.pending = flaky_pending  # type: ignore[method-assign]
     with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
         forwarder = Forwarder(
             spool, uploader, backoff=Backoff(base=0.01, max_delay=0.02), on_error=errors.append
@@ -342,3 +343,73 @@ def test_a_huge_answer_is_not_read_whole() -> None:
         result = uploader.upload(data, idempotency_key(data))
     assert result.outcome is Outcome.RETRY and result.status == 200
     assert "without the receiver's receipt" in result.detail and len(result.detail) <= 400
+
+
+def _answer(head: str, body: bytes = b"", extra: bytes = b"") -> bytes:
+    return f"HTTP/1.1 {head}\r\nContent-Length: {len(body)}\r\n".encode() + extra + b"\r\n" + body
+
+
+@pytest.mark.parametrize(
+    ("raw", "outcome", "status"),
+    [
+        (_answer("400 Bad Request", b"0123456789", b"Content-Encoding: gzip\r\n"), Outcome.REJECTED, 400),
+        (_answer("202 Accepted", b"0123456789", b"Content-Encoding: gzip\r\n"), Outcome.RETRY, 202),
+        (_answer("503 Busy", b"[" * 60_000), Outcome.RETRY, 503),
+        (_answer("202 Accepted", b'{"id": ' + b"[" * 60_000), Outcome.RETRY, 202),
+        (_answer("503 Busy", b"", b"Retry-After: 5\r\nX-Note: caf\xe9\r\n"), Outcome.RETRY, 503),
+        (_answer("301 Moved", b"", b"Location: http://caf\xe9/\r\n"), Outcome.BLOCKED, 301),
+    ],
+    ids=["bad-gzip-400", "bad-gzip-202", "deep-json-503", "deep-json-202", "latin1-header", "latin1-location"],
+)
+def test_an_odd_answer_is_classified_by_its_status_not_raised(raw: bytes, outcome: Outcome, status: int) -> None:
+    """A proxy's or attacker's answer must not crash `send`/`flush` with a traceback."""
+    data = make_bitstream(9)
+    with _TricklingServer(raw) as server, Uploader(server.url, TOKEN, timeout=5.0) as uploader:
+        result = uploader.upload(data, idempotency_key(data))
+    assert (result.outcome, result.status) == (outcome, status)
+    assert "\n" not in result.detail and len(result.detail) <= 400
+    if status == 503 and b"Retry-After" in raw:
+        assert result.retry_after == 5.0
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://host:99999", "https://host:port/"])
+def test_a_malformed_receiver_url_is_a_config_error(url: str) -> None:
+    with pytest.raises(UploadConfigError, match="not valid"):
+        endpoint_url(url)
+
+
+def test_a_stopping_agent_finishes_the_upload_in_flight_not_the_backlog(tmp_path: Path) -> None:
+    """SIGTERM sets the daemon's stop: the forwarder ends its pass after the current item, so the
+    agent exits within one upload's time limit instead of after the whole queue (or systemd's kill)."""
+    spool, _ = _spool_with(tmp_path, 5)
+    stop, wake = threading.Event(), threading.Event()
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
+        forwarder = Forwarder(spool, uploader, listener=lambda item, result: stop.set())
+        thread = threading.Thread(target=forwarder.run, args=(stop, wake, 5.0))
+        thread.start()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert len(receiver.requests) == 1 and len(spool) == 4
+
+
+def test_items_delivered_to_a_read_only_spool_are_not_uploaded_again(tmp_path: Path) -> None:
+    """An SD card remounted read-only: the receiver has the items, the spool cannot forget them.
+    They are reported once and not re-sent every pass; once the disk is writable they go."""
+    spool, keys = _spool_with(tmp_path, 3)
+    real_remove = spool.remove
+
+    def read_only(item: SpoolItem) -> None:
+        raise OSError(30, "Read-only file system")
+
+    spool.remove = read_only  # type: ignore[method-assign]
+    errors: list[str] = []
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url, TOKEN) as uploader:
+        forwarder = Forwarder(spool, uploader, sleep=lambda s: None, on_error=errors.append)
+        report = forwarder.flush(max_wait=60)
+        forwarder.drain_pass()
+        assert report.accepted == 3 and len(receiver.requests) == 3 and len(spool) == 3
+        assert forwarder.undelivered() == 0
+        assert len(errors) == 3 and all("will not upload it again" in line for line in errors)
+        spool.remove = real_remove  # type: ignore[method-assign]
+        forwarder.drain_pass()
+    assert len(spool) == 0 and len(receiver.requests) == 3 and sorted(receiver.stored) == sorted(keys)
