@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from pathlib import Path
 
 # Temporary files start with this prefix; readers skip them and recovery deletes them.
 TMP_PREFIX = ".tmp-"
+# Before this, no temporary file can be this process's own: one with its pid is an earlier process's
+# (a container's agent is pid 1 on every start, so a crash's leftovers would otherwise stay forever).
+_PROCESS_STARTED = time.time()
 
 
 def fsync_path(path: Path) -> None:
@@ -59,21 +63,24 @@ def remove_stale_tmp(directory: Path) -> int:
     """
     removed = 0
     for entry in directory.glob(f"{TMP_PREFIX}*"):
-        if _writer_alive(entry.name):
+        if _writer_alive(entry):
             continue
         entry.unlink(missing_ok=True)
         removed += 1
     return removed
 
 
-def _writer_alive(name: str) -> bool:
-    parts = name.split(".")
+def _writer_alive(path: Path) -> bool:
+    parts = path.name.split(".")
     try:
         pid = int(parts[-2])
     except (IndexError, ValueError):
         return False  # not our naming scheme: nobody is writing it
-    if pid == os.getpid():
-        return True  # another thread of this process may be mid-write
+    if pid == os.getpid():  # another thread of this process may be mid-write, unless it predates us
+        try:
+            return path.stat().st_mtime >= _PROCESS_STARTED
+        except FileNotFoundError:
+            return True  # its writer just renamed it: alive
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -223,3 +223,19 @@ def test_a_drain_of_a_large_backlog_holds_its_order_not_every_item(tmp_path: Pat
     assert report.failed_attempts == 1 and report.stopped is not None
     assert peak < 400 * count, f"a pass held {peak / count:.0f} bytes per queued item"
     assert [item.source for item in spool.items()[:2]] == ["/srv/camera/img000000.jpg", "/srv/camera/img000001.jpg"]
+
+
+def test_a_crashed_writer_with_this_process_id_is_recognised_as_gone(tmp_path: Path) -> None:
+    """In a container the agent is pid 1 on every start: a temporary file named with our pid but older
+    than this process is an earlier run's leftover and goes; one written now by another thread stays."""
+    from aeic.shared import durable
+
+    pending = Spool(tmp_path).pending_dir
+    earlier_run = pending / f"{TMP_PREFIX}{'a' * 64}.aeic.{os.getpid()}.0a1b2c3d"
+    earlier_run.write_bytes(b"half")
+    before = durable._PROCESS_STARTED - 60
+    os.utime(earlier_run, (before, before))
+    writing_now = pending / f"{TMP_PREFIX}{'b' * 64}.aeic.{os.getpid()}.0a1b2c3d"
+    writing_now.write_bytes(b"being written")
+    Spool(tmp_path)
+    assert list(pending.glob(f"{TMP_PREFIX}*")) == [writing_now]
