@@ -527,9 +527,14 @@ def delete_image(image_id: str, request: Request, who: Caller) -> Response:
 # -- operations ----------------------------------------------------------------------------------
 
 
-def healthz() -> dict[str, str]:
-    """Liveness: the process answers."""
-    return {"status": "ok", "version": __version__}
+def healthz(request: Request) -> JSONResponse:
+    """Liveness: the process answers, and its decode worker is not hung past a batch's deadline (a stuck
+    decoder call or a deadlock, which only a restart clears: the 503 has the orchestrator do it)."""
+    state = receiver_state(request)
+    stuck = state.worker.stuck() if state.worker is not None else None
+    if stuck is not None:
+        return JSONResponse({"status": "stuck", "version": __version__, "reason": stuck}, status_code=503)
+    return JSONResponse({"status": "ok", "version": __version__})
 
 
 def readyz(request: Request) -> JSONResponse:
@@ -611,7 +616,9 @@ def _api_router() -> APIRouter:
                                                         **schemas.errors(*_FILE)})
     _add_read(router, "/v1/images/{image_id}/thumbnail", get_thumbnail, "Thumbnail",
               {**schemas.binary("image/jpeg"), **schemas.errors(*_FILE)})
-    router.add_api_route("/healthz", healthz, methods=["GET"], summary="Liveness", response_model=schemas.Health)
+    router.add_api_route("/healthz", healthz, methods=["GET"], summary="Liveness", response_class=Response,
+                         responses={200: {"model": schemas.Health, "description": "Alive"},
+                                    503: {"model": schemas.Health, "description": "The decode worker is hung"}})
     router.add_api_route("/readyz", readyz, methods=["GET"], summary="Readiness", response_class=Response,
                          responses={200: {"model": schemas.Readiness, "description": "Ready"},
                                     503: {"model": schemas.Readiness, "description": "Not ready"}})
@@ -641,7 +648,8 @@ def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = Non
     if settings.worker and queue is None:
         config = WorkerConfig(batch_size=settings.batch_size, max_attempts=settings.max_attempts,
                               retry_delay_s=settings.retry_delay_s, poll_interval_s=settings.poll_interval_s,
-                              thumbnail_px=settings.thumbnail_px, lease_s=settings.reclaim_after_s)
+                              thumbnail_px=settings.thumbnail_px, lease_s=settings.reclaim_after_s,
+                              decode_deadline_s=settings.decode_deadline_s)
         worker = DecodeWorker(store, blob_store, registry, config, metrics_)
     auth = Authenticator(store, admin)
     login_burst = max(1, math.ceil(settings.login_attempts_per_minute))

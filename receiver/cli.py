@@ -61,7 +61,7 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--device", help="torch device for the decoder: auto, cpu, cuda ...")
     worker.add_argument("--batch-size", type=int, help="most images decoded together")
     worker.add_argument("--consumer", help="consumer name in the group (default: host-pid)")
-    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics and /healthz (liveness) on this port")
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

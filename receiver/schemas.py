@@ -73,8 +73,11 @@ class Accepted(BaseModel):
 
 
 class Health(BaseModel):
+    """Liveness: `ok`, or (503) `stuck` with the `reason` the process needs a restart."""
+
     status: str
     version: str
+    reason: str | None = None
 
 
 class Readiness(BaseModel):

@@ -73,6 +73,12 @@ class ReceiverSettings(BaseSettings):
     reclaim_after_s: float = Field(
         60.0, gt=0, description="Lease of a decode claim: one not renewed for this long is a dead worker's, taken over."
     )
+    decode_deadline_s: float = Field(
+        120.0, gt=0, description="Seconds a claimed batch may take per image (per 1920x1080 coded pixels of a "
+        "larger one) before it counts as hung: its images get a failed attempt and go to another worker (or the "
+        "next start), its lease is no longer renewed, a late result is dropped, and /healthz answers 503 so "
+        "the process is restarted."
+    )
 
     @classmethod
     def settings_customise_sources(

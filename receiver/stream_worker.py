@@ -5,22 +5,27 @@ consumer held longer than `reclaim_after_s` (XAUTOCLAIM), and claims the images 
 (`storage.claims`): the database decides who decodes, so a redelivered entry of a done image is only
 acknowledged. Decoding itself is the embedded `DecodeWorker`'s (batches, per-image fallback, retries,
 results in the blob store). While a batch runs, a heartbeat keeps both the stream entries and the database
-claims fresh, so only a dead worker's jobs are ever taken over. An image that fails for good goes to the
-dead-letter stream with its reason.
+claims fresh, so only a dead worker's jobs are ever taken over; a batch hung past its decode deadline
+stops the heartbeat (its entries and images go to another worker) and fails `/healthz`, served beside the
+metrics for the liveness probe. An image that fails for good goes to the dead-letter stream with its reason.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from aeic.receiver.queue import Job, JobQueue
 from aeic.receiver.registry import CodecRegistry
@@ -35,7 +40,10 @@ from aeic.receiver.storage.claims import (
 )
 from aeic.receiver.worker import DecodeWorker, heartbeat
 
-__all__ = ["StreamWorker", "StreamWorkerConfig", "default_consumer_name", "run_worker"]
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+__all__ = ["StreamWorker", "StreamWorkerConfig", "default_consumer_name", "run_worker", "serve_metrics_and_health"]
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +182,11 @@ class StreamWorker:
     def _heartbeat(self, jobs: list[Job], token: str) -> AbstractContextManager[None]:
         """Keep entries and claims fresh while a (possibly long) batch decodes. Separately: Redis being down
         must not let the database claim go stale (or the other way round), or a live worker's images would
-        be taken over (and failed on their last attempt)."""
+        be taken over (and failed on their last attempt). Neither once the group decoding is past its
+        deadline (`DecodeWorker.within_deadline`): a hung decode lets its entries and images go."""
         return heartbeat(self.config.reclaim_after_s / 3, [lambda: self.queue.touch(self.config.consumer, jobs),
-                                                            lambda: refresh_claim(self.store, token)])
+                                                            lambda: refresh_claim(self.store, token)],
+                         alive=self.decoder.within_deadline)
 
     # -- safety net ------------------------------------------------------------------------------
 
@@ -210,6 +220,41 @@ def _compatible(records: list[ImageRecord], batch_size: int) -> Iterator[list[Im
             yield items[start:start + batch_size]
 
 
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a probe still being answered must not hold up the process's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Not a line per request: a probe every few seconds would bury the worker's own log."""
+
+
+def serve_metrics_and_health(port: int, registry: CollectorRegistry, stuck: Callable[[], str | None],
+                             host: str = "0.0.0.0") -> WSGIServer:
+    """Serve Prometheus metrics and, at `/healthz`, liveness (in a daemon thread): 503 with a short reason
+    while `stuck()` gives one (a decode hung past its deadline), for the liveness probe, which `/metrics`
+    cannot be: it answers as long as the process does."""
+    from prometheus_client import make_wsgi_app
+
+    from aeic import __version__
+
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz":
+            return metrics_app(environ, start_response)
+        reason = stuck()
+        body = json.dumps({"status": "stuck", "version": __version__, "reason": reason} if reason is not None
+                          else {"status": "ok", "version": __version__}).encode()
+        start_response("200 OK" if reason is None else "503 Service Unavailable",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    server = make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="aeic-metrics", daemon=True).start()
+    return server
+
+
 def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_port: int | None = None) -> int:
     """Process entry point: build stores, decoders and the queue from settings; stop on SIGTERM/SIGINT."""
     from aeic.receiver.backends import open_blob_store, open_queue
@@ -224,15 +269,14 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
     store = SqlMetadataStore.from_url(settings.resolved_database_url())
     store.migrate()
     metrics = ReceiverMetrics()
-    if metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port, registry=metrics.registry)
     blobs = open_blob_store(settings)  # the API creates the bucket before it stores the first upload
     registry = CodecRegistry.from_packages(settings.model_packages, settings.device)
     decoder = DecodeWorker(store, blobs, registry, WorkerConfig(
         batch_size=settings.batch_size, max_attempts=settings.max_attempts, retry_delay_s=settings.retry_delay_s,
-        poll_interval_s=settings.poll_interval_s, thumbnail_px=settings.thumbnail_px), metrics)
+        poll_interval_s=settings.poll_interval_s, thumbnail_px=settings.thumbnail_px,
+        lease_s=settings.reclaim_after_s, decode_deadline_s=settings.decode_deadline_s), metrics)
+    if metrics_port is not None:
+        serve_metrics_and_health(metrics_port, metrics.registry, decoder.stuck)
     config = StreamWorkerConfig(consumer=consumer or default_consumer_name(), batch_size=settings.batch_size,
                                 max_attempts=settings.max_attempts, reclaim_after_s=settings.reclaim_after_s)
     stop = threading.Event()

@@ -9,11 +9,18 @@ Why leases: receivers on other data directories may share the database. A claim 
 it (`claimed_at`, every third of `lease_s`, also while one batch decodes for minutes on a CPU); one nobody
 renewed for `lease_s` belongs to a dead worker, and every worker sweeps those back to pending. A worker
 that lost its claim (paused past its lease, then taken over) writes no result over the new owner's.
+
+Why a decode deadline: a renewing heartbeat alone would keep a hung decode's claim (a stuck torch call, a
+deadlocked thread) forever, and nothing would notice. Past `decode_deadline_s` per image (per 1920x1080
+coded pixels for a larger one) the batch is given up: its images are recorded as a failed attempt (so another worker or the next start decodes them, and one
+that hangs every time ends `failed`), its leases are no longer renewed, and `stuck()` tells the liveness
+check, whose 503 has the process restarted. A decode that returns after that writes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -38,21 +45,27 @@ from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumb
 from aeic.shared.bitstream import BitstreamError
 from aeic.shared.entropy_coding import EntropyDecodeError
 
-__all__ = ["DecodeWorker", "WorkerConfig"]
+__all__ = ["DEADLINE_PIXELS", "DecodeWorker", "WorkerConfig", "decode_allowance", "heartbeat"]
 
 log = logging.getLogger(__name__)
 
+# The picture `decode_deadline_s` is the allowance for; decoding time follows the coded pixel count.
+DEADLINE_PIXELS = 1920 * 1080
 
 
 @contextmanager
-def heartbeat(interval_s: float, beats: list[Callable[[], object]]) -> Iterator[None]:
+def heartbeat(interval_s: float, beats: list[Callable[[], object]],
+              alive: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """Call each of `beats` every `interval_s` in a background thread until the block ends. Each beat is
     tried separately and a failed one only logged: one store being down must not stop the others' leases,
-    and the next beat may still get through before a lease runs out."""
+    and the next beat may still get through before a lease runs out. A round where `alive()` is False is
+    skipped: the work is hung past its deadline, and its leases must run out for others to take it over."""
     done = threading.Event()
 
     def beat() -> None:
         while not done.wait(interval_s):
+            if not alive():
+                continue
             for beat_one in beats:
                 try:
                     beat_one()
@@ -67,6 +80,7 @@ def heartbeat(interval_s: float, beats: list[Callable[[], object]]) -> Iterator[
         done.set()
         thread.join()
 
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Worker knobs (taken from ReceiverSettings by the app)."""
@@ -77,6 +91,31 @@ class WorkerConfig:
     poll_interval_s: float = 1.0
     thumbnail_px: int = 320
     lease_s: float = 60.0  # a claim not renewed for this long is a dead worker's (`reclaim_after_s`)
+    decode_deadline_s: float = 120.0  # per image (per DEADLINE_PIXELS coded); past it a batch counts as hung
+
+
+def decode_allowance(records: list[ImageRecord], deadline_s: float) -> float:
+    """Seconds a batch may take: `deadline_s` per image, and per `DEADLINE_PIXELS` coded pixels for a larger
+    one (a 4096x4096 picture decodes about eight times as long as a 1080p one), so one deadline fits every
+    size without being loose for the common ones."""
+    shares = (math.ceil(r.width / r.downscale) * math.ceil(r.height / r.downscale) / DEADLINE_PIXELS
+              for r in records)
+    return deadline_s * sum(max(1.0, share) for share in shares)
+
+
+@dataclass
+class _Running:
+    """The claim being processed, the seconds it is allowed and when they are up (`clock` time);
+    `given_up` once they were."""
+
+    claim: Claim
+    allowance_s: float
+    deadline: float
+    given_up: bool = False
+
+    def reason(self) -> str:
+        """The image error of a batch given up."""
+        return f"decode hung: no result within the {_seconds(self.allowance_s)} s deadline; abandoned"
 
 
 @dataclass(frozen=True)
@@ -90,9 +129,10 @@ class DecodeWorker:
     """Runs `run_once` in a loop on a daemon thread; `wake()` after an upload skips the idle wait."""
 
     def __init__(self, store: MetadataStore, blobs: BlobStore, registry: CodecRegistry, config: WorkerConfig,
-                 metrics: ReceiverMetrics | None = None) -> None:
+                 metrics: ReceiverMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.blobs, self.registry, self.config = store, blobs, registry, config
         self.metrics = metrics
+        self._clock = clock  # measures decode deadlines (tests pass a fake one)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -103,6 +143,11 @@ class DecodeWorker:
         # The claim being processed: if `stop()` gives up waiting for it, it is handed back rather than left
         # `decoding` (and its attempt charged) until the next start.
         self._current: Claim | None = None
+        # The same claim with its decode deadline, replaced as a whole so the watchdog never pairs one claim
+        # with another's deadline; `_writing` is held while a result is stored under the claim, and while the
+        # watchdog gives a claim up, so a result is never written over the images' next owner's.
+        self._running: _Running | None = None
+        self._writing = threading.Lock()
         self._next_sweep = 0.0  # time.monotonic() of the next sweep for claims whose lease ran out
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -194,13 +239,57 @@ class DecodeWorker:
 
     def _renewing(self, token: str) -> AbstractContextManager[None]:
         """Renew the claim's lease every third of `lease_s` until the block ends: a batch may decode for
-        minutes, and a claim left to expire meanwhile would be decoded again by a peer."""
-        return heartbeat(self.config.lease_s / 3, [lambda: self.store.refresh_claim(token)])
+        minutes, and a claim left to expire meanwhile would be decoded again by a peer. Not past the
+        batch's decode deadline, though: a hung decode must let its images go."""
+        return heartbeat(self.config.lease_s / 3, [lambda: self.store.refresh_claim(token)],
+                         alive=self.within_deadline)
+
+    def stuck(self) -> str | None:
+        """Why the liveness check should fail: the batch in progress ran past its decode deadline (the
+        thread is hung in a decoder call or a deadlock that only a restart clears); None otherwise."""
+        running = self._running
+        if running is None or self._clock() < running.deadline:
+            return None
+        return (f"a decode has run past its {_seconds(running.allowance_s)} s deadline "
+                f"({len(running.claim.records)} image(s))")
+
+    def within_deadline(self) -> bool:
+        """Whether the batch in progress (if any) may still renew its leases. The first time it may not,
+        it is given up: each image not yet settled gets a failed attempt with the reason (pending again
+        after the backoff, for another worker or the next start, or `failed` on its last attempt), and a
+        result this worker produces later is dropped. While a result is being stored (under a lease renewed
+        a moment before) the give-up waits for the next beat."""
+        running = self._running
+        if running is None or self._clock() < running.deadline:
+            return True
+        if not self._writing.acquire(blocking=False):
+            return False
+        try:
+            if not running.given_up:
+                running.given_up = True
+                self._give_up(running)
+        finally:
+            self._writing.release()
+        return False
+
+    def _give_up(self, running: _Running) -> None:
+        """Record a failed attempt for each image of a hung batch (a no-op for those already settled)."""
+        log.error("the decode of %d image(s) has not finished within its %s s deadline; giving its claim up "
+                  "(the worker thread stays stuck: /healthz answers 503 until it returns)",
+                  len(running.claim.records), _seconds(running.allowance_s))
+        for record in running.claim.records:
+            try:
+                self._fail(running.claim, record, running.reason())
+            except Exception:  # its lease runs out instead, as it is no longer renewed
+                log.exception("could not record the hung decode of %s", record.id)
 
     def process(self, claim: Claim) -> None:
-        """Decode and record a claim made by anyone (the Redis Streams worker claims by image id)."""
+        """Decode and record a claim made by anyone (the Redis Streams worker claims by image id); the
+        decode deadline runs from here."""
         self._record_unrecorded()
         self._current = claim
+        allowance = decode_allowance(claim.records, self.config.decode_deadline_s)
+        self._running = _Running(claim, allowance, self._clock() + allowance)
         try:
             self._process(claim)
         except Exception as exc:
@@ -215,6 +304,7 @@ class DecodeWorker:
             raise
         finally:
             self._current = None
+            self._running = None
 
     def storage_ready(self) -> bool:
         """Whether the blob store can serve bitstreams and take results. While it cannot (a full disk, an
@@ -317,6 +407,14 @@ class DecodeWorker:
         return out
 
     def _store_result(self, claim: Claim, item: _Decoded) -> None:
+        with self._writing:  # the watchdog gives no claim up while its result is being stored
+            running = self._running
+            if running is not None and running.given_up:
+                log.warning("the decode of %s returned after its deadline; the result is dropped", item.record.id)
+                return
+            self._store_claimed_result(claim, item)
+
+    def _store_claimed_result(self, claim: Claim, item: _Decoded) -> None:
         timings = item.timings
         image_id = item.record.id
         # Renewed now, the claim is ours for a whole lease, which the writes below take a fraction of. A claim
@@ -353,7 +451,7 @@ class DecodeWorker:
         """Record a failed attempt; `permanent` failures (the data itself is undecodable) are not retried.
         A `storage` failure (the bitstream could not be read or the reconstruction written: an unreachable
         object store, a full or read-only disk) is not the image's fault and does not use up its attempts: it
-        waits, with the capped backoff, for storage."""
+        waits, with the capped backoff, for storage. A claim lost meanwhile records (and counts) nothing."""
         delay = self.config.retry_delay_s * (2 ** max(record.attempts - 1, 0))
         retry_at = time.time() + min(delay, 3600.0)
         log.warning("decode of %s failed (attempt %d): %s", record.id, record.attempts, reason)
@@ -361,9 +459,13 @@ class DecodeWorker:
             attempts_allowed = record.attempts
         else:
             attempts_allowed = record.attempts + 1 if storage else self.config.max_attempts
-        self.store.fail_attempt(record.id, claim.token, reason, attempts_allowed, retry_at)
-        if self.metrics is not None:
+        recorded = self.store.fail_attempt(record.id, claim.token, reason, attempts_allowed, retry_at)
+        if recorded and self.metrics is not None:
             self.metrics.decoded.labels("failed").inc()
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:g}"
 
 
 def _ms(value: object) -> float | None:
