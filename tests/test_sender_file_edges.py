@@ -218,11 +218,11 @@ def test_a_read_only_spool_with_crash_leftovers_is_still_listed_and_delivered(
             raise OSError(30, "Read-only file system", str(path))
         return open_(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
-    def read_only_unlink(path: object, *args: object, **kwargs: object) -> None:
+    def read_only_unlink(path: Path, *args: object, **kwargs: object) -> None:
         raise OSError(30, "Read-only file system", str(path))
 
     monkeypatch.setattr(os, "open", read_only_open)
-    monkeypatch.setattr(os, "unlink", read_only_unlink)
+    monkeypatch.setattr(Path, "unlink", read_only_unlink)  # Python 3.10's pathlib holds its own os.unlink
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     assert cli.main(["spool", "--spool", str(root)]) == cli.EXIT_OK
     assert "2 pending" in capsys.readouterr().err
