@@ -19,6 +19,7 @@ from aeic.shared.bitstream import (
     BadMagicError,
     Bitstream,
     BitstreamError,
+    ColourStats,
     CrcMismatchError,
     Header,
     InvalidHeaderError,
@@ -49,7 +50,7 @@ headers = st.builds(
 streams = st.builds(Bitstream, header=headers, payload=st.binary(max_size=300))
 
 
-def sample_header(colour_stats: tuple[int, ...] | None = (120, 110, 100, 60, 55, 50)) -> Header:
+def sample_header(colour_stats: ColourStats | None = (120, 110, 100, 60, 55, 50)) -> Header:
     return Header(b"\x01\x02\x03\x04", 768, 512, 7, colour_stats, half_precision=True)
 
 

@@ -21,24 +21,24 @@ from training_support import kill_after_the_first_checkpoint, logged_steps, same
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory) -> Path:
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_package(tmp_path_factory.mktemp("pkg") / "tiny")
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_training_photos(tmp_path_factory.mktemp("photos"), 2)
 
 
-def _config(package: Path, photos: Path, out: Path, **kwargs) -> TrainConfig:
-    base = {"name": "t", "stage": "decoder", "package": package, "data": photos, "cache": out.parent / "cache",
+def _config(package: Path, photos: Path, out: Path, **kwargs: object) -> TrainConfig:
+    base: dict[str, object] = {"name": "t", "stage": "decoder", "package": package, "data": photos, "cache": out.parent / "cache",
             "short_side": 160, "crop": 128, "window": 12, "batch": 2, "steps": 2, "log_every": 1, "out": out,
             "texture_weight": 0.1}
     base.update(kwargs)
     return TrainConfig(**base)
 
 
-def test_quantized_latent_is_what_the_receiver_decodes(package) -> None:
+def test_quantized_latent_is_what_the_receiver_decodes(package: Path) -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (100, 140, 3), dtype=np.uint8)
     sender, receiver = SenderCodec.from_package(package), ReceiverCodec.from_package(package, device="cpu")
     analysed = sender.analyse(rgb)
@@ -47,7 +47,7 @@ def test_quantized_latent_is_what_the_receiver_decodes(package) -> None:
         assert np.array_equal(decoded.numpy(), sender.quantized_latent(analysed, level))
 
 
-def test_decoder_stage_trains_resumes_and_exports_with_the_sender_unchanged(package, photos, tmp_path) -> None:
+def test_decoder_stage_trains_resumes_and_exports_with_the_sender_unchanged(package: Path, photos: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     stage = DecoderFinetuner(_config(package, photos, tmp_path / "run"))
     before = {k: v.clone() for k, v in stage.model.state_dict().items()}
@@ -73,7 +73,7 @@ def test_decoder_stage_trains_resumes_and_exports_with_the_sender_unchanged(pack
     assert ReceiverCodec.from_package(out, device="cpu").decode(new.encode(rgb, 1)).shape == rgb.shape
 
 
-def test_decoder_stage_can_train_low_levels_only_with_a_rate_dependent_texture_weight(package, photos, tmp_path) -> None:
+def test_decoder_stage_can_train_low_levels_only_with_a_rate_dependent_texture_weight(package: Path, photos: Path, tmp_path: Path) -> None:
     stage = DecoderFinetuner(_config(package, photos, tmp_path / "run", max_level=2, texture_weight=0.3,
                                      texture_weight_top=0.1))  # fmt: skip
     assert stage.levels == 3 < stage.package.num_levels
@@ -85,7 +85,7 @@ def test_decoder_stage_can_train_low_levels_only_with_a_rate_dependent_texture_w
     assert torch.equal(constant.texture_weights(torch.tensor([0.0, top])), torch.tensor([0.1, 0.1]))
 
 
-def test_sender_latents_sample_only_the_trained_levels(package, photos, tmp_path) -> None:
+def test_sender_latents_sample_only_the_trained_levels(package: Path, photos: Path, tmp_path: Path) -> None:
     items = build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)
     source = SenderLatents(package, CropSampler(items, 128, 0), np.random.default_rng(1), levels=2)
     _, _, positions = source.batch(6)
@@ -93,7 +93,7 @@ def test_sender_latents_sample_only_the_trained_levels(package, photos, tmp_path
     assert set(positions.tolist()) <= allowed
 
 
-def test_a_killed_decoder_run_resumes_to_the_uninterrupted_weights_and_log(package, photos, tmp_path, monkeypatch) -> None:
+def test_a_killed_decoder_run_resumes_to_the_uninterrupted_weights_and_log(package: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The crops and the rate levels drawn after a resume are the ones an uninterrupted run draws."""
     torch.set_num_threads(1)
     extra = {"steps": 3, "checkpoint_minutes": 1e-9}
@@ -105,7 +105,7 @@ def test_a_killed_decoder_run_resumes_to_the_uninterrupted_weights_and_log(packa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a CUDA device where there is none")
-def test_decoder_stage_trains_on_the_configured_device(package, photos, tmp_path) -> None:
+def test_decoder_stage_trains_on_the_configured_device(package: Path, photos: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="CUDA is not available"):  # not quietly trained on the CPU
         DecoderFinetuner(_config(package, photos, tmp_path / "gpu", device="cuda"))
     stage = DecoderFinetuner(_config(package, photos, tmp_path / "cpu", device="cpu"))
@@ -114,7 +114,7 @@ def test_decoder_stage_trains_on_the_configured_device(package, photos, tmp_path
     assert stage.texture_weights(on_another_device).device == on_another_device.device
 
 
-def test_export_names_the_fine_tuned_package_it_cannot_find(tmp_path, monkeypatch, capsys) -> None:
+def test_export_names_the_fine_tuned_package_it_cannot_find(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A decoder-stage checkpoint records its package as its config named it (often relative to the
     repository): exported from another folder, the error says where that path came from."""
     checkpoint = tmp_path / "checkpoint.pt"

@@ -34,6 +34,7 @@ class FlakyCapture:
 
     def __init__(self, opened: bool, frames: int, log: list[str]) -> None:
         self.opened, self.left, self.log = opened, frames, log
+        self.grabbed: np.ndarray | None = None
 
     def isOpened(self) -> bool:
         return self.opened
@@ -45,6 +46,13 @@ class FlakyCapture:
         self.left -= 1
         self.log.append("frame")
         return True, np.zeros((4, 6, 3), np.uint8)
+
+    def grab(self) -> bool:  # the live-stream path (a URL source): Capture's protocol; these tests open index 0
+        ok, self.grabbed = self.read()
+        return ok
+
+    def retrieve(self) -> tuple[bool, np.ndarray | None]:
+        return self.grabbed is not None, self.grabbed
 
     def release(self) -> None:
         self.log.append("release")
@@ -82,7 +90,7 @@ def test_stop_event_ends_the_stream() -> None:
 
 def test_real_opencv_capture_from_a_video_file(tmp_path: Path) -> None:
     path = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (32, 24))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 5, (32, 24))
     if not writer.isOpened():
         pytest.skip("this OpenCV build cannot write MJPG/AVI")
     for value in (30, 200):

@@ -19,8 +19,10 @@ def _gradient(width: int = 40, height: int = 24) -> np.ndarray:
 def test_lossless_rgb_formats_round_trip(tmp_path: Path, suffix: str) -> None:
     rgb = _gradient()
     path = tmp_path / f"img{suffix}"
-    options = {"lossless": True} if suffix == ".webp" else {}
-    Image.fromarray(rgb).save(path, **options)
+    if suffix == ".webp":
+        Image.fromarray(rgb).save(path, lossless=True)
+    else:
+        Image.fromarray(rgb).save(path)
     out = read_image(path)
     assert out.dtype == np.uint8 and out.shape == (24, 40, 3) and out.flags.c_contiguous
     np.testing.assert_array_equal(out, rgb)

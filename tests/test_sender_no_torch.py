@@ -41,7 +41,7 @@ BLOCKED_IMPORT = blocking_prelude("torch") + textwrap.dedent(
 
 
 def _imports(path: Path) -> set[str]:
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)

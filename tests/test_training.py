@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,24 +26,24 @@ from training_support import kill_after_the_first_checkpoint, logged_steps, same
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_training_photos(tmp_path_factory.mktemp("photos"), 3)
 
 
 @pytest.fixture(scope="module")
-def tiny_sd_turbo(tmp_path_factory) -> Path:
+def tiny_sd_turbo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random SD-Turbo folder at test size, for the tiny-full presets (AEIC_SD_TURBO_DIR)."""
     return write_tiny_sd_turbo(tmp_path_factory.mktemp("sd_turbo"))
 
 
-def _config(photos: Path, out: Path, **kwargs) -> TrainConfig:
-    base = {"name": "t", "model": "tiny-se", "data": photos, "cache": out.parent / "cache", "short_side": 160,
+def _config(photos: Path, out: Path, **kwargs: object) -> TrainConfig:
+    base: dict[str, object] = {"name": "t", "model": "tiny-se", "data": photos, "cache": out.parent / "cache", "short_side": 160,
             "crop": 128, "batch": 2, "steps": 2, "log_every": 1, "out": out, "device": "cpu"}
     base.update(kwargs)
     return TrainConfig(**base)
 
 
-def test_pretrain_logs_checkpoints_and_resumes(photos, tmp_path) -> None:
+def test_pretrain_logs_checkpoints_and_resumes(photos: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     checkpoint = Trainer(_config(photos, tmp_path / "pre")).run()
     assert checkpoint.exists()
@@ -69,7 +70,7 @@ def _without_pixel_decoder(photos: Path, root: Path) -> Path:
 # what each stage's test-size run adds to _config, with the run it starts from (made under root); the
 # tiny-full ones are the paper-size profile's stages (SD VAE latents, SD-Turbo UNet with LoRA adapters)
 # with full-*.toml's settings, the pretrain one with the pixel term through the VAE decoder as well
-STAGE_RUNS = {
+STAGE_RUNS: dict[str, Callable[[Path, Path], dict[str, object]]] = {
     "pretrain": lambda photos, root: {},
     "adversarial": lambda photos, root: {"init": _pretrained(photos, root / "pre"), "adversarial_weight": 0.1},
     "distil": lambda photos, root: {"teacher": _pretrained(photos, root / "me", "tiny-me")},
@@ -86,8 +87,8 @@ STAGE_RUNS = {
 
 
 @pytest.mark.parametrize("run", list(STAGE_RUNS))
-def test_a_run_repeats_and_a_killed_run_resumes_to_the_same_weights_state_and_log(photos, tiny_sd_turbo, tmp_path,
-                                                                                  monkeypatch, run) -> None:
+def test_a_run_repeats_and_a_killed_run_resumes_to_the_same_weights_state_and_log(photos: Path, tiny_sd_turbo: Path, tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch, run: str) -> None:
     """Weights, optimizers, discriminator, rate steering (gains, running bpp, the encoder stage's
     multipliers), random states and the data order all come back: two runs and a resumed one end bit for
     bit alike, each step logged once."""
@@ -107,7 +108,7 @@ def test_a_run_repeats_and_a_killed_run_resumes_to_the_same_weights_state_and_lo
     assert (stage == "adversarial") == (first["discriminator"] is not None)
 
 
-def test_init_mean_starts_from_the_weighted_mean_of_checkpoints(photos, tmp_path) -> None:
+def test_init_mean_starts_from_the_weighted_mean_of_checkpoints(photos: Path, tmp_path: Path) -> None:
     first = Trainer(_config(photos, tmp_path / "a", seed=1)).run()
     second = Trainer(_config(photos, tmp_path / "b", seed=2)).run()
     mean = Trainer(_config(photos, tmp_path / "mean", init_mean={first: 3.0, second: 1.0}))
@@ -121,7 +122,7 @@ def test_init_mean_starts_from_the_weighted_mean_of_checkpoints(photos, tmp_path
         Trainer(_config(photos, tmp_path / "zero", init_mean={first: 0.0}))
 
 
-def test_adversarial_stage_freezes_the_sender_half(photos, tmp_path) -> None:
+def test_adversarial_stage_freezes_the_sender_half(photos: Path, tmp_path: Path) -> None:
     pre = Trainer(_config(photos, tmp_path / "pre")).run()
     trainer = Trainer(_config(photos, tmp_path / "adv", stage="adversarial", init=pre, adversarial_weight=0.1))
     assert torch.equal(trainer.ema_bpp, torch.load(pre, weights_only=False)["ema_bpp"])
@@ -131,7 +132,7 @@ def test_adversarial_stage_freezes_the_sender_half(photos, tmp_path) -> None:
     assert '"discriminator"' in (tmp_path / "adv" / "log.jsonl").read_text()
 
 
-def test_encoder_stage_trains_the_sender_only_and_keeps_tables_levels_and_receiver(photos, tmp_path) -> None:
+def test_encoder_stage_trains_the_sender_only_and_keeps_tables_levels_and_receiver(photos: Path, tmp_path: Path) -> None:
     shipped = export_package(load_checkpoint_model(Trainer(_config(photos, tmp_path / "pre")).run()), tmp_path / "v1")
     trainer = Trainer(_config(photos, tmp_path / "enc", stage="encoder", init=shipped, lowpass_weight=50.0, lr=1e-2))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -154,7 +155,7 @@ def test_encoder_stage_trains_the_sender_only_and_keeps_tables_levels_and_receiv
         Trainer(_config(photos, tmp_path / "bad", stage="encoder", init=checkpoint))
 
 
-def test_pixel_decoder_stage_trains_only_a_new_internal_pixel_decoder(photos, tmp_path) -> None:
+def test_pixel_decoder_stage_trains_only_a_new_internal_pixel_decoder(photos: Path, tmp_path: Path) -> None:
     taef2_like = _without_pixel_decoder(photos, tmp_path)
     state = torch.load(taef2_like, weights_only=False)
     trainer = Trainer(_config(photos, tmp_path / "pixels", stage="pixel_decoder", init=taef2_like))
@@ -172,13 +173,15 @@ def test_pixel_decoder_stage_trains_only_a_new_internal_pixel_decoder(photos, tm
         Trainer(_config(photos, tmp_path / "taef2", stage="pixel_decoder", model="nano-se-wide"))
 
 
-def test_distillation_from_a_moderate_teacher_and_export(photos, tmp_path) -> None:
+def test_distillation_from_a_moderate_teacher_and_export(photos: Path, tmp_path: Path) -> None:
     teacher = Trainer(_config(photos, tmp_path / "me", model="tiny-me")).run()
     trainer = Trainer(_config(photos, tmp_path / "se", stage="distil", teacher=teacher))
+    assert trainer.teacher is not None
     taught = trainer.teacher.state_dict()
     decoder_side = {name: value for name, value in trainer.model.state_dict().items() if not name.startswith("analysis.")}
     assert all(torch.equal(value, taught[name]) for name, value in decoder_side.items())  # only the encoder is new
-    assert not torch.equal(trainer.model.analysis.stages[0].weight, trainer.teacher.analysis.stages[0].weight)
+    first = "analysis.stages.0.weight"  # the encoder's first convolution
+    assert not torch.equal(trainer.model.state_dict()[first], taught[first])
     student = trainer.run()
     assert '"distil_encoder"' in (tmp_path / "se" / "log.jsonl").read_text()
     package = export_package(load_checkpoint_model(student), tmp_path / "package")
@@ -186,7 +189,7 @@ def test_distillation_from_a_moderate_teacher_and_export(photos, tmp_path) -> No
     assert len(SenderCodec.from_package(package).encode(rgb, 0)) > 17
 
 
-def test_distillation_refuses_a_teacher_with_another_latent_or_decoder(photos, tmp_path) -> None:
+def test_distillation_refuses_a_teacher_with_another_latent_or_decoder(photos: Path, tmp_path: Path) -> None:
     teacher = Trainer(_config(photos, tmp_path / "me", model="tiny-me")).run()
     with pytest.raises(ValueError, match="32-channel latent"):
         Trainer(_config(photos, tmp_path / "se", model="nano-se-wide-internal", stage="distil", teacher=teacher))
@@ -207,7 +210,7 @@ def test_latent_texture_monitor_penalises_blur_and_excess_alike() -> None:
     assert float(latent_texture(teacher * 2.0, teacher)) == pytest.approx(0.25)
 
 
-def test_pixel_distortion_logs_pixel_monitors_and_weighs_texture(photos, tmp_path) -> None:
+def test_pixel_distortion_logs_pixel_monitors_and_weighs_texture(photos: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     plain = Trainer(_config(photos, tmp_path / "plain", distortion="pixel", steps=1))
     textured = Trainer(_config(photos, tmp_path / "tex", distortion="pixel", steps=1, texture_weight=5.0))
@@ -223,7 +226,7 @@ def test_pixel_distortion_logs_pixel_monitors_and_weighs_texture(photos, tmp_pat
     assert '"psnr"' in (tmp_path / "plain" / "log.jsonl").read_text()
 
 
-def test_calibration_moves_each_rate_point_to_its_nominal_bpp(photos, tmp_path) -> None:
+def test_calibration_moves_each_rate_point_to_its_nominal_bpp(photos: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     pre = Trainer(_config(photos, tmp_path / "pre", steps=1)).run()
     calibrated = Trainer(_config(photos, tmp_path / "cal", stage="calibrate", init=pre, batch=4)).run()
@@ -248,7 +251,7 @@ def test_calibration_stays_on_the_rising_branch_of_a_rate_curve_with_a_floor() -
     assert offset_for_target(bpp_at, 0.002) == min(torch.linspace(-3, 3, 25).tolist(), key=bpp_at)
 
 
-def test_rate_control_moves_the_gains_of_an_overshooting_point_only(photos, tmp_path) -> None:
+def test_rate_control_moves_the_gains_of_an_overshooting_point_only(photos: Path, tmp_path: Path) -> None:
     trainer = Trainer(_config(photos, tmp_path / "steer"))
     gains, multipliers = trainer.model.log_gains.detach().clone(), trainer.log_lambda.clone()
     trainer._steer_rates(torch.tensor([0]), torch.tensor([10.0]))
@@ -257,7 +260,7 @@ def test_rate_control_moves_the_gains_of_an_overshooting_point_only(photos, tmp_
     assert torch.equal(trainer.log_lambda, multipliers)
 
 
-def test_rate_balance_weighs_every_rate_points_distortion_alike(photos, tmp_path) -> None:
+def test_rate_balance_weighs_every_rate_points_distortion_alike(photos: Path, tmp_path: Path) -> None:
     log_lambda = torch.log(torch.tensor([0.01, 0.04, 0.16]))
     assert torch.equal(rate_weights(log_lambda, 0.0), torch.ones(3))
     balanced = rate_weights(log_lambda, 1.0) * log_lambda.exp()  # the weight each point's distortion gets
@@ -284,7 +287,7 @@ FULL_PIPELINE = ("full-me-pretrain", "full-me-adversarial", "full-se-distil", "f
 TEST_SIZES = {"full-me": "tiny-full-me", "full-se": "tiny-full"}
 
 
-def test_the_paper_size_pipeline_runs_its_configs_at_test_size(photos, tiny_sd_turbo, tmp_path, monkeypatch) -> None:
+def test_the_paper_size_pipeline_runs_its_configs_at_test_size(photos: Path, tiny_sd_turbo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU configs of the SD-Turbo model, in order, with test-sized models, data and random SD-Turbo
     weights: each stage starts from the one before, the cache holds SD VAE latents, and the result
     exports to a package that codes and decodes."""
@@ -309,7 +312,7 @@ def test_the_paper_size_pipeline_runs_its_configs_at_test_size(photos, tiny_sd_t
     assert ReceiverCodec.from_package(package, device="cpu").decode(stream).shape == rgb.shape
 
 
-def test_the_cache_keeps_each_teachers_latents_apart(photos, tmp_path) -> None:
+def test_the_cache_keeps_each_teachers_latents_apart(photos: Path, tmp_path: Path) -> None:
     def two_channels(pixels: torch.Tensor) -> torch.Tensor:
         return torch.ones(1, 2, pixels.shape[2] // 8, pixels.shape[3] // 8)
 
@@ -320,7 +323,7 @@ def test_the_cache_keeps_each_teachers_latents_apart(photos, tmp_path) -> None:
     assert len(list(tmp_path.glob("*.pt"))) == 2 * len(without)
 
 
-def test_profile_reports_a_step_and_saves_nothing(photos, tmp_path, capsys) -> None:
+def test_profile_reports_a_step_and_saves_nothing(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(f'name = "t"\nmodel = "tiny-se"\ndata = "{photos}"\ncache = "{tmp_path / "cache"}"\nshort_side = 160\n'
                       f'crop = 128\nbatch = 2\ndevice = "cpu"\nout = "{tmp_path / "run"}"\n')  # fmt: skip
