@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from aeic.codec.entropy_model import TorchBackend
+from aeic.codec.model import AEICModel
 from aeic.codec.testing import make_tiny_model
 from aeic.sender.rate_distortion_rounding import RateDistortionRounding
 from aeic.shared.entropy_coding import SymbolEncoder
@@ -14,8 +15,10 @@ from aeic.shared.entropy_model import (
     BAND_BYTES,
     FRACTION_BITS,
     NUM_STEPS,
+    EntropyModel,
     IntConv,
     NumpyBackend,
+    Rounding,
     nearest_rounding,
     run_network,
     step_masks,
@@ -23,12 +26,12 @@ from aeic.shared.entropy_model import (
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny() -> tuple[AEICModel, EntropyModel]:
     model = make_tiny_model()
     return model, model.entropy.export()
 
 
-def _latents(model, seed: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _latents(model: AEICModel, seed: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     generator = torch.Generator().manual_seed(seed)
     image = torch.rand(1, 3, 128 * shape[0], 128 * shape[1], generator=generator)
     with torch.no_grad():
@@ -53,7 +56,7 @@ def test_step_masks_partition_the_latent() -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_numpy_encoder_and_torch_decoder_agree_on_100_inputs(tiny, threads: int) -> None:
+def test_numpy_encoder_and_torch_decoder_agree_on_100_inputs(tiny: tuple[AEICModel, EntropyModel], threads: int) -> None:
     model, integer = tiny
     rng = np.random.default_rng(threads)
     torch.set_num_threads(threads)
@@ -69,7 +72,7 @@ def test_numpy_encoder_and_torch_decoder_agree_on_100_inputs(tiny, threads: int)
         np.testing.assert_array_equal(integer.decode(payload, y.shape, NumpyBackend()), sender_y)
 
 
-def test_backends_compute_identical_integer_layers(tiny) -> None:
+def test_backends_compute_identical_integer_layers(tiny: tuple[AEICModel, EntropyModel]) -> None:
     _, integer = tiny
     rng = np.random.default_rng(5)
     z = rng.integers(-4, 5, size=(integer.z_channels, 3, 2)).astype(np.float64)
@@ -78,7 +81,7 @@ def test_backends_compute_identical_integer_layers(tiny) -> None:
     )
 
 
-def test_float_noise_in_the_analysis_output_still_decodes(tiny) -> None:
+def test_float_noise_in_the_analysis_output_still_decodes(tiny: tuple[AEICModel, EntropyModel]) -> None:
     model, integer = tiny
     y, z = _latents(model, 3, (1, 2))
     rng = np.random.default_rng(0)
@@ -88,7 +91,7 @@ def test_float_noise_in_the_analysis_output_still_decodes(tiny) -> None:
         np.testing.assert_array_equal(integer.decode(payload, y.shape, TorchBackend()), sender_y)
 
 
-def test_fake_quantized_training_model_matches_the_integer_model(tiny) -> None:
+def test_fake_quantized_training_model_matches_the_integer_model(tiny: tuple[AEICModel, EntropyModel]) -> None:
     model, integer = tiny
     y, z = _latents(model, 4, (1, 1))
     with torch.no_grad():
@@ -102,7 +105,7 @@ def test_fake_quantized_training_model_matches_the_integer_model(tiny) -> None:
     assert agreement > 0.99, f"only {agreement:.3f} of the latent matches the exported integer model"
 
 
-def _without_skips(integer):
+def _without_skips(integer: EntropyModel) -> EntropyModel:
     """The same integer model with the skip table coded like any other (what training computes)."""
     import dataclasses
 
@@ -110,7 +113,7 @@ def _without_skips(integer):
     return dataclasses.replace(integer, y_tables=tables)
 
 
-def test_every_partial_sum_provably_stays_below_2_53(tiny) -> None:
+def test_every_partial_sum_provably_stays_below_2_53(tiny: tuple[AEICModel, EntropyModel]) -> None:
     """Exactness of float64 accumulation, for any payload: z up to 2**31, activations clamped."""
     from aeic.shared.entropy_model import EXACT_LIMIT
     from aeic.shared.model_package import ModelPackage, default_model_dir
@@ -122,7 +125,7 @@ def test_every_partial_sum_provably_stays_below_2_53(tiny) -> None:
         assert ModelPackage.load(shipped).entropy_model.accumulator_bound() < EXACT_LIMIT
 
 
-def test_a_model_whose_sums_could_leave_the_exact_range_is_refused(tiny) -> None:
+def test_a_model_whose_sums_could_leave_the_exact_range_is_refused(tiny: tuple[AEICModel, EntropyModel]) -> None:
     import dataclasses
 
     from aeic.shared.entropy_model import EntropyModel, IntConv
@@ -199,7 +202,7 @@ def test_numpy_backend_computes_the_integer_definition_exactly(band_bytes: int) 
         np.testing.assert_array_equal(got, _definition_conv(x, layer), err_msg=f"case {case}")
 
 
-def _definition_encode(integer, y: np.ndarray, z: np.ndarray, rounding) -> tuple[bytes, np.ndarray]:
+def _definition_encode(integer: EntropyModel, y: np.ndarray, z: np.ndarray, rounding: Rounding) -> tuple[bytes, np.ndarray]:
     """``EntropyModel.encode`` as specified, step by step over whole arrays with the definition's layers."""
     backend, encoder = _DefinitionBackend(), SymbolEncoder()
     z_symbols = np.floor(z.astype(np.float64) + 0.5).astype(np.int64)
@@ -218,7 +221,7 @@ def _definition_encode(integer, y: np.ndarray, z: np.ndarray, rounding) -> tuple
 
 
 @pytest.mark.parametrize("rounding", [nearest_rounding, RateDistortionRounding(4.0)], ids=["nearest", "rd"])
-def test_encode_gives_the_bytes_of_its_definition(tiny, rounding) -> None:
+def test_encode_gives_the_bytes_of_its_definition(tiny: tuple[AEICModel, EntropyModel], rounding: Rounding) -> None:
     """The encoder's shortcuts (only the coded elements rounded, the context kept up to date in place,
     the backend's bands and skipped zeros) change no byte of the payload and nothing of ŷ."""
     model, integer = tiny

@@ -44,6 +44,12 @@ def test_all_four_codecs_are_available_here() -> None:
     assert AVAILABLE == ["jpeg", "webp", "avif", "jxl"]
 
 
+def _score(result: baselines.BaselineResult) -> float:
+    """A reachable result's score."""
+    assert result.score is not None, f"{result.method or result.codec} did not fit {result.budget_bytes} bytes"
+    return result.score
+
+
 @pytest.mark.parametrize("codec", AVAILABLE)
 @pytest.mark.parametrize("budget", [150, 400, 1500])
 def test_budget_is_respected_exactly(codec: str, budget: int) -> None:
@@ -52,13 +58,14 @@ def test_budget_is_respected_exactly(codec: str, budget: int) -> None:
         if not result.reachable:
             assert result.reconstruction is None and result.num_bytes is None
             continue
+        assert result.num_bytes is not None and result.data is not None and result.reconstruction is not None
         assert result.num_bytes <= budget
         side = 0 if result.factor == 1.0 else baselines.SIZE_SIDE_INFO_BYTES
         assert len(result.data) + side == result.num_bytes
         assert result.reconstruction.shape == rgb.shape and result.reconstruction.dtype == np.uint8
         assert result.factor in baselines.DOWNSCALE_FACTORS
         spec = baselines.CODECS[codec]
-        assert spec.q_min <= result.quality <= spec.q_max
+        assert result.quality is not None and spec.q_min <= result.quality <= spec.q_max
         # The bytes are a real file of that codec at the downscaled size.
         decoded = spec.decode(result.data)
         h, w = rgb.shape[:2]
@@ -69,12 +76,12 @@ def test_generous_budget_reaches_full_size_and_high_quality() -> None:
     rgb = _synthetic()
     result = baselines.compress_to_budget(rgb, 200_000, "jpeg")
     assert result.factor == 1.0 and result.quality == baselines.CODECS["jpeg"].q_max
-    assert result.score > baselines.compress_to_budget(rgb, 600, "jpeg").score + 1.0
+    assert _score(result) > _score(baselines.compress_to_budget(rgb, 600, "jpeg")) + 1.0
 
 
 def test_more_bytes_never_score_worse() -> None:
     rgb = _synthetic()
-    scores = [baselines.compress_to_budget(rgb, b, "webp").score for b in (300, 800, 3000)]
+    scores = [_score(baselines.compress_to_budget(rgb, b, "webp")) for b in (300, 800, 3000)]
     assert scores == sorted(scores)
 
 
@@ -94,7 +101,7 @@ def test_best_is_the_highest_scoring_reachable_codec() -> None:
     per_codec = [results[name] for name in AVAILABLE if results[name].reachable]
     assert per_codec, "at 600 bytes at least one codec must fit a 64x96 image"
     best = results["best"]
-    assert best.score == max(r.score for r in per_codec)
+    assert best.score == max(_score(r) for r in per_codec)
     assert best.method == "best" and best.codec in AVAILABLE
 
 
@@ -102,14 +109,14 @@ def test_ms_ssim_criterion_and_determinism() -> None:
     rgb = _synthetic()
     a = baselines.compress_to_budget(rgb, 500, "jpeg", criterion="ms_ssim")
     b = baselines.compress_to_budget(rgb, 500, "jpeg", criterion="ms_ssim")
-    assert a.reachable and a.criterion == "ms_ssim" and 0.0 < a.score <= 1.0
+    assert a.reachable and a.criterion == "ms_ssim" and 0.0 < _score(a) <= 1.0
     assert a.data == b.data and a.factor == b.factor and a.quality == b.quality
 
 
 def test_size_side_info_is_charged_when_downscaled() -> None:
     rgb = _synthetic()
     result = baselines.compress_to_budget(rgb, 450, "jpeg", factors=(1 / 4,))
-    assert result.reachable and result.factor == 1 / 4
+    assert result.reachable and result.factor == 1 / 4 and result.data is not None
     assert result.num_bytes == len(result.data) + baselines.SIZE_SIDE_INFO_BYTES
     with Image.open(io.BytesIO(result.data)) as im:
         assert im.format == "JPEG"
@@ -118,7 +125,8 @@ def test_size_side_info_is_charged_when_downscaled() -> None:
 @pytest.mark.parametrize("codec", AVAILABLE)
 def test_search_finds_the_best_single_factor(codec: str) -> None:
     """The pruned search (smallest size first, stop at the first that cannot fit) loses nothing."""
-    rgb = _real_crop() if _real_crop() is not None else _synthetic()
+    crop = _real_crop()
+    rgb = crop if crop is not None else _synthetic()
     full = baselines.compress_to_budget(rgb, 700, codec)
     singles = [
         baselines.compress_to_budget(rgb, 700, codec, factors=(f,)) for f in baselines.DOWNSCALE_FACTORS
@@ -126,7 +134,7 @@ def test_search_finds_the_best_single_factor(codec: str) -> None:
     reachable = [r for r in singles if r.reachable]
     assert full.reachable == bool(reachable)
     if reachable:
-        assert full.score == max(r.score for r in reachable)
+        assert full.score == max(_score(r) for r in reachable)
 
 
 def test_encoder_settings_audited_in_docs() -> None:

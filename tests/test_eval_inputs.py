@@ -9,6 +9,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def _picture(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def _evaluator(images: Path, out: Path, **kw: object) -> runner.Evaluator:
+def _evaluator(images: Path, out: Path, **kw: Any) -> runner.Evaluator:  # EvalConfig's fields
     kw.setdefault("points", runner.parse_points("0", None))
     kw.setdefault("metrics", ["psnr"])
     return runner.Evaluator(StrideCodec(), runner.EvalConfig(images=images, out=out, **kw))
@@ -141,7 +142,8 @@ def test_an_exif_rotated_first_image_gets_its_side_by_side(tmp_path: Path) -> No
 def test_a_panorama_wider_than_webp_allows_is_coded_at_the_factors_that_fit() -> None:
     wide = np.tile(_picture(8, 64), (1, 260, 1))  # 8 x 16640: WebP writes at most 16383 px
     result = baselines.compress_to_budget(wide, 20000, "webp")
-    assert result.reachable and result.factor < 1 and result.num_bytes <= 20000
+    assert result.reachable and result.factor is not None and result.num_bytes is not None and result.data is not None
+    assert result.factor < 1 and result.num_bytes <= 20000
     with Image.open(io.BytesIO(result.data)) as im:
         assert max(im.size) <= 16383
 

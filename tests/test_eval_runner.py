@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def images(tmp_path: Path) -> Path:
     return _write_images(tmp_path / "images")
 
 
-def _config(images: Path, out: Path, **kw: object) -> runner.EvalConfig:
+def _config(images: Path, out: Path, **kw: Any) -> runner.EvalConfig:  # EvalConfig's fields
     kw.setdefault("points", runner.parse_points("0,2", None))
     kw.setdefault("metrics", ["psnr", "ms_ssim", "texture", "gmsd"])
     return runner.EvalConfig(images=images, out=out, **kw)
@@ -201,10 +202,10 @@ def test_budget_points_need_encode_to_budget(images: Path, tmp_path: Path) -> No
     with pytest.raises(TypeError, match="encode_to_budget"):
         runner.Evaluator(RateOnly(), config)
     with pytest.raises(TypeError):
-        runner.Evaluator(object(), config)
+        runner.Evaluator(object(), config)  # type: ignore[arg-type]  # the wrong type is the point
 
 
-def test_cli_writes_results_plots_and_side_by_side(images: Path, tmp_path: Path, capsys) -> None:
+def test_cli_writes_results_plots_and_side_by_side(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     argv = ["--images", str(images), "--rates", "0,1", "--baseline", "jpeg", "--out", str(out)]
     argv += ["--metrics", "psnr,ms_ssim,texture", "--no-progress"]
@@ -249,7 +250,7 @@ def test_cli_rejects_bad_arguments(images: Path, tmp_path: Path, extra: list[str
     assert exc.value.code == 2
 
 
-def test_cli_missing_image_folder_is_a_clear_error(tmp_path: Path, capsys) -> None:
+def test_cli_missing_image_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--images", str(tmp_path / "nope"), "--rates", "0", "--out", str(tmp_path / "o")]
     assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 2
     assert "image folder not found" in capsys.readouterr().err
@@ -335,7 +336,7 @@ def test_a_fixed_coding_downscale_is_recorded_per_row(tiny_package: Path, images
     assert [row["factor"] for row in summary["rows"] if row["method"] == "aeic"] == [0.5, 0.5]
 
 
-def test_cli_rejects_rate_indices_the_model_lacks(images: Path, tmp_path: Path, capsys) -> None:
+def test_cli_rejects_rate_indices_the_model_lacks(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--images", str(images), "--rates", "0,3", "--out", str(tmp_path / "o")]
     assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 2
     assert "rate indices 0..2" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
-def fine_tunes(tmp_path_factory):
+def fine_tunes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """Two receivers for one sender: the exported one and a perturbed one."""
     base = tmp_path_factory.mktemp("interpolate")
     first = make_tiny_package(base / "first")
@@ -29,11 +31,11 @@ def fine_tunes(tmp_path_factory):
     return base, first, second
 
 
-def _receiver(path) -> dict[str, np.ndarray]:
+def _receiver(path: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in load_file(str(path / RECEIVER_FILE)).items()}
 
 
-def test_ends_give_each_receiver_and_the_middle_lies_between(fine_tunes) -> None:
+def test_ends_give_each_receiver_and_the_middle_lies_between(fine_tunes: tuple[Path, Path, Path]) -> None:
     base, first, second = fine_tunes
     a, b = _receiver(first), _receiver(second)
     for weight, expected in ((0.0, a), (1.0, b)):
@@ -44,7 +46,7 @@ def test_ends_give_each_receiver_and_the_middle_lies_between(fine_tunes) -> None
     assert any(not np.array_equal(middle[k], a[k]) for k in a)
 
 
-def test_streams_stay_byte_for_byte_and_decode(fine_tunes) -> None:
+def test_streams_stay_byte_for_byte_and_decode(fine_tunes: tuple[Path, Path, Path]) -> None:
     base, first, second = fine_tunes
     out = interpolate_receivers(first, second, 0.5, base / "decodes")
     assert all((out / name).read_bytes() == (first / name).read_bytes() for name in SENDER_FILES)
@@ -55,7 +57,7 @@ def test_streams_stay_byte_for_byte_and_decode(fine_tunes) -> None:
     assert ReceiverCodec.from_package(out, device="cpu").decode(stream).shape == rgb.shape
 
 
-def test_refuses_other_streams_and_weights_outside_the_range(fine_tunes, capsys) -> None:
+def test_refuses_other_streams_and_weights_outside_the_range(fine_tunes: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     base, first, _ = fine_tunes
     other = make_tiny_package(base / "other-sender", seed=1)
     with pytest.raises(ValueError, match="different streams"):
@@ -66,7 +68,7 @@ def test_refuses_other_streams_and_weights_outside_the_range(fine_tunes, capsys)
     assert "different streams" in capsys.readouterr().err
 
 
-def test_command_writes_a_package(fine_tunes, capsys) -> None:
+def test_command_writes_a_package(fine_tunes: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     base, first, second = fine_tunes
     assert aeic_main(["interpolate", str(first), str(second), str(base / "cli"), "--weight", "0.25"]) == 0
     assert f"id {ModelPackage.load(base / 'cli').model_id.hex()}" in capsys.readouterr().out

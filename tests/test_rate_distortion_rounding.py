@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def test_each_symbol_is_the_cheaper_neighbour() -> None:
     low = np.floor(residual).astype(np.int64)
     assert np.all((chosen == low) | (chosen == low + 1))
 
-    def cost(symbols):
+    def cost(symbols: np.ndarray) -> np.ndarray:
         return 8.0 * (residual - symbols) ** 2 + symbol_bits(TABLES, indices, symbols)[0]
 
     assert np.all(cost(chosen) <= np.minimum(cost(low), cost(low + 1)) + 1e-12)
@@ -61,7 +62,7 @@ def test_residuals_beyond_the_table_round_to_the_nearest() -> None:
 
 
 @pytest.mark.parametrize("weight", [0.0, -1.0, float("inf"), float("nan")])
-def test_weights_must_be_positive_and_finite(weight) -> None:
+def test_weights_must_be_positive_and_finite(weight: float) -> None:
     with pytest.raises(ValueError, match="positive"):
         RateDistortionRounding(weight)
 
@@ -80,14 +81,14 @@ def test_command_line_choices() -> None:
 
 
 @pytest.fixture(scope="module")
-def packages(tmp_path_factory):
+def packages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     base = tmp_path_factory.mktemp("rounding")
     plain = make_tiny_package(base / "plain")
     return base, plain, set_rounding_weight(plain, base / "rd", 4.0)
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory):
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped package with a strong weight: a trained model codes real symbols (random ones barely any)."""
     return set_rounding_weight(default_model_dir(), tmp_path_factory.mktemp("shipped") / "rd", 16.0)
 
@@ -99,7 +100,7 @@ def _photo(height: int = 96, width: int = 160) -> np.ndarray:
     return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
 
 
-def test_the_setting_changes_only_the_manifest(packages) -> None:
+def test_the_setting_changes_only_the_manifest(packages: tuple[Path, Path, Path]) -> None:
     _, plain, rd = packages
     before, after = ModelPackage.load(plain), ModelPackage.load(rd)
     assert before.manifest["files"] == after.manifest["files"]
@@ -107,7 +108,7 @@ def test_the_setting_changes_only_the_manifest(packages) -> None:
     assert (before.rounding_weight, after.rounding_weight) == (None, 4.0)
 
 
-def test_the_package_weight_gives_smaller_streams_that_decode(shipped) -> None:
+def test_the_package_weight_gives_smaller_streams_that_decode(shipped: Path) -> None:
     rgb = _photo(128, 192)
     sender = SenderCodec.from_package(shipped, downscale=1)
     assert sender.rounding == RateDistortionRounding(16.0)
@@ -118,14 +119,14 @@ def test_the_package_weight_gives_smaller_streams_that_decode(shipped) -> None:
     assert ReceiverCodec.from_package(shipped).decode(rounded).shape == rgb.shape
 
 
-def test_the_decoder_reads_back_exactly_the_rounded_latent(shipped) -> None:
+def test_the_decoder_reads_back_exactly_the_rounded_latent(shipped: Path) -> None:
     sender = SenderCodec.from_package(shipped, downscale=1)
     analysed = sender.analyse(_photo(128, 192), 1)
     payload, fixed = sender._entropy_code(analysed, sender.num_levels // 2)
     assert np.array_equal(sender.package.entropy_model.decode(payload, fixed.shape), fixed)
 
 
-def test_nearest_removes_the_setting_and_bad_weights_are_refused(packages) -> None:
+def test_nearest_removes_the_setting_and_bad_weights_are_refused(packages: tuple[Path, Path, Path]) -> None:
     base, plain, rd = packages
     back = set_rounding_weight(rd, base / "back", None)
     assert ModelPackage.load(back).manifest == ModelPackage.load(plain).manifest
@@ -133,7 +134,7 @@ def test_nearest_removes_the_setting_and_bad_weights_are_refused(packages) -> No
         set_rounding_weight(plain, base / "bad", -2.0)
 
 
-def test_a_malformed_weight_in_a_manifest_is_a_clear_error(packages, tmp_path) -> None:
+def test_a_malformed_weight_in_a_manifest_is_a_clear_error(packages: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, plain, _ = packages
     for name in ModelPackage.load(plain).manifest["files"]:
         (tmp_path / name).write_bytes((plain / name).read_bytes())
@@ -143,7 +144,7 @@ def test_a_malformed_weight_in_a_manifest_is_a_clear_error(packages, tmp_path) -
         SenderCodec.from_package(tmp_path)
 
 
-def test_set_rounding_command(packages, capsys) -> None:
+def test_set_rounding_command(packages: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     base, plain, _ = packages
     assert aeic_main(["set-rounding", str(plain), str(base / "cli"), "--weight", "32"]) == 0
     assert ModelPackage.load(base / "cli").rounding_weight == 32.0

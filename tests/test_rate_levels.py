@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from aeic.codec.cli import main as aeic_main
@@ -15,7 +17,7 @@ from aeic.shared.model_package import ModelPackage
 
 
 @pytest.fixture(scope="module")
-def packages(tmp_path_factory):
+def packages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("levels")
     coarse = relevel_package(export_package(make_tiny_model("tiny-se"), base / "exported"), base / "coarse", 4)
     fine = relevel_package(coarse, base / "fine", 8)
@@ -36,7 +38,7 @@ def test_level_positions_keep_the_trained_points_and_fit_the_rate_index() -> Non
         level_positions(6, 64)
 
 
-def test_relevel_keeps_shared_levels_byte_for_byte(packages) -> None:
+def test_relevel_keeps_shared_levels_byte_for_byte(packages: tuple[Path, Path]) -> None:
     coarse, fine = packages
     coarse_sender, fine_sender = SenderCodec.from_package(coarse), SenderCodec.from_package(fine)
     assert fine_sender.num_levels == 2 * coarse_sender.num_levels - 1
@@ -48,7 +50,7 @@ def test_relevel_keeps_shared_levels_byte_for_byte(packages) -> None:
         assert new.payload == old.payload and new.header.rate_index == 2 * level
 
 
-def test_new_levels_lie_between_their_neighbours(packages) -> None:
+def test_new_levels_lie_between_their_neighbours(packages: tuple[Path, Path]) -> None:
     _, fine = packages
     package = ModelPackage.load(fine)
     log_gains = np.log(package.level_gains.astype(np.float64))
@@ -57,7 +59,7 @@ def test_new_levels_lie_between_their_neighbours(packages) -> None:
     assert np.all(np.diff(package.rates) > 0)
 
 
-def test_finer_levels_fill_a_byte_budget_at_least_as_well_and_decode(packages) -> None:
+def test_finer_levels_fill_a_byte_budget_at_least_as_well_and_decode(packages: tuple[Path, Path]) -> None:
     coarse, fine = packages
     coarse_sender, fine_sender = SenderCodec.from_package(coarse), SenderCodec.from_package(fine)
     receiver = ReceiverCodec.from_package(fine, device="cpu")
@@ -70,7 +72,7 @@ def test_finer_levels_fill_a_byte_budget_at_least_as_well_and_decode(packages) -
         assert receiver.decode(fine_stream).shape == rgb.shape
 
 
-def test_relevel_cli_writes_a_loadable_package_and_refuses_too_many_levels(packages, tmp_path, capsys) -> None:
+def test_relevel_cli_writes_a_loadable_package_and_refuses_too_many_levels(packages: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     coarse, _ = packages
     assert aeic_main(["relevel", str(coarse), str(tmp_path / "p"), "--per-step", "2"]) == 0
     assert ModelPackage.load(tmp_path / "p").num_levels == 2 * (ModelPackage.load(coarse).num_levels - 1) // 4 + 1
@@ -78,7 +80,7 @@ def test_relevel_cli_writes_a_loadable_package_and_refuses_too_many_levels(packa
     assert "at most 256" in capsys.readouterr().err
 
 
-def test_level_for_bpp_names_the_same_rate_whatever_the_spacing(packages) -> None:
+def test_level_for_bpp_names_the_same_rate_whatever_the_spacing(packages: tuple[Path, Path]) -> None:
     coarse, fine = (ModelPackage.load(p) for p in packages)
     assert coarse.level_for_bpp(0.03) == 4 and fine.level_for_bpp(0.03) == 8  # the tiny preset's middle point
     assert coarse.rates[coarse.level_for_bpp(0.0205)] == pytest.approx(fine.rates[fine.level_for_bpp(0.0205)], rel=0.15)

@@ -62,7 +62,9 @@ def test_links_fifos_and_folders_do_not_stop_the_scan(tmp_path: Path) -> None:
 def test_run_watch_reports_an_unlistable_entry_once(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     _hostile_folder(folder)
-    stop, lines, handled = threading.Event(), [], []
+    stop = threading.Event()
+    lines: list[str] = []
+    handled: list[str] = []
 
     def handle(candidate: Candidate) -> tuple[Handled, str]:
         handled.append(candidate.name)
@@ -133,10 +135,10 @@ def test_an_unreadable_sidecar_does_not_stop_the_drain(tmp_path: Path, monkeypat
     spool.put(make_bitstream(2), source="good")
     read_text = Path.read_text
 
-    def denied(self: Path, *args: object, **kwargs: object) -> str:
+    def denied(self: Path, encoding: str | None = None, errors: str | None = None) -> str:
         if self == bad.path.with_suffix(".json"):
             raise PermissionError(13, "Permission denied", str(self))
-        return read_text(self, *args, **kwargs)
+        return read_text(self, encoding, errors)
 
     monkeypatch.setattr(Path, "read_text", denied)
     assert sorted(item.source or "?" for item in spool.items()) == ["?", "good"]

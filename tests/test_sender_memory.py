@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from aeic.codec.export import export_package
+from aeic.codec.model import AEICModel
 from aeic.codec.testing import make_tiny_model
 from aeic.sender.tiled_analysis import TiledAnalysis
 from aeic.shared.model_package import ModelPackage
@@ -18,7 +19,7 @@ from aeic.shared.padding import colour_statistics
 
 
 @pytest.fixture(scope="module", params=["tiny-se", "tiny-me"])
-def exported(request, tmp_path_factory):
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[AEICModel, ModelPackage]:
     model = make_tiny_model(request.param)
     return model, ModelPackage.load(export_package(model, tmp_path_factory.mktemp(request.param)))
 
@@ -36,7 +37,7 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def _whole(model, rgb: np.ndarray) -> np.ndarray:
+def _whole(model: AEICModel, rgb: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model.analysis(torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]).numpy()
 
@@ -46,7 +47,9 @@ def _relative_error(latent: np.ndarray, expected: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize(("size", "strip_rows"), [((256, 96), 32), ((224, 64), 64), ((160, 128), 96), ((64, 32), 256)])
-def test_strips_equal_the_whole_image(exported, size, strip_rows) -> None:
+def test_strips_equal_the_whole_image(
+    exported: tuple[AEICModel, ModelPackage], size: tuple[int, int], strip_rows: int
+) -> None:
     model, package = exported
     rgb = _image(*size, seed=size[0])
     latent = _analysis(package, strip_rows)(rgb)
@@ -55,14 +58,14 @@ def test_strips_equal_the_whole_image(exported, size, strip_rows) -> None:
     assert _relative_error(latent, expected) < 1e-5  # a halo one unshuffle step short errs by ~5e-5
 
 
-def test_a_short_halo_is_caught(exported) -> None:
+def test_a_short_halo_is_caught(exported: tuple[AEICModel, ModelPackage]) -> None:
     """The comparison above is sensitive: strips without the halo differ from the whole image."""
     model, package = exported
     rgb = _image(256, 64, seed=1)
     assert _relative_error(_analysis(package, 32, halo=0)(rgb), _whole(model, rgb)) > 1e-3
 
 
-def test_strips_must_start_on_unshuffle_phases(exported) -> None:
+def test_strips_must_start_on_unshuffle_phases(exported: tuple[AEICModel, ModelPackage]) -> None:
     _, package = exported
     factor, halo = package.analysis_tiling
     with pytest.raises(ValueError, match="multiples"):
