@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
 
 import pytest
 import torch
 from aeic.codec import cli as codec_cli
 from aeic.codec import export as export_module
+from aeic.codec.model import AEICModel
 from aeic.codec.testing import make_tiny_model, make_tiny_package
 from aeic.training import cli as train_cli
 from aeic.training import schedule
@@ -33,7 +37,7 @@ out = "{out}"
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_training_photos(tmp_path_factory.mktemp("photos"), 2)
 
 
@@ -43,7 +47,7 @@ def _config(tmp_path: Path, photos: Path, extra: str = "", name: str = "run.toml
     return path
 
 
-def _one_line_error(capsys, status: int, fragment: str) -> None:
+def _one_line_error(capsys: pytest.CaptureFixture[str], status: int, fragment: str) -> None:
     err = capsys.readouterr().err
     assert status == 2, err
     lines = [line for line in err.splitlines() if "error" in line]  # progress bars share stderr
@@ -58,13 +62,17 @@ def _one_line_error(capsys, status: int, fragment: str) -> None:
     ('"tiny-se"', '"tiny-xx"', "unknown model preset 'tiny-xx'"),
     ("steps = 2", "steps = ", "is not valid TOML"),
 ])
-def test_a_bad_config_is_one_line(tmp_path, photos, capsys, old, new, fragment) -> None:
+def test_a_bad_config_is_one_line(
+    tmp_path: Path, photos: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, fragment: str
+) -> None:
     path = _config(tmp_path, photos)
     path.write_text(path.read_text().replace(old, new))
     _one_line_error(capsys, train_cli.main([str(path)]), fragment)
 
 
-def test_missing_config_data_and_crops_are_one_line(tmp_path, photos, capsys) -> None:
+def test_missing_config_data_and_crops_are_one_line(
+    tmp_path: Path, photos: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _one_line_error(capsys, train_cli.main([str(tmp_path / "none.toml")]), "does not exist")
     config = str(_config(tmp_path, photos))
     (tmp_path / "empty").mkdir()
@@ -75,7 +83,9 @@ def test_missing_config_data_and_crops_are_one_line(tmp_path, photos, capsys) ->
     _one_line_error(capsys, train_cli.main([str(small)]), "no 128 px crop fits")
 
 
-def test_a_checkpoint_of_another_preset_or_a_corrupt_one_is_refused(tmp_path, photos, capsys) -> None:
+def test_a_checkpoint_of_another_preset_or_a_corrupt_one_is_refused(
+    tmp_path: Path, photos: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.set_num_threads(1)
     config = str(_config(tmp_path, photos))
     assert train_cli.main([config, "--steps", "1"]) == 0
@@ -95,12 +105,18 @@ def test_a_checkpoint_of_another_preset_or_a_corrupt_one_is_refused(tmp_path, ph
 
 @pytest.mark.parametrize(("signum", "default"), [(signal.SIGINT, signal.default_int_handler),
                                                  (signal.SIGTERM, signal.SIG_DFL)], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tmp_path, photos, monkeypatch, signum, default) -> None:
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(
+    tmp_path: Path,
+    photos: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signum: signal.Signals,
+    default: Callable[[int, FrameType | None], Any] | signal.Handlers,
+) -> None:
     torch.set_num_threads(1)
     config = train_cli._load_config(_config(tmp_path, photos), steps=4)
     step = Trainer.train_step
 
-    def interrupted_step(self, *args):
+    def interrupted_step(self: Trainer, *args: torch.Tensor) -> dict[str, float]:
         if self.step == 1:
             os.kill(os.getpid(), signum)  # arrives during the step: the step still completes
         return step(self, *args)
@@ -123,14 +139,16 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tmp_path, photos, monk
     assert len((tmp_path / "out" / "log.jsonl").read_text().splitlines()) == 4
 
 
-def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, photos, monkeypatch, capsys) -> None:
+def test_a_failed_checkpoint_write_keeps_the_previous_one(
+    tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.set_num_threads(1)
     config = str(_config(tmp_path, photos))
     assert train_cli.main([config, "--steps", "1"]) == 0
     capsys.readouterr()
     before = (tmp_path / "out" / "checkpoint.pt").read_bytes()
 
-    def full_disk(state, path):
+    def full_disk(state: object, path: Path) -> NoReturn:
         Path(path).write_bytes(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3071616 vs 3071504")
 
@@ -140,13 +158,15 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, photos, monk
     assert not (tmp_path / "out" / "checkpoint.tmp").exists()
 
 
-def test_a_package_write_that_fails_leaves_the_old_package(tmp_path, monkeypatch, capsys) -> None:
+def test_a_package_write_that_fails_leaves_the_old_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     package = make_tiny_package(tmp_path / "pkg")
     before = {path.name: path.read_bytes() for path in package.iterdir()}
     checkpoint = tmp_path / "ckpt.pt"
     torch.save({"preset": "tiny-se", "model": make_tiny_model().state_dict()}, checkpoint)
 
-    def failing_export(model, out):
+    def failing_export(model: AEICModel, out: Path) -> NoReturn:
         (out / "analysis_stem.onnx").write_bytes(b"half")
         raise OSError(27, "File too large")
 
@@ -162,14 +182,18 @@ def test_a_package_write_that_fails_leaves_the_old_package(tmp_path, monkeypatch
                     "must be at least 1")
 
 
-def test_set_rounding_names_only_the_values_it_takes(tmp_path, capsys) -> None:
+def test_set_rounding_names_only_the_values_it_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
         codec_cli.main(["set-rounding", str(tmp_path / "pkg"), str(tmp_path / "out"), "--weight", "-1"])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "expected nearest or a positive number, got '-1'" in err and "package," not in err
 
 
-def test_a_taef2_folder_without_the_weights_is_named_at_once(tmp_path, monkeypatch) -> None:
+def test_a_taef2_folder_without_the_weights_is_named_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """AEIC_TAEF2_DIR set to a wrong folder: an error naming it, not a download with retries that ends
     telling the user to set the variable that is set."""
     import huggingface_hub

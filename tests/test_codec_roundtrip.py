@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,14 +23,16 @@ from PIL import Image
 
 
 @pytest.fixture(scope="module", params=["tiny-se", "tiny-me"])
-def exported(request, tmp_path_factory):
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[AEICModel, Path]:
     model = make_tiny_model(request.param)
     folder = export_package(model, tmp_path_factory.mktemp(request.param))
     return model, folder
 
 
 @pytest.fixture(scope="module")
-def codecs(exported):
+def codecs(exported: tuple[AEICModel, Path]) -> tuple[SenderCodec, ReceiverCodec]:
     _, folder = exported
     return SenderCodec.from_package(folder), ReceiverCodec.from_package(folder, device="cpu")
 
@@ -42,7 +45,9 @@ def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
 
 
-def test_onnx_sender_and_torch_model_produce_identical_bitstreams(exported, codecs) -> None:
+def test_onnx_sender_and_torch_model_produce_identical_bitstreams(
+    exported: tuple[AEICModel, Path], codecs: tuple[SenderCodec, ReceiverCodec]
+) -> None:
     model, _ = exported
     sender, _ = codecs
     integer = model.entropy.export()
@@ -60,7 +65,7 @@ def test_onnx_sender_and_torch_model_produce_identical_bitstreams(exported, code
 
 
 @pytest.mark.parametrize("name", ["nano-se", "nano-me"])
-def test_onnx_sender_matches_torch_at_the_real_se_and_me_widths(name, tmp_path) -> None:
+def test_onnx_sender_matches_torch_at_the_real_se_and_me_widths(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = AEICModel(preset(name)).eval()
     with torch.no_grad():  # gains that make the random model code real symbols
@@ -77,7 +82,9 @@ def test_onnx_sender_matches_torch_at_the_real_se_and_me_widths(name, tmp_path) 
 
 
 @pytest.mark.parametrize("size", [(37, 53), (128, 128), (301, 163)])
-def test_encode_decode_restores_true_size(codecs, size) -> None:
+def test_encode_decode_restores_true_size(
+    codecs: tuple[SenderCodec, ReceiverCodec], size: tuple[int, int]
+) -> None:
     sender, receiver = codecs
     rgb = _photo(*size)
     data = sender.encode(rgb, sender.num_levels - 1)
@@ -88,7 +95,9 @@ def test_encode_decode_restores_true_size(codecs, size) -> None:
 
 
 @pytest.mark.parametrize("downscale", [2, 4])
-def test_coding_downscale_codes_fewer_pixels_and_restores_true_size(exported, downscale) -> None:
+def test_coding_downscale_codes_fewer_pixels_and_restores_true_size(
+    exported: tuple[AEICModel, Path], downscale: int
+) -> None:
     _, folder = exported
     sender = SenderCodec.from_package(folder, downscale=downscale)
     rgb = _photo(301, 163)
@@ -116,7 +125,7 @@ def test_downscale_and_upscale_are_inverse_on_smooth_images() -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_colour_correction_by_lookup_table_equals_the_per_pixel_formula(seed) -> None:
+def test_colour_correction_by_lookup_table_equals_the_per_pixel_formula(seed: int) -> None:
     rng = np.random.default_rng(seed)
     rgb = np.clip(rng.normal(rng.uniform(40, 200), rng.uniform(5, 60), (67, 91, 3)), 0, 255).astype(np.uint8)
     stats = tuple(int(v) for v in rng.integers(0, 256, 6))
@@ -127,7 +136,9 @@ def test_colour_correction_by_lookup_table_equals_the_per_pixel_formula(seed) ->
     assert np.array_equal(correct_colours(rgb, stats), expected)
 
 
-def test_auto_downscale_for_a_rate_codes_large_images_near_the_training_scale(exported) -> None:
+def test_auto_downscale_for_a_rate_codes_large_images_near_the_training_scale(
+    exported: tuple[AEICModel, Path]
+) -> None:
     sizes = ((512, 768), (1080, 1920), (2160, 3840), (1023, 4000))
     assert [coding_scale.downscale_for_rate(h, w) for h, w in sizes] == [1, 2, 4, 1]
     _, folder = exported
@@ -137,7 +148,9 @@ def test_auto_downscale_for_a_rate_codes_large_images_near_the_training_scale(ex
     assert SenderCodec.from_package(folder, downscale=1).analyse(rgb).downscale == 1
 
 
-def test_auto_downscale_for_a_budget_codes_the_largest_picture_the_budget_can_feed(exported) -> None:
+def test_auto_downscale_for_a_budget_codes_the_largest_picture_the_budget_can_feed(
+    exported: tuple[AEICModel, Path]
+) -> None:
     def bytes_at(bpp: float, height: int, width: int) -> int:
         return int(bpp * height * width / 8)
 
@@ -155,7 +168,9 @@ def test_auto_downscale_for_a_budget_codes_the_largest_picture_the_budget_can_fe
     assert bitstream.peek_header(data).downscale == 1
 
 
-def test_the_sender_codes_no_picture_a_receiver_would_refuse(exported, monkeypatch) -> None:
+def test_the_sender_codes_no_picture_a_receiver_would_refuse(
+    exported: tuple[AEICModel, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """48 MP is never coded whole by auto; asked for explicitly, it fails before any analysis."""
     assert coding_scale.downscale_for_budget(6000, 8000, 300_000) == 2  # whole would be 48 M coded pixels
     assert coding_scale.budget_downscales(6000, 8000, 300_000) == [2, 4]
@@ -167,7 +182,7 @@ def test_the_sender_codes_no_picture_a_receiver_would_refuse(exported, monkeypat
         SenderCodec.from_package(folder, downscale=1).analyse(rgb)
 
 
-def test_real_photo_round_trip(codecs, tmp_path) -> None:
+def test_real_photo_round_trip(codecs: tuple[SenderCodec, ReceiverCodec], tmp_path: Path) -> None:
     skimage_data = pytest.importorskip("skimage.data")
     sender, receiver = codecs
     rgb = skimage_data.astronaut()[:333, :257]
@@ -176,7 +191,7 @@ def test_real_photo_round_trip(codecs, tmp_path) -> None:
     assert len(data) * 8 / (rgb.shape[0] * rgb.shape[1]) < 1.0
 
 
-def test_batched_decode_equals_single_decodes(codecs) -> None:
+def test_batched_decode_equals_single_decodes(codecs: tuple[SenderCodec, ReceiverCodec]) -> None:
     sender, receiver = codecs
     streams = [sender.encode(_photo(96, 160, seed), seed % sender.num_levels) for seed in range(3)]
     batched = receiver.decode_batch(streams)
@@ -184,7 +199,7 @@ def test_batched_decode_equals_single_decodes(codecs) -> None:
         np.testing.assert_allclose(image.astype(int), receiver.decode(stream).astype(int), atol=1)
 
 
-def test_byte_budget_is_respected(codecs) -> None:
+def test_byte_budget_is_respected(codecs: tuple[SenderCodec, ReceiverCodec]) -> None:
     sender, _ = codecs
     rgb = _photo(200, 300)
     sizes = [len(sender.encode(rgb, level)) for level in range(sender.num_levels)]
@@ -196,7 +211,9 @@ def test_byte_budget_is_respected(codecs) -> None:
         sender.encode_to_budget(rgb, min(sizes) - 1)
 
 
-def test_a_budget_level_0_overflows_is_met_by_a_higher_low_level(codecs, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_budget_level_0_overflows_is_met_by_a_higher_low_level(
+    codecs: tuple[SenderCodec, ReceiverCodec], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Below the second trained rate point sizes are not monotone in the level (measured on photos:
     104, 102, 101, ... bytes at levels 0, 1, 2): a 101-byte budget must get level 2, not an error."""
     sender, _ = codecs
@@ -208,7 +225,7 @@ def test_a_budget_level_0_overflows_is_met_by_a_higher_low_level(codecs, monkeyp
         sender.encode_to_budget(_photo(64, 64), 100)
 
 
-def test_receiver_refuses_other_models_and_bad_levels(codecs) -> None:
+def test_receiver_refuses_other_models_and_bad_levels(codecs: tuple[SenderCodec, ReceiverCodec]) -> None:
     sender, receiver = codecs
     stream = bitstream.unpack(sender.encode(_photo(64, 64), 0))
     foreign = bitstream.Bitstream(
@@ -223,7 +240,9 @@ def test_receiver_refuses_other_models_and_bad_levels(codecs) -> None:
         receiver.decode(bitstream.pack(bad_level))
 
 
-def test_a_header_too_large_to_decode_is_refused_before_decoding(codecs, tmp_path, capsys) -> None:
+def test_a_header_too_large_to_decode_is_refused_before_decoding(
+    codecs: tuple[SenderCodec, ReceiverCodec], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A 23-byte stream may claim 16384x16384 (hundreds of GB to synthesise): refused from the header alone."""
     from aeic.codec.cli import main
 
@@ -244,20 +263,27 @@ def test_a_header_too_large_to_decode_is_refused_before_decoding(codecs, tmp_pat
     assert len(errors) == 1 and "too large to decode" in errors[0]
 
 
-def test_a_batch_over_the_pixel_budget_is_split_with_the_same_images(codecs, monkeypatch) -> None:
+def test_a_batch_over_the_pixel_budget_is_split_with_the_same_images(
+    codecs: tuple[SenderCodec, ReceiverCodec], monkeypatch: pytest.MonkeyPatch
+) -> None:
     sender, receiver = codecs
     streams = [sender.encode(_photo(64, 64, seed), 1) for seed in range(3)]
     together = receiver.decode_batch(streams)
     monkeypatch.setattr(receiver, "max_coded_pixels", 128 * 128)  # one padded 64x64 image per pass
-    calls = []
+    calls: list[int] = []
     original = receiver.model.forward
-    monkeypatch.setattr(receiver.model, "forward", lambda y, p: calls.append(len(y)) or original(y, p))
+
+    def counted(y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        calls.append(len(y))
+        return original(y, p)
+
+    monkeypatch.setattr(receiver.model, "forward", counted)
     split = receiver.decode_batch(streams)
     assert calls == [1, 1, 1]
     assert all(np.array_equal(a, b) for a, b in zip(together, split, strict=True))
 
 
-def test_corrupt_payload_with_valid_crc_gives_typed_error(codecs) -> None:
+def test_corrupt_payload_with_valid_crc_gives_typed_error(codecs: tuple[SenderCodec, ReceiverCodec]) -> None:
     sender, receiver = codecs
     stream = bitstream.unpack(sender.encode(_photo(200, 300, 4), sender.num_levels - 1))
     for cut in (1, 3):
@@ -266,14 +292,14 @@ def test_corrupt_payload_with_valid_crc_gives_typed_error(codecs) -> None:
             receiver.decode(bitstream.pack(broken))
 
 
-def _copy_package(folder, copy):
+def _copy_package(folder: Path, copy: Path) -> Path:
     copy.mkdir()
     for item in folder.iterdir():
         (copy / item.name).write_bytes(item.read_bytes())
     return copy
 
 
-def test_package_tampering_is_detected(exported, tmp_path) -> None:
+def test_package_tampering_is_detected(exported: tuple[AEICModel, Path], tmp_path: Path) -> None:
     _, folder = exported
     copy = _copy_package(folder, tmp_path / "copy")
     data = bytearray((copy / "entropy.npz").read_bytes())
@@ -283,7 +309,9 @@ def test_package_tampering_is_detected(exported, tmp_path) -> None:
         ModelPackage.load(copy)
 
 
-def test_a_sender_needs_no_receiver_weights(exported, codecs, tmp_path) -> None:
+def test_a_sender_needs_no_receiver_weights(
+    exported: tuple[AEICModel, Path], codecs: tuple[SenderCodec, ReceiverCodec], tmp_path: Path
+) -> None:
     """An edge device may carry the package without receiver.safetensors: same model id, same streams."""
     _, folder = exported
     copy = _copy_package(folder, tmp_path / "sender-only")
@@ -299,7 +327,9 @@ def test_a_sender_needs_no_receiver_weights(exported, codecs, tmp_path) -> None:
         SenderCodec.from_package(copy)
 
 
-def test_package_of_an_older_layout_is_refused_clearly(exported, tmp_path) -> None:
+def test_package_of_an_older_layout_is_refused_clearly(
+    exported: tuple[AEICModel, Path], tmp_path: Path
+) -> None:
     _, folder = exported
     copy = _copy_package(folder, tmp_path / "old")
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -309,20 +339,20 @@ def test_package_of_an_older_layout_is_refused_clearly(exported, tmp_path) -> No
         ModelPackage.load(copy)
 
 
-def test_model_id_is_reproducible(exported, tmp_path) -> None:
+def test_model_id_is_reproducible(exported: tuple[AEICModel, Path], tmp_path: Path) -> None:
     model, folder = exported
     again = export_package(model, tmp_path / "again")
     assert ModelPackage.load(again).model_id == ModelPackage.load(folder).model_id
 
 
-def test_every_package_file_gets_the_same_mode(exported) -> None:
+def test_every_package_file_gets_the_same_mode(exported: tuple[AEICModel, Path]) -> None:
     """A receiver running as another user (a container) must be able to read the weights too."""
     _, folder = exported
     modes = {item.name: item.stat().st_mode & 0o777 for item in folder.iterdir()}
     assert len(set(modes.values())) == 1, modes
 
 
-def test_png_written_by_cli_round_trip(exported, tmp_path) -> None:
+def test_png_written_by_cli_round_trip(exported: tuple[AEICModel, Path], tmp_path: Path) -> None:
     from aeic.codec.cli import main
 
     _, folder = exported
@@ -337,7 +367,12 @@ def test_png_written_by_cli_round_trip(exported, tmp_path) -> None:
     assert main(["decode", str(tmp_path / "garbage.aeic"), "--model", str(folder), "--device", "cpu"]) == 1
 
 
-def test_info_and_decode_refuse_a_file_too_large_to_be_a_stream(exported, tmp_path, capsys, monkeypatch) -> None:
+def test_info_and_decode_refuse_a_file_too_large_to_be_a_stream(
+    exported: tuple[AEICModel, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A wrong path (a disk image, /dev/zero) must not be read into memory whole."""
     from aeic.codec import cli
 
@@ -351,7 +386,9 @@ def test_info_and_decode_refuse_a_file_too_large_to_be_a_stream(exported, tmp_pa
     assert len(errors) == 2 and all("not an AEIC bitstream" in line for line in errors)
 
 
-def test_cli_reports_unreadable_images_in_one_line_and_codes_the_rest(exported, tmp_path, capsys) -> None:
+def test_cli_reports_unreadable_images_in_one_line_and_codes_the_rest(
+    exported: tuple[AEICModel, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from aeic.codec.cli import main
 
     _, folder = exported
@@ -365,7 +402,9 @@ def test_cli_reports_unreadable_images_in_one_line_and_codes_the_rest(exported, 
     assert good.with_suffix(".aeic").stat().st_size > 0
 
 
-def test_cli_refuses_a_missing_model_or_checkpoint_in_one_line(tmp_path, capsys) -> None:
+def test_cli_refuses_a_missing_model_or_checkpoint_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from aeic.codec.cli import main
 
     source = tmp_path / "photo.png"
@@ -377,7 +416,9 @@ def test_cli_refuses_a_missing_model_or_checkpoint_in_one_line(tmp_path, capsys)
     assert "not a model package" in errors[0] and "none.pt" in errors[1]
 
 
-def test_a_budget_the_rules_downscale_cannot_meet_falls_back_to_a_larger_one(exported, monkeypatch) -> None:
+def test_a_budget_the_rules_downscale_cannot_meet_falls_back_to_a_larger_one(
+    exported: tuple[AEICModel, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(coding_scale, "MIN_CODED_BPP", 0.0)  # the rule always asks for the whole picture
     _, folder = exported
     rgb = _photo(1030, 1100)
@@ -388,7 +429,9 @@ def test_a_budget_the_rules_downscale_cannot_meet_falls_back_to_a_larger_one(exp
     assert bitstream.peek_header(data).downscale == 2 and len(data) < whole_minimum
 
 
-def test_decode_output_is_a_folder_or_for_one_stream_the_picture_named(exported, tmp_path, capsys) -> None:
+def test_decode_output_is_a_folder_or_for_one_stream_the_picture_named(
+    exported: tuple[AEICModel, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`-o y.png` made a folder called y.png; now it is that picture, and a folder for several streams."""
     from aeic.codec.cli import main
 

@@ -47,7 +47,9 @@ def test_quantized_latent_is_what_the_receiver_decodes(package: Path) -> None:
         assert np.array_equal(decoded.numpy(), sender.quantized_latent(analysed, level))
 
 
-def test_decoder_stage_trains_resumes_and_exports_with_the_sender_unchanged(package: Path, photos: Path, tmp_path: Path) -> None:
+def test_decoder_stage_trains_resumes_and_exports_with_the_sender_unchanged(
+    package: Path, photos: Path, tmp_path: Path
+) -> None:
     torch.set_num_threads(1)
     stage = DecoderFinetuner(_config(package, photos, tmp_path / "run"))
     before = {k: v.clone() for k, v in stage.model.state_dict().items()}
@@ -73,7 +75,9 @@ def test_decoder_stage_trains_resumes_and_exports_with_the_sender_unchanged(pack
     assert ReceiverCodec.from_package(out, device="cpu").decode(new.encode(rgb, 1)).shape == rgb.shape
 
 
-def test_decoder_stage_can_train_low_levels_only_with_a_rate_dependent_texture_weight(package: Path, photos: Path, tmp_path: Path) -> None:
+def test_decoder_stage_can_train_low_levels_only_with_a_rate_dependent_texture_weight(
+    package: Path, photos: Path, tmp_path: Path
+) -> None:
     stage = DecoderFinetuner(_config(package, photos, tmp_path / "run", max_level=2, texture_weight=0.3,
                                      texture_weight_top=0.1))  # fmt: skip
     assert stage.levels == 3 < stage.package.num_levels
@@ -93,7 +97,9 @@ def test_sender_latents_sample_only_the_trained_levels(package: Path, photos: Pa
     assert set(positions.tolist()) <= allowed
 
 
-def test_a_killed_decoder_run_resumes_to_the_uninterrupted_weights_and_log(package: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_killed_decoder_run_resumes_to_the_uninterrupted_weights_and_log(
+    package: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The crops and the rate levels drawn after a resume are the ones an uninterrupted run draws."""
     torch.set_num_threads(1)
     extra = {"steps": 3, "checkpoint_minutes": 1e-9}
@@ -114,7 +120,9 @@ def test_decoder_stage_trains_on_the_configured_device(package: Path, photos: Pa
     assert stage.texture_weights(on_another_device).device == on_another_device.device
 
 
-def test_export_names_the_fine_tuned_package_it_cannot_find(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_names_the_fine_tuned_package_it_cannot_find(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A decoder-stage checkpoint records its package as its config named it (often relative to the
     repository): exported from another folder, the error says where that path came from."""
     checkpoint = tmp_path / "checkpoint.pt"

@@ -56,7 +56,9 @@ def test_step_masks_partition_the_latent() -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_numpy_encoder_and_torch_decoder_agree_on_100_inputs(tiny: tuple[AEICModel, EntropyModel], threads: int) -> None:
+def test_numpy_encoder_and_torch_decoder_agree_on_100_inputs(
+    tiny: tuple[AEICModel, EntropyModel], threads: int
+) -> None:
     model, integer = tiny
     rng = np.random.default_rng(threads)
     torch.set_num_threads(threads)
@@ -91,7 +93,9 @@ def test_float_noise_in_the_analysis_output_still_decodes(tiny: tuple[AEICModel,
         np.testing.assert_array_equal(integer.decode(payload, y.shape, TorchBackend()), sender_y)
 
 
-def test_fake_quantized_training_model_matches_the_integer_model(tiny: tuple[AEICModel, EntropyModel]) -> None:
+def test_fake_quantized_training_model_matches_the_integer_model(
+    tiny: tuple[AEICModel, EntropyModel]
+) -> None:
     model, integer = tiny
     y, z = _latents(model, 4, (1, 1))
     with torch.no_grad():
@@ -125,7 +129,9 @@ def test_every_partial_sum_provably_stays_below_2_53(tiny: tuple[AEICModel, Entr
         assert ModelPackage.load(shipped).entropy_model.accumulator_bound() < EXACT_LIMIT
 
 
-def test_a_model_whose_sums_could_leave_the_exact_range_is_refused(tiny: tuple[AEICModel, EntropyModel]) -> None:
+def test_a_model_whose_sums_could_leave_the_exact_range_is_refused(
+    tiny: tuple[AEICModel, EntropyModel]
+) -> None:
     import dataclasses
 
     from aeic.shared.entropy_model import EntropyModel, IntConv
@@ -202,7 +208,9 @@ def test_numpy_backend_computes_the_integer_definition_exactly(band_bytes: int) 
         np.testing.assert_array_equal(got, _definition_conv(x, layer), err_msg=f"case {case}")
 
 
-def _definition_encode(integer: EntropyModel, y: np.ndarray, z: np.ndarray, rounding: Rounding) -> tuple[bytes, np.ndarray]:
+def _definition_encode(
+    integer: EntropyModel, y: np.ndarray, z: np.ndarray, rounding: Rounding
+) -> tuple[bytes, np.ndarray]:
     """``EntropyModel.encode`` as specified, step by step over whole arrays with the definition's layers."""
     backend, encoder = _DefinitionBackend(), SymbolEncoder()
     z_symbols = np.floor(z.astype(np.float64) + 0.5).astype(np.int64)
@@ -221,7 +229,9 @@ def _definition_encode(integer: EntropyModel, y: np.ndarray, z: np.ndarray, roun
 
 
 @pytest.mark.parametrize("rounding", [nearest_rounding, RateDistortionRounding(4.0)], ids=["nearest", "rd"])
-def test_encode_gives_the_bytes_of_its_definition(tiny: tuple[AEICModel, EntropyModel], rounding: Rounding) -> None:
+def test_encode_gives_the_bytes_of_its_definition(
+    tiny: tuple[AEICModel, EntropyModel], rounding: Rounding
+) -> None:
     """The encoder's shortcuts (only the coded elements rounded, the context kept up to date in place,
     the backend's bands and skipped zeros) change no byte of the payload and nothing of ŷ."""
     model, integer = tiny

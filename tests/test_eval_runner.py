@@ -205,7 +205,9 @@ def test_budget_points_need_encode_to_budget(images: Path, tmp_path: Path) -> No
         runner.Evaluator(object(), config)  # type: ignore[arg-type]  # the wrong type is the point
 
 
-def test_cli_writes_results_plots_and_side_by_side(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_results_plots_and_side_by_side(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     argv = ["--images", str(images), "--rates", "0,1", "--baseline", "jpeg", "--out", str(out)]
     argv += ["--metrics", "psnr,ms_ssim,texture", "--no-progress"]
@@ -250,7 +252,9 @@ def test_cli_rejects_bad_arguments(images: Path, tmp_path: Path, extra: list[str
     assert exc.value.code == 2
 
 
-def test_cli_missing_image_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_missing_image_folder_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = ["--images", str(tmp_path / "nope"), "--rates", "0", "--out", str(tmp_path / "o")]
     assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 2
     assert "image folder not found" in capsys.readouterr().err
@@ -336,7 +340,9 @@ def test_a_fixed_coding_downscale_is_recorded_per_row(tiny_package: Path, images
     assert [row["factor"] for row in summary["rows"] if row["method"] == "aeic"] == [0.5, 0.5]
 
 
-def test_cli_rejects_rate_indices_the_model_lacks(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rejects_rate_indices_the_model_lacks(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = ["--images", str(images), "--rates", "0,3", "--out", str(tmp_path / "o")]
     assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 2
     assert "rate indices 0..2" in capsys.readouterr().err

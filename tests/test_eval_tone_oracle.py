@@ -72,7 +72,9 @@ def test_a_jpeg_original_is_found_from_its_reconstructions_name(tmp_path: Path) 
     assert row["images"] == 1 and row["psnr_gain_db"] > 3
 
 
-def test_a_run_without_budget_reconstructions_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_without_budget_reconstructions_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "run" / "recon" / "rate0" / "aeic").mkdir(parents=True)
     with pytest.raises(SystemExit) as stop:
         tone_oracle.main([str(tmp_path / "run"), str(tmp_path)])

@@ -57,7 +57,9 @@ def test_streams_stay_byte_for_byte_and_decode(fine_tunes: tuple[Path, Path, Pat
     assert ReceiverCodec.from_package(out, device="cpu").decode(stream).shape == rgb.shape
 
 
-def test_refuses_other_streams_and_weights_outside_the_range(fine_tunes: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_refuses_other_streams_and_weights_outside_the_range(
+    fine_tunes: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     base, first, _ = fine_tunes
     other = make_tiny_package(base / "other-sender", seed=1)
     with pytest.raises(ValueError, match="different streams"):
@@ -68,7 +70,9 @@ def test_refuses_other_streams_and_weights_outside_the_range(fine_tunes: tuple[P
     assert "different streams" in capsys.readouterr().err
 
 
-def test_command_writes_a_package(fine_tunes: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_writes_a_package(
+    fine_tunes: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     base, first, second = fine_tunes
     assert aeic_main(["interpolate", str(first), str(second), str(base / "cli"), "--weight", "0.25"]) == 0
     assert f"id {ModelPackage.load(base / 'cli').model_id.hex()}" in capsys.readouterr().out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from aeic.codec.export import export_package
@@ -13,7 +15,7 @@ from aeic.training.trainer import Trainer
 from training_support import write_training_photos
 
 
-def test_import_gives_back_the_exported_model(tmp_path) -> None:
+def test_import_gives_back_the_exported_model(tmp_path: Path) -> None:
     original = make_tiny_model(seed=3)
     package = export_package(original, tmp_path / "package")
     imported = model_from_package(package).eval()
@@ -26,13 +28,13 @@ def test_import_gives_back_the_exported_model(tmp_path) -> None:
     exported, reimported = (pkg.entropy_model_to_arrays(m.entropy.export()) for m in (original, imported))
     layers = [k for k in exported if k.startswith(("context.", "hyper_synthesis."))]
     assert layers and all(np.array_equal(exported[k], reimported[k]) for k in layers)
-    scales = (m.entropy.z_log_scale.exp() for m in (original, imported))
-    assert torch.allclose(*scales, rtol=1e-3)  # fitted back from 16-bit frequency tables
+    original_scale, imported_scale = (m.entropy.z_log_scale.exp() for m in (original, imported))
+    assert torch.allclose(original_scale, imported_scale, rtol=1e-3)  # fitted back from 16-bit frequency tables
     for name, tensor in original.synthesis.state_dict().items():
         assert torch.equal(imported.synthesis.state_dict()[name], tensor.half().float())
 
 
-def test_training_starts_from_a_package(tmp_path) -> None:
+def test_training_starts_from_a_package(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     package = export_package(make_tiny_model(seed=4), tmp_path / "package")
     (tmp_path / "photos").mkdir()

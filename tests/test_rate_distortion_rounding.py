@@ -134,7 +134,9 @@ def test_nearest_removes_the_setting_and_bad_weights_are_refused(packages: tuple
         set_rounding_weight(plain, base / "bad", -2.0)
 
 
-def test_a_malformed_weight_in_a_manifest_is_a_clear_error(packages: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_a_malformed_weight_in_a_manifest_is_a_clear_error(
+    packages: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     _, plain, _ = packages
     for name in ModelPackage.load(plain).manifest["files"]:
         (tmp_path / name).write_bytes((plain / name).read_bytes())

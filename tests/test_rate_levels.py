@@ -72,7 +72,9 @@ def test_finer_levels_fill_a_byte_budget_at_least_as_well_and_decode(packages: t
         assert receiver.decode(fine_stream).shape == rgb.shape
 
 
-def test_relevel_cli_writes_a_loadable_package_and_refuses_too_many_levels(packages: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_relevel_cli_writes_a_loadable_package_and_refuses_too_many_levels(
+    packages: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     coarse, _ = packages
     assert aeic_main(["relevel", str(coarse), str(tmp_path / "p"), "--per-step", "2"]) == 0
     assert ModelPackage.load(tmp_path / "p").num_levels == 2 * (ModelPackage.load(coarse).num_levels - 1) // 4 + 1

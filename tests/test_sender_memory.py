@@ -19,7 +19,9 @@ from aeic.shared.padding import colour_statistics
 
 
 @pytest.fixture(scope="module", params=["tiny-se", "tiny-me"])
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[AEICModel, ModelPackage]:
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[AEICModel, ModelPackage]:
     model = make_tiny_model(request.param)
     return model, ModelPackage.load(export_package(model, tmp_path_factory.mktemp(request.param)))
 

@@ -132,7 +132,9 @@ def test_adversarial_stage_freezes_the_sender_half(photos: Path, tmp_path: Path)
     assert '"discriminator"' in (tmp_path / "adv" / "log.jsonl").read_text()
 
 
-def test_encoder_stage_trains_the_sender_only_and_keeps_tables_levels_and_receiver(photos: Path, tmp_path: Path) -> None:
+def test_encoder_stage_trains_the_sender_only_and_keeps_tables_levels_and_receiver(
+    photos: Path, tmp_path: Path
+) -> None:
     shipped = export_package(load_checkpoint_model(Trainer(_config(photos, tmp_path / "pre")).run()), tmp_path / "v1")
     trainer = Trainer(_config(photos, tmp_path / "enc", stage="encoder", init=shipped, lowpass_weight=50.0, lr=1e-2))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -287,7 +289,9 @@ FULL_PIPELINE = ("full-me-pretrain", "full-me-adversarial", "full-se-distil", "f
 TEST_SIZES = {"full-me": "tiny-full-me", "full-se": "tiny-full"}
 
 
-def test_the_paper_size_pipeline_runs_its_configs_at_test_size(photos: Path, tiny_sd_turbo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_paper_size_pipeline_runs_its_configs_at_test_size(
+    photos: Path, tiny_sd_turbo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The GPU configs of the SD-Turbo model, in order, with test-sized models, data and random SD-Turbo
     weights: each stage starts from the one before, the cache holds SD VAE latents, and the result
     exports to a package that codes and decodes."""
@@ -323,7 +327,9 @@ def test_the_cache_keeps_each_teachers_latents_apart(photos: Path, tmp_path: Pat
     assert len(list(tmp_path.glob("*.pt"))) == 2 * len(without)
 
 
-def test_profile_reports_a_step_and_saves_nothing(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_profile_reports_a_step_and_saves_nothing(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(f'name = "t"\nmodel = "tiny-se"\ndata = "{photos}"\ncache = "{tmp_path / "cache"}"\nshort_side = 160\n'
                       f'crop = 128\nbatch = 2\ndevice = "cpu"\nout = "{tmp_path / "run"}"\n')  # fmt: skip

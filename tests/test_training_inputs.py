@@ -77,7 +77,9 @@ def _one_line_error(capsys: pytest.CaptureFixture, status: int, fragment: str) -
     assert fragment in lines[0], err
 
 
-def test_bad_photos_are_skipped_with_one_warning_each_and_never_cached(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_photos_are_skipped_with_one_warning_each_and_never_cached(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     photos = _photos(tmp_path, 2)
     bad = _bad_files(photos)
     _photo(photos / "small.png", 48, 64)  # under the crop: left out, counted
@@ -132,7 +134,9 @@ def test_nested_linked_hidden_and_non_utf8_names(tmp_path: Path, capsys: pytest.
     assert "skipped " in capsys.readouterr().err  # printed escaped, not a UnicodeEncodeError of its own
 
 
-def test_a_photo_over_pillows_size_limit_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_photo_over_pillows_size_limit_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     photos = _photos(tmp_path, 2)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 200 x 300 is over twice this: DecompressionBombError
     with pytest.raises(TrainingDataError, match=f"none of the 2 photos in {photos} is usable \\(2 unreadable"):
@@ -159,7 +163,9 @@ def test_the_cache_follows_the_folder_and_survives_a_damaged_entry(tmp_path: Pat
     assert [torch.equal(a.pixels, b.pixels) for a, b in zip(after, again, strict=True)] == [True, True]
 
 
-def test_an_unusable_dataset_fails_at_start_naming_the_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unusable_dataset_fails_at_start_naming_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "readme.txt").write_text("photos elsewhere")
     _one_line_error(capsys, train_cli.main([_config(tmp_path, tmp_path / "texts")]),
@@ -183,7 +189,9 @@ def test_an_unusable_dataset_fails_at_start_naming_the_folder(tmp_path: Path, ca
     ('init = "{tmp}/nowhere.pt"', "nowhere.pt"),
     ('stage = "decoder"\npackage = "{tmp}/nowhere"', "nowhere"),
 ])
-def test_a_bad_value_or_missing_file_in_a_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, fragment: str) -> None:
+def test_a_bad_value_or_missing_file_in_a_config_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, fragment: str
+) -> None:
     config = _config(tmp_path, _photos(tmp_path, 1), extra.format(tmp=tmp_path))
     _one_line_error(capsys, train_cli.main([config]), fragment)
 
@@ -206,7 +214,9 @@ def test_a_cuda_device_the_machine_lacks_is_refused(monkeypatch: pytest.MonkeyPa
     assert resolve_device("auto").type == "cpu"  # the documented fallback
 
 
-def test_ctrl_c_while_caching_is_one_line_and_keeps_the_photos_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ctrl_c_while_caching_is_one_line_and_keeps_the_photos_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     photos = _photos(tmp_path, 3)
     config = _config(tmp_path, photos)
     load = data_module.load_downsampled
@@ -226,7 +236,9 @@ def test_ctrl_c_while_caching_is_one_line_and_keeps_the_photos_done(tmp_path: Pa
     assert train_cli.main([config]) == 0
 
 
-def test_a_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_kill_while_writing_a_checkpoint_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.set_num_threads(1)
     config = _config(tmp_path, _photos(tmp_path, 1))
     assert train_cli.main([config]) == 0

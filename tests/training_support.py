@@ -50,7 +50,9 @@ def logged_steps(run: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k != "minutes"} for line in lines]
 
 
-def kill_after_the_first_checkpoint(stage: type[Stage], config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+def kill_after_the_first_checkpoint(
+    stage: type[Stage], config: TrainConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Run ``config`` as a run that checkpointed after step 1, logged step 2 and died in step 3 (a crash or a
     kill -9: no Ctrl-C, so no last checkpoint), its last log line cut short."""
     save, train_step = stage.save, stage.train_step
