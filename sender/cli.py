@@ -25,7 +25,7 @@ import numpy as np
 from aeic.sender.backoff import Backoff
 from aeic.sender.coding_scale import AUTO_SHORT_SIDE, MIN_CODED_BPP, parse_downscale
 from aeic.sender.config import ConfigError, SenderConfig, load_config
-from aeic.sender.forward import DrainReport, Forwarder
+from aeic.sender.forward import DrainReport, Forwarder, ItemPolicy
 from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
 from aeic.sender.report import Reporter
@@ -191,7 +191,12 @@ def _rate_control(config: SenderConfig) -> RateControl:
 
 
 def _open_spool(config: SenderConfig) -> Spool:
-    return Spool(config.spool_dir, max_items=config.spool_max_items, max_bytes=config.spool_max_bytes)
+    return Spool(
+        config.spool_dir,
+        max_items=config.spool_max_items,
+        max_bytes=config.spool_max_bytes,
+        max_item_bytes=config.spool_max_item_bytes,
+    )
 
 
 def _forwarder(
@@ -205,8 +210,15 @@ def _forwarder(
         config.receiver_url, config.token_value() or "", ca_bundle=config.ca_bundle, timeout=config.timeout
     )
     backoff = Backoff(base=config.backoff_base, max_delay=config.backoff_max)
+    policy = ItemPolicy(config.item_max_attempts, config.item_max_age, config.item_backoff_max)
     return Forwarder(
-        spool, uploader, backoff=backoff, sleep=sleep, listener=reporter.upload, on_error=reporter.info
+        spool,
+        uploader,
+        backoff=backoff,
+        item_policy=policy,
+        sleep=sleep,
+        listener=reporter.upload,
+        on_error=reporter.info,
     )
 
 
@@ -324,6 +336,8 @@ def _finish(
     )
     if remaining:
         reason = report.stopped.detail if report.stopped else "not delivered yet"
+        if report.stopped is None and report.set_aside:
+            reason = "set aside after failing while the receiver accepted others; `aeic-send spool` lists them"
         reporter.info(
             f"{remaining} item(s) remain queued in {forwarder.spool.root} ({reason}); "
             "they are safe on disk: run `aeic-send flush` or keep the agent running"
@@ -376,9 +390,12 @@ def cmd_spool(
     args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
 ) -> int:
     spool = _open_spool(config)
+    set_aside = 0
     for state, items in (("pending", spool.pending()), ("rejected", spool.rejected())):
         for item in items:
             why = item.extra.get("reason") if state == "rejected" else item.last_error
+            aside = state == "pending" and item.failed_alone > 0
+            set_aside += aside
             reporter.event(
                 "item",
                 state=state,
@@ -387,16 +404,20 @@ def cmd_spool(
                 size=item.size,
                 attempts=item.attempts,
                 detail=why,
+                **({"failed_alone": item.failed_alone, "next_attempt": item.next_attempt} if aside else {}),
             )
             if not reporter.as_json:
+                if aside:
+                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item.next_attempt))
+                    why = f"{why}; set aside: failed {item.failed_alone}x while others were accepted, next try {when}"
                 reporter._emit(
                     reporter.out,
                     f"{state:8} {item.key[:12]} {item.size:>7} B "
                     f"attempts {item.attempts:<3} {item.source or '?'}" + (f"  ({why})" if why else ""),
                 )
     reporter.info(
-        f"{len(spool)} pending ({spool.pending_bytes()} bytes), {len(spool.rejected())} rejected "
-        f"in {spool.root}"
+        f"{len(spool)} pending ({spool.pending_bytes()} bytes; {set_aside} set aside), "
+        f"{len(spool.rejected())} rejected in {spool.root}"
     )
     return EXIT_OK
 

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from aeic.sender.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS
+from aeic.sender.forward import ItemPolicy
+from aeic.sender.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_BYTES, DEFAULT_MAX_ITEMS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,11 +61,21 @@ class SenderConfig(BaseModel):
     retry_for: float = Field(60.0, ge=0, description="one-shot commands: seconds to keep retrying")
     backoff_base: float = Field(1.0, gt=0, description="first retry delay, seconds")
     backoff_max: float = Field(300.0, gt=0, description="longest retry delay, seconds")
+    item_max_attempts: int = Field(
+        ItemPolicy.max_attempts, ge=1, description="an item failing while the receiver accepts others is "
+        "rejected after this many such failures, once they span item_max_age")  # fmt: skip
+    item_max_age: float = Field(ItemPolicy.max_age, ge=0, description="seconds, see item_max_attempts")
+    item_backoff_max: float = Field(
+        ItemPolicy.backoff_max, gt=0, description="longest delay between tries of an item set aside, seconds"
+    )
 
     # Spool.
     spool_dir: Path = Field(default_factory=default_spool_dir)
     spool_max_items: int = Field(DEFAULT_MAX_ITEMS, ge=1)
     spool_max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    spool_max_item_bytes: int = Field(
+        DEFAULT_MAX_ITEM_BYTES, ge=1, description="a pending file larger than this is rejected unread"
+    )
 
     # Encoder.
     model: Path | None = Field(None, description="model package directory (default: the shipped one)")

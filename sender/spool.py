@@ -9,13 +9,16 @@ Layout under the spool root::
 
     pending/<key>.aeic    the bitstream; <key> = hex SHA-256 of its bytes (the upload's
     pending/<key>.json    Idempotency-Key) and a sidecar: source, created, attempts, ...
-    rejected/<key>.aeic   items the receiver refused for good (a 4xx), kept with the reason
-    rejected/<key>.json   for an operator; never retried automatically, never deleted
+    rejected/<key>.aeic   items the receiver refused for good (a 4xx), items that kept failing
+    rejected/<key>.json   alone, and files no bitstream could be (damaged, far too large), kept
+                          with the reason for an operator; never retried automatically, never deleted
 
 The ``.aeic`` file is the item; the sidecar is metadata. Opening a spool recovers from a
 crash: leftover temporary files are deleted, a bitstream without a sidecar gets a fresh one,
 a sidecar without a bitstream is dropped. Because the name is the content digest, putting
-the same bitstream twice keeps one item.
+the same bitstream twice keeps one item. A sidecar also holds an item's own retry state (failures
+proven its own, when to try it next; see :mod:`aeic.sender.forward`), rewritten atomically like
+the rest, so a restart keeps it.
 
 Size bound and policy when full: the *pending* items are bounded by ``max_items`` and
 ``max_bytes`` (bitstream bytes). When a new item would exceed either bound, :meth:`Spool.put`
@@ -43,6 +46,10 @@ DATA_SUFFIX = ".aeic"
 META_SUFFIX = ".json"
 DEFAULT_MAX_ITEMS = 100_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+# No stream a receiver decodes comes near this: at most 4096x4096 coded pixels (shared/decode_limits.py)
+# at 8 bits a pixel, 50 times the top rate level. A pending file over it is something else (a file
+# copied in by hand, a damaged directory entry) and is rejected unread instead of read whole each pass.
+DEFAULT_MAX_ITEM_BYTES = 16 * 1024 * 1024
 
 
 class SpoolError(Exception):
@@ -57,9 +64,17 @@ class SpoolCorruptError(SpoolError):
     """A stored bitstream no longer matches its digest (disk corruption)."""
 
 
+class SpoolItemTooLargeError(SpoolCorruptError):
+    """A pending file is larger than any bitstream may be; it was not read."""
+
+
 def idempotency_key(data: bytes) -> str:
     """The item's name and the upload's Idempotency-Key: hex SHA-256 of the bitstream."""
     return hashlib.sha256(data).hexdigest()
+
+
+_SIDECAR_FIELDS = frozenset({"key", "size", "source", "created", "attempts", "last_error", "failed_alone",
+                             "failed_alone_since", "next_attempt"})  # fmt: skip
 
 
 @dataclass
@@ -74,6 +89,11 @@ class SpoolItem:
     attempts: int = 0
     last_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Failures proven the item's own (the receiver accepted other items around them), since when
+    # (wall clock), and the wall-clock time before which it is not tried again.
+    failed_alone: int = 0
+    failed_alone_since: float | None = None
+    next_attempt: float = 0.0
 
     def sidecar(self) -> dict[str, Any]:
         return {
@@ -84,6 +104,9 @@ class SpoolItem:
             "attempts": self.attempts,
             "last_error": self.last_error,
             **self.extra,
+            "failed_alone": self.failed_alone,
+            "failed_alone_since": self.failed_alone_since,
+            "next_attempt": self.next_attempt,
         }
 
 
@@ -96,14 +119,16 @@ class Spool:
         *,
         max_items: int = DEFAULT_MAX_ITEMS,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
-        if max_items < 1 or max_bytes < 1:
+        if max_items < 1 or max_bytes < 1 or max_item_bytes < 1:
             raise ValueError("spool bounds must be positive")
         self.root = Path(root)
         self.pending_dir = self.root / "pending"
         self.rejected_dir = self.root / "rejected"
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.max_item_bytes = max_item_bytes
         self._lock = threading.Lock()
         for directory in (self.root, self.pending_dir, self.rejected_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -196,9 +221,11 @@ class Spool:
             return self._recovered_item(data)
         try:
             created, attempts = float(meta.get("created", 0.0)), int(meta.get("attempts", 0))
+            failed_alone, next_attempt = int(meta.get("failed_alone", 0)), float(meta.get("next_attempt", 0.0))
+            since = meta.get("failed_alone_since")
+            since = None if since is None else float(since)
         except (TypeError, ValueError, OverflowError):
             return self._recovered_item(data)
-        known = {"key", "size", "source", "created", "attempts", "last_error"}
         return SpoolItem(
             key=data.stem,
             path=data,
@@ -207,7 +234,10 @@ class Spool:
             created=created,
             attempts=attempts,
             last_error=meta.get("last_error"),
-            extra={k: v for k, v in meta.items() if k not in known},
+            extra={k: v for k, v in meta.items() if k not in _SIDECAR_FIELDS},
+            failed_alone=failed_alone,
+            failed_alone_since=since,
+            next_attempt=next_attempt,
         )
 
     # ------------------------------------------------------------------ updates
@@ -248,8 +278,17 @@ class Spool:
             )
 
     def read(self, item: SpoolItem) -> bytes:
-        """The item's bitstream, checked against its digest."""
-        data = item.path.read_bytes()
+        """The item's bitstream, checked against its digest; a file over ``max_item_bytes`` is refused
+        unread (:class:`SpoolItemTooLargeError`): read whole on every pass, it would cost the memory a
+        small device has, and it cannot be a bitstream anyway."""
+        with item.path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > self.max_item_bytes:
+                raise SpoolItemTooLargeError(
+                    f"{item.path}: {size} bytes, over the largest a bitstream may be here "
+                    f"(spool_max_item_bytes={self.max_item_bytes}); not read, not uploaded"
+                )
+            data = file.read(size + 1)  # bounded: a file growing meanwhile fails the digest check below
         if idempotency_key(data) != item.key:
             raise SpoolCorruptError(f"{item.path}: content no longer matches its SHA-256 name")
         return data
@@ -268,6 +307,26 @@ class Spool:
                 # Disk full or read-only: the count is only for operators, and the bitstream is
                 # safe; failing here would end `send`/`flush` without saying what stays queued.
                 pass
+
+    def set_aside(self, item: SpoolItem, error: str, *, now: float, until: float, own: bool) -> None:
+        """Record a failed upload and the wall-clock time before which the item is not tried again.
+
+        ``own``: the failure is proven the item's (the receiver accepted other items around it) and
+        counts towards giving the item up. Best effort like :meth:`record_attempt`: on a read-only
+        spool the forwarder keeps the time in memory, so the item still does not block the queue.
+        """
+        with self._lock:
+            if not item.path.exists():
+                return
+            item.attempts += 1
+            item.last_error = error
+            item.extra["last_attempt"] = now
+            if own:
+                item.failed_alone += 1
+                item.failed_alone_since = now if item.failed_alone_since is None else item.failed_alone_since
+            item.next_attempt = until
+            with suppress(OSError):
+                self._write_sidecar(item, sync_dir=False)
 
     def remove(self, item: SpoolItem) -> None:
         """Forget an item the receiver acknowledged (tolerates a concurrent removal)."""

@@ -13,6 +13,8 @@ How answers map to what the spool does (see :class:`Outcome`):
 * 2xx without a receipt, 408, 429, 5xx, network and TLS errors: ``RETRY``, the item stays; back
   off with jitter (at least the server's ``Retry-After``). A 2xx without an id is not the
   receiver's answer (a captive portal or a proxy's page): taking it as delivered would lose the image.
+  The forwarder learns from the next item whether such a failure is this item's alone
+  (:mod:`aeic.sender.forward`); ``receiver_wide`` marks those that cannot be.
 * 401, 403 (token refused), 404, 405 (wrong URL), 3xx (moved): ``BLOCKED``. Nothing is wrong
   with the item: every item would get the same answer until an operator fixes the token or
   URL, so items stay queued (not rejected) and the drain stops with the reason.
@@ -62,6 +64,10 @@ class UploadResult:
     detail: str
     receiver_id: str | None = None
     retry_after: float = 0.0
+    # A RETRY that says nothing about this item: no connection to the receiver at all, or a 429 (the
+    # device's rate limit). The drain backs off at once instead of trying the next item to learn
+    # whether the fault is the item's.
+    receiver_wide: bool = False
 
 
 class UploadConfigError(ValueError):
@@ -142,7 +148,8 @@ class Uploader:
             with self._deadline.running(self._timeout):
                 response = self._post(data, headers)
         except httpx.TransportError as exc:
-            return UploadResult(Outcome.RETRY, None, _transport_detail(exc))
+            unreached = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+            return UploadResult(Outcome.RETRY, None, _transport_detail(exc), receiver_wide=unreached)
         return classify(response)
 
     def _post(self, data: bytes, headers: dict[str, str]) -> httpx.Response:
@@ -173,7 +180,7 @@ def classify(response: httpx.Response) -> UploadResult:
                                 f"portal or proxy answering?): {reason}")  # fmt: skip
         return UploadResult(Outcome.ACCEPTED, status, f"HTTP {status}", receipt)
     if status in _RETRY_4XX or status >= 500:
-        return UploadResult(Outcome.RETRY, status, f"HTTP {status}: {reason}", None, _retry_after(response))
+        return UploadResult(Outcome.RETRY, status, f"HTTP {status}: {reason}", None, _retry_after(response), status == 429)
     if status in _BLOCKING_STATUSES:
         hint = "check the device token" if status in (401, 403) else "check the receiver URL"
         return UploadResult(Outcome.BLOCKED, status, f"HTTP {status}: {reason} ({hint})")

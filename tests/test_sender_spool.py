@@ -211,7 +211,7 @@ def test_a_drain_of_a_large_backlog_holds_its_order_not_every_item(tmp_path: Pat
 
     class Down:
         def upload(self, data: bytes, key: str) -> UploadResult:
-            return UploadResult(Outcome.RETRY, None, "ConnectError")
+            return UploadResult(Outcome.RETRY, None, "ConnectError", receiver_wide=True)
 
     forwarder = Forwarder(spool, Down())  # type: ignore[arg-type]
     tracemalloc.start()
