@@ -14,18 +14,22 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 from aeic.receiver.auth import create_device_token
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import ImageRecord, NewImage, SqlMetadataStore
+from aeic.receiver.storage import ImageRecord, MetadataStore, NewImage, SqlMetadataStore
 from aeic.shared.bitstream import Bitstream, Header, pack, peek_header
 
 from aeic import local_servers
 from aeic.local_servers import ServerNotInstalled, free_port
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from selenium.webdriver import Chrome
 
 
 def new_image(n: int, device: str = "cam1", key: str | None = None, size: tuple[int, int] = (64, 48),
@@ -182,6 +186,13 @@ def migrated_store(url: str) -> Iterator[SqlMetadataStore]:
         meta.close()
 
 
+def stored(store: MetadataStore, image_id: str) -> ImageRecord:
+    """The record of an image the test knows is stored (a missing one fails here, not in an attribute)."""
+    record = store.get_image(image_id)
+    assert record is not None, f"image {image_id} is not in the store"
+    return record
+
+
 @pytest.fixture()
 def store(database_url: str) -> Iterator[SqlMetadataStore]:
     """A migrated metadata store on each engine."""
@@ -192,7 +203,7 @@ def store(database_url: str) -> Iterator[SqlMetadataStore]:
 class ServerThread:
     """A real uvicorn server for `app` on a free loopback port, in a background thread."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: FastAPI) -> None:
         import uvicorn
 
         self.port = free_port()
@@ -225,7 +236,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture()
-def browser(tmp_path: Path) -> Iterator[object]:
+def browser(tmp_path: Path) -> Iterator[Chrome]:
     """Headless Debian Chromium driven by selenium through Debian's chromedriver (no downloads)."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip("chromium/chromium-driver not installed (install with .ci/install-system-deps.sh)")

@@ -19,8 +19,13 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aeic.shared.bitstream import BitstreamError, unpack
+
+if TYPE_CHECKING:  # not at runtime: make sender-compat runs these tests without the receiver's packages
+    import numpy as np
+    import uvicorn
 
 
 def free_port() -> int:
@@ -177,7 +182,7 @@ class ContainerCodec:
     def __init__(self) -> None:
         self.calls = 0
 
-    def encode(self, rgb, rate_index: int) -> bytes:
+    def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
         from aeic.shared.bitstream import Bitstream, Header, pack
 
         self.calls += 1
@@ -185,7 +190,7 @@ class ContainerCodec:
         payload = hashlib.shake_256(rgb.tobytes()).digest(8 + 40 * rate_index)
         return pack(Bitstream(Header(self.model_id, width, height, rate_index), payload))
 
-    def encode_to_budget(self, rgb, target_bytes: int) -> tuple[bytes, int]:
+    def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]:
         from aeic.sender.encoder import BudgetError
 
         for rate in reversed(self.rates):
@@ -219,7 +224,7 @@ class RealReceiver:
         store.migrate()
         self.token = create_device_token(store, "edge-1")
         store.close()
-        self._server = None
+        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -235,11 +240,11 @@ class RealReceiver:
 
         app = create_app(self.settings, registry=CodecRegistry.from_codecs(self.decoders))
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        server = self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
-        while not self._server.started:
+        while not server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError("the receiver did not start")
             time.sleep(0.02)
@@ -256,10 +261,11 @@ class RealReceiver:
         """Every image the device sees, through GET /v1/images (all pages)."""
         import httpx
 
-        items, cursor = [], None
+        items: list[dict] = []
+        cursor: str | None = None
         headers = {"Authorization": f"Bearer {token or self.token}"}
         while True:
-            params = {"cursor": cursor} if cursor else {}
+            params: dict[str, str] = {"cursor": cursor} if cursor else {}
             body = httpx.get(f"{self.url}/v1/images", headers=headers, params=params, timeout=10).json()
             items += body["items"]
             cursor = body.get("next")

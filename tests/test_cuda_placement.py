@@ -279,7 +279,7 @@ def starts(photos: Path, sd_turbo: Path, tmp_path_factory: pytest.TempPathFactor
 
 # each stage at test size: its stage class and what it adds to _config, given the starts; the full profile's
 # with full-*.toml's settings (and the pixel term of pretrain), the nano pretrain with TAEF2 as well
-STAGES: dict[str, tuple[type[ScheduledRun], Callable[[dict[str, Path]], dict]]] = {
+STAGES: dict[str, tuple[type[Trainer | DecoderFinetuner], Callable[[dict[str, Path]], dict]]] = {
     "pretrain": (Trainer, lambda s: {"stage": "pretrain"}),
     "pretrain-taef2": (Trainer, lambda s: {"model": "nano-se", "pixel_weight": 0.5}),
     "adversarial": (Trainer, lambda s: {"stage": "adversarial", "init": s["tiny-se"], "adversarial_weight": 0.1}),

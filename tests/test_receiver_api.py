@@ -43,7 +43,12 @@ class Env:
         token = ADMIN if who == "admin" else self.tokens[who]
         return {"Authorization": f"Bearer {token}", **OCTET, **extra}
 
-    def upload(self, who: str = "cam1", data: bytes | None = None, **extra: str) -> Any:
+    def upload(
+        self, who: str = "cam1", data: bytes | None = None, key: str | None = None, **extra: str
+    ) -> Any:
+        """POST ``data`` (a valid stream by default) as ``who``, with ``key`` as its Idempotency-Key."""
+        if key is not None:
+            extra["Idempotency-Key"] = key
         body = make_bitstream() if data is None else data
         return self.client.post("/v1/images", content=body, headers=self.headers(who, **extra))
 
@@ -110,15 +115,15 @@ def test_upload_decode_and_fetch_in_every_format(env: Env) -> None:
 
 
 def test_idempotency_key_returns_the_same_id(env: Env) -> None:
-    first = env.upload(**{"Idempotency-Key": "shot-1"})
-    again = env.upload(**{"Idempotency-Key": "shot-1"})
+    first = env.upload(key="shot-1")
+    again = env.upload(key="shot-1")
     assert first.status_code == again.status_code == 202
     assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
-    other_device = env.upload("cam2", **{"Idempotency-Key": "shot-1"})
+    other_device = env.upload("cam2", key="shot-1")
     assert other_device.json()["id"] != first.json()["id"]
-    conflict = env.upload(data=make_bitstream(payload=b"other"), **{"Idempotency-Key": "shot-1"})
+    conflict = env.upload(data=make_bitstream(payload=b"other"), key="shot-1")
     assert conflict.status_code == 409 and error_code(conflict) == "idempotency_conflict"
-    assert env.upload(**{"Idempotency-Key": "bad key with spaces"}).status_code == 400
+    assert env.upload(key="bad key with spaces").status_code == 400
     listing = env.client.get("/v1/images", headers=env.headers("admin")).json()
     assert len(listing["items"]) == 2
 
@@ -368,9 +373,9 @@ def test_full_flow_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
     tokens = make_tokens(settings, "cam1")
     with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))) as client:
         env = Env(client, tmp_path, tokens, FakeCodec())
-        ids = [env.upload(data=make_bitstream(payload=bytes([n])), **{"Idempotency-Key": f"k{n}"}).json()["id"]
+        ids = [env.upload(data=make_bitstream(payload=bytes([n])), key=f"k{n}").json()["id"]
                for n in range(3)]
-        assert env.upload(data=make_bitstream(payload=b"\x00"), **{"Idempotency-Key": "k0"}).json()["id"] == ids[0]
+        assert env.upload(data=make_bitstream(payload=b"\x00"), key="k0").json()["id"] == ids[0]
         assert [env.wait(i)["status"] for i in ids] == ["done"] * 3
         listed = client.get("/v1/images", headers=env.headers("cam1")).json()["items"]
         assert [i["id"] for i in listed] == list(reversed(ids))
@@ -460,10 +465,10 @@ def test_a_claim_the_full_disk_kept_is_released_once_storage_is_back(tmp_path: P
             raise OperationalError("UPDATE images", {}, sqlite3.OperationalError("database or disk is full"))
 
         worker = DecodeWorker(state.store, blobs, state.registry, WorkerConfig(retry_delay_s=0.0))
-        state.store.fail_attempt = database_full  # type: ignore[method-assign]
+        state.store.fail_attempt = database_full
         with pytest.raises(OperationalError):
             worker.run_once()
-        assert state.store.get_image(image_id).status is Status.DECODING  # type: ignore[union-attr]
+        assert state.store.get_image(image_id).status is Status.DECODING
         del state.store.fail_attempt  # space is back
         blobs.full = False
         for _ in range(3):
@@ -547,14 +552,14 @@ def test_a_worker_that_lost_its_claims_writes_no_files(tmp_path: Path) -> None:
         worker = DecodeWorker(state.store, state.blobs, state.registry, WorkerConfig(batch_size=2))
         original = worker._checked
 
-        def meanwhile(*args: Any) -> Any:
+        def meanwhile(*args: Any, **kwargs: Any) -> Any:
             state.store.requeue_abandoned(max_attempts=3)  # another process took `kept` over
             client.delete(f"/v1/images/{deleted}", headers=headers)
-            return original(*args)
+            return original(*args, **kwargs)
 
         worker._checked = meanwhile  # type: ignore[method-assign]
         worker.run_once()
-        assert state.store.get_image(kept).status is Status.PENDING  # type: ignore[union-attr]
+        assert state.store.get_image(kept).status is Status.PENDING
         blobs_dir = tmp_path / "blobs"
         assert not list(blobs_dir.rglob(f"{kept}.png"))  # the new owner writes its result, not this worker
         assert not list(blobs_dir.rglob(f"{deleted}.*"))

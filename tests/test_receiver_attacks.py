@@ -189,7 +189,7 @@ def test_a_storage_failure_names_no_server_path_to_the_device(tmp_path: Path) ->
     settings = _settings(tmp_path / "data")
     token = _token(settings, "cam1")
     with _client(settings) as client:
-        blobs = client.app.state.receiver.blobs  # type: ignore[attr-defined]
+        blobs = client.app.state.receiver.blobs
 
         def unreadable(key: str) -> bytes:
             raise PermissionError(13, "Permission denied", str(blobs.root / key))
@@ -226,7 +226,8 @@ def test_a_client_gone_mid_body_is_a_plain_client_error_not_a_traceback() -> Non
     from aeic.receiver.errors import ApiError
     from starlette.requests import Request
 
-    messages = iter([{"type": "http.request", "body": b"AEIC", "more_body": True}, {"type": "http.disconnect"}])
+    messages: Iterator[dict[str, Any]] = iter([{"type": "http.request", "body": b"AEIC", "more_body": True},
+                                               {"type": "http.disconnect"}])
 
     async def receive() -> dict[str, Any]:
         return next(messages)

@@ -29,7 +29,7 @@ from aeic.receiver.storage.blobs import bitstream_key
 from aeic.receiver.worker import DecodeWorker, WorkerConfig
 from aeic.shared.bitstream import peek_header
 from fastapi.testclient import TestClient
-from receiver_support import FakeCodec, make_bitstream
+from receiver_support import FakeCodec, make_bitstream, stored
 
 # Fixtures shared with the other receiver tests.
 database_url = receiver_support.database_url
@@ -91,10 +91,11 @@ def test_an_image_that_kills_the_process_fails_alone(store: SqlMetadataStore, tm
             break
         except ProcessKilled:
             deaths += 1
-    records = [store.get_image(i) for i in ids]
+    records = [stored(store, i) for i in ids]
     assert [r.status for r in records] == [Status.DONE, Status.FAILED, Status.DONE], [r.error for r in records]
     assert [r.decodes for r in records] == [1, 0, 1]
-    assert "last attempt" in records[1].error and deaths == MAX_ATTEMPTS
+    error = records[1].error
+    assert error is not None and "last attempt" in error and deaths == MAX_ATTEMPTS
     assert sorted(codec.decoded) == sorted([streams[0], streams[2]])
 
 
@@ -146,7 +147,7 @@ def test_a_queue_worker_takes_over_a_killer_without_its_batch_mates(store: SqlMe
             worker.handle(jobs)
         except ProcessKilled:
             deaths += 1
-    records = [store.get_image(i) for i in ids]
+    records = [stored(store, i) for i in ids]
     assert [r.status for r in records] == [Status.DONE, Status.FAILED, Status.DONE], [r.error for r in records]
     assert [r.decodes for r in records] == [1, 0, 1] and deaths == MAX_ATTEMPTS
     assert [d["image"] for d in queue.dead_letters()] == [ids[1]] and queue.backlog().pending == 0
@@ -180,14 +181,14 @@ def test_a_second_receiver_on_a_served_data_dir_refuses_to_start(tmp_path: Path)
     data = tmp_path / "data"
     codec = BlockingCodec()
     with TestClient(create_app(_settings(data), registry=CodecRegistry.from_codecs([codec]))) as first:
-        token = create_device_token(first.app.state.receiver.store, "cam1")  # type: ignore[attr-defined]
+        token = create_device_token(first.app.state.receiver.store, "cam1")
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
         image_id = first.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
         assert codec.entered.wait(30)
         second = create_app(_settings(data), registry=CodecRegistry.from_codecs([FakeCodec()]))
         with pytest.raises(DataDirInUseError, match=f"pid {os.getpid()}"), TestClient(second):
             pass
-        record = first.app.state.receiver.store.get_image(image_id)  # type: ignore[attr-defined]
+        record = first.app.state.receiver.store.get_image(image_id)
         assert record.status is Status.DECODING and record.attempts == 1 and record.error is None
         codec.release.set()
         deadline = time.monotonic() + 10
@@ -196,7 +197,7 @@ def test_a_second_receiver_on_a_served_data_dir_refuses_to_start(tmp_path: Path)
             time.sleep(0.02)
     # The lock goes with the process (or, here, the app) that held it.
     with TestClient(create_app(_settings(data), registry=CodecRegistry.from_codecs([FakeCodec()]))) as again:
-        record = again.app.state.receiver.store.get_image(image_id)  # type: ignore[attr-defined]
+        record = again.app.state.receiver.store.get_image(image_id)
         assert record.status is Status.DONE and record.decodes == 1 and record.attempts == 1
 
 

@@ -195,7 +195,7 @@ def test_past_the_deadline_the_lease_is_no_longer_renewed(meta: SqlMetadataStore
 
         tried = threading.Event()
 
-        def refused(*_args: object) -> bool:
+        def refused(*_args: Any, **_kwargs: Any) -> bool:
             tried.set()
             raise sa.exc.OperationalError("UPDATE images", {}, Exception("database is locked"))
 

@@ -168,7 +168,14 @@ def test_demo_in_serve_mode_keeps_the_gallery_up_until_ctrl_c(tiny_package: Path
     finally:
         signal.signal(signal.SIGINT, previous)
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+    stdout = process.stdout
+    assert stdout is not None  # stdout=PIPE
+
+    def pump() -> None:
+        for line in stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     seen: list[str] = []
     try:
         deadline = time.monotonic() + 300

@@ -8,9 +8,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 from aeic.receiver.api import create_app
 from aeic.receiver.auth import create_device_token
@@ -21,6 +20,11 @@ from fastapi.testclient import TestClient
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from receiver_support import FakeCodec, make_bitstream
+
+if TYPE_CHECKING:
+    from httpx2 import (
+        Response,  # what starlette's TestClient answers with (httpx2, not the httpx of the sender)
+    )
 
 ADMIN = "admin-secret-token"
 ERROR_REF = "#/components/schemas/ErrorBody"
@@ -33,7 +37,7 @@ class Api:
         self.client, self.doc = client, client.get("/openapi.json").json()
         self.auth = {"Authorization": f"Bearer {device_token}"}
 
-    def check(self, response: httpx.Response, method: str, template: str) -> None:
+    def check(self, response: Response, method: str, template: str) -> None:
         """The status is declared for the operation, and a JSON body matches the declared schema."""
         declared = self.doc["paths"][template][method.lower()]["responses"]
         status = str(response.status_code)
@@ -90,7 +94,7 @@ def test_every_error_is_declared_with_the_error_body(api: Api) -> None:
 def test_error_answers_match_the_document(api: Api) -> None:
     c, auth, octet = api.client, api.auth, {"Content-Type": "application/octet-stream"}
     missing = "/v1/images/" + "0" * 32
-    cases: list[tuple[httpx.Response, str, str]] = [
+    cases: list[tuple[Response, str, str]] = [
         (c.get("/v1/images"), "GET", "/v1/images"),
         (c.get("/v1/images?device=cam2", headers=auth), "GET", "/v1/images"),
         (c.get("/v1/images?cursor=zz", headers=auth), "GET", "/v1/images"),
@@ -124,7 +128,7 @@ def test_upload_conflicts_and_rate_limits_match_the_document(api: Api) -> None:
     assert statuses[:2] == [202, 409] and 429 in statuses
 
 
-def _done(api: Api, image_id: str) -> httpx.Response:
+def _done(api: Api, image_id: str) -> Response:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         response = api.client.get(f"/v1/images/{image_id}", headers=api.auth)

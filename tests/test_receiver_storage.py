@@ -22,7 +22,7 @@ from aeic.receiver.storage import (
     Status,
 )
 from aeic.receiver.storage.migrations import MIGRATIONS, current_version
-from receiver_support import new_image, store_left_at
+from receiver_support import new_image, store_left_at, stored
 
 # Fixtures shared with the other receiver tests.
 database_url = receiver_support.database_url
@@ -47,9 +47,9 @@ def test_a_v2_database_gains_the_coding_downscale(tmp_path: Path) -> None:
                            image=new_image(7))
     store = SqlMetadataStore.from_url(f"sqlite:///{tmp_path / 'v2.db'}")
     assert store.migrate() == MIGRATIONS[-1].version
-    assert store.get_image(record.id).downscale == 1
+    assert stored(store, record.id).downscale == 1
     halved, _ = store.insert_image(dataclasses.replace(new_image(8), downscale=2))
-    assert store.get_image(halved.id).downscale == 2
+    assert stored(store, halved.id).downscale == 2
 
 
 def test_insert_get_and_bpp(store: SqlMetadataStore) -> None:

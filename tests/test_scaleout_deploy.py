@@ -113,13 +113,17 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 def test_images_are_pinned_non_root_and_the_sender_has_no_torch() -> None:
     for path in DOCKERFILES:
         steps = _instructions(path)
-        args = dict(re.findall(r"^ARG (\w+)=(\S+)", path.read_text(), re.MULTILINE))
+        args: dict[str, str] = dict(re.findall(r"^ARG (\w+)=(\S+)", path.read_text(), re.MULTILINE))
         stages = {m.group(1) for _, v in steps for m in [re.search(r"\bAS (\S+)", v)] if m}
+
+        def resolve(m: re.Match[str], known: dict[str, str] = args) -> str:  # ${ARG} -> its default
+            return known.get(m.group(1), m.group(0))
+
         for kind, value in steps:
             if kind != "FROM":
                 continue
             image = re.sub(r"--platform=\S+\s+", "", value).split()[0]
-            image = re.sub(r"\$\{(\w+)\}", lambda m, known=args: known.get(m.group(1), m.group(0)), image)
+            image = re.sub(r"\$\{(\w+)\}", resolve, image)
             if image.startswith("constriction-"):  # per-architecture build stage
                 continue
             assert image in stages or re.search(r":[\w.-]*\d[\w.-]*$", image), f"{path.name}: unpinned {image}"

@@ -18,7 +18,7 @@ import receiver_support
 import scaleout_support
 from aeic.receiver.storage import FilesystemBlobStore, NewImage, SqlMetadataStore, Status
 from aeic.receiver.storage.blobs import bitstream_key
-from receiver_support import FakeCodec, ServerThread
+from receiver_support import FakeCodec, ServerThread, stored
 
 pytest.importorskip("redis", reason="redis is not installed (scale extra)")
 
@@ -95,12 +95,13 @@ def test_a_stream_the_decoder_refuses_is_dead_lettered_once(
         time.sleep(0.3)
         assert queue.reclaim("w1", 200, 10) == []  # settled at once: nothing left to come back
         assert worker.reconcile() == 0  # nothing failed is ever re-enqueued
-        records = {name: store.get_image(image_id) for name, image_id in ids.items()}
+        records = {name: stored(store, image_id) for name, image_id in ids.items()}
         assert (records["good"].status, records["good"].decodes) == (Status.DONE, 1)
         for name in ("oversize", "corrupt"):
             assert (records[name].status, records[name].attempts, records[name].decodes) == (Status.FAILED, 1, 0)
-        assert "ImageTooLargeError" in records["oversize"].error
-        assert "EntropyDecodeError" in records["corrupt"].error
+        too_large, undecodable = records["oversize"].error, records["corrupt"].error
+        assert too_large is not None and "ImageTooLargeError" in too_large
+        assert undecodable is not None and "EntropyDecodeError" in undecodable
         dead = Counter(d["image"] for d in queue.dead_letters())
         assert dead == {ids["oversize"]: 1, ids["corrupt"]: 1}
         backlog = queue.backlog()

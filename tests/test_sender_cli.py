@@ -229,7 +229,7 @@ def test_camera_sends_frames_from_an_opencv_source(
     import cv2
 
     clip = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 5, (32, 24))
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter.fourcc(*"MJPG"), 5, (32, 24))
     if not writer.isOpened():
         pytest.skip("this OpenCV build cannot write MJPG/AVI")
     for value in (30, 200):
