@@ -32,18 +32,22 @@ bench: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-# mypy ([tool.mypy] in pyproject.toml) on these packages, the aeic package's own modules and benchmarks/.
-# It cannot follow the editable install's import hook, so build/mypy/aeic links each aeic.X to its folder
-# and aeic/*.py to their files; messages name the real files.
+# mypy ([tool.mypy] in pyproject.toml) on these packages, the aeic package's own modules, benchmarks/ and
+# tests/. It cannot follow the editable install's import hook, so build/mypy/aeic links each aeic.X to its
+# folder and aeic/*.py to their files; messages name the real files. tests/ has no __init__.py: as pytest
+# imports them, each file there is a top-level module (test_bitstream, receiver_support, ...), found
+# through mypy_path, and given with -m (mypy takes modules or files, not both).
 TYPECHECKED := shared sender codec evaluation training receiver
 TYPECHECKED_MODULES := demo local_servers
 TYPECHECK_ARGS := $(addprefix -p aeic.,$(TYPECHECKED)) -m aeic $(addprefix -m aeic.,$(TYPECHECKED_MODULES)) -p benchmarks
+TYPECHECKED_TESTS := $(wildcard tests/*.py)
+TYPECHECK_TEST_ARGS := $(addprefix -m ,$(basename $(notdir $(TYPECHECKED_TESTS))))
 typecheck: $(VENV)/.installed
 	@mkdir -p build/mypy/aeic
 	@for d in $(TYPECHECKED); do ln -sfn ../../../$$d build/mypy/aeic/$$d; done
 	@for m in __init__ $(TYPECHECKED_MODULES); do ln -sfn ../../../aeic/$$m.py build/mypy/aeic/$$m.py; done
-	@echo "mypy $(TYPECHECK_ARGS)"
-	@$(VENV)/bin/mypy $(TYPECHECK_ARGS) >build/mypy/report.txt 2>&1; status=$$?; \
+	@echo "mypy $(TYPECHECK_ARGS) -m <each of tests/*.py>"
+	@$(VENV)/bin/mypy $(TYPECHECK_ARGS) $(TYPECHECK_TEST_ARGS) >build/mypy/report.txt 2>&1; status=$$?; \
 		sed -e 's|^build/mypy/aeic/\([a-z_]*\.py:\)|aeic/\1|' -e 's|^build/mypy/aeic/||' build/mypy/report.txt; \
 		exit $$status
 

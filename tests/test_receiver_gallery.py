@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import receiver_support
 from aeic.receiver.api import create_app
 from aeic.receiver.settings import ReceiverSettings
 from receiver_support import ServerThread
+from selenium.webdriver import Chrome
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
@@ -41,18 +43,18 @@ def _upload_and_wait(base: str, token: str, data: bytes) -> str:
     raise AssertionError(f"{image_id} was not decoded")
 
 
-def _card_ids(driver) -> list[str]:
+def _card_ids(driver: Chrome) -> list[str]:
     # One script call: the live grid may replace cards between separate element look-ups.
     return list(driver.execute_script("return [...document.querySelectorAll('#grid .card')].map(c => c.dataset.id)"))
 
 
-def _thumbs_loaded(driver) -> bool:
+def _thumbs_loaded(driver: Chrome) -> bool:
     return bool(driver.execute_script(
         "const imgs = [...document.querySelectorAll('#grid .card img')];"
         "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);"))
 
 
-def _settings(tmp_path: Path, package: Path, **overrides: object) -> ReceiverSettings:
+def _settings(tmp_path: Path, package: Path, **overrides: Any) -> ReceiverSettings:  # its fields
     """A receiver of the tiny package on the CPU with its data in ``tmp_path``."""
     return ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, model_packages=[package], device="cpu",
                             **overrides)
@@ -64,11 +66,13 @@ def _stream(package: Path, width: int, height: int, seed: int) -> bytes:
     return SenderCodec.from_package(package).encode(receiver_support.natural_photo(width, height, seed), 0)
 
 
-def _scale(driver) -> str:
+def _scale(driver: Chrome) -> str:
     return str(driver.find_element(By.ID, "viewer").get_attribute("data-scale"))
 
 
-def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser, tiny_package: Path) -> None:
+def test_gallery_live_grid_and_zoomable_image_page(
+    tmp_path: Path, browser: Chrome, tiny_package: Path
+) -> None:
     from aeic.sender.encoder import SenderCodec
 
     sender = SenderCodec.from_package(tiny_package)
@@ -104,8 +108,8 @@ def test_gallery_live_grid_and_zoomable_image_page(tmp_path: Path, browser, tiny
         viewer = browser.find_element(By.ID, "viewer")
         assert _scale(browser) == "1"
         viewer.click()
-        assert _scale(browser) == "2" and "scale(2)" in browser.find_element(By.ID, "reconstruction").get_attribute(
-            "style")
+        style = browser.find_element(By.ID, "reconstruction").get_attribute("style")
+        assert _scale(browser) == "2" and style is not None and "scale(2)" in style
         assert browser.find_element(By.ID, "zoom-level").text == "200%"
         ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(viewer), 0, -120).perform()
         wait.until(lambda d: float(_scale(d)) > 2.0)
@@ -128,7 +132,9 @@ def _upload(base: str, token: str, data: bytes) -> str:
     return str(reply.json()["id"])
 
 
-def test_live_first_page_keeps_the_older_link_in_step(tmp_path: Path, browser, tiny_package: Path) -> None:
+def test_live_first_page_keeps_the_older_link_in_step(
+    tmp_path: Path, browser: Chrome, tiny_package: Path
+) -> None:
     """Images pushed off the live first page stay reachable through "Older images", the favicon does not
     404, and a signed-out page goes back to the token form instead of polling 401s forever."""
     stream = _stream(tiny_package, 64, 64, 4)
@@ -151,12 +157,16 @@ def test_live_first_page_keeps_the_older_link_in_step(tmp_path: Path, browser, t
         wait.until(lambda d: len(_card_ids(d)) == 60)
         # Signed out elsewhere (another tab's "log out"): the session ends server-side, so the cookie this
         # tab still holds is refused and the live grid goes back to the token form.
-        session = browser.get_cookie("aeic_session")["value"]
+        cookie = browser.get_cookie("aeic_session")
+        assert cookie is not None
+        session = cookie["value"]
         assert httpx.post(f"{server.url}/logout", cookies={"aeic_session": session}).status_code == 303
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "form.login input[name=token]"))
 
 
-def test_image_page_fits_a_tall_image_in_the_viewer(tmp_path: Path, browser, tiny_package: Path) -> None:
+def test_image_page_fits_a_tall_image_in_the_viewer(
+    tmp_path: Path, browser: Chrome, tiny_package: Path
+) -> None:
     """At 100% the whole reconstruction is visible: a tall image is scaled to the viewer, not cropped."""
     stream = _stream(tiny_package, 64, 1600, 5)
     settings = _settings(tmp_path, tiny_package, poll_interval_s=0.05)
@@ -177,7 +187,9 @@ def test_image_page_fits_a_tall_image_in_the_viewer(tmp_path: Path, browser, tin
         assert img[1] <= browser.execute_script("return innerHeight")
 
 
-def test_waiting_image_page_notices_the_image_was_deleted(tmp_path: Path, browser, tiny_package: Path) -> None:
+def test_waiting_image_page_notices_the_image_was_deleted(
+    tmp_path: Path, browser: Chrome, tiny_package: Path
+) -> None:
     """A page waiting for a pending image shows "No image" once that image is deleted, instead of waiting forever."""
     stream = _stream(tiny_package, 64, 64, 6)
     settings = _settings(tmp_path, tiny_package, worker=False)
@@ -192,7 +204,7 @@ def test_waiting_image_page_notices_the_image_was_deleted(tmp_path: Path, browse
         WebDriverWait(browser, 10).until(lambda d: f"No image {image_id}." in d.find_element(By.TAG_NAME, "main").text)
 
 
-def test_panoramas_and_strips_are_shown_whole(tmp_path: Path, browser, tiny_package: Path) -> None:
+def test_panoramas_and_strips_are_shown_whole(tmp_path: Path, browser: Chrome, tiny_package: Path) -> None:
     """A thumbnail more than 3:1 is letterboxed, not cropped to a sliver: on the served page and on a card the
     live script adds."""
     settings = _settings(tmp_path, tiny_package, poll_interval_s=0.05)

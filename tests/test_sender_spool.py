@@ -172,7 +172,7 @@ def test_kill_dash_nine_mid_stream_loses_no_acknowledged_item(tmp_path: Path) ->
     root = tmp_path / "spool"
     script = WRITER.format(tests=str(Path(__file__).parent), root=str(root))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    promised = []
+    promised: list[str] = []
     assert proc.stdout is not None
     while len(promised) < 25:
         line = proc.stdout.readline()
