@@ -15,8 +15,10 @@ from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import SqlMetadataStore
 from receiver_support import FakeCodec, ServerThread, make_bitstream
 from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 ADMIN = "gallery-a11y-admin-token"
@@ -72,31 +74,39 @@ def _status(base: str, token: str, image_id: str) -> str:
 
 
 def _wait_settled(base: str, token: str, *ids: str) -> None:
-    WebDriverWait(None, 20, poll_frequency=0.05).until(
+    # WebDriverWait as a plain poller: it never touches its driver, so none is given (the stubs want one)
+    WebDriverWait(None, 20, poll_frequency=0.05).until(  # type: ignore[type-var]
         lambda _: all(_status(base, token, i) in ("done", "failed") for i in ids))
 
 
-def _sign_in(driver, base: str) -> None:
+def _attribute(element: WebElement, name: str) -> str:
+    """An attribute the page must set."""
+    value = element.get_attribute(name)
+    assert value is not None, f"no {name} on <{element.tag_name}>"
+    return value
+
+
+def _sign_in(driver: Chrome, base: str) -> None:
     driver.get(f"{base}/login?token={ADMIN}")
 
 
-def _focused(driver) -> dict[str, Any]:
+def _focused(driver: Chrome) -> dict[str, Any]:
     return dict(driver.execute_script(
         "const a = document.activeElement, s = getComputedStyle(a);"
         "return {tag: a.tagName, id: a.id, href: a.getAttribute('href'), outline: s.outlineStyle,"
         " width: parseFloat(s.outlineWidth)};"))
 
 
-def _tab(driver) -> dict[str, Any]:
+def _tab(driver: Chrome) -> dict[str, Any]:
     driver.switch_to.active_element.send_keys(Keys.TAB)
     return _focused(driver)
 
 
-def _low_contrast(driver, selector: str) -> list[Any]:
+def _low_contrast(driver: Chrome, selector: str) -> list[Any]:
     return [pair for pair in driver.execute_script(_CONTRAST_JS, selector) if pair[1] < 4.5]
 
 
-def test_sign_in_form_is_labelled_and_its_errors_are_announced(tmp_path: Path, browser) -> None:
+def test_sign_in_form_is_labelled_and_its_errors_are_announced(tmp_path: Path, browser: Chrome) -> None:
     """The token field has a label; a wrong token and the rate limit are said in an alert tied to the field."""
     app, _ = _app(tmp_path, login_attempts_per_minute=1)
     with ServerThread(app) as server:
@@ -109,7 +119,7 @@ def test_sign_in_form_is_labelled_and_its_errors_are_announced(tmp_path: Path, b
         error = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "login-error"))
         assert error.get_attribute("role") == "alert" and error.text == "That token is not valid."
         field = browser.find_element(By.ID, "token")
-        assert "login-error" in field.get_attribute("aria-describedby").split()
+        assert "login-error" in _attribute(field, "aria-describedby").split()
         assert field.get_attribute("aria-invalid") == "true"
         browser.switch_to.active_element.send_keys("wrong-again", Keys.ENTER)
         # the submit reloads the page: an element found on the old one may go stale before its text is read
@@ -121,7 +131,9 @@ def test_sign_in_form_is_labelled_and_its_errors_are_announced(tmp_path: Path, b
         assert not _low_contrast(browser, "main *")
 
 
-def test_pages_have_landmarks_headings_titles_and_meaningful_alt_text(tmp_path: Path, browser) -> None:
+def test_pages_have_landmarks_headings_titles_and_meaningful_alt_text(
+    tmp_path: Path, browser: Chrome
+) -> None:
     app, token = _app(tmp_path)
     with ServerThread(app) as server:
         good = _upload(server.url, token)
@@ -142,8 +154,8 @@ def test_pages_have_landmarks_headings_titles_and_meaningful_alt_text(tmp_path: 
         browser.get(f"{server.url}/images/{good}")
         assert browser.find_element(By.TAG_NAME, "h1").text.startswith("Image from cam1")
         viewer = browser.find_element(By.ID, "viewer")
-        assert "48 × 32 px, from cam1" in viewer.get_attribute("aria-label")
-        assert good not in browser.find_element(By.ID, "reconstruction").get_attribute("alt")
+        assert "48 × 32 px, from cam1" in _attribute(viewer, "aria-label")
+        assert good not in _attribute(browser.find_element(By.ID, "reconstruction"), "alt")
         assert browser.find_element(By.ID, "zoom-level").get_attribute("aria-live") == "polite"
         assert not _low_contrast(browser, "body, body *")
 
@@ -155,7 +167,7 @@ def test_pages_have_landmarks_headings_titles_and_meaningful_alt_text(tmp_path: 
         assert browser.find_element(By.TAG_NAME, "h1").text == "Image not found"
 
 
-def test_status_badges_are_readable_and_say_the_status(tmp_path: Path, browser) -> None:
+def test_status_badges_are_readable_and_say_the_status(tmp_path: Path, browser: Chrome) -> None:
     """Pending cards and the waiting image page: the status is words with AA contrast (4.5:1)."""
     app, token = _app(tmp_path, worker=False)
     with ServerThread(app) as server:
@@ -168,7 +180,9 @@ def test_status_badges_are_readable_and_say_the_status(tmp_path: Path, browser) 
         assert not _low_contrast(browser, ".badge")
 
 
-def test_keyboard_reaches_everything_in_order_with_a_visible_focus_ring(tmp_path: Path, browser) -> None:
+def test_keyboard_reaches_everything_in_order_with_a_visible_focus_ring(
+    tmp_path: Path, browser: Chrome
+) -> None:
     """Tab walks header, cards and back; Enter opens an image and its "Gallery" link closes it."""
     app, token = _app(tmp_path)
     with ServerThread(app) as server:
@@ -192,7 +206,9 @@ def test_keyboard_reaches_everything_in_order_with_a_visible_focus_ring(tmp_path
         WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "grid"))
 
 
-def test_phone_viewport_needs_no_sideways_scrolling_and_has_touch_sized_targets(tmp_path: Path, browser) -> None:
+def test_phone_viewport_needs_no_sideways_scrolling_and_has_touch_sized_targets(
+    tmp_path: Path, browser: Chrome
+) -> None:
     app, token = _app(tmp_path)
     with ServerThread(app) as server:
         image_id = _upload(server.url, token, size=(640, 480))
@@ -216,7 +232,9 @@ def test_phone_viewport_needs_no_sideways_scrolling_and_has_touch_sized_targets(
             assert not small, (path, small)
 
 
-def test_live_updates_keep_focus_and_scroll_and_say_problems_in_words(tmp_path: Path, browser) -> None:
+def test_live_updates_keep_focus_and_scroll_and_say_problems_in_words(
+    tmp_path: Path, browser: Chrome
+) -> None:
     app, token = _app(tmp_path, worker=False)
     state = app.state.receiver
     with ServerThread(app) as server:
@@ -247,7 +265,7 @@ def test_live_updates_keep_focus_and_scroll_and_say_problems_in_words(tmp_path: 
             WebDriverWait(browser, 10).until(lambda d: "HTTP 5" in d.find_element(By.ID, "live").text)
         finally:
             state.store.list_images = original
-        assert "error" in live.get_attribute("class")
+        assert "error" in _attribute(live, "class")
         WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "live").text == "Updating live")
         browser.execute_cdp_cmd("Network.enable", {})
         browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/images*"]})
@@ -256,7 +274,9 @@ def test_live_updates_keep_focus_and_scroll_and_say_problems_in_words(tmp_path: 
         assert browser.execute_script("return document.activeElement.dataset.id") == before[0]
 
 
-def test_waiting_image_page_updates_in_place_and_explains_a_lost_connection(tmp_path: Path, browser) -> None:
+def test_waiting_image_page_updates_in_place_and_explains_a_lost_connection(
+    tmp_path: Path, browser: Chrome
+) -> None:
     """pending -> decoding changes the words without reloading (focus stays); a dead poll is explained."""
     app, token = _app(tmp_path, worker=False)
     state = app.state.receiver
@@ -278,7 +298,7 @@ def test_waiting_image_page_updates_in_place_and_explains_a_lost_connection(tmp_
         assert _focused(browser)["href"] == "/"
 
 
-def test_sign_out_by_keyboard_and_back_shows_no_private_page(tmp_path: Path, browser) -> None:
+def test_sign_out_by_keyboard_and_back_shows_no_private_page(tmp_path: Path, browser: Chrome) -> None:
     """Chromium may restore even a no-store page from its back/forward cache: after sign-out, Back must show
     nothing private (the page hid itself going into the cache and reloads coming out of it)."""
     app, token = _app(tmp_path)
