@@ -89,13 +89,24 @@ def load_photos(folder: Path | None, limit: int, max_side: int) -> list[tuple[st
     """Photos from `folder` (png/jpg/webp/...), else scikit-image's bundled sample photographs."""
     photos: list[tuple[str, np.ndarray]] = []
     if folder is not None:
-        from aeic.sender.images import read_image
+        from aeic.sender.images import ImageReadError, read_image
 
+        if not folder.is_dir():
+            raise SystemExit(f"demo: --images {folder}: not a folder")
         suffixes = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)[:limit]:
-            photos.append((path.name, _fit(read_image(path), max_side)))
+        candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+        for path in candidates:
+            if len(photos) == limit:
+                break
+            try:  # one unreadable file is one line, not the end of the demo
+                photos.append((path.name, _fit(read_image(path), max_side)))
+            except ImageReadError as exc:
+                print(f"demo: skipped {exc}", file=sys.stderr)
         if not photos:
-            raise SystemExit(f"demo: no images found in {folder}")
+            raise SystemExit(f"demo: no readable images in {folder} ({', '.join(sorted(suffixes))})")
+        if len(candidates) > limit:  # say so: a folder's other photos are not silently left out
+            print(f"demo: the first {limit} of {len(candidates)} images in {folder} "
+                  f"(--limit N, or make demo LIMIT=N, for more)", file=sys.stderr)
         return photos
     try:
         from skimage import data

@@ -75,6 +75,17 @@ def _names_a_picture(output: Path | None) -> TypeGuard[Path]:
     return output is not None and output.suffix.lower() in _PICTURE_SUFFIXES and not output.is_dir()
 
 
+def _names_another_picture_format(output: Path | None) -> bool:
+    """``-o x.gif`` (or .bmp, .tif, ...): a picture format decode does not write. Taken as a folder, it made
+    a folder called x.gif with the PNG inside; it is refused instead."""
+    if output is None or output.is_dir() or _names_a_picture(output):
+        return False
+    from PIL import Image
+
+    known = set(Image.registered_extensions()) | {".avif", ".jxl", ".heic", ".heif"}
+    return output.suffix.lower() in known
+
+
 def _decoded_path(stream: Path, output: Path | None) -> Path:
     """``-o`` as the picture itself, or the folder to write ``<stream>.png`` in (default: beside the stream)."""
     if _names_a_picture(output):
@@ -91,6 +102,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if _names_a_picture(args.output) and len(args.streams) > 1:
         print(f"error: -o {args.output} names one picture, but {len(args.streams)} streams were given; "
               "give a folder", file=sys.stderr)  # fmt: skip
+        return 2
+    if _names_another_picture_format(args.output):
+        print(f"error: -o {args.output}: decode writes {', '.join(_PICTURE_SUFFIXES)} pictures; name one of "
+              "those, or a folder", file=sys.stderr)  # fmt: skip
         return 2
     codec = ReceiverCodec.from_package(args.model, device=args.device)
     status = 0
@@ -274,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("images", nargs="+", type=Path)
     encode.add_argument("-o", "--output", type=Path, help="output folder (default: beside each image)")
     rate = encode.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=int, default=4, help="rate level (bitstream rate index; default 4)")
+    # The same default as `aeic-send encode` (aeic.sender.cli.DEFAULT_RATE), so both front ends of the sender
+    # path code an image to the same bitstream (not imported: it would load the uploader for `aeic info`).
+    rate.add_argument("--rate", type=int, default=0, help="rate level (bitstream rate index; default 0)")
     rate.add_argument("--target-bytes", type=int, help="the largest bitstream allowed, bytes")
     encode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
     encode.add_argument("--threads", type=int)

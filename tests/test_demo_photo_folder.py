@@ -1,0 +1,69 @@
+"""`make demo IMAGES=DIR` (`python -m aeic.demo --images DIR`) on a folder as a user has it.
+
+A file in the folder that does not decode (a `.jpg` that is not one) ended the demo with a traceback from
+`read_image`, and so did a folder name that does not exist; a folder of seven photos sent the first four
+without a word about the other three. Now: one line per unreadable file, which is left out; one line for a
+missing folder; and one line saying how many were left out by `--limit` (`LIMIT=N` in make)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aeic.demo import load_photos
+
+
+def _photo(path: Path, size: tuple[int, int] = (40, 30)) -> None:
+    rng = np.random.default_rng(len(path.name))
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8)).save(path)
+
+
+def test_unreadable_file_is_skipped_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.jpg").write_text("not an image")
+    _photo(tmp_path / "b.png")
+    _photo(tmp_path / "c.png")
+    photos = load_photos(tmp_path, 4, 768)
+    assert [name for name, _ in photos] == ["b.png", "c.png"]
+    err = capsys.readouterr().err
+    assert "skipped" in err and "a.jpg" in err and "not a recognised image format" in err
+    assert "Traceback" not in err
+
+
+def test_skipped_files_do_not_count_against_the_limit(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_text("not an image")
+    for name in ("b.png", "c.png", "d.png"):
+        _photo(tmp_path / name)
+    assert [name for name, _ in load_photos(tmp_path, 2, 768)] == ["b.png", "c.png"]
+
+
+def test_photos_left_out_by_the_limit_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for index in range(6):
+        _photo(tmp_path / f"p{index}.png")
+    photos = load_photos(tmp_path, 4, 768)
+    assert len(photos) == 4
+    err = capsys.readouterr().err
+    assert "first 4 of 6" in err and "LIMIT=N" in err and "--limit" in err
+
+
+def test_no_report_when_every_photo_is_sent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _photo(tmp_path / "only.png", (1000, 500))
+    ((name, rgb),) = load_photos(tmp_path, 4, 768)
+    assert name == "only.png" and rgb.shape == (384, 768, 3)  # downscaled to --max-side
+    assert capsys.readouterr().err == ""
+
+
+def test_missing_folder_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_photos(tmp_path / "nope", 4, 768)
+    assert str(exc.value) == f"demo: --images {tmp_path / 'nope'}: not a folder"
+
+
+def test_folder_with_nothing_readable_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_text("not an image")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SystemExit) as exc:
+        load_photos(tmp_path, 4, 768)
+    assert "no readable images in" in str(exc.value)
