@@ -324,17 +324,26 @@ def _enqueue(state: ReceiverState, queue: JobQueue, image_id: str) -> None:
         state.metrics.uploads.labels("enqueue_failed").inc()
 
 
+def _rate_limit(state: ReceiverState, device: str, wait: float, cost: float) -> None:
+    """429 with the whole seconds until the device's bucket holds this upload's cost, when it does not now:
+    the bucket counts decode cost (`decode_limits.decode_cost`), as the header, not the stream's length,
+    sets how long a decode takes, so headers that claim large pictures cannot queue hours of work."""
+    if wait <= 0:
+        return
+    state.metrics.uploads.labels("rate_limited").inc()
+    retry_after = max(1, math.ceil(wait))  # whole seconds, as the header says it
+    what = (f"too many uploads from {device}" if cost <= 1.0 else
+            f"uploads from {device} are over their decode budget (this one costs {cost:.1f} units)")
+    raise ApiError(429, "rate_limited", f"{what}; retry in {retry_after} s", headers={"Retry-After": str(retry_after)})
+
+
 async def upload_image(request: Request, who: Caller) -> JSONResponse:
     """Accept one bitstream: 202 with its id once it is durably stored."""
     state = receiver_state(request)
     if who.device is None:
         raise ApiError(403, "device_token_required", "uploads must use a device token")
-    wait = state.limiter.acquire(who.device)
-    if wait > 0:
-        state.metrics.uploads.labels("rate_limited").inc()
-        retry_after = max(1, math.ceil(wait))  # whole seconds, as the header says it
-        raise ApiError(429, "rate_limited", f"too many uploads from {who.device}; retry in {retry_after} s",
-                       headers={"Retry-After": str(retry_after)})
+    # One unit before the body is read (its cost is not known yet), the rest of its decode cost after.
+    _rate_limit(state, who.device, state.limiter.acquire(who.device), 1.0)
     try:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/octet-stream":
@@ -345,6 +354,9 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
     except ApiError as exc:
         state.metrics.uploads.labels(exc.code).inc()
         raise
+    cost = decode_limits.header_decode_cost(header)
+    if cost > 1.0:
+        _rate_limit(state, who.device, state.limiter.acquire(who.device, cost=cost, paid=1.0), cost)
     image = NewImage(
         id=secrets.token_hex(16), device=who.device, idempotency_key=key, model_id=header.model_id.hex(),
         width=header.width, height=header.height, rate_index=header.rate_index, bytes=len(data),

@@ -13,6 +13,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aeic.receiver.storage import ImageRecord, MetadataStore
@@ -86,33 +87,42 @@ _MIN_PRUNE_SIZE = 1024  # buckets kept before the first pruning
 
 
 class RateLimiter:
-    """Token bucket per key: `burst` requests at once, refilled at `per_minute` requests per minute.
+    """Token bucket per key: `burst` tokens at once, refilled at `per_minute` tokens per minute; a request
+    costs one token, or what `acquire` is told (an upload: its decode cost, `decode_limits.decode_cost`).
 
     In-process state: one limiter per API process (a shared limiter belongs with the Redis of issue 8).
     Keys may come from clients (the sign-in limiter keys by address), so buckets that have refilled,
     which mean the same as no bucket, are dropped whenever the table doubles: it cannot grow without bound.
     """
 
-    def __init__(self, per_minute: float, burst: int) -> None:
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._rate = per_minute / 60.0
         self._burst = float(burst)
+        self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
         self._prune_at = _MIN_PRUNE_SIZE
 
-    def acquire(self, key: str, now: float | None = None) -> float:
-        """Take one token; returns 0.0 when allowed, else the seconds until a token is available."""
-        now = time.monotonic() if now is None else now
+    def acquire(self, key: str, now: float | None = None, cost: float = 1.0, paid: float = 0.0) -> float:
+        """Take `cost` tokens; returns 0.0 when allowed, else the seconds until the bucket holds them.
+
+        A cost over the burst is allowed from a full bucket and leaves it in debt, so any cost passes
+        eventually and a device's sustained rate stays `per_minute` tokens whatever it asks for. `paid`:
+        tokens an earlier `acquire` took for the same request (the upload's one-token gate before its body
+        is read, when its cost is not yet known); they count toward the cost, and are kept when refused, as
+        the request was read, so the wait is until the bucket holds the whole cost again."""
+        now = self._clock() if now is None else now
+        threshold = min(cost, self._burst)
         with self._lock:
             tokens = self._refilled(key, now)
-            allowed = tokens >= 1.0
-            self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+            allowed = tokens + paid >= threshold
+            self._buckets[key] = (tokens - (cost - paid) if allowed else tokens, now)
             self._prune_if_large(now)
-        return 0.0 if allowed else (1.0 - tokens) / self._rate
+        return 0.0 if allowed else (threshold - tokens) / self._rate
 
     def wait(self, key: str, now: float | None = None) -> float:
         """Seconds until ``key`` has a token (0.0: now), taking none: a gate for requests charged only on failure."""
-        now = time.monotonic() if now is None else now
+        now = self._clock() if now is None else now
         with self._lock:
             tokens = self._refilled(key, now)
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
@@ -120,7 +130,7 @@ class RateLimiter:
     def charge(self, key: str, now: float | None = None) -> None:
         """Take one token after the fact, down to one burst of debt: failures that passed the gate together
         each cost their token, so a burst of concurrent guesses buys a longer wait, not free guesses."""
-        now = time.monotonic() if now is None else now
+        now = self._clock() if now is None else now
         with self._lock:
             self._buckets[key] = (max(-self._burst, self._refilled(key, now) - 1.0), now)
             self._prune_if_large(now)

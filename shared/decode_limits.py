@@ -5,6 +5,12 @@ coded pixel in synthesis (float32 on a CPU) and about 80 bytes per output pixel 
 and colour correction. A 17-byte header may claim 16384 x 16384 (about 190 GB to decode), so the
 sender codes no picture over these bounds (its automatic downscale stays under them), and the
 receiver refuses such a stream at upload, before storing it, and again before decoding it.
+
+Within them, a stream's decode cost is set by its header too, not by its length: a 23-byte stream may ask
+for a 4096 x 4096 coded picture, 25 times the coded pixels of a 1080p photo at the sender's automatic
+downscale (on a shared 2-core CPU: 81 s and 10 GB against 1.2-4 s and 1 GB). :func:`decode_cost` prices
+a stream in units of a normal photo, so the receiver can charge a device's rate limit and share its
+decoders by the work a stream asks for.
 """
 
 from __future__ import annotations
@@ -22,6 +28,29 @@ def padded_coded_pixels(height: int, width: int, downscale: int) -> int:
     return coded_height * coded_width
 
 
+# Output pixels (scale-back, colour correction, PNG and thumbnail) cost about 1/20-1/40 of a coded pixel's
+# entropy decoding + synthesis on a CPU (8192x4096 at 1/4 against 2048x1024 whole: +3 s of about 7 s).
+OUTPUT_PIXEL_WEIGHT = 1 / 16
+
+
+def decode_work(height: int, width: int, downscale: int) -> float:
+    """The work of decoding a picture, in coded-pixel equivalents: padded coded pixels plus the output
+    pixels at :data:`OUTPUT_PIXEL_WEIGHT` (decode time follows both about linearly)."""
+    return padded_coded_pixels(height, width, downscale) + height * width * OUTPUT_PIXEL_WEIGHT
+
+
+# One cost unit: a 1920x1080 photo coded whole, the largest a sender's automatic downscale codes a
+# 1080p photo (at a fixed rate level, and every 4K one, it codes 960x540, a third of this).
+DECODE_UNIT = decode_work(1080, 1920, 1)
+
+
+def decode_cost(height: int, width: int, downscale: int) -> float:
+    """What decoding a picture costs, in :data:`DECODE_UNIT`, at least 1 (every upload has its fixed
+    costs): 1 for a 1080p photo at any downscale, 3.8 for a 4K one coded whole, 7.6 for 4096x4096 coded
+    whole, 9.0 at most within the limits (8192x8192 at 1/2)."""
+    return max(1.0, decode_work(height, width, downscale) / DECODE_UNIT)
+
+
 def oversize_reason(height: int, width: int, downscale: int) -> str | None:
     """Why a receiver would refuse this picture, or ``None`` when it is within both limits."""
     if height * width > MAX_PIXELS:
@@ -30,6 +59,11 @@ def oversize_reason(height: int, width: int, downscale: int) -> str | None:
         return (f"{width}x{height} coded at 1/{downscale} is over the receiver's limit of {MAX_CODED_PIXELS:,} "
                 f"coded pixels (padded to {ALIGNMENT}); a larger coding downscale makes it smaller")
     return None
+
+
+def header_decode_cost(header: Header) -> float:
+    """:func:`decode_cost` of the picture a stream's header describes."""
+    return decode_cost(header.height, header.width, header.downscale)
 
 
 def header_oversize_reason(header: Header) -> str | None:

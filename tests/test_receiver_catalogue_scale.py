@@ -143,7 +143,7 @@ def test_claiming_a_batch_never_scans_every_image(sqlite_store: SqlMetadataStore
     assert claim is not None and len(claim.records) == 2
     plans = query_plans(sqlite_store, seen)
     assert plans and all("SCAN" not in plan and "TEMP B-TREE" not in plan for plan in plans), plans
-    assert "ix_images_status_seq" in plans[0], plans
+    assert "ix_images_status_fair_seq" in plans[0] and "ix_images_claim_fair" in plans[1], plans  # decode order
 
 
 def test_a_v4_database_gains_the_status_index(tmp_path: Path) -> None:
@@ -179,7 +179,7 @@ def test_a_v5_database_gains_the_listing_indexes_and_its_cursors_still_page(data
     v5_cursor = base64.urlsafe_b64encode(b"s3").decode().rstrip("=")  # "the page after image seq 3"
     store = SqlMetadataStore.from_url(database_url)
     try:
-        assert store.migrate() == MIGRATIONS[-1].version == 6
+        assert store.migrate() == MIGRATIONS[-1].version >= 6
         with store.engine.connect() as conn:
             names = {i["name"] for i in sa.inspect(conn).get_indexes("images")}
         assert V6_INDEXES <= names and not names & {"ix_images_created_at", "ix_images_device_seq"}, names

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from aeic.receiver.storage import schema
 from aeic.receiver.storage.migrations import SQLITE_BUSY_TIMEOUT_MS, migrate
 from aeic.receiver.storage.records import DecodeTimings, ImageRecord, NewImage, Page, Status
+from aeic.shared.decode_limits import decode_cost
 from sqlalchemy.exc import IntegrityError
 
 __all__ = [
@@ -43,7 +44,7 @@ _IMG = schema.images
 _HALF_US = 0.5e-6
 # A claim token is 32 hex digits: the owner's 16, then 16 random ones (all 32 random without an owner).
 _OWNER_ID = re.compile(r"^[0-9a-f]{16}$")
-_RECORD_COLUMNS = [c for c in _IMG.c if c.name not in ("claim_token", "claimed_at", "retry_at")]
+_RECORD_COLUMNS = [c for c in _IMG.c if c.name not in ("claim_token", "claimed_at", "retry_at", "fair_tag")]
 
 
 class IdempotencyConflictError(Exception):
@@ -189,6 +190,26 @@ def _dead(claimed_before: float | None, owner: str | None) -> sa.ColumnElement[b
     return expired if owner is None else sa.or_(expired, _IMG.c.claim_token.startswith(owner, autoescape=True))
 
 
+def _fair_tag(conn: sa.Connection, device: str) -> float:
+    """Where a new image of `device` goes in the decode order (start-time fair queueing): after the device's
+    last pending image, by that image's decode cost, and never before the head of the queue (the lowest
+    pending tag). So devices take turns by decode work: one that queued a backlog gets one unit's turn in
+    each round, a device with nothing queued joins at the head, and one asking for large pictures gets
+    proportionally fewer of them in. Two index probes in one statement (the head, and the device's newest
+    pending image); concurrent uploads may get equal tags, which only ties them (by `seq`)."""
+    pending = _IMG.c.status == Status.PENDING.value
+    columns = (_IMG.c.fair_tag, _IMG.c.width, _IMG.c.height, _IMG.c.downscale)
+    head = sa.select(sa.literal(0).label("mine"), *columns).where(pending).order_by(_IMG.c.fair_tag, _IMG.c.seq)
+    last = (sa.select(sa.literal(1).label("mine"), *columns).where(_IMG.c.device == device, pending)
+            .order_by(_IMG.c.created_at.desc(), _IMG.c.seq.desc()))
+    both = sa.union_all(*(sa.select(q.limit(1).subquery()) for q in (head, last)))  # one round trip
+    tag = 0.0
+    for row in conn.execute(both):
+        cost = decode_cost(row.height, row.width, row.downscale) if row.mine else 0.0
+        tag = max(tag, float(row.fair_tag) + cost)
+    return tag
+
+
 def _record(row: sa.Row[Any]) -> ImageRecord:
     values = dict(row._mapping)
     values["status"] = Status(values["status"])
@@ -257,7 +278,7 @@ class SqlMetadataStore:
         }
         try:
             with self.engine.begin() as conn:
-                conn.execute(_IMG.insert().values(**values))
+                conn.execute(_IMG.insert().values(**values, fair_tag=_fair_tag(conn, image.device)))
         except IntegrityError:
             if image.idempotency_key is None:
                 raise
@@ -328,8 +349,9 @@ class SqlMetadataStore:
     # -- decode jobs -----------------------------------------------------------------------------
 
     def claim_batch(self, batch_size: int, now: float | None = None) -> Claim | None:
-        """Atomically move up to `batch_size` due pending jobs of the oldest job's (model, size) group to
-        `decoding` and count the attempt; None when nothing is due.
+        """Atomically move up to `batch_size` due pending jobs of the next job's (model, size) group to
+        `decoding` and count the attempt; None when nothing is due. The next job, and the batch, are the
+        first in the decode order that is fair across devices (`fair_tag`, then arrival: `_fair_tag`).
 
         A retry (an image with an attempt behind it: its decode failed, or the process died while decoding
         it) is claimed alone, and a batch of first attempts takes none: an image that kills the process
@@ -344,7 +366,7 @@ class SqlMetadataStore:
         with self.engine.begin() as conn:
             head = conn.execute(
                 sa.select(_IMG.c.seq, _IMG.c.model_id, _IMG.c.width, _IMG.c.height, _IMG.c.attempts)
-                .where(due).order_by(_IMG.c.seq).limit(1)
+                .where(due).order_by(_IMG.c.fair_tag, _IMG.c.seq).limit(1)
             ).first()
             if head is None:
                 return None
@@ -356,7 +378,7 @@ class SqlMetadataStore:
             chosen = (
                 sa.select(_IMG.c.seq)
                 .where(group)
-                .order_by(_IMG.c.seq)
+                .order_by(_IMG.c.fair_tag, _IMG.c.seq)
                 .limit(batch_size)
                 .with_for_update(skip_locked=True)
             )

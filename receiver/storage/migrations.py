@@ -72,6 +72,16 @@ def _v6_listing_indexes(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))
 
 
+def _v7_fair_decode_order(conn: sa.Connection) -> None:
+    # Images stored before keep tag 0: they are decoded first, in arrival order, as they would have been.
+    if "fair_tag" not in {c["name"] for c in sa.inspect(conn).get_columns(schema.images.name)}:
+        conn.execute(sa.text("ALTER TABLE images ADD COLUMN fair_tag FLOAT NOT NULL DEFAULT 0"))
+    for index in schema.images.indexes:
+        if index.name in ("ix_images_claim_fair", "ix_images_status_fair_seq"):
+            index.create(conn, checkfirst=True)
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_images_claim"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "images and device tokens", _v1_initial),
     Migration(2, "decode counter", _v2_decode_counter),
@@ -79,6 +89,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "gallery sessions", _v4_gallery_sessions),
     Migration(5, "images by status in seq order", _v5_status_index),
     Migration(6, "listing indexes in (created_at, seq) order", _v6_listing_indexes),
+    Migration(7, "decode order fair across devices", _v7_fair_decode_order),
 )
 
 

@@ -53,11 +53,16 @@ images = sa.Table(
     # Completed decodes (incremented with the `done` transition): 1 for every done image unless a job was
     # ever decoded twice, which the scale-out tests and operators check.
     sa.Column("decodes", sa.Integer, nullable=False, server_default="0"),
+    # Place in the decode order, fair across devices (schema v7; `SqlMetadataStore.insert_image`): the
+    # worker claims pending images by (fair_tag, seq), so one device's backlog does not hold up the others.
+    sa.Column("fair_tag", sa.Float, nullable=False, server_default="0"),
     sa.UniqueConstraint("device", "idempotency_key", name="uq_images_device_idempotency_key"),
-    sa.Index("ix_images_claim", "status", "model_id", "width", "height", "seq"),
-    # The worker's oldest-due-job query walks this in `seq` order instead of sorting every pending image
-    # (schema v5).
+    # A batch: due first attempts of the head's model and size, in decode order (schema v7; v1: by seq).
+    sa.Index("ix_images_claim_fair", "status", "model_id", "width", "height", "fair_tag", "seq"),
+    # Images by status in arrival order (schema v5; the worker's next-job query walked it until v7).
     sa.Index("ix_images_status_seq", "status", "seq"),
+    # The worker's next-job query walks this (schema v7), and an upload reads the queue's head from it.
+    sa.Index("ix_images_status_fair_seq", "status", "fair_tag", "seq"),
     # The listing's order is (created_at, seq), newest first, and its time filters are ranges on
     # created_at: each filter a client polls with (none, device, status, both; with since/until or not) has
     # an index whose leading equality columns it fixes and whose remainder is that order, so a page, and a
