@@ -267,3 +267,18 @@ def test_a_short_corrupt_stream_at_the_decode_limit_fails_before_any_network() -
     assert len(bitstream.pack(stream)) == 18
     with pytest.raises(EntropyDecodeError, match="the data ran out with state 1"):
         package.entropy_model.decode(stream.payload, (256, 128, 128), _NoNetworks())
+
+
+@pytest.mark.parametrize("band_bytes", [1, 20_000, 10**9])
+def test_torch_backend_in_row_bands_decodes_the_sender_symbols(
+    tiny: tuple[AEICModel, EntropyModel], band_bytes: int
+) -> None:
+    """The receiver bounds its unfolded context by rows (one row per band at 1 byte): same integers."""
+    model, integer = tiny
+    rng = np.random.default_rng(band_bytes)
+    backend = TorchBackend("cpu", band_bytes=band_bytes)
+    for case in range(6):
+        y, z = _latents(model, case, (2, 1)) if case % 2 else _random_latents(rng, integer.latent_channels,
+                                                                               integer.z_channels)
+        payload, sender_y = integer.encode(y, z)
+        np.testing.assert_array_equal(integer.decode(payload, y.shape, backend), sender_y)
