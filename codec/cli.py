@@ -18,6 +18,7 @@ from typing import TypeGuard
 
 from aeic.sender.coding_scale import parse_downscale
 from aeic.sender.rate_distortion_rounding import parse_rounding
+from aeic.shared.decode_limits import TILE_PIXELS
 from aeic.shared.model_package import MANIFEST, ModelPackageError
 
 
@@ -107,7 +108,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(f"error: -o {args.output}: decode writes {', '.join(_PICTURE_SUFFIXES)} pictures; name one of "
               "those, or a folder", file=sys.stderr)  # fmt: skip
         return 2
-    codec = ReceiverCodec.from_package(args.model, device=args.device)
+    codec = ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels)
     status = 0
     for stream in args.streams:
         try:
@@ -306,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder, or for one stream a .png/.jpg/.webp file (default: beside each stream)")
     decode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
     decode.add_argument("--device", default="auto")
+    decode.add_argument("--tile-pixels", type=int, default=TILE_PIXELS, metavar="N",
+                        help="padded coded pixels the pixel decoder renders in one pass; a larger picture is "
+                             f"rendered in tiles, bounding memory (default {TILE_PIXELS}: a 1080p photo coded "
+                             "whole is one pass)")
     info = sub.add_parser("info", help="print the header of bitstreams as JSON")
     info.add_argument("streams", nargs="+", type=Path)
     export = sub.add_parser("export", help="training checkpoint -> model package")

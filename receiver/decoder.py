@@ -1,7 +1,8 @@
 """The receiver's codec: parse, entropy-decode (exact, torch backend), synthesise, one UNet pass, pixels.
 
 Entropy decoding is per image (it is sequential by nature); synthesis, the UNet and the pixel
-decoder run batched over images of the same padded size, on CUDA when present.
+decoder run batched over images of the same padded size, on CUDA when present. The pixel decoder,
+most of the memory, renders a picture over ``tile_pixels`` in tiles (:mod:`aeic.codec.tiling`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from aeic.codec.diffusion_decoder import NanoDecoder
 from aeic.codec.entropy_model import TorchBackend
 from aeic.codec.model import ModelConfig, build_decoder, receiver_state_dict
 from aeic.codec.synthesis import SynthesisTransform
+from aeic.codec.tiling import decode_in_tiles, tile_halo
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
 from aeic.shared.padding import ALIGNMENT, correct_colours, padded_size, upscale_image
 from safetensors.torch import load_file
 from torch import nn
+
+_FINISH_ROWS = 256  # rows quantised at a time
 
 
 class DecodeError(ValueError):
@@ -71,9 +75,14 @@ class ReceiverModel(nn.Module):
         self.decoder = build_decoder(config, pixel_decoder)
 
     @torch.no_grad()
-    def forward(self, y_hat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, y_hat: torch.Tensor, positions: torch.Tensor,
+                tile_pixels: int = decode_limits.TILE_PIXELS) -> torch.Tensor:
+        """RGB in [0, 1] at 32x ``y_hat``'s size; the pixel decoder in tiles of at most ``tile_pixels``
+        output pixels (plus a halo) when the picture has more, else whole."""
         unet_input, residual = self.synthesis(y_hat)
-        return self.decoder.decode_pixels(self.decoder.refine(unet_input, residual, positions))
+        latent = self.decoder.refine(unet_input, residual, positions)
+        halo, exact = tile_halo(getattr(self.decoder, "pixel_decoder", None))
+        return decode_in_tiles(self.decoder.decode_pixels, latent, tile_pixels // 64, halo, exact)
 
 
 def load_receiver_model(package: ModelPackage) -> ReceiverModel:
@@ -92,9 +101,11 @@ def load_receiver_model(package: ModelPackage) -> ReceiverModel:
 class ReceiverCodec:
     """Decodes AEIC bitstreams made with one model package."""
 
-    def __init__(self, package: ModelPackage, device: str = "auto") -> None:
+    def __init__(self, package: ModelPackage, device: str = "auto",
+                 tile_pixels: int = decode_limits.TILE_PIXELS) -> None:
         self.package = package
         self.max_coded_pixels = decode_limits.MAX_CODED_PIXELS  # per synthesis pass: a batch is split to fit
+        self.tile_pixels = tile_pixels  # padded coded pixels the pixel decoder renders in one pass
         self.device = resolve_device(device)
         self.model = load_receiver_model(package).to(self.device).eval()
         decoder = self.model.decoder  # the full profile's FullDecoder renders with its VAE, never TAEF2
@@ -105,8 +116,9 @@ class ReceiverCodec:
         self.last_timings: list[Timings] = []
 
     @classmethod
-    def from_package(cls, path: Path | str | None = None, device: str = "auto") -> ReceiverCodec:
-        return cls(ModelPackage.load(path), device)
+    def from_package(cls, path: Path | str | None = None, device: str = "auto",
+                     tile_pixels: int = decode_limits.TILE_PIXELS) -> ReceiverCodec:
+        return cls(ModelPackage.load(path), device, tile_pixels)
 
     @property
     def model_id(self) -> bytes:
@@ -164,7 +176,7 @@ class ReceiverCodec:
         start = time.perf_counter()
         batch = torch.stack([latents[i] for i in members]).to(self.device)
         positions = torch.tensor([self.package.level_position(parsed[i].header.rate_index) for i in members])
-        pixels = self.model(batch, positions.to(self.device)).cpu()
+        pixels = self.model(batch, positions.to(self.device), self.tile_pixels).cpu()
         elapsed = (time.perf_counter() - start) * 1e3 / len(members)
         for row, i in enumerate(members):
             parsed[i].timings.synthesis_ms = elapsed
@@ -172,7 +184,11 @@ class ReceiverCodec:
 
     @staticmethod
     def _finish(pixels: torch.Tensor, header: bitstream.Header) -> np.ndarray:
+        """Crop, quantise (in bands of rows: no float copy of a whole large picture), scale back, colours."""
         coded_height, coded_width = header.coded_size
-        rgb = (pixels[:, :coded_height, :coded_width].permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255)
-        rgb = upscale_image(rgb.astype(np.uint8), header.downscale, header.height, header.width)
+        floats = pixels[:, :coded_height, :coded_width].permute(1, 2, 0).numpy()
+        rgb = np.empty((coded_height, coded_width, 3), dtype=np.uint8)
+        for top in range(0, coded_height, _FINISH_ROWS):  # the assignment truncates, as astype(uint8) does
+            rgb[top : top + _FINISH_ROWS] = (floats[top : top + _FINISH_ROWS] * 255 + 0.5).clip(0, 255)
+        rgb = upscale_image(rgb, header.downscale, header.height, header.width)
         return correct_colours(rgb, header.colour_stats) if header.colour_stats else rgb

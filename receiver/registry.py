@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from aeic.shared.decode_limits import TILE_PIXELS
 
 __all__ = ["CodecRegistry", "DecoderLike"]
 
@@ -49,7 +50,8 @@ class CodecRegistry:
         return registry
 
     @classmethod
-    def from_packages(cls, paths: Sequence[Path], device: str = "auto") -> CodecRegistry:
+    def from_packages(cls, paths: Sequence[Path], device: str = "auto",
+                      tile_pixels: int = TILE_PIXELS) -> CodecRegistry:
         """Read each package's manifest now; load its ReceiverCodec when first needed.
 
         An empty `paths` means the default shipped model directory."""
@@ -59,7 +61,7 @@ class CodecRegistry:
         levels: dict[bytes, int] = {}
         for path in paths or [default_model_dir()]:
             package = ModelPackage.load(path)
-            loaders[bytes(package.model_id)] = partial(_load_receiver_codec, Path(path), device)
+            loaders[bytes(package.model_id)] = partial(_load_receiver_codec, Path(path), device, tile_pixels)
             levels[bytes(package.model_id)] = package.num_levels
         return cls(loaders, levels)
 
@@ -88,8 +90,8 @@ def _same(codec: DecoderLike) -> DecoderLike:
     return codec
 
 
-def _load_receiver_codec(path: Path, device: str) -> DecoderLike:
+def _load_receiver_codec(path: Path, device: str, tile_pixels: int) -> DecoderLike:
     from aeic.receiver.decoder import ReceiverCodec
 
-    codec: DecoderLike = ReceiverCodec.from_package(path, device=device)
+    codec: DecoderLike = ReceiverCodec.from_package(path, device=device, tile_pixels=tile_pixels)
     return codec

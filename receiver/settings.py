@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from aeic.shared.decode_limits import TILE_PIXELS
 from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
@@ -63,6 +64,11 @@ class ReceiverSettings(BaseSettings):
         default_factory=list, description="Model package directories; empty means the shipped default."
     )
     device: str = Field("auto", description="Torch device for the decoder: auto, cpu, cuda, cuda:1 ...")
+    decode_tile_pixels: int = Field(
+        TILE_PIXELS, ge=64 * 64, description="Padded coded pixels the pixel decoder renders in one pass: a larger "
+        "picture is rendered in tiles, which bounds a decode's memory (default 1536x1536: a 1080p photo coded "
+        "whole is one pass, its output unchanged)."
+    )
     worker: bool = Field(True, description="Run the decode worker inside the API process.")
     poll_interval_s: float = Field(1.0, gt=0, description="Worker sleep when idle and not woken by an upload.")
     thumbnail_px: int = Field(320, ge=16, le=2048, description="Longest side of gallery thumbnails.")

@@ -270,7 +270,7 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
     store.migrate()
     metrics = ReceiverMetrics()
     blobs = open_blob_store(settings)  # the API creates the bucket before it stores the first upload
-    registry = CodecRegistry.from_packages(settings.model_packages, settings.device)
+    registry = CodecRegistry.from_packages(settings.model_packages, settings.device, settings.decode_tile_pixels)
     decoder = DecodeWorker(store, blobs, registry, WorkerConfig(
         batch_size=settings.batch_size, max_attempts=settings.max_attempts, retry_delay_s=settings.retry_delay_s,
         poll_interval_s=settings.poll_interval_s, thumbnail_px=settings.thumbnail_px,

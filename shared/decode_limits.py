@@ -20,6 +20,9 @@ from aeic.shared.padding import ALIGNMENT, padded_size
 
 MAX_CODED_PIXELS = 4096 * 4096  # padded coded pixels of one image (and of one synthesis pass)
 MAX_PIXELS = 8192 * 8192  # output pixels of one image
+# Padded coded pixels the receiver's pixel decoder renders in one pass: a picture with more is rendered
+# in tiles (the default keeps a 1080p photo coded whole, 1920x1152 padded, in one pass).
+TILE_PIXELS = 1536 * 1536
 
 
 def padded_coded_pixels(height: int, width: int, downscale: int) -> int:

@@ -273,9 +273,9 @@ def test_a_batch_over_the_pixel_budget_is_split_with_the_same_images(
     calls: list[int] = []
     original = receiver.model.forward
 
-    def counted(y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def counted(y: torch.Tensor, p: torch.Tensor, tile_pixels: int) -> torch.Tensor:
         calls.append(len(y))
-        return original(y, p)
+        return original(y, p, tile_pixels)
 
     monkeypatch.setattr(receiver.model, "forward", counted)
     split = receiver.decode_batch(streams)

@@ -1,0 +1,107 @@
+"""Pixel decoding in tiles, so a large picture's memory stays bounded.
+
+The pixel decoder is most of a receiver's memory: its last layers hold 64-channel float32 maps at
+full and half resolution, about 0.5 KB per coded pixel (8.6 GB of a 4096x4096 decode's 10.5 GB). The
+decoder latent it starts from (1/8, 32 channels) is small, so synthesis and the UNet still run whole
+(the UNet's group norms and mid-block attention see the whole picture, as they do today) and only
+the pixel decoder runs tile by tile: each tile's latent with a halo around it, keeping the core.
+
+For a pixel decoder made only of local layers (convolutions, pixel shuffles, upsampling, pointwise
+activations: the internal one), a halo of its receptive radius makes every core exactly what the
+whole decode computes there. Decoders with normalisation or attention (TAEF2's pooled blocks, the SD
+VAE) see other statistics per tile, so they get :data:`APPROXIMATE_HALO` of context and their tiles are
+blended across it, as diffusers' VAE tiling does: close to the whole decode, not equal, and no seams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+APPROXIMATE_HALO = 16  # latent pixels (128 output pixels) around a tile of a decoder that is not local
+_POINTWISE = (nn.GELU, nn.ReLU, nn.SiLU, nn.Identity)
+
+
+def receptive_radius(module: nn.Module) -> int | None:
+    """How many latent pixels around an output pixel's own a stack of local layers reads, rounded up;
+    ``None`` when ``module`` holds any other layer (its output may depend on the whole picture)."""
+    radius, scale = 0.0, 1.0  # radius in latent pixels; scale: output pixels per latent pixel so far
+    for layer in module if isinstance(module, nn.Sequential) else [module]:
+        if isinstance(layer, nn.Conv2d):
+            if layer.stride != (1, 1) or layer.dilation != (1, 1) or layer.groups != 1:
+                return None
+            radius += max(layer.kernel_size) // 2 / scale
+        elif isinstance(layer, nn.PixelShuffle):
+            scale *= layer.upscale_factor
+        elif isinstance(layer, nn.Upsample) and layer.mode == "nearest" and layer.scale_factor is not None:
+            scale *= float(layer.scale_factor)  # type: ignore[arg-type]  # a number once the check passed
+        elif not isinstance(layer, _POINTWISE):
+            return None
+    return math.ceil(radius)
+
+
+def tile_halo(pixel_decoder: nn.Module | None) -> tuple[int, bool]:
+    """The halo around a tile of ``pixel_decoder`` and whether it makes tiles exact: its receptive
+    radius, else :data:`APPROXIMATE_HALO` (not exact: the tiles are then blended across their halos)."""
+    radius = receptive_radius(pixel_decoder) if pixel_decoder is not None else None
+    return (APPROXIMATE_HALO, False) if radius is None else (radius, True)
+
+
+def _spans(length: int, tiles: int) -> list[tuple[int, int]]:
+    """``length`` split into ``tiles`` near-equal spans."""
+    edges = [length * i // tiles for i in range(tiles + 1)]
+    return list(pairwise(edges))
+
+
+def _ramp(size: int, start: int, stop: int, first: int, last: int, halo: int, like: torch.Tensor) -> torch.Tensor:
+    """Blend weights along one axis of a tile decoded over [start, stop) (output pixels) whose core is
+    [first, last): rising over 2 x ``halo`` pixels centred on an edge it shares with a neighbour, flat at
+    the picture's border."""
+    position = torch.arange(start, stop, dtype=like.dtype, device=like.device) + 0.5
+    weight = torch.ones_like(position)
+    if first > 0:
+        weight = weight * ((position - (first - halo)) / (2 * halo)).clamp(0, 1)
+    if last < size:
+        weight = weight * (((last + halo) - position) / (2 * halo)).clamp(0, 1)
+    return weight
+
+
+def decode_in_tiles(
+    decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, max_pixels: int, halo: int,
+    exact: bool = True,
+) -> torch.Tensor:
+    """``decode(latent)`` (N, C, H, W) -> (N, 3, sH, sW), whole when H x W is at most ``max_pixels``
+    latent pixels (the same call as without tiling), else in tiles of at most that many plus ``halo``
+    around them: each tile's core kept when ``exact``, else the tiles blended across their halos (a
+    decoder that is not local sees other statistics per tile; blending leaves no edge where they meet)."""
+    height, width = latent.shape[2:]
+    if height * width <= max_pixels:
+        return decode(latent)
+    side = max(1, math.isqrt(max_pixels))
+    out: torch.Tensor | None = None
+    total: torch.Tensor | None = None
+    for top, bottom in _spans(height, -(-height // side)):
+        for left, right in _spans(width, -(-width // side)):
+            top_in, left_in = max(0, top - halo), max(0, left - halo)
+            bottom_in, right_in = min(height, bottom + halo), min(width, right + halo)
+            pixels = decode(latent[:, :, top_in:bottom_in, left_in:right_in])
+            s = pixels.shape[-1] // (right_in - left_in)  # output pixels per latent pixel
+            if out is None:
+                out = pixels.new_zeros((*pixels.shape[:2], height * s, width * s))
+                total = None if exact else pixels.new_zeros((height * s, width * s))
+            if exact:
+                core = pixels[:, :, (top - top_in) * s : (bottom - top_in) * s, (left - left_in) * s : (right - left_in) * s]
+                out[:, :, top * s : bottom * s, left * s : right * s] = core
+                continue
+            assert total is not None  # made with out when not exact
+            rows = _ramp(height * s, top_in * s, bottom_in * s, top * s, bottom * s, halo * s, pixels)
+            cols = _ramp(width * s, left_in * s, right_in * s, left * s, right * s, halo * s, pixels)
+            weight = rows[:, None] * cols[None, :]
+            out[:, :, top_in * s : bottom_in * s, left_in * s : right_in * s] += pixels * weight
+            total[top_in * s : bottom_in * s, left_in * s : right_in * s] += weight
+    assert out is not None  # a latent over max_pixels has at least one tile
+    return out if total is None else out / total
