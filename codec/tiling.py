@@ -4,7 +4,9 @@ The pixel decoder is most of a receiver's memory: its last layers hold 64-channe
 full and half resolution, about 0.5 KB per coded pixel (8.6 GB of a 4096x4096 decode's 10.5 GB). The
 decoder latent it starts from (1/8, 32 channels) is small, so synthesis and the UNet still run whole
 (the UNet's group norms and mid-block attention see the whole picture, as they do today) and only
-the pixel decoder runs tile by tile: each tile's latent with a halo around it, keeping the core.
+the pixel decoder runs tile by tile: each tile's latent with a halo around it, keeping the core. A
+batch is split by the same bound (as many whole pictures per pass as fit), so batching does not
+multiply it.
 
 For a pixel decoder made only of local layers (convolutions, pixel shuffles, upsampling, pointwise
 activations: the internal one), a halo of its receptive radius makes every core exactly what the
@@ -74,13 +76,26 @@ def decode_in_tiles(
     decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, max_pixels: int, halo: int,
     exact: bool = True,
 ) -> torch.Tensor:
-    """``decode(latent)`` (N, C, H, W) -> (N, 3, sH, sW), whole when H x W is at most ``max_pixels``
-    latent pixels (the same call as without tiling), else in tiles of at most that many plus ``halo``
-    around them: each tile's core kept when ``exact``, else the tiles blended across their halos (a
-    decoder that is not local sees other statistics per tile; blending leaves no edge where they meet)."""
-    height, width = latent.shape[2:]
-    if height * width <= max_pixels:
+    """``decode(latent)`` (N, C, H, W) -> (N, 3, sH, sW) in passes of at most ``max_pixels`` latent
+    pixels: the batch in one call when it has no more (as without tiling), else as many whole pictures
+    per call as fit, and a picture over ``max_pixels`` alone, in tiles (:func:`_decode_tiled`)."""
+    count, _, height, width = latent.shape
+    if count * height * width <= max_pixels:
         return decode(latent)
+    if height * width <= max_pixels:
+        per_pass = max_pixels // (height * width)
+        return torch.cat([decode(latent[first : first + per_pass]) for first in range(0, count, per_pass)])
+    tiled = [_decode_tiled(decode, latent[i : i + 1], max_pixels, halo, exact) for i in range(count)]
+    return tiled[0] if count == 1 else torch.cat(tiled)
+
+
+def _decode_tiled(
+    decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, max_pixels: int, halo: int, exact: bool
+) -> torch.Tensor:
+    """One picture in tiles of at most ``max_pixels`` plus ``halo`` around them: each tile's core kept
+    when ``exact``, else the tiles blended across their halos (a decoder that is not local sees other
+    statistics per tile; blending leaves no edge where they meet)."""
+    height, width = latent.shape[2:]
     side = max(1, math.isqrt(max_pixels))
     out: torch.Tensor | None = None
     total: torch.Tensor | None = None

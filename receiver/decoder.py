@@ -2,7 +2,8 @@
 
 Entropy decoding is per image (it is sequential by nature); synthesis, the UNet and the pixel
 decoder run batched over images of the same padded size, on CUDA when present. The pixel decoder,
-most of the memory, renders a picture over ``tile_pixels`` in tiles (:mod:`aeic.codec.tiling`).
+most of the memory, renders at most ``tile_pixels`` per pass: a larger picture in tiles, a larger
+batch in parts (:mod:`aeic.codec.tiling`).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class ReceiverModel(nn.Module):
     @torch.no_grad()
     def forward(self, y_hat: torch.Tensor, positions: torch.Tensor,
                 tile_pixels: int = decode_limits.TILE_PIXELS) -> torch.Tensor:
-        """RGB in [0, 1] at 32x ``y_hat``'s size; the pixel decoder in tiles of at most ``tile_pixels``
-        output pixels (plus a halo) when the picture has more, else whole."""
+        """RGB in [0, 1] at 32x ``y_hat``'s size; the pixel decoder in passes of at most ``tile_pixels``
+        output pixels (plus a halo): a batch that has more in parts, a picture that has more in tiles."""
         unet_input, residual = self.synthesis(y_hat)
         latent = self.decoder.refine(unet_input, residual, positions)
         halo, exact = tile_halo(getattr(self.decoder, "pixel_decoder", None))

@@ -90,6 +90,21 @@ def test_a_picture_within_the_tile_is_decoded_by_one_call() -> None:
     assert calls == [(1, 4, 10, 9), (1, 4, 10, 9)]
 
 
+def test_a_batch_is_split_into_passes_within_the_bound() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def decode(latent: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(latent.shape))
+        return latent[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3)
+
+    latent = torch.randn(5, 4, 4, 4)
+    np.testing.assert_array_equal(decode_in_tiles(decode, latent, 40, 3).numpy(), decode(latent).numpy())
+    assert [shape[0] for shape in calls[:-1]] == [2, 2, 1]  # two 4x4 pictures per 40-pixel pass
+    calls.clear()
+    decode_in_tiles(decode, latent[:2], 8, 0)  # over the bound: each picture alone, in 2x2 tiles
+    assert calls == [(1, 4, 2, 2)] * 8
+
+
 def test_the_default_tile_keeps_a_1080p_photo_coded_whole_in_one_pass() -> None:
     assert decode_limits.padded_coded_pixels(1080, 1920, 1) <= decode_limits.TILE_PIXELS
     assert decode_limits.padded_coded_pixels(1536, 1536, 1) <= decode_limits.TILE_PIXELS
@@ -104,6 +119,14 @@ def test_receiver_decodes_the_same_bytes_tiled_and_whole(package: Path, stream: 
         tiled = ReceiverCodec.from_package(package, device="cpu", tile_pixels=tile).decode(stream)
         assert tiled.shape == whole.shape == (256, 384, 3)
         assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1  # float rounding at most, no seams
+
+
+def test_a_batch_decodes_the_same_bytes_split_into_passes(package: Path) -> None:
+    sender = SenderCodec.from_package(package, downscale=1)
+    streams = [sender.encode(np.roll(_photo(128, 192), 17 * seed, axis=1), seed % 3) for seed in range(3)]
+    together = ReceiverCodec.from_package(package, device="cpu").decode_batch(streams)
+    one_per_pass = ReceiverCodec.from_package(package, device="cpu", tile_pixels=128 * 192).decode_batch(streams)
+    assert all(np.array_equal(a, b) for a, b in zip(together, one_per_pass, strict=True))
 
 
 def test_the_setting_reaches_the_codec(package: Path) -> None:
