@@ -1,7 +1,7 @@
 """Pixel decoding in tiles, so a large picture's memory stays bounded.
 
 The pixel decoder is most of a receiver's memory: its last layers hold 64-channel float32 maps at
-full and half resolution, about 0.5 KB per coded pixel (8.6 GB of a 4096x4096 decode's 10.5 GB). The
+full and half resolution, about 0.55 KB per coded pixel (9.2 GB of a 4096x4096 decode's 10.9 GB). The
 decoder latent it starts from (1/8, 32 channels) is small, so synthesis and the UNet still run whole
 (the UNet's group norms and mid-block attention see the whole picture, as they do today) and only
 the pixel decoder runs tile by tile: each tile's latent with a halo around it, keeping the core. A

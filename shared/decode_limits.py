@@ -1,16 +1,20 @@
 """The largest picture a stream may ask a receiver to decode: a limit both sides keep.
 
-A receiver decodes an image whole, and its memory grows with the pixels: about 0.7 KB per padded
-coded pixel in synthesis (float32 on a CPU) and about 80 bytes per output pixel for the scale-back
-and colour correction. A 17-byte header may claim 16384 x 16384 (about 190 GB to decode), so the
-sender codes no picture over these bounds (its automatic downscale stays under them), and the
-receiver refuses such a stream at upload, before storing it, and again before decoding it.
+A receiver's memory grows with the pixels. Decoded whole, a picture took about 0.6 KB per padded coded
+pixel on a CPU, nine tenths of it in the pixel decoder, plus about 80 bytes per output pixel for the
+scale-back and colour correction. A 17-byte header may claim 16384 x 16384 (about 190 GB to decode), so
+the sender codes no picture over these bounds (its automatic downscale stays under them), and the
+receiver refuses such a stream at upload, before storing it, and again before decoding it. Within them
+the receiver renders at most :data:`TILE_PIXELS` per pixel-decoder pass (its ``decode_tile_pixels``
+setting; a larger picture in tiles, exactly the whole decode's pixels with the shipped model), and
+entropy-decodes in bands of rows: 4096 x 4096 coded peaks at 2.7 GB instead of 10.9 GB
+(``docs/receiver.md``, "Decode memory and tiling").
 
 Within them, a stream's decode cost is set by its header too, not by its length: a 23-byte stream may ask
 for a 4096 x 4096 coded picture, 25 times the coded pixels of a 1080p photo at the sender's automatic
-downscale (on a shared 2-core CPU: 81 s and 10 GB against 1.2-4 s and 1 GB). :func:`decode_cost` prices
-a stream in units of a normal photo, so the receiver can charge a device's rate limit and share its
-decoders by the work a stream asks for.
+downscale (on a shared 2-core CPU: 44-81 s against 1.2-4 s). :func:`decode_cost` prices a stream in units
+of a normal photo, so the receiver can charge a device's rate limit and share its decoders by the work a
+stream asks for.
 """
 
 from __future__ import annotations

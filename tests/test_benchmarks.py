@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks import entropy_coding_bench, model_bench
 from benchmarks.table import END, START, render, update_readme
 
@@ -101,3 +103,26 @@ def test_static_int8_keeps_the_first_convolution_in_float(tmp_path: Path) -> Non
     reference, quantized = run(stem), run(target)
     snr = 10 * np.log10(np.mean(reference**2) / np.mean((reference - quantized) ** 2))
     assert snr > 15, f"int8 stem at {snr:.1f} dB SNR against float"
+
+
+def test_receiver_memory_bench_reduced(tmp_path: Path) -> None:
+    """Stage by stage peak RSS in child processes, and tiled against whole, on a tiny package and picture."""
+    from aeic.codec.testing import make_tiny_package
+    from PIL import Image
+
+    from benchmarks import receiver_memory_bench
+
+    package = make_tiny_package(tmp_path / "tiny")
+    photo = tmp_path / "photo.png"
+    rows, cols = np.mgrid[0:300, 0:400]
+    Image.fromarray((np.stack([rows, cols, rows + cols], -1) % 256).astype(np.uint8)).save(photo)
+    out = tmp_path / "memory.json"
+    assert receiver_memory_bench.main(["--model", str(package), "--photo", str(photo), "--sizes", "384x256",
+                                       "--tiles", "16384", "--rate", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    whole, default, tiled = doc["runs"]
+    assert [whole["run"], tiled["tile_pixels"]] == ["whole", 16384]
+    assert set(whole["stages"]) == {"entropy", "synthesis", "unet", "pixel_decoder", "finish"}
+    assert whole["peak_rss_mb"] >= whole["rss_loaded_mb"] > 0
+    assert default["against_whole"]["max_abs"] == 0  # under the default tile: the same decode
+    assert tiled["against_whole"]["max_abs"] <= 1 and tiled["against_whole"]["psnr_db"] > 50
