@@ -17,15 +17,30 @@ import socket
 import ssl
 import subprocess
 import threading
+import tracemalloc
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from aeic.shared.bitstream import BitstreamError, unpack
 
 if TYPE_CHECKING:  # not at runtime: make sender-compat runs these tests without the receiver's packages
     import numpy as np
     import uvicorn
+
+
+T = TypeVar("T")
+
+
+def traced_peak(call: Callable[[], T]) -> tuple[T, int]:
+    """``call()``'s result and the peak bytes Python allocated while it ran (tracemalloc): memory bounds
+    of the spool's passes are checked by what they hold, not by the process's noisy RSS."""
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aeic.sender.spool import Spool, SpoolCorruptError, SpoolFullError, idempotency_key
 from aeic.shared.durable import TMP_PREFIX, atomic_write
-from sender_support import make_bitstream
+from sender_support import make_bitstream, traced_peak
 
 
 def test_put_names_item_by_digest_and_writes_sidecar(tmp_path: Path) -> None:
@@ -195,7 +195,6 @@ def test_a_drain_of_a_large_backlog_holds_its_order_not_every_item(tmp_path: Pat
     """A device offline for days queues tens of thousands of items (the default bound is 100,000).
     A pass that stops at its first failed upload must not hold every item's metadata (about 1.4 KB
     each, 140 MB at the bound): it holds the order, about 200 bytes an item."""
-    import tracemalloc
 
     from aeic.sender.forward import Forwarder
     from aeic.sender.uploader import Outcome, UploadResult
@@ -214,12 +213,7 @@ def test_a_drain_of_a_large_backlog_holds_its_order_not_every_item(tmp_path: Pat
             return UploadResult(Outcome.RETRY, None, "ConnectError", receiver_wide=True)
 
     forwarder = Forwarder(spool, Down())  # type: ignore[arg-type]
-    tracemalloc.start()
-    try:
-        report = forwarder.drain_pass()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    report, peak = traced_peak(forwarder.drain_pass)
     assert report.failed_attempts == 1 and report.stopped is not None
     assert peak < 400 * count, f"a pass held {peak / count:.0f} bytes per queued item"
     assert [item.source for item in spool.items()[:2]] == ["/srv/camera/img000000.jpg", "/srv/camera/img000001.jpg"]

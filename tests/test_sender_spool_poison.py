@@ -11,7 +11,6 @@ import json
 import os
 import random
 import threading
-import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ from aeic.sender.pipeline import Codec
 from aeic.sender.report import Reporter
 from aeic.sender.spool import DEFAULT_MAX_ITEM_BYTES, Spool, SpoolItem
 from aeic.sender.uploader import Outcome, Uploader, UploadResult
-from sender_support import make_bitstream
+from sender_support import make_bitstream, traced_peak
 
 TOKEN = "device-token"
 Answer = int | tuple[int, str] | type[httpx.TransportError]
@@ -286,12 +285,7 @@ def test_an_oversized_pending_file_is_rejected_unread(tmp_path: Path) -> None:
     err = io.StringIO()
     forwarder = _forwarder(spool, receiver, clocks)
     forwarder._listener = Reporter(err=err).upload
-    tracemalloc.start()
-    try:
-        report = forwarder.drain_pass()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    report, peak = traced_peak(forwarder.drain_pass)
     assert peak < DEFAULT_MAX_ITEM_BYTES // 4, f"the pass allocated {peak} bytes"
     assert report.rejected == 1 and report.accepted == 1 and receiver.requests == keys
     [rejected] = spool.rejected()
