@@ -28,6 +28,10 @@ class _Clamp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x / 3) * 3
 
+    def local_radius(self) -> int:
+        """Pointwise (see :func:`aeic.codec.tiling.receptive_radius`)."""
+        return 0
+
 
 class _Block(nn.Module):
     """Three-conv residual block; the deep blocks add a globally pooled channel-mixing branch."""
@@ -45,6 +49,11 @@ class _Block(nn.Module):
             if pooled
             else None
         )
+
+    def local_radius(self) -> int | None:
+        """Three 3x3 convolutions read 3 pixels around; the pooled branch's group norm reads the whole
+        picture (see :func:`aeic.codec.tiling.receptive_radius`)."""
+        return None if self.pool is not None else 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool is not None:

@@ -19,7 +19,7 @@ from aeic.codec.diffusion_decoder import NanoDecoder
 from aeic.codec.entropy_model import TorchBackend
 from aeic.codec.model import ModelConfig, build_decoder, receiver_state_dict
 from aeic.codec.synthesis import SynthesisTransform
-from aeic.codec.tiling import decode_in_tiles, tile_halo
+from aeic.codec.tiling import decode_in_tiles, tile_plan
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage
@@ -82,8 +82,14 @@ class ReceiverModel(nn.Module):
         output pixels (plus a halo): a batch that has more in parts, a picture that has more in tiles."""
         unet_input, residual = self.synthesis(y_hat)
         latent = self.decoder.refine(unet_input, residual, positions)
-        halo, exact = tile_halo(getattr(self.decoder, "pixel_decoder", None))
-        return decode_in_tiles(self.decoder.decode_pixels, latent, tile_pixels // 64, halo, exact)
+        pixel_decoder = getattr(self.decoder, "pixel_decoder", None)
+        split, halo, exact = tile_plan(pixel_decoder)
+        if not split:
+            return decode_in_tiles(self.decoder.decode_pixels, latent, tile_pixels // 64, halo, exact)
+        assert isinstance(pixel_decoder, nn.Sequential)  # tile_plan splits only a Sequential
+        head, tail = pixel_decoder[:split], pixel_decoder[split:]  # the same layers, run in two calls
+        return decode_in_tiles(lambda features: tail(features).clamp(0, 1), head(latent), tile_pixels // 64,
+                               halo, exact)
 
 
 def load_receiver_model(package: ModelPackage) -> ReceiverModel:
