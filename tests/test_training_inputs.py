@@ -256,3 +256,30 @@ def test_a_kill_while_writing_a_checkpoint_keeps_the_previous_one(
     capsys.readouterr()
     assert train_cli.main([config, "--steps", "2"]) == 0
     assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_a_checkpoint_of_another_stage_or_preset_in_the_run_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config copied for the next stage whose `out` was left as it was: resuming the other stage's checkpoint
+    was silent (distil: 0 steps trained, the pretrain weights relabelled as distil; adversarial: torch's
+    'different number of parameter groups')."""
+    torch.set_num_threads(1)
+    photos = _photos(tmp_path, 1)
+    assert train_cli.main([_config(tmp_path, photos)]) == 0
+    checkpoint = tmp_path / "out" / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(before)
+    capsys.readouterr()
+    for extra, fragment in [
+        (f'stage = "distil"\nteacher = "{teacher}"\n',
+         "holds a 'pretrain' run of preset 'tiny-se', this config trains 'distil' of 'tiny-se'"),
+        ('stage = "adversarial"\n', "holds a 'pretrain' run"),
+        ("", "this config trains 'pretrain' of 'tiny-me'"),
+    ]:
+        config = Path(_config(tmp_path, photos, extra))
+        if not extra:
+            config.write_text(config.read_text().replace('"tiny-se"', '"tiny-me"'))
+        _one_line_error(capsys, train_cli.main([str(config)]), fragment)
+        assert checkpoint.read_bytes() == before

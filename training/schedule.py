@@ -162,6 +162,7 @@ class ScheduledRun:
             state = read_checkpoint(self.checkpoint_path, needs=("model", "step", "rng"))
         except CheckpointError as exc:
             raise CheckpointError(f"cannot resume: {exc}; move it away to start the run over") from exc
+        self._check_same_run(state)
         self.step, self.previous_minutes = state["step"], state.get("minutes", 0.0)
         random.setstate(state["rng"][0])
         np.random.set_state(state["rng"][1])
@@ -174,6 +175,21 @@ class ScheduledRun:
             fallback = np.random.default_rng(seed + self.step).bit_generator.state
             stream.bit_generator.state = saved[index] if saved and index < len(saved) else fallback
         return state
+
+    def _run_identity(self) -> dict[str, str]:
+        """What a checkpoint in ``out`` must record to be resumed by this config."""
+        return {"stage": self.config.stage}
+
+    def _check_same_run(self, state: dict) -> None:
+        """Refuse a checkpoint of another stage or preset: a config copied for the next stage with its ``out``
+        left as it was would train on from the other run's weights, or do no step and relabel them as its own."""
+        wanted = self._run_identity()
+        if all(state.get(key, value) == value for key, value in wanted.items()):  # older checkpoints may lack a key
+            return
+        theirs = f"a {state.get('stage')!r} run" + (f" of preset {state.get('preset')!r}" if "preset" in wanted else "")
+        ours = f"{wanted['stage']!r}" + (f" of {wanted['preset']!r}" if "preset" in wanted else "")
+        raise CheckpointError(f"{self.checkpoint_path} holds {theirs}, this config trains {ours}: "
+                              "set another `out`, or move the checkpoint away to start over")
 
     @property
     def log_path(self) -> Path:

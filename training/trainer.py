@@ -212,6 +212,9 @@ class Trainer(ScheduledRun):
             "package": str(self.config.init) if self.config.stage == "encoder" else None,  # what `aeic export` keeps
         })
 
+    def _run_identity(self) -> dict[str, str]:
+        return {"stage": self.config.stage, "preset": self.config.model}
+
     def _resume(self) -> None:
         state = self._read_checkpoint()
         if state is None:
