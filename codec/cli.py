@@ -32,7 +32,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         try:
             rgb = read_image(image)
             start = time.perf_counter()
-            if args.target_bytes:
+            if args.target_bytes is not None:
                 data, level = codec.encode_to_budget(rgb, args.target_bytes)
             else:
                 level = args.rate
@@ -283,6 +283,18 @@ def _rounding_weight(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected nearest or a positive number, got {text!r}") from None
 
 
+def _positive_bytes(text: str) -> int:
+    """A byte budget of at least one byte. ``--target-bytes 0`` (a tiny image's 0.01 bpp rounded down) was
+    taken as no budget at all and coded at level 0, a stream over it; ``aeic-send`` refused it already."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a byte budget is at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aeic", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The same default as `aeic-send encode` (aeic.sender.cli.DEFAULT_RATE), so both front ends of the sender
     # path code an image to the same bitstream (not imported: it would load the uploader for `aeic info`).
     rate.add_argument("--rate", type=int, default=0, help="rate level (bitstream rate index; default 0)")
-    rate.add_argument("--target-bytes", type=int, help="the largest bitstream allowed, bytes")
+    rate.add_argument("--target-bytes", type=_positive_bytes, help="the largest bitstream allowed, bytes")
     encode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
     encode.add_argument("--threads", type=int)
     encode.add_argument("--downscale", type=parse_downscale, default="auto", metavar="{auto,1,2,4}",

@@ -2,6 +2,7 @@
 
 - `aeic encode photo.jpg` coded at rate level 4 while `aeic-send encode photo.jpg` coded at level 0: the
   two front ends of one sender path gave different bitstreams for the same image by default.
+- `aeic encode --target-bytes 0` coded at level 0 as if no budget were given (a stream over it).
 - `aeic decode s.aeic -o x.gif` (a format decode does not write) made a folder called `x.gif` with the PNG
   inside; it is one line and exit status 2 now, before the model is loaded.
 """
@@ -51,3 +52,19 @@ def test_an_existing_folder_with_a_picture_suffix_is_still_a_folder(tmp_path: Pa
     assert not codec_cli._names_another_picture_format(folder)
     assert not codec_cli._names_another_picture_format(tmp_path / "plain-folder")
     assert not codec_cli._names_another_picture_format(tmp_path / "x.webp")
+
+
+@pytest.mark.parametrize("budget", ["0", "-3"])
+def test_a_byte_budget_under_one_byte_is_refused_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], budget: str
+) -> None:
+    """`--target-bytes 0` (0.01 bpp of a 16x16 image, rounded down) was read as no budget: the image was
+    coded at level 0 into a stream over the budget (35 bytes here), and the command succeeded."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(photo)
+    with pytest.raises(SystemExit) as exit_info:
+        codec_cli.main(["encode", str(photo), "--target-bytes", budget, "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"--target-bytes: a byte budget is at least 1, got {budget}" in err
+    assert not (tmp_path / "out").exists()
