@@ -80,10 +80,15 @@ class ReceiverSettings(BaseSettings):
         60.0, gt=0, description="Lease of a decode claim: one not renewed for this long is a dead worker's, taken over."
     )
     decode_deadline_s: float = Field(
-        120.0, gt=0, description="Seconds a claimed batch may take per image (per 1920x1080 coded pixels of a "
-        "larger one) before it counts as hung: its images get a failed attempt and go to another worker (or the "
-        "next start), its lease is no longer renewed, a late result is dropped, and /healthz answers 503 so "
-        "the process is restarted."
+        120.0, gt=0, description="Seconds a claimed batch may take per unit of decode cost (a 1080p photo coded "
+        "whole; every image at least one) before it counts as hung: its images get a failed attempt and go to "
+        "another worker (or the next start), its lease is no longer renewed, a late result is dropped, and "
+        "/healthz answers 503 so the process is restarted."
+    )
+    hung_exit_grace_s: float = Field(
+        10.0, ge=0, description="`aeic-receiver worker` only: seconds after a hung batch was given up before the "
+        "process exits with status 75 if its decode still has not returned, so that a supervisor that restarts "
+        "exited containers (Docker Compose, Kubernetes) recovers it. The embedded worker of `serve` never exits."
     )
 
     @classmethod

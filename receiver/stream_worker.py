@@ -7,7 +7,9 @@ acknowledged. Decoding itself is the embedded `DecodeWorker`'s (batches, per-ima
 results in the blob store). While a batch runs, a heartbeat keeps both the stream entries and the database
 claims fresh, so only a dead worker's jobs are ever taken over; a batch hung past its decode deadline
 stops the heartbeat (its entries and images go to another worker) and fails `/healthz`, served beside the
-metrics for the liveness probe. An image that fails for good goes to the dead-letter stream with its reason.
+metrics for the liveness probe; if the decode has not returned `hung_exit_grace_s` later, the process exits
+with status 75 (`HUNG_EXIT_STATUS`), as Docker restarts a container only when it exits. An image that fails
+for good goes to the dead-letter stream with its reason.
 """
 
 from __future__ import annotations
@@ -274,7 +276,8 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
     decoder = DecodeWorker(store, blobs, registry, WorkerConfig(
         batch_size=settings.batch_size, max_attempts=settings.max_attempts, retry_delay_s=settings.retry_delay_s,
         poll_interval_s=settings.poll_interval_s, thumbnail_px=settings.thumbnail_px,
-        lease_s=settings.reclaim_after_s, decode_deadline_s=settings.decode_deadline_s), metrics)
+        lease_s=settings.reclaim_after_s, decode_deadline_s=settings.decode_deadline_s,
+        exit_when_hung_s=settings.hung_exit_grace_s), metrics)
     if metrics_port is not None:
         serve_metrics_and_health(metrics_port, metrics.registry, decoder.stuck)
     config = StreamWorkerConfig(consumer=consumer or default_consumer_name(), batch_size=settings.batch_size,

@@ -11,16 +11,17 @@ renewed for `lease_s` belongs to a dead worker, and every worker sweeps those ba
 that lost its claim (paused past its lease, then taken over) writes no result over the new owner's.
 
 Why a decode deadline: a renewing heartbeat alone would keep a hung decode's claim (a stuck torch call, a
-deadlocked thread) forever, and nothing would notice. Past `decode_deadline_s` per image (per 1920x1080
-coded pixels for a larger one) the batch is given up: its images are recorded as a failed attempt (so another worker or the next start decodes them, and one
-that hangs every time ends `failed`), its leases are no longer renewed, and `stuck()` tells the liveness
-check, whose 503 has the process restarted. A decode that returns after that writes nothing.
+deadlocked thread) forever, and nothing would notice. Past `decode_deadline_s` per unit of decode cost
+(`decode_allowance`) the batch is given up: its images are recorded as a failed attempt (so another worker
+or the next start decodes them, and one that hangs every time ends `failed`), its leases are no longer
+renewed, and `stuck()` tells the liveness check, whose 503 has the process restarted. A decode that
+returns after that writes nothing. A worker-only process (`exit_when_hung_s`) also exits by itself when
+the decode has not returned shortly after the give-up: Docker restarts only containers that exit.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
@@ -43,14 +44,16 @@ from aeic.receiver.storage import (
 )
 from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key, thumbnail_key
 from aeic.shared.bitstream import BitstreamError
+from aeic.shared.decode_limits import decode_cost
 from aeic.shared.entropy_coding import EntropyDecodeError
 
-__all__ = ["DEADLINE_PIXELS", "DecodeWorker", "WorkerConfig", "decode_allowance", "heartbeat"]
+__all__ = ["HUNG_EXIT_STATUS", "DecodeWorker", "WorkerConfig", "decode_allowance", "heartbeat"]
 
 log = logging.getLogger(__name__)
 
-# The picture `decode_deadline_s` is the allowance for; decoding time follows the coded pixel count.
-DEADLINE_PIXELS = 1920 * 1080
+# Exit status of a worker process that ends itself because a decode hung: EX_TEMPFAIL (sysexits.h), "try
+# again later", as its images are pending again and a restarted process may decode them.
+HUNG_EXIT_STATUS = 75
 
 
 @contextmanager
@@ -91,27 +94,30 @@ class WorkerConfig:
     poll_interval_s: float = 1.0
     thumbnail_px: int = 320
     lease_s: float = 60.0  # a claim not renewed for this long is a dead worker's (`reclaim_after_s`)
-    decode_deadline_s: float = 120.0  # per image (per DEADLINE_PIXELS coded); past it a batch counts as hung
+    decode_deadline_s: float = 120.0  # per unit of decode cost (`decode_allowance`); past it a batch is hung
+    # Seconds after a hung batch was given up before the process exits with HUNG_EXIT_STATUS if that decode
+    # still has not returned; None: never (the embedded worker, whose process also serves the API).
+    exit_when_hung_s: float | None = None
 
 
 def decode_allowance(records: list[ImageRecord], deadline_s: float) -> float:
-    """Seconds a batch may take: `deadline_s` per image, and per `DEADLINE_PIXELS` coded pixels for a larger
-    one (a 4096x4096 picture decodes about eight times as long as a 1080p one), so one deadline fits every
-    size without being loose for the common ones."""
-    shares = (math.ceil(r.width / r.downscale) * math.ceil(r.height / r.downscale) / DEADLINE_PIXELS
-              for r in records)
-    return deadline_s * sum(max(1.0, share) for share in shares)
+    """Seconds a batch may take: `deadline_s` per unit of `decode_limits.decode_cost`, the price the rate
+    limit and the fair queue charge (a 1080p photo coded whole is 1, 4096x4096 coded whole 7.6), and at
+    least `deadline_s` per image (its fixed costs), so one deadline fits every size without being loose
+    for the common ones."""
+    return deadline_s * sum(decode_cost(r.height, r.width, r.downscale) for r in records)
 
 
 @dataclass
 class _Running:
     """The claim being processed, the seconds it is allowed and when they are up (`clock` time);
-    `given_up` once they were."""
+    `given_up` once they were, `recorded` when every image's give-up was written."""
 
     claim: Claim
     allowance_s: float
     deadline: float
     given_up: bool = False
+    recorded: bool = False
 
     def reason(self) -> str:
         """The image error of a batch given up."""
@@ -129,10 +135,14 @@ class DecodeWorker:
     """Runs `run_once` in a loop on a daemon thread; `wake()` after an upload skips the idle wait."""
 
     def __init__(self, store: MetadataStore, blobs: BlobStore, registry: CodecRegistry, config: WorkerConfig,
-                 metrics: ReceiverMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: ReceiverMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+                 exit_process: Callable[[int], object] = os._exit) -> None:
         self.store, self.blobs, self.registry, self.config = store, blobs, registry, config
         self.metrics = metrics
         self._clock = clock  # measures decode deadlines (tests pass a fake one)
+        # Ends the process when a decode stays hung (`exit_when_hung_s`): os._exit, as the thread that would
+        # have to unwind is the stuck one (tests pass a recorder).
+        self._exit_process = exit_process
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -273,15 +283,45 @@ class DecodeWorker:
         return False
 
     def _give_up(self, running: _Running) -> None:
-        """Record a failed attempt for each image of a hung batch (a no-op for those already settled)."""
+        """Record a failed attempt for each image of a hung batch (a no-op for those already settled), and
+        with `exit_when_hung_s` set, have the process exit if the decode has not returned by then."""
+        grace = self.config.exit_when_hung_s
+        then = ("/healthz answers 503 until it returns" if grace is None else
+                f"the process exits with status {HUNG_EXIT_STATUS} unless it returns within {_seconds(grace)} s")
         log.error("the decode of %d image(s) has not finished within its %s s deadline; giving its claim up "
-                  "(the worker thread stays stuck: /healthz answers 503 until it returns)",
-                  len(running.claim.records), _seconds(running.allowance_s))
+                  "(the worker thread stays stuck: %s)", len(running.claim.records), _seconds(running.allowance_s),
+                  then)
+        running.recorded = True
         for record in running.claim.records:
             try:
                 self._fail(running.claim, record, running.reason())
             except Exception:  # its lease runs out instead, as it is no longer renewed
+                running.recorded = False
                 log.exception("could not record the hung decode of %s", record.id)
+        if grace is not None:
+            timer = threading.Timer(grace, self._exit_if_still_hung, args=(running, grace))
+            timer.name, timer.daemon = "aeic-hung-exit", True
+            timer.start()
+
+    def _exit_if_still_hung(self, running: _Running, grace: float) -> None:
+        """End the process if the batch given up `grace` seconds ago is still in progress: only a restart
+        frees a thread stuck in a decoder call, and a supervisor restarts a process that exits (Docker's
+        restart policy acts on exits, not on a failing healthcheck). Its images were given up already; the
+        rest of its claim (a queue worker's delivery of other sizes, waiting behind it) is handed back
+        without charging an attempt, as stopping does, rather than left for a takeover that charges one."""
+        if self._running is not running:
+            log.warning("the hung decode returned within %s s of being given up; the worker goes on", _seconds(grace))
+            return
+        if running.recorded:  # otherwise the hung images themselves would go back uncharged
+            try:
+                self.store.release_claim(running.claim.token, "requeued: its worker exited, hung on another batch")
+            except Exception:  # their leases, no longer renewed, run out instead
+                log.exception("could not hand back the rest of the hung batch's claim")
+        log.critical("the decode of %d image(s) is still hung %s s after its %s s deadline was given up; exiting "
+                     "with status %d so that the worker is restarted (its images were given up: pending again, "
+                     "or failed on their last attempt)", len(running.claim.records), _seconds(grace),
+                     _seconds(running.allowance_s), HUNG_EXIT_STATUS)
+        self._exit_process(HUNG_EXIT_STATUS)
 
     def process(self, claim: Claim) -> None:
         """Decode and record a claim made by anyone (the Redis Streams worker claims by image id); the

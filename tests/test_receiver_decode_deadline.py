@@ -1,7 +1,8 @@
 """A decode that hangs (a stuck torch call, a deadlocked thread) past `decode_deadline_s`: its claim is given
 up with a failed attempt and its lease no longer renewed, so another worker or the next start decodes the
 image (one that hangs every time ends `failed`); liveness (`/healthz`, on the API and beside a queue
-worker's metrics) answers 503 so an orchestrator restarts the process; a decode that comes back late writes
+worker's metrics) answers 503 so an orchestrator restarts the process; a worker-only process still hung a
+grace later exits by itself (Docker restarts only exited containers); a decode that comes back late writes
 nothing; a decode within its deadline is untouched. Decoders block on a threading.Event, deadlines are
 tiny or measured on a fake clock, and every wait is bounded."""
 
@@ -9,7 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -20,17 +25,19 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import scaleout_support
 import sqlalchemy as sa
 import yaml
 from aeic.receiver.api import create_app
 from aeic.receiver.metrics import ReceiverMetrics
-from aeic.receiver.queue import Job
+from aeic.receiver.queue import Job, JobQueue
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import FilesystemBlobStore, NewImage, SqlMetadataStore, Status, schema
 from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key
 from aeic.receiver.stream_worker import StreamWorker, StreamWorkerConfig, serve_metrics_and_health
-from aeic.receiver.worker import DecodeWorker, WorkerConfig, decode_allowance
+from aeic.receiver.worker import HUNG_EXIT_STATUS, DecodeWorker, WorkerConfig, decode_allowance
+from aeic.shared.decode_limits import decode_cost
 from fastapi.testclient import TestClient
 from receiver_support import (
     TEST_MODEL_ID,
@@ -43,6 +50,8 @@ from receiver_support import (
 
 from aeic import __version__
 from aeic.local_servers import free_port
+
+redis_server, redis_url = scaleout_support.redis_server, scaleout_support.redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
 HUNG = "decode hung: no result within the"
@@ -64,12 +73,12 @@ def meta(tmp_path: Path) -> Iterator[SqlMetadataStore]:
         yield store
 
 
-def _upload(meta: SqlMetadataStore, blobs: FilesystemBlobStore) -> str:
-    data = make_bitstream(payload=secrets.token_bytes(4))
+def _upload(meta: SqlMetadataStore, blobs: FilesystemBlobStore, width: int = 48, height: int = 32) -> str:
+    data = make_bitstream(width, height, payload=secrets.token_bytes(4))
     image_id = secrets.token_hex(16)
     blobs.put(bitstream_key(image_id), data)
     meta.insert_image(NewImage(id=image_id, device="cam", idempotency_key=None, model_id=TEST_MODEL_ID.hex(),
-                               width=48, height=32, rate_index=0, bytes=len(data),
+                               width=width, height=height, rate_index=0, bytes=len(data),
                                sha256=hashlib.sha256(data).hexdigest()))
     return image_id
 
@@ -103,7 +112,9 @@ def _in_thread(call: Callable[[], object]) -> threading.Thread:
 def _worker(meta: SqlMetadataStore, blobs: FilesystemBlobStore, codec: FakeCodec, **config: Any) -> DecodeWorker:
     values: dict[str, Any] = {"retry_delay_s": 0.0, "lease_s": 0.3, "decode_deadline_s": 0.05, **config}
     clock = values.pop("clock", time.monotonic)
-    return DecodeWorker(meta, blobs, CodecRegistry.from_codecs([codec]), WorkerConfig(**values), clock=clock)
+    exit_process = values.pop("exit_process", os._exit)
+    return DecodeWorker(meta, blobs, CodecRegistry.from_codecs([codec]), WorkerConfig(**values), clock=clock,
+                        exit_process=exit_process)
 
 
 def test_a_hung_decode_is_given_up_and_fails_liveness_until_it_returns(tmp_path: Path) -> None:
@@ -112,6 +123,9 @@ def test_a_hung_decode_is_given_up_and_fails_liveness_until_it_returns(tmp_path:
     tokens = make_tokens(settings, "cam1")
     codec = BlockingCodec(hold_s=10)
     app = create_app(settings, registry=CodecRegistry.from_codecs([codec]))
+    # The embedded worker never ends its process for a hang (it also serves the API, and nothing may be
+    # there to restart it): this test's own process lives through the hang.
+    assert app.state.receiver.worker.config.exit_when_hung_s is None
     with TestClient(app) as client:
         assert client.get("/healthz").status_code == 200
         image_id = client.post("/v1/images", content=make_bitstream(), headers={
@@ -296,15 +310,106 @@ def test_a_queue_worker_hung_past_its_deadline_lets_its_entries_go_and_fails_hea
     assert record is not None and (record.status, record.attempts, record.decodes) == (Status.DONE, 2, 1)
 
 
-def test_a_batch_is_allowed_the_deadline_per_image_and_per_1080p_of_coded_pixels() -> None:
+# `aeic-receiver worker`, as compose and Kubernetes run it, with a decoder whose every call blocks (for an
+# hour: no test waits that long) in place of the model packages it would load.
+HANGING_WORKER = """
+import sys
+from aeic.receiver import cli
+from aeic.receiver.registry import CodecRegistry
+from receiver_support import BlockingCodec
+
+hanging = CodecRegistry.from_codecs([BlockingCodec(hold_s=3600.0)])
+CodecRegistry.from_packages = lambda *packages_device_tile: hanging
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_process_still_hung_after_the_grace_exits_and_its_images_decode_elsewhere(
+        meta: SqlMetadataStore, tmp_path: Path, redis_url: str) -> None:
+    """Was: the process stayed hung for good under Docker Compose, whose restart policy acts on exits only
+    (the healthcheck just marked the container unhealthy). Now it exits with its own status, the hung image
+    pending again (its attempt charged), the image of another size delivered with it and waiting its turn
+    handed back uncharged, and their stream entries left to another consumer, which decodes both."""
+    data = tmp_path / "data"
+    blobs = FilesystemBlobStore(data / "blobs")  # where the worker, with no blob URL, reads bitstreams
+    image_id = _upload(meta, blobs)
+    waiting_id = _upload(meta, blobs, 64, 48)  # one delivery, one claim, decoded after the 48x32 group
+    queue = JobQueue.from_url(redis_url)
+    queue.ensure_group()
+    queue.publish(image_id)
+    queue.publish(waiting_id)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AEIC_")},
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "AEIC_QUEUE": redis_url, "AEIC_DECODE_DEADLINE_S": "0.2", "AEIC_RECLAIM_AFTER_S": "0.3",
+           "AEIC_HUNG_EXIT_GRACE_S": "0.2", "AEIC_RETRY_DELAY_S": "0"}
+    database = f"sqlite:///{tmp_path / 'receiver.db'}"
+    try:
+        worker = subprocess.run([sys.executable, "-c", HANGING_WORKER, "worker", "--data", str(data),
+                                 "--database-url", database, "--consumer", "hung"],
+                                check=False, env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the hung worker did not exit: {exc.stderr!r}") from None
+    assert worker.returncode == HUNG_EXIT_STATUS, worker.stderr
+    [line] = [line for line in worker.stderr.splitlines() if "exiting with status" in line]
+    assert "CRITICAL" in line and "still hung 0.2 s after its 0.2 s deadline was given up" in line, line
+    record = _hung(meta, image_id)
+    assert record is not None and (record.attempts, record.decodes) == (1, 0), worker.stderr
+    waiting = meta.get_image(waiting_id)
+    assert waiting is not None and (waiting.status, waiting.attempts) == (Status.PENDING, 0), waiting
+    assert (waiting.error or "").startswith("requeued: its worker exited, hung on another batch")
+    assert queue.backlog().pending == 2  # the entries were never acknowledged
+    taker = StreamWorker(meta, queue, _worker(meta, blobs, FakeCodec()), StreamWorkerConfig(
+        consumer="next", max_attempts=3, reclaim_after_s=0.3))
+    taker.handle(queue.reclaim("next", 0, 10))
+    done = [meta.get_image(i) for i in (image_id, waiting_id)]
+    assert [(r.status, r.attempts, r.decodes) for r in done if r is not None] == [(Status.DONE, 2, 1),
+                                                                                  (Status.DONE, 1, 1)]
+    assert queue.backlog().pending == 0
+    queue.close()
+
+
+def test_a_hung_decode_that_returns_within_the_grace_does_not_end_the_process(
+        meta: SqlMetadataStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A decode merely slower than its deadline costs its attempt (the claim is gone) but not a restart."""
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    codec = BlockingCodec(hold_s=10)
+    image_id = _upload(meta, blobs)
+    exits: list[int] = []
+    worker = _worker(meta, blobs, codec, exit_when_hung_s=0.3, exit_process=exits.append)
+    caplog.set_level(logging.WARNING, logger="aeic.receiver.worker")
+    thread = _in_thread(worker.run_once)
+    try:
+        _until(lambda: _hung(meta, image_id), "the batch to be given up")
+    finally:
+        codec.release.set()
+        thread.join(5)
+    _until(lambda: "the worker goes on" in caplog.text, "the grace to end")
+    assert exits == []
+    assert worker.run_once() == 1  # the retry, in the same process
+    record = meta.get_image(image_id)
+    assert record is not None and (record.status, record.attempts, record.decodes) == (Status.DONE, 2, 1)
+
+
+def test_a_batch_is_allowed_the_deadline_per_unit_of_decode_cost() -> None:
+    """The deadline counts the units the rate limit and the fair queue charge (`decode_limits.decode_cost`):
+    padded coded pixels plus 1/16 of the output pixels, over the same for a 1080p photo coded whole (its
+    1080 rows padded to 1152), and at least one per image."""
     def image(width: int, height: int, downscale: int = 1) -> Any:
         return SimpleNamespace(width=width, height=height, downscale=downscale)  # what the sizing reads
 
-    assert decode_allowance([image(1920, 1080)] * 4, 120.0) == 480.0
-    assert decode_allowance([image(64, 48), image(3840, 2160, downscale=2)], 120.0) == 240.0
+    unit = 1920 * 1152 + 1920 * 1080 / 16
+    assert decode_allowance([image(1920, 1080)] * 4, 120.0) == 480.0  # four units
+    assert decode_allowance([image(64, 48)], 120.0) == 120.0  # a small picture still gets a whole deadline
+    # 4K at 1/2 codes the unit's 1920x1080 but puts out four times its pixels.
+    assert decode_allowance([image(64, 48), image(3840, 2160, downscale=2)], 120.0) == pytest.approx(
+        120.0 * (1 + (1920 * 1152 + 3840 * 2160 / 16) / unit))  # 259.9 s
     largest = decode_allowance([image(4096, 4096)], 120.0)
-    assert largest == pytest.approx(120.0 * 4096 * 4096 / (1920 * 1080)) and largest > 960
-    assert decode_allowance([image(8192, 8192, downscale=2)], 120.0) == largest  # the coded size counts
+    assert largest == pytest.approx(120.0 * (4096 * 4096 + 4096 * 4096 / 16) / unit)  # 913.6 s, cost 7.6
+    most = decode_allowance([image(8192, 8192, downscale=2)], 120.0)  # the same coded pixels, 4x the output
+    assert most == pytest.approx(120.0 * (4096 * 4096 + 8192 * 8192 / 16) / unit) and most > largest
+    for width, height, downscale in [(1920, 1080, 2), (3840, 2160, 1), (8192, 256, 1), (8192, 4096, 4)]:
+        assert decode_allowance([image(width, height, downscale)], 120.0) == 120.0 * decode_cost(
+            height, width, downscale)  # one price for the deadline and the rate limit
 
 
 def test_liveness_probes_use_the_endpoint_that_reports_a_hung_decode() -> None:
