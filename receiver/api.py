@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 from aeic.receiver import schemas
 from aeic.receiver.api_docs import install_api_docs
-from aeic.receiver.auth import DEVICE_NAME, Authenticator, Principal, RateLimiter
+from aeic.receiver.auth import DEVICE_NAME, Authenticator, Limiter, Principal, RateLimiter
 from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
 from aeic.receiver.data_dir import (
     lock_data_dir,
@@ -38,6 +38,7 @@ from aeic.receiver.images import FORMATS, transcode
 from aeic.receiver.log_redaction import install_log_redaction
 from aeic.receiver.metrics import ReceiverMetrics
 from aeic.receiver.queue import JobQueue
+from aeic.receiver.redis_limiter import RedisRateLimiter
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.security_headers import SecurityHeadersMiddleware
 from aeic.receiver.sessions import GallerySessions
@@ -110,11 +111,11 @@ class ReceiverState:
     blobs: BlobStore
     registry: CodecRegistry
     auth: Authenticator
-    limiter: RateLimiter
+    limiter: Limiter  # uploads' decode cost per device
     metrics: ReceiverMetrics
     worker: DecodeWorker | None
     sessions: GallerySessions
-    login_limiter: RateLimiter  # failed gallery sign-ins per client address
+    login_limiter: Limiter  # failed gallery sign-ins per client address
     queue: JobQueue | None = None  # scale-out: decodes go to `aeic-receiver worker` processes
     # Held while the embedded worker runs: the data directory's, and a SQLite database's (`data_dir`).
     worker_locks: list[int] = field(default_factory=list)
@@ -343,7 +344,7 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
     if who.device is None:
         raise ApiError(403, "device_token_required", "uploads must use a device token")
     # One unit before the body is read (its cost is not known yet), the rest of its decode cost after.
-    _rate_limit(state, who.device, state.limiter.acquire(who.device), 1.0)
+    _rate_limit(state, who.device, await run_in_threadpool(state.limiter.acquire, who.device), 1.0)
     try:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/octet-stream":
@@ -356,7 +357,8 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
         raise
     cost = decode_limits.header_decode_cost(header)
     if cost > 1.0:
-        _rate_limit(state, who.device, state.limiter.acquire(who.device, cost=cost, paid=1.0), cost)
+        wait = await run_in_threadpool(state.limiter.acquire, who.device, cost=cost, paid=1.0)
+        _rate_limit(state, who.device, wait, cost)
     image = NewImage(
         id=secrets.token_hex(16), device=who.device, idempotency_key=key, model_id=header.model_id.hex(),
         width=header.width, height=header.height, rate_index=header.rate_index, bytes=len(data),
@@ -666,10 +668,20 @@ def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = Non
     auth = Authenticator(store, admin)
     login_burst = max(1, math.ceil(settings.login_attempts_per_minute))
     return ReceiverState(settings=settings, store=store, blobs=blob_store, registry=registry, auth=auth,
-                         limiter=RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst),
+                         limiter=_limiter(settings, settings.rate_limit_per_minute, settings.rate_limit_burst,
+                                          "uploads"),
                          metrics=metrics_, worker=worker, queue=queue,
                          sessions=GallerySessions(store, auth, settings.session_ttl_s),
-                         login_limiter=RateLimiter(settings.login_attempts_per_minute, login_burst))
+                         login_limiter=_limiter(settings, settings.login_attempts_per_minute, login_burst,
+                                                "sign-in"))
+
+
+def _limiter(settings: ReceiverSettings, per_minute: float, burst: int, name: str) -> Limiter:
+    """With a Redis `queue` (API replicas), buckets in that Redis, so the replicas share one budget per key
+    instead of each granting the whole of it; else this process's."""
+    if settings.queue:
+        return RedisRateLimiter.from_url(settings.queue, per_minute, burst, prefix=f"aeic:ratelimit:{name}:")
+    return RateLimiter(per_minute, burst)
 
 
 def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None,
@@ -748,6 +760,9 @@ def _stop(state: ReceiverState) -> None:
         state.worker.stop()
     if state.queue is not None:
         state.queue.close()
+    for limiter in (state.limiter, state.login_limiter):
+        if isinstance(limiter, RedisRateLimiter):
+            limiter.close()
     state.store.close()
     while state.worker_locks:
         unlock_data_dir(state.worker_locks.pop())

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aeic.receiver.storage import ImageRecord, MetadataStore
 
@@ -22,6 +23,7 @@ __all__ = [
     "DEVICE_NAME",
     "Authenticator",
     "InvalidDeviceNameError",
+    "Limiter",
     "Principal",
     "RateLimiter",
     "create_device_token",
@@ -86,13 +88,27 @@ class Authenticator:
 _MIN_PRUNE_SIZE = 1024  # buckets kept before the first pruning
 
 
+class Limiter(Protocol):
+    """A token bucket per key: `RateLimiter` in one process, `redis_limiter.RedisRateLimiter` shared by
+    every API replica of a scale-out deployment."""
+
+    def acquire(self, key: str, now: float | None = None, cost: float = 1.0, paid: float = 0.0) -> float: ...
+
+    def wait(self, key: str, now: float | None = None) -> float: ...
+
+    def charge(self, key: str, now: float | None = None) -> None: ...
+
+    def refund(self, key: str) -> None: ...
+
+
 class RateLimiter:
     """Token bucket per key: `burst` tokens at once, refilled at `per_minute` tokens per minute; a request
     costs one token, or what `acquire` is told (an upload: its decode cost, `decode_limits.decode_cost`).
 
-    In-process state: one limiter per API process (a shared limiter belongs with the Redis of issue 8).
-    Keys may come from clients (the sign-in limiter keys by address), so buckets that have refilled,
-    which mean the same as no bucket, are dropped whenever the table doubles: it cannot grow without bound.
+    In-process state, for the embedded single-process receiver (with a Redis `queue`, the API's limiters
+    are `redis_limiter.RedisRateLimiter`, which falls back to this one while Redis is down). Keys may come
+    from clients (the sign-in limiter keys by address), so buckets that have refilled, which mean the
+    same as no bucket, are dropped whenever the table doubles: it cannot grow without bound.
     """
 
     def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
