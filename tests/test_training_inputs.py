@@ -283,3 +283,19 @@ def test_a_checkpoint_of_another_stage_or_preset_in_the_run_folder_is_refused(
             config.write_text(config.read_text().replace('"tiny-se"', '"tiny-me"'))
         _one_line_error(capsys, train_cli.main([str(config)]), fragment)
         assert checkpoint.read_bytes() == before
+
+
+def test_progress_is_whole_lines_when_stderr_is_not_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under nohup, docker logs or a batch job's output file, tqdm's carriage returns put every refresh of a run
+    (one a step) on one ever-growing line; there each refresh is a line of its own, at most every half minute."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1))
+    assert train_cli.main([config, "--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err, repr(err)
+    lines = err.splitlines()
+    assert any(line.startswith("teacher latents: 100%") for line in lines), err
+    assert lines[-1].startswith("t:pretrain: 100%") and "3/3" in lines[-1], err
+    assert len(lines) <= 4, err  # start and end of each bar: the three steps take well under 30 s

@@ -23,6 +23,8 @@ from aeic.sender.images import eight_bit_grey
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from .schedule import progress_bar
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 LATENT_STRIDE = 8
 MAX_LONG_SIDE = 1024  # panoramas are centre-cropped: more pixels of one photo add little
@@ -166,7 +168,7 @@ def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentT
     cache_dir.mkdir(parents=True, exist_ok=True)
     items, unreadable = [], 0
     with torch.no_grad():
-        for path in tqdm(photos, desc="teacher latents"):
+        for path in progress_bar(iterable=photos, desc="teacher latents"):
             read = _read_photo(path, Path(folder), cache_dir, short_side, teacher)
             unreadable += read is None
             item = None if read is None else _cached(read[1], read[0], teacher, crop)

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -50,6 +51,29 @@ def resolve_device(name: str) -> torch.device:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     return device
+
+
+NOT_A_TERMINAL_REFRESH_S = 30.0  # a progress line at most this often when stderr is a file or a pipe
+
+
+class _Lines:
+    """tqdm's output where stderr is no terminal (nohup, docker logs, a batch job's file): each refresh is a
+    line of its own, where tqdm's carriage returns would put every refresh of a run on one growing line."""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            sys.stderr.write(line + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def progress_bar(**options: Any) -> tqdm:
+    """A tqdm bar on stderr: redrawn in place on a terminal, else whole lines every half minute."""
+    if sys.stderr.isatty():
+        return tqdm(**options)
+    return tqdm(file=_Lines(), mininterval=NOT_A_TERMINAL_REFRESH_S, **options)
 
 
 def seed_everything(seed: int) -> None:
@@ -233,7 +257,7 @@ class ScheduledRun:
             return write_profile(train_step, self.profile_steps, self.device, self.out, facts)
         last_save = time.monotonic()
         self._trim_log()
-        with open(self.log_path, "a", encoding="utf-8") as log, tqdm(
+        with open(self.log_path, "a", encoding="utf-8") as log, progress_bar(
             total=self.config.steps, initial=self.step, desc=description
         ) as bar, _StopOnInterrupt() as interrupt:
             self.started = time.monotonic()  # the time budget counts training, not the data cache
@@ -246,7 +270,7 @@ class ScheduledRun:
                                 **log_extras())  # fmt: skip
                     log.write(json.dumps(logs) + "\n")
                     log.flush()
-                    bar.set_postfix(postfix(logs))
+                    bar.set_postfix(postfix(logs), refresh=False)  # shown with the next step's refresh
                 if time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
                     self.save()
                     last_save = time.monotonic()
