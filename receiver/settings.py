@@ -75,7 +75,8 @@ class ReceiverSettings(BaseSettings):
     # Scale-out (issue 8): shared blob store, decode queue, worker processes.
     blob_url: str | None = Field(None, description="s3://bucket/prefix for blobs; default files under data_dir.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO), e.g. http://minio:9000.")
-    queue: str | None = Field(None, description="redis://host:port/db: enqueue decodes for `aeic-receiver worker`.")
+    queue: str | None = Field(None, description="redis://host:port/db: enqueue decodes for `aeic-receiver worker`; "
+                              "the API replicas' rate limits are kept there too, one budget for them all.")
     reclaim_after_s: float = Field(
         60.0, gt=0, description="Lease of a decode claim: one not renewed for this long is a dead worker's, taken over."
     )

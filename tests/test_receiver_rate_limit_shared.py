@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -119,6 +120,21 @@ def test_two_limiters_on_two_connections_share_one_budget_on_the_servers_clock(r
     assert bucket is not None
     tokens, last = bucket
     assert abs(last - server_now) < 5 and -0.1 < tokens < 0.1  # timed by Redis, not by either process
+
+
+def test_concurrent_calls_from_two_processes_worth_of_clients_never_overdraw_the_bucket(redis_url: str) -> None:
+    limiters = [RedisRateLimiter(redis.Redis.from_url(redis_url), 0.01, 20, prefix="t:") for _ in range(2)]
+    granted: list[bool] = []
+
+    def client(limiter: RedisRateLimiter) -> None:
+        granted.extend(limiter.acquire("cam-1") == 0.0 for _ in range(25))
+
+    threads = [threading.Thread(target=client, args=(limiters[i % 2],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(granted) == 200 and granted.count(True) == 20  # read-modify-write in one script: no race
 
 
 def test_a_bucket_expires_once_it_would_have_refilled(redis_url: str) -> None:
