@@ -375,7 +375,7 @@ def test_a_hung_decode_that_returns_within_the_grace_does_not_end_the_process(
     codec = BlockingCodec(hold_s=10)
     image_id = _upload(meta, blobs)
     exits: list[int] = []
-    worker = _worker(meta, blobs, codec, exit_when_hung_s=0.3, exit_process=exits.append)
+    worker = _worker(meta, blobs, codec, exit_when_hung_s=1.0, exit_process=exits.append)
     caplog.set_level(logging.WARNING, logger="aeic.receiver.worker")
     thread = _in_thread(worker.run_once)
     try:
