@@ -10,6 +10,10 @@ orientation tag (phones, some cameras). Every such detail is settled here, once:
 * Alpha (RGBA, LA, palette transparency) is composited over white: transparent areas
   become white, as most viewers show them, instead of the arbitrary colour hidden under
   alpha 0. The bitstream carries no alpha.
+* An embedded RGB colour profile (ICC) other than sRGB is converted to sRGB, as viewers show it: the
+  bitstream and the receiver's PNG are sRGB, and a phone's Display P3 or a camera's Adobe RGB
+  photo read as sRGB numbers comes out dull and shifted in hue. A profile that does not parse, or
+  one for another colour space (CMYK, grey), leaves the samples as they are.
 * Animated or multi-page files: the first frame.
 
 Any failure (missing file, not an image, truncated or corrupt data, unsupported mode,
@@ -18,6 +22,7 @@ too large) raises :class:`ImageReadError` with one line saying which file and wh
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 # The bitstream stores each dimension in 1..16384 (see docs/bitstream.md).
 MAX_SIDE = 16384
@@ -35,6 +40,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# Modes whose samples an RGB colour profile describes (a palette's entries are RGB).
+_RGB_PROFILE_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA"})
 # Rows converted to RGB and copied out of Pillow at a time. Whole, a conversion holds the photo three
 # times over (Pillow's 4-byte pixels, a bytes copy, the array): 850 MB peak for a 48 MP JPEG, over the
 # service's MemoryMax; in strips the photo is held in Pillow and in the array only (about 370 MB).
@@ -54,11 +61,7 @@ def read_image(path: str | Path) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with _open_regular(path) as file, Image.open(file) as image:
                 _check_size(path, image.size)
-                image.load()
-                # In place: no second full-size copy of an upright photo (a 48 MP one is 190 MB
-                # in Pillow), only a transient one for a rotated photo.
-                ImageOps.exif_transpose(image, in_place=True)
-                return _to_rgb8(path, image)
+                return upright_rgb8(image, path)
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -76,6 +79,18 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: corrupt or truncated image data ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - untrusted files can trip any decoder plugin bug
         raise ImageReadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def upright_rgb8(image: Image.Image, path: str | Path) -> np.ndarray:
+    """An opened image as the sender codes it (the module docstring's policy), ``path`` naming it in errors.
+
+    ``aeic eval`` reads its photos through this too, so it scores the pixels the sender sends. The image is
+    loaded and turned upright in place: no second full-size copy of an upright photo (a 48 MP one is
+    190 MB in Pillow), only a transient one for a rotated photo.
+    """
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    return _to_rgb8(Path(path), image)
 
 
 def _open_regular(path: Path) -> BinaryIO:
@@ -117,6 +132,7 @@ def _to_rgb8(path: Path, image: Image.Image) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT_MODES:
         grey = np.asarray(eight_bit_grey(image))
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    to_srgb = _srgb_transform(image)
     mode = image.mode
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -130,6 +146,8 @@ def _to_rgb8(path: Path, image: Image.Image) -> np.ndarray:
         strip = image.crop((0, top, image.width, min(top + _STRIP_ROWS, image.height)))
         try:
             rgb = strip if strip.mode == "RGB" else strip.convert("RGB")
+            if to_srgb is not None:
+                rgb = to_srgb.apply(rgb)
         except ValueError as exc:
             raise ImageReadError(f"{path}: unsupported pixel mode {mode!r} ({exc})") from None
         rows = np.asarray(rgb, dtype=np.uint8)
@@ -137,6 +155,23 @@ def _to_rgb8(path: Path, image: Image.Image) -> np.ndarray:
             raise ImageReadError(f"{path}: unsupported pixel layout {rows.shape} from mode {mode!r}")
         array[top : top + rows.shape[0]] = rows
     return array
+
+
+def _srgb_transform(image: Image.Image) -> ImageCms.ImageCmsTransform | None:
+    """The 8-bit RGB to sRGB transform of the image's embedded profile, or None where the samples stay as
+    they are: no profile, one that does not parse (viewers ignore it too), or one for a colour space other
+    than RGB or an image mode it does not describe. An sRGB profile is transformed too (measured: Pillow's
+    own sRGB profile maps every sample to itself): a profile's name does not tell what it holds."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in _RGB_PROFILE_MODES:
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space.strip() != "RGB":
+            return None
+        return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), "RGB", "RGB")
+    except (OSError, ValueError, ImageCms.PyCMSError):
+        return None
 
 
 def _sixteen_to_eight(samples: np.ndarray) -> np.ndarray:

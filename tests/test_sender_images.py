@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aeic.sender.images import ImageReadError, read_image
-from PIL import Image
+from PIL import Image, ImageCms
 
 
 def _gradient(width: int = 40, height: int = 24) -> np.ndarray:
@@ -123,6 +124,38 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     # Rotating 90 degrees clockwise puts the stored left (red) half on top.
     assert out[5, 12, 0] > 200 and out[5, 12, 2] < 60
     assert out[35, 12, 2] > 200 and out[35, 12, 0] < 60
+
+
+def _red_blue_swapped_profile() -> bytes:
+    """An RGB profile (sRGB's, red and blue colorants swapped) under which stored blue is sRGB red: a
+    colour space as unlike sRGB as Display P3 or Adobe RGB, whose effect a test can tell at a glance."""
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    tags = {bytes(data[132 + 12 * i : 136 + 12 * i]): 136 + 12 * i for i in range(struct.unpack(">I", data[128:132])[0])}
+    for first, second in ((b"rXYZ", b"bXYZ"), (b"rTRC", b"bTRC")):  # swap where each tag's data lies
+        a, b = tags[first], tags[second]
+        data[a : a + 8], data[b : b + 8] = data[b : b + 8], data[a : a + 8]
+    data[84:100] = bytes(16)  # the profile ID (an MD5 of the old bytes) no longer holds: 0 means none
+    return bytes(data)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+def test_an_embedded_colour_profile_is_converted_to_srgb(tmp_path: Path, mode: str) -> None:
+    """A photo's ICC profile was ignored: its numbers were coded as if sRGB, so a Display P3 photo (every
+    recent iPhone's) came out of the receiver dull and off in hue."""
+    path = tmp_path / f"tagged_{mode}.png"
+    Image.new("RGB", (20, 12), (0, 0, 255)).convert(mode).save(path, icc_profile=_red_blue_swapped_profile())
+    out = read_image(path)
+    assert out.shape == (12, 20, 3) and (out == (255, 0, 0)).all()
+
+
+def test_an_srgb_or_broken_profile_keeps_the_samples(tmp_path: Path) -> None:
+    rgb = _gradient()
+    srgb = tmp_path / "srgb.png"
+    Image.fromarray(rgb).save(srgb, icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    np.testing.assert_array_equal(read_image(srgb), rgb)
+    broken = tmp_path / "broken.png"
+    Image.fromarray(rgb).save(broken, icc_profile=b"not a profile" * 20)  # viewers ignore it: so do we
+    np.testing.assert_array_equal(read_image(broken), rgb)
 
 
 def test_cmyk_jpeg(tmp_path: Path) -> None:
