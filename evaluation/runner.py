@@ -25,9 +25,9 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 from aeic.evaluation import baselines, learned, metrics
-from aeic.sender.images import eight_bit_grey
+from aeic.sender.images import ImageReadError, upright_rgb8
 from aeic.shared import bitstream
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -126,14 +126,17 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
 
 # What Pillow raises for a file that is not a readable image: SyntaxError for some broken PNG chunks,
 # DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default).
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# ImageReadError: a pixel mode the sender cannot code.
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, ImageReadError)
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB, EXIF orientation applied, alpha dropped, 16-bit greyscale
-    scaled as the sender scales it (Pillow's own conversion clips it to white)."""
+    """An image file as HxWx3 uint8 RGB as the sender reads it (EXIF orientation, 16-bit greyscale scaled,
+    alpha over white, an embedded colour profile to sRGB): the pixels are scored against what
+    ``aeic encode`` and ``aeic-send`` code. Alpha was dropped here, so a transparent area was scored
+    against whatever colour hid under it, and a profile ignored."""
     with Image.open(path) as im:
-        return np.asarray(eight_bit_grey(ImageOps.exif_transpose(im)).convert("RGB"), dtype=np.uint8)
+        return upright_rgb8(im, path)
 
 
 def recon_name(image: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aeic.evaluation import baselines, cli, metrics, runner
+from aeic.sender.images import read_image
 from PIL import Image
 
 
@@ -248,3 +249,18 @@ def test_ctrl_c_keeps_the_rows_and_the_same_command_resumes(
     assert _cli(images, out, "--rates", "0", "--baseline", "none", "--no-plots") == 0
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [(r["image"], r["status"]) for r in rows] == [("img0.png", "ok"), ("img1.png", "ok")]
+
+
+def test_eval_scores_the_pixels_the_sender_codes(tmp_path: Path) -> None:
+    """Eval read RGBA by dropping alpha and ignored colour profiles, while the sender composites over white
+    and converts to sRGB: a transparent area was scored against the colour hidden under it."""
+    rgba = np.dstack([_picture(), np.full((48, 64), 255, np.uint8)])
+    rgba[:, :20, 3] = 0  # transparent left part over a picture's colours
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(_picture()).quantize(16).save(tmp_path / "palette.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(_picture()).save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    for name in ("rgba.png", "palette.png", "rotated.jpg"):
+        np.testing.assert_array_equal(runner.load_rgb(tmp_path / name), read_image(tmp_path / name))
+    assert (runner.load_rgb(tmp_path / "rgba.png")[:, :20] == 255).all()
