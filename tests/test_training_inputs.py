@@ -299,3 +299,18 @@ def test_progress_is_whole_lines_when_stderr_is_not_a_terminal(
     assert any(line.startswith("teacher latents: 100%") for line in lines), err
     assert lines[-1].startswith("t:pretrain: 100%") and "3/3" in lines[-1], err
     assert len(lines) <= 4, err  # start and end of each bar: the three steps take well under 30 s
+
+
+def test_a_diverged_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A learning rate far too high for the data: the loss turned NaN at step 2 and the run went on to its end,
+    logging NaN (not JSON) and overwriting the checkpoint with NaN weights, with exit status 0."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1), "lr = 1e6\ncheckpoint_minutes = 1e-9\n")
+    _one_line_error(capsys, train_cli.main([config, "--steps", "6"]), "training diverged")
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert 1 <= state["step"] < 6
+    assert all(bool(value.isfinite().all()) for value in state["model"].values() if value.is_floating_point())
+    log = (tmp_path / "out" / "log.jsonl").read_text()
+    assert "NaN" not in log and "Infinity" not in log and log.count("\n") == state["step"]

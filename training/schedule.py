@@ -101,6 +101,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.checkpoint = step, checkpoint
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the weights are no longer finite: every later step would train and save NaN."""
+
+
 _DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
@@ -142,6 +146,7 @@ class ScheduledRun:
         self.previous_minutes = 0.0  # training time of earlier sessions of this run
         self.started = time.monotonic()
         self._streams: list[tuple[int, np.random.Generator]] = []
+        self.saved_step: int | None = None  # the step of the checkpoint on disk, None before the first
 
     def random_stream(self, seed: int) -> np.random.Generator:
         """A numpy generator (the crops, the rate levels) whose state the checkpoint keeps, so a resumed run
@@ -161,8 +166,17 @@ class ScheduledRun:
     def save(self) -> None:
         raise NotImplementedError
 
+    def _diverged(self, what: str) -> TrainingDiverged:
+        kept = ("no checkpoint was written: lower `lr` and run again" if self.saved_step is None else
+                f"the checkpoint of step {self.saved_step} is kept: lower `lr` and run the same command to go on from it")
+        return TrainingDiverged(f"step {self.step}: {what}: training diverged (a learning rate too high for this "
+                                f"data?); {kept}")
+
     def _write_checkpoint(self, state: dict) -> None:
-        """Atomically save a stage's ``state`` with the step, the time spent and every random state."""
+        """Atomically save a stage's ``state`` with the step, the time spent and every random state; weights
+        that are no longer finite are refused, so the last good checkpoint stays."""
+        if not all(bool(value.isfinite().all()) for value in state["model"].values() if value.is_floating_point()):
+            raise self._diverged("the weights are not finite")
         state.update(step=self.step, minutes=self._elapsed_minutes(),
                      rng=(random.getstate(), np.random.get_state(), torch.get_rng_state()),
                      device_rng=self._device_rng_state(),
@@ -177,6 +191,7 @@ class ScheduledRun:
         fsync_path(tmp)  # else a power cut soon after the rename can leave an empty checkpoint behind it
         tmp.replace(self.checkpoint_path)
         fsync_path(self.checkpoint_path.parent)
+        self.saved_step = self.step
 
     def _read_checkpoint(self) -> dict | None:
         """The saved state, with step, time spent and random states restored; None for a new run."""
@@ -188,6 +203,7 @@ class ScheduledRun:
             raise CheckpointError(f"cannot resume: {exc}; move it away to start the run over") from exc
         self._check_same_run(state)
         self.step, self.previous_minutes = state["step"], state.get("minutes", 0.0)
+        self.saved_step = self.step
         random.setstate(state["rng"][0])
         np.random.set_state(state["rng"][1])
         torch.set_rng_state(state["rng"][2])
@@ -250,7 +266,8 @@ class ScheduledRun:
              postfix: Callable[[dict], dict], description: str) -> Path:
         """Run ``train_step`` until the budget is spent: log every ``log_every`` steps, checkpoint every few minutes.
 
-        Ctrl-C ends the step in progress, checkpoints and raises :class:`TrainingInterrupted`."""
+        Ctrl-C ends the step in progress, checkpoints and raises :class:`TrainingInterrupted`; a loss that is no
+        longer finite raises :class:`TrainingDiverged` without logging or saving the step."""
         if self.profile_steps:
             facts = {"config": self.config.name, "stage": self.config.stage, "model": self.config.model,
                      "batch": self.config.batch, "crop": self.config.crop}  # fmt: skip
@@ -264,6 +281,8 @@ class ScheduledRun:
             while self._progress() < 1.0 and not interrupt.requested:
                 logs = train_step()
                 self.step += 1
+                if not math.isfinite(logs["loss"]):  # checked before it is logged or saved
+                    raise self._diverged(f"the loss is {logs['loss']}")
                 bar.update(1)
                 if self.step % self.config.log_every == 0:
                     logs.update(step=self.step, lr=self._learning_rate(), minutes=round(self._elapsed_minutes(), 2),
