@@ -26,8 +26,14 @@ import numpy as np
 
 PRECISION = 16
 ESCAPE_BITS_LIMIT = 32  # escaped magnitudes are zigzag-coded into at most 32 bits
-_ESCAPE_LENGTH_MODEL = constriction.stream.model.Uniform(ESCAPE_BITS_LIMIT + 1)
+_UNIFORM = constriction.stream.model.Uniform()  # the uniform family: each symbol's size is a parameter
 _CHUNK_BITS = 16
+# constriction's AnsCoder (docs/bitstream.md, "The rANS coder"), for the escape codes' uniform models
+_CODER_BITS = 24  # its models' precision: 2**24 states
+_STATE_MASK = (1 << _CODER_BITS) - 1
+_WORD = 1 << 32
+_LENGTH_SPAN = (1 << _CODER_BITS) // (ESCAPE_BITS_LIMIT + 1)  # Uniform(33): F[n] = n * this for n < 33
+_LAST_LENGTH_SPAN = (1 << _CODER_BITS) - ESCAPE_BITS_LIMIT * _LENGTH_SPAN  # its last symbol takes the rest
 # Every model's first symbol spans at least 2**(24 - PRECISION) = 256 states (a table's F[1] = floor(c_0 (2**24 - L)
 # / 2**16) + 1 with c_0 >= 1 and L <= 2**16; Uniform(n <= 2**16) gives floor(2**24 / n)): a state below it decodes
 # as that symbol and stays as it is.
@@ -160,22 +166,62 @@ def _unzigzag(values: np.ndarray) -> np.ndarray:
     return np.where(v % 2 == 0, v // 2, -(v + 1) // 2)
 
 
-def _escape_ops(values: np.ndarray) -> list[tuple[np.ndarray, object]]:
-    """Exp-Golomb-like code of escaped values: bit length, then 16-bit chunks of the rest."""
-    ops: list[tuple[np.ndarray, object]] = []
-    for u in _zigzag(values):
-        u = int(u)
-        if u >= 1 << ESCAPE_BITS_LIMIT:
-            raise ValueError(f"latent value {u} out of the codable range")
-        nbits = u.bit_length()
-        ops.append((np.array([nbits], dtype=np.int32), _ESCAPE_LENGTH_MODEL))
-        rest, remaining = u, nbits
-        while remaining > 0:
-            take = min(_CHUNK_BITS, remaining)
-            ops.append((np.array([rest & ((1 << take) - 1)], dtype=np.int32), constriction.stream.model.Uniform(1 << take)))
-            rest >>= take
-            remaining -= take
-    return ops
+def _escape_ops(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(symbols, uniform sizes) of the escape codes of ``values``, in order: for each value its bit length
+    (over 33 symbols), then its bits in 16-bit chunks, least significant first (one array for one coder call:
+    an escape-heavy image costs no Python per escape)."""
+    codes = _zigzag(values)
+    outside = (codes < 0) | (codes >= 1 << ESCAPE_BITS_LIMIT)  # below 0: the zigzag overflowed int64
+    if outside.any():
+        raise ValueError(f"latent value {values[int(np.argmax(outside))]} out of the codable range")
+    lengths = np.frexp(codes.astype(np.float64))[1].astype(np.int64)  # bit lengths, exact below 2**53
+    low_bits = np.minimum(lengths, _CHUNK_BITS)
+    high_bits = np.maximum(lengths - _CHUNK_BITS, 0)
+    # one row per escape: length, low chunk, high chunk; the chunks an escape does not have are left out
+    symbols = np.stack([lengths, codes & ((1 << low_bits) - 1), codes >> _CHUNK_BITS], axis=1)
+    sizes = np.stack([np.full_like(lengths, ESCAPE_BITS_LIMIT + 1), 1 << low_bits, 1 << high_bits], axis=1)
+    present = np.stack([np.ones_like(lengths, dtype=bool), lengths > 0, lengths > _CHUNK_BITS], axis=1)
+    return symbols[present].astype(np.int32), sizes[present].astype(np.int32)
+
+
+def _decode_escape_codes(words: memoryview, position: int, state: int, count: int) -> tuple[list[int], int, int]:
+    """Read ``count`` escape codes (zigzag values) from a coder at (``position``, ``state``) of ``words``.
+
+    The coder's own arithmetic for the uniform models, in plain integers: the length's model (33 symbols)
+    and each chunk's (``2**take``) alternate and change with every escape, so constriction would need a
+    call, a model and an array per symbol (about 15 us an escape, against 1-2 here; a 1 MB upload holds
+    some 330,000). Returns the codes and the coder's new (position, state); raises at the first code
+    longer than its value (non-canonical).
+    """
+    codes = []
+    x = state
+    for _ in range(count):
+        q = x & _STATE_MASK
+        nbits = q // _LENGTH_SPAN
+        if nbits >= ESCAPE_BITS_LIMIT:  # the last symbol's span is a little wider
+            nbits = ESCAPE_BITS_LIMIT
+            x = (x >> _CODER_BITS) * _LAST_LENGTH_SPAN + q - ESCAPE_BITS_LIMIT * _LENGTH_SPAN
+        else:
+            x = (x >> _CODER_BITS) * _LENGTH_SPAN + q - nbits * _LENGTH_SPAN
+        if x < _WORD and position:  # refill, as after every symbol
+            position -= 1
+            x = x << 32 | words[position]
+        code = shift = 0
+        while shift < nbits:
+            take = min(_CHUNK_BITS, nbits - shift)
+            low = _CODER_BITS - take  # Uniform(2**take): symbol s spans s * 2**low .. (s + 1) * 2**low - 1
+            q = x & _STATE_MASK
+            code |= (q >> low) << shift
+            x = (x >> _CODER_BITS) << low | (q & ((1 << low) - 1))
+            if x < _WORD and position:
+                position -= 1
+                x = x << 32 | words[position]
+            shift += take
+        if code.bit_length() != nbits:  # a zero top bit: the same value has a shorter code
+            raise EntropyDecodeError(f"non-canonical payload: escape code of {nbits} bits "
+                                     f"for a value whose code needs {code.bit_length()}")
+        codes.append(code)
+    return codes, position, x
 
 
 def _coded_directly(symbols: np.ndarray, length: np.ndarray | int) -> np.ndarray:
@@ -213,7 +259,7 @@ class SymbolEncoder:
     """Collects symbol groups in decoding order, then writes one rANS stream."""
 
     def __init__(self) -> None:
-        self._ops: list[tuple[np.ndarray, object]] = []
+        self._ops: list[tuple[np.ndarray, object, tuple[np.ndarray, ...]]] = []
 
     def add(self, values: np.ndarray, indices: np.ndarray, tables: CdfTables) -> None:
         """Queue ``values`` (integers), each coded with the table its ``indices`` entry names."""
@@ -223,17 +269,18 @@ class SymbolEncoder:
             symbols = values[positions].astype(np.int64) + int(tables.offsets[k])
             outside = ~_coded_directly(symbols, int(tables.lengths[k]))
             symbols[outside] = int(tables.lengths[k]) - 1
-            self._ops.append((symbols.astype(np.int32), tables.model(k)))
+            self._ops.append((symbols.astype(np.int32), tables.model(k), ()))
             escaped_positions.append(positions[outside])
         if escaped_positions:
             escaped = np.sort(np.concatenate(escaped_positions))
-            self._ops.extend(_escape_ops(values[escaped]))
+            symbols, sizes = _escape_ops(values[escaped])
+            self._ops.append((symbols, _UNIFORM, (sizes,)))
 
     def finish(self) -> bytes:
         """The rANS words, little-endian, with the final word's zero high bytes removed."""
         coder = constriction.stream.stack.AnsCoder()
-        for symbols, model in reversed(self._ops):
-            coder.encode_reverse(symbols, model)
+        for symbols, model, parameters in reversed(self._ops):
+            coder.encode_reverse(symbols, model, *parameters)
         return coder.get_compressed().astype("<u4").tobytes().rstrip(b"\x00")
 
 
@@ -246,7 +293,8 @@ class SymbolDecoder:
             raise EntropyDecodeError("non-canonical payload: it ends in a zero byte "
                                      "(the encoder drops the final word's zero high bytes)")
         padded = payload + b"\x00" * (-len(payload) % 4)
-        self._coder = constriction.stream.stack.AnsCoder(np.frombuffer(padded, dtype="<u4").astype(np.uint32))
+        self._words = np.frombuffer(padded, dtype="<u4").astype(np.uint32)
+        self._coder = constriction.stream.stack.AnsCoder(self._words)
 
     def read(self, indices: np.ndarray, tables: CdfTables) -> np.ndarray:
         """Values shaped like ``indices``; skipped positions read as 0."""
@@ -261,7 +309,7 @@ class SymbolDecoder:
                 escaped_positions.append(positions[symbols == int(tables.lengths[k]) - 1])
             if escaped_positions:
                 escaped = np.sort(np.concatenate(escaped_positions))
-                values[escaped] = [self._read_escape() for _ in range(escaped.size)]
+                values[escaped] = _unzigzag(np.array(self._read_escapes(escaped.size), dtype=np.int64))
                 _refuse_direct_escapes(values[escaped], flat_indices[escaped], tables)
         except EntropyDecodeError:
             raise  # already says what is corrupt
@@ -282,18 +330,12 @@ class SymbolDecoder:
             raise EntropyDecodeError(f"corrupt payload: the data ran out with state {state} left over, "
                                      "which no later symbol consumes")
 
-    def _read_escape(self) -> int:
-        nbits = int(self._coder.decode(_ESCAPE_LENGTH_MODEL, 1)[0])
-        value, shift = 0, 0
-        while shift < nbits:
-            take = min(_CHUNK_BITS, nbits - shift)
-            chunk = int(self._coder.decode(constriction.stream.model.Uniform(1 << take), 1)[0])
-            value |= chunk << shift
-            shift += take
-        if value.bit_length() != nbits:  # a zero top bit: the same value has a shorter code
-            raise EntropyDecodeError(f"non-canonical payload: escape code of {nbits} bits "
-                                     f"for a value whose code needs {value.bit_length()}")
-        return int(_unzigzag(np.array([value]))[0])
+    def _read_escapes(self, count: int) -> list[int]:
+        """The next ``count`` escape codes (zigzag values), read in plain integers, then handed back to the coder."""
+        position, state = self._coder.pos()
+        codes, position, state = _decode_escape_codes(self._words.data, position, state, count)
+        self._coder.seek(position, state)
+        return codes
 
     def finish(self) -> None:
         """Raise unless every word of the payload was consumed (catches most corruption)."""
