@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -187,7 +188,10 @@ class ScheduledRun:
         except (OSError, RuntimeError) as exc:  # a full disk reaches torch's writer as a RuntimeError
             tmp.unlink(missing_ok=True)
             kept = "the previous checkpoint is kept" if self.checkpoint_path.exists() else "no checkpoint was written"
-            raise OSError(f"cannot write {self.checkpoint_path} (step {self.step}): {str(exc).splitlines()[0]}; {kept}") from exc
+            # torch words a full disk as "unexpected pos N vs M": the room left says it
+            free = shutil.disk_usage(self.out).free // 2**20
+            raise OSError(f"cannot write {self.checkpoint_path} (step {self.step}): {str(exc).splitlines()[0]} "
+                          f"({free} MiB free on its disk); {kept}") from exc
         fsync_path(tmp)  # else a power cut soon after the rename can leave an empty checkpoint behind it
         tmp.replace(self.checkpoint_path)
         fsync_path(self.checkpoint_path.parent)
