@@ -336,3 +336,15 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_says_how_much_room_is_left(
     capsys.readouterr()
     _one_line_error(capsys, train_cli.main([config, "--steps", "2"]), "3 MiB free on its disk")
     assert (tmp_path / "out" / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_short_side_over_1024_is_kept_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The long side was cut to 1024 whatever `short_side` said: short_side 1280 gave 1024 x 1024 photos, and a
+    crop of 1152 found none of them large enough ('smaller than a 1152 px crop after downsampling to 1280')."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(photos / "wide.png", 1400, 2100)
+    assert load_downsampled(photos / "wide.png", 1280).shape == (1280, 1280, 3)
+    assert load_downsampled(photos / "wide.png", 512).shape == (512, 768, 3)  # up to 1024: as before
+    items = build_cache(photos, tmp_path / "cache", 1280, NO_TEACHER, 1152)
+    assert [tuple(item.pixels.shape) for item in items] == [(3, 1280, 1280)]

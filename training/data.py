@@ -28,6 +28,11 @@ from .schedule import progress_bar
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 LATENT_STRIDE = 8
 MAX_LONG_SIDE = 1024  # panoramas are centre-cropped: more pixels of one photo add little
+
+
+def long_side_limit(short_side: int) -> int:
+    """The longest side kept: ``MAX_LONG_SIDE``, or ``short_side`` above it (a square), never below the short side."""
+    return max(MAX_LONG_SIDE, short_side)
 # what Pillow raises for a damaged, empty or foreign file, or one over its decompression-bomb limit
 _UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
@@ -49,7 +54,7 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def load_downsampled(path: Path, short_side: int) -> np.ndarray:
-    """RGB uint8, short side at most ``short_side``, long side at most ``MAX_LONG_SIDE``, multiples of 8."""
+    """RGB uint8, short side at most ``short_side``, long side at most ``long_side_limit``, multiples of 8."""
     with Image.open(path) as image:
         image = eight_bit_grey(ImageOps.exif_transpose(image)).convert("RGB")
         factor = short_side / min(image.size)
@@ -57,7 +62,7 @@ def load_downsampled(path: Path, short_side: int) -> np.ndarray:
             size = (round(image.width * factor), round(image.height * factor))
             image = image.resize(size, Image.Resampling.LANCZOS)
         array = np.array(image)  # writable: torch.from_numpy shares it
-    height, width = (min(s, MAX_LONG_SIDE) // LATENT_STRIDE * LATENT_STRIDE for s in array.shape[:2])
+    height, width = (min(s, long_side_limit(short_side)) // LATENT_STRIDE * LATENT_STRIDE for s in array.shape[:2])
     top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
     return np.ascontiguousarray(array[top : top + height, left : left + width])
 
@@ -109,7 +114,8 @@ def _cache_entry(cache_dir: Path, folder: Path, path: Path, short_side: int, tea
     """A photo's cache file, keyed by its path under the folder, size and modification time (a photo replaced
     under its name is read again), the downsampling and the teacher."""
     stat = path.stat()
-    facts = [os.fsencode(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns, short_side, MAX_LONG_SIDE, teacher.name]
+    facts = [os.fsencode(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns, short_side, long_side_limit(short_side),
+             teacher.name]  # fmt: skip
     return cache_dir / f"{hashlib.sha256(repr(facts).encode()).hexdigest()[:20]}.pt"
 
 
