@@ -9,7 +9,12 @@ elements scatter around their channel's index (normal, sd 4) and values are draw
 discretized Gaussian each index names. The ideal size is the information content of those
 values under the same integer tables (escapes included), so the ratio is the coder's overhead.
 
+It also times an escape flood, the worst a hostile upload can ask of the escape path: one group of
+the cheapest escapes these tables have (table 1 codes -1..1 and gives its escape 2 of 2**16, so -2 is
+15 + log2(33) + 2 = 22 bits), as many as fit in the receiver's default upload limit of 1,000,000 bytes.
+
 Usage: python -m benchmarks.entropy_coding_bench [--channels C --height H --width W --repeats N]
+       [--escape-bytes B]
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from aeic.shared.entropy_model import scale_table, step_masks
 from .machine import write_result
 
 ACTIVE_CHANNELS = 0.1
+UPLOAD_LIMIT = 1_000_000  # the receiver's default max_upload_bytes
+FLOOD_TABLE, FLOOD_VALUE = 1, -2  # the cheapest escape of the Gaussian tables: see the module docstring
 
 
 def synthetic_latent(channels: int, height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +130,27 @@ def run(channels: int, height: int, width: int, repeats: int, seed: int = 0) -> 
     }
 
 
+def escape_flood(budget: int, repeats: int) -> dict[str, Any]:
+    """Encode and decode one group of the cheapest escapes, as many as fit in ``budget`` bytes."""
+    tables = gaussian_scale_table(scale_table())
+    bits = ideal_bits(np.array([FLOOD_VALUE]), np.array([FLOOD_TABLE]), tables)
+    count = int((budget - 8) * 8 / bits)  # rANS adds a few bytes at most
+    values, indices = np.full(count, FLOOD_VALUE, dtype=np.int64), np.full(count, FLOOD_TABLE)
+    masks = np.ones((1, count), dtype=bool)
+    payload, encode_times = _timed(lambda: _encode(values, indices, masks, tables), repeats)
+    decoded, decode_times = _timed(lambda: _decode(payload, indices, masks, tables), repeats)
+    if not np.array_equal(decoded, values) or len(payload) > budget:
+        raise AssertionError("escape flood: round trip failed or the payload is over its budget")
+    encode_s, decode_s = statistics.median(encode_times), statistics.median(decode_times)
+    return {
+        "escapes": count,
+        "payload_bytes": len(payload),
+        "encode_ms": encode_s * 1000,
+        "decode_ms": decode_s * 1000,
+        "decode_us_per_escape": decode_s / count * 1e6,
+    }
+
+
 def _rates(seconds: float, elements: int, coded: int, payload: int) -> dict[str, float]:
     return {
         "ms": seconds * 1000,
@@ -140,13 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--escape-bytes", type=int, default=UPLOAD_LIMIT, help="escape flood's size (0: none)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(args.channels, args.height, args.width, args.repeats, args.seed)
+    if args.escape_bytes:
+        result["escape_flood"] = escape_flood(args.escape_bytes, args.repeats)
     path = write_result("entropy_coding", {"results": result}, args.out)
+    flood = result.get("escape_flood")
     print(f"{path}: encode {result['encode']['symbols_per_s'] / 1e6:.2f} Msym/s, "
           f"decode {result['decode']['symbols_per_s'] / 1e6:.2f} Msym/s, "
-          f"size/ideal {result['size_over_ideal']:.4f}")
+          f"size/ideal {result['size_over_ideal']:.4f}"
+          + (f"; escape flood {flood['escapes']:,} in {flood['payload_bytes']:,} B decoded in "
+             f"{flood['decode_ms']:.0f} ms" if flood else ""))
     return 0
 
 

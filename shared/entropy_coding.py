@@ -271,8 +271,8 @@ class SymbolEncoder:
             symbols[outside] = int(tables.lengths[k]) - 1
             self._ops.append((symbols.astype(np.int32), tables.model(k), ()))
             escaped_positions.append(positions[outside])
-        if escaped_positions:
-            escaped = np.sort(np.concatenate(escaped_positions))
+        escaped = np.sort(np.concatenate([np.zeros(0, dtype=np.intp), *escaped_positions]))
+        if escaped.size:  # every escape code of the group, in position order, in one coder call
             symbols, sizes = _escape_ops(values[escaped])
             self._ops.append((symbols, _UNIFORM, (sizes,)))
 
