@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from aeic.codec.testing import make_tiny_package
+from aeic.sender.encoder import SenderCodec
 from aeic.training import cli as train_cli
 from aeic.training import data as data_module
 from aeic.training import schedule
@@ -348,3 +351,26 @@ def test_a_short_side_over_1024_is_kept_whole(tmp_path: Path, capsys: pytest.Cap
     assert load_downsampled(photos / "wide.png", 512).shape == (512, 768, 3)  # up to 1024: as before
     items = build_cache(photos, tmp_path / "cache", 1280, NO_TEACHER, 1152)
     assert [tuple(item.pixels.shape) for item in items] == [(3, 1280, 1280)]
+
+
+def test_threads_bound_the_decoder_stages_sender_path_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--threads set torch's threads only: the decoder stage codes every crop through the sender's ONNX path,
+    whose onnxruntime took every core of the machine whatever --threads said."""
+    package = make_tiny_package(tmp_path / "pkg")
+    opened: list[int | None] = []
+    from_package = SenderCodec.from_package
+
+    def recorded(path: Path, provider: str | None = None, threads: int | None = None, **options: Any) -> SenderCodec:
+        opened.append(threads)
+        return from_package(path, provider, threads, **options)
+
+    monkeypatch.setattr(SenderCodec, "from_package", recorded)
+    config = _config(tmp_path, _photos(tmp_path, 1), f'stage = "decoder"\npackage = "{package}"\nwindow = 12\n')
+    threads = torch.get_num_threads()
+    try:
+        assert train_cli.main([config, "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert opened == [1]

@@ -36,7 +36,8 @@ class SenderLatents:
     """Training batches (images, ŷ, rate positions): random crops coded by the package's sender path."""
 
     def __init__(self, package: Path, sampler: CropSampler, rng: np.random.Generator, levels: int) -> None:
-        self.codec = SenderCodec.from_package(package, downscale=1)  # crops are coded whole
+        # crops are coded whole, on as many threads as torch has (--threads), not onnxruntime's every core
+        self.codec = SenderCodec.from_package(package, threads=torch.get_num_threads(), downscale=1)
         self.sampler = sampler
         self.rng = rng  # draws the rate levels (a checkpointed stream, apart from the crops')
         self.levels = levels  # rate levels 0 .. levels - 1
