@@ -374,3 +374,16 @@ def test_threads_bound_the_decoder_stages_sender_path_too(
     finally:
         torch.set_num_threads(threads)
     assert opened == [1]
+
+
+def test_a_config_saved_with_a_byte_order_mark_reads_and_one_not_utf8_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Windows editor's UTF-8 with a byte-order mark was 'not valid TOML ... line 1, column 1'; a Latin-1 file
+    was "'utf-8' codec can't decode byte 0xe9", naming no file."""
+    config = Path(_config(tmp_path, tmp_path))
+    text = config.read_text()
+    config.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert train_cli._load_config(config).name == "t"
+    config.write_bytes(text.replace('name = "t"', 'name = "caf\xe9"').encode("latin-1"))
+    _one_line_error(capsys, train_cli.main([str(config)]), f"{config} is not UTF-8 text")

@@ -100,10 +100,13 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: Path, **overrides: object) -> TrainConfig:
-        with open(path, "rb") as handle:
-            try:
-                data = tomllib.load(handle)
-            except tomllib.TOMLDecodeError as exc:
-                raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+        try:
+            text = Path(path).read_bytes().decode("utf-8-sig")  # the byte-order mark some Windows editors write
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text, as TOML must be: {exc}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from exc
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
