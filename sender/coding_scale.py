@@ -6,7 +6,7 @@ non-Kodak photos (docs/benchmarks.md):
 
 * a fixed rate level: the largest downscale that keeps the short side at 512 or more (1080p: 2);
 * a byte budget: the largest coded picture the budget gives at least ``MIN_CODED_BPP``, keeping a
-  coded short side of at least ``MIN_CODED_SIDE``.
+  coded short side of at least ``MIN_CODED_SIDE`` unless no stream fits the budget otherwise.
 
 Both keep the coded picture within what a receiver decodes (:mod:`aeic.shared.decode_limits`): a
 48-megapixel photo is never coded whole. With package 85aeab8e (its rate points trained
@@ -55,9 +55,16 @@ def downscale_for_budget(height: int, width: int, target_bytes: int) -> int:
 
 
 def budget_downscales(height: int, width: int, target_bytes: int) -> list[int]:
-    """The rule's downscale, then the larger allowed ones: where to go when even the lowest level overflows."""
+    """The rule's downscale, then the larger allowed ones: where to go when even the lowest level overflows.
+
+    Last, the larger ones that ``MIN_CODED_SIDE`` rules out: a small coded picture beats no stream. A
+    333x257 photo at 0.01 bpp (106 bytes) needed 126 coded whole and had no other factor, so the budget
+    failed, while at 1/2 it fits (99 bytes, level 13).
+    """
     first = downscale_for_budget(height, width, target_bytes)
-    return [d for d in _allowed_downscales(height, width) if d >= first] or [first]
+    preferred = [d for d in _allowed_downscales(height, width) if d >= first] or [first]
+    last_resort = [d for d in _decodable(height, width, list(DOWNSCALES)) if d > preferred[-1]]
+    return preferred + last_resort
 
 
 def _allowed_downscales(height: int, width: int) -> list[int]:

@@ -169,20 +169,21 @@ class SenderCodec:
 
         With ``downscale="auto"`` the coding downscale comes from the budget and the image size
         (:func:`aeic.sender.coding_scale.downscale_for_budget`); when even the lowest level
-        overflows there, the next larger downscale is tried.
+        overflows there, the next larger downscale is tried (:func:`aeic.sender.coding_scale.budget_downscales`).
         """
         auto = self.downscale == AUTO
         height, width = rgb.shape[:2]
         factors = coding_scale.budget_downscales(height, width, target_bytes) if auto else [None]
-        smallest = 0
+        smallest: list[int] = []  # each factor's smallest stream: the error names the least of them
         for factor in factors:
             search = LevelSearch(partial(self.encode_analysed, self.analyse(rgb, factor)), target_bytes, self.num_levels)
             best = search.highest_fitting_level()
             if best is None:
-                best, smallest = search.fit_among_lowest_levels()
+                best, least = search.fit_among_lowest_levels()
+                smallest.append(least)
             if best is not None:
                 return best
-        raise BudgetError(f"even the lowest rate needs {smallest} bytes, over the budget of {target_bytes}")
+        raise BudgetError(f"even the lowest rate needs {min(smallest)} bytes, over the budget of {target_bytes}")
 
 
 class LevelSearch:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from aeic.sender.encoder import LOWEST_LEVELS_SCANNED, AnalysedImage, BudgetError, LevelSearch, SenderCodec
+from aeic.shared import bitstream
 from aeic.shared.model_package import default_model_dir
 
 # Whole-bitstream bytes at each of the 81 levels of nano-se e4b20f5a (rate-distortion rounding 64): photos
@@ -205,3 +206,29 @@ def test_encode_to_budget_gives_the_rules_level_and_stream_with_the_shipped_mode
             else:
                 assert shipped.encode_to_budget(rgb, budget) == (encode_analysed(analysed, level), level), (seed, bpp)
             assert len(coded) == len(set(coded)) <= today
+
+
+def test_auto_codes_a_small_picture_smaller_rather_than_miss_the_budget() -> None:
+    """A budget that the picture coded whole overflows falls back to 1/2 and 1/4, even under the preferred
+    coded short side (192): auto failed a 333x257 photo at 0.01 bpp (106 bytes; 126 needed whole), which
+    ``--downscale 2`` coded in 99 bytes. The error names the least of every factor's smallest streams."""
+    if not (default_model_dir() / "manifest.json").is_file():
+        pytest.skip("no shipped model package")
+    rgb = _photo(257, 333, 0)
+    auto = SenderCodec.from_package(default_model_dir())
+    forced = {factor: SenderCodec.from_package(default_model_dir(), downscale=factor) for factor in (1, 2, 4)}
+    with pytest.raises(BudgetError):
+        forced[1].encode_to_budget(rgb, 60)
+    for budget, factor in ((60, 2), (45, 4)):
+        data, level = auto.encode_to_budget(rgb, budget)
+        assert len(data) <= budget and bitstream.peek_header(data).downscale == factor
+        assert (data, level) == forced[factor].encode_to_budget(rgb, budget)
+    tiny = _photo(40, 60, 1)  # measured: its smallest streams are 39, 34 and 37 bytes at 1, 1/2 and 1/4
+    least = []
+    for codec in forced.values():
+        with pytest.raises(BudgetError) as error:
+            codec.encode_to_budget(tiny, 20)
+        least.append(int(str(error.value).split(" needs ")[1].split()[0]))
+    assert min(least) < least[-1]  # the last factor tried is not the smallest: the error named it
+    with pytest.raises(BudgetError, match=f"needs {min(least)} bytes"):
+        auto.encode_to_budget(tiny, 20)
