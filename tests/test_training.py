@@ -322,8 +322,8 @@ def test_the_cache_keeps_each_teachers_latents_apart(photos: Path, tmp_path: Pat
 
     without = build_cache(photos, tmp_path, 160, NO_TEACHER, 128)
     with_teacher = build_cache(photos, tmp_path, 160, LatentTeacher("two", two_channels), 128)
-    assert {item.latent.shape[0] for item in without} == {1}
-    assert {item.latent.shape[0] for item in with_teacher} == {2}
+    assert {item.load().latent.shape[0] for item in without} == {1}
+    assert {item.load().latent.shape[0] for item in with_teacher} == {2}
     assert len(list(tmp_path.glob("*.pt"))) == 2 * len(without)
 
 

@@ -72,6 +72,27 @@ class CachedImage:
     pixels: torch.Tensor  # (3, H, W) uint8
     latent: torch.Tensor  # (C, H/8, W/8) float16
 
+    def load(self) -> CachedImage:
+        """Itself: held in memory (see :class:`OnDisk`)."""
+        return self
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """A cached photo past the memory budget, read from its cache file for each crop drawn from it (mapped, so
+    only the crop's pages are read): LSDIR's 85,000 photos need about 130 GB at short_side 512."""
+
+    entry: Path
+
+    def load(self) -> CachedImage:
+        return torch.load(self.entry, weights_only=False, mmap=True)
+
+
+def memory_budget() -> int:
+    """Bytes of cached photos held in memory: a quarter of the machine's (a crop from memory costs nothing, one
+    from a cache file about a millisecond: a sizeable part of a GPU step of 32 crops)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
 
 @dataclass(frozen=True)
 class LatentTeacher:
@@ -119,10 +140,11 @@ def _cache_entry(cache_dir: Path, folder: Path, path: Path, short_side: int, tea
     return cache_dir / f"{hashlib.sha256(repr(facts).encode()).hexdigest()[:20]}.pt"
 
 
-def _read_entry(entry: Path) -> CachedImage | None:
-    """A cached photo; None when missing or unreadable (cut short by a lost machine: computed again, not fatal)."""
+def _read_entry(entry: Path, mapped: bool = False) -> CachedImage | None:
+    """A cached photo; None when missing or unreadable (cut short by a lost machine: computed again, not fatal).
+    ``mapped``: its tensors left in the file (a photo past the memory budget, only checked here)."""
     try:
-        item = torch.load(entry, weights_only=False)
+        item = torch.load(entry, weights_only=False, mmap=mapped)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # absent, or a damaged zip or pickle
         return None
     return item if isinstance(item, CachedImage) else None
@@ -140,13 +162,13 @@ def _write_entry(entry: Path, item: CachedImage) -> None:
     tmp.replace(entry)
 
 
-def _read_photo(path: Path, folder: Path, cache_dir: Path, short_side: int,
-                teacher: LatentTeacher) -> tuple[Path, CachedImage | torch.Tensor] | None:
+def _read_photo(path: Path, folder: Path, cache_dir: Path, short_side: int, teacher: LatentTeacher,
+                mapped: bool) -> tuple[Path, CachedImage | torch.Tensor] | None:
     """The photo's cache file and its entry there, else its downsampled pixels (3, H, W); None, with a
     warning, when the photo cannot be read (a broken link too). Nothing of an unreadable photo is cached."""
     try:
         entry = _cache_entry(cache_dir, folder, path, short_side, teacher)
-        found = _read_entry(entry) or torch.from_numpy(load_downsampled(path, short_side)).permute(2, 0, 1).contiguous()
+        found = _read_entry(entry, mapped) or torch.from_numpy(load_downsampled(path, short_side)).permute(2, 0, 1).contiguous()
     except _UNREADABLE as exc:
         _warn(f"skipped {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         return None
@@ -165,20 +187,26 @@ def _cached(found: CachedImage | torch.Tensor, entry: Path, teacher: LatentTeach
     return item
 
 
-def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentTeacher, crop: int) -> list[CachedImage]:
-    """Load or compute (and keep, one file per photo, so an interrupted run resumes) the cache.
+def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentTeacher,
+                crop: int) -> list[CachedImage | OnDisk]:
+    """Load or compute (and keep, one file per photo, so an interrupted run resumes) the cache; the photos past
+    ``memory_budget`` stay in their cache files.
 
     A photo that cannot be read (damaged, empty, not an image, over Pillow's size limit) is skipped with a
     warning, so one bad file among thousands does not stop a run; so are photos smaller than a crop."""
     photos = _photos(folder, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    items, unreadable = [], 0
+    items: list[CachedImage | OnDisk] = []
+    unreadable, held, budget = 0, 0, memory_budget()
     with torch.no_grad():
         for path in progress_bar(iterable=photos, desc="teacher latents"):
-            read = _read_photo(path, Path(folder), cache_dir, short_side, teacher)
+            read = _read_photo(path, Path(folder), cache_dir, short_side, teacher, mapped=held >= budget)
             unreadable += read is None
             item = None if read is None else _cached(read[1], read[0], teacher, crop)
-            items += [item] if item is not None else []
+            if read is None or item is None:
+                continue
+            held += item.pixels.nbytes + item.latent.nbytes
+            items.append(item if held <= budget else OnDisk(read[0]))
     small = len(photos) - unreadable - len(items)
     counts = f"{unreadable} unreadable, {small} smaller than a {crop} px crop after downsampling to short_side {short_side}"
     if not items:
@@ -194,7 +222,7 @@ class CropSampler:
     ``seed`` may be a generator the caller keeps (its state goes into a checkpoint, so a resumed run
     draws the crops an uninterrupted one would)."""
 
-    def __init__(self, items: list[CachedImage], crop: int, seed: int | np.random.Generator) -> None:
+    def __init__(self, items: list[CachedImage | OnDisk], crop: int, seed: int | np.random.Generator) -> None:
         self.items = items
         self.crop = crop
         self.rng = np.random.default_rng(seed)  # a Generator is used as it is
@@ -203,7 +231,7 @@ class CropSampler:
         images, latents = [], []
         cells = self.crop // LATENT_STRIDE
         for index in self.rng.integers(0, len(self.items), size):
-            item = self.items[index]
+            item = self.items[index].load()
             rows, cols = item.latent.shape[1] - cells, item.latent.shape[2] - cells
             top, left = int(self.rng.integers(0, rows + 1)), int(self.rng.integers(0, cols + 1))
             pixels = item.pixels[:, top * 8 : top * 8 + self.crop, left * 8 : left * 8 + self.crop]
