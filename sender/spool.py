@@ -27,8 +27,8 @@ room. Callers decide what that means (the CLI reports the file as not queued; th
 retries the file on a later poll; the camera skips that frame).
 
 How put knows the size without listing the folder each time: counting ``pending/`` takes a
-stat per item (about 0.4 s at 100,000 items on a server core, more on a Raspberry Pi), too slow
-for every frame of a camera during a long outage. Each :class:`Spool` keeps a tally, the
+stat per item (0.65 s at 100,000 items on the 2-core test machine, ``benchmarks/spool_bench.py``),
+too slow for every frame of a camera during a long outage. Each :class:`Spool` keeps a tally, the
 last count plus its own puts, removals, rejections and requeues since, and counts again when
 the tally is older than ``recount_seconds``, when it finds ``pending/`` gone, and before
 refusing an item (at most once per twenty times a count takes, so a full spool costs a few
