@@ -412,3 +412,17 @@ def test_photos_past_the_memory_budget_stay_on_disk_and_crop_alike(
     in_memory, on_disk = CropSampler(whole, 128, 7), CropSampler(budgeted, 128, 7)
     for _ in range(4):
         assert all(torch.equal(a, b) for a, b in zip(in_memory.batch(3), on_disk.batch(3), strict=True))
+
+
+def test_the_memory_budget_follows_a_containers_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container (docker run --memory 16g) the machine's memory is the host's: a quarter of a 128 GB host
+    is twice what the container may hold, and the cache would have been killed for memory."""
+    machine = data_module.memory_budget()
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(data_module, "CGROUP_MEMORY_LIMITS", (v2, v1))
+    assert data_module.memory_budget() == machine  # no limit files: not in a container
+    v2.write_text("max\n")
+    v1.write_text("9223372036854771712\n")  # cgroup v1's "no limit"
+    assert data_module.memory_budget() == machine
+    v2.write_text(f"{2**30}\n")
+    assert data_module.memory_budget() == 2**28

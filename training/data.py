@@ -88,10 +88,21 @@ class OnDisk:
         return torch.load(self.entry, weights_only=False, mmap=True)
 
 
+# a container's memory limit (cgroup v2, v1): there the machine's memory is the host's
+CGROUP_MEMORY_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
 def memory_budget() -> int:
-    """Bytes of cached photos held in memory: a quarter of the machine's (a crop from memory costs nothing, one
-    from a cache file about a millisecond: a sizeable part of a GPU step of 32 crops)."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    """Bytes of cached photos held in memory: a quarter of the machine's, or of the container's limit (a crop
+    from memory costs nothing, one from a cache file about a millisecond: a sizeable part of a GPU step)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit in CGROUP_MEMORY_LIMITS:
+        try:
+            text = limit.read_text().strip()
+        except OSError:
+            continue
+        total = min(total, int(text)) if text.isdigit() else total  # "max", or v1's huge "unlimited": no limit
+    return total // 4
 
 
 @dataclass(frozen=True)
