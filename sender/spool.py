@@ -30,9 +30,9 @@ How put knows the size without listing the folder each time: counting ``pending/
 stat per item (0.65 s at 100,000 items on the 2-core test machine, ``benchmarks/spool_bench.py``),
 too slow for every frame of a camera during a long outage. Each :class:`Spool` keeps a tally, the
 last count plus its own puts, removals, rejections and requeues since, and counts again when
-the tally is older than ``recount_seconds``, when it finds ``pending/`` gone, and before
-refusing an item (at most once per twenty times a count takes, so a full spool costs a few
-percent of a core, not one count per refused frame). What the tally cannot see is what other
+the tally is older than ``recount_seconds`` and before refusing an item (then at most once per
+twenty times the last count's duration, so a full spool costs a few percent of a core, not a
+count per refused frame); a ``pending/`` it has to make again starts it from zero. What the tally cannot see is what other
 processes did since the count: their removals only make it refuse later than it could, and
 their puts are the bound's tolerance: with several processes queuing into one spool at once,
 it holds up to what the others queued in the last ``recount_seconds`` more than the bound.
