@@ -3,6 +3,7 @@ cannot train is one line at the start, and an interrupted run keeps what it had.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -426,3 +427,20 @@ def test_the_memory_budget_follows_a_containers_limit(tmp_path: Path, monkeypatc
     assert data_module.memory_budget() == machine
     v2.write_text(f"{2**30}\n")
     assert data_module.memory_budget() == 2**28
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch job requeued while the first still runs, or one command started in two terminals: both trained,
+    each overwriting the other's checkpoint and interleaving their log lines."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1))
+    assert train_cli.main([config]) == 0  # the folder's lock is let go when a run ends
+    before = (tmp_path / "out" / "checkpoint.pt").read_bytes()
+    with open(tmp_path / "out" / "run.lock", "a") as first:  # what a running aeic-train holds
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        _one_line_error(capsys, train_cli.main([config, "--steps", "2"]), f"another aeic-train is training in {tmp_path / 'out'}")
+    assert (tmp_path / "out" / "checkpoint.pt").read_bytes() == before
+    assert train_cli.main([config, "--steps", "2"]) == 0

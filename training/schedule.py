@@ -7,6 +7,8 @@ as one run would.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import random
@@ -132,6 +134,30 @@ class _StopOnInterrupt:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+class _FolderLock:
+    """One run at a time in an ``out`` folder: two (a batch job requeued while the first still runs, a command
+    started in two terminals) would overwrite each other's checkpoint and interleave their logs. The kernel
+    lets go of the lock when its process ends, however it ends."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __enter__(self) -> _FolderLock:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        self.handle = open(self.out / "run.lock", "a")  # held until __exit__
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise OSError(f"another aeic-train is training in {self.out} (it holds {self.out / 'run.lock'}): "
+                          "wait for it, or stop it first") from None
+        except OSError:  # a file system without locks (some NFS mounts): the run goes on unguarded
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
 
 
 class ScheduledRun:
@@ -277,10 +303,12 @@ class ScheduledRun:
                      "batch": self.config.batch, "crop": self.config.crop}  # fmt: skip
             return write_profile(train_step, self.profile_steps, self.device, self.out, facts)
         last_save = time.monotonic()
-        self._trim_log()
-        with open(self.log_path, "a", encoding="utf-8") as log, progress_bar(
-            total=self.config.steps, initial=self.step, desc=description
-        ) as bar, _StopOnInterrupt() as interrupt:
+        with contextlib.ExitStack() as held:
+            held.enter_context(_FolderLock(self.out))
+            self._trim_log()  # under the lock, before the log is opened to append
+            log = held.enter_context(open(self.log_path, "a", encoding="utf-8"))
+            bar = held.enter_context(progress_bar(total=self.config.steps, initial=self.step, desc=description))
+            interrupt = held.enter_context(_StopOnInterrupt())
             self.started = time.monotonic()  # the time budget counts training, not the data cache
             while self._progress() < 1.0 and not interrupt.requested:
                 logs = train_step()
