@@ -4,6 +4,8 @@ cannot train is one line at the start, and an interrupted run keeps what it had.
 from __future__ import annotations
 
 import fcntl
+import json
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -444,3 +446,13 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_trains(
         _one_line_error(capsys, train_cli.main([config, "--steps", "2"]), f"another aeic-train is training in {tmp_path / 'out'}")
     assert (tmp_path / "out" / "checkpoint.pt").read_bytes() == before
     assert train_cli.main([config, "--steps", "2"]) == 0
+
+
+def test_the_log_gives_the_learning_rate_each_step_trained_with(tmp_path: Path) -> None:
+    """The logged `lr` was the next step's: step 1 of a cosine schedule logged less than `lr`, which it trained
+    with, and the last step the final rate, which no step trained with."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1), "lr = 0.001\nlr_final_fraction = 0.5\n")
+    assert train_cli.main([config, "--steps", "2"]) == 0
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert logged == [0.001, pytest.approx(0.001 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi / 2))))]

@@ -311,13 +311,14 @@ class ScheduledRun:
             interrupt = held.enter_context(_StopOnInterrupt())
             self.started = time.monotonic()  # the time budget counts training, not the data cache
             while self._progress() < 1.0 and not interrupt.requested:
+                lr = self._learning_rate()  # the step's own (train_step sets it from the same step count)
                 logs = train_step()
                 self.step += 1
                 if not math.isfinite(logs["loss"]):  # checked before it is logged or saved
                     raise self._diverged(f"the loss is {logs['loss']}")
                 bar.update(1)
                 if self.step % self.config.log_every == 0:
-                    logs.update(step=self.step, lr=self._learning_rate(), minutes=round(self._elapsed_minutes(), 2),
+                    logs.update(step=self.step, lr=lr, minutes=round(self._elapsed_minutes(), 2),
                                 **log_extras())  # fmt: skip
                     log.write(json.dumps(logs) + "\n")
                     log.flush()
