@@ -456,3 +456,20 @@ def test_the_log_gives_the_learning_rate_each_step_trained_with(tmp_path: Path) 
     assert train_cli.main([config, "--steps", "2"]) == 0
     logged = [json.loads(line)["lr"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert logged == [0.001, pytest.approx(0.001 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi / 2))))]
+
+
+def test_a_tilde_in_a_config_path_is_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TOML leaves `~` to the program: `out = "~/runs/x"` made a folder named `~` in the working folder (which a
+    later `rm -rf ~` meant for it would take as the home folder), and `data = "~/photos"` did not exist."""
+    torch.set_num_threads(1)
+    _photos(tmp_path, 1)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "home.toml"
+    config.write_text(CONFIG.format(data="~/photos", cache="~/cache", out="~/runs/x") + 'device = "cpu"\ncrop = 128\n')
+    assert train_cli.main([str(config)]) == 0
+    assert (tmp_path / "runs" / "x" / "checkpoint.pt").exists() and not (tmp_path / "~").exists()
+    loaded = train_cli._load_config(config, init="~/runs/x/checkpoint.pt", init_mean=None)
+    assert loaded.init == tmp_path / "runs" / "x" / "checkpoint.pt"

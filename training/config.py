@@ -69,6 +69,17 @@ class TrainConfig(BaseModel):
     # (None: `texture_weight` at every rate): low rates lose texture first, high rates PSNR
     texture_weight_top: float | None = Field(None, ge=0)
 
+    @field_validator("data", "cache", "out", "init", "teacher", "package")
+    @classmethod
+    def _home(cls, path: Path | None) -> Path | None:
+        """`~` as a shell reads it: TOML leaves it to the program, and `out = "~/runs/x"` made a folder named `~`."""
+        return None if path is None else path.expanduser()
+
+    @field_validator("init_mean")
+    @classmethod
+    def _homes(cls, weights: dict[Path, float]) -> dict[Path, float]:
+        return {path.expanduser(): weight for path, weight in weights.items()}
+
     @field_validator("model")
     @classmethod
     def _known_preset(cls, name: str) -> str:
