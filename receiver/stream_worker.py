@@ -1,15 +1,18 @@
 """`aeic-receiver worker`: a decode worker process fed by the Redis Stream (scale-out mode, issue 8).
 
-Each process is one consumer of the group. It reads entries (XREADGROUP), takes over entries a dead
-consumer held longer than `reclaim_after_s` (XAUTOCLAIM), and claims the images in the database by id
-(`storage.claims`): the database decides who decodes, so a redelivered entry of a done image is only
-acknowledged. Decoding itself is the embedded `DecodeWorker`'s (batches, per-image fallback, retries,
-results in the blob store). While a batch runs, a heartbeat keeps both the stream entries and the database
-claims fresh, so only a dead worker's jobs are ever taken over; a batch hung past its decode deadline
-stops the heartbeat (its entries and images go to another worker) and fails `/healthz`, served beside the
-metrics for the liveness probe; if the decode has not returned `hung_exit_grace_s` later, the process exits
-with status 75 (`HUNG_EXIT_STATUS`), as Docker restarts a container only when it exits. An image that fails
-for good goes to the dead-letter stream with its reason.
+Each process is one consumer of the group. It reads entries (XREADGROUP) and takes over entries a dead
+consumer held longer than `reclaim_after_s` (XAUTOCLAIM). An entry is a turn to decode, not an order of
+service: the worker claims from the database in its order fair across devices (`claim_batch`, by
+`fair_tag`) until the images of the entries it holds are settled, so one device's burst in the stream
+does not hold up the others' images. What that order leaves (images a dead worker held, not yet due, or
+claimed elsewhere) it claims by id (`storage.claims`). The database decides who decodes, so a redelivered
+entry of a done image is only acknowledged. Decoding itself is the embedded `DecodeWorker`'s (batches,
+per-image fallback, retries, results in the blob store). While a batch runs, a heartbeat keeps both the
+stream entries and the database claims fresh, so only a dead worker's jobs are ever taken over; a batch
+hung past its decode deadline stops the heartbeat (its entries and images go to another worker) and fails
+`/healthz`, served beside the metrics for the liveness probe; if the decode has not returned
+`hung_exit_grace_s` later, the process exits with status 75 (`HUNG_EXIT_STATUS`), as Docker restarts a
+container only when it exits. An image that fails for good goes to the dead-letter stream with its reason.
 """
 
 from __future__ import annotations
@@ -73,11 +76,13 @@ class StreamWorker:
     def __init__(self, store: SqlMetadataStore, queue: JobQueue, decoder: DecodeWorker,
                  config: StreamWorkerConfig) -> None:
         self.store, self.queue, self.decoder, self.config = store, queue, decoder, config
+        self._stop = threading.Event()
 
     # -- main loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set; the batch in progress is finished first."""
+        self._stop = stop
         self._preload()
         next_reclaim = next_reconcile = 0.0
         group_ready = False
@@ -114,38 +119,93 @@ class StreamWorker:
     # -- one delivery ----------------------------------------------------------------------------
 
     def handle(self, jobs: Sequence[Job]) -> None:
-        """Settle entries of finished or deleted images, claim the rest, decode, settle them."""
+        """Settle entries of finished or deleted images; decode the rest in rounds (`_round`) while another
+        worker holds some of their images, so that their entries are settled when it is done with them."""
         by_image: dict[str, list[Job]] = {}
         for job in jobs:
             by_image.setdefault(job.image_id, []).append(job)
-        open_ids = [i for i in by_image if not self._settle(i, by_image[i], decoded_here=False)]
-        if not open_ids:
-            return
+        waiting = {i for i in by_image if not self._settle(i, by_image[i], decoded_here=False)}
+        attempted: set[str] = set()
+        while waiting:
+            error = self._round(by_image, waiting, attempted)
+            if error is not None:
+                raise error
+            # Another worker may be decoding some of these images in its turns. Waiting for it (and taking
+            # turns meanwhile) settles their entries when it is done, not an idle timeout later; if it dies,
+            # its claim goes stale after `reclaim_after_s` and a later round takes it over. "Claimed?" is
+            # asked before "settled?", so an image finished between the two reads is settled, not skipped.
+            held = {i for i in waiting if self._claimed(i)}
+            waiting = held | {i for i in waiting - held if not self._settle(i, by_image[i], decoded_here=False)}
+            if not held or self._stop.is_set():
+                return  # what is left is not yet due: the entries stay pending and come back after the timeout
+            self.queue.touch(self.config.consumer, [j for i in waiting for j in by_image[i]])
+            if self._stop.wait(self.config.block_ms / 1000):
+                return
+
+    def _claimed(self, image_id: str) -> bool:
+        """Whether the image is being decoded (by another worker, when asked between this one's claims)."""
+        record = self.store.get_image(image_id)
+        return record is not None and record.status is Status.DECODING
+
+    def _round(self, by_image: dict[str, list[Job]], waiting: set[str], attempted: set[str]) -> Exception | None:
+        """Fail the images of `waiting` whose holder died on their last attempt, decode in the fair order
+        until the rest are settled (`_take_turns`), then claim what that order left by id and decode it;
+        the first error. Settled images leave `waiting`, claimed ones go in `attempted`."""
         stale_before = time.time() - self.config.reclaim_after_s
-        for image_id in fail_exhausted_stale(self.store, open_ids, stale_before, self.config.max_attempts):
-            self._settle(image_id, by_image[image_id], decoded_here=False)
+        for image_id in fail_exhausted_stale(self.store, sorted(waiting), stale_before, self.config.max_attempts):
+            if self._settle(image_id, by_image[image_id], decoded_here=False):
+                waiting.discard(image_id)
         if not self.decoder.storage_ready():
-            return  # the entries stay pending and come back once the blob store is usable
+            return None  # the entries stay pending and come back once the blob store is usable
+        error = self._take_turns(by_image, waiting, attempted)
+        # What the fair order left: images a dead worker held (taken over here, within their attempts), not
+        # yet due, or held by a live worker. One whose attempt in this delivery failed waits for the next.
         # First attempts are claimed and decoded together; a retry (its decode failed, or the worker holding
         # it died) alone and after them, as the embedded worker does: an image that kills the process took
         # the images claimed with it down on every takeover, until all of them were failed undecoded.
-        retried = tried_ids(self.store, open_ids)
-        first = [i for i in open_ids if i not in retried]
-        open_jobs = [j for i in open_ids for j in by_image[i]]
-        error: Exception | None = None
-        for ids in ([first] if first else []) + [[i] for i in open_ids if i in retried]:
+        rest = [i for i in by_image if i in waiting and (i not in attempted or self._claimed(i))]
+        retried = tried_ids(self.store, rest)
+        first = [i for i in rest if i not in retried]
+        for ids in ([first] if first else []) + [[i] for i in rest if i in retried]:
             claim = claim_ids(self.store, ids, stale_before, self.config.max_attempts)
             if claim is None:
-                continue  # held by a live worker or not yet due: the entries stay pending and come back later
-            error = self._decode(claim, by_image, open_jobs) or error
-        if error is not None:
-            raise error
+                continue  # held by a live worker or not yet due
+            attempted.update(r.id for r in claim.records)
+            error = self._decode(claim, by_image, waiting) or error
+        return error
 
-    def _decode(self, claim: Claim, by_image: dict[str, list[Job]], beat_jobs: list[Job]) -> Exception | None:
-        """Decode a claim in compatible groups and settle their entries; the first error, for the caller to
-        raise once every claim of the delivery has had its turn. `beat_jobs` (this claim's entries and those
-        waiting for a later claim of the delivery) stay fresh meanwhile."""
+    def _take_turns(self, by_image: dict[str, list[Job]], waiting: set[str],
+                    attempted: set[str]) -> Exception | None:
+        """Claim and decode the database's next batches in its order fair across devices (`claim_batch`)
+        while images of this delivery (`waiting`) are unsettled: a burst of one device's entries ahead in
+        the stream then gets its turns, not all of them, before other devices' images. The entries are
+        touched before each claim, as a run of short decodes may outlast the idle timeout. Stops, for the caller to carry on by id, when nothing is claimable (what is left is
+        held elsewhere or not yet due), when a decode did not complete (a retry waits for a later delivery,
+        as a failed entry did before) and when the worker is asked to stop. Ids claimed go in `attempted`."""
+        while waiting and not self._stop.is_set():
+            self.queue.touch(self.config.consumer, [j for i in waiting for j in by_image[i]])
+            claim = self.store.claim_batch(self.config.batch_size)
+            if claim is None:
+                return None
+            ids = [r.id for r in claim.records]
+            attempted.update(ids)
+            error = self._decode(claim, by_image, waiting)
+            for image_id in sorted(waiting - set(ids)):  # decoded by another worker meanwhile
+                if self._settle(image_id, by_image[image_id], decoded_here=False):
+                    waiting.discard(image_id)
+            if error is not None:
+                return error
+            if any(r is not None and r.status is not Status.DONE for r in map(self.store.get_image, ids)):
+                return None
+        return None
+
+    def _decode(self, claim: Claim, by_image: dict[str, list[Job]], waiting: set[str]) -> Exception | None:
+        """Decode a claim in compatible groups and settle the entries of its images among `waiting` (this
+        delivery's images not yet settled; those settled leave it); the first error, for the caller to
+        raise once every claim of the delivery has had its turn. The entries of `waiting` stay fresh
+        meanwhile, whether this claim holds their images or a later one will."""
         error: Exception | None = None
+        beat_jobs = [j for i in waiting for j in by_image[i]]
         with self._heartbeat(beat_jobs, claim.token):
             for group in _compatible(claim.records, self.config.batch_size):
                 # Every group gets its turn even when an earlier one raised (`process` has handed that one's
@@ -157,7 +217,10 @@ class StreamWorker:
                     error = error or exc
                     continue
                 for record in group:
-                    self._settle(record.id, by_image[record.id], decoded_here=True)
+                    if record.id not in waiting:  # another delivery's entry: settled when it is read
+                        log.info("decoded image=%s consumer=%s in turn", record.id, self.config.consumer)
+                    elif self._settle(record.id, by_image[record.id], decoded_here=True):
+                        waiting.discard(record.id)
         return error
 
     def _settle(self, image_id: str, jobs: list[Job], decoded_here: bool) -> bool:

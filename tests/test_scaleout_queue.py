@@ -1,6 +1,7 @@
 """Redis Streams decode queue on a real Redis server, with the metadata store on SQLite and PostgreSQL
 and a decoder double: delivery, redelivery of done images, takeover of a dead consumer's entries,
-dead-lettering after the last attempt, reconciliation, and the API's enqueue."""
+dead-lettering after the last attempt, reconciliation, the API's enqueue, and turns by device (the
+database's fair order) however the stream is ordered."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import receiver_support
 import scaleout_support
 from aeic.receiver.storage import FilesystemBlobStore, NewImage, SqlMetadataStore, Status
 from aeic.receiver.storage.blobs import bitstream_key, reconstruction_key
 from aeic.receiver.worker import DecodeWorker, WorkerConfig
+from aeic.shared.bitstream import peek_header
 from receiver_support import TEST_MODEL_ID, FakeCodec, make_bitstream, stored
 
 pytest.importorskip("redis", reason="redis is not installed (scale extra)")
@@ -34,8 +37,8 @@ class Node:
     """One consumer wired like `aeic-receiver worker`, with a counting decoder double."""
 
     def __init__(self, store: SqlMetadataStore, blobs: FilesystemBlobStore, url: str, name: str,
-                 reclaim_after_s: float = 30.0, max_attempts: int = 3) -> None:
-        self.codec = FakeCodec()
+                 reclaim_after_s: float = 30.0, max_attempts: int = 3, codec: FakeCodec | None = None) -> None:
+        self.codec = codec or FakeCodec()
         self.queue = JobQueue.from_url(url)
         self.queue.ensure_group()
         decoder = DecodeWorker(store, blobs, CodecRegistry.from_codecs([self.codec]),
@@ -50,11 +53,12 @@ class Node:
             self.worker.handle(jobs)
 
 
-def _upload(store: SqlMetadataStore, blobs: FilesystemBlobStore, payload: bytes = b"\x07\x08") -> str:
+def _upload(store: SqlMetadataStore, blobs: FilesystemBlobStore, payload: bytes = b"\x07\x08",
+            device: str = "cam") -> str:
     data = make_bitstream(payload=payload)
     image_id = secrets.token_hex(16)
     blobs.put(bitstream_key(image_id), data)
-    store.insert_image(NewImage(id=image_id, device="cam", idempotency_key=None, model_id=TEST_MODEL_ID.hex(),
+    store.insert_image(NewImage(id=image_id, device=device, idempotency_key=None, model_id=TEST_MODEL_ID.hex(),
                                 width=48, height=32, rate_index=0, bytes=len(data),
                                 sha256=hashlib.sha256(data).hexdigest()))
     return image_id
@@ -242,3 +246,102 @@ def test_a_live_worker_with_a_long_batch_keeps_its_jobs(
     assert stolen == [] and other.codec.batches == []
     record = stored(store, image_id)
     assert (record.status, record.attempts, record.decodes) == (Status.DONE, 1, 1)
+
+
+class OrderCodec(FakeCodec):
+    """Records the payloads it was given, in order (a batch that failed and was retried one by one twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.payloads: list[bytes] = []
+
+    def decode_batch(self, items: list[bytes]) -> list[np.ndarray]:
+        self.payloads.extend(item[peek_header(item).size:-4] for item in items)
+        return super().decode_batch(items)
+
+
+def test_a_burst_from_one_device_does_not_hold_up_another_devices_images(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    """Device a's 20 entries are ahead of device b's 3 in the stream; the worker still decodes in turns by
+    device (the database's fair order), so b's images are in the first two batches of 4, not the last."""
+    codec = OrderCodec()
+    node = Node(store, blobs, redis_url, "w1", codec=codec)
+    burst = [_upload(store, blobs, b"a" + bytes([i]), device="a") for i in range(20)]
+    late = [_upload(store, blobs, b"b" + bytes([i]), device="b") for i in range(3)]
+    for image_id in burst + late:
+        node.queue.publish(image_id)
+    for _ in range(8):
+        node.step()
+    assert [stored(store, i).decodes for i in burst + late] == [1] * 23
+    assert len(codec.payloads) == 23
+    assert [n for n, payload in enumerate(codec.payloads, 1) if payload.startswith(b"b")] == [3, 4, 8]
+    backlog = node.queue.backlog()
+    assert (backlog.lag, backlog.pending) == (0, 0)
+    assert node.queue.client.xlen(node.queue.stream) == 0
+
+
+def test_turns_by_device_keep_the_stream_guarantees(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    """Decoding in the database's order, a worker still leaves a dead consumer's images alone until the
+    timeout and then takes them over (an attempt counted), acknowledges without decoding the entries of
+    images it decoded in turns, dead-letters an image after its last attempt, and ends with every entry
+    acknowledged and every other image decoded once."""
+    from aeic.receiver.storage.claims import claim_ids
+
+    dead = Node(store, blobs, redis_url, "dead", reclaim_after_s=0.3)
+    alive = Node(store, blobs, redis_url, "alive", reclaim_after_s=0.3)
+    held = [_upload(store, blobs, b"a" + bytes([i]), device="a") for i in range(4)]
+    burst = [_upload(store, blobs, b"a" + bytes([i]), device="a") for i in range(4, 12)]
+    bad = _upload(store, blobs, b"FAIL-b", device="b")
+    late = [_upload(store, blobs, b"b" + bytes([i]), device="b") for i in range(2)]
+    for image_id in held + burst + [bad] + late:
+        alive.queue.publish(image_id)
+    jobs = dead.queue.read("dead", 4, 50)  # the dead consumer read the first four and claimed their images
+    assert claim_ids(store, held, stale_before=0, max_attempts=3) is not None
+    for _ in range(4):
+        alive.step()
+    assert all(stored(store, i).status is Status.DECODING for i in held)
+    assert all(stored(store, i).status is Status.DONE for i in burst + late)
+    time.sleep(0.35)
+    reclaimed = alive.queue.reclaim("alive", 300, 16)
+    assert {j.entry_id for j in jobs} <= {j.entry_id for j in reclaimed}
+    alive.worker.handle(reclaimed)
+    for _ in range(3):  # the failing image's entry comes back after each idle timeout until it is failed
+        if stored(store, bad).status is Status.FAILED:
+            break
+        time.sleep(0.35)
+        alive.worker.handle(alive.queue.reclaim("alive", 300, 16))
+    assert [(stored(store, i).status, stored(store, i).attempts) for i in held] == [(Status.DONE, 2)] * 4
+    assert [stored(store, i).decodes for i in held + burst + late] == [1] * 14
+    record = stored(store, bad)
+    assert (record.status, record.attempts, record.decodes) == (Status.FAILED, 3, 0)
+    assert [d["image"] for d in alive.queue.dead_letters()] == [bad]
+    assert dead.codec.batches == []
+    backlog = alive.queue.backlog()
+    assert (backlog.lag, backlog.pending) == (0, 0)
+    assert alive.queue.client.xlen(alive.queue.stream) == 0
+
+
+def test_two_workers_taking_turns_decode_everything_once(
+        store: SqlMetadataStore, blobs: FilesystemBlobStore, redis_url: str) -> None:
+    """Two consumer loops, each claiming the database's next batches while it holds entries: no image is
+    decoded twice or left behind, and the stream ends empty."""
+    nodes = [Node(store, blobs, redis_url, name) for name in ("w1", "w2")]
+    ids = [_upload(store, blobs, bytes([device, i]), device=f"d{device}") for device in range(3) for i in range(8)]
+    for image_id in ids:
+        nodes[0].queue.publish(image_id)
+    stop = threading.Event()
+    threads = [threading.Thread(target=node.worker.run, args=(stop,)) for node in nodes]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and nodes[0].queue.client.xlen(nodes[0].queue.stream):
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert [stored(store, i).decodes for i in ids] == [1] * len(ids)
+    assert sum(sum(node.codec.batches) for node in nodes) == len(ids)
+    assert nodes[0].queue.backlog().pending == 0
