@@ -2,8 +2,10 @@
 
 Why Redis Streams: delivery to many consumers (XREADGROUP), explicit acknowledgement (XACK), a pending
 list that survives a dead consumer and can be taken over after a timeout (XAUTOCLAIM), and a lag figure
-that autoscalers (KEDA) read. The stream only says "decode image X": the bitstream and every result live
-in the database and the blob store, so losing Redis loses no data (`orphaned_ids` re-enqueues).
+that autoscalers (KEDA) read. The stream only says "image X needs decoding": the bitstream and every result
+live in the database and the blob store, so losing Redis loses no data (`orphaned_ids` re-enqueues), and
+the database's order, fair across devices, decides which image a worker decodes next
+(`stream_worker.StreamWorker`); an entry is acknowledged once its image needs no more work.
 """
 
 from __future__ import annotations
