@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress every image to a real AEIC bitstream, decode it, and measure it against "
         "classic codecs at the same bytes. Writes OUT/results.csv, OUT/summary.json and RD plots.",
     )
-    p.add_argument("--images", type=Path, required=True, help="folder of PNG/JPEG images")
+    p.add_argument("--images", type=Path, required=True, help="folder of images (PNG, JPEG, WebP, BMP, TIFF, GIF)")
     p.add_argument(
         "--model", default=None, help="model package folder or shipped model name (default: shipped)"
     )

@@ -25,12 +25,11 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 from aeic.evaluation import baselines, learned, metrics
-from aeic.sender.images import ImageReadError, upright_rgb8
+from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, upright_rgb8
 from aeic.shared import bitstream
 from PIL import Image
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BASE_COLUMNS = [
     "image", "width", "height", "point", "method", "status", "detail", "rate_index", "factor", "quality",
     "budget_bytes", "bytes", "bpp", "encode_ms", "decode_ms",
@@ -115,12 +114,13 @@ class EvalConfig:
 
 
 def list_images(folder: Path, limit: int | None = None) -> list[Path]:
-    """PNG/JPEG files directly in ``folder``, sorted by name, at most ``limit``."""
+    """Image files directly in ``folder``, sorted by name, at most ``limit``: the formats the sender reads
+    (PNG, JPEG, WebP, BMP, TIFF, GIF), so a folder of a device's WebP photos is not refused as empty."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
-        raise FileNotFoundError(f"no PNG or JPEG images in {folder}")
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return found[:limit] if limit is not None else found
 
 

@@ -264,3 +264,15 @@ def test_eval_scores_the_pixels_the_sender_codes(tmp_path: Path) -> None:
     for name in ("rgba.png", "palette.png", "rotated.jpg"):
         np.testing.assert_array_equal(runner.load_rgb(tmp_path / name), read_image(tmp_path / name))
     assert (runner.load_rgb(tmp_path / "rgba.png")[:, :20] == 255).all()
+
+
+def test_every_format_the_sender_reads_is_evaluated(tmp_path: Path) -> None:
+    """Only .png/.jpg/.jpeg were listed: a folder of WebP (or TIFF, BMP, GIF) photos was refused as empty."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for suffix in (".webp", ".tif", ".bmp", ".gif"):
+        Image.fromarray(_picture()).save(folder / f"photo{suffix}")
+    (folder / "notes.txt").write_text("not an image")
+    summary = _evaluator(folder, tmp_path / "out").run(progress=False)
+    assert sorted(r["image"] for r in summary["rows"]) == ["photo.bmp", "photo.gif", "photo.tif", "photo.webp"]
+    assert all(r["status"] == "ok" for r in summary["rows"])
