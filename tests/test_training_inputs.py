@@ -7,6 +7,7 @@ import fcntl
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -473,3 +474,17 @@ def test_a_tilde_in_a_config_path_is_the_home_folder(
     assert (tmp_path / "runs" / "x" / "checkpoint.pt").exists() and not (tmp_path / "~").exists()
     loaded = train_cli._load_config(config, init="~/runs/x/checkpoint.pt", init_mean=None)
     assert loaded.init == tmp_path / "runs" / "x" / "checkpoint.pt"
+
+
+def test_a_photo_between_one_and_two_times_pillows_limit_loads_without_a_python_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 100 MP photo (a medium-format camera's) is over Pillow's 89 MP warning limit but under its 179 MP error:
+    it trains, but printed "DecompressionBombWarning: ... could be decompression bomb DOS attack" and the
+    warnings module's source line through the progress bar."""
+    _photo(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # 200 x 300 is 1.5 times this
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_downsampled(tmp_path / "large.png", 160).shape == (160, 240, 3)
+    assert [str(warning.message) for warning in caught] == []

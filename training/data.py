@@ -13,6 +13,7 @@ import os
 import pickle
 import struct
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +54,17 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` without Pillow's warning between one and two times its pixel limit (100 MP photos are
+    common); over twice it, its error skips the photo (``build_cache``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def load_downsampled(path: Path, short_side: int) -> np.ndarray:
     """RGB uint8, short side at most ``short_side``, long side at most ``long_side_limit``, multiples of 8."""
-    with Image.open(path) as image:
+    with _open(path) as image:
         image = eight_bit_grey(ImageOps.exif_transpose(image)).convert("RGB")
         factor = short_side / min(image.size)
         if factor < 1:
