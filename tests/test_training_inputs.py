@@ -29,6 +29,7 @@ from aeic.training.data import (
     load_downsampled,
 )
 from aeic.training.schedule import resolve_device
+from aeic.training.trainer import Trainer
 from PIL import Image
 from training_support import write_training_photos
 
@@ -488,3 +489,27 @@ def test_a_photo_between_one_and_two_times_pillows_limit_loads_without_a_python_
         warnings.simplefilter("always")
         assert load_downsampled(tmp_path / "large.png", 160).shape == (160, 240, 3)
     assert [str(warning.message) for warning in caught] == []
+
+
+def test_a_step_out_of_gpu_memory_is_one_line_naming_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The configs' batches are set for an 80 GB GPU: on a smaller one the first step ran out of memory with
+    torch's traceback. The line names the batch to lower, and what checkpoint is kept."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1), "checkpoint_minutes = 1e-9\n")
+    step = Trainer.train_step
+
+    def out_of_memory_in_step_two(self: Trainer, *args: torch.Tensor) -> dict[str, float]:
+        if self.step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                         "of 23.65 GiB of which 1.06 GiB is free. Process 1234 has 22.5 GiB memory in use. Of the "
+                                         "allocated memory 21.9 GiB is allocated by PyTorch, ...")
+        return step(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory_in_step_two)
+    _one_line_error(capsys, train_cli.main([config, "--steps", "3"]),
+                    "step 2: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                    "capacity of 23.65 GiB of which 1.06 GiB is free.); the checkpoint of step 1 is kept: "
+                    "lower the batch (1 now; --batch) or the crop (128)")
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 1

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from .config import TrainConfig
 from .decoder_finetune import DecoderFinetuner
-from .schedule import TrainingInterrupted
+from .schedule import StepOutOfMemory, TrainingInterrupted
 from .trainer import Trainer
 
 
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print("aeic-train: interrupted; the cached photos and the last checkpoint written are kept: "
               "run the same command to go on", file=sys.stderr)
         return 130
-    except (OSError, ValueError, ModelPackageError) as exc:  # a mistake in the config or its files: nothing was lost
+    except (OSError, ValueError, StepOutOfMemory, ModelPackageError) as exc:  # a mistake in the config, its files
+        # or its batch for this machine: nothing was lost
         print(f"aeic-train: error: {exc}", file=sys.stderr)
         return 2
     print(f"{'profile' if args.profile else 'checkpoint'}: {written}")

@@ -108,6 +108,10 @@ class TrainingDiverged(ValueError):
     """The loss or the weights are no longer finite: every later step would train and save NaN."""
 
 
+class StepOutOfMemory(MemoryError):
+    """A step did not fit in the device's memory: a batch or crop too large for this machine."""
+
+
 _DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
@@ -193,11 +197,18 @@ class ScheduledRun:
     def save(self) -> None:
         raise NotImplementedError
 
+    def _kept(self) -> str:
+        return "no checkpoint was written" if self.saved_step is None else f"the checkpoint of step {self.saved_step} is kept"
+
     def _diverged(self, what: str) -> TrainingDiverged:
-        kept = ("no checkpoint was written: lower `lr` and run again" if self.saved_step is None else
-                f"the checkpoint of step {self.saved_step} is kept: lower `lr` and run the same command to go on from it")
         return TrainingDiverged(f"step {self.step}: {what}: training diverged (a learning rate too high for this "
-                                f"data?); {kept}")
+                                f"data?); {self._kept()}: lower `lr` and run the same command again")
+
+    def _out_of_memory(self, exc: torch.OutOfMemoryError) -> StepOutOfMemory:
+        """One line for a step that did not fit on the device (the configs' batches are set for an 80 GB GPU)."""
+        detail = ". ".join(str(exc).splitlines()[0].split(". ")[:3]).rstrip(".")  # what was asked, what is free
+        return StepOutOfMemory(f"step {self.step + 1}: out of memory ({detail}.); {self._kept()}: lower the batch "
+                           f"({self.config.batch} now; --batch) or the crop ({self.config.crop})")
 
     def _write_checkpoint(self, state: dict) -> None:
         """Atomically save a stage's ``state`` with the step, the time spent and every random state; weights
@@ -312,7 +323,10 @@ class ScheduledRun:
             self.started = time.monotonic()  # the time budget counts training, not the data cache
             while self._progress() < 1.0 and not interrupt.requested:
                 lr = self._learning_rate()  # the step's own (train_step sets it from the same step count)
-                logs = train_step()
+                try:
+                    logs = train_step()
+                except torch.OutOfMemoryError as exc:
+                    raise self._out_of_memory(exc) from None
                 self.step += 1
                 if not math.isfinite(logs["loss"]):  # checked before it is logged or saved
                     raise self._diverged(f"the loss is {logs['loss']}")
