@@ -29,13 +29,13 @@ from .schedule import progress_bar
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 LATENT_STRIDE = 8
 MAX_LONG_SIDE = 1024  # panoramas are centre-cropped: more pixels of one photo add little
+# what Pillow raises for a damaged, empty or foreign file, or one over its decompression-bomb limit
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 def long_side_limit(short_side: int) -> int:
     """The longest side kept: ``MAX_LONG_SIDE``, or ``short_side`` above it (a square), never below the short side."""
     return max(MAX_LONG_SIDE, short_side)
-# what Pillow raises for a damaged, empty or foreign file, or one over its decompression-bomb limit
-_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -207,8 +207,8 @@ class ScheduledRun:
     def _out_of_memory(self, exc: torch.OutOfMemoryError) -> StepOutOfMemory:
         """One line for a step that did not fit on the device (the configs' batches are set for an 80 GB GPU)."""
         detail = ". ".join(str(exc).splitlines()[0].split(". ")[:3]).rstrip(".")  # what was asked, what is free
-        return StepOutOfMemory(f"step {self.step + 1}: out of memory ({detail}.); {self._kept()}: lower the batch "
-                           f"({self.config.batch} now; --batch) or the crop ({self.config.crop})")
+        return StepOutOfMemory(f"step {self.step + 1}: out of memory ({detail}.); {self._kept()}: lower the "
+                               f"batch ({self.config.batch} now; --batch) or the crop ({self.config.crop})")
 
     def _write_checkpoint(self, state: dict) -> None:
         """Atomically save a stage's ``state`` with the step, the time spent and every random state; weights
