@@ -290,9 +290,9 @@ def test_a_checkpoint_of_another_stage_or_preset_in_the_run_folder_is_refused(
     capsys.readouterr()
     for extra, fragment in [
         (f'stage = "distil"\nteacher = "{teacher}"\n',
-         "holds a 'pretrain' run of preset 'tiny-se', this config trains 'distil' of 'tiny-se'"),
-        ('stage = "adversarial"\n', "holds a 'pretrain' run"),
-        ("", "this config trains 'pretrain' of 'tiny-me'"),
+         "holds a run of stage 'pretrain', preset 'tiny-se'; this config trains stage 'distil', preset 'tiny-se'"),
+        ('stage = "adversarial"\n', "holds a run of stage 'pretrain'"),
+        ("", "this config trains stage 'pretrain', preset 'tiny-me'"),
     ]:
         config = Path(_config(tmp_path, photos, extra))
         if not extra:
@@ -513,3 +513,18 @@ def test_a_step_out_of_gpu_memory_is_one_line_naming_the_batch(
                     "capacity of 23.65 GiB of which 1.06 GiB is free.); the checkpoint of step 1 is kept: "
                     "lower the batch (1 now; --batch) or the crop (128)")
     assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_a_decoder_checkpoint_of_another_package_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The decoder stage's `package` changed with `out` left as it was: the fine-tune resumed from weights that
+    learned the first package's streams, and the export paired them with the second package's sender."""
+    torch.set_num_threads(1)
+    photos = _photos(tmp_path, 1)
+    first, second = make_tiny_package(tmp_path / "first", seed=0), make_tiny_package(tmp_path / "second", seed=1)
+    config = Path(_config(tmp_path, photos, f'stage = "decoder"\npackage = "{first}"\nwindow = 12\n'))
+    assert train_cli.main([str(config)]) == 0
+    config.write_text(config.read_text().replace(str(first), str(second)))
+    capsys.readouterr()
+    _one_line_error(capsys, train_cli.main([str(config), "--steps", "2"]), "holds a run of stage 'decoder', package_id")
+    config.write_text(config.read_text().replace(str(second), str(first)))
+    assert train_cli.main([str(config), "--steps", "2"]) == 0

@@ -77,8 +77,14 @@ class DecoderFinetuner(ScheduledRun):
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
 
+    def _run_identity(self) -> dict[str, str]:
+        """The package too: a fine-tune resumed on another package's streams would start from weights that
+        learned the first one's."""
+        return {"stage": "decoder", "package_id": self.package.model_id.hex()}
+
     def save(self) -> None:
         self._write_checkpoint({"stage": "decoder", "package": str(self.config.package),
+                                "package_id": self.package.model_id.hex(),
                                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def _resume(self) -> None:

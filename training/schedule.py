@@ -267,9 +267,10 @@ class ScheduledRun:
         wanted = self._run_identity()
         if all(state.get(key, value) == value for key, value in wanted.items()):  # older checkpoints may lack a key
             return
-        theirs = f"a {state.get('stage')!r} run" + (f" of preset {state.get('preset')!r}" if "preset" in wanted else "")
-        ours = f"{wanted['stage']!r}" + (f" of {wanted['preset']!r}" if "preset" in wanted else "")
-        raise CheckpointError(f"{self.checkpoint_path} holds {theirs}, this config trains {ours}: "
+        def run(facts: dict) -> str:
+            return ", ".join(f"{key} {facts.get(key)!r}" for key in wanted)
+
+        raise CheckpointError(f"{self.checkpoint_path} holds a run of {run(state)}; this config trains {run(wanted)}: "
                               "set another `out`, or move the checkpoint away to start over")
 
     @property
