@@ -4,9 +4,10 @@ Each process is one consumer of the group. It reads entries (XREADGROUP) and tak
 consumer held longer than `reclaim_after_s` (XAUTOCLAIM). An entry is a turn to decode, not an order of
 service: the worker claims from the database in its order fair across devices (`claim_batch`, by
 `fair_tag`) until the images of the entries it holds are settled, so one device's burst in the stream
-does not hold up the others' images. What that order leaves (images a dead worker held, not yet due, or
-claimed elsewhere) it claims by id (`storage.claims`). The database decides who decodes, so a redelivered
-entry of a done image is only acknowledged. Decoding itself is the embedded `DecodeWorker`'s (batches,
+does not hold up the others' images; entries still unsettled (their image held elsewhere, not yet due, or
+not reached within the turns' time budget) it carries into its next delivery. Images a dead worker held it
+takes over by id (`storage.claims`). The database decides who decodes, so a redelivered entry of a done
+image, or of one decoded in another entry's turn, is only acknowledged. Decoding itself is the embedded `DecodeWorker`'s (batches,
 per-image fallback, retries, results in the blob store). While a batch runs, a heartbeat keeps both the
 stream entries and the database claims fresh, so only a dead worker's jobs are ever taken over; a batch
 hung past its decode deadline stops the heartbeat (its entries and images go to another worker) and fails
@@ -17,7 +18,7 @@ container only when it exits. An image that fails for good goes to the dead-lett
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -35,20 +36,20 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from aeic.receiver.queue import Job, JobQueue
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import Claim, ImageRecord, SqlMetadataStore, Status
+from aeic.receiver.storage import Claim, SqlMetadataStore, Status
 from aeic.receiver.storage.claims import (
     claim_ids,
     fail_exhausted_stale,
     orphaned_ids,
     refresh_claim,
-    tried_ids,
 )
 from aeic.receiver.worker import DecodeWorker, heartbeat
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["StreamWorker", "StreamWorkerConfig", "default_consumer_name", "run_worker", "serve_metrics_and_health"]
+__all__ = ["StreamWorker", "StreamWorkerConfig", "claim_owner", "default_consumer_name", "run_worker",
+           "serve_metrics_and_health"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ log = logging.getLogger(__name__)
 def default_consumer_name() -> str:
     """Unique per process and readable in XINFO CONSUMERS: host-pid."""
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def claim_owner(consumer: str) -> str:
+    """The owner id the worker's claim tokens start with (16 hex digits of the consumer name's SHA-256): a
+    worker decodes images of other entries than its own in turns, so the stream's pending list no longer
+    says which images a worker holds, and the `claim_token` column does."""
+    return hashlib.sha256(consumer.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class StreamWorker:
                  config: StreamWorkerConfig) -> None:
         self.store, self.queue, self.decoder, self.config = store, queue, decoder, config
         self._stop = threading.Event()
+        self._turns_left = False  # the last delivery's turns stopped at their time budget, work was left
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -86,6 +95,7 @@ class StreamWorker:
         self._preload()
         next_reclaim = next_reconcile = 0.0
         group_ready = False
+        carried: list[Job] = []  # entries of the last delivery still unsettled: handled again with the next
         while not stop.is_set():
             try:
                 if not group_ready:  # also after an error: a Redis restarted without its data lost the group
@@ -96,10 +106,15 @@ class StreamWorker:
                     jobs = self.queue.reclaim(self.config.consumer, int(self.config.reclaim_after_s * 1000),
                                               self.config.batch_size * 4)
                     next_reclaim = time.monotonic() + self.config.reclaim_after_s / 4
-                if not jobs:
-                    jobs = self.queue.read(self.config.consumer, self.config.batch_size, self.config.block_ms)
-                if jobs:
-                    self.handle(jobs)
+                room = self.config.batch_size - len(carried)  # hold no more entries than one batch's
+                if not jobs and room > 0:
+                    jobs = self.queue.read(self.config.consumer, room, self.config.block_ms)
+                elif not jobs and not self._turns_left:
+                    stop.wait(self.config.block_ms / 1000)  # nothing to claim: poll the carried entries
+                held = {j.entry_id for j in carried}
+                delivery, carried = carried + [j for j in jobs if j.entry_id not in held], []
+                if delivery:
+                    carried = self.handle(delivery)
                 if time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = time.monotonic() + self.config.reconcile_every_s
@@ -118,110 +133,92 @@ class StreamWorker:
 
     # -- one delivery ----------------------------------------------------------------------------
 
-    def handle(self, jobs: Sequence[Job]) -> None:
-        """Settle entries of finished or deleted images; decode the rest in rounds (`_round`) while another
-        worker holds some of their images, so that their entries are settled when it is done with them."""
+    def handle(self, jobs: Sequence[Job]) -> list[Job]:
+        """Settle entries of finished or deleted images, decode in turns (`_take_turns`), take over by id
+        the images of dead workers' stale claims, settle; returns the entries still unsettled (their image is held by another worker,
+        not yet due, failed this time, or was not reached within the turns' time budget), which `run`
+        carries into its next delivery rather than leave them to come back after the idle timeout."""
         by_image: dict[str, list[Job]] = {}
         for job in jobs:
             by_image.setdefault(job.image_id, []).append(job)
         waiting = {i for i in by_image if not self._settle(i, by_image[i], decoded_here=False)}
-        attempted: set[str] = set()
-        while waiting:
-            error = self._round(by_image, waiting, attempted)
-            if error is not None:
-                raise error
-            # Another worker may be decoding some of these images in its turns. Waiting for it (and taking
-            # turns meanwhile) settles their entries when it is done, not an idle timeout later; if it dies,
-            # its claim goes stale after `reclaim_after_s` and a later round takes it over. "Claimed?" is
-            # asked before "settled?", so an image finished between the two reads is settled, not skipped.
-            held = {i for i in waiting if self._claimed(i)}
-            waiting = held | {i for i in waiting - held if not self._settle(i, by_image[i], decoded_here=False)}
-            if not held or self._stop.is_set():
-                return  # what is left is not yet due: the entries stay pending and come back after the timeout
-            self.queue.touch(self.config.consumer, [j for i in waiting for j in by_image[i]])
-            if self._stop.wait(self.config.block_ms / 1000):
-                return
+        self._turns_left = False
+        if not waiting:
+            return []
+        self.queue.touch(self.config.consumer, [j for i in waiting for j in by_image[i]])
+        stale_before = time.time() - self.config.reclaim_after_s
+        for image_id in fail_exhausted_stale(self.store, sorted(waiting), stale_before, self.config.max_attempts):
+            if self._settle(image_id, by_image[image_id], decoded_here=False):
+                waiting.discard(image_id)
+        if not self.decoder.storage_ready():
+            # the entries stay pending and come back once the blob store is usable
+            return [j for i in by_image if i in waiting for j in by_image[i]]
+        error = self._take_turns(by_image, waiting)
+        # Images the turns cannot claim because a worker holds them: a dead one's claims are taken over here
+        # (an attempt counted) once stale, and failed instead on their last attempt (`fail_exhausted_stale`
+        # above). Each alone, as the embedded worker claims a retry: an image that kills the process took the
+        # images claimed with it down on every takeover, until all of them were failed undecoded. The rest
+        # wait for their turn (carried, or back after the idle timeout): claimed here they would jump it.
+        for image_id in [i for i in by_image if i in waiting and self._claimed(i)]:
+            claim = claim_ids(self.store, [image_id], stale_before, self.config.max_attempts)
+            if claim is not None:  # None: held by a live worker
+                error = self._decode(claim, by_image, waiting) or error
+        if error is not None:
+            raise error
+        return [j for i in by_image if i in waiting for j in by_image[i]]
 
     def _claimed(self, image_id: str) -> bool:
         """Whether the image is being decoded (by another worker, when asked between this one's claims)."""
         record = self.store.get_image(image_id)
         return record is not None and record.status is Status.DECODING
 
-    def _round(self, by_image: dict[str, list[Job]], waiting: set[str], attempted: set[str]) -> Exception | None:
-        """Fail the images of `waiting` whose holder died on their last attempt, decode in the fair order
-        until the rest are settled (`_take_turns`), then claim what that order left by id and decode it;
-        the first error. Settled images leave `waiting`, claimed ones go in `attempted`."""
-        stale_before = time.time() - self.config.reclaim_after_s
-        for image_id in fail_exhausted_stale(self.store, sorted(waiting), stale_before, self.config.max_attempts):
-            if self._settle(image_id, by_image[image_id], decoded_here=False):
-                waiting.discard(image_id)
-        if not self.decoder.storage_ready():
-            return None  # the entries stay pending and come back once the blob store is usable
-        error = self._take_turns(by_image, waiting, attempted)
-        # What the fair order left: images a dead worker held (taken over here, within their attempts), not
-        # yet due, or held by a live worker. One whose attempt in this delivery failed waits for the next.
-        # First attempts are claimed and decoded together; a retry (its decode failed, or the worker holding
-        # it died) alone and after them, as the embedded worker does: an image that kills the process took
-        # the images claimed with it down on every takeover, until all of them were failed undecoded.
-        rest = [i for i in by_image if i in waiting and (i not in attempted or self._claimed(i))]
-        retried = tried_ids(self.store, rest)
-        first = [i for i in rest if i not in retried]
-        for ids in ([first] if first else []) + [[i] for i in rest if i in retried]:
-            claim = claim_ids(self.store, ids, stale_before, self.config.max_attempts)
-            if claim is None:
-                continue  # held by a live worker or not yet due
-            attempted.update(r.id for r in claim.records)
-            error = self._decode(claim, by_image, waiting) or error
-        return error
-
-    def _take_turns(self, by_image: dict[str, list[Job]], waiting: set[str],
-                    attempted: set[str]) -> Exception | None:
+    def _take_turns(self, by_image: dict[str, list[Job]], waiting: set[str]) -> Exception | None:
         """Claim and decode the database's next batches in its order fair across devices (`claim_batch`)
         while images of this delivery (`waiting`) are unsettled: a burst of one device's entries ahead in
         the stream then gets its turns, not all of them, before other devices' images. The entries are
-        touched before each claim, as a run of short decodes may outlast the idle timeout. Stops, for the caller to carry on by id, when nothing is claimable (what is left is
-        held elsewhere or not yet due), when a decode did not complete (a retry waits for a later delivery,
-        as a failed entry did before) and when the worker is asked to stop. Ids claimed go in `attempted`."""
+        touched before each further claim, as a run of short decodes may outlast the idle timeout. Stops
+        when nothing is claimable (what is left is held elsewhere or not yet due), when a decode failed
+        for another try (the retry waits for a later delivery), when the worker is asked to stop, and after
+        `reclaim_after_s / 4` (`_turns_left`), so that `run` takes a dead worker's entries over and
+        reconciles on time however long a backlog is."""
+        budget_end = time.monotonic() + self.config.reclaim_after_s / 4
+        first = True
         while waiting and not self._stop.is_set():
-            self.queue.touch(self.config.consumer, [j for i in waiting for j in by_image[i]])
+            if not first:
+                if time.monotonic() >= budget_end:
+                    self._turns_left = True
+                    return None
+                self.queue.touch(self.config.consumer, [j for i in waiting for j in by_image[i]])
             claim = self.store.claim_batch(self.config.batch_size)
             if claim is None:
                 return None
-            ids = [r.id for r in claim.records]
-            attempted.update(ids)
+            ids, first = [r.id for r in claim.records], False
             error = self._decode(claim, by_image, waiting)
-            for image_id in sorted(waiting - set(ids)):  # decoded by another worker meanwhile
-                if self._settle(image_id, by_image[image_id], decoded_here=False):
+            for image_id in sorted(waiting - set(ids)):
+                if self._settle(image_id, by_image[image_id], decoded_here=False):  # done by another worker
                     waiting.discard(image_id)
             if error is not None:
                 return error
-            if any(r is not None and r.status is not Status.DONE for r in map(self.store.get_image, ids)):
+            if any(r is not None and r.status is Status.PENDING for r in map(self.store.get_image, ids)):
                 return None
         return None
 
     def _decode(self, claim: Claim, by_image: dict[str, list[Job]], waiting: set[str]) -> Exception | None:
-        """Decode a claim in compatible groups and settle the entries of its images among `waiting` (this
-        delivery's images not yet settled; those settled leave it); the first error, for the caller to
-        raise once every claim of the delivery has had its turn. The entries of `waiting` stay fresh
-        meanwhile, whether this claim holds their images or a later one will."""
-        error: Exception | None = None
-        beat_jobs = [j for i in waiting for j in by_image[i]]
-        with self._heartbeat(beat_jobs, claim.token):
-            for group in _compatible(claim.records, self.config.batch_size):
-                # Every group gets its turn even when an earlier one raised (`process` has handed that one's
-                # claims back): a group skipped here would sit in `decoding`, unbeaten, until it looked like
-                # a dead worker's and lost an attempt it never had.
-                try:
-                    self.decoder.process(Claim(token=claim.token, records=group))
-                except Exception as exc:  # noqa: BLE001 - raised after the loop, once every group is settled
-                    error = error or exc
-                    continue
-                for record in group:
-                    if record.id not in waiting:  # another delivery's entry: settled when it is read
-                        log.info("decoded image=%s consumer=%s in turn", record.id, self.config.consumer)
-                    elif self._settle(record.id, by_image[record.id], decoded_here=True):
-                        waiting.discard(record.id)
-        return error
+        """Decode a claim (one model and size: `claim_batch`'s, or a single image taken over) and settle the
+        entries of its images among `waiting` (this delivery's images not yet settled; those settled leave
+        it); the error, if `process` raised (it has handed the claim back), for the caller to raise. The
+        entries of `waiting` stay fresh meanwhile, whether this claim holds their images or not."""
+        with self._heartbeat([j for i in waiting for j in by_image[i]], claim.token):
+            try:
+                self.decoder.process(claim)
+            except Exception as exc:  # noqa: BLE001 - the caller raises it once the delivery is settled
+                return exc
+        for record in claim.records:
+            if record.id not in waiting:  # another delivery's entry: settled when it is read
+                log.info("decoded image=%s consumer=%s in turn", record.id, self.config.consumer)
+            elif self._settle(record.id, by_image[record.id], decoded_here=True):
+                waiting.discard(record.id)
+        return None
 
     def _settle(self, image_id: str, jobs: list[Job], decoded_here: bool) -> bool:
         """Acknowledge or dead-letter entries whose image needs no more work; False if it still does."""
@@ -276,15 +273,6 @@ class StreamWorker:
         return len(ids)
 
 
-def _compatible(records: list[ImageRecord], batch_size: int) -> Iterator[list[ImageRecord]]:
-    """Batches of at most `batch_size` images with the same model and size (what one decode call takes)."""
-    key = lambda r: (r.model_id, r.width, r.height)
-    for _, group in itertools.groupby(sorted(records, key=lambda r: (key(r), r.seq)), key=key):
-        items = list(group)
-        for start in range(0, len(items), batch_size):
-            yield items[start:start + batch_size]
-
-
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a probe still being answered must not hold up the process's exit
 
@@ -331,7 +319,8 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
     if queue is None:
         raise ValueError("the worker needs a queue: --queue redis://host:6379/0 or AEIC_QUEUE")
     prepare_data_dir(settings.data_dir)
-    store = SqlMetadataStore.from_url(settings.resolved_database_url())
+    consumer = consumer or default_consumer_name()
+    store = SqlMetadataStore.from_url(settings.resolved_database_url(), owner=claim_owner(consumer))
     store.migrate()
     metrics = ReceiverMetrics()
     blobs = open_blob_store(settings)  # the API creates the bucket before it stores the first upload
@@ -343,7 +332,7 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
         exit_when_hung_s=settings.hung_exit_grace_s), metrics)
     if metrics_port is not None:
         serve_metrics_and_health(metrics_port, metrics.registry, decoder.stuck)
-    config = StreamWorkerConfig(consumer=consumer or default_consumer_name(), batch_size=settings.batch_size,
+    config = StreamWorkerConfig(consumer=consumer, batch_size=settings.batch_size,
                                 max_attempts=settings.max_attempts, reclaim_after_s=settings.reclaim_after_s)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,7 @@ from aeic.receiver.storage import schema
 from aeic.receiver.storage.metadata import Claim, SqlMetadataStore
 from aeic.receiver.storage.records import Status
 
-__all__ = ["claim_ids", "fail_exhausted_stale", "orphaned_ids", "refresh_claim", "tried_ids"]
+__all__ = ["claim_ids", "fail_exhausted_stale", "orphaned_ids", "refresh_claim"]
 
 _IMG = schema.images
 
@@ -47,16 +47,6 @@ def claim_ids(store: SqlMetadataStore, ids: Sequence[str], stale_before: float, 
                                     .order_by(_IMG.c.seq)).scalars())
     records = [r for r in (store.get_image(i) for i in claimed) if r is not None]
     return Claim(token=token, records=records) if records else None
-
-
-def tried_ids(store: SqlMetadataStore, ids: Sequence[str]) -> set[str]:
-    """Those of `ids` with an attempt behind them (a failed decode, or a worker that died holding them):
-    they are decoded alone, so one that kills the process cannot take first attempts down with it."""
-    if not ids:
-        return set()
-    with store.engine.connect() as conn:
-        return set(conn.execute(sa.select(_IMG.c.id).where(_IMG.c.id.in_(list(ids)), _IMG.c.attempts > 0))
-                   .scalars())
 
 
 def fail_exhausted_stale(store: SqlMetadataStore, ids: Sequence[str], stale_before: float,

@@ -218,8 +218,8 @@ def _record(row: sa.Row[Any]) -> ImageRecord:
 
 class SqlMetadataStore:
     """`MetadataStore` over SQLAlchemy Core; call `migrate()` once before use. `owner` (16 hex digits)
-    prefixes the tokens of the claims this store makes; None for a process that can tell none of its
-    claims apart after a restart (a queue worker: its stale claims are taken over by lease alone)."""
+    prefixes the tokens of the claims this store makes (a queue worker's names its consumer, for the
+    record: its stale claims are taken over by lease alone); None for random tokens."""
 
     def __init__(self, engine: sa.Engine, owner: str | None = None) -> None:
         if owner is not None and not _OWNER_ID.match(owner):
