@@ -7,13 +7,14 @@ service: the worker claims from the database in its order fair across devices (`
 does not hold up the others' images; entries still unsettled (their image held elsewhere, not yet due, or
 not reached within the turns' time budget) it carries into its next delivery. Images a dead worker held it
 takes over by id (`storage.claims`). The database decides who decodes, so a redelivered entry of a done
-image, or of one decoded in another entry's turn, is only acknowledged. Decoding itself is the embedded `DecodeWorker`'s (batches,
-per-image fallback, retries, results in the blob store). While a batch runs, a heartbeat keeps both the
-stream entries and the database claims fresh, so only a dead worker's jobs are ever taken over; a batch
-hung past its decode deadline stops the heartbeat (its entries and images go to another worker) and fails
-`/healthz`, served beside the metrics for the liveness probe; if the decode has not returned
-`hung_exit_grace_s` later, the process exits with status 75 (`HUNG_EXIT_STATUS`), as Docker restarts a
-container only when it exits. An image that fails for good goes to the dead-letter stream with its reason.
+image, or of one decoded in another entry's turn, is only acknowledged. Decoding itself is the embedded
+`DecodeWorker`'s (batches, per-image fallback, retries, results in the blob store). While a batch runs, a
+heartbeat keeps both the stream entries and the database claims fresh, so only a dead worker's jobs are
+ever taken over; a batch hung past its decode deadline stops the heartbeat (its entries and images go to
+another worker) and fails `/healthz`, served beside the metrics for the liveness probe; if the decode has
+not returned `hung_exit_grace_s` later, the process exits with status 75 (`HUNG_EXIT_STATUS`), as Docker
+restarts a container only when it exits. An image that fails for good goes to the dead-letter stream
+with its reason.
 """
 
 from __future__ import annotations
@@ -135,9 +136,10 @@ class StreamWorker:
 
     def handle(self, jobs: Sequence[Job]) -> list[Job]:
         """Settle entries of finished or deleted images, decode in turns (`_take_turns`), take over by id
-        the images of dead workers' stale claims, settle; returns the entries still unsettled (their image is held by another worker,
-        not yet due, failed this time, or was not reached within the turns' time budget), which `run`
-        carries into its next delivery rather than leave them to come back after the idle timeout."""
+        the images of dead workers' stale claims, settle; returns the entries still unsettled (their image
+        is held by another worker, not yet due, failed this time, or was not reached within the turns'
+        time budget), which `run` carries into its next delivery rather than leave them to come back after
+        the idle timeout."""
         by_image: dict[str, list[Job]] = {}
         for job in jobs:
             by_image.setdefault(job.image_id, []).append(job)
@@ -147,7 +149,8 @@ class StreamWorker:
             return []
         self.queue.touch(self.config.consumer, [j for i in waiting for j in by_image[i]])
         stale_before = time.time() - self.config.reclaim_after_s
-        for image_id in fail_exhausted_stale(self.store, sorted(waiting), stale_before, self.config.max_attempts):
+        exhausted = fail_exhausted_stale(self.store, sorted(waiting), stale_before, self.config.max_attempts)
+        for image_id in exhausted:
             if self._settle(image_id, by_image[image_id], decoded_here=False):
                 waiting.discard(image_id)
         if not self.decoder.storage_ready():
