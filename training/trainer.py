@@ -39,6 +39,7 @@ from aeic.codec.export import checkpoint_preset, load_fitting, read_checkpoint
 from aeic.codec.model import AEICModel, ModelConfig
 from aeic.codec.package_import import model_from_package
 from aeic.codec.presets import preset
+from aeic.shared.model_package import ModelPackage
 
 from .config import TrainConfig
 from .data import NO_TEACHER, CropSampler, LatentTeacher, build_cache
@@ -122,6 +123,7 @@ class Trainer(ScheduledRun):
         self.rate_weights = rate_weights(self.log_lambda, config.rate_balance).to(self.device, torch.float32)
         if config.stage == "encoder" and (config.init is None or not Path(config.init).is_dir()):
             raise ValueError("the encoder stage needs `init`, the model package whose sender half it trains")
+        self.package_id = ModelPackage.load(config.init).model_id.hex() if config.stage == "encoder" else None
         if config.init is not None:
             fresh = "decoder.pixel_decoder." if config.stage == "pixel_decoder" else None
             self._adopt_rate_control(load_model_weights(self.model, config.init, fresh))
@@ -210,10 +212,13 @@ class Trainer(ScheduledRun):
             "discriminator": self.discriminator.state_dict() if self.discriminator else None,
             "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer else None,
             "package": str(self.config.init) if self.config.stage == "encoder" else None,  # what `aeic export` keeps
+            "package_id": self.package_id,
         })
 
     def _run_identity(self) -> dict[str, str]:
-        return {"stage": self.config.stage, "preset": self.config.model}
+        """The ``encoder`` stage's package too: its sender learns against that package's receiver and tables."""
+        identity = {"stage": self.config.stage, "preset": self.config.model}
+        return identity if self.package_id is None else {**identity, "package_id": self.package_id}
 
     def _resume(self) -> None:
         state = self._read_checkpoint()
