@@ -255,7 +255,7 @@ def test_a_live_worker_with_a_long_batch_keeps_its_jobs(
 
 
 class OrderCodec(FakeCodec):
-    """Records the payloads it was given, in order (a batch that failed and was retried one by one twice)."""
+    """Records the payloads it is given, in order (those of a batch retried one by one appear twice)."""
 
     def __init__(self) -> None:
         super().__init__()
