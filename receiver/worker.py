@@ -111,13 +111,12 @@ def decode_allowance(records: list[ImageRecord], deadline_s: float) -> float:
 @dataclass
 class _Running:
     """The claim being processed, the seconds it is allowed and when they are up (`clock` time);
-    `given_up` once they were, `recorded` when every image's give-up was written."""
+    `given_up` once they were."""
 
     claim: Claim
     allowance_s: float
     deadline: float
     given_up: bool = False
-    recorded: bool = False
 
     def reason(self) -> str:
         """The image error of a batch given up."""
@@ -291,12 +290,10 @@ class DecodeWorker:
         log.error("the decode of %d image(s) has not finished within its %s s deadline; giving its claim up "
                   "(the worker thread stays stuck: %s)", len(running.claim.records), _seconds(running.allowance_s),
                   then)
-        running.recorded = True
         for record in running.claim.records:
             try:
                 self._fail(running.claim, record, running.reason())
             except Exception:  # its lease runs out instead, as it is no longer renewed
-                running.recorded = False
                 log.exception("could not record the hung decode of %s", record.id)
         if grace is not None:
             timer = threading.Timer(grace, self._exit_if_still_hung, args=(running, grace))
@@ -306,17 +303,11 @@ class DecodeWorker:
     def _exit_if_still_hung(self, running: _Running, grace: float) -> None:
         """End the process if the batch given up `grace` seconds ago is still in progress: only a restart
         frees a thread stuck in a decoder call, and a supervisor restarts a process that exits (Docker's
-        restart policy acts on exits, not on a failing healthcheck). Its images were given up already; the
-        rest of its claim (a queue worker's delivery of other sizes, waiting behind it) is handed back
-        without charging an attempt, as stopping does, rather than left for a takeover that charges one."""
+        restart policy acts on exits, not on a failing healthcheck). Its images were given up already, and a
+        claim holds one batch, so nothing else of ours is left in `decoding`."""
         if self._running is not running:
             log.warning("the hung decode returned within %s s of being given up; the worker goes on", _seconds(grace))
             return
-        if running.recorded:  # otherwise the hung images themselves would go back uncharged
-            try:
-                self.store.release_claim(running.claim.token, "requeued: its worker exited, hung on another batch")
-            except Exception:  # their leases, no longer renewed, run out instead
-                log.exception("could not hand back the rest of the hung batch's claim")
         log.critical("the decode of %d image(s) is still hung %s s after its %s s deadline was given up; exiting "
                      "with status %d so that the worker is restarted (its images were given up: pending again, "
                      "or failed on their last attempt)", len(running.claim.records), _seconds(grace),
