@@ -46,7 +46,8 @@ FLAG_HALF_PRECISION = 0x02
 SCALE_SHIFT = 2  # flags bits 2-3: log2 of the coding downscale (0, 1, 2: the sender coded 1/1, 1/2, 1/4)
 SCALE_MASK = 0x03 << SCALE_SHIFT
 DOWNSCALES = (1, 2, 4)
-_KNOWN_FLAGS = FLAG_COLOUR_STATS | FLAG_HALF_PRECISION | SCALE_MASK
+FLAG_GREY = 0x10  # the source picture is grey (R == G == B everywhere): the receiver outputs grey
+_KNOWN_FLAGS = FLAG_COLOUR_STATS | FLAG_HALF_PRECISION | SCALE_MASK | FLAG_GREY
 
 # magic, version, flags, model id, width, height, rate index
 _HEADER = struct.Struct("<2sBB4sHHB")
@@ -96,7 +97,8 @@ class Header:
     `width`/`height` are the true image size before any padding the encoder applies. `colour_stats` holds the
     per-channel mean (R, G, B) then standard deviation (R, G, B) of the original image, each 0..255.
     `downscale` (1, 2 or 4): the payload codes the image reduced by that factor (`coded_size`), and the
-    receiver scales the reconstruction back to the true size.
+    receiver scales the reconstruction back to the true size. `grey`: the source picture had three equal
+    channels everywhere, so the receiver outputs grey (the model alone decodes colour, a tint at low rates).
     """
 
     model_id: bytes
@@ -106,6 +108,7 @@ class Header:
     colour_stats: ColourStats | None = None
     half_precision: bool = False
     downscale: int = 1
+    grey: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, (bytes, bytearray, memoryview)):
@@ -123,6 +126,8 @@ class Header:
             raise InvalidHeaderError(
                 f"half_precision must be a bool, got {type(self.half_precision).__name__}"
             )
+        if not isinstance(self.grey, bool):
+            raise InvalidHeaderError(f"grey must be a bool, got {type(self.grey).__name__}")
         if self.colour_stats is not None:
             stats = tuple(self.colour_stats)
             if len(stats) != COLOUR_STATS_SIZE:
@@ -145,6 +150,7 @@ class Header:
             (FLAG_COLOUR_STATS if self.colour_stats is not None else 0)
             | (FLAG_HALF_PRECISION if self.half_precision else 0)
             | (DOWNSCALES.index(self.downscale) << SCALE_SHIFT)
+            | (FLAG_GREY if self.grey else 0)
         )
 
     @property
@@ -228,7 +234,7 @@ def _parse(data: BytesLike) -> tuple[Header, memoryview]:
         if not 1 <= value <= MAX_DIMENSION:
             raise InvalidHeaderError(f"invalid {name} {value}, must be in 1..{MAX_DIMENSION}")
     header = Header(model_id, width, height, rate_index, stats, bool(flags & FLAG_HALF_PRECISION),
-                    DOWNSCALES[scale_code])
+                    DOWNSCALES[scale_code], bool(flags & FLAG_GREY))
     return header, view[start : n - CRC_SIZE]
 
 

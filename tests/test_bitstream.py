@@ -46,6 +46,7 @@ headers = st.builds(
     colour_stats=st.none() | stats,
     half_precision=st.booleans(),
     downscale=st.sampled_from(DOWNSCALES),
+    grey=st.booleans(),
 )
 streams = st.builds(Bitstream, header=headers, payload=st.binary(max_size=300))
 
@@ -169,7 +170,7 @@ def test_unknown_version(version: int) -> None:
         unpack(with_crc(bytes(body)))
 
 
-@pytest.mark.parametrize("flags", [0x0C, 0x10, 0x80, 0xFF])
+@pytest.mark.parametrize("flags", [0x0C, 0x20, 0x40, 0x80, 0xFF])
 def test_reserved_flags(flags: int) -> None:
     body = body_of(pack(Bitstream(sample_header(), b"")))
     body[3] = flags
@@ -209,6 +210,7 @@ def test_colour_stats_flag_without_room_for_stats() -> None:
         ({"width": True}, "width must be an int"),
         ({"downscale": 3}, "downscale must be one of"),
         ({"downscale": True}, "downscale must be one of"),
+        ({"grey": 1}, "grey must be a bool"),
     ],
 )
 def test_header_validation(kwargs: dict, message: str) -> None:
@@ -219,7 +221,7 @@ def test_header_validation(kwargs: dict, message: str) -> None:
 
 def test_golden_vectors() -> None:
     vectors = json.loads(GOLDEN.read_text())["vectors"]
-    assert len(vectors) == 4
+    assert len(vectors) == 5
     for vector in vectors:
         stats = vector["colour_stats"]
         header = Header(
@@ -230,6 +232,7 @@ def test_golden_vectors() -> None:
             colour_stats=tuple(stats) if stats is not None else None,
             half_precision=vector["half_precision"],
             downscale=vector.get("downscale", 1),
+            grey=vector.get("grey", False),
         )
         stream = Bitstream(header, bytes.fromhex(vector["payload"]))
         expected = bytes.fromhex(vector["stream"])
@@ -245,6 +248,15 @@ def test_downscale_flag_and_coded_size(downscale: int, flags: int) -> None:
     assert header.coded_size == (-(-1081 // downscale), -(-1921 // downscale))
 
 
+def test_grey_flag_is_bit_4() -> None:
+    """The grey flag is bit 4 and nothing else: a colour header's bytes do not change."""
+    colour = Header(b"\0\0\0\0", 64, 48, 0, (1, 2, 3, 4, 5, 6), downscale=2)
+    grey = Header(b"\0\0\0\0", 64, 48, 0, (1, 2, 3, 4, 5, 6), downscale=2, grey=True)
+    assert (colour.flags, grey.flags) == (0x05, 0x15)
+    assert pack(Bitstream(grey, b"x"))[4:-4] == pack(Bitstream(colour, b"x"))[4:-4]
+    assert unpack(pack(Bitstream(grey, b"x"))).header.grey
+
+
 def test_every_flags_byte_is_refused_or_read_back_as_written() -> None:
     """Reserved flag bits and downscale code 3 are refused, so each accepted flags byte has one meaning."""
     body = body_of(pack(Bitstream(sample_header(), b"\x07" * 6)))
@@ -255,11 +267,11 @@ def test_every_flags_byte_is_refused_or_read_back_as_written() -> None:
         try:
             stream = unpack(data)
         except InvalidHeaderError:
-            assert flags & 0xF0 or flags & 0x0C == 0x0C
+            assert flags & 0xE0 or flags & 0x0C == 0x0C
             continue
         assert pack(stream) == data
         headers.add(stream.header)
-    assert len(headers) == 12  # statistics x half precision x three downscales
+    assert len(headers) == 24  # statistics x half precision x three downscales x grey
 
 
 @FAST

@@ -47,6 +47,7 @@ PACKAGE = ROOT / "aeic" / "models" / "nano-se"
 MAGIC = b"\xae\x1c"
 HEADER_BYTES, STATS_BYTES, CRC_BYTES = 13, 6, 4
 DOWNSCALE_OF_CODE = {0: 1, 1: 2, 2: 4}  # flags bits 2-3; code 3 is reserved
+GREY = 0x10  # flags bit 4: the source is grey
 
 
 class SpecError(Exception):
@@ -68,6 +69,7 @@ class Container:
     colour_stats: tuple[int, ...] | None
     half_precision: bool
     downscale: int
+    grey: bool
     payload: bytes
     crc: int
 
@@ -106,7 +108,7 @@ def read_container(data: bytes) -> Container:
     if stored != zlib.crc32(data[: n - 4]):
         raise SpecError("CrcMismatchError", f"{stored:08x}")
     flags = data[3]
-    if flags & 0xF0 or (flags >> 2) & 3 == 3:
+    if flags & 0xE0 or (flags >> 2) & 3 == 3:
         raise SpecError("InvalidHeaderError", f"flags {flags:02x}")
     start, stats = HEADER_BYTES, None
     if flags & 1:
@@ -120,13 +122,15 @@ def read_container(data: bytes) -> Container:
         raise SpecError("InvalidHeaderError", f"{width}x{height}")
     return Container(version=data[2], flags=flags, model_id=bytes(data[4:8]), width=width, height=height,
                      rate_index=data[12], colour_stats=stats, half_precision=bool(flags & 2),
-                     downscale=DOWNSCALE_OF_CODE[(flags >> 2) & 3], payload=bytes(data[start : n - 4]),
+                     downscale=DOWNSCALE_OF_CODE[(flags >> 2) & 3], grey=bool(flags & GREY),
+                     payload=bytes(data[start : n - 4]),
                      crc=stored)
 
 
 def write_container(c: Container) -> bytes:
     code = {1: 0, 2: 1, 4: 2}[c.downscale]
-    flags = (1 if c.colour_stats is not None else 0) | (2 if c.half_precision else 0) | code << 2
+    flags = ((1 if c.colour_stats is not None else 0) | (2 if c.half_precision else 0) | code << 2
+             | (GREY if c.grey else 0))
     body = MAGIC + bytes([1, flags]) + c.model_id + struct.pack("<HHB", c.width, c.height, c.rate_index)
     body += bytes(c.colour_stats or ()) + c.payload
     return body + struct.pack("<I", zlib.crc32(body))
@@ -440,9 +444,10 @@ def test_golden_containers_read_field_by_field(vector: dict) -> None:
     assert (c.width, c.height, c.rate_index) == (vector["width"], vector["height"], vector["rate_index"])
     assert c.half_precision is vector["half_precision"]
     assert c.downscale == vector.get("downscale", 1)
+    assert c.grey is vector.get("grey", False)
     assert c.colour_stats == (tuple(vector["colour_stats"]) if vector["colour_stats"] is not None else None)
     assert c.payload.hex() == vector["payload"]
-    assert c.flags & 0xF0 == 0
+    assert c.flags & 0xE0 == 0
     assert len(data) == 13 + (6 if c.colour_stats else 0) + len(c.payload) + 4
     body = data[:-4]
     assert c.crc == zlib.crc32(body) == binascii.crc32(body) == crc32_from_parameters(body)
@@ -454,6 +459,7 @@ def test_golden_vectors_cover_every_flag() -> None:
     assert {c.colour_stats is None for c in containers} == {True, False}
     assert {c.half_precision for c in containers} == {True, False}
     assert {c.downscale for c in containers} >= {1, 2}
+    assert {c.grey for c in containers} == {True, False}
     assert any(not c.payload for c in containers)
     full_hd = next(c for c in containers if (c.width, c.height) == (1920, 1080))
     assert full_hd.downscale == 2 and full_hd.coded_size == (540, 960) and full_hd.latent_shape == (20, 32)
@@ -489,8 +495,8 @@ VALIDATION_CASES = {
     "one flipped payload bit": (_flipped(_sealed(_BODY + b"\x10"), 13, 0), "CrcMismatchError"),
     "one flipped CRC bit": (_flipped(_sealed(_BODY), 16, 7), "CrcMismatchError"),
     "one flipped width bit": (_flipped(_sealed(_BODY), 8, 3), "CrcMismatchError"),
-    "reserved flag with a bad CRC": (_BODY[:3] + b"\x10" + _BODY[4:] + b"\0\0\0\0", "CrcMismatchError"),
-    "reserved flag bit 4": (_sealed(_BODY[:3] + b"\x10" + _BODY[4:]), "InvalidHeaderError"),
+    "reserved flag with a bad CRC": (_BODY[:3] + b"\x20" + _BODY[4:] + b"\0\0\0\0", "CrcMismatchError"),
+    "reserved flag bit 5": (_sealed(_BODY[:3] + b"\x20" + _BODY[4:]), "InvalidHeaderError"),
     "reserved flag bit 7": (_sealed(_BODY[:3] + b"\x80" + _BODY[4:]), "InvalidHeaderError"),
     "downscale code 3": (_sealed(_BODY[:3] + b"\x0c" + _BODY[4:]), "InvalidHeaderError"),
     "statistics flag, 22 bytes": (_sealed(_BODY[:3] + b"\x01" + _BODY[4:] + b"\x05" * 5), "TruncatedError"),
@@ -518,14 +524,14 @@ def test_edge_values_are_accepted() -> None:
     from aeic.shared import bitstream
 
     for width, height in ((1, 1), (16384, 16384), (1, 16384)):
-        for flags in (0x00, 0x01, 0x02, 0x04, 0x08, 0x0B):
+        for flags in (0x00, 0x01, 0x02, 0x04, 0x08, 0x0B, 0x10, 0x1B):
             body = MAGIC + bytes([1, flags]) + b"\xff" * 4 + struct.pack("<HHB", width, height, 255)
             data = _sealed(body + (b"\xff" * 6 if flags & 1 else b"") + b"\x00\x01")
             c = read_container(data)
             assert (c.width, c.height, c.payload) == (width, height, b"\x00\x01")
             header = bitstream.unpack(data).header
-            assert (header.width, header.height, header.downscale, header.half_precision) == (
-                width, height, c.downscale, c.half_precision)
+            assert (header.width, header.height, header.downscale, header.half_precision, header.grey) == (
+                width, height, c.downscale, c.half_precision, c.grey)
             assert header.coded_size == c.coded_size
 
 
