@@ -191,11 +191,24 @@ class ReceiverCodec:
 
     @staticmethod
     def _finish(pixels: torch.Tensor, header: bitstream.Header) -> np.ndarray:
-        """Crop, quantise (in bands of rows: no float copy of a whole large picture), scale back, colours."""
+        """Crop, quantise (in bands of rows: no float copy of a whole large picture), scale back, colours,
+        grey where the source was (the model decodes colour: a grey photo would come back tinted)."""
         coded_height, coded_width = header.coded_size
         floats = pixels[:, :coded_height, :coded_width].permute(1, 2, 0).numpy()
         rgb = np.empty((coded_height, coded_width, 3), dtype=np.uint8)
         for top in range(0, coded_height, _FINISH_ROWS):  # the assignment truncates, as astype(uint8) does
             rgb[top : top + _FINISH_ROWS] = (floats[top : top + _FINISH_ROWS] * 255 + 0.5).clip(0, 255)
         rgb = upscale_image(rgb, header.downscale, header.height, header.width)
-        return correct_colours(rgb, header.colour_stats) if header.colour_stats else rgb
+        rgb = correct_colours(rgb, header.colour_stats) if header.colour_stats else rgb
+        return to_grey(rgb) if header.grey else rgb
+
+
+def to_grey(rgb: np.ndarray) -> np.ndarray:
+    """The luma of ``rgb`` (ITU-R BT.601 weights, as Pillow's ``convert("L")``) in all three channels, in place.
+
+    Integer weights per band of rows: no float copy of a whole large picture."""
+    for top in range(0, rgb.shape[0], _FINISH_ROWS):
+        band = rgb[top : top + _FINISH_ROWS].astype(np.uint32)
+        luma = (band[..., 0] * 299 + band[..., 1] * 587 + band[..., 2] * 114 + 500) // 1000
+        rgb[top : top + _FINISH_ROWS] = luma.astype(np.uint8)[..., None]
+    return rgb
