@@ -6,6 +6,9 @@ orientation tag (phones, some cameras). Every such detail is settled here, once:
 
 * EXIF orientation is applied, so the array is upright as a viewer would show it.
 * 16-bit samples are scaled to 8 bits (x * 255 / 65535, rounded), not clipped.
+* 32-bit float greyscale (Pillow mode ``F``, float TIFFs) is scaled by its range: samples all within
+  0..1 are multiplied by 255, else samples all within 0..255 are taken as they are (both rounded);
+  NaN, infinity or any other range is an error naming it, never a silently clipped (black) picture.
 * Greyscale and palette images are expanded to three equal or looked-up channels.
 * Alpha (RGBA, LA, palette transparency) is composited over white: transparent areas
   become white, as most viewers show them, instead of the arbitrary colour hidden under
@@ -26,6 +29,7 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -117,20 +121,28 @@ def _check_size(path: Path, size: tuple[int, int]) -> None:
 
 
 def eight_bit_grey(image: Image.Image) -> Image.Image:
-    """16-bit greyscale scaled to 8-bit ``L`` (x * 255 / 65535, rounded); any other image as it is.
+    """16-bit greyscale scaled to 8-bit ``L`` (x * 255 / 65535, rounded), float greyscale (mode ``F``) by
+    its range (the module docstring); any other image as it is. A float image out of range raises
+    ``ValueError`` naming the range.
 
-    Pillow's own ``convert("RGB")`` clips such samples to 255, a white picture: the evaluation and the
-    training data read photos through this too, so all three see the same pixels the sender codes.
+    Pillow's own ``convert("RGB")`` clips such samples: 16-bit to 255, a white picture, floats in 0..1 to
+    0 or 1, a black one. The evaluation and the training data read photos through this too, so all three
+    see the same pixels the sender codes.
     """
-    if image.mode not in _SIXTEEN_BIT_MODES:
-        return image
-    return Image.fromarray(_sixteen_to_eight(np.asarray(image)), "L")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return Image.fromarray(_sixteen_to_eight(np.asarray(image)), "L")
+    if image.mode == "F":
+        return Image.fromarray(_float_to_eight(image), "L")
+    return image
 
 
 def _to_rgb8(path: Path, image: Image.Image) -> np.ndarray:
     """Convert any Pillow mode to 8-bit RGB following the policy in the module docstring."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        grey = np.asarray(eight_bit_grey(image))
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        try:
+            grey = np.asarray(eight_bit_grey(image))
+        except ValueError as exc:  # a float image out of range: its own message, not "corrupt data"
+            raise ImageReadError(f"{path}: {exc}") from None
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     to_srgb = _srgb_transform(image)
     mode = image.mode
@@ -172,6 +184,32 @@ def _srgb_transform(image: Image.Image) -> ImageCms.ImageCmsTransform | None:
         return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), "RGB", "RGB")
     except (OSError, ValueError, ImageCms.PyCMSError):
         return None
+
+
+def _float_to_eight(image: Image.Image) -> np.ndarray:
+    """A mode ``F`` image as HxW uint8: x * 255 if every sample is within 0..1, else x if within 0..255,
+    rounded; ``ValueError`` otherwise. Read in strips of rows (two passes: the range, then the samples),
+    so no float copy of a whole large picture is made besides Pillow's own."""
+    def strips() -> Iterator[tuple[int, np.ndarray]]:
+        for top in range(0, image.height, _STRIP_ROWS):
+            box = (0, top, image.width, min(top + _STRIP_ROWS, image.height))
+            yield top, np.asarray(image.crop(box), dtype=np.float32)
+
+    low, high = np.inf, -np.inf
+    for _, samples in strips():
+        if not np.isfinite(samples).all():
+            raise ValueError("float samples include NaN or infinity")
+        low, high = min(low, float(samples.min())), max(high, float(samples.max()))
+    if low >= 0 and high <= 1:
+        scale = 255.0
+    elif low >= 0 and high <= 255:
+        scale = 1.0
+    else:
+        raise ValueError(f"float samples span {low:g}..{high:g}, neither 0..1 nor 0..255")
+    grey = np.empty((image.height, image.width), dtype=np.uint8)
+    for top, samples in strips():
+        grey[top : top + samples.shape[0]] = np.round(samples * scale)
+    return grey
 
 
 def _sixteen_to_eight(samples: np.ndarray) -> np.ndarray:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from aeic.sender.images import ImageReadError, read_image
+from aeic.sender.images import ImageReadError, eight_bit_grey, read_image
 from PIL import Image, ImageCms
 
 
@@ -66,6 +67,47 @@ def test_greyscale_is_expanded_to_three_equal_channels(tmp_path: Path) -> None:
     out = read_image(path)
     for channel in range(3):
         np.testing.assert_array_equal(out[:, :, channel], grey)
+
+
+def _float_tiff(path: Path, samples: np.ndarray) -> Path:
+    Image.fromarray(samples.astype(np.float32), mode="F").save(path)
+    return path
+
+
+def test_float_tiff_in_0_to_1_is_scaled_by_255_not_clipped_to_black(tmp_path: Path) -> None:
+    samples = np.tile(np.array([0.0, 0.25, 0.5, 1.0], np.float32), (300, 1))  # over one strip of rows
+    out = read_image(_float_tiff(tmp_path / "unit.tif", samples))
+    assert out.shape == (300, 4, 3) and (out == out[..., :1]).all()
+    assert out[299, :, 0].tolist() == [0, 64, 128, 255]  # 63.75 and 127.5 rounded
+
+
+def test_float_tiff_in_0_to_255_is_taken_as_it_is(tmp_path: Path) -> None:
+    samples = np.array([[0.0, 1.5, 100.4, 255.0]], np.float32)
+    assert read_image(_float_tiff(tmp_path / "levels.tif", samples))[0, :, 1].tolist() == [0, 2, 100, 255]
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ([[0.0, -0.5, 1.0]], r"float samples span -0.5\.\.1, neither 0\.\.1 nor 0\.\.255"),
+        ([[0.0, 4000.0]], r"float samples span 0\.\.4000"),
+        ([[0.5, np.nan]], "float samples include NaN or infinity"),
+        ([[0.5, np.inf]], "float samples include NaN or infinity"),
+    ],
+)
+def test_float_tiff_out_of_range_is_one_clear_error(tmp_path: Path, samples: list, message: str) -> None:
+    path = _float_tiff(tmp_path / "odd.tif", np.array(samples, np.float32))
+    with pytest.raises(ImageReadError, match=f"^{re.escape(str(path))}: {message}"):
+        read_image(path)
+
+
+def test_training_and_evaluation_read_float_greyscale_as_the_sender() -> None:
+    """``eight_bit_grey`` (the training data's reader) follows the same float policy, ValueError out of range."""
+    image = Image.fromarray(np.array([[0.0, 0.25, 1.0]], np.float32), mode="F")
+    grey = eight_bit_grey(image)
+    assert grey.mode == "L" and np.asarray(grey).tolist() == [[0, 64, 255]]
+    with pytest.raises(ValueError, match="span -1..1"):
+        eight_bit_grey(Image.fromarray(np.array([[-1.0, 1.0]], np.float32), mode="F"))
 
 
 def test_alpha_is_composited_over_white(tmp_path: Path) -> None:
