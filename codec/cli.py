@@ -149,6 +149,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "model_id": header.model_id.hex(),
             "rate_index": header.rate_index,
             "downscale": header.downscale,
+            "grey": header.grey,
             "colour_stats": header.colour_stats,
             "payload_bytes": len(parsed.payload),
         }

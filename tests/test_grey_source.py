@@ -5,6 +5,7 @@ Before the flag, the model decoded colour: a grey photo came back with pink and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,9 @@ def test_the_evaluation_codec_flags_grey_as_the_sender_does(codecs: tuple[Sender
     assert codec.encode(colour, 2) == sender.encode(colour, 2)
 
 
-def test_aeic_encode_and_aeic_send_encode_flag_a_grey_file_alike(tmp_path: Path) -> None:
+def test_aeic_encode_and_aeic_send_encode_flag_a_grey_file_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from aeic.codec import cli as codec_cli
     from aeic.sender import cli as sender_cli
 
@@ -128,3 +131,6 @@ def test_aeic_encode_and_aeic_send_encode_flag_a_grey_file_alike(tmp_path: Path)
     assert sender_cli.main(["encode", str(photo), "-o", str(tmp_path / "b")]) == 0
     first, second = (tmp_path / "a" / "photo.aeic").read_bytes(), (tmp_path / "b" / "photo.aeic").read_bytes()
     assert first == second and bitstream.unpack(first).header.grey
+    capsys.readouterr()
+    assert codec_cli.main(["info", str(tmp_path / "a" / "photo.aeic")]) == 0
+    assert json.loads(capsys.readouterr().out)["grey"] is True
