@@ -17,11 +17,11 @@ import onnxruntime as ort
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS, NumpyBackend
 from aeic.shared.model_package import SENDER_FILES, ModelPackage
-from aeic.shared.padding import ALIGNMENT, colour_statistics, downscale_image, pad_to_multiple
+from aeic.shared.padding import ALIGNMENT, colour_statistics
 
 from . import coding_scale
 from .rate_distortion_rounding import PACKAGE, rounding_for
-from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention
+from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention, trunk_tiling
 
 CPU_PROVIDER = "CPUExecutionProvider"
 AUTO = coding_scale.AUTO
@@ -95,7 +95,9 @@ class SenderCodec:
 
         stem = session("analysis_stem.onnx")
         trunk = session("analysis_trunk.onnx", memory_pattern=False)
-        self.analysis = TiledAnalysis(stem, trunk, *package.analysis_tiling, strip_rows)
+        factor, halo = package.analysis_tiling
+        self.analysis = TiledAnalysis(stem, trunk, factor, halo, *trunk_tiling(package.manifest["config"]["analysis"], factor),
+                                      strip_rows)
         self.hyper = session("hyper.onnx")
         self.provider = stem.get_providers()[0]
 
@@ -127,8 +129,7 @@ class SenderCodec:
         too_large = decode_limits.oversize_reason(height, width, factor)
         if too_large is not None:  # a receiver would refuse the stream: fail here, before any work
             raise ValueError(too_large)
-        coded = downscale_image(rgb, factor)
-        return AnalysedImage(rgb, self.analysis(pad_to_multiple(coded, ALIGNMENT)), factor)
+        return AnalysedImage(rgb, self.analysis(rgb, factor, ALIGNMENT), factor)
 
     def _entropy_code(self, analysed: AnalysedImage, level: int) -> tuple[bytes, np.ndarray]:
         """(payload, ŷ in fixed point) of this rate level."""

@@ -1,12 +1,25 @@
-"""The analysis transform in bounded memory: the stem in horizontal strips, the trunk whole.
+"""The analysis transform in bounded memory: the stem and the trunk both in horizontal strips.
 
 At 1080p the first analysis stages hold hundreds of megabytes of activations (stage 1 expands
 32 channels to 128 at half resolution). The stem graph (image -> features at 1/``factor``) is
 therefore run on strips of ``strip_rows`` image rows plus ``halo`` rows above and below, the halo
 covering the stem's receptive field, and only each strip's interior is kept. Strips start on
 multiples of ``factor`` so the pixel-unshuffle phases line up with the whole image's: the result
-equals the whole-image stem up to float rounding. The trunk (the small later stages) then runs
-once on the assembled features.
+equals the whole-image stem up to float rounding.
+
+The trunk (features -> latent) is convolution-only too, and whole it is what a large coded picture
+cannot afford: a 4000x3000 picture coded whole has 192 MB of features and the trunk holds about 3.5
+times its input on top (over 1 GB in all, against a service capped at 768 MB). So it runs in strips
+of feature rows as well, with its own halo (:func:`trunk_tiling`), fed from the stem strip by strip:
+no whole-picture features exist, only the rows one trunk strip reads. Its strips are sized by
+feature cells (``trunk_cells``: rows x width), so a narrow picture still runs the trunk in one piece.
+With the full halo every latent value comes out bit for bit as from the whole trunk (onnxruntime's
+convolutions compute each output from the same inputs in the same order; checked in
+``tests/test_sender_memory.py``), so the streams are byte-identical to the whole-trunk ones.
+
+The coded picture (the photo reduced by the coding downscale and edge-padded to the latent grid) is made
+strip by strip as well (:class:`CodedPicture`): whole, reducing a 48 MP photo took about 550 MB on top of
+the photo (a padded copy and its sums in 32 bits), and the padded picture stayed alive through the analysis.
 
 Peak memory is then the largest of the phases (a strip, the trunk, the entropy model) only if
 freed tensors really go back to the system: :func:`limit_heap_retention` sees to that.
@@ -16,51 +29,151 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from aeic.shared.padding import downscale_image, padded_size
 
 DEFAULT_STRIP_ROWS = 192  # 1080p: ~110 MB of stem activations per strip, the halos add ~1.3x stem work
+# Feature cells (rows x width) a trunk strip reads, halos included: 256 rows of a 4096-wide picture (coded
+# 4000x3000), about 64 MB of input and 225 MB of trunk activations. Halos then add about 1.7x trunk work there
+# (the trunk is about a sixth of the analysis' time); pictures up to 1024 feature rows x 256 cells run it whole.
+DEFAULT_TRUNK_CELLS = 256 * 1024
+BAND = 11  # the depthwise band's length in the analysis' star blocks (aeic.codec.analysis.BAND)
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
+def trunk_tiling(analysis_config: dict[str, Any], stem_factor: int) -> tuple[int, int]:
+    """(factor, halo) of the trunk, in feature rows, from the manifest's analysis config.
+
+    The stages after the stem, at feature scale ``s`` = 1, 2, 4, ..., each reach ``s`` rows with their
+    3x3 convolution and ``2 s * (BAND // 2)`` per star block (the rule of ``aeic.codec.export.stem_tiling``);
+    the halo is that reach rounded up to the trunk's downsampling factor, so strips keep its unshuffle phases.
+    """
+    stages = len(analysis_config["widths"]) - (stem_factor.bit_length() - 1)
+    factor = 2**stages
+    reach = sum(2**s * (1 + 2 * int(analysis_config["blocks_per_stage"]) * (BAND // 2)) for s in range(stages))
+    return factor, -(-reach // factor) * factor
+
+
+def strips(height: int, rows: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """``(top, bottom, start, stop)`` per strip of ``rows``: the rows kept, and the rows run with the halo."""
+    bounds = []
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        bounds.append((top, bottom, max(top - halo, 0), min(bottom + halo, height)))
+    return bounds
+
+
+class CodedPicture:
+    """``rgb`` reduced by ``downscale`` and edge-padded to ``multiple``: the picture the analysis codes, as
+    ``pad_to_multiple(downscale_image(rgb, downscale), multiple)`` would give it whole, made a few rows at a time.
+
+    A strip of coded rows needs only its own photo rows (the box filter's blocks do not straddle strips),
+    and padding replicates the last row and column, so every row equals the whole picture's.
+    """
+
+    def __init__(self, rgb: np.ndarray, downscale: int = 1, multiple: int = 1) -> None:
+        self.rgb, self.downscale = rgb, downscale
+        self.coded_height, self.coded_width = -(-rgb.shape[0] // downscale), -(-rgb.shape[1] // downscale)
+        self.height, self.width = padded_size(self.coded_height, self.coded_width, multiple)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop`` (h, width, 3) uint8."""
+        first = min(start, self.coded_height - 1)  # a strip wholly in the padding repeats the last row
+        last = min(stop, self.coded_height)
+        coded = downscale_image(self.rgb[first * self.downscale : last * self.downscale], self.downscale)
+        rows = np.minimum(np.arange(start, stop), self.coded_height - 1) - first
+        return np.pad(coded[rows], ((0, 0), (0, self.width - self.coded_width), (0, 0)), mode="edge")
+
+
 class TiledAnalysis:
-    """Image (H, W, 3) uint8, H and W multiples of 32 -> latent (1, C, H/32, W/32) float32."""
+    """Coded picture (H, W multiples of 32) -> latent (1, C, H/32, W/32) float32."""
 
     def __init__(self, stem: ort.InferenceSession, trunk: ort.InferenceSession, factor: int, halo: int,
-                 strip_rows: int = DEFAULT_STRIP_ROWS) -> None:
+                 trunk_factor: int, trunk_halo: int, strip_rows: int = DEFAULT_STRIP_ROWS,
+                 trunk_cells: int = DEFAULT_TRUNK_CELLS) -> None:
         if strip_rows <= 0 or strip_rows % factor or halo % factor:
             raise ValueError(f"strip rows ({strip_rows}) and halo ({halo}) must be positive multiples of {factor}")
+        if trunk_halo % trunk_factor:
+            raise ValueError(f"the trunk's halo ({trunk_halo}) must be a multiple of its factor ({trunk_factor})")
         self.stem, self.trunk = stem, trunk
         self.factor, self.halo, self.strip_rows = factor, halo, strip_rows
+        self.trunk_factor, self.trunk_halo, self.trunk_cells = trunk_factor, trunk_halo, trunk_cells
 
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        (latent,) = self.trunk.run(["latent"], {"features": self.features(rgb)})
+    def __call__(self, rgb: np.ndarray, downscale: int = 1, multiple: int = 1) -> np.ndarray:
+        """The latent of ``rgb`` (H, W, 3) uint8 coded at 1/``downscale``, padded to ``multiple`` (:class:`CodedPicture`)."""
+        picture = CodedPicture(rgb, downscale, multiple)
+        height, width = picture.height // self.factor, picture.width // self.factor
+        rows = _FeatureRows(self, picture)
+        latent: np.ndarray | None = None
+        features, covered = None, (0, 0)  # the last trunk strip's input and its feature rows
+        for top, bottom, start, stop in strips(height, self.trunk_rows(width), self.trunk_halo):
+            strip_input = np.empty((1, rows.channels, stop - start, width), np.float32)
+            reused = max(covered[1] - start, 0)  # the halo rows both strips read, computed once
+            if features is not None and reused:
+                strip_input[:, :, :reused] = features[:, :, start - covered[0] :]
+            features = None  # before the stem runs again
+            rows.take(strip_input[:, :, reused:])
+            (strip,) = self.trunk.run(["latent"], {"features": strip_input})
+            features, covered = strip_input, (start, stop)
+            if latent is None:
+                latent = np.empty((1, strip.shape[1], height // self.trunk_factor, strip.shape[3]), np.float32)
+            skip = (top - start) // self.trunk_factor
+            latent[:, :, top // self.trunk_factor : bottom // self.trunk_factor] = strip[:, :, skip : skip + (bottom - top) // self.trunk_factor]
+            del strip
+        if latent is None:
+            raise ValueError("an image of no rows has no latent")
         return latent
 
+    def trunk_rows(self, width: int) -> int:
+        """Feature rows a trunk strip keeps: ``trunk_cells`` less the halos, at least one latent row."""
+        rows = (self.trunk_cells // max(width, 1) - 2 * self.trunk_halo) // self.trunk_factor * self.trunk_factor
+        return max(rows, self.trunk_factor)
+
     def strips(self, height: int) -> list[tuple[int, int, int, int]]:
-        """``(top, bottom, start, stop)`` per strip: the rows kept, and the rows run with the halo."""
-        bounds = []
-        for top in range(0, height, self.strip_rows):
-            bottom = min(top + self.strip_rows, height)
-            bounds.append((top, bottom, max(top - self.halo, 0), min(bottom + self.halo, height)))
-        return bounds
+        """The stem's strips of an image ``height`` rows tall (see :func:`strips`)."""
+        return strips(height, self.strip_rows, self.halo)
 
     def features(self, rgb: np.ndarray) -> np.ndarray:
-        """The stem's output for the whole image (the trunk's input), assembled strip by strip."""
-        height = rgb.shape[0]
-        features: np.ndarray | None = None
-        for top, bottom, start, stop in self.strips(height):
-            (strip,) = self.stem.run(["features"], {"image": to_float(rgb[start:stop])})
-            if features is None:
-                features = np.empty((1, strip.shape[1], height // self.factor, strip.shape[3]), np.float32)
-            skip = (top - start) // self.factor
-            features[:, :, top // self.factor : bottom // self.factor] = strip[:, :, skip : skip + (bottom - top) // self.factor]
-            del strip  # before the next strip's activations
-        if features is None:
-            raise ValueError("an image of no rows has no features")
+        """The stem's output for the whole image (the trunk's input): for calibrating the trunk on whole pictures."""
+        rows = _FeatureRows(self, CodedPicture(rgb))
+        features = np.empty((1, rows.channels, rgb.shape[0] // self.factor, rgb.shape[1] // self.factor), np.float32)
+        rows.take(features)
         return features
+
+    def stem_rows(self, picture: CodedPicture) -> Iterator[np.ndarray]:
+        """The stem's output, one strip's interior (1, C, rows, W / factor) after another."""
+        for top, bottom, start, stop in self.strips(picture.height):
+            (strip,) = self.stem.run(["features"], {"image": to_float(picture.rows(start, stop))})
+            skip = (top - start) // self.factor
+            yield strip[:, :, skip : skip + (bottom - top) // self.factor]
+            del strip  # before the next strip's activations
+
+
+class _FeatureRows:
+    """The stem's feature rows in order, each computed once, as the trunk strips ask for them."""
+
+    def __init__(self, analysis: TiledAnalysis, picture: CodedPicture) -> None:
+        if picture.height == 0:
+            raise ValueError("an image of no rows has no features")
+        self._strips = analysis.stem_rows(picture)
+        self._pending: np.ndarray | None = next(self._strips)  # rows computed, not yet taken
+        self.channels = self._pending.shape[1]
+
+    def take(self, out: np.ndarray) -> None:
+        """Fill ``out`` (1, C, n, W) with the next n rows."""
+        filled = 0
+        while filled < out.shape[2]:
+            if self._pending is None:
+                self._pending = next(self._strips)
+            count = min(out.shape[2] - filled, self._pending.shape[2])
+            out[:, :, filled : filled + count] = self._pending[:, :, :count]
+            filled += count
+            self._pending = self._pending[:, :, count:] if count < self._pending.shape[2] else None
 
 
 def to_float(rgb: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The sender's memory-lean computations give what the direct ones give.
 
-The strip-wise analysis equals the whole-image analysis (float rounding aside); the colour
-statistics from histograms equal those from a float copy of the image.
+The strip-wise stem equals the whole-image analysis (float rounding aside); the strip-wise trunk
+and coded picture give the whole trunk's latent bit for bit, so the streams are byte-identical to
+those of the whole-picture analysis, which no longer allocates whole-picture intermediates; the
+colour statistics from histograms equal those from a float copy of the image.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from aeic.codec.analysis import BAND
 from aeic.codec.export import export_package
 from aeic.codec.model import AEICModel
 from aeic.codec.testing import make_tiny_model
-from aeic.sender.tiled_analysis import TiledAnalysis
+from aeic.sender import tiled_analysis
+from aeic.sender.encoder import SenderCodec
+from aeic.sender.tiled_analysis import DEFAULT_TRUNK_CELLS, CodedPicture, TiledAnalysis, trunk_tiling
 from aeic.shared.model_package import ModelPackage
-from aeic.shared.padding import colour_statistics
+from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
+from sender_support import traced_peak
 
 
 @pytest.fixture(scope="module", params=["tiny-se", "tiny-me"])
@@ -26,13 +32,32 @@ def exported(
     return model, ModelPackage.load(export_package(model, tmp_path_factory.mktemp(request.param)))
 
 
-def _analysis(package: ModelPackage, strip_rows: int, halo: int | None = None) -> TiledAnalysis:
+def _analysis(package: ModelPackage, strip_rows: int, halo: int | None = None, trunk_halo: int | None = None,
+              trunk_cells: int = DEFAULT_TRUNK_CELLS) -> TiledAnalysis:
     def session(name: str) -> ort.InferenceSession:
         return ort.InferenceSession(str(package.file(name)), providers=["CPUExecutionProvider"])
 
     factor, needed = package.analysis_tiling
+    trunk_factor, trunk_needed = _trunk_tiling(package)
     return TiledAnalysis(session("analysis_stem.onnx"), session("analysis_trunk.onnx"), factor,
-                         needed if halo is None else halo, strip_rows)
+                         needed if halo is None else halo, trunk_factor,
+                         trunk_needed if trunk_halo is None else trunk_halo, strip_rows, trunk_cells)
+
+
+def _trunk_tiling(package: ModelPackage) -> tuple[int, int]:
+    return trunk_tiling(package.manifest["config"]["analysis"], package.analysis_tiling[0])
+
+
+def _whole_trunk(analysis: TiledAnalysis, rgb: np.ndarray, downscale: int = 1, multiple: int = 1) -> np.ndarray:
+    """The analysis as the sender ran it before: the whole coded picture, its whole features, the trunk once."""
+    features = analysis.features(pad_to_multiple(downscale_image(rgb, downscale), multiple))
+    (latent,) = analysis.trunk.run(["latent"], {"features": features})
+    return latent
+
+
+def _trunk_strip_cells(analysis: TiledAnalysis, feature_width: int, latent_rows: int) -> int:
+    """``trunk_cells`` giving trunk strips of ``latent_rows`` latent rows on features ``feature_width`` wide."""
+    return (2 * analysis.trunk_halo + latent_rows * analysis.trunk_factor) * feature_width
 
 
 def _image(height: int, width: int, seed: int) -> np.ndarray:
@@ -73,6 +98,75 @@ def test_strips_must_start_on_unshuffle_phases(exported: tuple[AEICModel, ModelP
     with pytest.raises(ValueError, match="multiples"):
         _analysis(package, factor + 1)
     assert halo % factor == 0
+
+
+def test_the_trunk_halo_follows_the_analysis_band() -> None:
+    """The sender cannot import the codec (torch): its copy of the band length must be the codec's."""
+    assert tiled_analysis.BAND == BAND
+
+
+@pytest.mark.parametrize("latent_rows", [1, 3, 64])
+def test_trunk_strips_give_the_whole_trunks_latent_bit_for_bit(
+    exported: tuple[AEICModel, ModelPackage], latent_rows: int
+) -> None:
+    """Exact equality, not a tolerance: any flipped latent bit could change a quantised symbol and the stream."""
+    _, package = exported
+    rgb = _image(1280, 64, seed=latent_rows)
+    analysis = _analysis(package, 64)
+    analysis.trunk_cells = _trunk_strip_cells(analysis, 64 // analysis.factor, latent_rows)
+    assert np.array_equal(analysis(rgb), _whole_trunk(analysis, rgb))
+
+
+def test_a_short_trunk_halo_is_caught(exported: tuple[AEICModel, ModelPackage]) -> None:
+    """The halo is no longer than needed: one trunk step less changes the latent (so the bit-exact test is not vacuous)."""
+    _, package = exported
+    rgb = _image(1280, 64, seed=2)
+    trunk_factor, trunk_halo = _trunk_tiling(package)
+    analysis = _analysis(package, 64, trunk_halo=trunk_halo - trunk_factor)
+    analysis.trunk_cells = _trunk_strip_cells(analysis, 64 // analysis.factor, 1)
+    assert not np.array_equal(analysis(rgb), _whole_trunk(analysis, rgb))
+
+
+@pytest.mark.parametrize(("height", "width"), [(1001, 77), (130, 257), (3, 5)])
+@pytest.mark.parametrize("downscale", [1, 2, 4])
+def test_coded_picture_rows_equal_the_whole_coded_picture(height: int, width: int, downscale: int) -> None:
+    rgb = _image(height, width, seed=height + downscale)
+    whole = pad_to_multiple(downscale_image(rgb, downscale), 128)
+    picture = CodedPicture(rgb, downscale, 128)
+    assert (picture.height, picture.width) == whole.shape[:2]
+    for start, stop in [(0, 7), (0, picture.height), (5, 97), (picture.height - 3, picture.height)]:
+        assert np.array_equal(picture.rows(start, stop), whole[start:stop])
+
+
+@pytest.mark.parametrize("downscale", [1, 2])
+def test_budget_streams_are_those_of_the_whole_picture_analysis(
+    exported: tuple[AEICModel, ModelPackage], downscale: int
+) -> None:
+    """Byte-identical streams and levels with the trunk in several strips and the whole-picture analysis."""
+    _, package = exported
+    codec = SenderCodec(package, downscale=downscale)
+    codec.analysis.trunk_cells = _trunk_strip_cells(codec.analysis, 384 // downscale // codec.analysis.factor, 2)
+    rgb = _image(1300, 383, seed=downscale)
+    target = len(codec.encode(rgb, codec.num_levels // 2))
+    strips = codec.encode_to_budget(rgb, target)
+    whole = codec.analysis
+    codec.analysis = lambda picture, factor, multiple: _whole_trunk(whole, picture, factor, multiple)  # type: ignore[assignment]
+    assert codec.encode_to_budget(rgb, target) == strips
+
+
+def test_the_analysis_holds_no_whole_picture_intermediate(exported: tuple[AEICModel, ModelPackage]) -> None:
+    """The defect: a budget's large coded picture had whole features and a whole trunk (1 GB for 12 MP). Now
+    what numpy holds at once is about two trunk strips' inputs however tall the picture: here under half the
+    whole features (before: more than all of them). onnxruntime's own activations are not traced."""
+    _, package = exported
+    analysis = _analysis(package, 64)
+    rgb = _image(8192, 64, seed=3)
+    feature_rows, feature_width = 8192 // analysis.factor, 64 // analysis.factor
+    analysis.trunk_cells = _trunk_strip_cells(analysis, feature_width, 1)
+    latent, peak = traced_peak(lambda: analysis(rgb, 1, 32))
+    channels = analysis.features(rgb[:64]).shape[1]
+    assert peak < channels * feature_rows * feature_width * 4 / 2
+    assert np.array_equal(latent, _whole_trunk(analysis, rgb, 1, 32))
 
 
 def test_colour_statistics_from_histograms_match_the_direct_computation() -> None:
