@@ -37,16 +37,26 @@ def upscale_image(rgb: np.ndarray, factor: int, height: int, width: int) -> np.n
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))[:height, :width]
 
 
+_HISTOGRAM_BAND_PIXELS = 1 << 20  # pixels a band of `colour_statistics` counts at once (8 MB of indices)
+
+
 def colour_statistics(rgb: np.ndarray) -> tuple[int, int, int, int, int, int]:
     """Per-channel mean and standard deviation of the original, as bytes (for colour correction).
 
     From per-channel histograms: no float64 copy of the image (50 MB and as much again for the
-    deviations at 1080p, the largest allocation of the whole sender path otherwise).
+    deviations at 1080p, the largest allocation of the whole sender path otherwise), counted in bands of
+    rows, since `np.bincount` widens its input to 8-byte integers (366 MB more for a 48 MP photo at once).
     """
     levels = np.arange(256, dtype=np.float64)
+    band = max(1, _HISTOGRAM_BAND_PIXELS // max(1, rgb.shape[1]))
+    histograms = np.zeros((3, 256), dtype=np.int64)
+    for top in range(0, rgb.shape[0], band):
+        rows = rgb[top : top + band]
+        for channel in range(3):
+            histograms[channel] += np.bincount(rows[..., channel].reshape(-1), minlength=256)
     means, stds = [], []
     for channel in range(3):
-        counts = np.bincount(rgb[..., channel].reshape(-1), minlength=256).astype(np.float64)
+        counts = histograms[channel].astype(np.float64)
         total = counts.sum()
         mean = float(counts @ levels) / total
         means.append(mean)

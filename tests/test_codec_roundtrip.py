@@ -208,7 +208,19 @@ def test_byte_budget_is_respected(codecs: tuple[SenderCodec, ReceiverCodec]) -> 
     assert len(data) <= budget
     assert all(size > budget for size in sizes[level + 1 :]) or sizes[level] == max(s for s in sizes if s <= budget)
     with pytest.raises(BudgetError, match="lowest rate"):
-        sender.encode_to_budget(rgb, min(sizes) - 1)
+        sender.encode_to_budget(rgb, bitstream.HEADER_SIZE)
+
+
+def test_a_budget_under_every_level_at_its_scale_falls_back_to_a_smaller_one(
+        codecs: tuple[SenderCodec, ReceiverCodec]) -> None:
+    """With the automatic downscale, a budget that even the lowest level overflows at the preferred scale is
+    met at 1/2 or 1/4 (a 333x257 photo at 0.01 bpp needed 126 bytes whole, 99 at half size)."""
+    sender, _ = codecs
+    rgb = _photo(200, 300)
+    smallest = min(len(sender.encode(rgb, level)) for level in range(sender.num_levels))
+    data, _ = sender.encode_to_budget(rgb, smallest - 1)
+    assert len(data) <= smallest - 1
+    assert bitstream.peek_header(data).downscale > 1
 
 
 def test_a_budget_level_0_overflows_is_met_by_a_higher_low_level(

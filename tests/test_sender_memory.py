@@ -21,6 +21,7 @@ from aeic.codec.testing import make_tiny_model
 from aeic.sender import tiled_analysis
 from aeic.sender.encoder import SenderCodec
 from aeic.sender.tiled_analysis import DEFAULT_TRUNK_CELLS, CodedPicture, TiledAnalysis, trunk_tiling
+from aeic.shared import padding
 from aeic.shared.model_package import SENDER_FILES, ModelPackage
 from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
 from sender_support import traced_peak
@@ -196,3 +197,19 @@ def test_colour_statistics_from_histograms_match_the_direct_computation() -> Non
         pixels = rgb.reshape(-1, 3).astype(np.float64)
         direct = (*np.clip(np.round(pixels.mean(0)), 0, 255).astype(int), *np.clip(np.round(pixels.std(0)), 0, 255).astype(int))
         assert colour_statistics(rgb) == tuple(int(v) for v in direct)
+
+
+def test_colour_statistics_counted_in_bands_match_and_stay_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: one `np.bincount` per channel of the whole picture, which widens it to 8-byte integers (366 MB
+    at 48 MP, the sender's peak there); now bands of rows, with the same counts."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (4096, 4096, 3), dtype=np.uint8)
+    _, peak = traced_peak(lambda: colour_statistics(rgb))
+    assert peak < rgb.nbytes / 4
+    pixels = rgb[::7, ::5].reshape(-1, 3)  # a band split that does not fall on rows of whole bands
+    monkeypatch.setattr(padding, "_HISTOGRAM_BAND_PIXELS", 37)
+    banded = colour_statistics(rgb[::7, ::5])
+    monkeypatch.undo()
+    assert banded == colour_statistics(np.ascontiguousarray(rgb[::7, ::5]))
+    direct = pixels.astype(np.float64)
+    assert banded == tuple(int(v) for v in (*np.round(direct.mean(0)), *np.round(direct.std(0))))
