@@ -37,30 +37,37 @@ def upscale_image(rgb: np.ndarray, factor: int, height: int, width: int) -> np.n
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))[:height, :width]
 
 
-_HISTOGRAM_BAND_PIXELS = 1 << 20  # pixels a band of `colour_statistics` counts at once (8 MB of indices)
+_HISTOGRAM_BAND_PIXELS = 1 << 20  # pixels a band of `channel_histograms` counts at once (8 MB of indices)
 
 
-def colour_statistics(rgb: np.ndarray) -> tuple[int, int, int, int, int, int]:
-    """Per-channel mean and standard deviation of the original, as bytes (for colour correction).
-
-    From per-channel histograms: no float64 copy of the image (50 MB and as much again for the
-    deviations at 1080p, the largest allocation of the whole sender path otherwise), counted in bands of
-    rows, since `np.bincount` widens its input to 8-byte integers (366 MB more for a 48 MP photo at once).
-    """
-    levels = np.arange(256, dtype=np.float64)
+def channel_histograms(rgb: np.ndarray) -> np.ndarray:
+    """Per-channel counts of the 256 levels, (3, 256), counted in bands of rows: `np.bincount` widens its
+    input to 8-byte integers (366 MB for a 48 MP photo at once, 537 MB for an 8192x8192 reconstruction)."""
     band = max(1, _HISTOGRAM_BAND_PIXELS // max(1, rgb.shape[1]))
     histograms = np.zeros((3, 256), dtype=np.int64)
     for top in range(0, rgb.shape[0], band):
         rows = rgb[top : top + band]
         for channel in range(3):
             histograms[channel] += np.bincount(rows[..., channel].reshape(-1), minlength=256)
-    means, stds = [], []
-    for channel in range(3):
-        counts = histograms[channel].astype(np.float64)
-        total = counts.sum()
-        mean = float(counts @ levels) / total
-        means.append(mean)
-        stds.append(np.sqrt(float(counts @ (levels - mean) ** 2) / total))
+    return histograms
+
+
+def _mean_and_std(counts: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of the levels a histogram counts."""
+    levels = np.arange(256, dtype=np.float64)
+    weights = counts.astype(np.float64)
+    total = weights.sum()
+    mean = float(weights @ levels) / total
+    return mean, float(np.sqrt(float(weights @ (levels - mean) ** 2) / total))
+
+
+def colour_statistics(rgb: np.ndarray) -> tuple[int, int, int, int, int, int]:
+    """Per-channel mean and standard deviation of the original, as bytes (for colour correction).
+
+    From per-channel histograms: no float64 copy of the image (50 MB and as much again for the
+    deviations at 1080p, the largest allocation of the whole sender path otherwise).
+    """
+    means, stds = zip(*(_mean_and_std(counts) for counts in channel_histograms(rgb)))
     means_b = np.clip(np.round(means), 0, 255).astype(int)
     stds_b = np.clip(np.round(stds), 0, 255).astype(int)
     m0, m1, m2 = (int(v) for v in means_b)
@@ -78,12 +85,9 @@ def correct_colours(rgb: np.ndarray, stats: tuple[int, ...], max_gain: float = 1
     """
     levels = np.arange(256, dtype=np.float64)
     corrected = np.empty_like(rgb, dtype=np.uint8)
-    for channel in range(3):
+    for channel, counts in enumerate(channel_histograms(rgb)):
         values = rgb[..., channel]
-        counts = np.bincount(values.reshape(-1), minlength=256).astype(np.float64)
-        total = counts.sum()
-        mean = float(counts @ levels) / total
-        std = np.sqrt(float(counts @ (levels - mean) ** 2) / total)
+        mean, std = _mean_and_std(counts)
         gain = np.clip(stats[3 + channel] / max(std, 1e-6), 1 / max_gain, max_gain)
         table = np.clip(np.round((levels - mean) * gain + stats[channel]), 0, 255).astype(np.uint8)
         corrected[..., channel] = table[values]

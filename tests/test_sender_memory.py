@@ -23,7 +23,7 @@ from aeic.sender.encoder import SenderCodec
 from aeic.sender.tiled_analysis import DEFAULT_TRUNK_CELLS, CodedPicture, TiledAnalysis, trunk_tiling
 from aeic.shared import padding
 from aeic.shared.model_package import SENDER_FILES, ModelPackage
-from aeic.shared.padding import colour_statistics, downscale_image, pad_to_multiple
+from aeic.shared.padding import colour_statistics, correct_colours, downscale_image, pad_to_multiple
 from sender_support import traced_peak
 
 SHIPPED = Path(__file__).resolve().parents[1] / "aeic" / "models" / "nano-se"
@@ -199,13 +199,16 @@ def test_colour_statistics_from_histograms_match_the_direct_computation() -> Non
         assert colour_statistics(rgb) == tuple(int(v) for v in direct)
 
 
-def test_colour_statistics_counted_in_bands_match_and_stay_small(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_colour_histograms_counted_in_bands_match_and_stay_small(monkeypatch: pytest.MonkeyPatch) -> None:
     """Was: one `np.bincount` per channel of the whole picture, which widens it to 8-byte integers (366 MB
-    at 48 MP, the sender's peak there); now bands of rows, with the same counts."""
+    at 48 MP, the sender's peak there; 537 MB for the receiver's colour correction of an 8192x8192
+    picture); now bands of rows, with the same counts."""
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (4096, 4096, 3), dtype=np.uint8)
-    _, peak = traced_peak(lambda: colour_statistics(rgb))
+    stats, peak = traced_peak(lambda: colour_statistics(rgb))
     assert peak < rgb.nbytes / 4
+    _, peak = traced_peak(lambda: correct_colours(rgb, stats))
+    assert peak < rgb.nbytes * 1.5  # its output and one mapped channel (no widened copy: 4x that before)
     pixels = rgb[::7, ::5].reshape(-1, 3)  # a band split that does not fall on rows of whole bands
     monkeypatch.setattr(padding, "_HISTOGRAM_BAND_PIXELS", 37)
     banded = colour_statistics(rgb[::7, ::5])
