@@ -25,7 +25,6 @@ from aeic.shared.model_package import MANIFEST, ModelPackageError
 def cmd_encode(args: argparse.Namespace) -> int:
     from aeic.sender.encoder import BudgetError, SenderCodec
     from aeic.sender.images import ImageReadError, read_image
-    from aeic.sender.pipeline import flag_grey_source
 
     codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale, rounding=args.rounding)
     status = 0
@@ -38,7 +37,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
             else:
                 level = args.rate
                 data = codec.encode(rgb, level)
-            data = flag_grey_source(rgb, data)  # as aeic-send: a grey photo decodes grey
         except ImageReadError as exc:  # its message already names the file
             print(exc, file=sys.stderr)
             status = 1

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from aeic.evaluation.runner import BudgetUnreachable
-from aeic.sender.pipeline import flag_grey_source
 
 
 def resolve_model(model: str | None) -> Path | None:
@@ -63,8 +62,7 @@ class PackageCodec:
         return int(self.sender.num_levels)
 
     def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
-        """As the sender's pipeline encodes: a grey picture's stream carries the grey flag."""
-        return flag_grey_source(rgb, self.sender.encode(rgb, rate_index))
+        return self.sender.encode(rgb, rate_index)
 
     def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]:
         from aeic.sender.encoder import BudgetError
@@ -73,7 +71,7 @@ class PackageCodec:
             data, level = self.sender.encode_to_budget(rgb, target_bytes)
         except BudgetError as exc:
             raise BudgetUnreachable(str(exc)) from exc
-        return flag_grey_source(rgb, data), level
+        return data, level
 
     def decode(self, data: bytes) -> np.ndarray:
         return self.receiver.decode(data)

@@ -23,6 +23,8 @@ from . import coding_scale
 from .rate_distortion_rounding import PACKAGE, rounding_for
 from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention, trunk_tiling
 
+_GREY_CHECK_ROWS = 256  # rows compared at a time: no full-size boolean arrays for a large photo
+
 CPU_PROVIDER = "CPUExecutionProvider"
 AUTO = coding_scale.AUTO
 # a budget under level 0's size is searched among the levels up to the second trained rate point (16 levels
@@ -72,6 +74,21 @@ class AnalysedImage:
     def colour_stats(self) -> tuple[int, int, int, int, int, int]:
         """The header's colour statistics: a pass over the whole original, once per image."""
         return colour_statistics(self.rgb)
+
+    @cached_property
+    def grey(self) -> bool:
+        """The header's grey flag: the model decodes colour, so a grey photo came back tinted at low rates
+        unless the receiver is told to output grey (one header bit, so a byte budget still holds)."""
+        return is_grey(self.rgb)
+
+
+def is_grey(rgb: np.ndarray) -> bool:
+    """Whether an HxWx3 picture has R == G == B at every pixel (greyscale files read as RGB have)."""
+    for top in range(0, rgb.shape[0], _GREY_CHECK_ROWS):
+        rows = rgb[top : top + _GREY_CHECK_ROWS]
+        if not (np.array_equal(rows[..., 0], rows[..., 1]) and np.array_equal(rows[..., 1], rows[..., 2])):
+            return False
+    return True
 
 
 class SenderCodec:
@@ -157,6 +174,7 @@ class SenderCodec:
             rate_index=level,
             colour_stats=analysed.colour_stats,
             downscale=analysed.downscale,
+            grey=analysed.grey,
         )
         return bitstream.pack(bitstream.Bitstream(header, payload))
 

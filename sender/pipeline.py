@@ -9,14 +9,11 @@ The codec itself (ONNX session, entropy model, rANS, rate control) is
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from aeic.sender.spool import idempotency_key
-from aeic.shared import bitstream
-
-_GREY_CHECK_ROWS = 256  # rows compared at a time: no full-size boolean arrays for a large photo
 
 
 class Codec(Protocol):
@@ -68,27 +65,5 @@ def encode_image(codec: Codec, rgb: np.ndarray, control: RateControl) -> Encoded
     else:
         assert control.target_bytes is not None  # RateControl holds exactly one of the two
         data, rate_index = codec.encode_to_budget(rgb, control.target_bytes)
-    data = flag_grey_source(rgb, data)
     elapsed_ms = (time.perf_counter() - start) * 1000.0
     return Encoded(bytes(data), int(rate_index), width, height, elapsed_ms)
-
-
-def is_grey(rgb: np.ndarray) -> bool:
-    """Whether an HxWx3 picture has R == G == B at every pixel (greyscale files read as RGB have)."""
-    for top in range(0, rgb.shape[0], _GREY_CHECK_ROWS):
-        rows = rgb[top : top + _GREY_CHECK_ROWS]
-        if not (np.array_equal(rows[..., 0], rows[..., 1]) and np.array_equal(rows[..., 1], rows[..., 2])):
-            return False
-    return True
-
-
-def flag_grey_source(rgb: np.ndarray, data: bytes) -> bytes:
-    """``data`` (the bitstream of ``rgb``) with the header's grey flag set if ``rgb`` is grey, else as it is.
-
-    The model decodes colour, so a grey photo came back tinted at low rates; the flag tells the receiver
-    to output grey. It changes one header bit, never the size, so a byte budget still holds.
-    """
-    if not is_grey(rgb):
-        return data
-    stream = bitstream.unpack(data)
-    return bitstream.pack(bitstream.Bitstream(replace(stream.header, grey=True), stream.payload))
