@@ -515,29 +515,22 @@ def test_a_step_out_of_gpu_memory_is_one_line_naming_the_batch(
     assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 1
 
 
-def test_a_decoder_checkpoint_of_another_package_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The decoder stage's `package` changed with `out` left as it was: the fine-tune resumed from weights that
-    learned the first package's streams, and the export paired them with the second package's sender."""
+@pytest.mark.parametrize(("stage", "settings", "message"), [
+    ("decoder", 'package = "{}"\nwindow = 12\n', "holds a run of stage 'decoder', package_id"),
+    ("encoder", 'init = "{}"\n', "holds a run of stage 'encoder', preset 'tiny-se', package_id"),
+])
+def test_a_checkpoint_of_another_package_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: str,
+                                                    settings: str, message: str) -> None:
+    """The decoder stage's `package` (the encoder stage's `init`) changed with `out` left as it was: the run
+    resumed from weights trained with the first package's other half, and the export paired them with the
+    second package's."""
     torch.set_num_threads(1)
     photos = _photos(tmp_path, 1)
     first, second = make_tiny_package(tmp_path / "first", seed=0), make_tiny_package(tmp_path / "second", seed=1)
-    config = Path(_config(tmp_path, photos, f'stage = "decoder"\npackage = "{first}"\nwindow = 12\n'))
+    config = Path(_config(tmp_path, photos, f'stage = "{stage}"\n' + settings.format(first)))
     assert train_cli.main([str(config)]) == 0
     config.write_text(config.read_text().replace(str(first), str(second)))
     capsys.readouterr()
-    _one_line_error(capsys, train_cli.main([str(config), "--steps", "2"]), "holds a run of stage 'decoder', package_id")
+    _one_line_error(capsys, train_cli.main([str(config), "--steps", "2"]), message)
     config.write_text(config.read_text().replace(str(second), str(first)))
     assert train_cli.main([str(config), "--steps", "2"]) == 0
-
-
-def test_an_encoder_checkpoint_of_another_package_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The encoder stage's `init` package changed with `out` left as it was: its sender resumed from weights
-    trained against the first package's receiver, and the export paired them with the second's tables."""
-    torch.set_num_threads(1)
-    photos = _photos(tmp_path, 1)
-    first, second = make_tiny_package(tmp_path / "first", seed=0), make_tiny_package(tmp_path / "second", seed=1)
-    config = Path(_config(tmp_path, photos, f'stage = "encoder"\ninit = "{first}"\n'))
-    assert train_cli.main([str(config)]) == 0
-    config.write_text(config.read_text().replace(str(first), str(second)))
-    capsys.readouterr()
-    _one_line_error(capsys, train_cli.main([str(config), "--steps", "2"]), "holds a run of stage 'encoder', preset 'tiny-se', package_id")
