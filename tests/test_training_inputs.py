@@ -3,6 +3,7 @@ cannot train is one line at the start, and an interrupted run keeps what it had.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -20,6 +21,7 @@ from aeic.sender.encoder import SenderCodec
 from aeic.training import cli as train_cli
 from aeic.training import data as data_module
 from aeic.training import schedule
+from aeic.training import trainer as trainer_module
 from aeic.training.data import (
     NO_TEACHER,
     CropSampler,
@@ -86,11 +88,13 @@ def _main(argv: list[str]) -> int:
         pytest.fail("aeic-train let a KeyboardInterrupt out")
 
 
-def _one_line_error(capsys: pytest.CaptureFixture, status: int, fragment: str) -> None:
+def _one_line_error(capsys: pytest.CaptureFixture, status: int, fragment: str) -> str:
+    """The one error line of a run that stopped with status 2, which holds ``fragment``."""
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "aeic-train: error" in line]
     assert status == 2 and "Traceback" not in err and len(lines) == 1, err
     assert fragment in lines[0], err
+    return lines[0]
 
 
 def test_bad_photos_are_skipped_with_one_warning_each_and_never_cached(
@@ -534,3 +538,101 @@ def test_a_checkpoint_of_another_package_is_refused(tmp_path: Path, capsys: pyte
     _one_line_error(capsys, train_cli.main([str(config), "--steps", "2"]), message)
     config.write_text(config.read_text().replace(str(second), str(first)))
     assert train_cli.main([str(config), "--steps", "2"]) == 0
+
+
+def test_a_calibration_takes_the_folder_lock_and_out_of_memory_in_it_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `calibrate` run took no lock (a second one in its folder wrote the checkpoint and log too) and ran out of
+    GPU memory with torch's traceback, where a training stage stops with one line."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1), 'stage = "calibrate"\n')
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / "run.lock", "a") as first:  # what a running aeic-train holds
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _one_line_error(capsys, _main([config]), f"another aeic-train is training in {tmp_path / 'out'}")
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+    def out_of_memory(*args: object) -> list[tuple[float, float]]:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 23.65 GiB of which 1.06 GiB is free. Process 1234 has 22.5 GiB memory in use.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "calibrate_log_gains", out_of_memory)
+        _one_line_error(capsys, _main([config]), "step 1: out of memory (CUDA out of memory. Tried to allocate 2.00 "
+                        "GiB. GPU 0 has a total capacity of 23.65 GiB of which 1.06 GiB is free.); no checkpoint was "
+                        "written: lower the batch (1 now; --batch) or the crop (128)")
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    assert _main([config]) == 0
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_photos_pillow_does_not_read_are_skipped_and_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A phone's HEIC photos (and camera raw files) in a photo folder were passed over unseen: the count said
+    nothing of them, and a folder of nothing else said it held no photos."""
+    photos = _photos(tmp_path, 2)
+    (photos / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (photos / "DSC_0002.nef").write_bytes(b"II*\x00" + bytes(64))
+    (photos / "notes.txt").write_text("not a photo")  # no photo's suffix: not one of the photos
+    assert len(build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)) == 2
+    err = capsys.readouterr().err
+    assert f"skipped {photos / 'IMG_0001.HEIC'}: Pillow does not read .HEIC photos: convert them to JPEG or PNG" in err
+    assert f"skipped {photos / 'DSC_0002.nef'}: Pillow does not read .nef photos" in err
+    assert f"training on 2 of the 4 photos in {photos} (2 unreadable, 0 smaller" in err and "notes.txt" not in err
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_a_cache_file_lost_while_training_is_one_line_naming_it_and_its_photo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    """A photo past the memory budget is read from its cache file for every crop: a cache file deleted (a cache
+    cleaned while a run trains) or damaged stopped the run with torch's bare error or its traceback."""
+    torch.set_num_threads(1)
+    photos = _photos(tmp_path, 1)
+    config = _config(tmp_path, photos, "checkpoint_minutes = 1e-9\n")
+    monkeypatch.setattr(data_module, "memory_budget", lambda: 0)  # every photo stays in its cache file
+    step = Trainer.train_step
+
+    def lose_the_cache_after_step_two(self: Trainer, *args: torch.Tensor) -> dict[str, float]:
+        logs = step(self, *args)
+        if self.step == 1:  # training step 2
+            for entry in (tmp_path / "cache").iterdir():
+                entry.unlink() if damage == "deleted" else entry.write_bytes(entry.read_bytes()[:100])
+        return logs
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", lose_the_cache_after_step_two)
+        line = _one_line_error(capsys, _main([config, "--steps", "4"]), f"step 3: cannot read the cache file {tmp_path / 'cache'}")
+    assert f".pt of {photos / '0.png'} (" in line and line.endswith("the checkpoint of step 2 is kept: run the same command to resume")
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert _main([config, "--steps", "4"]) == 0  # the same command caches the photo again and goes on
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
+def test_a_full_disk_while_logging_names_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk filled while a log line was written: the run stopped with a bare "[Errno 28] No space left on
+    device", naming no file."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1), "checkpoint_minutes = 1e-9\n")
+    log = tmp_path / "out" / "log.jsonl"
+    write = os.write
+
+    def full_after_one_line(fd: int, data: bytes) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") != os.path.realpath(log) or log.stat().st_size == 0:
+            return write(fd, data)
+        if not log.read_bytes().endswith(b"\n"):  # the disk filled part way through this line
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data[:10])
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", full_after_one_line)
+        line = _one_line_error(capsys, _main([config, "--steps", "3"]), f"cannot write {log} (step 2): No space left on device (")
+    assert line.endswith("MiB free on its disk); the checkpoint of step 1 is kept")
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert _main([config, "--steps", "3"]) == 0  # the line cut short is cut from the log as the run resumes
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]

@@ -27,6 +27,9 @@ from tqdm import tqdm
 from .schedule import progress_bar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# photos Pillow does not read (HEIC/HEIF and JPEG XL need plugins, a camera's raw files a raw converter): listed
+# with the photos, so each is skipped with a warning and counted like an unreadable one instead of passed over unseen
+UNREAD_PHOTO_SUFFIXES = {".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
 LATENT_STRIDE = 8
 MAX_LONG_SIDE = 1024  # panoramas are centre-cropped: more pixels of one photo add little
 # what Pillow raises for a damaged, empty or foreign file, or one over its decompression-bomb limit
@@ -39,8 +42,8 @@ def long_side_limit(short_side: int) -> int:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every photo under ``folder``, in path order: subfolders too (LSDIR and CLIC nest theirs; a symlinked
-    one is followed once), hidden names (macOS's ``._`` copies, ``.git``) left out."""
+    """Every photo under ``folder`` (those Pillow does not read too), in path order: subfolders too (LSDIR and
+    CLIC nest theirs; a symlinked one is followed once), hidden names (macOS's ``._`` copies, ``.git``) left out."""
     found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -50,13 +53,15 @@ def list_images(folder: Path) -> list[Path]:
         seen.add(real)
         dirs[:] = [name for name in dirs if not name.startswith(".")]
         found += [Path(root, name) for name in files
-                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES | UNREAD_PHOTO_SUFFIXES]  # fmt: skip
     return sorted(found)
 
 
 def _open(path: Path) -> Image.Image:
     """``Image.open`` without Pillow's warning between one and two times its pixel limit (100 MP photos are
-    common); over twice it, its error skips the photo (``build_cache``)."""
+    common); over twice it, its error skips the photo (``build_cache``), as does a format Pillow does not read."""
+    if path.suffix.lower() in UNREAD_PHOTO_SUFFIXES:
+        raise Image.UnidentifiedImageError(f"Pillow does not read {path.suffix} photos: convert them to JPEG or PNG")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(path)
@@ -92,9 +97,16 @@ class OnDisk:
     only the crop's pages are read): LSDIR's 85,000 photos need about 130 GB at short_side 512."""
 
     entry: Path
+    photo: Path  # named when its cache file is gone
 
     def load(self) -> CachedImage:
-        return torch.load(self.entry, weights_only=False, mmap=True)
+        """The cached photo; a cache file deleted or damaged while the run trains is named, with its photo."""
+        try:
+            return torch.load(self.entry, weights_only=False, mmap=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise OSError(f"cannot read the cache file {self.entry} of {self.photo} ({reason}): deleted or damaged "
+                          "since the run started?") from exc
 
 
 # a container's memory limit (cgroup v2, v1): there the machine's memory is the host's
@@ -226,7 +238,7 @@ def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentT
             if read is None or item is None:
                 continue
             held += item.pixels.nbytes + item.latent.nbytes
-            items.append(item if held <= budget else OnDisk(read[0]))
+            items.append(item if held <= budget else OnDisk(read[0], path))
     small = len(photos) - unreadable - len(items)
     counts = f"{unreadable} unreadable, {small} smaller than a {crop} px crop after downsampling to short_side {short_side}"
     if not items:

@@ -11,13 +11,14 @@ import contextlib
 import fcntl
 import json
 import math
+import os
 import random
 import shutil
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,22 @@ class ScheduledRun:
         return StepOutOfMemory(f"step {self.step + 1}: out of memory ({detail}.); {self._kept()}: lower the "
                                f"batch ({self.config.batch} now; --batch) or the crop ({self.config.crop})")
 
+    @contextlib.contextmanager
+    def _step_stops_in_one_line(self) -> Iterator[None]:
+        """A step (or the calibration) that runs out of device memory, or cannot read its data (a cache file
+        deleted while the run trains), stops the run with one line naming the step and the checkpoint kept."""
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            raise self._out_of_memory(exc) from None
+        except OSError as exc:
+            raise OSError(f"step {self.step + 1}: {exc}; {self._kept()}: run the same command to resume") from exc
+
+    def _room_left(self) -> str:
+        """The room left on the run folder's disk: what a full disk's error leaves unsaid (torch words it as
+        'unexpected pos N vs M')."""
+        return f"{shutil.disk_usage(self.out).free // 2**20} MiB free on its disk"
+
     def _write_checkpoint(self, state: dict) -> None:
         """Atomically save a stage's ``state`` with the step, the time spent and every random state; weights
         that are no longer finite are refused, so the last good checkpoint stays."""
@@ -225,10 +242,8 @@ class ScheduledRun:
         except (OSError, RuntimeError) as exc:  # a full disk reaches torch's writer as a RuntimeError
             tmp.unlink(missing_ok=True)
             kept = "the previous checkpoint is kept" if self.checkpoint_path.exists() else "no checkpoint was written"
-            # torch words a full disk as "unexpected pos N vs M": the room left says it
-            free = shutil.disk_usage(self.out).free // 2**20
             raise OSError(f"cannot write {self.checkpoint_path} (step {self.step}): {str(exc).splitlines()[0]} "
-                          f"({free} MiB free on its disk); {kept}") from exc
+                          f"({self._room_left()}); {kept}") from exc
         fsync_path(tmp)  # else a power cut soon after the rename can leave an empty checkpoint behind it
         tmp.replace(self.checkpoint_path)
         fsync_path(self.checkpoint_path.parent)
@@ -277,6 +292,22 @@ class ScheduledRun:
     def log_path(self) -> Path:
         return self.out / "log.jsonl"
 
+    def _append_log(self, entry: dict) -> None:
+        """One line on the log, written through with no buffer (a buffer that a full disk left unwritten would
+        fail again, unnamed, when the file closes); a write that fails names the log and the room left. A line
+        cut short is cut from the log when the run resumes (``_trim_log``)."""
+        data = (json.dumps(entry) + "\n").encode()
+        try:
+            handle = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                while data:
+                    data = data[os.write(handle, data):]
+            finally:
+                os.close(handle)
+        except OSError as exc:
+            raise OSError(f"cannot write {self.log_path} (step {self.step}): {exc.strerror or exc} "
+                          f"({self._room_left()}); {self._kept()}") from exc
+
     def _trim_log(self) -> None:
         """Keep the log lines of the steps the checkpoint holds: a run killed after its last checkpoint
         (no Ctrl-C: a crash, a kill -9, a lost machine) logged steps that this session trains again, and
@@ -304,6 +335,20 @@ class ScheduledRun:
         floor = self.config.lr_final_fraction
         return self.config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * self._progress())))
 
+    def once(self, work: Callable[[], dict]) -> Path:
+        """A stage of one step (``calibrate``): ``work`` runs under the folder's lock, its failures are one line
+        as a training step's are, the log line it returns is appended and it is checkpointed as step 1, so the
+        same command run again keeps it (as a finished training stage is kept) instead of doing it twice."""
+        if self.step >= 1:
+            return self.checkpoint_path
+        with _FolderLock(self.out):
+            with self._step_stops_in_one_line():
+                entry = work()
+            self.step = 1
+            self._append_log(entry)
+            self.save()
+        return self.checkpoint_path
+
     def loop(self, train_step: Callable[[], dict], log_extras: Callable[[], dict],
              postfix: Callable[[dict], dict], description: str) -> Path:
         """Run ``train_step`` until the budget is spent: log every ``log_every`` steps, checkpoint every few minutes.
@@ -317,17 +362,14 @@ class ScheduledRun:
         last_save = time.monotonic()
         with contextlib.ExitStack() as held:
             held.enter_context(_FolderLock(self.out))
-            self._trim_log()  # under the lock, before the log is opened to append
-            log = held.enter_context(open(self.log_path, "a", encoding="utf-8"))
+            self._trim_log()  # under the lock, before the first line is appended
             bar = held.enter_context(progress_bar(total=self.config.steps, initial=self.step, desc=description))
             interrupt = held.enter_context(_StopOnInterrupt())
             self.started = time.monotonic()  # the time budget counts training, not the data cache
             while self._progress() < 1.0 and not interrupt.requested:
                 lr = self._learning_rate()  # the step's own (train_step sets it from the same step count)
-                try:
+                with self._step_stops_in_one_line():
                     logs = train_step()
-                except torch.OutOfMemoryError as exc:
-                    raise self._out_of_memory(exc) from None
                 self.step += 1
                 if not math.isfinite(logs["loss"]):  # checked before it is logged or saved
                     raise self._diverged(f"the loss is {logs['loss']}")
@@ -335,8 +377,7 @@ class ScheduledRun:
                 if self.step % self.config.log_every == 0:
                     logs.update(step=self.step, lr=lr, minutes=round(self._elapsed_minutes(), 2),
                                 **log_extras())  # fmt: skip
-                    log.write(json.dumps(logs) + "\n")
-                    log.flush()
+                    self._append_log(logs)
                     bar.set_postfix(postfix(logs), refresh=False)  # shown with the next step's refresh
                 if time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
                     self.save()

@@ -28,7 +28,6 @@ last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -352,22 +351,14 @@ class Trainer(ScheduledRun):
             self._upload_multipliers()
 
     # -- the loop ------------------------------------------------------------------------------
-    def _calibrate(self, sampler: CropSampler) -> Path:
-        """The ``calibrate`` stage: one batch of crops, every rate point moved to its nominal bpp by its gain.
-
-        Its checkpoint counts the calibration as step 1, so the same command run again keeps it (as a
-        finished training stage does) instead of calibrating the calibrated model a second time."""
-        if self.step >= 1:
-            return self.checkpoint_path
+    def _calibrate(self, sampler: CropSampler) -> dict:
+        """The ``calibrate`` stage's one step (``ScheduledRun.once``): one batch of crops, every rate point moved
+        to its nominal bpp by its gain; returns its log line."""
         images, _ = sampler.batch(self.config.batch)
         self.model.eval()
         report = calibrate_log_gains(self.model, images.to(self.device), list(self.model_config.rates_bpp))
-        with open(self.log_path, "a", encoding="utf-8") as log:
-            log.write(json.dumps({"calibration": [{"nominal": t, "before": b, "after": a}
-                                                  for t, (b, a) in zip(self.model_config.rates_bpp, report, strict=True)]}) + "\n")  # fmt: skip
-        self.step = 1
-        self.save()
-        return self.checkpoint_path
+        return {"calibration": [{"nominal": t, "before": b, "after": a}
+                                for t, (b, a) in zip(self.model_config.rates_bpp, report, strict=True)]}  # fmt: skip
 
     def _cache_teacher(self) -> LatentTeacher:
         """What fills the cache's latents: the encoder of the pretrained pixel decoder (TAEF2's, or the
@@ -384,7 +375,7 @@ class Trainer(ScheduledRun):
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, self._cache_teacher(), self.config.crop)
         sampler = CropSampler(items, self.config.crop, self.crops)
         if self.config.stage == "calibrate":
-            return self._calibrate(sampler)
+            return self.once(lambda: self._calibrate(sampler))
         self.model.train()
 
         def step() -> dict:
