@@ -298,7 +298,7 @@ class ScheduledRun:
         cut short is cut from the log when the run resumes (``_trim_log``)."""
         data = (json.dumps(entry) + "\n").encode()
         try:
-            handle = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            handle = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # as open(): less the umask
             try:
                 while data:
                     data = data[os.write(handle, data):]
