@@ -89,12 +89,11 @@ def load_photos(folder: Path | None, limit: int, max_side: int) -> list[tuple[st
     """Photos from `folder` (png/jpg/webp/...), else scikit-image's bundled sample photographs."""
     photos: list[tuple[str, np.ndarray]] = []
     if folder is not None:
-        from aeic.sender.images import ImageReadError, read_image
+        from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, read_image
 
         if not folder.is_dir():
             raise SystemExit(f"demo: --images {folder}: not a folder")
-        suffixes = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
-        candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+        candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         for path in candidates:
             if len(photos) == limit:
                 break
@@ -103,7 +102,7 @@ def load_photos(folder: Path | None, limit: int, max_side: int) -> list[tuple[st
             except ImageReadError as exc:
                 print(f"demo: skipped {exc}", file=sys.stderr)
         if not photos:
-            raise SystemExit(f"demo: no readable images in {folder} ({', '.join(sorted(suffixes))})")
+            raise SystemExit(f"demo: no readable images in {folder} ({', '.join(sorted(IMAGE_SUFFIXES))})")
         if len(candidates) > limit:  # say so: a folder's other photos are not silently left out
             print(f"demo: the first {limit} of {len(candidates)} images in {folder} "
                   f"(--limit N, or make demo LIMIT=N, for more)", file=sys.stderr)

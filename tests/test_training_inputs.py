@@ -189,7 +189,7 @@ def test_an_unusable_dataset_fails_at_start_naming_the_folder(
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "readme.txt").write_text("photos elsewhere")
     _one_line_error(capsys, train_cli.main([_config(tmp_path, tmp_path / "texts")]),
-                    f"no training photos (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp) in {tmp_path / 'texts'}")
+                    f"no training photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) in {tmp_path / 'texts'}")
     (tmp_path / "broken").mkdir()
     _bad_files(tmp_path / "broken")
     _one_line_error(capsys, train_cli.main([_config(tmp_path, tmp_path / "broken")]),
@@ -636,3 +636,11 @@ def test_a_full_disk_while_logging_names_the_log(
     assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 1
     assert _main([config, "--steps", "3"]) == 0  # the line cut short is cut from the log as the run resumes
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_training_lists_every_format_the_sender_reads(tmp_path: Path) -> None:
+    """A folder of GIF photos trained on nothing: the training reader kept its own list of suffixes, without
+    the .gif the sender, `aeic eval` and `make demo` read."""
+    Image.new("RGB", (64, 48), (200, 60, 30)).save(tmp_path / "photo.gif")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    assert data_module.list_images(tmp_path) == [tmp_path / "photo.gif"]

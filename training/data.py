@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aeic.sender.images import eight_bit_grey
+from aeic.sender.images import IMAGE_SUFFIXES, eight_bit_grey
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .schedule import progress_bar
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # photos Pillow does not read (HEIC/HEIF and JPEG XL need plugins, a camera's raw files a raw converter): listed
 # with the photos, so each is skipped with a warning and counted like an unreadable one instead of passed over unseen
 UNREAD_PHOTO_SUFFIXES = {".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
