@@ -475,8 +475,13 @@ class Spool:
 
 
 def _named(directory: Path, suffix: str) -> Iterator[Path]:
-    """The files of ``directory`` whose name ends in ``suffix``, streamed: ``Path.glob`` lists the
-    whole folder first, a peak of a few hundred bytes per file on every pass over a large backlog."""
+    """The files of ``directory`` whose name ends in ``suffix``, streamed (:func:`_entries`)."""
+    return (directory / entry.name for entry in _entries(directory, suffix))
+
+
+def _entries(directory: Path, suffix: str) -> Iterator[os.DirEntry[str]]:
+    """The directory entries of ``directory`` whose name ends in ``suffix``, streamed: ``Path.glob`` lists
+    the whole folder first, a peak of a few hundred bytes per file on every pass over a large backlog."""
     try:
         listing = os.scandir(directory)
     except FileNotFoundError:  # deleted while running (put makes it again): nothing queued there
@@ -484,22 +489,16 @@ def _named(directory: Path, suffix: str) -> Iterator[Path]:
     with listing as entries:
         for entry in entries:
             if entry.name.endswith(suffix):
-                yield directory / entry.name
+                yield entry
 
 
 def _count(directory: Path) -> tuple[int, int]:
     """The bitstreams in ``directory`` and their bytes, in one pass (one stat per bitstream)."""
     items = used = 0
-    try:
-        listing = os.scandir(directory)
-    except FileNotFoundError:  # deleted while running: nothing queued there
-        return 0, 0
-    with listing as entries:
-        for entry in entries:
-            if entry.name.endswith(DATA_SUFFIX):
-                try:
-                    used += entry.stat().st_size
-                except FileNotFoundError:  # removed by another process meanwhile
-                    continue
-                items += 1
+    for entry in _entries(directory, DATA_SUFFIX):
+        try:
+            used += entry.stat().st_size
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+        items += 1
     return items, used

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +99,18 @@ def test_blended_tiles_of_a_local_decoder_are_close_and_weigh_to_one() -> None:
     torch.testing.assert_close(ones, torch.ones(1, 3, 160, 208))
 
 
-def test_a_picture_within_the_tile_is_decoded_by_one_call() -> None:
-    calls: list[tuple[int, ...]] = []
-
+def _recording_decoder(calls: list[tuple[int, ...]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A local 8x decoder (nearest upsampling of three channels) that records each latent shape it is given."""
     def decode(latent: torch.Tensor) -> torch.Tensor:
         calls.append(tuple(latent.shape))
         return latent[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3)
 
+    return decode
+
+
+def test_a_picture_within_the_tile_is_decoded_by_one_call() -> None:
+    calls: list[tuple[int, ...]] = []
+    decode = _recording_decoder(calls)
     latent = torch.randn(1, 4, 10, 12)
     assert decode_in_tiles(decode, latent, 120, 3) is not None and calls == [(1, 4, 10, 12)]
     calls.clear()
@@ -114,11 +120,7 @@ def test_a_picture_within_the_tile_is_decoded_by_one_call() -> None:
 
 def test_a_batch_is_split_into_passes_within_the_bound() -> None:
     calls: list[tuple[int, ...]] = []
-
-    def decode(latent: torch.Tensor) -> torch.Tensor:
-        calls.append(tuple(latent.shape))
-        return latent[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3)
-
+    decode = _recording_decoder(calls)
     latent = torch.randn(5, 4, 4, 4)
     np.testing.assert_array_equal(decode_in_tiles(decode, latent, 40, 3).numpy(), decode(latent).numpy())
     assert [shape[0] for shape in calls[:-1]] == [2, 2, 1]  # two 4x4 pictures per 40-pixel pass
