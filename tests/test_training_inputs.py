@@ -25,6 +25,7 @@ from aeic.training import trainer as trainer_module
 from aeic.training.data import (
     NO_TEACHER,
     CropSampler,
+    LatentTeacher,
     TrainingDataError,
     build_cache,
     list_images,
@@ -565,6 +566,34 @@ def test_a_calibration_takes_the_folder_lock_and_out_of_memory_in_it_is_one_line
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
     assert _main([config]) == 0
     assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_a_teacher_latent_out_of_gpu_memory_is_one_line_and_keeps_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cache's teacher latents run on the training device: a large photo through the SD VAE on a small GPU
+    stopped the run with torch's traceback. The line names the photo and the setting to lower, and the photos
+    cached before it stay cached."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 2))
+    calls: list[int] = []
+
+    def out_of_memory_on_the_second(pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity "
+                                         "of 7.65 GiB of which 1.06 GiB is free. Including non-PyTorch memory, ...")
+        return NO_TEACHER.encode(pixels)
+
+    monkeypatch.setattr(Trainer, "_cache_teacher", lambda self: LatentTeacher("none", out_of_memory_on_the_second))
+    _one_line_error(capsys, _main([config]), f"out of memory computing the teacher latent of {tmp_path / 'photos' / '1.png'} "
+                    "(CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 7.65 GiB of which "
+                    "1.06 GiB is free.); the photos cached before it are kept: lower short_side (160 now)")
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    monkeypatch.setattr(Trainer, "_cache_teacher", lambda self: NO_TEACHER)
+    calls.clear()
+    assert _main([config, "--steps", "1"]) == 0
+    assert len(calls) == 0  # the first photo came from its cache file, the second through NO_TEACHER
 
 
 def test_photos_pillow_does_not_read_are_skipped_and_counted(

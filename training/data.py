@@ -24,7 +24,7 @@ from aeic.sender.images import IMAGE_SUFFIXES, eight_bit_grey
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .schedule import progress_bar
+from .schedule import StepOutOfMemory, out_of_memory_detail, progress_bar
 
 # photos Pillow does not read (HEIC/HEIF and JPEG XL need plugins, a camera's raw files a raw converter): listed
 # with the photos, so each is skipped with a warning and counted like an unreadable one instead of passed over unseen
@@ -218,6 +218,14 @@ def _cached(found: CachedImage | torch.Tensor, entry: Path, teacher: LatentTeach
     return item
 
 
+def _teacher_out_of_memory(path: Path, exc: torch.OutOfMemoryError, short_side: int) -> StepOutOfMemory:
+    """One line for a teacher latent (computed on the training device) that did not fit in its memory: a large
+    photo through the SD VAE on a small GPU gave torch's traceback."""
+    return StepOutOfMemory(f"out of memory computing the teacher latent of {path} ({out_of_memory_detail(exc)}); the "
+                           f"photos cached before it are kept: lower short_side ({short_side} now) and run the same "
+                           "command again")
+
+
 def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentTeacher,
                 crop: int) -> list[CachedImage | OnDisk]:
     """Load or compute (and keep, one file per photo, so an interrupted run resumes) the cache; the photos past
@@ -233,7 +241,10 @@ def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentT
         for path in progress_bar(iterable=photos, desc="teacher latents"):
             read = _read_photo(path, Path(folder), cache_dir, short_side, teacher, mapped=held >= budget)
             unreadable += read is None
-            item = None if read is None else _cached(read[1], read[0], teacher, crop)
+            try:
+                item = None if read is None else _cached(read[1], read[0], teacher, crop)
+            except torch.OutOfMemoryError as exc:
+                raise _teacher_out_of_memory(path, exc, short_side) from None
             if read is None or item is None:
                 continue
             held += item.pixels.nbytes + item.latent.nbytes

@@ -109,8 +109,14 @@ class TrainingDiverged(ValueError):
     """The loss or the weights are no longer finite: every later step would train and save NaN."""
 
 
+def out_of_memory_detail(exc: torch.OutOfMemoryError) -> str:
+    """The first sentences of torch's out-of-memory message (what was asked, what is free), without its advice."""
+    return ". ".join(str(exc).splitlines()[0].split(". ")[:3]).rstrip(".") + "."
+
+
 class StepOutOfMemory(MemoryError):
-    """A step did not fit in the device's memory: a batch or crop too large for this machine."""
+    """A step, or a photo's teacher latent while the cache fills, did not fit in the device's memory: a batch, crop
+    or photo too large for this machine."""
 
 
 _DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
@@ -207,8 +213,7 @@ class ScheduledRun:
 
     def _out_of_memory(self, exc: torch.OutOfMemoryError) -> StepOutOfMemory:
         """One line for a step that did not fit on the device (the configs' batches are set for an 80 GB GPU)."""
-        detail = ". ".join(str(exc).splitlines()[0].split(". ")[:3]).rstrip(".")  # what was asked, what is free
-        return StepOutOfMemory(f"step {self.step + 1}: out of memory ({detail}.); {self._kept()}: lower the "
+        return StepOutOfMemory(f"step {self.step + 1}: out of memory ({out_of_memory_detail(exc)}); {self._kept()}: lower the "
                                f"batch ({self.config.batch} now; --batch) or the crop ({self.config.crop})")
 
     @contextlib.contextmanager
