@@ -22,6 +22,7 @@ from aeic.receiver.storage.migrations import MIGRATIONS
 from aeic.sender.coding_scale import downscale_for_budget, downscale_for_rate
 from aeic.shared.decode_limits import decode_cost
 from fastapi.testclient import TestClient
+from manual_clock import ManualClock
 from receiver_support import FakeCodec, make_bitstream, make_tokens, new_image, store_left_at
 
 # Fixtures shared with the other receiver tests.
@@ -36,20 +37,10 @@ DONE = DecodeTimings(entropy_ms=1.0, decoder_ms=1.0, total_ms=2.0, batch_size=1)
 AT_THE_LIMITS = {"width": 4096, "height": 4096, "downscale": 1}
 
 
-class Clock:
-    """A monotonic clock the test moves by hand, for the rate limiter's token bucket."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Api:
     """A receiver app (no worker) whose upload limiter runs on `clock`, and a device token per name."""
 
-    def __init__(self, client: TestClient, tokens: dict[str, str], clock: Clock) -> None:
+    def __init__(self, client: TestClient, tokens: dict[str, str], clock: ManualClock) -> None:
         self.client, self.tokens, self.clock = client, tokens, clock
 
     def upload(self, device: str, width: int = 48, height: int = 32, downscale: int = 1) -> Any:
@@ -63,7 +54,7 @@ def api(tmp_path: Path, **settings: Any) -> Iterator[Api]:
     """An `Api` with the default rate limit unless `settings` say otherwise."""
     config = ReceiverSettings(data_dir=tmp_path / "data", worker=False, max_upload_bytes=4096, **settings)
     tokens = make_tokens(config, "cam", "rogue")
-    clock = Clock()
+    clock = ManualClock()
     app = create_app(config, registry=CodecRegistry.from_codecs([FakeCodec()]))
     app.state.receiver.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst, clock=clock)
     with TestClient(app) as client:

@@ -26,6 +26,7 @@ from aeic.receiver.auth import RateLimiter
 from aeic.receiver.redis_limiter import _TTL_MARGIN_MS, RedisRateLimiter
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
+from manual_clock import ManualClock
 
 from aeic import local_servers
 
@@ -45,16 +46,6 @@ class FlakyRedis(redis.Redis):
         if self.down:
             raise redis.ConnectionError("Error 111 connecting to redis. Connection refused.")
         return super().execute_command(*args, **options)
-
-
-class Clock:
-    """A clock the test moves by hand (the limiter's retry timer)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _bucket(client: redis.Redis, name: str) -> tuple[float, float] | None:
@@ -202,7 +193,7 @@ def test_while_redis_is_down_each_replica_limits_on_its_own_and_stores_uploads(
 def test_a_limiter_falls_back_while_redis_is_down_and_shares_again_when_it_is_back(redis_url: str) -> None:
     client = FlakyRedis.from_url(redis_url)
     assert isinstance(client, FlakyRedis)
-    clock = Clock()
+    clock = ManualClock(0.0)
     limiter = RedisRateLimiter(client, 0.01, 2, prefix="t:", retry_s=5.0, clock=clock)
     assert limiter.acquire("cam-1") == 0.0  # shared: 1 left
     client.down = True

@@ -17,17 +17,8 @@ import pytest
 from aeic.sender import spool as spool_module
 from aeic.sender.spool import Spool, SpoolFullError, idempotency_key
 from aeic.shared.durable import atomic_write
+from manual_clock import ManualClock
 from sender_support import make_bitstream
-
-
-class Clock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Listings:
@@ -58,8 +49,8 @@ def listings(monkeypatch: pytest.MonkeyPatch) -> Listings:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 def test_puts_list_pending_once_per_recount_not_once_per_item(tmp_path: Path, listings: Listings) -> None:
@@ -71,7 +62,7 @@ def test_puts_list_pending_once_per_recount_not_once_per_item(tmp_path: Path, li
 
 
 def test_a_tally_older_than_recount_seconds_is_counted_again(
-    tmp_path: Path, clock: Clock, listings: Listings
+    tmp_path: Path, clock: ManualClock, listings: Listings
 ) -> None:
     spool = listings.opened(Spool(tmp_path, recount_seconds=30, clock=clock))
     spool.put(make_bitstream(1))
@@ -83,7 +74,7 @@ def test_a_tally_older_than_recount_seconds_is_counted_again(
     assert listings.of(spool) == 2
 
 
-def test_recount_seconds_zero_counts_on_every_put(tmp_path: Path, clock: Clock, listings: Listings) -> None:
+def test_recount_seconds_zero_counts_on_every_put(tmp_path: Path, clock: ManualClock, listings: Listings) -> None:
     spool = listings.opened(Spool(tmp_path, recount_seconds=0, clock=clock))
     for i in range(3):
         spool.put(make_bitstream(i))
@@ -92,7 +83,7 @@ def test_recount_seconds_zero_counts_on_every_put(tmp_path: Path, clock: Clock, 
         Spool(tmp_path, recount_seconds=-1)
 
 
-def test_bounds_hold_from_the_tally(tmp_path: Path, clock: Clock) -> None:
+def test_bounds_hold_from_the_tally(tmp_path: Path, clock: ManualClock) -> None:
     counted = Spool(tmp_path / "items", max_items=3, clock=clock)
     for i in range(3):
         counted.put(make_bitstream(i))
@@ -108,7 +99,7 @@ def test_bounds_hold_from_the_tally(tmp_path: Path, clock: Clock) -> None:
     assert len(counted) == 3 and len(sized) == 3 and sized.pending_bytes() == sized.max_bytes
 
 
-def test_the_same_bitstream_again_takes_no_room(tmp_path: Path, clock: Clock) -> None:
+def test_the_same_bitstream_again_takes_no_room(tmp_path: Path, clock: ManualClock) -> None:
     spool = Spool(tmp_path, max_items=2, clock=clock)
     for _ in range(3):
         spool.put(make_bitstream(1))
@@ -118,7 +109,7 @@ def test_the_same_bitstream_again_takes_no_room(tmp_path: Path, clock: Clock) ->
     assert spool.keys() == {idempotency_key(make_bitstream(i)) for i in (1, 2)}
 
 
-def test_a_second_spool_on_the_folder_counts_what_the_first_queued(tmp_path: Path, clock: Clock) -> None:
+def test_a_second_spool_on_the_folder_counts_what_the_first_queued(tmp_path: Path, clock: ManualClock) -> None:
     first = Spool(tmp_path, max_items=3, clock=clock)
     for i in range(3):
         first.put(make_bitstream(i))
@@ -129,7 +120,7 @@ def test_a_second_spool_on_the_folder_counts_what_the_first_queued(tmp_path: Pat
 
 
 def test_what_another_process_queued_is_the_only_overshoot_and_a_recount_ends_it(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: ManualClock
 ) -> None:
     """The documented tolerance: a put decides from its last count plus its own changes, so puts of
     another process since that count can pass the bound by as many items, never more, and for no
@@ -155,7 +146,7 @@ def test_what_another_process_queued_is_the_only_overshoot_and_a_recount_ends_it
         ours.put(make_bitstream(40))
 
 
-def test_room_another_process_made_is_found_before_refusing(tmp_path: Path, clock: Clock) -> None:
+def test_room_another_process_made_is_found_before_refusing(tmp_path: Path, clock: ManualClock) -> None:
     producer = Spool(tmp_path, max_items=2, clock=clock)
     producer.put(make_bitstream(1))
     producer.put(make_bitstream(2))
@@ -165,7 +156,7 @@ def test_room_another_process_made_is_found_before_refusing(tmp_path: Path, cloc
     assert len(producer) == 2
 
 
-def test_a_removal_another_process_made_first_is_not_taken_off_twice(tmp_path: Path, clock: Clock) -> None:
+def test_a_removal_another_process_made_first_is_not_taken_off_twice(tmp_path: Path, clock: ManualClock) -> None:
     """Taking a removal off the tally when another process had already made it would leave the tally
     below the folder, and puts would then pass the bound."""
     ours = Spool(tmp_path, max_items=2, clock=clock)
@@ -181,7 +172,7 @@ def test_a_removal_another_process_made_first_is_not_taken_off_twice(tmp_path: P
 
 
 def test_own_removals_rejections_and_requeues_keep_the_tally_without_a_count(
-    tmp_path: Path, clock: Clock, listings: Listings
+    tmp_path: Path, clock: ManualClock, listings: Listings
 ) -> None:
     spool = listings.opened(Spool(tmp_path, max_items=2, clock=clock))
     a, b = spool.put(make_bitstream(1)), spool.put(make_bitstream(2))
@@ -198,7 +189,7 @@ def test_own_removals_rejections_and_requeues_keep_the_tally_without_a_count(
 class SlowCount:
     """Counting ``pending/`` takes ``seconds`` on the fake clock, as a large backlog does."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, clock: Clock, seconds: float) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, clock: ManualClock, seconds: float) -> None:
         self.calls = 0
         count = spool_module._count
 
@@ -211,7 +202,7 @@ class SlowCount:
 
 
 def test_a_full_spool_is_not_counted_for_every_refused_frame(
-    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counts = SlowCount(monkeypatch, clock, seconds=0.5)
     spool = Spool(tmp_path, max_items=2, clock=clock)
@@ -232,7 +223,7 @@ def test_a_full_spool_is_not_counted_for_every_refused_frame(
 
 
 def test_a_pending_folder_deleted_while_full_takes_the_next_item_at_once(
-    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counts = SlowCount(monkeypatch, clock, seconds=10)  # no count would be due for 200 s
     spool = Spool(tmp_path, max_items=2, clock=clock)
@@ -250,7 +241,7 @@ def test_a_pending_folder_deleted_while_full_takes_the_next_item_at_once(
 
 
 def test_a_crashed_writers_bitstream_counts_on_the_next_processs_first_put(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: ManualClock
 ) -> None:
     """The tally lives in memory: a crash loses it, and a new process counts before its first put,
     including a bitstream whose writer died before its sidecar."""
