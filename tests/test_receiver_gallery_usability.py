@@ -1,0 +1,96 @@
+"""The gallery as a person uses it, in headless Chromium against a real uvicorn server (the instant test
+decoder): the longest device names, a link opened while signed out, a tab left open in the background,
+and the pages' HEAD answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import receiver_support
+from aeic.receiver.api import create_app
+from aeic.receiver.auth import create_device_token
+from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.settings import ReceiverSettings
+from aeic.receiver.storage import SqlMetadataStore
+from fastapi import FastAPI
+from receiver_support import FakeCodec, ServerThread, make_bitstream
+from selenium.webdriver import Chrome
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+ADMIN = "gallery-usability-admin-token"
+# The longest name a device may have (128 of A-Z a-z 0-9 . _ -), with no space or hyphen, where a line may break.
+LONG_DEVICE = ("warehouse_north.loading_dock.camera_" * 4)[:128]
+
+browser = receiver_support.browser
+
+
+def _app(tmp_path: Path, devices: tuple[str, ...] = ("cam1",), **overrides: Any) -> tuple[FastAPI, dict[str, str]]:
+    """A receiver with the instant test decoder, and a token for each device."""
+    values: dict[str, Any] = {"data_dir": tmp_path / "data", "admin_token": ADMIN, "poll_interval_s": 0.05,
+                              "retry_delay_s": 0.0, "rate_limit_burst": 1000, **overrides}
+    settings = ReceiverSettings(**values)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqlMetadataStore.from_url(settings.resolved_database_url())
+    store.migrate()
+    try:
+        tokens = {device: create_device_token(store, device) for device in devices}
+    finally:
+        store.close()
+    return create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()])), tokens
+
+
+def _upload(base: str, token: str, size: tuple[int, int] = (48, 32)) -> str:
+    reply = httpx.post(f"{base}/v1/images", content=make_bitstream(*size), timeout=10,
+                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
+    assert reply.status_code == 202, reply.text
+    return str(reply.json()["id"])
+
+
+def _wait_done(base: str, token: str, image_id: str) -> None:
+    def done(_: object) -> bool:
+        reply = httpx.get(f"{base}/v1/images/{image_id}", headers={"Authorization": f"Bearer {token}"})
+        return bool(reply.json()["status"] == "done")
+
+    # WebDriverWait as a plain poller: it never touches its driver, so none is given (the stubs want one)
+    WebDriverWait(None, 20, poll_frequency=0.05).until(done)  # type: ignore[arg-type]
+
+
+# Text cut off: an element whose content is wider than its box (the card and the page hide or scroll it).
+_CLIPPED_JS = """
+return [...document.querySelectorAll(arguments[0])].filter(e => e.getClientRects().length)
+  .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => [e.tagName + '.' + e.className, e.scrollWidth,
+                                                              e.clientWidth]);
+"""
+
+
+def _sideways(driver: Chrome) -> list[int]:
+    return list(driver.execute_script(
+        "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"))
+
+
+def test_the_longest_device_name_wraps_instead_of_being_cut_or_scrolling_the_page(
+    tmp_path: Path, browser: Chrome
+) -> None:
+    """A 128-character device name (no spaces) was cut off on its card and pushed the image page and the
+    header three times wider than a phone's screen."""
+    app, tokens = _app(tmp_path, devices=(LONG_DEVICE,))
+    token = tokens[LONG_DEVICE]
+    with ServerThread(app) as server:
+        image_id = _upload(server.url, token)
+        _wait_done(server.url, token, image_id)
+        browser.set_window_size(360, 740)
+        for who in (ADMIN, token):  # the device's own sign-in puts its name in the header too
+            browser.get(f"{server.url}/login?token={who}")
+            WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grid .card img"))
+            for path in ("/", f"/images/{image_id}"):
+                browser.get(f"{server.url}{path}")
+                assert LONG_DEVICE in browser.find_element(By.TAG_NAME, "body").text, path
+                width, visible = _sideways(browser)
+                assert width <= visible, (path, width, visible)
+                clipped = browser.execute_script(_CLIPPED_JS, ".caption, h1, .bar, .bar *, td")
+                assert not clipped, (who == ADMIN, path, clipped)
+            browser.find_element(By.ID, "logout").click()
+            WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "token"))
