@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aeic.receiver.settings import ReceiverSettings, load_settings
+from aeic.receiver.settings import ConfigError, ReceiverSettings, closest_setting, load_settings
 from pydantic import ValidationError
 
 if TYPE_CHECKING:  # imported in _open_store, where it is used, as each subcommand imports its own modules
     from aeic.receiver.storage import SqlMetadataStore
 
 __all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+# Settings whose value is not repeated in an error line: a token, or a URL that may carry a password.
+_SECRET_SETTINGS = {"admin_token", "database_url", "queue", "blob_url", "s3_endpoint_url"}
+_LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-size", type=int, help="most images decoded together")
     serve.add_argument("--no-worker", dest="worker", action="store_const", const=False,
                        help="accept uploads but do not decode in this process")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="default: info")
     _worker_parser(sub)
     token = sub.add_parser("token", help="device tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
@@ -46,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--device", required=True, help="device name (letters, digits, . _ -)")
     revoke = token_sub.add_parser("revoke", help="revoke every token of a device")
     _common(revoke)
-    revoke.add_argument("--device", required=True)
+    revoke.add_argument("--device", required=True, help="device name whose tokens stop working at once")
     return parser
 
 
@@ -62,7 +69,7 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--batch-size", type=int, help="most images decoded together")
     worker.add_argument("--consumer", help="consumer name in the group (default: host-pid)")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics and /healthz (liveness) on this port")
-    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    worker.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="default: info")
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -106,6 +113,38 @@ def _worker_locks_held(settings: ReceiverSettings) -> str | None:
     return None
 
 
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Bind the API's sockets (one per address `host` names, as asyncio's server would), not yet listening.
+
+    Why before the model loads: uvicorn binds only after the app's start-up, so a port in use was found
+    after the model had loaded and the worker had started (and claimed a batch), and was reported among
+    six lines of start-up and shutdown with status 3. A bound socket that does not listen yet refuses
+    connections, as a closed port does, until uvicorn takes it over."""
+    sockets: list[socket.socket] = []
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _name, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            port = sock.getsockname()[1]  # a port 0 is the first address's, for every other one
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {reason}") from None
+    return sockets
+
+
+def _check_database(settings: ReceiverSettings) -> None:
+    """Open and migrate the database before the model loads, so that a corrupt file, a newer schema or an
+    unreachable server is one line and status 2, not a traceback from uvicorn's start-up with status 3."""
+    _open_store(settings).close()
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from aeic.receiver.api import create_app
@@ -118,9 +157,21 @@ def _serve(args: argparse.Namespace) -> int:
         if busy is not None:
             print(f"aeic-receiver: {busy}", file=sys.stderr)
             return 2
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=30, forwarded_allow_ips=settings.forwarded_allow_ips)
+    _check_database(settings)
+    sockets = _listen(settings.host, settings.port)
+    try:
+        app = create_app(settings)
+        bound = sockets[0].getsockname()
+        log.info("bound http://%s:%d; the API answers once start-up is complete", settings.host, bound[1])
+        server = uvicorn.Server(uvicorn.Config(
+            app, log_level=args.log_level, timeout_graceful_shutdown=30,
+            forwarded_allow_ips=settings.forwarded_allow_ips))
+        server.run(sockets=sockets)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on, once it has
+        pass
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 
@@ -155,22 +206,73 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validation_line(exc: ValidationError) -> str:
+    """pydantic's report (a block of lines with a documentation link) as one line: each setting, what is
+    wrong with it and, unless it may hold a secret, the value given."""
+    parts = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        if error["type"] == "extra_forbidden":
+            meant = closest_setting(name)
+            parts.append(f"{name} is not a setting" + (f" (did you mean {meant}?)" if meant else ""))
+            continue
+        given = "" if name.split(".")[0] in _SECRET_SETTINGS else f" (got {error['input']!r})"
+        parts.append(f"{name}: {error['msg'][0].lower()}{error['msg'][1:]}{given}")
+    return "; ".join(parts)
+
+
+def _database_line(exc: Exception, settings_url: str | None) -> str:
+    """A database error's first line, with the URL it was opening minus its password."""
+    import sqlalchemy as sa
+
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    try:
+        where = sa.engine.make_url(settings_url).render_as_string(hide_password=True) if settings_url else ""
+    except sa.exc.ArgumentError:
+        where = "(an unparseable URL)"
+    return f"cannot use the database {where}: {reason}".replace("  ", " ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point."""
+    """Console entry point: every failure an operator can cause (a setting, the config file, the data
+    directory, the database, the port, the model) is one line on stderr and status 2."""
     args = _parser().parse_args(argv)
+    import sqlalchemy as sa
+    from aeic.receiver.storage.migrations import SchemaTooNewError
     from aeic.shared.model_package import ModelPackageError
 
     try:
         if args.command == "worker":
             return _worker(args)
         return _serve(args) if args.command == "serve" else _token(args)
-    except (ValidationError, FileNotFoundError) as exc:
-        print(f"aeic-receiver: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+    except ValidationError as exc:
+        message = f"invalid configuration: {_validation_line(exc)}"
+    except (ConfigError, SchemaTooNewError) as exc:
+        message = str(exc)
+    except FileNotFoundError as exc:
+        message = f"invalid configuration: {exc}" if exc.errno is None else _os_line(exc)
     except ModelPackageError as exc:
-        print(f"aeic-receiver: cannot load a model package: {exc} (use --model DIR or AEIC_MODEL)",
-              file=sys.stderr)
-        return 2
+        message = f"cannot load a model package: {exc} (use --model DIR or AEIC_MODEL)"
+    except sa.exc.SQLAlchemyError as exc:
+        message = _database_line(exc, _configured_url(args))
+    except OSError as exc:
+        message = _os_line(exc)
+    print(f"aeic-receiver: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_line(exc: OSError) -> str:
+    if exc.filename is None:
+        return exc.strerror or str(exc)
+    return f"{exc.strerror or exc}: {exc.filename}"
+
+
+def _configured_url(args: argparse.Namespace) -> str | None:
+    """The database URL the failed command was opening (the settings loaded, as they were for it)."""
+    try:
+        return _settings(args).resolved_database_url()
+    except (ValidationError, ValueError, OSError):
+        return None
 
 
 if __name__ == "__main__":

@@ -39,10 +39,18 @@ log = logging.getLogger(__name__)
 
 
 def prepare_data_dir(path: Path) -> None:
-    """Create `path` with mode 0700 when it is missing; warn when an existing one is open to others."""
+    """Create `path` with mode 0700 when it is missing; warn when an existing one is open to others.
+    Raises `NotADirectoryError` when `path` is a file (SQLite's "unable to open database file" named
+    neither the folder nor the cause)."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "the data directory is not a folder", str(path))
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=0o700)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700)
+        except OSError as exc:  # a parent that is a file, a read-only or full file system
+            raise OSError(exc.errno, f"cannot create the data directory {path}: {exc.strerror}",
+                          exc.filename) from None
         path.chmod(0o700)  # whatever the umask
         return
     mode = stat.S_IMODE(path.stat().st_mode)

@@ -2,12 +2,17 @@
 a TOML config file, then defaults.
 
 Why one object: the API, the worker, the storage and the CLI all read the same validated values, so a
-typo in an environment variable fails at start-up instead of in the middle of a decode.
+wrong value fails at start-up instead of in the middle of a decode. A misspelt name fails too: the TOML
+file takes only the names below, and an `AEIC_*` variable one edit or so away from a setting's name
+(`AEIC_MAX_UPLOAD_BYTE`) is refused with the name it was probably meant to be; other `AEIC_*` names are
+left alone, as the sender and the tests have variables of their own.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["CONFIG_ENV", "ReceiverSettings", "load_settings"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
+__all__ = ["CONFIG_ENV", "ConfigError", "ReceiverSettings", "closest_setting", "load_settings"]
 
 # Environment variable naming the TOML config file (the `--config` flag wins over it).
 CONFIG_ENV = "AEIC_CONFIG"
@@ -111,14 +121,51 @@ class ReceiverSettings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'receiver.db').resolve()}"
 
 
+class ConfigError(ValueError):
+    """A config file that cannot be read as TOML, or an environment variable that misspells a setting."""
+
+
+def closest_setting(name: str) -> str | None:
+    """The setting `name` was probably meant to be (a typo's), or None."""
+    matches = difflib.get_close_matches(name.lower(), ReceiverSettings.model_fields, n=1, cutoff=0.8)
+    return matches[0] if matches else None
+
+
+def _check_environment() -> None:
+    """Refuse an `AEIC_*` variable that is a near miss of a setting's name: it would be ignored silently."""
+    prefix = ReceiverSettings.model_config.get("env_prefix", "")
+    for variable in sorted(os.environ):
+        upper = variable.upper()
+        if not upper.startswith(prefix) or upper == CONFIG_ENV:
+            continue
+        name = upper[len(prefix):].lower()
+        if name in ReceiverSettings.model_fields:
+            continue
+        meant = closest_setting(name)
+        if meant is not None:
+            raise ConfigError(f"environment variable {variable} is not a receiver setting: did you mean "
+                              f"{prefix}{meant.upper()}?")
+
+
+def _check_toml(config: Path) -> None:
+    """Parse `config` once here, so a syntax error is one line naming the file and the place."""
+    try:
+        with config.open("rb") as file:
+            tomllib.load(file)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config} is not valid TOML: {exc}") from None
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> ReceiverSettings:
     """Build settings from all sources; `overrides` are CLI values (None means "not given")."""
+    _check_environment()
     config = config_file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
     given = {key: value for key, value in overrides.items() if value is not None}
     if config is None:
         return ReceiverSettings(**given)
     if not config.is_file():
         raise FileNotFoundError(f"config file not found: {config}")
+    _check_toml(config)
     with_file = type(
         "ReceiverSettingsFromFile",
         (ReceiverSettings,),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from aeic.receiver.storage import schema
 
-__all__ = ["MIGRATIONS", "SQLITE_BUSY_TIMEOUT_MS", "Migration", "current_version", "migrate"]
+__all__ = ["MIGRATIONS", "SQLITE_BUSY_TIMEOUT_MS", "Migration", "SchemaTooNewError", "current_version", "migrate"]
 
 # Arbitrary constant key for pg_advisory_xact_lock ("AEIC" in ASCII).
 _PG_LOCK_KEY = 0x41454943
@@ -114,6 +114,11 @@ def _begin_sqlite_migration(conn: sa.Connection) -> None:
         conn.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
 
 
+class SchemaTooNewError(RuntimeError):
+    """The database was migrated by a newer aeic: this code must not write to a schema it does not know
+    (the command line reports it in one line)."""
+
+
 def current_version(conn: sa.Connection) -> int:
     """Highest applied migration, 0 for an empty database."""
     if not sa.inspect(conn).has_table(schema.schema_version.name):
@@ -133,7 +138,8 @@ def migrate(engine: sa.Engine) -> int:
         schema.schema_version.create(conn, checkfirst=True)
         version = current_version(conn)
         if version > known:
-            raise RuntimeError(f"database schema v{version} is newer than this code (v{known}); upgrade aeic")
+            raise SchemaTooNewError(
+                f"database schema v{version} is newer than this code (v{known}); upgrade aeic")
         for step in MIGRATIONS:
             if step.version <= version:
                 continue

@@ -1,0 +1,192 @@
+"""`aeic-receiver` as an operator meets it: every wrong setting, config file, data directory, database and
+port is one line on stderr and status 2, found before the model loads (so no worker starts, nothing is
+claimed), and a password in a database URL never reaches that line."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from aeic.receiver import api
+from aeic.receiver.cli import main
+from aeic.receiver.storage.migrations import MIGRATIONS
+
+NEWEST = max(step.version for step in MIGRATIONS)
+
+
+def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The single stderr line of a failed command (no traceback, no pydantic block)."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("aeic-receiver: "), err
+    return err.strip()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if `serve` gets as far as building the app (loading models, starting the worker)."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("serve built the app (model load, worker start) before reporting the error")
+
+    monkeypatch.setattr(api, "create_app", refuse)
+
+
+def test_a_wrong_value_is_one_line_naming_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: pydantic's four-line block ending in a link to its documentation."""
+    monkeypatch.setenv("AEIC_MAX_UPLOAD_BYTES", "-5")
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 2
+    line = _one_line(capsys)
+    assert "max_upload_bytes" in line and "'-5'" in line and "pydantic.dev" not in line
+    monkeypatch.delenv("AEIC_MAX_UPLOAD_BYTES")
+    config = tmp_path / "receiver.toml"
+    config.write_text('batch_size = "many"\nport = -1\n')
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path), "--config", str(config)]) == 2
+    line = _one_line(capsys)
+    assert "batch_size" in line and "'many'" in line and "port" in line
+
+
+def test_a_secret_setting_is_not_repeated_in_its_error(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "receiver.toml"
+    config.write_text('admin_token = 12345678\ndatabase_url = ["sqlite:///x"]\n')
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path), "--config", str(config)]) == 2
+    line = _one_line(capsys)
+    assert "admin_token" in line and "database_url" in line and "12345678" not in line and "x'" not in line
+
+
+def test_an_unknown_config_key_names_the_setting_it_resembles(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "receiver.toml"
+    config.write_text("batchsize = 2\n")
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path), "--config", str(config)]) == 2
+    assert _one_line(capsys).endswith("batchsize is not a setting (did you mean batch_size?)")
+
+
+def test_a_config_file_that_is_not_toml_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: a 49-line tomllib traceback and status 1."""
+    config = tmp_path / "receiver.toml"
+    config.write_text("batch_size = \n")
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path), "--config", str(config)]) == 2
+    assert _one_line(capsys) == f"aeic-receiver: config file {config} is not valid TOML: Invalid value (at line 1, column 14)"
+
+
+def test_a_misspelt_environment_variable_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: AEIC_MAX_UPLOAD_BYTE=5000 was ignored, the receiver kept the default limit, and nothing said so."""
+    monkeypatch.setenv("AEIC_MAX_UPLOAD_BYTE", "5000")
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 2
+    assert _one_line(capsys) == ("aeic-receiver: environment variable AEIC_MAX_UPLOAD_BYTE is not a receiver "
+                                 "setting: did you mean AEIC_MAX_UPLOAD_BYTES?")
+
+
+def test_other_tools_variables_are_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender, the model loader and the tests share the AEIC_ prefix: a compose file or a shell may set
+    theirs beside the receiver's."""
+    for name in ("AEIC_TOKEN", "AEIC_TOKEN_FILE", "AEIC_RECEIVER_URL", "AEIC_SENDER_CONFIG", "AEIC_SPOOL_DIR",
+                 "AEIC_SPOOL_MAX_ITEMS", "AEIC_TIMEOUT", "AEIC_MODEL", "AEIC_SD_TURBO_DIR", "AEIC_TAEF2_DIR",
+                 "AEIC_REQUIRE_TEST_TOOLS", "AEIC_SCALEOUT_UPLOADS", "AEIC_BENCH_IMAGES", "AEIC_VERSION"):
+        monkeypatch.setenv(name, "1")
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 0
+
+
+def test_a_data_directory_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: a 118-line SQLAlchemy traceback ("unable to open database file") and, under a file, a
+    FileExistsError traceback."""
+    file = tmp_path / "data"
+    file.write_text("")
+    assert main(["token", "create", "--device", "cam1", "--data", str(file)]) == 2
+    assert _one_line(capsys) == f"aeic-receiver: the data directory is not a folder: {file}"
+    assert main(["token", "create", "--device", "cam1", "--data", str(file / "sub")]) == 2
+    assert _one_line(capsys) == (f"aeic-receiver: cannot create the data directory {file / 'sub'}: "
+                                 f"File exists: {file}")
+
+
+def test_a_corrupt_database_is_one_line_before_the_model_loads(tmp_path: Path, no_model_load: None,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: a 142-line traceback from uvicorn's start-up (status 3), after the model had loaded."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "receiver.db").write_bytes(b"not a database, 100 bytes of it".ljust(100, b"."))
+    for command in (["token", "create", "--device", "cam1"], ["serve", "--port", "0"]):
+        assert main([*command, "--data", str(data)]) == 2
+        assert _one_line(capsys) == (f"aeic-receiver: cannot use the database sqlite:///{data.resolve()}/receiver.db: "
+                                     "file is not a database")
+
+
+def test_a_database_of_a_newer_schema_is_one_line_before_the_model_loads(
+        tmp_path: Path, no_model_load: None, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    main(["token", "create", "--device", "cam1", "--data", str(data)])
+    with sqlite3.connect(data / "receiver.db") as conn:
+        conn.execute("INSERT INTO aeic_schema_version (version, description, applied_at) VALUES (99, 'later', 0)")
+    capsys.readouterr()
+    for command in (["token", "create", "--device", "cam1"], ["serve", "--port", "0"]):
+        assert main([*command, "--data", str(data)]) == 2
+        assert _one_line(capsys) == (f"aeic-receiver: database schema v99 is newer than this code (v{NEWEST}); "
+                                     "upgrade aeic")
+
+
+def test_an_unreachable_database_is_one_line_without_its_password(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"postgresql+psycopg://aeic:hunter2-secret@127.0.0.1:{port}/aeic"
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path), "--database-url", url]) == 2
+    line = _one_line(capsys)
+    assert "hunter2" not in line and f"postgresql+psycopg://aeic:***@127.0.0.1:{port}/aeic" in line
+    assert "Connection refused" in line
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path), "--database-url", "nosuch://x"]) == 2
+    assert "cannot use the database nosuch://x" in _one_line(capsys)
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path: Path, no_model_load: None,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: uvicorn binds after the app's start-up, so the model loaded, the worker started (claiming a
+    batch), and the error was one of seven lines, with status 3."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--data", str(tmp_path / "data"), "--port", str(port)]) == 2
+    assert _one_line(capsys) == f"aeic-receiver: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert main(["serve", "--data", str(tmp_path / "data"), "--host", "no-such-host.invalid", "--port", "0"]) == 2
+    assert _one_line(capsys).startswith("aeic-receiver: cannot listen on no-such-host.invalid:0: ")
+
+
+def test_serve_answers_on_the_port_it_bound_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """The socket bound before the model loads is the one uvicorn serves; port 0 is logged as the port it got;
+    Ctrl-C stops it with status 0 (no KeyboardInterrupt traceback)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aeic.receiver.cli", "serve", "--data", str(tmp_path / "data"), "--port", "0",
+         "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        found = re.search(r"bound http://127\.0\.0\.1:(\d+);", line)
+        assert found is not None, line
+        base = f"http://127.0.0.1:{found.group(1)}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
