@@ -55,7 +55,7 @@ def _wait_done(base: str, token: str, image_id: str) -> None:
         return bool(reply.json()["status"] == "done")
 
     # WebDriverWait as a plain poller: it never touches its driver, so none is given (the stubs want one)
-    WebDriverWait(None, 20, poll_frequency=0.05).until(done)  # type: ignore[arg-type]
+    WebDriverWait(None, 20, poll_frequency=0.05).until(done)  # type: ignore[type-var]
 
 
 # Text cut off: an element whose content is wider than its box (the card and the page hide or scroll it).
@@ -94,3 +94,45 @@ def test_the_longest_device_name_wraps_instead_of_being_cut_or_scrolling_the_pag
                 assert not clipped, (who == ADMIN, path, clipped)
             browser.find_element(By.ID, "logout").click()
             WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "token"))
+
+
+def test_signing_in_from_a_link_opens_the_page_it_asked_for(tmp_path: Path, browser: Chrome) -> None:
+    """An image link opened while signed out (or after the session expired) showed the token form, and
+    signing in there landed on the grid, not on that image: the link's target was lost."""
+    app, tokens = _app(tmp_path)
+    with ServerThread(app) as server:
+        image_id = _upload(server.url, tokens["cam1"])
+        _wait_done(server.url, tokens["cam1"], image_id)
+        browser.get(f"{server.url}/images/{image_id}")
+        field = browser.find_element(By.ID, "token")
+        field.send_keys("wrong-token\n")  # a mistake first: the form it answers with keeps the target
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "login-error"))
+        browser.find_element(By.ID, "token").send_keys(f"{ADMIN}\n")
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "reconstruction"))
+        assert browser.current_url == f"{server.url}/images/{image_id}"
+
+        # The session ends (expired, or signed out in another tab) while the page is open: its next load
+        # asks for the token and, once given, shows the same page again.
+        cookie = browser.get_cookie("aeic_session")
+        assert cookie is not None
+        assert httpx.post(f"{server.url}/logout", cookies={"aeic_session": cookie["value"]}).status_code == 303
+        browser.refresh()
+        browser.find_element(By.ID, "token").send_keys(f"{ADMIN}\n")
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "reconstruction"))
+        assert browser.current_url == f"{server.url}/images/{image_id}"
+
+
+def test_sign_in_goes_back_only_to_a_page_of_this_site(tmp_path: Path) -> None:
+    """The page to return to travels in the form: anything but a path on this origin (another host, a
+    scheme, a protocol-relative `//host` or `/\\host`, which browsers read as one) sends the browser to `/`."""
+    app, _ = _app(tmp_path, worker=False, login_attempts_per_minute=1000)
+    image = "/images/" + "0" * 32
+    expected = {image: image, "/?cursor=abc": "/?cursor=abc", "": "/", "https://evil.example/": "/",
+                "//evil.example/": "/", "/\\evil.example/": "/", "/\t/evil.example": "/", "images/x": "/",
+                "javascript:alert(1)": "/"}
+    with ServerThread(app) as server:
+        for target, location in expected.items():
+            posted = httpx.post(f"{server.url}/login", data={"token": ADMIN, "next": target})
+            linked = httpx.get(f"{server.url}/login", params={"token": ADMIN, "next": target})
+            assert posted.status_code == linked.status_code == 303, target
+            assert posted.headers["location"] == linked.headers["location"] == location, target

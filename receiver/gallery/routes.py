@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
 from aeic.receiver.api import (
@@ -18,7 +18,7 @@ from aeic.receiver.api import (
 )
 from aeic.receiver.errors import ApiError
 from aeic.receiver.storage import ImageFilter, InvalidCursorError
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -45,8 +45,25 @@ _templates.env.filters["ms"] = _fmt_ms
 _templates.env.filters["when"] = _fmt_when
 
 
-def _login_page(request: Request, message: str | None = None, status: int = 200) -> HTMLResponse:
-    return _templates.TemplateResponse(request, "login.html", {"message": message}, status_code=status)
+def _return_path(value: str | None) -> str:
+    """The page to open after signing in: `value` when it is a path on this site, else `/`. Refused are other
+    origins and schemes, `//host` and `/\\host` (browsers read both as another host) and any space or control
+    character (browsers drop a tab or newline from a URL, so `/<tab>/host` would become `//host`)."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value if all("!" <= ch <= "~" for ch in value) else "/"
+
+
+def _here(request: Request) -> str:
+    """This request's page, to come back to once the visitor has signed in."""
+    query = request.url.query
+    return _return_path(request.url.path + (f"?{query}" if query else ""))
+
+
+def _login_page(request: Request, message: str | None = None, status: int = 200, target: str = "/") -> HTMLResponse:
+    """The token form; signing in opens `target` (a page of this site, checked by `_return_path`)."""
+    return _templates.TemplateResponse(request, "login.html", {"message": message, "target": target},
+                                       status_code=status)
 
 
 def index(request: Request, cursor: str | None = None) -> Response:
@@ -54,7 +71,7 @@ def index(request: Request, cursor: str | None = None) -> Response:
     anonymous visitors get the token form."""
     who = optional_principal(request)
     if who is None:
-        return _login_page(request)
+        return _login_page(request, target=_here(request))
     flt = ImageFilter(device=None if who.admin else who.device)
     store = receiver_state(request).store
     try:
@@ -70,7 +87,7 @@ def image_page(image_id: str, request: Request) -> Response:
     """True size, bytes, bpp, timings and the zoomable reconstruction of one image."""
     who = optional_principal(request)
     if who is None:
-        return _login_page(request)
+        return _login_page(request, target=_here(request))
     try:
         record = visible_image(receiver_state(request), who, image_id)
     except ApiError:  # quote only an id: other text would be an attacker's message shown on our origin
@@ -79,22 +96,23 @@ def image_page(image_id: str, request: Request) -> Response:
     return _no_store(_templates.TemplateResponse(request, "image.html", {"image": image_json(record), "who": who}))
 
 
-def _sign_in(request: Request, token: str) -> Response:
-    """Open a session for a valid token; failures count against the client's sign-in budget. The attempt
-    takes its token before the check, so guesses sent at once cannot all pass it; a success gives it back."""
+def _sign_in(request: Request, token: str, target: str) -> Response:
+    """Open a session for a valid token and go to `target`; failures count against the client's sign-in
+    budget. The attempt takes its token before the check, so guesses sent at once cannot all pass it; a
+    success gives it back."""
     state = receiver_state(request)
     wait = state.login_limiter.acquire(client_address(request))
     if wait > 0:
         seconds = max(1, math.ceil(wait))
         page = _login_page(request, f"Too many failed sign-ins from this address; try again in {seconds} s.",
-                           status=429)
+                           status=429, target=target)
         page.headers["Retry-After"] = str(seconds)
         return page
     session = state.sessions.open(token)
     if session is None:
-        return _login_page(request, "That token is not valid.", status=401)
+        return _login_page(request, "That token is not valid.", status=401, target=target)
     state.login_limiter.refund(client_address(request))
-    response = RedirectResponse("/", status_code=303)
+    response = RedirectResponse(target, status_code=303)
     secure = state.settings.cookie_secure
     response.set_cookie(AUTH_COOKIE, session, httponly=True, samesite="lax", path="/",
                         max_age=max(1, math.ceil(state.sessions.ttl_s)),
@@ -120,15 +138,18 @@ def _no_store(response: Response) -> Response:
     return response
 
 
-def login_form(request: Request, token: str | None = None) -> Response:
-    """`/login?token=...` (the link the demo prints; the access log redacts the token) or the plain form.
-    The link opened from another site is refused, as the form's post is: it would sign the browser in
-    to the gallery of the attacker's token."""
+def login_form(request: Request, token: str | None = None,
+               target: Annotated[str | None, Query(alias="next")] = None) -> Response:
+    """`/login?token=...` (the link the demo prints; the access log redacts the token) or the plain form;
+    `next` is the page to open once signed in. The link opened from another site is refused, as the form's
+    post is: it would sign the browser in to the gallery of the attacker's token."""
+    target = _return_path(target)
     if not token:
-        return _no_store(_login_page(request))
+        return _no_store(_login_page(request, target=target))
     if _cross_site(request):
-        return _no_store(_login_page(request, "Open the sign-in link directly, not from another site.", status=403))
-    return _no_store(_sign_in(request, token))
+        return _no_store(_login_page(request, "Open the sign-in link directly, not from another site.", status=403,
+                                     target=target))
+    return _no_store(_sign_in(request, token, target))
 
 
 async def _form_body(request: Request) -> bytes | None:
@@ -154,9 +175,10 @@ async def login_submit(request: Request) -> Response:
         return _no_store(_login_page(request, "That form is too large.", status=413))
     fields = parse_qs(body.decode("utf-8", "replace"))
     token = (fields.get("token") or [""])[0].strip()
+    target = _return_path((fields.get("next") or [""])[0])
     if not token:
-        return _no_store(_login_page(request, "Paste a token.", status=400))
-    return _no_store(await run_in_threadpool(_sign_in, request, token))
+        return _no_store(_login_page(request, "Paste a token.", status=400, target=target))
+    return _no_store(await run_in_threadpool(_sign_in, request, token, target))
 
 
 def logout(request: Request) -> Response:
