@@ -162,6 +162,17 @@ def saved_reconstructions(run: Path, image: str, point: str, methods: tuple[str,
     return columns
 
 
+def first_saved_image(run: Path, rows: list[dict[str, Any]], point: str, methods: tuple[str, ...]) -> str | None:
+    """The first image by name with an ok row of one of ``methods`` at ``point`` whose reconstruction the run
+    saved: the image a side-by-side at that point can show (None when there is none)."""
+    saved = [
+        r["image"] for r in rows
+        if r["point"] == point and r["method"] in methods and r["status"] == "ok"
+        and (run / "recon" / point / r["method"] / runner.recon_name(r["image"])).is_file()
+    ]  # fmt: skip
+    return min(saved, default=None)
+
+
 def compared_reconstructions(runs: dict[str, Path], image: str, point: str) -> dict[str, np.ndarray]:
     """Saved AEIC and best-classic reconstructions of other runs, their AEIC captioned with the run's label."""
     columns: dict[str, np.ndarray] = {}

@@ -227,12 +227,17 @@ RUN_IDENTITY_FILE = "run.json"
 
 
 def run_identity(config: EvalConfig, codec_info: dict[str, Any] | None) -> dict[str, Any]:
-    """The settings rows depend on: the baseline criterion and encoder settings, and the codec (None for
-    --baselines-only)."""
+    """The settings rows depend on: the baseline criterion and encoder settings, the codecs a ``best`` row
+    chooses among (a codec missing on one machine would otherwise mix best-of-three rows with best-of-four
+    ones), and the codec (None for --baselines-only)."""
     codec = None if codec_info is None else {k: codec_info.get(k) for k in ROW_DEFINING_CODEC_KEYS}
     settings = baselines.encoder_settings()
     encoders = {name: settings[name] for name in config.baselines} or None
-    return {"criterion": config.criterion if config.baselines else None, "codec": codec, "encoders": encoders}
+    best_of = sorted(config.baselines) if len(config.baselines) > 1 else None
+    return {
+        "criterion": config.criterion if config.baselines else None, "codec": codec, "encoders": encoders,
+        "best_of": best_of,
+    }  # fmt: skip
 
 
 def image_digests(paths: Iterable[Path]) -> dict[str, str]:
@@ -306,6 +311,7 @@ def check_run_identity(
 
 
 STATUSES = ("ok", "unreachable", "error")
+UNREADABLE_DETAIL = "unreadable image"  # how an error row of a file that cannot be read starts
 
 
 def _complete(row: dict[str, Any]) -> bool:
@@ -448,8 +454,8 @@ class Evaluator:
         aeic = done.get((*key, "aeic"))
         if aeic is None and self.codec is not None:
             row, rec = self._aeic_row(self.codec, base, rgb, point)
+            self._save(index, point, "aeic", path.name, rec)  # before its row: a resume skips rows it holds
             self.results.append([row])
-            self._save(index, point, "aeic", path.name, rec)
             if rec is not None:
                 self.learned.add_to_set(f"{point.label}/aeic", rgb, rec)
             aeic = self.results.done[key + ("aeic",)]
@@ -472,17 +478,23 @@ class Evaluator:
         self.results.append(rows)
 
     def run(self, progress: bool = True) -> dict[str, Any]:
-        """Evaluate everything not yet in results.csv, then write summary.json and return it."""
+        """Evaluate everything not yet in results.csv, then write summary.json and return it.
+
+        Reconstructions are saved for the first ``save_recon`` readable images: an unreadable file first
+        in the folder left none to draw the side-by-side from."""
         paths = list_images(self.config.images, self.config.limit)
+        readable = 0  # images before this one that could be read: the index --save-recon counts
         with tqdm(total=len(paths) * len(self.config.points), disable=not progress, unit="pt") as bar:
-            for index, path in enumerate(paths):
+            for path in paths:
                 todo = [
                     p for p in self.config.points
                     if any((path.name, p.label, m) not in self.results.done for m in self.methods)
                 ]  # fmt: skip
                 if todo:
                     bar.set_postfix_str(path.name)
-                    self._image(index, path, todo)
+                    readable += self._image(readable, path, todo)
+                else:
+                    readable += not self._was_unreadable(path.name)
                 bar.update(len(self.config.points))
         summary = self.summary([p.name for p in paths])
         (self.config.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -496,20 +508,27 @@ class Evaluator:
             picture = np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)
             self.codec.decode(self.codec.encode(picture, 0))
 
-    def _image(self, index: int, path: Path, points: list[RatePoint]) -> None:
-        """Evaluate one image at ``points``; an unreadable file gets an error row per method instead."""
+    def _image(self, index: int, path: Path, points: list[RatePoint]) -> bool:
+        """Evaluate one image at ``points``; an unreadable file gets an error row per method instead (False)."""
         try:
             rgb = load_rgb(path)
         except UNREADABLE as exc:
             for point in points:
                 self.results.append(
                     {"image": path.name, "point": point.label, "method": m, "status": "error",
-                     "detail": f"unreadable image: {exc}"}
+                     "detail": f"{UNREADABLE_DETAIL}: {exc}"}
                     for m in self.methods if (path.name, point.label, m) not in self.results.done
                 )  # fmt: skip
-            return
+            return False
         for point in points:
             self._one(index, path, rgb, point)
+        return True
+
+    def _was_unreadable(self, image: str) -> bool:
+        """Whether an image this folder holds every row of was unreadable when measured."""
+        return any(
+            key[0] == image and row["detail"].startswith(UNREADABLE_DETAIL) for key, row in self.results.done.items()
+        )
 
     def summary(self, image_names: list[str]) -> dict[str, Any]:
         """Configuration, machine, per-image rows (this image set only) and per-(point, method) means."""

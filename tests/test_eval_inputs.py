@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aeic.evaluation import baselines, cli, metrics, runner
+from aeic.evaluation import baselines, cli, metrics, plots, runner
 from aeic.sender.images import read_image
 from PIL import Image
 
@@ -221,7 +221,10 @@ def test_a_missing_codec_plugin_is_skipped_with_a_note(
     monkeypatch.setattr(baselines, "available_codecs", lambda: absent)
     out = tmp_path / "out"
     assert _cli(images, out, "--budgets-bpp", "2", "--baselines-only", "--no-plots") == 0
-    assert "baseline avif skipped: Pillow built without AVIF" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "baseline avif skipped: Pillow built without AVIF" in printed.err
+    # said again under the table, which a long run's progress bar has scrolled the first note away from
+    assert "best: of jpeg, webp only; not run here: avif (Pillow built without AVIF), jxl (no plugin)" in printed.out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["skipped_baselines"] == {"avif": "Pillow built without AVIF", "jxl": "no plugin"}
     assert [r["method"] for r in summary["rows"]] == ["jpeg", "webp", "best"]
@@ -276,3 +279,65 @@ def test_every_format_the_sender_reads_is_evaluated(tmp_path: Path) -> None:
     summary = _evaluator(folder, tmp_path / "out").run(progress=False)
     assert sorted(r["image"] for r in summary["rows"]) == ["photo.bmp", "photo.gif", "photo.tif", "photo.webp"]
     assert all(r["status"] == "ok" for r in summary["rows"])
+
+
+def _side_by_side_columns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Records the columns of every side-by-side picture drawn, by file name."""
+    drawn: dict[str, list[str]] = {}
+    draw = plots.side_by_side
+
+    def recording(original: np.ndarray, columns: dict[str, np.ndarray], out_path: Path, crop: Any = None) -> Path:
+        drawn[out_path.name] = [name.split("\n")[0] for name in columns]
+        return draw(original, columns, out_path, crop)
+
+    monkeypatch.setattr(plots, "side_by_side", recording)
+    return drawn
+
+
+def test_an_unreadable_first_image_does_not_take_the_saved_reconstructions(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--save-recon 1 saved the first file's reconstructions; when it was unreadable none were saved and the
+    side-by-side showed the original alone."""
+    (images / "a_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    drawn = _side_by_side_columns(monkeypatch)
+    out = tmp_path / "out"
+    assert _cli(out.parent / "images", out, "--rates", "0", "--baseline", "webp") == 1
+    assert (out / "recon" / "rate0" / "aeic" / "img0.png").is_file()
+    assert drawn == {"side_by_side_img0_rate0.png": ["AEIC", "webp"]}
+
+
+def test_a_single_classic_codec_is_in_the_side_by_side(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only AEIC and best were drawn, so --baselines-only --baseline webp gave a picture of the original alone."""
+    drawn = _side_by_side_columns(monkeypatch)
+    assert _cli(images, tmp_path / "out", "--budgets-bpp", "2", "--baselines-only", "--baseline", "webp") == 0
+    assert drawn == {"side_by_side_img0_bpp2.png": ["webp"]}
+
+
+def test_an_image_unreachable_at_a_point_leaves_its_side_by_side_to_the_next(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The side-by-side took the first image with an ok row at any point, though nothing of it was saved at
+    the others."""
+    Image.fromarray(_picture(8, 8)).save(images / "a_small.png")  # 9 bytes of stride code: over 0.5 bpp's 4
+    drawn = _side_by_side_columns(monkeypatch)
+    assert _cli(images, tmp_path / "out", "--budgets-bpp", "0.5,2", "--baseline", "none", "--save-recon", "2") == 0
+    assert drawn == {"side_by_side_img0_bpp0.5.png": ["AEIC"], "side_by_side_a_small_bpp2.png": ["AEIC"]}
+
+
+def test_a_run_killed_after_a_row_before_its_reconstruction_saves_it_on_resume(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save = runner.Evaluator._save
+
+    def killed(evaluator: runner.Evaluator, *args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Evaluator, "_save", killed)
+    out = tmp_path / "out"
+    assert _cli(images, out, "--rates", "0", "--baseline", "none", "--no-plots") == 130
+    monkeypatch.setattr(runner.Evaluator, "_save", save)
+    assert _cli(images, out, "--rates", "0", "--baseline", "none", "--no-plots") == 0
+    assert (out / "recon" / "rate0" / "aeic" / "img0.png").is_file()

@@ -103,3 +103,14 @@ def test_rows_of_other_encoder_settings_do_not_resume(
     monkeypatch.setattr(baselines, "CODECS", changed)
     with pytest.raises(ValueError, match="webp rows made with other encoder settings"):
         _baselines_only(images, out, "psnr")
+
+
+def test_best_rows_over_other_codecs_do_not_resume(images: Path, tmp_path: Path) -> None:
+    """A folder whose best rows were chosen among JPEG and WebP (AVIF missing on that machine) resumed on one
+    with JPEG, WebP and JPEG XL mixed best-of-two and best-of-three rows in one mean."""
+    out = tmp_path / "out"
+    _with_codec(images, out, "m1", ["jpeg", "webp"]).run(progress=False)
+    with pytest.raises(ValueError, match="best"):
+        _with_codec(images, out, "m1", ["jpeg", "webp", "jxl"])
+    _with_codec(images, out, "m1", ["jpeg", "webp"]).run(progress=False)  # the same codecs resume
+    _with_codec(images, out, "m1", []).run(progress=False)  # and rows without classic codecs join
