@@ -15,21 +15,28 @@ How answers map to what the spool does (see :class:`Outcome`):
   receiver's answer (a captive portal or a proxy's page): taking it as delivered would lose the image.
   The forwarder learns from the next item whether such a failure is this item's alone
   (:mod:`aeic.sender.forward`); ``receiver_wide`` marks those that cannot be.
-* 401, 403 (token refused), 404, 405 (wrong URL), 3xx (moved): ``BLOCKED``. Nothing is wrong
-  with the item: every item would get the same answer until an operator fixes the token or
-  URL, so items stay queued (not rejected) and the drain stops with the reason.
+* 401, 403 (token refused), 404, 405 (wrong URL), 3xx (moved), 415 (the media type refused: the
+  sender always sends ``application/octet-stream``, so a proxy or another server answers): ``BLOCKED``.
+  Nothing is wrong with the item: every item would get the same answer until an operator fixes the
+  token, URL or proxy, so items stay queued (not rejected) and the drain stops with the reason.
 * any other 4xx (bad bitstream, unknown model, too large, ...): ``REJECTED``, the item moves
   to ``rejected/`` with the receiver's reason; it is never retried automatically.
 
-Whatever the answer holds (a body that does not decode as its Content-Encoding says, JSON nested
+A reason that is an HTML page (a proxy's or a web server's error page) is shown by its title, so a
+log line says "502 Bad Gateway", not a page of markup. Whatever the answer holds (a body that does not decode as its Content-Encoding says, JSON nested
 too deep to parse, header bytes that are not ASCII), it is classified by its status: a proxy's
 or an attacker's odd page must not crash ``send`` or ``flush``.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import enum
+import html
+import re
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -40,12 +47,17 @@ from aeic.sender.upload_deadline import Deadline, deadline_transport
 from aeic import __version__
 
 UPLOAD_PATH = "/v1/images"
-_BLOCKING_STATUSES = frozenset({401, 403, 404, 405})
+_BLOCKING_STATUSES = frozenset({401, 403, 404, 405, 415})
 _RETRY_4XX = frozenset({408, 429})
 # The receiver answers with a few hundred bytes of JSON; anything longer is someone else's page,
 # and only its start is kept (for the reason shown), so a big body cannot fill a small device's memory.
 MAX_ANSWER_BYTES = 64 * 1024
 _BODY_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+# What a bearer token may hold (RFC 6750's b64token, and every printable ASCII character besides):
+# anything else cannot go into a header, and would fail every upload as if the network did.
+_TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"<[^>]*>")
 
 
 class Outcome(enum.Enum):
@@ -118,8 +130,12 @@ class Uploader:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        token = token.strip()  # a line end from an env file edited on Windows is not part of it
         if not token:
             raise UploadConfigError("no device token: pass --token or set AEIC_TOKEN")
+        if not _TOKEN_CHARACTERS.fullmatch(token):
+            raise UploadConfigError("the device token holds a space, a control or a non-ASCII character, which no "
+                                    "token has (a pasting or encoding mistake?); it is not shown here")  # fmt: skip
         self.url = endpoint_url(base_url)
         self._timeout = timeout
         self._deadline = Deadline()
@@ -182,7 +198,9 @@ def classify(response: httpx.Response) -> UploadResult:
     if status in _RETRY_4XX or status >= 500:
         return UploadResult(Outcome.RETRY, status, f"HTTP {status}: {reason}", None, _retry_after(response), status == 429)
     if status in _BLOCKING_STATUSES:
-        hint = "check the device token" if status in (401, 403) else "check the receiver URL"
+        hint = {401: "check the device token", 403: "check the device token",
+                415: "the receiver or a proxy before it refused application/octet-stream; check the URL and proxy",
+                }.get(status, "check the receiver URL")  # fmt: skip
         return UploadResult(Outcome.BLOCKED, status, f"HTTP {status}: {reason} ({hint})")
     if 300 <= status < 400:
         where = _one_line(response.headers.get("Location", "?"))
@@ -213,7 +231,16 @@ def _reason(response: httpx.Response, body: object) -> str:
             if body.get(field):
                 return _one_line(str(body[field]))
     text = response.text.strip() if response.content else ""
+    if "html" in response.headers.get("Content-Type", "").lower() or text[:1] == "<":
+        text = _html_text(text)
     return _one_line(text) or response.reason_phrase or "no reason given"
+
+
+def _html_text(page: str) -> str:
+    """An HTML page's title, else its text without the markup."""
+    title = _HTML_TITLE.search(page)
+    text = title.group(1) if title is not None and title.group(1).strip() else _HTML_TAG.sub(" ", page)
+    return html.unescape(text)
 
 
 def _receiver_id(body: object) -> str | None:
@@ -223,12 +250,19 @@ def _receiver_id(body: object) -> str | None:
 
 
 def _retry_after(response: httpx.Response) -> float:
-    """Retry-After in seconds (the delta-seconds form; an HTTP date is ignored)."""
-    value = response.headers.get("Retry-After", "")
+    """Retry-After in seconds: delta-seconds, or an HTTP date (counted from this device's clock)."""
+    value = response.headers.get("Retry-After", "").strip()
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):  # not a date either: no wait asked for
         return 0.0
+    if when.tzinfo is None:  # "-0000" parses without a zone; an HTTP date is always GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _transport_detail(exc: httpx.TransportError) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import random
 import shutil
 import threading
@@ -413,3 +414,50 @@ def test_items_delivered_to_a_read_only_spool_are_not_uploaded_again(tmp_path: P
         spool.remove = real_remove  # type: ignore[method-assign]
         forwarder.drain_pass()
     assert len(spool) == 0 and len(receiver.requests) == 3 and sorted(receiver.stored) == sorted(keys)
+
+
+@pytest.mark.parametrize("token", ["device-token\r", "s3cret t0ken", "s3cr\u00e9t-t0ken", "s3cret\x00t0ken"])
+def test_a_token_no_header_can_carry_is_a_config_error_that_does_not_show_it(token: str) -> None:
+    """A CR from a Windows-edited env file failed every upload as a 'network' error with the token in the
+    log line; a non-ASCII one ended the agent with a traceback."""
+    if token.endswith("\r"):  # surrounding white space is no part of a token: it is dropped
+        with Uploader("http://127.0.0.1:1", token) as uploader:
+            assert uploader._client.headers["Authorization"] == "Bearer device-token"
+        return
+    with pytest.raises(UploadConfigError, match="not shown") as raised:
+        Uploader("http://127.0.0.1:1", token)
+    assert token not in str(raised.value)
+
+
+def test_a_415_is_blocked_not_a_reason_to_reject_every_item() -> None:
+    """The sender always sends application/octet-stream: a 415 comes from a proxy or another server and would
+    move the whole queue to rejected/ one item at a time."""
+    result = classify(httpx.Response(415, json={"error": {"code": "unsupported_media_type", "message": "no"}}))
+    assert result.outcome is Outcome.BLOCKED and "proxy" in result.detail
+
+
+NGINX_502 = ("<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
+             "<hr><center>nginx</center></body></html>")
+
+
+@pytest.mark.parametrize(
+    ("status", "page", "shown"),
+    [
+        (502, NGINX_502, "HTTP 502: 502 Bad Gateway"),
+        (400, "<html><body><h1>The plain HTTP request was sent to HTTPS port</h1></body></html>",
+         "HTTP 400: The plain HTTP request was sent to HTTPS port"),
+        (404, "<!DOCTYPE html><html><head><title>Not Found &amp; gone</title>", "HTTP 404: Not Found & gone"),
+    ],
+)
+def test_an_html_error_page_is_shown_by_its_title(status: int, page: str, shown: str) -> None:
+    result = classify(httpx.Response(status, text=page, headers={"Content-Type": "text/html"}))
+    assert result.detail.startswith(shown) and "<" not in result.detail
+
+
+def test_a_retry_after_date_is_honoured() -> None:
+    when = email.utils.formatdate(time.time() + 120, usegmt=True)
+    result = classify(httpx.Response(429, headers={"Retry-After": when}))
+    assert 100 <= result.retry_after <= 121
+    past = classify(httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}))
+    assert past.retry_after == 0.0
+    assert classify(httpx.Response(503, headers={"Retry-After": "soon"})).retry_after == 0.0
