@@ -61,18 +61,15 @@ def choose_providers(requested: str | None) -> list[str]:
 
 
 @dataclass
-class AnalysedImage:
-    """An image after the analysis transform: reusable across rate levels."""
+class SourceFacts:
+    """What the header says of the original picture, whatever its coding downscale: the budget's fallback
+    analyses one photo at up to three downscales, and these passes over the whole original are made once."""
 
     rgb: np.ndarray
-    latent: np.ndarray  # (1, C, h, w) float32
-    downscale: int = 1  # the coding downscale the latent was computed at
-    # the entropy model's buffers, kept for this image's rate levels and freed with it
-    backend: NumpyBackend = field(default_factory=NumpyBackend, repr=False)
 
     @cached_property
     def colour_stats(self) -> tuple[int, int, int, int, int, int]:
-        """The header's colour statistics: a pass over the whole original, once per image."""
+        """The header's colour statistics (of the original, not of the downscaled picture coded)."""
         return colour_statistics(self.rgb)
 
     @cached_property
@@ -80,6 +77,29 @@ class AnalysedImage:
         """The header's grey flag: the model decodes colour, so a grey photo came back tinted at low rates
         unless the receiver is told to output grey (one header bit, so a byte budget still holds)."""
         return is_grey(self.rgb)
+
+
+@dataclass
+class AnalysedImage:
+    """An image after the analysis transform: reusable across rate levels."""
+
+    facts: SourceFacts  # the original picture, shared by every analysis of it
+    latent: np.ndarray  # (1, C, h, w) float32
+    downscale: int = 1  # the coding downscale the latent was computed at
+    # the entropy model's buffers, kept for this image's rate levels and freed with it
+    backend: NumpyBackend = field(default_factory=NumpyBackend, repr=False)
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return self.facts.rgb
+
+    @property
+    def colour_stats(self) -> tuple[int, int, int, int, int, int]:
+        return self.facts.colour_stats
+
+    @property
+    def grey(self) -> bool:
+        return self.facts.grey
 
 
 def is_grey(rgb: np.ndarray) -> bool:
@@ -132,11 +152,12 @@ class SenderCodec:
     def num_levels(self) -> int:
         return self.package.num_levels
 
-    def analyse(self, rgb: np.ndarray, downscale: int | None = None) -> AnalysedImage:
+    def analyse(self, rgb: np.ndarray, downscale: int | None = None, facts: SourceFacts | None = None) -> AnalysedImage:
         """Run the analysis transform once (the expensive part), on the image reduced by the coding downscale.
 
         ``downscale`` (1, 2 or 4) overrides the codec's setting; with neither, ``"auto"`` picks one by size
-        (:func:`aeic.sender.coding_scale.downscale_for_rate`)."""
+        (:func:`aeic.sender.coding_scale.downscale_for_rate`). ``facts``: those of ``rgb`` from another
+        analysis of it, so its header fields are not computed again."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError("expected an HxWx3 uint8 RGB image")
         height, width = rgb.shape[:2]
@@ -146,7 +167,9 @@ class SenderCodec:
         too_large = decode_limits.oversize_reason(height, width, factor)
         if too_large is not None:  # a receiver would refuse the stream: fail here, before any work
             raise ValueError(too_large)
-        return AnalysedImage(rgb, self.analysis(rgb, factor, ALIGNMENT), factor)
+        if facts is not None and facts.rgb is not rgb:
+            raise ValueError("facts of another picture")
+        return AnalysedImage(facts or SourceFacts(rgb), self.analysis(rgb, factor, ALIGNMENT), factor)
 
     def _entropy_code(self, analysed: AnalysedImage, level: int) -> tuple[bytes, np.ndarray]:
         """(payload, ŷ in fixed point) of this rate level."""
@@ -194,8 +217,10 @@ class SenderCodec:
         height, width = rgb.shape[:2]
         factors = coding_scale.budget_downscales(height, width, target_bytes) if auto else [None]
         smallest: list[int] = []  # each factor's smallest stream: the error names the least of them
+        facts = SourceFacts(rgb)  # the header's colour statistics and grey flag, whatever the factor
         for factor in factors:
-            search = LevelSearch(partial(self.encode_analysed, self.analyse(rgb, factor)), target_bytes, self.num_levels)
+            analysed = self.analyse(rgb, factor, facts)
+            search = LevelSearch(partial(self.encode_analysed, analysed), target_bytes, self.num_levels)
             best = search.highest_fitting_level()
             if best is None:
                 best, least = search.fit_among_lowest_levels()

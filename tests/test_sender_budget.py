@@ -9,8 +9,12 @@ telling one level's outcome from another's, docs/sender.md), random curves and t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pytest
+from aeic.sender import coding_scale, encoder
 from aeic.sender.encoder import LOWEST_LEVELS_SCANNED, AnalysedImage, BudgetError, LevelSearch, SenderCodec
 from aeic.shared import bitstream
 from aeic.shared.model_package import default_model_dir
@@ -232,3 +236,29 @@ def test_auto_codes_a_small_picture_smaller_rather_than_miss_the_budget() -> Non
     assert min(least) < least[-1]  # the last factor tried is not the smallest: the error named it
     with pytest.raises(BudgetError, match=f"needs {min(least)} bytes"):
         auto.encode_to_budget(tiny, 20)
+
+
+def test_the_fallback_computes_the_header_facts_of_the_original_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header's colour statistics and grey flag describe the original, whatever the coding downscale; the
+    budget's fallback to 1/2 and 1/4 made both passes over the whole original again for each factor."""
+    from aeic.codec.testing import make_tiny_package
+
+    codec = SenderCodec.from_package(make_tiny_package(tmp_path / "tiny-se"))
+    calls = {"colour_statistics": 0, "is_grey": 0}
+
+    def counting(name: str) -> Callable[[np.ndarray], object]:
+        original = getattr(encoder, name)
+
+        def counted(rgb: np.ndarray) -> object:
+            calls[name] += 1
+            return original(rgb)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(encoder, name, counting(name))
+    rgb = _photo(257, 333, 0)
+    assert coding_scale.budget_downscales(257, 333, 10) == [1, 2, 4]
+    with pytest.raises(BudgetError):  # no stream is 10 bytes: every factor is tried, each coding some levels
+        codec.encode_to_budget(rgb, 10)
+    assert calls == {"colour_statistics": 1, "is_grey": 1}
