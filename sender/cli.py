@@ -466,9 +466,12 @@ def cmd_watch(
 
 def _watch(watcher: FolderWatcher, directory: Path, config: SenderConfig, reporter: Reporter,
            codec_factory: CodecFactory) -> None:
-    """Encode and spool each file ``watcher`` finds ready, uploading in the background, until stopped."""
-    encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
+    """Encode and spool each file ``watcher`` finds ready, uploading in the background, until stopped.
+
+    The receiver settings are checked (``_Daemon``) before the model loads: a missing token or URL is
+    one line at once, not after seconds of loading on a Pi that systemd restarts every few seconds."""
     with _Daemon(config, reporter) as daemon:
+        encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
 
         def handle(candidate: Candidate) -> tuple[Handled, str]:
             encoded = encoder.from_file(candidate.path)
@@ -493,9 +496,9 @@ def cmd_camera(
     if args.count is not None and args.count < 1:
         raise UsageError("--count must be at least 1")
     camera = Camera(parse_source(config.camera_source), log=reporter.info)
-    encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
     failures = 0
-    with _Daemon(config, reporter) as daemon:
+    with _Daemon(config, reporter) as daemon:  # the receiver settings first, as in watch
+        encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
         for number, rgb in enumerate(camera.frames(config.camera_interval, daemon.stop, args.count), 1):
             source = f"camera-{time.strftime('%Y%m%dT%H%M%S')}-{number}"
             encoded = encoder.from_array(rgb, source)
