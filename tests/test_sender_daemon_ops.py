@@ -3,12 +3,18 @@ away, a folder of thousands of photos. The command layer runs in-process with a 
 
 from __future__ import annotations
 
+import os
+import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aeic.sender import cli
 from aeic.sender.config import SenderConfig
 from aeic.sender.report import Reporter
+from aeic.sender.watch import SCAN_SHARE, Candidate, FolderWatcher, Handled, run_watch
 from sender_support import ContainerCodec
 
 pytest.importorskip("aeic.sender.encoder")  # the command layer catches the encoder's BudgetError
@@ -39,3 +45,95 @@ def test_a_daemon_missing_a_receiver_setting_stops_before_loading_the_model(
     assert loaded == []
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and told in err[0]
+
+
+class _CountingWatcher(FolderWatcher):
+    """A real watcher that runs ``on_scan`` before each scan (to change the folder, advance a clock)."""
+
+    def __init__(self, directory: Path, state: Path, on_scan: Callable[[int], None]) -> None:
+        super().__init__(directory, state)
+        self.scans = 0
+        self._on_scan = on_scan
+
+    def scan(self) -> list[Candidate]:
+        self.scans += 1
+        self._on_scan(self.scans)
+        return super().scan()
+
+
+def test_a_folder_gone_for_many_scans_is_one_line_and_its_return_another(tmp_path: Path) -> None:
+    """An unmounted card or a deleted outbox was one line every poll (1,800 an hour at the default 2 s)."""
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    stop = threading.Event()
+    lines: list[str] = []
+    handled: list[str] = []
+
+    def change(scan: int) -> None:
+        if scan == 2:
+            shutil.rmtree(folder)
+        elif scan == 30:
+            folder.mkdir()
+            (folder / "back.jpg").write_bytes(b"jpeg")
+        elif scan == 40:
+            stop.set()
+
+    def handle(candidate: Candidate) -> tuple[Handled, str]:
+        handled.append(candidate.name)
+        return Handled.SENT, ""
+
+    with _CountingWatcher(folder, tmp_path / "state.db", change) as watcher:
+        run_watch(watcher, handle, stop, 0.001, on_error=lines.append)
+    assert len(lines) == 2, lines
+    assert "is gone" in lines[0] and lines[1] == f"watch: {folder} is scanned again"
+    assert handled == ["back.jpg"]
+
+
+def test_a_slow_scan_is_repeated_less_often(tmp_path: Path) -> None:
+    """A scan of a folder of many thousand files takes a good part of a second on a Pi; repeated every 2 s
+    it kept a core busy while nothing arrived. Scans now take at most SCAN_SHARE of the time."""
+    now = [0.0]
+    waits: list[float] = []
+
+    class Stop(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(0.0 if timeout is None else timeout)
+            if len(waits) == 3:
+                self.set()
+            return self.is_set()
+
+    def slow(scan: int) -> None:
+        now[0] += 0.1 if scan == 1 else 1.5  # the first scan is quick, the later ones slow
+
+    (tmp_path / "outbox").mkdir()
+    with _CountingWatcher(tmp_path / "outbox", tmp_path / "state.db", slow) as watcher:
+        run_watch(watcher, lambda candidate: (Handled.SENT, ""), Stop(), 2.0, clock=lambda: now[0])
+    assert waits[0] == 2.0  # quick scans keep the poll interval
+    assert waits[1] == pytest.approx(1.5 * (1 / SCAN_SHARE - 1))
+    assert 1.5 / (1.5 + waits[1]) == pytest.approx(SCAN_SHARE)
+
+
+def test_a_folder_that_cannot_be_listed_is_not_taken_for_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Path.glob took a folder it was denied for an empty one: every remembered file was forgotten, and the
+    whole folder sent again once it could be listed."""
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"jpeg")
+    with FolderWatcher(folder, tmp_path / "state.db") as watcher:
+        watcher.scan()
+        (ready,) = watcher.scan()
+        watcher.record(ready, Handled.SENT)
+        real_scandir = os.scandir
+
+        def denied(path: str) -> Any:
+            if Path(path) == folder:
+                raise PermissionError(13, "Permission denied", path)
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", denied)
+        with pytest.raises(PermissionError):
+            watcher.scan()
+        monkeypatch.setattr(os, "scandir", real_scandir)
+        assert watcher.scan() == [] and watcher.scan() == []  # still remembered: not sent again
