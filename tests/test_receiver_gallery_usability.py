@@ -4,6 +4,7 @@ and the pages' HEAD answers."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,52 @@ def test_sign_in_goes_back_only_to_a_page_of_this_site(tmp_path: Path) -> None:
             linked = httpx.get(f"{server.url}/login", params={"token": ADMIN, "next": target})
             assert posted.status_code == linked.status_code == 303, target
             assert posted.headers["location"] == linked.headers["location"] == location, target
+
+
+def test_a_grid_in_a_background_tab_stops_polling_and_catches_up_when_shown(
+    tmp_path: Path, browser: Chrome
+) -> None:
+    """A grid left open in a background tab fetched the whole first page every 1.5 s (40 KB at 60 images:
+    1.6 MB a minute, and a database query each time) for nobody; shown again, it updates at once."""
+    app, tokens = _app(tmp_path, worker=False)
+    store = app.state.receiver.store
+    listings: list[float] = []
+    original = store.list_images
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        listings.append(time.monotonic())
+        return original(*args, **kwargs)
+
+    store.list_images = counted
+    with ServerThread(app) as server:
+        _upload(server.url, tokens["cam1"])
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        grid = browser.current_window_handle
+        WebDriverWait(browser, 10).until(lambda _: len(listings) >= 2)  # the page, then its first poll
+        browser.switch_to.new_window("tab")  # the grid's tab goes to the background
+        hidden_at = time.monotonic()
+        time.sleep(0.5)  # a poll already on its way when the tab was hidden may still arrive
+        newest = _upload(server.url, tokens["cam1"])
+        time.sleep(4.5)
+        assert [t for t in listings if t > hidden_at + 0.5] == []
+        browser.switch_to.window(grid)
+        shown_at = time.monotonic()
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+            "return document.querySelector('#grid .card').dataset.id") == newest)
+        assert min(t for t in listings if t > shown_at) - shown_at < 1.0  # at once, not after a poll interval
+
+
+def test_pages_answer_head_as_their_get(tmp_path: Path) -> None:
+    """Uptime monitors and link checkers ask with HEAD: the pages answered 405, so a working gallery read
+    as down. HEAD is the GET's status and headers with no body."""
+    app, tokens = _app(tmp_path, worker=False)
+    with ServerThread(app) as server:
+        image_id = _upload(server.url, tokens["cam1"])
+        cookie = httpx.get(f"{server.url}/login", params={"token": ADMIN}).cookies
+        for path in ("/", f"/images/{image_id}", f"/images/{'0' * 32}", "/login", "/?cursor=bad"):
+            for cookies in (None, cookie):
+                got = httpx.get(f"{server.url}{path}", cookies=cookies)
+                head = httpx.head(f"{server.url}{path}", cookies=cookies)
+                assert (head.status_code, head.content) == (got.status_code, b""), path
+                for name in ("content-type", "content-length", "cache-control"):
+                    assert head.headers.get(name) == got.headers.get(name), (path, name)
