@@ -194,9 +194,10 @@ def logout(request: Request) -> Response:
 def install_gallery(app: FastAPI) -> None:
     """Mount the gallery pages and their static files on `app`."""
     router = APIRouter(include_in_schema=False)
-    router.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse)
-    router.add_api_route("/images/{image_id}", image_page, methods=["GET"], response_class=HTMLResponse)
-    router.add_api_route("/login", login_form, methods=["GET"], response_class=HTMLResponse)
+    # HEAD as GET (uvicorn drops the body): monitors and link checkers ask with it.
+    router.add_api_route("/", index, methods=["GET", "HEAD"], response_class=HTMLResponse)
+    router.add_api_route("/images/{image_id}", image_page, methods=["GET", "HEAD"], response_class=HTMLResponse)
+    router.add_api_route("/login", login_form, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/login", login_submit, methods=["POST"], response_class=HTMLResponse)
     router.add_api_route("/logout", logout, methods=["POST"])
     app.include_router(router)
