@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote_plus
 
 __all__ = ["TokenRedactingFilter", "install_log_redaction", "redact"]
 
-_SECRET_PARAM = re.compile(r"(?i)((?:^|[?&])(?:token|access_token)=)[^&\s\"]*")
+# A query parameter: its name (group 1, with the `?`/`&` before it) and its value.
+_PARAM = re.compile(r"((?:^|[?&])([^=&\s\"?]*)=)[^&\s\"]*")
+_SECRET_NAMES = {"token", "access_token"}
 _ACCESS_LOGGER = "uvicorn.access"
 
 
 def redact(text: str) -> str:
-    """`text` with the value of every token-like query parameter replaced."""
-    return _SECRET_PARAM.sub(r"\1[redacted]", text)
+    """`text` with the value of every token-like query parameter replaced. The name is compared decoded,
+    as the app reads it: `/login?%74oken=...` signs in like `?token=...` (uvicorn logs the raw query)."""
+
+    def hide(match: re.Match[str]) -> str:
+        secret = unquote_plus(match.group(2)).lower() in _SECRET_NAMES
+        return match.group(1) + "[redacted]" if secret else match.group(0)
+
+    return _PARAM.sub(hide, text)
 
 
 class TokenRedactingFilter(logging.Filter):

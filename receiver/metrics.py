@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 from aeic.receiver.storage import Status
@@ -11,18 +12,29 @@ from prometheus_client.registry import Collector
 
 __all__ = ["ReceiverMetrics"]
 
+log = logging.getLogger(__name__)
+
 _MS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 
 
 class _JobsCollector(Collector):
-    """Images per status, read from the database at scrape time (correct across restarts and replicas)."""
+    """Images per status, read from the database at scrape time (correct across restarts and replicas).
+
+    A scrape while the database fails leaves the gauge out (and says so in the log) instead of failing:
+    the whole exposition answered 503 then, so an outage hid the very counters that show it."""
 
     def __init__(self, counts: Callable[[], dict[Status, int]]) -> None:
         self._counts = counts
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = self._counts()
+        except Exception as exc:  # noqa: BLE001 - any database failure; the rest of the scrape still answers
+            log.warning("metrics: aeic_images left out of this scrape, the database failed: %s",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return
         family = GaugeMetricFamily("aeic_images", "Stored images by decode status", labels=["status"])
-        for status, count in self._counts().items():
+        for status, count in counts.items():
             family.add_metric([status.value], count)
         yield family
 
