@@ -148,27 +148,33 @@ def load_config(
     environ = os.environ if environ is None else environ
     path = config_path or environ.get(CONFIG_ENV)
     layers = [
-        read_config_file(Path(path)) if path else {},
-        env_values(environ),
-        {k: v for k, v in (cli_values or {}).items() if v is not None},
+        (read_config_file(Path(path)) if path else {}, f"in {path}"),
+        (env_values(environ), "from " + ENV_PREFIX + "{KEY}"),
+        ({k: v for k, v in (cli_values or {}).items() if v is not None}, "from the command line"),
     ]
     merged: dict[str, Any] = {}
-    for layer in layers:
+    origins: dict[str, str] = {}  # where each value came from, for the error line
+    for layer, origin in layers:
         # rate and target_bytes exclude each other: a higher layer's choice replaces a lower one's.
         for key, other in (("rate", "target_bytes"), ("target_bytes", "rate")):
             if key in layer:
                 merged.pop(other, None)
         merged.update(layer)
+        origins.update({key: origin.replace("{KEY}", str(key).upper()) for key in layer})
     merged.setdefault("spool_dir", default_spool_dir(environ))
     try:
         return SenderConfig(**merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, origins)) from None
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, origins: Mapping[str, str]) -> str:
+    """One line naming each bad key and where it was set: a value from ``AEIC_TIMEOUT`` is not looked
+    for in the config file. The values themselves are not shown (one may be the token)."""
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "settings"
-        problems.append(f"{where}: {error['msg']}")
+        origin = origins.get(str(error["loc"][0])) if error["loc"] else None
+        message = "unknown key (a typo?)" if error["type"] == "extra_forbidden" else error["msg"]
+        problems.append(f"{where} ({origin}): {message}" if origin else f"{where}: {message}")
     return "invalid settings: " + "; ".join(problems)

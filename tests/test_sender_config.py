@@ -92,3 +92,18 @@ def test_readme_documents_every_key() -> None:
     readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
     missing = [key for key in SenderConfig.model_fields if f"| `{key}` |" not in readme]
     assert missing == []
+
+
+def test_an_invalid_value_is_named_with_where_it_was_set(tmp_path: Path) -> None:
+    """'timeout: Input should be a valid number' sent an operator to a config file that did not set it
+    (AEIC_TIMEOUT in the unit's environment file did)."""
+    path = tmp_path / "sender.toml"
+    path.write_text('recieverurl = "http://x"\nthreads = "four"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config({"watch_poll": -1.0}, path, {"AEIC_TIMEOUT": "soon", "AEIC_TOKEN": "s3cret-t0ken"})
+    message = str(raised.value)
+    assert f"recieverurl (in {path}): unknown key" in message
+    assert f"threads (in {path}):" in message
+    assert "timeout (from AEIC_TIMEOUT):" in message
+    assert "watch_poll (from the command line):" in message
+    assert "\n" not in message and "s3cret" not in message
