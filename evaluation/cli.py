@@ -8,18 +8,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aeic.evaluation import baselines, plots, runner
+from aeic.evaluation import baselines, learned, metrics, plots, runner
 from aeic.sender.coding_scale import parse_downscale
 from aeic.sender.rate_distortion_rounding import parse_rounding
 
 BASELINE_CHOICES = ("jpeg", "webp", "avif", "jxl", "best", "none")
+METRIC_NAMES = ("psnr", "ms_ssim", "texture", *metrics.PERCEPTUAL_METRICS, *learned.REQUIREMENTS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aeic eval",
         description="Compress every image to a real AEIC bitstream, decode it, and measure it against "
-        "classic codecs at the same bytes. Writes OUT/results.csv, OUT/summary.json and RD plots.",
+        "classic codecs at the same bytes. Writes OUT/results.csv, OUT/summary.json, RD plots and side-by-side "
+        "crops (OUT/rd_<metric>.png, OUT/side_by_side_<image>_<point>.png).",
+        epilog="Exit status: 0 done; 1 some image failed (its error rows are in the results); 2 bad arguments; "
+        "130 interrupted (the rows written stay, the same command resumes).",
     )
     p.add_argument("--images", type=Path, required=True, help="folder of images (PNG, JPEG, WebP, BMP, TIFF, GIF)")
     p.add_argument(
@@ -34,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the baseline search picks the downscale factor (default psnr)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="output folder (re-run to resume)")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--metrics", default=None, help="comma list (default: every metric that runs here)")
-    p.add_argument(
-        "--save-recon", type=int, default=1, metavar="N", help="save reconstructions of first N images"
-    )
+    p.add_argument("--metrics", default=None,
+                   help=f"comma list of {', '.join(METRIC_NAMES)} (default: every one that runs here)")  # fmt: skip
+    p.add_argument("--save-recon", type=int, default=1, metavar="N",
+                   help="save reconstructions of the first N readable images (default 1; the side-by-side needs one)")  # fmt: skip
     p.add_argument("--baselines-only", action="store_true",
                    help="no model: classic codecs at the --budgets-bpp only (reference numbers)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="skip RD curves and side-by-side pictures")

@@ -388,3 +388,14 @@ def test_rd_curves_and_side_by_side_inputs(tmp_path: Path) -> None:
     path = plots.side_by_side(original, {"same": original, "MSE-only": original}, tmp_path / "s.png")
     with Image.open(path) as im:
         assert im.format == "PNG"
+
+
+def test_help_names_every_metric_and_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help said only "comma list" for --metrics, so the names it takes were found by trial."""
+    with pytest.raises(SystemExit):
+        cli.main_eval(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in ("psnr", "ms_ssim", "texture", "haarpsi", "vif", "fsim", "gmsd", "lpips", "dists", "fid", "kid"):
+        assert name in text
+    assert runner.metric_functions(list(cli.METRIC_NAMES))[0]  # every listed name is accepted
+    assert "1 some image failed" in text and "130 interrupted" in text
