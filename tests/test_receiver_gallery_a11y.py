@@ -311,10 +311,12 @@ def test_sign_out_by_keyboard_and_back_shows_no_private_page(tmp_path: Path, bro
         # the mechanism, deterministically: into the cache hides the page, out of it reloads it
         browser.execute_script("window.aeicMark = 1;"
                                "window.dispatchEvent(new PageTransitionEvent('pagehide', {persisted: true}));")
-        assert browser.execute_script("return document.body.hidden") is True
+        assert browser.execute_script("return getComputedStyle(document.body).visibility") == "hidden"
+        assert browser.execute_script("return document.body.innerText") == ""
         browser.execute_script("window.dispatchEvent(new PageTransitionEvent('pageshow', {persisted: true}));")
         WebDriverWait(browser, 10).until(lambda d: d.execute_script(
-            "return window.aeicMark === undefined && document.readyState === 'complete' && !document.body.hidden"))
+            "return window.aeicMark === undefined && document.readyState === 'complete'"
+            " && getComputedStyle(document.body).visibility === 'visible'"))
 
         browser.find_element(By.ID, "logout").send_keys(Keys.ENTER)
         WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "token"))

@@ -186,3 +186,26 @@ def test_pages_answer_head_as_their_get(tmp_path: Path) -> None:
                 assert (head.status_code, head.content) == (got.status_code, b""), path
                 for name in ("content-type", "content-length", "cache-control"):
                     assert head.headers.get(name) == got.headers.get(name), (path, name)
+
+
+def test_back_from_an_image_returns_to_the_same_place_in_the_grid(tmp_path: Path, browser: Chrome) -> None:
+    """Back from an image opened far down the grid went to the top of the grid: the page hid its body
+    going into the back/forward cache, which collapsed it to no height, and its reload kept that scroll."""
+    app, tokens = _app(tmp_path)
+    with ServerThread(app) as server:
+        ids = [_upload(server.url, tokens["cam1"]) for _ in range(40)]
+        _wait_done(server.url, tokens["cam1"], ids[-1])
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.execute_script("document.querySelectorAll('#grid .card')[30].scrollIntoView({block: 'center'})")
+        card_top = browser.execute_script("return document.querySelectorAll('#grid .card')[30]"
+                                          ".getBoundingClientRect().top")
+        assert browser.execute_script("return scrollY") > 1000
+        browser.execute_script("document.querySelectorAll('#grid .card')[30].click()")
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "reconstruction"))
+        browser.back()
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+            "return document.readyState === 'complete' && !!document.getElementById('grid')"))
+        time.sleep(0.5)  # a reload out of the back/forward cache, if any, has begun by now
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
+        top = browser.execute_script("return document.querySelectorAll('#grid .card')[30].getBoundingClientRect().top")
+        assert abs(top - card_top) < 2, (card_top, top)
