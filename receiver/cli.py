@@ -89,28 +89,24 @@ def _settings(args: argparse.Namespace, **extra: object) -> ReceiverSettings:
     return load_settings(args.config, data_dir=args.data, database_url=args.database_url, **extra)
 
 
-def _worker_locks_held(settings: ReceiverSettings) -> str | None:
-    """Why another receiver's worker already holds this data dir or SQLite database, else None: said in
-    one line before any model loads (the app takes both locks for good when it starts)."""
-    from aeic.receiver.data_dir import (
-        DatabaseInUseError,
-        DataDirInUseError,
-        lock_data_dir,
-        lock_sqlite_database,
-        unlock_data_dir,
-    )
+def _hold_worker_locks(settings: ReceiverSettings) -> list[int]:
+    """Take the data directory's worker lock, then a SQLite database's, for the start-up checks and the model
+    load; raises `DataDirInUseError` or `DatabaseInUseError` (one line, before any model loads) when another
+    receiver's worker holds one. Why held so long: released at once, a second `serve` started meanwhile passed
+    this check and failed later, when the app takes the locks for good, with a 43-line traceback (status 3).
+    They are given back just before the app takes them, which leaves a window of milliseconds, not seconds."""
+    from aeic.receiver.data_dir import lock_data_dir, lock_sqlite_database, prepare_data_dir, unlock_data_dir
 
+    prepare_data_dir(settings.data_dir)
+    held = [lock_data_dir(settings.data_dir)]
     try:
-        if settings.data_dir.is_dir():
-            unlock_data_dir(lock_data_dir(settings.data_dir))
         database_lock = lock_sqlite_database(settings.resolved_database_url())
-    except (DataDirInUseError, DatabaseInUseError) as exc:
-        return str(exc)
-    except OSError:  # a database folder not made yet: the app makes it, and reports what it cannot
-        return None
-    if database_lock is not None:
-        unlock_data_dir(database_lock)
-    return None
+    except OSError:  # a database folder not made yet: the database check reports what it cannot open
+        database_lock = None
+    except BaseException:
+        unlock_data_dir(held.pop())
+        raise
+    return held if database_lock is None else [*held, database_lock]
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:
@@ -148,24 +144,29 @@ def _check_database(settings: ReceiverSettings) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from aeic.receiver.api import create_app
+    from aeic.receiver.data_dir import unlock_data_dir
 
     settings = _settings(args, host=args.host, port=args.port, model_packages=args.model_packages,
                          device=args.device, batch_size=args.batch_size, worker=args.worker)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.worker and settings.queue is None:
-        busy = _worker_locks_held(settings)
-        if busy is not None:
-            print(f"aeic-receiver: {busy}", file=sys.stderr)
-            return 2
-    _check_database(settings)
-    sockets = _listen(settings.host, settings.port)
+    held = _hold_worker_locks(settings) if settings.worker and settings.queue is None else []
+    sockets: list[socket.socket] = []
     try:
+        _check_database(settings)
+        sockets = _listen(settings.host, settings.port)
         app = create_app(settings)
-        bound = sockets[0].getsockname()
-        log.info("bound http://%s:%d; the API answers once start-up is complete", settings.host, bound[1])
-        server = uvicorn.Server(uvicorn.Config(
-            app, log_level=args.log_level, timeout_graceful_shutdown=30,
-            forwarded_allow_ips=settings.forwarded_allow_ips))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    finally:
+        while held:  # the app's start-up takes them again
+            unlock_data_dir(held.pop())
+    log.info("bound http://%s:%d; the API answers once start-up is complete", settings.host,
+             sockets[0].getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=30,
+                                           forwarded_allow_ips=settings.forwarded_allow_ips))
+    try:
         server.run(sockets=sockets)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on, once it has
         pass
@@ -238,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     directory, the database, the port, the model) is one line on stderr and status 2."""
     args = _parser().parse_args(argv)
     import sqlalchemy as sa
+    from aeic.receiver.data_dir import DatabaseInUseError, DataDirInUseError
     from aeic.receiver.storage.migrations import SchemaTooNewError
     from aeic.shared.model_package import ModelPackageError
 
@@ -247,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args) if args.command == "serve" else _token(args)
     except ValidationError as exc:
         message = f"invalid configuration: {_validation_line(exc)}"
-    except (ConfigError, SchemaTooNewError) as exc:
+    except (ConfigError, SchemaTooNewError, DataDirInUseError, DatabaseInUseError) as exc:
         message = str(exc)
     except FileNotFoundError as exc:
         message = f"invalid configuration: {exc}" if exc.errno is None else _os_line(exc)

@@ -4,6 +4,7 @@ claimed), and a password in a database URL never reaches that line."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -190,3 +191,29 @@ def test_serve_answers_on_the_port_it_bound_and_stops_on_ctrl_c(tmp_path: Path) 
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+class _Stop(Exception):
+    """Ends a `serve` the test has seen far enough."""
+
+
+def test_a_second_serve_during_the_first_ones_model_load_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: the worker locks were checked and given back at once, so a `serve` started while the first was
+    loading its model passed the check, and one of the two failed in uvicorn's start-up with a 43-line
+    traceback and status 3. Now the first holds them through the model load."""
+    data = tmp_path / "data"
+    second: list[int] = []
+    builds: list[object] = []
+
+    def create_app(settings: object, *_args: object, **_kwargs: object) -> None:
+        builds.append(settings)
+        if len(builds) == 1:  # the first serve is loading its model: start the second now
+            second.append(main(["serve", "--data", str(data), "--port", "0"]))
+        raise _Stop
+
+    monkeypatch.setattr(api, "create_app", create_app)
+    with pytest.raises(_Stop):
+        main(["serve", "--data", str(data), "--port", "0"])
+    assert second == [2] and len(builds) == 1
+    assert f"another aeic-receiver (pid {os.getpid()}) is serving {data}" in _one_line(capsys)
