@@ -79,7 +79,10 @@ def _flock(file: Path) -> int:
     """Take an exclusive `flock` on `file` (the kernel drops it when the process dies, `kill -9` included,
     so a restart never waits) and write our pid into it; returns the descriptor that holds it. Raises
     `_HeldError` with the holder's pid when a live process holds it."""
-    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # a read-only data directory, one of another user's
+        raise OSError(exc.errno, f"cannot take the worker lock: {exc.strerror}", str(file)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

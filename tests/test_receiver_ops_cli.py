@@ -217,3 +217,12 @@ def test_a_second_serve_during_the_first_ones_model_load_is_one_line(
         main(["serve", "--data", str(data), "--port", "0"])
     assert second == [2] and len(builds) == 1
     assert f"another aeic-receiver (pid {os.getpid()}) is serving {data}" in _one_line(capsys)
+
+
+def test_a_worker_lock_that_cannot_be_taken_is_one_line_naming_it(tmp_path: Path, no_model_load: None,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A read-only data directory (or, here, a lock path that is a folder) says which file and why."""
+    data = tmp_path / "data"
+    (data / "receiver.lock").mkdir(parents=True)
+    assert main(["serve", "--data", str(data), "--port", "0"]) == 2
+    assert _one_line(capsys) == f"aeic-receiver: cannot take the worker lock: Is a directory: {data / 'receiver.lock'}"
