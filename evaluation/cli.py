@@ -95,6 +95,8 @@ def parse_compare(values: Sequence[str]) -> dict[str, Path]:
         label, sep, run = value.partition("=")
         if not sep or not label or not run:
             raise ValueError(f"--compare expects LABEL=RUN, got {value!r}")
+        if not (Path(run) / "summary.json").is_file():  # checked now, not after every image was measured
+            raise ValueError(f"--compare {label}: {run} holds no summary.json (not an aeic eval run)")
         pairs[label] = Path(run)
     return pairs
 
@@ -124,6 +126,8 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[
         parser.error(str(exc))
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is not a folder")
     codecs, missing = baseline_codecs(args.baseline)
     for name, reason in missing.items():
         print(f"baseline {name} skipped: {reason}", file=sys.stderr)

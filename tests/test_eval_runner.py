@@ -399,3 +399,20 @@ def test_help_names_every_metric_and_the_exit_statuses(capsys: pytest.CaptureFix
         assert name in text
     assert runner.metric_functions(list(cli.METRIC_NAMES))[0]  # every listed name is accepted
     assert "1 some image failed" in text and "130 interrupted" in text
+
+
+def test_an_out_that_is_a_file_or_a_compare_run_without_summary_is_refused_first(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both were tracebacks: --out naming a file on creating the folder, --compare naming a folder without a
+    summary.json only after every image had been measured."""
+    (tmp_path / "a_file").write_text("not a folder")
+    base = ["--images", str(images), "--rates", "0", "--baseline", "none", "--metrics", "psnr", "--no-progress"]
+    for extra, said in (
+        (["--out", str(tmp_path / "a_file")], "is not a folder"),
+        (["--out", str(tmp_path / "o"), "--compare", f"prev={tmp_path / 'nope'}"], "no summary.json"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli.main_eval([*base, *extra], codec_factory=lambda model: WebPContainerCodec())
+        assert exc.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was measured
