@@ -19,12 +19,14 @@ orientation tag (phones, some cameras). Every such detail is settled here, once:
   one for another colour space (CMYK, grey), leaves the samples as they are.
 * Animated or multi-page files: the first frame.
 
-Any failure (missing file, not an image, truncated or corrupt data, unsupported mode,
-too large) raises :class:`ImageReadError` with one line saying which file and why.
+AVIF is read where Pillow was built with it (Pillow 11.2 and later, as shipped); HEIC/HEIF and JPEG XL
+are not read. Any failure (missing file, not an image, one of those formats, truncated or corrupt data,
+unsupported mode, too large) raises :class:`ImageReadError` with one line saying which file and why.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -34,13 +36,22 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
 # The bitstream stores each dimension in 1..16384 (see docs/bitstream.md).
 MAX_SIDE = 16384
 
 # File suffixes the folder watcher treats as images (lower case).
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif"})
+
+# ISO base media file brands (the ``ftyp`` box) of the formats Pillow needs a plugin for: AVIF's own (Pillow has it
+# built in since 11.2), then HEIC's and HEIF's (no plugin here). ``mif1``/``msf1`` are HEIF's: an AVIF file
+# lists ``avif`` too, so AVIF is told first.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+# a JPEG XL codestream, and the JPEG XL container's signature box
+_JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+_SNIFF_BYTES = 64
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -63,19 +74,11 @@ def read_image(path: str | Path) -> np.ndarray:
         with warnings.catch_warnings():
             # Pillow warns (not raises) between 1x and 2x its pixel limit; we decide ourselves.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open_regular(path) as file, Image.open(file) as image:
+            with _open_regular(path) as file, _identified(path, file) as image:
                 _check_size(path, image.size)
                 return upright_rgb8(image, path)
     except ImageReadError:
         raise
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"{path}: is a directory, not an image file") from None
-    except PermissionError:
-        raise ImageReadError(f"{path}: permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not a recognised image format") from None
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{path}: image too large to decode safely ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -100,8 +103,12 @@ def upright_rgb8(image: Image.Image, path: str | Path) -> np.ndarray:
 def _open_regular(path: Path) -> BinaryIO:
     """``path`` opened for reading if it is a regular file. Opened without blocking and checked on the
     open descriptor: a FIFO (even one swapped in after a watcher saw a file) would block a plain open
-    until some writer came, and a device would be read forever."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    until some writer came, and a device would be read forever. Any failure to open is the file
+    system's (a missing file, a link loop), told as such rather than as damaged image data."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ImageReadError(f"{path}: {_OPEN_ERRORS.get(exc.errno or 0, f'cannot open ({exc.strerror})')}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -112,6 +119,57 @@ def _open_regular(path: Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+_OPEN_ERRORS = {
+    errno.ENOENT: "no such file",
+    errno.EISDIR: "is a directory, not an image file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ELOOP: "symbolic link loop, not an image file",
+}
+
+
+def _identified(path: Path, file: BinaryIO) -> Image.Image:
+    """``Image.open`` of the file, or one line saying what the file is when Pillow identifies no format.
+
+    Pillow warns of an AVIF file in a build without AVIF before it gives up; its warning is dropped, the
+    error says the same on its one line."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return Image.open(file)
+    except UnidentifiedImageError:
+        file.seek(0)
+        raise ImageReadError(f"{path}: {unidentified_reason(file.read(_SNIFF_BYTES))}") from None
+
+
+def unidentified_reason(head: bytes) -> str:
+    """Why Pillow identified no format in a file that starts with ``head``: empty, a format it reads only
+    with a plugin or a build option (HEIC from a phone, JPEG XL, AVIF from an older or slimmer Pillow), or
+    none it knows. A phone's HEIC photo was only "not a recognised image format"."""
+    if not head:
+        return "empty file (0 bytes)"
+    if head[4:8] == b"ftyp":
+        end = min(int.from_bytes(head[:4], "big"), len(head))
+        brands = {head[8:12]} | {head[i : i + 4] for i in range(16, end - 3, 4)}  # 12..16: the minor version
+        if brands & _AVIF_BRANDS:
+            if pillow_reads_avif():
+                return "corrupt or unsupported AVIF image"
+            return "AVIF image, and this Pillow has no AVIF support: install Pillow 11.2 or later, or convert it to JPEG or PNG"
+        if brands & _HEIF_BRANDS:
+            return "HEIC/HEIF image, which Pillow does not read: convert it to JPEG or PNG"
+    if head.startswith(_JXL_SIGNATURES):
+        return "JPEG XL image, which Pillow does not read: convert it to JPEG or PNG"
+    return "not a recognised image format"
+
+
+def pillow_reads_avif() -> bool:
+    """Whether this Pillow decodes AVIF (built in since 11.2, where its build found libavif)."""
+    try:
+        return bool(features.check_module("avif"))
+    except ValueError:  # a Pillow before 11.2 knows no such module
+        return False
 
 
 def _check_size(path: Path, size: tuple[int, int]) -> None:

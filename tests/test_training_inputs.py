@@ -190,7 +190,7 @@ def test_an_unusable_dataset_fails_at_start_naming_the_folder(
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "readme.txt").write_text("photos elsewhere")
     _one_line_error(capsys, train_cli.main([_config(tmp_path, tmp_path / "texts")]),
-                    f"no training photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) in {tmp_path / 'texts'}")
+                    f"no training photos (.avif, .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) in {tmp_path / 'texts'}")
     (tmp_path / "broken").mkdir()
     _bad_files(tmp_path / "broken")
     _one_line_error(capsys, train_cli.main([_config(tmp_path, tmp_path / "broken")]),
