@@ -298,7 +298,9 @@ def cmd_encode(
     return EXIT_INPUT if failures else EXIT_OK
 
 
-def _spool_encoded(spool: Spool, encoded: Encoded, source: str, reporter: Reporter, position: str) -> bool:
+def _spool_encoded(
+    spool: Spool, encoded: Encoded, source: str, reporter: Reporter, position: str, gate: _FullSpoolGate | None = None
+) -> bool:
     try:
         item = spool.put(
             encoded.data,
@@ -308,13 +310,57 @@ def _spool_encoded(spool: Spool, encoded: Encoded, source: str, reporter: Report
             height=encoded.height,
         )
     except SpoolFullError as exc:
-        reporter.error(source, f"{source}: not queued: {exc}")
+        if gate is None or gate.refused():
+            reporter.error(source, f"{source}: not queued: {exc}")
         return False
     except OSError as exc:  # disk full, read-only or failing storage
         reporter.error(source, f"{source}: not queued: cannot write the spool: {exc}")
         return False
+    if gate is not None:
+        gate.queued()
     reporter.encoded(position, source, encoded, queued=item.key[:12])
     return True
+
+
+class _FullSpoolGate:
+    """Whether a long-running command should encode its next image while the spool is full.
+
+    An image the full spool refuses was encoded for nothing: during an outage the watcher encoded the
+    same photo again every scan (seconds of a Pi's CPU each time) and the camera every frame, each with
+    an error line. After a refusal no image is encoded until the forwarder has removed an item (delivered
+    or rejected) or ``recheck`` seconds have passed (another process may have drained the spool); the
+    refusal is one line, and the room coming back another.
+    """
+
+    def __init__(self, spool: Spool, reporter: Reporter, recheck: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.spool, self.reporter, self.recheck, self._clock = spool, reporter, recheck, clock
+        self._refused_at: float | None = None  # when the spool last refused an image; None: it has room
+        self._removed_then = 0  # the forwarder's removals at that time
+
+    def _removed(self) -> int:
+        return self.reporter.uploaded + self.reporter.rejected
+
+    def open(self) -> bool:
+        """Whether encoding an image is worth it now."""
+        if self._refused_at is None or self._removed() > self._removed_then:
+            return True
+        return self._clock() - self._refused_at >= self.recheck
+
+    def refused(self) -> bool:
+        """Note a refusal; True when it is the first of a run of them (the one to report)."""
+        first = self._refused_at is None
+        self._refused_at, self._removed_then = self._clock(), self._removed()
+        if first:
+            self.reporter.info(f"spool {self.spool.root} is full: no new image is encoded until an upload "
+                               "makes room (said once; the next line says when it has)")  # fmt: skip
+        return first
+
+    def queued(self) -> None:
+        """An image was queued: if the spool had been full, say that it has room again."""
+        if self._refused_at is not None:
+            self.reporter.info(f"spool {self.spool.root} has room again")
+        self._refused_at = None
 
 
 def _finish(
@@ -472,18 +518,19 @@ def _watch(watcher: FolderWatcher, directory: Path, config: SenderConfig, report
     one line at once, not after seconds of loading on a Pi that systemd restarts every few seconds."""
     with _Daemon(config, reporter) as daemon:
         encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
+        gate = _FullSpoolGate(daemon.spool, reporter)
 
         def handle(candidate: Candidate) -> tuple[Handled, str]:
             encoded = encoder.from_file(candidate.path)
             if encoded is None:
                 return Handled.FAILED, "unreadable or not encodable"
-            if not _spool_encoded(daemon.spool, encoded, candidate.name, reporter, "[watch]"):
+            if not _spool_encoded(daemon.spool, encoded, candidate.name, reporter, "[watch]", gate):
                 return Handled.LATER, ""
             daemon.wake.set()
             return Handled.SENT, encoded.key
 
         reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}")
-        run_watch(watcher, handle, daemon.stop, config.watch_poll, on_error=reporter.info)
+        run_watch(watcher, handle, daemon.stop, config.watch_poll, on_error=reporter.info, ready=gate.open)
 
 
 def cmd_camera(
@@ -499,11 +546,15 @@ def cmd_camera(
     failures = 0
     with _Daemon(config, reporter) as daemon:  # the receiver settings first, as in watch
         encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
+        gate = _FullSpoolGate(daemon.spool, reporter)
         for number, rgb in enumerate(camera.frames(config.camera_interval, daemon.stop, args.count), 1):
+            if not gate.open():  # the spool is full: this frame is skipped unencoded
+                failures += 1
+                continue
             source = f"camera-{time.strftime('%Y%m%dT%H%M%S')}-{number}"
             encoded = encoder.from_array(rgb, source)
             if encoded is None or not _spool_encoded(
-                daemon.spool, encoded, source, reporter, f"[frame {number}]"
+                daemon.spool, encoded, source, reporter, f"[frame {number}]", gate
             ):
                 failures += 1
                 continue

@@ -308,6 +308,7 @@ def run_watch(
     poll_interval: float,
     on_error: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    ready: Callable[[], bool] = lambda: True,
 ) -> None:
     """Scan every ``poll_interval`` seconds until ``stop``; ``handle`` processes each ready file.
 
@@ -317,7 +318,8 @@ def run_watch(
     and the loop goes on: what was handled stays remembered in memory and is saved with the next
     write that succeeds. A file handled LATER ends the scan's turn: the other ready files wait for
     the next scan instead of each being encoded and refused by the same full spool (a Pi's CPU and
-    log, every scan, while the link is down).
+    log, every scan, while the link is down); ``ready`` False (the caller's spool is still full) leaves
+    the ready files of a scan for a later one without touching them or the state.
     """
     report = on_error or (lambda line: print(line, file=sys.stderr, flush=True))
     reported: dict[str, str] = {}
@@ -340,6 +342,8 @@ def run_watch(
         for candidate in candidates:
             if stop.is_set():
                 return
+            if not ready():
+                break
             if not watcher.begin(candidate):
                 report(f"watch: {candidate.path}: the agent stopped while encoding it before; skipped")
                 continue

@@ -3,18 +3,24 @@ away, a folder of thousands of photos. The command layer runs in-process with a 
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aeic.sender import cli
+from aeic.sender.cli import _FullSpoolGate
 from aeic.sender.config import SenderConfig
 from aeic.sender.report import Reporter
+from aeic.sender.spool import Spool
 from aeic.sender.watch import SCAN_SHARE, Candidate, FolderWatcher, Handled, run_watch
+from PIL import Image
 from sender_support import ContainerCodec
 
 pytest.importorskip("aeic.sender.encoder")  # the command layer catches the encoder's BudgetError
@@ -137,3 +143,50 @@ def test_a_folder_that_cannot_be_listed_is_not_taken_for_empty(
             watcher.scan()
         monkeypatch.setattr(os, "scandir", real_scandir)
         assert watcher.scan() == [] and watcher.scan() == []  # still remembered: not sent again
+
+
+def test_a_full_spool_is_one_line_and_no_photo_is_encoded_again_until_it_drains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """During an outage that filled the spool, the watcher encoded the same photo again on every scan (seconds
+    of a Pi's CPU each) and logged an error line each time, for as long as the outage lasted."""
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    for index in range(3):
+        Image.fromarray(np.full((24, 32, 3), 40 * index, np.uint8)).save(folder / f"{index}.png")
+    codec = ContainerCodec()
+    monkeypatch.setenv("AEIC_TOKEN", "device-token")
+    monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
+    stopper = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    stopper.start()
+    try:
+        code = cli.main(
+            ["watch", str(folder), "--to", "http://127.0.0.1:9", "--spool", str(tmp_path / "spool"),
+             "--spool-max-items", "1", "--poll", "0.02"],
+            codec_factory=lambda config, reporter: codec,
+        )  # fmt: skip
+    finally:
+        stopper.join()
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_OK
+    assert codec.calls == 2  # the first photo queued, the second refused; then nothing until room
+    assert err.count("not queued") == 1 and err.count("is full: no new image is encoded") == 1
+
+
+def test_the_full_spool_gate_opens_when_the_forwarder_removes_an_item_or_a_while_passes(tmp_path: Path) -> None:
+    now = [0.0]
+    err = io.StringIO()
+    reporter = Reporter(out=io.StringIO(), err=err)
+    gate = _FullSpoolGate(Spool(tmp_path / "spool"), reporter, recheck=60.0, clock=lambda: now[0])
+    assert gate.open()
+    assert gate.refused() and not gate.open()
+    assert not gate.refused()  # a second refusal in the same run is not reported again
+    now[0] = 59.0
+    assert not gate.open()
+    reporter.uploaded += 1  # the forwarder delivered an item: there is room
+    assert gate.open()
+    gate.queued()
+    assert gate.open() and "has room again" in err.getvalue()
+    gate.refused()
+    now[0] = 200.0  # another process may have drained it: try one image
+    assert gate.open()
