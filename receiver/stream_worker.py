@@ -95,7 +95,7 @@ class StreamWorker:
         self._stop = stop
         self._preload()
         next_reclaim = next_reconcile = 0.0
-        group_ready = False
+        group_ready = failing = False
         carried: list[Job] = []  # entries of the last delivery still unsettled: handled again with the next
         while not stop.is_set():
             try:
@@ -119,9 +119,14 @@ class StreamWorker:
                 if time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = time.monotonic() + self.config.reconcile_every_s
-            except Exception:  # Redis or the database may be briefly unavailable: keep the process alive
-                log.exception("worker iteration failed; retrying")
-                group_ready = False
+                failing = False
+            except Exception as exc:  # Redis or the database may be briefly unavailable: keep the process alive
+                # The traceback once per outage, then a line a retry (was a 100-line traceback every second).
+                if failing:
+                    log.warning("worker iteration failed again; retrying: %s: %s", type(exc).__name__, exc)
+                else:
+                    log.exception("worker iteration failed; retrying")
+                group_ready, failing = False, True
                 stop.wait(1.0)
 
     def _preload(self) -> None:
@@ -306,7 +311,10 @@ def serve_metrics_and_health(port: int, registry: CollectorRegistry, stuck: Call
                        [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 
-    server = make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as exc:  # said in one line by the command line: which port, and why
+        raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     threading.Thread(target=server.serve_forever, name="aeic-metrics", daemon=True).start()
     return server
 

@@ -1,0 +1,72 @@
+"""`aeic-receiver worker` as an operator runs it: a metrics port in use is one line naming it, and a Redis
+outage is one traceback, then a line a retry, not a traceback every second."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from aeic.receiver.cli import main
+from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.storage import FilesystemBlobStore, SqlMetadataStore
+from aeic.receiver.stream_worker import StreamWorker, StreamWorkerConfig
+from aeic.receiver.worker import DecodeWorker, WorkerConfig
+from receiver_support import FakeCodec
+
+
+def test_a_metrics_port_in_use_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: `aeic-receiver: Address already in use`, naming neither the port nor what wanted it."""
+    registry = CodecRegistry.from_codecs([FakeCodec()])
+    monkeypatch.setattr(CodecRegistry, "from_packages", lambda *_args: registry)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # No Redis is reached before the metrics server starts: an unused port stands for the queue.
+        assert main(["worker", "--data", str(tmp_path / "data"), "--queue", "redis://127.0.0.1:9/0",
+                     "--metrics-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"aeic-receiver: cannot serve metrics on 0.0.0.0:{port}: Address already in use\n"
+
+
+class _RedisDown:
+    """A JobQueue whose Redis refuses every connection."""
+
+    stream, group = "aeic:decode", "aeic-decoders"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def ensure_group(self) -> None:
+        import redis
+
+        self.calls += 1
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+def test_a_redis_outage_is_one_traceback_then_a_line_a_retry(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    store = SqlMetadataStore.from_url(f"sqlite:///{tmp_path / 'receiver.db'}")
+    store.migrate()
+    decoder = DecodeWorker(store, FilesystemBlobStore(tmp_path / "blobs"),
+                           CodecRegistry.from_codecs([FakeCodec()]), WorkerConfig())
+    queue = _RedisDown()
+    worker = StreamWorker(store, queue, decoder, StreamWorkerConfig(consumer="w1"))  # type: ignore[arg-type]
+    stop = threading.Event()
+    with caplog.at_level(logging.WARNING, logger="aeic.receiver.stream_worker"):
+        thread = threading.Thread(target=worker.run, args=(stop,))
+        thread.start()
+        stop.wait(2.5)  # the loop retries every second
+        stop.set()
+        thread.join(10)
+    store.close()
+    records = [r for r in caplog.records if r.name == "aeic.receiver.stream_worker"]
+    assert queue.calls >= 3 and len(records) == queue.calls
+    assert records[0].exc_info is not None and all(r.exc_info is None for r in records[1:])
+    assert all(r.getMessage() == "worker iteration failed again; retrying: ConnectionError: Error 111 "
+               "connecting to 127.0.0.1:6379. Connection refused." for r in records[1:])
