@@ -240,3 +240,29 @@ def test_scripts_and_styles_are_named_by_their_content_so_an_upgrade_reaches_the
                 assert plain.content == versioned.content and plain.headers["cache-control"] == "no-cache"
                 again = httpx.get(f"{server.url}{other}", headers={"If-None-Match": plain.headers["etag"]})
                 assert again.status_code == 304 and again.headers["cache-control"] == "no-cache"
+
+
+def test_a_waiting_image_page_says_an_attempt_failed_and_counts_the_attempts(
+    tmp_path: Path, browser: Chrome
+) -> None:
+    """Between a failed attempt and its retry the image page said only "pending…", and its Attempts row
+    kept the number it was loaded with: nothing told the user that decoding had failed and would be tried
+    again. Both now follow the image in place (no reload), and the outcome is shown when it comes."""
+    app, tokens = _app(tmp_path, retry_delay_s=2.0, max_attempts=3)
+    with ServerThread(app) as server:
+        reply = httpx.post(f"{server.url}/v1/images", content=make_bitstream(48, 32, payload=b"FAIL"), timeout=10,
+                           headers={"Authorization": f"Bearer {tokens['cam1']}",
+                                    "Content-Type": "application/octet-stream"})
+        image_id = reply.json()["id"]
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.get(f"{server.url}/images/{image_id}")
+        browser.execute_script("window.aeicMark = 1;")
+        wait = WebDriverWait(browser, 20, poll_frequency=0.1)
+        # the second attempt fails 2 s after the first and the third 4 s after that
+        wait.until(lambda d: d.find_element(By.ID, "m-attempts").text == "2")
+        note = browser.find_element(By.ID, "retrying")
+        assert note.text == "Attempt 2 failed: ValueError: corrupt payload: rANS stream ended early; trying again."
+        assert browser.find_element(By.ID, "waiting").text == "pending…"
+        assert browser.execute_script("return window.aeicMark") == 1  # said in place
+        wait.until(lambda d: d.find_elements(By.ID, "failure"))
+        assert browser.find_element(By.ID, "m-attempts").text == "3" and not browser.find_elements(By.ID, "retrying")

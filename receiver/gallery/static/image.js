@@ -5,13 +5,23 @@
   const detail = document.getElementById("detail");
   const status = detail.dataset.status;
   if (status === "pending" || status === "decoding") {
-    // pending -> decoding is said in place (the status line is a live region; focus and scroll stay where
-    // they are); the page reloads only to show the outcome.
+    // pending -> decoding, and a failed attempt that will be retried, are said in place (the status lines
+    // are live regions; focus and scroll stay where they are); the page reloads only to show the outcome.
     const waiting = document.getElementById("waiting");
     const cell = document.getElementById("m-status");
-    const show = (text, now) => {  // a live region: change it only when the words change
-      if (waiting.textContent !== text) waiting.textContent = text;
-      if (cell.textContent !== now) cell.textContent = now;
+    const retrying = document.getElementById("retrying");
+    const attempts = document.getElementById("m-attempts");
+    const put = (node, text) => {  // a live region: change it only when the words change
+      if (node.textContent !== text) node.textContent = text;
+    };
+    const show = (text, now) => {
+      put(waiting, text);
+      put(cell, now);
+    };
+    const note = (image) => {  // a failed attempt leaves its error on the image until the next one ends
+      put(attempts, String(image.attempts));
+      put(retrying, image.error ? "Attempt " + image.attempts + " failed: " + image.error + "; trying again." : "");
+      retrying.hidden = !image.error;
     };
     const poll = async () => {
       try {
@@ -19,10 +29,12 @@
         // Deleted meanwhile, or signed out: the reloaded page says so ("No image ..." or the token form).
         if (response.status === 404 || response.status === 401) { window.location.reload(); return; }
         if (!response.ok) throw new Error("the receiver answered HTTP " + response.status);
-        const now = (await response.json()).status;
+        const image = await response.json();
+        const now = image.status;
         if (now !== "pending" && now !== "decoding") { window.location.reload(); return; }
         detail.dataset.status = now;
         show(now + "…", now);
+        note(image);
       } catch (err) {  // keep waiting, and say why nothing changes
         const why = err instanceof TypeError ? "cannot reach the receiver" : err.message;
         show(detail.dataset.status + "… (not updating: " + why + "; retrying)", detail.dataset.status);
