@@ -239,6 +239,12 @@ class FolderWatcher:
             pass  # a full disk costs this attempt its guard, not the file its chance (record reports it)
         return True
 
+    def release(self, candidate: Candidate) -> None:
+        """Clear ``candidate``'s start mark (durably): the agent is stopping on request while encoding it,
+        so being killed before the encode ends (systemd's stop timeout) is not the file's doing."""
+        self._unsaved_starts[candidate.name] = None
+        self._save_state()
+
     def record(self, candidate: Candidate, outcome: Handled, detail: str = "") -> None:
         """Remember a SENT or FAILED file (durably); LATER leaves no trace but clears the start mark."""
         self._died_on.pop(candidate.name, None)
@@ -347,7 +353,7 @@ def run_watch(
             if not watcher.begin(candidate):
                 report(f"watch: {candidate.path}: the agent stopped while encoding it before; skipped")
                 continue
-            outcome, detail = handle(candidate)
+            outcome, detail = _handle_stoppably(watcher, handle, candidate, stop, report)
             try:
                 watcher.record(candidate, outcome, detail)
             except OSError as exc:
@@ -355,6 +361,45 @@ def run_watch(
             if outcome is Handled.LATER:
                 break  # a full or unwritable spool stops the files after it too: encoding them would be waste
         stop.wait(max(poll_interval, took * (1 / SCAN_SHARE - 1)))
+
+
+def _handle_stoppably(
+    watcher: FolderWatcher, handle: Callable[[Candidate], tuple[Handled, str]], candidate: Candidate,
+    stop: threading.Event, report: Callable[[str], None],
+) -> tuple[Handled, str]:
+    """``handle(candidate)`` in a worker thread, while this one waits where a stop request reaches it.
+
+    A stop asked for mid-encode (systemd's SIGTERM) clears the file's start mark at once: an encode that
+    outlasts the unit's stop timeout ends in a SIGKILL, which must not count as the file killing the
+    agent, or two restarts during a large photo's encode on a slow device failed it for good. The wait
+    is here because Python runs signal handlers only in the main thread, and never inside a call into
+    onnxruntime, so the thread that encodes cannot notice the stop.
+    """
+    done: list[tuple[Handled, str]] = []
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            done.append(handle(candidate))
+        except BaseException as exc:  # noqa: BLE001 - raised again below, in the caller's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=work, name="aeic-encode", daemon=True)
+    worker.start()
+    released = False
+    while worker.is_alive():
+        worker.join(0.2)  # a signal interrupts the wait, so its handler runs now
+        if stop.is_set() and not released:
+            released = True
+            report(f"watch: stopping after the encode of {candidate.path} (if the agent is killed first, the "
+                   "next start encodes it again)")  # fmt: skip
+            try:
+                watcher.release(candidate)
+            except OSError:
+                pass  # a state that cannot be written keeps the mark: as before, a kill now counts
+    if failed:
+        raise failed[0]
+    return done[0]
 
 
 def _report_unlisted(watcher: FolderWatcher, reported: dict[str, str], report: Callable[[str], None]) -> dict[str, str]:

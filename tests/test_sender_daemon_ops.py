@@ -7,8 +7,11 @@ import io
 import os
 import shutil
 import signal
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +193,48 @@ def test_the_full_spool_gate_opens_when_the_forwarder_removes_an_item_or_a_while
     gate.refused()
     now[0] = 200.0  # another process may have drained it: try one image
     assert gate.open()
+
+
+def test_a_stop_asked_for_mid_encode_clears_the_files_start_mark(tmp_path: Path) -> None:
+    """systemd stops the agent with SIGTERM and kills it TimeoutStopSec later. An encode that outlasted that
+    (a large photo on a Pi) left the file's start mark, so the kill counted as the file killing the agent,
+    and after two restarts during its encode the photo was failed for good, never sent."""
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    (folder / "big.jpg").write_bytes(b"jpeg")
+    state = tmp_path / "state.db"
+    stop = threading.Event()
+    encoding, finish = threading.Event(), threading.Event()
+    marks_during_stop: list[list[tuple[str, int]]] = []
+
+    def handle(candidate: Candidate) -> tuple[Handled, str]:
+        encoding.set()
+        finish.wait(10)  # a long encode
+        return Handled.SENT, ""
+
+    def operator() -> None:
+        encoding.wait(10)
+        os.kill(os.getpid(), signal.SIGTERM)  # systemctl stop
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with closing(sqlite3.connect(state)) as db:
+                marks = db.execute("SELECT name, starts FROM started").fetchall()
+            if not marks:
+                break
+            time.sleep(0.05)
+        marks_during_stop.append(marks)  # what a SIGKILL now would leave for the next start
+        finish.set()
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    helper = threading.Thread(target=operator)
+    helper.start()
+    try:
+        with FolderWatcher(folder, state) as watcher:
+            run_watch(watcher, handle, stop, 0.01)
+    finally:
+        helper.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert marks_during_stop == [[]]
+    with FolderWatcher(folder, state) as watcher:  # the encode ended after all: the file is sent, not marked
+        watcher.scan()
+        assert watcher.scan() == []
