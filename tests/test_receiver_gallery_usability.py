@@ -74,11 +74,10 @@ def _sideways(driver: Chrome) -> list[int]:
         "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"))
 
 
-def test_the_longest_device_name_wraps_instead_of_being_cut_or_scrolling_the_page(
-    tmp_path: Path, browser: Chrome
-) -> None:
+def test_no_text_is_cut_off_or_scrolls_the_page_sideways_on_a_phone(tmp_path: Path, browser: Chrome) -> None:
     """A 128-character device name (no spaces) was cut off on its card and pushed the image page and the
-    header three times wider than a phone's screen."""
+    header three times wider than a phone's screen; the image page's "Entropy decoding" label ran into its
+    value."""
     app, tokens = _app(tmp_path, devices=(LONG_DEVICE,))
     token = tokens[LONG_DEVICE]
     with ServerThread(app) as server:
@@ -93,7 +92,7 @@ def test_the_longest_device_name_wraps_instead_of_being_cut_or_scrolling_the_pag
                 assert LONG_DEVICE in browser.find_element(By.TAG_NAME, "body").text, path
                 width, visible = _sideways(browser)
                 assert width <= visible, (path, width, visible)
-                clipped = browser.execute_script(_CLIPPED_JS, ".caption, h1, .bar, .bar *, td")
+                clipped = browser.execute_script(_CLIPPED_JS, ".caption, h1, .bar, .bar *, th, td")
                 assert not clipped, (who == ADMIN, path, clipped)
             browser.find_element(By.ID, "logout").click()
             WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "token"))
@@ -266,3 +265,50 @@ def test_a_waiting_image_page_says_an_attempt_failed_and_counts_the_attempts(
         assert browser.execute_script("return window.aeicMark") == 1  # said in place
         wait.until(lambda d: d.find_elements(By.ID, "failure"))
         assert browser.find_element(By.ID, "m-attempts").text == "3" and not browser.find_elements(By.ID, "retrying")
+
+
+def _downloaded(folder: Path, name: str) -> bytes:
+    """The bytes of a finished download (Chromium writes NAME.crdownload until it is complete)."""
+    path = folder / name
+    WebDriverWait(None, 20, poll_frequency=0.05).until(  # type: ignore[type-var]
+        lambda _: path.exists() and not list(folder.glob("*.crdownload")))
+    return path.read_bytes()
+
+
+def test_the_image_page_downloads_the_stream_as_sent_and_the_decoded_picture(
+    tmp_path: Path, browser: Chrome
+) -> None:
+    """The page offered the decoded picture only: the stream the device sent, which `aeic info` and
+    `aeic decode` read (and which is all there is of an image whose decoding failed), could not be had
+    from the gallery."""
+    app, tokens = _app(tmp_path, devices=("cam1", "cam2"), max_attempts=1)
+    stream, broken = make_bitstream(48, 32), make_bitstream(48, 32, payload=b"FAIL")
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    with ServerThread(app) as server:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", "Content-Type": "application/octet-stream"}
+        done, failed = (httpx.post(f"{server.url}/v1/images", content=data, headers=headers).json()["id"]
+                        for data in (stream, broken))
+        _wait_done(server.url, tokens["cam1"], done)
+        browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.get(f"{server.url}/images/{done}")
+        browser.find_element(By.LINK_TEXT, "Bitstream (.aeic)").click()
+        assert _downloaded(folder, f"{done}.aeic") == stream
+        browser.find_element(By.LINK_TEXT, "PNG").click()
+        assert _downloaded(folder, f"{done}.png").startswith(b"\x89PNG\r\n\x1a\n")
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "m-status").text == "done")
+        browser.get(f"{server.url}/images/{failed}")
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "failure"))
+        browser.find_element(By.LINK_TEXT, "Bitstream (.aeic)").click()
+        assert _downloaded(folder, f"{failed}.aeic") == broken
+
+        url = f"{server.url}/images/{done}/bitstream"
+        reply = httpx.get(url, headers={"Authorization": f"Bearer {tokens['cam1']}"})
+        assert reply.headers["content-type"] == "application/octet-stream"
+        assert reply.headers["content-disposition"] == f'attachment; filename="{done}.aeic"'
+        assert reply.headers["cache-control"] == "private, max-age=86400"
+        other = httpx.get(url, headers={"Authorization": f"Bearer {tokens['cam2']}"})
+        assert other.status_code == 404 and stream not in other.content  # another device's: as if none
+        anonymous = httpx.get(url)
+        assert anonymous.status_code == 200 and 'name="next"' in anonymous.text and stream not in anonymous.content

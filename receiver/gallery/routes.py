@@ -20,7 +20,8 @@ from aeic.receiver.api import (
     visible_image,
 )
 from aeic.receiver.errors import ApiError
-from aeic.receiver.storage import ImageFilter, InvalidCursorError
+from aeic.receiver.storage import BlobNotFoundError, ImageFilter, InvalidCursorError
+from aeic.receiver.storage.blobs import bitstream_key
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -108,6 +109,12 @@ def index(request: Request, cursor: str | None = None) -> Response:
     return _no_store(_templates.TemplateResponse(request, "index.html", context))
 
 
+def _missing(request: Request, image_id: str) -> Response:
+    """The 404 page, quoting only an id: other text would be an attacker's message shown on our origin."""
+    shown = image_id if _IMAGE_ID.fullmatch(image_id) else None
+    return _templates.TemplateResponse(request, "missing.html", {"image_id": shown}, status_code=404)
+
+
 def image_page(image_id: str, request: Request) -> Response:
     """True size, bytes, bpp, timings and the zoomable reconstruction of one image."""
     who = optional_principal(request)
@@ -115,10 +122,26 @@ def image_page(image_id: str, request: Request) -> Response:
         return _login_page(request, target=_here(request))
     try:
         record = visible_image(receiver_state(request), who, image_id)
-    except ApiError:  # quote only an id: other text would be an attacker's message shown on our origin
-        shown = image_id if _IMAGE_ID.fullmatch(image_id) else None
-        return _templates.TemplateResponse(request, "missing.html", {"image_id": shown}, status_code=404)
+    except ApiError:
+        return _missing(request, image_id)
     return _no_store(_templates.TemplateResponse(request, "image.html", {"image": image_json(record), "who": who}))
+
+
+def bitstream(image_id: str, request: Request) -> Response:
+    """The stream as the device sent it (any status: a failed image's is all there is of it), to read with
+    `aeic info` or decode elsewhere; it never changes, so the browser may keep it."""
+    who = optional_principal(request)
+    if who is None:
+        return _login_page(request, target=f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/")
+    state = receiver_state(request)
+    try:
+        record = visible_image(state, who, image_id)
+        data = state.blobs.get(bitstream_key(record.id))
+    except (ApiError, BlobNotFoundError):  # unknown, another device's, or deleted meanwhile
+        return _missing(request, image_id)
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{record.id}.aeic"',
+                             "Cache-Control": "private, max-age=86400"})
 
 
 def _sign_in(request: Request, token: str, target: str) -> Response:
@@ -222,6 +245,7 @@ def install_gallery(app: FastAPI) -> None:
     # HEAD as GET (uvicorn drops the body): monitors and link checkers ask with it.
     router.add_api_route("/", index, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/images/{image_id}", image_page, methods=["GET", "HEAD"], response_class=HTMLResponse)
+    router.add_api_route("/images/{image_id}/bitstream", bitstream, methods=["GET", "HEAD"])
     router.add_api_route("/login", login_form, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/login", login_submit, methods=["POST"], response_class=HTMLResponse)
     router.add_api_route("/logout", logout, methods=["POST"])
