@@ -81,6 +81,9 @@ class Camera:
         self._clock = clock
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self._capture: Capture | None = None
+        # Failures said since the last good frame: an unplugged camera is one line (and one when it is
+        # back), not one per reconnection try for as long as it stays away (1,440 a day at the 60-s cap).
+        self._said: set[str] = set()
         # Network streams queue frames between our reads; local cameras keep one (BUFFERSIZE=1).
         self._is_stream = isinstance(source, str) and "://" in source
 
@@ -90,15 +93,24 @@ class Camera:
             capture = self._opener(self.source)
             if not capture.isOpened():
                 capture.release()
-                self._log(f"camera {self.source}: cannot open")
+                self._failed(f"camera {self.source}: cannot open")
                 return None
             self._capture = capture
         ok, frame = self._read_live() if self._is_stream else self._capture.read()
         if not ok or frame is None or frame.size == 0:
-            self._log(f"camera {self.source}: read failed, reconnecting")
+            self._failed(f"camera {self.source}: read failed, reconnecting")
             self.close()
             return None
+        if self._said:
+            self._log(f"camera {self.source}: frames again")
+            self._said.clear()
         return frame
+
+    def _failed(self, line: str) -> None:
+        """Log a failure the first time it happens since the last good frame."""
+        if line not in self._said:
+            self._said.add(line)
+            self._log(f"{line} (retried with backoff; said once until a frame comes)")
 
     def _read_live(self) -> tuple[bool, np.ndarray | None]:
         """Skip frames a network stream buffered while we waited, then decode the newest.

@@ -75,7 +75,9 @@ def test_camera_reconnects_after_open_and_read_failures() -> None:
     frames = list(camera.frames(interval=0.0, stop=threading.Event(), count=4))
     assert len(frames) == 4 and all(f.shape == (4, 6, 3) for f in frames)
     assert log.count("open 0") == 3 and "read-fail" in log
-    assert messages == ["camera 0: cannot open", "camera 0: read failed, reconnecting"]
+    assert [line.split(" (")[0] for line in messages] == [
+        "camera 0: cannot open", "camera 0: frames again", "camera 0: read failed, reconnecting", "camera 0: frames again"
+    ]
     assert log[-1] == "release"  # the capture is released when the generator finishes
 
 
@@ -151,3 +153,19 @@ def test_local_camera_reads_without_skipping() -> None:
     camera = Camera(0, opener=lambda s: stream, clock=lambda: now[0], log=lambda m: None)
     frames = list(camera.frames(interval=0.0, stop=threading.Event(), count=2))
     assert [int(f[0, 0, 0]) for f in frames] == [0, 1]
+
+
+def test_a_camera_away_for_many_tries_is_one_line_and_its_return_another() -> None:
+    """An unplugged camera was one line per reconnection try, 1,440 a day at the 60-s backoff cap."""
+    tries = iter([(False, 0)] * 30 + [(True, 0)] * 5 + [(True, 2)])
+
+    def opener(source: int | str) -> FlakyCapture:
+        opened, frames = next(tries)
+        return FlakyCapture(opened, frames, [])
+
+    messages: list[str] = []
+    camera = Camera(0, opener=opener, backoff=Backoff(base=0.0001, max_delay=0.0002), log=messages.append)
+    assert len(list(camera.frames(interval=0.0, stop=threading.Event(), count=2))) == 2
+    assert [line.split(" (")[0] for line in messages] == [
+        "camera 0: cannot open", "camera 0: read failed, reconnecting", "camera 0: frames again"
+    ]
