@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from aeic.receiver.settings import ConfigError, ReceiverSettings, closest_setting, load_settings
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 if TYPE_CHECKING:  # imported in _open_store, where it is used, as each subcommand imports its own modules
     from aeic.receiver.storage import SqlMetadataStore
@@ -78,6 +79,7 @@ def _worker(args: argparse.Namespace) -> int:
     settings = _settings(args, queue=args.queue, blob_url=args.blob_url, model_packages=args.model_packages,
                          device=args.device, batch_size=args.batch_size)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_device(settings.device)
     try:
         return run_worker(settings, consumer=args.consumer, metrics_port=args.metrics_port)
     except ValueError as exc:
@@ -141,6 +143,62 @@ def _check_database(settings: ReceiverSettings) -> None:
     _open_store(settings).close()
 
 
+def _check_device(name: str) -> None:
+    """Refuse a decoder device torch does not know or this machine lacks, before the model loads. Why: the
+    decoders load in the worker's thread after start-up, so `--device cuda` on a machine without CUDA (or
+    `--device cdua`) started a receiver that accepted every upload and decoded none, with a traceback in
+    its log."""
+    import torch
+    from aeic.receiver.decoder import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a torch device ({exc.__class__.__name__}); use auto, cpu, "
+                          "cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: no CUDA device is available to torch here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available to torch here; use --device cpu")
+
+
+def _without_password(url: str) -> str:
+    """`url` with the password of its user part replaced, for an error line."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _check_backends(settings: ReceiverSettings) -> None:
+    """Reach the object store and the queue (creating the bucket and the consumer group, as the app does)
+    before the model loads: unreachable, either was a traceback from uvicorn's start-up with status 3."""
+    from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
+
+    if settings.blob_url:
+        try:
+            prepare_backends(open_blob_store(settings), None)
+        except Exception as exc:  # noqa: BLE001 - boto3's and the network's errors alike: said in one line
+            raise ConfigError(f"cannot use the blob store {_without_password(settings.blob_url)}: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if settings.queue:
+        queue = open_queue(settings)
+        assert queue is not None
+        try:
+            queue.ensure_group()
+        except Exception as exc:  # noqa: BLE001 - redis' errors alike: said in one line
+            raise ConfigError(f"cannot use the queue {_without_password(settings.queue)}: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        finally:
+            queue.close()
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from aeic.receiver.api import create_app
@@ -153,6 +211,9 @@ def _serve(args: argparse.Namespace) -> int:
     sockets: list[socket.socket] = []
     try:
         _check_database(settings)
+        _check_backends(settings)
+        if settings.worker and settings.queue is None:
+            _check_device(settings.device)
         sockets = _listen(settings.host, settings.port)
         app = create_app(settings)
     except BaseException:
@@ -249,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args) if args.command == "serve" else _token(args)
     except ValidationError as exc:
         message = f"invalid configuration: {_validation_line(exc)}"
+    except SettingsError as exc:
+        message = (f"invalid configuration: {exc} (list settings in the environment are JSON, e.g. "
+                   """AEIC_MODEL_PACKAGES='["/opt/aeic/models/a"]')""")
     except (ConfigError, SchemaTooNewError, DataDirInUseError, DatabaseInUseError) as exc:
         message = str(exc)
     except FileNotFoundError as exc:

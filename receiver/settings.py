@@ -122,7 +122,8 @@ class ReceiverSettings(BaseSettings):
 
 
 class ConfigError(ValueError):
-    """A config file that cannot be read as TOML, or an environment variable that misspells a setting."""
+    """A setting the command line refuses in one line: a config file that cannot be read as TOML, an
+    environment variable that misspells a setting, a device or a backend that is not there."""
 
 
 def closest_setting(name: str) -> str | None:

@@ -137,7 +137,12 @@ class ModelPackage:
         manifest_file = path / MANIFEST
         if not manifest_file.is_file():
             raise ModelPackageError(f"{path} is not a model package: {MANIFEST} is missing")
-        manifest = json.loads(manifest_file.read_text())
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except ValueError as exc:  # not JSON, or not UTF-8: a ModelPackageError, which callers report in a line
+            raise ModelPackageError(f"{path}: {MANIFEST} is not valid JSON ({exc})") from None
+        if not isinstance(manifest, dict):
+            raise ModelPackageError(f"{path}: {MANIFEST} is not a JSON object")
         if manifest.get("format") != FORMAT:
             raise ModelPackageError(f"{path}: unsupported package format {manifest.get('format')!r}")
         missing = [name for name in PACKAGE_FILES if name not in manifest.get("files", {})]

@@ -226,3 +226,91 @@ def test_a_worker_lock_that_cannot_be_taken_is_one_line_naming_it(tmp_path: Path
     (data / "receiver.lock").mkdir(parents=True)
     assert main(["serve", "--data", str(data), "--port", "0"]) == 2
     assert _one_line(capsys) == f"aeic-receiver: cannot take the worker lock: Is a directory: {data / 'receiver.lock'}"
+
+
+def test_a_list_setting_that_is_not_json_in_the_environment_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: a 47-line traceback from pydantic-settings and status 1."""
+    monkeypatch.setenv("AEIC_MODEL_PACKAGES", "/opt/aeic/models/a")
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 2
+    line = _one_line(capsys)
+    assert '"model_packages"' in line and "AEIC_MODEL_PACKAGES='[" in line
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_device_torch_does_not_know_is_one_line_before_the_model_loads(
+        command: str, tmp_path: Path, no_model_load: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: the decoders load in the worker's thread after start-up, so the receiver served, accepted every
+    upload and decoded none, with a traceback in its log."""
+    from aeic.receiver import stream_worker
+
+    def refuse(*_args: object, **_kwargs: object) -> int:
+        raise AssertionError("the worker started before the device was checked")
+
+    monkeypatch.setattr(stream_worker, "run_worker", refuse)
+    extra = ["--queue", "redis://127.0.0.1:9/0"] if command == "worker" else ["--port", "0"]
+    assert main([command, "--data", str(tmp_path / "data"), "--device", "cdua", *extra]) == 2
+    assert _one_line(capsys) == ("aeic-receiver: device 'cdua' is not a torch device (RuntimeError); use auto, "
+                                 "cpu, cuda, cuda:N or mps")
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line(tmp_path: Path, no_model_load: None,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert main(["serve", "--data", str(tmp_path / "data"), "--port", "0", "--device", f"cuda:{count}"]) == 2
+    line = _one_line(capsys)
+    if count:
+        assert line == f"aeic-receiver: device 'cuda:{count}': torch sees {count} CUDA device(s)"
+    else:
+        assert line == ("aeic-receiver: device 'cuda:0': no CUDA device is available to torch here; "
+                        "use --device cpu")
+
+
+def test_a_model_package_whose_manifest_is_not_json_is_one_line(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: a 32-line JSONDecodeError traceback and status 1 (shared.model_package raised it unwrapped)."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "manifest.json").write_text("{not json")
+    assert main(["serve", "--data", str(tmp_path / "data"), "--port", "0", "--device", "cpu",
+                 "--model", str(package)]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"aeic-receiver: cannot load a model package: {package}: manifest.json is not valid JSON")
+    (package / "manifest.json").write_text("[1]")
+    assert main(["serve", "--data", str(tmp_path / "data"), "--port", "0", "--device", "cpu",
+                 "--model", str(package)]) == 2
+    assert "manifest.json is not a JSON object" in _one_line(capsys)
+
+
+def test_an_unreachable_queue_is_one_line_without_its_password(tmp_path: Path, no_model_load: None,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: an 82-line traceback from uvicorn's start-up (status 3), after the model had loaded."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert main(["serve", "--data", str(tmp_path / "data"), "--port", "0", "--no-worker", "--database-url",
+                 f"sqlite:///{tmp_path / 'receiver.db'}", "--config", str(_config(tmp_path, port))]) == 2
+    assert _one_line(capsys) == (f"aeic-receiver: cannot use the queue redis://:***@127.0.0.1:{port}/0: "
+                                 f"ConnectionError: Error 111 connecting to 127.0.0.1:{port}. Connection refused.")
+
+
+def _config(tmp_path: Path, port: int) -> Path:
+    config = tmp_path / "receiver.toml"
+    config.write_text(f'queue = "redis://:hunter2-secret@127.0.0.1:{port}/0"\n')
+    return config
+
+
+def test_an_unreachable_blob_store_is_one_line(tmp_path: Path, no_model_load: None, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in (("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "y"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("AEIC_BLOB_URL", "s3://photos/aeic")
+    monkeypatch.setenv("AEIC_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    assert main(["serve", "--data", str(tmp_path / "data"), "--port", "0", "--device", "cpu"]) == 2
+    assert _one_line(capsys).startswith("aeic-receiver: cannot use the blob store s3://photos/aeic: ")
