@@ -89,10 +89,13 @@ def test_gallery_live_grid_and_zoomable_image_page(
 
         third = _upload_and_wait(server.url, token, streams[2])
         wait.until(lambda d: _card_ids(d) == [third, second, first] and _thumbs_loaded(d))
-        # the server's cards and the one the live script added say the time the same way
-        times = [card.find_element(By.CSS_SELECTOR, ".caption.dim").text
+        # the server's cards and the one the live script added say the time the same way (in this browser's
+        # zone: test_receiver_gallery_usability.py checks the zone)
+        times = [card.find_element(By.CSS_SELECTOR, ".caption.dim time").text
                  for card in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
-        assert len(times) == 3 and all(t.endswith(" UTC") for t in times), times
+        zone = browser.execute_script("return new Intl.DateTimeFormat('en', {timeZoneName: 'short'})"
+                                      ".formatToParts(new Date()).find(p => p.type === 'timeZoneName').value")
+        assert len(times) == 3 and all(t.endswith(f" {zone}") for t in times), (times, zone)
 
         browser.find_element(By.CSS_SELECTOR, f'#grid .card[data-id="{third}"]').click()
         wait.until(lambda d: d.find_elements(By.ID, "reconstruction"))

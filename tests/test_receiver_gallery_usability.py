@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +313,41 @@ def test_the_image_page_downloads_the_stream_as_sent_and_the_decoded_picture(
         assert other.status_code == 404 and stream not in other.content  # another device's: as if none
         anonymous = httpx.get(url)
         assert anonymous.status_code == 200 and 'name="next"' in anonymous.text and stream not in anonymous.content
+
+
+def test_times_are_shown_in_the_visitors_own_time_zone(tmp_path: Path, browser: Chrome) -> None:
+    """Every time was shown in UTC, so someone in India read an image received at 16:05 their time as
+    10:35. Times are shown in the browser's zone, named, with the UTC time in the tooltip (and as the
+    text of a page whose scripts do not run)."""
+    app, tokens = _app(tmp_path)
+    browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "Asia/Kolkata"})  # UTC+05:30
+    kolkata = timezone(timedelta(hours=5, minutes=30))
+
+    def local(iso: str) -> tuple[str, str]:
+        when = datetime.fromisoformat(iso)
+        return (when.astimezone(kolkata).strftime("%Y-%m-%d %H:%M:%S GMT+5:30"),
+                when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+    def card_time(driver: Chrome, image_id: str) -> tuple[str, str]:
+        time_ = driver.find_element(By.CSS_SELECTOR, f'.card[data-id="{image_id}"] time')
+        return time_.text, str(time_.get_attribute("title"))
+
+    with ServerThread(app) as server:
+        served = _upload(server.url, tokens["cam1"])
+        _wait_done(server.url, tokens["cam1"], served)
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        added = _upload(server.url, tokens["cam1"])  # a card the live script makes
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, f'.card[data-id="{added}"]'))
+        records = {i: httpx.get(f"{server.url}/v1/images/{i}", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+                   for i in (served, added)}
+        for image_id, record in records.items():
+            assert card_time(browser, image_id) == local(record["created_at"]), image_id
+
+        _wait_done(server.url, tokens["cam1"], added)
+        browser.get(f"{server.url}/images/{added}")
+        record = httpx.get(f"{server.url}/v1/images/{added}", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        shown = browser.execute_script("return [...document.querySelectorAll('time')].map(t => [t.textContent, t.title])")
+        assert [tuple(pair) for pair in shown] == [local(record["created_at"]), local(record["created_at"]),
+                                                   local(record["decoded_at"])]
+        page = httpx.get(f"{server.url}/images/{added}", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        assert f'<time datetime="{record["created_at"]}">{local(record["created_at"])[1]}</time>' in page

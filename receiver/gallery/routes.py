@@ -26,6 +26,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
 
@@ -43,8 +44,11 @@ def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
-def _fmt_when(iso: str | None) -> str:
-    return "-" if not iso else iso[:19].replace("T", " ") + " UTC"
+def _fmt_when(iso: str | None) -> Markup:
+    """A time as UTC text in a `<time>` that page.js shows in the visitor's own zone."""
+    if not iso:
+        return Markup("-")
+    return Markup('<time datetime="{}">{}</time>').format(iso, iso[:19].replace("T", " ") + " UTC")
 
 
 _templates.env.filters["ms"] = _fmt_ms

@@ -51,8 +51,16 @@
     caption.append(el("span", "size", img.width + "×" + img.height), " ",
                    el("span", "bytes", img.bytes + " B"), " ",
                    el("span", "bpp", img.bpp.toFixed(4) + " bpp"));
-    const when = img.created_at ? img.created_at.slice(0, 19).replace("T", " ") + " UTC" : "-";  // as the server's `when`
-    card.append(thumb, caption, el("div", "caption dim", img.device + " · " + when));
+    const line = el("div", "caption dim", img.device + " · ");
+    if (img.created_at) {  // as the server's `when`
+      const time = el("time");
+      time.dateTime = img.created_at;
+      aeicLocalTime(time);  // page.js
+      line.appendChild(time);
+    } else {
+      line.append("-");
+    }
+    card.append(thumb, caption, line);
     return card;
   }
 

@@ -10,3 +10,19 @@ window.addEventListener("pagehide", (event) => {
 window.addEventListener("pageshow", (event) => {
   if (event.persisted) window.location.reload();
 });
+
+// Times come in UTC (`<time datetime>`, its text "... UTC" for a page whose scripts do not run); each is
+// shown in the visitor's own zone, named, with the UTC text as its tooltip. gallery.js uses it for new cards.
+function aeicLocalTime(node) {
+  const when = new Date(node.dateTime);
+  const pad = (n) => String(n).padStart(2, "0");
+  const zone = new Intl.DateTimeFormat("en", {timeZoneName: "short"}).formatToParts(when)
+    .find((part) => part.type === "timeZoneName").value;
+  const utc = when.toISOString().slice(0, 19).replace("T", " ") + " UTC";
+  node.textContent = when.getFullYear() + "-" + pad(when.getMonth() + 1) + "-" + pad(when.getDate()) + " " +
+    pad(when.getHours()) + ":" + pad(when.getMinutes()) + ":" + pad(when.getSeconds()) + " " + zone;
+  node.title = utc;
+}
+document.addEventListener("DOMContentLoaded", () => {
+  for (const node of document.querySelectorAll("time[datetime]")) aeicLocalTime(node);
+});
