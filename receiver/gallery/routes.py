@@ -135,8 +135,11 @@ def bitstream(image_id: str, request: Request) -> Response:
     """The stream as the device sent it (any status: a failed image's is all there is of it), to read with
     `aeic info` or decode elsewhere; it never changes, so the browser may keep it."""
     who = optional_principal(request)
-    if who is None:
-        return _login_page(request, target=f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/")
+    if who is None:  # a 401, so that a download link followed after the session ended saves no sign-in page
+        page = _login_page(request, status=401,
+                           target=f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/")
+        page.headers["WWW-Authenticate"] = 'Bearer realm="aeic"'
+        return page
     state = receiver_state(request)
     try:
         record = visible_image(state, who, image_id)
