@@ -64,6 +64,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, Secur
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
@@ -370,6 +371,9 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
         state.metrics.uploads.labels("idempotency_conflict").inc()
         raise ApiError(409, "idempotency_conflict",
                        f"Idempotency-Key {key!r} was used for image {exc.existing.id} with other content") from None
+    except (OSError, SQLAlchemyError):  # 503 from the error handlers; counted, so that an outage shows here too
+        state.metrics.uploads.labels("storage_unavailable").inc()
+        raise
     state.metrics.uploads.labels("accepted" if created else "replayed").inc()
     if created:
         state.metrics.upload_bytes.observe(len(data))

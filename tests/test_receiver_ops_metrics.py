@@ -4,6 +4,7 @@ however its parameter name is spelt."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ from aeic.receiver.log_redaction import install_log_redaction, redact
 from aeic.receiver.metrics import ReceiverMetrics
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import SqlMetadataStore, Status
+from aeic.receiver.storage import FilesystemBlobStore, SqlMetadataStore, Status
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from receiver_support import FakeCodec, make_bitstream, make_tokens
@@ -106,3 +107,24 @@ def test_a_sign_in_link_with_an_encoded_name_still_signs_in(tmp_path: Path) -> N
     with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))) as client:
         answer = client.get(f"/login?%74oken={tokens['cam1']}", follow_redirects=False)
     assert answer.status_code in (302, 303) and "aeic_session" in answer.headers.get("set-cookie", "")
+
+
+class _FullDisk(FilesystemBlobStore):
+    """A blob folder on a full disk."""
+
+    def put(self, key: str, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_upload_refused_for_storage_is_counted(tmp_path: Path) -> None:
+    """Was: a full disk answered every upload 503 while aeic_uploads_total stayed still, so an alert on the
+    upload counters saw no outage."""
+    settings = ReceiverSettings(data_dir=tmp_path / "data", worker=False)
+    tokens = make_tokens(settings, "cam1")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]),
+                     blobs=_FullDisk(tmp_path / "data" / "blobs"))
+    with TestClient(app) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", "Content-Type": "application/octet-stream"}
+        answer = client.post("/v1/images", content=make_bitstream(), headers=headers)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "storage_unavailable"
+        assert 'aeic_uploads_total{outcome="storage_unavailable"} 1.0' in client.get("/metrics").text
