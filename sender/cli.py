@@ -30,7 +30,7 @@ from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
 from aeic.sender.report import Reporter
 from aeic.sender.spool import Spool, SpoolFullError
-from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, UploadResult
+from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, UploadResult, redacted_url
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
 from aeic.shared.durable import atomic_write
 
@@ -209,6 +209,8 @@ def _forwarder(
     uploader = Uploader(
         config.receiver_url, config.token_value() or "", ca_bundle=config.ca_bundle, timeout=config.timeout
     )
+    if uploader.proxy is not None:
+        reporter.info(f"uploading to {uploader.url} through the proxy {redacted_url(uploader.proxy)} (environment)")
     backoff = Backoff(base=config.backoff_base, max_delay=config.backoff_max)
     policy = ItemPolicy(config.item_max_attempts, config.item_max_age, config.item_backoff_max)
     return Forwarder(

@@ -96,16 +96,29 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def deadline_transport(deadline: Deadline, verify: ssl.SSLContext | bool) -> httpx.HTTPTransport:
-    """An httpx transport whose connections obey ``deadline`` (direct connections, HTTP/1.1).
+def deadline_transport(deadline: Deadline, verify: ssl.SSLContext | bool, proxy: str | None = None) -> httpx.HTTPTransport:
+    """An httpx transport whose connections obey ``deadline`` (HTTP/1.1; direct, or through an HTTP(S)
+    ``proxy``: a proxy that trickles its answers is bounded like a receiver that does).
 
     httpx builds its connection pool without a way to pass a network backend, so the pool is
     rebuilt with one; tests/test_sender_upload.py fails if a new httpx stops using it.
     """
     transport = httpx.HTTPTransport(verify=verify)
-    transport._pool = httpcore.ConnectionPool(  # no public hook for the network backend
-        ssl_context=httpx.create_ssl_context(verify=verify),
-        keepalive_expiry=5.0,  # httpx's default: an idle camera's next upload opens a fresh connection
-        network_backend=_DeadlineBackend(deadline),
+    ssl_context = httpx.create_ssl_context(verify=verify)
+    backend = _DeadlineBackend(deadline)
+    # keepalive_expiry: httpx's default, so an idle camera's next upload opens a fresh connection.
+    if proxy is None:  # no public hook for the network backend: the pool is replaced
+        transport._pool = httpcore.ConnectionPool(ssl_context=ssl_context, keepalive_expiry=5.0, network_backend=backend)
+        return transport
+    via = httpx.Proxy(proxy)
+    transport._pool = httpcore.HTTPProxy(
+        proxy_url=httpcore.URL(
+            scheme=via.url.raw_scheme, host=via.url.raw_host, port=via.url.port, target=via.url.raw_path
+        ),
+        proxy_auth=via.raw_auth,
+        proxy_headers=via.headers.raw,
+        ssl_context=ssl_context,
+        keepalive_expiry=5.0,
+        network_backend=backend,
     )
     return transport

@@ -37,6 +37,7 @@ import html
 import re
 import ssl
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -114,11 +115,56 @@ def tls_verification(ca_bundle: str | Path | None) -> ssl.SSLContext | bool:
         raise UploadConfigError(f"CA bundle {path} is not a valid PEM bundle ({exc})") from None
 
 
+def environment_proxy(url: str) -> str | None:
+    """The HTTP(S) proxy the usual variables name for ``url`` (``https_proxy``, ``http_proxy``,
+    ``all_proxy``, either case; ``no_proxy`` exempts hosts), or None to connect directly.
+
+    Why here: the uploader's own transport (the whole-request time limit) made httpx ignore these
+    variables, so a device that reaches the internet only through a proxy failed every upload with a
+    name-resolution error that never mentioned the proxy.
+    """
+    proxies = urllib.request.getproxies_environment()
+    parts = urlsplit(url)
+    if _exempt(parts.hostname or "", proxies.get("no", "")):
+        return None
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    if urlsplit(proxy).scheme not in ("http", "https"):
+        raise UploadConfigError(f"proxy {redacted_url(proxy)} is not http:// or https:// (SOCKS is not supported)")
+    return proxy
+
+
+def _exempt(host: str, no_proxy: str) -> bool:
+    """Whether ``no_proxy`` (comma list of host names, ``.domain`` or ``domain`` for its sub-domains, an
+    optional ``:port``, ``*`` for all) names ``host``."""
+    for entry in no_proxy.lower().split(","):
+        name = entry.strip()
+        if name == "*":
+            return True
+        name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name  # host:port; not an IPv6 address
+        name = name.strip("[]").lstrip(".")
+        if name and (host == name or host.endswith(f".{name}")):
+            return True
+    return False
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without the password a proxy URL may carry (for log lines)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
 class Uploader:
     """An HTTP client bound to one receiver and one device token (one connection pool).
 
     ``timeout`` bounds a whole exchange (connect, send, answer), not each socket read; a
-    ``transport`` given for tests replaces the network and with it that limit.
+    ``transport`` given for tests replaces the network and with it that limit. Without one, the
+    proxy the environment names for the receiver's URL is used (:func:`environment_proxy`).
     """
 
     def __init__(
@@ -140,12 +186,13 @@ class Uploader:
         self._timeout = timeout
         self._deadline = Deadline()
         verify = tls_verification(ca_bundle)
+        self.proxy = None if transport is not None else environment_proxy(self.url)
         self._client = httpx.Client(
             verify=verify,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             headers={"Authorization": f"Bearer {token}", "User-Agent": f"aeic-send/{__version__}"},
             follow_redirects=False,
-            transport=transport or deadline_transport(self._deadline, verify),
+            transport=transport or deadline_transport(self._deadline, verify, self.proxy),
         )
 
     def close(self) -> None:

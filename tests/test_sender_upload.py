@@ -15,7 +15,14 @@ import pytest
 from aeic.sender.backoff import Backoff
 from aeic.sender.forward import Forwarder
 from aeic.sender.spool import Spool, SpoolItem, idempotency_key
-from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, classify, endpoint_url
+from aeic.sender.uploader import (
+    Outcome,
+    UploadConfigError,
+    Uploader,
+    classify,
+    endpoint_url,
+    environment_proxy,
+)
 from sender_support import ReceiverDouble, make_bitstream, self_signed_certificate
 
 TOKEN = "device-token"
@@ -461,3 +468,99 @@ def test_a_retry_after_date_is_honoured() -> None:
     past = classify(httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}))
     assert past.retry_after == 0.0
     assert classify(httpx.Response(503, headers={"Retry-After": "soon"})).retry_after == 0.0
+
+
+class _ForwardProxy:
+    """A forward proxy double on loopback that answers for the receiver it was asked to reach."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        targets: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                targets.append(self.path)  # absolute form: the request went through the proxy
+                body = b'{"id": "img-1"}'
+                self.send_response(202)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.targets = targets
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _ForwardProxy:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_the_proxy_of_the_environment_is_used_and_no_proxy_exempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that reaches the internet only through a proxy (HTTP_PROXY in its unit's environment)
+    failed every upload with a name-resolution error: the uploader's own transport made httpx ignore it."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    data = make_bitstream(3)
+    with _ForwardProxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        with Uploader("http://receiver.invalid:8000", TOKEN, timeout=5.0) as uploader:
+            result = uploader.upload(data, idempotency_key(data))
+        assert uploader.proxy == proxy.url
+        assert result.outcome is Outcome.ACCEPTED and proxy.targets == ["http://receiver.invalid:8000/v1/images"]
+        monkeypatch.setenv("NO_PROXY", "receiver.invalid")
+        with Uploader("http://receiver.invalid:8000", TOKEN, timeout=5.0) as uploader:
+            assert uploader.proxy is None
+            assert uploader.upload(data, idempotency_key(data)).outcome is Outcome.RETRY  # direct: no such host
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://user:pw@127.0.0.1:1080")
+    with pytest.raises(UploadConfigError, match="SOCKS") as raised:
+        Uploader("https://receiver.invalid", TOKEN)
+    assert "pw" not in str(raised.value)
+
+
+def test_a_trickling_proxy_is_bounded_by_the_requests_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    data = make_bitstream(4)
+    with _TricklingServer(b"", _HEAD + b" " * 200) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        with Uploader("http://receiver.invalid:8000", TOKEN, timeout=1.0) as uploader:
+            started = time.monotonic()
+            result = uploader.upload(data, idempotency_key(data))
+            took = time.monotonic() - started
+    assert result.outcome is Outcome.RETRY and "Timeout" in result.detail and took < 3.0
+
+
+@pytest.mark.parametrize(
+    ("host", "no_proxy", "exempt"),
+    [
+        ("cam.example.org", "example.org", True),
+        ("cam.example.org", ".example.org", True),
+        ("example.org", "other.net, example.org:443", True),
+        ("badexample.org", "example.org", False),
+        ("anything", "*", True),
+        ("::1", "[::1]", True),
+        ("10.0.0.2", "10.0.0.20", False),
+    ],
+)
+def test_no_proxy_names_hosts_and_their_domains(
+    monkeypatch: pytest.MonkeyPatch, host: str, no_proxy: str, exempt: bool
+) -> None:
+    for name in ("no_proxy", "http_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    url = f"http://[{host}]:8000" if ":" in host else f"http://{host}:8000"
+    assert environment_proxy(url) == (None if exempt else "http://proxy.internal:3128")
