@@ -123,7 +123,8 @@ class StreamWorker:
             except Exception as exc:  # Redis or the database may be briefly unavailable: keep the process alive
                 # The traceback once per outage, then a line a retry (was a 100-line traceback every second).
                 if failing:
-                    log.warning("worker iteration failed again; retrying: %s: %s", type(exc).__name__, exc)
+                    log.warning("worker iteration failed again; retrying: %s: %s", type(exc).__name__,
+                                str(exc).splitlines()[0] if str(exc) else "")
                 else:
                     log.exception("worker iteration failed; retrying")
                 group_ready, failing = False, True

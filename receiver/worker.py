@@ -210,13 +210,20 @@ class DecodeWorker:
 
     def _loop(self) -> None:
         self._preload()
+        failing = False
         while not self._stop.is_set():
             self._wake.clear()
             try:
                 handled = self.run_once()
-            except Exception:  # the database may be briefly unavailable; never let the thread die
-                log.exception("decode worker iteration failed")
-                handled = 0
+                failing = False
+            except Exception as exc:  # the database may be briefly unavailable; never let the thread die
+                # The traceback once per outage, then a line a poll (was a traceback every poll interval).
+                if failing:
+                    log.warning("decode worker iteration failed again: %s: %s", type(exc).__name__,
+                                str(exc).splitlines()[0] if str(exc) else "")
+                else:
+                    log.exception("decode worker iteration failed")
+                failing, handled = True, 0
             if handled == 0:
                 self._wake.wait(self.config.poll_interval_s)
 

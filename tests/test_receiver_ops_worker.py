@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from aeic.receiver.cli import main
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.storage import FilesystemBlobStore, SqlMetadataStore
@@ -70,3 +71,30 @@ def test_a_redis_outage_is_one_traceback_then_a_line_a_retry(tmp_path: Path,
     assert records[0].exc_info is not None and all(r.exc_info is None for r in records[1:])
     assert all(r.getMessage() == "worker iteration failed again; retrying: ConnectionError: Error 111 "
                "connecting to 127.0.0.1:6379. Connection refused." for r in records[1:])
+
+
+class _DatabaseDown(SqlMetadataStore):
+    """A store whose database refuses the worker's claims."""
+
+    def claim_batch(self, *args: object, **kwargs: object) -> None:
+        raise sa.exc.OperationalError("UPDATE images ...", {}, ConnectionRefusedError("connection refused"))
+
+
+def test_the_embedded_worker_logs_a_database_outage_once_then_a_line_a_poll(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Was: `serve`'s worker logged a full traceback every poll interval (every second by default) for as
+    long as the database was down."""
+    store = _DatabaseDown(sa.create_engine(f"sqlite:///{tmp_path / 'receiver.db'}"))
+    store.migrate()
+    decoder = DecodeWorker(store, FilesystemBlobStore(tmp_path / "blobs"),
+                           CodecRegistry.from_codecs([FakeCodec()]), WorkerConfig(poll_interval_s=0.02))
+    with caplog.at_level(logging.WARNING, logger="aeic.receiver.worker"):
+        decoder.start()
+        threading.Event().wait(0.5)
+        decoder.stop()
+    store.close()
+    records = [r for r in caplog.records if r.name == "aeic.receiver.worker"]
+    assert len(records) >= 3
+    assert records[0].exc_info is not None and all(r.exc_info is None for r in records[1:])
+    assert all(r.getMessage() == "decode worker iteration failed again: OperationalError: "
+               "(builtins.ConnectionRefusedError) connection refused" for r in records[1:])
