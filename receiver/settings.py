@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aeic.shared.decode_limits import TILE_PIXELS
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -101,6 +101,15 @@ class ReceiverSettings(BaseSettings):
         "process exits with status 75 if its decode still has not returned, so that a supervisor that restarts "
         "exited containers (Docker Compose, Kubernetes) recovers it. The embedded worker of `serve` never exits."
     )
+
+    @field_validator("data_dir", "model_packages", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path | list[Path]) -> Path | list[Path]:
+        """`~` in a path from the config file or the environment means the home folder, as in a shell: no shell
+        expands it there, and `data_dir = "~/aeic"` made a folder named `~` in the working directory."""
+        if isinstance(value, list):
+            return [path.expanduser() for path in value]
+        return value.expanduser()
 
     @classmethod
     def settings_customise_sources(

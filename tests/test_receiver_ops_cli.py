@@ -18,6 +18,7 @@ import httpx
 import pytest
 from aeic.receiver import api
 from aeic.receiver.cli import main
+from aeic.receiver.settings import load_settings
 from aeic.receiver.storage.migrations import MIGRATIONS
 
 NEWEST = max(step.version for step in MIGRATIONS)
@@ -314,3 +315,17 @@ def test_an_unreachable_blob_store_is_one_line(tmp_path: Path, no_model_load: No
     monkeypatch.setenv("AEIC_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     assert main(["serve", "--data", str(tmp_path / "data"), "--port", "0", "--device", "cpu"]) == 2
     assert _one_line(capsys).startswith("aeic-receiver: cannot use the blob store s3://photos/aeic: ")
+
+
+def test_a_home_folder_in_a_configured_path_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: `data_dir = "~/aeic"` in the config file (or AEIC_DATA_DIR) made a folder named `~` in the working
+    directory, as no shell expands a value there."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "receiver.toml"
+    config.write_text('data_dir = "~/aeic"\nmodel_packages = ["~/models/a"]\n')
+    settings = load_settings(config)
+    assert settings.data_dir == tmp_path / "home" / "aeic"
+    assert settings.model_packages == [tmp_path / "home" / "models" / "a"]
+    assert main(["token", "create", "--device", "cam1", "--config", str(config)]) == 0
+    assert (tmp_path / "home" / "aeic" / "receiver.db").is_file() and not (tmp_path / "~").exists()
