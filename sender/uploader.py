@@ -312,10 +312,23 @@ def _retry_after(response: httpx.Response) -> float:
     return max(0.0, when.timestamp() - time.time())
 
 
+# What to do about a TLS failure, by the words OpenSSL uses for it: "pass --ca-bundle" was the advice for
+# every one, also for a certificate of another host or one that a device's wrong clock calls expired.
+_TLS_ADVICE = (
+    ("mismatch", "the certificate is for another host name: give --to (receiver_url) the name it was issued for"),
+    ("expired", "the certificate has expired, or this device's clock is wrong (no real-time clock, no NTP yet?)"),
+    ("not yet valid", "the certificate is not valid yet: this device's clock is probably wrong (no NTP yet?)"),
+    ("CERTIFICATE_VERIFY_FAILED", "for a private CA pass --ca-bundle (ca_bundle) with the CA's PEM file"),
+    ("WRONG_VERSION_NUMBER", "the receiver does not speak TLS on this port: is it http://, or the wrong port?"),
+)
+
+
 def _transport_detail(exc: httpx.TransportError) -> str:
     text = _one_line(str(exc)) or type(exc).__name__
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return f"TLS certificate verification failed ({text}); pass --ca-bundle for a private CA"
+    for words, advice in _TLS_ADVICE:
+        if words in text:
+            what = "TLS certificate verification failed" if "CERTIFICATE_VERIFY_FAILED" in text else "TLS failed"
+            return f"{what} ({text}); {advice}"
     return f"{type(exc).__name__}: {text}"
 
 

@@ -19,6 +19,7 @@ from aeic.sender.uploader import (
     Outcome,
     UploadConfigError,
     Uploader,
+    _transport_detail,
     classify,
     endpoint_url,
     environment_proxy,
@@ -241,6 +242,27 @@ def test_tls_is_verified_by_default_and_a_ca_bundle_makes_it_work(tmp_path: Path
     assert refused.outcome is Outcome.RETRY and "certificate verification failed" in refused.detail
     assert "--ca-bundle" in refused.detail
     assert accepted.outcome is Outcome.ACCEPTED and list(receiver.stored) == [idempotency_key(data)]
+
+
+def test_a_tls_failure_says_what_to_do_about_it(tmp_path: Path) -> None:
+    """Every verification failure advised --ca-bundle, also when it had been given and the certificate was
+    for another name, or when a device's clock (no real-time clock, no NTP yet) made it look expired."""
+    cert, key = self_signed_certificate(tmp_path)  # issued for 127.0.0.1
+    data = make_bitstream(6)
+    with ReceiverDouble(TOKEN, tls=(cert, key)) as receiver:
+        port = receiver.url.rsplit(":", 1)[1]
+        with Uploader(f"https://localhost:{port}", TOKEN, ca_bundle=cert) as uploader:
+            other_name = uploader.upload(data, idempotency_key(data))
+        with Uploader(f"http://127.0.0.1:{port}", TOKEN) as uploader:
+            plain = uploader.upload(data, idempotency_key(data))
+    assert other_name.outcome is Outcome.RETRY and "another host name" in other_name.detail
+    assert "--ca-bundle" not in other_name.detail
+    assert plain.outcome is Outcome.RETRY
+    with ReceiverDouble(TOKEN) as receiver, Uploader(receiver.url.replace("http:", "https:"), TOKEN) as uploader:
+        wrong_scheme = uploader.upload(data, idempotency_key(data))
+    assert "does not speak TLS on this port" in wrong_scheme.detail
+    expired = httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate has expired")
+    assert "clock" in _transport_detail(expired)
 
 
 def test_daemon_loop_survives_an_unexpected_error(tmp_path: Path) -> None:
