@@ -109,3 +109,16 @@ def test_a_symbolic_link_loop_is_not_called_corrupt_data(tmp_path: Path) -> None
     with pytest.raises(ImageReadError) as error:
         read_image(path)
     assert _one_line_naming(error, path) == f"{path}: symbolic link loop, not an image file"
+
+
+@needs_avif
+@pytest.mark.parametrize(("orientation", "upright"), [(6, Image.Transpose.ROTATE_270), (5, Image.Transpose.TRANSPOSE)])
+def test_an_oriented_avif_is_turned_upright_once(tmp_path: Path, orientation: int, upright: Image.Transpose) -> None:
+    """Pillow carries an AVIF file's orientation (irot/imir boxes) as an EXIF tag: turned once, not twice or never."""
+    rgb = _photo(48, 64)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(tmp_path / "photo.avif", exif=exif.tobytes(), quality=95)
+    out = read_image(tmp_path / "photo.avif")
+    want = np.asarray(Image.fromarray(rgb).transpose(upright))
+    assert out.shape == want.shape == (64, 48, 3) and np.abs(out.astype(int) - want).mean() < 12
