@@ -362,3 +362,20 @@ def test_times_are_shown_in_the_visitors_own_time_zone(tmp_path: Path, browser: 
                                                    local(record["decoded_at"])]
         page = httpx.get(f"{server.url}/images/{added}", headers={"Authorization": f"Bearer {ADMIN}"}).text
         assert f'<time datetime="{record["created_at"]}">{local(record["created_at"])[1]}</time>' in page
+
+
+def test_an_address_with_nothing_at_it_is_a_page_with_the_way_back(tmp_path: Path, browser: Chrome) -> None:
+    """A mistyped or stale address showed a browser the API's raw JSON error. A browser's page request now
+    gets a 404 page that leads back to the gallery; the API, scripts and other clients keep the JSON."""
+    app, _ = _app(tmp_path, worker=False)
+    with ServerThread(app) as server:
+        for path in ("/nope", "/images/", "/images/abc/def", "/static/nope.css"):
+            browser.get(f"{server.url}{path}")
+            assert browser.title == "Page not found · AEIC receiver", path
+            assert browser.find_element(By.TAG_NAME, "h1").text == "Page not found"
+            assert browser.find_element(By.CSS_SELECTOR, "main a").get_attribute("href") == f"{server.url}/"
+        page = httpx.get(f"{server.url}/nope", headers={"Accept": "text/html"})
+        assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+        for path, accept in (("/nope", "*/*"), ("/v1/nope", "text/html"), ("/static/nope.js", "*/*")):
+            reply = httpx.get(f"{server.url}{path}", headers={"Accept": accept})
+            assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found", path

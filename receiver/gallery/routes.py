@@ -19,7 +19,7 @@ from aeic.receiver.api import (
     receiver_state,
     visible_image,
 )
-from aeic.receiver.errors import ApiError
+from aeic.receiver.errors import ApiError, error_response
 from aeic.receiver.storage import BlobNotFoundError, ImageFilter, InvalidCursorError
 from aeic.receiver.storage.blobs import bitstream_key
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -246,6 +246,15 @@ def logout(request: Request) -> Response:
     return response
 
 
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """A browser opening an address with nothing at it gets a page with the way back to the gallery; the
+    API, scripts, images and every other client get the standard JSON error, as before."""
+    page = request.headers.get("sec-fetch-dest") == "document" or "text/html" in request.headers.get("accept", "")
+    if page and request.method in ("GET", "HEAD") and not request.url.path.startswith("/v1/"):
+        return _templates.TemplateResponse(request, "not_found.html", {}, status_code=404)
+    return error_response(404, "not_found", str(getattr(exc, "detail", "Not Found")), getattr(exc, "headers", None))
+
+
 def install_gallery(app: FastAPI) -> None:
     """Mount the gallery pages and their static files on `app`."""
     router = APIRouter(include_in_schema=False)
@@ -258,3 +267,4 @@ def install_gallery(app: FastAPI) -> None:
     router.add_api_route("/logout", logout, methods=["POST"])
     app.include_router(router)
     app.mount("/static", _Assets(directory=str(_STATIC)), name="static")
+    app.add_exception_handler(404, _not_found)  # before errors.py's handler of every HTTP error (Starlette)
