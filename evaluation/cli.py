@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +142,10 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[
     return config, compare
 
 
-def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factory: Callable[..., Any] | None
-               ) -> runner.Evaluator:
-    """The model loaded (none for --baselines-only) and checked against the rate points asked for."""
+def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factory: Callable[..., Any] | None,
+               held: ExitStack) -> runner.Evaluator:
+    """The model loaded (none for --baselines-only) and checked against the rate points asked for; then the
+    --out folder's lock, kept in ``held``, and only then the folder is written to."""
     runner.list_images(config.images, config.limit)  # fail before loading a model
     if args.baselines_only:
         codec = None
@@ -165,6 +167,7 @@ def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factor
         codec.info() if codec is not None and hasattr(codec, "info")
         else {"codec": type(codec).__name__ if codec else None}
     )
+    held.enter_context(runner.out_folder_lock(config.out))
     return runner.Evaluator(codec, config, info)
 
 
@@ -173,23 +176,24 @@ def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., An
     parser = build_parser()
     args = parser.parse_args(argv)
     config, compare = _config(parser, args)
-    try:
-        evaluator = _evaluator(args, config, codec_factory)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"aeic eval: {exc}", file=sys.stderr)
-        return 2
-    try:
-        summary = evaluator.run(progress=not args.no_progress)
-    except KeyboardInterrupt:
-        kept = len(evaluator.results.rows)
-        print(f"aeic eval: interrupted; {kept} rows kept in {config.out / 'results.csv'}, the same command "
-              "resumes", file=sys.stderr)  # fmt: skip
-        return 130
-    _print_means(summary)
-    for name, reason in summary["skipped_metrics"].items():
-        print(f"{name}: {reason}")
-    if not args.no_plots:
-        _plots(summary, config, compare)
+    with ExitStack() as held:
+        try:
+            evaluator = _evaluator(args, config, codec_factory, held)
+        except (FileNotFoundError, ValueError, TypeError) as exc:
+            print(f"aeic eval: {exc}", file=sys.stderr)
+            return 2
+        try:
+            summary = evaluator.run(progress=not args.no_progress)
+        except KeyboardInterrupt:
+            kept = len(evaluator.results.rows)
+            print(f"aeic eval: interrupted; {kept} rows kept in {config.out / 'results.csv'}, the same command "
+                  "resumes", file=sys.stderr)  # fmt: skip
+            return 130
+        _print_means(summary)
+        for name, reason in summary["skipped_metrics"].items():
+            print(f"{name}: {reason}")
+        if not args.no_plots:
+            _plots(summary, config, compare)
     print(f"results: {config.out / 'results.csv'}, {config.out / 'summary.json'}")
     errors = sum(m["n_error"] for m in summary["means"])
     return 1 if errors else 0

@@ -13,12 +13,14 @@ and the means per (point, method), with unreachable and failed images counted, n
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import math
 import platform
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
@@ -218,6 +220,27 @@ class ResultsFile:
         for row in rows:
             self.rows.append(row)
             self.done[(row["image"], row["point"], row["method"])] = row
+
+
+LOCK_FILE = "eval.lock"
+
+
+@contextmanager
+def out_folder_lock(out: Path) -> Iterator[None]:
+    """One ``aeic eval`` at a time in an ``--out`` folder (made here if missing): two (the same command started
+    twice, a requeued job) would each measure and append every row, so the means counted each image twice.
+    The kernel lets go of the lock when its process ends, however it ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another aeic eval is writing to {out} (it holds {out / LOCK_FILE}): wait for it, or stop it first"
+            ) from None
+        except OSError:  # a file system without locks (some NFS mounts): the run goes on unguarded
+            pass
+        yield
 
 
 # What decides the rows, beyond the columns: a re-run into the same --out may only add rows made the same

@@ -416,3 +416,22 @@ def test_an_out_that_is_a_file_or_a_compare_run_without_summary_is_refused_first
             cli.main_eval([*base, *extra], codec_factory=lambda model: WebPContainerCodec())
         assert exc.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything was measured
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs into one --out (the same command started twice, a requeued job) each measured every row and
+    appended it: the summary counted each image twice, and a start-up rewrite of a half-written row could
+    cut into the other's writes."""
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--images", str(images), "--rates", "0", "--baseline", "none", "--out", str(out), "--no-progress"]
+    with open(out / "eval.lock", "a") as held:  # as the other run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert cli.main_eval(argv, codec_factory=lambda model: WebPContainerCodec()) == 2
+        assert "another aeic eval is writing to" in capsys.readouterr().err
+        assert not (out / "results.csv").exists()
+    assert cli.main_eval([*argv, "--no-plots"], codec_factory=lambda model: WebPContainerCodec()) == 0
