@@ -20,8 +20,8 @@ orientation tag (phones, some cameras). Every such detail is settled here, once:
 * Animated or multi-page files: the first frame.
 
 AVIF is read where Pillow was built with it (Pillow 11.2 and later, as shipped); HEIC/HEIF and JPEG XL
-are not read. Any failure (missing file, not an image, one of those formats, truncated or corrupt data,
-unsupported mode, too large) raises :class:`ImageReadError` with one line saying which file and why.
+are not read, nor EPS or WMF/EMF drawings where Pillow lacks Ghostscript or a Windows handler. Any failure
+(missing file, not an image, one of those formats, truncated or corrupt data, unsupported mode, too large) raises :class:`ImageReadError` with one line saying which file and why.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ _HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", 
 # a JPEG XL codestream, and the JPEG XL container's signature box
 _JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 _SNIFF_BYTES = 64
+# drawings Pillow identifies but renders only with outside help: EPS with Ghostscript, WMF/EMF with a Windows handler
+_DRAWING_FORMATS = frozenset({"EPS", "WMF"})
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -76,7 +78,13 @@ def read_image(path: str | Path) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with _open_regular(path) as file, _identified(path, file) as image:
                 _check_size(path, image.size)
-                return upright_rgb8(image, path)
+                try:
+                    return upright_rgb8(image, path)
+                except OSError as exc:  # not "corrupt or truncated image data": the file is whole
+                    if image.format in _DRAWING_FORMATS:
+                        raise ImageReadError(f"{path}: {image.format} drawing, which this Pillow cannot render ({exc}): "
+                                             "export it to PNG or JPEG") from None
+                    raise
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:

@@ -122,3 +122,17 @@ def test_an_oriented_avif_is_turned_upright_once(tmp_path: Path, orientation: in
     out = read_image(tmp_path / "photo.avif")
     want = np.asarray(Image.fromarray(rgb).transpose(upright))
     assert out.shape == want.shape == (64, 48, 3) and np.abs(out.astype(int) - want).mean() < 12
+
+
+def test_an_eps_drawing_without_ghostscript_is_not_called_corrupt(tmp_path: Path) -> None:
+    """It was "corrupt or truncated image data (Unable to locate Ghostscript on paths)" for a whole file."""
+    from PIL import EpsImagePlugin
+
+    if EpsImagePlugin.has_ghostscript():
+        pytest.skip("Ghostscript is installed: Pillow renders EPS")
+    path = tmp_path / "logo.eps"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 80\nnewpath 10 10 moveto 90 70 lineto stroke\n")
+    with pytest.raises(ImageReadError) as error:
+        read_image(path)
+    message = _one_line_naming(error, path)
+    assert message.startswith(f"{path}: EPS drawing, which this Pillow cannot render (") and "corrupt" not in message
