@@ -21,7 +21,8 @@ orientation tag (phones, some cameras). Every such detail is settled here, once:
 
 AVIF is read where Pillow was built with it (Pillow 11.2 and later, as shipped); HEIC/HEIF and JPEG XL
 are not read, nor EPS or WMF/EMF drawings where Pillow lacks Ghostscript or a Windows handler. Any failure
-(missing file, not an image, one of those formats, truncated or corrupt data, unsupported mode, too large) raises :class:`ImageReadError` with one line saying which file and why.
+(missing file, not an image, one of those formats, truncated or corrupt data, unsupported mode, too large)
+raises :class:`ImageReadError` with one line saying which file and why.
 """
 
 from __future__ import annotations
