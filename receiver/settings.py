@@ -5,7 +5,7 @@ Why one object: the API, the worker, the storage and the CLI all read the same v
 wrong value fails at start-up instead of in the middle of a decode. A misspelt name fails too: the TOML
 file takes only the names below, and an `AEIC_*` variable one edit or so away from a setting's name
 (`AEIC_MAX_UPLOAD_BYTE`) is refused with the name it was probably meant to be; other `AEIC_*` names are
-left alone, as the sender and the tests have variables of their own.
+left alone, as the sender (`AEIC_ITEM_MAX_ATTEMPTS`) and the tests have variables of their own.
 """
 
 from __future__ import annotations
@@ -136,9 +136,11 @@ class ConfigError(ValueError):
 
 
 def closest_setting(name: str) -> str | None:
-    """The setting `name` was probably meant to be (a typo's), or None."""
-    matches = difflib.get_close_matches(name.lower(), ReceiverSettings.model_fields, n=1, cutoff=0.8)
-    return matches[0] if matches else None
+    """The setting `name` was probably meant to be (a typo's: a character or two added, dropped or changed),
+    or None. A longer name that contains a setting's, as the sender's `item_max_attempts` does
+    `max_attempts`, is another tool's, not a typo."""
+    matches = difflib.get_close_matches(name.lower(), ReceiverSettings.model_fields, n=3, cutoff=0.8)
+    return next((match for match in matches if abs(len(match) - len(name)) <= 2), None)
 
 
 def _check_environment() -> None:

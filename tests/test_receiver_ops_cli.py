@@ -18,7 +18,7 @@ import httpx
 import pytest
 from aeic.receiver import api
 from aeic.receiver.cli import main
-from aeic.receiver.settings import load_settings
+from aeic.receiver.settings import ReceiverSettings, load_settings
 from aeic.receiver.storage.migrations import MIGRATIONS
 
 NEWEST = max(step.version for step in MIGRATIONS)
@@ -97,6 +97,19 @@ def test_other_tools_variables_are_left_alone(tmp_path: Path, monkeypatch: pytes
                  "AEIC_SPOOL_MAX_ITEMS", "AEIC_TIMEOUT", "AEIC_MODEL", "AEIC_SD_TURBO_DIR", "AEIC_TAEF2_DIR",
                  "AEIC_REQUIRE_TEST_TOOLS", "AEIC_SCALEOUT_UPLOADS", "AEIC_BENCH_IMAGES", "AEIC_VERSION"):
         monkeypatch.setenv(name, "1")
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 0
+
+
+def test_every_sender_setting_in_the_environment_is_left_alone(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A demo shell or a host running both exports the sender's AEIC_<KEY>: was, AEIC_ITEM_MAX_ATTEMPTS was
+    refused as a misspelt AEIC_MAX_ATTEMPTS."""
+    from aeic.sender.config import SenderConfig
+
+    for key in SenderConfig.model_fields:
+        monkeypatch.setenv(f"AEIC_{key.upper()}", "1")
+    for key in ReceiverSettings.model_fields:  # those both read keep the receiver's meaning
+        monkeypatch.delenv(f"AEIC_{key.upper()}", raising=False)
     assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 0
 
 
