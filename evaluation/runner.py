@@ -196,13 +196,15 @@ class ResultsFile:
                         f"{path} was written with other columns {reader.fieldnames}; use a new --out folder"
                     )
                 rows = list(reader)
-            self.rows = [r for r in rows if _complete(r)]
+            # a row cut short by a killed run is dropped, so it is measured again; a row written twice (two
+            # runs at once, before eval.lock) is kept once, the later one
+            self.rows = list({_key(r): r for r in rows if _complete(r)}.values())
             if len(self.rows) < len(rows) or not path.read_bytes().endswith(b"\n"):
-                self._rewrite()  # a row cut short by a killed run is dropped, so it is measured again
+                self._rewrite()
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._rewrite()
-        self.done = {(r["image"], r["point"], r["method"]): r for r in self.rows}
+        self.done = {_key(r): r for r in self.rows}
 
     def _rewrite(self) -> None:
         """Header and the rows kept, written whole and then moved into place."""
@@ -219,7 +221,7 @@ class ResultsFile:
             csv.DictWriter(fh, self.columns).writerows(rows)
         for row in rows:
             self.rows.append(row)
-            self.done[(row["image"], row["point"], row["method"])] = row
+            self.done[_key(row)] = row
 
 
 LOCK_FILE = "eval.lock"
@@ -335,6 +337,11 @@ def check_run_identity(
 
 STATUSES = ("ok", "unreachable", "error")
 UNREADABLE_DETAIL = "unreadable image"  # how an error row of a file that cannot be read starts
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, str]:
+    """What a row is of: (image, point, method); a folder holds one row per key."""
+    return row["image"], row["point"], row["method"]
 
 
 def _complete(row: dict[str, Any]) -> bool:

@@ -186,6 +186,20 @@ def test_a_row_cut_short_by_a_killed_run_is_measured_again(images: Path, tmp_pat
         assert len(list(csv.DictReader(fh))) == 2
 
 
+def test_rows_written_twice_count_once(images: Path, tmp_path: Path) -> None:
+    """Two runs at once into one folder (before OUT/eval.lock) left every row twice in results.csv, and every
+    later summary counted each image twice."""
+    out = tmp_path / "out"
+    _evaluator(images, out).run(progress=False)
+    path = out / "results.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines + lines[1:]))
+    summary = _evaluator(images, out).run(progress=False)
+    assert summary["means"][0]["n_ok"] == 1 and len(summary["rows"]) == 1
+    with path.open(newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 1
+
+
 def test_another_images_folder_does_not_resume_into_the_same_out(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     _evaluator(images, out).run(progress=False)
