@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 from aeic.sender.coding_scale import parse_downscale
 from aeic.sender.rate_distortion_rounding import parse_rounding
@@ -26,7 +26,21 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from aeic.sender.encoder import BudgetError, SenderCodec
     from aeic.sender.images import ImageReadError, read_image
 
-    codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale, rounding=args.rounding)
+    if _names_a_stream(args.output) and len(args.images) > 1:
+        print(f"error: -o {args.output} names one stream, but {len(args.images)} images were given; give a folder",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.output is not None and args.output.exists() and not args.output.is_dir() and not _names_a_stream(args.output):
+        print(f"error: -o {args.output} is a file: give a folder, or a .aeic file for one image", file=sys.stderr)
+        return 2
+    try:
+        codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale,
+                                         rounding=args.rounding)
+    except ModelPackageError:
+        raise
+    except ValueError as exc:  # a package the sender cannot run (a damaged manifest, a bad setting)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     status = 0
     for image in args.images:
         try:
@@ -46,7 +60,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
             status = 1
             continue
         elapsed = (time.perf_counter() - start) * 1e3
-        out = (args.output / image.with_suffix(".aeic").name) if args.output else image.with_suffix(".aeic")
+        out = _encoded_path(image, args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
         bpp = len(data) * 8 / (rgb.shape[0] * rgb.shape[1])
@@ -66,6 +80,18 @@ def _read_stream(path: Path) -> bytes:
     if len(data) > MAX_STREAM_BYTES:
         raise ValueError(f"larger than {MAX_STREAM_BYTES:,} bytes: not an AEIC bitstream")
     return data
+
+
+def _names_a_stream(output: Path | None) -> TypeGuard[Path]:
+    """``encode -o x.aeic`` means that file, as ``decode -o x.png`` does; it made a folder called x.aeic."""
+    return output is not None and output.suffix.lower() == ".aeic" and not output.is_dir()
+
+
+def _encoded_path(image: Path, output: Path | None) -> Path:
+    """``-o`` as the stream itself, or the folder to write ``<image>.aeic`` in (default: beside the image)."""
+    if _names_a_stream(output):
+        return output
+    return (output / image.with_suffix(".aeic").name) if output else image.with_suffix(".aeic")
 
 
 _PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -108,7 +134,13 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(f"error: -o {args.output}: decode writes {', '.join(_PICTURE_SUFFIXES)} pictures; name one of "
               "those, or a folder", file=sys.stderr)  # fmt: skip
         return 2
-    codec = ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels)
+    try:
+        codec = ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels)
+    except ModelPackageError:
+        raise
+    except ValueError as exc:  # weights that do not fit (an SD-Turbo folder of another model), a damaged manifest
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     status = 0
     for stream in args.streams:
         try:
@@ -296,19 +328,58 @@ def _positive_bytes(text: str) -> int:
     return value
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum`` (a thread count of -3 or a tile of -5 pixels
+    was taken, then failed, or not, deep inside the codec)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _decode_device(text: str) -> str:
+    """``auto``, or a torch device this machine has: ``--device cuda`` without a GPU (or ``cuda:3`` with
+    one) was a traceback from inside torch after the command had started."""
+    if text == "auto":
+        return text
+    try:
+        import torch
+    except ModuleNotFoundError:  # decode names the missing receiver extra when it runs
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+    backend: Any = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu: each says if it runs here
+    if device.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise argparse.ArgumentTypeError(f"{text}: this machine's torch has no {device.type} device")
+    count = backend.device_count() if device.index is not None and hasattr(backend, "device_count") else None
+    if count is not None and device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {count} {device.type} device(s)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aeic", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     encode = sub.add_parser("encode", help="images -> .aeic bitstreams (sender path)")
     encode.add_argument("images", nargs="+", type=Path)
-    encode.add_argument("-o", "--output", type=Path, help="output folder (default: beside each image)")
+    encode.add_argument("-o", "--output", type=Path,
+                        help="output folder, or for one image a .aeic file (default: beside each image)")
     rate = encode.add_mutually_exclusive_group()
     # The same default as `aeic-send encode` (aeic.sender.cli.DEFAULT_RATE), so both front ends of the sender
     # path code an image to the same bitstream (not imported: it would load the uploader for `aeic info`).
     rate.add_argument("--rate", type=int, default=0, help="rate level (bitstream rate index; default 0)")
     rate.add_argument("--target-bytes", type=_positive_bytes, help="the largest bitstream allowed, bytes")
     encode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
-    encode.add_argument("--threads", type=int)
+    encode.add_argument("--threads", type=_at_least(1), help="onnxruntime threads (default: its own)")
     encode.add_argument("--downscale", type=parse_downscale, default="auto", metavar="{auto,1,2,4}",
                         help="code the image reduced by this factor, the decoder scales back "
                              "(auto: by image and budget size)")
@@ -319,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("-o", "--output", type=Path,
                         help="output folder, or for one stream a .png/.jpg/.webp file (default: beside each stream)")
     decode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
-    decode.add_argument("--device", default="auto")
-    decode.add_argument("--tile-pixels", type=int, default=TILE_PIXELS, metavar="N",
+    decode.add_argument("--device", type=_decode_device, default="auto",
+                        help="auto (a GPU when torch has one), cpu, cuda or cuda:N")
+    decode.add_argument("--tile-pixels", type=_at_least(64 * 64), default=TILE_PIXELS, metavar="N",
                         help="padded coded pixels the pixel decoder renders in one pass; a larger picture is "
                              f"rendered in tiles, bounding memory (default {TILE_PIXELS}: a 1080p photo coded "
                              "whole is one pass)")

@@ -20,12 +20,19 @@ choices below are ours, made so that the surgery keeps SD-Turbo's computation at
   ``conv_in``; the output is added to the synthesis residual (``latent = residual + UNet(x)``).
 * LoRA adapters (peft) on the attention projections, the transformer in/out projections and the
   resnet, down- and up-sampling convolutions; every base weight is frozen.
+
+A package stores only what training changed, so its decoder is right only on the base weights it was
+trained on. It records their fingerprint (:func:`base_fingerprint`); loading it on a folder of other
+weights (another model such as SD 1.5 or SDXL, another SD-Turbo revision, other channel counts) is a
+:class:`BaseWeightsError` that names the folder, not a decoder that silently draws the wrong picture.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -48,6 +55,27 @@ LORA_TARGETS = (
     "conv",
 )
 _WEIGHTS_PREFIX = "diffusion_pytorch_model"
+FINGERPRINT = "base_fingerprint"  # the buffer (and package tensor) naming the base weights
+_FINGERPRINT_SAMPLES = 1024  # values read from each base tensor: any other weights differ in nearly all
+
+
+class BaseWeightsError(ValueError):
+    """The SD-Turbo folder cannot serve this decoder: another model, other channel counts, other weights."""
+
+
+def base_fingerprint(*modules: nn.Module) -> bytes:
+    """16 bytes naming the modules' weights: each tensor's name, shape and evenly spaced values rounded
+    to float16. Cheap (a few thousand values per tensor, not SD-Turbo's 3.4 GB) and the same for a
+    folder's float32 weights and its fp16 variant, on every machine (integer sampling, IEEE rounding)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            if flat.numel() > _FINGERPRINT_SAMPLES:
+                flat = flat[torch.arange(_FINGERPRINT_SAMPLES) * (flat.numel() - 1) // (_FINGERPRINT_SAMPLES - 1)]
+            digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+            digest.update(flat.to(device="cpu", dtype=torch.float16).numpy().tobytes())
+    return digest.digest()[:16]
 
 
 class RateIndex(nn.Module):
@@ -130,15 +158,16 @@ def add_lora(unet: UNet2DConditionModel, rank: int) -> None:
     inject_adapter_in_model(config, unet)
 
 
-def _check_compatible(unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
+def _check_compatible(unet: UNet2DConditionModel, vae: AutoencoderKL, source: str) -> None:
     channels = vae.config.latent_channels
     if unet.config.in_channels != channels or unet.config.out_channels != channels:
-        raise ValueError(
-            f"UNet in/out channels {unet.config.in_channels}/{unet.config.out_channels} "
+        raise BaseWeightsError(
+            f"{source}: UNet in/out channels {unet.config.in_channels}/{unet.config.out_channels} "
             f"do not match the VAE's {channels} latent channels"
         )
     if unet.config.addition_embed_type is not None or unet.class_embedding is not None:
-        raise ValueError("UNets with class or added (e.g. SDXL text-time) embeddings are not supported")
+        raise BaseWeightsError(f"{source}: a UNet with class or added (e.g. SDXL text-time) embeddings, "
+                               "not SD-Turbo's; it is not supported")
 
 
 class FullDecoder(nn.Module):
@@ -151,9 +180,12 @@ class FullDecoder(nn.Module):
         num_rates: int,
         lora_rank: int = 8,
         noise_channels: int = 4,
+        source: str = "the base UNet and VAE",
     ) -> None:
         super().__init__()
-        _check_compatible(unet, vae)
+        _check_compatible(unet, vae, source)
+        self.source = source  # named when weights trained on other base weights are loaded
+        self.register_buffer(FINGERPRINT, torch.tensor(list(base_fingerprint(unet, vae)), dtype=torch.uint8))
         self.latent_channels: int = vae.config.latent_channels
         self.num_rates = num_rates
         self.noise_channels = noise_channels
@@ -178,9 +210,35 @@ class FullDecoder(nn.Module):
                 yield parameter
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What training changes: the rest reloads from the SD-Turbo folder (``load_state_dict(strict=False)``)."""
+        """What training changes, and the fingerprint of the base weights it changed: the rest reloads from
+        the SD-Turbo folder (``load_state_dict(strict=False)``), which must hold those weights."""
         names = {id(p) for p in self.trainable_parameters()}
-        return {f"unet.{n}": p.detach() for n, p in self.unet.named_parameters() if id(p) in names}
+        state = {f"unet.{n}": p.detach() for n, p in self.unet.named_parameters() if id(p) in names}
+        return {**state, FINGERPRINT: getattr(self, FINGERPRINT)}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Refuse, in one line naming the folder, weights trained on other base weights or another
+        architecture (torch would list every tensor of another shape, or load them silently when the
+        shapes agree). A whole state (a training checkpoint) brings its base weights along; weights
+        saved before fingerprints existed load unchecked."""
+        own = getattr(self, FINGERPRINT)
+        theirs = state_dict.setdefault(prefix + FINGERPRINT, own)
+        shapes = {prefix + name: tuple(value.shape) for name, value in self.state_dict().items()}
+        whole = all(key in state_dict for key in shapes)
+        if not whole and not torch.equal(theirs.double().cpu(), own.double().cpu()):
+            raise BaseWeightsError(
+                f"these decoder weights were trained on other base weights (fingerprint "
+                f"{bytes(theirs.to(torch.uint8).tolist()).hex()}) than those in {self.source} "
+                f"({bytes(own.tolist()).hex()}): point AEIC_SD_TURBO_DIR at the SD-Turbo folder they were trained on"
+            )
+        unfit = [key for key, value in state_dict.items() if key in shapes and tuple(value.shape) != shapes[key]]
+        unfit += [key for key in state_dict if key.startswith(prefix + "unet.") and key not in shapes]
+        if unfit:
+            raise BaseWeightsError(
+                f"{len(unfit)} decoder tensors (first {unfit[0]}) do not fit the UNet in {self.source}: it is "
+                "another model (other widths, channels or attention layout) than the one they were trained on"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def refine(
         self, unet_input: torch.Tensor, residual: torch.Tensor, rate_index: torch.Tensor
@@ -206,13 +264,31 @@ class FullDecoder(nn.Module):
         return (raw - (config.shift_factor or 0.0)) * config.scaling_factor
 
 
-def _require_component(folder: Path, name: str) -> Path:
+# The weight files diffusers reads, in our order of preference: (file or shard index, variant, safetensors).
+_WEIGHT_FILES = (
+    (f"{_WEIGHTS_PREFIX}.safetensors", None, True),
+    (f"{_WEIGHTS_PREFIX}.safetensors.index.json", None, True),
+    (f"{_WEIGHTS_PREFIX}.bin", None, False),
+    (f"{_WEIGHTS_PREFIX}.bin.index.json", None, False),
+    (f"{_WEIGHTS_PREFIX}.fp16.safetensors", "fp16", True),
+    (f"{_WEIGHTS_PREFIX}.safetensors.index.fp16.json", "fp16", True),
+    (f"{_WEIGHTS_PREFIX}.fp16.bin", "fp16", False),
+)
+
+
+def _component_weights(folder: Path, name: str) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments that load ``folder/name``'s weights as they are stored
+    (safetensors or .bin, whole or the fp16 variant only), so diffusers neither guesses aloud
+    nor reports a missing ``.bin`` for a folder that holds only ``*.fp16.safetensors``."""
     component = folder / name
     if not (component / "config.json").is_file():
-        raise FileNotFoundError(f"SD-Turbo folder {folder}: missing {component / 'config.json'}")
-    if not any(p.name.startswith(_WEIGHTS_PREFIX) for p in component.iterdir()):
-        raise FileNotFoundError(f"SD-Turbo folder {folder}: no {_WEIGHTS_PREFIX}* weights in {component}")
-    return component
+        hint = " (it names one component: give the folder holding unet/ and vae/)" if (folder / "config.json").is_file() else ""
+        raise FileNotFoundError(f"SD-Turbo folder {folder}: missing {component / 'config.json'}{hint}")
+    for file, variant, safetensors in _WEIGHT_FILES:
+        if (component / file).is_file():
+            return {"variant": variant, "use_safetensors": safetensors}
+    raise FileNotFoundError(f"SD-Turbo folder {folder}: no weights in {component} (expected {_WEIGHTS_PREFIX}"
+                            ".safetensors, .bin or their fp16 variant)")
 
 
 def load_full_decoder(
@@ -220,12 +296,13 @@ def load_full_decoder(
 ) -> FullDecoder:
     """Build the full-profile decoder from a local diffusers folder holding ``unet/`` and ``vae/``."""
     folder = Path(folder)
+    if folder.is_file():
+        raise FileNotFoundError(f"SD-Turbo folder {folder} is a file (a single-file checkpoint?): give a local "
+                                "diffusers folder with unet/ and vae/")
     if not folder.is_dir():
-        raise FileNotFoundError(
-            f"SD-Turbo folder not found: {folder} (a local diffusers folder with unet/ and vae/)"
-        )
-    for name in ("unet", "vae"):
-        _require_component(folder, name)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-    return FullDecoder(unet, vae, num_rates, lora_rank, noise_channels)
+        raise FileNotFoundError(f"SD-Turbo folder not found: {folder} (a local diffusers folder with unet/ and vae/)")
+    unet_files, vae_files = (_component_weights(folder, name) for name in ("unet", "vae"))
+    loaded = {"local_files_only": True, "torch_dtype": torch.float32}  # an fp16 variant computes in float32 too
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **loaded, **unet_files)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **loaded, **vae_files)
+    return FullDecoder(unet, vae, num_rates, lora_rank, noise_channels, source=f"SD-Turbo folder {folder}")

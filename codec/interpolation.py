@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from aeic.shared import model_package as pkg
 from safetensors.torch import load_file
 
 from .export import RECEIVER_FILE, SENDER_FILES, write_receiver_update
+from .full_profile import FINGERPRINT
 
 
 def interpolate_receivers(first: Path, second: Path, weight: float, out: Path) -> Path:
@@ -28,6 +30,9 @@ def interpolate_receivers(first: Path, second: Path, weight: float, out: Path) -
     weights = [load_file(str(path / RECEIVER_FILE)) for path in (first, second)]
     if {k: v.shape for k, v in weights[0].items()} != {k: v.shape for k, v in weights[1].items()}:
         raise ValueError(f"{first} and {second} have receivers of different architectures")
+    fingerprint = f"decoder.{FINGERPRINT}"  # a mix of two would name neither base, and decode on none
+    if fingerprint in weights[0] and not torch.equal(weights[0][fingerprint], weights[1][fingerprint]):
+        raise ValueError(f"{first} and {second} were fine-tuned on different SD-Turbo base weights")
     mixed = {
         name: ((1.0 - weight) * tensor.float() + weight * weights[1][name].float()).to(tensor.dtype).contiguous()
         for name, tensor in weights[0].items()

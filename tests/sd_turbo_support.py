@@ -42,3 +42,30 @@ def write_tiny_sd_turbo(root: Path) -> Path:
     tiny_unet().save_pretrained(root / "unet")
     tiny_vae().save_pretrained(root / "vae")
     return root
+
+
+def write_other_base(root: Path, kind: str) -> Path:
+    """A tiny diffusers folder of another base model than :func:`write_tiny_sd_turbo`'s, as a user might
+    point AEIC_SD_TURBO_DIR at: ``reseeded`` (the same architecture, other weights: another revision),
+    ``sd15`` (convolutional transformer projections, another text width), ``wider`` (other block widths),
+    ``latent16`` (a 16-channel VAE and UNet), ``sdxl`` (an added text-time embedding)."""
+    torch.manual_seed(5)
+    unet_args = tiny_unet().config
+    vae = tiny_vae()
+    changes: dict[str, dict] = {
+        "reseeded": {},
+        "sd15": {"use_linear_projection": False, "cross_attention_dim": 48},
+        "wider": {"block_out_channels": (64, 64)},
+        "latent16": {"in_channels": 16, "out_channels": 16},
+        "sdxl": {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                 "projection_class_embeddings_input_dim": CROSS_DIM + 6 * 8},
+    }
+    names = ("sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+             "layers_per_block", "cross_attention_dim", "attention_head_dim", "use_linear_projection")
+    UNet2DConditionModel(**({name: unet_args[name] for name in names} | changes[kind])).save_pretrained(root / "unet")
+    if kind == "latent16":
+        vae = AutoencoderKL(**{**{name: vae.config[name] for name in (
+            "down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "norm_num_groups",
+            "sample_size")}, "latent_channels": 16})
+    vae.save_pretrained(root / "vae")
+    return root

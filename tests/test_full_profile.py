@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from aeic.codec.diffusion_decoder import rate_timestep
-from aeic.codec.full_profile import FullDecoder, RateEmbedding, load_full_decoder
-from diffusers import UNet2DConditionModel
-from sd_turbo_support import CROSS_DIM, write_tiny_sd_turbo
+from aeic.codec.full_profile import (
+    FINGERPRINT,
+    BaseWeightsError,
+    FullDecoder,
+    RateEmbedding,
+    load_full_decoder,
+)
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from sd_turbo_support import CROSS_DIM, write_other_base, write_tiny_sd_turbo
 
 NUM_RATES = 4
 
@@ -83,7 +90,7 @@ def test_only_adapters_embedding_and_convs_train(decoder: FullDecoder) -> None:
     assert {id(p) for p in decoder.trainable_parameters()} == {
         id(p) for p in decoder.parameters() if p.requires_grad
     }
-    assert set(decoder.trainable_state_dict()) == trainable
+    assert set(decoder.trainable_state_dict()) == trainable | {FINGERPRINT}
 
 
 def test_every_lora_adapter_is_in_the_compute_path(decoder: FullDecoder) -> None:
@@ -164,3 +171,86 @@ def test_full_profile_renders_large_pictures_in_tiles(folder: Path, tmp_path: Pa
     # random weights make its statistics unusually tile-dependent: 3.9 levels on average here, where
     # diffusers' own VAE tiling (tiled_decode, 16-pixel latent tiles) is 18 levels off on this VAE
     assert difference.mean() < 5
+
+
+@pytest.fixture(scope="module")
+def package(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-full package trained (at random) on ``folder``'s base weights."""
+    from aeic.codec.export import export_package
+    from aeic.codec.model import AEICModel
+    from aeic.codec.presets import preset
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AEIC_SD_TURBO_DIR", str(folder))
+        torch.manual_seed(0)
+        return export_package(AEICModel(preset("tiny-full")), tmp_path_factory.mktemp("full") / "package")
+
+
+@pytest.mark.parametrize("kind", ["reseeded", "sd15", "wider", "latent16"])
+def test_a_package_on_other_base_weights_is_refused_naming_the_folder(
+    package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The package holds only what training changed. On another SD-Turbo revision (same shapes) it decoded
+    without a word into a wrong picture; on another model it was torch's RuntimeError listing every tensor."""
+    from aeic.receiver.decoder import ReceiverCodec
+
+    other = write_other_base(tmp_path / kind, kind)
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(other))
+    with pytest.raises(BaseWeightsError, match=f"trained on other base weights .* {re.escape(str(other))}"):
+        ReceiverCodec.from_package(package, device="cpu")
+
+
+def test_weights_from_before_fingerprints_load_on_their_base_and_name_another_architecture(
+    folder: Path, tmp_path: Path
+) -> None:
+    state = {k: v for k, v in load_full_decoder(folder, NUM_RATES).trainable_state_dict().items() if k != FINGERPRINT}
+    missing, unexpected = load_full_decoder(folder, NUM_RATES).load_state_dict(state, strict=False)
+    assert FINGERPRINT not in missing and not unexpected
+    wider = load_full_decoder(write_other_base(tmp_path / "wider", "wider"), NUM_RATES)
+    with pytest.raises(BaseWeightsError, match="do not fit the UNet in SD-Turbo folder .*wider: it is another model"):
+        wider.load_state_dict(state, strict=False)
+
+
+def test_a_whole_checkpoint_brings_its_own_base_weights(folder: Path, tmp_path: Path) -> None:
+    """A training checkpoint holds the base weights too: it resumes or exports on another folder as itself."""
+    trained = load_full_decoder(folder, NUM_RATES)
+    other = load_full_decoder(write_other_base(tmp_path / "reseeded", "reseeded"), NUM_RATES)
+    assert not torch.equal(getattr(other, FINGERPRINT), getattr(trained, FINGERPRINT))
+    other.load_state_dict(trained.state_dict())
+    assert torch.equal(getattr(other, FINGERPRINT), getattr(trained, FINGERPRINT))
+    torch.testing.assert_close(other.unet.conv_out.weight, trained.unet.conv_out.weight)
+
+
+def test_an_sdxl_folder_is_refused_naming_it(tmp_path: Path) -> None:
+    sdxl = write_other_base(tmp_path / "sdxl", "sdxl")
+    with pytest.raises(BaseWeightsError, match=f"{re.escape(str(sdxl))}: a UNet with .*SDXL text-time"):
+        load_full_decoder(sdxl, NUM_RATES)
+
+
+def test_an_fp16_variant_or_bin_folder_is_the_same_base(
+    folder: Path, package: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """SD-Turbo fetched with ``variant="fp16"`` holds only ``*.fp16.safetensors``: loading it failed with
+    "no file named diffusion_pytorch_model.bin". A ``.bin`` folder loaded with two diffusers warnings."""
+    from safetensors.torch import load_file
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+    unet.save_pretrained(tmp_path / "bin" / "unet", safe_serialization=False)
+    vae.save_pretrained(tmp_path / "bin" / "vae", safe_serialization=False)
+    unet.half().save_pretrained(tmp_path / "fp16" / "unet", variant="fp16")
+    vae.half().save_pretrained(tmp_path / "fp16" / "vae", variant="fp16")
+    capfd.readouterr()
+    state = {k.removeprefix("decoder."): v.float() for k, v in load_file(str(package / "receiver.safetensors")).items()
+             if k.startswith("decoder.")}
+    unet_input, residual, rate = _inputs()
+    outputs = []
+    for source in (folder, tmp_path / "fp16", tmp_path / "bin"):
+        decoder = load_full_decoder(source, 3)
+        decoder.load_state_dict(state, strict=False)
+        assert next(decoder.unet.parameters()).dtype == torch.float32
+        with torch.no_grad():
+            outputs.append(decoder.refine(unet_input, residual, rate % 3))
+    assert capfd.readouterr().err == ""
+    torch.testing.assert_close(outputs[2], outputs[0], rtol=0, atol=0)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-2, atol=1e-2)  # the base rounded to float16

@@ -76,3 +76,20 @@ def test_command_writes_a_package(
     base, first, second = fine_tunes
     assert aeic_main(["interpolate", str(first), str(second), str(base / "cli"), "--weight", "0.25"]) == 0
     assert f"id {ModelPackage.load(base / 'cli').model_id.hex()}" in capsys.readouterr().out
+
+
+def test_fine_tunes_on_different_sd_turbo_bases_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full-profile receivers hold only what training changed: a mix of two trained on different SD-Turbo
+    base weights named neither base (its fingerprint a blend of both) and decoded on none."""
+    from aeic.codec.export import export_package
+    from aeic.codec.model import AEICModel
+    from aeic.codec.presets import preset
+    from sd_turbo_support import write_other_base, write_tiny_sd_turbo
+
+    packages = []
+    for name, folder in (("a", write_tiny_sd_turbo(tmp_path / "sd-a")), ("b", write_other_base(tmp_path / "sd-b", "reseeded"))):
+        monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(folder))
+        torch.manual_seed(0)  # the same sender: only the base weights differ
+        packages.append(export_package(AEICModel(preset("tiny-full")), tmp_path / name))
+    with pytest.raises(ValueError, match="fine-tuned on different SD-Turbo base weights"):
+        interpolate_receivers(packages[0], packages[1], 0.5, tmp_path / "mix")

@@ -1,0 +1,122 @@
+"""`aeic encode` / `aeic decode` given what a user mistypes or has at hand: one line, exit status 2.
+
+- `aeic decode --device cuda` on a machine without CUDA (or `cuda:3` with one GPU, or `--device gpu`) was a
+  torch traceback after the command had started; `--tile-pixels -5` failed every stream with "isqrt()
+  argument must be nonnegative", `--tile-pixels 0` was taken; `aeic encode --threads -3` was taken.
+- `aeic encode photo.png -o photo.aeic` made a folder called photo.aeic (decode's `-o x.png` is the picture).
+- A full-profile package decoded on an SD-Turbo folder of another model (SDXL, other channel counts) or
+  other weights was a traceback, or, on another revision of the same shapes, a silently wrong picture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from aeic.codec import cli as codec_cli
+from aeic.codec.testing import make_tiny_package
+from PIL import Image
+from sd_turbo_support import write_other_base, write_tiny_sd_turbo
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_package(tmp_path_factory.mktemp("package") / "tiny-se")
+
+
+def _refused(capsys: pytest.CaptureFixture[str], argv: list[str], *fragments: str) -> None:
+    """argparse's refusal (SystemExit 2) or the command's own: either way one error line, no traceback."""
+    try:
+        status = codec_cli.main(argv)
+    except SystemExit as exc:
+        status = exc.code  # type: ignore[assignment]  # argparse exits with an int
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert status == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert all(fragment in errors[0] for fragment in fragments), err
+
+
+@pytest.mark.parametrize(("device", "fragment"), [
+    ("gpu", "expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("cuda", "cuda: this machine's torch has no cuda device") if not torch.cuda.is_available() else
+    (f"cuda:{torch.cuda.device_count()}", f"this machine has {torch.cuda.device_count()} cuda device(s)"),
+    ("meta", "meta: this machine's torch has no meta device"),
+])
+def test_a_device_this_machine_lacks_is_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str, fragment: str
+) -> None:
+    stream = tmp_path / "s.aeic"
+    stream.write_bytes(b"not read")
+    _refused(capsys, ["decode", str(stream), "--model", str(tmp_path / "absent"), "--device", device],
+             f"argument --device: {fragment}")
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["decode", "s.aeic", "--tile-pixels", "-5"], "argument --tile-pixels: at least 4096, got -5"),
+    (["decode", "s.aeic", "--tile-pixels", "0"], "argument --tile-pixels: at least 4096, got 0"),
+    (["decode", "s.aeic", "--tile-pixels", "1e6"], "argument --tile-pixels: expected a whole number, got '1e6'"),
+    (["encode", "p.png", "--threads", "-3"], "argument --threads: at least 1, got -3"),
+    (["encode", "p.png", "--threads", "0"], "argument --threads: at least 1, got 0"),
+])
+def test_a_count_out_of_range_is_refused(capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str) -> None:
+    _refused(capsys, argv, fragment)
+
+
+def test_encode_to_a_named_stream_writes_that_file(photo: Path, package: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "named.aeic"
+    assert codec_cli.main(["encode", str(photo), "--model", str(package), "-o", str(out)]) == 0
+    assert out.is_file() and out.read_bytes()[:2] == b"\xae\x1c"
+    _refused(capsys, ["encode", str(photo), str(photo), "--model", str(package), "-o", str(tmp_path / "two.aeic")],
+             "names one stream, but 2 images were given")
+    _refused(capsys, ["encode", str(photo), "--model", str(package), "-o", str(photo)],
+             f"-o {photo} is a file: give a folder, or a .aeic file for one image")
+    assert not (tmp_path / "two.aeic").exists()
+
+
+@pytest.fixture(scope="module")
+def full_stream(tmp_path_factory: pytest.TempPathFactory, photo: Path) -> tuple[Path, Path, Path]:
+    """(SD-Turbo folder, tiny-full package trained on it, a stream of it)."""
+    from aeic.codec.export import export_package
+    from aeic.codec.model import AEICModel
+    from aeic.codec.presets import preset
+
+    root = tmp_path_factory.mktemp("full")
+    folder = write_tiny_sd_turbo(root / "sd-turbo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AEIC_SD_TURBO_DIR", str(folder))
+        torch.manual_seed(0)
+        package = export_package(AEICModel(preset("tiny-full")), root / "package")
+    stream = root / "photo.aeic"
+    assert codec_cli.main(["encode", str(photo), "--model", str(package), "-o", str(stream)]) == 0
+    return folder, package, stream
+
+
+@pytest.mark.parametrize(("kind", "fragment"), [
+    ("reseeded", "trained on other base weights"),
+    ("latent16", "trained on other base weights"),
+    ("sdxl", "SDXL text-time"),
+])
+def test_decode_on_an_sd_turbo_folder_of_another_model_is_one_line(
+    full_stream: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], kind: str, fragment: str,
+) -> None:
+    folder, package, stream = full_stream
+    other = write_other_base(tmp_path / kind, kind)
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(other))
+    out = tmp_path / "out.png"
+    _refused(capsys, ["decode", str(stream), "--model", str(package), "--device", "cpu", "-o", str(out)],
+             fragment, str(other))
+    assert not out.exists()
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(folder))
+    assert codec_cli.main(["decode", str(stream), "--model", str(package), "--device", "cpu", "-o", str(out)]) == 0
+    assert Image.open(out).size == (56, 40)
