@@ -19,6 +19,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 from aeic.sender.backoff import Backoff
+from aeic.sender.uploader import redacted_url
 
 # A grab slower than this waited for the source: the stream's buffer is drained.
 LIVE_GRAB_SECONDS = 0.005
@@ -76,6 +77,7 @@ class Camera:
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.source = source
+        self.name = redacted_url(source) if isinstance(source, str) else str(source)  # rtsp://user:***@cam/...
         self._opener = opener
         self._backoff = backoff or Backoff(base=1.0, max_delay=60.0)
         self._clock = clock
@@ -93,16 +95,16 @@ class Camera:
             capture = self._opener(self.source)
             if not capture.isOpened():
                 capture.release()
-                self._failed(f"camera {self.source}: cannot open")
+                self._failed(f"camera {self.name}: cannot open")
                 return None
             self._capture = capture
         ok, frame = self._read_live() if self._is_stream else self._capture.read()
         if not ok or frame is None or frame.size == 0:
-            self._failed(f"camera {self.source}: read failed, reconnecting")
+            self._failed(f"camera {self.name}: read failed, reconnecting")
             self.close()
             return None
         if self._said:
-            self._log(f"camera {self.source}: frames again")
+            self._log(f"camera {self.name}: frames again")
             self._said.clear()
         return frame
 

@@ -531,7 +531,8 @@ def _watch(watcher: FolderWatcher, directory: Path, config: SenderConfig, report
             daemon.wake.set()
             return Handled.SENT, encoded.key
 
-        reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}")
+        reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}; "
+                      f"receiver {daemon.forwarder.uploader.url}")  # fmt: skip
         run_watch(watcher, handle, daemon.stop, config.watch_poll, on_error=reporter.info, ready=gate.open)
 
 
@@ -549,6 +550,8 @@ def cmd_camera(
     with _Daemon(config, reporter) as daemon:  # the receiver settings first, as in watch
         encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
         gate = _FullSpoolGate(daemon.spool, reporter)
+        reporter.info(f"camera {camera.name} every {config.camera_interval:g} s; spool {daemon.spool.root}; "
+                      f"receiver {daemon.forwarder.uploader.url}")  # fmt: skip
         for number, rgb in enumerate(camera.frames(config.camera_interval, daemon.stop, args.count), 1):
             if not gate.open():  # the spool is full: this frame is skipped unencoded
                 failures += 1

@@ -212,7 +212,11 @@ class Uploader:
                 response = self._post(data, headers)
         except httpx.TransportError as exc:
             unreached = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-            return UploadResult(Outcome.RETRY, None, _transport_detail(exc), receiver_wide=unreached)
+            detail = _transport_detail(exc)
+            if unreached:  # "Name or service not known" alone does not say which name
+                via = f" through the proxy {redacted_url(self.proxy)}" if self.proxy else ""
+                detail = f"cannot reach {urlsplit(self.url).netloc}{via}: {detail}"
+            return UploadResult(Outcome.RETRY, None, detail, receiver_wide=unreached)
         return classify(response)
 
     def _post(self, data: bytes, headers: dict[str, str]) -> httpx.Response:

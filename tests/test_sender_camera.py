@@ -169,3 +169,17 @@ def test_a_camera_away_for_many_tries_is_one_line_and_its_return_another() -> No
     assert [line.split(" (")[0] for line in messages] == [
         "camera 0: cannot open", "camera 0: read failed, reconnecting", "camera 0: frames again"
     ]
+
+
+def test_a_stream_password_is_not_logged() -> None:
+    """The README's example source is rtsp://user:pass@cam/stream: every reconnection line put the password in
+    the journal."""
+    messages: list[str] = []
+    camera = Camera("rtsp://viewer:s3cret@cam.local:554/stream", opener=lambda source: FlakyCapture(False, 0, []),
+                    backoff=Backoff(base=0.0001, max_delay=0.0002), log=messages.append)  # fmt: skip
+    stop = threading.Event()
+    frames = camera.frames(interval=0.0, stop=stop)
+    threading.Timer(0.05, stop.set).start()
+    assert list(frames) == []
+    assert messages and all("s3cret" not in line for line in messages)
+    assert messages[0].startswith("camera rtsp://viewer:***@cam.local:554/stream: cannot open")

@@ -586,3 +586,15 @@ def test_no_proxy_names_hosts_and_their_domains(
     monkeypatch.setenv("NO_PROXY", no_proxy)
     url = f"http://[{host}]:8000" if ":" in host else f"http://{host}:8000"
     assert environment_proxy(url) == (None if exempt else "http://proxy.internal:3128")
+
+
+@pytest.mark.parametrize("base", ["http://127.0.0.1:9", "http://receiver.invalid:8000"], ids=["refused", "dns"])
+def test_an_unreachable_receiver_is_named(base: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'ConnectError: [Errno -2] Name or service not known' did not say which name the agent looked up."""
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    data = make_bitstream(8)
+    with Uploader(base, TOKEN, timeout=5.0) as uploader:
+        result = uploader.upload(data, idempotency_key(data))
+    assert result.outcome is Outcome.RETRY and result.receiver_wide
+    assert result.detail.startswith(f"cannot reach {base.split('//')[1]}: ConnectError: ")
