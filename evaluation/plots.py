@@ -52,6 +52,16 @@ def _unreachable(means: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
+def legend_label(summary: dict[str, Any], method: str, unreachable: int) -> str:
+    """A method's name in the RD plots, with its unreachable count; ``best`` names its codecs when one was
+    missing on the machine, so the curve is not read as the best of all four."""
+    label = method.upper() if method == "aeic" else method
+    config = summary.get("config", {})
+    if method == "best" and config.get("skipped_baselines") and len(config.get("baselines", [])) > 1:
+        label += f" of {', '.join(config['baselines'])}"
+    return label + (f" ({unreachable} unreachable)" if unreachable else "")
+
+
 def rd_curves(summary: dict[str, Any], out_dir: Path, title: str = "") -> list[Path]:
     """One ``rd_<metric>.png`` per metric in the summary; returns the written paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,10 +74,8 @@ def rd_curves(summary: dict[str, Any], out_dir: Path, title: str = "") -> list[P
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         for method, points in series.items():
             color, marker, width = STYLE.get(method, (None, ".", 1.2))
-            label = method.upper() if method == "aeic" else method
-            label += f" ({unreachable[method]} unreachable)" if unreachable.get(method) else ""
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, lw=width,
-                    label=label)  # fmt: skip
+                    label=legend_label(summary, method, unreachable.get(method, 0)))  # fmt: skip
         for name, curves in PAPER_POINTS.items():
             if metric in curves:
                 bpp, value = zip(*curves[metric])

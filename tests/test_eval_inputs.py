@@ -242,6 +242,8 @@ def test_a_missing_codec_plugin_is_skipped_with_a_note(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["skipped_baselines"] == {"avif": "Pillow built without AVIF", "jxl": "no plugin"}
     assert [r["method"] for r in summary["rows"]] == ["jpeg", "webp", "best"]
+    assert plots.legend_label(summary, "best", 0) == "best of jpeg, webp"  # the RD plots' curve too
+    assert plots.legend_label(summary, "webp", 2) == "webp (2 unreachable)"
 
 
 def test_ctrl_c_keeps_the_rows_and_the_same_command_resumes(
