@@ -532,7 +532,7 @@ def _watch(watcher: FolderWatcher, directory: Path, config: SenderConfig, report
             return Handled.SENT, encoded.key
 
         reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}; "
-                      f"receiver {daemon.forwarder.uploader.url}")  # fmt: skip
+                      f"receiver {redacted_url(daemon.forwarder.uploader.url)}")  # fmt: skip
         run_watch(watcher, handle, daemon.stop, config.watch_poll, on_error=reporter.info, ready=gate.open)
 
 
@@ -551,7 +551,7 @@ def cmd_camera(
         encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
         gate = _FullSpoolGate(daemon.spool, reporter)
         reporter.info(f"camera {camera.name} every {config.camera_interval:g} s; spool {daemon.spool.root}; "
-                      f"receiver {daemon.forwarder.uploader.url}")  # fmt: skip
+                      f"receiver {redacted_url(daemon.forwarder.uploader.url)}")  # fmt: skip
         for number, rgb in enumerate(camera.frames(config.camera_interval, daemon.stop, args.count), 1):
             if not gate.open():  # the spool is full: this frame is skipped unencoded
                 failures += 1

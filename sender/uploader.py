@@ -215,7 +215,7 @@ class Uploader:
             detail = _transport_detail(exc)
             if unreached:  # "Name or service not known" alone does not say which name
                 via = f" through the proxy {redacted_url(self.proxy)}" if self.proxy else ""
-                detail = f"cannot reach {urlsplit(self.url).netloc}{via}: {detail}"
+                detail = f"cannot reach {urlsplit(redacted_url(self.url)).netloc}{via}: {detail}"
             return UploadResult(Outcome.RETRY, None, detail, receiver_wide=unreached)
         return classify(response)
 
