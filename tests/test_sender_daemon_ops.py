@@ -20,11 +20,13 @@ import pytest
 from aeic.sender import cli
 from aeic.sender.cli import _FullSpoolGate
 from aeic.sender.config import SenderConfig
+from aeic.sender.forward import Forwarder
 from aeic.sender.report import Reporter
 from aeic.sender.spool import Spool
+from aeic.sender.uploader import Uploader
 from aeic.sender.watch import SCAN_SHARE, Candidate, FolderWatcher, Handled, run_watch
 from PIL import Image
-from sender_support import ContainerCodec
+from sender_support import ContainerCodec, ReceiverDouble, make_bitstream
 
 pytest.importorskip("aeic.sender.encoder")  # the command layer catches the encoder's BudgetError
 
@@ -238,3 +240,17 @@ def test_a_stop_asked_for_mid_encode_clears_the_files_start_mark(tmp_path: Path)
     with FolderWatcher(folder, state) as watcher:  # the encode ended after all: the file is sent, not marked
         watcher.scan()
         assert watcher.scan() == []
+
+
+def test_an_item_set_aside_before_the_clock_jumped_back_is_not_starved(tmp_path: Path) -> None:
+    """A Pi without a real-time clock boots with a saved time and NTP may set it back: an item set aside
+    until 'ten minutes from now' in the old time must not wait for the clock to catch up (a day here)."""
+    spool = Spool(tmp_path / "spool")
+    item = spool.put(make_bitstream(1), source="a.jpg")
+    before = 1_800_000_000.0
+    spool.set_aside(item, "HTTP 500", now=before, until=before + 600, own=True)
+    wall = [before - 86_400]  # the clock went back a day
+    with ReceiverDouble("device-token") as receiver, Uploader(receiver.url, "device-token") as uploader:
+        forwarder = Forwarder(spool, uploader, wall_clock=lambda: wall[0])
+        report = forwarder.drain_pass()
+    assert report.accepted == 1 and list(receiver.stored) == [item.key]
