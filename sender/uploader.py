@@ -216,6 +216,8 @@ class Uploader:
             if unreached:  # "Name or service not known" alone does not say which name
                 via = f" through the proxy {redacted_url(self.proxy)}" if self.proxy else ""
                 detail = f"cannot reach {urlsplit(redacted_url(self.url)).netloc}{via}: {detail}"
+            elif isinstance(exc, httpx.TimeoutException):  # "ReadTimeout: timed out" says neither who nor how long
+                detail = f"no whole answer within the {self._timeout:g}-s timeout (connected, then silent or slow): {detail}"
             return UploadResult(Outcome.RETRY, None, detail, receiver_wide=unreached)
         return classify(response)
 

@@ -362,6 +362,7 @@ def test_a_trickling_answer_times_out_as_a_whole(at_once: bytes, trickle: bytes)
         result = uploader.upload(data, idempotency_key(data))
         took = time.monotonic() - started
     assert result.outcome is Outcome.RETRY and "Timeout" in result.detail
+    assert result.detail.startswith("no whole answer within the 1-s timeout")  # not a bare "ReadTimeout: timed out"
     assert took < 3.0, f"the upload took {took:.1f} s against a 1 s limit"
 
 
