@@ -379,3 +379,39 @@ def test_an_address_with_nothing_at_it_is_a_page_with_the_way_back(tmp_path: Pat
         for path, accept in (("/nope", "*/*"), ("/v1/nope", "text/html"), ("/static/nope.js", "*/*")):
             reply = httpx.get(f"{server.url}{path}", headers={"Accept": accept})
             assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found", path
+
+
+def test_an_older_page_follows_its_waiting_images_until_they_settle(tmp_path: Path, browser: Chrome) -> None:
+    """Only the first page updated: after a backlog (a sender's spool flushed after a night offline) the
+    older pages showed "pending" until reloaded by hand. An older page now follows its own images while
+    any of them waits, and then stops asking."""
+    app, tokens = _app(tmp_path, worker=False)
+    store = app.state.receiver.store
+    listings: list[float] = []
+    original = store.list_images
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        listings.append(time.monotonic())
+        return original(*args, **kwargs)
+
+    store.list_images = counted
+    with ServerThread(app) as server:
+        ids = [_upload(server.url, tokens["cam1"]) for _ in range(62)]  # the two oldest go to the second page
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.find_element(By.ID, "older").click()
+        WebDriverWait(browser, 10).until(lambda d: sorted(d.execute_script(
+            "return [...document.querySelectorAll('#grid .card')].map(c => c.dataset.id)")) == sorted(ids[:2]))
+
+        def badge(image_id: str) -> str:
+            return str(browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{image_id}"] .badge').text)
+
+        claim = store.claim_batch(1)  # the oldest, first in the decode order
+        assert claim is not None and [r.id for r in claim.records] == [ids[0]]
+        WebDriverWait(browser, 10).until(lambda _: badge(ids[0]) == "decoding")
+        assert store.fail_attempt(ids[0], claim.token, "test", max_attempts=1, retry_at=0.0)
+        store.delete_image(ids[1])
+        WebDriverWait(browser, 10).until(lambda d: badge(ids[0]) == "failed" and len(
+            d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 1)
+        settled = time.monotonic()
+        time.sleep(4)
+        assert [t for t in listings if t > settled + 0.5] == []  # nothing left to wait for: no more polls

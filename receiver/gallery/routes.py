@@ -109,7 +109,7 @@ def index(request: Request, cursor: str | None = None) -> Response:
     except InvalidCursorError:
         cursor, page = None, store.list_images(flt, _FIRST_PAGE, None)
     context: dict[str, Any] = {"images": [image_json(r) for r in page.items], "who": who, "limit": _FIRST_PAGE,
-                               "next": page.next, "live": cursor is None}
+                               "next": page.next, "live": cursor is None, "cursor": cursor}
     return _no_store(_templates.TemplateResponse(request, "index.html", context))
 
 

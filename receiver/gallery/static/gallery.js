@@ -1,18 +1,22 @@
-// Live gallery: poll the JSON listing and keep the grid in sync (newest first), reusing cards.
+// Live gallery: poll the JSON listing and keep the grid in sync (newest first), reusing cards. The first page
+// always; an older page (its `cursor`: the same images again) only while some of its images wait.
 "use strict";
 (function () {
   const grid = document.getElementById("grid");
-  if (grid.dataset.live !== "true") return;  // older pages are static
+  const first = grid.dataset.live === "true";
+  const listing = "/v1/images?limit=" + Number(grid.dataset.limit || 60) +
+    (first ? "" : "&cursor=" + encodeURIComponent(grid.dataset.cursor || ""));
+  const waiting = () => grid.querySelector('.card[data-status="pending"], .card[data-status="decoding"]') !== null;
   const empty = document.getElementById("empty");
   const live = document.getElementById("live");
   const pager = document.querySelector(".pager");
-  const limit = Number(grid.dataset.limit || 60);
   const POLL_MS = 1500;
   let signedOut = false, busy = false, timer = 0;
 
   // The status line is a live region: change its text only when the state changes, or a screen reader
   // would repeat it on every poll. A problem is said in words (and styled), not shown by colour alone.
   function say(text, problem) {
+    if (!live) return;  // an older page has no status line
     if (live.textContent !== text) live.textContent = text;
     live.classList.toggle("error", problem);
   }
@@ -114,8 +118,7 @@
     try {
       let response;
       try {
-        response = await fetch("/v1/images?limit=" + limit, {credentials: "same-origin",
-                                                             headers: {Accept: "application/json"}});
+        response = await fetch(listing, {credentials: "same-origin", headers: {Accept: "application/json"}});
       } catch (err) {  // no answer at all: the network or the receiver is down
         say("Not updating: cannot reach the receiver (network down?); retrying…", true);
         return;
@@ -137,14 +140,14 @@
       say("Not updating: " + err.message + "; retrying…", true);
     } finally {
       busy = false;
-      if (!signedOut && !document.hidden) schedule(POLL_MS);
+      if (!signedOut && !document.hidden && (first || waiting())) schedule(POLL_MS);
     }
   }
   // A tab in the background polls nothing: each poll moves the whole first page (40 KB of JSON at 60
   // images) and costs the receiver a query, for nobody to see. Shown again, it catches up at once.
   document.addEventListener("visibilitychange", () => {
     if (document.hidden) window.clearTimeout(timer);
-    else if (!busy && !signedOut) schedule(0);
+    else if (!busy && !signedOut && (first || waiting())) schedule(0);
   });
-  schedule(POLL_MS);
+  if (first || waiting()) schedule(POLL_MS);
 })();
