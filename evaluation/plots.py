@@ -124,10 +124,16 @@ def side_by_side(
 
 
 def _caption(row: dict[str, Any]) -> str:
+    """Method, bpp and PSNR (MS-SSIM when the run measured no PSNR; neither when it measured neither)."""
     text = "AEIC" if row["method"] == "aeic" else row["method"]
     if row["method"] == "best":
         text += f" = {row['detail']}"
-    return text + f"\n{row['bpp']:.4f} bpp, {row['psnr']:.2f} dB"
+    text += f"\n{row['bpp']:.4f} bpp"
+    if row.get("psnr") is not None:
+        return text + f", {row['psnr']:.2f} dB"
+    if row.get("ms_ssim") is not None:
+        return text + f", MS-SSIM {row['ms_ssim']:.3f}"
+    return text
 
 
 def _compared_name(label: str, method: str) -> str:

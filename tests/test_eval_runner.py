@@ -435,3 +435,13 @@ def test_a_second_run_into_a_folder_in_use_is_refused(
         assert "another aeic eval is writing to" in capsys.readouterr().err
         assert not (out / "results.csv").exists()
     assert cli.main_eval([*argv, "--no-plots"], codec_factory=lambda model: WebPContainerCodec()) == 0
+
+
+def test_plots_without_psnr_among_the_metrics(images: Path, tmp_path: Path) -> None:
+    """The side-by-side captions read each row's PSNR: --metrics ms_ssim ended the run in a KeyError."""
+    out = tmp_path / "out"
+    argv = ["--images", str(images), "--rates", "0", "--baseline", "webp", "--metrics", "ms_ssim", "--no-progress"]
+    assert cli.main_eval([*argv, "--out", str(out)], codec_factory=lambda model: WebPContainerCodec()) == 0
+    assert (out / "side_by_side_img0_rate0.png").is_file() and (out / "rd_ms_ssim.png").is_file()
+    columns = plots.saved_reconstructions(out, "img0.png", "rate0", ("aeic", "webp"))
+    assert [name.split("\n")[1].split(", ")[1].split(" ")[0] for name in columns] == ["MS-SSIM", "MS-SSIM"]
