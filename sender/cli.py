@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from aeic.sender.backoff import Backoff
 from aeic.sender.coding_scale import AUTO_SHORT_SIDE, MIN_CODED_BPP, parse_downscale
-from aeic.sender.config import ConfigError, SenderConfig, load_config
+from aeic.sender.config import ConfigError, SenderConfig, load_config, misspelt_variables
 from aeic.sender.forward import DrainReport, Forwarder, ItemPolicy
 from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
@@ -590,6 +590,8 @@ def main(argv: Sequence[str] | None = None, codec_factory: CodecFactory = load_s
     reporter = Reporter(as_json=bool(args.json))
     try:
         config = load_config(_cli_values(args), args.config)
+        for line in misspelt_variables():
+            reporter.info(f"aeic-send: warning: {line}")
         return HANDLERS[args.command](args, config, reporter, codec_factory)
     except (ConfigError, UsageError, UploadConfigError) as exc:
         reporter.info(f"aeic-send: {exc}")

@@ -139,6 +139,34 @@ def env_values(environ: Mapping[str, str]) -> dict[str, str]:
     return values
 
 
+def misspelt_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per ``AEIC_*`` variable a letter or two away from a sender setting's name.
+
+    Why: a typo in the unit's environment file (``AEIC_RECIEVER_URL``) was ignored without a word. Only
+    near misses are named: the receiver's and other tools' ``AEIC_*`` variables are no concern here.
+    """
+    environ = os.environ if environ is None else environ
+    known = sorted({ENV_PREFIX + key.upper() for key in SenderConfig.model_fields} | {CONFIG_ENV})
+    lines = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = [candidate for candidate in known if _edit_distance(name, candidate) <= 2]
+            if close:
+                lines.append(f"environment variable {name} is not a sender setting (ignored): {close[0]}?")
+    return lines
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    previous = list(range(len(b) + 1))
+    for i, char in enumerate(a, 1):
+        current = [i]
+        for j, other in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other)))
+        previous = current
+    return previous[-1]
+
+
 def load_config(
     cli_values: Mapping[str, Any] | None = None,
     config_path: str | Path | None = None,

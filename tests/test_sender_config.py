@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from aeic.sender.config import ConfigError, load_config
+from aeic.sender.config import ConfigError, load_config, misspelt_variables
 
 TOML = """
 receiver_url = "https://receiver.example:8000"
@@ -107,3 +107,17 @@ def test_an_invalid_value_is_named_with_where_it_was_set(tmp_path: Path) -> None
     assert "timeout (from AEIC_TIMEOUT):" in message
     assert "watch_poll (from the command line):" in message
     assert "\n" not in message and "s3cret" not in message
+
+
+def test_a_misspelt_environment_variable_is_named() -> None:
+    """AEIC_RECIEVER_URL in the unit's environment file was ignored without a word."""
+    environ = {
+        "AEIC_RECIEVER_URL": "https://x",  # transposed letters
+        "AEIC_TOKN": "t",  # a letter short
+        "AEIC_SPOOL_DIR": "/var/lib/aeic-sender/spool",  # a sender setting
+        "AEIC_ADMIN_TOKEN": "a", "AEIC_MAX_ATTEMPTS": "3", "AEIC_CONFIG": "r.toml", "AEIC_DEVICE": "cpu",  # receiver's
+    }
+    assert misspelt_variables(environ) == [
+        "environment variable AEIC_RECIEVER_URL is not a sender setting (ignored): AEIC_RECEIVER_URL?",
+        "environment variable AEIC_TOKN is not a sender setting (ignored): AEIC_TOKEN?",
+    ]
