@@ -11,6 +11,7 @@ from typing import Any
 
 from aeic.evaluation import baselines, learned, metrics, plots, runner
 from aeic.sender.coding_scale import parse_downscale
+from aeic.sender.images import IMAGE_SUFFIXES
 from aeic.sender.rate_distortion_rounding import parse_rounding
 
 BASELINE_CHOICES = ("jpeg", "webp", "avif", "jxl", "best", "none")
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 done; 1 some image failed (its error rows are in the results); 2 bad arguments; "
         "130 interrupted (the rows written stay, the same command resumes).",
     )
-    p.add_argument("--images", type=Path, required=True, help="folder of images (PNG, JPEG, WebP, BMP, TIFF, GIF)")
+    p.add_argument("--images", type=Path, required=True, help=f"folder of images ({', '.join(sorted(IMAGE_SUFFIXES))}: what the sender reads)")
     p.add_argument(
         "--model", default=None, help="model package folder or shipped model name (default: shipped)"
     )

@@ -117,7 +117,7 @@ class EvalConfig:
 
 def list_images(folder: Path, limit: int | None = None) -> list[Path]:
     """Image files directly in ``folder``, sorted by name, at most ``limit``: the formats the sender reads
-    (PNG, JPEG, WebP, BMP, TIFF, GIF), so a folder of a device's WebP photos is not refused as empty."""
+    (``IMAGE_SUFFIXES``), so a folder of a device's WebP photos is not refused as empty."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

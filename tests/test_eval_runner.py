@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aeic.evaluation import cli, plots, runner
+from aeic.sender.images import IMAGE_SUFFIXES
 from aeic.shared import bitstream
 from PIL import Image
 
@@ -399,6 +400,7 @@ def test_help_names_every_metric_and_the_exit_statuses(capsys: pytest.CaptureFix
         assert name in text
     assert runner.metric_functions(list(cli.METRIC_NAMES))[0]  # every listed name is accepted
     assert "1 some image failed" in text and "130 interrupted" in text
+    assert all(suffix in text for suffix in IMAGE_SUFFIXES)  # --images named six formats when the sender read seven
 
 
 def test_an_out_that_is_a_file_or_a_compare_run_without_summary_is_refused_first(
