@@ -216,7 +216,7 @@ def test_phone_viewport_needs_no_sideways_scrolling_and_has_touch_sized_targets(
         browser.set_window_size(360, 740)
         assert browser.execute_script("return innerWidth") == 360
         browser.get(f"{server.url}/")
-        pages = ["/login", "/", f"/images/{image_id}", f"/images/{'0' * 32}"]
+        pages = ["/login", "/", f"/images/{image_id}", f"/images/{'0' * 32}", "/nope"]
         for n, path in enumerate(pages):
             if n == 1:
                 _sign_in(browser, server.url)
