@@ -139,6 +139,8 @@ def test_sign_in_goes_back_only_to_a_page_of_this_site(tmp_path: Path) -> None:
             linked = httpx.get(f"{server.url}/login", params={"token": ADMIN, "next": target})
             assert posted.status_code == linked.status_code == 303, target
             assert posted.headers["location"] == linked.headers["location"] == location, target
+        form = httpx.get(f"{server.url}/login", params={"next": '/"><script>alert(1)</script>'}).text
+        assert '<input type="hidden" name="next" value="/&#34;&gt;&lt;script&gt;' in form and "<script>alert" not in form
 
 
 def test_a_grid_in_a_background_tab_stops_polling_and_catches_up_when_shown(
