@@ -417,3 +417,23 @@ def test_an_older_page_follows_its_waiting_images_until_they_settle(tmp_path: Pa
         settled = time.monotonic()
         time.sleep(4)
         assert [t for t in listings if t > settled + 0.5] == []  # nothing left to wait for: no more polls
+
+
+def test_an_older_page_whose_session_ended_signs_in_back_to_itself(tmp_path: Path, browser: Chrome) -> None:
+    """A polling grid that found its session gone went to `/login`, so signing in again opened the first
+    page instead of the older page the visitor was on."""
+    app, tokens = _app(tmp_path, worker=False)
+    with ServerThread(app) as server:
+        for _ in range(61):
+            _upload(server.url, tokens["cam1"])
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.find_element(By.ID, "older").click()
+        WebDriverWait(browser, 10).until(lambda d: "cursor=" in d.current_url)
+        older = browser.current_url
+        cookie = browser.get_cookie("aeic_session")
+        assert cookie is not None
+        assert httpx.post(f"{server.url}/logout", cookies={"aeic_session": cookie["value"]}).status_code == 303
+        field = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "token"))
+        field.send_keys(f"{ADMIN}\n")
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "grid"))
+        assert browser.current_url == older

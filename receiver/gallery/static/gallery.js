@@ -123,9 +123,9 @@
         say("Not updating: cannot reach the receiver (network down?); retrying…", true);
         return;
       }
-      if (response.status === 401) {  // signed out (cookie gone or token revoked): back to the token form
-        signedOut = true;
-        window.location.assign("/login");
+      if (response.status === 401) {  // signed out (cookie gone or token revoked): the page asked again
+        signedOut = true;             // shows the token form, and signing in there comes back to it
+        window.location.reload();
         return;
       }
       if (!response.ok) {
