@@ -157,16 +157,22 @@ def optional_principal(request: Request) -> Principal | None:
 def _bearer_principal(state: ReceiverState, address: str, token: str) -> Principal | None:
     """A wrong bearer token costs its address one of the gallery's sign-in attempts, and an address out of
     them is refused before any check (429), so no /v1 route is a way round the sign-in limit. A valid
-    token costs nothing: a fleet behind one address is slowed only while wrong tokens come from it."""
+    token costs nothing: a fleet behind one address is slowed only while wrong tokens come from it.
+
+    The wrong token takes its attempt after the check, atomically, and is answered 429 when none is left:
+    guesses sent at once all pass the gate before the first of them has failed, and each was answered
+    401 (40 of 200 at once with a limit of 3). A right token sent then is 429 too, so a 429 tells nothing."""
     wait = state.login_limiter.wait(address)
-    if wait > 0:
-        seconds = str(max(1, math.ceil(wait)))
-        raise ApiError(429, "too_many_failed_tokens", f"too many wrong tokens from this address; retry in {seconds} s",
-                       headers={"Retry-After": seconds})
-    who = state.auth.authenticate(token)
-    if who is None:
-        state.login_limiter.charge(address)
-    return who
+    if wait <= 0:
+        who = state.auth.authenticate(token)
+        if who is not None:
+            return who
+        wait = state.login_limiter.acquire(address)
+        if wait <= 0:
+            return None
+    seconds = str(max(1, math.ceil(wait)))
+    raise ApiError(429, "too_many_failed_tokens", f"too many wrong tokens from this address; retry in {seconds} s",
+                   headers={"Retry-After": seconds})
 
 
 def principal(request: Request) -> Principal:

@@ -96,8 +96,6 @@ class Limiter(Protocol):
 
     def wait(self, key: str, now: float | None = None) -> float: ...
 
-    def charge(self, key: str, now: float | None = None) -> None: ...
-
     def refund(self, key: str) -> None: ...
 
 
@@ -137,19 +135,12 @@ class RateLimiter:
         return 0.0 if allowed else (threshold - tokens) / self._rate
 
     def wait(self, key: str, now: float | None = None) -> float:
-        """Seconds until ``key`` has a token (0.0: now), taking none: a gate for requests charged only on failure."""
+        """Seconds until ``key`` has a token (0.0: now), taking none: a gate for requests that `acquire` only
+        once they have failed (a wrong API token), so that right ones never take a token."""
         now = self._clock() if now is None else now
         with self._lock:
             tokens = self._refilled(key, now)
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
-
-    def charge(self, key: str, now: float | None = None) -> None:
-        """Take one token after the fact, down to one burst of debt: failures that passed the gate together
-        each cost their token, so a burst of concurrent guesses buys a longer wait, not free guesses."""
-        now = self._clock() if now is None else now
-        with self._lock:
-            self._buckets[key] = (max(-self._burst, self._refilled(key, now) - 1.0), now)
-            self._prune_if_large(now)
 
     def refund(self, key: str) -> None:
         """Give back the token an `acquire` took for a request that turned out not to count (a successful

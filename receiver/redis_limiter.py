@@ -26,7 +26,7 @@ __all__ = ["RedisRateLimiter"]
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: the bucket, a hash {tokens, last}. ARGV: operation (acquire, wait, charge, refund), rate in
+# KEYS[1]: the bucket, a hash {tokens, last}. ARGV: operation (acquire, wait, refund), rate in
 # tokens per second, burst, cost, paid, now in seconds ('' for the server's clock), TTL margin in ms.
 # The arithmetic is RateLimiter's, step for step, on the same doubles (numbers travel as round-trip
 # decimal strings, '%.17g'), so both answer alike to the same calls.
@@ -53,16 +53,12 @@ if ARGV[1] == 'wait' then
   return fmt((1 - tokens) / rate)
 end
 local result = 0
-if ARGV[1] == 'charge' then
-  tokens = math.max(-burst, tokens - 1)
+local cost, paid = tonumber(ARGV[4]), tonumber(ARGV[5])
+local threshold = math.min(cost, burst)
+if tokens + paid >= threshold then
+  tokens = tokens - (cost - paid)
 else
-  local cost, paid = tonumber(ARGV[4]), tonumber(ARGV[5])
-  local threshold = math.min(cost, burst)
-  if tokens + paid >= threshold then
-    tokens = tokens - (cost - paid)
-  else
-    result = (threshold - tokens) / rate
-  end
+  result = (threshold - tokens) / rate
 end
 redis.call('HSET', KEYS[1], 'tokens', fmt(tokens), 'last', fmt(now))
 redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil((burst - tokens) / rate * 1000) + tonumber(ARGV[7])))
@@ -112,11 +108,6 @@ class RedisRateLimiter:
         """As `RateLimiter.wait`, on the shared bucket."""
         shared = self._run("wait", key, now)
         return self._local.wait(key, now) if shared is None else shared
-
-    def charge(self, key: str, now: float | None = None) -> None:
-        """As `RateLimiter.charge`, on the shared bucket."""
-        if self._run("charge", key, now) is None:
-            self._local.charge(key, now)
 
     def refund(self, key: str) -> None:
         """As `RateLimiter.refund`, on the shared bucket."""

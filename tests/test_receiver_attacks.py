@@ -210,6 +210,29 @@ def test_wrong_bearer_tokens_are_limited_like_sign_ins(tmp_path: Path) -> None:
     assert login.status_code == 429
 
 
+def test_concurrent_wrong_bearer_tokens_cannot_exceed_the_limit(tmp_path: Path) -> None:
+    """The API's gate let every guess in flight through before the first of them had failed and been
+    counted: with a token check of 50 ms (a database across a network) 40 of 200 concurrent guesses were
+    answered 401 (limit 3), and each such burst cost only a burst's worth of wait. A wrong token now takes
+    its attempt atomically, and one that finds none left is answered 429, like a right one would be."""
+    app = create_app(_settings(tmp_path / "data", worker=False, login_attempts_per_minute=3),
+                     registry=CodecRegistry.from_codecs([FakeCodec()]))
+    auth = app.state.receiver.auth
+    check = auth.authenticate
+
+    def slow_authenticate(token: str | None) -> Any:
+        time.sleep(0.3)
+        return check(token)
+
+    auth.authenticate = slow_authenticate
+    with ServerThread(app) as server, ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda i: httpx.get(f"{server.url}/v1/images", headers=_bearer(f"guess-{i}"),
+                                                  timeout=10).status_code, range(12)))
+        assert sorted(codes) == [401] * 3 + [429] * 9, codes
+        refused = httpx.get(f"{server.url}/v1/images", headers=_bearer(ADMIN), timeout=10)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+
+
 def test_right_bearer_tokens_cost_no_attempts(tmp_path: Path) -> None:
     settings = _settings(tmp_path / "data", worker=False, login_attempts_per_minute=3)
     token = _token(settings, "cam1")

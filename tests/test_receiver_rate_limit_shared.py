@@ -57,7 +57,7 @@ def _bucket(client: redis.Redis, name: str) -> tuple[float, float] | None:
 def _op(limiter: RateLimiter | RedisRateLimiter, rng: random.Random, key: str, now: float,
         burst: int) -> tuple[str, float | None]:
     """One random call (the same one for both limiters, as both get an `rng` in the same state)."""
-    op = rng.choice(["acquire", "acquire", "gate+cost", "wait", "charge", "refund"])
+    op = rng.choice(["acquire", "acquire", "gate+cost", "wait", "refund"])
     if op == "acquire":
         return op, limiter.acquire(key, now=now)
     if op == "gate+cost":  # an upload: one token before the body, the rest of its cost (maybe over the burst)
@@ -65,8 +65,6 @@ def _op(limiter: RateLimiter | RedisRateLimiter, rng: random.Random, key: str, n
         return op, limiter.acquire(key, now=now, cost=cost, paid=1.0)
     if op == "wait":
         return op, limiter.wait(key, now=now)
-    if op == "charge":
-        return op, limiter.charge(key, now=now)
     return op, limiter.refund(key)
 
 
@@ -91,7 +89,7 @@ def test_the_redis_bucket_answers_every_call_as_the_in_process_one(redis_url: st
     # the buckets themselves agree, bit for bit (and are in Redis: the script ran, no fallback answered)
     assert {key: _bucket(client, f"t:{key}") for key in local._buckets} == local._buckets and len(local._buckets) == len(KEYS)
     # the sequence went through refusals, debt and refills, not only one of them
-    assert {"acquire", "gate+cost", "wait", "charge", "refund"} == {op for op, _ in answers}
+    assert {"acquire", "gate+cost", "wait", "refund"} == {op for op, _ in answers}
     assert any(op == "acquire" and wait == 0.0 for op, wait in answers)
     assert any(op == "acquire" and wait is not None and wait > 0.0 for op, wait in answers)
 
@@ -103,7 +101,7 @@ def test_two_limiters_on_two_connections_share_one_budget_on_the_servers_clock(r
     assert [wait == 0.0 for wait in answers] == [True] * 4 + [False] * 2
     assert 0.9 < answers[-1] <= 1.0  # a token a second: the next one comes within the second
     for limiter in (one, two, one, two):  # failures seen by either replica: the address's 4 are gone
-        limiter.charge("198.51.100.7")
+        assert limiter.acquire("198.51.100.7") == 0.0
     assert two.wait("198.51.100.7") > 0.0 and one.wait("198.51.100.7") > 0.0
     client = redis.Redis.from_url(redis_url)
     server_now = float(client.time()[0])
