@@ -276,14 +276,22 @@ _WEIGHT_FILES = (
 )
 
 
+def _layout_hint(folder: Path) -> str:
+    """What the folder is instead, for the two near misses: one component, or a Hugging Face cache root."""
+    if (folder / "config.json").is_file():
+        return " (it is one component: give the folder holding unet/ and vae/)"
+    if (folder / "snapshots").is_dir():
+        return f" (a Hugging Face cache: give {folder / 'snapshots'}/<revision>)"
+    return ""
+
+
 def _component_weights(folder: Path, name: str) -> dict[str, Any]:
     """The ``from_pretrained`` arguments that load ``folder/name``'s weights as they are stored
     (safetensors or .bin, whole or the fp16 variant only), so diffusers neither guesses aloud
     nor reports a missing ``.bin`` for a folder that holds only ``*.fp16.safetensors``."""
     component = folder / name
     if not (component / "config.json").is_file():
-        hint = " (it names one component: give the folder holding unet/ and vae/)" if (folder / "config.json").is_file() else ""
-        raise FileNotFoundError(f"SD-Turbo folder {folder}: missing {component / 'config.json'}{hint}")
+        raise FileNotFoundError(f"SD-Turbo folder {folder}: missing {component / 'config.json'}{_layout_hint(folder)}")
     for file, variant, safetensors in _WEIGHT_FILES:
         if (component / file).is_file():
             return {"variant": variant, "use_safetensors": safetensors}

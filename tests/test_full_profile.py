@@ -120,6 +120,18 @@ def test_missing_folder_or_component_is_named(folder: Path, tmp_path: Path) -> N
         load_full_decoder(partial, NUM_RATES)
 
 
+def test_a_near_miss_of_the_folder_says_what_to_give(folder: Path, tmp_path: Path) -> None:
+    """The UNet's own folder, a Hugging Face cache root, a single-file checkpoint: each named as such."""
+    with pytest.raises(FileNotFoundError, match="it is one component: give the folder holding unet/ and vae/"):
+        load_full_decoder(folder / "unet", NUM_RATES)
+    (tmp_path / "models--stabilityai--sd-turbo" / "snapshots" / "abc").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="a Hugging Face cache: give .*snapshots/<revision>"):
+        load_full_decoder(tmp_path / "models--stabilityai--sd-turbo", NUM_RATES)
+    (tmp_path / "sd_turbo.safetensors").write_bytes(b"{}")
+    with pytest.raises(FileNotFoundError, match="is a file \\(a single-file checkpoint\\?\\)"):
+        load_full_decoder(tmp_path / "sd_turbo.safetensors", NUM_RATES)
+
+
 def test_full_profile_package_round_trip(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full-profile model exports (trained weights only) and decodes through the SD-Turbo folder."""
     import numpy as np
