@@ -147,7 +147,10 @@ def _check_device(name: str) -> None:
     """Refuse a decoder device torch does not know or this machine lacks, before the model loads. Why: the
     decoders load in the worker's thread after start-up, so `--device cuda` on a machine without CUDA (or
     `--device cdua`) started a receiver that accepted every upload and decoded none, with a traceback in
-    its log."""
+    its log. `auto` and `cpu` always work and are not checked: importing torch took 7 s of a start on this
+    loaded 2-core machine, which the worker otherwise spends in its own thread while the API answers."""
+    if name in ("auto", "cpu"):
+        return
     import torch
     from aeic.receiver.decoder import resolve_device
 
