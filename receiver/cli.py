@@ -226,8 +226,8 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         while held:  # the app's start-up takes them again
             unlock_data_dir(held.pop())
-    log.info("bound http://%s:%d; the API answers once start-up is complete", settings.host,
-             sockets[0].getsockname()[1])
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address, as in a URL
+    log.info("bound http://%s:%d; the API answers once start-up is complete", shown, sockets[0].getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=30,
                                            forwarded_allow_ips=settings.forwarded_allow_ips))
     try:
