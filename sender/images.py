@@ -44,6 +44,9 @@ MAX_SIDE = 16384
 
 # File suffixes the folder watcher treats as images (lower case).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif"})
+# Photo formats Pillow reads only through a plugin the sender does not install (a phone's HEIC/HEIF, JPEG XL): the
+# folder watcher and training list them too, so each is named as unreadable instead of passed over unseen.
+PLUGIN_ONLY_SUFFIXES = frozenset({".heic", ".heif", ".hif", ".jxl"})
 
 # ISO base media file brands (the ``ftyp`` box) of the formats Pillow needs a plugin for: AVIF's own (Pillow has it
 # built in since 11.2), then HEIC's and HEIF's (no plugin here). ``mif1``/``msf1`` are HEIF's: an AVIF file

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from aeic.sender.images import IMAGE_SUFFIXES
+from aeic.sender.images import IMAGE_SUFFIXES, PLUGIN_ONLY_SUFFIXES
 from aeic.shared.durable import fsync_path
 
 _PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".filepart")
@@ -63,11 +63,13 @@ class Candidate:
 
 
 def is_candidate_name(name: str) -> bool:
-    """Image suffix, not hidden, not a temporary or partial-download name."""
+    """Image suffix, not hidden, not a temporary or partial-download name. A phone's HEIC or a JPEG XL photo
+    is a candidate too: reading it fails with one line naming its format, where ignoring it left a phone set
+    to HEIC sending nothing, unexplained."""
     lower = name.lower()
     if lower.startswith((".", "~")) or lower.endswith(_PARTIAL_SUFFIXES):
         return False
-    return os.path.splitext(lower)[1] in IMAGE_SUFFIXES
+    return os.path.splitext(lower)[1] in IMAGE_SUFFIXES | PLUGIN_ONLY_SUFFIXES
 
 
 class FolderWatcher:

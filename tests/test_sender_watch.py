@@ -8,6 +8,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, is_candidate_name, run_watch
 
 
@@ -25,6 +26,27 @@ def test_candidate_names() -> None:
     assert is_candidate_name("a.JPG") and is_candidate_name("b.png") and is_candidate_name("c.webp")
     for name in (".hidden.jpg", "~lock.png", "a.jpg.part", "b.png.tmp", "c.crdownload", "notes.txt", "x"):
         assert not is_candidate_name(name)
+
+
+def test_a_phone_heic_photo_is_handled_and_named_not_passed_over(tmp_path: Path) -> None:
+    """A phone set to HEIC (an iPhone's default) filled the folder with photos the watcher ignored by suffix:
+    nothing was sent and nothing said why. Each is now read once, and the reader's line names its format."""
+    assert all(is_candidate_name(name) for name in ("IMG_0001.HEIC", "b.heif", "c.hif", "d.jxl"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def handle(candidate: Candidate) -> tuple[Handled, str]:
+        with pytest.raises(ImageReadError) as error:
+            read_image(candidate.path)
+        failures.append(str(error.value))
+        threading.Timer(0.1, stop.set).start()
+        return Handled.FAILED, "unreadable or not encodable"
+
+    run_watch(FolderWatcher(folder, tmp_path / "state.db"), handle, stop, poll_interval=0.01)
+    assert len(failures) == 1 and "HEIC/HEIF image, which Pillow does not read" in failures[0]
 
 
 def test_file_is_ready_only_after_two_stable_scans(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aeic.sender.images import IMAGE_SUFFIXES, eight_bit_grey
+from aeic.sender.images import IMAGE_SUFFIXES, PLUGIN_ONLY_SUFFIXES, eight_bit_grey
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -28,7 +28,7 @@ from .schedule import StepOutOfMemory, out_of_memory_detail, progress_bar
 
 # photos Pillow does not read (HEIC/HEIF and JPEG XL need plugins, a camera's raw files a raw converter): listed
 # with the photos, so each is skipped with a warning and counted like an unreadable one instead of passed over unseen
-UNREAD_PHOTO_SUFFIXES = {".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
+UNREAD_PHOTO_SUFFIXES = PLUGIN_ONLY_SUFFIXES | {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
 LATENT_STRIDE = 8
 MAX_LONG_SIDE = 1024  # panoramas are centre-cropped: more pixels of one photo add little
 # what Pillow raises for a damaged, empty or foreign file, or one over its decompression-bomb limit
