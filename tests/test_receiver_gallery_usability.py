@@ -437,3 +437,43 @@ def test_an_older_page_whose_session_ended_signs_in_back_to_itself(tmp_path: Pat
         field.send_keys(f"{ADMIN}\n")
         WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "grid"))
         assert browser.current_url == older
+
+
+def test_two_fingers_pinch_the_picture_on_a_phone(tmp_path: Path, browser: Chrome) -> None:
+    """The viewer takes the browser's own pinch-zoom away (touch-action: none, so that a drag pans the
+    picture) but did not pinch itself: on a phone two fingers did nothing. They zoom now, by the change of
+    their distance, about their midpoint."""
+    app, tokens = _app(tmp_path)
+    with ServerThread(app) as server:
+        image_id = _upload(server.url, tokens["cam1"], size=(640, 480))
+        _wait_done(server.url, tokens["cam1"], image_id)
+        browser.set_window_size(360, 740)
+        browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.get(f"{server.url}/images/{image_id}")
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+            "const i = document.getElementById('reconstruction'); return i.complete && i.naturalWidth > 0"))
+        left, top, width, height = browser.execute_script(
+            "const b = document.getElementById('viewer').getBoundingClientRect();"
+            "return [b.left, b.top, b.width, b.height]")
+        mid_x, mid_y = left + width * 0.4, top + height / 2
+
+        def fingers(apart: float) -> list[dict[str, float]]:
+            return [{"x": mid_x - apart, "y": mid_y, "id": 1}, {"x": mid_x + apart, "y": mid_y, "id": 2}]
+
+        def under_midpoint() -> list[float]:  # the point of the picture under the fingers' midpoint, 0..1
+            return list(browser.execute_script(
+                "const r = document.getElementById('reconstruction').getBoundingClientRect();"
+                "return [(arguments[0] - r.left) / r.width, (arguments[1] - r.top) / r.height]", mid_x, mid_y))
+
+        before = under_midpoint()
+        browser.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": fingers(20)})
+        for apart in range(25, 65, 5):
+            browser.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": fingers(apart)})
+        browser.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        scale = float(browser.find_element(By.ID, "viewer").get_attribute("data-scale") or "nan")
+        assert abs(scale - 3) < 0.001  # 60 / 20 apart
+        assert browser.find_element(By.ID, "zoom-level").text == "300%"
+        after = under_midpoint()
+        assert abs(after[0] - before[0]) < 0.01 and abs(after[1] - before[1]) < 0.01, (before, after)
+        assert browser.execute_script("return visualViewport.scale") == 1  # the picture zoomed, not the page

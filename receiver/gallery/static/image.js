@@ -81,17 +81,44 @@
     const [px, py] = local(event);
     zoomAt(scale * Math.pow(1.2, -Math.sign(event.deltaY)), px, py);
   }, {passive: false});
+  // One pointer drags; two (fingers on a phone, where the viewer takes the browser's own pinch-zoom away with
+  // touch-action: none) pinch: zoom by the change of their distance, about their midpoint.
+  const fingers = new Map();  // pointerId -> [clientX, clientY] of each pointer down on the viewer
+  let pinch = null;
+  function spread() {
+    const [a, b] = [...fingers.values()];
+    return {d: Math.hypot(a[0] - b[0], a[1] - b[1]), clientX: (a[0] + b[0]) / 2, clientY: (a[1] + b[1]) / 2};
+  }
   viewer.addEventListener("pointerdown", (event) => {
+    fingers.set(event.pointerId, [event.clientX, event.clientY]);
+    if (fingers.size === 2) {
+      pinch = {d: spread().d, scale: scale};
+      drag = null;
+      moved = true;  // the tap that ends a pinch is no click-to-zoom
+      return;
+    }
     drag = {sx: event.clientX, sy: event.clientY, x: x, y: y};
     moved = false;
   });
   window.addEventListener("pointermove", (event) => {
+    if (fingers.has(event.pointerId)) fingers.set(event.pointerId, [event.clientX, event.clientY]);
+    if (pinch && fingers.size === 2) {
+      const now = spread();
+      if (pinch.d > 0) zoomAt(pinch.scale * now.d / pinch.d, ...local(now));
+      return;
+    }
     if (!drag) return;
     const dx = event.clientX - drag.sx, dy = event.clientY - drag.sy;
     if (Math.abs(dx) + Math.abs(dy) > 3) moved = true;
     if (moved && scale > 1) { x = drag.x + dx; y = drag.y + dy; apply(); }
   });
-  window.addEventListener("pointerup", () => { drag = null; });
+  const lift = (event) => {
+    fingers.delete(event.pointerId);
+    if (fingers.size < 2) pinch = null;
+    if (fingers.size === 0) drag = null;
+  };
+  window.addEventListener("pointerup", lift);
+  window.addEventListener("pointercancel", lift);
   viewer.addEventListener("click", (event) => {
     if (moved) return;
     const [px, py] = local(event);
