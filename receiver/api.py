@@ -223,11 +223,19 @@ def image_json(record: ImageRecord) -> dict[str, Any]:
     }
 
 
+def _quoted(value: str) -> str:
+    """`value` for an error message, at most 40 characters of it: what a client sent is echoed on our origin,
+    so a link must not be able to make an answer carry a message of its own (as with the cursor)."""
+    return repr(value if len(value) <= 40 else value[:40] + "...")
+
+
 def visible_image(state: ReceiverState, who: Principal, image_id: str) -> ImageRecord:
-    """The record if it exists and the caller may see it; 404 otherwise (no existence leak)."""
-    record = state.store.get_image(image_id) if _IMAGE_ID.match(image_id) else None
+    """The record if it exists and the caller may see it; 404 otherwise (no existence leak). Only an id's
+    shape is quoted back: anything else in its place is a link's text, not an id."""
+    well_formed = _IMAGE_ID.match(image_id) is not None
+    record = state.store.get_image(image_id) if well_formed else None
     if record is None or not who.can_see(record):
-        raise ApiError(404, "not_found", f"no image {image_id}")
+        raise ApiError(404, "not_found", f"no image {image_id}" if well_formed else "no such image")
     return record
 
 
@@ -410,12 +418,13 @@ def _parse_time(value: str | None, name: str) -> float | None:
         pass
     else:
         if not math.isfinite(number):  # nan, inf, 1e400: float() takes them but they name no instant
-            raise ApiError(422, "invalid_request", f"{name} must be a finite time, got {value!r}")
+            raise ApiError(422, "invalid_request", f"{name} must be a finite time, got {_quoted(value)}")
         return number
     try:
         parsed = read_iso8601(value.replace("Z", "+00:00"))
     except ValueError:
-        raise ApiError(422, "invalid_request", f"{name} must be ISO 8601 or epoch seconds, got {value!r}") from None
+        raise ApiError(422, "invalid_request",
+                       f"{name} must be ISO 8601 or epoch seconds, got {_quoted(value)}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
@@ -528,7 +537,7 @@ def get_reconstruction_as(image_id: str, ext: str, request: Request, who: Caller
     """The reconstruction in the format named by the suffix (.png, .jpg, .jpeg, .webp)."""
     state = receiver_state(request)
     if ext.lower() not in FORMATS:
-        raise ApiError(404, "not_found", f"unknown format .{ext}; use .png, .jpg or .webp")
+        raise ApiError(404, "not_found", f"unknown format {_quoted('.' + ext)}; use .png, .jpg or .webp")
     return _blob_response(state, visible_image(state, who, image_id), request, ext.lower(), {})
 
 

@@ -77,6 +77,25 @@ def test_a_huge_cursor_is_not_echoed_back(env: Env) -> None:
     assert response.status_code == 400 and len(response.text) < 300
 
 
+BAIT = "; this receiver has moved: sign in at evil.example with your token " * 40  # no "/": one path segment
+
+
+@pytest.mark.parametrize(("path", "params"), [(f"/v1/images/{BAIT}", {}), (f"/v1/images/{BAIT}/thumbnail", {}),
+                                              (f"/v1/images/{'0' * 32}/reconstruction.{BAIT}", {}),
+                                              ("/v1/images", {"since": BAIT}), ("/v1/images", {"until": "1e999" + BAIT})])
+def test_an_error_quotes_no_long_or_arbitrary_text(env: Env, path: str, params: dict[str, str]) -> None:
+    """Content injection on our origin: an unknown id, format or time was quoted whole (3 KB here, up to the
+    server's 64 KB request line), so a link could make the receiver's own answer carry an attacker's message."""
+    response = env.client.get(path, params=params, headers=env.bearer("admin"))
+    assert response.status_code in (404, 422) and "evil.example" not in response.text and len(response.text) < 300
+    assert response.json()["error"]["message"]
+
+
+def test_an_unknown_id_of_the_right_shape_is_still_named(env: Env) -> None:
+    response = env.client.get(f"/v1/images/{'0' * 32}", headers=env.bearer("admin"))
+    assert response.status_code == 404 and response.json()["error"]["message"] == f"no image {'0' * 32}"
+
+
 def test_readiness_names_no_internal_path(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     state = env.client.app.state.receiver  # type: ignore[attr-defined]
 
