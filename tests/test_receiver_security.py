@@ -84,8 +84,8 @@ BAIT = "; this receiver has moved: sign in at evil.example with your token " * 4
                                               (f"/v1/images/{'0' * 32}/reconstruction.{BAIT}", {}),
                                               ("/v1/images", {"since": BAIT}), ("/v1/images", {"until": "1e999" + BAIT})])
 def test_an_error_quotes_no_long_or_arbitrary_text(env: Env, path: str, params: dict[str, str]) -> None:
-    """Content injection on our origin: an unknown id, format or time was quoted whole (3 KB here, up to the
-    server's 64 KB request line), so a link could make the receiver's own answer carry an attacker's message."""
+    """Content injection on our origin: an unknown id, format or time was quoted whole (3 KB here; uvicorn takes a
+    request line of 100 KB), so a link could make the receiver's own answer carry an attacker's message."""
     response = env.client.get(path, params=params, headers=env.bearer("admin"))
     assert response.status_code in (404, 422) and "evil.example" not in response.text and len(response.text) < 300
     assert response.json()["error"]["message"]
