@@ -121,6 +121,8 @@ def _program_lines() -> Iterator[tuple[str, str, list[str]]]:
             command = line.split(" #")[0]
             for match in pattern.finditer(command):
                 words = re.split(r"[|;&]", command[match.end():])[0].split()
+                if words[:1] and words[0] in PROGRAMS:  # `sudo -u aeic aeic-send ...`: the user, then the program
+                    continue
                 yield f"{doc.relative_to(ROOT)}:{number}", match.group(1), words
 
 
