@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aeic.shared.decode_limits import TILE_PIXELS
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -110,6 +110,19 @@ class ReceiverSettings(BaseSettings):
         if isinstance(value, list):
             return [path.expanduser() for path in value]
         return value.expanduser()
+
+    @field_validator("queue", "blob_url", mode="after")
+    @classmethod
+    def _url_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A queue or blob URL of another scheme fails here, where its value (which may carry a password) is
+        not repeated; the backends' own checks quoted it whole, on a traceback from `serve`'s start-up."""
+        if value is None:
+            return None
+        if info.field_name == "queue" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be redis://[:password@]host:port/db (or rediss://, unix://)")
+        if info.field_name == "blob_url" and not (value.startswith("s3://") and len(value) > len("s3://")):
+            raise ValueError("must be s3://bucket or s3://bucket/prefix")
+        return value
 
     @classmethod
     def settings_customise_sources(

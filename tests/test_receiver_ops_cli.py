@@ -342,3 +342,20 @@ def test_a_home_folder_in_a_configured_path_is_expanded(tmp_path: Path, monkeypa
     assert settings.model_packages == [tmp_path / "home" / "models" / "a"]
     assert main(["token", "create", "--device", "cam1", "--config", str(config)]) == 0
     assert (tmp_path / "home" / "aeic" / "receiver.db").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_queue_or_blob_url_of_another_scheme_is_one_line_without_its_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: `serve` printed JobQueue's ValueError, the URL and its password quoted, on a traceback (and
+    `worker` the same in one line)."""
+    monkeypatch.setenv("AEIC_QUEUE", "redis+sentinel://:hunter2-secret@sentinel:26379/0")
+    for command in (["serve", "--no-worker", "--port", "0"], ["worker"]):
+        assert main([*command, "--data", str(tmp_path / "data")]) == 2
+        line = _one_line(capsys)
+        assert "hunter2" not in line and line.endswith("queue: value error, must be redis://[:password@]host:port/db "
+                                                       "(or rediss://, unix://)")
+    monkeypatch.setenv("AEIC_QUEUE", "redis://127.0.0.1:9/0")
+    monkeypatch.setenv("AEIC_BLOB_URL", "https://key:secret@bucket.example/aeic")
+    assert main(["worker", "--data", str(tmp_path / "data")]) == 2
+    line = _one_line(capsys)
+    assert "secret" not in line and line.endswith("blob_url: value error, must be s3://bucket or s3://bucket/prefix")
