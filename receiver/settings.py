@@ -39,7 +39,9 @@ CONFIG_ENV = "AEIC_CONFIG"
 class ReceiverSettings(BaseSettings):
     """Every knob of the receiver service; each one is also `AEIC_<NAME>` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="AEIC_", extra="forbid", toml_file=None)
+    # No inf or nan in a float setting: session_ttl_s=inf failed every sign-in (500), login_attempts_per_minute
+    # =inf the start-up (an OverflowError traceback), and no setting means "unlimited" by it.
+    model_config = SettingsConfigDict(env_prefix="AEIC_", extra="forbid", toml_file=None, allow_inf_nan=False)
 
     data_dir: Path = Field(Path("aeic-data"), description="Holds the SQLite database and the blob files.")
     database_url: str | None = Field(

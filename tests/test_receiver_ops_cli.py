@@ -359,3 +359,16 @@ def test_a_queue_or_blob_url_of_another_scheme_is_one_line_without_its_password(
     assert main(["worker", "--data", str(tmp_path / "data")]) == 2
     line = _one_line(capsys)
     assert "secret" not in line and line.endswith("blob_url: value error, must be s3://bucket or s3://bucket/prefix")
+
+
+@pytest.mark.parametrize(("variable", "value"), [("AEIC_SESSION_TTL_S", "inf"),
+                                                 ("AEIC_LOGIN_ATTEMPTS_PER_MINUTE", "Infinity"),
+                                                 ("AEIC_RECLAIM_AFTER_S", "nan")])
+def test_a_float_setting_that_is_not_finite_is_one_line(variable: str, value: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: accepted; session_ttl_s=inf then failed every gallery sign-in with a 500, and
+    login_attempts_per_minute=inf the start-up with an OverflowError traceback."""
+    monkeypatch.setenv(variable, value)
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 2
+    assert _one_line(capsys).endswith(f"{variable[5:].lower()}: input should be a finite number (got '{value}')")
