@@ -477,3 +477,43 @@ def test_two_fingers_pinch_the_picture_on_a_phone(tmp_path: Path, browser: Chrom
         after = under_midpoint()
         assert abs(after[0] - before[0]) < 0.01 and abs(after[1] - before[1]) < 0.01, (before, after)
         assert browser.execute_script("return visualViewport.scale") == 1  # the picture zoomed, not the page
+
+
+def test_a_finger_on_the_picture_scrolls_the_page_until_it_is_zoomed_in(tmp_path: Path, browser: Chrome) -> None:
+    """On a phone a swipe that began on the picture did not scroll the page (touch-action: none on the
+    whole viewer): under a portrait photo, most of the screen could not be scrolled. At 100% it scrolls the
+    page; zoomed in, it pans the picture."""
+    app, tokens = _app(tmp_path)
+    with ServerThread(app) as server:
+        image_id = _upload(server.url, tokens["cam1"], size=(480, 640))  # a portrait photo
+        _wait_done(server.url, tokens["cam1"], image_id)
+        browser.set_window_size(360, 740)
+        browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.get(f"{server.url}/images/{image_id}")
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+            "const i = document.getElementById('reconstruction'); return i.complete && i.naturalWidth > 0"))
+        left, top, width, height = browser.execute_script(
+            "const b = document.getElementById('viewer').getBoundingClientRect();"
+            "return [b.left, b.top, b.width, b.height]")
+        x, y = left + width / 2, top + height * 0.8
+
+        def swipe_up() -> None:
+            browser.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+            for step in range(1, 11):
+                browser.execute_cdp_cmd("Input.dispatchTouchEvent",
+                                        {"type": "touchMove", "touchPoints": [{"x": x, "y": y - 15 * step}]})
+            browser.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+        def picture() -> str:
+            return str(browser.find_element(By.ID, "reconstruction").get_attribute("style"))
+
+        swipe_up()
+        WebDriverWait(browser, 5).until(lambda d: d.execute_script("return scrollY") > 50)
+        assert browser.find_element(By.ID, "viewer").get_attribute("data-scale") == "1"
+        browser.execute_script("scrollTo(0, 0)")
+        browser.find_element(By.ID, "viewer").send_keys("+", "+")  # zoomed in (here by the keyboard)
+        before, scrolled = picture(), browser.execute_script("return scrollY")
+        swipe_up()
+        WebDriverWait(browser, 5).until(lambda _: picture() != before)  # the picture moved
+        assert browser.execute_script("return scrollY") == scrolled  # and the page did not
