@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -30,8 +31,13 @@ __all__ = [
     "hash_token",
 ]
 
+log = logging.getLogger(__name__)
+
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: `$` would pass a final newline
 _TOKEN_PREFIX = "aeic_"
+# Shorter admin tokens are named in the log at start-up: deploy/k8s's placeholder (REPLACE_ME) and the demo's
+# are public, and a short one falls to guessing offline from the SHA-256 that its gallery sessions store.
+_ADMIN_TOKEN_MIN_CHARS = 24
 
 
 class InvalidDeviceNameError(ValueError):
@@ -70,6 +76,9 @@ class Authenticator:
     def __init__(self, store: MetadataStore, admin_token: str | None) -> None:
         self._store = store
         self._admin_hash = hash_token(admin_token) if admin_token else None
+        if admin_token and len(admin_token) < _ADMIN_TOKEN_MIN_CHARS:
+            log.warning("the admin token is only %d characters long: anyone who guesses it sees every device's "
+                        "images; set a long random one (openssl rand -hex 32)", len(admin_token))
 
     def authenticate(self, token: str | None) -> Principal | None:
         """The caller behind `token`, or None when it is missing, unknown or revoked."""

@@ -214,6 +214,22 @@ def test_the_access_log_never_shows_a_sign_in_token(caplog: pytest.LogCaptureFix
     assert "aeic_SECRET" not in caplog.text and "/login?token=[redacted]" in caplog.text
 
 
+@pytest.mark.parametrize(("admin", "warned"), [("REPLACE_ME", True), ("aeic-demo-admin", True),
+                                               ("0123456789abcdef0123456789abcdef", False)])
+def test_a_short_admin_token_is_named_in_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture, admin: str,
+                                                 warned: bool) -> None:
+    """deploy/k8s/secret.yaml's placeholder (REPLACE_ME, public) started a receiver whose admin it was, without a
+    word; a short one is also what the sessions table's SHA-256 would give away to an offline guesser."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="aeic.receiver.auth"):
+        create_app(_settings(tmp_path / "data", admin_token=admin, worker=False),
+                   registry=CodecRegistry.from_codecs([FakeCodec()]))
+    lines = [r.getMessage() for r in caplog.records if r.name == "aeic.receiver.auth"]
+    assert bool(lines) is warned, lines
+    assert all(admin not in line and f"{len(admin)} characters" in line for line in lines)
+
+
 # -- input ---------------------------------------------------------------------------------------
 
 
