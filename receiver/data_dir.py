@@ -91,8 +91,12 @@ def _flock(file: Path) -> int:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise
         raise _HeldError(holder) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:  # a full disk
+        os.close(fd)
+        raise OSError(exc.errno, f"cannot write the worker lock: {exc.strerror}", str(file)) from None
     return fd
 
 

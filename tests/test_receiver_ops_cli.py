@@ -4,6 +4,7 @@ claimed), and a password in a database URL never reaches that line."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -372,3 +373,19 @@ def test_a_float_setting_that_is_not_finite_is_one_line(variable: str, value: st
     monkeypatch.setenv(variable, value)
     assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 2
     assert _one_line(capsys).endswith(f"{variable[5:].lower()}: input should be a finite number (got '{value}')")
+
+
+def test_a_full_disk_under_the_worker_lock_is_one_line_naming_it(tmp_path: Path, no_model_load: None,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: `aeic-receiver: No space left on device`, naming no file (measured on a full 80 MB tmpfs)."""
+    from aeic.receiver import data_dir
+
+    def full(*_args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data_dir.os, "pwrite", full)
+    data = tmp_path / "data"
+    assert main(["serve", "--data", str(data), "--port", "0"]) == 2
+    assert _one_line(capsys) == (f"aeic-receiver: cannot write the worker lock: No space left on device: "
+                                 f"{data / 'receiver.lock'}")
