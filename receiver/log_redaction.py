@@ -15,18 +15,22 @@ __all__ = ["TokenRedactingFilter", "install_log_redaction", "redact"]
 # A query parameter: its name (group 1, with the `?`/`&` before it) and its value.
 _PARAM = re.compile(r"((?:^|[?&])([^=&\s\"?]*)=)[^&\s\"]*")
 _SECRET_NAMES = {"token", "access_token"}
+# A device token wherever it stands (`auth.create_device_token`: `aeic_` and 43 URL-safe characters): a sign-in
+# link mistyped (`/login;token=...`) or a token pasted as a path is no parameter the app reads, but still a token.
+_DEVICE_TOKEN = re.compile(r"aeic_[A-Za-z0-9_-]{43}")
 _ACCESS_LOGGER = "uvicorn.access"
 
 
 def redact(text: str) -> str:
-    """`text` with the value of every token-like query parameter replaced. The name is compared decoded,
-    as the app reads it: `/login?%74oken=...` signs in like `?token=...` (uvicorn logs the raw query)."""
+    """`text` with the value of every token-like query parameter replaced, and every device token. The name
+    is compared decoded, as the app reads it: `/login?%74oken=...` signs in like `?token=...` (uvicorn logs
+    the raw query)."""
 
     def hide(match: re.Match[str]) -> str:
         secret = unquote_plus(match.group(2)).lower() in _SECRET_NAMES
         return match.group(1) + "[redacted]" if secret else match.group(0)
 
-    return _PARAM.sub(hide, text)
+    return _DEVICE_TOKEN.sub("aeic_[redacted]", _PARAM.sub(hide, text))
 
 
 class TokenRedactingFilter(logging.Filter):

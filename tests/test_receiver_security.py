@@ -230,6 +230,23 @@ def test_a_short_admin_token_is_named_in_the_log(tmp_path: Path, caplog: pytest.
     assert all(admin not in line and f"{len(admin)} characters" in line for line in lines)
 
 
+@pytest.mark.parametrize("path", ["/login;token={}", "/login?token%00={}", "/login?x=1;token={}", "/{}",
+                                  "/v1/images/{}"])
+def test_a_device_token_anywhere_in_an_access_line_is_hidden(path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A token in a URL the app does not read as one (a mistyped sign-in link, a token pasted as a path) was
+    written to the access log in full: each of these was, measured on `aeic-receiver serve`."""
+    import logging
+
+    from aeic.receiver.log_redaction import install_log_redaction
+
+    token = "aeic_EkOmBo3ACJB3ySJcKz7pXZz63pmH-vSqgzntY0rWpF0"  # as `token create` makes them
+    install_log_redaction()
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+        logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET",
+                                                 path.format(token), "1.1", 404)
+    assert token[5:] not in caplog.text and "aeic_[redacted]" in caplog.text
+
+
 # -- input ---------------------------------------------------------------------------------------
 
 
