@@ -14,12 +14,33 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
 from aeic.sender.coding_scale import parse_downscale
 from aeic.sender.rate_distortion_rounding import parse_rounding
 from aeic.shared.decode_limits import TILE_PIXELS
-from aeic.shared.model_package import MANIFEST, ModelPackageError
+from aeic.shared.model_package import MANIFEST, ModelPackageError, default_model_dir
+
+_Codec = TypeVar("_Codec")
+
+
+class _Unloadable(Exception):
+    """A model package (or the SD-Turbo folder it needs) that cannot be loaded: one line, exit status 2."""
+
+
+def _open_model(load: Callable[[], _Codec], model: Path | None) -> _Codec:
+    """``load()``, its failures one line: weights that do not fit (an SD-Turbo folder of another model), a
+    damaged manifest, or a sealed package of another version (a configuration field or array this version
+    lacks was a TypeError or KeyError traceback)."""
+    try:
+        return load()
+    except ModelPackageError:
+        raise
+    except ValueError as exc:
+        raise _Unloadable(str(exc)) from exc
+    except (KeyError, TypeError) as exc:
+        raise _Unloadable(f"{model or default_model_dir()}: this version cannot load the package ({type(exc).__name__}: "
+                          f"{exc}); was it exported by another version of aeic?") from exc
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -33,14 +54,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.output is not None and args.output.exists() and not args.output.is_dir() and not _names_a_stream(args.output):
         print(f"error: -o {args.output} is a file: give a folder, or a .aeic file for one image", file=sys.stderr)
         return 2
-    try:
-        codec = SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale,
-                                         rounding=args.rounding)
-    except ModelPackageError:
-        raise
-    except ValueError as exc:  # a package the sender cannot run (a damaged manifest, a bad setting)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    codec = _open_model(lambda: SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale,
+                                                         rounding=args.rounding), args.model)
     status = 0
     for image in args.images:
         try:
@@ -134,13 +149,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(f"error: -o {args.output}: decode writes {', '.join(_PICTURE_SUFFIXES)} pictures; name one of "
               "those, or a folder", file=sys.stderr)  # fmt: skip
         return 2
-    try:
-        codec = ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels)
-    except ModelPackageError:
-        raise
-    except ValueError as exc:  # weights that do not fit (an SD-Turbo folder of another model), a damaged manifest
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    codec = _open_model(lambda: ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels),
+                        args.model)
     status = 0
     for stream in args.streams:
         try:
@@ -446,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 "relevel": cmd_relevel, "interpolate": cmd_interpolate, "set-rounding": cmd_set_rounding}
     try:
         return handlers[args.command](args)
-    except (ModelPackageError, OSError) as exc:  # a missing or broken model or checkpoint: nothing was done
+    except (ModelPackageError, OSError, _Unloadable) as exc:  # a missing or broken model or checkpoint: nothing was done
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:

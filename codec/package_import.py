@@ -29,25 +29,47 @@ from .model import AEICModel, ModelConfig
 from .quantization import QConv2d
 
 
+class PackageImportError(ValueError):
+    """A sealed package this version cannot turn back into its trainable model (another version's export)."""
+
+
 def model_from_package(package: Path) -> AEICModel:
-    """The trainable model whose export is ``package`` (the nano profile; its pixel decoder attaches on use)."""
+    """The trainable model whose export is ``package`` (the nano profile; its pixel decoder attaches on use).
+
+    A package from another version of the code (another configuration, other graph or tensor names) is a
+    :class:`PackageImportError` naming it, not the KeyError, TypeError or torch listing of wherever it broke."""
     manifest = pkg.ModelPackage.load(package).manifest
-    config = ModelConfig.from_dict(manifest["config"])
+    try:
+        config = ModelConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError) as exc:
+        raise PackageImportError(f"{package}: its model configuration is not this version's ({exc}); "
+                                 "was it exported by another version of aeic?") from exc
     if config.profile != "nano":
-        raise ValueError(f"only nano packages can be imported, not {config.profile!r}")
+        raise PackageImportError(f"{package}: only nano packages can be imported, not {config.profile!r}")
     model = AEICModel(config)
-    with torch.no_grad():
-        model.analysis.stages.load_state_dict(_analysis_state(package, config))
-        model.hyper_analysis.load_state_dict(_initializers(onnx.load(str(package / "hyper.onnx")).graph, "hyper_analysis."))
-        arrays = dict(np.load(package / "entropy.npz"))
-        _load_entropy(model.entropy, arrays)
-        positions = np.array([level["position"] for level in manifest["rate_levels"]])
-        trained = arrays["levels.gains"][np.isclose(positions, np.round(positions))]  # the rate points, not the levels between
-        model.log_gains.copy_(torch.from_numpy(np.log(trained.astype(np.float64))).float())
-        receiver = {k: v.float() for k, v in load_file(str(package / "receiver.safetensors")).items()}
-        model.synthesis.load_state_dict(_prefixed(receiver, "synthesis."))
-        model.decoder.load_state_dict(_prefixed(receiver, "decoder."))
+    try:
+        _load_package_weights(model, package, manifest)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise PackageImportError(f"{package}: its weights do not fit the {config.name} model ({detail}); "
+                                 "was it exported by another version of aeic?") from exc
     return model
+
+
+@torch.no_grad()
+def _load_package_weights(model: AEICModel, package: Path, manifest: dict) -> None:
+    """Every weight of ``model`` from the package's graphs, arrays and receiver tensors."""
+    config = model.config
+    model.analysis.stages.load_state_dict(_analysis_state(package, config))
+    model.hyper_analysis.load_state_dict(_initializers(onnx.load(str(package / "hyper.onnx")).graph, "hyper_analysis."))
+    arrays = dict(np.load(package / "entropy.npz"))
+    _load_entropy(model.entropy, arrays)
+    positions = np.array([level["position"] for level in manifest["rate_levels"]])
+    trained = arrays["levels.gains"][np.isclose(positions, np.round(positions))]  # the rate points, not the levels between
+    model.log_gains.copy_(torch.from_numpy(np.log(trained.astype(np.float64))).float())
+    receiver = {k: v.float() for k, v in load_file(str(package / "receiver.safetensors")).items()}
+    model.synthesis.load_state_dict(_prefixed(receiver, "synthesis."))
+    model.decoder.load_state_dict(_prefixed(receiver, "decoder."))
 
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 import torch
 from aeic.codec import cli as codec_cli
 from aeic.codec.testing import make_tiny_package
+from aeic.shared import model_package as pkg
 from PIL import Image
 from sd_turbo_support import write_other_base, write_tiny_sd_turbo
 
@@ -120,3 +123,18 @@ def test_decode_on_an_sd_turbo_folder_of_another_model_is_one_line(
     monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(folder))
     assert codec_cli.main(["decode", str(stream), "--model", str(package), "--device", "cpu", "-o", str(out)]) == 0
     assert Image.open(out).size == (56, 40)
+
+
+def test_a_package_of_another_version_is_one_line(package: Path, photo: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A sealed package whose configuration has a field this version lacks: `aeic decode` was a TypeError
+    traceback (the sender, which does not read that configuration, still codes with it)."""
+    other = tmp_path / "other"
+    shutil.copytree(package, other)
+    manifest = json.loads((other / pkg.MANIFEST).read_text())
+    manifest["config"]["attention"] = "global"
+    pkg.write_manifest(other, {k: v for k, v in manifest.items() if k not in ("files", "model_id")})
+    stream = tmp_path / "photo.aeic"
+    assert codec_cli.main(["encode", str(photo), "--model", str(other), "-o", str(stream)]) == 0
+    _refused(capsys, ["decode", str(stream), "--model", str(other), "--device", "cpu", "-o", str(tmp_path / "out")],
+             f"error: {other}: this version cannot load the package (TypeError:", "another version of aeic")
