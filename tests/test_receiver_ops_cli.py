@@ -389,3 +389,54 @@ def test_a_full_disk_under_the_worker_lock_is_one_line_naming_it(tmp_path: Path,
     assert main(["serve", "--data", str(data), "--port", "0"]) == 2
     assert _one_line(capsys) == (f"aeic-receiver: cannot write the worker lock: No space left on device: "
                                  f"{data / 'receiver.lock'}")
+
+
+def test_sigterm_lets_an_upload_in_progress_finish_and_keeps_it(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGTERM while an upload's body is still arriving: uvicorn, serving the sockets `serve` bound before
+    the model loaded, lets the request finish (202) and the image is stored; then the process exits."""
+    from aeic.receiver.storage import SqlMetadataStore
+    from aeic.shared.model_package import ModelPackage
+    from receiver_support import make_bitstream
+
+    data = tmp_path / "data"
+    assert main(["token", "create", "--device", "cam1", "--data", str(data)]) == 0
+    token = capsys.readouterr().out.strip()
+    body = make_bitstream(model_id=ModelPackage.load(verify=False).model_id, payload=b"\x01" * 64)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aeic.receiver.cli", "serve", "--data", str(data), "--port", "0", "--no-worker"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        found = re.search(r"bound http://127\.0\.0\.1:(\d+);", process.stderr.readline())
+        assert found is not None
+        port = int(found.group(1))
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as upload:
+            upload.sendall(f"POST /v1/images HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+                           f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                           + body[:20])
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            upload.sendall(body[20:])
+            answer = upload.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 202"), answer
+        image_id = re.search(r'"id":"([0-9a-f]{32})"', answer)
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    store = SqlMetadataStore.from_url(f"sqlite:///{data / 'receiver.db'}")
+    try:
+        assert image_id is not None and store.get_image(image_id.group(1)) is not None
+    finally:
+        store.close()
