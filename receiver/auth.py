@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: `$` would pass a final newline
 _TOKEN_PREFIX = "aeic_"
 # Shorter admin tokens are named in the log at start-up: deploy/k8s's placeholder (REPLACE_ME) and the demo's
-# are public, and a short one falls to guessing offline from the SHA-256 that its gallery sessions store.
+# are public, and the sign-in limit is per address, so a short one is within reach of many addresses' guesses.
 _ADMIN_TOKEN_MIN_CHARS = 24
 
 
@@ -71,7 +71,7 @@ def create_device_token(store: MetadataStore, device: str) -> str:
 
 
 class Authenticator:
-    """Maps a bearer token (or the stored hash of one) to a `Principal`."""
+    """Maps a bearer token, or what a gallery session stores of one, to a `Principal`."""
 
     def __init__(self, store: MetadataStore, admin_token: str | None) -> None:
         self._store = store
@@ -81,17 +81,39 @@ class Authenticator:
                         "images; set a long random one (openssl rand -hex 32)", len(admin_token))
 
     def authenticate(self, token: str | None) -> Principal | None:
-        """The caller behind `token`, or None when it is missing, unknown or revoked."""
-        return self.principal_for_hash(hash_token(token)) if token else None
-
-    def principal_for_hash(self, token_hash: str) -> Principal | None:
-        """The caller behind a token's hash (what a gallery session keeps): checked against the current
-        admin token and the live device tokens on every call, so a revocation or a new admin token
-        takes effect at once. The admin comparison is constant-time."""
+        """The caller behind `token`, or None when it is missing, unknown or revoked. The admin comparison
+        is constant-time."""
+        if not token:
+            return None
+        token_hash = hash_token(token)
         if self._admin_hash is not None and hmac.compare_digest(token_hash, self._admin_hash):
             return Principal(device=None, admin=True)
+        return self._device(token_hash)
+
+    def session_key(self, who: Principal, token: str, session: str) -> str:
+        """What the gallery session `session` (its secret), opened by `who` with `token`, stores of that
+        token. A device token's SHA-256, as `device_tokens` holds it: 256 random bits, of no use to a guesser.
+        The admin token is the operator's to choose, so a hash of it would let a copy of the database test
+        guesses offline: its sessions store it hashed with the session's secret, which only the browser holds."""
+        if who.admin and self._admin_hash is not None:
+            return _bound(self._admin_hash, session)
+        return hash_token(token)
+
+    def principal_for_session(self, key: str, session: str) -> Principal | None:
+        """The caller behind a session's stored `session_key`, checked against the current admin token and
+        the live device tokens on every call, so a revocation or a new admin token takes effect at once."""
+        if self._admin_hash is not None and hmac.compare_digest(key, _bound(self._admin_hash, session)):
+            return Principal(device=None, admin=True)
+        return self._device(key)
+
+    def _device(self, token_hash: str) -> Principal | None:
         device = self._store.device_for_token(token_hash)
         return Principal(device=device) if device else None
+
+
+def _bound(token_hash: str, session: str) -> str:
+    """A token's hash bound to one session's secret (SHA-256 of both, hex)."""
+    return hash_token(f"{token_hash}:{session}")
 
 
 _MIN_PRUNE_SIZE = 1024  # buckets kept before the first pruning

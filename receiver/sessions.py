@@ -3,8 +3,9 @@
 Why not put the token itself in the cookie: a cookie is copied around (browser profiles, debugging
 proxies, a stolen laptop), and a device token in it would let its holder upload as the device for as
 long as the token lives. The cookie holds a random session secret instead; the database keeps only its
-SHA-256 and the hash of the token that opened it, the session expires after `session_ttl_s`, signing
-out deletes it server-side, and each request re-checks the token so that revoking it ends the session.
+SHA-256 and a hash of the token that opened it (`Authenticator.session_key`), the session expires after
+`session_ttl_s`, signing out deletes it server-side, and each request re-checks the token so that
+revoking it ends the session.
 """
 
 from __future__ import annotations
@@ -28,18 +29,20 @@ class GallerySessions:
 
     def open(self, token: str) -> str | None:
         """A new session secret for a valid `token` (the cookie's value), or None for an invalid one."""
-        if self._auth.authenticate(token) is None:
+        who = self._auth.authenticate(token)
+        if who is None:
             return None
         session = secrets.token_urlsafe(32)
-        self._store.add_session(hash_token(session), hash_token(token), time.time() + self.ttl_s)
+        self._store.add_session(hash_token(session), self._auth.session_key(who, token, session),
+                                time.time() + self.ttl_s)
         return session
 
     def principal(self, session: str | None) -> Principal | None:
         """The caller behind a session cookie; None when unknown, expired, signed out or its token revoked."""
         if not session or len(session) > 128:
             return None
-        token_hash = self._store.session_token_hash(hash_token(session))
-        return None if token_hash is None else self._auth.principal_for_hash(token_hash)
+        key = self._store.session_token_hash(hash_token(session))
+        return None if key is None else self._auth.principal_for_session(key, session)
 
     def close(self, session: str | None) -> None:
         """Sign out (a no-op for an unknown session)."""

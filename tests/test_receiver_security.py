@@ -135,6 +135,27 @@ def test_the_cookie_is_a_session_not_the_token(env: Env) -> None:
     assert stored and all(session not in row and env.tokens["cam1"] not in row for row in stored)
 
 
+def test_a_copy_of_the_database_gives_no_way_to_test_guesses_at_the_admin_token(tmp_path: Path) -> None:
+    """An admin's session row held the admin token's SHA-256: with a copy of the database (a backup, a read
+    replica) a short or human-chosen admin token fell to guessing offline, at a GPU's billions of hashes a
+    second. The row now binds the token to the session's secret, which only the browser holds; the session
+    works as before, and a new admin token still ends it."""
+    from aeic.receiver.auth import hash_token
+
+    app = create_app(_settings(tmp_path / "data", worker=False), registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with TestClient(app) as client:
+        assert client.post("/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+        session = str(client.cookies["aeic_session"])
+        assert client.get("/v1/images").status_code == 200
+        with app.state.receiver.store.engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT session_hash, token_hash FROM gallery_sessions").all()
+    assert rows and all(hash_token(ADMIN) not in row and session not in row for row in rows)
+    rotated = _settings(tmp_path / "data", worker=False, admin_token="another-admin-token-0123456789")
+    with TestClient(create_app(rotated, registry=CodecRegistry.from_codecs([FakeCodec()]))) as client:
+        client.cookies.set("aeic_session", session)
+        assert client.get("/v1/images").status_code == 401
+
+
 def test_logout_ends_the_session_for_every_copy_of_the_cookie(env: Env) -> None:
     session = _sign_in(env, "cam1")
     assert env.client.get("/v1/images").status_code == 200
@@ -219,7 +240,7 @@ def test_the_access_log_never_shows_a_sign_in_token(caplog: pytest.LogCaptureFix
 def test_a_short_admin_token_is_named_in_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture, admin: str,
                                                  warned: bool) -> None:
     """deploy/k8s/secret.yaml's placeholder (REPLACE_ME, public) started a receiver whose admin it was, without a
-    word; a short one is also what the sessions table's SHA-256 would give away to an offline guesser."""
+    word; and the sign-in limit is per address, so a short token is within reach of many addresses' guesses."""
     import logging
 
     with caplog.at_level(logging.WARNING, logger="aeic.receiver.auth"):
