@@ -34,6 +34,9 @@ __all__ = ["CONFIG_ENV", "ConfigError", "ReceiverSettings", "closest_setting", "
 
 # Environment variable naming the TOML config file (the `--config` flag wins over it).
 CONFIG_ENV = "AEIC_CONFIG"
+# The longest duration a setting takes (a year): the worker waits with these, and a wait past the platform's
+# time_t (poll_interval_s=1e10) killed its thread with an OverflowError, leaving the receiver not ready for good.
+MAX_SECONDS = 365 * 24 * 3600.0
 
 
 class ReceiverSettings(BaseSettings):
@@ -50,15 +53,15 @@ class ReceiverSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_upload_bytes: int = Field(1_000_000, ge=32, description="Largest accepted bitstream (HTTP 413 above).")
-    upload_timeout_s: float = Field(60.0, gt=0, description="Most seconds an upload's body may take to arrive (408).")
+    upload_timeout_s: float = Field(60.0, gt=0, le=MAX_SECONDS, description="Most seconds an upload's body may take to arrive (408).")
     max_dimension: int = Field(8192, ge=1, le=16384, description="Largest accepted width or height.")
     batch_size: int = Field(4, ge=1, le=256, description="Most compatible jobs decoded in one call.")
     max_attempts: int = Field(3, ge=1, le=100, description="Decode tries before an image is marked failed.")
-    retry_delay_s: float = Field(2.0, ge=0, description="Delay before the first retry; doubles each attempt.")
+    retry_delay_s: float = Field(2.0, ge=0, le=MAX_SECONDS, description="Delay before the first retry; doubles each attempt.")
     rate_limit_per_minute: float = Field(600.0, gt=0, description="Sustained uploads per device per minute.")
     rate_limit_burst: int = Field(60, ge=1, description="Uploads a device may send back to back.")
     admin_token: SecretStr | None = Field(None, description="Bearer token that sees every device's images.")
-    session_ttl_s: float = Field(43200.0, gt=0, description="Lifetime of a gallery sign-in (cookie and session).")
+    session_ttl_s: float = Field(43200.0, gt=0, le=MAX_SECONDS, description="Lifetime of a gallery sign-in (cookie and session).")
     cookie_secure: bool | None = Field(
         None, description="Secure flag of the gallery cookie; unset: only when the request came over HTTPS."
     )
@@ -82,7 +85,7 @@ class ReceiverSettings(BaseSettings):
         "whole is one pass, its output unchanged)."
     )
     worker: bool = Field(True, description="Run the decode worker inside the API process.")
-    poll_interval_s: float = Field(1.0, gt=0, description="Worker sleep when idle and not woken by an upload.")
+    poll_interval_s: float = Field(1.0, gt=0, le=MAX_SECONDS, description="Worker sleep when idle and not woken by an upload.")
     thumbnail_px: int = Field(320, ge=16, le=2048, description="Longest side of gallery thumbnails.")
     # Scale-out (issue 8): shared blob store, decode queue, worker processes.
     blob_url: str | None = Field(None, description="s3://bucket/prefix for blobs; default files under data_dir.")
@@ -90,16 +93,16 @@ class ReceiverSettings(BaseSettings):
     queue: str | None = Field(None, description="redis://host:port/db: enqueue decodes for `aeic-receiver worker`; "
                               "the API replicas' rate limits are kept there too, one budget for them all.")
     reclaim_after_s: float = Field(
-        60.0, gt=0, description="Lease of a decode claim: one not renewed for this long is a dead worker's, taken over."
+        60.0, gt=0, le=MAX_SECONDS, description="Lease of a decode claim: one not renewed for this long is a dead worker's, taken over."
     )
     decode_deadline_s: float = Field(
-        120.0, gt=0, description="Seconds a claimed batch may take per unit of decode cost (a 1080p photo coded "
+        120.0, gt=0, le=MAX_SECONDS, description="Seconds a claimed batch may take per unit of decode cost (a 1080p photo coded "
         "whole; every image at least one) before it counts as hung: its images get a failed attempt and go to "
         "another worker (or the next start), its lease is no longer renewed, a late result is dropped, and "
         "/healthz answers 503 so the process is restarted."
     )
     hung_exit_grace_s: float = Field(
-        10.0, ge=0, description="`aeic-receiver worker` only: seconds after a hung batch was given up before the "
+        10.0, ge=0, le=MAX_SECONDS, description="`aeic-receiver worker` only: seconds after a hung batch was given up before the "
         "process exits with status 75 if its decode still has not returned, so that a supervisor that restarts "
         "exited containers (Docker Compose, Kubernetes) recovers it. The embedded worker of `serve` never exits."
     )

@@ -440,3 +440,12 @@ def test_sigterm_lets_an_upload_in_progress_finish_and_keeps_it(tmp_path: Path,
         assert image_id is not None and store.get_image(image_id.group(1)) is not None
     finally:
         store.close()
+
+
+def test_a_duration_past_a_year_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: accepted; poll_interval_s=1e10 then killed the worker's thread at its first idle wait (an
+    OverflowError: past the platform's time_t), and /readyz answered 503 'not running' until a restart."""
+    monkeypatch.setenv("AEIC_POLL_INTERVAL_S", "1e10")
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 2
+    assert _one_line(capsys).endswith("poll_interval_s: input should be less than or equal to 31536000 (got '1e10')")
