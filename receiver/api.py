@@ -720,10 +720,10 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
     app = FastAPI(title="AEIC receiver", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   swagger_ui_oauth2_redirect_url=None)
     app.state.receiver = state
-    app.add_middleware(SecurityHeadersMiddleware)
     hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
     if hosts != ["*"]:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
+    app.add_middleware(SecurityHeadersMiddleware)  # added last, so outermost: the Host check's 400 has them too
     install_error_handlers(app)
     app.include_router(_api_router())
     install_api_docs(app)

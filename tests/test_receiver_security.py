@@ -63,6 +63,16 @@ def test_every_answer_carries_the_browser_hardening_headers(env: Env, path: str)
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "'unsafe-inline'" not in csp
 
 
+def test_a_refused_host_name_gets_the_hardening_headers_too(tmp_path: Path) -> None:
+    """The Host check ran outside the middleware that adds them, so its 400 went out without any."""
+    settings = _settings(tmp_path / "data", worker=False, allowed_hosts="localhost")
+    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))) as client:
+        refused = client.get("/healthz", headers={"Host": "rebound.evil.example"})
+    assert refused.status_code == 400
+    assert refused.headers["x-content-type-options"] == "nosniff" and refused.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in refused.headers["content-security-policy"]
+
+
 def test_images_are_never_sniffed(env: Env) -> None:
     image_id = env.upload()
     deadline = time.monotonic() + 30  # a deadline, not a count of polls: a loaded machine decodes late
