@@ -40,7 +40,7 @@ from aeic.receiver.metrics import ReceiverMetrics
 from aeic.receiver.queue import JobQueue
 from aeic.receiver.redis_limiter import RedisRateLimiter
 from aeic.receiver.registry import CodecRegistry
-from aeic.receiver.security_headers import SecurityHeadersMiddleware
+from aeic.receiver.security_headers import HardenedFastAPI
 from aeic.receiver.sessions import GallerySessions
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import (
@@ -717,13 +717,12 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
             await run_in_threadpool(_stop, state)
 
     # FastAPI's /docs and /redoc load their UI from a CDN: install_api_docs serves Swagger UI from here.
-    app = FastAPI(title="AEIC receiver", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  swagger_ui_oauth2_redirect_url=None)
+    app = HardenedFastAPI(title="AEIC receiver", version=__version__, lifespan=lifespan, docs_url=None,
+                          redoc_url=None, swagger_ui_oauth2_redirect_url=None)  # security headers on every answer
     app.state.receiver = state
     hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
     if hosts != ["*"]:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
-    app.add_middleware(SecurityHeadersMiddleware)  # added last, so outermost: the Host check's 400 has them too
     install_error_handlers(app)
     app.include_router(_api_router())
     install_api_docs(app)

@@ -9,9 +9,10 @@ even if escaping ever failed. No path is exempt.
 
 from __future__ import annotations
 
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["CONTENT_SECURITY_POLICY", "SecurityHeadersMiddleware"]
+__all__ = ["CONTENT_SECURITY_POLICY", "HardenedFastAPI", "SecurityHeadersMiddleware"]
 
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
                            "form-action 'self'; frame-ancestors 'none'")
@@ -45,3 +46,12 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class HardenedFastAPI(FastAPI):
+    """A FastAPI app whose every answer passes `SecurityHeadersMiddleware`: it wraps the whole middleware
+    stack. Added with `add_middleware`, it missed what the outer layers answer themselves: Starlette's error
+    middleware sends every 500 (the app's own `internal` error body included), outside all added ones."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeadersMiddleware(super().build_middleware_stack())

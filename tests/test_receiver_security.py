@@ -73,6 +73,22 @@ def test_a_refused_host_name_gets_the_hardening_headers_too(tmp_path: Path) -> N
     assert "frame-ancestors 'none'" in refused.headers["content-security-policy"]
 
 
+def test_an_internal_error_gets_the_hardening_headers_too(tmp_path: Path) -> None:
+    """A 500 is answered by Starlette's outermost error middleware, outside every one `add_middleware` adds."""
+    app = create_app(_settings(tmp_path / "data", worker=False), registry=CodecRegistry.from_codecs([FakeCodec()]))
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    app.state.receiver.store.list_images = broken
+    with TestClient(app, raise_server_exceptions=False) as client:  # as an attacker sees it
+        failed = client.get("/v1/images", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert failed.status_code == 500
+    assert failed.json() == {"error": {"code": "internal", "message": "internal server error"}}
+    assert failed.headers["x-content-type-options"] == "nosniff" and failed.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in failed.headers["content-security-policy"]
+
+
 def test_images_are_never_sniffed(env: Env) -> None:
     image_id = env.upload()
     deadline = time.monotonic() + 30  # a deadline, not a count of polls: a loaded machine decodes late
