@@ -262,7 +262,12 @@ class DecodeWorker:
 
     def stuck(self) -> str | None:
         """Why the liveness check should fail: the batch in progress ran past its decode deadline (the
-        thread is hung in a decoder call or a deadlock that only a restart clears); None otherwise."""
+        thread is hung in a decoder call or a deadlock that only a restart clears), or the thread has ended
+        without being stopped (nothing would decode again, while /readyz alone only took the receiver out of
+        service); None otherwise."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stop.is_set():
+            return "the decode worker's thread has ended; decoding resumes after a restart"
         running = self._running
         if running is None or self._clock() < running.deadline:
             return None

@@ -98,3 +98,31 @@ def test_the_embedded_worker_logs_a_database_outage_once_then_a_line_a_poll(
     assert records[0].exc_info is not None and all(r.exc_info is None for r in records[1:])
     assert all(r.getMessage() == "decode worker iteration failed again: OperationalError: "
                "(builtins.ConnectionRefusedError) connection refused" for r in records[1:])
+
+
+class _Fatal(BaseException):
+    """What no `except Exception` catches (a MemoryError would be caught; this stands for whatever is not)."""
+
+
+class _FatalRegistry(CodecRegistry):
+    def get(self, model_id: bytes) -> object:  # type: ignore[override]
+        raise _Fatal("the decoder's load ended the thread")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread ends, as meant
+def test_liveness_fails_when_the_embedded_worker_thread_has_ended(tmp_path: Path) -> None:
+    """Was: /healthz said ok for good while nothing decoded (/readyz's 'not running' only takes the receiver
+    out of service; it is not restarted)."""
+    from aeic.receiver.api import create_app
+    from aeic.receiver.settings import ReceiverSettings
+    from fastapi.testclient import TestClient
+
+    registry = _FatalRegistry.from_codecs([FakeCodec()])
+    settings = ReceiverSettings(data_dir=tmp_path / "data", poll_interval_s=0.05)
+    with TestClient(create_app(settings, registry=registry)) as client:
+        worker = client.app.state.receiver.worker
+        assert worker._thread is not None
+        worker._thread.join(10)
+        answer = client.get("/healthz")
+    assert answer.status_code == 503 and answer.json()["reason"] == ("the decode worker's thread has ended; "
+                                                                     "decoding resumes after a restart")
