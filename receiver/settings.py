@@ -30,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["CONFIG_ENV", "ConfigError", "ReceiverSettings", "closest_setting", "load_settings"]
+__all__ = ["CONFIG_ENV", "MAX_SECONDS", "ConfigError", "ReceiverSettings", "closest_setting", "load_settings"]
 
 # Environment variable naming the TOML config file (the `--config` flag wins over it).
 CONFIG_ENV = "AEIC_CONFIG"
