@@ -367,6 +367,10 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
         key = _idempotency_key(request)
         data = await _read_body(request, state.settings.max_upload_bytes, state.settings.upload_timeout_s)
         header = _parse_header(state, data)
+        # The token again: the body may take upload_timeout_s, and a device revoked meanwhile stores nothing.
+        if await run_in_threadpool(state.auth.authenticate, _bearer(request)) != who:
+            raise ApiError(401, "unauthorized", "the token was revoked while the upload arrived",
+                           headers={"WWW-Authenticate": 'Bearer realm="aeic"'})
     except ApiError as exc:
         state.metrics.uploads.labels(exc.code).inc()
         raise

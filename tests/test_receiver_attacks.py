@@ -18,6 +18,7 @@ from aeic.receiver.api import create_app
 from aeic.receiver.auth import InvalidDeviceNameError
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
+from aeic.receiver.storage import Status
 from aeic.shared.bitstream import peek_header
 from fastapi.testclient import TestClient
 from receiver_support import FakeCodec, ServerThread, make_bitstream, make_tokens
@@ -259,6 +260,25 @@ def test_a_client_gone_mid_body_is_a_plain_client_error_not_a_traceback() -> Non
     with pytest.raises(ApiError) as raised:
         asyncio.run(api._read_body(request, limit=4096, timeout_s=5.0))
     assert (raised.value.status, raised.value.code) == (400, "incomplete_body")
+
+
+def test_a_token_revoked_while_its_upload_arrives_stores_nothing(tmp_path: Path) -> None:
+    """The token was checked once, when the headers arrived: an upload whose body was still on its way when
+    the device was revoked (as long as `upload_timeout_s`, 60 s by default) was stored and decoded."""
+    settings = _settings(tmp_path / "data", worker=False)
+    token = _token(settings, "cam1")
+    stream = make_bitstream()
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with ServerThread(app) as server, socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(stream)
+                     + stream[:8])
+        time.sleep(0.5)  # the request is in the app, reading its body
+        assert app.state.receiver.store.revoke_device_tokens("cam1") == 1
+        sock.sendall(stream[8:])
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 401") and b'"unauthorized"' in answer, answer
+    assert app.state.receiver.store.status_counts()[Status.PENDING] == 0
 
 
 def test_allowed_hosts_turn_away_a_rebound_host_name(tmp_path: Path) -> None:
