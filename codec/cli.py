@@ -54,6 +54,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.output is not None and args.output.exists() and not args.output.is_dir() and not _names_a_stream(args.output):
         print(f"error: -o {args.output} is a file: give a folder, or a .aeic file for one image", file=sys.stderr)
         return 2
+    clash = _clash(args.images, [_encoded_path(image, args.output) for image in args.images])
+    if clash:
+        print(f"error: {clash}", file=sys.stderr)
+        return 2
     codec = _open_model(lambda: SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale,
                                                          rounding=args.rounding), args.model)
     status = 0
@@ -97,6 +101,17 @@ def _read_stream(path: Path) -> bytes:
     return data
 
 
+def _clash(inputs: list[Path], outputs: list[Path]) -> str | None:
+    """Two inputs that would be written to one file (``a/photo.png`` and ``b/photo.png`` into one folder,
+    ``photo.png`` and ``photo.jpg`` beside each other): the second overwrote the first without a word."""
+    first_for: dict[Path, Path] = {}
+    for source, out in zip(inputs, outputs, strict=True):
+        first = first_for.setdefault(out.resolve(), source)
+        if first.resolve() != source.resolve():  # the same input given twice writes the same bytes: no harm
+            return f"{first} and {source} would both be written to {out}: give them separate output folders"
+    return None
+
+
 def _names_a_stream(output: Path | None) -> TypeGuard[Path]:
     """``encode -o x.aeic`` means that file, as ``decode -o x.png`` does; it made a folder called x.aeic."""
     return output is not None and output.suffix.lower() == ".aeic" and not output.is_dir()
@@ -135,6 +150,29 @@ def _decoded_path(stream: Path, output: Path | None) -> Path:
     return (output / stream.with_suffix(".png").name) if output else stream.with_suffix(".png")
 
 
+_DECODED_BY = "aeic decode"  # the PNG Software text of a decoded picture: one decode may replace it
+
+
+def _decode_mark() -> Any:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", _DECODED_BY)
+    return info
+
+
+def _an_earlier_decode(path: Path) -> bool:
+    """``aeic encode photo.png`` then ``aeic decode photo.aeic`` wrote the decoded picture over the original
+    photo: a PNG is replaced unasked only when an earlier decode wrote it (re-running a decode still works)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == _DECODED_BY
+    except (OSError, ValueError):  # a folder, an unreadable or foreign file: not ours
+        return False
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     from aeic.receiver.decoder import ReceiverCodec
     from aeic.shared.bitstream import BitstreamError
@@ -149,6 +187,20 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(f"error: -o {args.output}: decode writes {', '.join(_PICTURE_SUFFIXES)} pictures; name one of "
               "those, or a folder", file=sys.stderr)  # fmt: skip
         return 2
+    if args.output is not None and args.output.exists() and not args.output.is_dir() and not _names_a_picture(args.output):
+        print(f"error: -o {args.output} is a file: give a folder, or a {'/'.join(_PICTURE_SUFFIXES)} file for one "
+              "stream", file=sys.stderr)  # fmt: skip
+        return 2
+    clash = _clash(args.streams, [_decoded_path(stream, args.output) for stream in args.streams])
+    if clash:
+        print(f"error: {clash}", file=sys.stderr)
+        return 2
+    kept = [path for path in (_decoded_path(stream, args.output) for stream in args.streams)
+            if not _names_a_picture(args.output) and path.exists() and not _an_earlier_decode(path)]
+    if kept:
+        print(f"error: {kept[0]} exists and is not a picture aeic decode wrote (the original photo?): give -o a "
+              f"folder, or -o {kept[0]} to replace it", file=sys.stderr)  # fmt: skip
+        return 2
     codec = _open_model(lambda: ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels),
                         args.model)
     status = 0
@@ -162,7 +214,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             continue
         out = _decoded_path(stream, args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rgb).save(out)
+        Image.fromarray(rgb).save(out, **({"pnginfo": _decode_mark()} if out.suffix.lower() == ".png" else {}))
         print(f"{stream} -> {out}: {rgb.shape[1]}x{rgb.shape[0]}, {(time.perf_counter() - start) * 1e3:.0f} ms")
     return status
 
@@ -398,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     decode = sub.add_parser("decode", help=".aeic bitstreams -> PNG, or the picture -o names (receiver path)")
     decode.add_argument("streams", nargs="+", type=Path)
     decode.add_argument("-o", "--output", type=Path,
-                        help="output folder, or for one stream a .png/.jpg/.webp file (default: beside each stream)")
+                        help="output folder, or for one stream a .png/.jpg/.webp file (default: beside each stream); "
+                             "a file there is replaced only if aeic decode wrote it or -o names it")
     decode.add_argument("--model", type=Path, help="model package folder (default: the shipped one)")
     decode.add_argument("--device", type=_decode_device, default="auto",
                         help="auto (a GPU when torch has one), cpu, cuda or cuda:N")

@@ -138,3 +138,42 @@ def test_a_package_of_another_version_is_one_line(package: Path, photo: Path, tm
     assert codec_cli.main(["encode", str(photo), "--model", str(other), "-o", str(stream)]) == 0
     _refused(capsys, ["decode", str(stream), "--model", str(other), "--device", "cpu", "-o", str(tmp_path / "out")],
              f"error: {other}: this version cannot load the package (TypeError:", "another version of aeic")
+
+
+def test_two_inputs_for_one_output_file_are_refused(package: Path, photo: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`a/photo.png b/photo.png -o out/`, or `photo.png photo.jpg` beside each other: the second stream (or
+    picture) overwrote the first without a word, and the command succeeded."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(photo, tmp_path / folder / "photo.png")
+    Image.open(photo).save(tmp_path / "a" / "photo.jpg")
+    first, second = tmp_path / "a" / "photo.png", tmp_path / "b" / "photo.png"
+    _refused(capsys, ["encode", str(first), str(second), "--model", str(package), "-o", str(tmp_path / "out")],
+             f"{first} and {second} would both be written to {tmp_path / 'out' / 'photo.aeic'}")
+    _refused(capsys, ["encode", str(first), str(tmp_path / "a" / "photo.jpg"), "--model", str(package)],
+             "would both be written to", "give them separate output folders")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "a" / "photo.aeic").exists()
+    assert codec_cli.main(["encode", str(first), str(second), "--model", str(package)]) == 0  # beside each: apart
+    streams = [str(first.with_suffix(".aeic")), str(second.with_suffix(".aeic"))]
+    _refused(capsys, ["decode", *streams, "--model", str(package), "--device", "cpu", "-o", str(tmp_path / "out")],
+             f"would both be written to {tmp_path / 'out' / 'photo.png'}")
+
+
+def test_decode_beside_the_photo_keeps_the_original(package: Path, photo: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`aeic encode photo.png` then `aeic decode photo.aeic` wrote the decoded picture over the original photo.
+    A picture an earlier decode wrote is replaced as before, and so is one named by -o."""
+    original = tmp_path / "photo.png"
+    shutil.copy(photo, original)
+    before = original.read_bytes()
+    assert codec_cli.main(["encode", str(original), "--model", str(package)]) == 0
+    stream = tmp_path / "photo.aeic"
+    decode = ["decode", str(stream), "--model", str(package), "--device", "cpu"]
+    _refused(capsys, decode, f"{original} exists and is not a picture aeic decode wrote", f"-o {original} to replace it")
+    _refused(capsys, [*decode, "-o", str(tmp_path)], f"{original} exists")
+    assert original.read_bytes() == before
+    assert codec_cli.main([*decode, "-o", str(original)]) == 0 and original.read_bytes() != before
+    assert codec_cli.main(decode) == 0  # its own earlier output
+    (tmp_path / "notes").write_text("x")
+    _refused(capsys, [*decode, "-o", str(tmp_path / "notes")], "is a file: give a folder, or a .png/")
