@@ -174,6 +174,7 @@ def _an_earlier_decode(path: Path) -> bool:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    import torch
     from aeic.receiver.decoder import ReceiverCodec
     from aeic.shared.bitstream import BitstreamError
     from aeic.shared.entropy_coding import EntropyDecodeError
@@ -210,6 +211,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
             rgb = codec.decode(_read_stream(stream))
         except (OSError, BitstreamError, EntropyDecodeError, ValueError) as exc:
             print(f"{stream}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        except torch.OutOfMemoryError:  # a large picture on a small GPU (the SD-Turbo decoder): the next may fit
+            print(f"{stream}: out of {codec.device.type} memory; a smaller --tile-pixels (now {args.tile_pixels}) "
+                  "renders it in smaller passes", file=sys.stderr)  # fmt: skip
+            torch.cuda.empty_cache()
             status = 1
             continue
         out = _decoded_path(stream, args.output)

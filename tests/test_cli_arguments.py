@@ -177,3 +177,31 @@ def test_decode_beside_the_photo_keeps_the_original(package: Path, photo: Path, 
     assert codec_cli.main(decode) == 0  # its own earlier output
     (tmp_path / "notes").write_text("x")
     _refused(capsys, [*decode, "-o", str(tmp_path / "notes")], "is a file: give a folder, or a .png/")
+
+
+def test_a_stream_out_of_gpu_memory_is_one_line_and_the_next_decodes(
+    package: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A picture too large for the GPU (the SD-Turbo decoder on a small card) was a traceback that also
+    dropped every stream after it."""
+    from aeic.receiver.decoder import ReceiverCodec
+
+    streams = []
+    for name in ("big", "small"):
+        shutil.copy(photo, tmp_path / f"{name}.png")
+        assert codec_cli.main(["encode", str(tmp_path / f"{name}.png"), "--model", str(package), "-o", str(tmp_path / "s")]) == 0
+        streams.append(str(tmp_path / "s" / f"{name}.aeic"))
+    decode = ReceiverCodec.decode
+    calls: list[bytes] = []
+
+    def small_gpu(self: ReceiverCodec, data: bytes) -> np.ndarray:
+        calls.append(data)
+        if len(calls) == 1:  # the first stream does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return decode(self, data)
+
+    monkeypatch.setattr(ReceiverCodec, "decode", small_gpu)
+    assert codec_cli.main(["decode", *streams, "--model", str(package), "--device", "cpu", "-o", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{streams[0]}: out of cpu memory; a smaller --tile-pixels" in err
+    assert (tmp_path / "d" / "small.png").is_file() and not (tmp_path / "d" / "big.png").exists()
