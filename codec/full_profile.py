@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -299,6 +299,20 @@ def _component_weights(folder: Path, name: str) -> dict[str, Any]:
                             ".safetensors, .bin or their fp16 variant)")
 
 
+_Component = TypeVar("_Component", UNet2DConditionModel, AutoencoderKL)
+
+
+def _load_component(kind: type[_Component], folder: Path, name: str) -> _Component:
+    """``folder/name`` in float32 (an fp16 variant computes in float32 too); a damaged file (a truncated
+    download, a config that is not JSON) is an OSError that names the SD-Turbo folder."""
+    files = _component_weights(folder, name)
+    try:
+        return kind.from_pretrained(folder, subfolder=name, local_files_only=True, torch_dtype=torch.float32, **files)
+    except OSError as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise OSError(f"SD-Turbo folder {folder}: {name}/ cannot be read, corrupt or truncated? ({detail})") from exc
+
+
 def load_full_decoder(
     folder: Path, num_rates: int, lora_rank: int = 8, noise_channels: int = 4
 ) -> FullDecoder:
@@ -309,8 +323,6 @@ def load_full_decoder(
                                 "diffusers folder with unet/ and vae/")
     if not folder.is_dir():
         raise FileNotFoundError(f"SD-Turbo folder not found: {folder} (a local diffusers folder with unet/ and vae/)")
-    unet_files, vae_files = (_component_weights(folder, name) for name in ("unet", "vae"))
-    loaded = {"local_files_only": True, "torch_dtype": torch.float32}  # an fp16 variant computes in float32 too
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **loaded, **unet_files)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **loaded, **vae_files)
+    unet = _load_component(UNet2DConditionModel, folder, "unet")
+    vae = _load_component(AutoencoderKL, folder, "vae")
     return FullDecoder(unet, vae, num_rates, lora_rank, noise_channels, source=f"SD-Turbo folder {folder}")

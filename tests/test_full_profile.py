@@ -266,3 +266,14 @@ def test_an_fp16_variant_or_bin_folder_is_the_same_base(
     assert capfd.readouterr().err == ""
     torch.testing.assert_close(outputs[2], outputs[0], rtol=0, atol=0)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-2, atol=1e-2)  # the base rounded to float16
+
+
+def test_a_truncated_download_names_the_folder_and_component(folder: Path, tmp_path: Path) -> None:
+    """diffusers' own line named neither the SD-Turbo folder nor that the file may be cut short."""
+    import shutil
+
+    copy = Path(shutil.copytree(folder, tmp_path / "sd-turbo"))
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(OSError, match=f"SD-Turbo folder {re.escape(str(copy))}: unet/ cannot be read, corrupt or truncated"):
+        load_full_decoder(copy, NUM_RATES)
