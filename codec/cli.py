@@ -521,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as exc:
         return _missing_extra(args.command, exc)
+    except KeyboardInterrupt:  # Ctrl-C in a long SD-Turbo decode was a screen of traceback; what was written stays
+        print(f"aeic {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -205,3 +205,12 @@ def test_a_stream_out_of_gpu_memory_is_one_line_and_the_next_decodes(
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{streams[0]}: out of cpu memory; a smaller --tile-pixels" in err
     assert (tmp_path / "d" / "small.png").is_file() and not (tmp_path / "d" / "big.png").exists()
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(codec_cli, "cmd_info", interrupted)
+    assert codec_cli.main(["info", "s.aeic"]) == 130
+    assert capsys.readouterr().err == "aeic info: interrupted\n"
