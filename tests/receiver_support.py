@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import pytest
@@ -289,3 +289,17 @@ def make_tokens(settings: ReceiverSettings, *devices: str) -> dict[str, str]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with migrated_store(settings.resolved_database_url()) as meta:
         return {device: create_device_token(meta, device) for device in devices}
+
+
+def gallery_app(tmp_path: Path, admin: str, devices: tuple[str, ...] = ("cam1",),
+                **overrides: Any) -> tuple[FastAPI, dict[str, str]]:
+    """A receiver for the browser tests: the instant test decoder, quick polls and retries, a burst no test
+    reaches, and a token for each device."""
+    from aeic.receiver.api import create_app
+    from aeic.receiver.registry import CodecRegistry
+
+    values: dict[str, Any] = {"data_dir": tmp_path / "data", "admin_token": admin, "poll_interval_s": 0.05,
+                              "retry_delay_s": 0.0, "rate_limit_burst": 1000, **overrides}
+    settings = ReceiverSettings(**values)
+    tokens = make_tokens(settings, *devices)
+    return create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()])), tokens

@@ -8,12 +8,7 @@ from typing import Any
 
 import httpx
 import receiver_support
-from aeic.receiver.api import create_app
-from aeic.receiver.auth import create_device_token
-from aeic.receiver.registry import CodecRegistry
-from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import SqlMetadataStore
-from receiver_support import FakeCodec, ServerThread, make_bitstream
+from receiver_support import ServerThread, gallery_app, make_bitstream
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
@@ -49,17 +44,8 @@ return [...document.querySelectorAll(arguments[0])].filter(e => e.getClientRects
 
 def _app(tmp_path: Path, **overrides: Any) -> tuple[Any, str]:
     """A receiver with the instant test decoder, and a device token for "cam1"."""
-    values: dict[str, Any] = {"data_dir": tmp_path / "data", "admin_token": ADMIN, "poll_interval_s": 0.05,
-                              "retry_delay_s": 0.0, "rate_limit_burst": 1000, **overrides}
-    settings = ReceiverSettings(**values)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlMetadataStore.from_url(settings.resolved_database_url())
-    store.migrate()
-    try:
-        token = create_device_token(store, "cam1")
-    finally:
-        store.close()
-    return create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()])), token
+    app, tokens = gallery_app(tmp_path, ADMIN, **overrides)
+    return app, tokens["cam1"]
 
 
 def _upload(base: str, token: str, payload: bytes = b"\x01\x02\x03", size: tuple[int, int] = (48, 32)) -> str:

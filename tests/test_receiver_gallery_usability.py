@@ -13,13 +13,8 @@ from typing import Any
 
 import httpx
 import receiver_support
-from aeic.receiver.api import create_app
-from aeic.receiver.auth import create_device_token
-from aeic.receiver.registry import CodecRegistry
-from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import SqlMetadataStore
 from fastapi import FastAPI
-from receiver_support import FakeCodec, ServerThread, make_bitstream
+from receiver_support import ServerThread, gallery_app, make_bitstream
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -32,18 +27,21 @@ browser = receiver_support.browser
 
 
 def _app(tmp_path: Path, devices: tuple[str, ...] = ("cam1",), **overrides: Any) -> tuple[FastAPI, dict[str, str]]:
-    """A receiver with the instant test decoder, and a token for each device."""
-    values: dict[str, Any] = {"data_dir": tmp_path / "data", "admin_token": ADMIN, "poll_interval_s": 0.05,
-                              "retry_delay_s": 0.0, "rate_limit_burst": 1000, **overrides}
-    settings = ReceiverSettings(**values)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlMetadataStore.from_url(settings.resolved_database_url())
-    store.migrate()
-    try:
-        tokens = {device: create_device_token(store, device) for device in devices}
-    finally:
-        store.close()
-    return create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()])), tokens
+    return gallery_app(tmp_path, ADMIN, devices, **overrides)
+
+
+def _timed_listings(app: FastAPI) -> list[float]:
+    """When the store listed images for a page or a poll: the list the app's store appends to from now on."""
+    store = app.state.receiver.store
+    listings: list[float] = []
+    original = store.list_images
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        listings.append(time.monotonic())
+        return original(*args, **kwargs)
+
+    store.list_images = counted
+    return listings
 
 
 def _upload(base: str, token: str, size: tuple[int, int] = (48, 32)) -> str:
@@ -149,15 +147,7 @@ def test_a_grid_in_a_background_tab_stops_polling_and_catches_up_when_shown(
     """A grid left open in a background tab fetched the whole first page every 1.5 s (40 KB at 60 images:
     1.6 MB a minute, and a database query each time) for nobody; shown again, it updates at once."""
     app, tokens = _app(tmp_path, worker=False)
-    store = app.state.receiver.store
-    listings: list[float] = []
-    original = store.list_images
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        listings.append(time.monotonic())
-        return original(*args, **kwargs)
-
-    store.list_images = counted
+    listings = _timed_listings(app)
     with ServerThread(app) as server:
         _upload(server.url, tokens["cam1"])
         browser.get(f"{server.url}/login?token={ADMIN}")
@@ -388,15 +378,7 @@ def test_an_older_page_follows_its_waiting_images_until_they_settle(tmp_path: Pa
     older pages showed "pending" until reloaded by hand. An older page now follows its own images while
     any of them waits, and then stops asking."""
     app, tokens = _app(tmp_path, worker=False)
-    store = app.state.receiver.store
-    listings: list[float] = []
-    original = store.list_images
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        listings.append(time.monotonic())
-        return original(*args, **kwargs)
-
-    store.list_images = counted
+    store, listings = app.state.receiver.store, _timed_listings(app)
     with ServerThread(app) as server:
         ids = [_upload(server.url, tokens["cam1"]) for _ in range(62)]  # the two oldest go to the second page
         browser.get(f"{server.url}/login?token={ADMIN}")
