@@ -179,6 +179,19 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path: Path, no_mod
     assert _one_line(capsys).startswith("aeic-receiver: cannot listen on no-such-host.invalid:0: ")
 
 
+def _wait_for_200(process: subprocess.Popen[str], url: str, within_s: float = 120) -> None:
+    """Until the ``serve`` process answers ``url`` with 200; it must not exit meanwhile."""
+    deadline = time.monotonic() + within_s
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, f"no 200 from {url}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
 def test_serve_answers_on_the_port_it_bound_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     """The socket bound before the model loads is the one uvicorn serves; port 0 is logged as the port it got;
     Ctrl-C stops it with status 0 (no KeyboardInterrupt traceback)."""
@@ -191,14 +204,7 @@ def test_serve_answers_on_the_port_it_bound_and_stops_on_ctrl_c(tmp_path: Path) 
         found = re.search(r"bound http://127\.0\.0\.1:(\d+);", line)
         assert found is not None, line
         base = f"http://127.0.0.1:{found.group(1)}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        _wait_for_200(process, f"{base}/readyz")
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
         assert "Traceback" not in process.stderr.read()
@@ -411,14 +417,7 @@ def test_sigterm_lets_an_upload_in_progress_finish_and_keeps_it(tmp_path: Path,
         found = re.search(r"bound http://127\.0\.0\.1:(\d+);", process.stderr.readline())
         assert found is not None
         port = int(found.group(1))
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        _wait_for_200(process, f"http://127.0.0.1:{port}/healthz")
         with socket.create_connection(("127.0.0.1", port), timeout=30) as upload:
             upload.sendall(f"POST /v1/images HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
                            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode()
