@@ -175,7 +175,7 @@ def _an_earlier_decode(path: Path) -> bool:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     import torch
-    from aeic.receiver.decoder import ReceiverCodec
+    from aeic.receiver.decoder import ReceiverCodec, UnknownModelError
     from aeic.shared.bitstream import BitstreamError
     from aeic.shared.entropy_coding import EntropyDecodeError
     from PIL import Image
@@ -209,6 +209,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
         try:
             start = time.perf_counter()
             rgb = codec.decode(_read_stream(stream))
+        except UnknownModelError as exc:  # the ids alone do not say which package was used, or what to do
+            print(f"{stream}: {exc} ({args.model or default_model_dir()}): decode it with --model naming the package "
+                  "it was made with", file=sys.stderr)  # fmt: skip
+            status = 1
+            continue
         except (OSError, BitstreamError, EntropyDecodeError, ValueError) as exc:
             print(f"{stream}: {exc}", file=sys.stderr)
             status = 1

@@ -214,3 +214,17 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch: pytest.MonkeyPatch, caps
     monkeypatch.setattr(codec_cli, "cmd_info", interrupted)
     assert codec_cli.main(["info", "s.aeic"]) == 130
     assert capsys.readouterr().err == "aeic info: interrupted\n"
+
+
+def test_a_stream_of_another_package_names_both_ids_and_the_package(
+    package: Path, photo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = make_tiny_package(tmp_path / "other", seed=1)
+    stream = tmp_path / "photo.aeic"
+    assert codec_cli.main(["encode", str(photo), "--model", str(other), "-o", str(stream)]) == 0
+    capsys.readouterr()
+    assert codec_cli.main(["decode", str(stream), "--model", str(package), "--device", "cpu", "-o", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    ids = [pkg.ModelPackage.load(path).model_id.hex() for path in (other, package)]
+    assert err == (f"{stream}: bitstream made with model {ids[0]}, this receiver has {ids[1]} ({package}): decode it "
+                   "with --model naming the package it was made with\n")
