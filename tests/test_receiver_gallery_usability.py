@@ -421,23 +421,28 @@ def test_an_older_page_whose_session_ended_signs_in_back_to_itself(tmp_path: Pat
         assert browser.current_url == older
 
 
+def _picture_on_a_phone(browser: Chrome, base: str, token: str, size: tuple[int, int]) -> list[float]:
+    """Upload a picture of ``size``, open its page at a phone's width with touch, and return the viewer's box
+    (left, top, width, height) once the picture has loaded."""
+    image_id = _upload(base, token, size=size)
+    _wait_done(base, token, image_id)
+    browser.set_window_size(360, 740)
+    browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
+    browser.get(f"{base}/login?token={ADMIN}")
+    browser.get(f"{base}/images/{image_id}")
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+        "const i = document.getElementById('reconstruction'); return i.complete && i.naturalWidth > 0"))
+    return list(browser.execute_script(
+        "const b = document.getElementById('viewer').getBoundingClientRect(); return [b.left, b.top, b.width, b.height]"))
+
+
 def test_two_fingers_pinch_the_picture_on_a_phone(tmp_path: Path, browser: Chrome) -> None:
     """The viewer takes the browser's own pinch-zoom away (touch-action: none, so that a drag pans the
     picture) but did not pinch itself: on a phone two fingers did nothing. They zoom now, by the change of
     their distance, about their midpoint."""
     app, tokens = _app(tmp_path)
     with ServerThread(app) as server:
-        image_id = _upload(server.url, tokens["cam1"], size=(640, 480))
-        _wait_done(server.url, tokens["cam1"], image_id)
-        browser.set_window_size(360, 740)
-        browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
-        browser.get(f"{server.url}/login?token={ADMIN}")
-        browser.get(f"{server.url}/images/{image_id}")
-        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
-            "const i = document.getElementById('reconstruction'); return i.complete && i.naturalWidth > 0"))
-        left, top, width, height = browser.execute_script(
-            "const b = document.getElementById('viewer').getBoundingClientRect();"
-            "return [b.left, b.top, b.width, b.height]")
+        left, top, width, height = _picture_on_a_phone(browser, server.url, tokens["cam1"], (640, 480))
         mid_x, mid_y = left + width * 0.4, top + height / 2
 
         def fingers(apart: float) -> list[dict[str, float]]:
@@ -467,17 +472,7 @@ def test_a_finger_on_the_picture_scrolls_the_page_until_it_is_zoomed_in(tmp_path
     page; zoomed in, it pans the picture."""
     app, tokens = _app(tmp_path)
     with ServerThread(app) as server:
-        image_id = _upload(server.url, tokens["cam1"], size=(480, 640))  # a portrait photo
-        _wait_done(server.url, tokens["cam1"], image_id)
-        browser.set_window_size(360, 740)
-        browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
-        browser.get(f"{server.url}/login?token={ADMIN}")
-        browser.get(f"{server.url}/images/{image_id}")
-        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
-            "const i = document.getElementById('reconstruction'); return i.complete && i.naturalWidth > 0"))
-        left, top, width, height = browser.execute_script(
-            "const b = document.getElementById('viewer').getBoundingClientRect();"
-            "return [b.left, b.top, b.width, b.height]")
+        left, top, width, height = _picture_on_a_phone(browser, server.url, tokens["cam1"], (480, 640))  # portrait
         x, y = left + width / 2, top + height * 0.8
 
         def swipe_up() -> None:
