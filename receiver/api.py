@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -78,6 +79,7 @@ else:  # 3.10's fromisoformat reads only what isoformat() writes: no `+0100`, `.
 
 __all__ = [
     "AUTH_COOKIE",
+    "ConversionBudget",
     "ReceiverState",
     "create_app",
     "image_json",
@@ -103,6 +105,30 @@ _BITSTREAM_ERRORS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
+class ConversionBudget:
+    """Output pixels being converted to JPEG or WebP for download at once: at most one largest picture's
+    (`decode_limits.MAX_PIXELS`), or many small ones; a picture alone always fits. A conversion holds its
+    picture decoded (measured: 900 MB and 7 s for 8192x8192), so without a bound one device downloading its
+    own large image 8 times at once took the server to 6.0 GB, and the thread pool runs 40 such requests."""
+
+    def __init__(self, pixels: int = decode_limits.MAX_PIXELS) -> None:
+        self._limit, self._used = pixels, 0
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int) -> bool:
+        """Reserve `pixels`; False when other conversions hold too much of the budget (nothing reserved)."""
+        with self._lock:
+            if self._used and self._used + pixels > self._limit:
+                return False
+            self._used += pixels
+            return True
+
+    def give_back(self, pixels: int) -> None:
+        """Return what `take` reserved."""
+        with self._lock:
+            self._used -= pixels
+
+
 @dataclass
 class ReceiverState:
     """Everything a request handler needs, built once per app."""
@@ -120,6 +146,7 @@ class ReceiverState:
     queue: JobQueue | None = None  # scale-out: decodes go to `aeic-receiver worker` processes
     # Held while the embedded worker runs: the data directory's, and a SQLite database's (`data_dir`).
     worker_locks: list[int] = field(default_factory=list)
+    conversions: ConversionBudget = field(default_factory=ConversionBudget)  # JPEG/WebP downloads
 
 
 def receiver_state(request: Request) -> ReceiverState:
@@ -526,7 +553,17 @@ def _blob_response(state: ReceiverState, record: ImageRecord, request: Request, 
         raise ApiError(404, "not_found", f"{variant} of {record.id} is missing") from None
     if variant == "thumbnail":
         return Response(data, media_type="image/jpeg", headers=headers)
-    return Response(transcode(data, variant), media_type=FORMATS[variant][1], headers=headers)
+    if FORMATS[variant][0] == "PNG":  # stored as such: nothing to convert
+        return Response(data, media_type=FORMATS[variant][1], headers=headers)
+    pixels = record.width * record.height
+    if not state.conversions.take(pixels):
+        raise ApiError(503, "busy", "other downloads are being converted; retry shortly, or take the PNG",
+                       headers={"Retry-After": "5"})
+    try:
+        converted = transcode(data, variant)
+    finally:
+        state.conversions.give_back(pixels)
+    return Response(converted, media_type=FORMATS[variant][1], headers=headers)
 
 
 def get_reconstruction(image_id: str, request: Request, who: Caller) -> Response:

@@ -5,6 +5,7 @@ what an anonymous client, another site or another device could do, and what must
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -276,9 +277,51 @@ def test_a_token_revoked_while_its_upload_arrives_stores_nothing(tmp_path: Path)
         time.sleep(0.5)  # the request is in the app, reading its body
         assert app.state.receiver.store.revoke_device_tokens("cam1") == 1
         sock.sendall(stream[8:])
-        answer = sock.recv(4096)
+        answer = b""
+        while b"}}" not in answer:  # the head and the JSON body may come in two segments
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
     assert answer.startswith(b"HTTP/1.1 401") and b'"unauthorized"' in answer, answer
     assert app.state.receiver.store.status_counts()[Status.PENDING] == 0
+
+
+def test_concurrent_conversions_of_a_large_image_cannot_exhaust_memory(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JPEG/WebP download converts the stored PNG while holding the picture decoded: for an 8192x8192 image
+    900 MB and 7 s each, and 8 such downloads at once took the server to 6.0 GB (one device's token, its own
+    image; the thread pool runs 40). Conversions now share a budget of one largest picture's pixels: one
+    over it is 503 with Retry-After, and the PNG, which needs no conversion, is served meanwhile."""
+    from aeic.receiver import api
+
+    settings = _settings(tmp_path / "data", max_upload_bytes=4096)
+    token = _token(settings, "cam1")
+    converting, release = threading.Event(), threading.Event()
+    convert = api.transcode
+
+    def held(png: bytes, suffix: str) -> bytes:
+        converting.set()
+        assert release.wait(30)
+        return convert(png, suffix)
+
+    monkeypatch.setattr(api, "transcode", held)
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with ServerThread(app) as server, ThreadPoolExecutor(1) as pool:
+        stream = make_bitstream(8192, 8192, downscale=2)
+        image_id = httpx.post(f"{server.url}/v1/images", content=stream, headers={**_bearer(token), **OCTET}).json()["id"]
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{server.url}/v1/images/{image_id}", headers=_bearer(token)).json()["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        url = f"{server.url}/v1/images/{image_id}/reconstruction"
+        first = pool.submit(httpx.get, f"{url}.webp", headers=_bearer(token), timeout=60)
+        assert converting.wait(30)
+        threading.Timer(3.0, release.set).start()  # the first conversion ends then, whatever the rest do
+        second = httpx.get(f"{url}.jpg", headers=_bearer(token), timeout=60)
+        png = httpx.get(f"{url}.png", headers=_bearer(token), timeout=60)
+        assert first.result().status_code == 200
+    assert second.status_code == 503 and second.json()["error"]["code"] == "busy"
+    assert int(second.headers["Retry-After"]) >= 1 and png.status_code == 200
 
 
 def test_allowed_hosts_turn_away_a_rebound_host_name(tmp_path: Path) -> None:
