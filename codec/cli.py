@@ -272,10 +272,12 @@ def _write_package(out: Path, make: Callable[[Path], object]) -> Path:
     its files into ``out`` (the manifest last). A failure while writing (a full disk, a bad input)
     leaves ``out`` as it was, an earlier package in it included, and no half-written package."""
     _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:  # an unwritable place: named as the package, not as the hidden staging folder
+        raise OSError(f"cannot write the package to {out}: {exc.strerror or exc}") from exc
     try:
         try:
             make(staging)

@@ -228,3 +228,11 @@ def test_a_stream_of_another_package_names_both_ids_and_the_package(
     ids = [pkg.ModelPackage.load(path).model_id.hex() for path in (other, package)]
     assert err == (f"{stream}: bitstream made with model {ids[0]}, this receiver has {ids[1]} ({package}): decode it "
                    "with --model naming the package it was made with\n")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs a folder no one may write in: Linux's /sys/kernel")
+def test_a_package_to_an_unwritable_place_names_it_not_the_staging_folder(
+    package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = Path("/sys/kernel/aeic-package")
+    _refused(capsys, ["set-rounding", str(package), str(out), "--weight", "2"], f"cannot write the package to {out}:")
