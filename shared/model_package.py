@@ -151,9 +151,13 @@ class ModelPackage:
                                     "export it again with `aeic export`")  # fmt: skip
         if verify:
             cls._verify(path, manifest, needs)
-        with np.load(path / "entropy.npz", allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-        return cls(path, manifest, entropy_model_from_arrays(arrays), arrays["levels.gains"].astype(np.float32))
+        try:
+            with np.load(path / "entropy.npz", allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+            return cls(path, manifest, entropy_model_from_arrays(arrays), arrays["levels.gains"].astype(np.float32))
+        except KeyError as exc:  # digests and id agree, so another version of aeic wrote it: one line, not a KeyError
+            raise ModelPackageError(f"{path}: entropy.npz lacks the array {exc}: was the package exported by "
+                                    "another version of aeic?") from None
 
     @staticmethod
     def _verify(path: Path, manifest: dict, needs: tuple[str, ...]) -> None:

@@ -17,7 +17,7 @@ from aeic.sender import coding_scale
 from aeic.sender.encoder import BudgetError, SenderCodec
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_coding import EntropyDecodeError
-from aeic.shared.model_package import ModelPackage, ModelPackageError
+from aeic.shared.model_package import ModelPackage, ModelPackageError, compute_model_id, file_digest
 from aeic.shared.padding import correct_colours, downscale_image, pad_to_multiple, padded_size, upscale_image
 from PIL import Image
 
@@ -348,6 +348,22 @@ def test_package_of_an_older_layout_is_refused_clearly(
     manifest["files"]["analysis.onnx"] = manifest["files"].pop("analysis_stem.onnx")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelPackageError, match="older package layout.*analysis_stem.onnx"):
+        ModelPackage.load(copy)
+
+
+def test_a_package_whose_tables_lack_an_array_is_one_line(exported: tuple[AEICModel, Path], tmp_path: Path) -> None:
+    """A package exported by another version (digests and model id consistent, an array renamed) gave the
+    sender and the receiver service a bare KeyError."""
+    _, folder = exported
+    copy = _copy_package(folder, tmp_path / "other-version")
+    with np.load(copy / "entropy.npz") as data:
+        arrays = {name: data[name] for name in data.files if name != "levels.gains"}
+    np.savez(copy / "entropy.npz", **arrays)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["entropy.npz"] = file_digest(copy / "entropy.npz")
+    manifest["model_id"] = compute_model_id(manifest).hex()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelPackageError, match="entropy.npz lacks the array 'levels.gains': was the package exported by another"):
         ModelPackage.load(copy)
 
 
