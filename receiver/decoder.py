@@ -22,7 +22,7 @@ from aeic.codec.synthesis import SynthesisTransform
 from aeic.codec.tiling import decode_in_tiles, tile_plan
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS
-from aeic.shared.model_package import ModelPackage
+from aeic.shared.model_package import ModelPackage, ModelPackageError
 from aeic.shared.padding import ALIGNMENT, correct_colours, padded_size, upscale_image
 from safetensors.torch import load_file
 from torch import nn
@@ -94,14 +94,18 @@ class ReceiverModel(nn.Module):
 
 def load_receiver_model(package: ModelPackage) -> ReceiverModel:
     """The package's receiver half on the CPU (float32), its pixel decoder loaded where it is external."""
-    config = ModelConfig.from_dict(package.manifest["config"])
+    try:
+        config = ModelConfig.from_dict(package.manifest["config"])
+    except (KeyError, TypeError) as exc:  # a package another version exported: one line, not a TypeError
+        raise ModelPackageError(f"{package.path}: its model configuration is not this version's ({exc}); was it "
+                                "exported by another version of aeic?") from None
     pixel_decoder = taesd.load_taef2("decoder") if config.pixel_decoder == "taef2" else None
     model = ReceiverModel(config, pixel_decoder)
     state = {k: v.float() for k, v in load_file(str(package.file("receiver.safetensors"))).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     expected = set(receiver_state_dict(model.synthesis, model.decoder))
     if unexpected or expected & set(missing):
-        raise ValueError(f"{package.path}: receiver weights do not match the model ({len(unexpected)} unexpected)")
+        raise ModelPackageError(f"{package.path}: receiver weights do not match the model ({len(unexpected)} unexpected)")
     return model
 
 

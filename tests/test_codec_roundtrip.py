@@ -367,6 +367,21 @@ def test_a_package_whose_tables_lack_an_array_is_one_line(exported: tuple[AEICMo
         ModelPackage.load(copy)
 
 
+def test_a_package_with_a_configuration_of_another_version_is_one_line(
+    exported: tuple[AEICModel, Path], tmp_path: Path
+) -> None:
+    """The receiver service loading a package that another version exported (a configuration field this
+    version does not know) failed with a bare TypeError from the configuration's constructor."""
+    _, folder = exported
+    copy = _copy_package(folder, tmp_path / "newer")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"]["attention_heads"] = 8
+    manifest["model_id"] = compute_model_id(manifest).hex()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelPackageError, match="configuration is not this version's .*attention_heads"):
+        ReceiverCodec.from_package(copy, device="cpu")
+
+
 def test_model_id_is_reproducible(exported: tuple[AEICModel, Path], tmp_path: Path) -> None:
     model, folder = exported
     again = export_package(model, tmp_path / "again")
