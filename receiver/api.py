@@ -147,6 +147,7 @@ class ReceiverState:
     # Held while the embedded worker runs: the data directory's, and a SQLite database's (`data_dir`).
     worker_locks: list[int] = field(default_factory=list)
     conversions: ConversionBudget = field(default_factory=ConversionBudget)  # JPEG/WebP downloads
+    blob_failure_logged: str | None = None  # the readiness probe's last blob-store failure, logged once
 
 
 def receiver_state(request: Request) -> ReceiverState:
@@ -611,6 +612,16 @@ def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "version": __version__})
 
 
+def _log_blob_failure(state: ReceiverState, line: str | None) -> None:
+    """Log a blob-store failure the readiness probe found once, and once when it clears: a probe every 10 s
+    through a day of full disk logged the same warning 8,640 times."""
+    if line is not None and line != state.blob_failure_logged:
+        log.warning("%s (logged again only when it changes)", line)
+    elif line is None and state.blob_failure_logged is not None:
+        log.warning("readiness: the blob store is usable again")
+    state.blob_failure_logged = line
+
+
 def readyz(request: Request) -> JSONResponse:
     """Readiness: database reachable, blob store usable, worker running, at least one model served."""
     state = receiver_state(request)
@@ -625,9 +636,11 @@ def readyz(request: Request) -> JSONResponse:
         checks["blobs"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a read-only or full disk, an unreachable bucket
         # The detail (paths, bucket names) goes to the log only: /readyz answers anonymous callers.
-        log.warning("readiness: blob store check failed: %s", exc)
+        _log_blob_failure(state, f"readiness: blob store check failed: {exc}")
         reason = f": {os.strerror(exc.errno)}" if isinstance(exc, OSError) and exc.errno else ""
         checks["blobs"] = f"error: {type(exc).__name__}{reason}"
+    else:
+        _log_blob_failure(state, None)
     checks["models"] = "ok" if state.registry.model_ids() else "error: no model package loaded"
     if state.queue is not None:
         try:

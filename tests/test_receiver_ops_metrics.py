@@ -128,3 +128,29 @@ def test_an_upload_refused_for_storage_is_counted(tmp_path: Path) -> None:
         answer = client.post("/v1/images", content=make_bitstream(), headers=headers)
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "storage_unavailable"
         assert 'aeic_uploads_total{outcome="storage_unavailable"} 1.0' in client.get("/metrics").text
+
+
+def test_a_blob_store_failure_is_logged_once_by_the_readiness_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe every 10 s through a day of full disk logged the same warning 8,640 times; now once, and once
+    more when the store is usable again."""
+    full: list[bool] = [True]
+    ping = FilesystemBlobStore.ping
+
+    def checked(store: FilesystemBlobStore) -> None:
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        ping(store)
+
+    monkeypatch.setattr(FilesystemBlobStore, "ping", checked)
+    settings = ReceiverSettings(data_dir=tmp_path / "data", worker=False)
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with TestClient(app) as client, caplog.at_level(logging.WARNING, logger="aeic.receiver.api"):
+        answers = [client.get("/readyz") for _ in range(5)]
+        full.clear()
+        answers += [client.get("/readyz") for _ in range(3)]
+    assert [a.status_code for a in answers] == [503] * 5 + [200] * 3
+    lines = [r.getMessage() for r in caplog.records if "blob store" in r.getMessage()]
+    assert len(lines) == 2 and "No space left on device" in lines[0], lines
+    assert lines[1] == "readiness: the blob store is usable again"
