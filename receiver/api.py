@@ -42,7 +42,7 @@ from aeic.receiver.queue import JobQueue
 from aeic.receiver.redis_limiter import RedisRateLimiter
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.security_headers import HardenedFastAPI
-from aeic.receiver.sessions import GallerySessions
+from aeic.receiver.sessions import GallerySessions, session_cookie
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import (
     BlobNotFoundError,
@@ -78,20 +78,19 @@ else:  # 3.10's fromisoformat reads only what isoformat() writes: no `+0100`, `.
     from dateutil.parser import isoparse as read_iso8601
 
 __all__ = [
-    "AUTH_COOKIE",
     "ConversionBudget",
     "ReceiverState",
     "create_app",
     "image_json",
     "optional_principal",
     "principal",
+    "read_body",
     "receiver_state",
     "visible_image",
 ]
 
 log = logging.getLogger(__name__)
 
-AUTH_COOKIE = "aeic_session"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 # Bitstream error class -> (HTTP status, error code)
@@ -178,7 +177,8 @@ def optional_principal(request: Request) -> Principal | None:
     if token is not None:
         return _bearer_principal(state, client_address(request), token)
     if request.method in ("GET", "HEAD"):
-        return state.sessions.principal(request.cookies.get(AUTH_COOKIE))
+        cookie = session_cookie(request, state.settings.cookie_secure)
+        return state.sessions.principal(request.cookies.get(cookie.name))
     return None
 
 
@@ -270,10 +270,10 @@ def visible_image(state: ReceiverState, who: Principal, image_id: str) -> ImageR
 # -- upload --------------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The body, or 413 as soon as it is known to exceed `limit` (before reading it all), or 408 when it
     has not fully arrived within `timeout_s` (a client trickling a body must not hold a connection and
-    its buffer forever; the server itself has no such deadline)."""
+    its buffer forever; the server itself has no such deadline). The upload's and the sign-in form's."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "payload_too_large", f"bitstream of {declared} bytes exceeds the {limit}-byte limit")
@@ -393,7 +393,7 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
         if media != "application/octet-stream":
             raise ApiError(415, "unsupported_media_type", "send the bitstream as application/octet-stream")
         key = _idempotency_key(request)
-        data = await _read_body(request, state.settings.max_upload_bytes, state.settings.upload_timeout_s)
+        data = await read_body(request, state.settings.max_upload_bytes, state.settings.upload_timeout_s)
         header = _parse_header(state, data)
         # The token again: the body may take upload_timeout_s, and a device revoked meanwhile stores nothing.
         if await run_in_threadpool(state.auth.authenticate, _bearer(request)) != who:

@@ -259,7 +259,7 @@ def test_a_client_gone_mid_body_is_a_plain_client_error_not_a_traceback() -> Non
 
     request = Request({"type": "http", "method": "POST", "headers": [], "path": "/v1/images"}, receive)
     with pytest.raises(ApiError) as raised:
-        asyncio.run(api._read_body(request, limit=4096, timeout_s=5.0))
+        asyncio.run(api.read_body(request, limit=4096, timeout_s=5.0))
     assert (raised.value.status, raised.value.code) == (400, "incomplete_body")
 
 

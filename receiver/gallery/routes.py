@@ -12,14 +12,15 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
 from aeic.receiver.api import (
-    AUTH_COOKIE,
     client_address,
     image_json,
     optional_principal,
+    read_body,
     receiver_state,
     visible_image,
 )
 from aeic.receiver.errors import ApiError, error_response
+from aeic.receiver.sessions import COOKIE_NAMES, session_cookie
 from aeic.receiver.storage import BlobNotFoundError, ImageFilter, InvalidCursorError
 from aeic.receiver.storage.blobs import bitstream_key
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -167,11 +168,12 @@ def _sign_in(request: Request, token: str, target: str) -> Response:
     if session is None:
         return _login_page(request, "That token is not valid.", status=401, target=target)
     state.login_limiter.refund(client_address(request))
+    for name in COOKIE_NAMES:  # the browser's previous session ends: a stolen copy of its cookie with it
+        state.sessions.close(request.cookies.get(name))
     response = RedirectResponse(target, status_code=303)
-    secure = state.settings.cookie_secure
-    response.set_cookie(AUTH_COOKIE, session, httponly=True, samesite="lax", path="/",
-                        max_age=max(1, math.ceil(state.sessions.ttl_s)),
-                        secure=request.url.scheme == "https" if secure is None else secure)
+    cookie = session_cookie(request, state.settings.cookie_secure)
+    response.set_cookie(cookie.name, session, httponly=True, samesite="lax", path="/",
+                        max_age=max(1, math.ceil(state.sessions.ttl_s)), secure=cookie.secure)
     return response
 
 
@@ -207,27 +209,23 @@ def login_form(request: Request, token: str | None = None,
     return _no_store(_sign_in(request, token, target))
 
 
-async def _form_body(request: Request) -> bytes | None:
-    """The sign-in form's bytes, or None when it is larger than a form: read as it arrives, so that an
-    anonymous client cannot make the server hold a body of any size."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > _FORM_BYTES:
-        return None
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > _FORM_BYTES:
-            return None
-    return body
+# What the form page says when its body cannot be read (`read_body`'s statuses).
+_FORM_FAILURES = {413: "That form is too large.", 408: "The form did not arrive in time; send it again.",
+                  400: "The form arrived incomplete; send it again."}
 
 
 async def login_submit(request: Request) -> Response:
-    """The form post (urlencoded; parsed here to avoid a multipart dependency)."""
+    """The form post (urlencoded; parsed here to avoid a multipart dependency). Its body is read as the
+    upload's is: an anonymous client can make the server hold neither more than a form's bytes nor a request
+    for longer than `upload_timeout_s` (a trickled body held it as long as the client liked)."""
     if _cross_site(request):
         return _no_store(_login_page(request, "Sign in from this site's own form.", status=403))
-    body = await _form_body(request)
-    if body is None:
-        return _no_store(_login_page(request, "That form is too large.", status=413))
+    try:
+        body = await read_body(request, _FORM_BYTES, receiver_state(request).settings.upload_timeout_s)
+    except ApiError as exc:
+        page = _login_page(request, _FORM_FAILURES[exc.status], status=exc.status)
+        page.headers.update(exc.headers)  # 408: Connection: close
+        return _no_store(page)
     fields = parse_qs(body.decode("utf-8", "replace"))
     token = (fields.get("token") or [""])[0].strip()
     target = _return_path((fields.get("next") or [""])[0])
@@ -240,9 +238,11 @@ def logout(request: Request) -> Response:
     """End the session server-side (a copied cookie stops working too) and forget the cookie."""
     if _cross_site(request):
         return _login_page(request, "Sign out from this site's own button.", status=403)
-    receiver_state(request).sessions.close(request.cookies.get(AUTH_COOKIE))
+    state = receiver_state(request)
+    cookie = session_cookie(request, state.settings.cookie_secure)
+    state.sessions.close(request.cookies.get(cookie.name))
     response = RedirectResponse("/", status_code=303)
-    response.delete_cookie(AUTH_COOKIE, path="/", httponly=True, samesite="lax")
+    response.delete_cookie(cookie.name, path="/", secure=cookie.secure, httponly=True, samesite="lax")
     return response
 
 
