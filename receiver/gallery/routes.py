@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
 from aeic.receiver.api import (
+    BlobDownload,
     client_address,
     image_json,
     optional_principal,
@@ -22,7 +23,7 @@ from aeic.receiver.api import (
 from aeic.receiver.errors import ApiError, error_response
 from aeic.receiver.sessions import COOKIE_NAMES, session_cookie
 from aeic.receiver.storage import BlobNotFoundError, ImageFilter, InvalidCursorError
-from aeic.receiver.storage.blobs import bitstream_key
+from aeic.receiver.storage.blobs import bitstream_key, open_blob
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -144,12 +145,12 @@ def bitstream(image_id: str, request: Request) -> Response:
     state = receiver_state(request)
     try:
         record = visible_image(state, who, image_id)
-        data = state.blobs.get(bitstream_key(record.id))
+        blob = open_blob(state.blobs, bitstream_key(record.id))
     except (ApiError, BlobNotFoundError):  # unknown, another device's, or deleted meanwhile
         return _missing(request, image_id)
-    return Response(data, media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{record.id}.aeic"',
-                             "Cache-Control": "private, max-age=86400"})
+    return BlobDownload(blob, "application/octet-stream",
+                        {"Content-Disposition": f'attachment; filename="{record.id}.aeic"',
+                         "Cache-Control": "private, max-age=86400"})
 
 
 def _sign_in(request: Request, token: str, target: str) -> Response:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
-from aeic.receiver.storage.blobs import _KEY, BlobNotFoundError
+from aeic.receiver.storage.blobs import _KEY, BlobNotFoundError, OpenBlob
 
 __all__ = ["BlobStoreUnavailableError", "S3BlobStore"]
 
@@ -92,6 +92,11 @@ class S3BlobStore:
             return bytes(body.read())
         finally:
             body.close()
+
+    def open(self, key: str) -> OpenBlob:
+        """The object's body, streamed: read in chunks as a download sends them, not fetched whole first."""
+        answer = self._call("get_object", Key=self._key(key))
+        return OpenBlob(key, int(answer["ContentLength"]), answer["Body"])
 
     def delete(self, key: str) -> bool:
         """Remove the object; returns whether it existed."""
