@@ -433,10 +433,11 @@ def _terminate(_signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; SIGTERM is turned into a clean shutdown of the receiver too."""
+    """Entry point; SIGTERM is turned into a clean shutdown of the receiver too, while it runs (the caller's
+    handler is put back: a test that called it left every later test's SIGTERM raising KeyboardInterrupt)."""
     from aeic.shared.model_package import ModelPackageError
 
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(_parser().parse_args(argv))
     except ModelPackageError as exc:
@@ -447,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

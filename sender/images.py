@@ -73,6 +73,11 @@ class ImageReadError(Exception):
     """The file could not be read as an image; the message names the file and the reason."""
 
 
+def _detail(exc: BaseException) -> str:
+    """An exception's text on one line: a decoder plugin's message may span several (pillow-jxl's does)."""
+    return " ".join(str(exc).split())
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Return the upright image at ``path`` as a C-contiguous HxWx3 uint8 RGB array."""
     path = Path(path)
@@ -86,18 +91,18 @@ def read_image(path: str | Path) -> np.ndarray:
                     return upright_rgb8(image, path)
                 except OSError as exc:  # not "corrupt or truncated image data": the file is whole
                     if image.format in _DRAWING_FORMATS:
-                        raise ImageReadError(f"{path}: {image.format} drawing, which this Pillow cannot render ({exc}): "
+                        raise ImageReadError(f"{path}: {image.format} drawing, which this Pillow cannot render ({_detail(exc)}): "
                                              "export it to PNG or JPEG") from None
                     raise
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: image too large to decode safely ({exc})") from None
+        raise ImageReadError(f"{path}: image too large to decode safely ({_detail(exc)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError/EOFError.
-        raise ImageReadError(f"{path}: corrupt or truncated image data ({exc})") from None
+        raise ImageReadError(f"{path}: corrupt or truncated image data ({_detail(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - untrusted files can trip any decoder plugin bug
-        raise ImageReadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise ImageReadError(f"{path}: cannot decode image ({type(exc).__name__}: {_detail(exc)})") from None
 
 
 def upright_rgb8(image: Image.Image, path: str | Path) -> np.ndarray:

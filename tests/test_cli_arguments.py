@@ -137,7 +137,7 @@ def test_a_package_of_another_version_is_one_line(package: Path, photo: Path, tm
     stream = tmp_path / "photo.aeic"
     assert codec_cli.main(["encode", str(photo), "--model", str(other), "-o", str(stream)]) == 0
     _refused(capsys, ["decode", str(stream), "--model", str(other), "--device", "cpu", "-o", str(tmp_path / "out")],
-             f"error: {other}: this version cannot load the package (TypeError:", "another version of aeic")
+             f"error: {other}: its model configuration is not this version's", "attention", "another version of aeic")
 
 
 def test_two_inputs_for_one_output_file_are_refused(package: Path, photo: Path, tmp_path: Path,

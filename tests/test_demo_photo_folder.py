@@ -7,12 +7,14 @@ missing folder; and one line saying how many were left out by `--limit` (`LIMIT=
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from aeic import demo
 from aeic.demo import load_photos
 
 
@@ -67,3 +69,19 @@ def test_folder_with_nothing_readable_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         load_photos(tmp_path, 4, 768)
     assert "no readable images in" in str(exc.value)
+
+
+def test_main_puts_the_callers_sigterm_handler_back() -> None:
+    """`main` turns SIGTERM into a clean shutdown while the demo runs; called in a process that goes on (a
+    test reading its parser), it left that process's SIGTERM raising KeyboardInterrupt from then on."""
+
+    def callers(signum: int, frame: object) -> None:
+        raise AssertionError("not called")
+
+    previous = signal.signal(signal.SIGTERM, callers)
+    try:
+        with pytest.raises(SystemExit):
+            demo.main(["--help"])
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -159,8 +159,8 @@ def test_a_grid_in_a_background_tab_stops_polling_and_catches_up_when_shown(
         newest = _upload(server.url, tokens["cam1"])
         time.sleep(4.5)
         assert [t for t in listings if t > hidden_at + 0.5] == []
+        shown_at = time.monotonic()  # before the switch: the page may ask while switch_to returns
         browser.switch_to.window(grid)
-        shown_at = time.monotonic()
         WebDriverWait(browser, 10).until(lambda d: d.execute_script(
             "return document.querySelector('#grid .card').dataset.id") == newest)
         assert min(t for t in listings if t > shown_at) - shown_at < 1.0  # at once, not after a poll interval

@@ -85,9 +85,22 @@ def test_a_format_pillow_does_not_read_is_named(tmp_path: Path, name: str, head:
     """Each was "not a recognised image format", which a user who sees a photo in their viewer does not believe."""
     path = tmp_path / name
     path.write_bytes(head + bytes(200) if head else b"")
+    if expected.startswith("JPEG XL") and ".jxl" in Image.registered_extensions():
+        expected = "cannot decode image"  # a JPEG XL plugin is registered (aeic eval's, imported by an earlier test)
     with pytest.raises(ImageReadError) as error:
         read_image(path)
     assert expected in _one_line_naming(error, path)
+
+
+def test_a_decoder_plugins_message_of_several_lines_is_one_line(tmp_path: Path) -> None:
+    """With pillow-jxl registered (aeic eval imports it for its JPEG XL baseline), a damaged JPEG XL file's
+    error carried the plugin's three-line message into the sender's one-line error."""
+    pytest.importorskip("pillow_jxl")
+    path = tmp_path / "photo.jxl"
+    path.write_bytes(JXL_CODESTREAM + bytes(200))
+    with pytest.raises(ImageReadError) as error:
+        read_image(path)
+    assert "cannot decode image" in _one_line_naming(error, path)
 
 
 @pytest.mark.parametrize(
