@@ -119,3 +119,12 @@ def test_a_trickled_sign_in_form_is_cut_off(tmp_path: Path) -> None:
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b'name="token"' in answer  # the form again, to try once more
     assert 0.4 < elapsed < 5  # answered at the deadline, then the connection was closed
+
+
+def test_signing_out_clears_the_browsers_cache_of_this_site(https: tuple[TestClient, dict[str, str]]) -> None:
+    """Thumbnails and pictures are `private, max-age=86400`: after signing out on a shared computer they stayed
+    in the browser's cache for a day, for the next user of the browser to see."""
+    client, tokens = https
+    _sign_in(client, tokens["cam1"])
+    out = client.post("/logout", follow_redirects=False)
+    assert out.status_code == 303 and out.headers["clear-site-data"] == '"cache"'

@@ -244,6 +244,9 @@ def logout(request: Request) -> Response:
     state.sessions.close(request.cookies.get(cookie.name))
     response = RedirectResponse("/", status_code=303)
     response.delete_cookie(cookie.name, path="/", secure=cookie.secure, httponly=True, samesite="lax")
+    # Thumbnails and pictures are cached privately for a day: on a shared computer the next user of the
+    # browser would still see them. Browsers honour this over HTTPS and on localhost.
+    response.headers["Clear-Site-Data"] = '"cache"'
     return response
 
 
