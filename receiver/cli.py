@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aeic.receiver.settings import ConfigError, ReceiverSettings, closest_setting, load_settings
+from aeic.shared.url_redaction import without_password
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
@@ -168,17 +169,6 @@ def _check_device(name: str) -> None:
         raise ConfigError(f"device {name!r}: MPS is not available to torch here; use --device cpu")
 
 
-def _without_password(url: str) -> str:
-    """`url` with the password of its user part replaced, for an error line."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
-
-
 def _check_backends(settings: ReceiverSettings) -> None:
     """Reach the object store and the queue (creating the bucket and the consumer group, as the app does)
     before the model loads: unreachable, either was a traceback from uvicorn's start-up with status 3."""
@@ -188,7 +178,7 @@ def _check_backends(settings: ReceiverSettings) -> None:
         try:
             prepare_backends(open_blob_store(settings), None)
         except Exception as exc:  # noqa: BLE001 - boto3's and the network's errors alike: said in one line
-            raise ConfigError(f"cannot use the blob store {_without_password(settings.blob_url)}: "
+            raise ConfigError(f"cannot use the blob store {without_password(settings.blob_url)}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     if settings.queue:
         queue = open_queue(settings)
@@ -196,7 +186,7 @@ def _check_backends(settings: ReceiverSettings) -> None:
         try:
             queue.ensure_group()
         except Exception as exc:  # noqa: BLE001 - redis' errors alike: said in one line
-            raise ConfigError(f"cannot use the queue {_without_password(settings.queue)}: "
+            raise ConfigError(f"cannot use the queue {without_password(settings.queue)}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         finally:
             queue.close()

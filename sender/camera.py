@@ -19,7 +19,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 from aeic.sender.backoff import Backoff
-from aeic.sender.uploader import redacted_url
+from aeic.shared.url_redaction import without_password
 
 # A grab slower than this waited for the source: the stream's buffer is drained.
 LIVE_GRAB_SECONDS = 0.005
@@ -77,7 +77,7 @@ class Camera:
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.source = source
-        self.name = redacted_url(source) if isinstance(source, str) else str(source)  # rtsp://user:***@cam/...
+        self.name = without_password(source) if isinstance(source, str) else str(source)  # rtsp://user:***@cam/...
         self._opener = opener
         self._backoff = backoff or Backoff(base=1.0, max_delay=60.0)
         self._clock = clock

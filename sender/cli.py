@@ -30,9 +30,10 @@ from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
 from aeic.sender.report import Reporter
 from aeic.sender.spool import Spool, SpoolFullError
-from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, UploadResult, redacted_url
+from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, UploadResult
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
 from aeic.shared.durable import atomic_write
+from aeic.shared.url_redaction import without_password
 
 from aeic import __version__
 
@@ -210,7 +211,7 @@ def _forwarder(
         config.receiver_url, config.token_value() or "", ca_bundle=config.ca_bundle, timeout=config.timeout
     )
     if uploader.proxy is not None:
-        reporter.info(f"uploading to {uploader.url} through the proxy {redacted_url(uploader.proxy)} (environment)")
+        reporter.info(f"uploading to {uploader.url} through the proxy {without_password(uploader.proxy)} (environment)")
     backoff = Backoff(base=config.backoff_base, max_delay=config.backoff_max)
     policy = ItemPolicy(config.item_max_attempts, config.item_max_age, config.item_backoff_max)
     return Forwarder(
@@ -532,7 +533,7 @@ def _watch(watcher: FolderWatcher, directory: Path, config: SenderConfig, report
             return Handled.SENT, encoded.key
 
         reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}; "
-                      f"receiver {redacted_url(daemon.forwarder.uploader.url)}")  # fmt: skip
+                      f"receiver {without_password(daemon.forwarder.uploader.url)}")  # fmt: skip
         run_watch(watcher, handle, daemon.stop, config.watch_poll, on_error=reporter.info, ready=gate.open)
 
 
@@ -551,7 +552,7 @@ def cmd_camera(
         encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
         gate = _FullSpoolGate(daemon.spool, reporter)
         reporter.info(f"camera {camera.name} every {config.camera_interval:g} s; spool {daemon.spool.root}; "
-                      f"receiver {redacted_url(daemon.forwarder.uploader.url)}")  # fmt: skip
+                      f"receiver {without_password(daemon.forwarder.uploader.url)}")  # fmt: skip
         for number, rgb in enumerate(camera.frames(config.camera_interval, daemon.stop, args.count), 1):
             if not gate.open():  # the spool is full: this frame is skipped unencoded
                 failures += 1

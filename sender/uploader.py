@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from aeic.sender.upload_deadline import Deadline, deadline_transport
+from aeic.shared.url_redaction import without_password
 
 from aeic import __version__
 
@@ -132,7 +133,7 @@ def environment_proxy(url: str) -> str | None:
         return None
     proxy = proxy if "://" in proxy else f"http://{proxy}"
     if urlsplit(proxy).scheme not in ("http", "https"):
-        raise UploadConfigError(f"proxy {redacted_url(proxy)} is not http:// or https:// (SOCKS is not supported)")
+        raise UploadConfigError(f"proxy {without_password(proxy)} is not http:// or https:// (SOCKS is not supported)")
     return proxy
 
 
@@ -148,15 +149,6 @@ def _exempt(host: str, no_proxy: str) -> bool:
         if name and (host == name or host.endswith(f".{name}")):
             return True
     return False
-
-
-def redacted_url(url: str) -> str:
-    """``url`` without the password a proxy URL may carry (for log lines)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
 
 
 class Uploader:
@@ -214,8 +206,8 @@ class Uploader:
             unreached = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
             detail = _transport_detail(exc)
             if unreached:  # "Name or service not known" alone does not say which name
-                via = f" through the proxy {redacted_url(self.proxy)}" if self.proxy else ""
-                detail = f"cannot reach {urlsplit(redacted_url(self.url)).netloc}{via}: {detail}"
+                via = f" through the proxy {without_password(self.proxy)}" if self.proxy else ""
+                detail = f"cannot reach {urlsplit(without_password(self.url)).netloc}{via}: {detail}"
             elif isinstance(exc, httpx.TimeoutException):  # "ReadTimeout: timed out" says neither who nor how long
                 detail = f"no whole answer within the {self._timeout:g}-s timeout (connected, then silent or slow): {detail}"
             return UploadResult(Outcome.RETRY, None, detail, receiver_wide=unreached)
