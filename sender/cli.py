@@ -211,7 +211,8 @@ def _forwarder(
         config.receiver_url, config.token_value() or "", ca_bundle=config.ca_bundle, timeout=config.timeout
     )
     if uploader.proxy is not None:
-        reporter.info(f"uploading to {uploader.url} through the proxy {without_password(uploader.proxy)} (environment)")
+        reporter.info(f"uploading to {without_password(uploader.url)} through the proxy {without_password(uploader.proxy)} "
+                      "(environment)")
     backoff = Backoff(base=config.backoff_base, max_delay=config.backoff_max)
     policy = ItemPolicy(config.item_max_attempts, config.item_max_age, config.item_backoff_max)
     return Forwarder(

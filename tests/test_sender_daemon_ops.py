@@ -254,3 +254,17 @@ def test_an_item_set_aside_before_the_clock_jumped_back_is_not_starved(tmp_path:
         forwarder = Forwarder(spool, uploader, wall_clock=lambda: wall[0])
         report = forwarder.drain_pass()
     assert report.accepted == 1 and list(receiver.stored) == [item.key]
+
+
+def test_the_proxy_start_line_masks_the_receiver_urls_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The line naming the environment's proxy showed the receiver URL whole, its password too (every
+    other line masks it: the journal keeps them all)."""
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    config = SenderConfig(receiver_url="https://dev:s3cret@receiver.invalid", token="t0ken", spool_dir=tmp_path / "spool")
+    err = io.StringIO()
+    forwarder = cli._forwarder(config, Spool(config.spool_dir), Reporter(out=io.StringIO(), err=err))
+    forwarder.uploader.close()
+    assert "through the proxy http://proxy.invalid:3128" in err.getvalue()
+    assert "s3cret" not in err.getvalue() and "dev:***@receiver.invalid" in err.getvalue()
