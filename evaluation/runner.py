@@ -514,6 +514,7 @@ class Evaluator:
         in the folder left none to draw the side-by-side from."""
         paths = list_images(self.config.images, self.config.limit)
         readable = 0  # images before this one that could be read: the index --save-recon counts
+        unreadable = self._unreadable_images()  # once: a scan of every row per image made a resume quadratic
         with tqdm(total=len(paths) * len(self.config.points), disable=not progress, unit="pt") as bar:
             for path in paths:
                 todo = [
@@ -524,7 +525,7 @@ class Evaluator:
                     bar.set_postfix_str(path.name)
                     readable += self._image(readable, path, todo)
                 else:
-                    readable += not self._was_unreadable(path.name)
+                    readable += path.name not in unreadable
                 bar.update(len(self.config.points))
         summary = self.summary([p.name for p in paths])
         (self.config.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -554,11 +555,9 @@ class Evaluator:
             self._one(index, path, rgb, point)
         return True
 
-    def _was_unreadable(self, image: str) -> bool:
-        """Whether an image this folder holds every row of was unreadable when measured."""
-        return any(
-            key[0] == image and row["detail"].startswith(UNREADABLE_DETAIL) for key, row in self.results.done.items()
-        )
+    def _unreadable_images(self) -> set[str]:
+        """The images this folder holds an unreadable-file error row of."""
+        return {image for (image, _, _), row in self.results.done.items() if row["detail"].startswith(UNREADABLE_DETAIL)}
 
     def summary(self, image_names: list[str]) -> dict[str, Any]:
         """Configuration, machine, per-image rows (this image set only) and per-(point, method) means."""
