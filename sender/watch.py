@@ -37,6 +37,7 @@ from pathlib import Path
 from aeic.sender.images import IMAGE_SUFFIXES, PLUGIN_ONLY_SUFFIXES
 from aeic.shared.durable import fsync_path
 
+_WATCHED_SUFFIXES = IMAGE_SUFFIXES | PLUGIN_ONLY_SUFFIXES  # once: asked for every file of every scan
 _PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".filepart")
 
 Fingerprint = tuple[int, int]  # (size in bytes, mtime in ns)
@@ -69,7 +70,7 @@ def is_candidate_name(name: str) -> bool:
     lower = name.lower()
     if lower.startswith((".", "~")) or lower.endswith(_PARTIAL_SUFFIXES):
         return False
-    return os.path.splitext(lower)[1] in IMAGE_SUFFIXES | PLUGIN_ONLY_SUFFIXES
+    return os.path.splitext(lower)[1] in _WATCHED_SUFFIXES
 
 
 class FolderWatcher:
