@@ -173,21 +173,21 @@ def _check_backends(settings: ReceiverSettings) -> None:
     """Reach the object store and the queue (creating the bucket and the consumer group, as the app does)
     before the model loads: unreachable, either was a traceback from uvicorn's start-up with status 3."""
     from aeic.receiver.backends import open_blob_store, open_queue, prepare_backends
+    from aeic.receiver.worker import error_line
 
     if settings.blob_url:
         try:
             prepare_backends(open_blob_store(settings), None)
         except Exception as exc:  # noqa: BLE001 - boto3's and the network's errors alike: said in one line
             raise ConfigError(f"cannot use the blob store {without_password(settings.blob_url)}: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                              f"{error_line(exc)}") from None
     if settings.queue:
         queue = open_queue(settings)
         assert queue is not None
         try:
             queue.ensure_group()
         except Exception as exc:  # noqa: BLE001 - redis' errors alike: said in one line
-            raise ConfigError(f"cannot use the queue {without_password(settings.queue)}: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise ConfigError(f"cannot use the queue {without_password(settings.queue)}: {error_line(exc)}") from None
         finally:
             queue.close()
 

@@ -44,7 +44,7 @@ from aeic.receiver.storage.claims import (
     orphaned_ids,
     refresh_claim,
 )
-from aeic.receiver.worker import DecodeWorker, heartbeat
+from aeic.receiver.worker import DecodeWorker, error_line, heartbeat
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -123,8 +123,7 @@ class StreamWorker:
             except Exception as exc:  # Redis or the database may be briefly unavailable: keep the process alive
                 # The traceback once per outage, then a line a retry (was a 100-line traceback every second).
                 if failing:
-                    log.warning("worker iteration failed again; retrying: %s: %s", type(exc).__name__,
-                                str(exc).splitlines()[0] if str(exc) else "")
+                    log.warning("worker iteration failed again; retrying: %s", error_line(exc))
                 else:
                     log.exception("worker iteration failed; retrying")
                 group_ready, failing = False, True

@@ -47,7 +47,7 @@ from aeic.shared.bitstream import BitstreamError
 from aeic.shared.decode_limits import decode_cost
 from aeic.shared.entropy_coding import EntropyDecodeError
 
-__all__ = ["HUNG_EXIT_STATUS", "DecodeWorker", "WorkerConfig", "decode_allowance", "heartbeat"]
+__all__ = ["HUNG_EXIT_STATUS", "DecodeWorker", "WorkerConfig", "decode_allowance", "error_line", "heartbeat"]
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,7 @@ class DecodeWorker:
             except Exception as exc:  # the database may be briefly unavailable; never let the thread die
                 # The traceback once per outage, then a line a poll (was a traceback every poll interval).
                 if failing:
-                    log.warning("decode worker iteration failed again: %s: %s", type(exc).__name__,
-                                str(exc).splitlines()[0] if str(exc) else "")
+                    log.warning("decode worker iteration failed again: %s", error_line(exc))
                 else:
                     log.exception("decode worker iteration failed")
                 failing, handled = True, 0
@@ -534,3 +533,10 @@ def _os_reason(exc: BaseException) -> str:
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def error_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for a one-line log or error: SQLAlchemy's, redis' and botocore's
+    messages run on for lines (the statement, its parameters, the response)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
