@@ -68,10 +68,9 @@ class PackageCodec:
         from aeic.sender.encoder import BudgetError
 
         try:
-            data, level = self.sender.encode_to_budget(rgb, target_bytes)
+            return self.sender.encode_to_budget(rgb, target_bytes)
         except BudgetError as exc:
             raise BudgetUnreachable(str(exc)) from exc
-        return data, level
 
     def decode(self, data: bytes) -> np.ndarray:
         return self.receiver.decode(data)
