@@ -13,7 +13,6 @@ and the means per (point, method), with unreachable and failed images counted, n
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import math
@@ -29,6 +28,7 @@ import numpy as np
 from aeic.evaluation import baselines, learned, metrics
 from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, upright_rgb8
 from aeic.shared import bitstream
+from aeic.shared.durable import exclusive_lock
 from PIL import Image
 from tqdm import tqdm
 
@@ -230,18 +230,10 @@ LOCK_FILE = "eval.lock"
 @contextmanager
 def out_folder_lock(out: Path) -> Iterator[None]:
     """One ``aeic eval`` at a time in an ``--out`` folder (made here if missing): two (the same command started
-    twice, a requeued job) would each measure and append every row, so the means counted each image twice.
-    The kernel lets go of the lock when its process ends, however it ends."""
+    twice, a requeued job) would each measure and append every row, so the means counted each image twice."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"another aeic eval is writing to {out} (it holds {out / LOCK_FILE}): wait for it, or stop it first"
-            ) from None
-        except OSError:  # a file system without locks (some NFS mounts): the run goes on unguarded
-            pass
+    busy = ValueError(f"another aeic eval is writing to {out} (it holds {out / LOCK_FILE}): wait for it, or stop it first")
+    with exclusive_lock(out / LOCK_FILE, busy):
         yield
 
 

@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a file either has its complete new content or does not change.
+"""Crash-safe file writes: a file either has its complete new content or does not change; and one writer
+at a time in a folder (``exclusive_lock``).
 
 Why: the sender runs on devices that lose power or get killed (kill -9, OOM killer). A
 bitstream, a sidecar or the watcher's state must never be seen half-written. The recipe is
@@ -9,9 +10,12 @@ survives a power cut.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # Temporary files start with this prefix; readers skip them and recovery deletes them.
@@ -88,3 +92,18 @@ def _writer_alive(path: Path) -> bool:
     except PermissionError:
         return True  # exists, owned by another user
     return True
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, busy: Exception) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (made if missing) for the block; raise ``busy`` at once when
+    another process holds it. The kernel lets go of the lock when its process ends, however it ends; on a
+    file system without locks (some NFS mounts) the block runs unguarded."""
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        except OSError:
+            pass
+        yield

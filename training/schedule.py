@@ -8,7 +8,6 @@ as one run would.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from aeic.codec.export import CheckpointError, read_checkpoint
-from aeic.shared.durable import fsync_path
+from aeic.shared.durable import exclusive_lock, fsync_path
 from tqdm import tqdm
 
 from .config import TrainConfig
@@ -147,28 +146,11 @@ class _StopOnInterrupt:
             signal.signal(signum, handler)
 
 
-class _FolderLock:
+def _folder_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     """One run at a time in an ``out`` folder: two (a batch job requeued while the first still runs, a command
-    started in two terminals) would overwrite each other's checkpoint and interleave their logs. The kernel
-    lets go of the lock when its process ends, however it ends."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-
-    def __enter__(self) -> _FolderLock:  # noqa: PYI034 (typing.Self needs Python 3.11)
-        self.handle = open(self.out / "run.lock", "a")  # held until __exit__
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            raise OSError(f"another aeic-train is training in {self.out} (it holds {self.out / 'run.lock'}): "
-                          "wait for it, or stop it first") from None
-        except OSError:  # a file system without locks (some NFS mounts): the run goes on unguarded
-            pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.close()
+    started in two terminals) would overwrite each other's checkpoint and interleave their logs."""
+    return exclusive_lock(out / "run.lock", OSError(f"another aeic-train is training in {out} (it holds "
+                                                    f"{out / 'run.lock'}): wait for it, or stop it first"))
 
 
 class ScheduledRun:
@@ -346,7 +328,7 @@ class ScheduledRun:
         same command run again keeps it (as a finished training stage is kept) instead of doing it twice."""
         if self.step >= 1:
             return self.checkpoint_path
-        with _FolderLock(self.out):
+        with _folder_lock(self.out):
             with self._step_stops_in_one_line():
                 entry = work()
             self.step = 1
@@ -366,7 +348,7 @@ class ScheduledRun:
             return write_profile(train_step, self.profile_steps, self.device, self.out, facts)
         last_save = time.monotonic()
         with contextlib.ExitStack() as held:
-            held.enter_context(_FolderLock(self.out))
+            held.enter_context(_folder_lock(self.out))
             self._trim_log()  # under the lock, before the first line is appended
             bar = held.enter_context(progress_bar(total=self.config.steps, initial=self.step, desc=description))
             interrupt = held.enter_context(_StopOnInterrupt())
