@@ -28,19 +28,15 @@ class _Unloadable(Exception):
     """A model package (or the SD-Turbo folder it needs) that cannot be loaded: one line, exit status 2."""
 
 
-def _open_model(load: Callable[[], _Codec], model: Path | None) -> _Codec:
-    """``load()``, its failures one line: weights that do not fit (an SD-Turbo folder of another model), a
-    damaged manifest, or a sealed package of another version (a configuration field or array this version
-    lacks was a TypeError or KeyError traceback)."""
+def _open_model(load: Callable[[], _Codec]) -> _Codec:
+    """``load()``, its failures one line: weights that do not fit (an SD-Turbo folder of another model) or a
+    damaged manifest. A sealed package of another version is the loaders' own ModelPackageError."""
     try:
         return load()
     except ModelPackageError:
         raise
     except ValueError as exc:
         raise _Unloadable(str(exc)) from exc
-    except (KeyError, TypeError) as exc:
-        raise _Unloadable(f"{model or default_model_dir()}: this version cannot load the package ({type(exc).__name__}: "
-                          f"{exc}); was it exported by another version of aeic?") from exc
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -59,7 +55,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         print(f"error: {clash}", file=sys.stderr)
         return 2
     codec = _open_model(lambda: SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale,
-                                                         rounding=args.rounding), args.model)
+                                                         rounding=args.rounding))
     status = 0
     for image in args.images:
         try:
@@ -202,8 +198,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(f"error: {kept[0]} exists and is not a picture aeic decode wrote (the original photo?): give -o a "
               f"folder, or -o {kept[0]} to replace it", file=sys.stderr)  # fmt: skip
         return 2
-    codec = _open_model(lambda: ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels),
-                        args.model)
+    codec = _open_model(lambda: ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels))
     status = 0
     for stream in args.streams:
         try:

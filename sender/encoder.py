@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS, NumpyBackend
-from aeic.shared.model_package import SENDER_FILES, ModelPackage
+from aeic.shared.model_package import SENDER_FILES, ModelPackage, ModelPackageError
 from aeic.shared.padding import ALIGNMENT, colour_statistics
 
 from . import coding_scale
@@ -133,8 +133,12 @@ class SenderCodec:
         stem = session("analysis_stem.onnx")
         trunk = session("analysis_trunk.onnx", memory_pattern=False)
         factor, halo = package.analysis_tiling
-        self.analysis = TiledAnalysis(stem, trunk, factor, halo, *trunk_tiling(package.manifest["config"]["analysis"], factor),
-                                      strip_rows)
+        try:
+            trunk_factor, trunk_halo = trunk_tiling(package.manifest["config"]["analysis"], factor)
+        except (KeyError, TypeError) as exc:  # a package another version exported: one line, not a KeyError
+            raise ModelPackageError(f"{package.path}: its analysis configuration is not this version's ({exc!r}); "
+                                    "was it exported by another version of aeic?") from None
+        self.analysis = TiledAnalysis(stem, trunk, factor, halo, trunk_factor, trunk_halo, strip_rows)
         self.hyper = session("hyper.onnx")
         self.provider = stem.get_providers()[0]
 

@@ -382,6 +382,21 @@ def test_a_package_with_a_configuration_of_another_version_is_one_line(
         ReceiverCodec.from_package(copy, device="cpu")
 
 
+def test_a_package_whose_analysis_configuration_is_another_versions_is_one_line(
+    exported: tuple[AEICModel, Path], tmp_path: Path
+) -> None:
+    """`aeic-send` on a package another version exported (its analysis configuration renamed) stopped with a
+    bare KeyError; only `aeic encode` caught it, in a catch-all of its own."""
+    _, folder = exported
+    copy = _copy_package(folder, tmp_path / "renamed")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"]["analysis"]["stage_widths"] = manifest["config"]["analysis"].pop("widths")
+    manifest["model_id"] = compute_model_id(manifest).hex()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelPackageError, match="analysis configuration is not this version's .*'widths'"):
+        SenderCodec.from_package(copy)
+
+
 def test_model_id_is_reproducible(exported: tuple[AEICModel, Path], tmp_path: Path) -> None:
     model, folder = exported
     again = export_package(model, tmp_path / "again")
