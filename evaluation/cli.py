@@ -9,7 +9,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from aeic.evaluation import baselines, learned, metrics, plots, runner
+from aeic.evaluation import baselines, learned, metrics, plots, resume, runner
 from aeic.sender.coding_scale import parse_downscale
 from aeic.sender.images import IMAGE_SUFFIXES
 from aeic.sender.rate_distortion_rounding import parse_rounding
@@ -168,7 +168,7 @@ def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factor
         codec.info() if codec is not None and hasattr(codec, "info")
         else {"codec": type(codec).__name__ if codec else None}
     )
-    held.enter_context(runner.out_folder_lock(config.out))
+    held.enter_context(resume.out_folder_lock(config.out))
     return runner.Evaluator(codec, config, info)
 
 

@@ -5,30 +5,28 @@ bitstream and decodes it; bpp is ``len(bitstream) * 8 / (W * H)`` with the conta
 baselines are then coded at the same bytes: AEIC's actual byte count for a rate-index point, the byte
 budget itself for a bpp-budget point (each method's best under the same budget).
 
-Rows go to ``OUT/results.csv`` as soon as they exist, so an interrupted run resumes where it stopped:
-rows already in the CSV are skipped. ``OUT/summary.json`` holds the configuration, the machine, every row
-and the means per (point, method), with unreachable and failed images counted, not dropped.
+Rows go to ``OUT/results.csv`` as soon as they exist (:mod:`~aeic.evaluation.results_file`), so an
+interrupted run resumes where it stopped: rows already in the CSV are skipped, once
+:mod:`~aeic.evaluation.resume` has checked that they were made the same way. ``OUT/summary.json`` holds the
+configuration, the machine, every row and the means per (point, method) (:mod:`~aeic.evaluation.summary`).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import math
-import platform
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
-from aeic.evaluation import baselines, learned, metrics
+from aeic.evaluation import baselines, learned, metrics, resume
+from aeic.evaluation.results_file import ResultsFile
+from aeic.evaluation.summary import machine_info, means, typed_row
 from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, upright_rgb8
 from aeic.shared import bitstream
-from aeic.shared.durable import exclusive_lock
 from PIL import Image
 from tqdm import tqdm
 
@@ -130,6 +128,7 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
 # DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default).
 # ImageReadError: a pixel mode the sender cannot code.
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, ImageReadError)
+UNREADABLE_DETAIL = "unreadable image"  # how an error row of a file that cannot be read starts
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -177,178 +176,6 @@ def metric_functions(names: list[str] | None) -> tuple[dict[str, Callable[..., f
     return fns, skipped
 
 
-def _csv_open(path: Path, mode: str) -> Any:
-    """UTF-8, with non-UTF-8 file names kept byte for byte (surrogateescape) instead of crashing."""
-    return path.open(mode, newline="", encoding="utf-8", errors="surrogateescape")
-
-
-class ResultsFile:
-    """Append-only CSV of rows with a fixed header; knows which (image, point, method) rows exist."""
-
-    def __init__(self, path: Path, columns: list[str]) -> None:
-        self.path, self.columns = path, columns
-        self.rows: list[dict[str, str]] = []
-        if path.exists() and path.stat().st_size > 0:
-            with _csv_open(path, "r") as fh:
-                reader = csv.DictReader(fh)
-                if reader.fieldnames != columns:
-                    raise ValueError(
-                        f"{path} was written with other columns {reader.fieldnames}; use a new --out folder"
-                    )
-                rows = list(reader)
-            # a row cut short by a killed run is dropped, so it is measured again; a row written twice (two
-            # runs at once, before eval.lock) is kept once, the later one
-            self.rows = list({_key(r): r for r in rows if _complete(r)}.values())
-            if len(self.rows) < len(rows) or not path.read_bytes().endswith(b"\n"):
-                self._rewrite()
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._rewrite()
-        self.done = {_key(r): r for r in self.rows}
-
-    def _rewrite(self) -> None:
-        """Header and the rows kept, written whole and then moved into place."""
-        tmp = self.path.with_suffix(".csv.tmp")
-        with _csv_open(tmp, "w") as fh:
-            writer = csv.DictWriter(fh, self.columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
-
-    def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        rows = [{c: _cell(row.get(c)) for c in self.columns} for row in rows]
-        with _csv_open(self.path, "a") as fh:
-            csv.DictWriter(fh, self.columns).writerows(rows)
-        for row in rows:
-            self.rows.append(row)
-            self.done[_key(row)] = row
-
-
-LOCK_FILE = "eval.lock"
-
-
-@contextmanager
-def out_folder_lock(out: Path) -> Iterator[None]:
-    """One ``aeic eval`` at a time in an ``--out`` folder (made here if missing): two (the same command started
-    twice, a requeued job) would each measure and append every row, so the means counted each image twice."""
-    out.mkdir(parents=True, exist_ok=True)
-    busy = ValueError(f"another aeic eval is writing to {out} (it holds {out / LOCK_FILE}): wait for it, or stop it first")
-    with exclusive_lock(out / LOCK_FILE, busy):
-        yield
-
-
-# What decides the rows, beyond the columns: a re-run into the same --out may only add rows made the same
-# way. Provider, device and the package's path may change between resumes; the model id may not.
-ROW_DEFINING_CODEC_KEYS = ("codec", "model_id", "sender_downscale", "sender_rounding")
-RUN_IDENTITY_FILE = "run.json"
-
-
-def run_identity(config: EvalConfig, codec_info: dict[str, Any] | None) -> dict[str, Any]:
-    """The settings rows depend on: the baseline criterion and encoder settings, the codecs a ``best`` row
-    chooses among (a codec missing on one machine would otherwise mix best-of-three rows with best-of-four
-    ones), and the codec (None for --baselines-only)."""
-    codec = None if codec_info is None else {k: codec_info.get(k) for k in ROW_DEFINING_CODEC_KEYS}
-    settings = baselines.encoder_settings()
-    encoders = {name: settings[name] for name in config.baselines} or None
-    best_of = sorted(config.baselines) if len(config.baselines) > 1 else None
-    return {
-        "criterion": config.criterion if config.baselines else None, "codec": codec, "encoders": encoders,
-        "best_of": best_of,
-    }  # fmt: skip
-
-
-def image_digests(paths: Iterable[Path]) -> dict[str, str]:
-    """A content hash per image name, so a resumed run notices another picture under a name it measured."""
-    digests = {}
-    for path in paths:
-        try:
-            digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        except OSError:  # unreadable: it gets error rows, not a digest
-            continue
-    return digests
-
-
-def _merged_digests(
-    out: Path, stored: dict[str, str], current: dict[str, str], measured: Collection[str]
-) -> dict:
-    """``stored`` updated with ``current``; refuses when an image that has rows is now another picture."""
-    changed = sorted(n for n in measured if n in stored and n in current and stored[n] != current[n])
-    if changed:
-        raise ValueError(
-            f"{out} holds rows of other pictures named {changed[:3]} (another --images folder, or the files "
-            "changed); use a new --out folder"
-        )
-    return {**stored, **current}
-
-
-def check_run_identity(
-    out: Path, identity: dict[str, Any], resuming: bool = True, measured: Collection[str] = frozenset()
-) -> None:
-    """Refuse to resume a folder whose rows were made with another criterion, codec or pictures; record this run's.
-
-    A folder written before ``run.json`` existed is checked against its ``summary.json``. A baseline-only
-    folder may be completed with a codec's rows (and the reverse), since neither kind of row depends on
-    the other's settings. ``resuming`` False (no rows yet) starts afresh. ``identity["images"]`` holds
-    :func:`image_digests`, checked for the ``measured`` image names (those with rows);
-    ``identity["encoders"]`` each classic codec's encoder settings, checked for the codecs in both.
-    """
-    path = out / RUN_IDENTITY_FILE
-    stored: dict[str, Any] = {"criterion": None, "codec": None}
-    if resuming and path.exists():
-        stored.update(json.loads(path.read_text()))
-    elif resuming and (out / "summary.json").exists():
-        old = json.loads((out / "summary.json").read_text())
-        config, codec = old.get("config", {}), old.get("codec") or {}
-        stored["criterion"] = config.get("criterion") if config.get("baselines") else None
-        if any(codec.get(k) is not None for k in ROW_DEFINING_CODEC_KEYS):
-            stored["codec"] = {k: codec.get(k) for k in ROW_DEFINING_CODEC_KEYS}
-    merged = dict(stored)
-    for key, value in identity.items():
-        if key == "images":
-            merged[key] = _merged_digests(out, stored.get(key) or {}, value, measured)
-            continue
-        if key == "encoders" and value is not None:  # per classic codec: others may join a folder
-            before = stored.get(key) or {}
-            changed = sorted(name for name in value if name in before and before[name] != value[name])
-            if changed:
-                raise ValueError(
-                    f"{out} holds {', '.join(changed)} rows made with other encoder settings "
-                    f"({before[changed[0]]!r}); use a new --out folder"
-                )
-            merged[key] = {**before, **value}
-            continue
-        if value is None:
-            continue
-        if stored.get(key) is not None and stored[key] != value:
-            raise ValueError(
-                f"{out} holds rows made with {key} {stored[key]!r}, not {value!r}; use a new --out folder"
-            )
-        merged[key] = value
-    path.write_text(json.dumps(merged, indent=2) + "\n")
-
-
-STATUSES = ("ok", "unreachable", "error")
-UNREADABLE_DETAIL = "unreadable image"  # how an error row of a file that cannot be read starts
-
-
-def _key(row: dict[str, Any]) -> tuple[str, str, str]:
-    """What a row is of: (image, point, method); a folder holds one row per key."""
-    return row["image"], row["point"], row["method"]
-
-
-def _complete(row: dict[str, Any]) -> bool:
-    """False for a row a killed run left half written: fields missing or extra, or no known status."""
-    return None not in row and None not in row.values() and row["status"] in STATUSES
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
 def _coding_factor(data: bytes) -> float | str:
     """1 / the coding downscale an AEIC stream was made at (the scale of the picture it codes)."""
     try:
@@ -394,10 +221,10 @@ class Evaluator:
         self.methods += ["best"] if len(config.baselines) > 1 else []
         self.columns = BASE_COLUMNS + list(self.metric_fns) + self.learned_names
         self.results = ResultsFile(config.out / "results.csv", self.columns)
-        identity = run_identity(config, self.codec_info if codec is not None else None)
-        identity["images"] = image_digests(list_images(config.images, config.limit))
+        identity = resume.run_identity(config.criterion, config.baselines, self.codec_info if codec is not None else None)
+        identity["images"] = resume.image_digests(list_images(config.images, config.limit))
         measured = {r["image"] for r in self.results.rows}
-        check_run_identity(config.out, identity, resuming=bool(self.results.rows), measured=measured)
+        resume.check_run_identity(config.out, identity, resuming=bool(self.results.rows), measured=measured)
         self._warm = False
 
     def _score(self, ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
@@ -574,65 +401,5 @@ class Evaluator:
             "skipped_metrics": self.skipped,
             "set_metrics": self.learned.set_results(),  # FID/KID over rows evaluated in this run only
             "means": means(rows, self.columns, self.config.points, self.methods),
-            "rows": [_typed(r) for r in rows],
+            "rows": [typed_row(r) for r in rows],
         }
-
-
-INTEGER = {"width", "height", "rate_index", "quality", "budget_bytes", "bytes"}
-TEXT = {"image", "point", "method", "status", "detail"}
-
-
-def _typed(row: dict[str, str]) -> dict[str, Any]:
-    """CSV strings back to numbers (empty -> None) for JSON."""
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        if key in TEXT:
-            out[key] = value
-        elif value in ("", None):
-            out[key] = None
-        else:
-            number = float(value)
-            out[key] = int(number) if key in INTEGER and number.is_integer() else number
-    return out
-
-
-def means(
-    rows: list[dict[str, str]], columns: list[str], points: list[RatePoint], methods: list[str]
-) -> list[dict[str, Any]]:
-    """Per (point, method): counts of ok/unreachable/error images and the mean of every numeric column."""
-    numeric = [c for c in columns if c not in TEXT and c not in {"width", "height"}]
-    out = []
-    for point in points:
-        for method in methods:
-            group = [r for r in rows if r["point"] == point.label and r["method"] == method]
-            if not group:
-                continue
-            ok = [r for r in group if r["status"] == "ok"]
-            entry: dict[str, Any] = {
-                "point": point.label, "method": method, "n_ok": len(ok),
-                "n_unreachable": sum(r["status"] == "unreachable" for r in group),
-                "n_error": sum(r["status"] == "error" for r in group),
-                "unreachable_images": [r["image"] for r in group if r["status"] == "unreachable"],
-                "error_images": [r["image"] for r in group if r["status"] == "error"],
-            }  # fmt: skip
-            for col in numeric:
-                values = [float(r[col]) for r in ok if r.get(col) not in ("", None)]
-                entry[col] = float(np.mean(values)) if values else None
-            out.append(entry)
-    return out
-
-
-def machine_info() -> dict[str, Any]:
-    """What the timings were measured on."""
-    import os
-
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aeic.evaluation import baselines, cli, metrics, plots, runner
+from aeic.evaluation import baselines, cli, metrics, plots, results_file, runner
 from aeic.sender.images import read_image
 from PIL import Image
 
@@ -261,7 +261,7 @@ def test_ctrl_c_keeps_the_rows_and_the_same_command_resumes(
     monkeypatch.setattr(StrideCodec, "encode", interrupted)
     out = tmp_path / "out"
     assert _cli(images, out, "--rates", "0", "--baseline", "none", "--no-plots") == 130
-    assert [r["image"] for r in runner.ResultsFile(out / "results.csv", runner.BASE_COLUMNS + ["psnr"]).rows] == [
+    assert [r["image"] for r in results_file.ResultsFile(out / "results.csv", runner.BASE_COLUMNS + ["psnr"]).rows] == [
         "img0.png"
     ]
     monkeypatch.undo()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aeic.evaluation import baselines, runner
+from aeic.evaluation import baselines, resume, runner
 from PIL import Image
 
 
@@ -65,7 +65,7 @@ def test_another_criterion_does_not_resume(images: Path, tmp_path: Path) -> None
 def test_a_folder_from_before_run_json_is_checked_against_its_summary(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     _baselines_only(images, out, "psnr").run(progress=False)
-    (out / runner.RUN_IDENTITY_FILE).unlink()
+    (out / resume.RUN_IDENTITY_FILE).unlink()
     with pytest.raises(ValueError, match="criterion"):
         _baselines_only(images, out, "ms_ssim")
 
@@ -80,14 +80,14 @@ def test_another_model_does_not_resume_but_a_baseline_folder_can_be_completed(
     _with_codec(images, out, "aaaa", []).run(progress=False)  # another provider/path, same model: fine
     with pytest.raises(ValueError, match="codec"):
         _with_codec(images, out, "bbbb", ["webp"])
-    identity = json.loads((out / runner.RUN_IDENTITY_FILE).read_text())
+    identity = json.loads((out / resume.RUN_IDENTITY_FILE).read_text())
     assert identity["criterion"] == "psnr" and identity["codec"]["model_id"] == "aaaa"
 
 
 def test_a_new_folder_ignores_a_stale_identity(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / runner.RUN_IDENTITY_FILE).write_text(json.dumps({"criterion": "ms_ssim", "codec": None}))
+    (out / resume.RUN_IDENTITY_FILE).write_text(json.dumps({"criterion": "ms_ssim", "codec": None}))
     _baselines_only(images, out, "psnr").run(progress=False)  # no rows yet: nothing to mix with
 
 
