@@ -15,7 +15,7 @@ from aeic.sender.images import IMAGE_SUFFIXES
 from aeic.sender.rate_distortion_rounding import parse_rounding
 
 BASELINE_CHOICES = ("jpeg", "webp", "avif", "jxl", "best", "none")
-METRIC_NAMES = ("psnr", "ms_ssim", "texture", *metrics.PERCEPTUAL_METRICS, *learned.REQUIREMENTS)
+METRIC_NAMES = (*metrics.CORE_METRICS, *metrics.PERCEPTUAL_METRICS, *learned.REQUIREMENTS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ def baseline_codecs(choice: str) -> tuple[list[str], dict[str, str]]:
 
 def _print_means(summary: dict[str, Any]) -> None:
     """The means table; ``ok`` is how many images each mean is over, ``unr``/``err`` those left out."""
-    cols = [m for m in ("psnr", "ms_ssim", "texture") if m in summary["metrics"]]
+    cols = [m for m in metrics.CORE_METRICS if m in summary["metrics"]]
     head = f"{'point':<10} {'method':<6} {'ok':>3} {'unr':>3} {'err':>3} {'bpp':>8} "
     print(head + " ".join(f"{c:>8}" for c in cols))
     for m in summary["means"]:

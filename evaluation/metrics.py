@@ -11,7 +11,7 @@ Python float, so results serialise to JSON/CSV unchanged.
   images are indicative only.
 - :func:`texture_retention`: how much of the original's luma gradient energy the reconstruction keeps,
   as ``min(r, 1/r)`` so both blur and invented noise lower it (1 = same energy).
-- :func:`perceptual_metrics`: weight-free metrics from ``piq`` (HaarPSI, VIF-p, FSIM, GMSD). ``piq``'s
+- :func:`perceptual_metric_fn`: weight-free metrics from ``piq`` (HaarPSI, VIF-p, FSIM, GMSD). ``piq``'s
   package ``__init__`` imports torchvision (for its learned metrics), which this project does not install;
   :func:`_piq_module` therefore loads only the needed submodules. The same mirror-pad fallback as MS-SSIM
   applies below each metric's minimum size. Identical images get each metric's ideal value (1, or 0 for
@@ -141,6 +141,14 @@ def texture_retention(ref: np.ndarray, rec: np.ndarray) -> float:
     return min(r, 1.0 / r)
 
 
+# The metrics that need only numpy and pytorch_msssim, in the order of results.csv's columns.
+CORE_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "psnr": psnr,
+    "ms_ssim": ms_ssim,
+    "texture": texture_retention,
+}
+
+
 def _piq_module(name: str) -> ModuleType:
     """Import ``piq.<sub>`` without running piq's ``__init__`` (which needs torchvision).
 
@@ -174,28 +182,3 @@ def perceptual_metric_fn(name: str) -> Callable[[np.ndarray, np.ndarray], float]
 
     metric.__name__ = name
     return metric
-
-
-def perceptual_metrics(ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
-    """All weight-free piq metrics of :data:`PERCEPTUAL_METRICS` for one image pair."""
-    return {name: perceptual_metric_fn(name)(ref, rec) for name in PERCEPTUAL_METRICS}
-
-
-def all_metrics(ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
-    """PSNR, MS-SSIM, texture retention and the weight-free perceptual metrics, in a stable key order."""
-    out = {
-        "psnr": psnr(ref, rec),
-        "ms_ssim": ms_ssim(ref, rec),
-        "texture": texture_retention(ref, rec),
-    }
-    out.update(perceptual_metrics(ref, rec))
-    return out
-
-
-# Direction of each metric, for plots and "best of" choices.
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "psnr": True,
-    "ms_ssim": True,
-    "texture": True,
-    **{name: spec[3] for name, spec in PERCEPTUAL_METRICS.items()},
-}

@@ -156,11 +156,7 @@ def original_of(images: Path, recon: Path) -> Path:
 
 def metric_functions(names: list[str] | None) -> tuple[dict[str, Callable[..., float]], dict[str, str]]:
     """Metric name -> function, and name -> reason for each requested metric that cannot run here."""
-    fns: dict[str, Callable[..., float]] = {
-        "psnr": metrics.psnr,
-        "ms_ssim": metrics.ms_ssim,
-        "texture": metrics.texture_retention,
-    }
+    fns: dict[str, Callable[..., float]] = dict(metrics.CORE_METRICS)
     skipped: dict[str, str] = {}
     for name in metrics.PERCEPTUAL_METRICS:
         try:
