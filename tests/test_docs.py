@@ -241,3 +241,27 @@ def test_readme_benchmark_block_is_what_the_results_render_to() -> None:
     assert block.strip() == render(ROOT / "benchmarks" / "results").strip(), (
         "README.md's benchmark table differs from benchmarks/results/*.json: run "
         "`python -m benchmarks.run_all --table-only`")
+
+
+def test_the_architecture_picture_names_real_files_and_the_codes_numbers() -> None:
+    """docs/architecture.md's picture is a code block, which the path check above does not read: its
+    files exist, and its figures (strip rows, halos, padding, header sizes) are the code's and the
+    shipped package's."""
+    from aeic.sender.tiled_analysis import DEFAULT_STRIP_ROWS, trunk_tiling
+    from aeic.shared import bitstream
+    from aeic.shared.model_package import SENDER_FILES, ModelPackage
+    from aeic.shared.padding import ALIGNMENT
+
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    picture = text.split("```", 2)[1]
+    paths = re.findall(r"\b((?:sender|receiver|shared|codec)/[\w/]*\w(?:\.py)?)\b", picture)
+    assert len(paths) > 15, "the path extraction broke"
+    assert [path for path in paths if not (ROOT / path).exists()] == []
+    package = ModelPackage.load(None, needs=SENDER_FILES)
+    factor, halo = package.analysis_tiling
+    _, trunk_halo = trunk_tiling(package.manifest["config"]["analysis"], factor)
+    header = bitstream.HEADER_SIZE
+    for figure in (f"in {DEFAULT_STRIP_ROWS}-row strips + {halo}-row halos", f"strips + {trunk_halo}-row halos",
+                   f"pad to {ALIGNMENT}", f"{header}/{header + bitstream.COLOUR_STATS_SIZE} B header + CRC32",
+                   f"container v{bitstream.FORMAT_VERSION}"):
+        assert figure in picture, f"docs/architecture.md's picture lacks {figure!r}"
