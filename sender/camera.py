@@ -10,11 +10,13 @@ frames queued since the last picture are skipped, so each picture is recent.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -25,6 +27,9 @@ from aeic.shared.url_redaction import without_password
 LIVE_GRAB_SECONDS = 0.005
 # Never skip more than this many buffered frames for one picture (about 2 s at 30 fps).
 MAX_BUFFERED_FRAMES = 60
+# Query parameters that carry an IP camera's credentials (``snapshot.cgi?user=admin&pwd=...``,
+# ``?password=``, ``?auth=``, ``?token=``): masked in log lines like a URL's password.
+_SECRET_PARAMETER = re.compile(r"pass|pwd|token|secret|key|auth|sig", re.IGNORECASE)
 
 
 class Capture(Protocol):
@@ -44,6 +49,22 @@ def parse_source(text: str) -> int | str:
     if not stripped:
         raise ValueError("camera source is empty: give an index, /dev/videoN or a stream URL")
     return int(stripped) if stripped.isdigit() else stripped
+
+
+def display_name(source: int | str) -> str:
+    """``source`` as log lines show it: a URL without the password of its user part, and with the values of
+    query parameters that carry credentials replaced by ``***``. Many IP cameras take theirs in the query
+    (``videostream.cgi?user=admin&pwd=...``), and the start line went whole into the journal."""
+    if not isinstance(source, str):
+        return str(source)
+    shown = without_password(source)
+    parts = urlsplit(shown)
+    pairs = parts.query.split("&") if parts.query else []
+    masked = [
+        f"{name}=***" if value and _SECRET_PARAMETER.search(name) else f"{name}{sep}{value}"
+        for name, sep, value in (pair.partition("=") for pair in pairs)
+    ]
+    return parts._replace(query="&".join(masked)).geturl() if masked != pairs else shown
 
 
 def open_capture(source: int | str) -> Capture:
@@ -77,7 +98,7 @@ class Camera:
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.source = source
-        self.name = without_password(source) if isinstance(source, str) else str(source)  # rtsp://user:***@cam/...
+        self.name = display_name(source)  # rtsp://user:***@cam/..., http://cam/video.cgi?user=admin&pwd=***
         self._opener = opener
         self._backoff = backoff or Backoff(base=1.0, max_delay=60.0)
         self._clock = clock

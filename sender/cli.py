@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import ipaddress
 import os
 import signal
 import sys
@@ -20,11 +21,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from aeic.sender.backoff import Backoff
 from aeic.sender.coding_scale import AUTO_SHORT_SIDE, MIN_CODED_BPP, parse_downscale
-from aeic.sender.config import ConfigError, SenderConfig, load_config, misspelt_variables
+from aeic.sender.config import ConfigError, SenderConfig, exposed_files, load_config, misspelt_variables
 from aeic.sender.forward import DrainReport, Forwarder, ItemPolicy
 from aeic.sender.images import ImageReadError, read_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
@@ -145,6 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("spool", parents=[common], help="list queued and rejected items")
     p.add_argument("--spool", dest="spool_dir", type=Path, help="spool directory")
     return parser
+
+
+def _plain_http(receiver_url: str) -> str | None:
+    """A warning when uploads would cross a network unencrypted: an ``http://`` receiver on another host.
+
+    Why: the device token goes with every upload; on plain HTTP anyone on the path (the Wi-Fi, a hotel or
+    mobile network) can read it and upload as this device, or change the images. A loopback receiver (a
+    test, a tunnel's local end) is not warned about."""
+    try:
+        parts = urlsplit(receiver_url)
+        host = parts.hostname or ""
+    except ValueError:  # the uploader says what is wrong with it
+        return None
+    if parts.scheme != "http" or host == "localhost" or _is_loopback(host):
+        return None
+    return (f"the receiver URL {without_password(receiver_url)} is plain http://: the device token and every image "
+            "cross the network unencrypted (readable and alterable on the way); use https://")  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return False
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
@@ -592,7 +618,9 @@ def main(argv: Sequence[str] | None = None, codec_factory: CodecFactory = load_s
     reporter = Reporter(as_json=bool(args.json))
     try:
         config = load_config(_cli_values(args), args.config)
-        for line in misspelt_variables():
+        uploads = args.command in ("send", "watch", "camera", "flush")
+        plain = _plain_http(config.receiver_url) if uploads and config.receiver_url else None
+        for line in [*misspelt_variables(), *exposed_files(config, args.config), *([plain] if plain else [])]:
             reporter.info(f"aeic-send: warning: {line}")
         return HANDLERS[args.command](args, config, reporter, codec_factory)
     except (ConfigError, UsageError, UploadConfigError) as exc:

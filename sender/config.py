@@ -156,6 +156,43 @@ def misspelt_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     return lines
 
 
+def exposed_files(
+    config: SenderConfig, config_path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """One warning per settings file that lets every user of the device read or redirect the token.
+
+    Why: a config file holding ``token`` that anyone may read gives the device's token to every local
+    user; a config file anyone may write lets any of them point ``receiver_url`` at their own server,
+    which the agent then sends the token (and the images) to; a CA bundle anyone may write lets them add
+    a certificate for the receiver's name. A warning, not a refusal: the agent keeps delivering while
+    the operator fixes the mode (``chmod o-rw``).
+    """
+    environ = os.environ if environ is None else environ
+    lines = []
+    path = config_path or environ.get(CONFIG_ENV)
+    mode = _mode(Path(path)) if path else None
+    if mode is not None and mode & 0o002:
+        lines.append(f"config file {path} can be changed by any user of this device (mode {mode:04o}): whoever "
+                     f"changes receiver_url gets the device token; chmod o-w {path}")  # fmt: skip
+    if mode is not None and mode & 0o004 and path and "token" in read_config_file(Path(path)):
+        lines.append(f"config file {path} holds the device token and any user of this device can read it (mode "
+                     f"{mode:04o}): chmod o-r {path}, or move the token to AEIC_TOKEN in a file only root reads "
+                     "(the unit's EnvironmentFile)")  # fmt: skip
+    bundle_mode = _mode(config.ca_bundle) if config.ca_bundle is not None else None
+    if bundle_mode is not None and bundle_mode & 0o002:
+        lines.append(f"CA bundle {config.ca_bundle} can be changed by any user of this device (mode "
+                     f"{bundle_mode:04o}): a certificate added to it can pose as the receiver; chmod o-w it")  # fmt: skip
+    return lines
+
+
+def _mode(path: Path) -> int | None:
+    """The permission bits of ``path`` (of its target for a link), or None when it cannot be examined."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return None
+
+
 def _edit_distance(a: str, b: str) -> int:
     """Levenshtein distance (insertions, deletions, substitutions)."""
     previous = list(range(len(b) + 1))

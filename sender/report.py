@@ -8,6 +8,7 @@ line on stderr so a person watching a service log still sees them.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from typing import Any, TextIO
@@ -95,8 +96,20 @@ class Reporter:
             self.info(f"upload of {name} not done: {result.detail}; it stays queued")
 
 
+# C0 and C1 control characters, DEL and the Unicode line and paragraph separators: none belongs in a
+# one-line log record.
+_CONTROL = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]")
+
+
 def _encodable(line: str, stream: TextIO) -> str:
-    """``line`` with what ``stream`` cannot encode escaped: a file name that is not valid UTF-8 (its
-    bytes come back as lone surrogates) must not end the agent under a strict UTF-8 locale."""
+    """``line`` as one plain line ``stream`` can encode.
+
+    Control characters are written escaped (``\\n``, ``\\x1b``): a receiver's answer (its reason or
+    image id), a camera's or a proxy's, or the name of a file dropped into the watched folder could
+    otherwise forge log lines with a line break, or send escape sequences to the operator's terminal
+    (retitle it, clear it, recolour or hide what follows). What the stream's encoding cannot hold is
+    escaped too: a file name that is not valid UTF-8 (its bytes come back as lone surrogates) must not
+    end the agent under a strict UTF-8 locale."""
+    line = _CONTROL.sub(lambda match: repr(match.group())[1:-1], line)
     encoding = getattr(stream, "encoding", None) or "utf-8"
     return line.encode(encoding, "backslashreplace").decode(encoding)

@@ -58,6 +58,7 @@ _BODY_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encod
 # What a bearer token may hold (RFC 6750's b64token, and every printable ASCII character besides):
 # anything else cannot go into a header, and would fail every upload as if the network did.
 _TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")
+_RECEIPT_ID = re.compile(r"[\x21-\x7e]{1,255}")
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
 _HTML_TAG = re.compile(r"<[^>]*>")
 
@@ -289,9 +290,11 @@ def _html_text(page: str) -> str:
 
 
 def _receiver_id(body: object) -> str | None:
-    if isinstance(body, dict) and body.get("id") is not None:
-        return str(body["id"])
-    return None
+    """The receipt's image id: a string of 1-255 visible ASCII characters (the receiver's are 32 hex digits).
+    Another server's 2xx with some other ``id`` (a number, ``false``, an object) is no receipt: taken for one,
+    it deleted the image from the spool as delivered."""
+    image_id = body.get("id") if isinstance(body, dict) else None
+    return image_id if isinstance(image_id, str) and _RECEIPT_ID.fullmatch(image_id) else None
 
 
 def _retry_after(response: httpx.Response) -> float:

@@ -1,0 +1,260 @@
+"""aeic-send against a world that is wrong or hostile: a receiver (or whoever answers in its place), a
+camera URL, other users of the device. Real HTTP servers on loopback, the real command line in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aeic.sender import cli
+from aeic.sender.camera import Camera, display_name
+from aeic.sender.config import exposed_files, load_config
+from aeic.sender.spool import Spool
+from aeic.sender.uploader import Outcome, Uploader
+from sender_support import make_bitstream
+
+TOKEN = "device-token"
+Answer = Callable[[BaseHTTPRequestHandler], None]
+
+
+@contextmanager
+def hostile_server(answer: Answer) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A loopback HTTP server whose every POST/GET is answered by ``answer``; yields its URL and the
+    headers of each request it got."""
+    seen: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            seen.append({key.lower(): value for key, value in self.headers.items()})
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            answer(self)
+
+        do_POST = do_GET = _any
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _json_answer(status: int, body: object) -> Answer:
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    return answer
+
+
+def _flush(url: str, spool: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
+    monkeypatch.setenv("AEIC_TOKEN", TOKEN)
+    monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
+    return cli.main(["flush", "--to", url, "--spool", str(spool), "--retry-for", "0", *extra])
+
+
+def _raw_answer(status: int, content_type: str, body: bytes) -> Answer:
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _json_answer(400, {"detail": "bad \x1b[8mhidden \x1b]0;owned\x07"}),
+        _raw_answer(503, "text/plain", b"busy \x1b[2J\x1b[31mred\x9b1m"),
+    ],
+    ids=["json-reason", "text-reason"],
+)
+def test_an_answer_cannot_drive_the_operators_terminal(
+    answer: Answer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An escape sequence in a receiver's (or a proxy's) answer went to the terminal as is: it could retitle
+    it, clear it, or hide or recolour what follows."""
+    Spool(tmp_path / "spool").put(make_bitstream(1), source="a.jpg")
+    with hostile_server(answer) as (url, _):
+        _flush(url, tmp_path / "spool", monkeypatch)
+    err = capsys.readouterr().err
+    assert not any(char in err for char in "\x1b\x07\x9b")
+    shown = next(line for line in err.splitlines() if "a.jpg" in line)
+    assert "\\x1b" in shown
+
+
+def test_a_file_name_cannot_forge_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """Whoever may drop files into the watched folder names them; the name is in every line about the file."""
+    reporter = cli.Reporter()
+    reporter.error("x", "watch: /srv/outbox/a\nuploaded b.jpg\x1b[1A.jpg: cannot read")
+    assert capsys.readouterr().err == "error: watch: /srv/outbox/a\\nuploaded b.jpg\\x1b[1A.jpg: cannot read\n"
+
+
+@pytest.mark.parametrize(
+    "body", [{"id": False}, {"id": 17}, {"id": ""}, {"id": {"nested": 1}}, {"id": ["a"]}, {"id": "a b"}, {"id": "x" * 256}],
+    ids=["false", "number", "empty", "object", "list", "space", "long"],
+)
+def test_a_2xx_whose_id_is_no_receivers_id_keeps_the_item(body: object) -> None:
+    """The receiver's receipt is its image id, a string (32 hex digits); another server's 201 with some other
+    ``id`` (a number, false, an object) deleted the image from the spool as delivered."""
+    data = make_bitstream(2)
+    with hostile_server(_json_answer(201, body)) as (url, _), Uploader(url, TOKEN, timeout=5.0) as uploader:
+        result = uploader.upload(data, "k" * 64)
+    assert result.outcome is Outcome.RETRY and "without the receiver's receipt" in result.detail
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_and_the_token_stays(status: int) -> None:
+    """A receiver (or a man in the middle of plain http://) that redirects cannot make the sender send its
+    token, or the image, to another server."""
+    with hostile_server(_json_answer(202, {"id": "stolen"})) as (elsewhere, taken):
+
+        def redirect(handler: BaseHTTPRequestHandler) -> None:
+            handler.send_response(status)
+            handler.send_header("Location", elsewhere + "/v1/images")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+
+        data = make_bitstream(3)
+        with hostile_server(redirect) as (url, asked), Uploader(url, TOKEN, timeout=5.0) as uploader:
+            result = uploader.upload(data, "k" * 64)
+    assert result.outcome is Outcome.BLOCKED and elsewhere in result.detail
+    assert asked[0]["authorization"] == f"Bearer {TOKEN}" and taken == []
+
+
+def test_an_endless_close_delimited_answer_is_cut(tmp_path: Path) -> None:
+    """HTTP/1.0 without Content-Length: the body ends when the server closes, which this one never does."""
+
+    def endless(handler: BaseHTTPRequestHandler) -> None:
+        handler.protocol_version = "HTTP/1.0"
+        handler.send_response(503)
+        handler.end_headers()
+        try:
+            while True:
+                handler.wfile.write(b"<p>busy</p>" * 4096)
+        except OSError:
+            pass  # the sender stopped reading and closed: as it should
+
+    data = make_bitstream(4)
+    with hostile_server(endless) as (url, _), Uploader(url, TOKEN, timeout=5.0) as uploader:
+        result = uploader.upload(data, "k" * 64)
+    assert (result.outcome, result.status) == (Outcome.RETRY, 503) and len(result.detail) <= 400
+
+
+def test_plain_http_to_another_host_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The token rides on every upload; on http:// to another host anyone on the path can read it."""
+    for url in ("http://127.0.0.1:1", "https://receiver.invalid:1", "http://receiver.invalid:1"):
+        _flush(url, tmp_path / "spool", monkeypatch)
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "plain http://" in line]
+    assert len(warnings) == 1 and "http://receiver.invalid:1" in warnings[0]
+
+
+def _config(tmp_path: Path, text: str, mode: int) -> Path:
+    path = tmp_path / "sender.toml"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_a_token_in_a_world_readable_config_file_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readable = _config(tmp_path, f'token = "{TOKEN}"\n', 0o644)
+    monkeypatch.delenv("AEIC_TOKEN", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    cli.main(["flush", "--config", str(readable), "--to", "http://127.0.0.1:1", "--retry-for", "0"])
+    err = capsys.readouterr().err
+    assert "holds the device token and any user of this device can read it (mode 0644)" in err
+    assert TOKEN not in err
+    readable.chmod(0o640)  # the install guide's root:aeic 0640: no warning
+    assert exposed_files(load_config(config_path=readable, environ={}), readable, {}) == []
+    without = _config(tmp_path, 'receiver_url = "https://r"\n', 0o644)  # no token in it: readable is fine
+    assert exposed_files(load_config(config_path=without, environ={}), without, {}) == []
+
+
+def test_a_world_writable_config_file_or_ca_bundle_is_warned_about(tmp_path: Path) -> None:
+    """Whoever may write them can send the token to their own server, or pose as the receiver."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    bundle.chmod(0o666)
+    path = _config(tmp_path, f'receiver_url = "https://r"\nca_bundle = "{bundle}"\n', 0o666)
+    lines = exposed_files(load_config(config_path=path, environ={}), None, {"AEIC_SENDER_CONFIG": str(path)})
+    assert len(lines) == 2
+    assert "can be changed by any user" in lines[0] and "(mode 0666)" in lines[0] and "receiver_url" in lines[0]
+    assert lines[1].startswith(f"CA bundle {bundle} can be changed by any user")
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("http://cam/videostream.cgi?user=admin&pwd=s3cret&resolution=32",
+         "http://cam/videostream.cgi?user=admin&pwd=***&resolution=32"),
+        ("rtsp://admin:s3cret@cam:554/live?channel=1&token=s3cret", "rtsp://admin:***@cam:554/live?channel=1&token=***"),
+        ("http://cam/ISAPI/picture?auth=YWRtaW46czNjcmV0", "http://cam/ISAPI/picture?auth=***"),
+        ("http://cam/snap.jpg?Password=s3cret#x", "http://cam/snap.jpg?Password=***#x"),
+        ("rtsp://cam/live?channel=1&subtype=0", "rtsp://cam/live?channel=1&subtype=0"),
+        ("/dev/video0", "/dev/video0"),
+        (0, "0"),
+    ],
+)  # fmt: skip
+def test_camera_credentials_in_the_query_are_not_logged(source: int | str, shown: str) -> None:
+    """Many IP cameras take the password in the query; the agent's start line put it in the journal."""
+    assert display_name(source) == shown
+    assert Camera(source).name == shown
+
+
+def test_a_file_url_camera_or_redirect_to_a_local_file_is_refused_by_opencv(tmp_path: Path) -> None:
+    """A camera that answers with a redirect to ``file://`` (or an HLS playlist naming one) must not make
+    OpenCV read a local file: its FFmpeg allows only network protocols below an http:// source."""
+    cv2 = pytest.importorskip("cv2")
+    secret = tmp_path / "secret.avi"
+    writer = cv2.VideoWriter(str(secret), cv2.VideoWriter.fourcc(*"MJPG"), 5, (32, 24))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG/AVI")
+    writer.write(np.full((24, 32, 3), 90, np.uint8))
+    writer.release()
+    playlist = f"#EXTM3U\n#EXTINF:1.0,\nfile://{secret}\n#EXT-X-ENDLIST\n".encode()
+
+    def camera(handler: BaseHTTPRequestHandler) -> None:
+        if handler.path.endswith(".m3u8"):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/vnd.apple.mpegurl")
+            handler.send_header("Content-Length", str(len(playlist)))
+            handler.end_headers()
+            handler.wfile.write(playlist)
+            return
+        handler.send_response(302)
+        handler.send_header("Location", f"file://{secret}")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with hostile_server(camera) as (url, asked):
+        for path in ("/snapshot.mjpg", "/live.m3u8"):
+            capture = cv2.VideoCapture(url + path)
+            assert not capture.isOpened()
+            capture.release()
+    assert len(asked) == 2
+    assert os.access(secret, os.R_OK)  # readable: only the protocol rule kept it out
