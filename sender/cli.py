@@ -11,6 +11,7 @@ queued); 3 images are safely queued but not delivered yet; 130 interrupted (Ctrl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -218,6 +219,20 @@ def _rate_control(config: SenderConfig) -> RateControl:
 
 
 def _open_spool(config: SenderConfig) -> Spool:
+    """The spool, its folder made private (0700) when this is the first use.
+
+    Why: it holds every image until delivery, and a bitstream decodes with the public model; made with the
+    default umask it was readable by every user of the device (``~/.local/state`` is not private on every
+    system). A folder that exists keeps the mode its operator gave it. A spool that is a link to nowhere
+    (a card or disk not mounted) says so, where the folder's creation said only ``File exists``."""
+    root = config.spool_dir
+    if root.is_symlink() and not root.exists():
+        raise UsageError(f"spool {root} is a symbolic link to {os.readlink(root)}, which does not exist "
+                         "(storage not mounted?)")  # fmt: skip
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            root.mkdir(mode=0o700)
     return Spool(
         config.spool_dir,
         max_items=config.spool_max_items,

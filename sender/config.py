@@ -159,13 +159,14 @@ def misspelt_variables(environ: Mapping[str, str] | None = None) -> list[str]:
 def exposed_files(
     config: SenderConfig, config_path: str | Path | None = None, environ: Mapping[str, str] | None = None
 ) -> list[str]:
-    """One warning per settings file that lets every user of the device read or redirect the token.
+    """One warning per file or folder of the settings that lets every user of the device read or redirect
+    the token, or upload as the device.
 
     Why: a config file holding ``token`` that anyone may read gives the device's token to every local
     user; a config file anyone may write lets any of them point ``receiver_url`` at their own server,
     which the agent then sends the token (and the images) to; a CA bundle anyone may write lets them add
-    a certificate for the receiver's name. A warning, not a refusal: the agent keeps delivering while
-    the operator fixes the mode (``chmod o-rw``).
+    a certificate for the receiver's name; a spool anyone may write lets them queue their own pictures.
+    A warning, not a refusal: the agent keeps delivering while the operator fixes the mode (``chmod o-rw``).
     """
     environ = os.environ if environ is None else environ
     lines = []
@@ -182,6 +183,10 @@ def exposed_files(
     if bundle_mode is not None and bundle_mode & 0o002:
         lines.append(f"CA bundle {config.ca_bundle} can be changed by any user of this device (mode "
                      f"{bundle_mode:04o}): a certificate added to it can pose as the receiver; chmod o-w it")  # fmt: skip
+    spool_mode = _mode(config.spool_dir)
+    if spool_mode is not None and spool_mode & 0o002:
+        lines.append(f"spool {config.spool_dir} can be written by any user of this device (mode {spool_mode:04o}): "
+                     "what they put in it is uploaded as this device's images; chmod o-w it")  # fmt: skip
     return lines
 
 

@@ -258,3 +258,41 @@ def test_a_file_url_camera_or_redirect_to_a_local_file_is_refused_by_opencv(tmp_
             capture.release()
     assert len(asked) == 2
     assert os.access(secret, os.R_OK)  # readable: only the protocol rule kept it out
+
+
+def test_a_new_spool_is_private_and_an_open_one_keeps_its_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spool holds every image until it is delivered, and a bitstream decodes with the public model: made
+    with the default umask (0755) every user of the device could read them."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
+    previous = os.umask(0o022)
+    try:
+        assert cli.main(["spool"]) == cli.EXIT_OK
+        shared = tmp_path / "shared-spool"
+        shared.mkdir(mode=0o750)
+        shared.chmod(0o750)
+        assert cli.main(["spool", "--spool", str(shared)]) == cli.EXIT_OK
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "state" / "aeic" / "spool").stat().st_mode & 0o777 == 0o700
+    assert shared.stat().st_mode & 0o777 == 0o750
+
+
+def test_a_spool_linked_to_storage_not_mounted_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = tmp_path / "spool"
+    link.symlink_to(tmp_path / "card" / "spool")
+    monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
+    assert cli.main(["spool", "--spool", str(link)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "is a symbolic link to" in err and "does not exist (storage not mounted?)" in err  # was: File exists
+
+
+def test_a_world_writable_spool_is_warned_about(tmp_path: Path) -> None:
+    """Whoever may write into it queues pictures the agent uploads as this device's."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    spool.chmod(0o1777)
+    (line,) = exposed_files(load_config({"spool_dir": spool}, environ={}), None, {})
+    assert line.startswith(f"spool {spool} can be written by any user") and "(mode 1777)" in line
