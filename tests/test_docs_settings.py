@@ -368,3 +368,24 @@ def test_every_variable_the_documents_name_is_read() -> None:
     settings = RECEIVER_VARS | RECEIVER_EXTRA_VARS | SENDER_VARS | SENDER_EXTRA_VARS | set(typos)
     wrong = [f"{where}: {name}" for name, where in sorted(named.items()) if name not in settings and not _code_reads(name)]
     assert not wrong, "variables no code reads:\n" + "\n".join(wrong)
+
+
+def test_the_values_the_documents_give_receiver_variables_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`AEIC_QUEUE=redis://...` in an example: a value an operator copies is one the receiver takes
+    (placeholders such as `...` and `<the token>` aside)."""
+    examples = []
+    for doc in DOCS:
+        for name, value in re.findall(r"\b(AEIC_[A-Z0-9_]+)=('[^']*'|[^\s`'<]+)", doc.read_text(encoding="utf-8")):
+            if name in RECEIVER_VARS and "..." not in value:
+                examples.append((f"{doc.relative_to(ROOT)}: {name}={value}", name, value.strip("'")))
+    assert len(examples) >= 5, "the examples' extraction broke"
+    wrong = []
+    for where, name, value in examples:
+        with monkeypatch.context() as patch:
+            _clear_aeic_environment(patch)
+            patch.setenv(name, value)
+            try:
+                load_settings(data_dir=tmp_path)
+            except ValueError as exc:  # pydantic's ValidationError and ConfigError are ValueErrors
+                wrong.append(f"{where}: {str(exc).splitlines()[0]}")
+    assert not wrong, "\n".join(wrong)
