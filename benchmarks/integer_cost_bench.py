@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aeic.codec.export import load_checkpoint_model
+from aeic.codec.checkpoint import load_checkpoint_model
 from aeic.codec.quantization import float_reference
 from aeic.shared.padding import pad_to_multiple
 from aeic.training.data import list_images, load_downsampled

@@ -290,15 +290,8 @@ def _write_package(out: Path, make: Callable[[Path], object]) -> Path:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import (
-        CheckpointError,
-        export_package,
-        export_receiver_update,
-        export_sender_update,
-        load_checkpoint_model,
-        load_fitting,
-        read_checkpoint,
-    )
+    from .checkpoint import CheckpointError, load_checkpoint_model, load_fitting, read_checkpoint
+    from .export import export_package, export_receiver_update, export_sender_update
 
     try:
         _check_out(args.out)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .analysis import BAND, AnalysisConfig, AnalysisTransform, StarBlock
-from .model import AEICModel, ModelConfig, receiver_state_dict
+from .model import AEICModel, receiver_state_dict
 from .rate_levels import level_gains, level_positions, rate_level_entries
 
 OPSET = 17
@@ -188,62 +188,3 @@ def write_receiver_update(package: Path, tensors: dict[str, torch.Tensor], out: 
     _save_receiver_weights(tensors, out / RECEIVER_FILE)
     pkg.write_manifest(out, json.loads((package / pkg.MANIFEST).read_text()))
     return out
-
-
-class CheckpointError(ValueError):
-    """A file that should be a training checkpoint cannot be read as one (corrupt, truncated, another kind)."""
-
-
-def read_checkpoint(path: Path, needs: tuple[str, ...] = ()) -> dict:
-    """The contents of the training checkpoint ``path``, a dict holding ``needs``; a missing file is an
-    OSError, anything else unreadable a :class:`CheckpointError` that names the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except OSError:
-        raise
-    except Exception as exc:  # torch and pickle report a corrupt or foreign file in many ways
-        detail = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]  # torch's first sentence
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt, truncated or another kind of "
-                              f"file): {detail}") from exc
-    if not isinstance(state, dict) or any(key not in state for key in needs):
-        lacking = [key for key in needs if not isinstance(state, dict) or key not in state]
-        raise CheckpointError(f"{path} is not a training checkpoint (it lacks {', '.join(lacking) or 'a dict'})")
-    return state
-
-
-def load_fitting(module: nn.Module, weights: dict, source: object, strict: bool = True) -> tuple[list[str], list[str]]:
-    """``module.load_state_dict``; weights of other shapes are a CheckpointError naming ``source``, not
-    torch's list of every tensor."""
-    try:
-        return module.load_state_dict(weights, strict=strict)
-    except RuntimeError as exc:
-        own = module.state_dict()
-        other = [key for key, value in weights.items()
-                 if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape)]
-        missing = [key for key in own if key not in weights] if strict else []
-        unexpected = [key for key in weights if key not in own] if strict else []
-        detail = (f"{len(other)} tensors of other shapes ({other[0]}: {tuple(weights[other[0]].shape)} there, "
-                  f"{tuple(own[other[0]].shape)} here)" if other else f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        raise CheckpointError(f"{source} does not fit the model ({type(module).__name__}): {detail}; "
-                              "is it from another model preset?") from exc
-
-
-def checkpoint_preset(state: dict, source: object) -> ModelConfig:
-    """The preset a checkpoint records; one this version lacks is a CheckpointError naming ``source``."""
-    from .presets import UnknownPresetError, preset
-
-    try:
-        return preset(state["preset"])
-    except UnknownPresetError:
-        raise CheckpointError(f"{source} is of model preset {state['preset']!r}, unknown here") from None
-
-
-def load_checkpoint_model(checkpoint: Path) -> AEICModel:
-    """A model from a training checkpoint (its preset is recorded in the checkpoint)."""
-    state = read_checkpoint(checkpoint, needs=("preset", "model"))
-    model = AEICModel(checkpoint_preset(state, checkpoint))
-    load_fitting(model, state["model"], f"{checkpoint} (preset {state['preset']!r})")
-    return model

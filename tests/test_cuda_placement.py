@@ -26,7 +26,8 @@ import pytest
 import torch
 import torch.optim.optimizer as optimizer_module
 from aeic.codec import taesd
-from aeic.codec.export import export_package, load_checkpoint_model
+from aeic.codec.checkpoint import load_checkpoint_model
+from aeic.codec.export import export_package
 from aeic.codec.testing import make_tiny_model
 from aeic.receiver.decoder import ReceiverCodec
 from aeic.sender.encoder import SenderCodec

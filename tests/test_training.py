@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from aeic.codec import cli as codec_cli
-from aeic.codec.export import export_package, load_checkpoint_model
+from aeic.codec.checkpoint import load_checkpoint_model
+from aeic.codec.export import export_package
 from aeic.codec.presets import preset
 from aeic.receiver.decoder import ReceiverCodec
 from aeic.sender.encoder import SenderCodec

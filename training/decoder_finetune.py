@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aeic.codec.export import load_fitting, read_checkpoint
+from aeic.codec.checkpoint import load_fitting, read_checkpoint
 from aeic.receiver.decoder import ReceiverModel, load_receiver_model
 from aeic.sender.encoder import SenderCodec
 from aeic.shared.model_package import ModelPackage

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from aeic.codec.export import CheckpointError, read_checkpoint
+from aeic.codec.checkpoint import CheckpointError, read_checkpoint
 from aeic.shared.durable import exclusive_lock, fsync_path
 from tqdm import tqdm
 

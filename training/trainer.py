@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from aeic.codec import taesd
-from aeic.codec.export import checkpoint_preset, load_fitting, read_checkpoint
+from aeic.codec.checkpoint import checkpoint_preset, load_fitting, read_checkpoint
 from aeic.codec.model import AEICModel, ModelConfig
 from aeic.codec.package_import import model_from_package
 from aeic.codec.presets import preset
