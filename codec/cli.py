@@ -43,16 +43,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from aeic.sender.encoder import BudgetError, SenderCodec
     from aeic.sender.images import ImageReadError, read_image
 
-    if _names_a_stream(args.output) and len(args.images) > 1:
-        print(f"error: -o {args.output} names one stream, but {len(args.images)} images were given; give a folder",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    if args.output is not None and args.output.exists() and not args.output.is_dir() and not _names_a_stream(args.output):
-        print(f"error: -o {args.output} is a file: give a folder, or a .aeic file for one image", file=sys.stderr)
-        return 2
-    clash = _clash(args.images, [_encoded_path(image, args.output) for image in args.images])
-    if clash:
-        print(f"error: {clash}", file=sys.stderr)
+    problem = _encode_output_problem(args.images, args.output)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     codec = _open_model(lambda: SenderCodec.from_package(args.model, threads=args.threads, downscale=args.downscale,
                                                          rounding=args.rounding))
@@ -120,6 +113,16 @@ def _encoded_path(image: Path, output: Path | None) -> Path:
     return (output / image.with_suffix(".aeic").name) if output else image.with_suffix(".aeic")
 
 
+def _encode_output_problem(images: list[Path], output: Path | None) -> str | None:
+    """Why ``-o`` cannot take these images' streams (a file, one stream for several, two streams on one
+    path), before the model loads; None when it can."""
+    if _names_a_stream(output) and len(images) > 1:
+        return f"-o {output} names one stream, but {len(images)} images were given; give a folder"
+    if output is not None and output.exists() and not output.is_dir() and not _names_a_stream(output):
+        return f"-o {output} is a file: give a folder, or a .aeic file for one image"
+    return _clash(images, [_encoded_path(image, output) for image in images])
+
+
 _PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -169,6 +172,27 @@ def _an_earlier_decode(path: Path) -> bool:
         return False
 
 
+def _decode_output_problem(streams: list[Path], output: Path | None) -> str | None:
+    """Why ``-o`` cannot take these streams' pictures (a file or a format decode does not write, one picture
+    for several, two pictures on one path, a photo that is not an earlier decode's), before the model loads;
+    None when it can."""
+    if _names_a_picture(output) and len(streams) > 1:
+        return f"-o {output} names one picture, but {len(streams)} streams were given; give a folder"
+    if _names_another_picture_format(output):
+        return f"-o {output}: decode writes {', '.join(_PICTURE_SUFFIXES)} pictures; name one of those, or a folder"
+    if output is not None and output.exists() and not output.is_dir() and not _names_a_picture(output):
+        return f"-o {output} is a file: give a folder, or a {'/'.join(_PICTURE_SUFFIXES)} file for one stream"
+    paths = [_decoded_path(stream, output) for stream in streams]
+    clash = _clash(streams, paths)
+    if clash:
+        return clash
+    kept = [path for path in paths if not _names_a_picture(output) and path.exists() and not _an_earlier_decode(path)]
+    if kept:
+        return (f"{kept[0]} exists and is not a picture aeic decode wrote (the original photo?): give -o a folder, "
+                f"or -o {kept[0]} to replace it")
+    return None
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     import torch
     from aeic.receiver.decoder import ReceiverCodec, UnknownModelError
@@ -176,27 +200,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from aeic.shared.entropy_coding import EntropyDecodeError
     from PIL import Image
 
-    if _names_a_picture(args.output) and len(args.streams) > 1:
-        print(f"error: -o {args.output} names one picture, but {len(args.streams)} streams were given; "
-              "give a folder", file=sys.stderr)  # fmt: skip
-        return 2
-    if _names_another_picture_format(args.output):
-        print(f"error: -o {args.output}: decode writes {', '.join(_PICTURE_SUFFIXES)} pictures; name one of "
-              "those, or a folder", file=sys.stderr)  # fmt: skip
-        return 2
-    if args.output is not None and args.output.exists() and not args.output.is_dir() and not _names_a_picture(args.output):
-        print(f"error: -o {args.output} is a file: give a folder, or a {'/'.join(_PICTURE_SUFFIXES)} file for one "
-              "stream", file=sys.stderr)  # fmt: skip
-        return 2
-    clash = _clash(args.streams, [_decoded_path(stream, args.output) for stream in args.streams])
-    if clash:
-        print(f"error: {clash}", file=sys.stderr)
-        return 2
-    kept = [path for path in (_decoded_path(stream, args.output) for stream in args.streams)
-            if not _names_a_picture(args.output) and path.exists() and not _an_earlier_decode(path)]
-    if kept:
-        print(f"error: {kept[0]} exists and is not a picture aeic decode wrote (the original photo?): give -o a "
-              f"folder, or -o {kept[0]} to replace it", file=sys.stderr)  # fmt: skip
+    problem = _decode_output_problem(args.streams, args.output)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     codec = _open_model(lambda: ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels))
     status = 0
@@ -364,12 +370,6 @@ def cmd_set_rounding(args: argparse.Namespace) -> int:
                             lambda _: f"rounding {args.weight}")
 
 
-def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
-    from aeic.evaluation.cli import main_eval
-
-    return main_eval(rest)
-
-
 def _rounding_weight(text: str) -> float | str:
     """``nearest`` or a positive weight; ``package`` means nothing here, where the package's weight is being set."""
     if text == "package":
@@ -501,9 +501,11 @@ def _missing_extra(command: str, exc: ModuleNotFoundError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["eval"]:
+    if argv[:1] == ["eval"]:  # its own parser: the subparser above only lists it
         try:
-            return cmd_eval(argparse.Namespace(), argv[1:])
+            from aeic.evaluation.cli import main_eval
+
+            return main_eval(argv[1:])
         except ModuleNotFoundError as exc:
             return _missing_extra("eval", exc)
     args = build_parser().parse_args(argv)
