@@ -389,3 +389,20 @@ def test_the_values_the_documents_give_receiver_variables_load(tmp_path: Path, m
             except ValueError as exc:  # pydantic's ValidationError and ConfigError are ValueErrors
                 wrong.append(f"{where}: {str(exc).splitlines()[0]}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_variable_a_program_reads_is_documented() -> None:
+    """A variable the code reads by name (`os.environ.get("AEIC_X")`, `${AEIC_X}` in a script) is named in
+    a document, or an operator cannot know it is there. The settings' own variables are the tables'."""
+    documented = "\n".join(doc.read_text(encoding="utf-8") for doc in DOCS)
+    read: dict[str, str] = {}
+    for folder in ("aeic", "benchmarks", "codec", "deploy", "evaluation", "receiver", "sender", "shared", "training"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".sh"):
+                text = path.read_text(encoding="utf-8", errors="replace")
+                for name in re.findall(r"[\"'](AEIC_[A-Z0-9_]+)[\"']|\$\{?(AEIC_[A-Z0-9_]+)", text):
+                    read.setdefault(name[0] or name[1], str(path.relative_to(ROOT)))
+    assert {"AEIC_MODEL", "AEIC_SENDER_CONFIG", "AEIC_TOKEN_FILE"} <= set(read), "the extraction broke"
+    wrong = [f"{where}: {name}" for name, where in sorted(read.items())
+             if not re.search(rf"\b{name}\b", documented)]
+    assert not wrong, "variables read but not documented:\n" + "\n".join(wrong)
