@@ -68,3 +68,26 @@ def test_an_installed_layout_finds_the_shipped_model(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == site / "aeic" / "models" / "nano-se"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_unit_is_hardened(tmp_path: Path) -> None:
+    """systemd's own measure of what the agent may do: 7.4 (MEDIUM) before the unit dropped every capability,
+    namespaces, realtime, SUID and the system calls outside @system-service; 2.0 (OK) after."""
+    unit = tmp_path / "aeic-sender.service"
+    unit.write_text((DEPLOY / "aeic-sender.service").read_text())
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=30", str(unit)],
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-400:]
+
+
+def test_the_hardening_leaves_the_camera_and_the_gpu_devices_open() -> None:
+    """A device rule (PrivateDevices, DevicePolicy, DeviceAllow, or ProtectClock, which adds one) would close
+    /dev/video* for camera mode and a Jetson's GPU devices for the CUDA provider; an empty UMask or a
+    missing state directory would leave the spool's images readable or unwritable."""
+    settings = [line.split("=", 1) for line in (DEPLOY / "aeic-sender.service").read_text().splitlines() if "=" in line]
+    keys = {key for key, _ in settings if not key.startswith("#")}
+    assert not keys & {"PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock", "MemoryDenyWriteExecute",
+                       "PrivateUsers", "ProcSubset", "PrivateNetwork", "IPAddressDeny"}  # fmt: skip
+    assert dict(settings)["SupplementaryGroups"] == "video" and dict(settings)["UMask"] == "0077"
+    assert dict(settings)["SystemCallErrorNumber"] == "EPERM"  # a call outside the set fails, not kills
