@@ -64,6 +64,7 @@ from aeic.receiver.storage.blobs import (
     reconstruction_key,
     thumbnail_key,
 )
+from aeic.receiver.storage.metadata import decode_cursor
 from aeic.receiver.storage.orphans import remove_orphan_blobs
 from aeic.receiver.worker import DecodeWorker, WorkerConfig
 from aeic.shared import bitstream as bs
@@ -486,12 +487,13 @@ def list_images(
 ) -> Response:
     """Newest first, with an opaque `next` cursor; a device only ever lists its own images.
 
-    A strong ETag, a hash of the body itself, and 304 to an `If-None-Match` naming it: the gallery polls its
-    first page every 1.5 s (39 KB at 60 images), nearly always unchanged, and now receives headers only.
-    Being the body's hash, the tag changes with anything the body shows (a status, an image added or
-    deleted, the cursor) and matches only identical bytes, whichever replica, release or token made them.
-    Still `no-store`: Chromium shows a stored copy on Back without asking, after sign-out too (measured
-    with `private, no-cache`), so the gallery's script keeps the tag itself (docs/receiver.md, Security)."""
+    A strong ETag, and 304 to an `If-None-Match` naming it: the gallery polls its first page every 1.5 s
+    (39 KB at 60 images), nearly always unchanged, and receives headers only. The tag is a hash of what
+    the body is made from, not of the body, so a 304 runs no listing query: the catalogue's change token
+    (`SqlMetadataStore.catalogue_token`, replaced by every write to the images, whichever replica or
+    worker made it), the query as understood, and this release. Still `no-store`: Chromium shows a stored
+    copy on Back without asking, after sign-out too (measured with `private, no-cache`), so the gallery's
+    script keeps the tag itself (docs/receiver.md, Security)."""
     if not who.admin:
         if device is not None and device != who.device:
             raise ApiError(403, "forbidden", "a device token lists only its own images")
@@ -500,16 +502,19 @@ def list_images(
         raise ApiError(422, "invalid_request", "device must be 1-128 of A-Z a-z 0-9 . _ -")
     flt = ImageFilter(device=device, since=_parse_time(since, "since"), until=_parse_time(until, "until"),
                       status=status)
+    store = receiver_state(request).store
     try:
-        page = receiver_state(request).store.list_images(flt, limit, cursor)
+        if cursor:
+            decode_cursor(cursor)  # a malformed one is a 400 before any 304 as well
+        # The token first: a change committed before the rows are read then makes the tag stale, not the body.
+        made_of = f"{__version__}\n{store.catalogue_token()}\n{flt!r}\n{limit}\n{cursor}"
+        headers = {**_NO_STORE, "ETag": f'"{hashlib.sha256(made_of.encode()).hexdigest()[:32]}"'}  # 128 bits
+        if _matches(request, headers["ETag"]):
+            return Response(status_code=304, headers=headers)
+        page = store.list_images(flt, limit, cursor)
     except InvalidCursorError as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from None
-    response = JSONResponse({"items": [image_json(r) for r in page.items], "next": page.next}, headers=_NO_STORE)
-    headers = {**_NO_STORE, "ETag": f'"{hashlib.sha256(response.body).hexdigest()[:32]}"'}  # 128 bits
-    if _matches(request, headers["ETag"]):
-        return Response(status_code=304, headers=headers)
-    response.headers["ETag"] = headers["ETag"]
-    return response
+    return JSONResponse({"items": [image_json(r) for r in page.items], "next": page.next}, headers=headers)
 
 
 def _negotiate(accept: str | None) -> str:

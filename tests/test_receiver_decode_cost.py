@@ -202,7 +202,7 @@ def test_images_stored_before_the_upgrade_keep_their_order(database_url: str) ->
                  "ALTER TABLE images DROP COLUMN fair_tag")
     store_left_at(database_url, 6, *downgrade, image=new_image(1, device="cam1"))
     with receiver_support.migrated_store(database_url) as upgraded:
-        assert upgraded.migrate() == MIGRATIONS[-1].version == 7
+        assert upgraded.migrate() == MIGRATIONS[-1].version >= 7
         with upgraded.engine.connect() as conn:
             indexes = {index["name"] for index in sa.inspect(conn).get_indexes("images")}
         assert {"ix_images_status_fair_seq", "ix_images_claim_fair"} <= indexes

@@ -1,23 +1,28 @@
-"""The image listing is revalidated, not re-sent: a strong ETag that is a hash of its body, and 304 with no
-body to an `If-None-Match` naming it. The gallery's open grid polled its first page every 1.5 s and got the
-whole of it each time (39 KB at 60 images) though nothing had changed; its script now names the listing it
-shows and gets headers only until something changes. The listing stays `no-store` (docs/receiver.md)."""
+"""The image listing is revalidated, not re-sent: a strong ETag, and 304 with no body to an `If-None-Match`
+naming it. The gallery's open grid polled its first page every 1.5 s and got the whole of it each time (39 KB
+at 60 images) though nothing had changed; its script now names the listing it shows and gets headers only
+until something changes. The tag is made from the catalogue's change token (schema v8: replaced by a trigger
+on every write to the images) and the query, so a 304 runs no listing query. The listing stays `no-store`
+(docs/receiver.md)."""
 
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import receiver_support
+import sqlalchemy as sa
 from aeic.receiver.api import create_app
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import DecodeTimings, SqlMetadataStore
+from aeic.receiver.storage import DecodeTimings, SqlMetadataStore, claims
+from aeic.receiver.storage.migrations import MIGRATIONS
 from fastapi.testclient import TestClient
 from receiver_support import FakeCodec, ServerThread, gallery_app, make_bitstream, make_tokens
 from selenium.webdriver import Chrome
@@ -113,14 +118,57 @@ def test_every_change_the_listing_shows_is_a_200_with_a_new_tag(api: Api) -> Non
     assert api.listing(tag=seen[-1].headers["etag"]).status_code == 304
 
 
-def test_a_tag_matches_only_the_same_bytes_whoever_asks(api: Api) -> None:
-    """The tag is the body's: another device's listing is other bytes, so its tag earns no 304 (cam2's own
-    listing is sent); the admin's listing of the same images is the same bytes, and a 304 is right."""
+def test_a_tag_names_the_query_as_understood_whoever_asks(api: Api) -> None:
+    """Another device's listing is another query (its own device), so cam1's tag earns it no 304; the admin
+    asking for cam1's images asks the same query, and a 304 is right; the admin's listing of every image is
+    another query, whatever its bytes."""
     api.upload()
     mine = api.listing("cam1").headers["etag"]
     other = api.listing("cam2", tag=mine)
     assert other.status_code == 200 and other.json() == {"items": [], "next": None}
-    assert api.listing("admin", tag=mine).status_code == 304
+    same = api.client.get("/v1/images?device=cam1", headers=api.auth("admin", **{"If-None-Match": mine}))
+    assert same.status_code == 304
+    assert api.listing("admin", tag=mine).status_code == 200
+    for query in ("limit=49", "status=done", "since=0", "until=4000000000"):
+        reply = api.client.get(f"/v1/images?{query}", headers=api.auth(**{"If-None-Match": mine}))
+        assert reply.status_code == 200, query
+
+
+@contextmanager
+def statements(store: SqlMetadataStore) -> Iterator[list[str]]:
+    """Every SQL statement the store runs inside the block."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+
+
+def test_a_304_runs_no_listing_query(api: Api) -> None:
+    """Was: the page's query and its JSON made again for every poll, only to hash them (7 ms at 600 images);
+    now one single-row read of the change token, and a 200 still reads the rows after it."""
+    api.upload()
+    tag = api.listing().headers["etag"]
+    with statements(api.store) as seen:
+        assert api.listing(tag=tag).status_code == 304
+    touching_images = [s for s in seen if re.search(r"\bimages\b", s)]
+    assert touching_images == [] and any("aeic_catalogue" in s for s in seen), seen
+    with statements(api.store) as seen:
+        assert api.listing().status_code == 200
+    order = [("aeic_catalogue" in s, bool(re.search(r"\bFROM images\b", s))) for s in seen]
+    assert order.index((True, False)) < order.index((False, True)), seen  # the token before the rows
+
+
+def test_a_malformed_cursor_is_a_400_whatever_the_tag(api: Api) -> None:
+    tag = api.listing().headers["etag"]
+    reply = api.client.get("/v1/images?cursor=%21%21", headers=api.auth(**{"If-None-Match": tag}))
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_cursor"
+    assert api.client.get("/v1/images?cursor=x", headers=api.auth(**{"If-None-Match": "*"})).status_code == 400
 
 
 def test_replicas_sharing_one_database_agree_on_the_tag(tmp_path: Path, postgres_url: str) -> None:
@@ -179,3 +227,67 @@ def test_an_idle_grid_gets_headers_only_and_shows_a_decoded_image_at_once(tmp_pa
         assert time.monotonic() - changed_at < 3.0  # the next poll or the one after, on a busy machine
         later = browser.execute_script(_LISTINGS_JS)[1 + len(idle):]
         assert any(status == 200 and body > 1000 for status, _, body in later), later
+
+
+# -- the change token ----------------------------------------------------------------------------
+
+database_url = receiver_support.database_url
+store = receiver_support.store
+
+
+class Token:
+    """Asserts on the store's change token between the steps of a test."""
+
+    def __init__(self, store: SqlMetadataStore) -> None:
+        self.store, self.last = store, store.catalogue_token()
+
+    def changed(self) -> bool:
+        now = self.store.catalogue_token()
+        changed, self.last = now != self.last, now
+        return changed
+
+
+def test_every_write_path_changes_the_token_and_idle_polls_do_not(store: SqlMetadataStore) -> None:
+    """Each way an image row is written (the store's, the queue workers' claims, an operator's SQL) replaces
+    the token on SQLite and on PostgreSQL; the worker's idle polls and sweeps, which write nothing, do not."""
+    token = Token(store)
+    assert re.fullmatch(r"([0-9a-f]{32})+", token.last)
+    first, _ = store.insert_image(receiver_support.new_image(1))
+    assert token.changed()
+    second, _ = store.insert_image(receiver_support.new_image(2))
+    assert token.changed()
+    claim = store.claim_batch(1)
+    assert claim is not None and [r.id for r in claim.records] == [first.id] and token.changed()
+    assert store.claim_batch(1) is not None and token.changed()  # the second image
+    assert store.claim_batch(1) is None and not token.changed()  # an idle poll
+    assert store.requeue_abandoned(3, claimed_before=0.0) == 0 and not token.changed()  # an idle sweep
+    assert store.fail_attempt(first.id, claim.token, "boom", 3, retry_at=0.0) and token.changed()
+    again = claims.claim_ids(store, [first.id], stale_before=0.0, max_attempts=3)
+    assert again is not None and token.changed()
+    assert store.release_claim(again.token, "stopping") == 1 and token.changed()
+    assert store.requeue_abandoned(3) == 1 and token.changed()  # the second image's claim
+    retry = store.claim_batch(1)  # a retry is claimed alone
+    assert retry is not None and [r.id for r in retry.records] == [first.id] and token.changed()
+    assert store.complete(first.id, retry.token, TIMINGS) and token.changed()
+    assert store.claim_batch(1) is not None and token.changed()
+    assert claims.fail_exhausted_stale(store, [second.id], time.time() + 1, 1) == [second.id] and token.changed()
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE images SET error = 'by hand'"))
+    assert token.changed()
+    assert store.delete_image(first.id) is not None and token.changed()
+    assert store.delete_image(first.id) is None and not token.changed()
+
+
+def test_a_database_upgraded_from_v7_gets_a_token_and_its_triggers(database_url: str) -> None:
+    """A catalogue written by the previous release: the step adds the token and the triggers in place."""
+    downgrade = ["DROP TABLE aeic_catalogue", "DROP TRIGGER IF EXISTS aeic_catalogue_on_insert",
+                 "DROP TRIGGER IF EXISTS aeic_catalogue_on_update", "DROP TRIGGER IF EXISTS aeic_catalogue_on_delete"]
+    if database_url.startswith("postgresql"):
+        downgrade = ["DROP TABLE aeic_catalogue", "DROP TRIGGER aeic_catalogue_changed ON images",
+                     "DROP FUNCTION aeic_catalogue_changed()"]
+    old = receiver_support.store_left_at(database_url, 7, *downgrade, image=receiver_support.new_image(1))
+    with receiver_support.migrated_store(database_url) as upgraded:
+        token = Token(upgraded)
+        assert upgraded.get_image(old.id) is not None
+        assert upgraded.delete_image(old.id) is not None and token.changed()
+        assert upgraded.migrate() == MIGRATIONS[-1].version and not token.changed()  # a second start: as it was

@@ -86,6 +86,8 @@ class MetadataStore(Protocol):
 
     def list_images(self, flt: ImageFilter, limit: int, cursor: str | None) -> Page: ...
 
+    def catalogue_token(self) -> str: ...
+
     def delete_image(self, image_id: str) -> ImageRecord | None: ...
 
     def claim_batch(self, batch_size: int, now: float | None = None) -> Claim | None: ...
@@ -292,6 +294,14 @@ class SqlMetadataStore:
         record = self.get_image(image.id)
         assert record is not None
         return record, True
+
+    def catalogue_token(self) -> str:
+        """A value that every committed change to the images replaces (the triggers of schema v8), in every
+        process sharing the database: equal tokens mean nothing was written in between. Read it before the
+        rows it is to vouch for, so a change committed in between makes it older than them, never newer."""
+        table = schema.catalogue
+        with self.engine.connect() as conn:
+            return "".join(conn.execute(sa.select(table.c.token).order_by(table.c.id)).scalars())
 
     def find_by_idempotency_key(self, device: str, key: str) -> ImageRecord | None:
         """The image a device stored under `key`, if any."""

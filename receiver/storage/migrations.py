@@ -82,6 +82,42 @@ def _v7_fair_decode_order(conn: sa.Connection) -> None:
     conn.execute(sa.text("DROP INDEX IF EXISTS ix_images_claim"))
 
 
+# A new token: 32 random hex digits, drawn by the database in the writer's transaction.
+_SQLITE_TOKEN = "lower(hex(randomblob(16)))"
+_POSTGRES_TOKEN = "replace(gen_random_uuid()::text, '-', '')"
+# PostgreSQL: 16 token rows, a transaction changing the one its transaction id picks (all its changes the
+# same row), so concurrent writers seldom wait for one another's commit: with a single row, 8 threads writing
+# images with durable commits managed 374-391 writes a second, against 365-506 with no trigger and 462-688
+# with 16 rows (3 runs each, a local server with fsync on). SQLite: one row (one writer at a time anyway).
+_POSTGRES_ROWS = 16
+_FIRST_TOKENS = ("INSERT INTO aeic_catalogue (id, token) SELECT n, {token} FROM {rows}"
+                 " WHERE NOT EXISTS (SELECT 1 FROM aeic_catalogue)")
+# SQLite: a row trigger per event. PostgreSQL: one row trigger deferred to the commit, so a transaction takes
+# its token row's lock last, after all its image rows (no lock-order deadlock with another writer), and holds
+# it only while it commits.
+_SQLITE_CATALOGUE = [_FIRST_TOKENS.format(token=_SQLITE_TOKEN, rows="(SELECT 0 AS n)")] + [
+    f"CREATE TRIGGER IF NOT EXISTS aeic_catalogue_on_{event.lower()} AFTER {event} ON images"
+    f" BEGIN UPDATE aeic_catalogue SET token = {_SQLITE_TOKEN}; END"
+    for event in ("INSERT", "UPDATE", "DELETE")]
+_POSTGRES_CATALOGUE = [
+    _FIRST_TOKENS.format(token=_POSTGRES_TOKEN, rows=f"generate_series(0, {_POSTGRES_ROWS - 1}) AS n"),
+    ("CREATE OR REPLACE FUNCTION aeic_catalogue_changed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+     f" UPDATE aeic_catalogue SET token = {_POSTGRES_TOKEN} WHERE id = mod(txid_current(), {_POSTGRES_ROWS});"
+     " RETURN NULL; END $$"),
+    "DROP TRIGGER IF EXISTS aeic_catalogue_changed ON images",
+    ("CREATE CONSTRAINT TRIGGER aeic_catalogue_changed AFTER INSERT OR UPDATE OR DELETE ON images"
+     " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE PROCEDURE aeic_catalogue_changed()"),
+]
+
+
+def _v8_catalogue_token(conn: sa.Connection) -> None:
+    # Triggers, not the store's methods, change the token: every write to `images` does it, whatever
+    # process or code made it (a worker of the previous release during a rolling upgrade, an operator's SQL).
+    schema.catalogue.create(conn, checkfirst=True)
+    for statement in _POSTGRES_CATALOGUE if conn.dialect.name == "postgresql" else _SQLITE_CATALOGUE:
+        conn.exec_driver_sql(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "images and device tokens", _v1_initial),
     Migration(2, "decode counter", _v2_decode_counter),
@@ -90,6 +126,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "images by status in seq order", _v5_status_index),
     Migration(6, "listing indexes in (created_at, seq) order", _v6_listing_indexes),
     Migration(7, "decode order fair across devices", _v7_fair_decode_order),
+    Migration(8, "catalogue change token", _v8_catalogue_token),
 )
 
 

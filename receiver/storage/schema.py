@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["device_tokens", "gallery_sessions", "images", "metadata", "schema_version"]
+__all__ = ["catalogue", "device_tokens", "gallery_sessions", "images", "metadata", "schema_version"]
 
 metadata = sa.MetaData()
 
@@ -92,4 +92,14 @@ gallery_sessions = sa.Table(
     sa.Column("token_hash", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+# Tokens that every committed change to `images` replaces with a fresh random value (triggers of schema v8,
+# so every writer, in any process or version, does it; one row on SQLite, 16 on PostgreSQL, the migration
+# says why): the image listing's ETag is made from them, so an unchanged listing is a 304 without a query.
+catalogue = sa.Table(
+    "aeic_catalogue",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("token", sa.String(32), nullable=False),
 )
