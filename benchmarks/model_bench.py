@@ -42,7 +42,7 @@ from torch import nn
 
 from .images import photo
 from .machine import write_result
-from .macs import count_macs, count_parameters
+from .macs import count_macs
 
 if TYPE_CHECKING:
     from aeic.sender.encoder import SenderCodec
@@ -64,8 +64,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def _entry(module: nn.Module, run: Callable[[], Any], pixels: int) -> dict[str, Any]:
-    macs = count_macs(module, run)
-    return {"parameters": count_parameters(module), "macs_per_pixel": macs["total"] / pixels, "macs": macs}
+    macs = count_macs(run)
+    parameters = sum(p.numel() for p in module.parameters())
+    return {"parameters": parameters, "macs_per_pixel": macs["total"] / pixels, "macs": macs}
 
 
 def aeic_parts(preset_name: str, width: int, height: int) -> dict[str, Any]:

@@ -131,7 +131,3 @@ class AEICModel(nn.Module):
         y_hat, y_bits, z_bits = self.entropy(scaled, z)
         bits = y_bits.flatten(1).sum(1) + z_bits.flatten(1).sum(1)
         return {"y": y, "y_hat": y_hat, "bits": bits, "latent": self.decoder_latent(y_hat, rate_index, refine)}
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
