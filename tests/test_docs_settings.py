@@ -80,7 +80,7 @@ def _rows(section: str) -> Iterator[list[str]]:
     """The cells of each body row of the tables in `section` (rows whose first cell names a setting)."""
     for line in section.splitlines():
         if line.startswith("| `"):
-            yield [cell.strip() for cell in line.strip().strip("|").split("|")]
+            yield [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # `\|` is in a cell
 
 
 def _spans(cell: str) -> list[str]:
