@@ -19,6 +19,8 @@ How answers map to what the spool does (see :class:`Outcome`):
   sender always sends ``application/octet-stream``, so a proxy or another server answers): ``BLOCKED``.
   Nothing is wrong with the item: every item would get the same answer until an operator fixes the
   token, URL or proxy, so items stay queued (not rejected) and the drain stops with the reason.
+* an HTML page with a 4xx other than 413 (a web server or proxy at the URL, ``http://`` to a TLS port):
+  ``BLOCKED``; the receiver answers in JSON, and the page says nothing about the item.
 * any other 4xx (bad bitstream, unknown model, too large, ...): ``REJECTED``, the item moves
   to ``rejected/`` with the receiver's reason; it is never retried automatically.
 
@@ -254,6 +256,9 @@ def classify(response: httpx.Response) -> UploadResult:
             Outcome.BLOCKED, status, f"HTTP {status}: receiver moved to {where}; use that URL"
         )
     if 400 <= status < 500:
+        if status != 413 and _is_html(response):  # a size limit is about the item, any other page is not
+            return UploadResult(Outcome.BLOCKED, status, f"HTTP {status}: {reason} (a web page, not the receiver's "
+                                "JSON answer: check the receiver URL, its port and any proxy)")  # fmt: skip
         return UploadResult(Outcome.REJECTED, status, f"HTTP {status}: {reason}")
     return UploadResult(Outcome.RETRY, status, f"unexpected HTTP {status}")
 
@@ -277,9 +282,15 @@ def _reason(response: httpx.Response, body: object) -> str:
             if body.get(field):
                 return _one_line(str(body[field]))
     text = response.text.strip() if response.content else ""
-    if "html" in response.headers.get("Content-Type", "").lower() or text[:1] == "<":
+    if _is_html(response):
         text = _html_text(text)
     return _one_line(text) or response.reason_phrase or "no reason given"
+
+
+def _is_html(response: httpx.Response) -> bool:
+    """Whether the answer is a web page (a proxy's or web server's), by its type or its first character."""
+    text = response.text.lstrip() if response.content else ""
+    return "html" in response.headers.get("Content-Type", "").lower() or text[:1] == "<"
 
 
 def _html_text(page: str) -> str:

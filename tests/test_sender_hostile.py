@@ -296,3 +296,29 @@ def test_a_world_writable_spool_is_warned_about(tmp_path: Path) -> None:
     spool.chmod(0o1777)
     (line,) = exposed_files(load_config({"spool_dir": spool}, environ={}), None, {})
     assert line.startswith(f"spool {spool} can be written by any user") and "(mode 1777)" in line
+
+
+def test_a_web_servers_400_page_does_not_reject_the_whole_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``http://`` to a TLS port, or another web server at the URL, answers every upload with an HTML 400
+    (nginx: "The plain HTTP request was sent to HTTPS port"): nothing is wrong with the items, and taking the
+    page for the receiver's verdict moved the whole queue to rejected/, one item per request."""
+    page = b"<html><head><title>400 The plain HTTP request was sent to HTTPS port</title></head></html>"
+    spool = Spool(tmp_path / "spool")
+    for seed in range(3):
+        spool.put(make_bitstream(10 + seed), source=f"{seed}.jpg")
+    with hostile_server(_raw_answer(400, "text/html", page)) as (url, asked):
+        code = _flush(url, tmp_path / "spool", monkeypatch)
+    err = capsys.readouterr().err
+    assert (len(spool), len(spool.rejected()), len(asked)) == (3, 0, 1)
+    assert code == cli.EXIT_USAGE and "plain HTTP request was sent to HTTPS port" in err and "check the receiver URL" in err
+
+
+def test_a_proxys_413_page_still_rejects_the_item_alone() -> None:
+    """A size limit is about the item: the others still go."""
+    page = b"<html><head><title>413 Request Entity Too Large</title></head></html>"
+    data = make_bitstream(5)
+    with hostile_server(_raw_answer(413, "text/html", page)) as (url, _), Uploader(url, TOKEN, timeout=5.0) as uploader:
+        result = uploader.upload(data, "k" * 64)
+    assert result.outcome is Outcome.REJECTED and "413 Request Entity Too Large" in result.detail
