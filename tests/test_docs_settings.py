@@ -27,6 +27,7 @@ from aeic.sender import cli as sender_cli
 from aeic.sender.config import CONFIG_ENV as SENDER_CONFIG_ENV
 from aeic.sender.config import ENV_PREFIX, SenderConfig, load_config, misspelt_variables
 from aeic.shared.model_package import ModelPackageError
+from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
 if sys.version_info >= (3, 11):
@@ -237,7 +238,13 @@ def test_the_receiver_doc_examples_load(tmp_path: Path, monkeypatch: pytest.Monk
     config = tmp_path / "receiver.toml"
     config.write_text(example.group(1), encoding="utf-8")
     settings = load_settings(config)
-    assert {key: getattr(settings, key) for key in tomllib.loads(example.group(1))} != {}
+    written = tomllib.loads(example.group(1))
+    assert written, "the example config file is empty"
+    for key, value in written.items():  # each value is the file's, read as its setting's type
+        loaded = getattr(settings, key)
+        expected = [Path(v) for v in value] if key == "model_packages" else Path(value) if isinstance(
+            loaded, Path) else value
+        assert loaded == expected, key
 
     variable = re.search(r"`(AEIC_MODEL_PACKAGES)='(.*?)'`", section)
     assert variable is not None, "the list-valued variable example is gone"
@@ -331,12 +338,20 @@ def test_the_deployment_files_values_are_valid_settings(tmp_path: Path, monkeypa
             if program == "receiver":
                 for name, value in environment.items():
                     patch.setenv(name, value)
-                patch.delenv("AEIC_CONFIG", raising=False)
-                load_settings(data_dir=tmp_path)
+                loaded_settings = load_settings(data_dir=tmp_path)
+                for name, value in environment.items():
+                    if name in RECEIVER_VARS and name != "AEIC_DATA_DIR":  # the data folder is the test's
+                        setting = getattr(loaded_settings, name[len("AEIC_"):].lower())
+                        shown = setting.get_secret_value() if isinstance(setting, SecretStr) else setting
+                        expected = value.lower() in ("1", "true", "yes", "on") if isinstance(shown, bool) else \
+                            type(shown)(value)
+                        assert shown == expected, f"{where}: {name}"
             else:
                 config = SENDER_TOML if environment.get(SENDER_CONFIG_ENV) == "/etc/aeic/sender.toml" else None
                 loaded = load_config({}, config, {k: v for k, v in environment.items() if k != SENDER_CONFIG_ENV})
-                assert loaded is not None, where
+                for name, value in environment.items():  # the environment beats the file, as documented
+                    if name in SENDER_VARS:
+                        assert str(getattr(loaded, name[len(ENV_PREFIX):].lower())) == value, f"{where}: {name}"
 
 
 # -- variables the documents name ----------------------------------------------------------------------
