@@ -4,7 +4,8 @@ docs/receiver.md's Configuration table and deploy/sender/README.md's Config file
 setting of `ReceiverSettings` and `SenderConfig`, no other, with the default the code has and the flags
 the parsers have; the sample configs must load; the compose files, the Kubernetes ConfigMap and Secret,
 the Dockerfiles and the systemd unit must set only variables their program reads, with values it takes;
-and every `AEIC_*` variable a document names must be one some code reads.
+every `AEIC_*` variable a document names must be one some code reads, and every one a program reads by
+name must be documented.
 
 Why: an operator configures the system from these pages and files. A setting that was renamed, added
 or given another default in the code kept its old line in the docs, and a misspelt variable in a
