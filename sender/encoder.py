@@ -7,6 +7,7 @@ hyper-analysis and entropy coding only.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -36,16 +37,34 @@ class BudgetError(ValueError):
     """Even the lowest rate level does not fit the byte budget."""
 
 
+def allowed_cpus() -> int | None:
+    """How many CPUs this process may run on, where that is fewer than the machine has (else None).
+
+    onnxruntime's default thread count is the machine's physical cores, whatever the affinity mask
+    (``taskset``, systemd's ``CPUAffinity=``, ``docker --cpuset-cpus``): pinned to one core of two,
+    each session's extra thread fought the main one for it, and a 1080p encode took 1.7 times the
+    CPU time and wall time of one thread (docs/sender.md, Resources on the device).
+    """
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call here (macOS, Windows)
+        return None
+    return allowed if allowed < (os.cpu_count() or allowed) else None
+
+
 def session_options(threads: int | None, memory_pattern: bool = True) -> ort.SessionOptions:
     """No memory arena: each session's arena would keep its own peak for the life of the process.
 
     ``memory_pattern`` (one planned block per run) suits graphs run many times at one shape, the
-    stem's strips; for the trunk the planned block is about twice its live tensors.
+    stem's strips; for the trunk the planned block is about twice its live tensors. ``threads``
+    None: onnxruntime's default, or the CPUs the process may use when it is held to fewer
+    (:func:`allowed_cpus`).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = memory_pattern
+    threads = threads or allowed_cpus()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -1,0 +1,66 @@
+"""The encoder's onnxruntime threads follow the CPUs the process may use, not the machine's core count.
+
+onnxruntime's default is one intra-op thread per physical core whatever the affinity mask, so a sender
+pinned to one core (taskset, systemd's CPUAffinity=, docker --cpuset-cpus) ran extra threads on it
+that only fought the main one. No torch here: this runs in the Python 3.10 sender check too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aeic.sender.encoder import SenderCodec, allowed_cpus, session_options
+
+SHIPPED = Path(__file__).resolve().parents[1] / "aeic" / "models" / "nano-se"
+
+
+def _held_to(monkeypatch: pytest.MonkeyPatch, allowed: int, machine: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(allowed)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: machine)
+
+
+def test_a_process_held_to_fewer_cpus_gets_that_many_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    _held_to(monkeypatch, 1, 4)
+    assert allowed_cpus() == 1
+    options = session_options(None)
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
+def test_an_unrestricted_process_keeps_onnxruntimes_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    _held_to(monkeypatch, 4, 4)
+    assert allowed_cpus() is None
+    assert session_options(None).intra_op_num_threads == 0  # 0: onnxruntime chooses
+
+
+def test_configured_threads_win_over_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    _held_to(monkeypatch, 1, 4)
+    assert session_options(3).intra_op_num_threads == 3
+
+
+def test_no_affinity_call_leaves_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    assert allowed_cpus() is None
+    assert session_options(None).intra_op_num_threads == 0
+
+
+def test_every_session_of_the_codec_gets_the_allowed_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    _held_to(monkeypatch, 2, 8)
+    codec = SenderCodec.from_package(SHIPPED)
+    sessions = (codec.analysis.stem, codec.analysis.trunk, codec.hyper)
+    assert [s.get_session_options().intra_op_num_threads for s in sessions] == [2, 2, 2]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="needs two CPUs and affinity")
+def test_a_process_pinned_to_one_cpu_runs_one_thread() -> None:
+    """The real call, no stand-ins: a child process pins itself to one CPU, then loads the codec."""
+    script = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+              "from aeic.sender.encoder import SenderCodec; "
+              f"c = SenderCodec.from_package({str(SHIPPED)!r}); "
+              "print(c.hyper.get_session_options().intra_op_num_threads)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split()[-1] == "1"
+
