@@ -1,6 +1,6 @@
 """The paper's ``full`` decoder profile: SD-Turbo's UNet, pruned, run once; the SD VAE makes the pixels.
 
-Loaded from a local diffusers folder only (``unet/`` and ``vae/``); nothing is downloaded.
+Loaded from a local diffusers folder only (:mod:`~aeic.codec.sd_turbo_folder`); nothing is downloaded.
 The pruning and widening follow the paper's description; where it leaves details open the
 choices below are ours, made so that the surgery keeps SD-Turbo's computation at start:
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -41,6 +41,7 @@ from torch import nn
 
 from .device_cache import DeviceCopy
 from .diffusion_decoder import noise_map, rate_timestep
+from .sd_turbo_folder import load_unet_and_vae
 
 LORA_TARGETS = (
     "to_q",
@@ -54,7 +55,6 @@ LORA_TARGETS = (
     "conv_shortcut",
     "conv",
 )
-_WEIGHTS_PREFIX = "diffusion_pytorch_model"
 FINGERPRINT = "base_fingerprint"  # the buffer (and package tensor) naming the base weights
 _FINGERPRINT_SAMPLES = 1024  # values read from each base tensor: any other weights differ in nearly all
 
@@ -264,65 +264,9 @@ class FullDecoder(nn.Module):
         return (raw - (config.shift_factor or 0.0)) * config.scaling_factor
 
 
-# The weight files diffusers reads, in our order of preference: (file or shard index, variant, safetensors).
-_WEIGHT_FILES = (
-    (f"{_WEIGHTS_PREFIX}.safetensors", None, True),
-    (f"{_WEIGHTS_PREFIX}.safetensors.index.json", None, True),
-    (f"{_WEIGHTS_PREFIX}.bin", None, False),
-    (f"{_WEIGHTS_PREFIX}.bin.index.json", None, False),
-    (f"{_WEIGHTS_PREFIX}.fp16.safetensors", "fp16", True),
-    (f"{_WEIGHTS_PREFIX}.safetensors.index.fp16.json", "fp16", True),
-    (f"{_WEIGHTS_PREFIX}.fp16.bin", "fp16", False),
-)
-
-
-def _layout_hint(folder: Path) -> str:
-    """What the folder is instead, for the two near misses: one component, or a Hugging Face cache root."""
-    if (folder / "config.json").is_file():
-        return " (it is one component: give the folder holding unet/ and vae/)"
-    if (folder / "snapshots").is_dir():
-        return f" (a Hugging Face cache: give {folder / 'snapshots'}/<revision>)"
-    return ""
-
-
-def _component_weights(folder: Path, name: str) -> dict[str, Any]:
-    """The ``from_pretrained`` arguments that load ``folder/name``'s weights as they are stored
-    (safetensors or .bin, whole or the fp16 variant only), so diffusers neither guesses aloud
-    nor reports a missing ``.bin`` for a folder that holds only ``*.fp16.safetensors``."""
-    component = folder / name
-    if not (component / "config.json").is_file():
-        raise FileNotFoundError(f"SD-Turbo folder {folder}: missing {component / 'config.json'}{_layout_hint(folder)}")
-    for file, variant, safetensors in _WEIGHT_FILES:
-        if (component / file).is_file():
-            return {"variant": variant, "use_safetensors": safetensors}
-    raise FileNotFoundError(f"SD-Turbo folder {folder}: no weights in {component} (expected {_WEIGHTS_PREFIX}"
-                            ".safetensors, .bin or their fp16 variant)")
-
-
-_Component = TypeVar("_Component", UNet2DConditionModel, AutoencoderKL)
-
-
-def _load_component(kind: type[_Component], folder: Path, name: str) -> _Component:
-    """``folder/name`` in float32 (an fp16 variant computes in float32 too); a damaged file (a truncated
-    download, a config that is not JSON) is an OSError that names the SD-Turbo folder."""
-    files = _component_weights(folder, name)
-    try:
-        return kind.from_pretrained(folder, subfolder=name, local_files_only=True, torch_dtype=torch.float32, **files)
-    except OSError as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise OSError(f"SD-Turbo folder {folder}: {name}/ cannot be read, corrupt or truncated? ({detail})") from exc
-
-
 def load_full_decoder(
     folder: Path, num_rates: int, lora_rank: int = 8, noise_channels: int = 4
 ) -> FullDecoder:
     """Build the full-profile decoder from a local diffusers folder holding ``unet/`` and ``vae/``."""
-    folder = Path(folder)
-    if folder.is_file():
-        raise FileNotFoundError(f"SD-Turbo folder {folder} is a file (a single-file checkpoint?): give a local "
-                                "diffusers folder with unet/ and vae/")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"SD-Turbo folder not found: {folder} (a local diffusers folder with unet/ and vae/)")
-    unet = _load_component(UNet2DConditionModel, folder, "unet")
-    vae = _load_component(AutoencoderKL, folder, "vae")
+    unet, vae = load_unet_and_vae(folder)
     return FullDecoder(unet, vae, num_rates, lora_rank, noise_channels, source=f"SD-Turbo folder {folder}")

@@ -9,9 +9,7 @@ the light hyper-analysis and entropy coding).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,14 +56,6 @@ class ModelConfig:
         return len(self.rates_bpp)
 
 
-def full_profile_dir() -> Path:
-    """The local SD-Turbo diffusers folder (``unet/``, ``vae/``) of the ``full`` profile."""
-    configured = os.environ.get("AEIC_SD_TURBO_DIR")
-    if not configured:
-        raise FileNotFoundError("the full profile needs AEIC_SD_TURBO_DIR: a local SD-Turbo diffusers folder")
-    return Path(configured)
-
-
 def _lists_as_tuples(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
 
@@ -74,8 +64,9 @@ def build_decoder(config: ModelConfig, pixel_decoder: nn.Module | None = None) -
     """The one-step decoder of the configured profile (``nano`` or the paper's ``full``)."""
     if config.profile == "full":
         from .full_profile import load_full_decoder
+        from .sd_turbo_folder import configured_folder
 
-        return load_full_decoder(full_profile_dir(), config.num_rates, noise_channels=config.decoder.noise_channels)
+        return load_full_decoder(configured_folder(), config.num_rates, noise_channels=config.decoder.noise_channels)
     return NanoDecoder(config.decoder, pixel_decoder, internal_pixel_decoder=config.pixel_decoder == "internal")
 
 
