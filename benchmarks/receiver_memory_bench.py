@@ -44,7 +44,7 @@ def _reset_peak() -> None:
 def child(stream_path: Path, tile_pixels: int, band_bytes: int, model: Path | None, out: Path) -> dict[str, Any]:
     """Decode one stream with each stage's peak RSS (MB): what the parent reads as JSON."""
     import torch
-    from aeic.codec.entropy_model import TorchBackend
+    from aeic.codec.torch_backend import TorchBackend
     from aeic.receiver import decoder as receiver_decoder
 
     torch.set_num_threads(os.cpu_count() or 1)

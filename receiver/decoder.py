@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from aeic.codec import taesd
 from aeic.codec.diffusion_decoder import NanoDecoder
-from aeic.codec.entropy_model import TorchBackend
 from aeic.codec.model import ModelConfig, build_decoder, receiver_state_dict
 from aeic.codec.synthesis import SynthesisTransform
 from aeic.codec.tiling import decode_in_tiles, tile_plan
+from aeic.codec.torch_backend import TorchBackend
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS
 from aeic.shared.model_package import ModelPackage, ModelPackageError

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from aeic.codec.entropy_model import TorchBackend
 from aeic.codec.model import AEICModel
 from aeic.codec.testing import make_tiny_model
+from aeic.codec.torch_backend import TorchBackend
 from aeic.sender.rate_distortion_rounding import RateDistortionRounding
 from aeic.shared.entropy_coding import SymbolEncoder
 from aeic.shared.entropy_model import (
