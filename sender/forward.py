@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from aeic.sender.backoff import Backoff
+from aeic.sender.outage import OutageLog
 from aeic.sender.spool import Spool, SpoolCorruptError, SpoolItem
 from aeic.sender.uploader import Outcome, Uploader, UploadResult
 
@@ -111,6 +112,7 @@ class Forwarder:
         self.acknowledged: set[str] = set()  # keys delivered whose removal from the spool failed
         self._not_before: dict[str, float] = {}  # set-aside items' next tries, for a spool that cannot record them
         self._resume_after: str | None = None  # the last item that failed in an outage: probe after it
+        self.outage = OutageLog(self._on_error, self.undelivered, clock)  # the log's lines while uploads fail
 
     def drain_pass(self, stop: threading.Event | None = None) -> DrainReport:
         """Try each due item once, oldest first, until an outage (see the module docstring), a
@@ -133,6 +135,8 @@ class Forwarder:
                 self._on_error(f"forwarder: spooled item {item.path} skipped: {type(exc).__name__}: {exc}")
                 report.failed_attempts += 1
                 continue
+            if result.outcome is Outcome.ACCEPTED and result.status is not None:  # not another process's delivery
+                self.outage.delivered()  # its line before the item's: the receiver answers again
             self._listener(item, result)
             if result.outcome is Outcome.ACCEPTED:
                 report.accepted += 1
@@ -172,6 +176,8 @@ class Forwarder:
                 self.spool.record_attempt(item, result.detail)
                 if not cut_short:  # the last item due: nothing tells its fault from an outage
                     report.stopped, self._resume_after = result, item.key
+        if report.stopped is not None:
+            self.outage.failed(report.stopped)
         return report
 
     def _due_items(self) -> Iterator[SpoolItem]:

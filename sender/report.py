@@ -92,8 +92,8 @@ class Reporter:
             # No status: the spool itself found the bitstream damaged; the receiver never saw it.
             who = "by the receiver" if result.status is not None else "as damaged in the spool"
             self.info(f"rejected {who}: {name}: {result.detail} (kept in the spool's rejected/)")
-        else:
-            self.info(f"upload of {name} not done: {result.detail}; it stays queued")
+        # A failed try has no line of its own: the forwarder's OutageLog tells an outage (first failure,
+        # sparse reminders, recovery) and the forwarder an item set aside (aeic.sender.outage).
 
 
 # C0 and C1 control characters, DEL and the Unicode line and paragraph separators: none belongs in a
