@@ -36,58 +36,19 @@ import torch.nn.functional as F
 from aeic.codec import taesd
 from aeic.codec.checkpoint import checkpoint_preset, load_fitting, read_checkpoint
 from aeic.codec.model import AEICModel, ModelConfig
-from aeic.codec.package_import import model_from_package
 from aeic.codec.presets import preset
 from aeic.shared.model_package import ModelPackage
 
 from .config import TrainConfig
 from .data import NO_TEACHER, CropSampler, LatentTeacher, build_cache
 from .discriminator import LatentDiscriminator, hinge_discriminator_loss, hinge_generator_loss
+from .init_weights import load_mean_weights, load_model_weights
 from .losses import batch_texture_retention, msssim, pixel_distortion
 from .rate_calibration import calibrate_log_gains
 from .schedule import ScheduledRun, adam, resolve_device, seed_everything
 
 GAIN_LR_SCALE = 20.0
 RATE_FROZEN_STAGES = ("adversarial", "pixel_decoder")  # encoder and entropy model fixed: no rate term, no steering
-
-
-def read_weights(checkpoint: Path) -> tuple[dict, dict]:
-    """A checkpoint's whole contents and its weights (a bare state dict's, or a model package's)."""
-    if Path(checkpoint).is_dir():  # a model package: start from what shipped
-        return {}, model_from_package(Path(checkpoint)).state_dict()
-    whole = read_checkpoint(checkpoint)
-    return whole, whole.get("model", whole)
-
-
-def _load_fitting(model: AEICModel, weights: dict, source: object, fresh: str | None) -> None:
-    missing, unexpected = load_fitting(model, weights, source, strict=fresh is None)
-    absent = [key for key in missing if not key.startswith(fresh or "")]
-    if unexpected or absent:
-        raise ValueError(f"{source} does not fit the model: missing {absent[:3]}, unexpected {unexpected[:3]}")
-
-
-def load_model_weights(model: AEICModel, checkpoint: Path, fresh: str | None = None) -> dict:
-    """Load a checkpoint's weights; returns the whole checkpoint.
-
-    ``fresh``: the key prefix of a part the source may lack, because this run trains it from scratch."""
-    whole, weights = read_weights(checkpoint)
-    _load_fitting(model, weights, checkpoint, fresh)
-    return whole
-
-
-def load_mean_weights(model: AEICModel, checkpoints: dict[Path, float]) -> dict:
-    """Load the weighted mean of checkpoints that share one architecture; returns the last whole
-    checkpoint. Runs of one lineage that each win at other rates average into one model."""
-    total = sum(checkpoints.values())
-    if total <= 0 or any(weight < 0 for weight in checkpoints.values()):
-        raise ValueError(f"init_mean weights must be non-negative with a positive sum, got {checkpoints}")
-    mean: dict[str, torch.Tensor] = {}
-    for path, weight in checkpoints.items():
-        whole, weights = read_weights(path)
-        for key, value in weights.items():
-            mean[key] = mean.get(key, 0) + value.double() * (weight / total) if value.is_floating_point() else value
-    _load_fitting(model, {key: value.to(weights[key].dtype) for key, value in mean.items()}, list(checkpoints), None)
-    return whole
 
 
 def rate_weights(log_lambda: torch.Tensor, balance: float) -> torch.Tensor:
