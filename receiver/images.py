@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-__all__ = ["FORMATS", "encode_png", "make_thumbnail", "transcode"]
+__all__ = ["CONVERSIONS", "FORMATS", "encode_png", "make_thumbnail", "transcode"]
 
 # suffix -> (Pillow format, media type)
 FORMATS: dict[str, tuple[str, str]] = {
@@ -16,6 +16,8 @@ FORMATS: dict[str, tuple[str, str]] = {
     "jpeg": ("JPEG", "image/jpeg"),
     "webp": ("WEBP", "image/webp"),
 }
+# Pillow format -> the suffix its conversion of a reconstruction is kept under (.jpg and .jpeg: one file).
+CONVERSIONS: dict[str, str] = {"JPEG": "jpg", "WEBP": "webp"}
 
 
 def _to_image(rgb: np.ndarray) -> Image.Image:

@@ -4,31 +4,37 @@ the test. Headers, 304 and 404 are as they were; a store failing mid-file cuts t
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import scaleout_support
+from aeic.receiver import api
 from aeic.receiver.api import create_app
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import BlobStore, FilesystemBlobStore
+from aeic.receiver.storage import BlobStore, FilesystemBlobStore, SqlMetadataStore
 from aeic.receiver.storage.blobs import (
     CHUNK_BYTES,
     BlobReadError,
     OpenBlob,
     bitstream_key,
+    conversion_key,
     reconstruction_key,
     thumbnail_key,
 )
+from aeic.receiver.storage.orphans import remove_orphan_blobs
 from fastapi.testclient import TestClient
-from receiver_support import FakeCodec, ServerThread, make_bitstream, make_tokens
+from receiver_support import FakeCodec, ServerThread, make_bitstream, make_tokens, new_image
 
 s3_server = scaleout_support.s3_server
 ADMIN = "admin-secret-token"
@@ -212,3 +218,130 @@ def test_a_blob_ending_early_is_a_read_error_not_a_short_file() -> None:
     assert next(chunks) == b"12345"
     with pytest.raises(BlobReadError, match="ended after 5 of 10 bytes"):
         next(chunks)
+
+
+# -- JPEG/WebP conversions, kept --------------------------------------------------------------------
+
+
+class CountedConversions:
+    """`transcode` counted, and optionally held (`hold` set) until `release` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, hold: bool = False) -> None:
+        self.made, self.hold = 0, hold
+        self.converting, self.release = threading.Event(), threading.Event()
+        self.convert = api.transcode
+        monkeypatch.setattr(api, "transcode", self)
+
+    def __call__(self, png: bytes, suffix: str) -> bytes:
+        self.made += 1
+        self.converting.set()
+        if self.hold:
+            assert self.release.wait(30)
+        converted: bytes = self.convert(png, suffix)
+        return converted
+
+
+def _conversions(image_id: str) -> list[str]:
+    return [conversion_key(image_id, suffix) for suffix in ("jpg", "webp")]
+
+
+def test_a_conversion_is_made_once_then_streamed_and_deleted_with_its_image(
+        tmp_path: Path, inner_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every JPEG/WebP download decoded the whole PNG and encoded it again (8192x8192: 2.5-3 s to JPEG, 45-55 s
+    to WebP, up to 1.3 GB); now the first keeps its result and the others stream it, with the same headers.
+    Deleting the image deletes the conversions too."""
+    conversions = CountedConversions(monkeypatch)
+    blobs = StreamOnlyBlobs(inner_store)
+    settings = _settings(tmp_path)
+    token = make_tokens(settings, "cam1")["cam1"]
+    auth = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]), blobs=blobs)) as client:
+        image_id = _decoded(client, token)
+        base = f"/v1/images/{image_id}/reconstruction"
+        first = client.get(f"{base}.jpg", headers=auth)
+        assert first.status_code == 200 and first.content.startswith(b"\xff\xd8") and conversions.made == 1
+        assert bytes(inner_store.get(conversion_key(image_id, "jpg"))) == first.content
+        blobs.downloading = True  # from here a whole read of a blob fails the download
+        for path, extra in ((f"{base}.jpg", {}), (f"{base}.jpeg", {}), (base, {"Accept": "image/jpeg"})):
+            again = client.get(path, headers={**auth, **extra})
+            assert again.status_code == 200 and again.content == first.content, path
+            assert again.headers["content-type"] == "image/jpeg"
+            assert again.headers["content-length"] == str(len(first.content))
+            assert again.headers["cache-control"] == "private, max-age=86400"
+        assert client.head(f"{base}.jpg", headers=auth).headers["content-length"] == str(len(first.content))
+        assert conversions.made == 1
+        blobs.downloading = False
+        webp = client.get(f"{base}.webp", headers=auth)
+        assert webp.status_code == 200 and webp.content[8:12] == b"WEBP" and conversions.made == 2
+        blobs.downloading = True
+        assert client.get(f"{base}.webp", headers=auth).content == webp.content and conversions.made == 2
+        assert client.delete(f"/v1/images/{image_id}", headers=auth).status_code == 204
+        keys = [bitstream_key(image_id), reconstruction_key(image_id), thumbnail_key(image_id), *_conversions(image_id)]
+        assert not any(inner_store.exists(key) for key in keys)
+
+
+def test_an_image_deleted_while_converting_leaves_no_conversion(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    conversions = CountedConversions(monkeypatch, hold=True)
+    settings = _settings(tmp_path)
+    token = make_tokens(settings, "cam1")["cam1"]
+    auth = {"Authorization": f"Bearer {token}"}
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]), blobs=blobs)
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, headers=auth, timeout=30) as client, \
+            ThreadPoolExecutor(1) as pool:
+        reply = client.post("/v1/images", content=make_bitstream(), headers={"Content-Type": "application/octet-stream"})
+        image_id = reply.json()["id"]
+        deadline = time.monotonic() + 10
+        while client.get(f"/v1/images/{image_id}").json()["status"] != "done":
+            assert time.monotonic() < deadline, "decode did not finish"
+            time.sleep(0.02)
+        download = pool.submit(client.get, f"/v1/images/{image_id}/reconstruction.webp")
+        assert conversions.converting.wait(30)
+        assert client.delete(f"/v1/images/{image_id}").status_code == 204
+        conversions.release.set()
+        assert download.result().status_code == 200  # it was asked for while the image existed
+    assert sorted(p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file()) == []
+
+
+class RefusesConversions(FilesystemBlobStore):
+    """A full disk, as far as conversions go."""
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("conversions/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().put(key, data)
+
+
+def test_a_store_that_cannot_keep_a_conversion_still_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    conversions = CountedConversions(monkeypatch)
+    settings = _settings(tmp_path)
+    token = make_tokens(settings, "cam1")["cam1"]
+    auth = {"Authorization": f"Bearer {token}"}
+    blobs = RefusesConversions(tmp_path / "blobs")
+    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]), blobs=blobs)) as client:
+        image_id = _decoded(client, token)
+        with caplog.at_level(logging.WARNING):
+            replies = [client.get(f"/v1/images/{image_id}/reconstruction.jpg", headers=auth) for _ in range(2)]
+    assert [r.status_code for r in replies] == [200, 200] and replies[0].content == replies[1].content
+    assert conversions.made == 2
+    kept = [r.getMessage() for r in caplog.records if "could not keep" in r.getMessage()]
+    assert len(kept) == 2 and "No space left" in kept[0]
+
+
+def test_the_orphan_sweep_takes_conversions_of_no_image(tmp_path: Path) -> None:
+    """A process killed between a delete's row and its files leaves conversions too; the start-up sweep
+    removes them with the rest, and keeps a live image's."""
+    store = SqlMetadataStore.from_url(f"sqlite:///{tmp_path / 'receiver.db'}")
+    store.migrate()
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    live, _ = store.insert_image(new_image(1))
+    gone = f"{2:032x}"
+    for key in (conversion_key(live.id, "jpg"), conversion_key(gone, "jpg"), conversion_key(gone, "webp")):
+        blobs.put(key, b"converted")
+    try:
+        assert remove_orphan_blobs(store, blobs, grace_s=-1.0) == 2
+    finally:
+        store.close()
+    assert blobs.exists(conversion_key(live.id, "jpg")) and not blobs.exists(conversion_key(gone, "jpg"))

@@ -1,4 +1,4 @@
-"""Blob storage for bitstreams, reconstructions and thumbnails.
+"""Blob storage for bitstreams, reconstructions (and their JPEG/WebP conversions) and thumbnails.
 
 `BlobStore` is the seam where an object store (S3/MinIO, issue 8) plugs in; the embedded default keeps
 files under the data directory. A file write is atomic and durable: temporary file in the same
@@ -29,6 +29,7 @@ __all__ = [
     "OpenBlob",
     "StreamingBlobStore",
     "bitstream_key",
+    "conversion_key",
     "open_blob",
     "reconstruction_key",
     "thumbnail_key",
@@ -140,6 +141,11 @@ def reconstruction_key(image_id: str) -> str:
 def thumbnail_key(image_id: str) -> str:
     """Where the gallery thumbnail (JPEG) lives."""
     return _sharded("thumbnails", image_id, "jpg")
+
+
+def conversion_key(image_id: str, suffix: str) -> str:
+    """Where the reconstruction converted to `suffix` (jpg, webp) is kept once a download has made it."""
+    return _sharded("conversions", image_id, suffix)
 
 
 class FilesystemBlobStore:

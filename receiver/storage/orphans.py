@@ -18,7 +18,7 @@ from aeic.receiver.storage.metadata import SqlMetadataStore
 __all__ = ["GRACE_S", "remove_orphan_blobs"]
 
 GRACE_S = 300.0  # far beyond the longest write between a blob and its row (the database waits 15 s at most)
-_KINDS = ("bitstreams", "reconstructions", "thumbnails")
+_KINDS = ("bitstreams", "reconstructions", "thumbnails", "conversions")
 _CHUNK = 500
 
 
