@@ -137,7 +137,7 @@ class Trainer(ScheduledRun):
 
     def _parameter_groups(self) -> list[dict]:
         """The rate gains learn faster: they set where each rate point lands and are few."""
-        parameters = self._trainable_parameters()
+        parameters = self._freeze_all_but_the_stage()
         gains = [p for p in parameters if p is self.model.log_gains]
         rest = [p for p in parameters if p is not self.model.log_gains]
         groups = [{"params": rest, "lr_scale": 1.0}]
@@ -145,7 +145,9 @@ class Trainer(ScheduledRun):
             groups.append({"params": gains, "lr_scale": GAIN_LR_SCALE})
         return groups
 
-    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+    def _freeze_all_but_the_stage(self) -> list[torch.nn.Parameter]:
+        """Freeze what this stage keeps fixed (``requires_grad``, so no gradient is even computed for it) and
+        return the parameters that still learn."""
         if self.config.stage == "adversarial":
             frozen = (self.model.analysis, self.model.hyper_analysis, self.model.entropy)
             for module in frozen:
