@@ -95,7 +95,10 @@ class RateEmbedding(nn.Module):
         self.weight = nn.Parameter(table.clone())
 
     def forward(self, rate: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows at integer rate points; linear interpolation between them for intermediate levels."""
+        """Rows at integer rate points; linear interpolation between them for intermediate levels.
+
+        ``condition`` is diffusers' ``timestep_cond``, which the UNet passes to every time embedding; SD-Turbo
+        has none."""
         position = rate.float().clamp(0, self.weight.shape[0] - 1)
         low = position.floor().long().clamp(max=max(self.weight.shape[0] - 2, 0))
         high = (low + 1).clamp(max=self.weight.shape[0] - 1)
