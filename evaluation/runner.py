@@ -186,6 +186,20 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, (time.perf_counter() - start) * 1000.0
 
 
+def _check_runnable(codec: Codec | None, config: EvalConfig) -> None:
+    """Refuse, before anything is measured or written, points the codec cannot code and unknown baselines."""
+    if codec is None:
+        if any(p.kind == "rate" for p in config.points) or not config.baselines:
+            raise ValueError("without a codec only bpp budgets with at least one baseline can be evaluated")
+    elif not isinstance(codec, Codec):
+        raise TypeError("codec needs encode(rgb, rate_index) -> bytes and decode(bytes) -> rgb")
+    elif any(p.kind == "budget" for p in config.points) and not hasattr(codec, "encode_to_budget"):
+        raise TypeError("bpp budgets need a codec with encode_to_budget(rgb, target_bytes)")
+    unknown = set(config.baselines) - set(baselines.CODECS)
+    if unknown:
+        raise ValueError(f"unknown baseline codecs: {sorted(unknown)}")
+
+
 class Evaluator:
     """Runs one configuration against one codec; see the module docstring for what it measures."""
 
@@ -193,18 +207,7 @@ class Evaluator:
         self, codec: Codec | None, config: EvalConfig, codec_info: dict[str, Any] | None = None
     ) -> None:
         """``codec=None`` evaluates only the classic baselines, which needs bpp-budget points."""
-        if codec is None:
-            if any(p.kind == "rate" for p in config.points) or not config.baselines:
-                raise ValueError(
-                    "without a codec only bpp budgets with at least one baseline can be evaluated"
-                )
-        elif not isinstance(codec, Codec):
-            raise TypeError("codec needs encode(rgb, rate_index) -> bytes and decode(bytes) -> rgb")
-        elif any(p.kind == "budget" for p in config.points) and not hasattr(codec, "encode_to_budget"):
-            raise TypeError("bpp budgets need a codec with encode_to_budget(rgb, target_bytes)")
-        unknown = set(config.baselines) - set(baselines.CODECS)
-        if unknown:
-            raise ValueError(f"unknown baseline codecs: {sorted(unknown)}")
+        _check_runnable(codec, config)
         self.codec, self.config, self.codec_info = codec, config, codec_info or {}
         self.metric_fns, self.skipped = metric_functions(config.metrics)
         wanted = config.metrics if config.metrics is not None else list(learned.REQUIREMENTS)
