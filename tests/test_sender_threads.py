@@ -2,7 +2,7 @@
 
 onnxruntime's default is one intra-op thread per physical core whatever the affinity mask, so a sender
 pinned to one core (taskset, systemd's CPUAffinity=, docker --cpuset-cpus) ran extra threads on it
-that only fought the main one. No torch here: this runs in the Python 3.10 sender check too.
+that only fought the main one. Idle threads sleep rather than spin. No torch here: this runs in the Python 3.10 sender check too.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from aeic.sender.encoder import SenderCodec, allowed_cpus, session_options
+from aeic.sender.encoder import SPINNING, SenderCodec, allowed_cpus, session_options
 
 SHIPPED = Path(__file__).resolve().parents[1] / "aeic" / "models" / "nano-se"
 
@@ -64,3 +64,8 @@ def test_a_process_pinned_to_one_cpu_runs_one_thread() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split()[-1] == "1"
 
+
+
+def test_idle_threads_sleep_instead_of_spinning() -> None:
+    for threads in (None, 1, 4):
+        assert session_options(threads).get_session_config_entry(SPINNING) == "0"
