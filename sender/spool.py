@@ -23,7 +23,7 @@ the rest, so a restart keeps it.
 Size bound and policy when full: the *pending* items are bounded by ``max_items`` and
 ``max_bytes`` (bitstream bytes). When a new item would exceed either bound, :meth:`Spool.put`
 raises :class:`SpoolFullError` and stores nothing: queued data is never dropped to make
-room. Callers decide what that means (the CLI reports the file as not queued; the watcher
+room. A disk with no room left (ENOSPC, EDQUOT) is refused the same way. Callers decide what that means (the CLI reports the file as not queued; the watcher
 retries the file on a later poll; the camera skips that frame).
 
 How put knows the size without listing the folder each time: counting ``pending/`` takes a
@@ -40,6 +40,7 @@ it holds up to what the others queued in the last ``recount_seconds`` more than 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -68,6 +69,8 @@ DEFAULT_RECOUNT_SECONDS = 30.0
 # A full verdict is checked by a count unless the last count is younger than this many times the
 # count's own duration: at most about 5% of the time goes into counting a full spool.
 _COUNT_SHARE = 20
+# Errors of a write that found no room: the disk is full, or the user's quota is used up.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class SpoolError(Exception):
@@ -293,7 +296,15 @@ class Spool:
             self._make_pending_dir()
             self._check_room(len(data))
             item = SpoolItem(key, path, len(data), source=source, created=time.time(), extra=extra)
-            atomic_write(path, data)
+            try:
+                atomic_write(path, data)
+            except OSError as exc:
+                if exc.errno not in _NO_ROOM:
+                    raise
+                # A disk without room is a bound like max_bytes: a SpoolFullError the agent waits out
+                # (no image encoded until an upload frees some) instead of an error it retries every scan.
+                raise SpoolFullError(f"spool {self.root} is full: its disk is full ({exc.strerror}); new "
+                                     "images are refused until uploads drain it") from exc  # fmt: skip
             self._tallied(1, len(data))
             try:
                 self._write_sidecar(item)
