@@ -58,8 +58,10 @@ class ReceiverSettings(BaseSettings):
     batch_size: int = Field(4, ge=1, le=256, description="Most compatible jobs decoded in one call.")
     max_attempts: int = Field(3, ge=1, le=100, description="Decode tries before an image is marked failed.")
     retry_delay_s: float = Field(2.0, ge=0, le=MAX_SECONDS, description="Delay before the first retry; doubles each attempt.")
-    rate_limit_per_minute: float = Field(600.0, gt=0, description="Sustained uploads per device per minute.")
-    rate_limit_burst: int = Field(60, ge=1, description="Uploads a device may send back to back.")
+    rate_limit_per_minute: float = Field(
+        600.0, gt=0, description="Sustained decode cost per device per minute (a 1080p photo coded whole costs 1)."
+    )
+    rate_limit_burst: int = Field(60, ge=1, description="Decode cost a device may send back to back.")
     admin_token: SecretStr | None = Field(None, description="Bearer token that sees every device's images.")
     session_ttl_s: float = Field(43200.0, gt=0, le=MAX_SECONDS, description="Lifetime of a gallery sign-in (cookie and session).")
     cookie_secure: bool | None = Field(
@@ -115,6 +117,15 @@ class ReceiverSettings(BaseSettings):
         if isinstance(value, list):
             return [path.expanduser() for path in value]
         return value.expanduser()
+
+    @field_validator("allowed_hosts", mode="after")
+    @classmethod
+    def _some_host(cls, value: str) -> str:
+        """A list that names no host would answer 400 to every request, the probes' included, while the
+        process looked healthy to itself: refused at start instead."""
+        if not any(host.strip() for host in value.split(",")):
+            raise ValueError("names no host: give host names (comma list), or '*' for any")
+        return value
 
     @field_validator("queue", "blob_url", mode="after")
     @classmethod

@@ -461,3 +461,13 @@ def test_a_duration_past_a_year_is_one_line(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("AEIC_POLL_INTERVAL_S", "1e10")
     assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 2
     assert _one_line(capsys).endswith("poll_interval_s: input should be less than or equal to 31536000 (got '1e10')")
+
+
+@pytest.mark.parametrize("value", ["", " , "])
+def test_an_allowed_hosts_list_naming_no_host_is_one_line(value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: accepted; the receiver then answered 400 "Invalid host header" to every request, probes included."""
+    monkeypatch.setenv("AEIC_ALLOWED_HOSTS", value)
+    assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 2
+    assert _one_line(capsys).endswith("allowed_hosts: value error, names no host: give host names (comma list), "
+                                      f"or '*' for any (got '{value}')")
