@@ -225,3 +225,25 @@ def test_config_and_secret_hold_only_known_settings() -> None:
     unknown = [k for k in keys if k.startswith("AEIC_") and not _settings_var(k)]
     assert unknown == []
     assert {"AEIC_QUEUE", "AEIC_BLOB_URL", "AEIC_DATABASE_URL"} <= keys
+
+
+def test_probes_pass_the_host_check_the_configmap_suggests(tmp_path: Path) -> None:
+    """The kubelet's probes name the pod's IP as Host, which an `AEIC_ALLOWED_HOSTS` list refuses (400): every
+    pod would stay unready. So the probes send `Host: localhost`, and the ConfigMap's example list keeps it."""
+    from aeic.receiver.api import create_app
+    from aeic.receiver.registry import CodecRegistry
+    from fastapi.testclient import TestClient
+    from receiver_support import FakeCodec
+
+    [container] = _by_kind(_documents(), "Deployment", "aeic-api")["spec"]["template"]["spec"]["containers"]
+    example = re.search(r'# AEIC_ALLOWED_HOSTS: "([^"]+)"', (K8S / "configmap.yaml").read_text())
+    assert example is not None
+    settings = ReceiverSettings(data_dir=tmp_path / "data", worker=False, allowed_hosts=example.group(1))
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
+    with TestClient(app) as client:
+        assert client.get("/healthz", headers={"Host": "10.1.2.3:8000"}).status_code == 400
+        for probe in ("readinessProbe", "livenessProbe"):
+            get = container[probe]["httpGet"]
+            headers = {h["name"]: h["value"] for h in get.get("httpHeaders", [])}
+            assert "Host" in headers, probe
+            assert client.get(get["path"], headers=headers).status_code in (200, 503), probe
