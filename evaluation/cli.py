@@ -9,7 +9,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from aeic.evaluation import baselines, learned, metrics, plots, resume, runner
+from aeic.evaluation import baselines, images, learned, metrics, plots, resume, runner
 from aeic.sender.coding_scale import parse_downscale
 from aeic.sender.images import IMAGE_SUFFIXES
 from aeic.sender.rate_distortion_rounding import parse_rounding
@@ -147,7 +147,7 @@ def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factor
                held: ExitStack) -> runner.Evaluator:
     """The model loaded (none for --baselines-only) and checked against the rate points asked for; then the
     --out folder's lock, kept in ``held``, and only then the folder is written to."""
-    runner.list_images(config.images, config.limit)  # fail before loading a model
+    images.list_images(config.images, config.limit)  # fail before loading a model
     if args.baselines_only:
         codec = None
     elif codec_factory is None:

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from aeic.evaluation.runner import load_rgb
+from aeic.evaluation.images import load_rgb
 from aeic.receiver.decoder import ReceiverCodec
 from aeic.sender.encoder import SenderCodec
 

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from aeic.evaluation import runner
+from aeic.evaluation import images
 from aeic.evaluation.paper_points import PAPER_POINTS
 from PIL import Image
 
@@ -169,7 +169,7 @@ def saved_reconstructions(run: Path, image: str, point: str, methods: tuple[str,
             if r["image"] == image and r["point"] == point}  # fmt: skip
     columns: dict[str, np.ndarray] = {}
     for method in methods:
-        path = run / "recon" / point / method / runner.recon_name(image)
+        path = run / "recon" / point / method / images.recon_name(image)
         if method in rows and rows[method]["status"] == "ok" and path.is_file():
             with Image.open(path) as im:
                 columns[_caption(rows[method]).replace("AEIC", aeic_label, 1)] = np.asarray(im.convert("RGB"))
@@ -182,7 +182,7 @@ def first_saved_image(run: Path, rows: list[dict[str, Any]], point: str, methods
     saved = [
         r["image"] for r in rows
         if r["point"] == point and r["method"] in methods and r["status"] == "ok"
-        and (run / "recon" / point / r["method"] / runner.recon_name(r["image"])).is_file()
+        and (run / "recon" / point / r["method"] / images.recon_name(r["image"])).is_file()
     ]  # fmt: skip
     return min(saved, default=None)
 
@@ -209,7 +209,7 @@ def side_by_side_from_run(
     Uses ``OUT/summary.json`` for captions and ``OUT/recon/<point>/<method>/<image>.png``; methods without
     a saved reconstruction (unreachable, or not saved) are left out.
     """
-    original = runner.load_rgb(images_dir / image)  # EXIF-rotated as the rows were measured
+    original = images.load_rgb(images_dir / image)  # EXIF-rotated as the rows were measured
     columns = saved_reconstructions(out_dir, image, point, methods)
     columns.update(extra or {})
     return side_by_side(original, columns, out_dir / f"side_by_side_{Path(image).stem}_{point}.png", crop)

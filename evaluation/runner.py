@@ -23,9 +23,9 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 from aeic.evaluation import baselines, learned, metrics, resume
+from aeic.evaluation.images import UNREADABLE, list_images, load_rgb, recon_name
 from aeic.evaluation.results_file import ResultsFile
 from aeic.evaluation.summary import machine_info, means, typed_row
-from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, upright_rgb8
 from aeic.shared import bitstream
 from PIL import Image
 from tqdm import tqdm
@@ -113,45 +113,7 @@ class EvalConfig:
     skipped_baselines: dict[str, str] = field(default_factory=dict)  # codec -> why it cannot run here
 
 
-def list_images(folder: Path, limit: int | None = None) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name, at most ``limit``: the formats the sender reads
-    (``IMAGE_SUFFIXES``), so a folder of a device's WebP photos is not refused as empty."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return found[:limit] if limit is not None else found
-
-
-# What Pillow raises for a file that is not a readable image: SyntaxError for some broken PNG chunks,
-# DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default).
-# ImageReadError: a pixel mode the sender cannot code.
-UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, ImageReadError)
 UNREADABLE_DETAIL = "unreadable image"  # how an error row of a file that cannot be read starts
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB as the sender reads it (EXIF orientation, 16-bit greyscale scaled,
-    alpha over white, an embedded colour profile to sRGB): the pixels are scored against what
-    ``aeic encode`` and ``aeic-send`` code. Alpha was dropped here, so a transparent area was scored
-    against whatever colour hid under it, and a profile ignored."""
-    with Image.open(path) as im:
-        return upright_rgb8(im, path)
-
-
-def recon_name(image: str) -> str:
-    """File name of an image's saved reconstruction: ``a.png`` stays, ``a.jpg`` becomes ``a.jpg.png``.
-
-    Distinct from every other image's, so ``a.jpg`` and ``a.png`` in one folder do not overwrite each other.
-    """
-    return image if image.endswith(".png") else f"{image}.png"
-
-
-def original_of(images: Path, recon: Path) -> Path:
-    """The original in ``images`` that a saved reconstruction file stands for (the inverse of :func:`recon_name`)."""
-    stripped = images / recon.name.removesuffix(".png")
-    return stripped if recon.name != stripped.name and stripped.is_file() else images / recon.name
 
 
 def metric_functions(names: list[str] | None) -> tuple[dict[str, Callable[..., float]], dict[str, str]]:

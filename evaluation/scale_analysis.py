@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from aeic.evaluation.runner import load_rgb, original_of
+from aeic.evaluation.images import load_rgb, original_of
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from aeic.evaluation import metrics
-from aeic.evaluation.runner import load_rgb, original_of
+from aeic.evaluation.images import load_rgb, original_of
 
 # JPEG's full-range RGB -> YCbCr (offsets left out: only differences of means matter)
 _YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])

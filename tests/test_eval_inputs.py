@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aeic.evaluation import baselines, cli, metrics, plots, results_file, runner
+from aeic.evaluation.images import load_rgb, recon_name
 from aeic.sender.images import read_image
 from PIL import Image
 
@@ -103,7 +104,7 @@ def test_broken_chunk_and_decompression_bomb_are_error_rows(images: Path, tmp_pa
 def test_sixteen_bit_grayscale_keeps_its_tones(tmp_path: Path) -> None:
     values = np.array([[0, 0x4000, 0x8000, 0xFFFF]], np.uint16)
     Image.fromarray(values).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG (mode I;16)
-    rgb = runner.load_rgb(tmp_path / "g16.png")
+    rgb = load_rgb(tmp_path / "g16.png")
     assert rgb[0, :, 0].tolist() == [0, 0x40, 0x80, 0xFF] and (rgb == rgb[..., :1]).all()
 
 
@@ -121,8 +122,8 @@ def test_non_utf8_names_and_shared_stems_keep_their_own_rows_and_reconstructions
     saved = {p.name for p in (out / "recon" / "rate0" / "aeic").iterdir()}
     assert saved == {"img0.jpg.png", "img0.png", odd.name}
     for name in ("img0.jpg", "img0.png"):  # each reconstruction is its own image's
-        with Image.open(out / "recon" / "rate0" / "aeic" / runner.recon_name(name)) as im:
-            expected = StrideCodec().decode(StrideCodec().encode(runner.load_rgb(images / name), 0))
+        with Image.open(out / "recon" / "rate0" / "aeic" / recon_name(name)) as im:
+            expected = StrideCodec().decode(StrideCodec().encode(load_rgb(images / name), 0))
             assert np.array_equal(np.asarray(im), expected)
     again = _evaluator(images, out, save_recon=3)  # the CSV reads back with the odd name intact
     assert len(again.results.done) == 3
@@ -281,8 +282,8 @@ def test_eval_scores_the_pixels_the_sender_codes(tmp_path: Path) -> None:
     exif[0x0112] = 8
     Image.fromarray(_picture()).save(tmp_path / "rotated.jpg", exif=exif.tobytes())
     for name in ("rgba.png", "palette.png", "rotated.jpg"):
-        np.testing.assert_array_equal(runner.load_rgb(tmp_path / name), read_image(tmp_path / name))
-    assert (runner.load_rgb(tmp_path / "rgba.png")[:, :20] == 255).all()
+        np.testing.assert_array_equal(load_rgb(tmp_path / name), read_image(tmp_path / name))
+    assert (load_rgb(tmp_path / "rgba.png")[:, :20] == 255).all()
 
 
 def test_every_format_the_sender_reads_is_evaluated(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aeic.evaluation import cli, plots, runner
+from aeic.evaluation.images import load_rgb
 from aeic.sender.images import IMAGE_SUFFIXES
 from aeic.shared import bitstream
 from PIL import Image
@@ -79,7 +80,7 @@ def test_rate_points_with_baselines_at_equal_bytes(images: Path, tmp_path: Path)
     rows = summary["rows"]
     assert len(rows) == 2 * 2 * 4  # images x points x (aeic, jpeg, webp, best)
     for row in (r for r in rows if r["method"] == "aeic"):
-        rgb = runner.load_rgb(images / row["image"])
+        rgb = load_rgb(images / row["image"])
         data = codec.encode(rgb, row["rate_index"])
         assert row["bytes"] == len(data)  # the whole container, header and CRC included
         assert row["bpp"] == pytest.approx(len(data) * 8 / (64 * 96))
@@ -323,7 +324,7 @@ def test_end_to_end_with_the_tiny_model_package(tiny_package: Path, images: Path
             assert row["status"] == "unreachable"
             continue
         assert row["status"] == "ok" and row["psnr"] > 0 and 0 <= row["texture"] <= 1
-        rgb = runner.load_rgb(images / row["image"])
+        rgb = load_rgb(images / row["image"])
         assert row["bytes"] == len(sender.encode(rgb, row["rate_index"]))  # deterministic, container included
         assert row["bpp"] == pytest.approx(row["bytes"] * 8 / (64 * 96))
     assert (out / "recon" / "rate0" / "aeic" / "img0.png").is_file()

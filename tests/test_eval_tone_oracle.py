@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aeic.evaluation import metrics, runner, tone_oracle
+from aeic.evaluation import metrics, tone_oracle
+from aeic.evaluation.images import recon_name
 from PIL import Image
 
 
@@ -67,7 +68,7 @@ def test_a_jpeg_original_is_found_from_its_reconstructions_name(tmp_path: Path) 
     images.mkdir()
     ref = _photo_like(2)
     Image.fromarray(ref).save(images / "b.jpg", quality=95)
-    Image.fromarray(_tone_shifted(ref)).save(recon / runner.recon_name("b.jpg"))
+    Image.fromarray(_tone_shifted(ref)).save(recon / recon_name("b.jpg"))
     [row] = tone_oracle.oracle_gains(tmp_path / "run", images, [64], step=0)
     assert row["images"] == 1 and row["psnr_gain_db"] > 3
 

@@ -1,0 +1,51 @@
+"""The pictures of an evaluation: the folder's images read as the sender reads them, and the file names
+their saved reconstructions get (and the way back, which the analyses of a saved run take).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, upright_rgb8
+from PIL import Image
+
+
+def list_images(folder: Path, limit: int | None = None) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name, at most ``limit``: the formats the sender reads
+    (``IMAGE_SUFFIXES``), so a folder of a device's WebP photos is not refused as empty."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return found[:limit] if limit is not None else found
+
+
+# What Pillow raises for a file that is not a readable image: SyntaxError for some broken PNG chunks,
+# DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default).
+# ImageReadError: a pixel mode the sender cannot code.
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, ImageReadError)
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB as the sender reads it (EXIF orientation, 16-bit greyscale scaled,
+    alpha over white, an embedded colour profile to sRGB): the pixels are scored against what
+    ``aeic encode`` and ``aeic-send`` code. Alpha was dropped here, so a transparent area was scored
+    against whatever colour hid under it, and a profile ignored."""
+    with Image.open(path) as im:
+        return upright_rgb8(im, path)
+
+
+def recon_name(image: str) -> str:
+    """File name of an image's saved reconstruction: ``a.png`` stays, ``a.jpg`` becomes ``a.jpg.png``.
+
+    Distinct from every other image's, so ``a.jpg`` and ``a.png`` in one folder do not overwrite each other.
+    """
+    return image if image.endswith(".png") else f"{image}.png"
+
+
+def original_of(images: Path, recon: Path) -> Path:
+    """The original in ``images`` that a saved reconstruction file stands for (the inverse of :func:`recon_name`)."""
+    stripped = images / recon.name.removesuffix(".png")
+    return stripped if recon.name != stripped.name and stripped.is_file() else images / recon.name
