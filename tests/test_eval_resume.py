@@ -89,6 +89,7 @@ def test_a_new_folder_ignores_a_stale_identity(images: Path, tmp_path: Path) -> 
     out.mkdir()
     (out / resume.RUN_IDENTITY_FILE).write_text(json.dumps({"criterion": "ms_ssim", "codec": None}))
     _baselines_only(images, out, "psnr").run(progress=False)  # no rows yet: nothing to mix with
+    assert json.loads((out / resume.RUN_IDENTITY_FILE).read_text())["criterion"] == "psnr"  # this run's, recorded
 
 
 def test_rows_of_other_encoder_settings_do_not_resume(
