@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 from aeic.sender.backoff import Backoff
+from aeic.sender.images import MAX_SIDE
 from aeic.shared.url_redaction import without_password
 
 # A grab slower than this waited for the source: the stream's buffer is drained.
@@ -122,6 +123,12 @@ class Camera:
         ok, frame = self._read_live() if self._is_stream else self._capture.read()
         if not ok or frame is None or frame.size == 0:
             self._failed(f"camera {self.name}: read failed, reconnecting")
+            self.close()
+            return None
+        height, width = frame.shape[:2]
+        if width > MAX_SIDE or height > MAX_SIDE:  # a broken or hostile source: no bitstream holds it
+            self._failed(f"camera {self.name}: a {width}x{height} frame is larger than the {MAX_SIDE} pixels a side "
+                         "a bitstream holds; skipped, reconnecting")  # fmt: skip
             self.close()
             return None
         if self._said:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aeic.sender import cli
+from aeic.sender.backoff import Backoff
 from aeic.sender.camera import Camera, display_name
 from aeic.sender.config import exposed_files, load_config
 from aeic.sender.spool import Spool
@@ -322,3 +323,46 @@ def test_a_proxys_413_page_still_rejects_the_item_alone() -> None:
     with hostile_server(_raw_answer(413, "text/html", page)) as (url, _), Uploader(url, TOKEN, timeout=5.0) as uploader:
         result = uploader.upload(data, "k" * 64)
     assert result.outcome is Outcome.REJECTED and "413 Request Entity Too Large" in result.detail
+
+
+class _OversizeThenGood:
+    """A capture whose frames are wider than a bitstream holds (``wide``), or normal."""
+
+    def __init__(self, wide: bool) -> None:
+        self.wide, self.released = wide, False
+
+    def isOpened(self) -> bool:
+        return True
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        return True, np.zeros((1, 16385, 3) if self.wide else (4, 6, 3), np.uint8)
+
+    def grab(self) -> bool:
+        return True
+
+    def retrieve(self) -> tuple[bool, np.ndarray | None]:
+        return self.read()
+
+    def release(self) -> None:
+        self.released = True
+
+    def set(self, prop: int, value: float) -> bool:
+        return True
+
+
+def test_a_frame_no_bitstream_holds_is_skipped_with_one_line() -> None:
+    """A broken or hostile camera's 16385-pixel-wide frame was copied to RGB (a second frame-sized array, up to
+    600 MB for the largest FFmpeg decodes) and refused by the encoder: one error line per frame, every
+    interval, for as long as the camera sent them."""
+    opened = [_OversizeThenGood(wide=True), _OversizeThenGood(wide=True), _OversizeThenGood(wide=False)]
+    queue = list(opened)
+    lines: list[str] = []
+    camera = Camera(0, opener=lambda source: queue.pop(0), backoff=Backoff(base=0.001, max_delay=0.002),
+                    log=lines.append)  # fmt: skip
+    frames = list(camera.frames(interval=0.0, stop=threading.Event(), count=1))
+    assert [frame.shape for frame in frames] == [(4, 6, 3)]
+    assert opened[0].released and opened[1].released
+    assert [line.split(" (")[0] for line in lines] == [
+        "camera 0: a 16385x1 frame is larger than the 16384 pixels a side a bitstream holds; skipped, reconnecting",
+        "camera 0: frames again",
+    ]
