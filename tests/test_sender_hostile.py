@@ -351,8 +351,8 @@ class _OversizeThenGood:
 
 
 def test_a_frame_no_bitstream_holds_is_skipped_with_one_line() -> None:
-    """A broken or hostile camera's 16385-pixel-wide frame was copied to RGB (a second frame-sized array, up to
-    600 MB for the largest FFmpeg decodes) and refused by the encoder: one error line per frame, every
+    """A broken or hostile camera's 16385-pixel-wide frame was copied to RGB (a second frame-sized array: hundreds of
+    MB for the largest frames FFmpeg decodes) and refused by the encoder: one error line per frame, every
     interval, for as long as the camera sent them."""
     opened = [_OversizeThenGood(wide=True), _OversizeThenGood(wide=True), _OversizeThenGood(wide=False)]
     queue = list(opened)
