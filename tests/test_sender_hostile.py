@@ -43,7 +43,7 @@ def hostile_server(answer: Answer) -> Iterator[tuple[str, list[dict[str, str]]]]
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)  # quick to shut down
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", seen
