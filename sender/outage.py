@@ -56,11 +56,6 @@ class OutageLog:
         self._recovered_at = -math.inf  # when the last outage ended, told or not
         self._untold = 0  # outages that began and ended inside a quiet window
 
-    @property
-    def failing(self) -> bool:
-        """Whether the last pass ended in a failure that no accepted upload has followed yet."""
-        return self._since is not None
-
     def failed(self, result: UploadResult) -> None:
         """A pass ended on ``result`` (a retry or a refusal that no item is to blame for)."""
         now = self._clock()
