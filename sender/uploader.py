@@ -40,6 +40,7 @@ import re
 import ssl
 import time
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -219,17 +220,33 @@ class Uploader:
     def _post(self, data: bytes, headers: dict[str, str]) -> httpx.Response:
         """The answer with at most :data:`MAX_ANSWER_BYTES` of its (decoded) body read."""
         with self._client.stream("POST", self.url, content=data, headers=headers) as response:
-            body = bytearray()
-            try:
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) >= MAX_ANSWER_BYTES:
-                        break
-            except httpx.DecodingError:  # Content-Encoding: gzip on a body that is not: the status still counts
-                body.clear()
+            body = _bounded_body(response)
         # Raw header bytes: values that are not ASCII (Latin-1 from some proxy) cannot be encoded again.
         kept = [(k, v) for k, v in response.headers.raw if k.lower().decode("latin-1") not in _BODY_FRAMING]
         return httpx.Response(response.status_code, headers=kept, content=bytes(body[:MAX_ANSWER_BYTES]))
+
+
+# Content-Encoding -> zlib's wbits. We ask for identity; a server that compresses anyway is decoded here, at
+# most MAX_ANSWER_BYTES out, where httpx expanded each 64 KiB network read whole (64 MiB of a gzip bomb).
+_ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+def _bounded_body(response: httpx.Response) -> bytearray:
+    """At most :data:`MAX_ANSWER_BYTES` of the body, decoded; empty for an encoding other than gzip or
+    deflate, or a body that does not decode as its encoding says: the status still counts."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    decoder = zlib.decompressobj(_ZLIB_WBITS[encoding]) if encoding in _ZLIB_WBITS else None
+    body = bytearray()
+    if decoder is None and encoding not in ("", "identity"):
+        return body
+    try:
+        for chunk in response.iter_raw():
+            body += decoder.decompress(chunk, MAX_ANSWER_BYTES - len(body)) if decoder else chunk
+            if len(body) >= MAX_ANSWER_BYTES:
+                break
+    except zlib.error:
+        body.clear()
+    return body
 
 
 def classify(response: httpx.Response) -> UploadResult:

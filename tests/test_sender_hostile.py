@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +20,7 @@ from aeic.sender.camera import Camera, display_name
 from aeic.sender.config import exposed_files, load_config
 from aeic.sender.spool import Spool
 from aeic.sender.uploader import Outcome, Uploader
-from sender_support import make_bitstream
+from sender_support import make_bitstream, traced_peak
 
 TOKEN = "device-token"
 Answer = Callable[[BaseHTTPRequestHandler], None]
@@ -366,3 +367,32 @@ def test_a_frame_no_bitstream_holds_is_skipped_with_one_line() -> None:
         "camera 0: a 16385x1 frame is larger than the 16384 pixels a side a bitstream holds; skipped, reconnecting",
         "camera 0: frames again",
     ]
+
+
+
+def _compressed_zeros(encoding: str, mebibytes: int) -> bytes:
+    """``mebibytes`` MiB of zeros as ``encoding`` says (gzip or zlib's deflate), made a MiB at a time."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
+    zeros = bytes(1 << 20)
+    return b"".join(packer.compress(zeros) for _ in range(mebibytes)) + packer.flush()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_a_compressed_answer_is_not_expanded_past_the_limit(encoding: str) -> None:
+    """The sender asks for ``identity``; a server that compresses anyway (a hostile receiver, a man in the
+    middle) sent 256 KiB of gzip that httpx expanded a 64 KiB network read at a time, 64 MiB at once, to
+    keep 64 KiB of it. An encoding that cannot be decoded within the limit is dropped: the status counts."""
+    body = b"\x0b" * 4096 if encoding == "br" else _compressed_zeros(encoding, 256)
+
+    def compressed(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(503)
+        handler.send_header("Content-Encoding", encoding)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    data = make_bitstream(6)
+    with hostile_server(compressed) as (url, _), Uploader(url, TOKEN, timeout=10.0) as uploader:
+        result, peak = traced_peak(lambda: uploader.upload(data, "k" * 64))
+    assert (result.outcome, result.status) == (Outcome.RETRY, 503)
+    assert peak < 4 << 20, f"{peak / 2**20:.0f} MiB allocated for an answer of which 64 KiB are kept"
