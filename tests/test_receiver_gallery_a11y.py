@@ -241,16 +241,16 @@ def test_live_updates_keep_focus_and_scroll_and_say_problems_in_words(
                                        " document.activeElement.getBoundingClientRect().top]")
         assert after[0] == before[0] and abs(after[1] - before[1]) < 1, (before, after)
 
-        original = state.store.list_images
+        original = state.store.list_images, state.store.catalogue_token
 
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("database unavailable")
 
-        state.store.list_images = broken
+        state.store.list_images = state.store.catalogue_token = broken  # what an unchanged listing reads too
         try:
             WebDriverWait(browser, 10).until(lambda d: "HTTP 5" in d.find_element(By.ID, "live").text)
         finally:
-            state.store.list_images = original
+            state.store.list_images, state.store.catalogue_token = original
         assert "error" in _attribute(live, "class")
         WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "live").text == "Updating live")
         browser.execute_cdp_cmd("Network.enable", {})
