@@ -31,16 +31,18 @@ def _app(tmp_path: Path, devices: tuple[str, ...] = ("cam1",), **overrides: Any)
 
 
 def _timed_listings(app: FastAPI) -> list[float]:
-    """When the store listed images for a page or a poll: the list the app's store appends to from now on."""
+    """When the store listed images for a page or a poll, or read the catalogue's change token for a poll (an
+    unchanged listing reads nothing else): the list the app's store appends to from now on."""
     store = app.state.receiver.store
     listings: list[float] = []
-    original = store.list_images
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        listings.append(time.monotonic())
-        return original(*args, **kwargs)
+    def counted(original: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            listings.append(time.monotonic())
+            return original(*args, **kwargs)
+        return call
 
-    store.list_images = counted
+    store.list_images, store.catalogue_token = counted(store.list_images), counted(store.catalogue_token)
     return listings
 
 
