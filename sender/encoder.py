@@ -41,10 +41,11 @@ class BudgetError(ValueError):
 def allowed_cpus() -> int | None:
     """How many CPUs this process may run on, where that is fewer than the machine has (else None).
 
-    onnxruntime's default thread count is the machine's physical cores, whatever the affinity mask
-    (``taskset``, systemd's ``CPUAffinity=``, ``docker --cpuset-cpus``): pinned to one core of two,
-    each session's extra thread fought the main one for it, and a 1080p encode took 1.7 times the
-    CPU time and wall time of one thread (docs/sender.md, Resources on the device).
+    Left to choose, onnxruntime runs one intra-op thread per physical core of the machine and pins each
+    to its own core, whatever the process' affinity mask (``taskset``, systemd's ``CPUAffinity=``,
+    ``docker --cpuset-cpus``): a sender held to one core of two ran its workers on the other, and when
+    that core was busy each encode waited for them (1080p: 1.5 times the wall time; docs/sender.md,
+    Resources on the device). Given a count, it starts its threads within the mask.
     """
     try:
         allowed = len(os.sched_getaffinity(0))

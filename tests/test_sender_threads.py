@@ -1,8 +1,8 @@
 """The encoder's onnxruntime threads follow the CPUs the process may use, not the machine's core count.
 
-onnxruntime's default is one intra-op thread per physical core whatever the affinity mask, so a sender
-pinned to one core (taskset, systemd's CPUAffinity=, docker --cpuset-cpus) ran extra threads on it
-that only fought the main one. Idle threads sleep rather than spin. No torch here: this runs in the Python 3.10 sender check too.
+onnxruntime's default is one intra-op thread per physical core, each pinned to its core whatever the
+affinity mask, so a sender held to one core (taskset, systemd's CPUAffinity=, docker --cpuset-cpus) ran
+worker threads on the others. Idle threads sleep rather than spin. No torch here: this runs in the Python 3.10 sender check too.
 """
 
 from __future__ import annotations
@@ -55,16 +55,23 @@ def test_every_session_of_the_codec_gets_the_allowed_count(monkeypatch: pytest.M
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="needs two CPUs and affinity")
-def test_a_process_pinned_to_one_cpu_runs_one_thread() -> None:
-    """The real call, no stand-ins: a child process pins itself to one CPU, then loads the codec."""
-    script = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-              "from aeic.sender.encoder import SenderCodec; "
+def test_a_process_pinned_to_one_cpu_stays_on_it() -> None:
+    """The real call, no stand-ins: a child process pins itself to one CPU, loads the codec and encodes.
+
+    With its own thread count onnxruntime also pins its worker threads, one to each core of the machine,
+    so they left the CPU the process was held to (measured: three workers on the other core)."""
+    script = ("import os, pathlib; cpu = sorted(os.sched_getaffinity(0))[0]; os.sched_setaffinity(0, {cpu}); "
+              "import numpy as np; from aeic.sender.encoder import SenderCodec; "  # their threads start on it
               f"c = SenderCodec.from_package({str(SHIPPED)!r}); "
-              "print(c.hyper.get_session_options().intra_op_num_threads)")
+              "c.encode(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8), 20); "
+              "tasks = pathlib.Path('/proc/self/task').iterdir(); "
+              "allowed = {line.split()[1] for t in tasks for line in (t / 'status').read_text().splitlines() "
+              "if line.startswith('Cpus_allowed_list')}; "
+              "print(c.hyper.get_session_options().intra_op_num_threads, cpu, *sorted(allowed))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    assert done.stdout.split()[-1] == "1"
-
-
+    threads, cpu, *allowed = done.stdout.split()
+    assert threads == "1"
+    assert allowed == [cpu]  # every thread of the process may run on that CPU only
 
 def test_idle_threads_sleep_instead_of_spinning() -> None:
     for threads in (None, 1, 4):
