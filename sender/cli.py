@@ -417,7 +417,8 @@ def _finish(
 ) -> int:
     """Deliver what is queued (unless the receiver already refused our token or URL) and pick the exit status."""
     report = (
-        DrainReport(stopped=blocked) if blocked is not None else forwarder.flush(max_wait=config.retry_for)
+        DrainReport(stopped=blocked) if blocked is not None
+        else forwarder.flush(max_wait=config.retry_for, wait_for_set_aside=True)
     )
     remaining = forwarder.undelivered()
     # The reporter counts every answer of this command: also those of the passes made while

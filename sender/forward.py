@@ -286,23 +286,41 @@ class Forwarder:
         """Pending items not yet acknowledged by the receiver."""
         return len(self.spool.keys() - self.acknowledged)
 
-    def flush(self, max_wait: float | None = None, stop: threading.Event | None = None) -> DrainReport:
+    def flush(
+        self, max_wait: float | None = None, stop: threading.Event | None = None, *, wait_for_set_aside: bool = False
+    ) -> DrainReport:
         """Drain until the spool is empty, ``max_wait`` seconds pass, the receiver blocks us
-        (bad token or URL: waiting will not help) or ``stop`` is set."""
+        (bad token or URL: waiting will not help) or ``stop`` is set.
+
+        ``wait_for_set_aside``: also wait for set-aside items' own next tries within ``max_wait``, as the agent
+        would; a one-shot command's lost answer must not end it with the image queued while its retry is
+        seconds off (without it, a pass that leaves only set-aside items ends the flush)."""
         deadline = None if max_wait is None else self._clock() + max_wait
         total = DrainReport()
         while True:
             report = self.drain_pass(stop)
             total.add(report)
-            if report.stopped is None or report.stopped.outcome is Outcome.BLOCKED:
+            if report.stopped is None:
+                delay = self._until_set_aside_due() if wait_for_set_aside else None
+                if delay is None:
+                    return total
+            elif report.stopped.outcome is Outcome.BLOCKED:
                 return total
-            delay = self.backoff.next_delay(report.stopped.retry_after)
+            else:
+                delay = self.backoff.next_delay(report.stopped.retry_after)
             if deadline is not None and self._clock() + delay > deadline:
                 return total
             if stop is not None and stop.is_set():
                 return total
             total.delays.append(delay)
             self._sleep(delay)
+
+    def _until_set_aside_due(self) -> float | None:
+        """Seconds until the first undelivered set-aside item is due, at least the base backoff (one that is due
+        already but cannot be read must not spin the flush); None when no item is set aside."""
+        times = [max(item.next_attempt, self._not_before.get(item.key, 0.0)) for item in self.spool.pending()
+                 if item.failed_alone and item.key not in self.acknowledged]  # fmt: skip
+        return max(min(times) - self._wall(), self.backoff.base) if times else None
 
     def run(self, stop: threading.Event, wake: threading.Event, idle_poll: float = 30.0) -> None:
         """Daemon loop for watch/camera: drain, then wait for a new item, a retry time or stop.

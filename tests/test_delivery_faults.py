@@ -144,17 +144,12 @@ def receiver(tmp_path: Path) -> Iterator[RealReceiver]:
 
 
 def _flush(spool: Spool, url: str, token: str, timeout: float = 5.0) -> None:
-    """Drain ``spool`` through ``url`` with backoffs of milliseconds. A flush ends with an item set aside
-    (it failed while the receiver accepted the next one) still queued, as the agent's next pass finds it:
-    so flush again, as that pass would, until nothing is left."""
+    """Drain ``spool`` through ``url`` with backoffs of milliseconds, waiting for an item set aside (it failed
+    while the receiver accepted the next one) at its own time, as a one-shot command does."""
     with Uploader(url, token, timeout=timeout) as uploader:
         forwarder = Forwarder(spool, uploader, backoff=Backoff(base=0.01, max_delay=0.05), sleep=time.sleep)
-        for _ in range(10):
-            report = forwarder.flush(max_wait=30)
-            assert report.stopped is None, report.stopped
-            if len(spool) == 0:
-                return
-            time.sleep(0.05)  # the set-aside item's own backoff
+        report = forwarder.flush(max_wait=30, wait_for_set_aside=True)
+        assert report.stopped is None, report.stopped
 
 
 def _catalogue(receiver: RealReceiver) -> dict[int, int]:
@@ -178,6 +173,24 @@ def test_a_lost_answer_or_a_cut_body_is_retried_and_stored_once(
     assert len(spool) == 0
     assert proxy.connections[:5] == [fault, PASS, fault, PASS, fault]
     assert _catalogue(receiver) == {64 + 8 * i: 1 for i in range(3)}
+
+
+def test_the_flush_command_waits_for_an_item_set_aside_after_a_lost_answer(
+    tmp_path: Path, receiver: RealReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: `aeic-send flush` exited 3 after about a second, the image queued (and in fact stored), although its
+    retry was due a second later and `retry_for` gave it a minute."""
+    from aeic.sender.cli import EXIT_OK, main
+
+    spool = Spool(tmp_path / "spool")
+    for i in range(2):
+        spool.put(make_bitstream(i, width=64 + 8 * i))
+    monkeypatch.setenv("AEIC_TOKEN", receiver.token)
+    monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
+    with FaultProxy(receiver.port, [LOSE_ANSWER, PASS, PASS]) as proxy:
+        code = main(["flush", "--to", proxy.url, "--spool", str(spool.root), "--retry-for", "30"])
+    assert code == EXIT_OK and len(spool) == 0
+    assert _catalogue(receiver) == {64: 1, 72: 1}
 
 
 def test_an_answer_after_the_clients_timeout_is_retried_and_stored_once(

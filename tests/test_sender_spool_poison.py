@@ -327,3 +327,28 @@ def test_a_refused_token_counts_against_no_item(tmp_path: Path) -> None:
     assert report.stopped is not None and report.stopped.outcome is Outcome.BLOCKED and clocks.sleeps == []
     assert len(receiver.requests) == 4 and spool.rejected() == []
     assert [item.failed_alone for item in spool.items()] == [1, 0]
+
+
+def test_a_one_shot_waits_within_its_window_for_an_item_set_aside_after_a_lost_answer(tmp_path: Path) -> None:
+    """Was: `send`/`flush` ended after one pass with exit 3 and the image queued when one answer was lost (an item
+    set aside, its retry due in a second) although `retry_for` gave them a minute. Now the flush of a one-shot
+    command waits for the item's own next try within its window."""
+    spool, keys = _spool_with(tmp_path / "spool", 3)
+    receiver, clocks = FakeReceiver(), Clocks()
+    receiver.fail[keys[0]] = httpx.ReadTimeout
+    forwarder = _forwarder(spool, receiver, clocks)
+    first = forwarder.drain_pass()
+    assert first.set_aside == 1 and receiver.stored == keys[1:]
+    del receiver.fail[keys[0]]  # the answer was lost once; the next try goes through
+    report = forwarder.flush(max_wait=60, wait_for_set_aside=True)
+    assert receiver.stored == [*keys[1:], keys[0]] and len(spool) == 0 and report.stopped is None
+    assert len(clocks.sleeps) == 1 and 0 < clocks.sleeps[0] <= 1.0  # the item's own backoff, not more
+
+
+def test_a_one_shot_gives_a_poison_item_its_own_tries_only_within_its_window(tmp_path: Path) -> None:
+    spool, keys = _spool_with(tmp_path / "spool", 3)
+    receiver, clocks = FakeReceiver(), Clocks()
+    receiver.fail[keys[0]] = 500
+    report = _forwarder(spool, receiver, clocks).flush(max_wait=60, wait_for_set_aside=True)
+    assert receiver.stored == keys[1:] and len(spool) == 1 and report.set_aside >= 1
+    assert sum(clocks.sleeps) <= 60 and 2 <= receiver.requests.count(keys[0]) <= 8  # growing delays, not a hammer
