@@ -291,3 +291,30 @@ def test_a_database_upgraded_from_v7_gets_a_token_and_its_triggers(database_url:
         assert upgraded.get_image(old.id) is not None
         assert upgraded.delete_image(old.id) is not None and token.changed()
         assert upgraded.migrate() == MIGRATIONS[-1].version and not token.changed()  # a second start: as it was
+
+
+def test_on_postgresql_a_writer_takes_the_token_only_as_it_commits(postgres_url: str) -> None:
+    """A transaction still writing images holds no token row, so another writer never waits for it there (a
+    trigger run at each statement took it mid-transaction: a second image write in the same transaction could
+    then wait for a row the other writer held, while that one waited for the token: a deadlock)."""
+    with receiver_support.migrated_store(postgres_url) as meta:
+        first, _ = meta.insert_image(receiver_support.new_image(1))
+        second, _ = meta.insert_image(receiver_support.new_image(2))
+        token = Token(meta)
+        with meta.engine.connect() as slow, meta.engine.connect() as quick:
+            open_transaction = slow.begin()
+            slow.execute(sa.text("UPDATE images SET error = 'slow' WHERE id = :id"), {"id": first.id})
+            row = slow.execute(sa.text("SELECT mod(txid_current(), 16)")).scalar()
+            for _ in range(64):  # a transaction whose id picks the same token row as the open one's
+                with quick.begin() as attempt:
+                    if quick.execute(sa.text("SELECT mod(txid_current(), 16)")).scalar() != row:
+                        attempt.rollback()
+                        continue
+                    quick.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+                    quick.execute(sa.text("UPDATE images SET error = 'quick' WHERE id = :id"), {"id": second.id})
+                break
+            else:
+                pytest.fail("no transaction id picked the open transaction's token row")
+            assert token.changed()
+            open_transaction.commit()
+        assert token.changed()
