@@ -344,12 +344,14 @@ def cmd_encode(
 
 
 def _spool_encoded(
-    spool: Spool, encoded: Encoded, source: str, reporter: Reporter, position: str, gate: _FullSpoolGate | None = None
+    spool: Spool, encoded: Encoded, source: str, reporter: Reporter, position: str, gate: _FullSpoolGate | None = None,
+    capture: str | None = None,
 ) -> bool:
     try:
         item = spool.put(
             encoded.data,
             source=source,
+            capture=capture,
             rate_index=encoded.rate_index,
             width=encoded.width,
             height=encoded.height,
@@ -363,7 +365,7 @@ def _spool_encoded(
         return False
     if gate is not None:
         gate.queued()
-    reporter.encoded(position, source, encoded, queued=item.key[:12])
+    reporter.encoded(position, source, encoded, key=item.key, queued=item.key[:12])
     return True
 
 
@@ -603,7 +605,7 @@ def cmd_camera(
             source = f"camera-{time.strftime('%Y%m%dT%H%M%S')}-{number}"
             encoded = encoder.from_array(rgb, source)
             if encoded is None or not _spool_encoded(
-                daemon.spool, encoded, source, reporter, f"[frame {number}]", gate
+                daemon.spool, encoded, source, reporter, f"[frame {number}]", gate, capture=source
             ):
                 failures += 1
                 continue

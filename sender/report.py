@@ -48,7 +48,8 @@ class Reporter:
         self._emit(self.err, f"error: {message}")
         self.event("error", source=source, error=message)
 
-    def encoded(self, position: str, source: str, enc: Encoded, **extra: Any) -> None:
+    def encoded(self, position: str, source: str, enc: Encoded, *, key: str | None = None, **extra: Any) -> None:
+        """One line per encoded image; ``key`` is its spool item's when queued (a camera frame's names its capture)."""
         if self.as_json:
             self.event(
                 "encoded",
@@ -59,7 +60,7 @@ class Reporter:
                 bpp=round(enc.bpp, 6),
                 rate_index=enc.rate_index,
                 encode_ms=round(enc.encode_ms, 1),
-                key=enc.key,
+                key=key or enc.key,
                 **extra,
             )
             return

@@ -8,7 +8,8 @@ removed only after the receiver acknowledged it.
 Layout under the spool root::
 
     pending/<key>.aeic    the bitstream; <key> = hex SHA-256 of its bytes (the upload's
-    pending/<key>.json    Idempotency-Key) and a sidecar: source, created, attempts, ...
+    pending/<key>.json    Idempotency-Key), then -<capture> for a camera frame, and a sidecar:
+                          source, created, attempts, ...
     rejected/<key>.aeic   items the receiver refused for good (a 4xx), items that kept failing
     rejected/<key>.json   alone, and files no bitstream could be (damaged, far too large), kept
                           with the reason for an operator; never retried automatically, never deleted
@@ -16,7 +17,9 @@ Layout under the spool root::
 The ``.aeic`` file is the item; the sidecar is metadata. Opening a spool recovers from a
 crash: leftover temporary files are deleted, a bitstream without a sidecar gets a fresh one,
 a sidecar without a bitstream is dropped. Because the name is the content digest, putting
-the same bitstream twice keeps one item. A sidecar also holds an item's own retry state (failures
+the same bitstream twice keeps one item: a photo sent again is one image at the receiver. A camera's
+frames are events, not files, and those of a still scene (a dark night) can code byte-identically, so a
+frame's key also names its capture: each frame is its own item and image. A sidecar also holds an item's own retry state (failures
 proven its own, when to try it next; see :mod:`aeic.sender.forward`), rewritten atomically like
 the rest, so a restart keeps it.
 
@@ -44,6 +47,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -71,6 +75,8 @@ DEFAULT_RECOUNT_SECONDS = 30.0
 _COUNT_SHARE = 20
 # Errors of a write that found no room: the disk is full, or the user's quota is used up.
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A capture's name in an item key: safe in a file name and an HTTP header, short.
+_CAPTURE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class SpoolError(Exception):
@@ -89,9 +95,20 @@ class SpoolItemTooLargeError(SpoolCorruptError):
     """A pending file is larger than any bitstream may be; it was not read."""
 
 
-def idempotency_key(data: bytes) -> str:
-    """The item's name and the upload's Idempotency-Key: hex SHA-256 of the bitstream."""
-    return hashlib.sha256(data).hexdigest()
+def idempotency_key(data: bytes, capture: str | None = None) -> str:
+    """The item's name and the upload's Idempotency-Key: hex SHA-256 of the bitstream, then ``-capture`` when
+    the bitstream is one capture of several that may be identical (a camera frame; see the module docstring)."""
+    digest = hashlib.sha256(data).hexdigest()
+    if capture is None:
+        return digest
+    if not _CAPTURE.fullmatch(capture):
+        raise ValueError(f"capture name {capture!r} is not 1-64 letters, digits, '.', '_' or '-'")
+    return f"{digest}-{capture}"
+
+
+def _digest_of(key: str) -> str:
+    """The content digest an item's key starts with."""
+    return key.split("-", 1)[0]
 
 
 _SIDECAR_FIELDS = frozenset({"key", "size", "source", "created", "attempts", "last_error", "failed_alone",
@@ -282,11 +299,11 @@ class Spool:
         )
 
     # ------------------------------------------------------------------ updates
-    def put(self, data: bytes, source: str | None = None, **extra: Any) -> SpoolItem:
-        """Store a bitstream durably and return its item; storing it again is a no-op."""
+    def put(self, data: bytes, source: str | None = None, *, capture: str | None = None, **extra: Any) -> SpoolItem:
+        """Store a bitstream durably and return its item; storing it again (with the same ``capture``) is a no-op."""
         if not data:
             raise ValueError("refusing to spool an empty bitstream")
-        key = idempotency_key(data)
+        key = idempotency_key(data, capture)
         path = self.pending_dir / f"{key}{DATA_SUFFIX}"
         with self._lock:
             if path.exists():
@@ -383,7 +400,7 @@ class Spool:
                     f"(spool_max_item_bytes={self.max_item_bytes}); not read, not uploaded"
                 )
             data = file.read(size + 1)  # bounded: a file growing meanwhile fails the digest check below
-        if idempotency_key(data) != item.key:
+        if hashlib.sha256(data).hexdigest() != _digest_of(item.key):
             raise SpoolCorruptError(f"{item.path}: content no longer matches its SHA-256 name")
         return data
 

@@ -2,7 +2,8 @@
 
 The receiver contract (issue 6): ``POST {base}/v1/images`` with the bitstream as body,
 ``Content-Type: application/octet-stream``, ``Authorization: Bearer <device token>`` and an
-``Idempotency-Key`` (hex SHA-256 of the body). It answers 202 with an id once the bitstream
+``Idempotency-Key`` (hex SHA-256 of the body, then ``-capture`` for a camera frame: see
+:func:`aeic.sender.spool.idempotency_key`). It answers 202 with an id once the bitstream
 is durably stored, and the same id (200 or 202) for a repeated key, so a retry after a lost
 answer never stores an image twice.
 

@@ -2,8 +2,9 @@
 
 The double enforces what the real receiver (issue 6) requires of an upload, so a sender that
 passes against it speaks the contract: ``POST /v1/images``, ``Content-Type:
-application/octet-stream``, ``Authorization: Bearer <token>``, an ``Idempotency-Key`` equal to
-the body's SHA-256, and a body that parses as an AEIC v1 bitstream. It answers 202 with a new
+application/octet-stream``, ``Authorization: Bearer <token>``, an ``Idempotency-Key`` that is
+the body's SHA-256 (then ``-capture`` for a camera frame; the receiver takes any, this is the sender's
+rule), and a body that parses as an AEIC v1 bitstream. It answers 202 with a new
 id, or 200 with the same id for a repeated key, and records every request, so tests can
 check "every image arrives exactly once". Failure injection: queued status codes, and
 "store but drop the connection before answering" (a lost acknowledgement).
@@ -124,8 +125,8 @@ def _handler_for(double: ReceiverDouble) -> type[BaseHTTPRequestHandler]:
                 return self._answer(401, {"detail": "bad or missing device token"}, key)
             if self.headers.get("Content-Type") != "application/octet-stream":
                 return self._answer(415, {"detail": "body must be application/octet-stream"}, key)
-            if not key or key != hashlib.sha256(body).hexdigest():
-                return self._answer(400, {"detail": "Idempotency-Key must be the body's SHA-256"}, key)
+            if not key or key.split("-", 1)[0] != hashlib.sha256(body).hexdigest():
+                return self._answer(400, {"detail": "Idempotency-Key must start with the body's SHA-256"}, key)
             try:
                 unpack(body)
             except BitstreamError as exc:

@@ -241,9 +241,9 @@ def test_camera_sends_frames_from_an_opencv_source(
         code = _run([*argv, "--spool", str(tmp_path / "spool")], monkeypatch, tmp_path)
     out = capsys.readouterr().out
     assert code == cli.EXIT_OK and out.count("[frame ") == 3
-    # The file ends after two frames and is reopened: frame 3 repeats frame 1, the same bitstream
-    # and Idempotency-Key, so the receiver stores it once.
-    assert len(receiver.stored) == 2 and len(Spool(tmp_path / "spool")) == 0
+    # The file ends after two frames and is reopened: frame 3 repeats frame 1 byte for byte, yet it is
+    # another capture (was: one Idempotency-Key, so the receiver stored it once and showed two frames of three).
+    assert len(receiver.stored) == 3 and len(Spool(tmp_path / "spool")) == 0
 
 
 def test_refused_token_keeps_images_queued_and_exits_2(

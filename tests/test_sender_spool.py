@@ -36,6 +36,23 @@ def test_same_bitstream_twice_is_one_item(tmp_path: Path) -> None:
     assert first.key == second.key and len(spool) == 1 and second.source == "a"
 
 
+def test_identical_frames_of_two_captures_are_two_items_one_capture_put_twice_is_one(tmp_path: Path) -> None:
+    """A still scene's frames can code byte-identically (black frames always do); each is its own event."""
+    spool = Spool(tmp_path)
+    data = make_bitstream(1)
+    first = spool.put(data, source="camera-1", capture="camera-20261207T141500-1")
+    second = spool.put(data, source="camera-2", capture="camera-20261207T141510-2")
+    again = spool.put(data, source="camera-1", capture="camera-20261207T141500-1")
+    assert first.key != second.key and again.key == first.key and len(spool) == 2
+    assert first.key == f"{idempotency_key(data)}-camera-20261207T141500-1"
+    assert spool.read(first) == spool.read(Spool(tmp_path).items()[1]) == data  # the digest check reads past the name
+    first.path.write_bytes(b"bit rot")
+    with pytest.raises(SpoolCorruptError):
+        spool.read(first)
+    with pytest.raises(ValueError, match="capture name"):
+        spool.put(data, capture="../../etc/passwd")
+
+
 def test_items_are_listed_oldest_first_and_survive_reopen(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     keys = [spool.put(make_bitstream(i), source=f"img{i}").key for i in range(5)]
