@@ -26,7 +26,7 @@ the rest, so a restart keeps it.
 Size bound and policy when full: the *pending* items are bounded by ``max_items`` and
 ``max_bytes`` (bitstream bytes). When a new item would exceed either bound, :meth:`Spool.put`
 raises :class:`SpoolFullError` and stores nothing: queued data is never dropped to make
-room. A disk with no room left (ENOSPC, EDQUOT) is refused the same way. Callers decide what that means (the CLI reports the file as not queued; the watcher
+room. A disk with no room left (ENOSPC, EDQUOT) or gone read-only (EROFS) is refused the same way. Callers decide what that means (the CLI reports the file as not queued; the watcher
 retries the file on a later poll; the camera skips that frame).
 
 How put knows the size without listing the folder each time: counting ``pending/`` takes a
@@ -316,12 +316,17 @@ class Spool:
             try:
                 atomic_write(path, data)
             except OSError as exc:
-                if exc.errno not in _NO_ROOM:
-                    raise
-                # A disk without room is a bound like max_bytes: a SpoolFullError the agent waits out
-                # (no image encoded until an upload frees some) instead of an error it retries every scan.
-                raise SpoolFullError(f"spool {self.root} is full: its disk is full ({exc.strerror}); new "
-                                     "images are refused until uploads drain it") from exc  # fmt: skip
+                # A disk without room is a bound like max_bytes, and storage gone read-only (an SD card's
+                # failure mode) takes nothing either: a SpoolFullError the agent waits out (no image encoded
+                # until an upload frees some, or a minute) instead of an error it retries every scan.
+                if exc.errno in _NO_ROOM:
+                    raise SpoolFullError(f"spool {self.root} is full: its disk is full ({exc.strerror}); new "
+                                         "images are refused until uploads drain it") from exc  # fmt: skip
+                if exc.errno == errno.EROFS:
+                    raise SpoolFullError(f"spool {self.root} cannot take new images: its file system is read-only "
+                                         "(a failing SD card, or mounted ro); remount it read-write or replace "
+                                         "the card") from exc  # fmt: skip
+                raise
             self._tallied(1, len(data))
             try:
                 self._write_sidecar(item)

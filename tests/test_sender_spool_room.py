@@ -256,12 +256,12 @@ def test_a_crashed_writers_bitstream_counts_on_the_next_processs_first_put(
         restarted.put(make_bitstream(2))
 
 
-def _disk_full_for_bitstreams(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The spool's disk has no room: every bitstream write fails with ENOSPC, as ``atomic_write`` does then."""
+def _disk_full_for_bitstreams(monkeypatch: pytest.MonkeyPatch, code: int = errno.ENOSPC) -> None:
+    """The spool's disk has no room (or went read-only): every bitstream write fails as ``atomic_write`` does then."""
 
     def full(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
         if path.suffix == spool_module.DATA_SUFFIX:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(code, os.strerror(code), str(path))
         atomic_write(path, data, sync_dir=sync_dir)
 
     monkeypatch.setattr(spool_module, "atomic_write", full)
@@ -311,3 +311,14 @@ def test_a_full_spool_disk_does_not_make_the_watcher_encode_every_scan(
     assert code == cli.EXIT_OK
     assert codec.calls == 1, err
     assert err.count("not queued") == 1 and err.count("is full: no new image is encoded") == 1
+
+
+def test_a_read_only_spool_disk_refuses_an_item_as_a_full_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: EROFS (an SD card's failure mode) was an OSError the watcher retried on every scan, encoding the photo
+    again each time, as ENOSPC was. Now the full spool's gate holds it too, with a line that says what to do."""
+    spool = Spool(tmp_path / "spool")
+    with monkeypatch.context() as patch:
+        _disk_full_for_bitstreams(patch, errno.EROFS)
+        with pytest.raises(SpoolFullError, match="read-only .* remount it read-write or replace the card"):
+            spool.put(make_bitstream(2))
+    assert len(spool) == 0 and spool.put(make_bitstream(2)).key == idempotency_key(make_bitstream(2))
