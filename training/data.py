@@ -276,7 +276,8 @@ class CropSampler:
             item = self.items[index].load()
             rows, cols = item.latent.shape[1] - cells, item.latent.shape[2] - cells
             top, left = int(self.rng.integers(0, rows + 1)), int(self.rng.integers(0, cols + 1))
-            pixels = item.pixels[:, top * 8 : top * 8 + self.crop, left * 8 : left * 8 + self.crop]
+            y, x = top * LATENT_STRIDE, left * LATENT_STRIDE
+            pixels = item.pixels[:, y : y + self.crop, x : x + self.crop]
             latent = item.latent[:, top : top + cells, left : left + cells]
             if self.rng.random() < 0.5:
                 pixels, latent = pixels.flip(-1), latent.flip(-1)
