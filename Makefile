@@ -69,7 +69,7 @@ sender-compat:
 	git ls-files -z --cached --others --exclude-standard | \
 		tar --null --files-from=- --ignore-failed-read -cf - | tar -xf - -C $(SENDER_COMPAT)/src
 	$(SENDER_PYTHON) -m venv $(SENDER_COMPAT)/venv
-	$(SENDER_COMPAT)/venv/bin/python -m pip install --quiet "./$(SENDER_COMPAT)/src[sender]" "pytest>=8" "hypothesis>=6.100"
+	$(SENDER_COMPAT)/venv/bin/python -m pip install --quiet "./$(SENDER_COMPAT)/src[sender,camera]" "pytest>=8" "hypothesis>=6.100"
 	@$(SENDER_COMPAT)/venv/bin/python -c "import importlib.util, sys; print('sender venv:', sys.version.split()[0]); \
 		sys.exit('torch got installed in the sender venv' if importlib.util.find_spec('torch') else 0)"
 	cd $(SENDER_COMPAT)/run && ../venv/bin/python -c "import numpy as np; from PIL import Image; \

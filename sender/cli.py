@@ -585,7 +585,13 @@ def _watch(watcher: FolderWatcher, directory: Path, config: SenderConfig, report
 def cmd_camera(
     args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
 ) -> int:
-    from aeic.sender.camera import Camera, parse_source  # OpenCV loads only for this command
+    try:
+        from aeic.sender.camera import Camera, parse_source  # OpenCV loads only for this command
+    except ImportError as exc:
+        if exc.name != "cv2":
+            raise
+        raise UsageError("`aeic-send camera` needs OpenCV, which the sender extra leaves out: "
+                         "pip install 'aeic[camera]' (or opencv-python-headless)") from exc  # fmt: skip
 
     if not config.camera_source:
         raise UsageError("no camera source: pass --source 0|/dev/videoN|rtsp://... or set camera_source")

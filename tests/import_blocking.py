@@ -8,14 +8,15 @@ from __future__ import annotations
 
 
 def blocking_prelude(*packages: str) -> str:
-    """Python source that, run first, makes ``import P`` (and ``P.anything``) raise ImportError for each P."""
+    """Python source that, run first, makes ``import P`` (and ``P.anything``) fail for each P as a package that is
+    not installed does: ModuleNotFoundError naming the module."""
     return (
         "import sys\n\n"
         "class _BlockImports:\n"
         f"    blocked = {tuple(packages)!r}\n\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] in self.blocked:\n"
-        "            raise ImportError(f'{name} is blocked in this test')\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked in this test)', name=name)\n"
         "        return None\n\n"
         "sys.meta_path.insert(0, _BlockImports())\n"
     )

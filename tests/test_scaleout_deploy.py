@@ -135,7 +135,7 @@ def test_images_are_pinned_non_root_and_the_sender_has_no_torch() -> None:
     sender = (ROOT / "deploy/docker/sender.Dockerfile").read_text()
     code = "\n".join(line for line in sender.splitlines() if not line.lstrip().startswith("#"))
     assert "torch" not in code.replace("find_spec('torch')", "")  # the image even checks it is absent
-    assert "[sender]" in sender and "maturin" in sender and "constriction-arm64" in sender
+    assert "[sender,camera]" in sender and "maturin" in sender and "constriction-arm64" in sender
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

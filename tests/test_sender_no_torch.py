@@ -11,6 +11,7 @@ also resolves, which hid such a bug once.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
@@ -96,3 +97,28 @@ def test_aeic_decode_without_torch_names_the_extra(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: `aeic decode` needs torch, which this install lacks: " \
                                     "pip install 'aeic[receiver]'"
+
+
+CAMERA_WITHOUT_OPENCV = blocking_prelude("cv2") + textwrap.dedent(
+    """
+    import importlib, pkgutil, sys
+    import aeic.sender
+    names = [m.name for m in pkgutil.iter_modules(aeic.sender.__path__, "aeic.sender.")]
+    for name in names:
+        if name != "aeic.sender.camera":
+            importlib.import_module(name)
+    from aeic.sender.cli import main
+    sys.exit(main(["camera", "--source", "0", "--to", "http://127.0.0.1:9", "--spool", "spool"]))
+    """
+)
+
+
+def test_the_sender_without_opencv_works_and_camera_says_which_extra_it_needs(tmp_path: Path) -> None:
+    """OpenCV is the `camera` extra's (173 MB of the sender's 360): the rest of the sender imports without it, and
+    `aeic-send camera` is one line naming the extra, before any model loads."""
+    result = subprocess.run(
+        [sys.executable, "-c", CAMERA_WITHOUT_OPENCV], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        check=False, env={**os.environ, "AEIC_TOKEN": "device-token"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "needs OpenCV" in result.stderr and "aeic[camera]" in result.stderr and "Traceback" not in result.stderr

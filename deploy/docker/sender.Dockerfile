@@ -61,7 +61,7 @@ COPY deploy/docker/constraints.txt /tmp/constraints.txt
 COPY --from=constriction /wheels /tmp/wheels/constriction
 COPY --from=wheel /wheels /tmp/wheels/aeic
 RUN pip install /tmp/wheels/constriction/*.whl \
-    && pip install --constraint /tmp/constraints.txt "$(ls /tmp/wheels/aeic/aeic-*.whl)[sender]" \
+    && pip install --constraint /tmp/constraints.txt "$(ls /tmp/wheels/aeic/aeic-*.whl)[sender,camera]" \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
     && rm -rf /tmp/wheels /tmp/constraints.txt
 COPY --from=samples /samples /opt/aeic/samples
