@@ -22,7 +22,8 @@ from import_blocking import blocking_prelude
 SENDER_DIR = Path(__file__).resolve().parent.parent / "sender"
 SHARED_DIR = SENDER_DIR.parent / "shared"
 # tomllib is standard from Python 3.11 on; on 3.10 config.py imports tomli (the sender extra's) in its place
-ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "cv2", "constriction", "httpx", "httpcore", "pydantic", "PIL", "tomli"}
+ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "cv2", "constriction", "httpx", "httpcore", "pydantic", "PIL", "tomli",
+                       "threadpoolctl"}
 STDLIB = sys.stdlib_module_names | {"tomllib"}
 ALLOWED_AEIC = ("aeic.sender", "aeic.shared")
 

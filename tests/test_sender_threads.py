@@ -76,3 +76,18 @@ def test_a_process_pinned_to_one_cpu_stays_on_it() -> None:
 def test_idle_threads_sleep_instead_of_spinning() -> None:
     for threads in (None, 1, 4):
         assert session_options(threads).get_session_config_entry(SPINNING) == "0"
+
+
+def test_numpys_blas_follows_the_thread_count_and_is_left_alone_without_one() -> None:
+    """Was: `threads=1` held onnxruntime to one thread while OpenBLAS ran one per core (1.4 times the CPU time of a
+    1080p encode on two cores). In a child process: the limit is process-wide."""
+    script = ("import sys; from threadpoolctl import threadpool_info; from aeic.sender.encoder import SenderCodec; "
+              "before = [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']; "
+              f"SenderCodec.from_package({str(SHIPPED)!r}, threads=int(sys.argv[1]) or None); "
+              "print(*before, '|', *[i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'])")
+    for threads in ("1", "0"):
+        done = subprocess.run([sys.executable, "-c", script, threads], capture_output=True, text=True, timeout=120,
+                              check=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})
+        before, after = (part.split() for part in done.stdout.split("|"))
+        assert before and set(before) == {"2"}  # numpy's BLAS is there, with two threads
+        assert set(after) == ({"1"} if threads == "1" else {"2"}), threads
