@@ -292,19 +292,19 @@ def test_concurrent_conversions_of_a_large_image_cannot_exhaust_memory(tmp_path:
     900 MB and 7 s each, and 8 such downloads at once took the server to 6.0 GB (one device's token, its own
     image; the thread pool runs 40). Conversions now share a budget of one largest picture's pixels: one
     over it is 503 with Retry-After, and the PNG, which needs no conversion, is served meanwhile."""
-    from aeic.receiver import api
+    from aeic.receiver.api import conversions
 
     settings = _settings(tmp_path / "data", max_upload_bytes=4096)
     token = _token(settings, "cam1")
     converting, release = threading.Event(), threading.Event()
-    convert = api.transcode
+    convert = conversions.transcode
 
     def held(png: bytes, suffix: str) -> bytes:
         converting.set()
         assert release.wait(30)
         return convert(png, suffix)
 
-    monkeypatch.setattr(api, "transcode", held)
+    monkeypatch.setattr(conversions, "transcode", held)
     app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]))
     with ServerThread(app) as server, ThreadPoolExecutor(1) as pool:
         stream = make_bitstream(8192, 8192, downscale=2)

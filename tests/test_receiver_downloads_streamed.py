@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import scaleout_support
-from aeic.receiver import api
-from aeic.receiver.api import create_app
+from aeic.receiver.api import conversions, create_app
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import BlobStore, FilesystemBlobStore, SqlMetadataStore
@@ -229,8 +228,8 @@ class CountedConversions:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, hold: bool = False) -> None:
         self.made, self.hold = 0, hold
         self.converting, self.release = threading.Event(), threading.Event()
-        self.convert = api.transcode
-        monkeypatch.setattr(api, "transcode", self)
+        self.convert = conversions.transcode
+        monkeypatch.setattr(conversions, "transcode", self)
 
     def __call__(self, png: bytes, suffix: str) -> bytes:
         self.made += 1

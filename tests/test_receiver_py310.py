@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from aeic.receiver.api import _parse_time
+from aeic.receiver.api.images import _parse_time
 from dateutil.parser import isoparse
 from packaging.requirements import Requirement
 
