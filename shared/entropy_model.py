@@ -7,7 +7,8 @@ stream desynchronises. Everything here is therefore integer arithmetic on a fixe
   units of 1), clamped to a 16-bit range;
 * a layer is a convolution with int8 weights and integer bias, evaluated in float64 (products and
   partial sums stay below 2**53, so any summation order on any device gives the exact integer),
-  then rescaled per output channel by a power of two with round-half-up, then clamped;
+  then rescaled per output channel by a power of two with round-half-up, then clamped (the numpy
+  backend stores the clamped integers as float32 where the clamp range allows it exactly);
 * the last context layer emits, per latent channel, the mean (fixed point) and the index of the
   Gaussian scale table (an integer in ``[0, NUM_SCALES)``).
 
@@ -39,6 +40,8 @@ LATENT_LIMIT = 1 << 20  # |y| beyond this is an encoder failure, reported, never
 EXACT_LIMIT = 1 << 53  # float64 represents every integer below this exactly
 Z_LIMIT = 1 << 31  # the largest |z| a payload can carry (an escape holds a 32-bit zigzag code)
 BAND_BYTES = 4 << 20  # the float64 tap products NumpyBackend holds at once
+FLOAT32_EXACT = 1 << 24  # float32 represents every integer up to this exactly
+ROUNDING_CHUNK = 1 << 16  # latent elements rounded at once by EntropyModel.encode
 
 
 def scale_table() -> np.ndarray:
@@ -90,11 +93,22 @@ class ConvBackend(Protocol):
 
 
 def requantize(acc: np.ndarray, layer: IntConv) -> np.ndarray:
-    """Power-of-two rescale with round-half-up, then clamp, in place on ``acc`` (Cout, N); exact in float64."""
-    acc *= np.ldexp(1.0, -layer.shift.astype(np.int64))[:, None]
+    """Power-of-two rescale with round-half-up, then clamp, in place on ``acc`` (Cout, ...); exact in float64."""
+    per_channel = (-1,) + (1,) * (acc.ndim - 1)
+    acc *= np.ldexp(1.0, -layer.shift.astype(np.int64)).reshape(per_channel)
     acc += 0.5
     np.floor(acc, out=acc)
-    return np.clip(acc, layer.lo[:, None], layer.hi[:, None], out=acc)
+    return np.clip(acc, layer.lo.reshape(per_channel), layer.hi.reshape(per_channel), out=acc)
+
+
+def storage_dtype(layer: IntConv) -> type[np.floating]:
+    """float32 where every output of ``layer`` (an integer within its clamp range) is exact in it, else float64.
+
+    Half the memory for the same integers: the context's 512 output channels of a 12 MP picture are 50 MB
+    in float64.
+    """
+    bound = max(abs(int(v)) for v in (*layer.lo.tolist(), *layer.hi.tolist()))
+    return np.float32 if bound <= FLOAT32_EXACT else np.float64
 
 
 class NumpyBackend:
@@ -110,7 +124,12 @@ class NumpyBackend:
     differs enough between the pixels of a 2x2 grid (the context of a step is zero where the
     steps that decode it have not run yet), each of the four pixels is its own product.
 
-    The weights, inputs and products of a band go in buffers kept between calls (one set per
+    Only the output rows a band can still reach are accumulated (a window of the band's rows and
+    the kernel's reach); rows the band completes are rescaled, clamped and stored in the layer's
+    :func:`storage_dtype`, so a layer holds its output and a band's worth of float64, not a
+    float64 copy of its output with padding.
+
+    The weights, inputs, products and window of a band go in buffers kept between calls (one set per
     thread): with the sender's allocator settings (:func:`aeic.sender.tiled_analysis.limit_heap_retention`)
     every fresh array over 1 MiB is new pages, which cost more to fault in than the products
     take. Keep an instance for a run of encodes (the rate levels of one image); the buffers go
@@ -122,31 +141,39 @@ class NumpyBackend:
         self._local = threading.local()
 
     def conv(self, x: np.ndarray, layer: IntConv) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x)
         channels, h, w = x.shape
         k, outputs, r = layer.kernel_size, layer.weight.shape[0], layer.kernel_size // 2
         taps = layer.weight.transpose(2, 3, 0, 1).reshape(k * k * outputs, channels)
         stride = _grid_stride(x)
         rows_per_band = stride * max(1, self.band_bytes // (8 * len(taps) * max(w, 1)))
-        acc = np.empty((outputs, h + 2 * r, w + 2 * r))
-        acc[:] = layer.bias[:, None, None]
+        out = np.empty((outputs, h, w), dtype=storage_dtype(layer))
+        # window row j: the sums of output row start - r + j (the padded accumulator's row start + j)
+        window = self._buffer("window", (outputs, min(rows_per_band, h) + 2 * r, w + 2 * r))
+        window[:] = layer.bias[:, None, None]
         for start in range(0, h, rows_per_band):
+            stop = min(start + rows_per_band, h)
             for row, col in np.ndindex(stride, stride):
-                rows = slice(start + row, min(start + rows_per_band, h), stride)
-                self._add_taps(acc, taps, x[:, rows, col::stride], rows, slice(col, w, stride), k)
-        out = np.ascontiguousarray(acc[:, r : r + h, r : r + w])
-        return requantize(out.reshape(outputs, h * w), layer).reshape(outputs, h, w)
+                tile = x[:, start + row : stop : stride, col::stride]
+                self._add_taps(window, taps, tile, slice(row, stop - start, stride), slice(col, w, stride), k)
+            top, bottom = max(0, start - r), h if stop == h else stop - r  # the output rows this band completes
+            if bottom > top:
+                out[:, top:bottom] = requantize(window[:, top - start + r : bottom - start + r, r : r + w], layer)
+            window[:, : 2 * r] = window[:, stop - start : stop - start + 2 * r]  # partial sums of the next rows
+            window[:, 2 * r :] = layer.bias[:, None, None]
+        return out
 
     def _add_taps(self, acc: np.ndarray, taps: np.ndarray, tile: np.ndarray, rows: slice, cols: slice, k: int) -> None:
-        """Add each tap's products over ``tile`` (the input at ``rows``, ``cols``) into the padded ``acc``."""
+        """Add each tap's products over ``tile`` (the input at ``rows``, ``cols``) into ``acc`` (padded by 2 k div 2)."""
         used = np.flatnonzero(np.any(tile != 0, axis=(1, 2)))
         if used.size == 0:
             return
         weight = self._buffer("weight", (len(taps), used.size))
         weight[...] = taps if used.size == taps.shape[1] else taps[:, used]
         inputs = tile
-        if used.size < len(tile) or not tile.flags.c_contiguous:
-            inputs = np.take(tile, used, axis=0, out=self._buffer("inputs", (used.size, *tile.shape[1:])))
+        if used.size < len(tile) or not tile.flags.c_contiguous or tile.dtype != np.float64:
+            inputs = self._buffer("inputs", (used.size, *tile.shape[1:]))
+            inputs[...] = tile if used.size == len(tile) else tile[used]
         products = self._buffer("products", (len(taps), inputs[0].size))
         np.matmul(weight, inputs.reshape(used.size, -1), out=products)
         by_tap = products.reshape(k, k, -1, *tile.shape[1:])
@@ -210,13 +237,17 @@ def run_network(layers: list[Layer], x: np.ndarray, backend: ConvBackend) -> np.
     return x
 
 
-def step_masks(channels: int, height: int, width: int) -> np.ndarray:
-    """(NUM_STEPS, C, H, W) booleans: which latent elements each step codes."""
-    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+def step_mask(step: int, channels: int, height: int, width: int) -> np.ndarray:
+    """(C, H, W) booleans: the latent elements step ``step`` codes (phase ``(group + step) % 4``)."""
+    rows, cols = np.ogrid[:height, :width]
     phase = np.array([[0, 1], [3, 2]])[rows % 2, cols % 2]  # 2x2 phases in a cycle
     group = (np.arange(channels) * NUM_STEPS) // channels
-    steps = (phase[None, :, :] - group[:, None, None]) % NUM_STEPS
-    return np.stack([steps == t for t in range(NUM_STEPS)])
+    return phase[None, :, :] == ((group + step) % NUM_STEPS)[:, None, None]
+
+
+def step_masks(channels: int, height: int, width: int) -> np.ndarray:
+    """(NUM_STEPS, C, H, W) booleans: which latent elements each step codes."""
+    return np.stack([step_mask(step, channels, height, width) for step in range(NUM_STEPS)])
 
 
 @dataclass(frozen=True, eq=False)
@@ -264,19 +295,37 @@ class EntropyModel:
         z_symbols = np.floor(np.asarray(z, dtype=np.float64) + 0.5).astype(np.int64)
         encoder.add(z_symbols, self._z_indices(z_symbols.shape), self.z_tables)
         features = run_network(self.hyper_synthesis, z_symbols.astype(np.float64), backend)
-        latent = np.asarray(y, dtype=np.float64)
+        latent = np.asarray(y)  # only each step's elements are made float64 (exact from any float)
         decoded = np.zeros(y.shape, dtype=np.float64)
-        inputs = np.concatenate([features, decoded])  # what _means_and_indices builds each step, kept up to date
-        for step, mask in enumerate(step_masks(*y.shape)):
+        # what _means_and_indices builds each step, kept up to date; the features' dtype holds the
+        # clipped ŷ exactly (a 16-bit range)
+        inputs = np.zeros((len(features) + len(y), *y.shape[1:]), dtype=features.dtype)
+        inputs[: len(features)] = features
+        context = inputs[len(features) :]
+        del features
+        for step in range(NUM_STEPS):
+            mask = step_mask(step, *y.shape)
             out = run_network(self.context[step], inputs, backend)
-            means = out[: self.latent_channels][mask]
+            means = out[: self.latent_channels][mask].astype(np.float64)
             indices = out[self.latent_channels :][mask].astype(np.int64)
-            symbols = rounding(latent[mask] - means / (1 << FRACTION_BITS), indices, self.y_tables)
-            symbols[indices == self.y_tables.skip_index] = 0
+            del out  # before the rounding's temporaries
+            symbols = self._round(latent[mask], means, indices, rounding)
             encoder.add(symbols, indices, self.y_tables)
             decoded[mask] = self._dequantize(symbols, means)
-            inputs[len(features) :][mask] = np.clip(decoded[mask], -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+            context[mask] = np.clip(decoded[mask], -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+            del mask, means, indices, symbols  # before the next step's networks
         return encoder.finish(), decoded
+
+    def _round(self, latent: np.ndarray, means: np.ndarray, indices: np.ndarray, rounding: Rounding) -> np.ndarray:
+        """The symbols of one step's elements, rounded a chunk at a time (element by element, so the same
+        symbols): a rounding's temporaries over a 12 MP picture's whole step were 60 MB."""
+        symbols = np.empty(len(means), dtype=np.int64)
+        for start in range(0, len(means), ROUNDING_CHUNK):
+            chunk = slice(start, start + ROUNDING_CHUNK)
+            residual = latent[chunk].astype(np.float64) - means[chunk] / (1 << FRACTION_BITS)
+            symbols[chunk] = rounding(residual, indices[chunk], self.y_tables)
+        symbols[indices == self.y_tables.skip_index] = 0
+        return symbols
 
     def decode(self, payload: bytes, latent_shape: tuple[int, int, int], backend: ConvBackend | None = None) -> np.ndarray:
         """ŷ (fixed point, units of 2**-FRACTION_BITS) from a payload; raises EntropyDecodeError."""
@@ -287,7 +336,8 @@ class EntropyModel:
         z_symbols = decoder.read(self._z_indices(z_shape), self.z_tables)
         features = run_network(self.hyper_synthesis, z_symbols.astype(np.float64), backend)
         decoded = np.zeros(latent_shape, dtype=np.float64)
-        for step, mask in enumerate(step_masks(*latent_shape)):
+        for step in range(NUM_STEPS):
+            mask = step_mask(step, *latent_shape)
             means, indices = self._means_and_indices(step, features, decoded, backend)
             symbols = np.zeros(latent_shape, dtype=np.int64)
             symbols[mask] = decoder.read(indices[mask], self.y_tables)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +24,9 @@ from aeic.shared.entropy_model import (
     Rounding,
     nearest_rounding,
     run_network,
+    step_mask,
     step_masks,
+    storage_dtype,
 )
 
 
@@ -53,6 +58,16 @@ def test_step_masks_partition_the_latent() -> None:
     np.testing.assert_array_equal(masks.sum(0), 1)
     for step in range(NUM_STEPS):  # each step codes a quarter of every channel group
         assert masks[step].sum() == 8 * 6 * 10 // NUM_STEPS
+
+
+def test_step_mask_is_the_specified_phase_and_group() -> None:
+    """docs/bitstream.md: element (c, y, x) is coded in step (p - g) mod 4, p = [[0, 1], [3, 2]][y mod 2][x mod 2]."""
+    channels, height, width = 12, 5, 7
+    for step in range(NUM_STEPS):
+        mask = step_mask(step, channels, height, width)
+        for c, y, x in np.ndindex(channels, height, width):
+            phase, group = ((0, 1), (3, 2))[y % 2][x % 2], (4 * c) // channels
+            assert mask[c, y, x] == ((phase - group) % NUM_STEPS == step)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -196,15 +211,20 @@ def _sparse_input(rng: np.random.Generator, channels: int, h: int, w: int) -> np
 
 @pytest.mark.parametrize("band_bytes", [1, 5_000, BAND_BYTES])
 def test_numpy_backend_computes_the_integer_definition_exactly(band_bytes: int) -> None:
-    """Bands of any size (one row each, a few, the whole input), 2x2-grid zeros, odd sizes, 1x1 to 5x5 kernels."""
+    """Bands of any size (one row each, a few, the whole input), 2x2-grid zeros, odd sizes, 1x1 to 5x5 kernels,
+    float32 or float64 input; outputs in float32 where the clamp range fits it exactly, else float64."""
     rng = np.random.default_rng(band_bytes)
     backend = NumpyBackend(band_bytes)
     for case in range(60):
         k = (1, 3, 5)[case % 3]
         layer = _random_layer(rng, int(rng.integers(1, 40)), int(rng.integers(1, 30)), k)
+        wide = case % 4 == 3  # sums beyond float32's exact integers (2**24) are kept: the clamp allows them
+        if wide:
+            outputs = layer.weight.shape[0]
+            layer = dataclasses.replace(layer, lo=np.full(outputs, -(1 << 40)), hi=np.full(outputs, 1 << 40))
         x = _sparse_input(rng, layer.weight.shape[1], int(rng.integers(1, 14)), int(rng.integers(1, 14)))
-        got = backend.conv(x, layer)
-        assert got.dtype == np.float64
+        got = backend.conv(x.astype(np.float32) if case % 2 else x, layer)
+        assert got.dtype == storage_dtype(layer) == (np.float64 if wide else np.float32)
         np.testing.assert_array_equal(got, _definition_conv(x, layer), err_msg=f"case {case}")
 
 
@@ -245,6 +265,25 @@ def test_encode_gives_the_bytes_of_its_definition(
         expected_payload, expected = _definition_encode(integer, y, z, rounding)
         assert payload == expected_payload, f"case {case}"
         np.testing.assert_array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("rounding", [nearest_rounding, RateDistortionRounding(4.0)], ids=["nearest", "rd"])
+def test_encode_holds_under_six_float64_latents(tiny: tuple[AEICModel, EntropyModel], rounding: Rounding) -> None:
+    """A 12 MP picture coded whole: the encoder held 10 float64 copies of its latent's size at once (270 MB:
+    the latent made float64, every step's 2C output channels alive twice, padded float64 sums, the four steps'
+    masks, the rounding's temporaries over a whole step); now its outputs, the context and ŷ (about 4)."""
+    _, integer = tiny
+    rng = np.random.default_rng(5)
+    y = (rng.normal(size=(integer.latent_channels, 96, 128)) * 3).astype(np.float32)
+    z = (rng.normal(size=(integer.z_channels, 24, 32)) * 2).astype(np.float32)
+    backend = NumpyBackend(band_bytes=1 << 16)  # its buffers small beside the latent
+    tracemalloc.start()
+    try:
+        integer.encode(y, z, backend, rounding)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * y.size * 8
 
 
 class _NoNetworks:
