@@ -11,14 +11,16 @@ RSS (VmHWM) and its CPU seconds are its own:
   as CPUs it may use, sleeping when idle), interleaved in one process on the 1080p budget encode: wall and
   CPU seconds (0 threads: onnxruntime's choice), whether the streams are the same, and the CPUs the
   process' threads may run on (onnxruntime's own count pins its workers to cores outside the mask);
-* ``peak:<photo>:<control>``: one photo read from its JPEG and encoded once: peak RSS, wall and CPU seconds
+* ``peak:<photo>:<control>``: one photo opened from its JPEG as the commands open it (``open_image``: read
+  strip by strip as it is coded) and encoded once: peak RSS, wall and CPU seconds
   (user and system: the system share is the kernel faulting in fresh pages, ``sender/tiled_analysis.py``),
   the level chosen and the stream's bytes;
 * ``steady``: ``--steady`` encodes alternating 1080p and 12 MP photos, rate levels and budgets: RSS after
   each, so growth over many photos (a leak, a cache) shows.
 
 Photos are training photos (``benchmarks.images``) cut to 1920x1080, 4000x3000 (12 MP) and 8000x6000 (48 MP)
-and saved as JPEG at quality 92. Controls: ``budget:N`` bytes or ``rate:L``; ``budget:1500`` is
+and saved as JPEG at quality 92; ``48mp_portrait`` is the 48 MP one stored as a phone stores a portrait photo,
+sideways with EXIF orientation 6 (upright 6000x8000). Controls: ``budget:N`` bytes or ``rate:L``; ``budget:1500`` is
 ``deploy/sender/sender.toml``'s. The machine may be shared: each case records the load average around it.
 
 Usage: python -m benchmarks.device_bench [--cpus 1] [--cases cold,threads,peak,steady] [--large] [--out PATH]
@@ -40,10 +42,11 @@ from typing import Any
 
 from .machine import write_result
 
-PHOTOS = {"1080p": (1920, 1080), "12mp": (4000, 3000), "48mp": (8000, 6000)}
+PHOTOS = {"1080p": (1920, 1080), "12mp": (4000, 3000), "48mp": (8000, 6000), "48mp_portrait": (8000, 6000)}
+ROTATED = {"48mp_portrait": 6}  # EXIF orientation: stored sideways, as phones store portrait photos
 # (photo, control): the deploy default budget everywhere, a rate level, and budgets of about 0.02 / 0.01 bpp
 PEAKS = [("1080p", "budget:1500"), ("1080p", "budget:5184"), ("12mp", "budget:1500"), ("12mp", "rate:20"),
-         ("48mp", "budget:1500"), ("48mp", "rate:20")]
+         ("48mp", "budget:1500"), ("48mp", "rate:20"), ("48mp_portrait", "budget:1500")]
 LARGE_PEAKS = [("12mp", "budget:15000"), ("48mp", "budget:60000")]  # coded whole / at half size: minutes per photo
 THREADS_ROUNDS = 4
 STEADY_WORK = [("1080p", "budget:1500"), ("12mp", "rate:20"), ("1080p", "rate:20"), ("12mp", "budget:1500")]
@@ -82,7 +85,7 @@ def _child_cold(photos: Path) -> dict[str, Any]:
     clock = _Clock()
     import aeic.sender.cli  # noqa: F401  # what aeic-send loads before its first photo
     from aeic.sender.encoder import SenderCodec
-    from aeic.sender.images import read_image
+    from aeic.sender.images import open_image
 
     result: dict[str, Any] = {"import": clock.read()}
     clock = _Clock()
@@ -90,7 +93,7 @@ def _child_cold(photos: Path) -> dict[str, Any]:
     result["load"], result["rss_after_load_mb"] = clock.read(), _status("VmRSS")
     for name in ("first_encode", "second_encode"):
         clock = _Clock()
-        _encode(codec, read_image(photos / "1080p.jpg"), "budget:1500")
+        _encode(codec, open_image(photos / "1080p.jpg"), "budget:1500")
         result[name] = clock.read()
     return result
 
@@ -138,24 +141,24 @@ def _thread_cpus() -> list[str]:
 
 def _child_peak(photos: Path, photo: str, control: str) -> dict[str, Any]:
     from aeic.sender.encoder import SenderCodec
-    from aeic.sender.images import read_image
+    from aeic.sender.images import open_image
 
     codec = SenderCodec.from_package()
     clock = _Clock()
-    stream, level = _encode(codec, read_image(photos / f"{photo}.jpg"), control)
+    stream, level = _encode(codec, open_image(photos / f"{photo}.jpg"), control)
     return {**clock.read(), "peak_rss_mb": _status("VmHWM"), "level": level, "bytes": len(stream),
             "sha256": hashlib.sha256(stream).hexdigest()[:16]}
 
 
 def _child_steady(photos: Path, count: int) -> dict[str, Any]:
     from aeic.sender.encoder import SenderCodec
-    from aeic.sender.images import read_image
+    from aeic.sender.images import open_image
 
     codec = SenderCodec.from_package()
     rss = []
     for n in range(count):
         photo, control = STEADY_WORK[n % len(STEADY_WORK)]
-        _encode(codec, read_image(photos / f"{photo}.jpg"), control)
+        _encode(codec, open_image(photos / f"{photo}.jpg"), control)
         rss.append(round(_status("VmRSS"), 1))
     settled = rss[len(STEADY_WORK):]  # after each kind of work has run once
     half = len(settled) // 2  # a leak shows as a higher ceiling in the second half than in the first
@@ -189,7 +192,13 @@ def _make_photos(folder: Path, names: set[str]) -> None:
     from .images import photo
 
     for name in names:
-        Image.fromarray(photo(*PHOTOS[name])).save(folder / f"{name}.jpg", quality=92)
+        image, path = Image.fromarray(photo(*PHOTOS[name])), folder / f"{name}.jpg"
+        if name in ROTATED:
+            exif = Image.Exif()
+            exif[0x0112] = ROTATED[name]
+            image.save(path, quality=92, exif=exif.tobytes())
+        else:
+            image.save(path, quality=92)
 
 
 def spawn(case: str, photos: Path, cpus: int, steady: int, timeout: float) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def _open_model(load: Callable[[], _Codec]) -> _Codec:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from aeic.sender.encoder import BudgetError, SenderCodec
-    from aeic.sender.images import ImageReadError, read_image
+    from aeic.sender.images import ImageReadError, open_image
 
     problem = _encode_output_problem(args.images, args.output)
     if problem:
@@ -52,13 +52,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
     status = 0
     for image in args.images:
         try:
-            rgb = read_image(image)
+            picture = open_image(image)  # read strip by strip as it is coded: never whole as an array too
+            height, width, _ = picture.shape
             start = time.perf_counter()
             if args.target_bytes is not None:
-                data, level = codec.encode_to_budget(rgb, args.target_bytes)
+                data, level = codec.encode_to_budget(picture, args.target_bytes)
             else:
                 level = args.rate
-                data = codec.encode(rgb, level)
+                data = codec.encode(picture, level)
+            del picture  # the decoded photo (192 MB at 48 MP) goes before the next one is read
         except ImageReadError as exc:  # its message already names the file
             print(exc, file=sys.stderr)
             status = 1
@@ -71,7 +73,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         out = _encoded_path(image, args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
-        bpp = len(data) * 8 / (rgb.shape[0] * rgb.shape[1])
+        bpp = len(data) * 8 / (height * width)
         print(f"{image} -> {out}: {len(data)} bytes, {bpp:.4f} bpp, level {level}, {elapsed:.0f} ms")
     return status
 

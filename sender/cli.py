@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
 from aeic.sender.backoff import Backoff
 from aeic.sender.coding_scale import AUTO_SHORT_SIDE, MIN_CODED_BPP, parse_downscale
 from aeic.sender.config import ConfigError, SenderConfig, exposed_files, load_config, misspelt_variables
 from aeic.sender.forward import DrainReport, Forwarder, ItemPolicy
-from aeic.sender.images import ImageReadError, read_image
+from aeic.sender.images import ImageReadError, open_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
 from aeic.sender.report import Reporter
+from aeic.sender.rows import Picture
 from aeic.sender.spool import Spool, SpoolFullError
 from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, UploadResult
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
@@ -279,13 +279,13 @@ class ImageEncoder:
 
     def from_file(self, path: Path) -> Encoded | None:
         try:
-            rgb = read_image(path)
+            picture = open_image(path)  # read strip by strip as it is coded: never whole as an array too
         except ImageReadError as exc:
             self.reporter.error(str(path), str(exc))
             return None
-        return self.from_array(rgb, str(path))
+        return self.from_array(picture, str(path))
 
-    def from_array(self, rgb: np.ndarray, source: str) -> Encoded | None:
+    def from_array(self, rgb: Picture, source: str) -> Encoded | None:
         try:
             return encode_image(self.codec, rgb, self.control)
         except self.budget_error as exc:

@@ -18,14 +18,17 @@ import onnxruntime as ort
 from aeic.shared import bitstream, decode_limits
 from aeic.shared.entropy_model import FRACTION_BITS, NumpyBackend
 from aeic.shared.model_package import SENDER_FILES, ModelPackage, ModelPackageError
-from aeic.shared.padding import ALIGNMENT, colour_statistics
+from aeic.shared.padding import ALIGNMENT, channel_histograms, statistics_of_histograms
 from threadpoolctl import threadpool_limits
 
 from . import coding_scale
 from .rate_distortion_rounding import PACKAGE, rounding_for
+from .rows import Picture, RowSource, as_rows, row_strips
 from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention, trunk_tiling
 
-_GREY_CHECK_ROWS = 256  # rows compared at a time: no full-size boolean arrays for a large photo
+# rows read, counted and compared at a time: no full-size copy (a photo read from its file is converted from
+# Pillow's picture strip by strip) and no full-size boolean arrays for a large photo
+_FACTS_ROWS = 256
 
 CPU_PROVIDER = "CPUExecutionProvider"
 SPINNING = "session.intra_op.allow_spinning"  # onnxruntime's session config key
@@ -101,7 +104,7 @@ class SourceFacts:
     """What the header says of the original picture, whatever its coding downscale: the budget's fallback
     analyses one photo at up to three downscales, and these passes over the whole original are made once."""
 
-    rgb: np.ndarray
+    rgb: RowSource
 
     @cached_property
     def colour_stats(self) -> tuple[int, int, int, int, int, int]:
@@ -126,7 +129,7 @@ class AnalysedImage:
     backend: NumpyBackend = field(default_factory=NumpyBackend, repr=False)
 
     @property
-    def rgb(self) -> np.ndarray:
+    def rgb(self) -> RowSource:
         return self.facts.rgb
 
     @property
@@ -138,10 +141,18 @@ class AnalysedImage:
         return self.facts.grey
 
 
-def is_grey(rgb: np.ndarray) -> bool:
+def colour_statistics(rgb: Picture) -> tuple[int, int, int, int, int, int]:
+    """:func:`aeic.shared.padding.colour_statistics` counted strip by strip: the counts add up, so they equal
+    the whole picture's, and a photo read from its file is never whole as an array."""
+    counts = np.zeros((3, 256), np.int64)
+    for rows in row_strips(as_rows(rgb), _FACTS_ROWS):
+        counts += channel_histograms(rows)
+    return statistics_of_histograms(counts)
+
+
+def is_grey(rgb: Picture) -> bool:
     """Whether an HxWx3 picture has R == G == B at every pixel (greyscale files read as RGB have)."""
-    for top in range(0, rgb.shape[0], _GREY_CHECK_ROWS):
-        rows = rgb[top : top + _GREY_CHECK_ROWS]
+    for rows in row_strips(as_rows(rgb), _FACTS_ROWS):
         if not (np.array_equal(rows[..., 0], rows[..., 1]) and np.array_equal(rows[..., 1], rows[..., 2])):
             return False
     return True
@@ -193,24 +204,24 @@ class SenderCodec:
     def num_levels(self) -> int:
         return self.package.num_levels
 
-    def analyse(self, rgb: np.ndarray, downscale: int | None = None, facts: SourceFacts | None = None) -> AnalysedImage:
+    def analyse(self, rgb: Picture, downscale: int | None = None, facts: SourceFacts | None = None) -> AnalysedImage:
         """Run the analysis transform once (the expensive part), on the image reduced by the coding downscale.
 
         ``downscale`` (1, 2 or 4) overrides the codec's setting; with neither, ``"auto"`` picks one by size
         (:func:`aeic.sender.coding_scale.downscale_for_rate`). ``facts``: those of ``rgb`` from another
-        analysis of it, so its header fields are not computed again."""
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError("expected an HxWx3 uint8 RGB image")
-        height, width = rgb.shape[:2]
+        analysis of it, so its header fields are not computed again. ``rgb``: an HxWx3 uint8 array or a
+        :class:`~aeic.sender.tiled_analysis.RowSource` (a photo read by :func:`aeic.sender.images.open_image`)."""
+        source = as_rows(rgb)
+        height, width, _ = source.shape
         if not (1 <= height <= bitstream.MAX_DIMENSION and 1 <= width <= bitstream.MAX_DIMENSION):
             raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
         factor = downscale or (coding_scale.downscale_for_rate(height, width) if self.downscale == AUTO else int(self.downscale))
         too_large = decode_limits.oversize_reason(height, width, factor)
         if too_large is not None:  # a receiver would refuse the stream: fail here, before any work
             raise ValueError(too_large)
-        if facts is not None and facts.rgb is not rgb:
+        if facts is not None and facts.rgb is not source:
             raise ValueError("facts of another picture")
-        return AnalysedImage(facts or SourceFacts(rgb), self.analysis(rgb, factor, ALIGNMENT), factor)
+        return AnalysedImage(facts or SourceFacts(source), self.analysis(source, factor, ALIGNMENT), factor)
 
     def _entropy_code(self, analysed: AnalysedImage, level: int) -> tuple[bytes, np.ndarray]:
         """(payload, ŷ in fixed point) of this rate level."""
@@ -230,7 +241,7 @@ class SenderCodec:
 
     def encode_analysed(self, analysed: AnalysedImage, level: int) -> bytes:
         payload, _ = self._entropy_code(analysed, level)
-        height, width = analysed.rgb.shape[:2]
+        height, width, _ = analysed.rgb.shape
         header = bitstream.Header(
             model_id=self.model_id,
             width=width,
@@ -242,11 +253,11 @@ class SenderCodec:
         )
         return bitstream.pack(bitstream.Bitstream(header, payload))
 
-    def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
+    def encode(self, rgb: Picture, rate_index: int) -> bytes:
         """A complete bitstream of ``rgb`` at rate level ``rate_index``."""
         return self.encode_analysed(self.analyse(rgb), rate_index)
 
-    def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]:
+    def encode_to_budget(self, rgb: Picture, target_bytes: int) -> tuple[bytes, int]:
         """The highest rate level whose whole bitstream fits ``target_bytes`` (binary search; a budget
         that level 0 overflows is looked for among the lowest levels one by one).
 
@@ -255,12 +266,13 @@ class SenderCodec:
         overflows there, the next larger downscale is tried (:func:`aeic.sender.coding_scale.budget_downscales`).
         """
         auto = self.downscale == AUTO
-        height, width = rgb.shape[:2]
+        source = as_rows(rgb)
+        height, width, _ = source.shape
         factors = coding_scale.budget_downscales(height, width, target_bytes) if auto else [None]
         smallest: list[int] = []  # each factor's smallest stream: the error names the least of them
-        facts = SourceFacts(rgb)  # the header's colour statistics and grey flag, whatever the factor
+        facts = SourceFacts(source)  # the header's colour statistics and grey flag, whatever the factor
         for factor in factors:
-            analysed = self.analyse(rgb, factor, facts)
+            analysed = self.analyse(source, factor, facts)
             search = LevelSearch(partial(self.encode_analysed, analysed), target_bytes, self.num_levels)
             best = search.highest_fitting_level()
             if best is None:

@@ -1,4 +1,4 @@
-"""Read an image file of any common format into the HxWx3 uint8 RGB array the encoder takes.
+"""Read an image file of any common format as the 8-bit RGB picture the encoder takes.
 
 Why one reader: the encoder only understands 8-bit RGB, while edge devices see PNG, JPEG,
 WebP, BMP, TIFF, 16-bit PNG, greyscale, palette and alpha images, often with an EXIF
@@ -19,6 +19,11 @@ orientation tag (phones, some cameras). Every such detail is settled here, once:
   one for another colour space (CMYK, grey), leaves the samples as they are.
 * Animated or multi-page files: the first frame.
 
+:func:`open_image` gives the decoded file as a :class:`UprightImage`, which applies all of that a strip of
+rows at a time as the encoder reads it (:mod:`aeic.sender.rows`): a 48 MP photo is then Pillow's decoded
+picture only (192 MB), never besides it an HxWx3 array (144 MB), a rotated copy (192 MB) or an RGBA one.
+:func:`read_image` gives the array, for callers that want one.
+
 AVIF is read where Pillow was built with it (Pillow 11.2 and later, as shipped); HEIC/HEIF and JPEG XL
 are not read, nor EPS or WMF/EMF drawings where Pillow lacks Ghostscript or a Windows handler. Any failure
 (missing file, not an image, one of those formats, truncated or corrupt data, unsupported mode, too large)
@@ -32,12 +37,12 @@ import io
 import os
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
+from PIL import Image, ImageCms, UnidentifiedImageError, features
 
 # The bitstream stores each dimension in 1..16384 (see docs/bitstream.md).
 MAX_SIDE = 16384
@@ -67,6 +72,18 @@ _RGB_PROFILE_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA"})
 # times over (Pillow's 4-byte pixels, a bytes copy, the array): 850 MB peak for a 48 MP JPEG, over the
 # service's MemoryMax; in strips the photo is held in Pillow and in the array only (about 370 MB).
 _STRIP_ROWS = 256
+# EXIF orientation -> the transpose that turns the stored picture upright (as ImageOps.exif_transpose)
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION = 0x0112
+_T = TypeVar("_T")
 
 
 class ImageReadError(Exception):
@@ -80,15 +97,27 @@ def _detail(exc: BaseException) -> str:
 
 def read_image(path: str | Path) -> np.ndarray:
     """Return the upright image at ``path`` as a C-contiguous HxWx3 uint8 RGB array."""
-    path = Path(path)
+    return _reading(Path(path), lambda image: UprightImage(image, path).array())
+
+
+def open_image(path: str | Path) -> UprightImage:
+    """The image at ``path`` decoded, to be read upright in 8-bit RGB a strip of rows at a time (by the encoder):
+    what :func:`read_image` returns without the array beside the decoded picture. A file that cannot be read
+    fails here, as there; its pixels' conversion is checked on its first row."""
+    return _reading(Path(path), lambda image: UprightImage(image, path))
+
+
+def _reading(path: Path, make: Callable[[Image.Image], _T]) -> _T:
+    """``make`` of the opened image at ``path``, every failure told as :class:`ImageReadError`."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (not raises) between 1x and 2x its pixel limit; we decide ourselves.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open_regular(path) as file, _identified(path, file) as image:
+            with _open_regular(path) as file:
+                image = _identified(path, file)
                 _check_size(path, image.size)
                 try:
-                    return upright_rgb8(image, path)
+                    return make(image)
                 except OSError as exc:  # not "corrupt or truncated image data": the file is whole
                     if image.format in _DRAWING_FORMATS:
                         raise ImageReadError(f"{path}: {image.format} drawing, which this Pillow cannot render ({_detail(exc)}): "
@@ -108,13 +137,100 @@ def read_image(path: str | Path) -> np.ndarray:
 def upright_rgb8(image: Image.Image, path: str | Path) -> np.ndarray:
     """An opened image as the sender codes it (the module docstring's policy), ``path`` naming it in errors.
 
-    ``aeic eval`` reads its photos through this too, so it scores the pixels the sender sends. The image is
-    loaded and turned upright in place: no second full-size copy of an upright photo (a 48 MP one is
-    190 MB in Pillow), only a transient one for a rotated photo.
+    ``aeic eval`` reads its photos through this too, so it scores the pixels the sender sends.
     """
-    image.load()
-    ImageOps.exif_transpose(image, in_place=True)
-    return _to_rgb8(Path(path), image)
+    return UprightImage(image, path).array()
+
+
+class UprightImage:
+    """An opened image as the sender codes it (the module docstring's policy), read a strip of rows at a time.
+
+    Only the decoded picture is held; each strip is cut from it, turned upright and converted on its own.
+    Every step is either per pixel (mode, alpha, colour profile, 16-bit and float scaling) or moves whole
+    rows and columns (the EXIF transposes), so the strips are exactly the rows of the whole picture
+    converted at once. A :class:`aeic.sender.rows.RowSource`.
+    """
+
+    def __init__(self, image: Image.Image, path: str | Path) -> None:
+        image.load()
+        self.path = Path(path)
+        self._image = image
+        self._transpose = _ORIENTATIONS.get(image.getexif().get(_EXIF_ORIENTATION, 1))
+        width, height = image.size
+        if self._transpose in _SIDEWAYS:
+            width, height = height, width
+        self._shape = (height, width, 3)
+        self._mode = image.mode
+        self._float_scale = 1.0
+        if image.mode == "F":
+            try:
+                self._float_scale = _float_scale(image)
+            except ValueError as exc:  # a float image out of range: its own message, not "corrupt data"
+                raise ImageReadError(f"{self.path}: {exc}") from None
+        self._to_srgb = _srgb_transform(image)
+        self.rows(0, min(1, height))  # an unsupported mode fails here, when the file is read, not mid-encode
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(height, width, 3) of the upright picture."""
+        return self._shape
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop`` of the upright picture, (stop - start, width, 3) uint8 RGB."""
+        strip = self._image.crop(self._stored_box(start, stop))
+        if self._transpose is not None:
+            strip = strip.transpose(self._transpose)
+        return self._rgb8(strip)
+
+    def array(self) -> np.ndarray:
+        """The whole upright picture as a C-contiguous HxWx3 uint8 array, filled a strip at a time."""
+        height = self._shape[0]
+        array = np.empty(self._shape, dtype=np.uint8)
+        for top in range(0, height, _STRIP_ROWS):
+            array[top : top + _STRIP_ROWS] = self.rows(top, min(top + _STRIP_ROWS, height))
+        return array
+
+    def _stored_box(self, start: int, stop: int) -> tuple[int, int, int, int]:
+        """The box of the stored picture whose transpose is upright rows ``start`` to ``stop``: rows for the
+        flips and the half turn, columns for the quarter turns and the diagonal flips."""
+        width, height = self._image.size
+        method = self._transpose
+        if method in (Image.Transpose.ROTATE_180, Image.Transpose.FLIP_TOP_BOTTOM):
+            return 0, height - stop, width, height - start
+        if method in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270):
+            return start, 0, stop, height
+        if method in (Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90):
+            return width - stop, 0, width - start, height
+        return 0, start, width, stop  # upright, or flipped left to right
+
+    def _rgb8(self, strip: Image.Image) -> np.ndarray:
+        """A strip in the file's mode as 8-bit RGB (the module docstring's policy)."""
+        mode = self._mode
+        if mode in _SIXTEEN_BIT_MODES or mode == "F":
+            if mode == "F":
+                grey = np.round(np.asarray(strip, dtype=np.float32) * self._float_scale).astype(np.uint8)
+            else:
+                grey = _sixteen_to_eight(np.asarray(strip))
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        try:
+            if mode == "P" and "transparency" in strip.info:
+                strip = strip.convert("RGBA")
+            if strip.mode in _ALPHA_MODES:
+                rgba = strip.convert("RGBA")
+                strip = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            rgb = strip if strip.mode == "RGB" else strip.convert("RGB")
+            if self._to_srgb is not None:
+                rgb = self._to_srgb.apply(rgb)
+        except ValueError as exc:
+            raise ImageReadError(f"{self.path}: unsupported pixel mode {mode!r} ({exc})") from None
+        rows = np.asarray(rgb, dtype=np.uint8)
+        if rows.ndim != 3 or rows.shape[2] != 3:
+            raise ImageReadError(f"{self.path}: unsupported pixel layout {rows.shape} from mode {mode!r}")
+        return rows
+
+
+_SIDEWAYS = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                       Image.Transpose.ROTATE_90})
 
 
 def _open_regular(path: Path) -> BinaryIO:
@@ -211,39 +327,6 @@ def eight_bit_grey(image: Image.Image) -> Image.Image:
     return image
 
 
-def _to_rgb8(path: Path, image: Image.Image) -> np.ndarray:
-    """Convert any Pillow mode to 8-bit RGB following the policy in the module docstring."""
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
-        try:
-            grey = np.asarray(eight_bit_grey(image))
-        except ValueError as exc:  # a float image out of range: its own message, not "corrupt data"
-            raise ImageReadError(f"{path}: {exc}") from None
-        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
-    to_srgb = _srgb_transform(image)
-    mode = image.mode
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-        mode = "RGBA"
-    if mode in _ALPHA_MODES:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    array = np.empty((image.height, image.width, 3), dtype=np.uint8)
-    for top in range(0, image.height, _STRIP_ROWS):
-        strip = image.crop((0, top, image.width, min(top + _STRIP_ROWS, image.height)))
-        try:
-            rgb = strip if strip.mode == "RGB" else strip.convert("RGB")
-            if to_srgb is not None:
-                rgb = to_srgb.apply(rgb)
-        except ValueError as exc:
-            raise ImageReadError(f"{path}: unsupported pixel mode {mode!r} ({exc})") from None
-        rows = np.asarray(rgb, dtype=np.uint8)
-        if rows.ndim != 3 or rows.shape[2] != 3:
-            raise ImageReadError(f"{path}: unsupported pixel layout {rows.shape} from mode {mode!r}")
-        array[top : top + rows.shape[0]] = rows
-    return array
-
-
 def _srgb_transform(image: Image.Image) -> ImageCms.ImageCmsTransform | None:
     """The 8-bit RGB to sRGB transform of the image's embedded profile, or None where the samples stay as
     they are: no profile, one that does not parse (viewers ignore it too), or one for a colour space other
@@ -261,28 +344,34 @@ def _srgb_transform(image: Image.Image) -> ImageCms.ImageCmsTransform | None:
         return None
 
 
-def _float_to_eight(image: Image.Image) -> np.ndarray:
-    """A mode ``F`` image as HxW uint8: x * 255 if every sample is within 0..1, else x if within 0..255,
-    rounded; ``ValueError`` otherwise. Read in strips of rows (two passes: the range, then the samples),
-    so no float copy of a whole large picture is made besides Pillow's own."""
-    def strips() -> Iterator[tuple[int, np.ndarray]]:
-        for top in range(0, image.height, _STRIP_ROWS):
-            box = (0, top, image.width, min(top + _STRIP_ROWS, image.height))
-            yield top, np.asarray(image.crop(box), dtype=np.float32)
+def _float_strips(image: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """A mode ``F`` image's rows as float32, :data:`_STRIP_ROWS` at a time: no float copy of a whole large
+    picture besides Pillow's own."""
+    for top in range(0, image.height, _STRIP_ROWS):
+        box = (0, top, image.width, min(top + _STRIP_ROWS, image.height))
+        yield top, np.asarray(image.crop(box), dtype=np.float32)
 
+
+def _float_scale(image: Image.Image) -> float:
+    """What a mode ``F`` image's samples are multiplied by to make 8 bits: 255 if every sample is within 0..1,
+    else 1 if within 0..255; ``ValueError`` otherwise (one pass over the image in strips)."""
     low, high = np.inf, -np.inf
-    for _, samples in strips():
+    for _, samples in _float_strips(image):
         if not np.isfinite(samples).all():
             raise ValueError("float samples include NaN or infinity")
         low, high = min(low, float(samples.min())), max(high, float(samples.max()))
     if low >= 0 and high <= 1:
-        scale = 255.0
-    elif low >= 0 and high <= 255:
-        scale = 1.0
-    else:
-        raise ValueError(f"float samples span {low:g}..{high:g}, neither 0..1 nor 0..255")
+        return 255.0
+    if low >= 0 and high <= 255:
+        return 1.0
+    raise ValueError(f"float samples span {low:g}..{high:g}, neither 0..1 nor 0..255")
+
+
+def _float_to_eight(image: Image.Image) -> np.ndarray:
+    """A mode ``F`` image as HxW uint8, scaled by :func:`_float_scale` and rounded, in strips of rows."""
+    scale = _float_scale(image)
     grey = np.empty((image.height, image.width), dtype=np.uint8)
-    for top, samples in strips():
+    for top, samples in _float_strips(image):
         grey[top : top + samples.shape[0]] = np.round(samples * scale)
     return grey
 

@@ -12,15 +12,15 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
+from aeic.sender.rows import Picture, as_rows
 from aeic.sender.spool import idempotency_key
 
 
 class Codec(Protocol):
     """The part of ``SenderCodec`` the sender uses."""
 
-    def encode(self, rgb: np.ndarray, rate_index: int) -> bytes: ...
-    def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]: ...
+    def encode(self, rgb: Picture, rate_index: int) -> bytes: ...
+    def encode_to_budget(self, rgb: Picture, target_bytes: int) -> tuple[bytes, int]: ...
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,10 @@ class Encoded:
         return idempotency_key(self.data)
 
 
-def encode_image(codec: Codec, rgb: np.ndarray, control: RateControl) -> Encoded:
-    """Encode with the codec; raises the codec's ``BudgetError`` if no rate fits the budget."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {rgb.shape} {rgb.dtype}")
-    height, width = rgb.shape[:2]
+def encode_image(codec: Codec, rgb: Picture, control: RateControl) -> Encoded:
+    """Encode with the codec; raises the codec's ``BudgetError`` if no rate fits the budget. ``rgb``: an HxWx3
+    uint8 array, or a photo read from its file by :func:`aeic.sender.images.open_image` (never whole in memory)."""
+    height, width, _ = as_rows(rgb).shape
     start = time.perf_counter()
     if control.rate is not None:
         data, rate_index = codec.encode(rgb, control.rate), control.rate

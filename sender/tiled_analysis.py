@@ -20,6 +20,9 @@ convolutions compute each output from the same inputs in the same order; checked
 The coded picture (the photo reduced by the coding downscale and edge-padded to the latent grid) is made
 strip by strip as well (:class:`CodedPicture`): whole, reducing a 48 MP photo took about 550 MB on top of
 the photo (a padded copy and its sums in 32 bits), and the padded picture stayed alive through the analysis.
+Its photo rows come from a :class:`RowSource`: an array, or the decoded file itself
+(:class:`aeic.sender.images.UprightImage`; :mod:`aeic.sender.rows`), so a 48 MP photo need not exist as an HxWx3 array (144 MB)
+besides Pillow's decoded picture (192 MB).
 
 Peak memory is then the largest of the phases (a strip, the trunk, the entropy model) only if
 freed tensors really go back to the system: :func:`limit_heap_retention` sees to that.
@@ -35,6 +38,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from aeic.shared.padding import downscale_image, padded_size
+
+from .rows import Picture, as_rows
 
 DEFAULT_STRIP_ROWS = 192  # 1080p: ~110 MB of stem activations per strip, the halos add ~1.3x stem work
 # Feature cells (rows x width) a trunk strip reads, halos included: 256 rows of a 4096-wide coded picture (a 12 MP
@@ -77,16 +82,19 @@ class CodedPicture:
     and padding replicates the last row and column, so every row equals the whole picture's.
     """
 
-    def __init__(self, rgb: np.ndarray, downscale: int = 1, multiple: int = 1) -> None:
-        self.rgb, self.downscale = rgb, downscale
-        self.coded_height, self.coded_width = -(-rgb.shape[0] // downscale), -(-rgb.shape[1] // downscale)
+    def __init__(self, rgb: Picture, downscale: int = 1, multiple: int = 1) -> None:
+        self.source, self.downscale = as_rows(rgb), downscale
+        photo_height, photo_width, _ = self.source.shape
+        self.photo_height = photo_height
+        self.coded_height, self.coded_width = -(-photo_height // downscale), -(-photo_width // downscale)
         self.height, self.width = padded_size(self.coded_height, self.coded_width, multiple)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start`` to ``stop`` (h, width, 3) uint8."""
         first = min(start, self.coded_height - 1)  # a strip wholly in the padding repeats the last row
         last = min(stop, self.coded_height)
-        coded = downscale_image(self.rgb[first * self.downscale : last * self.downscale], self.downscale)
+        photo_rows = self.source.rows(first * self.downscale, min(last * self.downscale, self.photo_height))
+        coded = downscale_image(photo_rows, self.downscale)
         rows = np.minimum(np.arange(start, stop), self.coded_height - 1) - first
         return np.pad(coded[rows], ((0, 0), (0, self.width - self.coded_width), (0, 0)), mode="edge")
 
@@ -105,7 +113,7 @@ class TiledAnalysis:
         self.factor, self.halo, self.strip_rows = factor, halo, strip_rows
         self.trunk_factor, self.trunk_halo, self.trunk_cells = trunk_factor, trunk_halo, trunk_cells
 
-    def __call__(self, rgb: np.ndarray, downscale: int = 1, multiple: int = 1) -> np.ndarray:
+    def __call__(self, rgb: Picture, downscale: int = 1, multiple: int = 1) -> np.ndarray:
         """The latent of ``rgb`` (H, W, 3) uint8 coded at 1/``downscale``, padded to ``multiple`` (:class:`CodedPicture`)."""
         picture = CodedPicture(rgb, downscale, multiple)
         height, width = picture.height // self.factor, picture.width // self.factor

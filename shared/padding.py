@@ -67,7 +67,13 @@ def colour_statistics(rgb: np.ndarray) -> tuple[int, int, int, int, int, int]:
     From per-channel histograms: no float64 copy of the image (50 MB and as much again for the
     deviations at 1080p, the largest allocation of the whole sender path otherwise).
     """
-    means, stds = zip(*(_mean_and_std(counts) for counts in channel_histograms(rgb)))
+    return statistics_of_histograms(channel_histograms(rgb))
+
+
+def statistics_of_histograms(histograms: np.ndarray) -> tuple[int, int, int, int, int, int]:
+    """:func:`colour_statistics` from the (3, 256) level counts: the sender counts a photo it reads from
+    its file strip by strip, never holding it whole as an array."""
+    means, stds = zip(*(_mean_and_std(counts) for counts in histograms))
     means_b = np.clip(np.round(means), 0, 255).astype(int)
     stds_b = np.clip(np.round(stds), 0, 255).astype(int)
     m0, m1, m2 = (int(v) for v in means_b)

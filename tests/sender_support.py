@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, TypeVar
 from aeic.shared.bitstream import BitstreamError, unpack
 
 if TYPE_CHECKING:  # not at runtime: make sender-compat runs these tests without the receiver's packages
-    import numpy as np
     import uvicorn
+    from aeic.sender.rows import Picture
 
 
 T = TypeVar("T")
@@ -198,15 +198,17 @@ class ContainerCodec:
     def __init__(self) -> None:
         self.calls = 0
 
-    def encode(self, rgb: np.ndarray, rate_index: int) -> bytes:
+    def encode(self, rgb: Picture, rate_index: int) -> bytes:
+        from aeic.sender.rows import as_rows
         from aeic.shared.bitstream import Bitstream, Header, pack
 
         self.calls += 1
-        height, width = rgb.shape[:2]
-        payload = hashlib.shake_256(rgb.tobytes()).digest(8 + 40 * rate_index)
+        picture = as_rows(rgb)  # the commands pass a photo read from its file as a row source
+        height, width, _ = picture.shape
+        payload = hashlib.shake_256(picture.rows(0, height).tobytes()).digest(8 + 40 * rate_index)
         return pack(Bitstream(Header(self.model_id, width, height, rate_index), payload))
 
-    def encode_to_budget(self, rgb: np.ndarray, target_bytes: int) -> tuple[bytes, int]:
+    def encode_to_budget(self, rgb: Picture, target_bytes: int) -> tuple[bytes, int]:
         from aeic.sender.encoder import BudgetError
 
         for rate in reversed(self.rates):

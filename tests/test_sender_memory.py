@@ -20,6 +20,7 @@ from aeic.codec.model import AEICModel
 from aeic.codec.testing import make_tiny_model
 from aeic.sender import tiled_analysis
 from aeic.sender.encoder import SenderCodec
+from aeic.sender.rows import Picture, as_rows
 from aeic.sender.tiled_analysis import DEFAULT_TRUNK_CELLS, CodedPicture, TiledAnalysis, trunk_tiling
 from aeic.shared import padding
 from aeic.shared.model_package import SENDER_FILES, ModelPackage
@@ -53,8 +54,10 @@ def _trunk_tiling(package: ModelPackage) -> tuple[int, int]:
     return trunk_tiling(package.manifest["config"]["analysis"], package.analysis_tiling[0])
 
 
-def _whole_trunk(analysis: TiledAnalysis, rgb: np.ndarray, downscale: int = 1, multiple: int = 1) -> np.ndarray:
+def _whole_trunk(analysis: TiledAnalysis, picture: Picture, downscale: int = 1, multiple: int = 1) -> np.ndarray:
     """The analysis as the sender ran it before: the whole coded picture, its whole features, the trunk once."""
+    source = as_rows(picture)  # the encoder passes its pictures as row sources
+    rgb = source.rows(0, source.shape[0])
     features = analysis.features(pad_to_multiple(downscale_image(rgb, downscale), multiple))
     (latent,) = analysis.trunk.run(["latent"], {"features": features})
     return latent
