@@ -8,7 +8,7 @@ hyper-analysis and entropy coding only.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
@@ -24,7 +24,13 @@ from threadpoolctl import threadpool_limits
 from . import coding_scale
 from .rate_distortion_rounding import PACKAGE, rounding_for
 from .rows import Picture, RowSource, as_rows, row_strips
-from .tiled_analysis import DEFAULT_STRIP_ROWS, TiledAnalysis, limit_heap_retention, trunk_tiling
+from .tiled_analysis import (
+    DEFAULT_STRIP_ROWS,
+    CodedPicture,
+    TiledAnalysis,
+    limit_heap_retention,
+    trunk_tiling,
+)
 
 # rows read, counted and compared at a time: no full-size copy (a photo read from its file is converted from
 # Pillow's picture strip by strip) and no full-size boolean arrays for a large photo
@@ -212,16 +218,40 @@ class SenderCodec:
         analysis of it, so its header fields are not computed again. ``rgb``: an HxWx3 uint8 array or a
         :class:`~aeic.sender.tiled_analysis.RowSource` (a photo read by :func:`aeic.sender.images.open_image`)."""
         source = as_rows(rgb)
+        factor = self._coding_factor(source, downscale)
+        if facts is not None and facts.rgb is not source:
+            raise ValueError("facts of another picture")
+        return AnalysedImage(facts or SourceFacts(source), self.analysis(source, factor, ALIGNMENT), factor)
+
+    def _coding_factor(self, source: RowSource, downscale: int | None) -> int:
+        """``downscale``, else the codec's, checked: a picture a receiver would refuse fails before any work."""
         height, width, _ = source.shape
         if not (1 <= height <= bitstream.MAX_DIMENSION and 1 <= width <= bitstream.MAX_DIMENSION):
             raise ValueError(f"image size {width}x{height} outside 1..{bitstream.MAX_DIMENSION}")
         factor = downscale or (coding_scale.downscale_for_rate(height, width) if self.downscale == AUTO else int(self.downscale))
         too_large = decode_limits.oversize_reason(height, width, factor)
-        if too_large is not None:  # a receiver would refuse the stream: fail here, before any work
+        if too_large is not None:
             raise ValueError(too_large)
-        if facts is not None and facts.rgb is not source:
-            raise ValueError("facts of another picture")
-        return AnalysedImage(facts or SourceFacts(source), self.analysis(source, factor, ALIGNMENT), factor)
+        return factor
+
+    def _analyses(self, source: RowSource, factors: list[int]) -> Iterator[AnalysedImage]:
+        """The source analysed at each of ``factors`` in turn, each made when asked for.
+
+        A source that can let go of its pixels (``release``: a photo opened from its file, whose decoded
+        picture is 4 bytes a pixel) is read once, up front: the header's facts, then each factor's coded
+        picture (a 48 MP photo at 1/4: 9 MB), and then released, before the analysis' own few hundred MB.
+        """
+        facts = SourceFacts(source)  # the header's colour statistics and grey flag, whatever the factor
+        release = getattr(source, "release", None)
+        if release is None:
+            for factor in factors:
+                yield AnalysedImage(facts, self.analysis(source, factor, ALIGNMENT), factor)
+            return
+        facts.colour_stats, facts.grey  # noqa: B018 - computed (and cached) while the pixels are there
+        reduced = {factor: CodedPicture(source, factor).reduced() for factor in factors}
+        release()
+        for factor in factors:
+            yield AnalysedImage(facts, self.analysis(reduced.pop(factor), 1, ALIGNMENT), factor)
 
     def _entropy_code(self, analysed: AnalysedImage, level: int) -> tuple[bytes, np.ndarray]:
         """(payload, ŷ in fixed point) of this rate level."""
@@ -254,8 +284,11 @@ class SenderCodec:
         return bitstream.pack(bitstream.Bitstream(header, payload))
 
     def encode(self, rgb: Picture, rate_index: int) -> bytes:
-        """A complete bitstream of ``rgb`` at rate level ``rate_index``."""
-        return self.encode_analysed(self.analyse(rgb), rate_index)
+        """A complete bitstream of ``rgb`` at rate level ``rate_index``. A photo from
+        :func:`aeic.sender.images.open_image` is released once read (:meth:`_analyses`)."""
+        source = as_rows(rgb)
+        (analysed,) = self._analyses(source, [self._coding_factor(source, None)])
+        return self.encode_analysed(analysed, rate_index)
 
     def encode_to_budget(self, rgb: Picture, target_bytes: int) -> tuple[bytes, int]:
         """The highest rate level whose whole bitstream fits ``target_bytes`` (binary search; a budget
@@ -264,15 +297,15 @@ class SenderCodec:
         With ``downscale="auto"`` the coding downscale comes from the budget and the image size
         (:func:`aeic.sender.coding_scale.downscale_for_budget`); when even the lowest level
         overflows there, the next larger downscale is tried (:func:`aeic.sender.coding_scale.budget_downscales`).
+        A photo from :func:`aeic.sender.images.open_image` is released once read (:meth:`_analyses`).
         """
         auto = self.downscale == AUTO
         source = as_rows(rgb)
         height, width, _ = source.shape
         factors = coding_scale.budget_downscales(height, width, target_bytes) if auto else [None]
+        checked = [self._coding_factor(source, factor) for factor in factors]
         smallest: list[int] = []  # each factor's smallest stream: the error names the least of them
-        facts = SourceFacts(source)  # the header's colour statistics and grey flag, whatever the factor
-        for factor in factors:
-            analysed = self.analyse(source, factor, facts)
+        for analysed in self._analyses(source, checked):
             search = LevelSearch(partial(self.encode_analysed, analysed), target_bytes, self.num_levels)
             best = search.highest_fitting_level()
             if best is None:

@@ -144,3 +144,28 @@ def test_a_photo_opened_codes_to_the_streams_of_its_array(tmp_path: Path, shippe
         from_file = encode_image(shipped, open_image(path), control)
         assert (from_file.data, from_file.rate_index, from_file.width, from_file.height) == (
             from_array.data, from_array.rate_index, from_array.width, from_array.height)
+
+
+@pytest.mark.parametrize("control", [RateControl(rate=20), RateControl(target_bytes=60)])
+def test_an_opened_photo_is_released_before_the_analysis(tmp_path: Path, shipped: SenderCodec,
+                                                          monkeypatch: pytest.MonkeyPatch, control: RateControl) -> None:
+    """Its decoded picture (192 MB at 48 MP) goes once the header's facts and the coded pictures are read: the
+    analysis (a few hundred MB of activations) runs without it, at each downscale a budget tries (this one offers
+    1, 2 and 4). Encoding it again is a clear error, not a stream of nothing."""
+    path = tmp_path / "photo.png"
+    Image.fromarray(_photo(300, 420, seed=9)).save(path)
+    expected = encode_image(shipped, read_image(path), control)
+    picture = open_image(path)
+    analysis, seen = shipped.analysis, []
+
+    def checking(coded: np.ndarray, downscale: int, multiple: int) -> np.ndarray:
+        with pytest.raises(ValueError, match="released"):
+            picture.rows(0, 1)
+        seen.append(downscale)
+        return analysis(coded, downscale, multiple)
+
+    monkeypatch.setattr(shipped, "analysis", checking)
+    assert encode_image(shipped, picture, control).data == expected.data
+    assert seen and picture.shape == (300, 420, 3)
+    with pytest.raises(ValueError, match="open it again"):
+        shipped.encode(picture, 20)
