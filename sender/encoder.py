@@ -248,8 +248,17 @@ class SenderCodec:
                 yield AnalysedImage(facts, self.analysis(source, factor, ALIGNMENT), factor)
             return
         facts.colour_stats, facts.grey  # noqa: B018 - computed (and cached) while the pixels are there
-        reduced = {factor: CodedPicture(source, factor).reduced() for factor in factors}
-        release()
+        if factors[0] == 1:  # coded whole (factors ascend): the photo's array, once analysed, gives the others
+            photo = CodedPicture(source, 1).reduced()
+            release()
+            latent = self.analysis(photo, 1, ALIGNMENT)
+            reduced = {factor: CodedPicture(photo, factor).reduced() for factor in factors[1:]}
+            del photo  # not held through the entropy coding, as the caller's array was
+            yield AnalysedImage(facts, latent, 1)
+            factors = factors[1:]
+        else:
+            reduced = {factor: CodedPicture(source, factor).reduced() for factor in factors}
+            release()
         for factor in factors:
             yield AnalysedImage(facts, self.analysis(reduced.pop(factor), 1, ALIGNMENT), factor)
 
