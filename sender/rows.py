@@ -18,7 +18,9 @@ import numpy as np
 
 class RowSource(Protocol):
     """A picture read a strip of rows at a time: what the encoder needs of a photo, so that the photo need
-    not exist whole as an array (see :class:`aeic.sender.images.UprightImage`)."""
+    not exist whole as an array (see :class:`aeic.sender.images.UprightImage`). One that also has a
+    ``release()`` method is read once by ``encode``/``encode_to_budget``, which then call it so that its
+    pixels go before the analysis (:meth:`aeic.sender.encoder.SenderCodec._analyses`)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
