@@ -96,6 +96,16 @@ class ReceiverDouble:
         self.stop()
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: object) -> None:
+    """Answer a request with ``body`` as JSON, its length given."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def _handler_for(double: ReceiverDouble) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:  # keep test output quiet
@@ -104,12 +114,7 @@ def _handler_for(double: ReceiverDouble) -> type[BaseHTTPRequestHandler]:
         def _answer(self, status: int, body: dict, key: str | None) -> None:
             with double.lock:
                 double.requests.append({"key": key, "status": status})
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))

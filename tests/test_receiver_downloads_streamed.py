@@ -4,6 +4,7 @@ the test. Headers, 304 and 404 are as they were; a store failing mid-file cuts t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -117,12 +118,18 @@ def _decoded(client: TestClient, token: str) -> str:
     return image_id
 
 
-def test_downloads_stream_in_bounded_chunks_with_headers_as_before(tmp_path: Path, inner_store: Any) -> None:
-    blobs = StreamOnlyBlobs(inner_store)
+@contextlib.contextmanager
+def _serving(tmp_path: Path, blobs: Any) -> Iterator[tuple[TestClient, str, dict[str, str]]]:
+    """The receiver app on ``blobs``, with a device's token and its Authorization header."""
     settings = _settings(tmp_path)
     token = make_tokens(settings, "cam1")["cam1"]
-    auth = {"Authorization": f"Bearer {token}"}
     with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]), blobs=blobs)) as client:
+        yield client, token, {"Authorization": f"Bearer {token}"}
+
+
+def test_downloads_stream_in_bounded_chunks_with_headers_as_before(tmp_path: Path, inner_store: Any) -> None:
+    blobs = StreamOnlyBlobs(inner_store)
+    with _serving(tmp_path, blobs) as (client, token, auth):
         image_id = _decoded(client, token)
         large = secrets.token_bytes(3 * CHUNK_BYTES + 12345)  # a stand-in for a large PNG: several chunks
         blobs.put(reconstruction_key(image_id), large)
@@ -251,10 +258,7 @@ def test_a_conversion_is_made_once_then_streamed_and_deleted_with_its_image(
     Deleting the image deletes the conversions too."""
     conversions = CountedConversions(monkeypatch)
     blobs = StreamOnlyBlobs(inner_store)
-    settings = _settings(tmp_path)
-    token = make_tokens(settings, "cam1")["cam1"]
-    auth = {"Authorization": f"Bearer {token}"}
-    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]), blobs=blobs)) as client:
+    with _serving(tmp_path, blobs) as (client, token, auth):
         image_id = _decoded(client, token)
         base = f"/v1/images/{image_id}/reconstruction"
         first = client.get(f"{base}.jpg", headers=auth)
@@ -315,11 +319,7 @@ class RefusesConversions(FilesystemBlobStore):
 def test_a_store_that_cannot_keep_a_conversion_still_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     conversions = CountedConversions(monkeypatch)
-    settings = _settings(tmp_path)
-    token = make_tokens(settings, "cam1")["cam1"]
-    auth = {"Authorization": f"Bearer {token}"}
-    blobs = RefusesConversions(tmp_path / "blobs")
-    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]), blobs=blobs)) as client:
+    with _serving(tmp_path, RefusesConversions(tmp_path / "blobs")) as (client, token, auth):
         image_id = _decoded(client, token)
         with caplog.at_level(logging.WARNING):
             replies = [client.get(f"/v1/images/{image_id}/reconstruction.jpg", headers=auth) for _ in range(2)]

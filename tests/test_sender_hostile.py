@@ -3,7 +3,6 @@ camera URL, other users of the device. Real HTTP servers on loopback, the real c
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import zlib
@@ -20,7 +19,7 @@ from aeic.sender.camera import Camera, display_name
 from aeic.sender.config import exposed_files, load_config
 from aeic.sender.spool import Spool
 from aeic.sender.uploader import Outcome, Uploader
-from sender_support import make_bitstream, traced_peak
+from sender_support import make_bitstream, send_json, traced_peak
 
 TOKEN = "device-token"
 Answer = Callable[[BaseHTTPRequestHandler], None]
@@ -55,15 +54,7 @@ def hostile_server(answer: Answer) -> Iterator[tuple[str, list[dict[str, str]]]]
 
 
 def _json_answer(status: int, body: object) -> Answer:
-    def answer(handler: BaseHTTPRequestHandler) -> None:
-        data = json.dumps(body).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    return answer
+    return lambda handler: send_json(handler, status, body)
 
 
 def _flush(url: str, spool: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
