@@ -205,8 +205,12 @@ class Forwarder:
     def _due(self, item: SpoolItem, now: float) -> bool:
         """Whether a set-aside item's time has come; a time further off than the longest item delay
         means the clock was set back (a device without a real-time clock), and the item is due."""
-        at = max(item.next_attempt, self._not_before.get(item.key, 0.0))
+        at = self._next_try(item)
         return at <= now or at > now + self.item_policy.backoff_max
+
+    def _next_try(self, item: SpoolItem) -> float:
+        """When ``item`` may be tried next: its sidecar's time, or this process' own if later (a read-only spool)."""
+        return max(item.next_attempt, self._not_before.get(item.key, 0.0))
 
     def _failed_alone(self, item: SpoolItem, result: UploadResult, report: DrainReport) -> None:
         """``item`` failed while the receiver accepted other items: set it aside, or give it up."""
@@ -318,7 +322,7 @@ class Forwarder:
     def _until_set_aside_due(self) -> float | None:
         """Seconds until the first undelivered set-aside item is due, at least the base backoff (one that is due
         already but cannot be read must not spin the flush); None when no item is set aside."""
-        times = [max(item.next_attempt, self._not_before.get(item.key, 0.0)) for item in self.spool.pending()
+        times = [self._next_try(item) for item in self.spool.pending()
                  if item.failed_alone and item.key not in self.acknowledged]  # fmt: skip
         return max(min(times) - self._wall(), self.backoff.base) if times else None
 
