@@ -47,16 +47,16 @@ def convert_and_keep(blobs: BlobStore, store: SqlMetadataStore, budget: Conversi
     to 1.3 GB of this process, for every download (measured). Keeping it is only a saving: a store that
     refuses it costs a warning, and one made while the image was deleted is deleted again (a delete removes
     the row, then the files, so either it sees this file or this sees the row gone)."""
-    try:
-        png = blobs.get(reconstruction_key(record.id))
-    except BlobNotFoundError:
-        raise ApiError(404, "not_found", f"{variant} of {record.id} is missing") from None
     pixels = record.width * record.height
+    # The budget before the read: a refused download then never holds the PNG (115 MB at 8192x8192).
     if not budget.take(pixels):
         raise ApiError(503, "busy", "other downloads are being converted; retry shortly, or take the PNG",
                        headers={"Retry-After": "5"})
     try:
+        png = blobs.get(reconstruction_key(record.id))
         converted = transcode(png, variant)
+    except BlobNotFoundError:
+        raise ApiError(404, "not_found", f"{variant} of {record.id} is missing") from None
     finally:
         budget.give_back(pixels)
     try:
