@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .machine import write_result
+from .machine import proc_status_mb, write_result
 
 PHOTOS = {"1080p": (1920, 1080), "12mp": (4000, 3000), "48mp": (8000, 6000), "48mp_portrait": (8000, 6000)}
 ROTATED = {"48mp_portrait": 6}  # EXIF orientation: stored sideways, as phones store portrait photos
@@ -50,13 +50,6 @@ PEAKS = [("1080p", "budget:1500"), ("1080p", "budget:5184"), ("12mp", "budget:15
 LARGE_PEAKS = [("12mp", "budget:15000"), ("48mp", "budget:60000")]  # coded whole / at half size: minutes per photo
 THREADS_ROUNDS = 4
 STEADY_WORK = [("1080p", "budget:1500"), ("12mp", "rate:20"), ("1080p", "rate:20"), ("12mp", "budget:1500")]
-
-
-def _status(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 class _Clock:
@@ -90,7 +83,7 @@ def _child_cold(photos: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"import": clock.read()}
     clock = _Clock()
     codec = SenderCodec.from_package()
-    result["load"], result["rss_after_load_mb"] = clock.read(), _status("VmRSS")
+    result["load"], result["rss_after_load_mb"] = clock.read(), proc_status_mb("VmRSS")
     for name in ("first_encode", "second_encode"):
         clock = _Clock()
         _encode(codec, open_image(photos / "1080p.jpg"), "budget:1500")
@@ -146,7 +139,7 @@ def _child_peak(photos: Path, photo: str, control: str) -> dict[str, Any]:
     codec = SenderCodec.from_package()
     clock = _Clock()
     stream, level = _encode(codec, open_image(photos / f"{photo}.jpg"), control)
-    return {**clock.read(), "peak_rss_mb": _status("VmHWM"), "level": level, "bytes": len(stream),
+    return {**clock.read(), "peak_rss_mb": proc_status_mb("VmHWM"), "level": level, "bytes": len(stream),
             "sha256": hashlib.sha256(stream).hexdigest()[:16]}
 
 
@@ -159,10 +152,10 @@ def _child_steady(photos: Path, count: int) -> dict[str, Any]:
     for n in range(count):
         photo, control = STEADY_WORK[n % len(STEADY_WORK)]
         _encode(codec, open_image(photos / f"{photo}.jpg"), control)
-        rss.append(round(_status("VmRSS"), 1))
+        rss.append(round(proc_status_mb("VmRSS"), 1))
     settled = rss[len(STEADY_WORK):]  # after each kind of work has run once
     half = len(settled) // 2  # a leak shows as a higher ceiling in the second half than in the first
-    return {"encodes": count, "rss_mb_after_each": rss, "peak_rss_mb": _status("VmHWM"),
+    return {"encodes": count, "rss_mb_after_each": rss, "peak_rss_mb": proc_status_mb("VmHWM"),
             "max_rss_mb_first_half": max(settled[:half], default=None), "max_rss_mb_second_half": max(settled[half:], default=None)}
 
 

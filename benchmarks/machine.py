@@ -41,6 +41,14 @@ def _version(package: str) -> str | None:
         return None
 
 
+def proc_status_mb(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``: Linux only) in MB; KeyError if absent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, usable cores, RAM, OS, Python and the versions of the libraries measured."""
     ram = _ram_bytes()

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .images import photo, source_name
-from .machine import write_result
+from .machine import proc_status_mb, write_result
 
 if TYPE_CHECKING:
     from aeic.sender.encoder import SenderCodec
@@ -76,22 +76,16 @@ CALIBRATION_PHOTOS = 6  # int8 static: training photos after the frame (index 0)
 def _peak_rss_mb() -> float:
     """VmHWM of this process (the peak resident set), from /proc; ru_maxrss elsewhere."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return proc_status_mb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss_mb() -> float | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+        return proc_status_mb("VmRSS")
+    except (OSError, KeyError):
+        return None
 
 
 # ---------------------------------------------------------------- child side (no torch for ours)
