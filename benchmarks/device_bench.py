@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,7 +121,7 @@ def _child_threads(photos: Path) -> dict[str, Any]:
                               "process_cpus": sorted(os.sched_getaffinity(0)), "thread_cpus": _thread_cpus()}
     for name, rows in runs.items():
         result[name] = {"intra_op_threads": codecs[name].hyper.get_session_options().intra_op_num_threads,
-                        "runs": rows, **{f"median_{key}": _median([row[key] for row in rows]) for key in ("wall_s", "user_s", "system_s")}}
+                        "runs": rows, **{f"median_{key}": statistics.median([row[key] for row in rows]) for key in ("wall_s", "user_s", "system_s")}}
     return result
 
 
@@ -157,12 +158,6 @@ def _child_steady(photos: Path, count: int) -> dict[str, Any]:
     half = len(settled) // 2  # a leak shows as a higher ceiling in the second half than in the first
     return {"encodes": count, "rss_mb_after_each": rss, "peak_rss_mb": proc_status_mb("VmHWM"),
             "max_rss_mb_first_half": max(settled[:half], default=None), "max_rss_mb_second_half": max(settled[half:], default=None)}
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def run_child(case: str, photos: Path, cpus: int, steady: int) -> dict[str, Any]:
