@@ -112,16 +112,22 @@ class SourceFacts:
 
     rgb: RowSource
 
-    @cached_property
+    @property
     def colour_stats(self) -> tuple[int, int, int, int, int, int]:
         """The header's colour statistics (of the original, not of the downscaled picture coded)."""
-        return colour_statistics(self.rgb)
+        return self._counted[0]
 
-    @cached_property
+    @property
     def grey(self) -> bool:
         """The header's grey flag: the model decodes colour, so a grey photo came back tinted at low rates
         unless the receiver is told to output grey (one header bit, so a byte budget still holds)."""
-        return is_grey(self.rgb)
+        return self._counted[1]
+
+    @cached_property
+    def _counted(self) -> tuple[tuple[int, int, int, int, int, int], bool]:
+        """Both facts from one pass over the rows: a photo read from its file is converted strip by strip
+        for each pass, and a grey one was read in full twice."""
+        return header_facts(self.rgb)
 
 
 @dataclass
@@ -147,21 +153,22 @@ class AnalysedImage:
         return self.facts.grey
 
 
-def colour_statistics(rgb: Picture) -> tuple[int, int, int, int, int, int]:
-    """:func:`aeic.shared.padding.colour_statistics` counted strip by strip: the counts add up, so they equal
-    the whole picture's, and a photo read from its file is never whole as an array."""
+def header_facts(rgb: Picture) -> tuple[tuple[int, int, int, int, int, int], bool]:
+    """The picture's colour statistics and whether it is grey (R == G == B at every pixel, as greyscale files
+    read as RGB have), in one pass of strips. The statistics are
+    :func:`aeic.shared.padding.colour_statistics` from counts that add up strip by strip, so they equal the
+    whole picture's, and a photo read from its file is never whole as an array."""
     counts = np.zeros((3, 256), np.int64)
+    grey = True
     for rows in row_strips(as_rows(rgb), _FACTS_ROWS):
         counts += channel_histograms(rows)
-    return statistics_of_histograms(counts)
+        grey = grey and np.array_equal(rows[..., 0], rows[..., 1]) and np.array_equal(rows[..., 1], rows[..., 2])
+    return statistics_of_histograms(counts), grey
 
 
 def is_grey(rgb: Picture) -> bool:
-    """Whether an HxWx3 picture has R == G == B at every pixel (greyscale files read as RGB have)."""
-    for rows in row_strips(as_rows(rgb), _FACTS_ROWS):
-        if not (np.array_equal(rows[..., 0], rows[..., 1]) and np.array_equal(rows[..., 1], rows[..., 2])):
-            return False
-    return True
+    """Whether an HxWx3 picture has R == G == B at every pixel (:func:`header_facts`' flag)."""
+    return header_facts(rgb)[1]
 
 
 class SenderCodec:
@@ -247,7 +254,7 @@ class SenderCodec:
             for factor in factors:
                 yield AnalysedImage(facts, self.analysis(source, factor, ALIGNMENT), factor)
             return
-        facts.colour_stats, facts.grey  # noqa: B018 - computed (and cached) while the pixels are there
+        facts.grey  # noqa: B018 - computed (and cached) while the pixels are there
         if factors[0] == 1:  # coded whole (factors ascend): the photo's array, once analysed, gives the others
             photo = CodedPicture(source, 1).reduced()
             release()
