@@ -35,6 +35,7 @@ class CodecRegistry:
         self._loaders = dict(loaders)
         self._levels = dict(levels or {})
         self._loaded: dict[bytes, DecoderLike] = {}
+        self._failed: dict[bytes, str] = {}  # model id -> the type of its last load's exception
         self._lock = threading.Lock()
 
     @classmethod
@@ -78,12 +79,26 @@ class CodecRegistry:
         return self._levels.get(bytes(model_id))
 
     def get(self, model_id: bytes) -> DecoderLike:
-        """The decoder for `model_id`, loading it on first use; KeyError when unknown."""
+        """The decoder for `model_id`, loading it on first use; KeyError when unknown. A load that raises is
+        remembered (`load_failures`) until one succeeds, and tried again at the next call."""
         key = bytes(model_id)
         with self._lock:
             if key not in self._loaded:
-                self._loaded[key] = self._loaders[key]()
+                load = self._loaders[key]
+                try:
+                    self._loaded[key] = load()
+                except Exception as exc:
+                    self._failed[key] = type(exc).__name__
+                    raise
+                self._failed.pop(key, None)
             return self._loaded[key]
+
+    def load_failures(self) -> dict[bytes, str]:
+        """Models whose decoder failed to load at its last try, each with the exception's type: a full-profile
+        package without its SD-Turbo folder, say. The receiver's configuration, not any image's fault. Without
+        the lock, which a load holds for as long as it takes (a minute for SD-Turbo): a readiness probe must not
+        wait for it (copying a dict is one step under the interpreter lock)."""
+        return dict(self._failed)
 
 
 def _same(codec: DecoderLike) -> DecoderLike:

@@ -386,10 +386,11 @@ class DecodeWorker:
             return
         try:
             codec = self.registry.get(bytes.fromhex(loaded[0][0].model_id))
-        except Exception as exc:  # any loader failure is this batch's failure reason (logged)
+        except Exception as exc:  # the receiver's configuration (logged), not the images': they wait for it
             log.exception("could not load the decoder for model %s", loaded[0][0].model_id)
             for record, _ in loaded:
-                self._fail(claim, record, f"could not load the decoder for model {record.model_id}: {_os_reason(exc)}")
+                self._fail(claim, record, f"could not load the decoder for model {record.model_id}: {_os_reason(exc)}",
+                           storage=True)
             return
         decoded = self._decode(codec, claim, loaded)
         for item in decoded:
@@ -492,8 +493,9 @@ class DecodeWorker:
               storage: bool = False) -> None:
         """Record a failed attempt; `permanent` failures (the data itself is undecodable) are not retried.
         A `storage` failure (the bitstream could not be read or the reconstruction written: an unreachable
-        object store, a full or read-only disk) is not the image's fault and does not use up its attempts: it
-        waits, with the capped backoff, for storage. A claim lost meanwhile records (and counts) nothing."""
+        object store, a full or read-only disk; or the decoder could not be loaded: a full-profile package
+        without its SD-Turbo folder) is not the image's fault and does not use up its attempts: it waits, with
+        the capped backoff, for the receiver. A claim lost meanwhile records (and counts) nothing."""
         delay = self.config.retry_delay_s * (2 ** max(record.attempts - 1, 0))
         retry_at = time.time() + min(delay, 3600.0)
         log.warning("decode of %s failed (attempt %d): %s", record.id, record.attempts, reason)

@@ -38,7 +38,8 @@ def _log_blob_failure(state: ReceiverState, line: str | None) -> None:
 
 
 def readyz(request: Request) -> JSONResponse:
-    """Readiness: database reachable, blob store usable, worker running, at least one model served."""
+    """Readiness: database reachable, blob store usable, worker running, at least one model served, and no
+    model whose decoder failed to load (the type only: the message may name paths)."""
     state = receiver_state(request)
     checks: dict[str, str] = {}
     try:
@@ -57,6 +58,8 @@ def readyz(request: Request) -> JSONResponse:
     else:
         _log_blob_failure(state, None)
     checks["models"] = "ok" if state.registry.model_ids() else "error: no model package loaded"
+    for model_id, failure in sorted(state.registry.load_failures().items()):  # uploads for it could not decode
+        checks["models"] = f"error: the decoder of model {model_id.hex()} cannot be loaded ({failure})"
     if state.queue is not None:
         try:
             state.queue.ping()
