@@ -19,11 +19,12 @@ _WEIGHTS_PREFIX = "diffusion_pytorch_model"
 
 
 def configured_folder() -> Path:
-    """The folder ``AEIC_SD_TURBO_DIR`` names: the ``full`` profile's base weights."""
+    """The folder ``AEIC_SD_TURBO_DIR`` names: the ``full`` profile's base weights. A leading ``~`` is the home
+    folder, as in a shell: none expands it in a compose file's or a systemd unit's environment."""
     configured = os.environ.get("AEIC_SD_TURBO_DIR")
     if not configured:
         raise FileNotFoundError("the full profile needs AEIC_SD_TURBO_DIR: a local SD-Turbo diffusers folder")
-    return Path(configured)
+    return Path(configured).expanduser()
 
 
 # The weight files diffusers reads, in our order of preference: (file or shard index, variant, safetensors).

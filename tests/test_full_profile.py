@@ -277,3 +277,18 @@ def test_a_truncated_download_names_the_folder_and_component(folder: Path, tmp_p
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(OSError, match=f"SD-Turbo folder {re.escape(str(copy))}: unet/ cannot be read, corrupt or truncated"):
         load_full_decoder(copy, NUM_RATES)
+
+
+def test_the_configured_folder_may_start_with_a_tilde(folder: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """No shell expands ``~`` in a compose file's or a systemd unit's environment: AEIC_SD_TURBO_DIR=~/sd-turbo
+    was "SD-Turbo folder not found: ~/sd-turbo" (the receiver's own paths already expand it)."""
+    import shutil
+
+    from aeic.codec.sd_turbo_folder import configured_folder
+
+    shutil.copytree(folder, tmp_path / "sd-turbo")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", "~/sd-turbo")
+    assert configured_folder() == tmp_path / "sd-turbo"
+    assert load_full_decoder(configured_folder(), NUM_RATES).source == f"SD-Turbo folder {tmp_path / 'sd-turbo'}"
