@@ -16,9 +16,9 @@ import html
 from importlib.resources import files
 from pathlib import Path
 
+from aeic.receiver.static_files import VersionedFiles, content_version
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
-from fastapi.staticfiles import StaticFiles
 
 __all__ = ["DOCS_URL", "SWAGGER_UI_URL", "install_api_docs", "swagger_ui_dir"]
 
@@ -27,6 +27,7 @@ SWAGGER_UI_URL = "/docs/swagger-ui"  # swagger-ui-bundle.js and swagger-ui.css, 
 _ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
 
 # The gallery's `/static` mount serves api-docs.js (install_gallery).
+_STARTER = Path(__file__).parent / "gallery" / "static" / "api-docs.js"
 _PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -34,12 +35,12 @@ _PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>AEIC receiver API</title>
 <link rel="icon" href="data:,">
-<link rel="stylesheet" href="{swagger_ui}/swagger-ui.css">
+<link rel="stylesheet" href="{style}">
 </head>
 <body>
 <div id="swagger-ui" data-openapi-url="{openapi_url}"></div>
-<script src="{swagger_ui}/swagger-ui-bundle.js"></script>
-<script src="/static/api-docs.js"></script>
+<script src="{bundle}"></script>
+<script src="/static/api-docs.js?v={starter}"></script>
 </body>
 </html>
 """
@@ -58,11 +59,14 @@ def swagger_ui_dir() -> Path:
 def install_api_docs(app: FastAPI) -> None:
     """Serve /docs and its Swagger UI files (create the app with docs_url=None and redoc_url=None)."""
     assert app.openapi_url is not None, "/docs shows the OpenAPI document"
-    page = _PAGE.format(swagger_ui=SWAGGER_UI_URL, openapi_url=html.escape(app.openapi_url))
+    files = VersionedFiles(swagger_ui_dir(), SWAGGER_UI_URL)
+    page = _PAGE.format(style=files.url("swagger-ui.css"), bundle=files.url("swagger-ui-bundle.js"),
+                        starter=content_version(_STARTER), openapi_url=html.escape(app.openapi_url))
 
     def api_docs() -> HTMLResponse:
         """Swagger UI for /openapi.json."""
         return HTMLResponse(page)
 
-    app.add_api_route(DOCS_URL, api_docs, methods=["GET"], include_in_schema=False)
-    app.mount(SWAGGER_UI_URL, StaticFiles(directory=swagger_ui_dir()), name="swagger-ui")
+    # HEAD as GET, as the gallery's pages: monitors and link checkers ask with it.
+    app.add_api_route(DOCS_URL, api_docs, methods=["GET", "HEAD"], include_in_schema=False)
+    app.mount(SWAGGER_UI_URL, files.compressed(), name="swagger-ui")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import re
-from os import PathLike
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
@@ -22,15 +19,14 @@ from aeic.receiver.api import (
 )
 from aeic.receiver.errors import ApiError, error_response
 from aeic.receiver.sessions import COOKIE_NAMES, session_cookie
+from aeic.receiver.static_files import VersionedFiles
 from aeic.receiver.storage import BlobNotFoundError, ImageFilter, InvalidCursorError
 from aeic.receiver.storage.blobs import bitstream_key, open_blob
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Scope
 
 __all__ = ["install_gallery"]
 
@@ -57,24 +53,8 @@ _templates.env.filters["ms"] = _fmt_ms
 _templates.env.filters["when"] = _fmt_when
 
 # Each script and style sheet by the hash of its content: a page names it `/static/NAME?v=HASH` (`asset`).
-_ASSET_VERSIONS = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-                   for path in _STATIC.iterdir() if path.is_file()}
-_templates.env.globals["asset"] = lambda name: f"/static/{name}?v={_ASSET_VERSIONS[name]}"
-
-
-class _Assets(StaticFiles):
-    """The gallery's scripts and styles. The URL a page names (`asset`: its content hash) is cached for a
-    year unchecked; any other is revalidated on every use. With no Cache-Control at all, browsers kept them
-    by heuristic, unchecked, so after an upgrade a page could run the last release's script for days."""
-
-    def file_response(self, full_path: PathLike[str] | str, stat_result: os.stat_result, scope: Scope,
-                      status_code: int = 200) -> Response:
-        response = super().file_response(full_path, stat_result, scope, status_code)
-        asked = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("v")
-        current = _ASSET_VERSIONS.get(Path(full_path).name)
-        fixed = current is not None and asked == [current]
-        response.headers["Cache-Control"] = "max-age=31536000, immutable" if fixed else "no-cache"
-        return response
+_ASSETS = VersionedFiles(_STATIC, "/static")
+_templates.env.globals["asset"] = _ASSETS.url
 
 
 def _return_path(value: str | None) -> str:
@@ -270,5 +250,5 @@ def install_gallery(app: FastAPI) -> None:
     router.add_api_route("/login", login_submit, methods=["POST"], response_class=HTMLResponse)
     router.add_api_route("/logout", logout, methods=["POST"])
     app.include_router(router)
-    app.mount("/static", _Assets(directory=str(_STATIC)), name="static")
+    app.mount("/static", _ASSETS.compressed(), name="static")
     app.add_exception_handler(404, _not_found)  # before errors.py's handler of every HTTP error (Starlette)
