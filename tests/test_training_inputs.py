@@ -673,3 +673,17 @@ def test_training_lists_every_format_the_sender_reads(tmp_path: Path) -> None:
     Image.new("RGB", (64, 48), (200, 60, 30)).save(tmp_path / "photo.gif")
     (tmp_path / "notes.txt").write_text("not a photo")
     assert data_module.list_images(tmp_path) == [tmp_path / "photo.gif"]
+
+
+def test_the_progress_bar_of_a_time_budget_counts_the_steps_that_budget_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`minutes = 30` with the configs' `steps` (an upper bound): the bar counted to that bound, 92/100000 with
+    2:44:19 left when the run ended after 9 s; it counts to the step where the time runs out at the pace so far."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1))
+    # each step takes a hundredth of a minute, so a budget of 0.05 minutes ends after 5 steps
+    monkeypatch.setattr(schedule.ScheduledRun, "_elapsed_minutes", lambda self: self.step / 100)
+    assert train_cli.main([config, "--steps", "100000", "--minutes", "0.05"]) == 0
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("t:pretrain: 100%") and "5/5 " in last, last

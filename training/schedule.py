@@ -318,6 +318,15 @@ class ScheduledRun:
             return min(1.0, by_steps)
         return min(1.0, max(by_steps, self._elapsed_minutes() / self.config.minutes))
 
+    def _projected_steps(self) -> int | None:
+        """The step the run ends at, for the progress bar: ``steps``, or, with a time budget, the step where it
+        runs out at the pace so far (None before a step has timed it), so the bar ends full and its time left
+        is the budget's, not that of ``steps`` (an upper bound the configs set far past the budget)."""
+        if self.config.minutes is None:
+            return self.config.steps
+        progress = self._progress()
+        return max(self.step, min(self.config.steps, round(self.step / progress))) if self.step and progress else None
+
     def _learning_rate(self) -> float:
         floor = self.config.lr_final_fraction
         return self.config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * self._progress())))
@@ -350,7 +359,7 @@ class ScheduledRun:
         with contextlib.ExitStack() as held:
             held.enter_context(_folder_lock(self.out))
             self._trim_log()  # under the lock, before the first line is appended
-            bar = held.enter_context(progress_bar(total=self.config.steps, initial=self.step, desc=description))
+            bar = held.enter_context(progress_bar(total=self._projected_steps(), initial=self.step, desc=description))
             interrupt = held.enter_context(_StopOnInterrupt())
             self.started = time.monotonic()  # the time budget counts training, not the data cache
             while self._progress() < 1.0 and not interrupt.requested:
@@ -360,6 +369,7 @@ class ScheduledRun:
                 self.step += 1
                 if not math.isfinite(logs["loss"]):  # checked before it is logged or saved
                     raise self._diverged(f"the loss is {logs['loss']}")
+                bar.total = self._projected_steps()
                 bar.update(1)
                 if self.step % self.config.log_every == 0:
                     logs.update(step=self.step, lr=lr, minutes=round(self._elapsed_minutes(), 2),
