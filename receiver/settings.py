@@ -54,7 +54,7 @@ class ReceiverSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     max_upload_bytes: int = Field(1_000_000, ge=32, description="Largest accepted bitstream (HTTP 413 above).")
     upload_timeout_s: float = Field(60.0, gt=0, le=MAX_SECONDS, description="Most seconds an upload's or a sign-in form's body may take to arrive (408).")
-    max_dimension: int = Field(8192, ge=1, le=16384, description="Largest accepted width or height.")
+    max_dimension: int = Field(16384, ge=1, le=16384, description="Largest accepted width or height.")
     batch_size: int = Field(4, ge=1, le=256, description="Most compatible jobs decoded in one call.")
     max_attempts: int = Field(3, ge=1, le=100, description="Decode tries before an image is marked failed.")
     retry_delay_s: float = Field(2.0, ge=0, le=MAX_SECONDS, description="Delay before the first retry; doubles each attempt.")

@@ -20,6 +20,8 @@ from aeic.receiver.auth import InvalidDeviceNameError
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import Status
+from aeic.sender.coding_scale import downscale_for_rate
+from aeic.shared import decode_limits
 from aeic.shared.bitstream import peek_header
 from fastapi.testclient import TestClient
 from receiver_support import FakeCodec, ServerThread, make_bitstream, make_tokens
@@ -331,3 +333,22 @@ def test_allowed_hosts_turn_away_a_rebound_host_name(tmp_path: Path) -> None:
         peer = client.get("/healthz", headers={"Host": "api"})
     assert rebound.status_code == 400 and "evil" not in rebound.text
     assert local.status_code == 200 and peer.status_code == 200
+
+
+# -- what a sender codes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width, height", [(12000, 2600), (16384, 4096), (1, 16384)])
+def test_a_default_receiver_takes_every_picture_a_sender_codes(tmp_path: Path, width: int, height: int) -> None:
+    """A phone panorama (12000x2600) is within the decode limits both sides keep, so the sender codes it
+    (at 1/2 for a fixed rate level), but a receiver's default per-side limit of 8192 answered 422
+    `dimensions_too_large`, and the sender set the photo aside as rejected: never delivered. Every
+    picture the sender codes, up to the container's 16384 a side, must be taken by default (its cost is
+    the decode limits' and the rate limit's business, not its aspect ratio's)."""
+    downscale = downscale_for_rate(height, width)
+    assert decode_limits.oversize_reason(height, width, downscale) is None  # the sender codes it
+    settings = _settings(tmp_path / "data", worker=False)
+    with _client(settings) as client:
+        reply = client.post("/v1/images", content=make_bitstream(width, height, downscale=downscale),
+                            headers={**OCTET, **_bearer(_token(settings, "pano-cam"))})
+    assert reply.status_code == 202, reply.text
