@@ -687,3 +687,25 @@ def test_the_progress_bar_of_a_time_budget_counts_the_steps_that_budget_gives(
     assert train_cli.main([config, "--steps", "100000", "--minutes", "0.05"]) == 0
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith("t:pretrain: 100%") and "5/5 " in last, last
+
+
+def test_a_cache_that_does_not_fit_on_its_disk_says_so_and_keeps_the_photos_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cache on a 700 KB tmpfs stopped with torch's 'unexpected pos 960 vs 854' alone; the line says how much room
+    is left, which photo it was caching and that those cached before it stay."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 3))
+    save = torch.save
+
+    def full_after_two(item: object, path: Path) -> None:
+        if len(list((tmp_path / "cache").glob("*.pt"))) == 2:
+            Path(path).write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 960 vs 854")
+        save(item, path)
+
+    monkeypatch.setattr(data_module.torch, "save", full_after_two)
+    monkeypatch.setattr(data_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * 2**20))
+    line = _one_line_error(capsys, train_cli.main([config]), "3 MiB free on its disk")
+    assert "2.png" in line and "the 2 photos cached before it are kept" in line, line
+    assert sorted(path.suffix for path in (tmp_path / "cache").iterdir()) == [".pt", ".pt"]

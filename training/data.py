@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 import struct
 import sys
 import warnings
@@ -189,7 +190,8 @@ def _write_entry(entry: Path, item: CachedImage) -> None:
         torch.save(item, tmp)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk or a read-only folder as either
         tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write the cache {entry.parent}: {str(exc).splitlines()[0]}") from exc
+        room = shutil.disk_usage(entry.parent).free // 2**20  # what torch's 'unexpected pos N vs M' leaves unsaid
+        raise OSError(f"cannot write the cache {entry.parent} ({room} MiB free on its disk): {str(exc).splitlines()[0]}") from exc
     tmp.replace(entry)
 
 
@@ -245,6 +247,9 @@ def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentT
                 item = None if read is None else _cached(read[1], read[0], teacher, crop)
             except torch.OutOfMemoryError as exc:
                 raise _teacher_out_of_memory(path, exc, short_side) from None
+            except OSError as exc:  # its cache file could not be written (a full disk)
+                raise OSError(f"{exc}, caching {path}; the {len(items)} photos cached before it are kept: make room, "
+                              "or set `cache` elsewhere, and run the same command again") from exc
             if read is None or item is None:
                 continue
             held += item.pixels.nbytes + item.latent.nbytes
