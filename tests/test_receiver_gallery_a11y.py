@@ -169,15 +169,16 @@ def test_status_badges_are_readable_and_say_the_status(tmp_path: Path, browser: 
 def test_keyboard_reaches_everything_in_order_with_a_visible_focus_ring(
     tmp_path: Path, browser: Chrome
 ) -> None:
-    """Tab walks header, cards and back; Enter opens an image and its "Gallery" link closes it."""
+    """Tab walks header, the filter, cards and back; Enter opens an image and its "Gallery" link closes it."""
     app, token = _app(tmp_path)
     with ServerThread(app) as server:
         ids = [_upload(server.url, token) for _ in range(2)]
         _wait_settled(server.url, token, *ids)
         _sign_in(browser, server.url)
-        stops = [_tab(browser) for _ in range(4)]
+        stops = [_tab(browser) for _ in range(7)]
         assert [(s["tag"], s["id"] or s["href"]) for s in stops] == [
-            ("A", "/"), ("BUTTON", "logout"), ("A", f"/images/{ids[1]}"), ("A", f"/images/{ids[0]}")]
+            ("A", "/"), ("BUTTON", "logout"), ("INPUT", "filter-device"), ("SELECT", "filter-status"),
+            ("BUTTON", "filter-apply"), ("A", f"/images/{ids[1]}"), ("A", f"/images/{ids[0]}")]
         assert all(s["outline"] == "solid" and s["width"] >= 2 for s in stops), stops
         browser.switch_to.active_element.send_keys(Keys.ENTER)  # open the focused (older) image
         WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith(f"/images/{ids[0]}"))

@@ -6,7 +6,7 @@ import math
 import re
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from aeic.receiver.api import (
     BlobDownload,
@@ -17,10 +17,11 @@ from aeic.receiver.api import (
     receiver_state,
     visible_image,
 )
+from aeic.receiver.auth import DEVICE_NAME, Principal
 from aeic.receiver.errors import ApiError, error_response
 from aeic.receiver.sessions import COOKIE_NAMES, session_cookie
 from aeic.receiver.static_files import VersionedFiles
-from aeic.receiver.storage import BlobNotFoundError, ImageFilter, InvalidCursorError
+from aeic.receiver.storage import BlobNotFoundError, ImageFilter, InvalidCursorError, Status
 from aeic.receiver.storage.blobs import bitstream_key, open_blob
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -36,6 +37,7 @@ _templates = Jinja2Templates(directory=str(_HERE / "templates"))
 _FIRST_PAGE = 60
 _FORM_BYTES = 4096  # the sign-in form: one token field
 _IMAGE_ID = re.compile(r"[0-9a-f]{32}")  # what `api.visible_image` looks up
+_STATUSES = [status.value for status in Status]
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -78,20 +80,35 @@ def _login_page(request: Request, message: str | None = None, status: int = 200,
                                        status_code=status)
 
 
-def index(request: Request, cursor: str | None = None) -> Response:
-    """The grid (newest first; the first page updates live, `cursor` pages through older images);
-    anonymous visitors get the token form."""
+def _narrowing(who: Principal, device: str | None, status: str | None) -> dict[str, str]:
+    """The grid's filter as query parameters: a device (the admin's choice; a device's session lists only its
+    own images anyway) and a status. A value that names nothing valid is dropped, as an unreadable cursor is."""
+    shown: dict[str, str] = {}
+    if who.admin and device and DEVICE_NAME.match(device):
+        shown["device"] = device
+    if status in _STATUSES:
+        shown["status"] = status
+    return shown
+
+
+def index(request: Request, cursor: str | None = None, device: str | None = None,
+          status: str | None = None) -> Response:
+    """The grid (newest first; the first page updates live, `cursor` pages through older images), narrowed to
+    one device or status when asked (`/?device=cam1&status=failed`); anonymous visitors get the token form."""
     who = optional_principal(request)
     if who is None:
         return _login_page(request, target=_here(request))
-    flt = ImageFilter(device=None if who.admin else who.device)
+    narrowing = _narrowing(who, device, status)
+    flt = ImageFilter(device=narrowing.get("device", None if who.admin else who.device),
+                      status=Status(narrowing["status"]) if "status" in narrowing else None)
     store = receiver_state(request).store
     try:
         page = store.list_images(flt, _FIRST_PAGE, cursor)
     except InvalidCursorError:
         cursor, page = None, store.list_images(flt, _FIRST_PAGE, None)
     context: dict[str, Any] = {"images": [image_json(r) for r in page.items], "who": who, "limit": _FIRST_PAGE,
-                               "next": page.next, "live": cursor is None, "cursor": cursor}
+                               "next": page.next, "live": cursor is None, "cursor": cursor,
+                               "narrowing": narrowing, "query": urlencode(narrowing), "statuses": _STATUSES}
     return _no_store(_templates.TemplateResponse(request, "index.html", context))
 
 

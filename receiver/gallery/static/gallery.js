@@ -1,5 +1,6 @@
 // Live gallery: poll the JSON listing and keep the grid in sync (newest first), reusing cards. The first page
-// always; an older page (its `cursor`: the same images again) only while some of its images wait.
+// always; an older page (its `cursor`: the same images again) only while some of its images wait. A grid
+// narrowed to one device or status (`data-query`) asks the listing for the same.
 // Each poll names the listing it last showed (If-None-Match with its ETag): an unchanged one is a 304 of
 // headers only (a 200 is 39 KB at 60 images). The tag is kept here, not in the browser's cache: a listing is
 // `no-store`, as a stored one would be shown on Back after sign-out (docs/receiver.md, Security).
@@ -7,7 +8,8 @@
 (function () {
   const grid = document.getElementById("grid");
   const first = grid.dataset.live === "true";
-  const listing = "/v1/images?limit=" + Number(grid.dataset.limit || 60) +
+  const narrowing = grid.dataset.query ? "&" + grid.dataset.query : "";  // device and status, URL-encoded
+  const listing = "/v1/images?limit=" + Number(grid.dataset.limit || 60) + narrowing +
     (first ? "" : "&cursor=" + encodeURIComponent(grid.dataset.cursor || ""));
   const waiting = () => grid.querySelector('.card[data-status="pending"], .card[data-status="decoding"]') !== null;
   const empty = document.getElementById("empty");
@@ -108,7 +110,7 @@
       older.appendChild(arrow);
       pager.appendChild(older);
     }
-    older.href = "/?cursor=" + encodeURIComponent(next);
+    older.href = "/?" + (narrowing ? narrowing.slice(1) + "&" : "") + "cursor=" + encodeURIComponent(next);
   }
 
   function schedule(ms) {
@@ -159,4 +161,11 @@
     else if (!busy && !signedOut && (first || waiting())) schedule(0);
   });
   if (first || waiting()) schedule(POLL_MS);
+
+  // The filter form leaves out a field left at "any", so the address says only what was asked
+  // (`/?status=failed`, not `/?device=&status=failed`).
+  const filter = document.querySelector("form.filter");
+  filter.addEventListener("submit", () => {
+    for (const field of filter.elements) if (field.name && !field.value) field.disabled = true;
+  });
 })();
