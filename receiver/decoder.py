@@ -8,6 +8,7 @@ batch in parts (:mod:`aeic.codec.tiling`).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 _FINISH_ROWS = 256  # rows quantised at a time
+log = logging.getLogger(__name__)
 
 
 class DecodeError(ValueError):
@@ -122,6 +124,9 @@ class ReceiverCodec:
         decoder = self.model.decoder  # the full profile's FullDecoder renders with its VAE, never TAEF2
         if self.model.pixel_decoder is not None and isinstance(decoder, NanoDecoder):
             decoder.attach_pixel_decoder(self.model.pixel_decoder.to(self.device))
+        if self.model.config.profile == "full" and self.device.type == "cpu":  # "auto" without a GPU, say
+            log.warning("model %s decodes with SD-Turbo on the CPU (device %s): minutes a photo, past the decode "
+                        'deadline; give it a GPU (device = "cuda")', package.model_id.hex(), device)
         self.backend = TorchBackend(self.device)
         self.channels = self.model.config.analysis.latent_channels
         self.last_timings: list[Timings] = []

@@ -15,6 +15,7 @@ from aeic.codec.full_profile import (
     RateEmbedding,
     load_full_decoder,
 )
+from aeic.shared.model_package import ModelPackage
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from sd_turbo_support import CROSS_DIM, write_other_base, write_tiny_sd_turbo
 
@@ -292,3 +293,25 @@ def test_the_configured_folder_may_start_with_a_tilde(folder: Path, tmp_path: Pa
     monkeypatch.setenv("AEIC_SD_TURBO_DIR", "~/sd-turbo")
     assert configured_folder() == tmp_path / "sd-turbo"
     assert load_full_decoder(configured_folder(), NUM_RATES).source == f"SD-Turbo folder {tmp_path / 'sd-turbo'}"
+
+
+def test_a_full_decoder_on_the_cpu_says_so_in_the_log(folder: Path, package: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """``device = "auto"`` without a GPU (a container started without one) decoded SD-Turbo on the CPU, for
+    minutes a photo, past the decode deadline: the worker gave every batch up as hung and never said why."""
+    import logging
+
+    from aeic.codec.testing import make_tiny_package
+    from aeic.receiver.decoder import ReceiverCodec
+
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(folder))
+    with caplog.at_level(logging.WARNING, logger="aeic.receiver.decoder"):
+        ReceiverCodec.from_package(make_tiny_package(tmp_path / "nano"), device="cpu")
+        assert not caplog.records  # the nano decoders are made for the CPU
+        ReceiverCodec.from_package(package, device="cpu")
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"model {ModelPackage.load(package).model_id.hex()} decodes with SD-Turbo on the CPU (device cpu): "
+        "minutes a photo, past the decode deadline; give it a GPU (device = \"cuda\")")
