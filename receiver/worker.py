@@ -21,6 +21,7 @@ the decode has not returned shortly after the give-up: Docker restarts only cont
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -50,6 +51,27 @@ from aeic.shared.entropy_coding import EntropyDecodeError
 __all__ = ["HUNG_EXIT_STATUS", "DecodeWorker", "WorkerConfig", "decode_allowance", "error_line", "heartbeat"]
 
 log = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system after a batch. A decode frees what it used, but the
+    allocator kept it: one 23-byte stream claiming 4096x4096 left a receiver at 1.3 GB instead of 0.6 GB
+    until it exited, and a 1080p photo coded whole 0.3 GB more (`malloc_trim`: 50-100 ms after a 20 s decode)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 # Exit status of a worker process that ends itself because a decode hung: EX_TEMPFAIL (sysexits.h), "try
 # again later", as its images are pending again and a restarted process may decode them.
@@ -347,6 +369,7 @@ class DecodeWorker:
         finally:
             self._current = None
             self._running = None
+            release_free_memory()
 
     def storage_ready(self) -> bool:
         """Whether the blob store can serve bitstreams and take results. While it cannot (a full disk, an
