@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -77,10 +77,10 @@ def _peak_mb(run: Callable[[], Any]) -> tuple[float, float]:
     return proc_status_mb("VmHWM") - before, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
     decoder = _decoder()
@@ -115,7 +115,8 @@ def main() -> None:
               "per_coded_pixel_kb": {part: mb * 1024 for part, mb in per_pixel.items()},
               "vae_default_tile_peak_gb_scaled": scaled_gb("vae", tile), "sizes": sizes}
     print(write_result("full_decoder", result, args.out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
