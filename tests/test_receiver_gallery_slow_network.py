@@ -3,7 +3,9 @@ the image page must not pull the whole lossless PNG to show a picture the visito
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import receiver_support
@@ -76,3 +78,30 @@ def test_the_image_page_shows_the_png_when_no_jpeg_can_be_made_now(tmp_path: Pat
         _open(browser, server.url, tokens["cam1"])
         assert browser.execute_script(_SHOWN_JS) == "reconstruction.png"
         assert "exact PNG" in browser.find_element(By.ID, "shown-as").text
+
+
+def test_a_listing_that_never_answers_is_not_shown_as_live(tmp_path: Path, browser: Chrome) -> None:
+    """A poll the receiver (or a dead link) never answers left the grid saying "Updating live" for as long as
+    the browser waited, minutes, while nothing updated. A poll with no answer in 10 s is said; once answered,
+    the line says "Updating live" again."""
+    app, _ = gallery_app(tmp_path, ADMIN, worker=False)
+    store = app.state.receiver.store
+    with ServerThread(app) as server:
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        live = browser.find_element(By.ID, "live")
+        assert live.text == "Updating live"
+        answer = threading.Event()
+        original = store.catalogue_token
+
+        def stalled(*args: Any, **kwargs: Any) -> Any:
+            answer.wait(60)
+            return original(*args, **kwargs)
+
+        store.catalogue_token = stalled  # every poll reads it first
+        try:
+            WebDriverWait(browser, 15).until(lambda d: "has not answered for 10 s" in d.find_element(By.ID, "live").text)
+            assert "error" in str(live.get_attribute("class"))
+        finally:
+            store.catalogue_token = original
+            answer.set()
+        WebDriverWait(browser, 15).until(lambda d: d.find_element(By.ID, "live").text == "Updating live")

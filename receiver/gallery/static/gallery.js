@@ -15,7 +15,7 @@
   const empty = document.getElementById("empty");
   const live = document.getElementById("live");
   const pager = document.querySelector(".pager");
-  const POLL_MS = 1500;
+  const POLL_MS = 1500, SLOW_MS = 10000, GIVE_UP_MS = 60000;
   let signedOut = false, busy = false, timer = 0, shown = null;  // shown: the ETag of the listing on screen
 
   // The status line is a live region: change its text only when the state changes, or a screen reader
@@ -122,12 +122,26 @@
     busy = true;
     try {
       let response;
+      // A poll the receiver does not answer (stalled, or a dead link) is said after SLOW_MS, not left under
+      // "Updating live" for as long as the browser waits (minutes), and given up after GIVE_UP_MS to try
+      // afresh. It is not given up sooner: the receiver would still be running each abandoned poll.
+      // Only the wait for the answer's start is bounded: a slow link may take long over the listing's body.
+      const giveUp = new AbortController();
+      const slow = window.setTimeout(
+        () => say("Not updating: the receiver has not answered for " + SLOW_MS / 1000 + " s; waiting…", true), SLOW_MS);
+      const stop = window.setTimeout(() => giveUp.abort(), GIVE_UP_MS);
       try {
         const headers = shown ? {Accept: "application/json", "If-None-Match": shown} : {Accept: "application/json"};
-        response = await fetch(listing, {credentials: "same-origin", cache: "no-store", headers});
-      } catch (err) {  // no answer at all: the network or the receiver is down
-        say("Not updating: cannot reach the receiver (network down?); retrying…", true);
+        response = await fetch(listing, {credentials: "same-origin", cache: "no-store", headers,
+                                         signal: giveUp.signal});
+      } catch (err) {  // no answer at all: the network or the receiver is down, or it did not answer in time
+        say(giveUp.signal.aborted
+          ? "Not updating: the receiver did not answer in " + GIVE_UP_MS / 1000 + " s; retrying…"
+          : "Not updating: cannot reach the receiver (network down?); retrying…", true);
         return;
+      } finally {
+        window.clearTimeout(slow);
+        window.clearTimeout(stop);
       }
       if (response.status === 401) {  // signed out (cookie gone or token revoked): the page asked again
         signedOut = true;             // shows the token form, and signing in there comes back to it
