@@ -407,10 +407,15 @@ class DecodeWorker:
                 self._fail(claim, record, f"could not read the stored bitstream: {_os_reason(exc)}", storage=True)
         if not loaded:
             return
+        model_id = bytes.fromhex(loaded[0][0].model_id)
+        known = self.registry.load_failures().get(model_id)
         try:
-            codec = self.registry.get(bytes.fromhex(loaded[0][0].model_id))
+            codec = self.registry.get(model_id)
         except Exception as exc:  # the receiver's configuration (logged), not the images': they wait for it
-            log.exception("could not load the decoder for model %s", loaded[0][0].model_id)
+            if known == type(exc).__name__:  # its traceback is in the log already: a line a retry
+                log.warning("could not load the decoder for model %s again: %s", model_id.hex(), error_line(exc))
+            else:
+                log.exception("could not load the decoder for model %s", model_id.hex())
             for record, _ in loaded:
                 self._fail(claim, record, f"could not load the decoder for model {record.model_id}: {_os_reason(exc)}",
                            storage=True)

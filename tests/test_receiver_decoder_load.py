@@ -7,9 +7,11 @@ them failed."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
+import pytest
 from aeic.receiver.api import create_app
 from aeic.receiver.registry import CodecRegistry, DecoderLike
 from aeic.receiver.settings import ReceiverSettings
@@ -36,7 +38,9 @@ class Loader:
         return FakeCodec()
 
 
-def test_an_image_waits_for_a_decoder_that_cannot_be_loaded(tmp_path: Path) -> None:
+def test_an_image_waits_for_a_decoder_that_cannot_be_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It is retried (with the capped backoff) until the decoder loads; the log has the load's traceback once,
+    then a line a retry, not a 30-line traceback every time."""
     store = SqlMetadataStore.from_url(f"sqlite:///{tmp_path / 'receiver.db'}")
     store.migrate()
     blobs = FilesystemBlobStore(tmp_path / "blobs")
@@ -47,8 +51,13 @@ def test_an_image_waits_for_a_decoder_that_cannot_be_loaded(tmp_path: Path) -> N
     blobs.put(bitstream_key("a" * 32), data)
     store.insert_image(NewImage(id="a" * 32, device="cam", idempotency_key=None, model_id=TEST_MODEL_ID.hex(),
                                 width=48, height=32, rate_index=0, bytes=len(data), sha256="0" * 64))
-    for _ in range(5):  # more rounds than its attempts
-        assert worker.run_once()
+    with caplog.at_level(logging.WARNING, logger="aeic.receiver.worker"):
+        for _ in range(5):  # more rounds than its attempts
+            assert worker.run_once()
+    loads = [r for r in caplog.records if r.getMessage().startswith("could not load the decoder")]
+    assert [r.exc_info is not None for r in loads] == [True, False, False, False, False]
+    assert loads[1].getMessage() == f"could not load the decoder for model {TEST_MODEL_ID.hex()} again: " \
+                                    f"FileNotFoundError: {MISSING}"
     record = store.get_image("a" * 32)
     assert record is not None and record.status is Status.PENDING, record
     assert record.error == f"could not load the decoder for model {TEST_MODEL_ID.hex()}: FileNotFoundError"
