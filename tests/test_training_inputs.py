@@ -207,6 +207,7 @@ def test_an_unusable_dataset_fails_at_start_naming_the_folder(
     ("crop = 200", "crop: must be a multiple of 128"),  # was: a traceback in the first step, after the cache
     ("crop = 256", "no 256 px crop fits in photos downsampled to short_side 160"),
     ('device = "mps"', "device 'mps': training runs on cpu, cuda, cuda:N or auto"),  # was: a traceback
+    ("seed = -1", "seed: Input should be greater than or equal to 0"),  # was numpy's line, naming neither
     ('init = "{tmp}/nowhere.pt"', "nowhere.pt"),
     ('stage = "decoder"\npackage = "{tmp}/nowhere"', "nowhere"),
 ])

@@ -30,7 +30,7 @@ class TrainConfig(BaseModel):
     minutes: float | None = Field(None, gt=0)  # a wall-clock budget: the run ends (and the LR decays) by time or steps
     lr: float = Field(2e-4, gt=0)
     lr_final_fraction: float = Field(0.1, ge=0, le=1)  # the last step's learning rate over `lr`
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's global seed takes no more (a wrong one was numpy's line, unnamed)
     out: Path = Path("runs/default")
     init: Path | None = None  # weights to start from: a previous stage's checkpoint or a model package folder
     # or the weighted mean of several checkpoints of one lineage ("model soup"): {path = weight, ...}
