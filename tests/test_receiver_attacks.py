@@ -343,7 +343,7 @@ def test_allowed_hosts_turn_away_a_rebound_host_name(tmp_path: Path) -> None:
 @pytest.mark.parametrize("width, height", [(12000, 2600), (16384, 4096), (1, 16384)])
 def test_a_default_receiver_takes_every_picture_a_sender_codes(tmp_path: Path, width: int, height: int) -> None:
     """A phone panorama (12000x2600) is within the decode limits both sides keep, so the sender codes it
-    (at 1/2 for a fixed rate level), but a receiver's default per-side limit of 8192 answered 422
+    (at 1/4 for a fixed rate level), but a receiver's default per-side limit of 8192 answered 422
     `dimensions_too_large`, and the sender set the photo aside as rejected: never delivered. Every
     picture the sender codes, up to the container's 16384 a side, must be taken by default (its cost is
     the decode limits' and the rate limit's business, not its aspect ratio's)."""
