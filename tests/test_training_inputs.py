@@ -710,3 +710,19 @@ def test_a_cache_that_does_not_fit_on_its_disk_says_so_and_keeps_the_photos_done
     line = _one_line_error(capsys, train_cli.main([config]), "3 MiB free on its disk")
     assert "2.png" in line and "the 2 photos cached before it are kept" in line, line
     assert sorted(path.suffix for path in (tmp_path / "cache").iterdir()) == [".pt", ".pt"]
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    ('teacher = "{tmp}/me.pt"', "teacher is read by the distil stage only; this config trains stage 'pretrain'"),
+    ('package = "{tmp}/package"', "package is read by the decoder stage only; this config trains stage 'pretrain'"),
+    ('stage = "distil"\nteacher = "{tmp}/me.pt"\nadversarial_weight = 0.1',
+     "adversarial_weight is read by the adversarial stage only; this config trains stage 'distil'"),
+])  # fmt: skip
+def test_a_key_only_another_stage_reads_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, fragment: str
+) -> None:
+    """`teacher` without `stage = "distil"`, or `package` meant as the weights to start from (that is `init`), trained
+    from scratch in the default pretrain stage, unsaid."""
+    config = _config(tmp_path, _photos(tmp_path, 1), extra.format(tmp=tmp_path))
+    _one_line_error(capsys, train_cli.main([config]), fragment)
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,12 @@ else:  # Python 3.10
     import tomli as tomllib
 
 
+# keys that one stage alone reads: set in another, the run would quietly not do what they ask
+STAGE_KEYS = {"teacher": "distil", "distil_encoder_weight": "distil", "distil_decoder_weight": "distil",
+              "adversarial_weight": "adversarial", "package": "decoder", "window": "decoder", "max_level": "decoder",
+              "texture_weight_top": "decoder"}  # fmt: skip
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -100,6 +106,16 @@ class TrainConfig(BaseModel):
     def _one_starting_point(self) -> TrainConfig:
         if self.init is not None and self.init_mean:
             raise ValueError("set `init` or `init_mean`, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_of_the_stage(self) -> TrainConfig:
+        """A key set away from its default that only another stage reads: `teacher` without `stage = "distil"`, or
+        `package` meant as the weights to start from (that is `init`), trained from scratch in the default stage."""
+        for key, stage in STAGE_KEYS.items():
+            if stage != self.stage and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"{key} is read by the {stage} stage only; this config trains stage {self.stage!r}: "
+                                 f"set `stage = \"{stage}\"` or remove {key} (`init` starts from a checkpoint or package)")
         return self
 
     @model_validator(mode="after")
