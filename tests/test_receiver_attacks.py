@@ -397,7 +397,7 @@ print(rss_mb() - before)
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
 def test_a_worker_gives_back_the_memory_a_decode_used(tmp_path: Path) -> None:
-    """One 23-byte stream claiming a 4096x4096 picture left a live receiver at 1.3 GB of RSS instead of
+    """One 17-byte stream claiming a 4096x4096 picture left a live receiver at 1.3 GB of RSS instead of
     0.6 GB until it was restarted (the allocator kept what the decode freed); a batch now hands the free
     heap back. In a child process, so that the measure is the worker's alone."""
     child = subprocess.run([sys.executable, "-c", _HEAP_CHILD, str(tmp_path), str(Path(__file__).parent)],
