@@ -22,7 +22,11 @@ How answers map to what the spool does (see :class:`Outcome`):
   token, URL or proxy, so items stay queued (not rejected) and the drain stops with the reason.
 * an HTML page with a 4xx other than 413 (a web server or proxy at the URL, ``http://`` to a TLS port):
   ``BLOCKED``; the receiver answers in JSON, and the page says nothing about the item.
-* any other 4xx (bad bitstream, unknown model, too large, ...): ``REJECTED``, the item moves
+* 422 ``unknown_model``: ``RETRY``. The stream is sound; the receiver does not serve its model yet
+  (a sender given a new model package before the receiver): rejected, every photo of the rollout
+  waited in ``rejected/`` for an operator to requeue it. As a retry it waits out the upgrade like an
+  outage, and an item the receiver keeps refusing while it takes others is given up after a day.
+* any other 4xx (bad bitstream, too large, ...): ``REJECTED``, the item moves
   to ``rejected/`` with the receiver's reason; it is never retried automatically.
 
 A reason that is an HTML page (a proxy's or a web server's error page) is shown by its title, so a
@@ -279,6 +283,9 @@ def classify(response: httpx.Response) -> UploadResult:
         if status != 413 and _is_html(response):  # a size limit is about the item, any other page is not
             return UploadResult(Outcome.BLOCKED, status, f"HTTP {status}: {reason} (a web page, not the receiver's "
                                 "JSON answer: check the receiver URL, its port and any proxy)")  # fmt: skip
+        if _error_code(body) == "unknown_model":
+            return UploadResult(Outcome.RETRY, status, f"HTTP {status}: {reason} (deploy this sender's model "
+                                "package on the receiver; the item stays queued)")  # fmt: skip
         return UploadResult(Outcome.REJECTED, status, f"HTTP {status}: {reason}")
     return UploadResult(Outcome.RETRY, status, f"unexpected HTTP {status}")
 
@@ -289,6 +296,13 @@ def _json(response: httpx.Response) -> object:
         return response.json()
     except (ValueError, RecursionError):
         return None
+
+
+def _error_code(body: object) -> str | None:
+    """The stable code of the receiver's ``{"error": {"code", "message"}}`` answer, if it is one."""
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _reason(response: httpx.Response, body: object) -> str:
