@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aeic.sender.images import IMAGE_SUFFIXES, PLUGIN_ONLY_SUFFIXES, eight_bit_grey
-from PIL import Image, ImageOps
+from aeic.sender.images import IMAGE_SUFFIXES, PLUGIN_ONLY_SUFFIXES, ImageReadError, upright_rgb8
+from PIL import Image
 from tqdm import tqdm
 
 from .schedule import StepOutOfMemory, out_of_memory_detail, progress_bar
@@ -31,9 +31,13 @@ from .schedule import StepOutOfMemory, out_of_memory_detail, progress_bar
 # with the photos, so each is skipped with a warning and counted like an unreadable one instead of passed over unseen
 UNREAD_PHOTO_SUFFIXES = PLUGIN_ONLY_SUFFIXES | {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
 LATENT_STRIDE = 8
+# how a photo becomes pixels, in every cache key: caches filled before photos were read as the sender reads them
+# (colour profile, alpha) are filled again rather than trained on in the colours the sender does not code
+READER = "sender"
 MAX_LONG_SIDE = 1024  # panoramas are centre-cropped: more pixels of one photo add little
-# what Pillow raises for a damaged, empty or foreign file, or one over its decompression-bomb limit
-_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+# what Pillow raises for a damaged, empty or foreign file, or one over its decompression-bomb limit, and the
+# sender's reader for a pixel mode it does not convert
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError, ImageReadError)
 
 
 def long_side_limit(short_side: int) -> int:
@@ -68,14 +72,15 @@ def _open(path: Path) -> Image.Image:
 
 
 def load_downsampled(path: Path, short_side: int) -> np.ndarray:
-    """RGB uint8, short side at most ``short_side``, long side at most ``long_side_limit``, multiples of 8."""
+    """RGB uint8 as the sender reads the photo (``aeic.sender.images``: upright, its colour profile to sRGB, alpha over
+    white, 16-bit and float grey scaled), so the codec trains on the colours it codes; short side at most
+    ``short_side``, long side at most ``long_side_limit``, multiples of 8."""
     with _open(path) as image:
-        image = eight_bit_grey(ImageOps.exif_transpose(image)).convert("RGB")
-        factor = short_side / min(image.size)
-        if factor < 1:
-            size = (round(image.width * factor), round(image.height * factor))
-            image = image.resize(size, Image.Resampling.LANCZOS)
-        array = np.array(image)  # writable: torch.from_numpy shares it
+        array = upright_rgb8(image, path)
+    factor = short_side / min(array.shape[:2])
+    if factor < 1:
+        size = (round(array.shape[1] * factor), round(array.shape[0] * factor))
+        array = np.array(Image.fromarray(array).resize(size, Image.Resampling.LANCZOS))  # writable: torch shares it
     height, width = (min(s, long_side_limit(short_side)) // LATENT_STRIDE * LATENT_STRIDE for s in array.shape[:2])
     top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
     return np.ascontiguousarray(array[top : top + height, left : left + width])
@@ -165,10 +170,10 @@ def _photos(folder: Path, cache_dir: Path) -> list[Path]:
 
 def _cache_entry(cache_dir: Path, folder: Path, path: Path, short_side: int, teacher: LatentTeacher) -> Path:
     """A photo's cache file, keyed by its path under the folder, size and modification time (a photo replaced
-    under its name is read again), the downsampling and the teacher."""
+    under its name is read again), the downsampling, the teacher and the reader (``READER``)."""
     stat = path.stat()
     facts = [os.fsencode(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns, short_side, long_side_limit(short_side),
-             teacher.name]  # fmt: skip
+             teacher.name, READER]  # fmt: skip
     return cache_dir / f"{hashlib.sha256(repr(facts).encode()).hexdigest()[:20]}.pt"
 
 
