@@ -766,3 +766,22 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_that_keeps_twice_the_short_s
     whole = np.asarray(Image.open(tmp_path / "big.jpg").convert("RGB").resize((341, 256), Image.Resampling.LANCZOS))
     assert reduced.shape == (256, 336, 3)
     assert np.abs(reduced.astype(float) - whole[:, 2:338]).mean() < 2
+
+
+def test_a_finished_run_run_again_reads_no_photo_and_keeps_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same command after a run ended read every photo of the cache again (for a large folder, minutes) and
+    wrote the checkpoint again, unchanged but for its minutes (a full disk then failed a run that had nothing to do)."""
+    torch.set_num_threads(1)
+    config = _config(tmp_path, _photos(tmp_path, 1))
+    assert train_cli.main([config, "--steps", "2"]) == 0
+    before = (tmp_path / "out" / "checkpoint.pt").read_bytes()
+
+    def no_photos(*args: object) -> list:
+        raise AssertionError("a finished run read its photos again")
+
+    monkeypatch.setattr(trainer_module, "build_cache", no_photos)
+    assert train_cli.main([config, "--steps", "2"]) == 0
+    assert (tmp_path / "out" / "checkpoint.pt").read_bytes() == before
+    assert capsys.readouterr().out.strip().endswith(f"checkpoint: {tmp_path / 'out' / 'checkpoint.pt'}")

@@ -139,6 +139,8 @@ class DecoderFinetuner(ScheduledRun):
         }
 
     def run(self) -> Path:
+        if self.finished:
+            return self.checkpoint_path
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, NO_TEACHER, self.config.crop)
         assert self.config.package is not None  # __init__ refuses a config without one
         source = SenderLatents(self.config.package, CropSampler(items, self.config.crop, self.crops),

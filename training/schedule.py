@@ -318,6 +318,12 @@ class ScheduledRun:
             return min(1.0, by_steps)
         return min(1.0, max(by_steps, self._elapsed_minutes() / self.config.minutes))
 
+    @property
+    def finished(self) -> bool:
+        """A resumed run already at the end of its budget: its command run again keeps the checkpoint as it is,
+        without reading the photos first (minutes for a large folder) or writing the checkpoint again."""
+        return self.saved_step is not None and self.profile_steps is None and self._progress() >= 1.0
+
     def _projected_steps(self) -> int | None:
         """The step the run ends at, for the progress bar: ``steps``, or, with a time budget, the step where it
         runs out at the pace so far (None before a step has timed it), so the bar ends full and its time left

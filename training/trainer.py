@@ -335,6 +335,8 @@ class Trainer(ScheduledRun):
         return LatentTeacher("taef2", lambda pixels: encoder(pixels.to(self.device)).cpu())
 
     def run(self) -> Path:
+        if self.finished:
+            return self.checkpoint_path
         items = build_cache(self.config.data, self.config.cache, self.config.short_side, self._cache_teacher(), self.config.crop)
         sampler = CropSampler(items, self.config.crop, self.crops)
         if self.config.stage == "calibrate":
