@@ -785,3 +785,16 @@ def test_a_finished_run_run_again_reads_no_photo_and_keeps_its_checkpoint(
     assert train_cli.main([config, "--steps", "2"]) == 0
     assert (tmp_path / "out" / "checkpoint.pt").read_bytes() == before
     assert capsys.readouterr().out.strip().endswith(f"checkpoint: {tmp_path / 'out' / 'checkpoint.pt'}")
+
+
+@pytest.mark.parametrize("extra", ["", 'init = "nowhere.pt"\n'])
+def test_a_relative_path_not_found_names_the_folder_it_is_relative_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], extra: str
+) -> None:
+    """A config's paths are relative to the folder aeic-train runs in: run from another, it said only 'training
+    photo folder runs/userdata does not exist' (or torch's No such file for `init`), though the folder was there."""
+    _photos(tmp_path, 1)
+    config = Path(_config(tmp_path, Path("photos") if not extra else tmp_path / "photos", extra))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    _one_line_error(capsys, train_cli.main([str(config)]), f"(relative to {tmp_path / 'elsewhere'}, where aeic-train runs)")

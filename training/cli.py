@@ -11,6 +11,7 @@ from aeic.shared.model_package import ModelPackageError
 from pydantic import ValidationError
 
 from .config import TrainConfig
+from .data import relative_to_here
 from .decoder_finetune import DecoderFinetuner
 from .schedule import StepOutOfMemory, TrainingInterrupted
 from .trainer import Trainer
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print("aeic-train: interrupted; the cached photos and the last checkpoint written are kept: "
               "run the same command to go on", file=sys.stderr)
         return 130
+    except FileNotFoundError as exc:  # a file the config names (init, teacher)
+        missing = f"{relative_to_here(Path(exc.filename))} does not exist" if exc.filename else exc
+        print(f"aeic-train: error: {missing}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, StepOutOfMemory, ModelPackageError) as exc:  # a mistake in the config, its files
         # or its batch for this machine: nothing was lost
         print(f"aeic-train: error: {exc}", file=sys.stderr)

@@ -161,10 +161,17 @@ def _warn(message: str) -> None:
     tqdm.write(f"aeic-train: warning: {message}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
+def relative_to_here(path: Path) -> str:
+    """``path``, and where it is relative to: a config's paths are read from the folder aeic-train runs in, so one
+    run from another folder misses them."""
+    return str(path) if Path(path).is_absolute() else f"{path} (relative to {Path.cwd()}, where aeic-train runs)"
+
+
 def _photos(folder: Path, cache_dir: Path) -> list[Path]:
     """The photos to cache; a missing or empty folder, or a cache that is a file, stops the run before any work."""
     if not Path(folder).is_dir():
-        raise TrainingDataError(f"training photo folder {folder} {'is not a folder' if Path(folder).exists() else 'does not exist'}")
+        state = "is not a folder" if Path(folder).exists() else "does not exist"
+        raise TrainingDataError(f"training photo folder {relative_to_here(folder)} {state}")
     photos = list_images(folder)
     if not photos:
         raise TrainingDataError(f"no training photos ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} or its subfolders")
