@@ -3,17 +3,18 @@ loaded as they are stored, with nothing downloaded.
 
 Users point at such folders in several near-miss ways (one component, a Hugging Face cache root, a
 single-file checkpoint, an fp16-only copy, a truncated download); each is one line naming the folder and
-what to give instead, not diffusers' guesses or traceback.
+what to give instead, not diffusers' guesses or traceback. :func:`check_folder` says so without torch, so a
+receiver refuses a wrong folder at start-up before the seconds torch's import takes.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
 _WEIGHTS_PREFIX = "diffusion_pytorch_model"
 
@@ -62,12 +63,14 @@ def _component_weights(folder: Path, name: str) -> dict[str, Any]:
                             ".safetensors, .bin or their fp16 variant)")
 
 
-_Component = TypeVar("_Component", UNet2DConditionModel, AutoencoderKL)
+_Component = TypeVar("_Component", "UNet2DConditionModel", "AutoencoderKL")
 
 
 def _load_component(kind: type[_Component], folder: Path, name: str) -> _Component:
     """``folder/name`` in float32 (an fp16 variant computes in float32 too); a damaged file (a truncated
     download, a config that is not JSON) is an OSError that names the SD-Turbo folder."""
+    import torch
+
     files = _component_weights(folder, name)
     try:
         return kind.from_pretrained(folder, subfolder=name, local_files_only=True, torch_dtype=torch.float32, **files)
@@ -76,12 +79,24 @@ def _load_component(kind: type[_Component], folder: Path, name: str) -> _Compone
         raise OSError(f"SD-Turbo folder {folder}: {name}/ cannot be read, corrupt or truncated? ({detail})") from exc
 
 
-def load_unet_and_vae(folder: Path) -> tuple[UNet2DConditionModel, AutoencoderKL]:
-    """The folder's UNet and VAE in float32; a path that is no such folder is a FileNotFoundError saying so."""
+def check_folder(folder: Path) -> None:
+    """A FileNotFoundError saying why ``folder`` is no SD-Turbo folder (not one, a file, a component without
+    its config or weights); reads no weights and imports no torch. Weights of another model are found only
+    when they load (:class:`~aeic.codec.full_profile.BaseWeightsError`)."""
     folder = Path(folder)
     if folder.is_file():
         raise FileNotFoundError(f"SD-Turbo folder {folder} is a file (a single-file checkpoint?): give a local "
                                 "diffusers folder with unet/ and vae/")
     if not folder.is_dir():
         raise FileNotFoundError(f"SD-Turbo folder not found: {folder} (a local diffusers folder with unet/ and vae/)")
+    for name in ("unet", "vae"):
+        _component_weights(folder, name)
+
+
+def load_unet_and_vae(folder: Path) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """The folder's UNet and VAE in float32; a path that is no such folder is a FileNotFoundError saying so."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = Path(folder)
+    check_folder(folder)
     return _load_component(UNet2DConditionModel, folder, "unet"), _load_component(AutoencoderKL, folder, "vae")

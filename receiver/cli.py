@@ -81,6 +81,7 @@ def _worker(args: argparse.Namespace) -> int:
                          device=args.device, batch_size=args.batch_size)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_device(settings.device)
+    _check_sd_turbo_folder(settings)
     try:
         return run_worker(settings, consumer=args.consumer, metrics_port=args.metrics_port)
     except ValueError as exc:
@@ -169,6 +170,21 @@ def _check_device(name: str) -> None:
         raise ConfigError(f"device {name!r}: MPS is not available to torch here; use --device cpu")
 
 
+def _check_sd_turbo_folder(settings: ReceiverSettings) -> None:
+    """Refuse a full-profile package's SD-Turbo folder that is unset or not one (`AEIC_SD_TURBO_DIR`), before
+    the model loads: as with a missing device, the receiver started, accepted uploads and left them waiting
+    for a decoder that could not load (its reason in the log). Reads no weights and imports no torch."""
+    from aeic.shared.model_package import ModelPackage, default_model_dir
+
+    for path in settings.model_packages or [default_model_dir()]:
+        config = ModelPackage.load(path).manifest.get("config")
+        if isinstance(config, dict) and config.get("profile") == "full":
+            from aeic.codec.sd_turbo_folder import check_folder, configured_folder
+
+            check_folder(configured_folder())
+            return  # one folder serves every full-profile package
+
+
 def _check_backends(settings: ReceiverSettings) -> None:
     """Reach the object store and the queue (creating the bucket and the consumer group, as the app does)
     before the model loads: unreachable, either was a traceback from uvicorn's start-up with status 3."""
@@ -207,6 +223,7 @@ def _serve(args: argparse.Namespace) -> int:
         _check_backends(settings)
         if settings.worker and settings.queue is None:
             _check_device(settings.device)
+            _check_sd_turbo_folder(settings)
         sockets = _listen(settings.host, settings.port)
         app = create_app(settings)
     except BaseException:

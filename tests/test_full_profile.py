@@ -315,3 +315,31 @@ def test_a_full_decoder_on_the_cpu_says_so_in_the_log(folder: Path, package: Pat
     assert record.getMessage() == (
         f"model {ModelPackage.load(package).model_id.hex()} decodes with SD-Turbo on the CPU (device cpu): "
         "minutes a photo, past the decode deadline; give it a GPU (device = \"cuda\")")
+
+
+def test_serve_refuses_a_missing_sd_turbo_folder_at_start(folder: Path, package: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """As a decoder device the machine lacks: one line and status 2 before the port is bound, where the
+    receiver started, accepted uploads and left them waiting for a decoder that could never load."""
+    from aeic.receiver import cli
+
+    def bound(*args: object) -> None:
+        raise AssertionError("the check passed: serve bound its port")
+
+    monkeypatch.setattr(cli, "_listen", bound)
+    main = cli.main
+    monkeypatch.delenv("AEIC_SD_TURBO_DIR", raising=False)
+    serve = ["serve", "--data", str(tmp_path / "data"), "--model", str(package), "--port", "0"]
+    assert main(serve) == 2
+    assert capsys.readouterr().err == (
+        "aeic-receiver: invalid configuration: the full profile needs AEIC_SD_TURBO_DIR: a local SD-Turbo "
+        "diffusers folder\n")
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    for item in (folder / "unet").iterdir():
+        (tmp_path / "partial" / "unet" / item.name).write_bytes(item.read_bytes())
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(tmp_path / "partial"))
+    assert main(serve) == 2
+    assert capsys.readouterr().err == (
+        f"aeic-receiver: invalid configuration: SD-Turbo folder {tmp_path / 'partial'}: missing "
+        f"{tmp_path / 'partial' / 'vae' / 'config.json'}\n")
