@@ -257,7 +257,9 @@ def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentT
     items: list[CachedImage | OnDisk] = []
     unreadable, held, budget = 0, 0, memory_budget()
     with torch.no_grad():
-        for path in progress_bar(iterable=photos, desc="teacher latents"):
+        # what is made for each photo: a model with its own pixel decoder has no teacher latent to compute
+        desc = "photos" if teacher is NO_TEACHER else f"photos and {teacher.name} latents"
+        for path in progress_bar(iterable=photos, desc=desc):
             read = _read_photo(path, Path(folder), cache_dir, short_side, teacher, mapped=held >= budget)
             unreadable += read is None
             try:
