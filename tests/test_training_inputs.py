@@ -225,6 +225,7 @@ def test_an_unusable_dataset_fails_at_start_naming_the_folder(
     ("crop = 256", "no 256 px crop fits in photos downsampled to short_side 160"),
     ('device = "mps"', "device 'mps': training runs on cpu, cuda, cuda:N or auto"),  # was: a traceback
     ("seed = -1", "seed: Input should be greater than or equal to 0"),  # was numpy's line, naming neither
+    ("bacth = 2", "bacth: unknown key (batch?)"),  # the key it is most like, where one is close
     ('init = "{tmp}/nowhere.pt"', "nowhere.pt"),
     ('stage = "decoder"\npackage = "{tmp}/nowhere"', "nowhere"),
 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
@@ -23,7 +24,10 @@ def _config_error(path: Path, exc: ValidationError) -> str:
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "config"
         message = error["msg"].removeprefix("Value error, ")
-        problems.append(f"{key}: {'unknown key' if error['type'] == 'extra_forbidden' else message}")
+        if error["type"] == "extra_forbidden":  # a typo, most often: name the key it is most like
+            like = difflib.get_close_matches(key, TrainConfig.model_fields, n=1)
+            message = f"unknown key ({like[0]}?)" if like else "unknown key"
+        problems.append(f"{key}: {message}")
     return f"{path}: {'; '.join(problems)}"
 
 
