@@ -40,21 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .full_decoder_bench import SD_TURBO_VAE
 from .images import photo
 from .machine import write_result
 from .macs import count_macs
 
 if TYPE_CHECKING:
     from aeic.sender.encoder import SenderCodec
-
-SD_VAE_CONFIG: dict[str, Any] = {
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "sample_size": 512,
-}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -112,7 +104,7 @@ def heavy_encoder_counts(width: int, height: int) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
     result = {}
-    for name, config in (("sd_vae", SD_VAE_CONFIG), ("diffusers_default", {})):
+    for name, config in (("sd_vae", SD_TURBO_VAE), ("diffusers_default", {})):
         with torch.device("meta"):
             vae = AutoencoderKL(**config).eval()
             image = torch.zeros(1, 3, height, width)
@@ -127,7 +119,7 @@ def _heavy_child(width: int, height: int) -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(**SD_VAE_CONFIG).eval()
+    vae = AutoencoderKL(**SD_TURBO_VAE).eval()
     image = torch.from_numpy(photo(width, height).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.inference_mode():
         start, cpu = time.perf_counter(), time.process_time()
