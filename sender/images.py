@@ -319,22 +319,6 @@ def _check_size(path: Path, size: tuple[int, int]) -> None:
         raise ImageReadError(f"{path}: size {width}x{height} is outside the supported 1..{MAX_SIDE} per side")
 
 
-def eight_bit_grey(image: Image.Image) -> Image.Image:
-    """16-bit greyscale scaled to 8-bit ``L`` (x * 255 / 65535, rounded), float greyscale (mode ``F``) by
-    its range (the module docstring); any other image as it is. A float image out of range raises
-    ``ValueError`` naming the range.
-
-    Pillow's own ``convert("RGB")`` clips such samples: 16-bit to 255, a white picture, floats in 0..1 to
-    0 or 1, a black one. The evaluation and the training data read photos through this too, so all three
-    see the same pixels the sender codes.
-    """
-    if image.mode in _SIXTEEN_BIT_MODES:
-        return Image.fromarray(_sixteen_to_eight(np.asarray(image)), "L")
-    if image.mode == "F":
-        return Image.fromarray(_float_to_eight(image), "L")
-    return image
-
-
 def _srgb_transform(image: Image.Image) -> ImageCms.ImageCmsTransform | None:
     """The 8-bit RGB to sRGB transform of the image's embedded profile, or None where the samples stay as
     they are: no profile, one that does not parse (viewers ignore it too), or one for a colour space other
@@ -373,15 +357,6 @@ def _float_scale(image: Image.Image) -> float:
     if low >= 0 and high <= 255:
         return 1.0
     raise ValueError(f"float samples span {low:g}..{high:g}, neither 0..1 nor 0..255")
-
-
-def _float_to_eight(image: Image.Image) -> np.ndarray:
-    """A mode ``F`` image as HxW uint8, scaled by :func:`_float_scale` and rounded, in strips of rows."""
-    scale = _float_scale(image)
-    grey = np.empty((image.height, image.width), dtype=np.uint8)
-    for top, samples in _float_strips(image):
-        grey[top : top + samples.shape[0]] = np.round(samples * scale)
-    return grey
 
 
 def _sixteen_to_eight(samples: np.ndarray) -> np.ndarray:

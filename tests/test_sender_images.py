@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aeic.sender.images import ImageReadError, eight_bit_grey, read_image
+from aeic.sender.images import ImageReadError, read_image
 from PIL import Image, ImageCms
 
 
@@ -99,15 +99,6 @@ def test_float_tiff_out_of_range_is_one_clear_error(tmp_path: Path, samples: lis
     path = _float_tiff(tmp_path / "odd.tif", np.array(samples, np.float32))
     with pytest.raises(ImageReadError, match=f"^{re.escape(str(path))}: {message}"):
         read_image(path)
-
-
-def test_training_and_evaluation_read_float_greyscale_as_the_sender() -> None:
-    """``eight_bit_grey`` (the training data's reader) follows the same float policy, ValueError out of range."""
-    image = Image.fromarray(np.array([[0.0, 0.25, 1.0]], np.float32), mode="F")
-    grey = eight_bit_grey(image)
-    assert grey.mode == "L" and np.asarray(grey).tolist() == [[0, 64, 255]]
-    with pytest.raises(ValueError, match="span -1..1"):
-        eight_bit_grey(Image.fromarray(np.array([[-1.0, 1.0]], np.float32), mode="F"))
 
 
 def test_alpha_is_composited_over_white(tmp_path: Path) -> None:
