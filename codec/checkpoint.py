@@ -5,13 +5,28 @@ version lacks), never torch's unpickling traceback or its list of every tensor o
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .model import AEICModel, ModelConfig
 from .presets import UnknownPresetError, preset
+
+# Beside tensors and plain values a checkpoint holds numpy's global random state, an ndarray of uint32:
+# the functions and classes that rebuild one, allowed by name (numpy 1 and 2 keep them in other modules).
+_NUMPY_ARRAY: tuple[Any, ...] = (np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+
+
+def load_data_only(path: Path, allowed: Sequence[type] = (), mmap: bool = False) -> object:
+    """``torch.load`` that runs no code from the file (``weights_only``): tensors, plain values, numpy
+    arrays and the ``allowed`` classes. A checkpoint is passed round (an ``init`` or ``teacher`` from
+    elsewhere, a shared cache folder), and a full unpickling lets such a file run any code it holds."""
+    with torch.serialization.safe_globals([*_NUMPY_ARRAY, *allowed]):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 class CheckpointError(ValueError):
@@ -25,7 +40,7 @@ def read_checkpoint(path: Path, needs: tuple[str, ...] = ()) -> dict:
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_data_only(path)
     except OSError:
         raise
     except Exception as exc:  # torch and pickle report a corrupt or foreign file in many ways

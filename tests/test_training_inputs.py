@@ -8,6 +8,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from aeic.training import schedule
 from aeic.training import trainer as trainer_module
 from aeic.training.data import (
     NO_TEACHER,
+    CachedImage,
     CropSampler,
     LatentTeacher,
     TrainingDataError,
@@ -800,3 +802,38 @@ def test_a_relative_path_not_found_names_the_folder_it_is_relative_to(
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     _one_line_error(capsys, train_cli.main([str(config)]), f"(relative to {tmp_path / 'elsewhere'}, where aeic-train runs)")
+
+
+class _RunsCodeWhenRead:
+    """A pickled object whose unpickling makes a folder: what a checkpoint from a stranger could hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_checkpoint_or_cache_file_that_holds_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    """Checkpoints and cache files are read as data only: an ``init`` from elsewhere used to be unpickled
+    in full, so a file made to run code ran it at ``aeic export`` or ``aeic-train``."""
+    from aeic.codec import cli as codec_cli
+    from aeic.codec.checkpoint import CheckpointError, load_data_only, read_checkpoint
+
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "step": 1, "payload": _RunsCodeWhenRead(marker)}, hostile)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        read_checkpoint(hostile)
+    assert codec_cli.main(["export", str(hostile), str(tmp_path / "pkg")]) != 0
+    with pytest.raises(pickle.UnpicklingError, match="GLOBAL posix.mkdir"):
+        load_data_only(hostile, allowed=[CachedImage])
+    assert not marker.exists()
+    honest = tmp_path / "state.pt"  # what the trainer writes: tensors, plain values, numpy's random state
+    numpy_state = np.random.get_state()
+    assert isinstance(numpy_state, tuple)
+    torch.save({"rng": (numpy_state,), "image": CachedImage(torch.zeros(3, 2, 2, dtype=torch.uint8),
+                                                                      torch.zeros(4, 1, 1))}, honest)
+    state = load_data_only(honest, allowed=[CachedImage])
+    assert isinstance(state, dict) and isinstance(state["image"], CachedImage)
+    assert np.array_equal(state["rng"][0][1], numpy_state[1])

@@ -19,9 +19,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
+from aeic.codec.checkpoint import load_data_only
 from aeic.sender.images import IMAGE_SUFFIXES, PLUGIN_ONLY_SUFFIXES, ImageReadError, upright_rgb8
 from PIL import Image
 from tqdm import tqdm
@@ -112,7 +114,7 @@ class OnDisk:
     def load(self) -> CachedImage:
         """The cached photo; a cache file deleted or damaged while the run trains is named, with its photo."""
         try:
-            return torch.load(self.entry, weights_only=False, mmap=True)
+            return cast(CachedImage, load_data_only(self.entry, allowed=[CachedImage], mmap=True))
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
             raise OSError(f"cannot read the cache file {self.entry} of {self.photo} ({reason}): deleted or damaged "
@@ -193,7 +195,7 @@ def _read_entry(entry: Path, mapped: bool = False) -> CachedImage | None:
     """A cached photo; None when missing or unreadable (cut short by a lost machine: computed again, not fatal).
     ``mapped``: its tensors left in the file (a photo past the memory budget, only checked here)."""
     try:
-        item = torch.load(entry, weights_only=False, mmap=mapped)
+        item = load_data_only(entry, allowed=[CachedImage], mmap=mapped)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # absent, or a damaged zip or pickle
         return None
     return item if isinstance(item, CachedImage) else None
