@@ -47,6 +47,8 @@ class VersionedFiles(StaticFiles):
         current = self.versions.get(Path(full_path).name)
         fixed = current is not None and asked == [current]
         response.headers["Cache-Control"] = "max-age=31536000, immutable" if fixed else "no-cache"
+        if response.status_code == 304:  # gzip names Accept-Encoding on a 200 with a body only; RFC 9110 15.4.5
+            response.headers["Vary"] = "Accept-Encoding"  # has a 304 carry the Vary the 200 would
         return response
 
     def compressed(self) -> ASGIApp:
