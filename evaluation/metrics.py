@@ -166,11 +166,12 @@ def _ssim_means(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> tuple
     return ssim_sum / count, cs_sum / count
 
 
-def ms_ssim(ref: np.ndarray, rec: np.ndarray) -> float:
-    """MS-SSIM (data range 255, the standard 5 scales and weights, pytorch_msssim's definition: 2x2 average
-    pooling with zero padding on odd sides, negative terms clipped to 0); mirror-pads images below 161 px.
-    Each scale's maps are computed in bands of rows, so a large photo holds its two pictures and a band
-    (pytorch_msssim took 6.6 GB and over a minute for a 24 MP photo)."""
+def ms_ssim_scale_terms(ref: np.ndarray, rec: np.ndarray) -> torch.Tensor:
+    """MS-SSIM's terms before clipping, per scale and channel (5 x 3, float64): contrast-structure at scales
+    1-4, SSIM at scale 5, with pytorch_msssim's definition (data range 255, 2x2 average pooling with zero
+    padding on odd sides); mirror-pads images below 161 px. Each scale's maps are computed in bands of rows,
+    so a large photo holds its two pictures and a band (pytorch_msssim took 6.6 GB and over a minute for a
+    24 MP photo)."""
     import torch
     import torch.nn.functional as F
 
@@ -183,13 +184,21 @@ def ms_ssim(ref: np.ndarray, rec: np.ndarray) -> float:
         for scale in range(len(MS_SSIM_WEIGHTS)):
             ssim_mean, cs_mean = _ssim_means(x, y, window)
             if scale == len(MS_SSIM_WEIGHTS) - 1:
-                terms.append(torch.relu(ssim_mean))
+                terms.append(ssim_mean)
                 break
-            terms.append(torch.relu(cs_mean))
+            terms.append(cs_mean)
             padding = [side % 2 for side in x.shape[2:]]
             x, y = F.avg_pool2d(x, 2, padding=padding), F.avg_pool2d(y, 2, padding=padding)
-        weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64).unsqueeze(1)
-        return float(torch.prod(torch.stack(terms) ** weights, dim=0).mean())
+    return torch.stack(terms)
+
+
+def ms_ssim(ref: np.ndarray, rec: np.ndarray) -> float:
+    """MS-SSIM (the standard 5 scales and weights, :func:`ms_ssim_scale_terms`): per channel the weighted
+    geometric mean of its terms, negative ones clipped to 0, then the mean over channels."""
+    import torch
+
+    weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64).unsqueeze(1)
+    return float(torch.prod(torch.relu(ms_ssim_scale_terms(ref, rec)) ** weights, dim=0).mean())
 
 
 def luma(img: np.ndarray) -> np.ndarray:

@@ -4,8 +4,7 @@ Two views of one question (is the loss fine texture, or regional colour and tone
 
 - :func:`block_mean_psnr`: PSNR of the images' ``k x k`` block means for k = 1 ... 32;
 - :func:`ms_ssim_terms`: MS-SSIM's five per-scale terms (contrast-structure at scales 1-4, full SSIM at
-  scale 5; same Gaussian window, constants and weights as ``pytorch_msssim``), whose weighted
-  geometric mean is the MS-SSIM the evaluation reports.
+  scale 5), the evaluation's own, whose weighted geometric mean is the MS-SSIM it reports.
 
 ``python -m aeic.evaluation.scale_analysis RUN IMAGES`` prints, per budget and method of ``RUN/recon``,
 the means over images, and ``--out`` writes them as JSON.
@@ -21,11 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from aeic.evaluation.images import load_rgb, original_of
+from aeic.evaluation.metrics import MS_SSIM_WEIGHTS, ms_ssim_scale_terms
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-WINDOW, SIGMA = 11, 1.5
-K1, K2, PEAK = 0.01, 0.03, 255.0
+PEAK = 255.0
 
 
 def _tensor(img: np.ndarray) -> torch.Tensor:
@@ -42,36 +40,10 @@ def block_mean_psnr(ref: np.ndarray, rec: np.ndarray, sizes: tuple[int, ...] = B
     return out
 
 
-def _gaussian_blur(x: torch.Tensor) -> torch.Tensor:
-    """Separable 11-tap Gaussian (sigma 1.5), per channel, 'valid' borders."""
-    taps = torch.arange(WINDOW, dtype=x.dtype) - WINDOW // 2
-    g = torch.exp(-(taps**2) / (2 * SIGMA**2))
-    g = (g / g.sum()).repeat(x.shape[1], 1, 1, 1)
-    x = F.conv2d(x, g.view(x.shape[1], 1, 1, WINDOW), groups=x.shape[1])
-    return F.conv2d(x, g.view(x.shape[1], 1, WINDOW, 1), groups=x.shape[1])
-
-
-def _ssim_and_cs(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    c1, c2 = (K1 * PEAK) ** 2, (K2 * PEAK) ** 2
-    mx, my = _gaussian_blur(x), _gaussian_blur(y)
-    vx = _gaussian_blur(x * x) - mx**2
-    vy = _gaussian_blur(y * y) - my**2
-    cov = _gaussian_blur(x * y) - mx * my
-    cs = (2 * cov + c2) / (vx + vy + c2)
-    luminance = (2 * mx * my + c1) / (mx**2 + my**2 + c1)
-    # per channel, then over channels: the order pytorch_msssim averages in
-    return float((luminance * cs).flatten(2).mean(-1).mean()), float(cs.flatten(2).mean(-1).mean())
-
-
 def ms_ssim_terms(ref: np.ndarray, rec: np.ndarray) -> list[float]:
-    """[cs_1, cs_2, cs_3, cs_4, ssim_5]: MS-SSIM = prod(term_j ** MS_SSIM_WEIGHTS[j]) (sides above 160 px)."""
-    x, y = _tensor(ref), _tensor(rec)
-    terms = []
-    for scale in range(len(MS_SSIM_WEIGHTS)):
-        ssim, cs = _ssim_and_cs(x, y)
-        terms.append(ssim if scale == len(MS_SSIM_WEIGHTS) - 1 else cs)
-        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-    return terms
+    """[cs_1, cs_2, cs_3, cs_4, ssim_5], each the mean over channels of the evaluation's own terms
+    (:func:`aeic.evaluation.metrics.ms_ssim_scale_terms`)."""
+    return ms_ssim_scale_terms(ref, rec).mean(dim=1).tolist()
 
 
 def analyse_run(run: Path, images: Path) -> list[dict]:
