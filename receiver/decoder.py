@@ -170,33 +170,64 @@ class ReceiverCodec:
         return self.decode_batch([data])[0]
 
     def decode_batch(self, streams: list[bytes]) -> list[np.ndarray]:
-        """Decode several streams; same-size images share one synthesis/UNet/pixel batch."""
-        parsed = [self.parse(data) for data in streams]
-        latents = [self._latent(p) for p in parsed]
-        results: list[np.ndarray | None] = [None] * len(parsed)
+        """Decode several streams; same-size images share one synthesis/UNet/pixel batch. The first failure
+        raises (after the others are decoded: `decode_each` says which failed)."""
+        outcomes = self.decode_each(streams)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return outcomes  # type: ignore[return-value]  # no exception among them
+
+    def decode_each(self, streams: list[bytes]) -> list[np.ndarray | Exception]:
+        """Each stream's image, or the exception that stream raised: one bad stream of a batch fails alone and
+        the others are entropy-decoded once (a batch that failed as a whole was decoded again one by one, its
+        good images' entropy decoding included). A failed synthesis pass is retried one image at a time from
+        the latents already decoded, so a pass too large for the device fails no image that fits alone."""
+        outcomes: list[np.ndarray | Exception | None] = [None] * len(streams)
+        decoded: dict[int, tuple[_Parsed, torch.Tensor]] = {}
+        timings = [Timings() for _ in streams]
+        for i, data in enumerate(streams):
+            try:
+                parsed = self.parse(data)
+                parsed.timings = timings[i]
+                decoded[i] = parsed, self._latent(parsed)
+            except Exception as exc:  # noqa: BLE001 - this stream's failure, reported as its outcome
+                outcomes[i] = exc
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, latent in enumerate(latents):
+        for i, (_, latent) in decoded.items():
             groups.setdefault(tuple(latent.shape), []).append(i)
         for same_size in groups.values():
-            coded_height, coded_width = padded_size(*parsed[same_size[0]].header.coded_size, ALIGNMENT)
+            coded_height, coded_width = padded_size(*decoded[same_size[0]][0].header.coded_size, ALIGNMENT)
             # synthesis memory grows with the batch: split it to stay within max_coded_pixels per pass
             per_pass = max(1, self.max_coded_pixels // (coded_height * coded_width))
             for first in range(0, len(same_size), per_pass):
-                self._synthesise(same_size[first : first + per_pass], latents, parsed, results)
-        self.last_timings = [p.timings for p in parsed]
-        return results  # type: ignore[return-value]  # every index is in one size group, so none is None
+                members = same_size[first : first + per_pass]
+                try:
+                    self._synthesise(members, decoded, outcomes)
+                except Exception as exc:  # noqa: BLE001 - alone, each image fails (or not) by itself
+                    for i in members:
+                        try:
+                            if len(members) > 1:
+                                self._synthesise([i], decoded, outcomes)
+                            else:
+                                outcomes[i] = exc
+                        except Exception as alone:  # noqa: BLE001
+                            outcomes[i] = alone
+        self.last_timings = timings
+        return outcomes  # type: ignore[return-value]  # every stream has an image or an exception
 
-    def _synthesise(self, members: list[int], latents: list[torch.Tensor], parsed: list[_Parsed],
-                    results: list[np.ndarray | None]) -> None:
+    def _synthesise(self, members: list[int], decoded: dict[int, tuple[_Parsed, torch.Tensor]],
+                    results: list[np.ndarray | Exception | None]) -> None:
         """One synthesis/UNet/pixel pass over ``members`` (same latent size), their images into ``results``."""
         start = time.perf_counter()
-        batch = torch.stack([latents[i] for i in members]).to(self.device)
-        positions = torch.tensor([self.package.level_position(parsed[i].header.rate_index) for i in members])
+        batch = torch.stack([decoded[i][1] for i in members]).to(self.device)
+        positions = torch.tensor([self.package.level_position(decoded[i][0].header.rate_index) for i in members])
         pixels = self.model(batch, positions.to(self.device), self.tile_pixels).cpu()
         elapsed = (time.perf_counter() - start) * 1e3 / len(members)
         for row, i in enumerate(members):
-            parsed[i].timings.synthesis_ms = elapsed
-            results[i] = self._finish(pixels[row], parsed[i].header)
+            parsed = decoded[i][0]
+            parsed.timings.synthesis_ms = elapsed
+            results[i] = self._finish(pixels[row], parsed.header)
 
     @staticmethod
     def _finish(pixels: torch.Tensor, header: bitstream.Header) -> np.ndarray:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from aeic.receiver.images import encode_png, make_thumbnail
@@ -51,6 +52,7 @@ from aeic.shared.entropy_coding import EntropyDecodeError
 __all__ = ["HUNG_EXIT_STATUS", "DecodeWorker", "WorkerConfig", "decode_allowance", "error_line", "heartbeat"]
 
 log = logging.getLogger(__name__)
+_Outcome = TypeVar("_Outcome")  # what a decode call gives per image: an image, or an image or its exception
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -425,31 +427,43 @@ class DecodeWorker:
             self._store_result(claim, item)
 
     def _decode(self, codec: DecoderLike, claim: Claim, loaded: list[tuple[ImageRecord, bytes]]) -> list[_Decoded]:
-        """Decode as one batch; if the batch fails, decode one by one so a bad image fails alone."""
+        """Decode as one batch. A decoder that reports each image's failure (the ReceiverCodec's `decode_each`)
+        decodes each image once; with any other, a failed batch is decoded again one by one so that a bad image
+        fails alone (and its good images are entropy-decoded twice)."""
+        out: list[_Decoded] = []
+        decode_each = getattr(codec, "decode_each", None)
+        if callable(decode_each):
+            outcomes, timings = self._timed_batch(codec, decode_each, [data for _, data in loaded])
+            for (record, _), outcome, timing in zip(loaded, outcomes, timings):
+                if isinstance(outcome, Exception):
+                    self._fail(claim, record, _reason(outcome), permanent=_is_permanent(outcome))
+                else:
+                    out += self._checked(claim, [record], [outcome], [timing])
+            return out
         try:
-            results, timings = self._timed_batch(codec, [data for _, data in loaded])
+            results, timings = self._timed_batch(codec, codec.decode_batch, [data for _, data in loaded])
             return self._checked(claim, [r for r, _ in loaded], results, timings)
         except Exception as exc:  # noqa: BLE001 - decoder errors are data errors here
             if len(loaded) == 1:
                 self._fail(claim, loaded[0][0], _reason(exc), permanent=_is_permanent(exc))
                 return []
-        out: list[_Decoded] = []
         for record, data in loaded:
             try:
-                out += self._checked(claim, [record], *self._timed_batch(codec, [data]))
+                out += self._checked(claim, [record], *self._timed_batch(codec, codec.decode_batch, [data]))
             except Exception as exc:  # noqa: BLE001
                 self._fail(claim, record, _reason(exc), permanent=_is_permanent(exc))
         return out
 
     @staticmethod
-    def _timed_batch(codec: DecoderLike, items: list[bytes]) -> tuple[list[np.ndarray], list[DecodeTimings]]:
-        """Decode and measure each image's own cost.
+    def _timed_batch(codec: DecoderLike, decode: Callable[[list[bytes]], list[_Outcome]],
+                     items: list[bytes]) -> tuple[list[_Outcome], list[DecodeTimings]]:
+        """Decode with `decode` (the codec's `decode_batch` or `decode_each`) and measure each image's own cost.
 
         The ReceiverCodec reports per-image `last_timings` (its own entropy decoding and its share of the batched
         synthesis + decoder pass). An image's total is its own parts plus an equal share of the batch's remaining
         wall time, so the totals add up to the batch's wall time and never undercut an image's own parts."""
         start = time.perf_counter()
-        results = codec.decode_batch(items)
+        results = decode(items)
         wall_ms = (time.perf_counter() - start) * 1000.0
         n = len(items)
         if len(results) != n:
