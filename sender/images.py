@@ -113,8 +113,8 @@ def _reading(path: Path, make: Callable[[Image.Image], _T]) -> _T:
         with warnings.catch_warnings():
             # Pillow warns (not raises) between 1x and 2x its pixel limit; we decide ourselves.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open_regular(path) as file:
-                image = _identified(path, file)
+            with open_regular(path) as file:
+                image = identified(path, file)
                 _check_size(path, image.size)
                 try:
                     return make(image)
@@ -241,11 +241,12 @@ _SIDEWAYS = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Im
                        Image.Transpose.ROTATE_90})
 
 
-def _open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path) -> BinaryIO:
     """``path`` opened for reading if it is a regular file. Opened without blocking and checked on the
     open descriptor: a FIFO (even one swapped in after a watcher saw a file) would block a plain open
     until some writer came, and a device would be read forever. Any failure to open is the file
-    system's (a missing file, a link loop), told as such rather than as damaged image data."""
+    system's (a missing file, a link loop), told as such rather than as damaged image data. Training opens
+    its photos through this too."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
@@ -271,7 +272,7 @@ _OPEN_ERRORS = {
 }
 
 
-def _identified(path: Path, file: BinaryIO) -> Image.Image:
+def identified(path: Path, file: BinaryIO) -> Image.Image:
     """``Image.open`` of the file, or one line saying what the file is when Pillow identifies no format.
 
     Pillow warns of an AVIF file in a build without AVIF before it gives up; its warning is dropped, the

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -837,3 +838,25 @@ def test_a_checkpoint_or_cache_file_that_holds_code_is_refused_without_running_i
     state = load_data_only(honest, allowed=[CachedImage])
     assert isinstance(state, dict) and isinstance(state["image"], CachedImage)
     assert np.array_equal(state["rng"][0][1], numpy_state[1])
+
+
+def test_a_fifo_named_like_a_photo_is_skipped_without_blocking(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A named pipe called x.jpg hung aeic-train at 0 % of its photo bar: Pillow's open waited for a writer."""
+    photos = _photos(tmp_path, 2)
+    fifo = photos / "x.jpg"
+    os.mkfifo(fifo)
+    found: list[int] = []
+    reader = threading.Thread(target=lambda: found.append(len(build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128))),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # let the blocked open return, so the thread ends with the test
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("build_cache blocked on a FIFO")
+    assert found == [2]
+    err = capsys.readouterr().err
+    assert f"skipped {fifo}: is a FIFO, socket or device, not an image file" in err, err
+    assert f"training on 2 of the 3 photos in {photos} (1 unreadable" in err
+

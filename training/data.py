@@ -16,7 +16,8 @@ import shutil
 import struct
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -24,7 +25,14 @@ from typing import cast
 import numpy as np
 import torch
 from aeic.codec.checkpoint import load_data_only
-from aeic.sender.images import IMAGE_SUFFIXES, PLUGIN_ONLY_SUFFIXES, ImageReadError, upright_rgb8
+from aeic.sender.images import (
+    IMAGE_SUFFIXES,
+    PLUGIN_ONLY_SUFFIXES,
+    ImageReadError,
+    identified,
+    open_regular,
+    upright_rgb8,
+)
 from PIL import Image
 from tqdm import tqdm
 
@@ -65,14 +73,19 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _open(path: Path) -> Image.Image:
-    """``Image.open`` without Pillow's warning between one and two times its pixel limit (100 MP photos are
-    common); over twice it, its error skips the photo (``build_cache``), as does a format Pillow does not read."""
+@contextmanager
+def _open(path: Path) -> Iterator[Image.Image]:
+    """The photo opened as the sender opens it (a FIFO named x.jpg is refused, not waited on for ever), without
+    Pillow's warning between one and two times its pixel limit (100 MP photos are common); over twice it, its
+    error skips the photo (``build_cache``), as does a format Pillow does not read."""
     if path.suffix.lower() in UNREAD_PHOTO_SUFFIXES:
         raise Image.UnidentifiedImageError(f"Pillow does not read {path.suffix} photos: convert them to JPEG or PNG")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(path)
+    with open_regular(path) as file:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = identified(path, file)
+        with image:
+            yield image
 
 
 def load_downsampled(path: Path, short_side: int) -> np.ndarray:
@@ -222,7 +235,8 @@ def _read_photo(path: Path, folder: Path, cache_dir: Path, short_side: int, teac
         entry = _cache_entry(cache_dir, folder, path, short_side, teacher)
         found = _read_entry(entry, mapped) or torch.from_numpy(load_downsampled(path, short_side)).permute(2, 0, 1).contiguous()
     except _UNREADABLE as exc:
-        _warn(f"skipped {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _warn(f"skipped {path}: {detail.removeprefix(f'{path}: ')}")  # the sender's reader names the file too
         return None
     return entry, found
 
