@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import logging
 import secrets
@@ -344,3 +345,25 @@ def test_the_orphan_sweep_takes_conversions_of_no_image(tmp_path: Path) -> None:
     finally:
         store.close()
     assert blobs.exists(conversion_key(live.id, "jpg")) and not blobs.exists(conversion_key(gone, "jpg"))
+
+
+def test_a_kept_bitstream_is_revalidated_with_no_read(tmp_path: Path) -> None:
+    """The bitstream download had no validator, so a browser holding it could only fetch it whole again;
+    the reconstruction and thumbnail answer a matching If-None-Match with a 304. It now carries a strong
+    ETag (the SHA-256 of the stored bytes) and a 304 opens no blob."""
+    blobs = StreamOnlyBlobs(FilesystemBlobStore(tmp_path / "blobs"))
+    with _serving(tmp_path, blobs) as (client, token, auth):
+        image_id = _decoded(client, token)
+        stored = bytes(blobs.inner.get(bitstream_key(image_id)))
+        first = client.get(f"/images/{image_id}/bitstream", headers=auth)
+        assert first.status_code == 200 and first.content == stored
+        assert first.headers["etag"] == f'"{hashlib.sha256(stored).hexdigest()}"'
+        blobs.delete(bitstream_key(image_id))  # a 304 must not need the file
+        for method in ("GET", "HEAD"):
+            again = client.request(method, f"/images/{image_id}/bitstream",
+                                   headers={**auth, "If-None-Match": f'W/"x", {first.headers["etag"]}'})
+            assert again.status_code == 304 and again.content == b"", method
+            assert again.headers["etag"] == first.headers["etag"]
+            assert again.headers["cache-control"] == "private, max-age=86400"
+        other = client.get(f"/images/{image_id}/bitstream", headers={**auth, "If-None-Match": '"other"'})
+        assert other.status_code == 404  # not the client's copy: the file is needed, and it is gone

@@ -17,6 +17,7 @@ from aeic.receiver.api import (
     receiver_state,
     visible_image,
 )
+from aeic.receiver.api.conditional import matches
 from aeic.receiver.auth import DEVICE_NAME, Principal
 from aeic.receiver.errors import ApiError, error_response
 from aeic.receiver.sessions import COOKIE_NAMES, session_cookie
@@ -142,12 +143,16 @@ def bitstream(image_id: str, request: Request) -> Response:
     state = receiver_state(request)
     try:
         record = visible_image(state, who, image_id)
+        # Strong: the SHA-256 of the bytes the device sent, recorded at upload. A copy the browser holds is revalidated
+        # with no blob read (a 304 of headers), as the reconstruction and thumbnail are.
+        cache = {"Cache-Control": "private, max-age=86400", "ETag": f'"{record.sha256}"'}
+        if matches(request, cache["ETag"]):
+            return Response(status_code=304, headers=cache)
         blob = open_blob(state.blobs, bitstream_key(record.id))
     except (ApiError, BlobNotFoundError):  # unknown, another device's, or deleted meanwhile
         return _missing(request, image_id)
     return BlobDownload(blob, "application/octet-stream",
-                        {"Content-Disposition": f'attachment; filename="{record.id}.aeic"',
-                         "Cache-Control": "private, max-age=86400"})
+                        {"Content-Disposition": f'attachment; filename="{record.id}.aeic"', **cache})
 
 
 def _sign_in(request: Request, token: str, target: str) -> Response:
