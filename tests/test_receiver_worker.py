@@ -119,7 +119,7 @@ def test_corrupt_payload_fails_at_once_and_does_not_block_its_batch(
 def test_a_bad_stream_of_a_batch_costs_the_good_ones_no_second_entropy_decode(
         codecs: tuple[SenderCodec, ReceiverCodec], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A corrupt payload last in a batch failed the whole batch after the good images were entropy-decoded;
-    the worker then decoded every image again one by one (7 entropy decodes for 4 streams, the good images
+    the worker then decoded every image again one by one (8 entropy decodes for 4 streams, the good images
     synthesised singly). Now each stream is entropy-decoded once and the good ones stay one batch."""
     sender, receiver = codecs
     goods = [sender.encode(receiver_support.natural_photo(96, 64, s), 0) for s in (11, 12, 13)]
