@@ -9,6 +9,8 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -859,4 +861,30 @@ def test_a_fifo_named_like_a_photo_is_skipped_without_blocking(
     err = capsys.readouterr().err
     assert f"skipped {fifo}: is a FIFO, socket or device, not an image file" in err, err
     assert f"training on 2 of the 3 photos in {photos} (1 unreadable" in err
+
+
+def _gone_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_temporaries_of_a_killed_run_are_cleared_and_a_live_writers_kept(tmp_path: Path) -> None:
+    """kill -9 while the cache filled left its ``<entry>.<pid>.tmp`` (a whole photo's pixels) for ever; a later
+    run removes those of processes that are gone, never one a live process (a run sharing the cache) writes."""
+    photos = _photos(tmp_path, 1)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = data_module.STALE_TEMPORARY_SECONDS + 60
+    dead, fresh_dead, live = (cache / f"{name}.tmp" for name in
+                              (f"{'a' * 20}.{_gone_pid()}", f"{'b' * 20}.{_gone_pid()}", f"{'c' * 20}.{os.getppid()}"))  # fmt: skip
+    for path in (dead, fresh_dead, live):
+        path.write_bytes(b"half a photo")
+    for path in (dead, live):
+        os.utime(path, (path.stat().st_mtime - stale,) * 2)
+    build_cache(photos, cache, 160, NO_TEACHER, 128)
+    # fresh_dead: a process of another machine sharing the cache may be writing it (its id means nothing here)
+    assert sorted(path.name for path in cache.glob("*.tmp")) == sorted([fresh_dead.name, live.name])
+    assert len(list(cache.glob("*.pt"))) == 1
 

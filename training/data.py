@@ -12,9 +12,11 @@ import hashlib
 import math
 import os
 import pickle
+import re
 import shutil
 import struct
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -227,6 +229,40 @@ def _write_entry(entry: Path, item: CachedImage) -> None:
     tmp.replace(entry)
 
 
+# a cache write takes seconds; a process of another machine sharing the cache (NFS, a container's volume) has an id
+# that means nothing here, so its temporary file is left alone while it may still be writing it
+STALE_TEMPORARY_SECONDS = 600
+_TEMPORARY = re.compile(r"[0-9a-f]{20}\.(\d{1,9})\.tmp")  # _write_entry's, naming its process
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def _clear_stale_temporaries(cache_dir: Path) -> None:
+    """Remove the temporary files of runs killed while writing a cache file (``kill -9``, a lost machine): their
+    process is gone and the file untouched for ``STALE_TEMPORARY_SECONDS``; nothing else would ever remove them.
+    One a live process writes (a run sharing the cache) is kept, as is one that cannot be removed (a read-only cache)."""
+    now = time.time()
+    with os.scandir(cache_dir) as entries:
+        for entry in entries:
+            match = _TEMPORARY.fullmatch(entry.name)
+            if match is None or _process_alive(int(match[1])):
+                continue
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_SECONDS:
+                    os.unlink(entry.path)
+            except OSError:  # another run removed it first, or the cache is read-only: left as it is
+                continue
+
+
 def _read_photo(path: Path, folder: Path, cache_dir: Path, short_side: int, teacher: LatentTeacher,
                 mapped: bool) -> tuple[Path, CachedImage | torch.Tensor] | None:
     """The photo's cache file and its entry there, else its downsampled pixels (3, H, W); None, with a
@@ -270,6 +306,7 @@ def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentT
     warning, so one bad file among thousands does not stop a run; so are photos smaller than a crop."""
     photos = _photos(folder, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_temporaries(cache_dir)
     items: list[CachedImage | OnDisk] = []
     unreadable, held, budget = 0, 0, memory_budget()
     with torch.no_grad():
