@@ -336,7 +336,7 @@ def test_progress_is_whole_lines_when_stderr_is_not_a_terminal(
     """Under nohup, docker logs or a batch job's output file, tqdm's carriage returns put every refresh of a run
     (one a step) on one ever-growing line; there each refresh is a line of its own, at most every half minute."""
     torch.set_num_threads(1)
-    config = _config(tmp_path, _photos(tmp_path, 1))
+    config = _config(tmp_path, _photos(tmp_path, 2))  # one photo would add its warning line
     assert train_cli.main([config, "--steps", "3"]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err, repr(err)
@@ -888,3 +888,15 @@ def test_temporaries_of_a_killed_run_are_cleared_and_a_live_writers_kept(tmp_pat
     assert sorted(path.name for path in cache.glob("*.tmp")) == sorted([fresh_dead.name, live.name])
     assert len(list(cache.glob("*.pt"))) == 1
 
+
+def test_one_usable_photo_is_said_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder with a single usable photo (data pointed at the wrong folder) trained without a word."""
+    torch.set_num_threads(1)
+    photos = _photos(tmp_path, 1)
+    assert train_cli.main([_config(tmp_path, photos), "--threads", "1"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(lines) == 1 and f"only one usable photo in {photos}" in lines[0], lines
+    _bad_files(photos)
+    assert len(build_cache(photos, tmp_path / "cache", 160, NO_TEACHER, 128)) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line and "skipped" not in line]
+    assert len(lines) == 1 and f"only one usable photo in {photos} (of 6: 5 unreadable, 0 smaller" in lines[0], lines

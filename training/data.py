@@ -330,7 +330,10 @@ def build_cache(folder: Path, cache_dir: Path, short_side: int, teacher: LatentT
     counts = f"{unreadable} unreadable, {small} smaller than a {crop} px crop after downsampling to short_side {short_side}"
     if not items:
         raise TrainingDataError(f"none of the {len(photos)} photos in {folder} is usable ({counts})")
-    if unreadable or small:
+    if len(items) == 1:  # most likely `data` names the wrong folder: said, not refused (a one-photo smoke test)
+        others = f" (of {len(photos)}: {counts})" if len(photos) > 1 else ""
+        _warn(f"only one usable photo in {folder}{others}: every crop is cut from it; is this the folder meant?")
+    elif unreadable or small:
         _warn(f"training on {len(items)} of the {len(photos)} photos in {folder} ({counts})")
     return items
 
