@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, upright_rgb8
+from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, read_image
 from PIL import Image
 
 
@@ -30,11 +30,9 @@ UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBom
 
 def load_rgb(path: Path) -> np.ndarray:
     """An image file as HxWx3 uint8 RGB as the sender reads it (EXIF orientation, 16-bit greyscale scaled,
-    alpha over white, an embedded colour profile to sRGB): the pixels are scored against what
-    ``aeic encode`` and ``aeic-send`` code. Alpha was dropped here, so a transparent area was scored
-    against whatever colour hid under it, and a profile ignored."""
-    with Image.open(path) as im:
-        return upright_rgb8(im, path)
+    alpha over white, an embedded colour profile to sRGB), opened as the sender opens it (a FIFO is refused,
+    not waited on): the pixels are scored against what ``aeic encode`` and ``aeic-send`` code."""
+    return read_image(path)
 
 
 def recon_name(image: str) -> str:

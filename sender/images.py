@@ -137,7 +137,7 @@ def _reading(path: Path, make: Callable[[Image.Image], _T]) -> _T:
 def upright_rgb8(image: Image.Image, path: str | Path) -> np.ndarray:
     """An opened image as the sender codes it (the module docstring's policy), ``path`` naming it in errors.
 
-    ``aeic eval`` reads its photos through this too, so it scores the pixels the sender sends.
+    Training reads its photos through this too (opened reduced, a large JPEG), so it learns the pixels the sender sends.
     """
     return UprightImage(image, path).array()
 

@@ -358,3 +358,32 @@ def test_a_run_killed_after_a_row_before_its_reconstruction_saves_it_on_resume(
     monkeypatch.setattr(runner.Evaluator, "_save", save)
     assert _cli(images, out, "--rates", "0", "--baseline", "none", "--no-plots") == 0
     assert (out / "recon" / "rate0" / "aeic" / "img0.png").is_file()
+
+
+def test_a_fifo_in_place_of_a_photo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A FIFO swapped in for a photo after the folder was listed: ``Image.open`` blocked until some writer came."""
+    import threading
+
+    from aeic.sender.images import ImageReadError
+
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            load_rgb(fifo)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # unblock the reader so the failure does not hang pytest
+        with open(fifo, "wb"):
+            pass
+        reader.join(10)
+        pytest.fail("load_rgb waited on a FIFO")
+    assert len(outcome) == 1 and isinstance(outcome[0], ImageReadError) and "FIFO" in str(outcome[0])
