@@ -17,7 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from aeic.receiver.static_files import VersionedFiles, content_version
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 __all__ = ["DOCS_URL", "SWAGGER_UI_URL", "install_api_docs", "swagger_ui_dir"]
@@ -40,7 +40,7 @@ _PAGE = """<!doctype html>
 <body>
 <div id="swagger-ui" data-openapi-url="{openapi_url}"></div>
 <script src="{bundle}"></script>
-<script src="/static/api-docs.js?v={starter}"></script>
+<script src="{root}/static/api-docs.js?v={starter}"></script>
 </body>
 </html>
 """
@@ -60,12 +60,16 @@ def install_api_docs(app: FastAPI) -> None:
     """Serve /docs and its Swagger UI files (create the app with docs_url=None and redoc_url=None)."""
     assert app.openapi_url is not None, "/docs shows the OpenAPI document"
     files = VersionedFiles(swagger_ui_dir(), SWAGGER_UI_URL)
-    page = _PAGE.format(style=files.url("swagger-ui.css"), bundle=files.url("swagger-ui-bundle.js"),
-                        starter=content_version(_STARTER), openapi_url=html.escape(app.openapi_url))
+    starter = content_version(_STARTER)
+    openapi_url = app.openapi_url
 
-    def api_docs() -> HTMLResponse:
-        """Swagger UI for /openapi.json."""
-        return HTMLResponse(page)
+    def api_docs(request: Request) -> HTMLResponse:
+        """Swagger UI for /openapi.json, every address under the prefix a proxy serves the receiver under
+        (`root_path`, as FastAPI's own /docs does), where the document names that prefix as its server."""
+        root = html.escape(str(request.scope.get("root_path", "")).rstrip("/"))
+        return HTMLResponse(_PAGE.format(style=root + files.url("swagger-ui.css"), starter=starter, root=root,
+                                         bundle=root + files.url("swagger-ui-bundle.js"),
+                                         openapi_url=root + html.escape(openapi_url)))
 
     # HEAD as GET, as the gallery's pages: monitors and link checkers ask with it.
     app.add_api_route(DOCS_URL, api_docs, methods=["GET", "HEAD"], include_in_schema=False)

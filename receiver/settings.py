@@ -70,6 +70,10 @@ class ReceiverSettings(BaseSettings):
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="Proxies whose X-Forwarded-Proto/-For are trusted (comma list, '*' for any)."
     )
+    root_path: str | None = Field(
+        None, description="The path prefix a reverse proxy serves the receiver under (/aeic for https://host/aeic/), "
+        "which the proxy strips: the gallery's links, redirects, /docs and the OpenAPI document's server name it."
+    )
     login_attempts_per_minute: float = Field(
         10.0, gt=0, description="Failed gallery sign-ins and wrong API tokens per client address per minute."
     )
@@ -125,6 +129,19 @@ class ReceiverSettings(BaseSettings):
         process looked healthy to itself: refused at start instead."""
         if not any(host.strip() for host in value.split(",")):
             raise ValueError("names no host: give host names (comma list), or '*' for any")
+        return value
+
+    @field_validator("root_path", mode="after")
+    @classmethod
+    def _path_prefix(cls, value: str | None) -> str | None:
+        """A prefix as pages join it to their paths: `/aeic/` and `/aeic` alike are `/aeic`, `/` is none. Not a
+        URL, a relative path or one with a space, `?` or `#`: each would make every link of the gallery wrong."""
+        value = (value or "").rstrip("/")
+        if not value:
+            return None
+        if (not value.startswith("/") or value.startswith("//")
+                or not all("!" <= ch <= "~" and ch not in "?#\\" for ch in value)):
+            raise ValueError("must be a path such as /aeic (the prefix the proxy serves the receiver under)")
         return value
 
     @field_validator("queue", "blob_url", mode="after")

@@ -26,10 +26,31 @@ from aeic.receiver.worker import DecodeWorker, WorkerConfig
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aeic import __version__
 
-__all__ = ["build_state", "create_app"]
+__all__ = ["UnderPrefix", "build_state", "create_app"]
+
+
+class UnderPrefix:
+    """Requests as a proxy that serves the receiver under `prefix` (`root_path`) passes them on, stripped of
+    it, seen as ASGI has them: `root_path` the prefix and the path under it, as uvicorn's --root-path makes
+    them (a path that still has the prefix is left as it is). Set here, not by the server, so that it holds
+    whatever server runs the app; the gallery, /docs and the OpenAPI document name their addresses under it."""
+
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path: str = scope["path"]
+            if path != self.prefix and not path.startswith(self.prefix + "/"):
+                raw = scope.get("raw_path") or path.encode()
+                scope = {**scope, "path": self.prefix + path, "raw_path": self.prefix.encode() + raw}
+            scope = {**scope, "root_path": self.prefix}
+        await self.app(scope, receive, send)
 
 
 def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = None,
@@ -90,6 +111,8 @@ def create_app(settings: ReceiverSettings, registry: CodecRegistry | None = None
     hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
     if hosts != ["*"]:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
+    if settings.root_path:
+        app.add_middleware(UnderPrefix, prefix=settings.root_path)
     install_error_handlers(app)
     app.include_router(api_router())
     install_api_docs(app)

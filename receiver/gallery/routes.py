@@ -27,6 +27,7 @@ from aeic.receiver.storage.blobs import bitstream_key, open_blob
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from jinja2 import pass_context
 from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 
@@ -34,7 +35,30 @@ __all__ = ["install_gallery"]
 
 _HERE = Path(__file__).parent
 _STATIC = _HERE / "static"
-_templates = Jinja2Templates(directory=str(_HERE / "templates"))
+
+
+def _root(request: Request) -> str:
+    """The prefix a proxy serves the receiver under (`root_path`, e.g. `/aeic`; empty at the host's root). Every
+    address a page or a redirect names is this plus the app's own path: an absolute `/images/...` left the
+    prefix, and behind https://host/aeic/ reached the proxy's other sites instead of the receiver. The app's,
+    not a mount's: the 404 page of a missing `/static/x` would have put `/static` before every address."""
+    scope = request.scope
+    return str(scope.get("app_root_path", scope.get("root_path", ""))).rstrip("/")
+
+
+def _app_path(request: Request) -> str:
+    """The request's path in the app, without the `_root` a proxy that keeps the prefix leaves on it."""
+    path, prefix = request.url.path, _root(request)
+    if prefix and (path == prefix or path.startswith(prefix + "/")):
+        return path[len(prefix):] or "/"
+    return path
+
+
+def _page_context(request: Request) -> dict[str, str]:
+    return {"root": _root(request)}
+
+
+_templates = Jinja2Templates(directory=str(_HERE / "templates"), context_processors=[_page_context])
 _FIRST_PAGE = 60
 _FORM_BYTES = 4096  # the sign-in form: one token field
 _IMAGE_ID = re.compile(r"[0-9a-f]{32}")  # what `api.visible_image` looks up
@@ -55,9 +79,16 @@ def _fmt_when(iso: str | None) -> Markup:
 _templates.env.filters["ms"] = _fmt_ms
 _templates.env.filters["when"] = _fmt_when
 
-# Each script and style sheet by the hash of its content: a page names it `/static/NAME?v=HASH` (`asset`).
+# Each script and style sheet by the hash of its content: a page names it `ROOT/static/NAME?v=HASH` (`asset`).
 _ASSETS = VersionedFiles(_STATIC, "/static")
-_templates.env.globals["asset"] = _ASSETS.url
+
+
+@pass_context
+def _asset(context: Any, name: str) -> str:
+    return f"{context['root']}{_ASSETS.url(name)}"
+
+
+_templates.env.globals["asset"] = _asset
 
 
 def _return_path(value: str | None) -> str:
@@ -70,9 +101,9 @@ def _return_path(value: str | None) -> str:
 
 
 def _here(request: Request) -> str:
-    """This request's page, to come back to once the visitor has signed in."""
+    """This request's page (its path in the app, under `root`), to come back to once the visitor has signed in."""
     query = request.url.query
-    return _return_path(request.url.path + (f"?{query}" if query else ""))
+    return _return_path(_app_path(request) + (f"?{query}" if query else ""))
 
 
 def _login_page(request: Request, message: str | None = None, status: int = 200, target: str = "/") -> HTMLResponse:
@@ -173,7 +204,7 @@ def _sign_in(request: Request, token: str, target: str) -> Response:
     state.login_limiter.refund(client_address(request))
     for name in COOKIE_NAMES:  # the browser's previous session ends: a stolen copy of its cookie with it
         state.sessions.close(request.cookies.get(name))
-    response = RedirectResponse(target, status_code=303)
+    response = RedirectResponse(_root(request) + target, status_code=303)
     cookie = session_cookie(request, state.settings.cookie_secure)
     response.set_cookie(cookie.name, session, httponly=True, samesite="lax", path="/",
                         max_age=max(1, math.ceil(state.sessions.ttl_s)), secure=cookie.secure)
@@ -244,7 +275,7 @@ def logout(request: Request) -> Response:
     state = receiver_state(request)
     cookie = session_cookie(request, state.settings.cookie_secure)
     state.sessions.close(request.cookies.get(cookie.name))
-    response = RedirectResponse("/", status_code=303)
+    response = RedirectResponse(f"{_root(request)}/", status_code=303)
     response.delete_cookie(cookie.name, path="/", secure=cookie.secure, httponly=True, samesite="lax")
     # Thumbnails and pictures are cached privately for a day: on a shared computer the next user of the
     # browser would still see them. Browsers honour this over HTTPS and on localhost.
@@ -256,7 +287,7 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     """A browser opening an address with nothing at it gets a page with the way back to the gallery; the
     API, scripts, images and every other client get the standard JSON error, as before."""
     page = request.headers.get("sec-fetch-dest") == "document" or "text/html" in request.headers.get("accept", "")
-    if page and request.method in ("GET", "HEAD") and not request.url.path.startswith("/v1/"):
+    if page and request.method in ("GET", "HEAD") and not _app_path(request).startswith("/v1/"):
         return _templates.TemplateResponse(request, "not_found.html", {}, status_code=404)
     return error_response(404, "not_found", str(getattr(exc, "detail", "Not Found")), getattr(exc, "headers", None))
 

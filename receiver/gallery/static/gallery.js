@@ -7,9 +7,10 @@
 "use strict";
 (function () {
   const grid = document.getElementById("grid");
+  const root = document.documentElement.dataset.root || "";  // the prefix a proxy serves the receiver under
   const first = grid.dataset.live === "true";
   const narrowing = grid.dataset.query ? "&" + grid.dataset.query : "";  // device and status, URL-encoded
-  const listing = "/v1/images?limit=" + Number(grid.dataset.limit || 60) + narrowing +
+  const listing = root + "/v1/images?limit=" + Number(grid.dataset.limit || 60) + narrowing +
     (first ? "" : "&cursor=" + encodeURIComponent(grid.dataset.cursor || ""));
   const waiting = () => grid.querySelector('.card[data-status="pending"], .card[data-status="decoding"]') !== null;
   const empty = document.getElementById("empty");
@@ -43,7 +44,7 @@
     if (img.status === "done") {
       const pic = el("img", isExtreme(img) ? "whole" : null);
       pic.loading = "lazy";  // as _card.html: only thumbnails near the viewport are fetched
-      pic.src = img.links.thumbnail;
+      pic.src = root + img.links.thumbnail;
       pic.alt = "Decoded image from " + img.device;  // as _card.html
       thumb.appendChild(pic);
     } else {
@@ -53,7 +54,7 @@
 
   function makeCard(img) {
     const card = el("a", "card");
-    card.href = "/images/" + img.id;
+    card.href = root + "/images/" + img.id;
     card.dataset.id = img.id;
     const thumb = el("div", "thumb");
     const caption = el("div", "caption");
@@ -110,7 +111,7 @@
       older.appendChild(arrow);
       pager.appendChild(older);
     }
-    older.href = "/?" + (narrowing ? narrowing.slice(1) + "&" : "") + "cursor=" + encodeURIComponent(next);
+    older.href = root + "/?" + (narrowing ? narrowing.slice(1) + "&" : "") + "cursor=" + encodeURIComponent(next);
   }
 
   function schedule(ms) {

@@ -25,7 +25,7 @@
     };
     const poll = async () => {
       try {
-        const response = await fetch("/v1/images/" + detail.dataset.id, {credentials: "same-origin"});
+        const response = await fetch((document.documentElement.dataset.root || "") + "/v1/images/" + detail.dataset.id, {credentials: "same-origin"});
         // Deleted meanwhile, or signed out: the reloaded page says so ("No image ..." or the token form).
         if (response.status === 404 || response.status === 401) { window.location.reload(); return; }
         if (!response.ok) throw new Error("the receiver answered HTTP " + response.status);
