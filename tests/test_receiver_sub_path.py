@@ -190,3 +190,21 @@ def test_a_proxy_that_keeps_the_prefix_and_probes_without_it_reach_the_same_rece
         assert signed_in.status_code == 303 and signed_in.headers["location"] == f"{PREFIX}/"
         assert client.get("/healthz").status_code == 200  # a probe of the pod itself, with no proxy
         assert client.get("/metrics").status_code == 200
+
+
+def test_swagger_ui_runs_an_operation_through_the_prefix(tmp_path: Path, browser: Chrome) -> None:
+    app, _ = gallery_app(tmp_path, ADMIN, root_path=PREFIX, worker=False)
+    with ServerThread(_StrippingProxy(app)) as server:  # type: ignore[arg-type]
+        base = f"{server.url}{PREFIX}"
+        browser.get(f"{base}/docs")
+        wait = WebDriverWait(browser, 30)
+        health = wait.until(lambda d: d.find_elements(
+            By.XPATH, "//div[contains(concat(' ', @class, ' '), ' opblock ')][.//*[@data-path='/healthz']]"))[0]
+        health.find_element(By.CSS_SELECTOR, ".opblock-summary-control").click()
+        wait.until(lambda d: health.find_elements(By.CSS_SELECTOR, ".try-out__btn"))[0].click()
+        health.find_element(By.CSS_SELECTOR, ".execute").click()
+        status = wait.until(lambda d: health.find_elements(
+            By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"))
+        assert status[0].text.strip() == "200"  # the proxy answers 404 to anything outside the prefix
+        resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert f"{base}/healthz" in resources and all(name.startswith(f"{base}/") for name in resources), resources
