@@ -2,11 +2,16 @@
 
 * decode latency per image at 768x512 and 1920x1080 (CPU here, CUDA when present),
 * decode throughput with batching versus batch size 1,
+* CPU batching (`--cpu-batching`): wall time per image and peak RSS for each image size x batch size x torch
+  thread count, every configuration a fresh child process (so one's memory peak is its own), the rounds
+  interleaved so that a change of load on a shared machine hits every configuration alike; the streams are
+  made by the real sender (`aeic encode`). It decides the worker's batch size on a CPU.
 * a bounded load test on loopback: N uploads from C concurrent clients (one device token each) against a
   real `aeic-receiver serve` process, with errors, latency percentiles, the acceptance rate, and a loss
   check (every accepted id is stored with its bitstream).
 
 Usage: python -m benchmarks.receiver_bench [--model PKG] [--out benchmarks/results/receiver.json]
+       nice python -m benchmarks.receiver_bench --cpu-batching [--rounds 3] [--batch-sizes 1,2,4] [--threads 1,2]
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +35,7 @@ import httpx
 import numpy as np
 
 DEFAULT_OUT = Path("benchmarks/results/receiver.json")  # the file run_all and the table read
+CPU_BATCHING_OUT = Path("benchmarks/results/receiver_cpu_batching.json")
 SIZES = ((768, 512), (1920, 1080))
 
 
@@ -79,6 +87,85 @@ def bench_decode(model: Path | None, repeats: int, batch_sizes: list[int], rate:
         throughput[str(size)] = {"images_per_s": rounds * size / elapsed, "images": rounds * size}
     return {"device": str(getattr(receiver, "device", "unknown")), "rate_index": rate,
             "latency": latency, "throughput_768x512_by_batch_size": throughput}
+
+
+def encode_with_sender(model: Path | None, folder: Path, width: int, height: int, count: int,
+                       rate: int) -> list[Path]:
+    """`count` distinct synthetic photos of one size coded by the real sender CLI (`aeic encode`), as a device
+    would send them."""
+    from PIL import Image
+
+    photos = []
+    for seed in range(count):
+        photo = folder / f"photo_{width}x{height}_{seed}.png"
+        Image.fromarray(synthetic_photo(width, height, seed)).save(photo)
+        photos.append(photo)
+    command = [sys.executable, "-m", "aeic.codec.cli", "encode", "--rate", str(rate), "-o", str(folder),
+               *map(str, photos)]
+    if model is not None:
+        command += ["--model", str(model)]
+    subprocess.run(command, check=True, capture_output=True)
+    return [photo.with_suffix(".aeic") for photo in photos]
+
+
+def decode_child(model: Path | None, threads: int, streams: list[Path]) -> dict[str, Any]:
+    """One configuration in this (fresh) process: torch on `threads` CPU threads, one warm-up decode of the
+    first stream (lazy weights, allocator), then the streams decoded as one batch the way the worker does
+    (`decode_each`). Peak RSS is the process's whole-life maximum, so it includes the model and the batch."""
+    import torch
+    from aeic.receiver.decoder import ReceiverCodec
+
+    torch.set_num_threads(threads)
+    codec = ReceiverCodec.from_package(model, device="cpu")
+    data = [path.read_bytes() for path in streams]
+    start = time.perf_counter()
+    codec.decode(data[0])
+    warm_up_s = time.perf_counter() - start
+    start = time.perf_counter()
+    outcomes = codec.decode_each(data)
+    wall_s = time.perf_counter() - start
+    failed = [repr(o) for o in outcomes if isinstance(o, Exception)]
+    if failed:
+        raise RuntimeError(f"decode failed: {failed}")
+    return {"images": len(data), "batch_s": wall_s, "s_per_image": wall_s / len(data), "warm_up_s": warm_up_s,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "torch_threads": torch.get_num_threads()}
+
+
+def bench_cpu_batching(model: Path | None, batch_sizes: list[int], threads: list[int], rounds: int,
+                       rate: int, sizes: tuple[tuple[int, int], ...] = SIZES) -> dict[str, Any]:
+    """Every (size, batch size, threads) configuration once per round in a child process; the order of the
+    configurations is shuffled within each round, so neither slow minutes nor a fixed position favour one.
+    The 1-minute load average before each child is kept beside its result."""
+    rng = np.random.default_rng(0)
+    configs = [(f"{w}x{h}", b, t) for w, h in sizes for b in batch_sizes for t in threads]
+    runs: dict[str, list[dict[str, Any]]] = {f"{s} batch {b} threads {t}": [] for s, b, t in configs}
+    with tempfile.TemporaryDirectory(prefix="aeic-cpu-batching-") as tmp:
+        streams = {f"{w}x{h}": encode_with_sender(model, Path(tmp), w, h, max(batch_sizes), rate)
+                   for w, h in sizes}
+        for _ in range(rounds):
+            for index in rng.permutation(len(configs)):
+                size, batch, thread_count = configs[index]
+                env = {**os.environ, "OMP_NUM_THREADS": str(thread_count), "MKL_NUM_THREADS": str(thread_count)}
+                command = [sys.executable, "-m", "benchmarks.receiver_bench", "--decode-child",
+                           *map(str, streams[size][:batch]), "--threads", str(thread_count)]
+                if model is not None:
+                    command += ["--model", str(model)]
+                load = os.getloadavg()[0]
+                done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[f"{size} batch {batch} threads {thread_count}"].append({**result, "load_1min_before": load})
+        stream_bytes = {size: [len(p.read_bytes()) for p in paths] for size, paths in streams.items()}
+    summary = {}
+    for (size, batch, thread_count), (name, results) in zip(configs, runs.items()):
+        per_image = [r["s_per_image"] for r in results]
+        summary[name] = {"size": size, "batch_size": batch, "torch_threads": thread_count,
+                         "s_per_image_median": statistics.median(per_image), "s_per_image_min": min(per_image),
+                         "s_per_image_max": max(per_image),
+                         "peak_rss_mib_max": max(r["peak_rss_mib"] for r in results),
+                         "load_1min_before": [round(r["load_1min_before"], 2) for r in results]}
+    return {"device": "cpu", "rate_index": rate, "rounds": rounds, "stream_bytes": stream_bytes,
+            "summary": summary, "runs": runs}
 
 
 async def _client(base: str, token: str, stream: bytes, count: int, latencies: list[float],
@@ -160,12 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--cpu-batching", action="store_true",
+                        help=f"only the CPU batching matrix (default --out {CPU_BATCHING_OUT})")
+    parser.add_argument("--threads", default="1,2", help="--cpu-batching: torch thread counts")
+    parser.add_argument("--rounds", type=int, default=3, help="--cpu-batching: interleaved rounds")
+    parser.add_argument("--decode-child", nargs="*", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--uploads", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-load", action="store_true")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.decode_child is not None:
+        print(json.dumps(decode_child(args.model, int(args.threads), args.decode_child)))
+        return 0
+    out = args.out or (CPU_BATCHING_OUT if args.cpu_batching else DEFAULT_OUT)
     from aeic.shared.model_package import ModelPackage
 
     package = ModelPackage.load(args.model)
@@ -176,13 +272,18 @@ def main(argv: list[str] | None = None) -> int:
                               "cpu_count": os.cpu_count(), "model_name": package.name,
                               "model_id": package.model_id.hex(), "model_path": str(package.path),
                               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if not args.skip_decode:
+    if args.cpu_batching:
+        report["cpu_batching"] = bench_cpu_batching(args.model, [int(b) for b in args.batch_sizes.split(",")],
+                                                    [int(t) for t in args.threads.split(",")], args.rounds,
+                                                    args.rate)
+        report["load_average_after"] = os.getloadavg()
+    if not args.skip_decode and not args.cpu_batching:
         report["decode"] = bench_decode(args.model, args.repeats, [int(b) for b in args.batch_sizes.split(",")],
                                         args.rate)
-    if not args.skip_load:
+    if not args.skip_load and not args.cpu_batching:
         report["load"] = bench_load(args.model, args.uploads, args.clients, args.rate)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
 
