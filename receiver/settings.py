@@ -55,7 +55,9 @@ class ReceiverSettings(BaseSettings):
     max_upload_bytes: int = Field(1_000_000, ge=32, description="Largest accepted bitstream (HTTP 413 above).")
     upload_timeout_s: float = Field(60.0, gt=0, le=MAX_SECONDS, description="Most seconds an upload's or a sign-in form's body may take to arrive (408).")
     max_dimension: int = Field(16384, ge=1, le=16384, description="Largest accepted width or height.")
-    batch_size: int = Field(4, ge=1, le=256, description="Most compatible jobs decoded in one call.")
+    # 1: on a CPU a batch is at most 5 % faster per image (slower at 768x512), peaks higher and makes its
+    # first image wait for the last (docs/benchmarks.md, receiver_cpu_batching*.json); GPU deployments set 8.
+    batch_size: int = Field(1, ge=1, le=256, description="Most compatible jobs decoded in one call.")
     max_attempts: int = Field(3, ge=1, le=100, description="Decode tries before an image is marked failed.")
     retry_delay_s: float = Field(2.0, ge=0, le=MAX_SECONDS, description="Delay before the first retry; doubles each attempt.")
     rate_limit_per_minute: float = Field(
