@@ -332,7 +332,8 @@ def test_a_worker_process_still_hung_after_the_grace_exits_and_its_images_decode
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AEIC_")},
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            "AEIC_QUEUE": redis_url, "AEIC_DECODE_DEADLINE_S": "0.2", "AEIC_RECLAIM_AFTER_S": "0.3",
-           "AEIC_HUNG_EXIT_GRACE_S": "0.2", "AEIC_RETRY_DELAY_S": "0"}
+           "AEIC_HUNG_EXIT_GRACE_S": "0.2", "AEIC_RETRY_DELAY_S": "0",
+           "AEIC_BATCH_SIZE": "2"}  # both entries in one delivery (a CPU worker's default takes one)
     database = f"sqlite:///{tmp_path / 'receiver.db'}"
     try:
         worker = subprocess.run([sys.executable, "-c", HANGING_WORKER, "worker", "--data", str(data),
