@@ -1,4 +1,4 @@
-"""Gallery routes: grid of thumbnails (newest first), one page per image, sign-in and sign-out."""
+"""Gallery routes: grid of thumbnails (newest first), one page per image and its deletion, sign-in and sign-out."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from aeic.receiver.api import (
     visible_image,
 )
 from aeic.receiver.api.conditional import matches
+from aeic.receiver.api.images import delete_image
 from aeic.receiver.auth import DEVICE_NAME, Principal
 from aeic.receiver.errors import ApiError, error_response
 from aeic.receiver.sessions import COOKIE_NAMES, session_cookie
 from aeic.receiver.static_files import VersionedFiles
-from aeic.receiver.storage import BlobNotFoundError, ImageFilter, InvalidCursorError, Status
+from aeic.receiver.storage import BlobNotFoundError, ImageFilter, InvalidCursorError, MetadataStore, Status
 from aeic.receiver.storage.blobs import bitstream_key, open_blob
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -124,7 +125,7 @@ def _narrowing(who: Principal, device: str | None, status: str | None) -> dict[s
 
 
 def index(request: Request, cursor: str | None = None, device: str | None = None,
-          status: str | None = None) -> Response:
+          status: str | None = None, deleted: str | None = None) -> Response:
     """The grid (newest first; the first page updates live, `cursor` pages through older images), narrowed to
     one device or status when asked (`/?device=cam1&status=failed`); anonymous visitors get the token form."""
     who = optional_principal(request)
@@ -140,8 +141,15 @@ def index(request: Request, cursor: str | None = None, device: str | None = None
         cursor, page = None, store.list_images(flt, _FIRST_PAGE, None)
     context: dict[str, Any] = {"images": [image_json(r) for r in page.items], "who": who, "limit": _FIRST_PAGE,
                                "next": page.next, "live": cursor is None, "cursor": cursor,
-                               "narrowing": narrowing, "query": urlencode(narrowing), "statuses": _STATUSES}
+                               "narrowing": narrowing, "query": urlencode(narrowing), "statuses": _STATUSES,
+                               "deleted": _was_deleted(store, deleted)}
     return _no_store(_templates.TemplateResponse(request, "index.html", context))
+
+
+def _was_deleted(store: MetadataStore, image_id: str | None) -> bool:
+    """Whether the grid may say "Image deleted" for `?deleted=ID` (where a delete returns to): only when no
+    such image exists, so a link cannot make the page claim that an image still there is gone."""
+    return bool(image_id and _IMAGE_ID.fullmatch(image_id) and store.get_image(image_id) is None)
 
 
 def _missing(request: Request, image_id: str) -> Response:
@@ -184,6 +192,33 @@ def bitstream(image_id: str, request: Request) -> Response:
         return _missing(request, image_id)
     return BlobDownload(blob, "application/octet-stream",
                         {"Content-Disposition": f'attachment; filename="{record.id}.aeic"', **cache})
+
+
+def _session_principal(request: Request) -> Principal | None:
+    """The signed-in visitor behind the session cookie of a gallery form post. The API honours the cookie for
+    reads only (`optional_principal`); the delete form is the one write the gallery makes with it, and only
+    after `_cross_site` has refused a post another site's page made."""
+    state = receiver_state(request)
+    return state.sessions.principal(request.cookies.get(session_cookie(request, state.settings.cookie_secure).name))
+
+
+def delete_page_image(image_id: str, request: Request) -> Response:
+    """The image page's "Delete permanently" form: whoever may see the image (its device's session or the
+    admin's, as `DELETE /v1/images/{id}` allows) deletes it, then lands on the grid, which says so. A post
+    from another site is refused before the cookie is looked at (its SameSite=Lax still goes with a
+    same-site page's post, a sibling subdomain's)."""
+    if _cross_site(request):
+        return _no_store(_templates.TemplateResponse(request, "refused.html", {}, status_code=403))
+    who = _session_principal(request)
+    if who is None:  # the session ended while the page was open: sign in, back on the image's page
+        target = f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/"
+        return _no_store(_login_page(request, "Your session has ended; sign in again to delete the image.",
+                                     status=401, target=target))
+    try:
+        delete_image(image_id, request, who)
+    except ApiError:  # deleted already (another tab, a second click), another device's, or no such image
+        return _no_store(_missing(request, image_id))
+    return RedirectResponse(f"{_root(request)}/?{urlencode({'deleted': image_id})}", status_code=303)
 
 
 def _sign_in(request: Request, token: str, target: str) -> Response:
@@ -299,6 +334,7 @@ def install_gallery(app: FastAPI) -> None:
     router.add_api_route("/", index, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/images/{image_id}", image_page, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/images/{image_id}/bitstream", bitstream, methods=["GET", "HEAD"])
+    router.add_api_route("/images/{image_id}/delete", delete_page_image, methods=["POST"])
     router.add_api_route("/login", login_form, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/login", login_submit, methods=["POST"], response_class=HTMLResponse)
     router.add_api_route("/logout", logout, methods=["POST"])
