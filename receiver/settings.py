@@ -14,7 +14,7 @@ import difflib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aeic.shared.decode_limits import TILE_PIXELS
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
@@ -30,10 +30,14 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["CONFIG_ENV", "MAX_SECONDS", "ConfigError", "ReceiverSettings", "closest_setting", "load_settings"]
+__all__ = ["CONFIG_ENV", "DEFAULT_BATCH_SIZE", "MAX_SECONDS", "ConfigError", "ReceiverSettings", "closest_setting", "load_settings"]
 
 # Environment variable naming the TOML config file (the `--config` flag wins over it).
 CONFIG_ENV = "AEIC_CONFIG"
+# 1: on a CPU a batch is at most 5 % faster per image (slower at 768x512), peaks higher and makes its first
+# image wait for the last (docs/benchmarks.md, receiver_cpu_batching*.json); GPU deployments set 8. The worker
+# configs default to it too, so that one built in code without settings decodes as the receiver does.
+DEFAULT_BATCH_SIZE = 1
 # The longest duration a setting takes (a year): the worker waits with these, and a wait past the platform's
 # time_t (poll_interval_s=1e10) killed its thread with an OverflowError, leaving the receiver not ready for good.
 MAX_SECONDS = 365 * 24 * 3600.0
@@ -55,9 +59,7 @@ class ReceiverSettings(BaseSettings):
     max_upload_bytes: int = Field(1_000_000, ge=32, description="Largest accepted bitstream (HTTP 413 above).")
     upload_timeout_s: float = Field(60.0, gt=0, le=MAX_SECONDS, description="Most seconds an upload's or a sign-in form's body may take to arrive (408).")
     max_dimension: int = Field(16384, ge=1, le=16384, description="Largest accepted width or height.")
-    # 1: on a CPU a batch is at most 5 % faster per image (slower at 768x512), peaks higher and makes its
-    # first image wait for the last (docs/benchmarks.md, receiver_cpu_batching*.json); GPU deployments set 8.
-    batch_size: int = Field(1, ge=1, le=256, description="Most compatible jobs decoded in one call.")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=256, description="Most compatible jobs decoded in one call.")
     max_attempts: int = Field(3, ge=1, le=100, description="Decode tries before an image is marked failed.")
     retry_delay_s: float = Field(2.0, ge=0, le=MAX_SECONDS, description="Delay before the first retry; doubles each attempt.")
     rate_limit_per_minute: float = Field(
@@ -87,6 +89,10 @@ class ReceiverSettings(BaseSettings):
         default_factory=list, description="Model package directories; empty means the shipped default."
     )
     device: str = Field("auto", description="Torch device for the decoder: auto, cpu, cuda, cuda:1 ...")
+    decoder_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="What a full-profile package's SD-Turbo UNet and VAE compute in: float16 or bfloat16 "
+        "halve their memory on a GPU (float16 needs one); the codec's own layers stay float32."
+    )
     decode_tile_pixels: int = Field(
         TILE_PIXELS, ge=64 * 64, description="Padded coded pixels the pixel decoder renders in one pass: a larger "
         "picture is rendered in tiles, which bounds a decode's memory (default 1536x1536: a 1080p photo coded "

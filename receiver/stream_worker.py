@@ -36,7 +36,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from aeic.receiver.queue import Job, JobQueue
 from aeic.receiver.registry import CodecRegistry
-from aeic.receiver.settings import ReceiverSettings
+from aeic.receiver.settings import DEFAULT_BATCH_SIZE, ReceiverSettings
 from aeic.receiver.storage import Claim, SqlMetadataStore, Status
 from aeic.receiver.storage.claims import (
     claim_ids,
@@ -72,7 +72,7 @@ class StreamWorkerConfig:
     """Consumer knobs."""
 
     consumer: str
-    batch_size: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_attempts: int = 3
     reclaim_after_s: float = 60.0
     block_ms: int = 1000
@@ -335,7 +335,8 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
     store.migrate()
     metrics = ReceiverMetrics()
     blobs = open_blob_store(settings)  # the API creates the bucket before it stores the first upload
-    registry = CodecRegistry.from_packages(settings.model_packages, settings.device, settings.decode_tile_pixels)
+    registry = CodecRegistry.from_packages(settings.model_packages, settings.device, settings.decode_tile_pixels,
+                                           settings.decoder_dtype)
     decoder = DecodeWorker(store, blobs, registry, WorkerConfig(
         batch_size=settings.batch_size, max_attempts=settings.max_attempts, retry_delay_s=settings.retry_delay_s,
         poll_interval_s=settings.poll_interval_s, thumbnail_px=settings.thumbnail_px,

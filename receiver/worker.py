@@ -36,6 +36,7 @@ import numpy as np
 from aeic.receiver.images import encode_png, make_thumbnail
 from aeic.receiver.metrics import ReceiverMetrics
 from aeic.receiver.registry import CodecRegistry, DecoderLike
+from aeic.receiver.settings import DEFAULT_BATCH_SIZE
 from aeic.receiver.storage import (
     BlobNotFoundError,
     BlobStore,
@@ -112,7 +113,7 @@ def heartbeat(interval_s: float, beats: list[Callable[[], object]],
 class WorkerConfig:
     """Worker knobs (taken from ReceiverSettings by the app)."""
 
-    batch_size: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_attempts: int = 3
     retry_delay_s: float = 2.0
     poll_interval_s: float = 1.0

@@ -291,6 +291,17 @@ def test_batches_group_compatible_images(tmp_path: Path) -> None:
     assert codec.batches == [3, 1, 1]
 
 
+def test_a_worker_config_made_without_settings_batches_as_the_settings_default() -> None:
+    """A config built in code (a tool, a test) decodes as a receiver started with no settings would: both
+    worker configs said 4 while the setting said 1 (a CPU's best, docs/receiver.md, Batch size)."""
+    from aeic.receiver.stream_worker import StreamWorkerConfig
+    from aeic.receiver.worker import WorkerConfig
+
+    default = ReceiverSettings.model_fields["batch_size"].default
+    assert WorkerConfig().batch_size == default
+    assert StreamWorkerConfig(consumer="w1").batch_size == default
+
+
 def test_pending_and_abandoned_jobs_resume_after_restart(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, worker=False)
     tokens = make_tokens(settings, "cam1")

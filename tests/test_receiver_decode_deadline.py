@@ -226,7 +226,7 @@ def test_a_decode_within_its_deadline_is_untouched(meta: SqlMetadataStore, tmp_p
     blobs = FilesystemBlobStore(tmp_path / "blobs")
     codec, clock = BlockingCodec(hold_s=10), ManualClock()
     image_ids = [_upload(meta, blobs) for _ in range(2)]
-    worker = _worker(meta, blobs, codec, lease_s=0.15, decode_deadline_s=30.0, clock=clock)
+    worker = _worker(meta, blobs, codec, batch_size=2, lease_s=0.15, decode_deadline_s=30.0, clock=clock)
     thread = _in_thread(worker.run_once)
     try:
         assert codec.entered.wait(5)
