@@ -25,6 +25,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from test_receiver_gallery_a11y import _low_contrast
+from test_receiver_sub_path import PREFIX, _StrippingProxy, _under_prefix
 
 ADMIN = "gallery-delete-admin-token-0123456789"
 SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin"}  # what Chromium sends with the image page's own form
@@ -261,3 +262,20 @@ def test_an_image_deleted_while_it_decodes_stays_deleted_and_the_worker_goes_on(
         _wait_done(server.url, following)  # the worker is past the deleted image's batch, and alive
         assert codec.batches == [1, 1]
         assert _status(server.url, image_id) is None and _files_of(tmp_path, image_id) == []
+
+
+def test_under_a_path_prefix_the_delete_and_its_way_back_stay_under_it(tmp_path: Path) -> None:
+    """Behind a proxy serving the receiver at /aeic/ and stripping it: the form posts there and lands on the
+    grid there (an absolute /?deleted=... would be the proxy's own site)."""
+    app, tokens = gallery_app(tmp_path, ADMIN, root_path=PREFIX)
+    with ServerThread(_StrippingProxy(app)) as server, httpx.Client(base_url=server.url) as client:  # type: ignore[arg-type]
+        image_id = _upload(f"{server.url}{PREFIX}", tokens["cam1"])
+        assert client.post(f"{PREFIX}/login", data={"token": ADMIN}).status_code == 303
+        page = client.get(f"{PREFIX}/images/{image_id}").text
+        assert f'action="{PREFIX}/images/{image_id}/delete"' in page
+        refused = client.post(f"{PREFIX}/images/{image_id}/delete", headers={"Sec-Fetch-Site": "cross-site"})
+        assert refused.status_code == 403
+        _under_prefix(client, refused.text)
+        deleted = client.post(f"{PREFIX}/images/{image_id}/delete", headers=SAME_ORIGIN)
+        assert deleted.status_code == 303 and deleted.headers["location"] == f"{PREFIX}/?deleted={image_id}"
+        assert 'id="notice"' in client.get(deleted.headers["location"]).text
