@@ -3,19 +3,19 @@ cannot train is one line at the start, and an interrupted run keeps what it had.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import io
 import json
 import math
 import os
 import pickle
-import subprocess
-import sys
 import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pytest
@@ -723,11 +723,11 @@ def test_a_cache_that_does_not_fit_on_its_disk_says_so_and_keeps_the_photos_done
     config = _config(tmp_path, _photos(tmp_path, 3))
     save = torch.save
 
-    def full_after_two(item: object, path: Path) -> None:
+    def full_after_two(item: object, file: BinaryIO) -> None:
         if len(list((tmp_path / "cache").glob("*.pt"))) == 2:
-            Path(path).write_bytes(b"partial")
+            file.write(b"partial")
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 960 vs 854")
-        save(item, path)
+        save(item, file)
 
     monkeypatch.setattr(data_module.torch, "save", full_after_two)
     monkeypatch.setattr(data_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * 2**20))
@@ -863,30 +863,75 @@ def test_a_fifo_named_like_a_photo_is_skipped_without_blocking(
     assert f"training on 2 of the 3 photos in {photos} (1 unreadable" in err
 
 
-def _gone_pid() -> int:
-    """The id of a process that has ended (and been reaped)."""
-    child = subprocess.Popen([sys.executable, "-c", ""])
-    child.wait()
-    return child.pid
-
-
-def test_temporaries_of_a_killed_run_are_cleared_and_a_live_writers_kept(tmp_path: Path) -> None:
-    """kill -9 while the cache filled left its ``<entry>.<pid>.tmp`` (a whole photo's pixels) for ever; a later
-    run removes those of processes that are gone, never one a live process (a run sharing the cache) writes."""
+def test_temporaries_of_a_killed_run_are_cleared_and_a_writers_kept(tmp_path: Path) -> None:
+    """kill -9 while the cache filled left its temporary (a whole photo's pixels) for ever; a later run removes
+    one untouched for ``STALE_TEMPORARY_SECONDS``, whoever wrote it, and keeps a fresh one (a run sharing the
+    cache, on this machine or another, may be writing it), as well as files of other names. A process id
+    in the name said nothing: in a container a training run is often pid 1, alive in every container."""
     photos = _photos(tmp_path, 1)
     cache = tmp_path / "cache"
     cache.mkdir()
     stale = data_module.STALE_TEMPORARY_SECONDS + 60
-    dead, fresh_dead, live = (cache / f"{name}.tmp" for name in
-                              (f"{'a' * 20}.{_gone_pid()}", f"{'b' * 20}.{_gone_pid()}", f"{'c' * 20}.{os.getppid()}"))  # fmt: skip
-    for path in (dead, fresh_dead, live):
+    old, old_pid_named, fresh, other = (cache / name for name in
+                                        (f"{'a' * 20}.{'0f' * 8}.tmp", f"{'b' * 20}.1.tmp", f"{'c' * 20}.{'e1' * 8}.tmp",
+                                         "notes.tmp"))  # fmt: skip
+    for path in (old, old_pid_named, fresh, other):
         path.write_bytes(b"half a photo")
-    for path in (dead, live):
+    for path in (old, old_pid_named, other):
         os.utime(path, (path.stat().st_mtime - stale,) * 2)
     build_cache(photos, cache, 160, NO_TEACHER, 128)
-    # fresh_dead: a process of another machine sharing the cache may be writing it (its id means nothing here)
-    assert sorted(path.name for path in cache.glob("*.tmp")) == sorted([fresh_dead.name, live.name])
+    assert sorted(path.name for path in cache.glob("*.tmp")) == sorted([fresh.name, other.name])
     assert len(list(cache.glob("*.pt"))) == 1
+
+
+def _photo_item(value: int) -> CachedImage:
+    return CachedImage(torch.full((3, 8, 8), value, dtype=torch.uint8), torch.full((4, 1, 1), value).half())
+
+
+def test_two_writers_of_one_process_id_never_share_a_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two containers sharing a cache volume can both run as the same pid: their temporaries were both
+    ``<entry>.<pid>.tmp``, so one writer truncated the other's half-written file and renamed it away, and the
+    first's rename then failed (FileNotFoundError) after writing its second half into the finished entry."""
+    entry = tmp_path / f"{'d' * 20}.pt"
+    first, second = _photo_item(1), _photo_item(2)
+    save = torch.save
+
+    def interleaved(item: object, target: Any) -> None:
+        """Write half of `item`, let the other writer write the same entry whole, then write the rest."""
+        buffer = io.BytesIO()
+        save(item, buffer)
+        data = buffer.getvalue()
+        with contextlib.ExitStack() as stack:
+            out = target if hasattr(target, "write") else stack.enter_context(open(target, "wb"))
+            out.write(data[: len(data) // 2])
+            if item is first:
+                data_module._write_entry(entry, second)
+            out.write(data[len(data) // 2:])
+
+    monkeypatch.setattr(os, "getpid", lambda: 1)  # as in each container
+    monkeypatch.setattr(torch, "save", interleaved)
+    data_module._write_entry(entry, first)
+    kept = data_module._read_entry(entry)
+    assert kept is not None and torch.equal(kept.pixels, first.pixels)  # the last rename wins, whole
+    assert [path.name for path in tmp_path.iterdir()] == [entry.name]
+
+
+def test_a_temporary_removed_as_stale_while_its_writer_stood_still_costs_only_the_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped mid-write (Ctrl-Z) past ``STALE_TEMPORARY_SECONDS`` finds its temporary removed by a run
+    sharing the cache: it goes on without keeping that entry (computed again next time) rather than failing."""
+    entry = tmp_path / f"{'e' * 20}.pt"
+    save = torch.save
+
+    def removed_meanwhile(item: object, target: Any) -> None:
+        save(item, target)
+        for path in tmp_path.glob("*.tmp"):
+            path.unlink()
+
+    monkeypatch.setattr(torch, "save", removed_meanwhile)
+    data_module._write_entry(entry, _photo_item(3))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_one_usable_photo_is_said_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import secrets
 import shutil
 import struct
 import sys
@@ -217,44 +218,37 @@ def _read_entry(entry: Path, mapped: bool = False) -> CachedImage | None:
 
 
 def _write_entry(entry: Path, item: CachedImage) -> None:
-    """Write through a temporary file of this process's own (runs sharing a cache never write one file
-    together), then rename: a crash leaves no half-written entry."""
-    tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp")
+    """Write through a temporary file of its own, then rename: a crash leaves no half-written entry. Its name
+    is random and made exclusively, not the process id: containers sharing a cache volume run as the same
+    pids, and two writers of one temporary truncated each other's and renamed it away."""
+    tmp = entry.with_name(f"{entry.stem}.{secrets.token_hex(8)}.tmp")
     try:
-        torch.save(item, tmp)
+        with open(tmp, "xb") as file:
+            torch.save(item, file)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk or a read-only folder as either
         tmp.unlink(missing_ok=True)
         room = shutil.disk_usage(entry.parent).free // 2**20  # what torch's 'unexpected pos N vs M' leaves unsaid
         raise OSError(f"cannot write the cache {entry.parent} ({room} MiB free on its disk): {str(exc).splitlines()[0]}") from exc
-    tmp.replace(entry)
-
-
-# a cache write takes seconds; a process of another machine sharing the cache (NFS, a container's volume) has an id
-# that means nothing here, so its temporary file is left alone while it may still be writing it
-STALE_TEMPORARY_SECONDS = 600
-_TEMPORARY = re.compile(r"[0-9a-f]{20}\.(\d{1,9})\.tmp")  # _write_entry's, naming its process
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (another user's too)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        pass
-    return True
+        tmp.replace(entry)
+    except FileNotFoundError:  # removed as stale by a run sharing the cache while this one stood still (Ctrl-Z)
+        pass  # only this entry is not kept: the photo is cached again by the next run
+
+
+# A cache write takes seconds: a temporary untouched for this long is a killed run's, whichever machine or container
+# ran it (a process id says nothing there: a container's training run is often pid 1, alive in every container).
+STALE_TEMPORARY_SECONDS = 600
+_TEMPORARY = re.compile(r"[0-9a-f]{20}\.[0-9a-f]{1,16}\.tmp")  # _write_entry's; older releases put a pid in its place
 
 
 def _clear_stale_temporaries(cache_dir: Path) -> None:
-    """Remove the temporary files of runs killed while writing a cache file (``kill -9``, a lost machine): their
-    process is gone and the file untouched for ``STALE_TEMPORARY_SECONDS``; nothing else would ever remove them.
-    One a live process writes (a run sharing the cache) is kept, as is one that cannot be removed (a read-only cache)."""
+    """Remove the temporary files of runs killed while writing a cache file (``kill -9``, a lost machine): untouched
+    for ``STALE_TEMPORARY_SECONDS``; nothing else would ever remove them. A fresh one (a run sharing the cache may be
+    writing it) is kept, as is one that cannot be removed (a read-only cache)."""
     now = time.time()
     with os.scandir(cache_dir) as entries:
         for entry in entries:
-            match = _TEMPORARY.fullmatch(entry.name)
-            if match is None or _process_alive(int(match[1])):
+            if _TEMPORARY.fullmatch(entry.name) is None:
                 continue
             try:
                 if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_SECONDS:
