@@ -279,3 +279,37 @@ def test_under_a_path_prefix_the_delete_and_its_way_back_stay_under_it(tmp_path:
         deleted = client.post(f"{PREFIX}/images/{image_id}/delete", headers=SAME_ORIGIN)
         assert deleted.status_code == 303 and deleted.headers["location"] == f"{PREFIX}/?deleted={image_id}"
         assert 'id="notice"' in client.get(deleted.headers["location"]).text
+
+
+def test_the_delete_returns_to_the_grid_page_and_filter_the_image_was_opened_from(
+    tmp_path: Path, browser: Chrome
+) -> None:
+    """An admin clearing out failed images (`/?status=failed`) landed on the whole grid after each delete
+    and had to narrow it again; now the delete returns to the grid the tab last showed."""
+    app, tokens = gallery_app(tmp_path, ADMIN)
+    with ServerThread(app) as server:
+        good, bad = _upload(server.url, tokens["cam1"]), _upload(server.url, tokens["cam1"], b"FAIL")
+        _wait_done(server.url, good)
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.get(f"{server.url}/?status=failed")
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, f'.card[data-id="{bad}"]'))
+        browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{bad}"]').click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "delete-open")).pop().click()
+        browser.find_element(By.ID, "delete-confirm").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "notice"))
+        assert browser.current_url == f"{server.url}/?status=failed&deleted={bad}"
+        assert browser.find_element(By.TAG_NAME, "h1").text == "Received images, failed"
+        assert _status(server.url, good) == "done"
+
+
+def test_a_delete_returns_only_to_a_grid_of_this_site(tmp_path: Path) -> None:
+    """Where the delete lands (`back`, as the tab's grid named it) is a grid page of this site or the grid."""
+    app, tokens = gallery_app(tmp_path, ADMIN)
+    with ServerThread(app) as server, _session(server.url, ADMIN) as admin:
+        for back, landing in (("/?status=failed&deleted=0123", "/?status=failed&deleted={}"),
+                              ("/?device=cam1&cursor=abc", "/?device=cam1&cursor=abc&deleted={}"),
+                              ("//attacker.example/?x=1", "/?deleted={}"), ("/images/x", "/?deleted={}"),
+                              ("https://attacker.example/", "/?deleted={}"), ("/?\tx", "/?deleted={}")):
+            image_id = _upload(server.url, tokens["cam1"])
+            answer = admin.post(f"/images/{image_id}/delete", params={"back": back}, headers=SAME_ORIGIN)
+            assert answer.status_code == 303 and answer.headers["location"] == landing.format(image_id), back

@@ -6,7 +6,7 @@ import math
 import re
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 from aeic.receiver.api import (
     BlobDownload,
@@ -202,11 +202,19 @@ def _session_principal(request: Request) -> Principal | None:
     return state.sessions.principal(request.cookies.get(session_cookie(request, state.settings.cookie_secure).name))
 
 
-def delete_page_image(image_id: str, request: Request) -> Response:
+def _grid_after_delete(back: str | None, image_id: str) -> str:
+    """The grid page to land on after a delete, saying so: `back`, the grid the tab last showed (image.js
+    names it: its filter and older page), when it is a grid address of this site; else the whole grid."""
+    path, _, query = _return_path(back).partition("?")
+    kept = [(k, v) for k, v in parse_qsl(query) if k != "deleted"] if path == "/" else []
+    return "/?" + urlencode([*kept, ("deleted", image_id)])
+
+
+def delete_page_image(image_id: str, request: Request, back: str | None = None) -> Response:
     """The image page's "Delete permanently" form: whoever may see the image (its device's session or the
-    admin's, as `DELETE /v1/images/{id}` allows) deletes it, then lands on the grid, which says so. A post
-    from another site is refused before the cookie is looked at (its SameSite=Lax still goes with a
-    same-site page's post, a sibling subdomain's)."""
+    admin's, as `DELETE /v1/images/{id}` allows) deletes it, then lands on the grid (`back`), which says
+    so. A post from another site is refused before the cookie is looked at (its SameSite=Lax still goes
+    with a same-site page's post, a sibling subdomain's)."""
     if _cross_site(request):
         return _no_store(_templates.TemplateResponse(request, "refused.html", {}, status_code=403))
     who = _session_principal(request)
@@ -218,7 +226,7 @@ def delete_page_image(image_id: str, request: Request) -> Response:
         delete_image(image_id, request, who)
     except ApiError:  # deleted already (another tab, a second click), another device's, or no such image
         return _no_store(_missing(request, image_id))
-    return RedirectResponse(f"{_root(request)}/?{urlencode({'deleted': image_id})}", status_code=303)
+    return RedirectResponse(_root(request) + _grid_after_delete(back, image_id), status_code=303)
 
 
 def _sign_in(request: Request, token: str, target: str) -> Response:

@@ -2,6 +2,13 @@
 // keys + - 0 and the arrows once it has focus) that shows the JPEG until zoomed in, then the exact PNG.
 "use strict";
 (function () {
+  // The delete lands on the grid this tab last showed (gallery.js names it): its filter and page, not the
+  // whole grid. Without a script or a name it lands on the whole grid.
+  const remove = document.querySelector("#delete form");
+  try {
+    const grid = sessionStorage.getItem("aeic.grid");
+    if (grid) remove.action += "?" + new URLSearchParams({back: grid});
+  } catch (err) {}
   const detail = document.getElementById("detail");
   const status = detail.dataset.status;
   if (status === "pending" || status === "decoding") {
