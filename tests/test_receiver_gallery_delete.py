@@ -150,7 +150,8 @@ def _tab_to(driver: Chrome, element_id: str, most: int = 20) -> None:
 def test_delete_by_keyboard_and_a_grid_open_in_another_tab_drops_the_image(tmp_path: Path, browser: Chrome) -> None:
     """Keyboard only: Tab to "Delete this image…", Enter opens the step that says what goes, Tab and Enter on
     "Delete permanently" delete it and land on the grid with a status line. The grid left open in another
-    tab drops the card when shown again. Targets are touch-sized and the open form meets AA contrast."""
+    tab drops the card when shown again. On a phone the open step fits, its targets touch-sized, and it meets
+    AA contrast."""
     app, tokens = gallery_app(tmp_path, ADMIN)
     with ServerThread(app) as server:
         image_id, kept = _upload(server.url, tokens["cam1"]), _upload(server.url, tokens["cam1"], b"\x04")
@@ -171,6 +172,9 @@ def test_delete_by_keyboard_and_a_grid_open_in_another_tab_drops_the_image(tmp_p
             "return document.getElementById('delete-confirm').ariaDescribedByElements.map(e => e.textContent)"
         ) == [("The picture, its downloads and the bitstream as the device sent it are removed from the receiver. "
                "This cannot be undone.")]
+        browser.set_window_size(360, 740)  # a phone: the open step fits its width, its targets are touch-sized
+        width = browser.execute_script("return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert width[0] <= width[1], width
         sizes = browser.execute_script(
             "return ['#delete-open', '#delete-confirm'].map(s => document.querySelector(s).getBoundingClientRect())"
             ".map(r => [r.width, r.height])")
