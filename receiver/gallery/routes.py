@@ -255,8 +255,8 @@ def _sign_in(request: Request, token: str, target: str) -> Response:
 
 
 def _cross_site(request: Request) -> bool:
-    """True for a form another site made the browser post (login CSRF, forced sign-out). The browser's
-    Sec-Fetch-Site is authoritative; older browsers are checked by their Origin against our Host."""
+    """True for a form another site made the browser post (login CSRF, forced sign-out or delete). The
+    browser's Sec-Fetch-Site is authoritative; older browsers are checked by their Origin against our Host."""
     fetch_site = request.headers.get("sec-fetch-site")
     if fetch_site is not None:
         return fetch_site not in ("same-origin", "none")

@@ -177,8 +177,6 @@
   });
   if (first || waiting()) schedule(POLL_MS);
 
-  // The filter form leaves out a field left at "any", so the address says only what was asked
-  // (`/?status=failed`, not `/?device=&status=failed`).
   // This grid (its filter and older page) is where a delete on an image opened from here returns (image.js).
   try {
     const here = new URLSearchParams(window.location.search);
@@ -186,6 +184,9 @@
     const query = here.toString();
     sessionStorage.setItem("aeic.grid", "/" + (query ? "?" + query : ""));
   } catch (err) {}  // no storage (a privacy setting): the delete returns to the whole grid
+
+  // The filter form leaves out a field left at "any", so the address says only what was asked
+  // (`/?status=failed`, not `/?device=&status=failed`).
   const filter = document.querySelector("form.filter");
   filter.addEventListener("submit", () => {
     for (const field of filter.elements) if (field.name && !field.value) field.disabled = true;
