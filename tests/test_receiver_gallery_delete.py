@@ -147,6 +147,15 @@ def _tab_to(driver: Chrome, element_id: str, most: int = 20) -> None:
     raise AssertionError(f"Tab never reached #{element_id}")
 
 
+def _accessible(driver: Chrome, name: str) -> tuple[str, dict[str, Any]]:
+    """The role and properties a screen reader is given for the (unignored) node named `name`."""
+    for node in driver.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]:
+        if not node.get("ignored") and node.get("name", {}).get("value") == name and node["role"]["value"] not in (
+                "StaticText", "InlineTextBox"):
+            return node["role"]["value"], {p["name"]: p["value"].get("value") for p in node.get("properties", [])}
+    raise AssertionError(f"nothing named {name!r} in the accessibility tree")
+
+
 def test_delete_by_keyboard_and_a_grid_open_in_another_tab_drops_the_image(tmp_path: Path, browser: Chrome) -> None:
     """Keyboard only: Tab to "Delete this image…", Enter opens the step that says what goes, Tab and Enter on
     "Delete permanently" delete it and land on the grid with a status line. The grid left open in another
@@ -163,8 +172,12 @@ def test_delete_by_keyboard_and_a_grid_open_in_another_tab_drops_the_image(tmp_p
         browser.get(f"{server.url}/images/{image_id}")
         assert not browser.find_element(By.ID, "delete-confirm").is_displayed()  # one step is not enough
         _tab_to(browser, "delete-open")
+        role, says = _accessible(browser, "Delete this image…")
+        assert role == "DisclosureTriangle" and says["expanded"] is False, (role, says)
         browser.switch_to.active_element.send_keys(Keys.ENTER)
         assert browser.execute_script("return document.getElementById('delete').open") is True
+        assert _accessible(browser, "Delete this image…")[1]["expanded"] is True
+        assert _accessible(browser, "Delete permanently")[0] == "button"
         _tab_to(browser, "delete-confirm", most=1)
         button = browser.find_element(By.ID, "delete-confirm")
         assert button.accessible_name == "Delete permanently"
