@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import receiver_support
@@ -112,6 +113,49 @@ def test_pages_redirects_and_docs_stay_under_the_prefix(tmp_path: Path) -> None:
 
         out = client.post(f"{PREFIX}/logout")
         assert out.status_code == 303 and out.headers["location"] == f"{PREFIX}/"
+
+
+def _wait_done(client: httpx.Client, address: str, headers: dict[str, str]) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        image: dict[str, Any] = client.get(address, headers=headers).json()
+        if image["status"] == "done":
+            return image
+        time.sleep(0.05)
+    raise AssertionError(f"{address} not decoded: {image}")
+
+
+def test_every_address_the_api_answers_with_is_under_the_prefix(tmp_path: Path) -> None:
+    """An API client behind https://host/aeic/ that followed the upload's Location or an image's `links` (in
+    its status, the upload's answer and the listing) got the proxy's 404: they were paths from `/`."""
+    app, tokens = gallery_app(tmp_path, ADMIN, root_path=PREFIX)
+    with ServerThread(_StrippingProxy(app)) as server, httpx.Client(base_url=server.url) as client:  # type: ignore[arg-type]
+        auth = {"Authorization": f"Bearer {tokens['cam1']}"}
+        upload = client.post(f"{PREFIX}/v1/images", content=make_bitstream(),
+                             headers={**auth, "Content-Type": "application/octet-stream"})
+        assert upload.status_code == 202, upload.text
+        image_id = upload.json()["id"]
+        base = f"{PREFIX}/v1/images/{image_id}"
+        assert upload.headers["location"] == base
+        links = {"self": base, "reconstruction": f"{base}/reconstruction", "thumbnail": f"{base}/thumbnail"}
+        assert upload.json()["links"] == links
+
+        image = _wait_done(client, upload.headers["location"], auth)
+        assert image["links"] == links
+        listing = client.get(f"{PREFIX}/v1/images", headers=auth, params={"limit": 1}).json()
+        assert [item["links"] for item in listing["items"]] == [links]
+        for name, address in links.items():  # each one reaches the receiver through the proxy
+            answer = client.get(address, headers=auth)
+            assert answer.status_code == 200 and "x-proxy" not in answer.headers, (name, answer.text)
+        assert client.get(f"{links['reconstruction']}.webp", headers=auth).status_code == 200
+
+    # At the host's root (no prefix) the addresses are as they were.
+    app, tokens = gallery_app(tmp_path / "root", ADMIN, worker=False)
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        upload = client.post("/v1/images", content=make_bitstream(), headers={
+            "Authorization": f"Bearer {tokens['cam1']}", "Content-Type": "application/octet-stream"})
+        image_id = upload.json()["id"]
+        assert upload.headers["location"] == upload.json()["links"]["self"] == f"/v1/images/{image_id}"
 
 
 def test_settings_take_a_prefix_as_a_proxy_gives_it() -> None:

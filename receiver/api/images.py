@@ -13,7 +13,7 @@ from typing import Annotated
 
 from aeic.receiver.api.auth import Caller
 from aeic.receiver.api.conditional import matches
-from aeic.receiver.api.shapes import image_json
+from aeic.receiver.api.shapes import image_json, root_path
 from aeic.receiver.api.state import ReceiverState, receiver_state
 from aeic.receiver.auth import DEVICE_NAME, Principal
 from aeic.receiver.errors import ApiError
@@ -58,7 +58,8 @@ _NO_STORE = {"Cache-Control": "no-store"}  # private and changing: no cache may 
 
 def get_image(image_id: str, request: Request, who: Caller) -> JSONResponse:
     """Status and metadata of one image."""
-    return JSONResponse(image_json(visible_image(receiver_state(request), who, image_id)), headers=_NO_STORE)
+    record = visible_image(receiver_state(request), who, image_id)
+    return JSONResponse(image_json(record, root_path(request)), headers=_NO_STORE)
 
 
 def _parse_time(value: str | None, name: str) -> float | None:
@@ -101,7 +102,7 @@ def list_images(
     (39 KB at 60 images), nearly always unchanged, and receives headers only. The tag is a hash of what
     the body is made from, not of the body, so a 304 runs no listing query: the catalogue's change token
     (`SqlMetadataStore.catalogue_token`, replaced by every write to the images, whichever replica or
-    worker made it), the query as understood, and this release. Still `no-store`: Chromium shows a stored
+    worker made it), the query as understood, the prefix its links start with, and this release. Still `no-store`: Chromium shows a stored
     copy on Back without asking, after sign-out too (measured with `private, no-cache`), so the gallery's
     script keeps the tag itself (docs/receiver.md, Security)."""
     if not who.admin:
@@ -117,14 +118,15 @@ def list_images(
         if cursor:
             decode_cursor(cursor)  # a malformed one is a 400 before any 304 as well
         # The token first: a change committed before the rows are read then makes the tag stale, not the body.
-        made_of = f"{__version__}\n{store.catalogue_token()}\n{flt!r}\n{limit}\n{cursor}"
+        made_of = f"{__version__}\n{store.catalogue_token()}\n{flt!r}\n{limit}\n{cursor}\n{root_path(request)}"
         headers = {**_NO_STORE, "ETag": f'"{hashlib.sha256(made_of.encode()).hexdigest()[:32]}"'}  # 128 bits
         if matches(request, headers["ETag"]):
             return Response(status_code=304, headers=headers)
         page = store.list_images(flt, limit, cursor)
     except InvalidCursorError as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from None
-    return JSONResponse({"items": [image_json(r) for r in page.items], "next": page.next}, headers=headers)
+    items = [image_json(r, root_path(request)) for r in page.items]
+    return JSONResponse({"items": items, "next": page.next}, headers=headers)
 
 
 def delete_image(image_id: str, request: Request, who: Caller) -> Response:

@@ -6,17 +6,27 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aeic.receiver.storage import ImageRecord
+from fastapi import Request
 
-__all__ = ["image_json"]
+__all__ = ["image_json", "root_path"]
+
+
+def root_path(request: Request) -> str:
+    """The prefix a proxy serves the receiver under (`root_path`, e.g. `/aeic`; empty at the host's root), which
+    every address the API answers with starts with: a client behind https://host/aeic/ that followed a path
+    from `/` (an upload's Location, an image's links) got the proxy's 404, or another site of that host."""
+    scope = request.scope
+    return str(scope.get("app_root_path", scope.get("root_path", ""))).rstrip("/")
 
 
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
 
 
-def image_json(record: ImageRecord) -> dict[str, Any]:
-    """The public description of an image."""
-    base = f"/v1/images/{record.id}"
+def image_json(record: ImageRecord, root: str = "") -> dict[str, Any]:
+    """The public description of an image; its links start with `root` (`root_path(request)`; the gallery's
+    pages add the prefix themselves)."""
+    base = f"{root}/v1/images/{record.id}"
     return {
         "id": record.id,
         "status": record.status.value,

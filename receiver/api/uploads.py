@@ -13,7 +13,7 @@ import re
 import secrets
 
 from aeic.receiver.api.auth import Caller, bearer_token
-from aeic.receiver.api.shapes import image_json
+from aeic.receiver.api.shapes import image_json, root_path
 from aeic.receiver.api.state import ReceiverState, receiver_state
 from aeic.receiver.errors import ApiError
 from aeic.receiver.queue import JobQueue
@@ -107,9 +107,10 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
-def _accepted(record: ImageRecord, replayed: bool) -> JSONResponse:
-    body = {"id": record.id, "status": record.status.value, "links": image_json(record)["links"]}
-    headers = {"Location": f"/v1/images/{record.id}"}
+def _accepted(record: ImageRecord, replayed: bool, root: str) -> JSONResponse:
+    links = image_json(record, root)["links"]
+    body = {"id": record.id, "status": record.status.value, "links": links}
+    headers = {"Location": links["self"]}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(body, status_code=202, headers=headers)
@@ -203,4 +204,4 @@ async def upload_image(request: Request, who: Caller) -> JSONResponse:
             state.worker.wake()
         if state.queue is not None:
             await run_in_threadpool(_enqueue, state, state.queue, record.id)
-    return _accepted(record, replayed=not created)
+    return _accepted(record, replayed=not created, root=root_path(request))

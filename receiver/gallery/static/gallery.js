@@ -44,7 +44,7 @@
     if (img.status === "done") {
       const pic = el("img", isExtreme(img) ? "whole" : null);
       pic.loading = "lazy";  // as _card.html: only thumbnails near the viewport are fetched
-      pic.src = root + img.links.thumbnail;
+      pic.src = img.links.thumbnail;  // the listing's links start with the prefix already
       pic.alt = "Decoded image from " + img.device;  // as _card.html
       thumb.appendChild(pic);
     } else {
