@@ -236,6 +236,24 @@ def test_a_proxy_that_keeps_the_prefix_and_probes_without_it_reach_the_same_rece
         assert client.get("/metrics").status_code == 200
 
 
+def test_the_live_grid_shows_thumbnails_behind_a_proxy_that_keeps_the_prefix(tmp_path: Path, browser: Chrome) -> None:
+    """The listing's links carry the prefix: the grid's script that added it again asked for /aeic/aeic/...,
+    which a proxy passing the path on whole (here, none) left outside the receiver's routes."""
+    app, tokens = gallery_app(tmp_path, ADMIN, root_path=PREFIX)
+    with ServerThread(app) as server:
+        base = f"{server.url}{PREFIX}"
+        browser.get(f"{base}/login?token={ADMIN}")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: d.find_elements(By.ID, "grid"))
+        with Uploader(base, tokens["cam1"]) as uploader:
+            image_id = uploader.upload(make_bitstream(), "kept-prefix").receiver_id
+        wait.until(lambda d: d.execute_script(
+            "const i = document.querySelector('#grid .card img'); return i !== null && i.complete && "
+            "i.naturalWidth > 0 && i.closest('.card').dataset.id;") == image_id)
+        thumbnail = browser.find_element(By.CSS_SELECTOR, "#grid .card img").get_attribute("src")
+        assert thumbnail == f"{base}/v1/images/{image_id}/thumbnail", thumbnail
+
+
 def test_swagger_ui_runs_an_operation_through_the_prefix(tmp_path: Path, browser: Chrome) -> None:
     app, _ = gallery_app(tmp_path, ADMIN, root_path=PREFIX, worker=False)
     with ServerThread(_StrippingProxy(app)) as server:  # type: ignore[arg-type]
