@@ -330,3 +330,26 @@ def test_a_delete_returns_only_to_a_grid_of_this_site(tmp_path: Path) -> None:
             image_id = _upload(server.url, tokens["cam1"])
             answer = admin.post(f"/images/{image_id}/delete", params={"back": back}, headers=SAME_ORIGIN)
             assert answer.status_code == 303 and answer.headers["location"] == landing.format(image_id), back
+
+
+_FROM_CACHE = ("const [url, done] = arguments;"  # only what the browser's HTTP cache holds, never the network
+               "fetch(url, {cache: 'only-if-cached', mode: 'same-origin'}).then(r => done(r.status), () => done(null));")
+
+
+def test_the_deleted_picture_is_not_left_in_the_browsers_cache(tmp_path: Path, browser: Chrome) -> None:
+    """Thumbnails and pictures are cached privately for a day: after a delete the browser still showed the
+    deleted photo's thumbnail from its cache (measured: `only-if-cached` answered 200). The delete empties
+    this site's cache in the browser, as signing out does."""
+    app, tokens = gallery_app(tmp_path, ADMIN)
+    with ServerThread(app) as server:
+        base = server.url.replace("127.0.0.1", "localhost")  # Clear-Site-Data needs a secure context
+        image_id = _upload(server.url, tokens["cam1"])
+        _wait_done(server.url, image_id)
+        browser.get(f"{base}/login?token={tokens['cam1']}")
+        thumbnail = f"{base}/v1/images/{image_id}/thumbnail"
+        WebDriverWait(browser, 10).until(lambda d: d.execute_async_script(_FROM_CACHE, thumbnail) == 200)
+        browser.get(f"{base}/images/{image_id}")
+        browser.find_element(By.ID, "delete-open").click()
+        browser.find_element(By.ID, "delete-confirm").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "notice"))
+        assert browser.execute_async_script(_FROM_CACHE, thumbnail) is None

@@ -226,7 +226,11 @@ def delete_page_image(image_id: str, request: Request, back: str | None = None) 
         delete_image(image_id, request, who)
     except ApiError:  # deleted already (another tab, a second click), another device's, or no such image
         return _no_store(_missing(request, image_id))
-    return RedirectResponse(_root(request) + _grid_after_delete(back, image_id), status_code=303)
+    response = RedirectResponse(_root(request) + _grid_after_delete(back, image_id), status_code=303)
+    # Its thumbnail and picture are cached privately for a day: the browser still gave the deleted photo's
+    # thumbnail from its cache. This empties the site's cache (the grid then fetches its thumbnails again).
+    response.headers["Clear-Site-Data"] = '"cache"'
+    return response
 
 
 def _sign_in(request: Request, token: str, target: str) -> Response:
