@@ -11,6 +11,9 @@ widened and given LoRA adapters as :class:`~aeic.codec.full_profile.FullDecoder`
   real float32 UNet pass and VAE decode on the CPU at two sizes, one thread; activation memory grows with
   the pixels (attention runs through torch's fused kernel, which holds no score matrix), so the line through
   the two peaks scales them to the others. A GPU holds the same tensors.
+* Weights: the bytes the UNet's and the VAE's parameters and buffers take at each ``decoder_dtype`` (the
+  receiver's setting), summed over the tensors once :meth:`~aeic.codec.full_profile.FullDecoder.set_dtype`
+  has cast them (on the ``meta`` device: nothing is copied).
 
 Usage: python -m benchmarks.full_decoder_bench [--out benchmarks/results/full_decoder.json]
 """
@@ -77,6 +80,11 @@ def _peak_mb(run: Callable[[], Any]) -> tuple[float, float]:
     return proc_status_mb("VmHWM") - before, time.perf_counter() - start
 
 
+def _bytes(module: torch.nn.Module) -> int:
+    """What ``module``'s parameters and buffers hold, at their dtypes."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
@@ -110,8 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "unet_attention_gmacs": unet["attention_products"] / 1e9, "vae_gmacs": vae["total"] / 1e9,
                        "unet_peak_gb_scaled": scaled_gb("unet", width * height),
                        "vae_whole_peak_gb_scaled": scaled_gb("vae", width * height)}
+    weights = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        decoder.set_dtype(dtype)
+        weights[str(dtype).removeprefix("torch.")] = {name: _bytes(getattr(decoder, name)) for name in ("unet", "vae")}
     tile = (1536 + 2 * 128) ** 2  # the VAE's largest pass: decode_limits.TILE_PIXELS with its halo (16 latent pixels)
-    result = {"parameters": parameters, "build_s": build_s, "threads": 1, "measured_float32_cpu": measured,
+    result = {"parameters": parameters, "weights_bytes": weights, "build_s": build_s, "threads": 1, "measured_float32_cpu": measured,
               "per_coded_pixel_kb": {part: mb * 1024 for part, mb in per_pixel.items()},
               "vae_default_tile_peak_gb_scaled": scaled_gb("vae", tile), "sizes": sizes}
     print(write_result("full_decoder", result, args.out))

@@ -103,7 +103,10 @@ class RateEmbedding(nn.Module):
         low = position.floor().long().clamp(max=max(self.weight.shape[0] - 2, 0))
         high = (low + 1).clamp(max=self.weight.shape[0] - 1)
         frac = (position - low).unsqueeze(-1).to(self.weight.dtype)
-        return (1 - frac) * self.weight[low] + frac * self.weight[high]
+        rows = (1 - frac) * self.weight[low] + frac * self.weight[high]
+        # diffusers hands the rate over in the dtype the UNet computes in, which the rows take; the table stays
+        # float32 (the levels' positions, sixteenths of a rate step below 16, are exact in either half type)
+        return rows.to(rate.dtype) if rate.is_floating_point() else rows
 
 
 def _original_time_embedding(unet: UNet2DConditionModel, num_rates: int) -> torch.Tensor:
@@ -206,6 +209,19 @@ class FullDecoder(nn.Module):
         for parameter in self.trainable_parameters():
             parameter.requires_grad_(True)
 
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Hold and run the UNet and the VAE in ``dtype`` (float16, bfloat16: half the weights' memory and, on a
+        GPU, the activations' too), keeping the small rate table float32. Called once the weights are loaded,
+        as the fingerprint was taken from them as stored. A VAE whose config sets ``force_upcast`` (diffusers'
+        default: its activations may overflow float16 at high resolution) stays float32 under float16, as
+        diffusers' pipelines run it; bfloat16 has float32's range and needs no upcast."""
+        # nn.Module's cast: diffusers' own warns at every dtype cast that it "can lead to inconsistent results",
+        # naming the modules that must stay float32 (none, for these two)
+        nn.Module.to(self.unet, dtype)
+        self.unet.time_embedding.float()
+        upcast = dtype == torch.float16 and self.vae.config.force_upcast
+        nn.Module.to(self.vae, torch.float32 if upcast else dtype)
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """LoRA adapters, the rate embedding, conv_in and conv_out; everything else stays frozen."""
         for name, parameter in self.unet.named_parameters():
@@ -251,19 +267,21 @@ class FullDecoder(nn.Module):
         noise = self.noise.like(shape, unet_input).expand(unet_input.shape[0], -1, -1, -1)
         sample = torch.cat([unet_input, noise], 1)
         rate = rate_index.to(unet_input.device).reshape(-1).expand(unet_input.shape[0])
-        return residual + self.unet(sample, rate, encoder_hidden_states=None).sample
+        refined = self.unet(sample.to(self.unet.conv_in.weight.dtype), rate, encoder_hidden_states=None).sample
+        return residual + refined.to(residual.dtype)
 
     def decode_pixels(self, latent: torch.Tensor) -> torch.Tensor:
         """VAE decoder on a scaled latent; RGB in [0, 1]."""
         config = self.vae.config
         raw = latent / config.scaling_factor + (config.shift_factor or 0.0)
-        return ((self.vae.decode(raw).sample + 1) / 2).clamp(0, 1)
+        pixels = self.vae.decode(raw.to(self.vae.dtype)).sample.to(latent.dtype)
+        return ((pixels + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def encode_latent(self, image: torch.Tensor) -> torch.Tensor:
         """The latent teacher: the VAE encoder's mode on an RGB image in [0, 1], scaled like SD."""
         config = self.vae.config
-        raw = self.vae.encode(image * 2 - 1).latent_dist.mode()
+        raw = self.vae.encode((image * 2 - 1).to(self.vae.dtype)).latent_dist.mode().to(image.dtype)
         return (raw - (config.shift_factor or 0.0)) * config.scaling_factor
 
 

@@ -182,7 +182,21 @@ def _check_sd_turbo_folder(settings: ReceiverSettings) -> None:
             from aeic.codec.sd_turbo_folder import check_folder, configured_folder
 
             check_folder(configured_folder())
+            _check_decoder_dtype(settings)
             return  # one folder serves every full-profile package
+
+
+def _check_decoder_dtype(settings: ReceiverSettings) -> None:
+    """Refuse float16 where the decoder runs on the CPU (`device = "auto"` without a GPU too) before the model
+    loads, rather than a decoder that cannot load after start-up. Imports torch only for float16."""
+    if settings.decoder_dtype != "float16":
+        return
+    from aeic.receiver.decoder import check_decoder_dtype, resolve_device
+
+    try:
+        check_decoder_dtype(settings.decoder_dtype, resolve_device(settings.device))
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def _check_backends(settings: ReceiverSettings) -> None:

@@ -29,6 +29,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 _FINISH_ROWS = 256  # rows quantised at a time
+# decoder_dtype: what a full-profile decoder's SD-Turbo UNet and VAE compute in
+DECODER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 log = logging.getLogger(__name__)
 
 
@@ -94,8 +96,9 @@ class ReceiverModel(nn.Module):
                                halo, exact)
 
 
-def load_receiver_model(package: ModelPackage) -> ReceiverModel:
-    """The package's receiver half on the CPU (float32), its pixel decoder loaded where it is external."""
+def load_receiver_model(package: ModelPackage, dtype: str = "float32") -> ReceiverModel:
+    """The package's receiver half on the CPU (float32), its pixel decoder loaded where it is external; a
+    full-profile decoder's SD-Turbo UNet and VAE in ``dtype`` (the nano decoders stay float32)."""
     try:
         config = ModelConfig.from_dict(package.manifest["config"])
     except (KeyError, TypeError) as exc:  # a package another version exported: one line, not a TypeError
@@ -108,19 +111,37 @@ def load_receiver_model(package: ModelPackage) -> ReceiverModel:
     expected = set(receiver_state_dict(model.synthesis, model.decoder))
     if unexpected or expected & set(missing):
         raise ModelPackageError(f"{package.path}: receiver weights do not match the model ({len(unexpected)} unexpected)")
+    if config.profile == "full":
+        from aeic.codec.full_profile import FullDecoder  # diffusers: only where SD-Turbo is there to load
+
+        assert isinstance(model.decoder, FullDecoder)
+        model.decoder.set_dtype(DECODER_DTYPES[dtype])
     return model
+
+
+def check_decoder_dtype(dtype: str, device: torch.device) -> None:
+    """Refuse a dtype that is not one, and float16 on the CPU: torch computes SD-Turbo's UNet over 20 times
+    slower in it there than in float32 (docs/receiver.md)."""
+    if dtype not in DECODER_DTYPES:
+        raise ValueError(f"decoder_dtype {dtype!r} is none of {', '.join(DECODER_DTYPES)}")
+    if dtype == "float16" and device.type == "cpu":
+        raise ValueError("decoder_dtype float16 needs a GPU (on a CPU torch computes it far slower than "
+                         "float32): use bfloat16 or float32 there")
 
 
 class ReceiverCodec:
     """Decodes AEIC bitstreams made with one model package."""
 
     def __init__(self, package: ModelPackage, device: str = "auto",
-                 tile_pixels: int = decode_limits.TILE_PIXELS) -> None:
+                 tile_pixels: int = decode_limits.TILE_PIXELS, dtype: str = "float32") -> None:
         self.package = package
         self.max_coded_pixels = decode_limits.MAX_CODED_PIXELS  # per synthesis pass: a batch is split to fit
         self.tile_pixels = tile_pixels  # padded coded pixels the pixel decoder renders in one pass
         self.device = resolve_device(device)
-        self.model = load_receiver_model(package).to(self.device).eval()
+        config = package.manifest.get("config")
+        if isinstance(config, dict) and config.get("profile") == "full":  # before the minute SD-Turbo takes to load
+            check_decoder_dtype(dtype, self.device)
+        self.model = load_receiver_model(package, dtype).to(self.device).eval()
         decoder = self.model.decoder  # the full profile's FullDecoder renders with its VAE, never TAEF2
         if self.model.pixel_decoder is not None and isinstance(decoder, NanoDecoder):
             decoder.attach_pixel_decoder(self.model.pixel_decoder.to(self.device))
@@ -133,8 +154,8 @@ class ReceiverCodec:
 
     @classmethod
     def from_package(cls, path: Path | str | None = None, device: str = "auto",
-                     tile_pixels: int = decode_limits.TILE_PIXELS) -> ReceiverCodec:
-        return cls(ModelPackage.load(path), device, tile_pixels)
+                     tile_pixels: int = decode_limits.TILE_PIXELS, dtype: str = "float32") -> ReceiverCodec:
+        return cls(ModelPackage.load(path), device, tile_pixels, dtype)
 
     @property
     def model_id(self) -> bytes:

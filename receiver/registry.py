@@ -52,7 +52,7 @@ class CodecRegistry:
 
     @classmethod
     def from_packages(cls, paths: Sequence[Path], device: str = "auto",
-                      tile_pixels: int = TILE_PIXELS) -> CodecRegistry:
+                      tile_pixels: int = TILE_PIXELS, dtype: str = "float32") -> CodecRegistry:
         """Read each package's manifest now; load its ReceiverCodec when first needed.
 
         An empty `paths` means the default shipped model directory."""
@@ -62,7 +62,7 @@ class CodecRegistry:
         levels: dict[bytes, int] = {}
         for path in paths or [default_model_dir()]:
             package = ModelPackage.load(path)
-            loaders[bytes(package.model_id)] = partial(_load_receiver_codec, Path(path), device, tile_pixels)
+            loaders[bytes(package.model_id)] = partial(_load_receiver_codec, Path(path), device, tile_pixels, dtype)
             levels[bytes(package.model_id)] = package.num_levels
         return cls(loaders, levels)
 
@@ -105,8 +105,8 @@ def _same(codec: DecoderLike) -> DecoderLike:
     return codec
 
 
-def _load_receiver_codec(path: Path, device: str, tile_pixels: int) -> DecoderLike:
+def _load_receiver_codec(path: Path, device: str, tile_pixels: int, dtype: str) -> DecoderLike:
     from aeic.receiver.decoder import ReceiverCodec
 
-    codec: DecoderLike = ReceiverCodec.from_package(path, device=device, tile_pixels=tile_pixels)
+    codec: DecoderLike = ReceiverCodec.from_package(path, device=device, tile_pixels=tile_pixels, dtype=dtype)
     return codec

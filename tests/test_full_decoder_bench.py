@@ -31,3 +31,8 @@ def test_full_decoder_bench_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert wide["vae_gmacs"] == pytest.approx(2 * small["vae_gmacs"], rel=0.05)
     assert wide["unet_attention_gmacs"] > 2.5 * small["unet_attention_gmacs"]
     assert doc["parameters"]["unet"] > 0 and doc["parameters"]["vae"] > 0
+    weights = doc["weights_bytes"]
+    assert weights["float32"] == {part: 4 * count for part, count in doc["parameters"].items()}
+    # the UNet halves but for its float32 rate table; the VAE stays float32 under float16 (force_upcast)
+    assert weights["bfloat16"]["unet"] == weights["float16"]["unet"] == (weights["float32"]["unet"] + 6 * 128 * 4) // 2
+    assert weights["float16"]["vae"] == weights["float32"]["vae"] == 2 * weights["bfloat16"]["vae"]

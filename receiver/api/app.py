@@ -61,7 +61,8 @@ def build_state(settings: ReceiverSettings, registry: CodecRegistry | None = Non
     blob_store = blobs if blobs is not None else open_blob_store(settings)
     queue = open_queue(settings)
     if registry is None:
-        registry = CodecRegistry.from_packages(settings.model_packages, settings.device, settings.decode_tile_pixels)
+        registry = CodecRegistry.from_packages(settings.model_packages, settings.device, settings.decode_tile_pixels,
+                                               settings.decoder_dtype)
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     metrics_ = ReceiverMetrics()
     metrics_.watch_jobs(store.status_counts)
