@@ -15,7 +15,9 @@ Python float, so results serialise to JSON/CSV unchanged.
 - :func:`perceptual_metric_fn`: weight-free metrics from ``piq`` (HaarPSI, VIF-p, FSIM, GMSD). ``piq``'s
   package ``__init__`` imports torchvision (for its learned metrics), which this project does not install;
   :func:`_piq_module` therefore loads only the needed submodules. The same mirror-pad fallback as MS-SSIM
-  applies below each metric's minimum size. Identical images get each metric's ideal value (1, or 0 for
+  applies below each metric's minimum size. piq holds a dozen whole-picture float maps (VIF-p 3.4 GB above
+  the pictures for a 24 MP photo), so each metric is computed here in bands of rows (FSIM: only piq's own
+  first pooling, after which its picture is ~256 px), equal to piq's number within float32 rounding. Identical images get each metric's ideal value (1, or 0 for
   GMSD) without calling piq, whose HaarPSI divides zero by zero on two all-black images and returns inf.
 
 The torch-based metrics run single-threaded (:func:`_single_thread`): measured on the 2-core dev machine
@@ -266,19 +268,259 @@ def _piq_module(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
+PIQ_BAND_PIXELS = 1 << 20  # output pixels a banded piq metric computes at once (a 24 MP photo: 23 bands)
+
+
+def _piq_scaled(rows: np.ndarray, scale: float) -> torch.Tensor:
+    """A band of rows as piq sees it: our ``[0, 1]`` tensor (``_to_tensor`` with 1/255, what piq was given)
+    times ``scale``, the ``x / data_range * scale`` each piq metric starts with (``/ 1.0`` is exact)."""
+    tensor = _to_tensor(rows, 1.0 / 255.0)
+    return tensor if scale == 1.0 else tensor.mul_(scale)
+
+
+def _band_steps(rows: int, width: int, multiple: int = 1) -> Iterator[tuple[int, int]]:
+    """``(top, bottom)`` of bands of output rows, ``PIQ_BAND_PIXELS`` pixels each and a multiple of
+    ``multiple`` rows high (a pooling's stride, so each band starts on a pooling window)."""
+    step = max(1, PIQ_BAND_PIXELS // (max(1, width) * multiple)) * multiple
+    for top in range(0, rows, step):
+        yield top, min(rows, top + step)
+
+
+def _half_yiq(img: np.ndarray, channels: int, scale: float) -> torch.Tensor:
+    """piq's ``rgb2yiq`` then 2x2 average pooling of the picture zero-padded at the bottom and right by
+    ``max(H % 2, W % 2)`` (HaarPSI's and GMSD's first step; the first ``channels`` of Y, I, Q), band by band."""
+    import torch
+    import torch.nn.functional as F
+
+    rgb2yiq = _piq_module("piq.functional").rgb2yiq
+    height, width = img.shape[:2]
+    pad = max(height % 2, width % 2)
+    out = torch.empty(1, channels, (height + pad) // 2, (width + pad) // 2)
+    for top, bottom in _band_steps(height, width, multiple=2):
+        yiq = rgb2yiq(_piq_scaled(img[top:bottom], scale))[:, :channels]
+        yiq = F.pad(yiq, [0, pad, 0, pad if bottom == height else 0])
+        out[:, :, top // 2 : top // 2 + yiq.shape[2] // 2] = F.avg_pool2d(yiq, kernel_size=2, stride=2)
+    return out
+
+
+GMSD_T = 170 / 255.0**2  # piq's gmsd default: the similarity's stability constant for [0, 1] luma
+
+
+def _gradient_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """GMSD's gradient magnitude similarity map of two half-size lumas (Prewitt filters, zero padding of
+    one pixel, as piq's ``gradient_map``), computed in bands of rows with one row of overlap each side."""
+    import torch
+    import torch.nn.functional as F
+
+    functional = _piq_module("piq.functional")
+    prewitt = functional.prewitt_filter(dtype=x.dtype)
+    kernels = torch.stack([prewitt, prewitt.transpose(-1, -2)])
+    height, width = x.shape[2:]
+    out = torch.empty(1, 1, height, width)
+    for top, bottom in _band_steps(height, width):
+        rows = slice(max(0, top - 1), min(height, bottom + 1))
+        pad = [1, 1, 1 if top == 0 else 0, 1 if bottom == height else 0]
+        grads = [F.conv2d(F.pad(img[:, :, rows], pad), kernels).pow(2).sum(dim=1, keepdim=True).sqrt()
+                 for img in (x, y)]
+        out[:, :, top:bottom] = functional.similarity_map(grads[0], grads[1], constant=GMSD_T, alpha=0.0)
+    return out
+
+
+def _gmsd(ref: np.ndarray, rec: np.ndarray) -> float:
+    """piq's GMSD (the standard deviation of the gradient magnitude similarity of the half-size lumas): the
+    lumas and the similarity map whole (4 bytes a half-size pixel each), the filtering in bands."""
+    import torch
+
+    gms = _gradient_similarity(_half_yiq(ref, 1, 1.0), _half_yiq(rec, 1, 1.0))
+    return float(torch.pow(gms - gms.mean(), 2).mean().sqrt())
+
+
+def _fsim(ref: np.ndarray, rec: np.ndarray) -> float:
+    """piq's FSIM, which first average-pools the picture by ``round(min(H, W) / 256)`` (its own rule: the
+    phase congruency's FFTs and median are of the whole picture): the pooling in bands, then piq's FSIM on
+    the pooled picture (about 256 px on the short side, which piq then pools by 1, i.e. not at all)."""
+    import torch
+    import torch.nn.functional as F
+
+    kernel = max(1, round(min(ref.shape[:2]) / 256))
+    pooled = []
+    for img in (ref, rec):
+        height, width = img.shape[:2]
+        out = torch.empty(1, 3, height // kernel, width // kernel)
+        for top, bottom in _band_steps(height - height % kernel, width, multiple=kernel):
+            band = F.avg_pool2d(_piq_scaled(img[top:bottom], 255.0), kernel)
+            out[:, :, top // kernel : bottom // kernel] = band
+        pooled.append(out)
+    # piq divides by data_range and multiplies by 255 again: within a float32 rounding of the pooled values
+    return float(_piq_module("piq.fsim").fsim(pooled[0], pooled[1], data_range=255.0))
+
+
+VIF_SIGMA_N_SQ, VIF_EPS = 2.0, 1e-8  # piq's vif_p defaults: the visual noise's variance, its stability constant
+
+
+def _luma(img: np.ndarray) -> torch.Tensor:
+    """VIF-p's luma (0.299 R + 0.587 G + 0.114 B on piq's 0..255 scale), 1x1xHxW float32, band by band."""
+    import torch
+
+    height, width = img.shape[:2]
+    out = torch.empty(1, 1, height, width)
+    for top, bottom in _band_steps(height, width):
+        x = _piq_scaled(img[top:bottom], 255.0)
+        out[:, 0, top:bottom] = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    return out
+
+
+def _smooth_subsample(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """VIF-p's step to the next scale, in bands: the valid Gaussian filtering kept at every second row and
+    column (a stride-2 convolution)."""
+    import torch
+    import torch.nn.functional as F
+
+    size = kernel.shape[-1]
+    rows, cols = (x.shape[2] - size) // 2 + 1, (x.shape[3] - size) // 2 + 1
+    out = torch.empty(1, 1, rows, cols)
+    for top, bottom in _band_steps(rows, cols):
+        out[:, :, top:bottom] = F.conv2d(x[:, :, 2 * top : 2 * (bottom - 1) + size], kernel, stride=2)
+    return out
+
+
+def _vif_scale_sums(x: torch.Tensor, y: torch.Tensor, kernel: torch.Tensor) -> tuple[float, float]:
+    """One scale of VIF-p (Sheikh and Bovik's pixel-domain VIF as piq computes it, ``y`` the reference):
+    the sums of its numerator and denominator maps, computed in bands of rows with the window's rows of
+    overlap and summed in float64."""
+    import torch
+    import torch.nn.functional as F
+
+    size = kernel.shape[-1]
+    rows, cols = x.shape[2] - size + 1, x.shape[3] - size + 1
+    num = den = 0.0
+    for top, bottom in _band_steps(rows, cols):
+        xb, yb = x[:, :, top : bottom + size - 1], y[:, :, top : bottom + size - 1]
+        mu_x, mu_y = F.conv2d(xb, kernel), F.conv2d(yb, kernel)
+        var_x = torch.relu(F.conv2d(xb * xb, kernel) - mu_x * mu_x)
+        var_y = torch.relu(F.conv2d(yb * yb, kernel) - mu_y * mu_y)
+        cov = F.conv2d(xb * yb, kernel) - mu_x * mu_y
+        gain = cov / (var_y + VIF_EPS)  # x = gain * y + noise of variance noise_var
+        noise_var = var_x - gain * cov
+        flat_y, flat_x = var_y < VIF_EPS, var_x < VIF_EPS
+        gain = torch.where(flat_y | flat_x, 0.0, gain)
+        noise_var = torch.where(flat_y, var_x, noise_var)
+        noise_var = torch.where(flat_x, 0.0, noise_var)
+        var_y = torch.where(flat_y, 0.0, var_y)
+        noise_var = torch.where(gain < 0, var_x, noise_var)
+        gain = torch.relu(gain)
+        noise_var = torch.where(noise_var > VIF_EPS, noise_var, VIF_EPS)
+        num_map = torch.log10(1.0 + gain**2.0 * var_y / (noise_var + VIF_SIGMA_N_SQ))
+        num += float(num_map.sum(dtype=torch.float64))
+        den += float(torch.log10(1.0 + var_y / VIF_SIGMA_N_SQ).sum(dtype=torch.float64))
+    return num, den
+
+
+def _vif(ref: np.ndarray, rec: np.ndarray) -> float:
+    """piq's ``vif_p(ref, rec)`` (4 scales, Gaussian windows of 17, 9, 5, 3 px with sigma size/5) in
+    bands: the two lumas and the smaller scales stay whole (8 bytes a pixel), each scale's maps go band
+    by band. piq held its maps whole, 3.4 GB above the pictures for a 24 MP photo."""
+    gaussian_filter = _piq_module("piq.functional").gaussian_filter
+    x, y = _luma(ref), _luma(rec)
+    num = den = 0.0
+    for scale in range(4):
+        size = 2 ** (4 - scale) + 1
+        kernel = gaussian_filter(size, sigma=size / 5, dtype=x.dtype).view(1, 1, size, size)
+        if scale > 0:
+            x, y = _smooth_subsample(x, kernel), _smooth_subsample(y, kernel)
+        scale_num, scale_den = _vif_scale_sums(x, y, kernel)
+        num, den = num + scale_num, den + scale_den
+    return (num + VIF_EPS) / (den + VIF_EPS)
+
+
+HAARPSI_C, HAARPSI_ALPHA = 30.0, 4.2  # piq's haarpsi defaults (3 scales, subsampled)
+
+
+def _similarity(a: torch.Tensor, b: torch.Tensor, constant: float) -> torch.Tensor:
+    """The Dice-like similarity ``(2ab + c) / (a^2 + b^2 + c)`` of HaarPSI (piq's ``similarity_map``)."""
+    return _piq_module("piq.functional").similarity_map(a, b, constant=constant)
+
+
+def _haar_terms(x: torch.Tensor, y: torch.Tensor, top: int, bottom: int) -> tuple[float, float]:
+    """HaarPSI's weighted similarity and weight sums over the half-size rows ``top:bottom`` of two YIQ
+    pictures: Haar filters of 2, 4 and 8 px on Y (zero padding, ``k/2 - 1`` before and ``k/2`` after, as
+    MATLAB's ``conv2(.., 'same')``), the 2x2 mean of I and Q (one zero row and column after)."""
+    import torch
+    import torch.nn.functional as F
+
+    haar_filter = _piq_module("piq.functional").haar_filter
+    height = x.shape[2]
+    above, below = 3, 4  # the largest filter's padding: the band's rows of overlap
+
+    def extended(img: torch.Tensor) -> torch.Tensor:
+        """Rows ``top - 3 : bottom + 4``, zeros outside the picture, as piq's zero padding gives."""
+        band = img[:, :, max(0, top - above) : min(height, bottom + below)]
+        return F.pad(band, [0, 0, max(0, above - top), max(0, bottom + below - height)])
+
+    ex, ey = extended(x), extended(y)
+    rows = bottom - top
+    coefficients: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for scale in range(3):
+        size = 2 ** (scale + 1)
+        h_filter = haar_filter(size, dtype=x.dtype)
+        kernels = torch.stack([h_filter, h_filter.transpose(-1, -2)])
+        before, after = size // 2 - 1, size // 2
+        window = slice(above - before, above + rows + after)
+        coefficients.append(tuple(  # type: ignore[arg-type]
+            F.conv2d(F.pad(img[:, :1, window], [before, after, 0, 0]), kernels) for img in (ex, ey)
+        ))
+    weights = torch.max(coefficients[2][0].abs(), coefficients[2][1].abs())  # 2 x rows x W
+    sims = []
+    for orientation in range(2):
+        per_scale = [_similarity(cx[:, orientation].abs(), cy[:, orientation].abs(), HAARPSI_C)
+                     for cx, cy in coefficients[:2]]
+        sims.append((per_scale[0] + per_scale[1]) / 2)
+    iq_x, iq_y = (F.avg_pool2d(F.pad(img[:, 1:, above : above + rows + 1], [0, 1, 0, 0]), 2, stride=1).abs()
+                  for img in (ex, ey))
+    iq_similarity = _similarity(iq_x, iq_y, HAARPSI_C)
+    sims.append((iq_similarity[:, 0] + iq_similarity[:, 1]) / 2)
+    weights = torch.cat([weights, weights.mean(dim=1, keepdim=True)], dim=1)
+    sim = torch.stack(sims, dim=1)
+    weighted = (sim * HAARPSI_ALPHA).sigmoid() * weights
+    return float(weighted.sum(dtype=torch.float64)), float(weights.sum(dtype=torch.float64))
+
+
+def _haarpsi(ref: np.ndarray, rec: np.ndarray) -> float:
+    """piq's ``haarpsi`` (3 scales, subsampled, c = 30, alpha = 4.2): the half-size YIQ pictures whole (24
+    bytes a half-size pixel, a quarter of the float picture), the similarity and weight sums band by band."""
+    import torch
+
+    x, y = _half_yiq(ref, 3, 255.0), _half_yiq(rec, 3, 255.0)
+    weighted = weights = 0.0
+    for top, bottom in _band_steps(x.shape[2], x.shape[3]):
+        band_weighted, band_weights = _haar_terms(x, y, top, bottom)
+        weighted, weights = weighted + band_weighted, weights + band_weights
+    eps = float(torch.finfo(torch.float32).eps)
+    score = (weighted + eps) / (weights + eps)
+    return (math.log(score / (1 - score)) / HAARPSI_ALPHA) ** 2
+
+
+_BANDED: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "haarpsi": _haarpsi,
+    "vif": _vif,
+    "fsim": _fsim,
+    "gmsd": _gmsd,
+}
+
+
 def perceptual_metric_fn(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
-    """A ``(ref, rec) -> float`` function for one entry of :data:`PERCEPTUAL_METRICS`."""
-    module_name, func_name, min_side, higher_is_better = PERCEPTUAL_METRICS[name]
-    func = getattr(_piq_module(module_name), func_name)
+    """A ``(ref, rec) -> float`` function for one entry of :data:`PERCEPTUAL_METRICS`: piq's number (``piq``'s
+    function called with ``ref`` first, as AEIC always has), computed in bands so that a large photo does not
+    hold piq's whole-picture maps."""
+    _, _, min_side, higher_is_better = PERCEPTUAL_METRICS[name]
+    banded = _BANDED[name]
 
     def metric(ref: np.ndarray, rec: np.ndarray) -> float:
         _check_pair(ref, rec)
         if np.array_equal(ref, rec):  # the ideal value; piq's HaarPSI of two black images is inf
             return 1.0 if higher_is_better else 0.0
-        x = _to_tensor(_pad_to_min(ref, min_side), 1.0 / 255.0)
-        y = _to_tensor(_pad_to_min(rec, min_side), 1.0 / 255.0)
         with _single_thread():
-            return float(func(x, y, data_range=1.0))
+            return banded(_pad_to_min(ref, min_side), _pad_to_min(rec, min_side))
 
     metric.__name__ = name
     return metric

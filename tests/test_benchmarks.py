@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks import entropy_coding_bench, model_bench
 from benchmarks.table import END, START, render, update_readme
@@ -126,3 +127,18 @@ def test_receiver_memory_bench_reduced(tmp_path: Path) -> None:
     assert whole["peak_rss_mb"] >= whole["rss_loaded_mb"] > 0
     assert default["against_whole"]["max_abs"] == 0  # under the default tile: the same decode
     assert tiled["against_whole"]["max_abs"] <= 1 and tiled["against_whole"]["psnr_db"] > 50
+
+
+def test_perceptual_memory_bench_reduced(tmp_path: Path) -> None:
+    """A child process per metric and way on a small photo: both ways give piq's number, with a peak measured."""
+    from benchmarks import perceptual_memory_bench
+
+    out = tmp_path / "perceptual.json"
+    assert perceptual_memory_bench.main(["--sizes", "120x90", "--metrics", "vif,gmsd", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert MACHINE_KEYS <= doc["machine"].keys()
+    runs = {(run["metric"], run["way"]): run for run in doc["runs"]}
+    assert set(runs) == {(metric, way) for metric in ("vif", "gmsd") for way in ("piq", "aeic")}
+    for metric in ("vif", "gmsd"):
+        assert runs[metric, "aeic"]["value"] == pytest.approx(runs[metric, "piq"]["value"], abs=1e-6)
+    assert all(run["peak_above_mb"] >= 0 and run["seconds"] > 0 and run["size"] == "120x90" for run in runs.values())

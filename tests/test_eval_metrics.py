@@ -165,14 +165,16 @@ def test_ms_ssim_of_a_large_photo_holds_little_memory() -> None:
     assert grown_mb <= 250
 
 
-def _growth_mb(call: str) -> int:
-    """Peak RSS a metric call adds in a child process, on a 1500x2000 pair (3 Mpx: 72 MB per float64 copy)."""
+def _growth_mb(call: str, warm_up: str = "") -> int:
+    """Peak RSS a metric call adds in a child process, on a 1500x2000 pair (3 Mpx: 72 MB per float64 copy),
+    after ``warm_up`` (lazy imports whose memory is not the call's)."""
     child = (
         "import resource, numpy as np\n"
         "from aeic.evaluation import metrics\n"
         "rng = np.random.default_rng(0)\n"
         "ref = rng.integers(0, 256, (1500, 2000, 3), dtype=np.uint8)\n"
         "rec = ref ^ np.uint8(5)\n"  # no temporary larger than the pictures before the baseline
+        f"{warm_up}\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"{call}\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
@@ -199,3 +201,38 @@ def test_banded_psnr_and_gradient_energy_equal_the_whole_picture_formulas(shape:
         np.mean(np.diff(y, axis=0) ** 2) if shape[0] > 1 else 0.0
     )
     assert metrics.gradient_energy(ref) == pytest.approx(energy, rel=1e-12, abs=1e-12)
+
+
+def _piq_whole(name: str, ref: np.ndarray, rec: np.ndarray) -> float:
+    """piq's function on the whole (mirror-padded) picture, as ``perceptual_metric_fn`` called it before bands."""
+    module, function, min_side, _ = metrics.PERCEPTUAL_METRICS[name]
+    piq_function = getattr(metrics._piq_module(module), function)
+    x, y = (metrics._to_tensor(metrics._pad_to_min(img, min_side), 1.0 / 255.0) for img in (ref, rec))
+    with metrics._single_thread():
+        return float(piq_function(x, y, data_range=1.0))
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (9, 13), (300, 7), (41, 41), (517, 163), (390, 1031)])
+@pytest.mark.parametrize("name", list(metrics.PERCEPTUAL_METRICS))
+def test_banded_perceptual_metrics_equal_piq(name: str, shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bands of a few hundred pixels (many bands, one or two rows each, odd sides, the mirror-pad fallback):
+    piq's whole-picture number within float32 rounding (HaarPSI's logit of a float32 sum moves it most)."""
+    monkeypatch.setattr(metrics, "PIQ_BAND_PIXELS", 300)
+    ref = _textured(*shape, seed=7)
+    rec = _add_noise(ref, 12.0)
+    tolerance = 1e-5 if name == "haarpsi" else 1e-6
+    assert metrics.perceptual_metric_fn(name)(ref, rec) == pytest.approx(_piq_whole(name, ref, rec), abs=tolerance)
+
+
+@pytest.mark.parametrize(("name", "bound_mb"), [("haarpsi", 60), ("vif", 60), ("fsim", 130), ("gmsd", 60)])
+def test_perceptual_metrics_of_a_large_photo_hold_little_memory(name: str, bound_mb: int) -> None:
+    """piq held its whole-picture maps: on this 3 Mpx pair (after a warm-up call on a crop, so that torch's start-up
+    is not counted) HaarPSI added 295 MB, VIF-p 453 (3.4 GB at 24 MP), FSIM and GMSD 180 each. Bands of 64 K pixels
+    (to a 3 Mpx picture what the default 1 M band is to a 48 Mpx one) leave HaarPSI 38, VIF-p 38 and GMSD 24 MB:
+    the half-size or luma pictures and a band. FSIM's 99 MB are piq's filter bank for its pooled ~256 px picture,
+    the same at any photo size."""
+    warm_up = (
+        "metrics.PIQ_BAND_PIXELS = 1 << 16\n"
+        f"metrics.perceptual_metric_fn({name!r})(ref[:64, :64], rec[:64, :64])"
+    )
+    assert _growth_mb(f"metrics.perceptual_metric_fn({name!r})(ref, rec)", warm_up) <= bound_mb
