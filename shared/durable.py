@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import re
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,44 @@ TMP_PREFIX = ".tmp-"
 # Before this, no temporary file can be this process's own: one with its pid is an earlier process's
 # (a container's agent is pid 1 on every start, so a crash's leftovers would otherwise stay forever).
 _PROCESS_STARTED = time.time()
+# How old a temporary file written where its pid cannot be checked (another container or host sharing the
+# folder) must be before it counts as a crash's leftover. A write's file is modified until its last byte is
+# handed to the kernel and renamed within its fsync, which writes at most the whole file: the largest blob,
+# a reconstruction PNG of the largest allowed picture (8192 x 8192 of noise, 201 MB), takes 3.4 minutes at
+# 1 MB/s and took 0.3-1.3 s on a cloud VM's disk. 30 minutes is room for a disk of 112 KB/s, and for minutes
+# of disagreement between the clock of a shared file server and ours. A dead writer's file waits that long
+# and then for the next start-up sweep.
+FOREIGN_TMP_AGE_S = 30 * 60
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=3).hexdigest()
+
+
+def _read_id(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as file:
+            return file.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        ns = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return ""  # not Linux: one pid space per machine
+    return f"{ns.st_dev}:{ns.st_ino}"
+
+
+# Who writes a temporary file, in its name. A pid names a process only in one pid namespace of one running
+# kernel: containers sharing a folder each count their own (pid 1 is alive in every one) and another host's
+# pids say nothing here. The machine (its host name and machine id) stays across reboots; a kernel's boot id
+# does not.
+_MACHINE = _digest(f"{socket.gethostname()}\0{_read_id('/etc/machine-id')}")
+_BOOT = _digest(_read_id("/proc/sys/kernel/random/boot_id"))
+_PID_SPACE = _digest(_pid_namespace())
+_WRITER = re.compile(r"(\d+)-([0-9a-f]{6})([0-9a-f]{6})([0-9a-f]{6})")
 
 
 def fsync_path(path: Path) -> None:
@@ -37,7 +78,7 @@ def fsync_path(path: Path) -> None:
 def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically and durably."""
     directory = path.parent
-    tmp = directory / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp = directory / f"{TMP_PREFIX}{path.name}.{os.getpid()}-{_MACHINE}{_BOOT}{_PID_SPACE}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
@@ -62,24 +103,43 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
 def remove_stale_tmp(directory: Path) -> int:
     """Delete temporary files that crashed writers left behind; return how many.
 
-    The writer's pid is part of the name, so a file another live process is still writing
-    (e.g. the service, while an operator runs ``aeic-send spool``) is left alone.
+    A file another live process is still writing (the service, while an operator runs ``aeic-send spool``;
+    an API container beside a worker container on one volume) is left alone: deleting it fails that write.
     """
     removed = 0
     for entry in directory.glob(f"{TMP_PREFIX}*"):
-        if _writer_alive(entry):
-            continue
-        entry.unlink(missing_ok=True)
-        removed += 1
+        if _stale(entry):
+            entry.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 
-def _writer_alive(path: Path) -> bool:
-    parts = path.name.split(".")
+def _stale(path: Path) -> bool:
+    """Whether the temporary file's writer is gone: by its pid where that can be checked, else by age."""
+    parts = path.name.rsplit(".", 2)
+    writer = _WRITER.fullmatch(parts[-2]) if len(parts) == 3 else None
+    if writer is None:
+        try:  # written before the name said where: its pid is checked here, where it may not belong
+            pid = int(parts[-2])
+        except (IndexError, ValueError):
+            return True  # not our naming scheme: nobody is writing it
+        return not _pid_alive(path, pid) or _older_than(path, FOREIGN_TMP_AGE_S)
+    machine, boot, pid_space = writer.group(2, 3, 4)
+    if (boot, pid_space) == (_BOOT, _PID_SPACE):
+        return not _pid_alive(path, int(writer[1]))
+    if machine == _MACHINE and boot != _BOOT:
+        return True  # written before this machine last started: every process of then is gone
+    return _older_than(path, FOREIGN_TMP_AGE_S)  # another container or host: its pid says nothing here
+
+
+def _older_than(path: Path, seconds: float) -> bool:
     try:
-        pid = int(parts[-2])
-    except (IndexError, ValueError):
-        return False  # not our naming scheme: nobody is writing it
+        return time.time() - path.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False  # renamed or deleted meanwhile: nothing to remove
+
+
+def _pid_alive(path: Path, pid: int) -> bool:
     if pid == os.getpid():  # another thread of this process may be mid-write, unless it predates us
         try:
             return path.stat().st_mtime >= _PROCESS_STARTED

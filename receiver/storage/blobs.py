@@ -234,6 +234,7 @@ class FilesystemBlobStore:
         """Delete temporary files left by a writer that crashed mid-write; returns how many. A file whose
         writer (its pid is in the name) still runs is kept: another process sharing the folder (an API
         process beside `aeic-receiver worker`s, a second receiver) is writing it, and deleting it failed
-        that write."""
+        that write. One written in another container or on another host, where its pid says nothing, is
+        kept until it is older than any write takes (`FOREIGN_TMP_AGE_S`)."""
         folders = sorted({path.parent for path in self.root.rglob(f"{_TMP_PREFIX}*")})
         return sum(remove_dead_writers_tmp(folder) for folder in folders)
