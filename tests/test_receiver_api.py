@@ -7,7 +7,7 @@ import io
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,9 @@ import receiver_support
 from aeic.receiver.api import create_app
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
-from aeic.receiver.storage import Status
+from aeic.receiver.storage import FilesystemBlobStore, Status
+from aeic.receiver.storage.blobs import bitstream_key, conversion_key, reconstruction_key, thumbnail_key
+from aeic.receiver.storage.s3 import BlobStoreUnavailableError
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -261,6 +263,92 @@ def test_delete_removes_row_and_files(env: Env) -> None:
     assert env.client.get(f"/v1/images/{image_id}", headers=env.headers("cam1")).status_code == 404
     assert not list((env.data / "blobs").rglob(f"{image_id}.*"))
 
+
+class DeletesFailing(FilesystemBlobStore):
+    """Blob files on disk whose deletes fail (an object store gone down) once `allowed` more have been made;
+    `allowed=None` lets every delete through. `on_delete` runs before each delete, with its key."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.allowed: int | None = None
+        self.on_delete: Callable[[str], None] = lambda key: None
+
+    def delete(self, key: str) -> bool:
+        self.on_delete(key)
+        if self.allowed is not None:
+            if self.allowed <= 0:
+                raise BlobStoreUnavailableError("S3 delete_object failed: connection refused")
+            self.allowed -= 1
+        return super().delete(key)
+
+
+@contextmanager
+def done_image(tmp_path: Path) -> Iterator[tuple[TestClient, DeletesFailing, dict[str, str], str]]:
+    """A receiver on `DeletesFailing` holding one decoded image and a converted download of it:
+    (client, blobs, cam1's headers, image id)."""
+    settings = make_settings(tmp_path / "data")
+    tokens = make_tokens(settings, "cam1")
+    blobs = DeletesFailing(tmp_path / "data" / "blobs")
+    with TestClient(create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]), blobs=blobs)) as client:
+        headers = {"Authorization": f"Bearer {tokens['cam1']}", **OCTET}
+        image_id = client.post("/v1/images", content=make_bitstream(), headers=headers).json()["id"]
+        deadline = time.monotonic() + 10
+        while client.get(f"/v1/images/{image_id}", headers=headers).json()["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.get(f"/v1/images/{image_id}/reconstruction.jpg", headers=headers).status_code == 200
+        assert len(list(blobs.root.rglob(f"{image_id}.*"))) == 4
+        yield client, blobs, headers, image_id
+
+
+def test_a_delete_the_blob_store_fails_is_503_and_its_retry_finishes_it(tmp_path: Path) -> None:
+    """The store goes down after two of the files: a 503 to retry, the image still there (the row went first
+    before: its retry was a 404 and the files stayed until the next start); sent again once the store is
+    back, the same DELETE removes the rest, and only then is the image gone."""
+    with done_image(tmp_path) as (client, blobs, headers, image_id):
+        blobs.allowed = 2
+        reply = client.delete(f"/v1/images/{image_id}", headers=headers)
+        assert reply.status_code == 503 and error_code(reply) == "storage_unavailable"
+        assert client.get(f"/v1/images/{image_id}", headers=headers).status_code == 200
+        assert reply.headers["retry-after"] == "5" and "not deleted" in reply.json()["error"]["message"]
+        assert client.delete(f"/v1/images/{image_id}", headers=headers).status_code == 503  # still down
+        blobs.allowed = None
+        assert client.delete(f"/v1/images/{image_id}", headers=headers).status_code == 204
+        assert not list(blobs.root.rglob(f"{image_id}.*"))
+        assert client.get(f"/v1/images/{image_id}", headers=headers).status_code == 404
+        assert client.get("/v1/images", headers=headers).json()["items"] == []
+        assert client.delete(f"/v1/images/{image_id}", headers=headers).status_code == 404
+
+
+def test_files_a_decode_writes_while_the_image_is_deleted_are_deleted_too(tmp_path: Path) -> None:
+    """A decode (or a conversion) that stores its files after the delete removed them, and before the row
+    went, still finds the row and keeps them: the delete takes them after the row. One that stores later
+    finds the row gone and deletes its own (test_a_worker_that_lost_its_claims_writes_no_files)."""
+    with done_image(tmp_path) as (client, blobs, headers, image_id):
+        written = {"reconstructions": b"png", "thumbnails": b"jpg", "conversions": b"webp"}
+        keys = [reconstruction_key(image_id), thumbnail_key(image_id), conversion_key(image_id, "webp")]
+
+        def finishing_meanwhile(key: str) -> None:
+            if key == bitstream_key(image_id):  # the last file of the first pass
+                for made in keys:
+                    FilesystemBlobStore.put(blobs, made, written[made.split("/")[0]])
+
+        blobs.on_delete = finishing_meanwhile
+        assert client.delete(f"/v1/images/{image_id}", headers=headers).status_code == 204
+        assert not list(blobs.root.rglob(f"{image_id}.*"))
+
+
+def test_a_delete_whose_cleanup_after_the_row_fails_is_done(tmp_path: Path) -> None:
+    """The store failing after the row went: the image is gone from every answer, so the delete is done (204,
+    not a 503 whose retry could only be a 404); what it missed is an orphan the start-up sweep takes."""
+    with done_image(tmp_path) as (client, blobs, headers, image_id):
+        def down_after_the_last_file(key: str) -> None:
+            if key == bitstream_key(image_id):
+                blobs.allowed = 1  # this delete, then none
+        blobs.on_delete = down_after_the_last_file
+        assert client.delete(f"/v1/images/{image_id}", headers=headers).status_code == 204
+        assert client.get(f"/v1/images/{image_id}", headers=headers).status_code == 404
+        assert client.get(f"/v1/images/{image_id}/thumbnail", headers=headers).status_code == 404
 
 def test_decode_failure_is_retried_then_recorded(env: Env) -> None:
     image_id = env.upload(data=make_bitstream(payload=b"FAIL-this")).json()["id"]

@@ -5,6 +5,7 @@ see)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 import sys
@@ -32,6 +33,8 @@ else:  # 3.10's fromisoformat reads only what isoformat() writes: no `+0100`, `.
     from dateutil.parser import isoparse as read_iso8601
 
 __all__ = ["delete_image", "get_image", "list_images", "quoted", "visible_image"]
+
+log = logging.getLogger(__name__)
 
 
 _IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -129,12 +132,36 @@ def list_images(
     return JSONResponse({"items": items, "next": page.next}, headers=headers)
 
 
+def _derived_keys(image_id: str) -> list[str]:
+    """The files made from an image's bitstream: what a decode or a download may still be writing."""
+    derived = [thumbnail_key(image_id), reconstruction_key(image_id)]
+    return derived + [conversion_key(image_id, suffix) for suffix in CONVERSIONS.values()]
+
+
 def delete_image(image_id: str, request: Request, who: Caller) -> Response:
-    """Remove an image and its files (row first, so nothing points at a deleted file)."""
+    """Remove an image's files, then its row, then its derived files again.
+
+    Files first: while any is left the row stays, so a delete the blob store failed part way (S3 down, a
+    read-only or full disk) is a 503 that the same DELETE, sent again, finishes; the row removed first left
+    a retry 404 and the files until the next start's orphan sweep. The bitstream goes last, so a half-done
+    delete leaves an image its worker can still decode. The pass after the row takes what a decode or a
+    conversion finishing meanwhile wrote; one that writes later finds the row gone and deletes its own file
+    (`worker`, `conversions`). That pass failing is only logged: the image is gone from every answer, and the
+    file it missed is an orphan the embedded receiver's start-up sweep removes."""
     state = receiver_state(request)
     record = visible_image(state, who, image_id)
+    try:
+        for key in [*_derived_keys(record.id), bitstream_key(record.id)]:
+            state.blobs.delete(key)
+    except OSError as exc:
+        log.error("could not delete the files of %s: %s", record.id, exc)
+        raise ApiError(503, "storage_unavailable",
+                       "blob storage is unavailable: the image is not deleted yet; send the DELETE again later",
+                       {"Retry-After": "5"}) from None
     state.store.delete_image(record.id)
-    files = [bitstream_key(record.id), reconstruction_key(record.id), thumbnail_key(record.id)]
-    for key in files + [conversion_key(record.id, suffix) for suffix in CONVERSIONS.values()]:
-        state.blobs.delete(key)
+    try:
+        for key in _derived_keys(record.id):
+            state.blobs.delete(key)
+    except OSError as exc:
+        log.warning("image %s deleted, but a file written during its delete may be left: %s", record.id, exc)
     return Response(status_code=204)
