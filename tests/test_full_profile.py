@@ -481,3 +481,14 @@ def test_the_setting_reaches_the_decoder(folder: Path, package: Path, tmp_path: 
     assert isinstance(codec, ReceiverCodec)
     assert codec.model.decoder.unet.conv_in.weight.dtype == torch.bfloat16
     assert {p.dtype for p in codec.model.synthesis.parameters()} == {torch.float32}
+
+
+def test_nano_packages_ignore_the_decoder_dtype(tmp_path: Path) -> None:
+    """The setting concerns SD-Turbo's weights: a nano decoder, made for the CPU, stays float32 (float16 too)."""
+    from aeic.codec.testing import make_tiny_package
+    from aeic.receiver.decoder import ReceiverCodec
+
+    package = make_tiny_package(tmp_path / "nano")
+    for dtype in ("bfloat16", "float16"):
+        model = ReceiverCodec.from_package(package, device="cpu", dtype=dtype).model
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
