@@ -466,9 +466,8 @@ def _haar_terms(x: torch.Tensor, y: torch.Tensor, top: int, bottom: int) -> tupl
         kernels = torch.stack([h_filter, h_filter.transpose(-1, -2)])
         before, after = size // 2 - 1, size // 2
         window = slice(above - before, above + rows + after)
-        coefficients.append(tuple(  # type: ignore[arg-type]
-            F.conv2d(F.pad(img[:, :1, window], [before, after, 0, 0]), kernels) for img in (ex, ey)
-        ))
+        cx, cy = (F.conv2d(F.pad(img[:, :1, window], [before, after, 0, 0]), kernels) for img in (ex, ey))
+        coefficients.append((cx, cy))
     weights = torch.max(coefficients[2][0].abs(), coefficients[2][1].abs())  # 2 x rows x W
     sims = []
     for orientation in range(2):
