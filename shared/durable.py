@@ -48,21 +48,23 @@ def _read_id(path: str) -> str:
         return ""
 
 
-def _pid_namespace() -> str:
+def _pid_namespace() -> tuple[int, int]:
     try:
         ns = os.stat("/proc/self/ns/pid")
     except OSError:
-        return ""  # not Linux: one pid space per machine
-    return f"{ns.st_dev}:{ns.st_ino}"
+        return 0, 0  # not Linux: one pid space per machine
+    return ns.st_dev, ns.st_ino
 
 
 # Who writes a temporary file, in its name. A pid names a process only in one pid namespace of one running
 # kernel: containers sharing a folder each count their own (pid 1 is alive in every one) and another host's
-# pids say nothing here. The machine (its host name and machine id) stays across reboots; a kernel's boot id
-# does not.
-_MACHINE = _digest(f"{socket.gethostname()}\0{_read_id('/etc/machine-id')}")
+# pids say nothing here. The machine is what stays across a reboot: its host name, machine id and pid
+# namespace number, the same on every boot outside containers (a container gets a new one, and containers
+# on two hosts with the host's network and no machine id of their own can share a host name).
+_NS_DEVICE, _NS_NUMBER = _pid_namespace()
+_MACHINE = _digest(f"{socket.gethostname()}\0{_read_id('/etc/machine-id')}\0{_NS_NUMBER}")
 _BOOT = _digest(_read_id("/proc/sys/kernel/random/boot_id"))
-_PID_SPACE = _digest(_pid_namespace())
+_PID_SPACE = _digest(f"{_NS_DEVICE}:{_NS_NUMBER}")
 _WRITER = re.compile(r"(\d+)-([0-9a-f]{6})([0-9a-f]{6})([0-9a-f]{6})")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -181,3 +182,15 @@ def test_a_dead_write_of_a_containers_pid_1_is_swept_once_older_than_any_write(t
     then = time.time() - FOREIGN_TMP_AGE_S - 60
     os.utime(left[0], (then, then))
     assert blobs.remove_stale_tmp() == 1 and not left[0].exists()
+
+
+@needs_namespaces
+def test_a_container_with_this_hosts_name_is_another_machine(tmp_path: Path) -> None:
+    """Containers on two hosts with the hosts' network and no machine id share a host name where the hosts
+    do: were they one machine, a write of one would be taken for a dead boot's by the other and deleted."""
+    tags = "from aeic.shared import durable; print(durable._MACHINE, durable._BOOT, durable._PID_SPACE)"
+    there = subprocess.run(["unshare", "-Urpf", "--kill-child", sys.executable, "-c", tags], check=True,
+                           capture_output=True, text=True).stdout.split()
+    assert socket.gethostname() == subprocess.run(["unshare", "-Urpf", "hostname"], check=True,
+                                                  capture_output=True, text=True).stdout.strip()
+    assert there[1] == durable._BOOT and there[0] != durable._MACHINE and there[2] != durable._PID_SPACE
