@@ -4,6 +4,8 @@ real uvicorn server, over HTTP and in headless Chromium (the decoder is the inst
 
 from __future__ import annotations
 
+import html
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +21,12 @@ from aeic.receiver.api import create_app
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from fastapi import FastAPI
-from receiver_support import BlockingCodec, ServerThread, gallery_app, make_bitstream, make_tokens
+from receiver_support import BlockingCodec, FakeCodec, ServerThread, gallery_app, make_bitstream, make_tokens
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
+from test_receiver_api import DeletesFailing
 from test_receiver_gallery_a11y import _low_contrast
 from test_receiver_sub_path import PREFIX, _StrippingProxy, _under_prefix
 
@@ -296,6 +299,8 @@ def test_under_a_path_prefix_the_delete_and_its_way_back_stay_under_it(tmp_path:
         deleted = client.post(f"{PREFIX}/images/{image_id}/delete", headers=SAME_ORIGIN)
         assert deleted.status_code == 303 and deleted.headers["location"] == f"{PREFIX}/?deleted={image_id}"
         assert 'id="notice"' in client.get(deleted.headers["location"]).text
+        opened = client.get(f"{PREFIX}/images/{image_id}/delete")  # the form's address as a page: no 405
+        assert opened.status_code == 303 and opened.headers["location"] == f"{PREFIX}/images/{image_id}"
 
 
 def test_the_delete_returns_to_the_grid_page_and_filter_the_image_was_opened_from(
@@ -353,3 +358,42 @@ def test_the_deleted_picture_is_not_left_in_the_browsers_cache(tmp_path: Path, b
         browser.find_element(By.ID, "delete-confirm").click()
         WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "notice"))
         assert browser.execute_async_script(_FROM_CACHE, thumbnail) is None
+
+
+def test_a_delete_the_storage_stops_says_so_and_trying_again_finishes_it(tmp_path: Path) -> None:
+    """The blob store fails part way through the delete: a page (not a JSON error) says the image is not
+    deleted yet, with Retry-After, and the image is still there; its "Try again" posts the same form, back to
+    the same grid, and once the store is back that deletes the image and every file of it."""
+    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, poll_interval_s=0.05,
+                                retry_delay_s=0.0, rate_limit_burst=1000)
+    token = make_tokens(settings, "cam1")["cam1"]
+    blobs = DeletesFailing(tmp_path / "data" / "blobs")
+    app = create_app(settings, registry=CodecRegistry.from_codecs([FakeCodec()]), blobs=blobs)
+    with ServerThread(app) as server, _session(server.url, token) as cam1:
+        image_id = _upload(server.url, token)
+        _wait_done(server.url, image_id)
+        blobs.allowed = 1
+        refused = cam1.post(f"/images/{image_id}/delete", params={"back": "/?status=done"}, headers=SAME_ORIGIN)
+        assert refused.status_code == 503 and refused.headers["content-type"].startswith("text/html")
+        assert refused.headers["retry-after"] == "5" and refused.headers["cache-control"] == "no-store"
+        assert "<title>Not deleted yet" in refused.text and 'id="not-deleted"' in refused.text
+        assert _status(server.url, image_id) == "done" and _files_of(tmp_path, image_id)
+        retry = html.unescape(re.findall(r'<form method="post" action="([^"]+)"', refused.text)[-1])
+        assert retry == f"/images/{image_id}/delete?back=%2F%3Fstatus%3Ddone"
+        blobs.allowed = None
+        done = cam1.post(retry, headers=SAME_ORIGIN)
+        assert done.status_code == 303 and done.headers["location"] == f"/?status=done&deleted={image_id}"
+        assert _status(server.url, image_id) is None and _files_of(tmp_path, image_id) == []
+
+
+def test_the_delete_address_opened_as_a_page_goes_to_the_images_page(tmp_path: Path) -> None:
+    """A GET of the form's address (typed, from history) deletes nothing and opens the image's page, where
+    the form is; not an id, the grid."""
+    app, tokens = gallery_app(tmp_path, ADMIN)
+    with ServerThread(app) as server, _session(server.url, tokens["cam1"]) as cam1:
+        image_id = _upload(server.url, tokens["cam1"])
+        opened = cam1.get(f"/images/{image_id}/delete")
+        assert opened.status_code == 303 and opened.headers["location"] == f"/images/{image_id}"
+        assert cam1.head(f"/images/{image_id}/delete").headers["location"] == f"/images/{image_id}"
+        assert cam1.get("/images/not-an-id/delete").headers["location"] == "/"
+        assert _status(server.url, image_id) is not None

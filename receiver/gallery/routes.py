@@ -19,6 +19,7 @@ from aeic.receiver.api import (
 )
 from aeic.receiver.api.conditional import matches
 from aeic.receiver.api.images import delete_image
+from aeic.receiver.api.shapes import root_path
 from aeic.receiver.auth import DEVICE_NAME, Principal
 from aeic.receiver.errors import ApiError, error_response
 from aeic.receiver.sessions import COOKIE_NAMES, session_cookie
@@ -38,25 +39,19 @@ _HERE = Path(__file__).parent
 _STATIC = _HERE / "static"
 
 
-def _root(request: Request) -> str:
-    """The prefix a proxy serves the receiver under (`root_path`, e.g. `/aeic`; empty at the host's root). Every
-    address a page or a redirect names is this plus the app's own path: an absolute `/images/...` left the
-    prefix, and behind https://host/aeic/ reached the proxy's other sites instead of the receiver. The app's,
-    not a mount's: the 404 page of a missing `/static/x` would have put `/static` before every address."""
-    scope = request.scope
-    return str(scope.get("app_root_path", scope.get("root_path", ""))).rstrip("/")
-
-
 def _app_path(request: Request) -> str:
-    """The request's path in the app, without the `_root` a proxy that keeps the prefix leaves on it."""
-    path, prefix = request.url.path, _root(request)
+    """The request's path in the app, without the `root_path` a proxy that keeps the prefix leaves on it."""
+    path, prefix = request.url.path, root_path(request)
     if prefix and (path == prefix or path.startswith(prefix + "/")):
         return path[len(prefix):] or "/"
     return path
 
 
 def _page_context(request: Request) -> dict[str, str]:
-    return {"root": _root(request)}
+    """Every address a page names starts with `root`: an absolute `/images/...` left the prefix, and behind
+    https://host/aeic/ reached the proxy's other sites instead of the receiver. The app's prefix, not a
+    mount's: the 404 page of a missing `/static/x` would have put `/static` before every address."""
+    return {"root": root_path(request)}
 
 
 _templates = Jinja2Templates(directory=str(_HERE / "templates"), context_processors=[_page_context])
@@ -224,13 +219,25 @@ def delete_page_image(image_id: str, request: Request, back: str | None = None) 
                                      status=401, target=target))
     try:
         delete_image(image_id, request, who)
-    except ApiError:  # deleted already (another tab, a second click), another device's, or no such image
-        return _no_store(_missing(request, image_id))
-    response = RedirectResponse(_root(request) + _grid_after_delete(back, image_id), status_code=303)
+    except ApiError as exc:
+        if exc.status != 503:  # deleted already (another tab, a second click), another device's, or no such image
+            return _no_store(_missing(request, image_id))
+        # The storage failed part way: the image stays, and the same post, sent again, finishes the delete.
+        context = {"who": who, "image_id": image_id, "retry": _here(request)}
+        return _no_store(_templates.TemplateResponse(request, "not_deleted.html", context, status_code=503,
+                                                     headers=exc.headers))
+    response = RedirectResponse(root_path(request) + _grid_after_delete(back, image_id), status_code=303)
     # Its thumbnail and picture are cached privately for a day: the browser still gave the deleted photo's
     # thumbnail from its cache. This empties the site's cache (the grid then fetches its thumbnails again).
     response.headers["Clear-Site-Data"] = '"cache"'
     return response
+
+
+def delete_address(image_id: str, request: Request) -> Response:
+    """`GET /images/{id}/delete`, the delete form's address opened as a page (typed, bookmarked, or the
+    browser's history): the image's page, whose form deletes. A GET deletes nothing; this was a JSON 405."""
+    target = f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/"
+    return RedirectResponse(root_path(request) + target, status_code=303)
 
 
 def _sign_in(request: Request, token: str, target: str) -> Response:
@@ -251,7 +258,7 @@ def _sign_in(request: Request, token: str, target: str) -> Response:
     state.login_limiter.refund(client_address(request))
     for name in COOKIE_NAMES:  # the browser's previous session ends: a stolen copy of its cookie with it
         state.sessions.close(request.cookies.get(name))
-    response = RedirectResponse(_root(request) + target, status_code=303)
+    response = RedirectResponse(root_path(request) + target, status_code=303)
     cookie = session_cookie(request, state.settings.cookie_secure)
     response.set_cookie(cookie.name, session, httponly=True, samesite="lax", path="/",
                         max_age=max(1, math.ceil(state.sessions.ttl_s)), secure=cookie.secure)
@@ -322,7 +329,7 @@ def logout(request: Request) -> Response:
     state = receiver_state(request)
     cookie = session_cookie(request, state.settings.cookie_secure)
     state.sessions.close(request.cookies.get(cookie.name))
-    response = RedirectResponse(f"{_root(request)}/", status_code=303)
+    response = RedirectResponse(f"{root_path(request)}/", status_code=303)
     response.delete_cookie(cookie.name, path="/", secure=cookie.secure, httponly=True, samesite="lax")
     # Thumbnails and pictures are cached privately for a day: on a shared computer the next user of the
     # browser would still see them. Browsers honour this over HTTPS and on localhost.
@@ -347,6 +354,7 @@ def install_gallery(app: FastAPI) -> None:
     router.add_api_route("/images/{image_id}", image_page, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/images/{image_id}/bitstream", bitstream, methods=["GET", "HEAD"])
     router.add_api_route("/images/{image_id}/delete", delete_page_image, methods=["POST"])
+    router.add_api_route("/images/{image_id}/delete", delete_address, methods=["GET", "HEAD"])
     router.add_api_route("/login", login_form, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/login", login_submit, methods=["POST"], response_class=HTMLResponse)
     router.add_api_route("/logout", logout, methods=["POST"])
