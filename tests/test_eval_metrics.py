@@ -212,6 +212,15 @@ def _piq_whole(name: str, ref: np.ndarray, rec: np.ndarray) -> float:
         return float(piq_function(x, y, data_range=1.0))
 
 
+def test_without_piq_the_perceptual_metrics_are_skipped_not_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where piq cannot be imported the runner lists each metric as skipped; it must not fail on every image."""
+    for module in [name for name in sys.modules if name == "piq" or name.startswith("piq.")] + ["piq"]:
+        monkeypatch.setitem(sys.modules, module, None)  # None: "import piq..." raises ImportError
+    functions, skipped = runner.metric_functions(None)
+    assert set(skipped) == set(metrics.PERCEPTUAL_METRICS) and not set(functions) & set(skipped)
+    assert all(reason.startswith("skipped: piq not importable") for reason in skipped.values())
+
+
 @pytest.mark.parametrize("shape", [(8, 8), (9, 13), (300, 7), (41, 41), (517, 163), (390, 1031)])
 @pytest.mark.parametrize("name", list(metrics.PERCEPTUAL_METRICS))
 def test_banded_perceptual_metrics_equal_piq(name: str, shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
