@@ -46,7 +46,8 @@ def convert_and_keep(blobs: BlobStore, store: SqlMetadataStore, budget: Conversi
     download streams it: converting an 8192x8192 picture took 2.5-3 s to JPEG and 45-55 s to WebP, and up
     to 1.3 GB of this process, for every download (measured). Keeping it is only a saving: a store that
     refuses it costs a warning, and one made while the image was deleted is deleted again (a delete removes
-    the row, then the files, so either it sees this file or this sees the row gone)."""
+    the files, the row, then the derived files again: either that last pass sees this file or this sees the
+    row gone)."""
     pixels = record.width * record.height
     # The budget before the read: a refused download then never holds the PNG (115 MB at 8192x8192).
     if not budget.take(pixels):
