@@ -9,6 +9,7 @@ colour statistics from histograms equal those from a float copy of the image.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -21,7 +22,13 @@ from aeic.codec.testing import make_tiny_model
 from aeic.sender import tiled_analysis
 from aeic.sender.encoder import SenderCodec
 from aeic.sender.rows import Picture, as_rows
-from aeic.sender.tiled_analysis import DEFAULT_TRUNK_CELLS, CodedPicture, TiledAnalysis, trunk_tiling
+from aeic.sender.tiled_analysis import (
+    DEFAULT_STEM_CELLS,
+    DEFAULT_TRUNK_CELLS,
+    CodedPicture,
+    TiledAnalysis,
+    trunk_tiling,
+)
 from aeic.shared import padding
 from aeic.shared.model_package import SENDER_FILES, ModelPackage
 from aeic.shared.padding import colour_statistics, correct_colours, downscale_image, pad_to_multiple
@@ -133,6 +140,92 @@ def test_a_short_trunk_halo_is_caught(exported: tuple[AEICModel, ModelPackage]) 
     analysis = _analysis(package, 64, trunk_halo=trunk_halo - trunk_factor)
     analysis.trunk_cells = _trunk_strip_cells(analysis, 64 // analysis.factor, 1)
     assert not np.array_equal(analysis(rgb), _whole_trunk(analysis, rgb))
+
+
+class _Recorded:
+    """An onnxruntime session that notes the (rows, columns) of every input it runs on."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.sizes = session, list[tuple[int, int]]()
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> Any:
+        (tensor,) = feeds.values()
+        self.sizes.append(tensor.shape[2:])
+        return self.session.run(names, feeds)
+
+
+def _record(analysis: TiledAnalysis) -> tuple[_Recorded, _Recorded]:
+    stem, trunk = _Recorded(analysis.stem), _Recorded(analysis.trunk)
+    analysis.stem, analysis.trunk = stem, trunk
+    return stem, trunk
+
+
+def _band_cells(analysis: TiledAnalysis, band_width: int) -> int:
+    """``trunk_cells`` whose strips keep one latent row on a band ``band_width`` feature columns wide, halos included."""
+    return (2 * analysis.trunk_halo + analysis.trunk_factor) * band_width
+
+
+def test_a_wide_picture_runs_in_tiles_within_the_cells_and_gives_the_same_latent(
+    exported: tuple[AEICModel, ModelPackage],
+) -> None:
+    """The defect: the stem ran strips of the whole width (226 MB of activations at a coded width of 4,096) and
+    the trunk strips of the whole width too, which a wide picture's halos fill (at least one latent row each, over
+    the cells). Now both run in tiles of columns as well, none over its cells, and the latent is bit for bit the
+    whole trunk's, from a picture in several bands."""
+    _, package = exported
+    analysis = _analysis(package, 64)
+    analysis.stem_cells = (64 + 2 * analysis.halo) * 600
+    feature_width = 2048 // analysis.factor
+    analysis.trunk_cells = _band_cells(analysis, feature_width // 4 + 2 * analysis.trunk_halo)
+    height = -(-(analysis.trunk_cells // feature_width + analysis.trunk_factor) * analysis.factor // 32) * 32
+    rgb = _image(height, 2048, seed=4)  # too tall for one trunk strip of the whole width
+    stem, trunk = _record(analysis)
+    latent = analysis(rgb)
+    assert max(rows * columns for rows, columns in stem.sizes) <= analysis.stem_cells
+    assert max(rows * columns for rows, columns in trunk.sizes) <= analysis.trunk_cells
+    assert len(analysis.bands(height // analysis.factor, feature_width)) > 1
+    assert np.array_equal(latent, _whole_trunk(analysis, rgb))
+
+
+def test_the_shipped_models_bands_give_the_same_streams() -> None:
+    """Byte-identical streams with the shipped model's trunk in bands of columns and the whole-picture analysis."""
+    codec = SenderCodec(ModelPackage.load(SHIPPED, needs=SENDER_FILES), downscale=1)
+    analysis = codec.analysis
+    analysis.trunk_cells = _band_cells(analysis, 1024 // analysis.factor // 3 + 2 * analysis.trunk_halo)
+    assert len(analysis.bands(704 // analysis.factor, 1024 // analysis.factor)) > 1
+    rgb = _image(704, 1023, seed=6)  # too tall for one trunk strip of the whole width
+    target = len(codec.encode(rgb, 20))
+    bands = codec.encode_to_budget(rgb, target)
+    codec.analysis = lambda picture, factor, multiple: _whole_trunk(analysis, picture, factor, multiple)  # type: ignore[assignment]
+    assert codec.encode_to_budget(rgb, target) == bands
+
+
+def test_the_stems_strips_and_tiles_give_the_whole_stems_features_bit_for_bit() -> None:
+    """The stem's tile geometry changes no feature bit, so no stream: strips of rows cut into tiles of columns
+    (with the shipped model, whose strips were only said to match the whole stem up to float rounding)."""
+    analysis = SenderCodec(ModelPackage.load(SHIPPED, needs=SENDER_FILES), downscale=1).analysis
+    rgb = _image(384, 1024, seed=7)
+    (whole,) = analysis.stem.run(["features"], {"image": tiled_analysis.to_float(rgb)})
+    analysis.strip_rows, analysis.stem_cells = 64, (64 + 2 * analysis.halo) * 300
+    assert analysis.stem_columns() < 1024 // 3
+    assert np.array_equal(analysis.features(rgb), whole)
+
+
+@pytest.mark.parametrize(("height", "width"), [(3072, 4096), (1088, 1920), (4096, 4096), (128, 8192)])
+def test_the_default_tiles_of_large_pictures_keep_within_their_cells(height: int, width: int) -> None:
+    """The shipped defaults at the coded sizes the memory figures are for (12 MP and 1080p coded whole) and beyond:
+    every trunk strip and stem tile within its cells (what bounds the analysis' peak)."""
+    codec = SenderCodec(ModelPackage.load(SHIPPED, needs=SENDER_FILES), downscale=1)
+    analysis = codec.analysis
+    assert (analysis.stem_cells, analysis.trunk_cells) == (DEFAULT_STEM_CELLS, DEFAULT_TRUNK_CELLS)
+    assert (analysis.strip_rows + 2 * analysis.halo) * (analysis.stem_columns() + 2 * analysis.halo) <= analysis.stem_cells
+    rows, columns = height // analysis.factor, width // analysis.factor
+    bands = analysis.bands(rows, columns)
+    assert [left for left, _, _, _ in bands] == sorted(left for left, _, _, _ in bands)
+    assert bands[0][0] == 0 and bands[-1][1] == columns
+    for _, _, start, stop in bands:
+        strip_rows = min(analysis.trunk_rows(stop - start, rows) + 2 * analysis.trunk_halo, rows)
+        assert strip_rows * (stop - start) <= analysis.trunk_cells
 
 
 @pytest.mark.parametrize(("height", "width"), [(1001, 77), (130, 257), (3, 5)])
