@@ -107,6 +107,8 @@ def _our_codec(work: Path, variant: str) -> SenderCodec:
     strip_rows = 1 << 16 if variant == "untiled" else encoder.DEFAULT_STRIP_ROWS
     codec = encoder.SenderCodec.from_package(work / "package", threads=threads, strip_rows=strip_rows,
                                              downscale=DOWNSCALE_VARIANTS.get(variant, "auto"))
+    if variant == "untiled":  # nor cut into tiles of columns (a strip this tall would get tiles of 4 columns)
+        codec.analysis.stem_cells = 1 << 40
     quantized = "int8_static" if variant == "combined" else variant
     if quantized.startswith("int8"):
         stem, trunk = (ort.InferenceSession(str(work / f"{graph}.{quantized}.onnx"), options(threads, graph == "analysis_stem"),
