@@ -142,20 +142,33 @@ def _blur(image: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return F.conv2d(rows, window, groups=channels)
 
 
-def _ssim_means(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel, the means of the SSIM and contrast-structure maps of one scale, computed over bands of
-    rows (each with the window's 10 rows of overlap, so the bands' maps tile the whole map exactly): a whole
-    map's dozen float copies were 6.6 GB for a 24 MP photo."""
+Rows = Callable[[int, int], "torch.Tensor"]  # (top, bottom) -> those rows of a picture, 1 x C x rows x W float
+
+
+def _array_rows(img: np.ndarray) -> Rows:
+    """Rows of an 8-bit picture as float, made when asked: the full-size scale never exists whole in float."""
+    return lambda top, bottom: _to_tensor(img[top:bottom], 1.0)
+
+
+def _tensor_rows(tensor: torch.Tensor) -> Rows:
+    """Rows of a float picture already made (a pooled scale)."""
+    return lambda top, bottom: tensor[:, :, top:bottom]
+
+
+def _ssim_means(x: Rows, y: Rows, height: int, width: int, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the means of the SSIM and contrast-structure maps of one ``height x width`` scale, computed
+    over bands of rows (each with the window's 10 rows of overlap, so the bands' maps tile the whole map
+    exactly): a whole map's dozen float copies were 6.6 GB for a 24 MP photo."""
     import torch
 
     c1, c2 = (SSIM_K1 * 255.0) ** 2, (SSIM_K2 * 255.0) ** 2
-    map_height, map_width = x.shape[2] - SSIM_WINDOW + 1, x.shape[3] - SSIM_WINDOW + 1
+    map_height, map_width = height - SSIM_WINDOW + 1, width - SSIM_WINDOW + 1
     band = max(1, SSIM_BAND_PIXELS // map_width)
-    ssim_sum = torch.zeros(x.shape[1], dtype=torch.float64)
-    cs_sum = torch.zeros(x.shape[1], dtype=torch.float64)
+    ssim_sum = torch.zeros(window.shape[0], dtype=torch.float64)
+    cs_sum = torch.zeros(window.shape[0], dtype=torch.float64)
     for top in range(0, map_height, band):
-        rows = slice(top, top + min(band, map_height - top) + SSIM_WINDOW - 1)
-        xb, yb = x[:, :, rows], y[:, :, rows]
+        stop = min(map_height, top + band) + SSIM_WINDOW - 1
+        xb, yb = x(top, stop), y(top, stop)
         mu_x, mu_y = _blur(xb, window), _blur(yb, window)
         mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
         var_x, var_y = _blur(xb * xb, window) - mu_xx, _blur(yb * yb, window) - mu_yy
@@ -168,29 +181,49 @@ def _ssim_means(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> tuple
     return ssim_sum / count, cs_sum / count
 
 
+def _pooled(rows: Rows, height: int, width: int) -> torch.Tensor:
+    """pytorch_msssim's step to the next scale of an RGB picture, band by band: 2x2 average pooling with one
+    zero row (column) on both sides of an odd height (width), counted in the mean."""
+    import torch
+    import torch.nn.functional as F
+
+    pad_h, pad_w = height % 2, width % 2
+    out_h, out_w = (height + 2 * pad_h - 2) // 2 + 1, (width + 2 * pad_w - 2) // 2 + 1
+    out = torch.empty(1, 3, out_h, out_w)
+    step = max(1, SSIM_BAND_PIXELS // out_w)
+    for top in range(0, out_h, step):
+        bottom = min(out_h, top + step)
+        start, stop = 2 * top - pad_h, 2 * bottom - pad_h  # input rows of output rows top:bottom
+        band = F.pad(rows(max(0, start), min(height, stop)), [0, 0, max(0, -start), max(0, stop - height)])
+        out[:, :, top:bottom] = F.avg_pool2d(band, 2, padding=(0, pad_w))
+    return out
+
+
 def ms_ssim_scale_terms(ref: np.ndarray, rec: np.ndarray) -> torch.Tensor:
     """MS-SSIM's terms before clipping, per scale and channel (5 x 3, float64): contrast-structure at scales
     1-4, SSIM at scale 5, with pytorch_msssim's definition (data range 255, 2x2 average pooling with zero
     padding on odd sides); mirror-pads images below 161 px. Each scale's maps are computed in bands of rows,
-    so a large photo holds its two pictures and a band (pytorch_msssim took 6.6 GB and over a minute for a
-    24 MP photo)."""
+    and the full-size scale is read from the 8-bit pictures band by band, so a large photo holds its
+    quarter-size float pictures and a band (pytorch_msssim took 6.6 GB and over a minute for a 24 MP photo;
+    the full-size float pair alone was 576 MB)."""
     import torch
-    import torch.nn.functional as F
 
     _check_pair(ref, rec)
-    x = _to_tensor(_pad_to_min(ref, MS_SSIM_MIN_SIDE), 1.0)
-    y = _to_tensor(_pad_to_min(rec, MS_SSIM_MIN_SIDE), 1.0)
-    window = _gaussian_window(x.shape[1])
+    ref, rec = _pad_to_min(ref, MS_SSIM_MIN_SIDE), _pad_to_min(rec, MS_SSIM_MIN_SIDE)
+    height, width = ref.shape[:2]
+    x, y = _array_rows(ref), _array_rows(rec)
+    window = _gaussian_window(3)
     terms = []
     with _single_thread():
         for scale in range(len(MS_SSIM_WEIGHTS)):
-            ssim_mean, cs_mean = _ssim_means(x, y, window)
+            ssim_mean, cs_mean = _ssim_means(x, y, height, width, window)
             if scale == len(MS_SSIM_WEIGHTS) - 1:
                 terms.append(ssim_mean)
                 break
             terms.append(cs_mean)
-            padding = [side % 2 for side in x.shape[2:]]
-            x, y = F.avg_pool2d(x, 2, padding=padding), F.avg_pool2d(y, 2, padding=padding)
+            px, py = _pooled(x, height, width), _pooled(y, height, width)
+            height, width = px.shape[2:]
+            x, y = _tensor_rows(px), _tensor_rows(py)
     return torch.stack(terms)
 
 
