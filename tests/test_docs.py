@@ -247,7 +247,12 @@ def test_the_architecture_picture_names_real_files_and_the_codes_numbers() -> No
     """docs/architecture.md's picture is a code block, which the path check above does not read: its
     files exist, and its figures (strip rows, halos, padding, header sizes) are the code's and the
     shipped package's."""
-    from aeic.sender.tiled_analysis import DEFAULT_STRIP_ROWS, trunk_tiling
+    from aeic.sender.tiled_analysis import (
+        DEFAULT_STEM_CELLS,
+        DEFAULT_STRIP_ROWS,
+        DEFAULT_TRUNK_CELLS,
+        trunk_tiling,
+    )
     from aeic.shared import bitstream
     from aeic.shared.model_package import SENDER_FILES, ModelPackage
     from aeic.shared.padding import ALIGNMENT
@@ -261,7 +266,8 @@ def test_the_architecture_picture_names_real_files_and_the_codes_numbers() -> No
     factor, halo = package.analysis_tiling
     _, trunk_halo = trunk_tiling(package.manifest["config"]["analysis"], factor)
     header = bitstream.HEADER_SIZE
-    for figure in (f"in {DEFAULT_STRIP_ROWS}-row strips + {halo}-row halos", f"strips + {trunk_halo}-row halos",
+    for figure in (f"{DEFAULT_STRIP_ROWS}-row strips", f"tiles of <= {DEFAULT_STEM_CELLS // 1024} Ki px, {halo}-px halos",
+                   f"row strips of <= {DEFAULT_TRUNK_CELLS // 1024} Ki cells", f"{trunk_halo}-px halos",
                    f"pad to {ALIGNMENT}", f"{header}/{header + bitstream.COLOUR_STATS_SIZE} B header + CRC32",
                    f"container v{bitstream.FORMAT_VERSION}"):
         assert figure in picture, f"docs/architecture.md's picture lacks {figure!r}"
