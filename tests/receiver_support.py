@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -83,6 +84,13 @@ def make_bitstream(width: int = 48, height: int = 32, payload: bytes = b"\x01\x0
     header = Header(model_id, width, height, rate_index, (120, 110, 100, 40, 40, 40), downscale=downscale)
     return pack(Bitstream(header, payload))
 
+
+def upload_stream(base: str, token: str, payload: bytes = b"\x01\x02\x03", size: tuple[int, int] = (48, 32)) -> str:
+    """POST a :func:`make_bitstream` to a running receiver as the device of ``token``; its image id (202)."""
+    reply = httpx.post(f"{base}/v1/images", content=make_bitstream(*size, payload=payload), timeout=10,
+                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
+    assert reply.status_code == 202, reply.text
+    return str(reply.json()["id"])
 
 class FakeCodec:
     """Test double for the ReceiverCodec contract: deterministic images of the header's size.

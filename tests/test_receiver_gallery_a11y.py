@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import receiver_support
-from receiver_support import ServerThread, gallery_app, make_bitstream
+from receiver_support import ServerThread, gallery_app
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
@@ -48,11 +48,7 @@ def _app(tmp_path: Path, **overrides: Any) -> tuple[Any, str]:
     return app, tokens["cam1"]
 
 
-def _upload(base: str, token: str, payload: bytes = b"\x01\x02\x03", size: tuple[int, int] = (48, 32)) -> str:
-    reply = httpx.post(f"{base}/v1/images", content=make_bitstream(*size, payload=payload), timeout=10,
-                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
-    assert reply.status_code == 202, reply.text
-    return str(reply.json()["id"])
+_upload = receiver_support.upload_stream
 
 
 def _status(base: str, token: str, image_id: str) -> str:

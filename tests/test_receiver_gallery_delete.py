@@ -21,7 +21,7 @@ from aeic.receiver.api import create_app
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from fastapi import FastAPI
-from receiver_support import BlockingCodec, FakeCodec, ServerThread, gallery_app, make_bitstream, make_tokens
+from receiver_support import BlockingCodec, FakeCodec, ServerThread, gallery_app, make_tokens
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -36,11 +36,7 @@ SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin"}  # what Chromium sends with the 
 browser = receiver_support.browser
 
 
-def _upload(base: str, token: str, payload: bytes = b"\x01\x02\x03") -> str:
-    reply = httpx.post(f"{base}/v1/images", content=make_bitstream(payload=payload), timeout=10,
-                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
-    assert reply.status_code == 202, reply.text
-    return str(reply.json()["id"])
+_upload = receiver_support.upload_stream
 
 
 def _status(base: str, image_id: str) -> str | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import receiver_support
-from receiver_support import ServerThread, gallery_app, make_bitstream
+from receiver_support import ServerThread, gallery_app
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -20,11 +20,7 @@ ADMIN = "gallery-filters-admin-token"
 browser = receiver_support.browser
 
 
-def _upload(base: str, token: str, payload: bytes = b"\x01\x02\x03") -> str:
-    reply = httpx.post(f"{base}/v1/images", content=make_bitstream(payload=payload), timeout=10,
-                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
-    assert reply.status_code == 202, reply.text
-    return str(reply.json()["id"])
+_upload = receiver_support.upload_stream
 
 
 def _settled(base: str, *ids: str) -> None:
