@@ -450,11 +450,12 @@ def _vif_scale_sums(x: torch.Tensor, y: torch.Tensor, kernel: torch.Tensor) -> t
 
 
 def _vif(ref: np.ndarray, rec: np.ndarray) -> float:
-    """piq's ``vif_p(ref, rec)`` (4 scales, Gaussian windows of 17, 9, 5, 3 px with sigma size/5) in
-    bands: the two lumas and the smaller scales stay whole (8 bytes a pixel), each scale's maps go band
-    by band. piq held its maps whole, 3.4 GB above the pictures for a 24 MP photo."""
+    """piq's ``vif_p(rec, ref)``, the original as the reference (piq's second argument), with 4 scales and
+    Gaussian windows of 17, 9, 5, 3 px with sigma size/5, in bands: the two lumas and the smaller scales
+    stay whole (8 bytes a pixel), each scale's maps go band by band. piq held its maps whole, 3.4 GB above
+    the pictures for a 24 MP photo."""
     gaussian_filter = _piq_module("piq.functional").gaussian_filter
-    x, y = _luma(ref), _luma(rec)
+    x, y = _luma(rec), _luma(ref)  # y is the reference: how much of its information survives in x
     num = den = 0.0
     for scale in range(4):
         size = 2 ** (4 - scale) + 1
@@ -542,8 +543,8 @@ _BANDED: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 
 def perceptual_metric_fn(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
     """A ``(ref, rec) -> float`` function for one entry of :data:`PERCEPTUAL_METRICS`: piq's number (``piq``'s
-    function called with ``ref`` first, as AEIC always has), computed in bands so that a large photo does not
-    hold piq's whole-picture maps."""
+    function of ``(rec, ref)``: its second argument is the reference), computed in bands so that a large photo
+    does not hold piq's whole-picture maps."""
     module_name, _, min_side, higher_is_better = PERCEPTUAL_METRICS[name]
     _piq_module(module_name)  # ImportError now, so that a machine without piq skips the metric (runner)
     banded = _BANDED[name]

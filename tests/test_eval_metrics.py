@@ -213,10 +213,11 @@ def test_banded_psnr_and_gradient_energy_equal_the_whole_picture_formulas(shape:
 
 
 def _piq_whole(name: str, ref: np.ndarray, rec: np.ndarray) -> float:
-    """piq's function on the whole (mirror-padded) picture, as ``perceptual_metric_fn`` called it before bands."""
+    """piq's function on the whole (mirror-padded) picture, the reconstruction as its input and the original as
+    its target (reference), as piq's functions take them."""
     module, function, min_side, _ = metrics.PERCEPTUAL_METRICS[name]
     piq_function = getattr(metrics._piq_module(module), function)
-    x, y = (metrics._to_tensor(metrics._pad_to_min(img, min_side), 1.0 / 255.0) for img in (ref, rec))
+    x, y = (metrics._to_tensor(metrics._pad_to_min(img, min_side), 1.0 / 255.0) for img in (rec, ref))
     with metrics._single_thread():
         return float(piq_function(x, y, data_range=1.0))
 
@@ -240,6 +241,18 @@ def test_banded_perceptual_metrics_equal_piq(name: str, shape: tuple[int, int], 
     rec = _add_noise(ref, 12.0)
     tolerance = 1e-5 if name == "haarpsi" else 1e-6
     assert metrics.perceptual_metric_fn(name)(ref, rec) == pytest.approx(_piq_whole(name, ref, rec), abs=tolerance)
+
+
+def test_vif_takes_the_original_as_its_reference() -> None:
+    """VIF counts the reference's information that survives in the reconstruction: a contrast-stretched
+    reconstruction gains apparent information (above 1, as piq documents), a flattened one loses it. With the
+    arguments the other way round (as before) both sides of 1 swapped."""
+    ref = _textured(128, 160, seed=3)
+    mean = ref.mean()
+    stretched = np.clip(np.rint(mean + 1.4 * (ref - mean)), 0, 255).astype(np.uint8)
+    flattened = np.clip(np.rint(mean + 0.6 * (ref - mean)), 0, 255).astype(np.uint8)
+    vif = metrics.perceptual_metric_fn("vif")
+    assert vif(ref, stretched) > 1.0 > vif(ref, flattened)
 
 
 @pytest.mark.parametrize(("name", "bound_mb"), [("haarpsi", 60), ("vif", 60), ("fsim", 130), ("gmsd", 60)])
