@@ -52,7 +52,9 @@ class PackageCodec:
         from aeic.receiver.decoder import ReceiverCodec
         from aeic.sender.encoder import SenderCodec
 
-        sender = SenderCodec.from_package(path, provider=provider, threads=threads, downscale=downscale, rounding=rounding)
+        # a batch tool on a workstation: speed before the device's frugal heap (1.6x at 12 MP, docs/evaluation.md)
+        sender = SenderCodec.from_package(path, provider=provider, threads=threads, downscale=downscale, rounding=rounding,
+                                          frugal_heap=False)
         receiver = ReceiverCodec.from_package(path, device=device)
         return cls(sender, receiver, path)
 

@@ -28,6 +28,7 @@ from .tiled_analysis import (
     DEFAULT_STRIP_ROWS,
     CodedPicture,
     TiledAnalysis,
+    favour_heap_speed,
     limit_heap_retention,
     trunk_tiling,
 )
@@ -176,15 +177,19 @@ class SenderCodec:
 
     def __init__(self, package: ModelPackage, provider: str | None = None, threads: int | None = None,
                  strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int | str = AUTO,
-                 rounding: float | str = PACKAGE) -> None:
+                 rounding: float | str = PACKAGE, frugal_heap: bool = True) -> None:
         """``rounding``: ``"package"`` (the package's tuned weight), ``"nearest"`` or a weight
-        (:mod:`aeic.sender.rate_distortion_rounding`)."""
+        (:mod:`aeic.sender.rate_distortion_rounding`). ``frugal_heap``: hand freed memory back to the system
+        (a device's peak, :func:`limit_heap_retention`) or keep it for speed (:func:`favour_heap_speed`)."""
         if downscale != AUTO and downscale not in bitstream.DOWNSCALES:
             raise ValueError(f"downscale must be {AUTO!r} or one of {bitstream.DOWNSCALES}, got {downscale!r}")
         self.package = package
         self.downscale = downscale
         self.rounding = rounding_for(package.rounding_weight, rounding)
-        limit_heap_retention()
+        if frugal_heap:
+            limit_heap_retention()
+        else:
+            favour_heap_speed()
         limit_blas_threads(threads or allowed_cpus())
         providers = choose_providers(provider)
 
@@ -206,8 +211,9 @@ class SenderCodec:
     @classmethod
     def from_package(cls, path: Path | str | None = None, provider: str | None = None, threads: int | None = None,
                      strip_rows: int = DEFAULT_STRIP_ROWS, downscale: int | str = AUTO,
-                     rounding: float | str = PACKAGE) -> SenderCodec:
-        return cls(ModelPackage.load(path, needs=SENDER_FILES), provider, threads, strip_rows, downscale, rounding)
+                     rounding: float | str = PACKAGE, frugal_heap: bool = True) -> SenderCodec:
+        return cls(ModelPackage.load(path, needs=SENDER_FILES), provider, threads, strip_rows, downscale, rounding,
+                   frugal_heap)
 
     @property
     def model_id(self) -> bytes:

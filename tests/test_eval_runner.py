@@ -448,3 +448,18 @@ def test_plots_without_psnr_among_the_metrics(images: Path, tmp_path: Path) -> N
     assert (out / "side_by_side_img0_rate0.png").is_file() and (out / "rd_ms_ssim.png").is_file()
     columns = plots.saved_reconstructions(out, "img0.png", "rate0", ("aeic", "webp"))
     assert [name.split("\n")[1].split(", ")[1].split(" ")[0] for name in columns] == ["MS-SSIM", "MS-SSIM"]
+
+
+def test_the_eval_keeps_freed_memory_for_speed_while_a_sender_hands_it_back(
+        tiny_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device's encoder maps every large buffer afresh (its peak); the eval, a batch tool, keeps them: with
+    the device's setting a 12 MP photo's eval spent half its time in the kernel (docs/evaluation.md)."""
+    from aeic.evaluation.codec_adapter import PackageCodec
+    from aeic.sender import encoder
+
+    calls: list[str] = []
+    monkeypatch.setattr(encoder, "limit_heap_retention", lambda: calls.append("frugal"))
+    monkeypatch.setattr(encoder, "favour_heap_speed", lambda: calls.append("fast"))
+    encoder.SenderCodec.from_package(tiny_package)
+    PackageCodec.from_package(tiny_package, device="cpu")
+    assert calls == ["frugal", "fast"]
