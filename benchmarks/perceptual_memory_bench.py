@@ -53,8 +53,8 @@ def child(metric: str, width: int, height: int, way: str) -> dict[str, Any]:
         module, function, _, _ = metrics.PERCEPTUAL_METRICS[metric]
         piq_function = getattr(metrics._piq_module(module), function)
 
-        def whole(a: np.ndarray, b: np.ndarray) -> float:
-            x, y = metrics._to_tensor(a, 1.0 / 255.0), metrics._to_tensor(b, 1.0 / 255.0)
+        def whole(ref: np.ndarray, rec: np.ndarray) -> float:  # piq's second argument is the reference
+            x, y = metrics._to_tensor(rec, 1.0 / 255.0), metrics._to_tensor(ref, 1.0 / 255.0)
             with metrics._single_thread():
                 return float(piq_function(x, y, data_range=1.0))
 
