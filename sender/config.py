@@ -35,6 +35,9 @@ from pydantic import (
 
 ENV_PREFIX = "AEIC_"
 CONFIG_ENV = "AEIC_SENDER_CONFIG"
+# The longest a setting the sender sleeps or waits on may be, seconds (a year). Python's waits and socket
+# timeouts end at about 9.2e9 s: ``timeout = inf`` passed the check and the first upload died with a traceback.
+LONGEST_WAIT = 365 * 86400.0
 
 
 class ConfigError(ValueError):
@@ -57,16 +60,19 @@ class SenderConfig(BaseModel):
     receiver_url: str | None = Field(None, description="receiver base URL, e.g. https://host:8000")
     token: SecretStr | None = Field(None, description="per-device bearer token")
     ca_bundle: Path | None = Field(None, description="PEM CA bundle replacing the system store")
-    timeout: float = Field(30.0, gt=0, description="seconds a whole upload request may take, answer included")
+    timeout: float = Field(
+        30.0, gt=0, le=LONGEST_WAIT, description="seconds a whole upload request may take, answer included"
+    )
     retry_for: float = Field(60.0, ge=0, description="one-shot commands: seconds to keep retrying")
-    backoff_base: float = Field(1.0, gt=0, description="first retry delay, seconds")
-    backoff_max: float = Field(300.0, gt=0, description="longest retry delay, seconds")
+    backoff_base: float = Field(1.0, gt=0, le=LONGEST_WAIT, description="first retry delay, seconds")
+    backoff_max: float = Field(300.0, gt=0, le=LONGEST_WAIT, description="longest retry delay, seconds")
     item_max_attempts: int = Field(
         ItemPolicy.max_attempts, ge=1, description="an item failing while the receiver accepts others is "
         "rejected after this many such failures, once they span item_max_age")  # fmt: skip
     item_max_age: float = Field(ItemPolicy.max_age, ge=0, description="seconds, see item_max_attempts")
     item_backoff_max: float = Field(
-        ItemPolicy.backoff_max, gt=0, description="longest delay between tries of an item set aside, seconds"
+        ItemPolicy.backoff_max, gt=0, le=LONGEST_WAIT,
+        description="longest delay between tries of an item set aside, seconds",
     )
 
     # Spool.
@@ -94,12 +100,12 @@ class SenderConfig(BaseModel):
         return int(value) if isinstance(value, str) and value.isdigit() else value
 
     # Folder watcher.
-    watch_poll: float = Field(2.0, gt=0, description="seconds between folder scans")
+    watch_poll: float = Field(2.0, gt=0, le=LONGEST_WAIT, description="seconds between folder scans")
     watch_recursive: bool = False
 
     # Camera.
     camera_source: str | None = Field(None, description="0, /dev/videoN or rtsp://...")
-    camera_interval: float = Field(10.0, gt=0, description="seconds between frames")
+    camera_interval: float = Field(10.0, gt=0, le=LONGEST_WAIT, description="seconds between frames")
 
     @model_validator(mode="after")
     def _one_rate_control(self) -> SenderConfig:

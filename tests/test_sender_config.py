@@ -121,3 +121,22 @@ def test_a_misspelt_environment_variable_is_named() -> None:
         "environment variable AEIC_RECIEVER_URL is not a sender setting (ignored): AEIC_RECEIVER_URL?",
         "environment variable AEIC_TOKN is not a sender setting (ignored): AEIC_TOKEN?",
     ]
+
+
+@pytest.mark.parametrize(
+    "key", ["timeout", "backoff_base", "backoff_max", "item_backoff_max", "watch_poll", "camera_interval"]
+)
+@pytest.mark.parametrize("value", ["inf", "1e12"])
+def test_a_wait_too_long_to_sleep_is_refused(key: str, value: str) -> None:
+    """``AEIC_TIMEOUT=inf`` passed the check and the first upload died with a traceback (OverflowError from the
+    socket's timeout; Python's waits end at about 9.2e9 s), a watch agent in a restart loop."""
+    with pytest.raises(ConfigError, match=f"{key} \\(from AEIC_{key.upper()}\\): Input should be less than or equal"):
+        load_config({}, None, {f"AEIC_{key.upper()}": value})
+
+
+def test_limits_only_compared_may_be_infinite() -> None:
+    """``retry_for`` and ``item_max_age`` are never waited on whole: infinity means keep trying, never reject."""
+    config = load_config({}, None, {"AEIC_RETRY_FOR": "inf", "AEIC_ITEM_MAX_AGE": "inf"})
+    assert config.retry_for == float("inf") and config.item_max_age == float("inf")
+    with pytest.raises(ConfigError, match="retry_for"):
+        load_config({}, None, {"AEIC_RETRY_FOR": "nan"})
