@@ -226,6 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from aeic.receiver.api import create_app
     from aeic.receiver.data_dir import unlock_data_dir
+    from aeic.receiver.header_timeout import protocol_with_header_timeout
 
     settings = _settings(args, host=args.host, port=args.port, model_packages=args.model_packages,
                          device=args.device, batch_size=args.batch_size, worker=args.worker)
@@ -250,7 +251,8 @@ def _serve(args: argparse.Namespace) -> int:
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address, as in a URL
     log.info("bound http://%s:%d; the API answers once start-up is complete", shown, sockets[0].getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=30,
-                                           forwarded_allow_ips=settings.forwarded_allow_ips))
+                                           forwarded_allow_ips=settings.forwarded_allow_ips,
+                                           http=protocol_with_header_timeout(settings.header_timeout_s)))
     try:
         server.run(sockets=sockets)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on, once it has

@@ -58,6 +58,10 @@ class ReceiverSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     max_upload_bytes: int = Field(1_000_000, ge=32, description="Largest accepted bitstream (HTTP 413 above).")
     upload_timeout_s: float = Field(60.0, gt=0, le=MAX_SECONDS, description="Most seconds an upload's or a sign-in form's body may take to arrive (408).")
+    header_timeout_s: float = Field(
+        20.0, gt=0, le=MAX_SECONDS, description="Most seconds a request's line and headers may take to arrive, from the "
+        "connection opening (or a kept-alive connection's next request starting): the connection is then closed."
+    )
     max_dimension: int = Field(16384, ge=1, le=16384, description="Largest accepted width or height.")
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=256, description="Most compatible jobs decoded in one call.")
     max_attempts: int = Field(3, ge=1, le=100, description="Decode tries before an image is marked failed.")

@@ -285,13 +285,18 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a probe still being answered must not hold up the process's exit
 
 
+# Seconds a metrics connection may wait between reads of its request: without a limit a client that
+# connected and sent nothing held a thread of the worker for good (a probe sends its request at once).
+METRICS_READ_TIMEOUT_S = 10.0
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Not a line per request: a probe every few seconds would bury the worker's own log."""
 
 
 def serve_metrics_and_health(port: int, registry: CollectorRegistry, stuck: Callable[[], str | None],
-                             host: str = "0.0.0.0") -> WSGIServer:
+                             host: str = "0.0.0.0", read_timeout_s: float = METRICS_READ_TIMEOUT_S) -> WSGIServer:
     """Serve Prometheus metrics and, at `/healthz`, liveness (in a daemon thread): 503 with a short reason
     while `stuck()` gives one (a decode hung past its deadline), for the liveness probe, which `/metrics`
     cannot be: it answers as long as the process does."""
@@ -312,7 +317,8 @@ def serve_metrics_and_health(port: int, registry: CollectorRegistry, stuck: Call
         return [body]
 
     try:
-        server = make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+        handler = type("MetricsHandler", (_QuietHandler,), {"timeout": read_timeout_s})
+        server = make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=handler)
     except OSError as exc:  # said in one line by the command line: which port, and why
         raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     threading.Thread(target=server.serve_forever, name="aeic-metrics", daemon=True).start()
