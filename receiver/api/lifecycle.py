@@ -11,7 +11,7 @@ from aeic.receiver.data_dir import lock_data_dir, lock_sqlite_database, unlock_d
 from aeic.receiver.log_redaction import install_log_redaction
 from aeic.receiver.redis_limiter import RedisRateLimiter
 from aeic.receiver.storage import FilesystemBlobStore
-from aeic.receiver.storage.orphans import remove_orphan_blobs
+from aeic.receiver.storage.orphans import BlobSweeper
 
 __all__ = ["start_receiver", "stop_receiver"]
 
@@ -24,15 +24,12 @@ def start_receiver(state: ReceiverState) -> None:
     if state.worker is not None:  # before requeueing: only the data directory's one worker may do that
         _lock_worker(state)
     version = state.store.migrate()
-    if isinstance(state.blobs, FilesystemBlobStore):
-        state.blobs.remove_stale_tmp()
     prepare_backends(state.blobs, state.queue)
+    if isinstance(state.blobs, FilesystemBlobStore):  # orphans only where the data directory's lock is held
+        state.sweeper = BlobSweeper(state.store, state.blobs, orphans=state.worker is not None)
+        state.sweeper.start()
     if state.worker is not None:
         _requeue_dead_claims(state)
-        if isinstance(state.blobs, FilesystemBlobStore):
-            orphans = remove_orphan_blobs(state.store, state.blobs)
-            if orphans:
-                log.warning("removed %d blob file(s) of no image, left by a previous run", orphans)
         state.worker.start()
     log.info("receiver ready: schema v%d, models %s, claims owned as %s", version,
              ", ".join(sorted(m.hex() for m in state.registry.model_ids())) or "none", state.store.owner)
@@ -64,6 +61,8 @@ def stop_receiver(state: ReceiverState) -> None:
     """Stop the worker, close connections and give the locks back (the app's shutdown)."""
     if state.worker is not None:
         state.worker.stop()
+    if state.sweeper is not None:
+        state.sweeper.stop()
     if state.queue is not None:
         state.queue.close()
     for limiter in (state.limiter, state.login_limiter):

@@ -12,6 +12,7 @@ from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.sessions import GallerySessions
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import BlobStore, SqlMetadataStore
+from aeic.receiver.storage.orphans import BlobSweeper
 from aeic.receiver.worker import DecodeWorker
 from fastapi import Request
 
@@ -36,6 +37,7 @@ class ReceiverState:
     # Held while the embedded worker runs: the data directory's, and a SQLite database's (`data_dir`).
     worker_locks: list[int] = field(default_factory=list)
     conversions: ConversionBudget = field(default_factory=ConversionBudget)  # JPEG/WebP downloads
+    sweeper: BlobSweeper | None = None  # a filesystem store's temporaries and orphans, in the background
     blob_failure_logged: str | None = None  # the readiness probe's last blob-store failure, logged once
 
 

@@ -3,10 +3,18 @@ upload that stored its bitstream but not yet its row, a delete that removed the 
 
 Nothing serves or counts them, so they are only wasted space; the sweep gives it back. It only takes files
 older than a grace period, so a blob whose row another writer is about to insert is never touched.
+
+`BlobSweeper` runs it, with the sweep of dead writers' temporary files, in a thread of its own: at start,
+once more when the grace has passed, then every `SWEEP_INTERVAL_S`. Run only at start, as it was, the orphans
+of a process killed and restarted at once (a supervisor's restart takes a second) were all younger than the
+grace and stayed until the next restart, months on a receiver that runs well; and the start waited for the
+walk of every blob file (about 10 s per million images) before it answered.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from pathlib import PurePosixPath
 
@@ -15,9 +23,12 @@ from aeic.receiver.storage import schema
 from aeic.receiver.storage.blobs import FilesystemBlobStore
 from aeic.receiver.storage.metadata import SqlMetadataStore
 
-__all__ = ["GRACE_S", "remove_orphan_blobs"]
+__all__ = ["GRACE_S", "SWEEP_INTERVAL_S", "BlobSweeper", "remove_orphan_blobs"]
+
+log = logging.getLogger(__name__)
 
 GRACE_S = 300.0  # far beyond the longest write between a blob and its row (the database waits 15 s at most)
+SWEEP_INTERVAL_S = 24 * 3600.0  # orphans come from a killed process (or a failed delete): rare, and harmless
 _KINDS = ("bitstreams", "reconstructions", "thumbnails", "conversions")
 _CHUNK = 500
 
@@ -40,3 +51,46 @@ def remove_orphan_blobs(store: SqlMetadataStore, blobs: FilesystemBlobStore, gra
             known = _known(store, [PurePosixPath(k).stem for k in chunk])
             removed += sum(blobs.delete(k) for k in chunk if PurePosixPath(k).stem not in known)
     return removed
+
+
+class BlobSweeper:
+    """Removes dead writers' temporary files and (with `orphans`) orphan blobs in a daemon thread: at
+    `start`, again `grace_s` later (what a previous run left was too young at start), then every
+    `interval_s`. A sweep that fails (a database outage) is logged and tried again at the next turn."""
+
+    def __init__(self, store: SqlMetadataStore, blobs: FilesystemBlobStore, orphans: bool,
+                 grace_s: float = GRACE_S, interval_s: float = SWEEP_INTERVAL_S) -> None:
+        self.store, self.blobs, self.orphans = store, blobs, orphans
+        self.grace_s, self.interval_s = grace_s, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="aeic-blob-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the thread to end; a sweep in progress (a walk of the files) is not waited for past `timeout_s`."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        wait = self.grace_s + 1.0  # the next turn after the start's: past the grace of all the last run left
+        while not self._stop.is_set():
+            self.sweep()
+            if self._stop.wait(wait):
+                return
+            wait = self.interval_s
+
+    def sweep(self) -> None:
+        """One turn: temporary files, then orphans; never raises."""
+        try:
+            temporaries = self.blobs.remove_stale_tmp()
+            if temporaries:
+                log.warning("removed %d temporary file(s) of writes a killed process left", temporaries)
+            if self.orphans and not self._stop.is_set():
+                removed = remove_orphan_blobs(self.store, self.blobs, self.grace_s)
+                if removed:
+                    log.warning("removed %d blob file(s) of no image, left by a killed process", removed)
+        except Exception:  # the database or the disk failed: logged, tried again next turn
+            log.exception("the blob sweep failed; it is tried again at its next turn")
