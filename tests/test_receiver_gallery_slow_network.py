@@ -140,3 +140,32 @@ def test_a_converted_download_says_while_it_is_made_and_why_it_is_refused(tmp_pa
         WebDriverWait(browser, 10).until(lambda d: note.text == "")
         browser.find_element(By.LINK_TEXT, "JPEG").click()  # kept since the view converted it
         assert _saved(folder, f"{image_id}.jpg").startswith(b"\xff\xd8")
+
+
+def test_a_waiting_image_page_whose_poll_is_not_answered_says_so(tmp_path: Path, browser: Chrome) -> None:
+    """A waiting image's page asks for its status every second; a poll the receiver (or a dead link) never
+    answered left "pending…" on screen for as long as the browser waited, minutes, with nothing said, as the
+    grid once did. After 10 s without an answer the page says so; once answered, the words go."""
+    app, tokens = gallery_app(tmp_path, ADMIN, worker=False)
+    store = app.state.receiver.store
+    with ServerThread(app) as server:
+        reply = httpx.post(f"{server.url}/v1/images", content=make_bitstream(), timeout=10,
+                           headers={"Authorization": f"Bearer {tokens['cam1']}",
+                                    "Content-Type": "application/octet-stream"})
+        browser.get(f"{server.url}/login?token={ADMIN}&next=/images/{reply.json()['id']}")
+        waiting = browser.find_element(By.ID, "waiting")
+        assert waiting.text == "pending…"
+        answer = threading.Event()
+        original = store.get_image
+
+        def stalled(*args: Any, **kwargs: Any) -> Any:
+            answer.wait(60)
+            return original(*args, **kwargs)
+
+        store.get_image = stalled  # each poll of the image's status reads it
+        try:
+            WebDriverWait(browser, 15).until(lambda _: "has not answered for 10 s" in waiting.text)
+        finally:
+            store.get_image = original
+            answer.set()
+        WebDriverWait(browser, 15).until(lambda _: waiting.text == "pending…")

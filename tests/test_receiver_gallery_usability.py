@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import receiver_support
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from receiver_support import ServerThread, gallery_app, make_bitstream
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
@@ -49,6 +50,13 @@ def _timed_listings(app: FastAPI) -> list[float]:
 def _upload(base: str, token: str, size: tuple[int, int] = (48, 32)) -> str:
     reply = httpx.post(f"{base}/v1/images", content=make_bitstream(*size), timeout=10,
                        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
+    assert reply.status_code == 202, reply.text
+    return str(reply.json()["id"])
+
+
+def _upload_with(client: TestClient, token: str) -> str:
+    reply = client.post("/v1/images", content=make_bitstream(), headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
     assert reply.status_code == 202, reply.text
     return str(reply.json()["id"])
 
@@ -168,6 +176,37 @@ def test_a_grid_in_a_background_tab_stops_polling_and_catches_up_when_shown(
         assert min(t for t in listings if t > shown_at) - shown_at < 1.0  # at once, not after a poll interval
 
 
+def test_a_waiting_image_page_in_a_background_tab_stops_asking_and_catches_up_when_shown(
+    tmp_path: Path, browser: Chrome
+) -> None:
+    """A waiting image's page left open in a background tab asked for the image's status every second, for
+    nobody (a query each time; an operator with a tab per image queued overnight asked all night). It now
+    asks nothing while hidden, and at once when shown again."""
+    app, tokens = _app(tmp_path, worker=False)
+    store = app.state.receiver.store
+    asked: list[float] = []
+    original = store.get_image
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        asked.append(time.monotonic())
+        return original(*args, **kwargs)
+
+    store.get_image = counted
+    with ServerThread(app) as server:
+        image_id = _upload(server.url, tokens["cam1"])
+        browser.get(f"{server.url}/login?token={ADMIN}&next=/images/{image_id}")
+        page = browser.current_window_handle
+        WebDriverWait(browser, 10).until(lambda _: len(asked) >= 3)  # the page, then its polls
+        browser.switch_to.new_window("tab")
+        hidden_at = time.monotonic()
+        time.sleep(3.5)
+        assert [t for t in asked if t > hidden_at + 0.5] == []  # a poll on its way when hidden may arrive
+        shown_at = time.monotonic()
+        browser.switch_to.window(page)
+        WebDriverWait(browser, 10).until(lambda _: any(t > shown_at for t in asked))
+        assert min(t for t in asked if t > shown_at) - shown_at < 0.9  # at once, not after a poll interval
+
+
 def test_pages_answer_head_as_their_get(tmp_path: Path) -> None:
     """Uptime monitors and link checkers ask with HEAD: the pages answered 405, so a working gallery read
     as down. HEAD is the GET's status and headers with no body."""
@@ -182,6 +221,25 @@ def test_pages_answer_head_as_their_get(tmp_path: Path) -> None:
                 assert (head.status_code, head.content) == (got.status_code, b""), path
                 for name in ("content-type", "content-length", "cache-control"):
                     assert head.headers.get(name) == got.headers.get(name), (path, name)
+
+
+def test_every_page_is_no_store_whatever_it_says(tmp_path: Path) -> None:
+    """The grid and the image page were `no-store`, but not the token form shown in their place to a visitor
+    signed out, the refused sign-out or the "not found" pages, which a browser may then keep in its cache.
+    Every page the gallery answers is `no-store`, as docs/receiver.md says."""
+    app, tokens = _app(tmp_path, worker=False)
+    html = {"Accept": "text/html"}
+    with TestClient(app) as client:
+        image_id = _upload_with(client, tokens["cam1"])
+        signed_out = [client.get("/", headers=html), client.get(f"/images/{image_id}", headers=html),
+                      client.get(f"/images/{image_id}/bitstream", headers=html),
+                      client.post("/logout", headers={"Origin": "https://elsewhere.example"})]
+        client.get(f"/login?token={ADMIN}")
+        signed_in = [client.get(f"/images/{'0' * 32}", headers=html), client.get("/images/nope", headers=html),
+                     client.get("/no/such/page", headers=html), client.get("/static/none.js?v=1", headers=html)]
+        for page in signed_out + signed_in:
+            assert page.headers["content-type"].startswith("text/html"), page.request.url
+            assert page.headers.get("cache-control") == "no-store", (page.request.url, page.status_code)
 
 
 def test_back_from_an_image_returns_to_the_same_place_in_the_grid(tmp_path: Path, browser: Chrome) -> None:

@@ -102,10 +102,18 @@ def _here(request: Request) -> str:
     return _return_path(_app_path(request) + (f"?{query}" if query else ""))
 
 
+def _page(request: Request, name: str, context: dict[str, Any], status: int = 200,
+          headers: dict[str, str] | None = None) -> HTMLResponse:
+    """A page, `no-store` whatever it says: a browser keeps an answer without it and may show it again on Back
+    or Forward (the token form at `/` after signing in, a private page after signing out)."""
+    page = _templates.TemplateResponse(request, name, context, status_code=status, headers=headers)
+    page.headers["Cache-Control"] = "no-store"
+    return page
+
+
 def _login_page(request: Request, message: str | None = None, status: int = 200, target: str = "/") -> HTMLResponse:
     """The token form; signing in opens `target` (a page of this site, checked by `_return_path`)."""
-    return _templates.TemplateResponse(request, "login.html", {"message": message, "target": target},
-                                       status_code=status)
+    return _page(request, "login.html", {"message": message, "target": target}, status)
 
 
 def _narrowing(who: Principal, device: str | None, status: str | None) -> dict[str, str]:
@@ -138,7 +146,7 @@ def index(request: Request, cursor: str | None = None, device: str | None = None
                                "next": page.next, "live": cursor is None, "cursor": cursor,
                                "narrowing": narrowing, "query": urlencode(narrowing), "statuses": _STATUSES,
                                "deleted": _was_deleted(store, deleted)}
-    return _no_store(_templates.TemplateResponse(request, "index.html", context))
+    return _page(request, "index.html", context)
 
 
 def _was_deleted(store: MetadataStore, image_id: str | None) -> bool:
@@ -150,7 +158,7 @@ def _was_deleted(store: MetadataStore, image_id: str | None) -> bool:
 def _missing(request: Request, image_id: str) -> Response:
     """The 404 page, quoting only an id: other text would be an attacker's message shown on our origin."""
     shown = image_id if _IMAGE_ID.fullmatch(image_id) else None
-    return _templates.TemplateResponse(request, "missing.html", {"image_id": shown}, status_code=404)
+    return _page(request, "missing.html", {"image_id": shown}, 404)
 
 
 def image_page(image_id: str, request: Request) -> Response:
@@ -162,7 +170,7 @@ def image_page(image_id: str, request: Request) -> Response:
         record = visible_image(receiver_state(request), who, image_id)
     except ApiError:
         return _missing(request, image_id)
-    return _no_store(_templates.TemplateResponse(request, "image.html", {"image": image_json(record), "who": who}))
+    return _page(request, "image.html", {"image": image_json(record), "who": who})
 
 
 def bitstream(image_id: str, request: Request) -> Response:
@@ -211,21 +219,20 @@ def delete_page_image(image_id: str, request: Request, back: str | None = None) 
     so. A post from another site is refused before the cookie is looked at (its SameSite=Lax still goes
     with a same-site page's post, a sibling subdomain's)."""
     if _cross_site(request):
-        return _no_store(_templates.TemplateResponse(request, "refused.html", {}, status_code=403))
+        return _page(request, "refused.html", {}, 403)
     who = _session_principal(request)
     if who is None:  # the session ended while the page was open: sign in, back on the image's page
         target = f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/"
-        return _no_store(_login_page(request, "Your session has ended; sign in again to delete the image.",
-                                     status=401, target=target))
+        return _login_page(request, "Your session has ended; sign in again to delete the image.", status=401,
+                           target=target)
     try:
         delete_image(image_id, request, who)
     except ApiError as exc:
         if exc.status != 503:  # deleted already (another tab, a second click), another device's, or no such image
-            return _no_store(_missing(request, image_id))
+            return _missing(request, image_id)
         # The storage failed part way: the image stays, and the same post, sent again, finishes the delete.
         context = {"who": who, "image_id": image_id, "retry": _here(request)}
-        return _no_store(_templates.TemplateResponse(request, "not_deleted.html", context, status_code=503,
-                                                     headers=exc.headers))
+        return _page(request, "not_deleted.html", context, 503, exc.headers)
     response = RedirectResponse(root_path(request) + _grid_after_delete(back, image_id), status_code=303)
     # Its thumbnail and picture are cached privately for a day: the browser still gave the deleted photo's
     # thumbnail from its cache. This empties the site's cache (the grid then fetches its thumbnails again).
@@ -278,7 +285,7 @@ def _cross_site(request: Request) -> bool:
 
 
 def _no_store(response: Response) -> Response:
-    """Pages that are private or change: after sign-out, Back must not show them from the browser's cache."""
+    """A sign-in's redirect, which sets the cookie: no cache may keep it (the pages are `_page`'s)."""
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -290,10 +297,10 @@ def login_form(request: Request, token: str | None = None,
     post is: it would sign the browser in to the gallery of the attacker's token."""
     target = _return_path(target)
     if not token:
-        return _no_store(_login_page(request, target=target))
+        return _login_page(request, target=target)
     if _cross_site(request):
-        return _no_store(_login_page(request, "Open the sign-in link directly, not from another site.", status=403,
-                                     target=target))
+        return _login_page(request, "Open the sign-in link directly, not from another site.", status=403,
+                           target=target)
     return _no_store(_sign_in(request, token, target))
 
 
@@ -307,18 +314,18 @@ async def login_submit(request: Request) -> Response:
     upload's is: an anonymous client can make the server hold neither more than a form's bytes nor a request
     for longer than `upload_timeout_s` (a trickled body held it as long as the client liked)."""
     if _cross_site(request):
-        return _no_store(_login_page(request, "Sign in from this site's own form.", status=403))
+        return _login_page(request, "Sign in from this site's own form.", status=403)
     try:
         body = await read_body(request, _FORM_BYTES, receiver_state(request).settings.upload_timeout_s)
     except ApiError as exc:
         page = _login_page(request, _FORM_FAILURES[exc.status], status=exc.status)
         page.headers.update(exc.headers)  # 408: Connection: close
-        return _no_store(page)
+        return page
     fields = parse_qs(body.decode("utf-8", "replace"))
     token = (fields.get("token") or [""])[0].strip()
     target = _return_path((fields.get("next") or [""])[0])
     if not token:
-        return _no_store(_login_page(request, "Paste a token.", status=400, target=target))
+        return _login_page(request, "Paste a token.", status=400, target=target)
     return _no_store(await run_in_threadpool(_sign_in, request, token, target))
 
 
@@ -342,7 +349,7 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     API, scripts, images and every other client get the standard JSON error, as before."""
     page = request.headers.get("sec-fetch-dest") == "document" or "text/html" in request.headers.get("accept", "")
     if page and request.method in ("GET", "HEAD") and not _app_path(request).startswith("/v1/"):
-        return _templates.TemplateResponse(request, "not_found.html", {}, status_code=404)
+        return _page(request, "not_found.html", {}, 404)
     return error_response(404, "not_found", str(getattr(exc, "detail", "Not Found")), getattr(exc, "headers", None))
 
 

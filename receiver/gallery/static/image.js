@@ -30,9 +30,25 @@
       put(retrying, image.error ? "Attempt " + image.attempts + " failed: " + image.error + "; trying again." : "");
       retrying.hidden = !image.error;
     };
+    // As the grid's polls (gallery.js): one the receiver (or a dead link) does not answer is said after SLOW_MS,
+    // not left under "pending…" for as long as the browser waits, and given up after GIVE_UP_MS to ask afresh.
+    // A tab in the background asks nothing (each poll is a query, for nobody to see); shown again, it asks at once.
+    const POLL_MS = 1000, SLOW_MS = 10000, GIVE_UP_MS = 60000;
+    let timer = 0, busy = false;
+    const schedule = (ms) => {
+      window.clearTimeout(timer);
+      timer = window.setTimeout(poll, ms);
+    };
+    const stalled = (why) => show(detail.dataset.status + "… (not updating: " + why + ")", detail.dataset.status);
     const poll = async () => {
+      busy = true;
+      const giveUp = new AbortController();
+      const slow = window.setTimeout(
+        () => stalled("the receiver has not answered for " + SLOW_MS / 1000 + " s; waiting"), SLOW_MS);
+      const stop = window.setTimeout(() => giveUp.abort(), GIVE_UP_MS);
       try {
-        const response = await fetch((document.documentElement.dataset.root || "") + "/v1/images/" + detail.dataset.id, {credentials: "same-origin"});
+        const response = await fetch((document.documentElement.dataset.root || "") + "/v1/images/" + detail.dataset.id,
+                                     {credentials: "same-origin", signal: giveUp.signal});
         // Deleted meanwhile, or signed out: the reloaded page says so ("No image ..." or the token form).
         if (response.status === 404 || response.status === 401) { window.location.reload(); return; }
         if (!response.ok) throw new Error("the receiver answered HTTP " + response.status);
@@ -43,12 +59,21 @@
         show(now + "…", now);
         note(image);
       } catch (err) {  // keep waiting, and say why nothing changes
-        const why = err instanceof TypeError ? "cannot reach the receiver" : err.message;
-        show(detail.dataset.status + "… (not updating: " + why + "; retrying)", detail.dataset.status);
+        const why = giveUp.signal.aborted ? "the receiver did not answer in " + GIVE_UP_MS / 1000 + " s"
+          : err instanceof TypeError ? "cannot reach the receiver" : err.message;
+        stalled(why + "; retrying");
+      } finally {
+        window.clearTimeout(slow);
+        window.clearTimeout(stop);
+        busy = false;
       }
-      window.setTimeout(poll, 1000);
+      if (!document.hidden) schedule(POLL_MS);
     };
-    window.setTimeout(poll, 1000);
+    document.addEventListener("visibilitychange", () => {
+      if (document.hidden) window.clearTimeout(timer);
+      else if (!busy) schedule(0);
+    });
+    schedule(POLL_MS);
     return;
   }
   const viewer = document.getElementById("viewer");
