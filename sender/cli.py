@@ -547,39 +547,68 @@ def cmd_watch(
 ) -> int:
     directory = args.directory.resolve()
     digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+    state = config.spool_dir / "watch" / f"{digest}.db"
+
+    def opened() -> FolderWatcher:
+        try:
+            return FolderWatcher(directory, state, recursive=config.watch_recursive)
+        except (NotADirectoryError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+
+    watcher: FolderWatcher | None = None
     try:
-        watcher = FolderWatcher(
-            directory, config.spool_dir / "watch" / f"{digest}.db", recursive=config.watch_recursive
-        )
-    except (NotADirectoryError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    with watcher:
-        _watch(watcher, directory, config, reporter, codec_factory)
+        watcher = opened()
+    except OSError as exc:  # a full or failing disk: the queue can still go, and its uploads make room
+        problem = exc
+    # The receiver settings are checked (``_Daemon``) before the model loads: a missing token or URL is
+    # one line at once, not after seconds of loading on a Pi that systemd restarts every few seconds.
+    with _Daemon(config, reporter) as daemon:
+        if watcher is None:
+            watcher = _state_once_it_opens(opened, state, problem, daemon.stop, config.watch_poll, reporter)
+        if watcher is not None:
+            with watcher:
+                _watch(watcher, directory, config, reporter, codec_factory, daemon)
     return EXIT_OK
 
 
+def _state_once_it_opens(opened: Callable[[], FolderWatcher], state: Path, problem: OSError,
+                         stop: threading.Event, poll: float, reporter: Reporter) -> FolderWatcher | None:  # fmt: skip
+    """The watcher once its state opens, tried every ``poll`` seconds while the forwarder delivers the queue;
+    None when stopped first.
+
+    Why: a full disk (a long outage's backlog) or a card gone read-only failed the state's opening at start, and
+    the agent exited, for systemd to start it again every few seconds, while the queued images, whose delivery
+    makes room, stayed queued."""
+    reporter.info(f"watch: cannot open its state {state} ({problem}); delivering what is queued meanwhile and "
+                  f"trying again every {poll:g} s")  # fmt: skip
+    while not stop.wait(poll):
+        try:
+            watcher = opened()
+        except OSError:
+            continue
+        reporter.info(f"watch state opened: {watcher.directory} is scanned")
+        return watcher
+    return None
+
+
 def _watch(watcher: FolderWatcher, directory: Path, config: SenderConfig, reporter: Reporter,
-           codec_factory: CodecFactory) -> None:
-    """Encode and spool each file ``watcher`` finds ready, uploading in the background, until stopped.
+           codec_factory: CodecFactory, daemon: _Daemon) -> None:
+    """Encode and spool each file ``watcher`` finds ready, uploading in the background, until stopped."""
+    encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
+    gate = _FullSpoolGate(daemon.spool, reporter)
 
-    The receiver settings are checked (``_Daemon``) before the model loads: a missing token or URL is
-    one line at once, not after seconds of loading on a Pi that systemd restarts every few seconds."""
-    with _Daemon(config, reporter) as daemon:
-        encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
-        gate = _FullSpoolGate(daemon.spool, reporter)
+    def handle(candidate: Candidate) -> tuple[Handled, str]:
+        encoded = encoder.from_file(candidate.path)
+        if encoded is None:
+            return Handled.FAILED, "unreadable or not encodable"
+        if not _spool_encoded(daemon.spool, encoded, candidate.name, reporter, "[watch]", gate):
+            return Handled.LATER, ""
+        daemon.wake.set()
+        return Handled.SENT, encoded.key
 
-        def handle(candidate: Candidate) -> tuple[Handled, str]:
-            encoded = encoder.from_file(candidate.path)
-            if encoded is None:
-                return Handled.FAILED, "unreadable or not encodable"
-            if not _spool_encoded(daemon.spool, encoded, candidate.name, reporter, "[watch]", gate):
-                return Handled.LATER, ""
-            daemon.wake.set()
-            return Handled.SENT, encoded.key
-
-        reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}; "
-                      f"receiver {without_password(daemon.forwarder.uploader.url)}")  # fmt: skip
-        run_watch(watcher, handle, daemon.stop, config.watch_poll, on_error=reporter.info, ready=gate.open)
+    reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}; "
+                  f"receiver {without_password(daemon.forwarder.uploader.url)}")  # fmt: skip
+    run_watch(watcher, handle, daemon.stop, config.watch_poll, on_error=reporter.info, ready=gate.open)
 
 
 def cmd_camera(

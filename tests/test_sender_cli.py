@@ -6,11 +6,13 @@ arguments, per-image summaries, error lines and exit codes, spooling and deliver
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from aeic.sender import cli
 from aeic.sender.spool import Spool
 from aeic.shared.bitstream import unpack
 from PIL import Image
-from sender_support import ContainerCodec, ReceiverDouble
+from sender_support import ContainerCodec, ReceiverDouble, make_bitstream
 
 # The command layer catches the encoder's BudgetError, so it needs the lead's encoder module.
 pytest.importorskip("aeic.sender.encoder")
@@ -221,6 +223,51 @@ def test_watch_sends_new_files_until_sigterm(
     assert code == cli.EXIT_OK and len(receiver.stored) == 2
     assert err.count("error:") == 1 and "broken.jpg" in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_watch_delivers_the_queue_while_its_state_cannot_be_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk (or a card gone read-only) failed the opening of the watch state at start ("watch state:
+    database or disk is full", exit status 2): systemd restarted the agent every 5 s, and the queued images,
+    whose delivery makes room, stayed queued. The agent now delivers the queue meanwhile and opens the state
+    once it can."""
+    spool_dir, folder = tmp_path / "spool", tmp_path / "outbox"
+    folder.mkdir()
+    Spool(spool_dir).put(make_bitstream(1), source="queued-during-the-outage.jpg")
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    blocker = spool_dir / "watch" / f"{digest}.db"
+    blocker.mkdir(parents=True)  # no database can be opened there, as on a full disk
+    monkeypatch.setenv("AEIC_TOKEN", TOKEN)
+    receiver = ReceiverDouble(TOKEN).start()
+
+    def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def operator() -> None:
+        until(lambda: len(receiver.stored) == 1 or finished.is_set())  # the queue goes meanwhile
+        blocker.rmdir()
+        image = _images(tmp_path / "made")[0]
+        (folder / image.name).write_bytes(image.read_bytes())
+        until(lambda: len(receiver.stored) == 2 or finished.is_set())
+        if not finished.is_set():  # a SIGTERM after the command returned would end the test run
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    finished = threading.Event()
+    thread = threading.Thread(target=operator)
+    thread.start()
+    try:
+        argv = ["watch", str(folder), "--to", receiver.url, "--spool", str(spool_dir), "--poll", "0.05"]
+        code = _run(argv, monkeypatch, tmp_path)
+    finally:
+        finished.set()
+        thread.join()
+        receiver.stop()
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_OK and len(receiver.stored) == 2 and len(Spool(spool_dir)) == 0
+    assert err.count("cannot open its state") == 1 and "watch state opened" in err
 
 
 def test_camera_sends_frames_from_an_opencv_source(
