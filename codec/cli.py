@@ -206,7 +206,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    codec = _open_model(lambda: ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels))
+    codec = _open_model(lambda: ReceiverCodec.from_package(args.model, device=args.device, tile_pixels=args.tile_pixels,
+                                                           dtype=args.decoder_dtype))
     status = 0
     for stream in args.streams:
         try:
@@ -463,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="padded coded pixels the pixel decoder renders in one pass; a larger picture is "
                              f"rendered in tiles, bounding memory (default {TILE_PIXELS}: a 1080p photo coded "
                              "whole is one pass)")
+    # the receiver's `decoder_dtype` (not imported from it: that would load torch for `aeic info`)
+    decode.add_argument("--decoder-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="what a full-profile package's SD-Turbo UNet and VAE compute in: half precision halves "
+                             "their memory (float16 needs a GPU); nano packages ignore it")
     info = sub.add_parser("info", help="print the header of bitstreams as JSON")
     info.add_argument("streams", nargs="+", type=Path)
     export = sub.add_parser("export", help="training checkpoint -> model package")
