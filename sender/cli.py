@@ -229,6 +229,8 @@ def _open_spool(config: SenderConfig) -> Spool:
     if root.is_symlink() and not root.exists():
         raise UsageError(f"spool {root} is a symbolic link to {os.readlink(root)}, which does not exist "
                          "(storage not mounted?)")  # fmt: skip
+    if root.exists() and not root.is_dir():  # said only "File exists"
+        raise UsageError(f"spool {root} is not a folder")
     if not root.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):  # another process made it first
@@ -328,6 +330,8 @@ def _install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
 def cmd_encode(
     args: argparse.Namespace, config: SenderConfig, reporter: Reporter, codec_factory: CodecFactory
 ) -> int:
+    if args.output.exists() and not args.output.is_dir():  # said only "File exists"
+        raise UsageError(f"output {args.output} is not a folder")
     args.output.mkdir(parents=True, exist_ok=True)
     encoder = ImageEncoder(codec_factory(config, reporter), _rate_control(config), reporter)
     failures, used = 0, set[str]()

@@ -171,6 +171,20 @@ def test_usage_errors_exit_2_with_one_line(
     assert "choose 0..3" in capsys.readouterr().err
 
 
+def test_a_spool_or_output_that_is_a_file_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--spool`` or ``-o`` naming a file said only "File exists: PATH"."""
+    images = _images(tmp_path / "in")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    assert _run(["spool", "--spool", str(a_file)], monkeypatch, tmp_path) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == f"aeic-send: spool {a_file} is not a folder"
+    assert _run(["encode", str(images[0]), "-o", str(a_file)], monkeypatch, tmp_path) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == f"aeic-send: output {a_file} is not a folder"
+    assert a_file.read_text() == "not a folder"
+
+
 def test_spool_command_lists_items(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
