@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 from aeic.receiver.api.auth import Caller
 from aeic.receiver.api.conditional import matches
 from aeic.receiver.api.conversions import convert_and_keep
@@ -23,11 +24,19 @@ from aeic.receiver.storage.blobs import (
 )
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 __all__ = ["BlobDownload", "get_reconstruction", "get_reconstruction_as", "get_thumbnail"]
 
 log = logging.getLogger(__name__)
+
+# Seconds a download may wait for its client to take the next chunk (nginx's `send_timeout` is 60 s): a
+# client that stopped reading held its connection, its open file and a chunk in the send buffer for good.
+SEND_TIMEOUT_S = 60.0
+
+
+class _ClientStalledError(Exception):
+    """The client took no data for `SEND_TIMEOUT_S`."""
 
 
 def _negotiate(accept: str | None) -> str:
@@ -73,20 +82,29 @@ class BlobDownload(StreamingResponse):
     """A stored file sent as it is read, `CHUNK_BYTES` at a time, with its Content-Length: read whole, a
     noisy 8192x8192 PNG (115 MB) was held per download (8 at once: 1.56 GB), as long as a slow client read.
     A HEAD reads nothing. A storage failure mid-file cuts the answer short (the client sees fewer bytes
-    than Content-Length) and logs one line; the file or connection is closed however the answer ends."""
+    than Content-Length) and logs one line, as does a client that takes no data for `SEND_TIMEOUT_S`; the file
+    or connection is closed however the answer ends."""
 
     def __init__(self, blob: OpenBlob, media_type: str, headers: dict[str, str]) -> None:
         super().__init__(blob.chunks(), media_type=media_type, headers={**headers, "Content-Length": str(blob.size)})
         self.blob = blob
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message: Message) -> None:
+            timeout_s = SEND_TIMEOUT_S
+            try:
+                with anyio.fail_after(timeout_s):
+                    await send(message)
+            except TimeoutError:
+                raise _ClientStalledError(f"the client took no data for {timeout_s:g} s") from None
+
         try:
             if scope.get("method") == "HEAD":
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
-                await super().__call__(scope, receive, send)
-        except BlobReadError as exc:  # returning unfinished makes the server drop the connection
+                await super().__call__(scope, receive, send_in_time)
+        except (BlobReadError, _ClientStalledError) as exc:  # returning unfinished: the server drops the connection
             log.warning("download of %s cut short: %s", scope.get("path"), exc)
         finally:
             self.blob.close()
