@@ -149,6 +149,33 @@ def test_pages_have_landmarks_headings_titles_and_meaningful_alt_text(
         assert browser.find_element(By.TAG_NAME, "h1").text == "Image not found"
 
 
+# Each form field: its edge against the first opaque background outside it (WCAG 1.4.11: 3:1 at least) and
+# its placeholder's text against the field (4.5:1, as any text).
+_FIELD_EDGES_JS = _CONTRAST_JS.split("return [...")[0] + """
+const ratio = (x, y) => { const a = lum(x), b = lum(y); return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); };
+return [...document.querySelectorAll('input:not([type=hidden]), select, form.filter button')].map(e =>
+  [e.id, ratio(rgb(getComputedStyle(e).borderTopColor), background(e.parentElement)),
+   e.placeholder ? ratio(rgb(getComputedStyle(e, '::placeholder').color), background(e)) : null]);
+"""
+
+
+def test_form_fields_have_edges_and_placeholders_that_can_be_seen(tmp_path: Path, browser: Chrome) -> None:
+    """The token field and the filter's fields were drawn with a border of 1.4:1 against the page (1.2:1 on
+    the sign-in panel), so where a field begins and ends was all but invisible to a low-vision user (WCAG
+    1.4.11 asks 3:1 of a component's edges), and their placeholders ("any": the device filter left empty)
+    were Chromium's grey at 4.2:1, under the 4.5:1 of text."""
+    app, _ = _app(tmp_path, worker=False)
+    with ServerThread(app) as server:
+        browser.get(f"{server.url}/login")
+        sign_in_page = browser.execute_script(_FIELD_EDGES_JS)
+        _sign_in(browser, server.url)
+        grid = browser.execute_script(_FIELD_EDGES_JS)
+        assert [name for name, *_ in sign_in_page] == ["token"]
+        assert [name for name, *_ in grid] == ["filter-device", "filter-status", "filter-apply"]
+        assert [(name, edge) for name, edge, _ in sign_in_page + grid if edge < 3] == []
+        assert [(name, text) for name, _, text in sign_in_page + grid if text is not None and text < 4.5] == []
+
+
 def test_status_badges_are_readable_and_say_the_status(tmp_path: Path, browser: Chrome) -> None:
     """Pending cards and the waiting image page: the status is words with AA contrast (4.5:1)."""
     app, token = _app(tmp_path, worker=False)
