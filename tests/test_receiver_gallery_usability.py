@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from receiver_support import ServerThread, gallery_app, make_bitstream
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 ADMIN = "gallery-usability-admin-token"
@@ -263,6 +264,30 @@ def test_back_from_an_image_returns_to_the_same_place_in_the_grid(tmp_path: Path
         WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
         top = browser.execute_script("return document.querySelectorAll('#grid .card')[30].getBoundingClientRect().top")
         assert abs(top - card_top) < 2, (card_top, top)
+
+
+def test_back_from_an_image_opened_by_keyboard_gives_the_focus_back_to_its_card(
+    tmp_path: Path, browser: Chrome
+) -> None:
+    """Back from an image opened with the keyboard restored the grid's scroll but not its focus: the next Tab
+    went to the header's first link, and a keyboard user had to Tab through every card again to get back to
+    the 20th (25 presses). The card the image was opened from has the focus again."""
+    app, tokens = _app(tmp_path)
+    with ServerThread(app) as server:
+        ids = [_upload(server.url, tokens["cam1"]) for _ in range(30)]
+        _wait_done(server.url, tokens["cam1"], ids[-1])
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        opened = ids[-20]  # the 20th card, newest first
+        browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{opened}"]').send_keys(Keys.ENTER)
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "detail"))
+        browser.back()
+        time.sleep(0.5)  # a reload out of the back/forward cache, if any, has begun by now
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+            "return document.readyState === 'complete' && !!document.getElementById('grid')"))
+        focused = "return document.activeElement.dataset.id || document.activeElement.tagName"
+        WebDriverWait(browser, 5).until(lambda d: d.execute_script(focused) == opened)
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        assert browser.execute_script(focused) == ids[-21]  # Tab goes on from there
 
 
 STATIC = Path(__file__).resolve().parents[1] / "receiver" / "gallery" / "static"
