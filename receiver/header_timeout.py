@@ -7,7 +7,10 @@ for as long as the client likes, and at the process's limit (`ulimit -n`) the re
 more: measured with a limit of 400, 400 idle connections left `/healthz` unanswered. This protocol closes a
 connection whose request line and headers have not all arrived within `header_timeout_s` of the
 connection opening (or, on a kept-alive connection, of the next request's first byte), as nginx's
-`client_header_timeout` does. The body has its own limit (`upload_timeout_s`, in the routes that read one).
+`client_header_timeout` does. The body has its own limit (`upload_timeout_s`, in the routes that read one);
+the rest of a body the receiver answered without reading (a 401 for a wrong token, a 413, a GET's body) is
+read and dropped by uvicorn for as long as it comes, so a client trickling a large declared body after its
+401 held the connection for good: it too must be in within `header_timeout_s` of the answer.
 """
 
 from __future__ import annotations
@@ -37,8 +40,17 @@ class HeaderTimeoutProtocol(H11Protocol):
         if self._header_timer is None and self.conn.their_state is h11.IDLE:
             self._arm_header_timer()  # a kept-alive connection's next request starts
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the headers are in: the app has the request
+        if self._handling():
             self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY:  # answered before its body was read: the rest is dropped
+            self._arm_header_timer()
+
+    def _handling(self) -> bool:
+        """Whether the app has the request and has not answered it yet (no limit of this module's then)."""
+        return self.conn.their_state is not h11.IDLE and self.conn.our_state is not h11.DONE
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -55,8 +67,8 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def _headers_late(self) -> None:
         self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.debug("closing a connection from %s: no complete request headers within %g s",
+        if not self._handling() and not self.transport.is_closing():
+            log.debug("closing a connection from %s: no complete request headers (or dropped body) within %g s",
                       self.client, self.header_timeout_s)
             self.transport.close()
 

@@ -31,12 +31,17 @@ async def _echo(request: Request) -> PlainTextResponse:
     return PlainTextResponse(f"{len(await request.body())}")
 
 
+async def _early(request: Request) -> PlainTextResponse:
+    """Answers without reading the body, as a 401 for a wrong token does."""
+    return PlainTextResponse("early")
+
+
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
     """A uvicorn server on loopback with a 0.5 s header limit, serving `POST /` (answers the body's length)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(Starlette(routes=[Route("/", _echo, methods=["GET", "POST"])]), log_level="warning",
+    config = uvicorn.Config(Starlette(routes=[Route("/", _echo, methods=["GET", "POST"]), Route("/early", _early)]), log_level="warning",
                             http=protocol_with_header_timeout(LIMIT_S), lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -67,14 +72,17 @@ def _closed_after(conn: socket.socket, within_s: float) -> float:
 
 
 def _response(conn: socket.socket) -> bytes:
-    """One whole answer of `_echo` (headers, then the digits of its body)."""
+    """One whole answer: its headers, then as many bytes as its Content-Length says."""
     conn.settimeout(5)
     data = b""
-    while b"\r\n\r\n" not in data or not re.search(rb"\r\n\r\n\d+$", data):
+    while True:
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head.lower())
+        if length is not None and len(body) >= int(length.group(1)):
+            return data
         chunk = conn.recv(4096)
         assert chunk, data
         data += chunk
-    return data
 
 
 def test_a_connection_that_sends_nothing_is_closed(port: int) -> None:
@@ -162,3 +170,33 @@ def test_the_queue_workers_metrics_port_closes_a_silent_connection() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_body_trickled_after_its_answer_is_cut_at_the_limit(port: int) -> None:
+    """Was: a 401 (or any answer given before the body was read) left uvicorn reading and dropping the
+    declared body for as long as it came, so a client sending a byte now and then held the connection."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(b"GET /early HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nab")
+        assert _response(conn).endswith(b"\r\n\r\nearly")
+        start = time.monotonic()
+        conn.settimeout(0.1)
+        while time.monotonic() - start < 5:
+            try:
+                conn.sendall(b"x")
+                if conn.recv(1) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            time.sleep(LIMIT_S / 5)
+        assert time.monotonic() - start < LIMIT_S + 2, "still open"
+
+
+def test_a_body_finished_after_its_answer_keeps_the_connection_alive(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(b"GET /early HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+        assert _response(conn).endswith(b"\r\n\r\nearly")
+        conn.sendall(b"cd")
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _response(conn).endswith(b"\r\n\r\n0")
