@@ -221,7 +221,14 @@ class FolderWatcher:
 
     def _gone(self, listing: dict) -> list[str]:
         """Remembered files no longer in the folder, to forget so the state does not grow forever: those
-        the last scan listed, or after a scan that listed none (the first one), all in the database."""
+        the last scan listed, or after a scan that listed none (the first one), all in the database.
+
+        A listing of no image at all forgets nothing: a card unmounted from the watched folder leaves the
+        mount point empty (and the agent may start before it is mounted), and forgetting its files had every
+        photo encoded and uploaded again once it was back. A folder emptied for good is pruned by the next
+        listing that holds a file."""
+        if not listing:
+            return []
         if self._previous:
             return [name for name in self._previous if name not in listing]
         return [name for (name,) in self._db.execute("SELECT name FROM handled") if name not in listing]

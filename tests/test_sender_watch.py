@@ -124,6 +124,7 @@ def test_later_is_retried_and_deleted_files_are_forgotten(tmp_path: Path) -> Non
     [again] = watcher.scan()
     watcher.record(again, Handled.SENT)
     assert "a.jpg" in _rows(state, "handled")
+    (folder / "other.jpg").write_bytes(b"o")  # a listing with no file forgets nothing: an unmounted card's
     (folder / "a.jpg").unlink()
     watcher.scan()
     assert "a.jpg" not in _rows(state, "handled")
@@ -221,6 +222,45 @@ def test_a_vanished_folder_keeps_what_was_sent(tmp_path: Path) -> None:
         watcher.scan()
     (tmp_path / "unmounted").rename(folder)
     assert watcher.scan() == [] and watcher.scan() == []
+
+
+def test_an_emptied_mount_point_keeps_what_was_sent(tmp_path: Path) -> None:
+    """A card unmounted from the watched folder leaves it empty, not gone (the mount point stays), and a Pi's
+    agent may start before the card is mounted: an empty listing forgot every file, so each photo of the card
+    was encoded and uploaded again once it was back (a tmpfs mounted, unmounted and mounted again under
+    ``aeic-send watch``: both photos encoded twice)."""
+    folder, away = tmp_path / "card", tmp_path / "unmounted"
+    folder.mkdir()
+    away.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (folder / name).write_bytes(name.encode())
+    state = tmp_path / "state.db"
+    watcher = FolderWatcher(folder, state)
+    watcher.scan()
+    for candidate in watcher.scan():
+        watcher.record(candidate, Handled.SENT)
+
+    def unmount() -> None:
+        for name in ("a.jpg", "b.jpg"):
+            (folder / name).rename(away / name)
+
+    def mount() -> None:
+        for name in ("a.jpg", "b.jpg"):
+            (away / name).rename(folder / name)  # as on the card: the same size and mtime
+
+    unmount()
+    assert watcher.scan() == [] and watcher.scan() == []
+    mount()
+    assert watcher.scan() == [] and watcher.scan() == []
+    unmount()
+    watcher.close()
+    restarted = FolderWatcher(folder, state)  # started before the card was mounted
+    assert restarted.scan() == []
+    mount()
+    assert restarted.scan() == [] and restarted.scan() == []
+    (folder / "a.jpg").unlink()  # a file deleted while others stay is forgotten, as before
+    restarted.scan()
+    assert sorted(_rows(state, "handled")) == ["b.jpg"]
 
 
 def test_an_unreadable_file_waits_until_it_can_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
