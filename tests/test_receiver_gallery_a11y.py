@@ -3,6 +3,7 @@ against a real uvicorn server (the decoder is the instant test double, so these 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,8 @@ def test_pages_have_landmarks_headings_titles_and_meaningful_alt_text(
 
         browser.get(f"{server.url}/images/{good}")
         assert browser.find_element(By.TAG_NAME, "h1").text.startswith("Image from cam1")
+        # a tab's title says whose image and when, not a hex id (two tabs of one device's images differ)
+        assert re.fullmatch(r"Image from cam1, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC · AEIC receiver", browser.title)
         viewer = browser.find_element(By.ID, "viewer")
         assert "48 × 32 px, from cam1" in _attribute(viewer, "aria-label")
         assert good not in _attribute(browser.find_element(By.ID, "reconstruction"), "alt")

@@ -65,14 +65,20 @@ def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
+def _fmt_utc(iso: str | None) -> str:
+    """A time as UTC text (a page's title, which no script rewrites)."""
+    return iso[:19].replace("T", " ") + " UTC" if iso else "-"
+
+
 def _fmt_when(iso: str | None) -> Markup:
     """A time as UTC text in a `<time>` that page.js shows in the visitor's own zone."""
     if not iso:
         return Markup("-")
-    return Markup('<time datetime="{}">{}</time>').format(iso, iso[:19].replace("T", " ") + " UTC")
+    return Markup('<time datetime="{}">{}</time>').format(iso, _fmt_utc(iso))
 
 
 _templates.env.filters["ms"] = _fmt_ms
+_templates.env.filters["utc"] = _fmt_utc
 _templates.env.filters["when"] = _fmt_when
 
 # Each script and style sheet by the hash of its content: a page names it `ROOT/static/NAME?v=HASH` (`asset`).
