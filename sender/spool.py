@@ -278,10 +278,10 @@ class Spool:
         if not isinstance(meta, dict):
             return self._recovered_item(data)
         try:
-            created, attempts = float(meta.get("created", 0.0)), int(meta.get("attempts", 0))
-            failed_alone, next_attempt = int(meta.get("failed_alone", 0)), float(meta.get("next_attempt", 0.0))
+            created, attempts = _timestamp(meta.get("created", 0.0)), int(meta.get("attempts", 0))
+            failed_alone, next_attempt = int(meta.get("failed_alone", 0)), _timestamp(meta.get("next_attempt", 0.0))
             since = meta.get("failed_alone_since")
-            since = None if since is None else float(since)
+            since = None if since is None else _timestamp(since)
         except (TypeError, ValueError, OverflowError):
             return self._recovered_item(data)
         return SpoolItem(
@@ -535,3 +535,17 @@ def _count(directory: Path) -> tuple[int, int]:
             continue
         items += 1
     return items, used
+
+
+# The latest time a sidecar may hold (9999-12-31 23:59:59 UTC), as the clock functions that show it take.
+_LATEST_TIME = 253402300799.0
+
+
+def _timestamp(value: Any) -> float:
+    """A sidecar's time (seconds since the epoch); ``ValueError`` for one no clock shows (NaN, infinite, beyond
+    year 9999 or before 1970): written by hand or damaged, such a time made ``aeic-send spool`` die showing it
+    (1e300) or the item never due (NaN), where a damaged sidecar is otherwise recovered."""
+    seconds = float(value)
+    if not 0.0 <= seconds <= _LATEST_TIME:  # NaN fails this too
+        raise ValueError(f"time {seconds} out of range")
+    return seconds

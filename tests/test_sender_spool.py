@@ -155,6 +155,25 @@ def test_a_sidecar_of_the_wrong_shape_does_not_stop_the_spool(tmp_path: Path, si
     assert {i.key: i.attempts for i in Spool(tmp_path).items()}[damaged.key] == 1
 
 
+@pytest.mark.parametrize("when", ["NaN", "Infinity", "1e300", "-1e300"])
+def test_a_sidecar_time_no_clock_shows_is_damage(
+    tmp_path: Path, when: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Valid JSON with a time out of any clock's range (a sidecar edited by hand, or damaged): 1e300 made
+    ``aeic-send spool`` die with a traceback (OverflowError from time.localtime), and NaN left the item
+    never due, so never uploaded."""
+    from aeic.sender import cli
+
+    spool = Spool(tmp_path)
+    item = spool.put(make_bitstream(1), source="x.jpg")
+    item.path.with_suffix(".json").write_text(f'{{"failed_alone": 1, "next_attempt": {when}, "created": 1.0}}')
+    [read] = Spool(tmp_path).items()
+    assert read.extra.get("recovered") is True and read.next_attempt == 0.0 and read.failed_alone == 0
+    monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
+    assert cli.main(["spool", "--spool", str(tmp_path)]) == cli.EXIT_OK
+    assert "1 pending" in capsys.readouterr().err
+
+
 def test_record_attempt_on_a_full_disk_keeps_the_item_and_does_not_raise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
