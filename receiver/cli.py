@@ -1,4 +1,4 @@
-"""`aeic-receiver`: run the service (`serve`), decode queued jobs (`worker`), manage device tokens (`token create|revoke`)."""
+"""`aeic-receiver`: run the service (`serve`), decode queued jobs (`worker`), manage device tokens (`token create|revoke|list`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     revoke = token_sub.add_parser("revoke", help="revoke every token of a device")
     _common(revoke)
     revoke.add_argument("--device", required=True, help="device name whose tokens stop working at once")
+    listing = token_sub.add_parser("list", help="the devices given tokens, with their active and revoked counts")
+    _common(listing)
     return parser
 
 
@@ -286,12 +289,27 @@ def _token(args: argparse.Namespace) -> int:
                 return 2
             print(token)
             print(f"token for device {args.device!r} created; it is shown only once", file=sys.stderr)
+        elif args.token_command == "list":
+            _print_token_counts(store.device_token_counts())
         else:
             count = store.revoke_device_tokens(args.device)
+            if count == 0:  # a mistyped name revoked nothing: a leaked token would still work
+                print(f"aeic-receiver: device {args.device!r} has no active token; nothing revoked "
+                      "(`aeic-receiver token list` names the devices)", file=sys.stderr)
+                return 1
             print(f"revoked {count} token(s) of device {args.device!r}", file=sys.stderr)
     finally:
         store.close()
     return 0
+
+
+def _print_token_counts(counts: list[tuple[str, int, int, float]]) -> None:
+    """`token list`: one line a device, aligned (a device name has no spaces)."""
+    width = max([len("device"), *(len(device) for device, *_ in counts)])
+    print(f"{'device':<{width}}  active  revoked  newest token (UTC)")
+    for device, active, revoked, newest in counts:
+        made = datetime.fromtimestamp(newest, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{device:<{width}}  {active:>6}  {revoked:>7}  {made}")
 
 
 def _validation_line(exc: ValidationError) -> str:

@@ -26,6 +26,27 @@ def test_token_create_prints_once_and_stores_only_the_hash(tmp_path: Path, capsy
     assert main(["token", "create", "--device", "bad name!", "--data", str(tmp_path)]) == 2
 
 
+def test_token_list_names_each_device_and_a_revoke_that_finds_none_fails(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: no way to see which devices hold tokens but SQL, and `token revoke` of a mistyped name said
+    'revoked 0 token(s)' with status 0, while the leaked token it was meant for still worked."""
+    data = ["--data", str(tmp_path)]
+    for device in ("cam-7", "cam-7", "garden-camera-long-name"):
+        assert main(["token", "create", "--device", device, *data]) == 0
+    assert main(["token", "revoke", "--device", "garden-camera-long-name", *data]) == 0
+    capsys.readouterr()
+    assert main(["token", "revoke", "--device", "cam7", *data]) == 1
+    err = capsys.readouterr().err
+    assert "'cam7' has no active token; nothing revoked" in err and err.count("\n") == 1
+    assert main(["token", "list", *data]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [["device", "active", "revoked"], ["cam-7", "2", "0"],
+                                                    ["garden-camera-long-name", "0", "1"]]
+    assert len({len(line.rsplit("  ", 1)[0]) for line in lines}) == 1  # the columns aligned
+    assert main(["token", "list", "--data", str(tmp_path / "empty")]) == 0
+    assert capsys.readouterr().out.splitlines() == ["device  active  revoked  newest token (UTC)"]
+
+
 def test_settings_priority_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "receiver.toml"
     config.write_text('batch_size = 7\nmax_upload_bytes = 5000\nport = 9000\nmodel_packages = ["/m/a"]\n')

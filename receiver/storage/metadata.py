@@ -539,6 +539,17 @@ class SqlMetadataStore:
                 sa.select(table.c.device).where(table.c.token_hash == token_hash, table.c.revoked_at.is_(None))
             ).scalar()
 
+    def device_token_counts(self) -> list[tuple[str, int, int, float]]:
+        """Each device that was ever given a token, by name: (device, active tokens, revoked tokens, when its
+        newest token was made, epoch seconds)."""
+        table = schema.device_tokens
+        active = sa.func.sum(sa.case((table.c.revoked_at.is_(None), 1), else_=0))
+        query = (sa.select(table.c.device, active, sa.func.count(), sa.func.max(table.c.created_at))
+                 .group_by(table.c.device).order_by(table.c.device))
+        with self.engine.connect() as conn:
+            return [(device, int(live), int(total) - int(live), float(newest))
+                    for device, live, total, newest in conn.execute(query)]
+
     def revoke_device_tokens(self, device: str) -> int:
         """Revoke every token of `device`; returns how many were active."""
         table = schema.device_tokens
