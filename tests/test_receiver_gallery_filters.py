@@ -87,3 +87,22 @@ def test_older_pages_keep_the_filter_and_a_device_sees_only_its_own(tmp_path: Pa
         # a filter that names nothing valid is no filter, as an unreadable cursor is no cursor
         everything = httpx.get(f"{base}/", params={"device": "no such/device", "status": "lost"}, cookies=admin)
         assert everything.status_code == 200 and len(re.findall(r'class="card ', everything.text)) == 60
+
+
+def test_a_device_name_that_cannot_be_one_is_explained_before_it_is_sent(tmp_path: Path, browser: Chrome) -> None:
+    """The device field refuses what no device can be named (`garden cam`, with a space): Chromium said only
+    "Please match the requested format.", which told the admin nothing of the format. It now says it."""
+    app, _ = gallery_app(tmp_path, ADMIN, worker=False)
+    with ServerThread(app) as server:
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        field = browser.find_element(By.ID, "filter-device")
+        field.send_keys("garden cam")
+        browser.find_element(By.ID, "filter-apply").click()
+        assert browser.current_url == f"{server.url}/"  # not sent
+        message = str(browser.execute_script("return arguments[0].validationMessage", field))
+        assert "letters, digits" in message and "space" in message, message
+        field.clear()
+        field.send_keys("garden-cam")
+        assert browser.execute_script("return arguments[0].validationMessage", field) == ""
+        browser.find_element(By.ID, "filter-apply").click()
+        WebDriverWait(browser, 10).until(lambda d: d.current_url == f"{server.url}/?device=garden-cam")

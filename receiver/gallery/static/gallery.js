@@ -209,4 +209,11 @@
   filter.addEventListener("submit", () => {
     for (const field of filter.elements) if (field.name && !field.value) field.disabled = true;
   });
+  // A name no device can have is refused before it is sent; Chromium's own words ("Please match the
+  // requested format.") do not say what the format is. (The admin's grid only: a device sees its own.)
+  const device = document.getElementById("filter-device");
+  if (device) {
+    device.addEventListener("input", () => device.setCustomValidity(device.validity.patternMismatch
+      ? "A device's name has only letters, digits and . _ - (no space), and begins with a letter or digit." : ""));
+  }
 })();
