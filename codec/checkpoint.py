@@ -53,21 +53,35 @@ def read_checkpoint(path: Path, needs: tuple[str, ...] = ()) -> dict:
     return state
 
 
+# A full-profile decoder says itself when its SD-Turbo UNet's or VAE's tensors misfit (another SD-Turbo folder)
+_BASE_WEIGHTS = ("decoder.unet.", "decoder.vae.")
+
+
 def load_fitting(module: nn.Module, weights: dict, source: object, strict: bool = True) -> tuple[list[str], list[str]]:
     """``module.load_state_dict``; weights of other shapes are a CheckpointError naming ``source``, not
-    torch's list of every tensor."""
+    torch's list of every tensor. Shapes that misfit outside the base weights are checked first: another
+    preset's weights (a nano package as a full run's ``init``) were reported as another SD-Turbo folder."""
+    own = module.state_dict()
+    other = [key for key, value in weights.items()
+             if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape)]
+    if any(not key.startswith(_BASE_WEIGHTS) for key in other):
+        raise CheckpointError(_misfit(module, weights, source, other))
     try:
         return module.load_state_dict(weights, strict=strict)
     except RuntimeError as exc:
-        own = module.state_dict()
-        other = [key for key, value in weights.items()
-                 if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape)]
         missing = [key for key in own if key not in weights] if strict else []
         unexpected = [key for key in weights if key not in own] if strict else []
-        detail = (f"{len(other)} tensors of other shapes ({other[0]}: {tuple(weights[other[0]].shape)} there, "
-                  f"{tuple(own[other[0]].shape)} here)" if other else f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        raise CheckpointError(f"{source} does not fit the model ({type(module).__name__}): {detail}; "
-                              "is it from another model preset?") from exc
+        raise CheckpointError(_misfit(module, weights, source, other, missing, unexpected)) from exc
+
+
+def _misfit(module: nn.Module, weights: dict, source: object, other: list[str], missing: Sequence[str] = (),
+            unexpected: Sequence[str] = ()) -> str:
+    """The one line saying how ``weights`` misfit ``module``, another preset's tensors named before SD-Turbo's."""
+    own = module.state_dict()
+    other = sorted(other, key=lambda key: key.startswith(_BASE_WEIGHTS))
+    detail = (f"{len(other)} tensors of other shapes ({other[0]}: {tuple(weights[other[0]].shape)} there, "
+              f"{tuple(own[other[0]].shape)} here)" if other else f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return f"{source} does not fit the model ({type(module).__name__}): {detail}; is it from another model preset?"
 
 
 def checkpoint_preset(state: dict, source: object) -> ModelConfig:

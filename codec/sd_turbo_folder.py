@@ -68,15 +68,29 @@ _Component = TypeVar("_Component", "UNet2DConditionModel", "AutoencoderKL")
 
 def _load_component(kind: type[_Component], folder: Path, name: str) -> _Component:
     """``folder/name`` in float32 (an fp16 variant computes in float32 too); a damaged file (a truncated
-    download, a config that is not JSON) is an OSError that names the SD-Turbo folder."""
+    download, a config that is not JSON) is an OSError that names the SD-Turbo folder, and so are weights
+    that are not its config's: diffusers refuses other shapes in a line naming neither, and fills tensors
+    the file lacks with random values, only warning, which a run would train on as SD-Turbo's."""
     import torch
 
     files = _component_weights(folder, name)
     try:
-        return kind.from_pretrained(folder, subfolder=name, local_files_only=True, torch_dtype=torch.float32, **files)
+        component, info = kind.from_pretrained(folder, subfolder=name, local_files_only=True,
+                                               torch_dtype=torch.float32, output_loading_info=True, **files)
     except OSError as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise OSError(f"SD-Turbo folder {folder}: {name}/ cannot be read, corrupt or truncated? ({detail})") from exc
+        raise OSError(f"SD-Turbo folder {folder}: {name}/ cannot be read, corrupt or truncated? ({_one_line(exc)})") from exc
+    except (ValueError, RuntimeError) as exc:
+        raise OSError(f"SD-Turbo folder {folder}: {name}/ holds weights its config.json does not describe "
+                      f"({_one_line(exc).split('. ')[0]})") from exc  # not diffusers' advice to load them at random
+    absent = sorted(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
+    if absent:
+        raise OSError(f"SD-Turbo folder {folder}: {name}/ lacks {len(absent)} tensors its config.json describes "
+                      f"(first {absent[0]}): an incomplete or another model's weights file")
+    return component
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def check_folder(folder: Path) -> None:
