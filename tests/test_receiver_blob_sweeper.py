@@ -93,3 +93,20 @@ def test_the_receiver_answers_before_the_start_sweep_ends(tmp_path: Path, monkey
             release.set()
     finally:
         release.set()
+
+
+def test_a_file_that_is_no_blob_is_left_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """Was: a stray file in a shard folder (`Thumbs.db`, a `.bak` copy) had its name refused as a key by
+    `delete`, which raised out of the sweep: the receiver's start failed with a traceback."""
+    with migrated_store(f"sqlite:///{tmp_path / 'receiver.db'}") as store:
+        blobs = FilesystemBlobStore(tmp_path / "blobs")
+        orphan = bitstream_key("ab" * 16)
+        blobs.put(orphan, b"x")
+        shard = tmp_path / "blobs" / "bitstreams" / "ab"
+        strays = [shard / "Thumbs.db", shard / f"{'ab' * 16}.aeic.bak"]
+        for stray in strays:
+            stray.write_bytes(b"x")
+        for path in shard.iterdir():
+            os.utime(path, (1.0, 1.0))
+        assert orphans_module.remove_orphan_blobs(store, blobs, grace_s=60) == 1
+        assert not blobs.exists(orphan) and all(stray.exists() for stray in strays)

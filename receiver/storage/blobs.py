@@ -218,17 +218,20 @@ class FilesystemBlobStore:
 
     def keys_written_before(self, kind: str, before: float) -> Iterator[str]:
         """Keys of the blobs under `kind` (e.g. "bitstreams") whose file was last written before `before`
-        (epoch seconds): the candidates of an orphan sweep, which must never race a write in progress."""
+        (epoch seconds): the candidates of an orphan sweep, which must never race a write in progress. A file
+        whose name is no blob's (`Thumbs.db`, an operator's `x.aeic.bak`) is not ours to judge and is left
+        out: its key was refused by `delete`, which failed the whole sweep, and a receiver's start with it."""
         for shard in sorted((self.root / kind).glob("*/")):
             for entry in os.scandir(shard):
-                if entry.name.startswith(_TMP_PREFIX) or not entry.is_file():
+                key = f"{kind}/{shard.name}/{entry.name}"
+                if entry.name.startswith(_TMP_PREFIX) or not _KEY.match(key) or not entry.is_file():
                     continue
                 try:
                     written = entry.stat().st_mtime
                 except FileNotFoundError:  # deleted meanwhile
                     continue
                 if written < before:
-                    yield f"{kind}/{shard.name}/{entry.name}"
+                    yield key
 
     def remove_stale_tmp(self) -> int:
         """Delete temporary files left by a writer that crashed mid-write; returns how many. A file whose
