@@ -186,22 +186,16 @@
   } catch (err) {}  // no storage (a privacy setting): the delete returns to the whole grid
 
   // Back from an image: the browser restores the grid's scroll but not its focus, so the next Tab began at the
-  // header again, and a keyboard user tabbed through every card to get back. The card the image was opened
-  // from takes the focus again (a Back out of the back/forward cache arrives as page.js's reload).
+  // header again, and a keyboard user tabbed through every card to get back. The history entry keeps the card
+  // its image was opened from, which takes the focus again when the entry is shown (by Back or Forward, or
+  // page.js's reload out of the back/forward cache; a new visit to the grid is a new entry, with none).
   grid.addEventListener("click", (event) => {
     const card = event.target.closest(".card");
-    try {
-      if (card) sessionStorage.setItem("aeic.opened", card.dataset.id);
-    } catch (err) {}
+    if (card) history.replaceState({...history.state, opened: card.dataset.id}, "");
   });
-  const arrival = performance.getEntriesByType("navigation")[0];
-  if (arrival && (arrival.type === "back_forward" || arrival.type === "reload")) {
-    try {
-      const opened = sessionStorage.getItem("aeic.opened");
-      const card = opened && grid.querySelector('.card[data-id="' + CSS.escape(opened) + '"]');
-      if (card) card.focus({preventScroll: true});
-    } catch (err) {}
-  }
+  const opened = history.state && history.state.opened;
+  const openedCard = opened && grid.querySelector('.card[data-id="' + CSS.escape(opened) + '"]');
+  if (openedCard) openedCard.focus({preventScroll: true});
 
   // The filter form leaves out a field left at "any", so the address says only what was asked
   // (`/?status=failed`, not `/?device=&status=failed`).
