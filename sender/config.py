@@ -127,7 +127,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     is_json = path.suffix.lower() == ".json"
     try:
-        data = json.loads(raw.decode("utf-8")) if is_json else tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8-sig")  # a BOM (Windows editors write one) is dropped, not "Invalid statement"
+        data = json.loads(text) if is_json else tomllib.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid: {exc}") from None
     if not isinstance(data, dict):

@@ -140,3 +140,12 @@ def test_limits_only_compared_may_be_infinite() -> None:
     assert config.retry_for == float("inf") and config.item_max_age == float("inf")
     with pytest.raises(ConfigError, match="retry_for"):
         load_config({}, None, {"AEIC_RETRY_FOR": "nan"})
+
+
+@pytest.mark.parametrize(("name", "content"), [("sender.toml", b"rate = 3\r\n"), ("sender.json", b'{"rate": 3}')])
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path, name: str, content: bytes) -> None:
+    """Windows editors (Notepad before 2019, PowerShell's Out-File) start UTF-8 with a BOM: the file was refused
+    as "Invalid statement (at line 1, column 1)", which names nothing to fix."""
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content)
+    assert load_config({}, path, {}).rate == 3
