@@ -18,8 +18,9 @@ from .schedule import StepOutOfMemory, TrainingInterrupted
 from .trainer import Trainer
 
 
-def _config_error(path: Path, exc: ValidationError) -> str:
-    """Pydantic's report as one line: each wrong key with what is wrong with it."""
+def _config_error(path: Path, exc: ValidationError, overrides: dict[str, object]) -> str:
+    """Pydantic's report as one line: each wrong key with what is wrong with it; a value given on the
+    command line (``--steps 0``) as that option, not as the config file, which does not hold it."""
     problems = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "config"
@@ -27,6 +28,8 @@ def _config_error(path: Path, exc: ValidationError) -> str:
         if error["type"] == "extra_forbidden":  # a typo, most often: name the key it is most like
             like = difflib.get_close_matches(key, TrainConfig.model_fields, n=1)
             message = f"unknown key ({like[0]}?)" if like else "unknown key"
+        if overrides.get(key) is not None:
+            return f"--{key}: {message}"
         problems.append(f"{key}: {message}")
     return f"{path}: {'; '.join(problems)}"
 
@@ -37,7 +40,7 @@ def _load_config(path: Path, **overrides: object) -> TrainConfig:
     try:
         return TrainConfig.from_file(path, **overrides)
     except ValidationError as exc:
-        raise ValueError(_config_error(path, exc)) from None
+        raise ValueError(_config_error(path, exc, overrides)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
