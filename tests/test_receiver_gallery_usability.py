@@ -108,6 +108,28 @@ def test_no_text_is_cut_off_or_scrolls_the_page_sideways_on_a_phone(tmp_path: Pa
             WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "token"))
 
 
+def test_no_page_scrolls_sideways_at_the_reflow_width(tmp_path: Path, browser: Chrome) -> None:
+    """WCAG 1.4.10 asks that a page read without scrolling sideways at 320 CSS pixels (a 1280 px window zoomed
+    to 400%): "No image" and the 32 hex digits of its id, one word, pushed the page 9 px wider than that."""
+    app, tokens = _app(tmp_path)
+    with ServerThread(app) as server:
+        image_id = _upload(server.url, tokens["cam1"])
+        _wait_done(server.url, tokens["cam1"], image_id)
+        browser.set_window_size(320, 640)
+        assert browser.execute_script("return innerWidth") == 320
+        browser.get(f"{server.url}/login")
+        assert _sideways_by(browser) <= 0
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        for path in ("/", f"/images/{image_id}", f"/images/{'0' * 32}", "/no/such/page"):
+            browser.get(f"{server.url}{path}")
+            assert _sideways_by(browser) <= 0, path
+
+
+def _sideways_by(driver: Chrome) -> int:
+    wide, shown = _sideways(driver)
+    return wide - shown
+
+
 def test_signing_in_from_a_link_opens_the_page_it_asked_for(tmp_path: Path, browser: Chrome) -> None:
     """An image link opened while signed out (or after the session expired) showed the token form, and
     signing in there landed on the grid, not on that image: the link's target was lost."""
