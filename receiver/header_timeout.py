@@ -68,7 +68,7 @@ class HeaderTimeoutProtocol(H11Protocol):
     def _headers_late(self) -> None:
         self._header_timer = None
         if not self._handling() and not self.transport.is_closing():
-            log.debug("closing a connection from %s: no complete request headers (or dropped body) within %g s",
+            log.debug("closing a connection from %s: no whole request headers (or dropped body) in %g s",
                       self.client, self.header_timeout_s)
             self.transport.close()
 

@@ -41,8 +41,8 @@ def port() -> Iterator[int]:
     """A uvicorn server on loopback with a 0.5 s header limit, serving `POST /` (answers the body's length)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(Starlette(routes=[Route("/", _echo, methods=["GET", "POST"]), Route("/early", _early)]), log_level="warning",
-                            http=protocol_with_header_timeout(LIMIT_S), lifespan="off")
+    app = Starlette(routes=[Route("/", _echo, methods=["GET", "POST"]), Route("/early", _early)])
+    config = uvicorn.Config(app, log_level="warning", http=protocol_with_header_timeout(LIMIT_S), lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -104,7 +104,7 @@ class BlobDownload(StreamingResponse):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
                 await super().__call__(scope, receive, send_in_time)
-        except (BlobReadError, _ClientStalledError) as exc:  # returning unfinished: the server drops the connection
+        except (BlobReadError, _ClientStalledError) as exc:  # returning unfinished drops the connection
             log.warning("download of %s cut short: %s", scope.get("path"), exc)
         finally:
             self.blob.close()
