@@ -265,3 +265,30 @@ def test_reading_holds_about_one_copy_of_the_pixels(tmp_path: Path) -> None:
         tracemalloc.stop()
     np.testing.assert_array_equal(out, rgb)
     assert peak < 1.5 * rgb.nbytes
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` (8-bit RGB) and holds no pixels: opening it reads the
+    header only, decoding it fails."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_photo_over_what_a_receiver_decodes_is_refused_from_its_header(tmp_path: Path) -> None:
+    """A 108-megapixel phone photo (12000x9000) was decoded whole (550 MB peak, 3 s on one core) and then
+    refused by the encoder as "cannot encode: ValueError: ... over the receiver's limit of 67,108,864 output
+    pixels", while the install guide promised photos up to about 179 megapixels."""
+    from aeic.sender.images import open_image
+
+    with pytest.raises(ImageReadError) as raised:
+        open_image(_png_header_only(tmp_path / "phone.png", 12000, 9000))
+    assert str(raised.value) == (f"{tmp_path / 'phone.png'}: 12000x9000 (108 megapixels) is over the 67,108,864 "
+                                 "pixels a receiver decodes (8192x8192): scale it down first")
+    with pytest.raises(ImageReadError, match="corrupt or truncated"):  # within the bound: decoded as before
+        open_image(_png_header_only(tmp_path / "large.png", 8192, 8192))
