@@ -130,6 +130,36 @@ def _sideways_by(driver: Chrome) -> int:
     return wide - shown
 
 
+_GAP_JS = """
+const picture = document.getElementById(arguments[0]).getBoundingClientRect();
+return [document.getElementById('meta').getBoundingClientRect().left - picture.right, picture.width];
+"""
+
+
+def test_on_a_wide_screen_an_images_details_stay_beside_it(tmp_path: Path, browser: Chrome) -> None:
+    """On a 2560 px screen an 800x600 picture (shown at its true size) and its details table were 1,280 px
+    apart, the table pinned to the window's right edge: the eye crossed half a metre of empty screen between a
+    picture and its numbers. The table now follows the picture, and a picture wider than the room left is
+    still scaled to fit beside it."""
+    app, tokens = _app(tmp_path)
+    with ServerThread(app) as server:
+        small = _upload(server.url, tokens["cam1"], size=(800, 600))
+        large = _upload(server.url, tokens["cam1"], size=(4000, 3000))
+        _wait_done(server.url, tokens["cam1"], large)
+        browser.set_window_size(2560, 1400)
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        shown = "const i = document.getElementById('reconstruction'); return i.complete && i.naturalWidth > 0"
+        browser.get(f"{server.url}/images/{small}")
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(shown))
+        gap, width = browser.execute_script(_GAP_JS, "viewer")
+        assert 0 < gap <= 40 and abs(width - 800) < 1, (gap, width)
+        browser.get(f"{server.url}/images/{large}")
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(shown))
+        gap, width = browser.execute_script(_GAP_JS, "viewer")
+        assert 0 < gap <= 40 and width < 2560 - 360, (gap, width)
+        assert _sideways_by(browser) <= 0
+
+
 def test_signing_in_from_a_link_opens_the_page_it_asked_for(tmp_path: Path, browser: Chrome) -> None:
     """An image link opened while signed out (or after the session expired) showed the token form, and
     signing in there landed on the grid, not on that image: the link's target was lost."""
