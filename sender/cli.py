@@ -403,14 +403,16 @@ class _FullSpoolGate:
         first = self._refused_at is None
         self._refused_at, self._removed_then = self._clock(), self._removed()
         if first:
-            self.reporter.info(f"spool {self.spool.root} is full: no new image is encoded until an upload "
-                               "makes room (said once; the next line says when it has)")  # fmt: skip
+            # not "is full": a card gone read-only refuses images too; the error line beside this says why
+            self.reporter.info(f"spool {self.spool.root} takes no new image: none is encoded until an upload makes "
+                               "room or a minute has passed (said once; the next line says when it takes images "
+                               "again)")  # fmt: skip
         return first
 
     def queued(self) -> None:
         """An image was queued: if the spool had been full, say that it has room again."""
         if self._refused_at is not None:
-            self.reporter.info(f"spool {self.spool.root} has room again")
+            self.reporter.info(f"spool {self.spool.root} takes images again")
         self._refused_at = None
 
 

@@ -175,7 +175,7 @@ def test_a_full_spool_is_one_line_and_no_photo_is_encoded_again_until_it_drains(
     err = capsys.readouterr().err
     assert code == cli.EXIT_OK
     assert codec.calls == 2  # the first photo queued, the second refused; then nothing until room
-    assert err.count("not queued") == 1 and err.count("is full: no new image is encoded") == 1
+    assert err.count("not queued") == 1 and err.count("takes no new image: none is encoded") == 1
 
 
 def test_the_full_spool_gate_opens_when_the_forwarder_removes_an_item_or_a_while_passes(tmp_path: Path) -> None:
@@ -191,7 +191,7 @@ def test_the_full_spool_gate_opens_when_the_forwarder_removes_an_item_or_a_while
     reporter.uploaded += 1  # the forwarder delivered an item: there is room
     assert gate.open()
     gate.queued()
-    assert gate.open() and "has room again" in err.getvalue()
+    assert gate.open() and "takes images again" in err.getvalue()
     gate.refused()
     now[0] = 200.0  # another process may have drained it: try one image
     assert gate.open()

@@ -280,12 +280,14 @@ def test_a_full_disk_refuses_an_item_as_a_full_spool(tmp_path: Path, monkeypatch
     assert spool.put(make_bitstream(2)).key == idempotency_key(make_bitstream(2)) and len(spool) == 2
 
 
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
 def test_a_full_spool_disk_does_not_make_the_watcher_encode_every_scan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: int
 ) -> None:
     """Was: ENOSPC was an OSError the watcher retried on every scan, encoding the photo again and logging an
     error each time (38 encodes and 76 lines in 35 s with a real full tmpfs at --poll 0.5; 45 encodes in
-    1.5 s here at --poll 0.02). Now the full spool's gate holds: one encode, one error, one line."""
+    1.5 s here at --poll 0.02). Now the full spool's gate holds: one encode, one error, one line. A card gone
+    read-only is held the same way, and its line no longer calls the spool full (it said "is full")."""
     pytest.importorskip("aeic.sender.encoder")  # the command layer catches the encoder's BudgetError
     import numpy as np
     from aeic.sender import cli
@@ -297,7 +299,7 @@ def test_a_full_spool_disk_does_not_make_the_watcher_encode_every_scan(
     for index in range(2):
         Image.fromarray(np.full((24, 32, 3), 40 * index, np.uint8)).save(folder / f"{index}.png")
     codec = ContainerCodec()
-    _disk_full_for_bitstreams(monkeypatch)
+    _disk_full_for_bitstreams(monkeypatch, error)
     monkeypatch.setenv("AEIC_TOKEN", "device-token")
     monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
     stopper = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
@@ -310,7 +312,8 @@ def test_a_full_spool_disk_does_not_make_the_watcher_encode_every_scan(
     err = capsys.readouterr().err
     assert code == cli.EXIT_OK
     assert codec.calls == 1, err
-    assert err.count("not queued") == 1 and err.count("is full: no new image is encoded") == 1
+    assert err.count("not queued") == 1 and err.count("takes no new image: none is encoded") == 1
+    assert ("is full" in err) == (error == errno.ENOSPC) and ("read-only" in err) == (error == errno.EROFS)
 
 
 def test_a_read_only_spool_disk_refuses_an_item_as_a_full_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
