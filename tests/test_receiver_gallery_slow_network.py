@@ -169,3 +169,23 @@ def test_a_waiting_image_page_whose_poll_is_not_answered_says_so(tmp_path: Path,
             store.get_image = original
             answer.set()
         WebDriverWait(browser, 15).until(lambda _: waiting.text == "pending…")
+
+
+def test_a_picture_that_cannot_be_had_is_not_said_to_be_shown(tmp_path: Path, browser: Chrome) -> None:
+    """When the JPEG failed the page said "Shown as the exact PNG." at once, before the PNG had come; and when
+    the PNG failed too (the blob store out, the link down) it went on saying so under a broken picture. It
+    says the PNG is loading, then that it is shown, or that the picture did not load."""
+    app, tokens = gallery_app(tmp_path, ADMIN)
+    with ServerThread(app) as server:
+        image_id = _done_image(server.url, tokens["cam1"])
+        browser.get(f"{server.url}/login?token={ADMIN}")
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/reconstruction.*"]})
+        browser.get(f"{server.url}/images/{image_id}")
+        shown_as = browser.find_element(By.ID, "shown-as")
+        WebDriverWait(browser, 10).until(lambda _: "did not load" in shown_as.text)
+        assert "Shown as" not in shown_as.text
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/reconstruction.jpg"]})
+        browser.refresh()
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(_SHOWN_JS) == "reconstruction.png")
+        assert browser.find_element(By.ID, "shown-as").text == "Shown as the exact PNG."

@@ -100,14 +100,23 @@
       shownAs.textContent = "Shown as a JPEG copy; the exact PNG did not load (zoom again to retry).";
     });
   }
-  function jpegFailed() {
-    if (exact) return;
-    exact = true;
-    img.src = img.dataset.exact;
-    shownAs.textContent = "Shown as the exact PNG.";
+  // What the page says of the picture follows what arrived: "Shown as the exact PNG." was said before the PNG
+  // came, and stayed under a broken picture when it did not come either (the blob store out, the link down).
+  const exactUrl = new URL(img.dataset.exact, window.location.href).href;
+  function pictureFailed() {
+    if (img.src !== exactUrl) {  // the JPEG: the PNG instead
+      exact = true;
+      shownAs.textContent = "Loading the exact PNG…";
+      img.src = exactUrl;
+    } else {
+      shownAs.textContent = "The picture did not load; reload the page to try again.";
+    }
   }
-  img.addEventListener("error", jpegFailed);
-  if (img.complete && img.naturalWidth === 0) jpegFailed();  // it failed before this script ran
+  img.addEventListener("error", pictureFailed);
+  img.addEventListener("load", () => {
+    if (img.src === exactUrl) shownAs.textContent = "Shown as the exact PNG.";
+  });
+  if (img.complete && img.naturalWidth === 0) pictureFailed();  // it failed before this script ran
   // A WebP or JPEG is converted from the PNG by its first download (a 12 MP photo's WebP: 1.5-3.1 s; 8192x8192:
   // 45-55 s), and refused with 503 while other conversions hold their budget. A plain link showed nothing
   // until the answer began, and the browser reported a 503 as a failed download with no reason; so the page
