@@ -263,6 +263,35 @@ def test_an_emptied_mount_point_keeps_what_was_sent(tmp_path: Path) -> None:
     assert sorted(_rows(state, "handled")) == ["b.jpg"]
 
 
+def test_a_sub_folder_that_cannot_be_listed_keeps_what_was_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In ``--recursive`` mode a sub-folder that could not be listed for a while (its permission taken away, a
+    share inside the folder failing) was skipped as if it were empty: its files were forgotten, and each was
+    encoded and uploaded again once it could be listed. (os.scandir is patched: the tests may run as root.)"""
+    import os
+
+    folder = tmp_path / "in"
+    (folder / "cam1").mkdir(parents=True)
+    (folder / "cam1" / "a.jpg").write_bytes(b"a")
+    (folder / "b.jpg").write_bytes(b"b")
+    state = tmp_path / "state.db"
+    watcher = FolderWatcher(folder, state, recursive=True)
+    watcher.scan()
+    for candidate in watcher.scan():
+        watcher.record(candidate, Handled.SENT)
+    real_scandir = os.scandir
+
+    def denied(path: str) -> object:
+        if Path(path) == folder / "cam1":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr("aeic.sender.watch.os.scandir", denied)
+    assert watcher.scan() == [] and watcher.scan() == []
+    assert sorted(_rows(state, "handled")) == ["b.jpg", "cam1/a.jpg"]
+    monkeypatch.setattr("aeic.sender.watch.os.scandir", real_scandir)
+    assert watcher.scan() == [] and watcher.scan() == []
+
+
 def test_an_unreadable_file_waits_until_it_can_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A photo copied in with the wrong permissions is sent after a chmod, which changes no fingerprint:
     it is reported, not failed. (os.access is patched: the tests may run as root, who reads anything.)"""
