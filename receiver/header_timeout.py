@@ -45,8 +45,8 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.conn.their_state is h11.SEND_BODY:  # answered before its body was read: the rest is dropped
-            self._arm_header_timer()
+        if self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE:
+            self._arm_header_timer()  # answered before its body was read: the rest is read and dropped
 
     def _handling(self) -> bool:
         """Whether the app has the request and has not answered it yet (no limit of this module's then)."""
