@@ -15,6 +15,10 @@ else:  # Python 3.10
     import tomli as tomllib
 
 
+# the smallest decoder-stage window, in latent cells: decoded with a cell of margin each side (judged whole
+# below 13 cells), 13 cells are 104 px, and MS-SSIM's five scales with a 7-pixel window need more than 96
+MIN_WINDOW = 11
+
 # keys that one stage alone reads: set in another, the run would quietly not do what they ask
 STAGE_KEYS = {"teacher": "distil", "distil_encoder_weight": "distil", "distil_decoder_weight": "distil",
               "adversarial_weight": "adversarial", "package": "decoder", "window": "decoder", "max_level": "decoder",
@@ -68,7 +72,7 @@ class TrainConfig(BaseModel):
     lowpass_weight: float = Field(0.0, ge=0)  # MSE of 8x/16x block means: MS-SSIM's coarse scales (regional colour, tone)
     # the decoder stage: a package's receiver half trained on pixel losses through its frozen pixel decoder
     package: Path | None = None
-    window: int = Field(16, ge=1)  # latent cells (8 px each) of the window the pixel decoder renders per step
+    window: int = 16  # latent cells (8 px each) of the window the pixel decoder renders per step
     # the highest rate level it trains on (None: all); budgets of 0.005-0.05 bpp never pick the top ones
     max_level: int | None = Field(None, ge=0)
     # the texture weight at that level's rate position, `texture_weight` at position 0 and linear between
@@ -101,6 +105,16 @@ class TrainConfig(BaseModel):
         if crop % ALIGNMENT:
             raise ValueError(f"must be a multiple of {ALIGNMENT} (the hyper-latent sits at 1/{ALIGNMENT}), got {crop}")
         return crop
+
+    @field_validator("window")
+    @classmethod
+    def _ms_ssim_fits(cls, window: int) -> int:
+        """Checked here: a smaller window failed in pytorch_msssim's assertion at the first step, after the
+        photos were cached and coded."""
+        if window < MIN_WINDOW:
+            raise ValueError(f"at least {MIN_WINDOW} latent cells ({MIN_WINDOW * 8} px), got {window}: MS-SSIM's "
+                             "five scales need a window whose side, with its margin, is above 96 px")
+        return window
 
     @model_validator(mode="after")
     def _one_starting_point(self) -> TrainConfig:
