@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # name -> metric -> list of (bpp, value), Kodak-24 means
 PAPER_POINTS: dict[str, dict[str, list[tuple[float, float]]]] = {
-    "AEIC-SE (paper)": {
+    "AEIC-SE (paper, Kodak)": {
         "psnr": [(0.0041, 18.99), (0.0079, 20.17), (0.0143, 21.30), (0.0241, 22.16), (0.0370, 22.90)],
     },
 }
