@@ -255,7 +255,8 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("bound http://%s:%d; the API answers once start-up is complete", shown, sockets[0].getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=30,
                                            forwarded_allow_ips=settings.forwarded_allow_ips,
-                                           http=protocol_with_header_timeout(settings.header_timeout_s)))
+                                           http=protocol_with_header_timeout(settings.header_timeout_s,
+                                                                             settings.upload_timeout_s)))
     try:
         server.run(sockets=sockets)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on, once it has
