@@ -210,6 +210,11 @@ def test_device_tokens(store: SqlMetadataStore) -> None:
     assert store.device_for_token("x" * 64) is None
     assert store.revoke_device_tokens("cam1") == 1
     assert store.device_for_token("h" * 64) is None
+    store.add_device_token("cam1", "i" * 64)
+    store.add_device_token("barn", "j" * 64)
+    counts = store.device_token_counts()  # `aeic-receiver token list`, on both engines
+    assert [(device, active, revoked) for device, active, revoked, _ in counts] == [("barn", 1, 0), ("cam1", 1, 1)]
+    assert all(abs(made - time.time()) < 60 for *_, made in counts)
 
 
 def test_blob_store_atomic_roundtrip(tmp_path: Path) -> None:
