@@ -9,7 +9,10 @@ from typing import Any
 
 import httpx
 import receiver_support
-from receiver_support import ServerThread, gallery_app
+from aeic.receiver.api import create_app
+from aeic.receiver.registry import CodecRegistry
+from aeic.receiver.settings import ReceiverSettings
+from receiver_support import BlockingCodec, ServerThread, gallery_app, make_tokens
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
@@ -285,6 +288,31 @@ def test_live_updates_keep_focus_and_scroll_and_say_problems_in_words(
         WebDriverWait(browser, 10).until(
             lambda d: "cannot reach the receiver" in d.find_element(By.ID, "live").text)
         assert browser.execute_script("return document.activeElement.dataset.id") == before[0]
+
+
+def test_a_screen_reader_hears_what_the_live_grid_adds_and_decodes(tmp_path: Path, browser: Chrome) -> None:
+    """New cards appeared at the top of the live grid and badges turned into pictures without a word: a screen
+    reader user heard nothing of an image arriving or being decoded unless they went through the grid again.
+    A polite live region, not shown on screen, counts what changed since the page was opened."""
+    settings = ReceiverSettings(data_dir=tmp_path / "data", admin_token=ADMIN, poll_interval_s=0.05,
+                                retry_delay_s=0.0, rate_limit_burst=1000)
+    token = make_tokens(settings, "cam1")["cam1"]
+    codec = BlockingCodec(hold_s=20)
+    app = create_app(settings, registry=CodecRegistry.from_codecs([codec]))
+    with ServerThread(app) as server:
+        first = _upload(server.url, token)
+        assert codec.entered.wait(10)  # decoding, held
+        _sign_in(browser, server.url)
+        news = browser.find_element(By.ID, "news")
+        assert news.get_attribute("role") == "status" and news.text == ""
+        assert browser.execute_script("return arguments[0].getBoundingClientRect().width", news) <= 1  # not seen
+        _upload(server.url, token)
+        said = "return arguments[0].textContent"
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(said, news) == "Since this page opened: 1 new image.")
+        codec.release.set()
+        _wait_settled(server.url, token, first)
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(said, news)
+                                         == "Since this page opened: 1 new image, 2 decoded.")
 
 
 def test_waiting_image_page_updates_in_place_and_explains_a_lost_connection(

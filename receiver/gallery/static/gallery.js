@@ -74,13 +74,31 @@
     return card;
   }
 
+  // New cards and badges turning into pictures are seen, not heard: a screen reader is told, politely, what
+  // changed since the page was opened (a running count, so each change is new words and is said).
+  const news = document.getElementById("news");
+  const changes = {arrived: 0, done: 0, failed: 0};
+  function tell() {
+    const parts = [];
+    if (changes.arrived) parts.push(changes.arrived + (changes.arrived === 1 ? " new image" : " new images"));
+    if (changes.done) parts.push(changes.done + " decoded");
+    if (changes.failed) parts.push(changes.failed + " failed");
+    const text = parts.length ? "Since this page opened: " + parts.join(", ") + "." : "";
+    if (news.textContent !== text) news.textContent = text;
+  }
+
   function render(items) {
     const existing = new Map();
     for (const card of grid.querySelectorAll(".card")) existing.set(card.dataset.id, card);
     const wanted = [];
     for (const img of items) {
       let card = existing.get(img.id);
-      if (!card) card = makeCard(img);
+      if (!card) {
+        card = makeCard(img);
+        changes.arrived += 1;
+      } else if (card.dataset.status !== img.status && (img.status === "done" || img.status === "failed")) {
+        changes[img.status] += 1;
+      }
       if (card.dataset.status !== img.status) {
         fillThumb(card.querySelector(".thumb"), img);
         card.dataset.status = img.status;
@@ -93,6 +111,7 @@
     });
     while (grid.children.length > wanted.length) grid.lastElementChild.remove();
     empty.hidden = wanted.length > 0;
+    tell();
   }
 
   // The live page always shows the newest `limit` images, so "Older images" must start right after them:
