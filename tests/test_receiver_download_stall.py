@@ -3,6 +3,7 @@ connection, its open file and a chunk in the send buffer for as long as the clie
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -10,14 +11,16 @@ import socket
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from aeic.receiver.api import create_app, downloads
 from aeic.receiver.registry import CodecRegistry
 from aeic.receiver.settings import ReceiverSettings
 from aeic.receiver.storage import FilesystemBlobStore
-from aeic.receiver.storage.blobs import reconstruction_key
+from aeic.receiver.storage.blobs import CHUNK_BYTES, OpenBlob, reconstruction_key
 from receiver_support import FakeCodec, ServerThread, make_bitstream, make_tokens
+from starlette.types import Message
 
 SIZE = 32 << 20  # far more than the socket buffers on both sides hold
 
@@ -53,3 +56,25 @@ def test_a_client_that_stops_reading_is_cut_off_and_the_server_goes_on(
         assert len(body) < SIZE, "the whole file arrived: nothing stalled"
         assert any("took no data" in record.getMessage() for record in caplog.records)
         assert client.get(f"/v1/images/{image_id}/thumbnail").status_code == 200  # the server goes on
+
+
+def test_a_chunk_is_sent_in_slices_so_the_limit_is_on_progress() -> None:
+    """A 1 MiB chunk waited on whole would cut off a client reading steadily under 17 KB/s; each slice of
+    `SEND_SLICE_BYTES` gets the limit instead, and the bytes arrive as they are, in order."""
+    data = os.urandom(3 * CHUNK_BYTES + 5)
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        await anyio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    download = downloads.BlobDownload(OpenBlob("k", len(data), io.BytesIO(data)), "image/png", {})
+    scope = {"type": "http", "method": "GET", "path": "/x", "asgi": {"spec_version": "2.4"}}
+    anyio.run(download, scope, receive, send)
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert max(len(m["body"]) for m in bodies) <= downloads.SEND_SLICE_BYTES
+    assert b"".join(m["body"] for m in bodies) == data
+    assert all(m["more_body"] for m in bodies[:-1]) and not bodies[-1]["more_body"]

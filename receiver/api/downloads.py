@@ -30,13 +30,25 @@ __all__ = ["BlobDownload", "get_reconstruction", "get_reconstruction_as", "get_t
 
 log = logging.getLogger(__name__)
 
-# Seconds a download may wait for its client to take the next chunk (nginx's `send_timeout` is 60 s): a
-# client that stopped reading held its connection, its open file and a chunk in the send buffer for good.
+# Seconds a download may wait for its client to take the next `SEND_SLICE_BYTES` (nginx's `send_timeout` is
+# 60 s): a client that stopped reading held its connection, its open file and a chunk in the send buffer
+# for good. Each chunk is sent in slices so that the limit is on progress: a whole 1 MiB chunk in 60 s would
+# cut off a client reading steadily at under 17 KB/s; a slice asks about 1 KB/s.
 SEND_TIMEOUT_S = 60.0
+SEND_SLICE_BYTES = 64 << 10
 
 
 class _ClientStalledError(Exception):
     """The client took no data for `SEND_TIMEOUT_S`."""
+
+
+async def _send_within(send: Send, message: Message) -> None:
+    timeout_s = SEND_TIMEOUT_S
+    try:
+        with anyio.fail_after(timeout_s):
+            await send(message)
+    except TimeoutError:
+        raise _ClientStalledError(f"the client took no data for {timeout_s:g} s") from None
 
 
 def _negotiate(accept: str | None) -> str:
@@ -91,12 +103,15 @@ class BlobDownload(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_in_time(message: Message) -> None:
-            timeout_s = SEND_TIMEOUT_S
-            try:
-                with anyio.fail_after(timeout_s):
-                    await send(message)
-            except TimeoutError:
-                raise _ClientStalledError(f"the client took no data for {timeout_s:g} s") from None
+            body = message.get("body", b"")
+            if message["type"] != "http.response.body" or len(body) <= SEND_SLICE_BYTES:
+                await _send_within(send, message)
+                return
+            more = message.get("more_body", False)
+            for start in range(0, len(body), SEND_SLICE_BYTES):
+                last = start + SEND_SLICE_BYTES >= len(body)
+                await _send_within(send, {"type": "http.response.body", "body": body[start:start + SEND_SLICE_BYTES],
+                                          "more_body": more or not last})
 
         try:
             if scope.get("method") == "HEAD":
