@@ -34,7 +34,8 @@ class PackageImportError(ValueError):
 
 
 def model_from_package(package: Path) -> AEICModel:
-    """The trainable model whose export is ``package`` (the nano profile; its pixel decoder attaches on use).
+    """The trainable model whose export is ``package`` (a nano one's pixel decoder attaches on use; a full
+    one's SD-Turbo base weights load from ``AEIC_SD_TURBO_DIR``, refused unless they are those it was trained on).
 
     A package from another version of the code (another configuration, other graph or tensor names) is a
     :class:`PackageImportError` naming it, not the KeyError, TypeError or torch listing of wherever it broke."""
@@ -44,11 +45,11 @@ def model_from_package(package: Path) -> AEICModel:
     except (KeyError, TypeError) as exc:
         raise PackageImportError(f"{package}: its model configuration is not this version's ({exc}); "
                                  "was it exported by another version of aeic?") from exc
-    if config.profile != "nano":
-        raise PackageImportError(f"{package}: only nano packages can be imported, not {config.profile!r}")
-    model = AEICModel(config)
+    model = AEICModel(config)  # a full profile's base weights: the SD-Turbo folder (AEIC_SD_TURBO_DIR)
     try:
         _load_package_weights(model, package, manifest)
+    except _OtherBase as exc:
+        raise PackageImportError(f"{package}: {exc}") from exc.__cause__
     except (KeyError, ValueError, RuntimeError) as exc:
         detail = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise PackageImportError(f"{package}: its weights do not fit the {config.name} model ({detail}); "
@@ -69,7 +70,25 @@ def _load_package_weights(model: AEICModel, package: Path, manifest: dict) -> No
     model.log_gains.copy_(torch.from_numpy(np.log(trained.astype(np.float64))).float())
     receiver = {k: v.float() for k, v in load_file(str(package / "receiver.safetensors")).items()}
     model.synthesis.load_state_dict(_prefixed(receiver, "synthesis."))
-    model.decoder.load_state_dict(_prefixed(receiver, "decoder."))
+    decoder = _prefixed(receiver, "decoder.")
+    if config.profile == "nano":
+        model.decoder.load_state_dict(decoder)
+        return
+    from .full_profile import BaseWeightsError, FullDecoder  # diffusers: only where SD-Turbo is there to load
+
+    assert isinstance(model.decoder, FullDecoder)
+    # only what training changed, over the folder's base weights, which the package's fingerprint checks
+    try:
+        missing, unexpected = model.decoder.load_state_dict(decoder, strict=False)
+    except BaseWeightsError as exc:  # another SD-Turbo folder than it was trained on: its own line, not "another version"
+        raise _OtherBase(str(exc)) from exc
+    lacking = set(model.decoder.trainable_state_dict()) & set(missing)
+    if unexpected or lacking:
+        raise KeyError(f"decoder tensors missing {sorted(lacking)[:3]}, unexpected {unexpected[:3]}")
+
+
+class _OtherBase(Exception):
+    """A full package's decoder on SD-Turbo weights it was not trained on, passed through as its own line."""
 
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

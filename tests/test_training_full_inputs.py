@@ -7,6 +7,8 @@
   was diffusers' "Cannot load  because ..." naming neither the folder nor the component.
 - One whose weights file lacks tensors its config asks for loaded: diffusers filled them with random values
   and only warned, so a run trained on (and a package fingerprinted) a partly random UNet.
+- `init` naming a full-profile package was "only nano packages can be imported, not 'full'": a GPU user
+  could go on from a package only through its training checkpoint, which a package handed on lacks.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from aeic.codec.export import export_package
+from aeic.codec.model import AEICModel
+from aeic.codec.package_import import model_from_package
+from aeic.codec.presets import preset
 from aeic.codec.sd_turbo_folder import load_unet_and_vae
 from aeic.codec.testing import make_tiny_package
 from aeic.training import cli as train_cli
 from safetensors.torch import load_file, save_file
-from sd_turbo_support import write_tiny_sd_turbo
+from sd_turbo_support import write_other_base, write_tiny_sd_turbo
 from training_support import write_training_photos
 
 
@@ -81,3 +87,33 @@ def test_weights_lacking_tensors_of_their_config_are_refused_not_filled_at_rando
     assert str(folder) in str(refusal.value) and dropped in str(refusal.value)
     unet, _ = load_unet_and_vae(sd_turbo)  # the whole folder still loads
     assert torch.isfinite(next(unet.parameters())).all()
+
+
+def test_a_full_package_starts_a_run(
+    sd_turbo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its trained decoder weights come back (fp16-exact, as the receiver stores them), the base weights from
+    the SD-Turbo folder the package's fingerprint names, and a run trains on from them."""
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(sd_turbo))
+    torch.manual_seed(2)
+    original = AEICModel(preset("tiny-full-me"))
+    with torch.no_grad():  # as after training: adapters and rate embedding away from their start
+        for parameter in original.decoder.trainable_parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    package = export_package(original, tmp_path / "package")
+    imported = model_from_package(package)
+    trained = original.decoder.trainable_state_dict()
+    assert trained.keys() == imported.decoder.trainable_state_dict().keys()
+    for name, tensor in trained.items():
+        assert torch.equal(imported.decoder.trainable_state_dict()[name], tensor.half().float()), name
+    (tmp_path / "photos").mkdir()
+    photos = write_training_photos(tmp_path / "photos", 1)
+    config = tmp_path / "run.toml"
+    config.write_text(f'name = "t"\nmodel = "tiny-full-me"\ndata = "{photos}"\ncache = "{tmp_path / "cache"}"\n'
+                      f'short_side = 160\ncrop = 128\nbatch = 1\nsteps = 1\ndevice = "cpu"\ninit = "{package}"\n'
+                      f'out = "{tmp_path / "run"}"\n')  # fmt: skip
+    assert train_cli.main([str(config)]) == 0, capsys.readouterr().err
+    monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(write_other_base(tmp_path / "reseeded", "reseeded")))
+    config.write_text(config.read_text().replace(str(tmp_path / "run"), str(tmp_path / "other")))
+    line = _one_line_refusal(capsys, [str(config)])  # another revision's weights: said so, not "another version"
+    assert "trained on other base weights" in line and str(tmp_path / "reseeded") in line, line
