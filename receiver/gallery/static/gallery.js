@@ -210,7 +210,8 @@
   // page.js's reload out of the back/forward cache; a new visit to the grid is a new entry, with none).
   grid.addEventListener("click", (event) => {
     const card = event.target.closest(".card");
-    if (card) history.replaceState({...history.state, opened: card.dataset.id}, "");
+    const elsewhere = event.ctrlKey || event.metaKey || event.shiftKey;  // opened in another tab or window
+    if (card && !elsewhere) history.replaceState({...history.state, opened: card.dataset.id}, "");
   });
   const opened = history.state && history.state.opened;
   const openedCard = opened && grid.querySelector('.card[data-id="' + CSS.escape(opened) + '"]');
