@@ -32,7 +32,13 @@ LABELS = {
     "lpips": "LPIPS (lower is better)",
     "dists": "DISTS (lower is better)",
 }
-STYLE = {"aeic": ("tab:red", "o", 2.2), "best": ("black", "s", 1.6)}
+STYLE = {
+    "aeic": ("tab:red", "o", 2.2), "best": ("black", "s", 1.6), "jpeg": ("tab:blue", ".", 1.2),
+    "webp": ("tab:orange", ".", 1.2), "avif": ("tab:green", ".", 1.2), "jxl": ("tab:brown", ".", 1.2),
+}  # fmt: skip
+PAPER_COLOR = "tab:purple"
+# Compared runs' curves, in turn: matplotlib's own cycle would give the fourth curve AEIC's red.
+OTHER_COLORS = ("tab:pink", "tab:cyan", "tab:olive", "tab:gray")
 
 
 def _series(means: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[float, float]]]:
@@ -72,14 +78,15 @@ def rd_curves(summary: dict[str, Any], out_dir: Path, title: str = "") -> list[P
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+        others = iter(OTHER_COLORS * len(series))
         for method, points in series.items():
-            color, marker, width = STYLE.get(method, (None, ".", 1.2))
+            color, marker, width = STYLE.get(method) or (next(others), "x", 1.2)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, lw=width,
                     label=legend_label(summary, method, unreachable.get(method, 0)))  # fmt: skip
         for name, curves in PAPER_POINTS.items():
             if metric in curves:
                 bpp, value = zip(*curves[metric])
-                ax.plot(bpp, value, "--^", color="tab:purple", lw=1.2, label=name)
+                ax.plot(bpp, value, "--^", color=PAPER_COLOR, lw=1.2, label=name)
         ax.set_xlabel("bits per pixel (whole file)")
         ax.set_ylabel(LABELS.get(metric, metric))
         ax.grid(alpha=0.3)
