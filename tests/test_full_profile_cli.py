@@ -53,9 +53,10 @@ def test_decode_takes_the_receivers_decoder_dtype(
 
 
 def test_decode_offers_the_receivers_decoder_dtypes() -> None:
-    decode = codec_cli.build_parser()._subparsers._group_actions[0].choices["decode"]  # type: ignore[union-attr]
-    option = next(action for action in decode._actions if action.dest == "decoder_dtype")
-    assert set(option.choices) == set(DECODER_DTYPES) and option.default == "float32"
+    parser = codec_cli.build_parser()
+    assert parser.parse_args(["decode", "s.aeic"]).decoder_dtype == "float32"
+    for dtype in DECODER_DTYPES:
+        assert parser.parse_args(["decode", "s.aeic", "--decoder-dtype", dtype]).decoder_dtype == dtype
 
 
 @pytest.mark.parametrize(("value", "fragment"), [

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from aeic.codec.export import export_package
+from aeic.codec.full_profile import FullDecoder
 from aeic.codec.model import AEICModel
 from aeic.codec.package_import import model_from_package
 from aeic.codec.presets import preset
@@ -97,15 +98,17 @@ def test_a_full_package_starts_a_run(
     monkeypatch.setenv("AEIC_SD_TURBO_DIR", str(sd_turbo))
     torch.manual_seed(2)
     original = AEICModel(preset("tiny-full-me"))
+    assert isinstance(original.decoder, FullDecoder)
     with torch.no_grad():  # as after training: adapters and rate embedding away from their start
         for parameter in original.decoder.trainable_parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
     package = export_package(original, tmp_path / "package")
-    imported = model_from_package(package)
-    trained = original.decoder.trainable_state_dict()
-    assert trained.keys() == imported.decoder.trainable_state_dict().keys()
+    imported = model_from_package(package).decoder
+    assert isinstance(imported, FullDecoder)
+    trained, back = original.decoder.trainable_state_dict(), imported.trainable_state_dict()
+    assert trained.keys() == back.keys()
     for name, tensor in trained.items():
-        assert torch.equal(imported.decoder.trainable_state_dict()[name], tensor.half().float()), name
+        assert torch.equal(back[name], tensor.half().float()), name
     (tmp_path / "photos").mkdir()
     photos = write_training_photos(tmp_path / "photos", 1)
     config = tmp_path / "run.toml"
