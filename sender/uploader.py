@@ -57,6 +57,7 @@ from aeic.shared.url_redaction import without_password
 from aeic import __version__
 
 UPLOAD_PATH = "/v1/images"
+API_ROOT = "/v1"
 _BLOCKING_STATUSES = frozenset({401, 403, 404, 405, 415})
 _RETRY_4XX = frozenset({408, 429})
 # The receiver answers with a few hundred bytes of JSON; anything longer is someone else's page,
@@ -98,7 +99,8 @@ class UploadConfigError(ValueError):
 
 
 def endpoint_url(base: str) -> str:
-    """``https://host:port`` or ``.../v1/images`` -> the full upload URL."""
+    """``https://host:port``, the API root ``.../v1`` (as the receiver's docs name it) or ``.../v1/images`` ->
+    the full upload URL."""
     try:
         parts = urlsplit(base)
         parts.port  # noqa: B018 - raises for a port that is not a number in 0..65535
@@ -106,7 +108,7 @@ def endpoint_url(base: str) -> str:
         raise UploadConfigError(f"receiver URL {base!r} is not valid: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UploadConfigError(f"receiver URL must be http:// or https://host[:port], got {base!r}")
-    path = parts.path.rstrip("/")
+    path = parts.path.rstrip("/").removesuffix(API_ROOT)  # the API root was posted to .../v1/v1/images, a 404
     if not path.endswith(UPLOAD_PATH):
         path += UPLOAD_PATH
     return f"{parts.scheme}://{parts.netloc}{path}"

@@ -39,6 +39,14 @@ def test_endpoint_url() -> None:
     assert endpoint_url("https://host:8000") == "https://host:8000/v1/images"
     assert endpoint_url("http://host/base/") == "http://host/base/v1/images"
     assert endpoint_url("http://host/v1/images") == "http://host/v1/images"
+
+
+def test_endpoint_url_of_the_api_root() -> None:
+    """The receiver's docs give its API as "under /v1": ``--to http://host:8080/v1`` posted to /v1/v1/images,
+    a 404 that stopped every upload with "check the receiver URL"."""
+    assert endpoint_url("http://host:8080/v1") == "http://host:8080/v1/images"
+    assert endpoint_url("https://host/aeic/v1/") == "https://host/aeic/v1/images"
+    assert endpoint_url("http://host/v10") == "http://host/v10/v1/images"
     with pytest.raises(UploadConfigError):
         endpoint_url("ftp://host")
     with pytest.raises(UploadConfigError):
