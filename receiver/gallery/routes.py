@@ -110,8 +110,8 @@ def _here(request: Request) -> str:
 
 def _page(request: Request, name: str, context: dict[str, Any], status: int = 200,
           headers: dict[str, str] | None = None) -> HTMLResponse:
-    """A page, `no-store` whatever it says: a browser keeps an answer without it and may show it again on Back
-    or Forward (the token form at `/` after signing in, a private page after signing out)."""
+    """A page, `no-store` whatever it says (the token form and "not found" pages too): a browser may keep an
+    answer without it and show it again, and a private page must not come back after signing out."""
     page = _templates.TemplateResponse(request, name, context, status_code=status, headers=headers)
     page.headers["Cache-Control"] = "no-store"
     return page
