@@ -227,14 +227,24 @@ def _largest_fitting_quality(
     return best_q, best_data
 
 
+def largest_factor_within(width: int, height: int, max_pixels: int) -> float:
+    """The largest factor of :data:`DOWNSCALE_FACTORS` that a search capped at ``max_pixels`` may try (the
+    smallest always): a row at it may have been held back by the cap."""
+    allowed = [f for f in DOWNSCALE_FACTORS if math.prod(_scaled_size(width, height, f)) <= max_pixels]
+    return max(allowed, default=min(DOWNSCALE_FACTORS))
+
+
 def compress_to_budget(
     rgb: np.ndarray,
     budget_bytes: int,
     codec: str | ClassicCodec,
     criterion: str = "psnr",
     factors: Iterable[float] = DOWNSCALE_FACTORS,
+    max_pixels: int | None = None,
 ) -> BaselineResult:
-    """Best (by ``criterion``) factor/quality of one codec whose whole size fits ``budget_bytes``."""
+    """Best (by ``criterion``) factor/quality of one codec whose whole size fits ``budget_bytes``; with
+    ``max_pixels``, only the smallest factor and those whose shrunk picture has at most that many pixels are
+    tried (a 24 MP photo's largest ones take most of the search's time)."""
     spec = CODECS[codec] if isinstance(codec, str) else codec
     score_fn = CRITERIA[criterion]
     height, width = rgb.shape[:2]
@@ -243,10 +253,12 @@ def compress_to_budget(
     # Smallest first: the file at the lowest quality grows with the pixel count, so once it is over
     # budget every larger size is too and the search stops. (Bounding each size's quality search by the
     # previous size's result was tried and dropped: JPEG XL sizes are not monotone enough for it.)
-    for factor in sorted(set(factors)):
+    for tried, factor in enumerate(sorted(set(factors))):
         size = _scaled_size(width, height, factor)
         if spec.max_side is not None and max(size) > spec.max_side:
             break  # factors ascend: every larger one is over the format's limit too
+        if tried and max_pixels is not None and size[0] * size[1] > max_pixels:
+            break  # the smallest factor is always tried, so a cap below it is not an unreachable row
         side = 0 if size == (width, height) else SIZE_SIDE_INFO_BYTES
         small = original if side == 0 else original.resize(size, Image.Resampling.LANCZOS)
         found = _largest_fitting_quality(spec, small, budget_bytes - side)
@@ -286,9 +298,12 @@ def compress_all(
     budget_bytes: int,
     codecs: Iterable[str],
     criterion: str = "psnr",
+    max_pixels: int | None = None,
 ) -> dict[str, BaselineResult]:
     """Each named codec at ``budget_bytes``, plus ``best`` over them when more than one is named."""
-    out = {name: compress_to_budget(rgb, budget_bytes, name, criterion) for name in codecs}
+    out = {
+        name: compress_to_budget(rgb, budget_bytes, name, criterion, max_pixels=max_pixels) for name in codecs
+    }
     if len(out) > 1:
         out["best"] = best_of(out.values())
     return out

@@ -15,6 +15,7 @@ from aeic.sender.images import IMAGE_SUFFIXES
 from aeic.sender.rate_distortion_rounding import parse_rounding
 
 BASELINE_CHOICES = ("jpeg", "webp", "avif", "jxl", "best", "none")
+LARGE_PHOTO_MPX = 8.0  # above it, the classic search's time is worth a warning (a 12 MP photo: tens of minutes)
 METRIC_NAMES = (*metrics.CORE_METRICS, *metrics.PERCEPTUAL_METRICS, *learned.REQUIREMENTS)
 
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     points.add_argument("--budgets-bpp", default=None, help="whole-file byte budgets in bpp, e.g. 0.01,0.02")
     p.add_argument("--baseline", choices=BASELINE_CHOICES, default="best",
                    help="classic codec at equal bytes; best = JPEG, WebP, AVIF, JPEG XL and the best of them")  # fmt: skip
+    p.add_argument("--baseline-max-mpx", type=float, default=None, metavar="MPX",
+                   help="the classic search tries only downscale factors whose picture has at most MPX megapixels "
+                        "(and always the smallest): hours fewer on 20+ MP photos, where the largest sizes cost most")  # fmt: skip
     p.add_argument("--criterion", choices=sorted(baselines.CRITERIA), default="psnr",
                    help="how the baseline search picks the downscale factor (default psnr)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="output folder (re-run to resume)")
@@ -70,6 +74,23 @@ def baseline_codecs(choice: str) -> tuple[list[str], dict[str, str]]:
     return [name for name in wanted if name not in missing], missing
 
 
+def _warn_slow_classic_search(paths: Sequence[Path]) -> None:
+    """Say before the run, with the way out, when the classic search will take hours: it codes a photo at up
+    to 13 sizes and about 8 qualities per codec, and the largest sizes of a 20+ MP photo dominate."""
+    large = {p.name: mpx for p in paths if (mpx := images.megapixels(p)) > LARGE_PHOTO_MPX}
+    if not large:
+        return
+    name = max(large, key=lambda n: large[n])
+    print(
+        f"aeic eval: {len(large)} image(s) over {LARGE_PHOTO_MPX:g} MP (largest {name}, {large[name]:.1f} MP): the "
+        "classic search codes each at up to 13 sizes, and AVIF alone can take over 20 minutes per image and budget "
+        "at 24 MP. For a quicker run: --baseline-max-mpx 4 (factors whose picture is at most 4 MP; recorded in "
+        "summary.json), --baseline webp (one codec), or --baseline none now and a --baselines-only run into "
+        "another --out later, joined with --compare classic=THAT_OUT.",
+        file=sys.stderr,
+    )
+
+
 def _print_means(summary: dict[str, Any]) -> None:
     """The means table; ``ok`` is how many images each mean is over, ``unr``/``err`` those left out."""
     cols = [m for m in metrics.CORE_METRICS if m in summary["metrics"]]
@@ -85,6 +106,12 @@ def _print_means(summary: dict[str, Any]) -> None:
         ran = summary["config"]["baselines"]
         which = f"best: of {', '.join(ran)} only" if len(ran) > 1 else "no best row"
         print(f"{which}; not run here: " + ", ".join(f"{name} ({why})" for name, why in skipped.items()))
+    cap = summary["config"].get("baseline_max_mpx")
+    if cap is not None and summary["config"]["baselines"]:
+        print(f"classic codecs: downscale factors up to {cap:g} MP only (--baseline-max-mpx)")
+        for method, rows in summary["baseline_rows_at_cap"].items():  # the cap may have made these weaker
+            print(f"  {method}: {len(rows)} row(s) at the largest factor the cap allows, perhaps held back by it: "
+                  + ", ".join(rows[:3]) + (", ..." if len(rows) > 3 else ""))  # fmt: skip
     failed = {r["image"]: r["detail"] for r in reversed(summary["rows"]) if r["status"] == "error"}
     for image, detail in sorted(failed.items()):
         print(f"error: {image}: {detail}")
@@ -128,6 +155,8 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[
         parser.error(str(exc))
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.baseline_max_mpx is not None and not args.baseline_max_mpx > 0:
+        parser.error("--baseline-max-mpx must be > 0")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is not a folder")
     codecs, missing = baseline_codecs(args.baseline)
@@ -138,7 +167,7 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[
     config = runner.EvalConfig(
         images=args.images, out=args.out, points=points, baselines=codecs, criterion=args.criterion,
         limit=args.limit, metrics=args.metrics.split(",") if args.metrics else None, save_recon=args.save_recon,
-        skipped_baselines=missing,
+        skipped_baselines=missing, baseline_max_mpx=args.baseline_max_mpx,
     )  # fmt: skip
     return config, compare
 
@@ -147,7 +176,9 @@ def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factor
                held: ExitStack) -> runner.Evaluator:
     """The model loaded (none for --baselines-only) and checked against the rate points asked for; then the
     --out folder's lock, kept in ``held``, and only then the folder is written to."""
-    images.list_images(config.images, config.limit)  # fail before loading a model
+    paths = images.list_images(config.images, config.limit)  # fail before loading a model
+    if config.baselines and config.baseline_max_mpx is None:
+        _warn_slow_classic_search(paths)
     if args.baselines_only:
         codec = None
     elif codec_factory is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, read_image
+from aeic.sender.images import IMAGE_SUFFIXES, ImageReadError, open_regular, read_image
 from PIL import Image
 
 
@@ -26,6 +26,16 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
 # DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default).
 # ImageReadError: a pixel mode the sender cannot code.
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, ImageReadError)
+
+
+def megapixels(path: Path) -> float:
+    """An image's pixel count in millions from its header alone (0 for a file that cannot be read: its
+    error row says why), opened as the sender opens it."""
+    try:
+        with open_regular(path) as file, Image.open(file) as im:
+            return im.width * im.height / 1e6
+    except UNREADABLE:
+        return 0.0
 
 
 def load_rgb(path: Path) -> np.ndarray:

@@ -34,13 +34,17 @@ def out_folder_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def run_identity(criterion: str, codecs: list[str], codec_info: dict[str, Any] | None) -> dict[str, Any]:
-    """The settings rows depend on: the baseline criterion and encoder settings, the codecs a ``best`` row
-    chooses among (a codec missing on one machine would otherwise mix best-of-three rows with best-of-four
-    ones), and the codec (None for --baselines-only)."""
+def run_identity(
+    criterion: str, codecs: list[str], codec_info: dict[str, Any] | None, baseline_max_mpx: float | None = None
+) -> dict[str, Any]:
+    """The settings rows depend on: the baseline criterion and encoder settings (with the search's
+    ``--baseline-max-mpx`` when one is given, so a folder from before that option still resumes), the codecs
+    a ``best`` row chooses among (a codec missing on one machine would otherwise mix best-of-three rows with
+    best-of-four ones), and the codec (None for --baselines-only)."""
     codec = None if codec_info is None else {k: codec_info.get(k) for k in ROW_DEFINING_CODEC_KEYS}
     settings = baselines.encoder_settings()
-    encoders = {name: settings[name] for name in codecs} or None
+    cap = {} if baseline_max_mpx is None else {"max_mpx": baseline_max_mpx}
+    encoders = {name: {**settings[name], **cap} for name in codecs} or None
     best_of = sorted(codecs) if len(codecs) > 1 else None
     return {"criterion": criterion if codecs else None, "codec": codec, "encoders": encoders, "best_of": best_of}
 

@@ -111,6 +111,7 @@ class EvalConfig:
     metrics: list[str] | None = None  # None: every metric that can run here
     save_recon: int = 1  # reconstructions of the first N images go to OUT/recon/<point>/<method>/
     skipped_baselines: dict[str, str] = field(default_factory=dict)  # codec -> why it cannot run here
+    baseline_max_mpx: float | None = None  # the classic search tries no factor whose picture is larger
 
 
 UNREADABLE_DETAIL = "unreadable image"  # how an error row of a file that cannot be read starts
@@ -182,7 +183,10 @@ class Evaluator:
         self.methods += ["best"] if len(config.baselines) > 1 else []
         self.columns = BASE_COLUMNS + list(self.metric_fns) + self.learned_names
         self.results = ResultsFile(config.out / "results.csv", self.columns)
-        identity = resume.run_identity(config.criterion, config.baselines, self.codec_info if codec is not None else None)
+        identity = resume.run_identity(
+            config.criterion, config.baselines, self.codec_info if codec is not None else None,
+            config.baseline_max_mpx,
+        )  # fmt: skip
         identity["images"] = resume.image_digests(list_images(config.images, config.limit))
         measured = {r["image"] for r in self.results.rows}
         resume.check_run_identity(config.out, identity, resuming=bool(self.results.rows), measured=measured)
@@ -233,7 +237,9 @@ class Evaluator:
         self, base: dict[str, Any], rgb: np.ndarray, budget: int, wanted: list[str]
     ) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
         """Rows for the ``wanted`` baseline methods; each reconstruction is scored once (best reuses it)."""
-        results = baselines.compress_all(rgb, budget, self.config.baselines, self.config.criterion)
+        cap = self.config.baseline_max_mpx
+        max_pixels = None if cap is None else math.floor(cap * 1e6)
+        results = baselines.compress_all(rgb, budget, self.config.baselines, self.config.criterion, max_pixels)
         scores: dict[str, dict[str, float]] = {}
         for method, res in results.items():
             if method not in wanted:
@@ -363,4 +369,19 @@ class Evaluator:
             "set_metrics": self.learned.set_results(),  # FID/KID over rows evaluated in this run only
             "means": means(rows, self.columns, self.config.points, self.methods),
             "rows": [typed_row(r) for r in rows],
+            "baseline_rows_at_cap": self._rows_at_cap(rows),
         }
+
+    def _rows_at_cap(self, rows: list[dict[str, str]]) -> dict[str, list[str]]:
+        """Method -> ``image@point`` of the classic rows whose factor is the largest ``--baseline-max-mpx`` let
+        the search try: a larger picture, had it been tried, might have scored higher."""
+        out: dict[str, list[str]] = {}
+        if self.config.baseline_max_mpx is None:
+            return out
+        max_pixels = math.floor(self.config.baseline_max_mpx * 1e6)
+        for r in rows:
+            if r["method"] != "aeic" and r["status"] == "ok":
+                limit = baselines.largest_factor_within(int(r["width"]), int(r["height"]), max_pixels)
+                if limit < max(baselines.DOWNSCALE_FACTORS) and math.isclose(float(r["factor"]), limit):
+                    out.setdefault(r["method"], []).append(f"{r['image']}@{r['point']}")
+        return out
