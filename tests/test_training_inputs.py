@@ -259,6 +259,20 @@ def test_a_cuda_device_the_machine_lacks_is_refused(monkeypatch: pytest.MonkeyPa
     assert resolve_device("auto").type == "cpu"  # the documented fallback
 
 
+def test_a_missing_cuda_is_fixed_where_the_device_was_chosen(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda on the command line is answered with the option to change, not the config's line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = _config(tmp_path, _photos(tmp_path, 1))
+    line = _one_line_error(capsys, train_cli.main([config, "--device", "cuda"]), "CUDA is not available here")
+    assert "--device cpu" in line and 'device = "cpu"' not in line, line
+    in_file = tmp_path / "in_file"
+    in_file.mkdir()
+    config = _config(in_file, tmp_path / "photos", 'device = "cuda"\n')
+    line = _one_line_error(capsys, train_cli.main([config]), "CUDA is not available here")
+    assert 'device = "cpu"' in line and "--device" not in line, line
+
+
 def test_ctrl_c_while_caching_is_one_line_and_keeps_the_photos_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

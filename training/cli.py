@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from .config import TrainConfig
 from .data import relative_to_here
 from .decoder_finetune import DecoderFinetuner
-from .schedule import StepOutOfMemory, TrainingInterrupted
+from .schedule import StepOutOfMemory, TrainingInterrupted, resolve_device
 from .trainer import Trainer
 
 
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _load_config(args.config, steps=args.steps, out=args.out, device=args.device, data=args.data,
                               cache=args.cache, minutes=args.minutes, batch=args.batch)
+        if args.device is not None:
+            resolve_device(args.device, on_command_line=True)
         if args.profile is not None and (args.profile < 1 or config.stage == "calibrate"):
             parser.error("--profile takes a positive number of steps of a training stage (not calibrate)")
         if Path(config.out).exists() and not Path(config.out).is_dir():

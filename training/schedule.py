@@ -37,8 +37,9 @@ def adam(parameters: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.9
     return torch.optim.Adam(parameters, lr=lr, betas=betas, fused=True)
 
 
-def resolve_device(name: str) -> torch.device:
-    """The training device; on CUDA, TF32 matrix units and cuDNN autotuning (crops have one size)."""
+def resolve_device(name: str, on_command_line: bool = False) -> torch.device:
+    """The training device; on CUDA, TF32 matrix units and cuDNN autotuning (crops have one size).
+    ``on_command_line``: the name came from --device, so a refusal names that option, not the config's line."""
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError as exc:
@@ -46,7 +47,8 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: the stages are written and tested for these two
         raise ValueError(f"device {name!r}: training runs on cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available here (device = \"cpu\" or \"auto\")")
+        fix = "--device cpu or --device auto" if on_command_line else 'device = "cpu" or "auto" in the config'
+        raise ValueError(f"device {name!r}: CUDA is not available here ({fix})")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 on")
     if device.type == "cuda":
