@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from aeic.receiver.settings import ConfigError, ReceiverSettings, closest_setting, load_settings
 from aeic.shared.url_redaction import without_password
@@ -264,7 +265,21 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         for sock in sockets:
             sock.close()
+    worker = app.state.receiver.worker
+    if worker is not None and worker.is_alive():
+        _exit_now(0)
     return 0
+
+
+def _exit_now(status: int) -> NoReturn:
+    """End the process without the interpreter's shutdown, once the app has stopped (claims handed back,
+    database closed, locks released). Why: a decode worker thread the stop gave up on is still in torch's
+    native code (a decoder load or a decode), and finalizing Python under it aborted the process
+    ('terminate called without an active exception', SIGABRT) instead of the status asked for."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _open_store(settings: ReceiverSettings) -> SqlMetadataStore:

@@ -200,6 +200,8 @@ class DecodeWorker:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
+                log.warning("the decode worker did not stop within %s s (a decoder load or a decode in progress); "
+                            "it is abandoned", _seconds(timeout))
                 self._hand_back()
 
     def _hand_back(self) -> None:

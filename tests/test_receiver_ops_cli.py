@@ -471,3 +471,45 @@ def test_an_allowed_hosts_list_naming_no_host_is_one_line(value: str, tmp_path: 
     assert main(["token", "create", "--device", "cam1", "--data", str(tmp_path)]) == 2
     assert _one_line(capsys).endswith("allowed_hosts: value error, names no host: give host names (comma list), "
                                       f"or '*' for any (got '{value}')")
+
+
+# `serve` whose decoder load runs native torch code (GIL released) until killed, and whose worker is given 1 s
+# (not 30) to stop: what a Ctrl-C during a slow model load, or a decode past the stop's wait, meets.
+_SLOW_LOAD_SERVE = """
+import sys, torch
+from aeic.receiver import registry, worker
+from aeic.receiver.cli import main
+
+def load(*_args, **_kwargs):
+    a = torch.randn(1500, 1500)
+    sys.stderr.write("loading\\n")
+    while True:
+        torch.mm(a, a)
+
+registry._load_receiver_codec = load
+stop = worker.DecodeWorker.stop
+worker.DecodeWorker.stop = lambda self, timeout=30.0: stop(self, 1.0)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_ctrl_c_while_the_worker_is_still_in_torch_exits_0_not_sigabrt(tmp_path: Path) -> None:
+    """Was: the worker thread, still in a decoder load (or a decode) when the stop stopped waiting for it, ran
+    native torch code through the interpreter's shutdown: 'terminate called without an active exception' and
+    SIGABRT (status -6) at random. Now serve ends the process without finalizing it under that thread."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_LOAD_SERVE, "serve", "--data", str(tmp_path / "data"), "--port", "0",
+         "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        while "loading" not in (line := process.stderr.readline()):
+            assert line, "serve ended before its decoder load began"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+        err = process.stderr.read()
+        assert "terminate called" not in err and "Traceback" not in err
+        assert "the decode worker did not stop within 1 s" in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
