@@ -13,10 +13,12 @@ from PIL import Image
 
 def list_images(folder: Path, limit: int | None = None) -> list[Path]:
     """Image files directly in ``folder``, sorted by name, at most ``limit``: the formats the sender reads
-    (``IMAGE_SUFFIXES``), so a folder of a device's WebP photos is not refused as empty."""
+    (``IMAGE_SUFFIXES``), so a folder of a device's WebP photos is not refused as empty. A name that is not a
+    regular file (a broken link, a FIFO) is listed too, so that it gets an error row saying why instead of
+    leaving the means without a word; only folders are passed over."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     if not found:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return found[:limit] if limit is not None else found

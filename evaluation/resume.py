@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aeic.evaluation import baselines
+from aeic.sender.images import ImageReadError, open_regular
 from aeic.shared.durable import exclusive_lock
 
 LOCK_FILE = "eval.lock"
@@ -53,9 +54,10 @@ def image_digests(paths: Iterable[Path]) -> dict[str, str]:
     """A content hash per image name, so a resumed run notices another picture under a name it measured."""
     digests = {}
     for path in paths:
-        try:
-            digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        except OSError:  # unreadable: it gets error rows, not a digest
+        try:  # opened as the sender opens it: a FIFO is refused, not waited on
+            with open_regular(path) as file:
+                digests[path.name] = hashlib.sha256(file.read()).hexdigest()[:16]
+        except (OSError, ImageReadError):  # unreadable: it gets error rows, not a digest
             continue
     return digests
 
