@@ -37,6 +37,11 @@ def _log_blob_failure(state: ReceiverState, line: str | None) -> None:
     state.blob_failure_logged = line
 
 
+def _reason(exc: Exception) -> str:
+    """An OS error's reason for /readyz ('No space left on device'), never its message: that names paths."""
+    return f": {os.strerror(exc.errno)}" if isinstance(exc, OSError) and exc.errno else ""
+
+
 def readyz(request: Request) -> JSONResponse:
     """Readiness: database reachable, blob store usable, worker running, at least one model served, and no
     model whose decoder failed to load (the type only: the message may name paths)."""
@@ -46,15 +51,14 @@ def readyz(request: Request) -> JSONResponse:
         state.store.ping()
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        checks["database"] = f"error: {type(exc).__name__}"
+        checks["database"] = f"error: {type(exc).__name__}{_reason(exc)}"
     try:
         state.blobs.ping()
         checks["blobs"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a read-only or full disk, an unreachable bucket
         # The detail (paths, bucket names) goes to the log only: /readyz answers anonymous callers.
         _log_blob_failure(state, f"readiness: blob store check failed: {exc}")
-        reason = f": {os.strerror(exc.errno)}" if isinstance(exc, OSError) and exc.errno else ""
-        checks["blobs"] = f"error: {type(exc).__name__}{reason}"
+        checks["blobs"] = f"error: {type(exc).__name__}{_reason(exc)}"
     else:
         _log_blob_failure(state, None)
     checks["models"] = "ok" if state.registry.model_ids() else "error: no model package loaded"

@@ -13,15 +13,19 @@ when its lease ran out, or, at a receiver's start, when its own previous life ma
 from __future__ import annotations
 
 import base64
+import errno
 import math
+import os
 import re
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 from aeic.receiver.storage import schema
+from aeic.receiver.storage.blobs import MIN_FREE_BYTES
 from aeic.receiver.storage.migrations import SQLITE_BUSY_TIMEOUT_MS, migrate
 from aeic.receiver.storage.records import DecodeTimings, ImageRecord, NewImage, Page, Status
 from aeic.shared.decode_limits import decode_cost
@@ -247,9 +251,15 @@ class SqlMetadataStore:
         self.engine.dispose()
 
     def ping(self) -> None:
-        """Raise if the database is unreachable."""
+        """Raise if the database is unreachable, or is a SQLite file whose disk has under `MIN_FREE_BYTES`
+        free (`OSError` ENOSPC): on its own disk it fills apart from the blobs', and every upload is refused."""
         with self.engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
+        if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            folder = os.path.dirname(os.path.abspath(str(self.engine.url.database)))
+            free = shutil.disk_usage(folder).free
+            if free < MIN_FREE_BYTES:
+                raise OSError(errno.ENOSPC, f"database folder {folder} has {free} bytes free, under {MIN_FREE_BYTES}")
 
     # -- uploads ---------------------------------------------------------------------------------
 
