@@ -256,6 +256,8 @@ def encode_all(photos: list[tuple[str, np.ndarray]], model: Path | None, rate: i
 
         rates = ModelPackage.load(model or default_model_dir()).rates
         rate = len(rates) // 2
+    if not 0 <= rate < codec.num_levels:  # before any photo: one line, not the encoder's traceback
+        raise SystemExit(f"demo: --rate {rate}: this package's rate levels are 0 to {codec.num_levels - 1}")
     results = []
     for name, rgb in photos:
         start = time.perf_counter()
@@ -358,13 +360,13 @@ def _interactive(flag: bool | None) -> bool:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aeic.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, help="folder of photos (default: scikit-image's samples)")
-    parser.add_argument("--limit", type=int, default=4, help="at most this many photos")
-    parser.add_argument("--max-side", type=int, default=768, help="downscale photos to this longest side")
+    parser.add_argument("--limit", type=_positive, default=4, help="at most this many photos")
+    parser.add_argument("--max-side", type=_positive, default=768, help="downscale photos to this longest side")
     parser.add_argument("--model", type=Path, help="model package (default: the shipped one)")
     parser.add_argument("--rate", type=int, help="rate index (default: the package's middle rate)")
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="where the picture is written")
     parser.add_argument("--port", type=int, default=0, help="receiver port (default: a free one)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for decoding")
+    parser.add_argument("--timeout", type=_positive_seconds, default=900.0, help="seconds to wait for decoding")
     parser.add_argument("--scale-out", action="store_true",
                         help="PostgreSQL, Redis, an S3 server (moto) and worker processes instead of the embedded "
                              "default (SQLite, files, in-process worker)")
@@ -378,9 +380,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return value
 
 

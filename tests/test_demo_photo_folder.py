@@ -85,3 +85,20 @@ def test_main_puts_the_callers_sigterm_handler_back() -> None:
         assert signal.getsignal(signal.SIGTERM) is callers
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("flag", [["--limit", "0"], ["--limit", "-1"], ["--max-side", "0"], ["--timeout", "0"]])
+def test_a_count_below_one_is_refused_before_any_work(flag: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`make demo LIMIT=0` sent nothing and LIMIT=-1 sent all samples but one (a slice); --max-side 0 made
+    1-pixel photos; --timeout 0 gave up before the first decode. Each is a usage error now."""
+    with pytest.raises(SystemExit) as exc:
+        demo.main(flag)
+    assert exc.value.code == 2
+    assert flag[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rate", [-1, 10_000])
+def test_a_rate_the_package_lacks_is_one_line(rate: int) -> None:
+    """`make demo RATE=999` ended in the encoder's traceback; it names the package's levels now."""
+    with pytest.raises(SystemExit, match=r"^demo: --rate .*: this package's rate levels are 0 to \d+$"):
+        demo.encode_all([], None, rate)
