@@ -118,6 +118,7 @@
   // follow the listing's cursor (images pushed off this page stay reachable, a page that grew gets the link).
   function syncPager(next) {
     let older = document.getElementById("older");
+    document.getElementById("skip-pages").hidden = !next;  // the skip link leads to it (index.html)
     if (!next) {
       if (older) older.remove();
       return;

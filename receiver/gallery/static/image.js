@@ -161,18 +161,28 @@
     x = Math.min(0, Math.max(w - img.clientWidth * scale, x));
     y = Math.min(0, Math.max(h - img.clientHeight * scale, y));
   }
+  // `scale` is of the picture fitted to the view; the page says the level of its true size, which "100%" at
+  // the fit was not (a 640 px picture fitted to a phone was 54%). 1 shows the true pixels, 0 fits it again.
+  const trueScale = () => Number(img.getAttribute("width")) / img.clientWidth;  // Infinity before it is laid out
+  function level() {
+    const one = trueScale();
+    if (!Number.isFinite(one)) return "fitted to the view";
+    const said = Math.round(scale / one * 100) + "%";
+    if (Math.abs(scale - one) < 1e-6) return said + " (true pixels)";
+    return scale === 1 ? said + " (fitted to the view)" : said;
+  }
   function apply() {
     clamp();
     img.style.transform = "translate(" + x + "px, " + y + "px) scale(" + scale + ")";
     viewer.dataset.scale = String(scale);
-    const level = Math.round(scale * 100) + "%";
-    if (label.textContent !== level) label.textContent = level;  // a live region: said only when it changes
+    const said = level();
+    if (label.textContent !== said) label.textContent = said;  // a live region: said only when it changes
     viewer.classList.toggle("zoomed", scale > 1);
     if (scale > 1) showExact();
   }
   // Zoom to `next` keeping the image point under (px, py) fixed on screen.
   function zoomAt(next, px, py) {
-    next = Math.min(MAX, Math.max(MIN, next));
+    next = Math.min(Math.max(MAX, trueScale() || 0), Math.max(MIN, next));  // a huge picture's true pixels too
     x = px - (px - x) * (next / scale);
     y = py - (py - y) * (next / scale);
     scale = next;
@@ -232,7 +242,8 @@
   });
   function reset() { scale = 1; x = 0; y = 0; apply(); }
   viewer.addEventListener("dblclick", reset);
-  // Keyboard: + and - zoom about the centre, the arrows pan, 0 resets (the viewer takes focus with Tab).
+  // Keyboard: + and - zoom about the centre, the arrows pan, 1 shows the true pixels, 0 fits the picture (the
+  // viewer takes focus with Tab).
   const PAN = 40;
   viewer.addEventListener("keydown", (event) => {
     const centre = [viewer.clientWidth / 2, viewer.clientHeight / 2];
@@ -240,9 +251,12 @@
     if (event.key === "+" || event.key === "=") zoomAt(scale * 1.5, ...centre);
     else if (event.key === "-") zoomAt(scale / 1.5, ...centre);
     else if (event.key === "0") reset();
+    else if (event.key === "1") zoomAt(Math.max(MIN, trueScale()), ...centre);
     else if (pans[event.key]) { x += pans[event.key][0]; y += pans[event.key][1]; apply(); }
     else return;
     event.preventDefault();
   });
+  img.addEventListener("load", apply);  // laid out: its true size is known (and the fit changes with the window)
+  window.addEventListener("resize", apply);
   apply();
 })();
