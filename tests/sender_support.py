@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -24,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+import pytest
 from aeic.shared.bitstream import BitstreamError, unpack
 
 if TYPE_CHECKING:  # not at runtime: make sender-compat runs these tests without the receiver's packages
@@ -188,6 +190,36 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
         timeout=60,
     )
     return cert, key
+
+
+class ScanCounter:
+    """Counts the watcher's scans (``FolderWatcher.scan`` patched) so a test of the agent waits on its
+    progress, not on wall time: a 1.5 s timer gave a loaded 2-core CI machine fewer scans than the test
+    meant, or none after the one it needed. ``stop_after`` raises SIGTERM in the scanning thread (as
+    systemd's stop would) once that many scans have ended; the agent's handler then ends the loop."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, stop_after: int | None = None) -> None:
+        from aeic.sender.watch import FolderWatcher
+
+        self.count, self._changed = 0, threading.Condition()
+        real_scan = FolderWatcher.scan
+
+        def counted(watcher: FolderWatcher) -> list:
+            try:
+                return real_scan(watcher)
+            finally:
+                with self._changed:
+                    self.count += 1
+                    self._changed.notify_all()
+                if self.count == stop_after:
+                    signal.raise_signal(signal.SIGTERM)
+
+        monkeypatch.setattr(FolderWatcher, "scan", counted)
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> bool:
+        """Whether ``count`` scans have ended within ``timeout`` s (a bound for a hung agent, not a sync)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count >= count, timeout)
 
 
 class ContainerCodec:

@@ -21,7 +21,7 @@ from aeic.sender import cli
 from aeic.sender.spool import Spool
 from aeic.shared.bitstream import unpack
 from PIL import Image
-from sender_support import ContainerCodec, ReceiverDouble, make_bitstream
+from sender_support import ContainerCodec, ReceiverDouble, ScanCounter, make_bitstream
 
 # The command layer catches the encoder's BudgetError, so it needs the lead's encoder module.
 pytest.importorskip("aeic.sender.encoder")
@@ -205,15 +205,18 @@ def test_watch_sends_new_files_until_sigterm(
     folder.mkdir()
     monkeypatch.setenv("AEIC_TOKEN", TOKEN)
     receiver = ReceiverDouble(TOKEN).start()
+    scans = ScanCounter(monkeypatch)
 
     def producer() -> None:
         images = _images(tmp_path / "made")
         for path in (images[0], images[1], images[2]):
             (folder / path.name).write_bytes(path.read_bytes())
+        # One scan may have listed the folder before these writes, the next sees the files, the one after
+        # finds them stable and its turn handles them (the broken one reported); a fourth ends after that.
+        scans.wait_for(scans.count + 4)
         deadline = time.monotonic() + 20
         while len(receiver.stored) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.3)  # let the broken file be scanned twice and reported
         os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=producer)

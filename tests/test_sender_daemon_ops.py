@@ -26,7 +26,7 @@ from aeic.sender.spool import Spool
 from aeic.sender.uploader import Uploader
 from aeic.sender.watch import SCAN_SHARE, Candidate, FolderWatcher, Handled, run_watch
 from PIL import Image
-from sender_support import ContainerCodec, ReceiverDouble, make_bitstream
+from sender_support import ContainerCodec, ReceiverDouble, ScanCounter, make_bitstream
 
 pytest.importorskip("aeic.sender.encoder")  # the command layer catches the encoder's BudgetError
 
@@ -162,16 +162,12 @@ def test_a_full_spool_is_one_line_and_no_photo_is_encoded_again_until_it_drains(
     codec = ContainerCodec()
     monkeypatch.setenv("AEIC_TOKEN", "device-token")
     monkeypatch.delenv("AEIC_SENDER_CONFIG", raising=False)
-    stopper = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
-    stopper.start()
-    try:
-        code = cli.main(
-            ["watch", str(folder), "--to", "http://127.0.0.1:9", "--spool", str(tmp_path / "spool"),
-             "--spool-max-items", "1", "--poll", "0.02"],
-            codec_factory=lambda config, reporter: codec,
-        )  # fmt: skip
-    finally:
-        stopper.join()
+    ScanCounter(monkeypatch, stop_after=40)  # the 2nd scan queues one photo and is refused the next; 38 more
+    code = cli.main(
+        ["watch", str(folder), "--to", "http://127.0.0.1:9", "--spool", str(tmp_path / "spool"),
+         "--spool-max-items", "1", "--poll", "0.02"],
+        codec_factory=lambda config, reporter: codec,
+    )  # fmt: skip
     err = capsys.readouterr().err
     assert code == cli.EXIT_OK
     assert codec.calls == 2  # the first photo queued, the second refused; then nothing until room
