@@ -147,7 +147,8 @@ class ReceiverCodec:
             decoder.attach_pixel_decoder(self.model.pixel_decoder.to(self.device))
         if self.model.config.profile == "full" and self.device.type == "cpu":  # "auto" without a GPU, say
             log.warning("model %s decodes with SD-Turbo on the CPU (device %s): minutes a photo, past the decode "
-                        'deadline; give it a GPU (device = "cuda")', package.model_id.hex(), device)
+                        'deadline; give it a GPU (the receiver\'s device = "cuda", aeic decode --device cuda)',
+                        package.model_id.hex(), device)
         self.backend = TorchBackend(self.device)
         self.channels = self.model.config.analysis.latent_channels
         self.last_timings: list[Timings] = []

@@ -315,7 +315,8 @@ def test_a_full_decoder_on_the_cpu_says_so_in_the_log(folder: Path, package: Pat
     assert record.levelno == logging.WARNING
     assert record.getMessage() == (
         f"model {ModelPackage.load(package).model_id.hex()} decodes with SD-Turbo on the CPU (device cpu): "
-        "minutes a photo, past the decode deadline; give it a GPU (device = \"cuda\")")
+        "minutes a photo, past the decode deadline; give it a GPU (the receiver's device = \"cuda\", "
+        "aeic decode --device cuda)")
 
 
 def test_serve_refuses_a_missing_sd_turbo_folder_at_start(folder: Path, package: Path, tmp_path: Path,
