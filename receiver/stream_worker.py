@@ -330,6 +330,7 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
     from aeic.receiver.backends import open_blob_store, open_queue
     from aeic.receiver.data_dir import prepare_data_dir
     from aeic.receiver.metrics import ReceiverMetrics
+    from aeic.receiver.storage.orphans import BlobSweeper, ListedBlobStore
     from aeic.receiver.worker import WorkerConfig
 
     queue = open_queue(settings)
@@ -356,9 +357,16 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.info("worker %s consuming %s (group %s)", config.consumer, queue.stream, queue.group)
+    # Orphan blobs (an API replica killed between an object and its row): every worker sweeps, as the API
+    # replicas do not; the grace keeps a sweep off a blob whose row is on its way, so peers cannot race.
+    sweeper = BlobSweeper(store, blobs, orphans=True) if isinstance(blobs, ListedBlobStore) else None
+    if sweeper is not None:
+        sweeper.start()
     try:
         StreamWorker(store, queue, decoder, config).run(stop)
     finally:
+        if sweeper is not None:
+            sweeper.stop()
         queue.close()
         store.close()
     return 0

@@ -11,7 +11,7 @@ from aeic.receiver.data_dir import lock_data_dir, lock_sqlite_database, unlock_d
 from aeic.receiver.log_redaction import install_log_redaction
 from aeic.receiver.redis_limiter import RedisRateLimiter
 from aeic.receiver.storage import FilesystemBlobStore
-from aeic.receiver.storage.orphans import BlobSweeper
+from aeic.receiver.storage.orphans import BlobSweeper, ListedBlobStore
 
 __all__ = ["start_receiver", "stop_receiver"]
 
@@ -25,8 +25,9 @@ def start_receiver(state: ReceiverState) -> None:
         _lock_worker(state)
     version = state.store.migrate()
     prepare_backends(state.blobs, state.queue)
-    if isinstance(state.blobs, FilesystemBlobStore):  # orphans only where the data directory's lock is held
-        state.sweeper = BlobSweeper(state.store, state.blobs, orphans=state.worker is not None)
+    orphans = state.worker is not None  # only where the data directory's lock is held: one sweep per folder
+    if isinstance(state.blobs, FilesystemBlobStore) or (orphans and isinstance(state.blobs, ListedBlobStore)):
+        state.sweeper = BlobSweeper(state.store, state.blobs, orphans=orphans)  # files, or an S3 bucket
         state.sweeper.start()
     if state.worker is not None:
         _requeue_dead_claims(state)

@@ -4,6 +4,9 @@ upload that stored its bitstream but not yet its row, a delete that removed the 
 Nothing serves or counts them, so they are only wasted space; the sweep gives it back. It only takes files
 older than a grace period, so a blob whose row another writer is about to insert is never touched.
 
+The same sweep lists an S3 bucket (`ListedBlobStore`): the scale-out workers run it there, as a killed API
+replica leaves orphan objects just as a killed `serve` leaves files.
+
 `BlobSweeper` runs it, with the sweep of dead writers' temporary files, in a thread of its own: at
 start, once more when the grace has passed, then every `SWEEP_INTERVAL_S`. Run only at start, as it was,
 the orphans of a process killed and restarted at once (a supervisor's restart takes a second) were all
@@ -17,14 +20,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import PurePosixPath
+from typing import Protocol, runtime_checkable
 
 import sqlalchemy as sa
 from aeic.receiver.storage import schema
 from aeic.receiver.storage.blobs import FilesystemBlobStore
 from aeic.receiver.storage.metadata import SqlMetadataStore
 
-__all__ = ["GRACE_S", "SWEEP_INTERVAL_S", "BlobSweeper", "remove_orphan_blobs"]
+__all__ = ["GRACE_S", "SWEEP_INTERVAL_S", "BlobSweeper", "ListedBlobStore", "remove_orphan_blobs"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,17 @@ def _known(store: SqlMetadataStore, ids: list[str]) -> set[str]:
         return set(conn.execute(sa.select(table.c.id).where(table.c.id.in_(ids))).scalars())
 
 
-def remove_orphan_blobs(store: SqlMetadataStore, blobs: FilesystemBlobStore, grace_s: float = GRACE_S) -> int:
+@runtime_checkable
+class ListedBlobStore(Protocol):
+    """A blob store whose blobs can be listed by age: the files of `FilesystemBlobStore`, the objects of a
+    scale-out `S3BlobStore`'s bucket."""
+
+    def keys_written_before(self, kind: str, before: float) -> Iterator[str]: ...
+
+    def delete(self, key: str) -> bool: ...
+
+
+def remove_orphan_blobs(store: SqlMetadataStore, blobs: ListedBlobStore, grace_s: float = GRACE_S) -> int:
     """Delete blob files older than `grace_s` whose image has no row; returns how many."""
     before = time.time() - grace_s
     removed = 0
@@ -59,7 +74,7 @@ class BlobSweeper:
     `start`, again `grace_s` later (what a previous run left was too young at start), then every
     `interval_s`. A sweep that fails (a database outage) is logged and tried again at the next turn."""
 
-    def __init__(self, store: SqlMetadataStore, blobs: FilesystemBlobStore, orphans: bool,
+    def __init__(self, store: SqlMetadataStore, blobs: ListedBlobStore, orphans: bool,
                  grace_s: float = GRACE_S, interval_s: float = SWEEP_INTERVAL_S) -> None:
         self.store, self.blobs, self.orphans = store, blobs, orphans
         self.grace_s, self.interval_s = grace_s, interval_s
@@ -86,8 +101,8 @@ class BlobSweeper:
     def sweep(self) -> None:
         """One turn: temporary files, then orphans; never raises."""
         try:
-            temporaries = self.blobs.remove_stale_tmp()
-            if temporaries:
+            temporaries = self.blobs.remove_stale_tmp() if isinstance(self.blobs, FilesystemBlobStore) else 0
+            if temporaries:  # an object store's PUT leaves none
                 log.warning("removed %d temporary file(s) of writes a killed process left", temporaries)
             if self.orphans and not self._stop.is_set():
                 removed = remove_orphan_blobs(self.store, self.blobs, self.grace_s)

@@ -9,6 +9,7 @@ roles); MinIO needs the endpoint URL and path-style addressing, which is used wh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -112,6 +113,18 @@ class S3BlobStore:
         except BlobNotFoundError:
             return False
         return True
+
+    def keys_written_before(self, kind: str, before: float) -> Iterator[str]:
+        """Keys of the objects under `kind` (e.g. "bitstreams") last written before `before` (epoch seconds),
+        from the bucket's listing: the candidates of the orphan sweep. An object whose name is no blob's (an
+        operator's `notes.txt`) is left out, as in the filesystem store."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                      Prefix=f"{self.prefix}{kind}/")
+        for page in pages:
+            for listed in page.get("Contents", []):
+                key = listed["Key"][len(self.prefix):]
+                if _KEY.match(key) and key.count("/") == 2 and listed["LastModified"].timestamp() < before:
+                    yield key
 
     def ping(self) -> None:
         """Raise `BlobStoreUnavailableError` (or `BlobNotFoundError` without a bucket) when unusable."""
