@@ -413,6 +413,11 @@ class DecodeWorker:
         if not loaded:
             return
         model_id = bytes.fromhex(loaded[0][0].model_id)
+        if not self.registry.knows(model_id):  # its package was taken out of service: the images wait for it
+            for record, _ in loaded:
+                self._fail(claim, record, f"model {record.model_id} is not served by this receiver: the image waits "
+                           "until its package is served again (model_packages, --model), or is deleted", storage=True)
+            return
         known = self.registry.load_failures().get(model_id)
         try:
             codec = self.registry.get(model_id)
