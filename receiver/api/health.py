@@ -27,14 +27,16 @@ def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "version": __version__})
 
 
-def _log_blob_failure(state: ReceiverState, line: str | None) -> None:
-    """Log a blob-store failure the readiness probe found once, and once when it clears: a probe every 10 s
+def _log_failure(state: ReceiverState, check: str, line: str | None) -> None:
+    """Log a failure of `check` the readiness probe found once, and once when it clears: a probe every 10 s
     through a day of full disk logged the same warning 8,640 times."""
-    if line is not None and line != state.blob_failure_logged:
+    logged = state.failures_logged.get(check)
+    if line is not None and line != logged:
         log.warning("%s (logged again only when it changes)", line)
-    elif line is None and state.blob_failure_logged is not None:
-        log.warning("readiness: the blob store is usable again")
-    state.blob_failure_logged = line
+        state.failures_logged[check] = line
+    elif line is None and logged is not None:
+        log.warning("readiness: the %s is usable again", check)
+        del state.failures_logged[check]
 
 
 def _reason(exc: Exception) -> str:
@@ -51,16 +53,20 @@ def readyz(request: Request) -> JSONResponse:
         state.store.ping()
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        # The detail (a folder, a host) goes to the log only, as the blob store's below.
+        _log_failure(state, "database", f"readiness: database check failed: {exc}")
         checks["database"] = f"error: {type(exc).__name__}{_reason(exc)}"
+    else:
+        _log_failure(state, "database", None)
     try:
         state.blobs.ping()
         checks["blobs"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a read-only or full disk, an unreachable bucket
         # The detail (paths, bucket names) goes to the log only: /readyz answers anonymous callers.
-        _log_blob_failure(state, f"readiness: blob store check failed: {exc}")
+        _log_failure(state, "blob store", f"readiness: blob store check failed: {exc}")
         checks["blobs"] = f"error: {type(exc).__name__}{_reason(exc)}"
     else:
-        _log_blob_failure(state, None)
+        _log_failure(state, "blob store", None)
     checks["models"] = "ok" if state.registry.model_ids() else "error: no model package loaded"
     for model_id, failure in sorted(state.registry.load_failures().items()):  # uploads for it could not decode
         checks["models"] = f"error: the decoder of model {model_id.hex()} cannot be loaded ({failure})"

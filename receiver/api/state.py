@@ -38,7 +38,8 @@ class ReceiverState:
     worker_locks: list[int] = field(default_factory=list)
     conversions: ConversionBudget = field(default_factory=ConversionBudget)  # JPEG/WebP downloads
     sweeper: BlobSweeper | None = None  # a filesystem store's temporaries and orphans, in the background
-    blob_failure_logged: str | None = None  # the readiness probe's last blob-store failure, logged once
+    # The readiness probe's last failure of each check ("database", "blob store"), logged once, not per probe.
+    failures_logged: dict[str, str] = field(default_factory=dict)
 
 
 def receiver_state(request: Request) -> ReceiverState:
