@@ -32,7 +32,7 @@ from aeic.sender.images import ImageReadError, open_image
 from aeic.sender.pipeline import Codec, Encoded, RateControl, encode_image
 from aeic.sender.report import Reporter
 from aeic.sender.rows import Picture
-from aeic.sender.spool import Spool, SpoolFullError
+from aeic.sender.spool import Spool, SpoolFullError, StreamTooLargeError
 from aeic.sender.uploader import Outcome, UploadConfigError, Uploader, UploadResult
 from aeic.sender.watch import Candidate, FolderWatcher, Handled, run_watch
 from aeic.shared.durable import atomic_write
@@ -350,7 +350,10 @@ def cmd_encode(
 def _spool_encoded(
     spool: Spool, encoded: Encoded, source: str, reporter: Reporter, position: str, gate: _FullSpoolGate | None = None,
     capture: str | None = None,
-) -> bool:
+) -> tuple[Handled, str]:
+    """Queue ``encoded``: SENT with its key; LATER when the spool cannot take it now (full, unwritable: the
+    watcher tries the file again); FAILED with why when it never could (a stream over
+    ``spool_max_item_bytes``, which had been queued and then rejected as damaged)."""
     try:
         item = spool.put(
             encoded.data,
@@ -360,17 +363,20 @@ def _spool_encoded(
             width=encoded.width,
             height=encoded.height,
         )
+    except StreamTooLargeError as exc:
+        reporter.error(source, f"{source}: not queued: {exc}")
+        return Handled.FAILED, f"not queued: {exc}"
     except SpoolFullError as exc:
         if gate is None or gate.refused():
             reporter.error(source, f"{source}: not queued: {exc}")
-        return False
+        return Handled.LATER, ""
     except OSError as exc:  # disk full, read-only or failing storage
         reporter.error(source, f"{source}: not queued: cannot write the spool: {exc}")
-        return False
+        return Handled.LATER, ""
     if gate is not None:
         gate.queued()
     reporter.encoded(position, source, encoded, key=item.key, queued=item.key[:12])
-    return True
+    return Handled.SENT, item.key
 
 
 class _FullSpoolGate:
@@ -459,9 +465,9 @@ def cmd_send(
     try:
         for index, path in enumerate(args.images, 1):
             encoded = encoder.from_file(path)
-            if encoded is None or not _spool_encoded(
+            if encoded is None or _spool_encoded(
                 spool, encoded, str(path), reporter, f"[{index}/{len(args.images)}]"
-            ):
+            )[0] is not Handled.SENT:
                 failures += 1
                 continue
             if stopped is None:  # deliver while encoding; after a failure wait until the end
@@ -607,10 +613,10 @@ def _watch(watcher: FolderWatcher, directory: Path, config: SenderConfig, report
         encoded = encoder.from_file(candidate.path)
         if encoded is None:
             return Handled.FAILED, "unreadable or not encodable"
-        if not _spool_encoded(daemon.spool, encoded, candidate.name, reporter, "[watch]", gate):
-            return Handled.LATER, ""
-        daemon.wake.set()
-        return Handled.SENT, encoded.key
+        outcome, detail = _spool_encoded(daemon.spool, encoded, candidate.name, reporter, "[watch]", gate)
+        if outcome is Handled.SENT:
+            daemon.wake.set()
+        return outcome, detail
 
     reporter.info(f"watching {directory} every {config.watch_poll:g} s; spool {daemon.spool.root}; "
                   f"receiver {without_password(daemon.forwarder.uploader.url)}")  # fmt: skip
@@ -645,9 +651,9 @@ def cmd_camera(
                 continue
             source = f"camera-{time.strftime('%Y%m%dT%H%M%S')}-{number}"
             encoded = encoder.from_array(rgb, source)
-            if encoded is None or not _spool_encoded(
+            if encoded is None or _spool_encoded(
                 daemon.spool, encoded, source, reporter, f"[frame {number}]", gate, capture=source
-            ):
+            )[0] is not Handled.SENT:
                 failures += 1
                 continue
             daemon.wake.set()

@@ -87,6 +87,11 @@ class SpoolFullError(SpoolError):
     """The spool is at its size bound; the new item was not stored."""
 
 
+class StreamTooLargeError(SpoolError):
+    """A new bitstream is larger than ``max_item_bytes``; it was not stored. Queued, it would have been moved
+    to ``rejected/`` unread as if damaged; no room an upload makes lets it in, so it is not a full spool."""
+
+
 class SpoolCorruptError(SpoolError):
     """A stored bitstream no longer matches its digest (disk corruption)."""
 
@@ -303,6 +308,10 @@ class Spool:
         """Store a bitstream durably and return its item; storing it again (with the same ``capture``) is a no-op."""
         if not data:
             raise ValueError("refusing to spool an empty bitstream")
+        if len(data) > self.max_item_bytes:
+            raise StreamTooLargeError(f"its stream is {len(data)} bytes, over spool_max_item_bytes="
+                                      f"{self.max_item_bytes}; raise that setting or code it smaller "
+                                      "(target_bytes or rate)")  # fmt: skip
         key = idempotency_key(data, capture)
         path = self.pending_dir / f"{key}{DATA_SUFFIX}"
         with self._lock:

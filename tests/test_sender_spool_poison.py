@@ -294,8 +294,8 @@ def test_an_oversized_pending_file_is_rejected_unread(tmp_path: Path) -> None:
 
 
 def test_a_configured_item_bound_applies(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", max_item_bytes=64)
-    item = spool.put(make_bitstream(1, payload_bytes=100))
+    item = Spool(tmp_path / "spool").put(make_bitstream(1, payload_bytes=100))  # queued before the bound was lowered
+    spool = Spool(tmp_path / "spool", max_item_bytes=64)  # a new stream this large is refused by put
     receiver, clocks = FakeReceiver(), Clocks()
     report = _forwarder(spool, receiver, clocks).drain_pass()
     assert report.rejected == 1 and receiver.requests == [] and spool.rejected()[0].key == item.key
