@@ -90,7 +90,7 @@ class FolderWatcher:
         self.recursive = recursive
         self._previous: dict[str, tuple[Fingerprint, bool]] = {}  # last listing: fingerprint, handled
         self.unlisted: dict[str, str] = {}  # image names the last scan could not stat, and why
-        self._unlisted_folders: list[str] = []  # sub-folders (``a/b/``) the last scan could not list
+        self._kept_folders: list[str] = []  # sub-folders (``a/b/``) the last scan could not list or found empty
         self._unsaved: dict[str, tuple[int, int, str, str] | None] = {}  # handled rows to write; None: forget
         self._unsaved_starts: dict[str, tuple[int, int, int] | None] = {}  # start marks to write; None: clear
         with _as_os_error():
@@ -161,13 +161,13 @@ class FolderWatcher:
 
         Streamed with ``os.scandir`` and plain strings: ``Path.glob`` made two ``Path`` objects per file,
         three quarters of a scan's time (0.74 s per scan of 10,000 files, every poll). A sub-folder that
-        cannot be listed is skipped, and noted so that its files are not forgotten; the watched folder itself
-        raises, so it is reported, not taken for empty (which would forget every file in it, and send them
-        all again once it can be read).
+        cannot be listed, or lists no entry at all (a mount point whose card or share is not mounted), is
+        noted so that its files are not forgotten; the watched folder itself raises, so it is reported, not
+        taken for empty (which would forget every file in it, and send them all again once it can be read).
         """
         found: dict[str, tuple[str, Fingerprint]] = {}
         self.unlisted = {}
-        self._unlisted_folders = []
+        self._kept_folders = []
         folders = [("", str(self.directory))]
         while folders:
             prefix, folder = folders.pop()
@@ -176,10 +176,12 @@ class FolderWatcher:
             except OSError:
                 if not prefix:
                     raise
-                self._unlisted_folders.append(prefix)  # its files are not gone: not forgotten
+                self._kept_folders.append(prefix)  # its files are not gone: not forgotten
                 continue
+            empty = True
             with entries:
                 for entry in entries:
+                    empty = False
                     name = entry.name
                     if self.recursive and not name.startswith(".") and _is_folder(entry):
                         folders.append((f"{prefix}{name}/", entry.path))  # not a link: as Path.glob("**")
@@ -197,6 +199,8 @@ class FolderWatcher:
                         continue
                     if stat.S_ISREG(info.st_mode):  # not a folder named x.jpg, a FIFO (reading it would hang)
                         found[prefix + name] = (entry.path, (info.st_size, info.st_mtime_ns))
+            if empty and prefix:  # a mount point with nothing mounted, say (see ``_gone``)
+                self._kept_folders.append(prefix)
         return found
 
     def scan(self) -> list[Candidate]:
@@ -230,10 +234,12 @@ class FolderWatcher:
         A listing of no image at all forgets nothing: a card unmounted from the watched folder leaves the
         mount point empty (and the agent may start before it is mounted), and forgetting its files had every
         photo encoded and uploaded again once it was back. A folder emptied for good is pruned by the next
-        listing that holds a file."""
+        listing that holds a file. In a sub-folder the rule is a listing of no entry at all (a card's mount
+        point in the folder is empty while it is unmounted, the folder as a whole is not); one that holds
+        anything else forgets the images deleted from it."""
         if not listing:
             return []
-        unlisted = tuple(self._unlisted_folders)  # sub-folders this scan could not list: their files stay
+        unlisted = tuple(self._kept_folders)  # sub-folders not listed or listed empty: their files stay
         if self._previous:
             names: Iterable[str] = self._previous
         else:

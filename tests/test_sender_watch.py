@@ -292,6 +292,33 @@ def test_a_sub_folder_that_cannot_be_listed_keeps_what_was_sent(tmp_path: Path, 
     assert watcher.scan() == [] and watcher.scan() == []
 
 
+def test_a_sub_folder_that_lists_empty_keeps_what_was_sent(tmp_path: Path) -> None:
+    """In ``--recursive`` mode a sub-folder that is itself a mount point (a card in ``in/cam1/``) lists empty while
+    unmounted, and the folder as a whole does not: its files were forgotten, and each was encoded and uploaded
+    again once the card was back. A sub-folder with no entry at all keeps its files (the card's own sub-folders
+    too); one that still holds something forgets the files deleted from it."""
+    folder, away = tmp_path / "in", tmp_path / "unmounted"
+    (folder / "cam1" / "DCIM").mkdir(parents=True)
+    (folder / "cam2").mkdir()
+    away.mkdir()
+    for name in ("cam1/a.jpg", "cam1/DCIM/c.jpg", "cam2/d.jpg", "b.jpg"):
+        (folder / name).write_bytes(name.encode())
+    state = tmp_path / "state.db"
+    watcher = FolderWatcher(folder, state, recursive=True)
+    watcher.scan()
+    for candidate in watcher.scan():
+        watcher.record(candidate, Handled.SENT)
+    (folder / "cam1").rename(away / "cam1")  # unmounted: the mount point stays, empty
+    (folder / "cam1").mkdir()
+    (folder / "cam2" / "d.jpg").unlink()  # deleted, beside a note that stays
+    (folder / "cam2" / "notes.txt").write_bytes(b"kept")
+    assert watcher.scan() == [] and watcher.scan() == []
+    assert sorted(_rows(state, "handled")) == ["b.jpg", "cam1/DCIM/c.jpg", "cam1/a.jpg"]
+    (folder / "cam1").rmdir()
+    (away / "cam1").rename(folder / "cam1")  # mounted again: the same files, sizes and mtimes
+    assert watcher.scan() == [] and watcher.scan() == []
+
+
 def test_an_unreadable_file_waits_until_it_can_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A photo copied in with the wrong permissions is sent after a chmod, which changes no fingerprint:
     it is reported, not failed. (os.access is patched: the tests may run as root, who reads anything.)"""
