@@ -281,11 +281,14 @@ class ImageEncoder:
 
     def from_file(self, path: Path) -> Encoded | None:
         try:
-            picture = open_image(path)  # read strip by strip as it is coded: never whole as an array too
+            picture = open_image(path, self._warned)  # read strip by strip as it is coded: never whole as an array
         except ImageReadError as exc:
             self.reporter.error(str(path), str(exc))
             return None
         return self.from_array(picture, str(path))
+
+    def _warned(self, line: str) -> None:
+        self.reporter.info(f"warning: {line}")
 
     def from_array(self, rgb: Picture, source: str) -> Encoded | None:
         try:

@@ -101,13 +101,27 @@ def read_image(path: str | Path) -> np.ndarray:
     return _reading(Path(path), lambda image: UprightImage(image, path).array())
 
 
-def open_image(path: str | Path) -> UprightImage:
+def open_image(path: str | Path, on_warning: Callable[[str], None] | None = None) -> UprightImage:
     """The image at ``path`` decoded, to be read upright in 8-bit RGB a strip of rows at a time (by the encoder):
     what :func:`read_image` returns without the array beside the decoded picture. A file that cannot be read
     fails here, as there; its pixels' conversion is checked on its first row. A photo with more pixels than a
     receiver decodes fails from its header, before it is decoded: a 108-megapixel one was decoded whole (550 MB,
-    3 s on one core) for the encoder to refuse it."""
-    return _reading(Path(path), lambda image: UprightImage(_codable(image, path), path))
+    3 s on one core) for the encoder to refuse it.
+
+    Each warning the reading raised (Pillow's on odd metadata: "tag 274 had too many entries") is given to
+    ``on_warning`` as one line naming the file, once, or else warned again so naming it: in an agent's log
+    Python's own form was two lines naming a file of Pillow's, not the photo."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return _reading(Path(path), lambda image: UprightImage(_codable(image, path), path))
+    finally:
+        for line in dict.fromkeys(f"{path}: {_detail(caught_one.message)}" for caught_one in caught):
+            if on_warning is None:
+                warnings.warn(line, UserWarning, stacklevel=2)
+            else:
+                on_warning(line)
 
 
 def _codable(image: Image.Image, path: str | Path) -> Image.Image:
