@@ -183,6 +183,7 @@ class DecodeWorker:
         self._running: _Running | None = None
         self._writing = threading.Lock()
         self._next_sweep = 0.0  # time.monotonic() of the next sweep for claims whose lease ran out
+        self._preloading = False  # loading the decoders before the first claim: a stop need not wait for it
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -198,10 +199,12 @@ class DecodeWorker:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            # A decoder still loading before the first claim (a minute for SD-Turbo) has nothing to finish.
+            self._thread.join(0.5 if self._preloading else timeout)
             if self._thread.is_alive():
-                log.warning("the decode worker did not stop within %s s (a decoder load or a decode in progress); "
-                            "it is abandoned", _seconds(timeout))
+                log.warning("the decode worker did not stop within %s s (%s); it is abandoned",
+                            _seconds(0.5 if self._preloading else timeout),
+                            "loading its decoders" if self._preloading else "a decode in progress")
                 self._hand_back()
 
     def _hand_back(self) -> None:
@@ -236,7 +239,11 @@ class DecodeWorker:
                 log.exception("could not load the decoder for model %s", model_id.hex())
 
     def _loop(self) -> None:
-        self._preload()
+        self._preloading = True
+        try:
+            self._preload()
+        finally:
+            self._preloading = False
         failing = False
         while not self._stop.is_set():
             self._wake.clear()
