@@ -65,7 +65,7 @@ def test_the_image_page_shows_a_jpeg_until_zoomed_in_then_the_exact_png(tmp_path
         assert "exact PNG" in browser.find_element(By.ID, "shown-as").text
         # the PNG is still the first download
         first = browser.find_element(By.CSS_SELECTOR, ".downloads a")
-        assert str(first.get_attribute("download")).endswith(".png")
+        assert first.text == "PNG" and str(first.get_attribute("href")).endswith("/png")
 
 
 def test_the_image_page_shows_the_png_when_no_jpeg_can_be_made_now(tmp_path: Path, browser: Chrome) -> None:

@@ -18,6 +18,7 @@ from aeic.receiver.api import (
     visible_image,
 )
 from aeic.receiver.api.conditional import matches
+from aeic.receiver.api.downloads import get_reconstruction_as
 from aeic.receiver.api.images import delete_image
 from aeic.receiver.api.shapes import root_path
 from aeic.receiver.auth import DEVICE_NAME, Principal
@@ -179,15 +180,38 @@ def image_page(image_id: str, request: Request) -> Response:
     return _page(request, "image.html", {"image": image_json(record), "who": who})
 
 
+def _signed_out_download(request: Request, image_id: str) -> Response:
+    """The token form, as a 401, for a download link followed after the session ended. The links are plain
+    navigations (no `download` attribute), so the form shows in the tab and leads back to the image's page;
+    with the attribute, the browser saved nothing and said only "Failed" in its download bar."""
+    page = _login_page(request, "Your session has ended; sign in again to download.", status=401,
+                       target=f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/")
+    page.headers["WWW-Authenticate"] = 'Bearer realm="aeic"'
+    return page
+
+
+def picture_png(image_id: str, request: Request) -> Response:
+    """The exact PNG as a download (`{id}.png`), as the API's `.png` is, but the token form after the session
+    ended, where the API's JSON 401 went to the download bar as a failed download."""
+    who = optional_principal(request)
+    if who is None:
+        return _signed_out_download(request, image_id)
+    try:
+        response = get_reconstruction_as(image_id, "png", request, who)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        return _missing(request, image_id)  # deleted meanwhile, another device's, or no such image
+    response.headers["Content-Disposition"] = f'attachment; filename="{image_id}.png"'
+    return response
+
+
 def bitstream(image_id: str, request: Request) -> Response:
     """The stream as the device sent it (any status: a failed image's is all there is of it), to read with
     `aeic info` or decode elsewhere; it never changes, so the browser may keep it."""
     who = optional_principal(request)
-    if who is None:  # a 401, so that a download link followed after the session ended saves no sign-in page
-        page = _login_page(request, status=401,
-                           target=f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/")
-        page.headers["WWW-Authenticate"] = 'Bearer realm="aeic"'
-        return page
+    if who is None:
+        return _signed_out_download(request, image_id)
     state = receiver_state(request)
     try:
         record = visible_image(state, who, image_id)
@@ -366,6 +390,7 @@ def install_gallery(app: FastAPI) -> None:
     router.add_api_route("/", index, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/images/{image_id}", image_page, methods=["GET", "HEAD"], response_class=HTMLResponse)
     router.add_api_route("/images/{image_id}/bitstream", bitstream, methods=["GET", "HEAD"])
+    router.add_api_route("/images/{image_id}/png", picture_png, methods=["GET", "HEAD"])
     router.add_api_route("/images/{image_id}/delete", delete_page_image, methods=["POST"])
     router.add_api_route("/images/{image_id}/delete", delete_address, methods=["GET", "HEAD"])
     router.add_api_route("/login", login_form, methods=["GET", "HEAD"], response_class=HTMLResponse)
