@@ -25,7 +25,7 @@ IMAGE_PYTHONS = ("3.11", "3.12")
 
 
 def _pins() -> dict[str, str]:
-    pins = {}
+    pins: dict[str, str] = {}
     for line in (ROOT / "deploy/docker/constraints.txt").read_text().splitlines():
         match = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", line.split("#")[0].strip())
         if match:
