@@ -175,10 +175,9 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[
 def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factory: Callable[..., Any] | None,
                held: ExitStack) -> runner.Evaluator:
     """The model loaded (none for --baselines-only) and checked against the rate points asked for; then the
-    --out folder's lock, kept in ``held``, and only then the folder is written to."""
+    --out folder's lock, kept in ``held``, and only then the folder is written to; then the warning of a slow
+    classic search, for the photos whose classic rows are not in the folder yet."""
     paths = images.list_images(config.images, config.limit)  # fail before loading a model
-    if config.baselines and config.baseline_max_mpx is None:
-        _warn_slow_classic_search(paths)
     if args.baselines_only:
         codec = None
     elif codec_factory is None:
@@ -200,7 +199,10 @@ def _evaluator(args: argparse.Namespace, config: runner.EvalConfig, codec_factor
         else {"codec": type(codec).__name__ if codec else None}
     )
     held.enter_context(resume.out_folder_lock(config.out))
-    return runner.Evaluator(codec, config, info)
+    evaluator = runner.Evaluator(codec, config, info)
+    if config.baselines and config.baseline_max_mpx is None:  # only the photos whose search is still to come
+        _warn_slow_classic_search([p for p in paths if evaluator.classic_rows_missing(p.name)])
+    return evaluator
 
 
 def main_eval(argv: Sequence[str] | None = None, codec_factory: Callable[..., Any] | None = None) -> int:

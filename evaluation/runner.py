@@ -192,6 +192,11 @@ class Evaluator:
         resume.check_run_identity(config.out, identity, resuming=bool(self.results.rows), measured=measured)
         self._warm = False
 
+    def classic_rows_missing(self, name: str) -> bool:
+        """Whether image ``name`` still has a classic row to search: a resume skips the rows already done."""
+        classic = [m for m in self.methods if m != "aeic"]
+        return any((name, p.label, m) not in self.results.done for p in self.config.points for m in classic)
+
     def _score(self, ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
         out = {name: fn(ref, rec) for name, fn in self.metric_fns.items()}
         if self.learned_names:

@@ -87,3 +87,17 @@ def test_a_cap_that_is_not_a_positive_number_is_refused(folder: Path, tmp_path: 
     with pytest.raises(SystemExit) as exit_:
         _cli(folder, tmp_path / "out", "--baseline-max-mpx", value)
     assert exit_.value.code == 2
+
+
+def test_a_resume_with_every_classic_row_done_is_not_warned_of(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "LARGE_PHOTO_MPX", 0.005)
+    Image.fromarray(_picture(seed=1)).save(folder / "big2.png")
+    out = tmp_path / "out"
+    assert _cli(folder, out, "--limit", "1") == 0
+    assert "1 image(s) over 0.005 MP (largest big.png" in capsys.readouterr().err
+    assert _cli(folder, out) == 0  # big.png's row is done: only big2.png is still to be searched
+    assert "1 image(s) over 0.005 MP (largest big2.png" in capsys.readouterr().err
+    assert _cli(folder, out) == 0  # every row done: nothing is searched, nothing to warn of
+    assert "over 0.005 MP" not in capsys.readouterr().err
