@@ -91,8 +91,8 @@ class ImageReadError(Exception):
     """The file could not be read as an image; the message names the file and the reason."""
 
 
-def _detail(exc: BaseException) -> str:
-    """An exception's text on one line: a decoder plugin's message may span several (pillow-jxl's does)."""
+def _detail(exc: BaseException | str) -> str:
+    """An exception's or warning's text on one line: a decoder plugin's message may span several (pillow-jxl's does)."""
     return " ".join(str(exc).split())
 
 
