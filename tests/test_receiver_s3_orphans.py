@@ -4,6 +4,7 @@ its row and its objects) are swept as the embedded receiver's orphan files are."
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,24 @@ def test_serve_with_its_worker_on_a_bucket_sweeps_it_and_an_api_replica_does_not
         with TestClient(app):
             sweeper = app.state.receiver.sweeper
             assert (sweeper is not None and sweeper.orphans) is swept
+
+
+def test_the_sweep_deletes_as_it_lists_rather_than_holding_the_whole_listing(store: SqlMetadataStore) -> None:
+    """Was: every key of a kind was listed into memory before the first lookup (a million bitstreams, some
+    100 MB of strings in the worker); now a chunk of 500 at a time."""
+    listed: list[str] = []
+    listed_at_first_delete: list[int] = []
+
+    class Listing:
+        def keys_written_before(self, kind: str, before: float) -> Iterator[str]:
+            for n in range(1200 if kind == "bitstreams" else 0):
+                listed.append(key := bitstream_key(new_image(100 + n).id))
+                yield key
+
+        def delete(self, key: str) -> bool:
+            if not listed_at_first_delete:
+                listed_at_first_delete.append(len(listed))
+            return True
+
+    assert remove_orphan_blobs(store, Listing()) == 1200
+    assert listed_at_first_delete == [500]

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import PurePosixPath
 from typing import Protocol, runtime_checkable
 
@@ -61,9 +62,8 @@ def remove_orphan_blobs(store: SqlMetadataStore, blobs: ListedBlobStore, grace_s
     before = time.time() - grace_s
     removed = 0
     for kind in _KINDS:
-        keys = list(blobs.keys_written_before(kind, before))
-        for start in range(0, len(keys), _CHUNK):
-            chunk = keys[start:start + _CHUNK]
+        keys = blobs.keys_written_before(kind, before)
+        while chunk := list(islice(keys, _CHUNK)):  # not the whole listing: a million keys are some 100 MB
             known = _known(store, [PurePosixPath(k).stem for k in chunk])
             removed += sum(blobs.delete(k) for k in chunk if PurePosixPath(k).stem not in known)
     return removed
