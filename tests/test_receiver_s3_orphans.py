@@ -116,3 +116,24 @@ def test_the_sweep_deletes_as_it_lists_rather_than_holding_the_whole_listing(sto
 
     assert remove_orphan_blobs(store, Listing()) == 1200
     assert listed_at_first_delete == [500]
+
+
+def test_a_stop_ends_a_long_sweep_between_chunks(store: SqlMetadataStore) -> None:
+    """Was: a stop was looked at only before the sweep began, so a worker stopped during the walk of a large
+    bucket closed its database under the sweep, which failed with a traceback in its last log lines."""
+    deleted: list[str] = []
+
+    class Listing:
+        def keys_written_before(self, kind: str, before: float) -> Iterator[str]:
+            for n in range(1200 if kind == "bitstreams" else 0):
+                yield bitstream_key(new_image(100 + n).id)
+
+        def delete(self, key: str) -> bool:
+            deleted.append(key)
+            if len(deleted) == 10:
+                sweeper.stop()  # the worker is asked to stop while the first chunk is deleted
+            return True
+
+    sweeper = BlobSweeper(store, Listing(), orphans=True)
+    sweeper.sweep()
+    assert len(deleted) == 500

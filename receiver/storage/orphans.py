@@ -57,13 +57,17 @@ class ListedBlobStore(Protocol):
     def delete(self, key: str) -> bool: ...
 
 
-def remove_orphan_blobs(store: SqlMetadataStore, blobs: ListedBlobStore, grace_s: float = GRACE_S) -> int:
-    """Delete blob files older than `grace_s` whose image has no row; returns how many."""
+def remove_orphan_blobs(store: SqlMetadataStore, blobs: ListedBlobStore, grace_s: float = GRACE_S,
+                        stop: threading.Event | None = None) -> int:
+    """Delete blob files older than `grace_s` whose image has no row; returns how many. A `stop` set ends
+    the walk after the chunk in progress (a large bucket's takes minutes; the store closes after a stop)."""
     before = time.time() - grace_s
     removed = 0
     for kind in _KINDS:
         keys = blobs.keys_written_before(kind, before)
         while chunk := list(islice(keys, _CHUNK)):  # not the whole listing: a million keys are some 100 MB
+            if stop is not None and stop.is_set():
+                return removed
             known = _known(store, [PurePosixPath(k).stem for k in chunk])
             removed += sum(blobs.delete(k) for k in chunk if PurePosixPath(k).stem not in known)
     return removed
@@ -105,7 +109,7 @@ class BlobSweeper:
             if temporaries:  # an object store's PUT leaves none
                 log.warning("removed %d temporary file(s) of writes a killed process left", temporaries)
             if self.orphans and not self._stop.is_set():
-                removed = remove_orphan_blobs(self.store, self.blobs, self.grace_s)
+                removed = remove_orphan_blobs(self.store, self.blobs, self.grace_s, self._stop)
                 if removed:
                     log.warning("removed %d blob file(s) of no image, left by a killed process", removed)
         except Exception:  # the database or the disk failed: logged, tried again next turn
