@@ -112,6 +112,13 @@ def _print_means(summary: dict[str, Any]) -> None:
         for method, rows in summary["baseline_rows_at_cap"].items():  # the cap may have made these weaker
             print(f"  {method}: {len(rows)} row(s) at the largest factor the cap allows, perhaps held back by it: "
                   + ", ".join(rows[:3]) + (", ..." if len(rows) > 3 else ""))  # fmt: skip
+    undefined: dict[str, set[str]] = {}  # only texture is ever undefined: of a flat original
+    for m in summary["means"]:
+        for col, names in m["undefined_images"].items():
+            undefined.setdefault(col, set()).update(names)
+    for col, names in undefined.items():
+        print(f"{col} undefined (flat original) for {len(names)} image(s), left out of its mean: "
+              + ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else ""))  # fmt: skip
     failed = {r["image"]: r["detail"] for r in reversed(summary["rows"]) if r["status"] == "error"}
     for image, detail in sorted(failed.items()):
         print(f"error: {image}: {detail}")

@@ -11,7 +11,7 @@ Python float, so results serialise to JSON/CSV unchanged.
   mode, both images alike) up to 161 px. Documented fallback: padding repeats content, so scores on tiny
   images are indicative only.
 - :func:`texture_retention`: how much of the original's luma gradient energy the reconstruction keeps,
-  as ``min(r, 1/r)`` so both blur and invented noise lower it (1 = same energy).
+  as ``min(r, 1/r)`` so both blur and invented noise lower it (1 = same energy); NaN for a flat original.
 - :func:`perceptual_metric_fn`: weight-free metrics from ``piq`` (HaarPSI, VIF-p, FSIM, GMSD). ``piq``'s
   package ``__init__`` imports torchvision (for its learned metrics), which this project does not install;
   :func:`_piq_module` therefore loads only the needed submodules. The same mirror-pad fallback as MS-SSIM
@@ -261,16 +261,24 @@ def gradient_energy(img: np.ndarray) -> float:
     return energy
 
 
+# Below it an original is flat: its luma steps average under about 0.7 grey levels along each axis, nothing a
+# viewer sees as texture, and the ratio would be of noise (a near-perfect copy with a few one-level specks
+# scored 0). Kodak's and the non-Kodak photos' energies are 158 and up, so their scores do not change.
+FLAT_GRADIENT_ENERGY = 1.0
+
+
 def texture_retention(ref: np.ndarray, rec: np.ndarray) -> float:
     """``min(r, 1/r)`` with ``r`` = gradient energy of reconstruction / original; 1 means equal energy.
 
-    Two flat images give 1; one flat and one not gives 0.
+    NaN (undefined) when the original is flat (:data:`FLAT_GRADIENT_ENERGY`): there is no texture to keep,
+    and the means leave the image out and name it. A flat reconstruction of a textured original gives 0.
     """
     _check_pair(ref, rec)
-    e_ref, e_rec = gradient_energy(ref), gradient_energy(rec)
-    if e_ref == 0.0 and e_rec == 0.0:
-        return 1.0
-    if e_ref == 0.0 or e_rec == 0.0:
+    e_ref = gradient_energy(ref)
+    if e_ref < FLAT_GRADIENT_ENERGY:
+        return math.nan
+    e_rec = gradient_energy(rec)
+    if e_rec == 0.0:
         return 0.0
     r = e_rec / e_ref
     return min(r, 1.0 / r)

@@ -3,6 +3,7 @@ with unreachable and failed images counted rather than dropped, and the machine 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from typing import TYPE_CHECKING, Any
@@ -22,10 +23,9 @@ def typed_row(row: dict[str, str]) -> dict[str, Any]:
     for key, value in row.items():
         if key in TEXT:
             out[key] = value
-        elif value in ("", None):
+        elif value in ("", None) or math.isnan(number := float(value)):  # NaN: undefined, JSON null
             out[key] = None
         else:
-            number = float(value)
             out[key] = int(number) if key in INTEGER and number.is_integer() else number
     return out
 
@@ -33,7 +33,9 @@ def typed_row(row: dict[str, str]) -> dict[str, Any]:
 def means(
     rows: list[dict[str, str]], columns: list[str], points: list[RatePoint], methods: list[str]
 ) -> list[dict[str, Any]]:
-    """Per (point, method): counts of ok/unreachable/error images and the mean of every numeric column."""
+    """Per (point, method): counts of ok/unreachable/error images and the mean of every numeric column; a
+    metric undefined for an image (NaN: texture of a flat original) is left out of its mean and the image named
+    under ``undefined_images``."""
     numeric = [c for c in columns if c not in TEXT and c not in {"width", "height"}]
     out = []
     for point in points:
@@ -49,9 +51,13 @@ def means(
                 "unreachable_images": [r["image"] for r in group if r["status"] == "unreachable"],
                 "error_images": [r["image"] for r in group if r["status"] == "error"],
             }  # fmt: skip
+            entry["undefined_images"] = {}
             for col in numeric:
-                values = [float(r[col]) for r in ok if r.get(col) not in ("", None)]
+                cells = [(r["image"], float(r[col])) for r in ok if r.get(col) not in ("", None)]
+                values = [v for _, v in cells if not math.isnan(v)]
                 entry[col] = float(np.mean(values)) if values else None
+                if undefined := [image for image, v in cells if math.isnan(v)]:
+                    entry["undefined_images"][col] = undefined
             out.append(entry)
     return out
 

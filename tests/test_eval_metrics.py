@@ -68,10 +68,18 @@ def test_blur_loses_texture_and_noise_adds_it() -> None:
     assert metrics.texture_retention(img, blurred) == pytest.approx(metrics.texture_retention(blurred, img))
 
 
-def test_texture_of_flat_images() -> None:
-    flat = np.full((16, 16, 3), 90, np.uint8)
-    assert metrics.texture_retention(flat, flat) == 1.0
-    assert metrics.texture_retention(flat, _textured(16, 16)) == 0.0
+def test_texture_of_a_flat_original_is_undefined_not_zero() -> None:
+    """An original with (almost) no gradient energy has no texture to keep: a near-perfect copy scored 0
+    through min(r, 1/r) of a tiny energy; its texture is now NaN, which the means leave out and count."""
+    flat = np.full((32, 32, 3), 90, np.uint8)
+    assert math.isnan(metrics.texture_retention(flat, flat))
+    almost = flat.copy()
+    almost[::7, ::5] = 91  # a few one-level specks: a near-perfect reconstruction, or an almost flat original
+    assert metrics.gradient_energy(almost) < metrics.FLAT_GRADIENT_ENERGY
+    assert math.isnan(metrics.texture_retention(flat, almost))
+    assert math.isnan(metrics.texture_retention(almost, flat))
+    assert math.isnan(metrics.texture_retention(almost, _textured(32, 32)))
+    assert metrics.texture_retention(_textured(32, 32), flat) == 0.0  # texture lost entirely is still 0
 
 
 def test_gradient_energy_uses_bt601_luma() -> None:
