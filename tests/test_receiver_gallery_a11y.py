@@ -211,13 +211,14 @@ def test_keyboard_reaches_everything_in_order_with_a_visible_focus_ring(
         assert all(s["outline"] == "solid" and s["width"] >= 2 for s in stops), stops
         browser.switch_to.active_element.send_keys(Keys.ENTER)  # open the focused (older) image
         WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith(f"/images/{ids[0]}"))
-        stops = [_tab(browser) for _ in range(4)]
+        stops = [_tab(browser) for _ in range(5)]
         assert [(s["tag"], s["id"] or s["href"]) for s in stops] == [
-            ("A", "/"), ("BUTTON", "logout"), ("A", "/"), ("DIV", "viewer")]
+            ("A", "/"), ("BUTTON", "logout"), ("A", "/"), ("A", "newer-image"), ("DIV", "viewer")]
         assert all(s["outline"] == "solid" and s["width"] >= 2 for s in stops), stops
         browser.switch_to.active_element.send_keys("+")
         assert browser.find_element(By.ID, "zoom-level").text == "150%"
-        browser.switch_to.active_element.send_keys(Keys.SHIFT, Keys.TAB)  # back to the "Gallery" link
+        browser.switch_to.active_element.send_keys(Keys.SHIFT, Keys.TAB)  # back past "Newer image"
+        browser.switch_to.active_element.send_keys(Keys.SHIFT, Keys.TAB)  # to the "Gallery" link
         browser.switch_to.active_element.send_keys(Keys.ENTER)
         WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "grid"))
 

@@ -92,3 +92,41 @@ def test_the_zoom_level_is_of_the_true_size_and_a_key_shows_true_pixels(tmp_path
         viewer.send_keys("0")
         assert _zoom(browser)[0] == f"{fit}% (fitted to the view)"
         assert "1 shows the true pixels, 0 fits" in (viewer.get_attribute("aria-label") or "")
+
+
+def _steps(driver: Chrome) -> dict[str, str | None]:
+    """The image page's links to the newer and older image, as the grid it was opened from ordered them."""
+    return dict(driver.execute_script(
+        "const at = (id) => { const a = document.getElementById(id);"
+        " return a && !a.hidden ? a.getAttribute('href') : null; };"
+        "return {newer: at('newer-image'), older: at('older-image')};"))
+
+
+def test_an_image_page_steps_to_the_next_image_of_the_grid_it_was_opened_from(
+    tmp_path: Path, browser: Chrome
+) -> None:
+    """From an image's page the only way to the next one was back to the grid and a Tab past the cards to it.
+    Its page now links the newer and older image of the grid it was opened from, its filter kept (a failed
+    image's page steps through the failed ones), as links a keyboard reaches after "Gallery"."""
+    app, tokens = gallery_app(tmp_path, ADMIN, max_attempts=1)
+    with ServerThread(app) as server:
+        token = tokens["cam1"]
+        old_bad = _upload(server.url, token, b"FAIL")
+        good = _upload(server.url, token)
+        new_bad = _upload(server.url, token, b"FAIL")
+        browser.get(f"{server.url}/login?token={ADMIN}&next=/%3Fstatus%3Dfailed")
+        WebDriverWait(browser, 10).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, '#grid .card[data-status="failed"]')) == 2)
+        browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{new_bad}"]').click()
+        WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith(new_bad))
+        assert _steps(browser) == {"newer": None, "older": f"/images/{old_bad}"}  # the decoded one is not in it
+        stops = [_tab(browser) for _ in range(4)]
+        assert [s["text"] for s in stops[2:]] == ["← Gallery", "Older image →"]
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith(old_bad))
+        assert _steps(browser) == {"newer": f"/images/{new_bad}", "older": None}
+
+        browser.get(f"{server.url}/")  # the whole grid: every image in its order
+        WebDriverWait(browser, 10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 3)
+        browser.get(f"{server.url}/images/{good}")
+        assert _steps(browser) == {"newer": f"/images/{new_bad}", "older": f"/images/{old_bad}"}

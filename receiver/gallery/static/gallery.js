@@ -112,6 +112,7 @@
     while (grid.children.length > wanted.length) grid.lastElementChild.remove();
     empty.hidden = wanted.length > 0;
     tell();
+    remember();
   }
 
   // The live page always shows the newest `limit` images, so "Older images" must start right after them:
@@ -197,13 +198,21 @@
   });
   if (first || waiting()) schedule(POLL_MS);
 
-  // This grid (its filter and older page) is where a delete on an image opened from here returns (image.js).
+  // This grid (its filter and older page) is where a delete on an image opened from here returns, and its
+  // cards, in order, are what an image's page steps through to the newer and older image (image.js).
+  function remember() {
+    try {
+      const cards = [...grid.querySelectorAll(".card")].map((card) => card.dataset.id);
+      sessionStorage.setItem("aeic.grid.ids", JSON.stringify(cards));
+    } catch (err) {}  // no storage (a privacy setting): no steps
+  }
   try {
     const here = new URLSearchParams(window.location.search);
     here.delete("deleted");
     const query = here.toString();
     sessionStorage.setItem("aeic.grid", "/" + (query ? "?" + query : ""));
   } catch (err) {}  // no storage (a privacy setting): the delete returns to the whole grid
+  remember();
 
   // Back from an image: the browser restores the grid's scroll but not its focus, so the next Tab began at the
   // header again, and a keyboard user tabbed through every card to get back. The history entry keeps the card

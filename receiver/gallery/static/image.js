@@ -11,6 +11,20 @@
   } catch (err) {}
   const detail = document.getElementById("detail");
   const status = detail.dataset.status;
+  // The newer and older image of the grid this tab last showed (gallery.js keeps its cards' order): its filter
+  // is kept, so a failed image's page steps through the failed ones. None where the page was not opened
+  // from a grid, or at the grid page's ends.
+  try {
+    const cards = JSON.parse(sessionStorage.getItem("aeic.grid.ids") || "[]");
+    const at = cards.indexOf(detail.dataset.id);
+    const root = document.documentElement.dataset.root || "";
+    for (const [id, other] of [["newer-image", cards[at - 1]], ["older-image", cards[at + 1]]]) {
+      const link = document.getElementById(id);
+      if (at < 0 || !other) continue;
+      link.href = root + "/images/" + encodeURIComponent(other);
+      link.hidden = false;
+    }
+  } catch (err) {}  // no storage (a privacy setting), or not a list: no steps
   if (status === "pending" || status === "decoding") {
     // pending -> decoding, and a failed attempt that will be retried, are said in place (the status lines
     // are live regions; focus and scroll stay where they are); the page reloads only to show the outcome.
