@@ -23,7 +23,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
-	$(PY) -m aeic.demo $(if $(IMAGES),--images $(IMAGES)) $(if $(LIMIT),--limit $(LIMIT)) $(if $(RATE),--rate $(RATE)) \
+	$(PY) -m aeic.demo $(if $(IMAGES),--images "$(IMAGES)") $(if $(LIMIT),--limit $(LIMIT)) $(if $(RATE),--rate $(RATE)) \
 		$(if $(SCALE_OUT),--scale-out) $(if $(WORKERS),--workers $(WORKERS))
 
 bench: $(VENV)/.installed

@@ -267,10 +267,13 @@ def encode_all(photos: list[tuple[str, np.ndarray]], model: Path | None, rate: i
 
 
 def upload_all(client: httpx.Client, token: str, results: list[Result]) -> None:
-    """POST each bitstream like an edge device would."""
+    """POST each bitstream like an edge device would, keyed by the stream's SHA-256 as the sender keys it
+    (not by the file name, which may hold spaces or accents an Idempotency-Key may not)."""
+    from aeic.sender.spool import idempotency_key
+
     for result in results:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream",
-                   "Idempotency-Key": f"demo-{result.name}-{secrets.token_hex(4)}"}
+                   "Idempotency-Key": idempotency_key(result.bitstream)}
         reply = client.post("/v1/images", content=result.bitstream, headers=headers)
         if reply.status_code != 202:
             raise SystemExit(f"demo: upload of {result.name} failed: {reply.status_code} {reply.text}")

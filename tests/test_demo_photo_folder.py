@@ -102,3 +102,44 @@ def test_a_rate_the_package_lacks_is_one_line(rate: int) -> None:
     """`make demo RATE=999` ended in the encoder's traceback; it names the package's levels now."""
     with pytest.raises(SystemExit, match=r"^demo: --rate .*: this package's rate levels are 0 to \d+$"):
         demo.encode_all([], None, rate)
+
+
+def test_make_demo_passes_a_folder_with_spaces_as_one_argument() -> None:
+    """`make demo IMAGES="$HOME/My Pictures"` ran `--images .../My Pictures`: two words, argparse refused it."""
+    import shlex
+    import shutil
+    import subprocess
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("needs make")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([make, "-n", "-o", ".venv/.installed", "demo", "IMAGES=/tmp/My Pictures", "LIMIT=2"],
+                            cwd=root, capture_output=True, text=True, check=True)
+    words = shlex.split(result.stdout.replace("\\\n", " "))
+    assert words[words.index("--images") + 1] == "/tmp/My Pictures", result.stdout
+
+
+def test_a_photo_named_with_spaces_or_accents_uploads() -> None:
+    """The demo's Idempotency-Key held the file name: `cat one.png` or `café.png` got 400
+    invalid_idempotency_key and stopped the demo. The key is the stream's SHA-256 now, as the sender's."""
+    import hashlib
+    import re
+
+    import httpx
+
+    keys: list[str] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        key = request.headers["Idempotency-Key"]
+        keys.append(key)
+        if not re.fullmatch(r"[\x21-\x7e]{1,255}", key):  # what the receiver accepts
+            return httpx.Response(400, json={"error": {"code": "invalid_idempotency_key"}})
+        return httpx.Response(202, json={"id": key[:8]})
+
+    results = [demo.Result(name, np.zeros((1, 1, 3), np.uint8), name.encode() * 3, 0.0)
+               for name in ("cat one.png", "café.png")]
+    with httpx.Client(transport=httpx.MockTransport(receiver), base_url="http://receiver") as client:
+        demo.upload_all(client, "token", results)
+    assert keys == [hashlib.sha256(r.bitstream).hexdigest() for r in results]
+    assert all(r.image_id for r in results)
