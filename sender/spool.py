@@ -62,8 +62,8 @@ DATA_SUFFIX = ".aeic"
 META_SUFFIX = ".json"
 DEFAULT_MAX_ITEMS = 100_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-# No stream a receiver decodes comes near this: at most 4096x4096 coded pixels (shared/decode_limits.py)
-# at 8 bits a pixel, 50 times the top rate level. A pending file over it is something else (a file
+# No stream a receiver decodes comes near this: at most 6144x4096 coded pixels (shared/decode_limits.py)
+# at 5.3 bits a pixel, 33 times the top rate level. A pending file over it is something else (a file
 # copied in by hand, a damaged directory entry) and is rejected unread instead of read whole each pass.
 DEFAULT_MAX_ITEM_BYTES = 16 * 1024 * 1024
 # How long a put trusts the tally without counting ``pending/`` again: one count per 30 s is a few

@@ -8,13 +8,18 @@ receiver refuses such a stream at upload, before storing it, and again before de
 the receiver renders at most :data:`TILE_PIXELS` per pixel-decoder pass (its ``decode_tile_pixels``
 setting; a larger picture in tiles, exactly the whole decode's pixels with the shipped model), and
 entropy-decodes in bands of rows: 4096 x 4096 coded peaks at 2.7 GB instead of 10.9 GB
-(``docs/receiver.md``, "Decode memory and tiling").
+(``docs/receiver.md``, "Decode memory and tiling"), and a 24 MP photo (6000 x 4000) coded whole at 3.3 GB.
+
+The coded bound holds a 20-24 MP camera photo whole (6000 x 4000 pads to 6016 x 4096, 6048 x 4024 to the
+bound itself): at 4096 x 4096 every such photo was coded at half size, and scaled back it kept little
+texture (``docs/evaluation.md``). Receivers from before that change refuse such streams
+(``docs/bitstream.md``): upgrade receivers before senders.
 
 Within them, a stream's decode cost is set by its header too, not by its length: a 23-byte stream may ask
-for a 4096 x 4096 coded picture, 25 times the coded pixels of a 1080p photo at the sender's automatic
-downscale (on a shared 2-core CPU: 44-81 s against 1.2-4 s). :func:`decode_cost` prices a stream in units
-of a normal photo, so the receiver can charge a device's rate limit and share its decoders by the work a
-stream asks for.
+for a 6144 x 4096 coded picture, 38 times the coded pixels of a 1080p photo at the sender's automatic
+downscale (on a shared 2-core CPU 4096 x 4096 took 44-81 s, against 1.2-4 s). :func:`decode_cost` prices a
+stream in units of a normal photo, so the receiver can charge a device's rate limit and share its decoders
+by the work a stream asks for.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 from aeic.shared.bitstream import Header
 from aeic.shared.padding import ALIGNMENT, padded_size
 
-MAX_CODED_PIXELS = 4096 * 4096  # padded coded pixels of one image (and of one synthesis pass)
+MAX_CODED_PIXELS = 6144 * 4096  # padded coded pixels of one image (and of one synthesis pass): 24 MP whole
 MAX_PIXELS = 8192 * 8192  # output pixels of one image
 # Padded coded pixels the receiver's pixel decoder renders in one pass: a picture with more is rendered
 # in tiles (the default keeps a 1080p photo coded whole, 1920x1152 padded, in one pass).
@@ -54,7 +59,8 @@ DECODE_UNIT = decode_work(1080, 1920, 1)
 def decode_cost(height: int, width: int, downscale: int) -> float:
     """What decoding a picture costs, in :data:`DECODE_UNIT`, at least 1 (every upload has its fixed
     costs): 1 for a 1080p photo at any downscale, 3.8 for a 4K one coded whole, 7.6 for 4096x4096 coded
-    whole, 9.0 at most within the limits (8192x8192 at 1/2)."""
+    whole, 9.0 for 8192x8192 at 1/2, 11.2 for a 24 MP photo (6000x4000) coded whole, 11.4 at most within
+    the limits (6144x4096 coded whole)."""
     return max(1.0, decode_work(height, width, downscale) / DECODE_UNIT)
 
 

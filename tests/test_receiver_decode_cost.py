@@ -84,7 +84,8 @@ def test_a_picture_at_the_decode_limits_costs_many_units() -> None:
     assert decode_cost(2160, 3840, 1) == pytest.approx(3.79, abs=0.01)  # a 4K photo under a large budget
     assert decode_cost(4096, 4096, 1) == pytest.approx(7.61, abs=0.01)
     assert decode_cost(2048, 8192, 1) == pytest.approx(7.61, abs=0.01)  # long and thin: the same coded pixels
-    assert decode_cost(8192, 8192, 2) == pytest.approx(8.96, abs=0.01)  # the most within the limits
+    assert decode_cost(8192, 8192, 2) == pytest.approx(8.96, abs=0.01)  # the most output pixels
+    assert decode_cost(4096, 6144, 1) == pytest.approx(11.42, abs=0.01)  # the most within the limits
     assert decode_cost(32, 48, 1) == 1.0  # every upload costs at least one
 
 

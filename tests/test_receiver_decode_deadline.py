@@ -396,10 +396,12 @@ def test_a_batch_is_allowed_the_deadline_per_unit_of_decode_cost() -> None:
     # 4K at 1/2 codes the unit's 1920x1080 but puts out four times its pixels.
     assert decode_allowance([image(64, 48), image(3840, 2160, downscale=2)], 120.0) == pytest.approx(
         120.0 * (1 + (1920 * 1152 + 3840 * 2160 / 16) / unit))  # 259.9 s
-    largest = decode_allowance([image(4096, 4096)], 120.0)
-    assert largest == pytest.approx(120.0 * (4096 * 4096 + 4096 * 4096 / 16) / unit)  # 913.6 s, cost 7.6
-    most = decode_allowance([image(8192, 8192, downscale=2)], 120.0)  # the same coded pixels, 4x the output
-    assert most == pytest.approx(120.0 * (4096 * 4096 + 8192 * 8192 / 16) / unit) and most > largest
+    square = decode_allowance([image(4096, 4096)], 120.0)
+    assert square == pytest.approx(120.0 * (4096 * 4096 + 4096 * 4096 / 16) / unit)  # 913.6 s, cost 7.6
+    wide = decode_allowance([image(8192, 8192, downscale=2)], 120.0)  # the same coded pixels, 4x the output
+    assert wide == pytest.approx(120.0 * (4096 * 4096 + 8192 * 8192 / 16) / unit) and wide > square  # 1075 s
+    most = decode_allowance([image(6144, 4096)], 120.0)  # the largest coded picture
+    assert most == pytest.approx(120.0 * (6144 * 4096 + 6144 * 4096 / 16) / unit) and most > wide  # 1370 s
     for width, height, downscale in [(1920, 1080, 2), (3840, 2160, 1), (8192, 256, 1), (8192, 4096, 4)]:
         assert decode_allowance([image(width, height, downscale)], 120.0) == 120.0 * decode_cost(
             height, width, downscale)  # one price for the deadline and the rate limit
