@@ -168,9 +168,9 @@ def test_aeic_decode_takes_the_tile_size(package: Path, stream: bytes, tmp_path:
     original = ReceiverCodec.from_package
 
     def recording(path: Path | str | None = None, device: str = "auto",
-                  tile_pixels: int = decode_limits.TILE_PIXELS) -> ReceiverCodec:
+                  tile_pixels: int = decode_limits.TILE_PIXELS, dtype: str = "float32") -> ReceiverCodec:
         seen.append(tile_pixels)
-        return original(path, device, tile_pixels)
+        return original(path, device, tile_pixels, dtype)
 
     monkeypatch.setattr(ReceiverCodec, "from_package", recording)
     (tmp_path / "a.aeic").write_bytes(stream)
