@@ -69,3 +69,21 @@ def write_other_base(root: Path, kind: str) -> Path:
             "sample_size")}, "latent_channels": 16})
     vae.save_pretrained(root / "vae")
     return root
+
+
+def write_tiny_full_stream(root: Path, photo: Path) -> tuple[Path, Path, Path]:
+    """(SD-Turbo folder, a tiny-full package made on it, ``photo`` coded by that package), all under ``root``."""
+    import pytest
+    from aeic.codec import cli as codec_cli
+    from aeic.codec.export import export_package
+    from aeic.codec.model import AEICModel
+    from aeic.codec.presets import preset
+
+    folder = write_tiny_sd_turbo(root / "sd-turbo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AEIC_SD_TURBO_DIR", str(folder))
+        torch.manual_seed(0)
+        package = export_package(AEICModel(preset("tiny-full")), root / "package")
+    stream = root / "photo.aeic"
+    assert codec_cli.main(["encode", str(photo), "--model", str(package), "-o", str(stream)]) == 0
+    return folder, package, stream

@@ -21,7 +21,7 @@ from aeic.codec import cli as codec_cli
 from aeic.codec.testing import make_tiny_package
 from aeic.shared import model_package as pkg
 from PIL import Image
-from sd_turbo_support import write_other_base, write_tiny_sd_turbo
+from sd_turbo_support import write_other_base, write_tiny_full_stream
 
 
 @pytest.fixture(scope="module")
@@ -89,19 +89,7 @@ def test_encode_to_a_named_stream_writes_that_file(photo: Path, package: Path, t
 @pytest.fixture(scope="module")
 def full_stream(tmp_path_factory: pytest.TempPathFactory, photo: Path) -> tuple[Path, Path, Path]:
     """(SD-Turbo folder, tiny-full package trained on it, a stream of it)."""
-    from aeic.codec.export import export_package
-    from aeic.codec.model import AEICModel
-    from aeic.codec.presets import preset
-
-    root = tmp_path_factory.mktemp("full")
-    folder = write_tiny_sd_turbo(root / "sd-turbo")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AEIC_SD_TURBO_DIR", str(folder))
-        torch.manual_seed(0)
-        package = export_package(AEICModel(preset("tiny-full")), root / "package")
-    stream = root / "photo.aeic"
-    assert codec_cli.main(["encode", str(photo), "--model", str(package), "-o", str(stream)]) == 0
-    return folder, package, stream
+    return write_tiny_full_stream(tmp_path_factory.mktemp("full"), photo)
 
 
 @pytest.mark.parametrize(("kind", "fragment"), [

@@ -10,14 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from aeic.codec import cli as codec_cli
-from aeic.codec.export import export_package
-from aeic.codec.model import AEICModel
-from aeic.codec.presets import preset
 from aeic.receiver.decoder import DECODER_DTYPES, ReceiverCodec
 from PIL import Image
-from sd_turbo_support import write_tiny_sd_turbo
+from sd_turbo_support import write_tiny_full_stream
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +22,7 @@ def full_stream(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
     root = tmp_path_factory.mktemp("full")
     photo = root / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), np.uint8)).save(photo)
-    folder = write_tiny_sd_turbo(root / "sd-turbo")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AEIC_SD_TURBO_DIR", str(folder))
-        torch.manual_seed(0)
-        package = export_package(AEICModel(preset("tiny-full")), root / "package")
-    stream = root / "photo.aeic"
-    assert codec_cli.main(["encode", str(photo), "--model", str(package), "-o", str(stream)]) == 0
-    return folder, package, stream
+    return write_tiny_full_stream(root, photo)
 
 
 def test_decode_takes_the_receivers_decoder_dtype(

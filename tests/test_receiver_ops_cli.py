@@ -491,17 +491,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _serve_until_loading(script: str, tmp_path: Path) -> subprocess.Popen[str]:
+    """``serve`` run by ``script`` (its decoder load patched), once that load has begun."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "serve", "--data", str(tmp_path / "data"), "--port", "0", "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    while "loading" not in (line := process.stderr.readline()):
+        if not line:
+            process.wait()
+            raise AssertionError("serve ended before its decoder load began")
+    return process
+
+
 def test_a_ctrl_c_while_the_worker_is_still_in_torch_exits_0_not_sigabrt(tmp_path: Path) -> None:
     """Was: the worker thread, still in a decoder load (or a decode) when the stop stopped waiting for it, ran
     native torch code through the interpreter's shutdown: 'terminate called without an active exception' and
     SIGABRT (status -6) at random. Now serve ends the process without finalizing it under that thread."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_LOAD_SERVE, "serve", "--data", str(tmp_path / "data"), "--port", "0",
-         "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    process = _serve_until_loading(_SLOW_LOAD_SERVE, tmp_path)
     try:
         assert process.stderr is not None
-        while "loading" not in (line := process.stderr.readline()):
-            assert line, "serve ended before its decoder load began"
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
         err = process.stderr.read()
@@ -530,13 +539,9 @@ sys.exit(main(sys.argv[1:]))
 def test_a_ctrl_c_during_the_decoder_load_does_not_wait_for_it(tmp_path: Path) -> None:
     """Was: the stop waited up to 30 s for the worker thread, in a decoder load (a minute for SD-Turbo) that
     holds no claim: nothing to finish or hand back. Now serve stops at once."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", _ENDLESS_LOAD_SERVE, "serve", "--data", str(tmp_path / "data"), "--port", "0",
-         "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    process = _serve_until_loading(_ENDLESS_LOAD_SERVE, tmp_path)
     try:
         assert process.stderr is not None
-        while "loading" not in (line := process.stderr.readline()):
-            assert line, "serve ended before its decoder load began"
         started = time.monotonic()
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0
