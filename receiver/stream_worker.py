@@ -354,14 +354,13 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
     config = StreamWorkerConfig(consumer=consumer, batch_size=settings.batch_size,
                                 max_attempts=settings.max_attempts, reclaim_after_s=settings.reclaim_after_s)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     log.info("worker %s consuming %s (group %s)", config.consumer, queue.stream, queue.group)
     # Orphan blobs (an API replica killed between an object and its row): every worker sweeps, as the API
     # replicas do not; the grace keeps a sweep off a blob whose row is on its way, so peers cannot race.
     sweeper = BlobSweeper(store, blobs, orphans=True) if isinstance(blobs, ListedBlobStore) else None
     if sweeper is not None:
         sweeper.start()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         StreamWorker(store, queue, decoder, config).run(stop)
     finally:
@@ -369,4 +368,6 @@ def run_worker(settings: ReceiverSettings, consumer: str | None = None, metrics_
             sweeper.stop()
         queue.close()
         store.close()
+        for sig, handler in previous.items():  # a caller in-process (a test) gets its own handlers back
+            signal.signal(sig, handler)
     return 0

@@ -62,6 +62,7 @@ def test_the_scale_out_worker_sweeps_the_bucket_while_it_runs(
         tmp_path: Path, s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """`aeic-receiver worker` runs the sweeper beside its decode loop and stops it with the loop; API
     replicas (`serve --no-worker`) do not sweep, so without this nothing did."""
+    import signal
     import threading
 
     from aeic.receiver import stream_worker
@@ -75,7 +76,9 @@ def test_the_scale_out_worker_sweeps_the_bucket_while_it_runs(
     monkeypatch.setattr(stream_worker.StreamWorker, "run", run)
     settings = ReceiverSettings(data_dir=tmp_path / "data", queue="redis://127.0.0.1:9/0",
                                 blob_url=f"s3://{s3.bucket}/blobs", s3_endpoint_url=s3.client.meta.endpoint_url)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     assert stream_worker.run_worker(settings, consumer="w1") == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # given back
     assert "aeic-blob-sweeper" in seen
     assert "aeic-blob-sweeper" not in {thread.name for thread in threading.enumerate()}
 
