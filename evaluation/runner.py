@@ -192,6 +192,12 @@ class Evaluator:
         resume.check_run_identity(config.out, identity, resuming=bool(self.results.rows), measured=measured)
         self._warm = False
 
+    @property
+    def _baseline_max_pixels(self) -> int | None:
+        """``--baseline-max-mpx`` in pixels, the classic search's cap (None: uncapped)."""
+        cap = self.config.baseline_max_mpx
+        return None if cap is None else math.floor(cap * 1e6)
+
     def classic_rows_missing(self, name: str) -> bool:
         """Whether image ``name`` still has a classic row to search: a resume skips the rows already done."""
         classic = [m for m in self.methods if m != "aeic"]
@@ -242,9 +248,8 @@ class Evaluator:
         self, base: dict[str, Any], rgb: np.ndarray, budget: int, wanted: list[str]
     ) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
         """Rows for the ``wanted`` baseline methods; each reconstruction is scored once (best reuses it)."""
-        cap = self.config.baseline_max_mpx
-        max_pixels = None if cap is None else math.floor(cap * 1e6)
-        results = baselines.compress_all(rgb, budget, self.config.baselines, self.config.criterion, max_pixels)
+        results = baselines.compress_all(rgb, budget, self.config.baselines, self.config.criterion,
+                                         self._baseline_max_pixels)
         scores: dict[str, dict[str, float]] = {}
         for method, res in results.items():
             if method not in wanted:
@@ -381,9 +386,9 @@ class Evaluator:
         """Method -> ``image@point`` of the classic rows whose factor is the largest ``--baseline-max-mpx`` let
         the search try: a larger picture, had it been tried, might have scored higher."""
         out: dict[str, list[str]] = {}
-        if self.config.baseline_max_mpx is None:
+        max_pixels = self._baseline_max_pixels
+        if max_pixels is None:
             return out
-        max_pixels = math.floor(self.config.baseline_max_mpx * 1e6)
         for r in rows:
             if r["method"] != "aeic" and r["status"] == "ok":
                 limit = baselines.largest_factor_within(int(r["width"]), int(r["height"]), max_pixels)

@@ -180,12 +180,17 @@ def image_page(image_id: str, request: Request) -> Response:
     return _page(request, "image.html", {"image": image_json(record), "who": who})
 
 
+def _image_target(image_id: str) -> str:
+    """An image's page, or the grid for a path that is no image id: where a sign-in or a stray GET leads."""
+    return f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/"
+
+
 def _signed_out_download(request: Request, image_id: str) -> Response:
     """The token form, as a 401, for a download link followed after the session ended. The links are plain
     navigations (no `download` attribute), so the form shows in the tab and leads back to the image's page;
     with the attribute, the browser saved nothing and said only "Failed" in its download bar."""
     page = _login_page(request, "Your session has ended; sign in again to download.", status=401,
-                       target=f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/")
+                       target=_image_target(image_id))
     page.headers["WWW-Authenticate"] = 'Bearer realm="aeic"'
     return page
 
@@ -252,7 +257,7 @@ def delete_page_image(image_id: str, request: Request, back: str | None = None) 
         return _page(request, "refused.html", {}, 403)
     who = _session_principal(request)
     if who is None:  # the session ended while the page was open: sign in, back on the image's page
-        target = f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/"
+        target = _image_target(image_id)
         return _login_page(request, "Your session has ended; sign in again to delete the image.", status=401,
                            target=target)
     try:
@@ -273,7 +278,7 @@ def delete_page_image(image_id: str, request: Request, back: str | None = None) 
 def delete_address(image_id: str, request: Request) -> Response:
     """`GET /images/{id}/delete`, the delete form's address opened as a page (typed, bookmarked, or the
     browser's history): the image's page, whose form deletes. A GET deletes nothing; this was a JSON 405."""
-    target = f"/images/{image_id}" if _IMAGE_ID.fullmatch(image_id) else "/"
+    target = _image_target(image_id)
     return RedirectResponse(root_path(request) + target, status_code=303)
 
 
